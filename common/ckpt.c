@@ -1,0 +1,420 @@
+/* Checkpoint save / find / load / retention on top of sy_store_t; see ckpt.h. */
+#include "ckpt.h"
+
+#include <inttypes.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "safetensors.h"
+
+#define KEY_MAX 1024
+#define STEP_DIGITS 9 /* step-%09lld: zero-padded so store listings sort by step */
+#define SHA256_HEX 64
+
+static const char *const reserved_keys[] = {"format", "version", "run", "step", "created", "files"};
+
+const char *sy_ckpt_file_dense(char *buf, size_t cap, int optim) {
+    snprintf(buf, cap, "dense%s.safetensors", optim ? ".optim" : "");
+    return buf;
+}
+
+const char *sy_ckpt_file_expert(char *buf, size_t cap, int expert, int optim) {
+    snprintf(buf, cap, "expert-%04d%s.safetensors", expert, optim ? ".optim" : "");
+    return buf;
+}
+
+static sy_status check_run(const char *run) {
+    if (!run || !sy_store_key_valid(run))
+        return sy_err_set(SY_EINVAL, "checkpoint: invalid run name '%s' (allowed: [A-Za-z0-9._/-])",
+                          run ? run : "(null)");
+    return SY_OK;
+}
+
+sy_status sy_ckpt_key(char *buf, size_t cap, const char *run, int64_t step, const char *file) {
+    SY_CHECK(check_run(run));
+    if (step < 0) return sy_err_set(SY_EINVAL, "checkpoint %s: negative step %" PRId64, run, step);
+    if (!file || !file[0] || strchr(file, '/'))
+        return sy_err_set(SY_EINVAL, "checkpoint %s: invalid file name '%s'", run, file ? file : "(null)");
+    int k = snprintf(buf, cap, "%s/ckpt/step-%0*lld/%s", run, STEP_DIGITS, (long long)step, file);
+    if (k < 0 || (size_t)k >= cap) return sy_err_set(SY_EINVAL, "checkpoint %s: key too long", run);
+    if (!sy_store_key_valid(buf)) return sy_err_set(SY_EINVAL, "checkpoint: invalid object key '%s'", buf);
+    return SY_OK;
+}
+
+static sy_status step_prefix(char *buf, size_t cap, const char *run, int64_t step) {
+    int k = snprintf(buf, cap, "%s/ckpt/step-%0*lld/", run, STEP_DIGITS, (long long)step);
+    if (k < 0 || (size_t)k >= cap) return sy_err_set(SY_EINVAL, "checkpoint %s: key too long", run);
+    return SY_OK;
+}
+
+static sy_status sha256_hex(const void *buf, size_t len, char out[SHA256_HEX + 1]) {
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    if (EVP_Digest(buf, len, md, &mdlen, EVP_sha256(), NULL) != 1 || mdlen != SHA256_HEX / 2)
+        return sy_err_set(SY_EINTERNAL, "checkpoint: SHA-256 failed (libcrypto)");
+    for (unsigned i = 0; i < mdlen; i++) snprintf(out + 2 * i, 3, "%02x", md[i]);
+    out[SHA256_HEX] = 0;
+    return SY_OK;
+}
+
+/* ---------------------------------------------------------------- save */
+
+sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
+                       int n_groups, const json_t *extra) {
+    sy_status rc = SY_OK;
+    json_t *files = NULL, *man = NULL;
+    void *buf = NULL;
+    char *text = NULL;
+    char key[KEY_MAX], sha[SHA256_HEX + 1];
+    if (!st || n_groups < 0 || (n_groups > 0 && !groups))
+        return sy_err_set(SY_EINVAL, "checkpoint save: bad arguments");
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
+    if (extra && !json_is_object(extra))
+        return sy_err_set(SY_EINVAL, "checkpoint save %s step %" PRId64 ": extra is not a JSON object", run, step);
+    for (size_t r = 0; extra && r < sizeof reserved_keys / sizeof reserved_keys[0]; r++)
+        if (json_object_get(extra, reserved_keys[r]))
+            return sy_err_set(SY_EINVAL, "checkpoint save %s step %" PRId64 ": extra uses the reserved key '%s'", run,
+                              step, reserved_keys[r]);
+    for (int i = 0; i < n_groups; i++) {
+        char k2[KEY_MAX];
+        SY_CHECK(sy_ckpt_key(k2, sizeof k2, run, step, groups[i].file));
+        if (!strcmp(groups[i].file, SY_CKPT_MANIFEST))
+            return sy_err_set(SY_EINVAL, "checkpoint save: file name '%s' is reserved", groups[i].file);
+        for (int j = 0; j < i; j++)
+            if (!strcmp(groups[i].file, groups[j].file))
+                return sy_err_set(SY_EINVAL, "checkpoint save: file '%s' named twice", groups[i].file);
+    }
+    /* A committed step is never rewritten: its data files would change under its manifest. */
+    rc = sy_store_head(st, key, NULL);
+    if (rc == SY_OK)
+        return sy_err_set(SY_EEXIST, "checkpoint %s step %" PRId64 " is already committed (%s)", run, step, key);
+    if (rc != SY_ENOTFOUND) return rc;
+    rc = SY_OK;
+
+    files = json_array();
+    if (!files) return sy_err_set(SY_ENOMEM, "checkpoint save");
+    for (int i = 0; i < n_groups; i++) {
+        size_t len = 0;
+        SY_CHECK_GOTO(sy_ckpt_key(key, sizeof key, run, step, groups[i].file), rc, out);
+        rc = sy_st_serialize(groups[i].tensors, groups[i].n, SY_ST_F32, &buf, &len);
+        if (rc != SY_OK) {
+            sy_err_prefix(rc, "checkpoint object %s", key);
+            goto out;
+        }
+        SY_CHECK_GOTO(sha256_hex(buf, len, sha), rc, out);
+        SY_CHECK_GOTO(sy_store_put(st, key, buf, len), rc, out);
+        free(buf);
+        buf = NULL;
+        if (json_array_append_new(files, json_pack("{s:s,s:I,s:s}", "name", groups[i].file, "size",
+                                                   (json_int_t)len, "sha256", sha))) {
+            rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest");
+            goto out;
+        }
+    }
+    char created[32];
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    man = json_pack("{s:s,s:i,s:s,s:I,s:s,s:O}", "format", SY_CKPT_FORMAT, "version", SY_CKPT_VERSION, "run", run,
+                    "step", (json_int_t)step, "created", created, "files", files);
+    if (!man) {
+        rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest");
+        goto out;
+    }
+    if (extra) {
+        const char *k;
+        json_t *v;
+        json_object_foreach((json_t *)extra, k, v) if (json_object_set(man, k, v)) {
+            rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest");
+            goto out;
+        }
+    }
+    text = json_dumps(man, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    if (!text) {
+        rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest text");
+        goto out;
+    }
+    SY_CHECK_GOTO(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST), rc, out);
+    rc = sy_store_put_if_absent(st, key, text, strlen(text));
+    if (rc == SY_EEXIST)
+        sy_err_set(rc, "checkpoint %s step %" PRId64 " was committed by another writer (%s)", run, step, key);
+out:
+    free(text);
+    free(buf);
+    json_decref(man);
+    json_decref(files);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- manifests */
+
+static int is_hex64(const char *s) {
+    if (!s || strlen(s) != SHA256_HEX) return 0;
+    for (int i = 0; i < SHA256_HEX; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) return 0;
+    return 1;
+}
+
+/* Checks the fields the loader relies on. */
+static sy_status validate_manifest(const json_t *m, const char *key, const char *run, int64_t step) {
+    if (!json_is_object(m)) return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: not a JSON object", key);
+    const json_t *f = json_object_get(m, "format"), *v = json_object_get(m, "version"),
+                 *r = json_object_get(m, "run"), *s = json_object_get(m, "step"), *fl = json_object_get(m, "files");
+    if (!json_is_string(f) || strcmp(json_string_value(f), SY_CKPT_FORMAT))
+        return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: format is not \"%s\"", key, SY_CKPT_FORMAT);
+    if (!json_is_integer(v))
+        return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: no integer version", key);
+    if (json_integer_value(v) != SY_CKPT_VERSION)
+        return sy_err_set(SY_EFORMAT, "checkpoint manifest %s: version %" JSON_INTEGER_FORMAT " (supported: %d)", key,
+                          json_integer_value(v), SY_CKPT_VERSION);
+    if (!json_is_string(r) || strcmp(json_string_value(r), run))
+        return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: run is not \"%s\"", key, run);
+    if (!json_is_integer(s) || json_integer_value(s) != step)
+        return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: step is not %" PRId64, key, step);
+    if (!json_is_array(fl)) return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: files is not an array", key);
+    for (size_t i = 0; i < json_array_size(fl); i++) {
+        const json_t *e = json_array_get(fl, i), *n = json_object_get(e, "name"), *z = json_object_get(e, "size"),
+                     *h = json_object_get(e, "sha256");
+        if (!json_is_string(n) || !sy_store_key_valid(json_string_value(n)) || strchr(json_string_value(n), '/') ||
+            !json_is_integer(z) || json_integer_value(z) < 0 || !json_is_string(h) || !is_hex64(json_string_value(h)))
+            return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: files[%zu] is not {name, size, sha256}", key, i);
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(json_string_value(json_object_get(json_array_get(fl, j), "name")), json_string_value(n)))
+                return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: file '%s' listed twice", key,
+                                  json_string_value(n));
+    }
+    return SY_OK;
+}
+
+sy_status sy_ckpt_read_manifest(sy_store_t *st, const char *run, int64_t step, json_t **out) {
+    char key[KEY_MAX];
+    void *buf = NULL;
+    size_t len = 0;
+    json_error_t jerr;
+    if (!st || !out) return sy_err_set(SY_EINVAL, "checkpoint manifest: bad arguments");
+    *out = NULL;
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
+    SY_CHECK(sy_store_get(st, key, &buf, &len));
+    json_t *m = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+    free(buf);
+    if (!m)
+        return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: invalid JSON at line %d: %s", key, jerr.line,
+                          jerr.text);
+    sy_status rc = validate_manifest(m, key, run, step);
+    if (rc != SY_OK) {
+        json_decref(m);
+        return rc;
+    }
+    *out = m;
+    return SY_OK;
+}
+
+/* Every file of the manifest exists with its recorded size. */
+static sy_status check_files_present(sy_store_t *st, const json_t *m, const char *run, int64_t step) {
+    const json_t *fl = json_object_get(m, "files");
+    char key[KEY_MAX];
+    for (size_t i = 0; i < json_array_size(fl); i++) {
+        const json_t *e = json_array_get(fl, i);
+        uint64_t size = 0;
+        SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, json_string_value(json_object_get(e, "name"))));
+        SY_CHECK(sy_store_head(st, key, &size));
+        if (size != (uint64_t)json_integer_value(json_object_get(e, "size")))
+            return sy_err_set(SY_ECORRUPT, "checkpoint object %s: %" PRIu64 " bytes, manifest says %" JSON_INTEGER_FORMAT,
+                              key, size, json_integer_value(json_object_get(e, "size")));
+    }
+    return SY_OK;
+}
+
+/* ---------------------------------------------------------------- listing steps */
+
+typedef struct {
+    int64_t step;
+    int committed; /* has a MANIFEST.json key */
+} step_info;
+
+typedef struct {
+    step_info *v;
+    size_t n;
+} step_list;
+
+static int cmp_step_desc(const void *a, const void *b) {
+    int64_t x = ((const step_info *)a)->step, y = ((const step_info *)b)->step;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* Parses "step-<digits>/<rest>" into step and rest; 0 if not canonical (step-%09lld). */
+static int parse_step_key(const char *s, int64_t *step, const char **rest) {
+    if (strncmp(s, "step-", 5)) return 0;
+    s += 5;
+    const char *slash = strchr(s, '/');
+    size_t nd = slash ? (size_t)(slash - s) : 0;
+    if (!slash || nd < STEP_DIGITS || nd > 18) return 0;
+    long long v = 0;
+    for (size_t i = 0; i < nd; i++) {
+        if (s[i] < '0' || s[i] > '9') return 0;
+        v = v * 10 + (s[i] - '0');
+    }
+    char canon[32];
+    snprintf(canon, sizeof canon, "%0*lld", STEP_DIGITS, v);
+    if (strlen(canon) != nd || strncmp(canon, s, nd)) return 0;
+    *step = v;
+    *rest = slash + 1;
+    return 1;
+}
+
+/* Every step folder of the run, newest first. */
+static sy_status list_steps(sy_store_t *st, const char *run, step_list *out) {
+    char prefix[KEY_MAX];
+    char **keys = NULL;
+    size_t n = 0;
+    out->v = NULL;
+    out->n = 0;
+    int k = snprintf(prefix, sizeof prefix, "%s/ckpt/", run);
+    if (k < 0 || (size_t)k >= sizeof prefix) return sy_err_set(SY_EINVAL, "checkpoint %s: run name too long", run);
+    SY_CHECK(sy_store_list(st, prefix, &keys, &n));
+    step_info *v = calloc(n ? n : 1, sizeof *v);
+    if (!v) {
+        sy_store_keys_free(keys, n);
+        return sy_err_set(SY_ENOMEM, "checkpoint %s: listing", run);
+    }
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        int64_t step;
+        const char *rest;
+        if (!parse_step_key(keys[i] + k, &step, &rest)) continue;
+        /* keys are sorted, so one step's keys are adjacent */
+        if (m == 0 || v[m - 1].step != step) v[m++] = (step_info){step, 0};
+        if (!strcmp(rest, SY_CKPT_MANIFEST)) v[m - 1].committed = 1;
+    }
+    sy_store_keys_free(keys, n);
+    qsort(v, m, sizeof *v, cmp_step_desc);
+    out->v = v;
+    out->n = m;
+    return SY_OK;
+}
+
+sy_status sy_ckpt_latest(sy_store_t *st, const char *run, int64_t *step_out) {
+    step_list sl;
+    int n_committed = 0;
+    if (!st || !step_out) return sy_err_set(SY_EINVAL, "checkpoint latest: bad arguments");
+    SY_CHECK(check_run(run));
+    SY_CHECK(list_steps(st, run, &sl));
+    for (size_t i = 0; i < sl.n; i++) {
+        if (!sl.v[i].committed) continue;
+        n_committed++;
+        json_t *m = NULL;
+        sy_status rc = sy_ckpt_read_manifest(st, run, sl.v[i].step, &m);
+        if (rc == SY_OK) rc = check_files_present(st, m, run, sl.v[i].step);
+        json_decref(m);
+        if (rc == SY_OK) {
+            *step_out = sl.v[i].step;
+            free(sl.v);
+            return SY_OK;
+        }
+        sy_warn("checkpoint %s step %" PRId64 " unusable, trying an older one: %s", run, sl.v[i].step, sy_err_msg());
+    }
+    free(sl.v);
+    if (n_committed)
+        return sy_err_set(SY_ECORRUPT, "checkpoint %s in %s: all %d committed checkpoints are unusable", run,
+                          sy_store_url(st), n_committed);
+    return sy_err_set(SY_ENOTFOUND, "checkpoint %s: no committed checkpoint in %s", run, sy_store_url(st));
+}
+
+/* ---------------------------------------------------------------- load */
+
+sy_status sy_ckpt_load_group_m(sy_store_t *st, const json_t *m, const sy_ckpt_group *g) {
+    char key[KEY_MAX], sha[SHA256_HEX + 1];
+    void *buf = NULL;
+    size_t len = 0;
+    sy_st_file_t *f = NULL;
+    sy_status rc = SY_OK;
+    if (!st || !m || !g || !g->file || g->n < 0 || (g->n > 0 && !g->tensors))
+        return sy_err_set(SY_EINVAL, "checkpoint load: bad arguments");
+    const char *run = json_string_value(json_object_get(m, "run"));
+    int64_t step = json_integer_value(json_object_get(m, "step"));
+    const json_t *fl = json_object_get(m, "files"), *ent = NULL;
+    if (!run || !json_is_array(fl)) return sy_err_set(SY_EINVAL, "checkpoint load: not a manifest");
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, g->file));
+    for (size_t i = 0; i < json_array_size(fl) && !ent; i++)
+        if (!strcmp(json_string_value(json_object_get(json_array_get(fl, i), "name")), g->file))
+            ent = json_array_get(fl, i);
+    if (!ent)
+        return sy_err_set(SY_ENOTFOUND, "checkpoint %s step %" PRId64 ": manifest lists no file '%s'", run, step,
+                          g->file);
+    SY_CHECK(sy_store_get(st, key, &buf, &len));
+    json_int_t want = json_integer_value(json_object_get(ent, "size"));
+    if ((uint64_t)len != (uint64_t)want) {
+        rc = sy_err_set(SY_ECORRUPT, "checkpoint object %s: %zu bytes, manifest says %" JSON_INTEGER_FORMAT, key, len,
+                        want);
+        goto out;
+    }
+    SY_CHECK_GOTO(sha256_hex(buf, len, sha), rc, out);
+    const char *want_sha = json_string_value(json_object_get(ent, "sha256"));
+    if (!want_sha || strcmp(sha, want_sha)) {
+        rc = sy_err_set(SY_ECORRUPT, "checkpoint object %s: sha256 %s, manifest says %s", key, sha,
+                        want_sha ? want_sha : "(none)");
+        goto out;
+    }
+    SY_CHECK_GOTO(sy_st_parse_take(&buf, len, key, &f), rc, out);
+    for (int i = 0; i < g->n; i++) SY_CHECK_GOTO(sy_st_load(f, &g->tensors[i]), rc, out);
+out:
+    sy_st_destroy(&f);
+    free(buf);
+    return rc;
+}
+
+sy_status sy_ckpt_load_group(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *g) {
+    json_t *m = NULL;
+    SY_CHECK(sy_ckpt_read_manifest(st, run, step, &m));
+    sy_status rc = sy_ckpt_load_group_m(st, m, g);
+    json_decref(m);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- retention */
+
+static sy_status delete_step(sy_store_t *st, const char *run, int64_t step) {
+    char key[KEY_MAX];
+    /* Manifest first: if we stop halfway, what is left is debris, not a broken checkpoint. */
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
+    SY_CHECK(sy_store_delete(st, key));
+    SY_CHECK(step_prefix(key, sizeof key, run, step));
+    return sy_store_delete_prefix(st, key);
+}
+
+sy_status sy_ckpt_retain(sy_store_t *st, const char *run, int keep_last) {
+    step_list sl;
+    sy_status rc = SY_OK;
+    if (!st) return sy_err_set(SY_EINVAL, "checkpoint retain: no store");
+    if (keep_last < 1) return sy_err_set(SY_EINVAL, "checkpoint retain: keep_last %d (must be ≥ 1)", keep_last);
+    SY_CHECK(check_run(run));
+    SY_CHECK(list_steps(st, run, &sl));
+    int kept = 0;
+    int64_t newest = -1;
+    for (size_t i = 0; i < sl.n && rc == SY_OK; i++) {
+        int valid = 0;
+        if (sl.v[i].committed) {
+            json_t *m = NULL;
+            valid = sy_ckpt_read_manifest(st, run, sl.v[i].step, &m) == SY_OK;
+            json_decref(m);
+        }
+        if (valid && kept < keep_last) {
+            kept++;
+            if (newest < 0) newest = sl.v[i].step;
+            continue;
+        }
+        /* Invalid or uncommitted folders newer than the newest valid checkpoint may be a save
+         * in progress (or evidence of a fault): leave them. */
+        if (!valid && newest < 0) continue;
+        sy_info("checkpoint %s: deleting step %" PRId64 " (%s)", run, sl.v[i].step,
+                valid ? "beyond keep_last" : "debris");
+        rc = delete_step(st, run, sl.v[i].step);
+    }
+    free(sl.v);
+    return rc;
+}

@@ -1,0 +1,81 @@
+/* Checkpoints in an object store (system spec §5).
+ *
+ * Layout under `<run>/ckpt/step-%09lld/` in the store:
+ *   dense.safetensors, dense.optim.safetensors      non-expert params / their moments (m.<name>, v.<name>)
+ *   expert-%04d.safetensors, expert-%04d.optim.safetensors   one expert index, every layer
+ *   MANIFEST.json                                   written LAST with put_if_absent: the commit point
+ * A step folder without a MANIFEST.json is debris of an unfinished save and does not exist as a
+ * checkpoint. The module is layout-agnostic beyond that: the caller names the files and the
+ * tensors in each (sy_ckpt_file_dense() etc. give the standard names), so a restore can load
+ * dense + any subset of experts by calling sy_ckpt_load_group() for just those files.
+ *
+ * Manifest: {"format": "switchyard-ckpt", "version": 1, "run": ..., "step": ...,
+ *            "created": "2024-01-01T00:00:00Z",
+ *            "files": [{"name": ..., "size": ..., "sha256": "<hex>"}, ...], ...extra fields}
+ * Tensors are stored as F32 (fp32 master weights and moments, bit-exact).
+ *
+ * Ownership: groups and their buffers stay the caller's; json_t results are new references
+ * (json_decref them). Thread: any; concurrent saves of the same step race on put_if_absent:
+ * one commits, the other gets SY_EEXIST (its data files may have overwritten the winner's with
+ * different bytes, so callers must not save one step twice concurrently). */
+#ifndef SY_CKPT_H
+#define SY_CKPT_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "status.h"
+#include "store.h"
+#include "tensor.h"
+
+#define SY_CKPT_FORMAT "switchyard-ckpt"
+#define SY_CKPT_VERSION 1
+#define SY_CKPT_MANIFEST "MANIFEST.json"
+
+/* One safetensors file of a checkpoint: its file name (a single key component, e.g.
+ * "dense.safetensors") and the tensors in it (saved from / loaded into t->data). */
+typedef struct {
+    const char *file;
+    const sy_tensor_ref *tensors;
+    int n;
+} sy_ckpt_group;
+
+/* Standard file names, written into buf (≥ 40 bytes); return buf. */
+const char *sy_ckpt_file_dense(char *buf, size_t cap, int optim);
+const char *sy_ckpt_file_expert(char *buf, size_t cap, int expert, int optim);
+
+/* Store key of a file of a checkpoint ("<run>/ckpt/step-%09lld/<file>") into buf; SY_EINVAL if
+ * it does not fit or is not a valid key. */
+sy_status sy_ckpt_key(char *buf, size_t cap, const char *run, int64_t step, const char *file);
+
+/* Saves a checkpoint: every group as one F32 safetensors object, then the manifest (with the
+ * caller's `extra` JSON object fields merged in: config, optimizer step count, RNG state, data
+ * position...; may be NULL; it may not use the reserved keys above). SY_EEXIST without
+ * writing anything if this step is already committed. */
+sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
+                       int n_groups, const json_t *extra);
+
+/* Newest committed checkpoint whose manifest parses, matches run/step and whose files exist
+ * with the recorded sizes. Unreadable newer manifests are skipped with a warning; folders
+ * without a manifest are ignored. SY_ENOTFOUND if none. */
+sy_status sy_ckpt_latest(sy_store_t *st, const char *run, int64_t *step_out);
+
+/* Reads and validates a manifest (*out: new reference). SY_ENOTFOUND if not committed,
+ * SY_ECORRUPT if malformed. */
+sy_status sy_ckpt_read_manifest(sy_store_t *st, const char *run, int64_t step, json_t **out);
+
+/* Fetches g->file, checks its size and SHA-256 against the manifest (mismatch: SY_ECORRUPT
+ * naming the object), and loads every tensor of g by name into its buffer (shapes must match:
+ * SY_EFORMAT; missing tensor: SY_ENOTFOUND). Tensors in the file that g does not name are
+ * ignored. */
+sy_status sy_ckpt_load_group(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *g);
+/* Same, with a manifest already read by sy_ckpt_read_manifest (saves re-reading it per file). */
+sy_status sy_ckpt_load_group_m(sy_store_t *st, const json_t *manifest, const sy_ckpt_group *g);
+
+/* Deletes committed checkpoints older than the newest `keep_last` (≥ 1, so the newest is never
+ * deleted; the manifest goes first, so an interrupted deletion leaves debris, never a broken
+ * checkpoint), and debris folders older than the newest committed one (newer debris may be a
+ * save in progress and is kept). */
+sy_status sy_ckpt_retain(sy_store_t *st, const char *run, int keep_last);
+
+#endif

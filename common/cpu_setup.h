@@ -1,0 +1,18 @@
+/* Picks the right OpenBLAS kernels before OpenBLAS initialises.
+ *
+ * Debian's OpenBLAS 0.3.21 (DYNAMIC_ARCH) misdetects some AVX-512 CPUs and falls back to SSE3
+ * "Prescott" kernels, about 10x slower. OpenBLAS reads OPENBLAS_CORETYPE once, in its library
+ * constructor, which runs before main(); so the only reliable fix from inside the program is to
+ * set the variable and re-execute. sy_cpu_setup() does that once, only when the CPU reports
+ * AVX-512 F/BW/DQ/VL (what the SkylakeX kernels use) and the user has not set the variable;
+ * CPUs without AVX-512 keep OpenBLAS's own detection. SY_NO_REEXEC=1 disables it. */
+#ifndef SY_CPU_SETUP_H
+#define SY_CPU_SETUP_H
+
+/* Call first thing in main(). Returns only if no re-exec was needed or it failed. */
+void sy_cpu_setup(int argc, char **argv);
+
+/* The kernel set OpenBLAS reports (openblas_get_corename), for logs and benchmarks. */
+const char *sy_cpu_blas_core(void);
+
+#endif

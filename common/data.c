@@ -1,0 +1,1037 @@
+/* Token shards, the sample order and `switchyard data prepare` (model spec §6). See data.h.
+ *
+ * Shards are read and written in the host's byte order, which must be little-endian (llm.c's
+ * files are little-endian; every target of this project is x86-64 or aarch64 LE). */
+#include "data.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <glob.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "rng.h"
+
+#define SY_SHARD_HEADER_BYTES (SY_SHARD_HEADER_INTS * 4)
+#define SY_DATA_PERM_TAG "data.perm"
+#define SY_DATA_PERM_SLOTS 2 /* a batch can straddle one epoch boundary */
+
+/* `data prepare` defaults. */
+#define SY_PREP_VAL_FRACTION 0.05
+#define SY_PREP_VAL_FRACTION_MAX 0.5
+#define SY_PREP_SHARD_TOKENS 100000000ull
+#define SY_PREP_VOCAB_DEFAULT 65536 /* shard inputs: only the uint16 range is checked */
+#define SY_PREP_BYTE_VOCAB 256
+#define SY_PREP_READ_CHUNK (1u << 20)
+
+/* ------------------------------------------------------------------------------------------ */
+/* Shard mapping and validation                                                                */
+
+typedef struct {
+    char *path;
+    void *map;            /* whole file, read-only */
+    size_t map_len;
+    const uint16_t *tok;  /* map + header */
+    uint64_t count;
+} sy_shard_t;
+
+typedef struct {
+    int valid;
+    uint64_t seed;
+    uint64_t epoch;
+    uint64_t last_use;
+    void *perm; /* uint32_t[N] when N <= UINT32_MAX, else uint64_t[N]; allocated at open */
+} sy_perm_slot_t;
+
+struct sy_data {
+    int n_shards;
+    sy_shard_t *shards;
+    uint64_t *win_start; /* [n_shards + 1]: prefix sums of windows per shard */
+    uint64_t n_windows;
+    int seq_len;
+    int vocab_size;
+    int perm_wide; /* perm entries are uint64_t */
+    uint64_t use_clock;
+    sy_perm_slot_t slots[SY_DATA_PERM_SLOTS];
+};
+
+static void sy_shard_unmap(sy_shard_t *sh) {
+    if (sh->map && sh->map != MAP_FAILED) munmap(sh->map, sh->map_len);
+    free(sh->path);
+    memset(sh, 0, sizeof *sh);
+}
+
+/* Maps `path` and checks header, size and every token < vocab. On success fills *sh (takes a
+ * copy of the path). */
+static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh) {
+    sy_status st = SY_OK;
+    memset(sh, 0, sizeof *sh);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return sy_err_set(errno == ENOENT ? SY_ENOTFOUND : SY_EIO, "%s: cannot open: %s", path,
+                          strerror(errno));
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        st = sy_err_set(SY_EIO, "%s: fstat: %s", path, strerror(errno));
+        goto done;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        st = sy_err_set(SY_EFORMAT, "%s: not a regular file", path);
+        goto done;
+    }
+    if (sb.st_size < SY_SHARD_HEADER_BYTES) {
+        st = sy_err_set(SY_EFORMAT, "%s: file has %lld bytes, shorter than the %d-byte header",
+                        path, (long long)sb.st_size, SY_SHARD_HEADER_BYTES);
+        goto done;
+    }
+    sh->map_len = (size_t)sb.st_size;
+    sh->map = mmap(NULL, sh->map_len, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (sh->map == MAP_FAILED) {
+        sh->map = NULL;
+        st = sy_err_set(SY_EIO, "%s: mmap: %s", path, strerror(errno));
+        goto done;
+    }
+    const int32_t *hdr = (const int32_t *)sh->map;
+    if (hdr[0] != SY_SHARD_MAGIC) {
+        st = sy_err_set(SY_EFORMAT, "%s: bad magic %" PRId32 " (expected %d, an llm.c shard)",
+                        path, hdr[0], SY_SHARD_MAGIC);
+        goto done;
+    }
+    if (hdr[1] != SY_SHARD_VERSION) {
+        st = sy_err_set(SY_EFORMAT, "%s: unsupported version %" PRId32 " (expected %d)", path,
+                        hdr[1], SY_SHARD_VERSION);
+        goto done;
+    }
+    if (hdr[2] < 0) {
+        st = sy_err_set(SY_EFORMAT, "%s: negative token count %" PRId32, path, hdr[2]);
+        goto done;
+    }
+    sh->count = (uint64_t)hdr[2];
+    uint64_t want = SY_SHARD_HEADER_BYTES + 2 * sh->count;
+    if ((uint64_t)sb.st_size != want) {
+        st = sy_err_set(SY_ECORRUPT,
+                        "%s: size mismatch: header says %" PRIu64 " tokens (%" PRIu64
+                        " bytes) but the file has %lld bytes",
+                        path, sh->count, want, (long long)sb.st_size);
+        goto done;
+    }
+    sh->tok = (const uint16_t *)((const char *)sh->map + SY_SHARD_HEADER_BYTES);
+    /* First offending token, if any (min index over a parallel scan). */
+    const uint16_t *tok = sh->tok;
+    int64_t n = (int64_t)sh->count, bad = n;
+    uint16_t vmax = vocab_size >= 65536 ? 0 : (uint16_t)vocab_size;
+    if (vmax != 0) {
+#pragma omp parallel for reduction(min : bad) schedule(static) if (n > (1 << 20))
+        for (int64_t i = 0; i < n; i++)
+            if (tok[i] >= vmax && i < bad) bad = i;
+    }
+    if (bad < n) {
+        st = sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRId64 " >= vocab_size %d", path,
+                        (unsigned)tok[bad], bad, vocab_size);
+        goto done;
+    }
+    sh->path = strdup(path);
+    if (!sh->path) st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+done:
+    close(fd);
+    if (st != SY_OK) sy_shard_unmap(sh);
+    return st;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Opening                                                                                     */
+
+static int sy_has_glob_chars(const char *s) { return strpbrk(s, "*?[") != NULL; }
+
+/* Appends the paths `pattern` names to *paths (growing it). */
+static sy_status sy_expand_pattern(const char *pattern, char ***paths, int *n, int *cap) {
+    glob_t g;
+    memset(&g, 0, sizeof g);
+    sy_status st = SY_OK;
+    if (!sy_has_glob_chars(pattern)) {
+        struct stat sb;
+        if (stat(pattern, &sb) != 0)
+            return sy_err_set(SY_ENOTFOUND, "%s: data shard not found: %s", pattern,
+                              strerror(errno));
+    }
+    int rc = glob(pattern, GLOB_ERR, NULL, &g); /* matches come sorted */
+    if (rc == GLOB_NOMATCH) {
+        st = sy_err_set(SY_ENOTFOUND, "%s: pattern matches no file", pattern);
+        goto done;
+    }
+    if (rc != 0) {
+        st = sy_err_set(rc == GLOB_NOSPACE ? SY_ENOMEM : SY_EIO, "%s: glob failed (%s)", pattern,
+                        rc == GLOB_NOSPACE ? "out of memory" : "read error");
+        goto done;
+    }
+    for (size_t i = 0; i < g.gl_pathc; i++) {
+        if (*n == *cap) {
+            int nc = *cap ? *cap * 2 : 16;
+            char **np = realloc(*paths, (size_t)nc * sizeof *np);
+            if (!np) {
+                st = sy_err_set(SY_ENOMEM, "%s: out of memory", pattern);
+                goto done;
+            }
+            *paths = np;
+            *cap = nc;
+        }
+        (*paths)[*n] = strdup(g.gl_pathv[i]);
+        if (!(*paths)[*n]) {
+            st = sy_err_set(SY_ENOMEM, "%s: out of memory", pattern);
+            goto done;
+        }
+        (*n)++;
+    }
+done:
+    globfree(&g);
+    return st;
+}
+
+sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
+                       sy_data_t **out) {
+    sy_status st = SY_OK;
+    char **paths = NULL;
+    int n_paths = 0, cap = 0;
+    sy_data_t *d = NULL;
+    if (!out) return sy_err_set(SY_EINVAL, "sy_data_open: out is NULL");
+    *out = NULL;
+    if (!patterns || n_patterns <= 0)
+        return sy_err_set(SY_EINVAL, "data: no shard patterns given");
+    if (vocab_size < 1 || vocab_size > 65536)
+        return sy_err_set(SY_EINVAL, "data: vocab_size %d outside [1, 65536]", vocab_size);
+    if (seq_len < 1) return sy_err_set(SY_EINVAL, "data: seq_len %d < 1", seq_len);
+
+    for (int i = 0; i < n_patterns; i++) {
+        if (!patterns[i] || !patterns[i][0]) {
+            st = sy_err_set(SY_EINVAL, "data: shard pattern %d is empty", i);
+            goto fail;
+        }
+        SY_CHECK_GOTO(sy_expand_pattern(patterns[i], &paths, &n_paths, &cap), st, fail);
+    }
+    d = calloc(1, sizeof *d);
+    if (!d) {
+        st = sy_err_set(SY_ENOMEM, "data: out of memory");
+        goto fail;
+    }
+    d->seq_len = seq_len;
+    d->vocab_size = vocab_size;
+    d->shards = calloc((size_t)n_paths, sizeof *d->shards);
+    d->win_start = calloc((size_t)n_paths + 1, sizeof *d->win_start);
+    if (!d->shards || !d->win_start) {
+        st = sy_err_set(SY_ENOMEM, "data: out of memory for %d shards", n_paths);
+        goto fail;
+    }
+    uint64_t longest = 0;
+    for (int i = 0; i < n_paths; i++) {
+        SY_CHECK_GOTO(sy_shard_map(paths[i], vocab_size, &d->shards[i]), st, fail);
+        d->n_shards = i + 1;
+        uint64_t c = d->shards[i].count, T = (uint64_t)seq_len;
+        uint64_t w = c >= T + 1 ? (c - 1) / T : 0;
+        d->win_start[i + 1] = d->win_start[i] + w;
+        if (c > longest) longest = c;
+    }
+    d->n_windows = d->win_start[n_paths];
+    if (d->n_windows == 0) {
+        st = sy_err_set(SY_EINVAL,
+                        "data: %d shard(s) (first %s) hold no window of seq_len+1 = %d tokens "
+                        "(longest has %" PRIu64 " tokens)",
+                        n_paths, paths[0], seq_len + 1, longest);
+        goto fail;
+    }
+    d->perm_wide = d->n_windows > UINT32_MAX;
+    size_t esz = d->perm_wide ? sizeof(uint64_t) : sizeof(uint32_t);
+    if (d->n_windows > SIZE_MAX / esz) {
+        st = sy_err_set(SY_ENOMEM, "data: %" PRIu64 " windows is too many", d->n_windows);
+        goto fail;
+    }
+    for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) {
+        d->slots[s].perm = malloc((size_t)d->n_windows * esz);
+        if (!d->slots[s].perm) {
+            st = sy_err_set(SY_ENOMEM, "data: out of memory for a permutation of %" PRIu64
+                            " windows", d->n_windows);
+            goto fail;
+        }
+    }
+    *out = d;
+    d = NULL;
+fail:
+    sy_data_destroy(&d);
+    for (int i = 0; i < n_paths; i++) free(paths[i]);
+    free(paths);
+    return st;
+}
+
+void sy_data_destroy(sy_data_t **self_p) {
+    if (!self_p || !*self_p) return;
+    sy_data_t *d = *self_p;
+    for (int i = 0; i < d->n_shards; i++) sy_shard_unmap(&d->shards[i]);
+    for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) free(d->slots[s].perm);
+    free(d->shards);
+    free(d->win_start);
+    free(d);
+    *self_p = NULL;
+}
+
+uint64_t sy_data_windows(const sy_data_t *d) { return d->n_windows; }
+int sy_data_shards(const sy_data_t *d) { return d->n_shards; }
+int sy_data_seq_len(const sy_data_t *d) { return d->seq_len; }
+
+const char *sy_data_shard_path(const sy_data_t *d, int i) {
+    if (i < 0 || i >= d->n_shards) return NULL;
+    return d->shards[i].path;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Sample order                                                                                */
+
+uint64_t sy_data_sample_index(int64_t step, int M, int b, int m, int j) {
+    return (uint64_t)step * (uint64_t)M * (uint64_t)b + (uint64_t)m * (uint64_t)b + (uint64_t)j;
+}
+
+/* The slot holding the permutation of (seed, epoch), computing it into the least recently used
+ * slot if neither holds it. */
+static const sy_perm_slot_t *sy_data_perm(sy_data_t *d, uint64_t seed, uint64_t epoch) {
+    sy_perm_slot_t *victim = NULL;
+    for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) {
+        sy_perm_slot_t *sl = &d->slots[s];
+        if (sl->valid && sl->seed == seed && sl->epoch == epoch) {
+            sl->last_use = ++d->use_clock;
+            return sl;
+        }
+        /* an empty slot has last_use 0, so it is taken first */
+        if (!victim || sl->last_use < victim->last_use) victim = sl;
+    }
+    /* PINNED (data.h): Fisher–Yates from the top with sy_rng_below. */
+    uint64_t N = d->n_windows;
+    sy_rng_t r = sy_rng_key(seed, SY_DATA_PERM_TAG, epoch, 0, 0);
+    if (d->perm_wide) {
+        uint64_t *p = victim->perm;
+        for (uint64_t i = 0; i < N; i++) p[i] = i;
+        for (uint64_t i = N - 1; i >= 1; i--) {
+            uint64_t k = sy_rng_below(&r, i + 1), t = p[i];
+            p[i] = p[k];
+            p[k] = t;
+        }
+    } else {
+        uint32_t *p = victim->perm;
+        for (uint64_t i = 0; i < N; i++) p[i] = (uint32_t)i;
+        for (uint64_t i = N - 1; i >= 1; i--) {
+            uint64_t k = sy_rng_below(&r, i + 1);
+            uint32_t t = p[i];
+            p[i] = p[k];
+            p[k] = t;
+        }
+    }
+    victim->valid = 1;
+    victim->seed = seed;
+    victim->epoch = epoch;
+    victim->last_use = ++d->use_clock;
+    return victim;
+}
+
+uint64_t sy_data_window_of(sy_data_t *d, uint64_t seed, uint64_t idx) {
+    uint64_t N = d->n_windows;
+    const sy_perm_slot_t *sl = sy_data_perm(d, seed, idx / N);
+    uint64_t i = idx % N;
+    return d->perm_wide ? ((const uint64_t *)sl->perm)[i] : ((const uint32_t *)sl->perm)[i];
+}
+
+/* Copies window w (T+1 tokens) to dst. */
+static void sy_data_copy_window(const sy_data_t *d, uint64_t w, int32_t *dst) {
+    int lo = 0, hi = d->n_shards - 1; /* the shard s with win_start[s] <= w < win_start[s+1] */
+    while (lo < hi) {
+        int mid = lo + (hi - lo + 1) / 2;
+        if (d->win_start[mid] <= w)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    while (d->win_start[lo + 1] <= w) lo++; /* skip shards with no windows */
+    const uint16_t *src = d->shards[lo].tok + (w - d->win_start[lo]) * (uint64_t)d->seq_len;
+    for (int t = 0; t <= d->seq_len; t++) dst[t] = src[t];
+}
+
+sy_status sy_data_train_batch(sy_data_t *d, uint64_t seed, int64_t step, int M, int b, int m,
+                              int32_t *tokens) {
+    if (!d || !tokens) return sy_err_set(SY_EINVAL, "sy_data_train_batch: NULL argument");
+    if (step < 0 || M < 1 || b < 1 || m < 0 || m >= M)
+        return sy_err_set(SY_EINVAL,
+                          "sy_data_train_batch: bad position step=%" PRId64 " M=%d b=%d m=%d",
+                          step, M, b, m);
+    size_t row = (size_t)d->seq_len + 1;
+    for (int j = 0; j < b; j++) {
+        uint64_t w = sy_data_window_of(d, seed, sy_data_sample_index(step, M, b, m, j));
+        sy_data_copy_window(d, w, tokens + (size_t)j * row);
+    }
+    return SY_OK;
+}
+
+sy_status sy_data_eval_batch(sy_data_t *d, uint64_t first_window, int b, int32_t *tokens) {
+    if (!d || !tokens) return sy_err_set(SY_EINVAL, "sy_data_eval_batch: NULL argument");
+    if (b < 1) return sy_err_set(SY_EINVAL, "sy_data_eval_batch: b=%d < 1", b);
+    size_t row = (size_t)d->seq_len + 1;
+    uint64_t N = d->n_windows, w0 = first_window % N;
+    for (int j = 0; j < b; j++)
+        sy_data_copy_window(d, (w0 + (uint64_t)j) % N, tokens + (size_t)j * row);
+    return SY_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Writing                                                                                     */
+
+static sy_status sy_write_all(int fd, const void *buf, size_t len, const char *path) {
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t k = write(fd, p, len);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return sy_err_set(SY_EIO, "%s: write: %s", path, strerror(errno));
+        }
+        p += k;
+        len -= (size_t)k;
+    }
+    return SY_OK;
+}
+
+sy_status sy_data_write_shard(const char *path, const uint16_t *tokens, uint64_t count) {
+    sy_status st = SY_OK;
+    if (!path || (!tokens && count > 0))
+        return sy_err_set(SY_EINVAL, "sy_data_write_shard: NULL argument");
+    if (count > INT32_MAX)
+        return sy_err_set(SY_EINVAL, "%s: %" PRIu64 " tokens exceed a shard's int32 count",
+                          path, count);
+    size_t plen = strlen(path);
+    char *tmp = malloc(plen + 16), *dirbuf = strdup(path);
+    int fd = -1, dfd = -1;
+    if (!tmp || !dirbuf) {
+        st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+        goto done;
+    }
+    snprintf(tmp, plen + 16, "%s.tmp.XXXXXX", path); /* same directory: rename is atomic */
+    fd = mkstemp(tmp);
+    if (fd < 0) {
+        st = sy_err_set(SY_EIO, "%s: cannot create temporary file: %s", path, strerror(errno));
+        tmp[0] = 0;
+        goto done;
+    }
+    int32_t hdr[SY_SHARD_HEADER_INTS] = {0};
+    hdr[0] = SY_SHARD_MAGIC;
+    hdr[1] = SY_SHARD_VERSION;
+    hdr[2] = (int32_t)count;
+    SY_CHECK_GOTO(sy_write_all(fd, hdr, sizeof hdr, tmp), st, done);
+    SY_CHECK_GOTO(sy_write_all(fd, tokens, (size_t)count * sizeof *tokens, tmp), st, done);
+    if (fchmod(fd, 0644) != 0 || fsync(fd) != 0) {
+        st = sy_err_set(SY_EIO, "%s: fsync: %s", tmp, strerror(errno));
+        goto done;
+    }
+    if (close(fd) != 0) {
+        fd = -1;
+        st = sy_err_set(SY_EIO, "%s: close: %s", tmp, strerror(errno));
+        goto done;
+    }
+    fd = -1;
+    if (rename(tmp, path) != 0) {
+        st = sy_err_set(SY_EIO, "%s: rename from %s: %s", path, tmp, strerror(errno));
+        goto done;
+    }
+    tmp[0] = 0; /* nothing left to remove */
+    dfd = open(dirname(dirbuf), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0 || fsync(dfd) != 0)
+        st = sy_err_set(SY_EIO, "%s: fsync of its directory: %s", path, strerror(errno));
+done:
+    if (fd >= 0) close(fd);
+    if (dfd >= 0) close(dfd);
+    if (tmp && tmp[0]) unlink(tmp);
+    free(tmp);
+    free(dirbuf);
+    return st;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* `switchyard data prepare`                                                                   */
+
+typedef struct {
+    char *path;
+    uint64_t tokens; /* tokens it contributes, separator included */
+    int add_newline; /* text: append '\n' */
+} sy_prep_file_t;
+
+typedef struct {
+    sy_prep_file_t *v;
+    int n, cap;
+} sy_prep_list_t;
+
+typedef struct {
+    dev_t dev;
+    ino_t ino;
+} sy_devino_t;
+
+typedef struct {
+    sy_devino_t *v;
+    int n, cap;
+} sy_devino_set_t;
+
+static int sy_devino_seen(sy_devino_set_t *s, const struct stat *sb, int *oom) {
+    for (int i = 0; i < s->n; i++)
+        if (s->v[i].dev == sb->st_dev && s->v[i].ino == sb->st_ino) return 1;
+    if (s->n == s->cap) {
+        int nc = s->cap ? s->cap * 2 : 64;
+        sy_devino_t *nv = realloc(s->v, (size_t)nc * sizeof *nv);
+        if (!nv) {
+            *oom = 1;
+            return 0;
+        }
+        s->v = nv;
+        s->cap = nc;
+    }
+    s->v[s->n++] = (sy_devino_t){sb->st_dev, sb->st_ino};
+    return 0;
+}
+
+static int sy_str_cmp(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+typedef struct {
+    char **v;
+    int n, cap;
+} sy_strvec_t;
+
+static sy_status sy_strvec_push(sy_strvec_t *sv, const char *s) {
+    if (sv->n == sv->cap) {
+        int nc = sv->cap ? sv->cap * 2 : 64;
+        char **nv = realloc(sv->v, (size_t)nc * sizeof *nv);
+        if (!nv) return sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+        sv->v = nv;
+        sv->cap = nc;
+    }
+    if (!(sv->v[sv->n] = strdup(s))) return sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+    sv->n++;
+    return SY_OK;
+}
+
+static void sy_strvec_free(sy_strvec_t *sv) {
+    for (int i = 0; i < sv->n; i++) free(sv->v[i]);
+    free(sv->v);
+    memset(sv, 0, sizeof *sv);
+}
+
+/* Collects the regular files under directory `dir` (recursively; hidden entries skipped; each
+ * directory entered once, so symlink loops end). */
+static sy_status sy_walk_dir(const char *dir, sy_devino_set_t *dirs_seen, sy_strvec_t *out) {
+    sy_status st = SY_OK;
+    DIR *dh = opendir(dir);
+    if (!dh) return sy_err_set(SY_EIO, "%s: cannot read directory: %s", dir, strerror(errno));
+    struct dirent *de;
+    char *sub = NULL;
+    while ((de = readdir(dh)) != NULL) {
+        if (de->d_name[0] == '.') continue; /* hidden, "." and ".." */
+        free(sub);
+        size_t len = strlen(dir) + strlen(de->d_name) + 2;
+        if (!(sub = malloc(len))) {
+            st = sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+            break;
+        }
+        snprintf(sub, len, "%s%s%s", dir, dir[strlen(dir) - 1] == '/' ? "" : "/", de->d_name);
+        struct stat sb;
+        if (stat(sub, &sb) != 0) {
+            fprintf(stderr, "data prepare: warning: skipping %s: %s\n", sub, strerror(errno));
+            continue;
+        }
+        if (S_ISDIR(sb.st_mode)) {
+            int oom = 0;
+            if (sy_devino_seen(dirs_seen, &sb, &oom)) {
+                fprintf(stderr, "data prepare: warning: skipping %s: directory already visited "
+                                "(symlink loop?)\n", sub);
+                continue;
+            }
+            if (oom) {
+                st = sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+                break;
+            }
+            SY_CHECK_GOTO(sy_walk_dir(sub, dirs_seen, out), st, done);
+        } else if (S_ISREG(sb.st_mode)) {
+            SY_CHECK_GOTO(sy_strvec_push(out, sub), st, done);
+        }
+    }
+done:
+    free(sub);
+    closedir(dh);
+    return st;
+}
+
+static int sy_ends_with(const char *s, const char *suffix) {
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+/* The token sink: buffers up to one shard and writes train_NNNNNN.bin / val_NNNNNN.bin. */
+typedef struct {
+    const char *out_dir;
+    uint64_t shard_tokens, n_train, pos; /* pos: tokens pushed so far */
+    uint16_t *buf;
+    uint64_t fill;
+    int n_train_shards, n_val_shards;
+} sy_sink_t;
+
+static sy_status sy_sink_flush(sy_sink_t *k) {
+    if (k->fill == 0) return SY_OK;
+    int is_val = k->pos > k->n_train; /* the buffer's last token is past the split */
+    char path[PATH_MAX];
+    int idx = is_val ? k->n_val_shards : k->n_train_shards;
+    snprintf(path, sizeof path, "%s/%s_%06d.bin", k->out_dir, is_val ? "val" : "train", idx);
+    SY_CHECK(sy_data_write_shard(path, k->buf, k->fill));
+    if (is_val)
+        k->n_val_shards++;
+    else
+        k->n_train_shards++;
+    k->fill = 0;
+    return SY_OK;
+}
+
+static sy_status sy_sink_push(sy_sink_t *k, const uint16_t *t, uint64_t n) {
+    while (n > 0) {
+        /* A shard ends at shard_tokens or at the train/val split. */
+        uint64_t room = k->shard_tokens - k->fill;
+        if (k->pos < k->n_train && k->n_train - k->pos < room) room = k->n_train - k->pos;
+        uint64_t take = n < room ? n : room;
+        memcpy(k->buf + k->fill, t, (size_t)take * sizeof *t);
+        k->fill += take;
+        k->pos += take;
+        t += take;
+        n -= take;
+        if (k->fill == k->shard_tokens || k->pos == k->n_train) SY_CHECK(sy_sink_flush(k));
+    }
+    return SY_OK;
+}
+
+/* Classifies a candidate input. *kind: 0 skip, 1 text, 2 llm.c shard. */
+static sy_status sy_prep_classify(const char *path, int vocab_size, int *kind,
+                                  sy_prep_file_t *f) {
+    sy_status st = SY_OK;
+    *kind = 0;
+    FILE *fp = fopen(path, "rb");
+    unsigned char *buf = NULL;
+    if (!fp) return sy_err_set(SY_EIO, "%s: cannot open: %s", path, strerror(errno));
+    if (!(buf = malloc(SY_PREP_READ_CHUNK))) {
+        st = sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+        goto done;
+    }
+    uint64_t total = 0;
+    int has_nul = 0, first = 1;
+    unsigned char last = '\n';
+    size_t k;
+    while ((k = fread(buf, 1, SY_PREP_READ_CHUNK, fp)) > 0) {
+        if (first && k >= 4) {
+            int32_t magic;
+            memcpy(&magic, buf, 4);
+            if (magic == SY_SHARD_MAGIC) {
+                sy_shard_t sh;
+                st = sy_shard_map(path, vocab_size, &sh);
+                if (st != SY_OK) {
+                    sy_err_prefix(st, "input looks like an llm.c shard (magic %d) but is invalid",
+                                  SY_SHARD_MAGIC);
+                    goto done;
+                }
+                f->tokens = sh.count;
+                sy_shard_unmap(&sh);
+                *kind = 2;
+                goto done;
+            }
+        }
+        first = 0;
+        if (memchr(buf, 0, k)) {
+            has_nul = 1;
+            break;
+        }
+        total += k;
+        last = buf[k - 1];
+    }
+    if (ferror(fp)) {
+        st = sy_err_set(SY_EIO, "%s: read error", path);
+        goto done;
+    }
+    if (has_nul) {
+        fprintf(stderr, "data prepare: warning: skipping %s: binary (contains NUL bytes)\n", path);
+        goto done;
+    }
+    if (total == 0) goto done; /* empty: contributes nothing */
+    f->add_newline = last != '\n';
+    f->tokens = total + (uint64_t)f->add_newline;
+    *kind = 1;
+done:
+    free(buf);
+    fclose(fp);
+    return st;
+}
+
+static sy_status sy_prep_emit_text(sy_sink_t *k, const sy_prep_file_t *f) {
+    sy_status st = SY_OK;
+    FILE *fp = fopen(f->path, "rb");
+    unsigned char *buf = malloc(SY_PREP_READ_CHUNK);
+    uint16_t *tok = malloc(SY_PREP_READ_CHUNK * sizeof *tok);
+    if (!fp) {
+        st = sy_err_set(SY_EIO, "%s: cannot open: %s", f->path, strerror(errno));
+        goto done;
+    }
+    if (!buf || !tok) {
+        st = sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+        goto done;
+    }
+    uint64_t got = 0;
+    size_t n;
+    while ((n = fread(buf, 1, SY_PREP_READ_CHUNK, fp)) > 0) {
+        for (size_t i = 0; i < n; i++) tok[i] = buf[i];
+        got += n;
+        if (got + (uint64_t)f->add_newline > f->tokens) break;
+        SY_CHECK_GOTO(sy_sink_push(k, tok, n), st, done);
+    }
+    if (ferror(fp) || got + (uint64_t)f->add_newline != f->tokens) {
+        st = sy_err_set(SY_EIO, "%s: file changed or failed while being read", f->path);
+        goto done;
+    }
+    if (f->add_newline) {
+        uint16_t nl = '\n';
+        SY_CHECK_GOTO(sy_sink_push(k, &nl, 1), st, done);
+    }
+done:
+    if (fp) fclose(fp);
+    free(buf);
+    free(tok);
+    return st;
+}
+
+static sy_status sy_prep_emit_shard(sy_sink_t *k, const sy_prep_file_t *f, int vocab_size) {
+    sy_shard_t sh;
+    SY_CHECK(sy_shard_map(f->path, vocab_size, &sh));
+    sy_status st = SY_OK;
+    if (sh.count != f->tokens)
+        st = sy_err_set(SY_EIO, "%s: file changed while being read", f->path);
+    else
+        st = sy_sink_push(k, sh.tok, sh.count);
+    sy_shard_unmap(&sh);
+    return st;
+}
+
+static int sy_mkdir_p(const char *dir) {
+    char buf[PATH_MAX];
+    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) return -1;
+    struct stat sb;
+    if (stat(buf, &sb) != 0) return -1;
+    if (!S_ISDIR(sb.st_mode)) {
+        errno = ENOTDIR;
+        return -1;
+    }
+    return 0;
+}
+
+/* Removes train_/val_NNNNNN.bin left by an earlier, larger run (they would join a glob). */
+static void sy_prep_remove_stale(const char *dir, const char *prefix, int keep) {
+    char path[PATH_MAX];
+    for (int i = keep;; i++) {
+        snprintf(path, sizeof path, "%s/%s_%06d.bin", dir, prefix, i);
+        if (unlink(path) != 0) break;
+        fprintf(stderr, "data prepare: removed stale %s\n", path);
+    }
+}
+
+static void sy_prep_usage(FILE *fp) {
+    fprintf(fp,
+            "usage: switchyard data prepare --input FILE_OR_DIR... --out DIR [options]\n"
+            "\n"
+            "Tokenizes text byte-level (vocab 256) or copies llm.c token shards through, and\n"
+            "writes DIR/train_NNNNNN.bin and DIR/val_NNNNNN.bin (llm.c shard format).\n"
+            "\n"
+            "  --input PATH...      files or directories (walked recursively, sorted; hidden\n"
+            "                       files, *.dat and binary files skipped); repeatable\n"
+            "  --out DIR            output directory (created if missing)\n"
+            "  --val-fraction F     last fraction of the token stream kept for validation,\n"
+            "                       in [0, 0.5] (default %.2f)\n"
+            "  --shard-tokens N     at most N tokens per shard (default %llu)\n"
+            "  --vocab-size V       llm.c shard inputs: every token must be < V (default %d);\n"
+            "                       text inputs need V >= 256\n"
+            "  -h, --help           this help\n",
+            SY_PREP_VAL_FRACTION, (unsigned long long)SY_PREP_SHARD_TOKENS,
+            SY_PREP_VOCAB_DEFAULT);
+}
+
+/* Value of option `name` given as "--name=value" or "--name value". */
+static const char *sy_opt_value(int argc, char **argv, int *i, const char *name, int *bad) {
+    const char *a = argv[*i];
+    size_t nl = strlen(name);
+    if (a[nl] == '=') return a + nl + 1;
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "data prepare: option %s needs a value\n", name);
+        *bad = 1;
+        return NULL;
+    }
+    return argv[++*i];
+}
+
+static int sy_opt_is(const char *a, const char *name) {
+    size_t nl = strlen(name);
+    return strncmp(a, name, nl) == 0 && (a[nl] == 0 || a[nl] == '=');
+}
+
+int sy_data_cli(int argc, char **argv) {
+    if (argc < 1 || strcmp(argv[0], "prepare") != 0) {
+        if (argc >= 1 && (!strcmp(argv[0], "-h") || !strcmp(argv[0], "--help"))) {
+            sy_prep_usage(stdout);
+            return 0;
+        }
+        fprintf(stderr, "switchyard data: unknown subcommand '%s' (expected 'prepare')\n",
+                argc >= 1 ? argv[0] : "");
+        sy_prep_usage(stderr);
+        return 2;
+    }
+    sy_strvec_t inputs = {0}, files = {0};
+    sy_prep_list_t list = {0};
+    sy_devino_set_t dirs_seen = {0}, files_seen = {0};
+    sy_sink_t sink = {0};
+    const char *out_dir = NULL;
+    double val_fraction = SY_PREP_VAL_FRACTION;
+    unsigned long long shard_tokens = SY_PREP_SHARD_TOKENS;
+    long vocab_size = SY_PREP_VOCAB_DEFAULT;
+    int vocab_given = 0, rc = 1, bad = 0;
+    sy_status st = SY_OK;
+
+    /* ---- options */
+    for (int i = 1; i < argc && !bad; i++) {
+        const char *a = argv[i], *v;
+        char *end = NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            sy_prep_usage(stdout);
+            rc = 0;
+            goto done;
+        } else if (sy_opt_is(a, "--input")) {
+            if (a[7] == '=') {
+                if (sy_strvec_push(&inputs, a + 8) != SY_OK) goto oom;
+                continue;
+            }
+            int got = 0;
+            while (i + 1 < argc && strncmp(argv[i + 1], "-", 1) != 0) {
+                if (sy_strvec_push(&inputs, argv[++i]) != SY_OK) goto oom;
+                got++;
+            }
+            if (!got) {
+                fprintf(stderr, "data prepare: --input needs at least one path\n");
+                bad = 1;
+            }
+        } else if (sy_opt_is(a, "--out")) {
+            out_dir = sy_opt_value(argc, argv, &i, "--out", &bad);
+        } else if (sy_opt_is(a, "--val-fraction")) {
+            if (!(v = sy_opt_value(argc, argv, &i, "--val-fraction", &bad))) break;
+            errno = 0;
+            val_fraction = strtod(v, &end);
+            if (errno || end == v || *end || !(val_fraction >= 0.0) ||
+                val_fraction > SY_PREP_VAL_FRACTION_MAX) {
+                fprintf(stderr, "data prepare: --val-fraction '%s' is not a number in [0, %.1f]\n",
+                        v, SY_PREP_VAL_FRACTION_MAX);
+                bad = 1;
+            }
+        } else if (sy_opt_is(a, "--shard-tokens")) {
+            if (!(v = sy_opt_value(argc, argv, &i, "--shard-tokens", &bad))) break;
+            errno = 0;
+            shard_tokens = strtoull(v, &end, 10);
+            if (errno || end == v || *end || v[0] == '-' || shard_tokens < 2 ||
+                shard_tokens > INT32_MAX) {
+                fprintf(stderr, "data prepare: --shard-tokens '%s' is not an integer in [2, %d]\n",
+                        v, INT32_MAX);
+                bad = 1;
+            }
+        } else if (sy_opt_is(a, "--vocab-size")) {
+            if (!(v = sy_opt_value(argc, argv, &i, "--vocab-size", &bad))) break;
+            errno = 0;
+            vocab_size = strtol(v, &end, 10);
+            vocab_given = 1;
+            if (errno || end == v || *end || vocab_size < 1 || vocab_size > 65536) {
+                fprintf(stderr, "data prepare: --vocab-size '%s' is not an integer in [1, 65536]\n",
+                        v);
+                bad = 1;
+            }
+        } else {
+            fprintf(stderr, "data prepare: unknown option '%s' (see --help)\n", a);
+            bad = 1;
+        }
+    }
+    if (!bad && inputs.n == 0) {
+        fprintf(stderr, "data prepare: --input is required (see --help)\n");
+        bad = 1;
+    }
+    if (!bad && (!out_dir || !out_dir[0])) {
+        fprintf(stderr, "data prepare: --out is required (see --help)\n");
+        bad = 1;
+    }
+    if (bad) {
+        rc = 2;
+        goto done;
+    }
+
+    /* ---- collect input files: given order; each directory's files in sorted path order */
+    for (int i = 0; i < inputs.n; i++) {
+        struct stat sb;
+        if (stat(inputs.v[i], &sb) != 0) {
+            st = sy_err_set(SY_ENOTFOUND, "%s: input not found: %s", inputs.v[i],
+                            strerror(errno));
+            goto fail;
+        }
+        if (S_ISDIR(sb.st_mode)) {
+            sy_strvec_t found = {0};
+            int oom = 0;
+            sy_devino_seen(&dirs_seen, &sb, &oom);
+            st = oom ? sy_err_set(SY_ENOMEM, "data prepare: out of memory")
+                     : sy_walk_dir(inputs.v[i], &dirs_seen, &found);
+            if (st == SY_OK && found.n > 1) qsort(found.v, (size_t)found.n, sizeof *found.v,
+                                                  sy_str_cmp);
+            for (int j = 0; st == SY_OK && j < found.n; j++) st = sy_strvec_push(&files, found.v[j]);
+            sy_strvec_free(&found);
+            if (st != SY_OK) goto fail;
+        } else if (S_ISREG(sb.st_mode)) {
+            SY_CHECK_GOTO(sy_strvec_push(&files, inputs.v[i]), st, fail);
+        } else {
+            st = sy_err_set(SY_EINVAL, "%s: input is neither a file nor a directory",
+                            inputs.v[i]);
+            goto fail;
+        }
+    }
+
+    /* ---- classify: pass 1 counts tokens so the split point is known before writing */
+    int n_text = 0, n_shard = 0, n_skipped = 0;
+    const char *a_text = NULL, *a_shard = NULL;
+    uint64_t total = 0, text_bytes = 0;
+    for (int i = 0; i < files.n; i++) {
+        const char *p = files.v[i];
+        struct stat sb;
+        int oom = 0, kind = 0;
+        if (sy_ends_with(p, ".dat")) { /* strfile(1) index of a fortune file */
+            n_skipped++;
+            continue;
+        }
+        if (stat(p, &sb) != 0) {
+            st = sy_err_set(SY_EIO, "%s: stat: %s", p, strerror(errno));
+            goto fail;
+        }
+        if (sy_devino_seen(&files_seen, &sb, &oom)) { /* e.g. fortune's foo.u8 -> foo */
+            n_skipped++;
+            continue;
+        }
+        if (oom) goto oom;
+        sy_prep_file_t f = {0};
+        SY_CHECK_GOTO(sy_prep_classify(p, (int)vocab_size, &kind, &f), st, fail);
+        if (kind == 0) {
+            n_skipped++;
+            continue;
+        }
+        if (kind == 1) {
+            n_text++;
+            if (!a_text) a_text = p;
+            text_bytes += f.tokens - (uint64_t)f.add_newline;
+        } else {
+            n_shard++;
+            if (!a_shard) a_shard = p;
+        }
+        if (n_text && n_shard) {
+            st = sy_err_set(SY_EINVAL,
+                            "inputs mix text (%s) and llm.c token shards (%s); prepare them "
+                            "separately",
+                            a_text, a_shard);
+            goto fail;
+        }
+        if (list.n == list.cap) {
+            int nc = list.cap ? list.cap * 2 : 64;
+            sy_prep_file_t *nv = realloc(list.v, (size_t)nc * sizeof *nv);
+            if (!nv) goto oom;
+            list.v = nv;
+            list.cap = nc;
+        }
+        if (!(f.path = strdup(p))) goto oom;
+        list.v[list.n++] = f;
+        total += f.tokens;
+    }
+    if (list.n == 0) {
+        st = sy_err_set(SY_EINVAL, "data prepare: no usable input files (%d skipped)", n_skipped);
+        goto fail;
+    }
+    if (n_text && vocab_given && vocab_size < SY_PREP_BYTE_VOCAB) {
+        st = sy_err_set(SY_EINVAL, "data prepare: --vocab-size %ld < 256 cannot hold byte-level "
+                        "tokens", vocab_size);
+        goto fail;
+    }
+    uint64_t n_val = (uint64_t)((double)total * val_fraction); /* floor */
+    uint64_t n_train = total - n_val;
+    if (n_train < 2) {
+        st = sy_err_set(SY_EINVAL,
+                        "data prepare: only %" PRIu64 " train tokens (of %" PRIu64
+                        "); need at least 2",
+                        n_train, total);
+        goto fail;
+    }
+
+    /* ---- pass 2: stream tokens into shards */
+    if (sy_mkdir_p(out_dir) != 0) {
+        st = sy_err_set(SY_EIO, "%s: cannot create output directory: %s", out_dir,
+                        strerror(errno));
+        goto fail;
+    }
+    sink.out_dir = out_dir;
+    sink.shard_tokens = shard_tokens;
+    sink.n_train = n_train;
+    uint64_t biggest = n_train > n_val ? n_train : n_val;
+    if (!(sink.buf = malloc((size_t)(biggest < shard_tokens ? biggest : shard_tokens) *
+                            sizeof *sink.buf)))
+        goto oom;
+    if (biggest < shard_tokens) sink.shard_tokens = biggest; /* same shards, smaller buffer */
+    for (int i = 0; i < list.n; i++) {
+        if (n_shard)
+            SY_CHECK_GOTO(sy_prep_emit_shard(&sink, &list.v[i], (int)vocab_size), st, fail);
+        else
+            SY_CHECK_GOTO(sy_prep_emit_text(&sink, &list.v[i]), st, fail);
+    }
+    SY_CHECK_GOTO(sy_sink_flush(&sink), st, fail);
+    sy_prep_remove_stale(out_dir, "train", sink.n_train_shards);
+    sy_prep_remove_stale(out_dir, "val", sink.n_val_shards);
+
+    printf("data prepare: %d %s file(s) (%d skipped), %" PRIu64 " %s -> %s\n", list.n,
+           n_shard ? "llm.c shard" : "text", n_skipped, n_shard ? total : text_bytes,
+           n_shard ? "tokens" : "bytes", out_dir);
+    printf("data prepare: train %" PRIu64 " tokens in %d shard(s), val %" PRIu64
+           " tokens in %d shard(s), vocab %s\n",
+           n_train, sink.n_train_shards, n_val, sink.n_val_shards,
+           n_shard ? "as the input shards" : "256 (byte-level)");
+    rc = 0;
+    goto done;
+oom:
+    st = sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+fail:
+    fprintf(stderr, "data prepare: error: %s\n", sy_err_msg());
+    rc = 1;
+done:
+    sy_strvec_free(&inputs);
+    sy_strvec_free(&files);
+    for (int i = 0; i < list.n; i++) free(list.v[i].path);
+    free(list.v);
+    free(dirs_seen.v);
+    free(files_seen.v);
+    free(sink.buf);
+    return rc;
+}

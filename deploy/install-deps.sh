@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages switchyard needs to build, test and run.
+# Idempotent: a package already installed is skipped; apt-get runs only when something is missing.
+# Usage: deploy/install-deps.sh [--quiet]
+set -euo pipefail
+
+PKGS=(
+  # build
+  build-essential cmake pkg-config
+  # math and threads
+  libopenblas-dev libomp-dev
+  # config, JSON, unit tests
+  libcyaml-dev libjansson-dev libcmocka-dev
+  # control plane, storage, status endpoint (later issues build on these)
+  libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libcurl4-openssl-dev libmicrohttpd-dev
+  # reference tests (PyTorch for /usr/bin/python3), Prometheus parser
+  python3 python3-torch python3-numpy python3-prometheus-client
+  # default corpus
+  fortunes fortunes-min
+  # tools the tests drive
+  curl procps
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  [ "${1:-}" = "--quiet" ] || echo "install-deps: all ${#PKGS[@]} packages present"
+  exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-deps: done"
