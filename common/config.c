@@ -90,6 +90,7 @@ static const char *const BACKEND_NAMES[] = {"cpu", "cuda", NULL};
 /* Largest token id a shard can hold (uint16 tokens). */
 #define SY_MAX_VOCAB 65536
 
+static void fmt_double(char *buf, size_t n, double v);
 static bool chk_name(const sy_config_t *c, char *why, size_t n);
 static bool chk_heads(const sy_config_t *c, char *why, size_t n);
 static bool chk_micro(const sy_config_t *c, char *why, size_t n);
@@ -240,8 +241,10 @@ static bool chk_micro(const sy_config_t *c, char *why, size_t n) {
 }
 
 static bool chk_lr_min(const sy_config_t *c, char *why, size_t n) {
+    char lr[32];
     if (c->train.lr_min <= c->train.lr) return true;
-    snprintf(why, n, "must be <= train.lr (%.17g)", c->train.lr);
+    fmt_double(lr, sizeof lr, c->train.lr);
+    snprintf(why, n, "must be <= train.lr (%s)", lr);
     return false;
 }
 
@@ -928,6 +931,9 @@ static sy_status yaml_error(const char *path, const yaml_log *lg, cyaml_err_t er
         return sy_err_set(SY_EINVAL, "%s: unknown field %s.%s %s (fields of %s: %s)", path,
                           lg->path, name, where, lg->path, known);
     }
+    const char *dup = "Mapping field already seen: ";
+    if (!strncmp(what, dup, strlen(dup)))
+        return sy_err_set(SY_EINVAL, "%s: %s: given twice %s", path, lg->path, where);
     const char *got = event_noun(what);
     if (!strncmp(what, "Expecting ", 10) && got) {
         const char *dot = strchr(lg->path, '.');

@@ -173,13 +173,14 @@ sy_status sy_st_write_file(const char *path, const sy_tensor_ref *tensors, int n
     if (!path || !path[0]) return sy_err_set(SY_EINVAL, "safetensors: no output path");
     st = sy_st_serialize(tensors, n, dtype, &buf, &len);
     if (st != SY_OK) return sy_err_prefix(st, "%s", path);
-    size_t tl = strlen(path) + 32;
+    size_t tl = strlen(path) + 48;
     tmp = malloc(tl);
     if (!tmp) {
         st = sy_err_set(SY_ENOMEM, "%s: temp name", path);
         goto out;
     }
-    snprintf(tmp, tl, "%s.tmp.%ld", path, (long)getpid());
+    static unsigned long counter;
+    snprintf(tmp, tl, "%s.tmp.%ld.%lu", path, (long)getpid(), __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED));
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
         st = sy_err_set(SY_EIO, "%s: open: %s", tmp, strerror(errno));

@@ -8,7 +8,7 @@ PKGS=(
   # build
   build-essential cmake pkg-config
   # math and threads
-  libopenblas-dev libomp-dev
+  libopenblas-dev libopenblas-openmp-dev
   # config, JSON, unit tests
   libcyaml-dev libjansson-dev libcmocka-dev
   # control plane, storage, status endpoint (later issues build on these)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test: installs what is missing, builds, and runs ctest (C unit tests, PyTorch
+# reference tests, end-to-end tests with real processes). Extra arguments go to ctest
+# (for example: -R reference).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/build.sh
+cd build
+ctest --output-on-failure --timeout 900 -j2 "$@"
