@@ -9,6 +9,7 @@
 
 #include "backend.h"
 #include "bf16.h"
+#include "cpu_math.h"
 
 #define SY_LN_EPS 1e-5f
 #define SY_GELU_C 0.7978845608028654f /* sqrt(2/pi) */
@@ -17,7 +18,28 @@
 typedef struct {
     sy_backend_t base;
     int threads;
+    float *scratch;        /* per-thread [T,T] buffers for attention backward */
+    size_t scratch_floats; /* per thread */
+    int scratch_threads;
 } cpu_backend_t;
+
+/* Hot kernels are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time. */
+#define SY_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+/* Per-thread scratch of n floats each, grown (never per step once sized). NULL on failure. */
+static float *cpu_scratch(cpu_backend_t *c, size_t n) {
+    int nt = omp_get_max_threads();
+    if (c->scratch && c->scratch_floats >= n && c->scratch_threads >= nt) return c->scratch;
+    free(c->scratch);
+    c->scratch = NULL;
+    if (posix_memalign((void **)&c->scratch, 64, sizeof(float) * n * (size_t)nt) != 0) {
+        c->scratch = NULL;
+        return NULL;
+    }
+    c->scratch_floats = n;
+    c->scratch_threads = nt;
+    return c->scratch;
+}
 
 void openblas_set_num_threads(int n);
 
@@ -157,115 +179,131 @@ static void cpu_layernorm_bwd(sy_backend_t *be, float *dx, float *dw, const floa
     }
 }
 
+/* One (b, h) slice at a time, per thread: S = q·kᵀ·scale through sgemm straight out of the
+ * strided qkv rows (OpenBLAS runs single-threaded inside a parallel region), causal softmax per
+ * row, out = P·v. The upper triangle is computed and discarded: cheaper than scalar loops. */
+SY_CLONES static void causal_softmax_rows(float *a, int T) {
+    for (int t = 0; t < T; t++) {
+        float *ar = a + (size_t)t * T;
+        float mx = -INFINITY;
+        for (int s = 0; s <= t; s++) mx = ar[s] > mx ? ar[s] : mx;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int s = 0; s <= t; s++) {
+            ar[s] = sy_expf(ar[s] - mx);
+            sum += ar[s];
+        }
+        float inv = 1.0f / sum;
+#pragma omp simd
+        for (int s = 0; s <= t; s++) ar[s] *= inv;
+        for (int s = t + 1; s < T; s++) ar[s] = 0.0f;
+    }
+}
+
 static void cpu_attention_fwd(sy_backend_t *be, float *out, float *att, const float *qkv, int B,
                               int T, int D, int H) {
-    int hd = D / H;
-    float scale = 1.0f / sqrtf((float)hd);
-    size_t C3 = (size_t)3 * D;
+    const int hd = D / H, C3 = 3 * D;
+    const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < H; h++) {
+            const float *q = qkv + (size_t)b * T * C3 + (size_t)h * hd;
+            const float *k = q + D, *v = q + 2 * D;
             float *a = att + ((size_t)b * H + h) * T * T;
-            for (int t = 0; t < T; t++) {
-                const float *q = qkv + ((size_t)b * T + t) * C3 + (size_t)h * hd;
-                float *ar = a + (size_t)t * T;
-                float mx = -INFINITY;
-                for (int s = 0; s <= t; s++) {
-                    const float *k = qkv + ((size_t)b * T + s) * C3 + D + (size_t)h * hd;
-                    float dot = 0.0f;
-                    for (int i = 0; i < hd; i++) dot += q[i] * k[i];
-                    dot *= scale;
-                    ar[s] = dot;
-                    if (dot > mx) mx = dot;
-                }
-                float sum = 0.0f;
-                for (int s = 0; s <= t; s++) {
-                    ar[s] = expf(ar[s] - mx);
-                    sum += ar[s];
-                }
-                float inv = 1.0f / sum;
-                for (int s = 0; s <= t; s++) ar[s] *= inv;
-                for (int s = t + 1; s < T; s++) ar[s] = 0.0f;
-                float *o = out + ((size_t)b * T + t) * D + (size_t)h * hd;
-                for (int i = 0; i < hd; i++) o[i] = 0.0f;
-                for (int s = 0; s <= t; s++) {
-                    const float *v = qkv + ((size_t)b * T + s) * C3 + 2 * (size_t)D + (size_t)h * hd;
-                    float p = ar[s];
-                    for (int i = 0; i < hd; i++) o[i] += p * v[i];
-                }
-            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, scale, q, C3, k, C3,
+                        0.0f, a, T);
+            causal_softmax_rows(a, T);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, a, T, v, C3,
+                        0.0f, out + (size_t)b * T * D + (size_t)h * hd, D);
         }
     }
     cpu_round_bf16(be, out, (size_t)B * T * D);
 }
 
+/* dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, in place over dP */
+SY_CLONES static void softmax_bwd_rows(float *dp, const float *p, int T, float scale) {
+    for (int t = 0; t < T; t++) {
+        float *d = dp + (size_t)t * T;
+        const float *pr = p + (size_t)t * T;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int s = 0; s <= t; s++) dot += pr[s] * d[s];
+#pragma omp simd
+        for (int s = 0; s <= t; s++) d[s] = pr[s] * (d[s] - dot) * scale;
+        for (int s = t + 1; s < T; s++) d[s] = 0.0f;
+    }
+}
+
 static void cpu_attention_bwd(sy_backend_t *be, float *dqkv, const float *dout, const float *att,
                               const float *qkv, int B, int T, int D, int H) {
-    int hd = D / H;
-    float scale = 1.0f / sqrtf((float)hd);
-    size_t C3 = (size_t)3 * D;
-    memset(dqkv, 0, sizeof(float) * (size_t)B * T * C3);
+    cpu_backend_t *c = (cpu_backend_t *)be;
+    const int hd = D / H, C3 = 3 * D;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *scratch = cpu_scratch(c, (size_t)T * T);
+    if (!scratch) abort(); /* cannot happen after the first call sized it; allocation is tiny */
 #pragma omp parallel
     {
-        float *dp = malloc(sizeof(float) * (size_t)T);
+        float *dp = scratch + (size_t)omp_get_thread_num() * c->scratch_floats;
 #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < H; h++) {
-                const float *a = att + ((size_t)b * H + h) * T * T;
-                for (int t = 0; t < T; t++) {
-                    const float *ar = a + (size_t)t * T;
-                    const float *dO = dout + ((size_t)b * T + t) * D + (size_t)h * hd;
-                    const float *q = qkv + ((size_t)b * T + t) * C3 + (size_t)h * hd;
-                    float *dq = dqkv + ((size_t)b * T + t) * C3 + (size_t)h * hd;
-                    /* dp_s = dO·v_s ; dv_s += p_s dO */
-                    float sdot = 0.0f;
-                    for (int s = 0; s <= t; s++) {
-                        const float *v = qkv + ((size_t)b * T + s) * C3 + 2 * (size_t)D + (size_t)h * hd;
-                        float *dv = dqkv + ((size_t)b * T + s) * C3 + 2 * (size_t)D + (size_t)h * hd;
-                        float d = 0.0f;
-                        for (int i = 0; i < hd; i++) {
-                            d += dO[i] * v[i];
-                            dv[i] += ar[s] * dO[i];
-                        }
-                        dp[s] = d;
-                        sdot += ar[s] * d;
-                    }
-                    for (int s = 0; s <= t; s++) {
-                        float ds = ar[s] * (dp[s] - sdot) * scale;
-                        const float *k = qkv + ((size_t)b * T + s) * C3 + D + (size_t)h * hd;
-                        float *dk = dqkv + ((size_t)b * T + s) * C3 + D + (size_t)h * hd;
-                        for (int i = 0; i < hd; i++) {
-                            dq[i] += ds * k[i];
-                            dk[i] += ds * q[i];
-                        }
-                    }
-                }
+                const size_t base = (size_t)b * T * C3 + (size_t)h * hd;
+                const float *q = qkv + base, *k = q + D, *v = q + 2 * D;
+                float *dq = dqkv + base, *dk = dq + D, *dv = dq + 2 * D;
+                const float *dO = dout + (size_t)b * T * D + (size_t)h * hd;
+                const float *p = att + ((size_t)b * H + h) * T * T;
+                /* dP = dO·vᵀ ; dv = Pᵀ·dO */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, 1.0f, dO, D, v, C3,
+                            0.0f, dp, T);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, p, T, dO, D,
+                            0.0f, dv, C3);
+                softmax_bwd_rows(dp, p, T, scale);
+                /* dq = dS·k ; dk = dSᵀ·q */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, dp, T, k, C3,
+                            0.0f, dq, C3);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, dp, T, q, C3,
+                            0.0f, dk, C3);
             }
         }
-        free(dp);
     }
     cpu_round_bf16(be, dqkv, (size_t)B * T * C3);
 }
 
-static void cpu_gelu_fwd(sy_backend_t *be, float *y, const float *x, size_t n) {
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
+SY_CLONES static void gelu_fwd_range(float *y, const float *x, size_t lo, size_t hi) {
+#pragma omp simd
+    for (size_t i = lo; i < hi; i++) {
         float v = x[i];
-        y[i] = 0.5f * v * (1.0f + tanhf(SY_GELU_C * (v + SY_GELU_A * v * v * v)));
+        y[i] = 0.5f * v * (1.0f + sy_tanhf(SY_GELU_C * (v + SY_GELU_A * v * v * v)));
     }
-    cpu_round_bf16(be, y, n);
 }
 
-static void cpu_gelu_bwd(sy_backend_t *be, float *dx, const float *dy, const float *x, size_t n) {
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
+SY_CLONES static void gelu_bwd_range(float *dx, const float *dy, const float *x, size_t lo,
+                                     size_t hi) {
+#pragma omp simd
+    for (size_t i = lo; i < hi; i++) {
         float v = x[i];
-        float u = SY_GELU_C * (v + SY_GELU_A * v * v * v);
-        float th = tanhf(u);
+        float th = sy_tanhf(SY_GELU_C * (v + SY_GELU_A * v * v * v));
         float sech2 = 1.0f - th * th;
         float g = 0.5f * (1.0f + th) + 0.5f * v * sech2 * SY_GELU_C * (1.0f + 3.0f * SY_GELU_A * v * v);
         dx[i] = dy[i] * g;
     }
+}
+
+#define SY_CHUNK 16384
+
+static void cpu_gelu_fwd(sy_backend_t *be, float *y, const float *x, size_t n) {
+    size_t nc = (n + SY_CHUNK - 1) / SY_CHUNK;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nc; c++)
+        gelu_fwd_range(y, x, c * SY_CHUNK, (c + 1) * SY_CHUNK < n ? (c + 1) * SY_CHUNK : n);
+    cpu_round_bf16(be, y, n);
+}
+
+static void cpu_gelu_bwd(sy_backend_t *be, float *dx, const float *dy, const float *x, size_t n) {
+    size_t nc = (n + SY_CHUNK - 1) / SY_CHUNK;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nc; c++)
+        gelu_bwd_range(dx, dy, x, c * SY_CHUNK, (c + 1) * SY_CHUNK < n ? (c + 1) * SY_CHUNK : n);
     cpu_round_bf16(be, dx, n);
 }
 
@@ -407,7 +445,10 @@ static void cpu_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_
     for (size_t i = 0; i < n; i++) x[i] *= mask[i];
 }
 
-static void cpu_destroy(sy_backend_t *be) { free(be); }
+static void cpu_destroy(sy_backend_t *be) {
+    free(((cpu_backend_t *)be)->scratch);
+    free(be);
+}
 
 sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
     cpu_backend_t *c = calloc(1, sizeof *c);

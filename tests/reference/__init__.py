@@ -1,0 +1,1 @@
+"""Independent PyTorch reference of the switchyard model (see model.py)."""
