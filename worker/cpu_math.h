@@ -13,7 +13,8 @@
 #pragma omp declare simd notinbranch
 static inline float sy_expf(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = __builtin_roundf(x * 1.44269504088896341f);
+    /* round to nearest by the 1.5·2^23 trick (|x·log2e| < 2^22): no libm call, vectorises */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
