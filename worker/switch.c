@@ -5,27 +5,9 @@
 #include <string.h>
 
 #include "rng.h"
+#include "switch_internal.h"
 
-struct sy_switch {
-    sy_backend_t *be;
-    int G, D, F, E, C;
-    int n_kept;
-    double aux_group, z_group;
-    bool jitter;
-    float dropout;
-    /* routing, [G, E] and [G] */
-    float *logits, *probs, *gate, *lse, *gamma, *dlogits;
-    int32_t *expert;
-    float *u;     /* [G, D] jitter multipliers (when jitter) */
-    float *xr;    /* [G, D] router input h ⊙ u (when jitter) */
-    float *dxr;   /* [G, D] */
-    /* dispatch plan */
-    int32_t *counts, *kept, *offsets, *order;
-    float *gk;    /* [G] gate of each dispatch row */
-    float *f;     /* [E] */
-    /* expert rows, [G, D] / [G, F] (at most G kept rows) */
-    float *xe, *he, *ge, *mask, *ye, *dye, *dge, *dhe, *dxe;
-};
+
 
 #define ALLOC(ptr, n)                                                        \
     do {                                                                     \
@@ -173,31 +155,47 @@ void sy_switch_dispatch(sy_switch_t *sw, const float *h) {
     sw->be->gather_rows(sw->be, sw->xe, h, sw->order, sw->n_kept, sw->D);
 }
 
+void sy_expert_mlp_fwd(sy_backend_t *be, const sy_expert_weights *w, int n, int D, int F,
+                       const float *xe, float *he, float *ge, float *mask, float *ye,
+                       double dropout, sy_switch_key key, const int32_t *tok,
+                       const int32_t *micro) {
+    if (n == 0) return;
+    be->matmul_fwd(be, he, xe, w->W1, n, D, F);
+    be->gelu_fwd(be, ge, he, (size_t)n * F);
+    if (dropout > 0.0) {
+        float keep = 1.0f - (float)dropout, inv = 1.0f / keep;
+        for (int i = 0; i < n; i++) {
+            sy_rng_t r = sy_rng_key(key.seed, "expert.dropout", (uint64_t)key.step,
+                                    (uint64_t)(micro ? micro[i] : key.micro),
+                                    ((uint64_t)key.layer << 32) | (uint64_t)tok[i]);
+            float *mk = mask + (size_t)i * F;
+            for (int j = 0; j < F; j++) mk[j] = sy_rng_uniform(&r) < keep ? inv : 0.0f;
+        }
+        be->mul_inplace(be, ge, mask, (size_t)n * F);
+    }
+    be->matmul_fwd(be, ye, ge, w->W2, n, F, D);
+}
+
+void sy_expert_mlp_bwd(sy_backend_t *be, const sy_expert_weights *w, int n, int D, int F,
+                       const float *dye, const float *xe, const float *he, const float *ge,
+                       const float *mask, float *dge, float *dhe, float *dxe) {
+    if (n == 0) return;
+    be->matmul_bwd(be, dge, w->dW2, dye, ge, w->W2, n, F, D, false);
+    if (mask) be->mul_inplace(be, dge, mask, (size_t)n * F);
+    be->gelu_bwd(be, dhe, dge, he, (size_t)n * F);
+    be->matmul_bwd(be, dxe, w->dW1, dhe, xe, w->W1, n, D, F, false);
+}
+
 void sy_switch_experts(sy_switch_t *sw, const sy_expert_weights *ex, int e0, int e1,
                        double dropout, sy_switch_key key) {
-    sy_backend_t *be = sw->be;
     const int D = sw->D, F = sw->F;
     sw->dropout = (float)dropout;
     for (int e = e0; e < e1; e++) {
         int r0 = sw->offsets[e], n = sw->offsets[e + 1] - r0;
-        if (n == 0) continue;
-        float *xe = sw->xe + (size_t)r0 * D, *he = sw->he + (size_t)r0 * F;
-        float *ge = sw->ge + (size_t)r0 * F, *ye = sw->ye + (size_t)r0 * D;
-        be->matmul_fwd(be, he, xe, ex[e].W1, n, D, F);
-        be->gelu_fwd(be, ge, he, (size_t)n * F);
-        if (dropout > 0.0) {
-            float keep = 1.0f - (float)dropout, inv = 1.0f / keep;
-            for (int i = 0; i < n; i++) {
-                int t = sw->order[r0 + i];
-                sy_rng_t r = sy_rng_key(key.seed, "expert.dropout", (uint64_t)key.step,
-                                        (uint64_t)key.micro,
-                                        ((uint64_t)key.layer << 32) | (uint64_t)t);
-                float *mk = sw->mask + (size_t)(r0 + i) * F;
-                for (int j = 0; j < F; j++) mk[j] = sy_rng_uniform(&r) < keep ? inv : 0.0f;
-            }
-            be->mul_inplace(be, ge, sw->mask + (size_t)r0 * F, (size_t)n * F);
-        }
-        be->matmul_fwd(be, ye, ge, ex[e].W2, n, F, D);
+        sy_expert_mlp_fwd(sw->be, &ex[e], n, D, F, sw->xe + (size_t)r0 * D,
+                          sw->he + (size_t)r0 * F, sw->ge + (size_t)r0 * F,
+                          sw->mask + (size_t)r0 * F, sw->ye + (size_t)r0 * D, dropout, key,
+                          sw->order + r0, NULL);
     }
 }
 
@@ -216,18 +214,15 @@ void sy_switch_combine_bwd(sy_switch_t *sw, const float *dout) {
 }
 
 void sy_switch_experts_bwd(sy_switch_t *sw, const sy_expert_weights *ex, int e0, int e1) {
-    sy_backend_t *be = sw->be;
     const int D = sw->D, F = sw->F;
     for (int e = e0; e < e1; e++) {
         int r0 = sw->offsets[e], n = sw->offsets[e + 1] - r0;
-        if (n == 0) continue;
-        float *dye = sw->dye + (size_t)r0 * D, *ge = sw->ge + (size_t)r0 * F;
-        float *dge = sw->dge + (size_t)r0 * F, *dhe = sw->dhe + (size_t)r0 * F;
-        float *xe = sw->xe + (size_t)r0 * D, *dxe = sw->dxe + (size_t)r0 * D;
-        be->matmul_bwd(be, dge, ex[e].dW2, dye, ge, ex[e].W2, n, F, D, false);
-        if (sw->dropout > 0.0f) be->mul_inplace(be, dge, sw->mask + (size_t)r0 * F, (size_t)n * F);
-        be->gelu_bwd(be, dhe, dge, sw->he + (size_t)r0 * F, (size_t)n * F);
-        be->matmul_bwd(be, dxe, ex[e].dW1, dhe, xe, ex[e].W1, n, D, F, false);
+        sy_expert_mlp_bwd(sw->be, &ex[e], n, D, F, sw->dye + (size_t)r0 * D,
+                          sw->xe + (size_t)r0 * D, sw->he + (size_t)r0 * F,
+                          sw->ge + (size_t)r0 * F,
+                          sw->dropout > 0.0f ? sw->mask + (size_t)r0 * F : NULL,
+                          sw->dge + (size_t)r0 * F, sw->dhe + (size_t)r0 * F,
+                          sw->dxe + (size_t)r0 * D);
     }
 }
 

@@ -63,6 +63,18 @@ void sy_switch_dispatch_bwd(sy_switch_t *sw, float *dh);
 void sy_switch_route_bwd(sy_switch_t *sw, const float *h, const float *Wr, float *dWr, float *dh,
                          float aux_scale, float z_scale);
 
+/* One expert's MLP over n rows (shared by the local path and the expert-parallel owner side):
+ * he = xe·W1ᵀ, ge = gelu(he) (⊙ dropout mask drawn per row from (key.seed, key.step, micro[i]
+ * or key.micro, key.layer, tok[i])), ye = ge·W2ᵀ. The backward accumulates dW1, dW2 and writes
+ * dxe; mask NULL = no dropout. */
+void sy_expert_mlp_fwd(sy_backend_t *be, const sy_expert_weights *w, int n, int D, int F,
+                       const float *xe, float *he, float *ge, float *mask, float *ye,
+                       double dropout, sy_switch_key key, const int32_t *tok,
+                       const int32_t *micro);
+void sy_expert_mlp_bwd(sy_backend_t *be, const sy_expert_weights *w, int n, int D, int F,
+                       const float *dye, const float *xe, const float *he, const float *ge,
+                       const float *mask, float *dge, float *dhe, float *dxe);
+
 /* Results of the last route. */
 typedef struct {
     int G, E, C;
