@@ -12,12 +12,13 @@
  *                   [--dump PREFIX]
  *       One optimizer step of the model of FILE (default configs/tiny.yaml): M micro-batches of
  *       sy_model_fwd_bwd, grad norm, clip, AdamW, on fixed random tokens. --dump writes
- *       PREFIX.params (raw fp32, model layout), PREFIX.index (name offset numel per line) and
- *       PREFIX.tokens (int32 [M, B, T+1]).
+ *       PREFIX.params (raw fp32, model layout), PREFIX.index (name offset numel per line),
+ *       PREFIX.tokens (int32 [M, B, T+1]) and PREFIX.json (the config, sy_config_to_json).
  *
  * Every mode prints human-readable lines and one machine-readable line
  * "RESULT name=... key=value ...", which bench/run.sh parses. */
 #include <cblas.h>
+#include <jansson.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -95,12 +96,12 @@ static sy_status bench_sgemm(const opts_t *o) {
                     C, n);
         t[i] = now_s() - t0;
     }
-    double ms = median(t, o->iters) * 1e3;
+    double ms = median(t, o->iters) * 1e3, min_ms = t[0] * 1e3; /* sorted by median() */
     double gflops = 2.0 * n * n * n / (ms * 1e-3) / 1e9;
     printf("sgemm %dx%dx%d: median %.2f ms over %d, %.1f GFLOP/s (%d threads, OpenBLAS %s)\n",
            n, n, n, ms, o->iters, gflops, omp_get_max_threads(), sy_cpu_blas_core());
-    printf("RESULT name=sgemm ms=%.4f gflops=%.3f threads=%d blas=%s\n", ms, gflops,
-           omp_get_max_threads(), sy_cpu_blas_core());
+    printf("RESULT name=sgemm ms=%.4f min_ms=%.4f gflops=%.3f threads=%d blas=%s\n", ms, min_ms,
+           gflops, omp_get_max_threads(), sy_cpu_blas_core());
 done:
     free(A);
     free(B);
@@ -149,7 +150,7 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     fill_normal(W2, fd * E, sqrt(0.1 / F), o->seed, "bench.W2");
     fill_normal(dout, gd, 1.0, o->seed, "bench.dout");
     for (int e = 0; e < E; e++)
-        ex[e] = (sy_expert_weights){W1 + fd * e, W2 + fd * e, dW1 + fd * e, dW2 + fd * e};
+        ex[e] = (sy_expert_weights){W1 + fd * e, W2 + fd * e, dW1 + fd * e, dW2 + fd * e, NULL, NULL};
 
     if (o->dump) {
         f = fopen(o->dump, "wb");
@@ -197,7 +198,7 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     double obj = 0.0, dh2 = 0.0;
     for (size_t i = 0; i < gd; i++) obj += (double)out[i] * dout[i], dh2 += (double)dh[i] * dh[i];
     double fwd = median(tf, o->iters) * 1e3, bwd = median(tb, o->iters) * 1e3,
-           tot = median(tt, o->iters) * 1e3;
+           tot = median(tt, o->iters) * 1e3, min_ms = tt[0] * 1e3;
     double flop_fwd = 2.0 * info.n_kept * D * F * 2 + 2.0 * G * D * E;
     double flop_bwd = 2.0 * (2.0 * info.n_kept * D * F * 2) + 2.0 * (2.0 * G * D * E);
     double gflops = (flop_fwd + flop_bwd) / (tot * 1e-3) / 1e9;
@@ -208,9 +209,9 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     for (int e = 0; e < E; e++) printf(" %d/%d", info.kept[e], info.counts[e]);
     printf("\n  median over %d: fwd %.2f ms, bwd %.2f ms, fwd+bwd %.2f ms, %.1f GFLOP/s\n",
            o->iters, fwd, bwd, tot, gflops);
-    printf("RESULT name=switch ms=%.4f fwd_ms=%.4f bwd_ms=%.4f gflops=%.3f kept=%d G=%d "
+    printf("RESULT name=switch ms=%.4f min_ms=%.4f fwd_ms=%.4f bwd_ms=%.4f gflops=%.3f kept=%d G=%d "
            "capacity=%d aux=%.6f z=%.6f obj=%.6e dh_norm=%.6e\n",
-           tot, fwd, bwd, gflops, info.n_kept, G, info.C, info.aux_group, info.z_group, obj,
+           tot, min_ms, fwd, bwd, gflops, info.n_kept, G, info.C, info.aux_group, info.z_group, obj,
            sqrt(dh2));
 done:
     if (f) fclose(f);
@@ -227,10 +228,16 @@ done:
 
 /* ------------------------------------------------------------------------------------------ */
 
-static sy_status dump_model(const opts_t *o, sy_model_t *m, const int32_t *tokens, size_t ntok) {
+static sy_status dump_model(const opts_t *o, const sy_config_t *cfg, sy_model_t *m,
+                            const int32_t *tokens, size_t ntok) {
     char path[4096];
     sy_status s = SY_OK;
     FILE *f = NULL;
+    snprintf(path, sizeof path, "%s.json", o->dump);
+    json_t *j = sy_config_to_json(cfg);
+    int rc = j ? json_dump_file(j, path, JSON_INDENT(1)) : -1;
+    json_decref(j);
+    if (rc != 0) return sy_err_set(SY_EIO, "cannot write %s", path);
     snprintf(path, sizeof path, "%s.params", o->dump);
     if (!(f = fopen(path, "wb"))) return sy_err_set(SY_EIO, "cannot create %s", path);
     s = write_floats(f, path, sy_model_params(m), sy_model_numel(m));
@@ -280,7 +287,7 @@ static sy_status bench_step(const opts_t *o, sy_backend_t *be) {
     }
     sy_rng_t r = sy_rng_key(o->seed, "bench.tokens", 0, 0, 0);
     for (size_t i = 0; i < ntok; i++) tokens[i] = (int32_t)sy_rng_below(&r, (uint64_t)V);
-    if (o->dump) SY_CHECK_GOTO(dump_model(o, m, tokens, ntok), s, done);
+    if (o->dump) SY_CHECK_GOTO(dump_model(o, &cfg, m, tokens, ntok), s, done);
 
     const size_t numel = sy_model_numel(m);
     double loss0 = 0.0, loss_last = 0.0;
@@ -309,16 +316,16 @@ static sy_status bench_step(const opts_t *o, sy_backend_t *be) {
         if (s0 == 0) loss0 = loss;
         loss_last = loss;
     }
-    double ms = median(t, o->iters) * 1e3;
+    double ms = median(t, o->iters) * 1e3, min_ms = t[0] * 1e3;
     double tps = (double)ntokens / (ms * 1e-3);
     printf("step %s: V=%d T=%d D=%d L=%d F=%d E=%d, %d x %d seqs, %zu params\n",
            o->config ? o->config : "(defaults)", V, T, cfg.model.d_model, cfg.model.n_layers,
            cfg.model.d_ff, cfg.model.n_experts, M, b, numel);
     printf("  median over %d: %.2f ms/step, %.0f tokens/s; loss %.4f -> %.4f; dropped %.2f%%\n",
            o->iters, ms, tps, loss0, loss_last, routed ? 100.0 * dropped / routed : 0.0);
-    printf("RESULT name=step ms=%.4f tokens_per_s=%.1f tokens=%lld loss0=%.6f loss_last=%.6f "
+    printf("RESULT name=step ms=%.4f min_ms=%.4f tokens_per_s=%.1f tokens=%lld loss0=%.6f loss_last=%.6f "
            "dropped_frac=%.5f steps=%d\n",
-           ms, tps, (long long)ntokens, loss0, loss_last,
+           ms, min_ms, tps, (long long)ntokens, loss0, loss_last,
            routed ? (double)dropped / routed : 0.0, o->warmup + o->iters);
 done:
     sy_adamw_destroy(&opt);

@@ -3,6 +3,7 @@
 
 #include <inttypes.h>
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,25 +64,94 @@ static sy_status sha256_hex(const void *buf, size_t len, char out[SHA256_HEX + 1
 
 /* ---------------------------------------------------------------- save */
 
-sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
-                       int n_groups, const json_t *extra) {
-    sy_status rc = SY_OK;
-    json_t *files = NULL, *man = NULL;
-    void *buf = NULL;
-    char *text = NULL;
-    char key[KEY_MAX], sha[SHA256_HEX + 1];
-    if (!st || n_groups < 0 || (n_groups > 0 && !groups))
-        return sy_err_set(SY_EINVAL, "checkpoint save: bad arguments");
-    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
+static sy_status check_extra(const char *run, int64_t step, const json_t *extra) {
     if (extra && !json_is_object(extra))
         return sy_err_set(SY_EINVAL, "checkpoint save %s step %" PRId64 ": extra is not a JSON object", run, step);
     for (size_t r = 0; extra && r < sizeof reserved_keys / sizeof reserved_keys[0]; r++)
         if (json_object_get(extra, reserved_keys[r]))
             return sy_err_set(SY_EINVAL, "checkpoint save %s step %" PRId64 ": extra uses the reserved key '%s'", run,
                               step, reserved_keys[r]);
+    return SY_OK;
+}
+
+/* SY_EEXIST (with a message) if `step` is committed, SY_OK if not, another error if unknown. */
+static sy_status check_uncommitted(sy_store_t *st, const char *run, int64_t step) {
+    char key[KEY_MAX];
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
+    sy_status rc = sy_store_head(st, key, NULL);
+    if (rc == SY_OK)
+        return sy_err_set(SY_EEXIST, "checkpoint %s step %" PRId64 " is already committed (%s)", run, step, key);
+    return rc == SY_ENOTFOUND ? SY_OK : rc;
+}
+
+/* write_part's file writers: each takes the next group, serialises, hashes and puts it. Several
+ * run at once so one file's hashing overlaps another's upload (and uploads overlap on stores
+ * that allow it). */
+#define WRITERS_MAX 4
+
+typedef struct {
+    sy_store_t *st;
+    const char *run;
+    int64_t step;
+    const sy_ckpt_group *groups;
+    int n;
+    size_t *sizes;
+    char (*shas)[SHA256_HEX + 1];
+    pthread_mutex_t mu;
+    int next;
+    sy_status rc;
+    char msg[1024];
+} writer_ctx;
+
+static sy_status write_one(writer_ctx *c, int i) {
+    char key[KEY_MAX];
+    void *buf = NULL;
+    size_t len = 0;
+    sy_status rc;
+    SY_CHECK(sy_ckpt_key(key, sizeof key, c->run, c->step, c->groups[i].file));
+    rc = sy_st_serialize(c->groups[i].tensors, c->groups[i].n, SY_ST_F32, &buf, &len);
+    if (rc != SY_OK) return sy_err_prefix(rc, "checkpoint object %s", key);
+    rc = sha256_hex(buf, len, c->shas[i]);
+    if (rc == SY_OK) {
+        rc = sy_store_put(c->st, key, buf, len);
+        if (rc != SY_OK) sy_err_prefix(rc, "checkpoint object %s", key);
+    }
+    free(buf);
+    c->sizes[i] = len;
+    return rc;
+}
+
+static void *writer_main(void *arg) {
+    writer_ctx *c = arg;
+    for (;;) {
+        pthread_mutex_lock(&c->mu);
+        int i = c->rc == SY_OK && c->next < c->n ? c->next++ : -1;
+        pthread_mutex_unlock(&c->mu);
+        if (i < 0) break;
+        sy_status rc = write_one(c, i);
+        if (rc != SY_OK) {
+            pthread_mutex_lock(&c->mu);
+            if (c->rc == SY_OK) { /* the first error wins; the others stop taking files */
+                c->rc = rc;
+                snprintf(c->msg, sizeof c->msg, "%s", sy_err_msg());
+            }
+            pthread_mutex_unlock(&c->mu);
+        }
+    }
+    return NULL;
+}
+
+sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
+                             int n_groups, json_t **files_out) {
+    sy_status rc = SY_OK;
+    json_t *files = NULL;
+    char key[KEY_MAX];
+    if (!st || !files_out || n_groups < 0 || (n_groups > 0 && !groups))
+        return sy_err_set(SY_EINVAL, "checkpoint write: bad arguments");
+    *files_out = NULL;
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
     for (int i = 0; i < n_groups; i++) {
-        char k2[KEY_MAX];
-        SY_CHECK(sy_ckpt_key(k2, sizeof k2, run, step, groups[i].file));
+        SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, groups[i].file));
         if (!strcmp(groups[i].file, SY_CKPT_MANIFEST))
             return sy_err_set(SY_EINVAL, "checkpoint save: file name '%s' is reserved", groups[i].file);
         for (int j = 0; j < i; j++)
@@ -89,29 +159,94 @@ sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_c
                 return sy_err_set(SY_EINVAL, "checkpoint save: file '%s' named twice", groups[i].file);
     }
     /* A committed step is never rewritten: its data files would change under its manifest. */
-    rc = sy_store_head(st, key, NULL);
-    if (rc == SY_OK)
-        return sy_err_set(SY_EEXIST, "checkpoint %s step %" PRId64 " is already committed (%s)", run, step, key);
-    if (rc != SY_ENOTFOUND) return rc;
-    rc = SY_OK;
+    SY_CHECK(check_uncommitted(st, run, step));
 
+    writer_ctx c = {.st = st, .run = run, .step = step, .groups = groups, .n = n_groups, .rc = SY_OK};
+    pthread_t th[WRITERS_MAX];
+    int n_th = 0;
+    c.sizes = calloc((size_t)n_groups + 1, sizeof *c.sizes);
+    c.shas = calloc((size_t)n_groups + 1, sizeof *c.shas);
     files = json_array();
-    if (!files) return sy_err_set(SY_ENOMEM, "checkpoint save");
-    for (int i = 0; i < n_groups; i++) {
-        size_t len = 0;
-        SY_CHECK_GOTO(sy_ckpt_key(key, sizeof key, run, step, groups[i].file), rc, out);
-        rc = sy_st_serialize(groups[i].tensors, groups[i].n, SY_ST_F32, &buf, &len);
-        if (rc != SY_OK) {
-            sy_err_prefix(rc, "checkpoint object %s", key);
+    if (!c.sizes || !c.shas || !files) {
+        rc = sy_err_set(SY_ENOMEM, "checkpoint save: out of memory");
+        goto out;
+    }
+    pthread_mutex_init(&c.mu, NULL);
+    int want = n_groups < WRITERS_MAX ? n_groups : WRITERS_MAX;
+    for (int i = 1; i < want; i++)
+        if (pthread_create(&th[n_th], NULL, writer_main, &c) == 0) n_th++;
+    writer_main(&c); /* this thread writes too */
+    for (int i = 0; i < n_th; i++) pthread_join(th[i], NULL);
+    pthread_mutex_destroy(&c.mu);
+    if (c.rc != SY_OK) {
+        rc = sy_err_set(c.rc, "%s", c.msg);
+        goto out;
+    }
+    for (int i = 0; i < n_groups; i++)
+        if (json_array_append_new(files, json_pack("{s:s,s:I,s:s}", "name", groups[i].file, "size",
+                                                   (json_int_t)c.sizes[i], "sha256", c.shas[i]))) {
+            rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest");
             goto out;
         }
-        SY_CHECK_GOTO(sha256_hex(buf, len, sha), rc, out);
-        SY_CHECK_GOTO(sy_store_put(st, key, buf, len), rc, out);
-        free(buf);
-        buf = NULL;
-        if (json_array_append_new(files, json_pack("{s:s,s:I,s:s}", "name", groups[i].file, "size",
-                                                   (json_int_t)len, "sha256", sha))) {
-            rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest");
+    *files_out = files;
+    files = NULL;
+out:
+    free(c.sizes);
+    free(c.shas);
+    json_decref(files);
+    return rc;
+}
+
+static int is_hex64(const char *s);
+
+sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const json_t *files,
+                         const json_t *extra) {
+    sy_status rc = SY_OK;
+    json_t *man = NULL, *list = NULL;
+    char *text = NULL;
+    char key[KEY_MAX];
+    if (!st || !json_is_array(files)) return sy_err_set(SY_EINVAL, "checkpoint commit: bad arguments");
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
+    SY_CHECK(check_extra(run, step, extra));
+    SY_CHECK(check_uncommitted(st, run, step));
+    list = json_array();
+    if (!list) return sy_err_set(SY_ENOMEM, "checkpoint commit");
+    for (size_t i = 0; i < json_array_size(files); i++) {
+        const json_t *e = json_array_get(files, i), *n = json_object_get(e, "name"), *z = json_object_get(e, "size"),
+                     *h = json_object_get(e, "sha256");
+        if (!json_is_string(n) || !json_is_integer(z) || json_integer_value(z) < 0 || !json_is_string(h) ||
+            !is_hex64(json_string_value(h))) {
+            rc = sy_err_set(SY_EINVAL, "checkpoint commit %s step %" PRId64 ": files[%zu] is not {name, size, sha256}",
+                            run, step, i);
+            goto out;
+        }
+        const char *name = json_string_value(n);
+        if (!strcmp(name, SY_CKPT_MANIFEST)) {
+            rc = sy_err_set(SY_EINVAL, "checkpoint commit: file name '%s' is reserved", name);
+            goto out;
+        }
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(json_string_value(json_object_get(json_array_get(files, j), "name")), name)) {
+                rc = sy_err_set(SY_EINVAL, "checkpoint commit %s step %" PRId64 ": file '%s' listed twice", run, step,
+                                name);
+                goto out;
+            }
+        /* Every part must be durable (present, with its size) before the commit point. */
+        uint64_t size = 0;
+        SY_CHECK_GOTO(sy_ckpt_key(key, sizeof key, run, step, name), rc, out);
+        rc = sy_store_head(st, key, &size);
+        if (rc != SY_OK) {
+            sy_err_prefix(rc, "checkpoint commit %s step %" PRId64 ": object %s", run, step, key);
+            goto out;
+        }
+        if (size != (uint64_t)json_integer_value(z)) {
+            rc = sy_err_set(SY_ECORRUPT, "checkpoint commit: object %s has %" PRIu64 " bytes, the part says %" JSON_INTEGER_FORMAT,
+                            key, size, json_integer_value(z));
+            goto out;
+        }
+        if (json_array_append_new(list, json_pack("{s:s,s:I,s:s}", "name", name, "size", json_integer_value(z),
+                                                  "sha256", json_string_value(h)))) {
+            rc = sy_err_set(SY_ENOMEM, "checkpoint commit: manifest");
             goto out;
         }
     }
@@ -121,22 +256,22 @@ sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_c
     gmtime_r(&now, &tm);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     man = json_pack("{s:s,s:i,s:s,s:I,s:s,s:O}", "format", SY_CKPT_FORMAT, "version", SY_CKPT_VERSION, "run", run,
-                    "step", (json_int_t)step, "created", created, "files", files);
+                    "step", (json_int_t)step, "created", created, "files", list);
     if (!man) {
-        rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest");
+        rc = sy_err_set(SY_ENOMEM, "checkpoint commit: manifest");
         goto out;
     }
     if (extra) {
         const char *k;
         json_t *v;
         json_object_foreach((json_t *)extra, k, v) if (json_object_set(man, k, v)) {
-            rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest");
+            rc = sy_err_set(SY_ENOMEM, "checkpoint commit: manifest");
             goto out;
         }
     }
     text = json_dumps(man, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     if (!text) {
-        rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest text");
+        rc = sy_err_set(SY_ENOMEM, "checkpoint commit: manifest text");
         goto out;
     }
     SY_CHECK_GOTO(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST), rc, out);
@@ -145,8 +280,19 @@ sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_c
         sy_err_set(rc, "checkpoint %s step %" PRId64 " was committed by another writer (%s)", run, step, key);
 out:
     free(text);
-    free(buf);
     json_decref(man);
+    json_decref(list);
+    return rc;
+}
+
+sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
+                       int n_groups, const json_t *extra) {
+    json_t *files = NULL;
+    if (!st) return sy_err_set(SY_EINVAL, "checkpoint save: bad arguments");
+    SY_CHECK(check_run(run));
+    SY_CHECK(check_extra(run, step, extra)); /* before writing anything */
+    SY_CHECK(sy_ckpt_write_part(st, run, step, groups, n_groups, &files));
+    sy_status rc = sy_ckpt_commit(st, run, step, files, extra);
     json_decref(files);
     return rc;
 }
@@ -232,10 +378,7 @@ static sy_status check_files_present(sy_store_t *st, const json_t *m, const char
 
 /* ---------------------------------------------------------------- listing steps */
 
-typedef struct {
-    int64_t step;
-    int committed; /* has a MANIFEST.json key */
-} step_info;
+typedef sy_ckpt_step_info step_info;
 
 typedef struct {
     step_info *v;
@@ -298,6 +441,22 @@ static sy_status list_steps(sy_store_t *st, const char *run, step_list *out) {
     return SY_OK;
 }
 
+sy_status sy_ckpt_list(sy_store_t *st, const char *run, sy_ckpt_step_info **out, size_t *n) {
+    step_list sl;
+    if (!st || !out || !n) return sy_err_set(SY_EINVAL, "checkpoint list: bad arguments");
+    *out = NULL;
+    *n = 0;
+    SY_CHECK(check_run(run));
+    SY_CHECK(list_steps(st, run, &sl));
+    if (sl.n == 0) {
+        free(sl.v);
+        return SY_OK;
+    }
+    *out = sl.v;
+    *n = sl.n;
+    return SY_OK;
+}
+
 sy_status sy_ckpt_latest(sy_store_t *st, const char *run, int64_t *step_out) {
     step_list sl;
     int n_committed = 0;
@@ -327,25 +486,25 @@ sy_status sy_ckpt_latest(sy_store_t *st, const char *run, int64_t *step_out) {
 
 /* ---------------------------------------------------------------- load */
 
-sy_status sy_ckpt_load_group_m(sy_store_t *st, const json_t *m, const sy_ckpt_group *g) {
+/* Fetches `file` of a manifest's checkpoint and checks its size and SHA-256 (*buf: malloc'ed). */
+static sy_status fetch_verified(sy_store_t *st, const json_t *m, const char *file, void **buf_out, size_t *len_out) {
     char key[KEY_MAX], sha[SHA256_HEX + 1];
     void *buf = NULL;
     size_t len = 0;
-    sy_st_file_t *f = NULL;
     sy_status rc = SY_OK;
-    if (!st || !m || !g || !g->file || g->n < 0 || (g->n > 0 && !g->tensors))
-        return sy_err_set(SY_EINVAL, "checkpoint load: bad arguments");
+    *buf_out = NULL;
+    *len_out = 0;
     const char *run = json_string_value(json_object_get(m, "run"));
     int64_t step = json_integer_value(json_object_get(m, "step"));
     const json_t *fl = json_object_get(m, "files"), *ent = NULL;
     if (!run || !json_is_array(fl)) return sy_err_set(SY_EINVAL, "checkpoint load: not a manifest");
-    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, g->file));
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, file));
     for (size_t i = 0; i < json_array_size(fl) && !ent; i++)
-        if (!strcmp(json_string_value(json_object_get(json_array_get(fl, i), "name")), g->file))
+        if (!strcmp(json_string_value(json_object_get(json_array_get(fl, i), "name")), file))
             ent = json_array_get(fl, i);
     if (!ent)
         return sy_err_set(SY_ENOTFOUND, "checkpoint %s step %" PRId64 ": manifest lists no file '%s'", run, step,
-                          g->file);
+                          file);
     SY_CHECK(sy_store_get(st, key, &buf, &len));
     json_int_t want = json_integer_value(json_object_get(ent, "size"));
     if ((uint64_t)len != (uint64_t)want) {
@@ -360,6 +519,38 @@ sy_status sy_ckpt_load_group_m(sy_store_t *st, const json_t *m, const sy_ckpt_gr
                         want_sha ? want_sha : "(none)");
         goto out;
     }
+    *buf_out = buf;
+    *len_out = len;
+    buf = NULL;
+out:
+    free(buf);
+    return rc;
+}
+
+sy_status sy_ckpt_verify_file(sy_store_t *st, const json_t *m, const char *file) {
+    void *buf = NULL;
+    size_t len = 0;
+    sy_st_file_t *f = NULL;
+    if (!st || !m || !file) return sy_err_set(SY_EINVAL, "checkpoint verify: bad arguments");
+    SY_CHECK(fetch_verified(st, m, file, &buf, &len));
+    /* The checksum matched what the writer hashed; also check it is a well-formed safetensors. */
+    sy_status rc = sy_st_parse_take(&buf, len, file, &f);
+    sy_st_destroy(&f);
+    free(buf);
+    return rc;
+}
+
+sy_status sy_ckpt_load_group_m(sy_store_t *st, const json_t *m, const sy_ckpt_group *g) {
+    void *buf = NULL;
+    size_t len = 0;
+    sy_st_file_t *f = NULL;
+    sy_status rc = SY_OK;
+    char key[KEY_MAX];
+    if (!st || !m || !g || !g->file || g->n < 0 || (g->n > 0 && !g->tensors))
+        return sy_err_set(SY_EINVAL, "checkpoint load: bad arguments");
+    SY_CHECK(fetch_verified(st, m, g->file, &buf, &len));
+    snprintf(key, sizeof key, "%s/ckpt/step-%0*lld/%s", json_string_value(json_object_get(m, "run")), STEP_DIGITS,
+             (long long)json_integer_value(json_object_get(m, "step")), g->file);
     SY_CHECK_GOTO(sy_st_parse_take(&buf, len, key, &f), rc, out);
     for (int i = 0; i < g->n; i++) SY_CHECK_GOTO(sy_st_load(f, &g->tensors[i]), rc, out);
 out:

@@ -13,6 +13,8 @@
  *            "created": "2024-01-01T00:00:00Z",
  *            "files": [{"name": ..., "size": ..., "sha256": "<hex>"}, ...], ...extra fields}
  * Tensors are stored as F32 (fp32 master weights and moments, bit-exact).
+ * Saving writes up to 4 files at once (threads), so the store must accept concurrent puts
+ * (both backends do).
  *
  * Ownership: groups and their buffers stay the caller's; json_t results are new references
  * (json_decref them). Thread: any; concurrent saves of the same step race on put_if_absent:
@@ -54,6 +56,41 @@ sy_status sy_ckpt_key(char *buf, size_t cap, const char *run, int64_t step, cons
  * writing anything if this step is already committed. */
 sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
                        int n_groups, const json_t *extra);
+
+/* ---- Distributed save: every writer (rank) writes its own files with sy_ckpt_write_part(),
+ * one coordinator gathers the file lists and calls sy_ckpt_commit(). sy_ckpt_save() is the two
+ * in one process. */
+
+/* Writes every group as one F32 safetensors object of checkpoint `step` (no manifest) and
+ * returns *files_out, a new JSON array of {"name", "size", "sha256"} for them. SY_EEXIST without
+ * writing anything if the step is already committed. On failure some objects may have been
+ * written (debris: not a checkpoint until committed). */
+sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
+                             int n_groups, json_t **files_out);
+
+/* Commits checkpoint `step`: checks that every object listed in `files` (an array of
+ * {name, size, sha256} as returned by sy_ckpt_write_part, possibly concatenated from several
+ * writers; names unique) exists in the store with its size, then writes MANIFEST.json listing
+ * exactly these files, with `extra`'s fields merged in (as for sy_ckpt_save), using
+ * put_if_absent. SY_EEXIST if the step is already committed (by this or another writer). */
+sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const json_t *files,
+                         const json_t *extra);
+
+/* One step folder of a run: its step and whether it has a MANIFEST.json object (committed;
+ * not validated). */
+typedef struct {
+    int64_t step;
+    int committed;
+} sy_ckpt_step_info;
+
+/* Every step folder of a run (committed or debris), newest first. *out is malloc'ed (NULL when
+ * *n == 0); free() it. */
+sy_status sy_ckpt_list(sy_store_t *st, const char *run, sy_ckpt_step_info **out, size_t *n);
+
+/* Fetches file `file` of a manifest's checkpoint, checks its size and SHA-256 against the
+ * manifest and that it parses as safetensors. SY_ECORRUPT naming the object on a mismatch,
+ * SY_ENOTFOUND if the manifest does not list it or the object is missing. */
+sy_status sy_ckpt_verify_file(sy_store_t *st, const json_t *manifest, const char *file);
 
 /* Newest committed checkpoint whose manifest parses, matches run/step and whose files exist
  * with the recorded sizes. Unreadable newer manifests are skipped with a warning; folders

@@ -85,6 +85,7 @@ static const struct {
 
 static const char *const PRECISION_NAMES[] = {"fp32", "bf16", NULL};
 static const char *const ONBUSY_NAMES[] = {"wait", "skip", NULL};
+static const char *const S3_ADDRESSING_NAMES[] = {"auto", "path", "virtual", NULL};
 static const char *const BACKEND_NAMES[] = {"cpu", "cuda", NULL};
 
 /* Largest token id a shard can hold (uint16 tokens). */
@@ -179,6 +180,22 @@ static const field FIELDS[] = {
         MEANS("Upload checkpoints in the background while training continues.")),
     FLD(checkpoint, on_busy, FT_ENUM, "wait", .names = ONBUSY_NAMES,
         MEANS("A checkpoint falls due while the previous upload runs: wait for it, or skip.")),
+    FLD(checkpoint, s3_endpoint, FT_STRING, "",
+        MEANS("S3 endpoint URL, e.g. http://127.0.0.1:9000 (empty: `AWS_ENDPOINT_URL`, else AWS).")),
+    FLD(checkpoint, s3_region, FT_STRING, "",
+        MEANS("S3 signing region (empty: `AWS_REGION`, else us-east-1).")),
+    FLD(checkpoint, s3_addressing, FT_ENUM, "auto", .names = S3_ADDRESSING_NAMES,
+        MEANS("S3 URLs: path-style or virtual-hosted (auto: path-style iff an endpoint is set).")),
+    FLD(checkpoint, s3_multipart_mb, FT_INT, "64", GE(1),
+        MEANS("S3 objects of this many MiB or more are written with a multipart upload.")),
+    FLD(checkpoint, s3_part_mb, FT_INT, "16", GE(5),
+        MEANS("S3 multipart part size in MiB (raised to size/10000 for huge objects).")),
+    FLD(checkpoint, s3_parallel, FT_INT, "4", RANGE_CC(1, 64),
+        MEANS("S3 multipart parts uploaded at once.")),
+    FLD(checkpoint, s3_timeout_ms, FT_INT, "60000", GE(1),
+        MEANS("S3 request attempt ends when no byte moves for this long (ms); then it is retried.")),
+    FLD(checkpoint, s3_retries, FT_INT, "5", GE(1),
+        MEANS("S3 attempts per request (standard-mode retries, full-jitter backoff).")),
 
     FLD(cluster, bind, FT_STRING, "tcp://127.0.0.1:5555", .rule = R_NONEMPTY,
         MEANS("ZeroMQ endpoint the coordinator binds for the control plane.")),

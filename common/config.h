@@ -16,6 +16,7 @@
 
 typedef enum { SY_PREC_FP32 = 0, SY_PREC_BF16 = 1 } sy_precision;
 typedef enum { SY_ONBUSY_WAIT = 0, SY_ONBUSY_SKIP = 1 } sy_ckpt_onbusy;
+typedef enum { SY_S3_ADDR_AUTO = 0, SY_S3_ADDR_PATH = 1, SY_S3_ADDR_VIRTUAL = 2 } sy_s3_addressing;
 
 typedef struct {
     char **items;   /* owned strings */
@@ -71,6 +72,14 @@ typedef struct {
         int keep_last;
         bool async;
         sy_ckpt_onbusy on_busy;
+        char *s3_endpoint;    /* "" = AWS_ENDPOINT_URL (else AWS) */
+        char *s3_region;      /* "" = AWS_REGION (else us-east-1) */
+        sy_s3_addressing s3_addressing;
+        int s3_multipart_mb;  /* objects this large (MiB) go multipart */
+        int s3_part_mb;
+        int s3_parallel;
+        int s3_timeout_ms;    /* idle timeout of one request attempt */
+        int s3_retries;       /* attempts per request */
     } checkpoint;
     struct {
         char *bind;

@@ -1,5 +1,6 @@
 /* Object store front end (key checks, sorting, dispatch) and the local-directory backend. */
 #include "store.h"
+#include "store_s3.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -513,8 +514,7 @@ sy_status sy_store_open(const char *url, sy_store_t **out) {
     if (!out) return sy_err_set(SY_EINVAL, "store open: no output pointer");
     *out = NULL;
     if (!url || !url[0]) return sy_err_set(SY_EINVAL, "store: empty URL");
-    if (!strncmp(url, "s3://", 5))
-        return sy_err_set(SY_EINVAL, "store %s: s3 store not built yet", url);
+    if (!strncmp(url, "s3://", 5)) return sy_store_s3_open(url, NULL, out);
     if (!strncmp(url, "file://", 7)) {
         const char *p = url + 7;
         if (!strncmp(p, "localhost/", 10)) p += 9;

@@ -21,6 +21,25 @@ PKGS=(
   curl procps
 )
 
+# moto_server (the S3 server of the tests) is a Python package, not a Debian one: use the pyenv
+# Python when there is one (system pip is locked by PEP 668), else pip's --user install.
+ensure_moto() {
+  command -v moto_server >/dev/null 2>&1 && return 0
+  local py
+  for py in "${PYENV_ROOT:-$HOME/.pyenv}/shims/python3" python3; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    "$py" -c 'import moto.server' 2>/dev/null && return 0
+    "$py" -m pip --version >/dev/null 2>&1 || continue
+    echo "install-deps: pip install moto[server] ($py)"
+    if [[ "$py" == */shims/* ]]; then
+      "$py" -m pip install -q "moto[server]" && return 0
+    else
+      "$py" -m pip install -q --user --break-system-packages "moto[server]" && return 0
+    fi
+  done
+  echo "install-deps: could not install moto[server]; tests/py/test_s3_store.py needs it" >&2
+}
+
 missing=()
 for p in "${PKGS[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -29,6 +48,7 @@ for p in "${PKGS[@]}"; do
 done
 
 if [ "${#missing[@]}" -eq 0 ]; then
+  ensure_moto
   [ "${1:-}" = "--quiet" ] || echo "install-deps: all ${#PKGS[@]} packages present"
   exit 0
 fi
@@ -39,4 +59,5 @@ echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+ensure_moto
 echo "install-deps: done"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The main job: install and build what is needed, prepare the default corpus (the English text
-# of Debian's fortunes package) and train the tiny Switch Transformer on it, showing progress.
-# Extra arguments go to `switchyard train` (for example: --set run.steps=100).
+# of Debian's fortunes package) and train the tiny Switch Transformer on it with a local cluster
+# (a coordinator and SY_WORKERS worker processes, default 2, expert-parallel), showing progress.
+# Extra arguments go to `switchyard run` (for example: --set run.steps=100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/build.sh
 if [ ! -f data/fortunes/train_000000.bin ]; then
   ./build/switchyard data prepare --input /usr/share/games/fortunes --out data/fortunes
 fi
-exec ./build/switchyard train configs/tiny.yaml "$@"
+exec ./build/switchyard run configs/tiny.yaml --workers "${SY_WORKERS:-2}" "$@"

@@ -84,7 +84,7 @@ static void fd_grad(obj_fn f, void *ctx, double *x, size_t n, double h, double *
 
 static int setup(void **state) {
     (void)state;
-    return sy_backend_cpu_new(2, false, &g_be) == SY_OK ? 0 : -1;
+    return sy_backend_cpu_new(1, false, &g_be) == SY_OK ? 0 : -1;
 }
 static int teardown(void **state) {
     (void)state;

@@ -39,7 +39,7 @@ static sy_backend_t *g_be;
 
 static int setup(void **state) {
     (void)state;
-    return sy_backend_cpu_new(2, false, &g_be) == SY_OK ? 0 : -1;
+    return sy_backend_cpu_new(1, false, &g_be) == SY_OK ? 0 : -1;
 }
 static int teardown(void **state) {
     (void)state;
@@ -174,7 +174,7 @@ static void layer_new(layer *L, int G, int D, int F, int E) {
     L->dW2 = falloc((size_t)E * D * F);
     for (int e = 0; e < E; e++)
         L->ex[e] = (sy_expert_weights){L->W1 + (size_t)e * F * D, L->W2 + (size_t)e * D * F,
-                                       L->dW1 + (size_t)e * F * D, L->dW2 + (size_t)e * D * F};
+                                       L->dW1 + (size_t)e * F * D, L->dW2 + (size_t)e * D * F, NULL, NULL};
 }
 
 static void layer_free(layer *L) {
@@ -449,7 +449,6 @@ static void test_e1_is_dense(void **state) {
     g_be->matmul_bwd(g_be, dg, dW2, L.dout, g, L.W2, G, F, D, false);
     g_be->gelu_bwd(g_be, da, dg, a, G * F);
     g_be->matmul_bwd(g_be, dx, dW1, da, L.h, L.W1, G, D, F, false);
-    check_close_f:;
     for (int i = 0; i < G * D; i++) assert_true(fabsf(L.dh[i] - dx[i]) <= 1e-7f * (1 + fabsf(dx[i])));
     assert_memory_equal(L.dW1, dW1, sizeof(float) * F * D);
     assert_memory_equal(L.dW2, dW2, sizeof(float) * D * F);
@@ -637,14 +636,42 @@ static void test_jitter(void **state) {
     key2.step = 4;
     layer_fwd(&L, 1.0, 0.1, 0.0, key2);
     assert_memory_not_equal(p1, sy_switch_get_info(L.sw).probs, sizeof p1);
-    /* jittered logits stay within the range u ∈ [1-ε, 1+ε] allows */
-    const float *pj = sy_switch_get_info(L.sw).probs;
-    (void)pj;
 
     impl_ctx c = {&L, 1.0, 0.1, 0.0, 0.7, 0.3, key};
     layer_fwd(&L, 1.0, 0.1, 0.0, key);
     assert_true(sy_switch_get_info(L.sw).n_kept < G);
     fd_all(&c);
+    layer_free(&L);
+}
+
+/* The multiplier u_t,j ~ U[1-ε, 1+ε], drawn per token (and per input feature): with
+ * h_t = 2·e_j(t) and W_r = [1 … 1; 0; 0], z_t = (2·u_t,j, 0, 0) so u is recovered from p_t,0. */
+static void test_jitter_distribution(void **state) {
+    (void)state;
+    enum { G = 64, D = 4, F = 4, E = 3 };
+    layer L;
+    layer_new(&L, G, D, F, E);
+    memset(L.h, 0, sizeof(float) * G * D);
+    memset(L.Wr, 0, sizeof(float) * E * D);
+    for (int j = 0; j < D; j++) L.Wr[j] = 1.0f;
+    for (int t = 0; t < G; t++) L.h[t * D + t % D] = 2.0f; /* tokens t and t+D identical */
+    sy_switch_key key = {3, 9, 0, 2};
+    const double eps = 0.1;
+    sy_switch_route(L.sw, L.h, L.Wr, 1.0, eps, key);
+    sy_switch_info inf = sy_switch_get_info(L.sw);
+    double umin = 2, umax = 0, usum = 0;
+    double u[G];
+    for (int t = 0; t < G; t++) {
+        double p0 = inf.probs[t * E];
+        u[t] = log(2.0 * p0 / (1.0 - p0)) / 2.0;
+        umin = fmin(umin, u[t]), umax = fmax(umax, u[t]), usum += u[t];
+    }
+    assert_true(umin >= 1.0 - eps - 1e-5 && umax <= 1.0 + eps + 1e-5);
+    assert_true(umin < 1.0 - 0.7 * eps && umax > 1.0 + 0.7 * eps); /* spread over the range */
+    assert_true(fabs(usum / G - 1.0) < 0.03);
+    int same = 0; /* identical inputs, different tokens: different draws */
+    for (int t = D; t < G; t++) same += fabs(u[t] - u[t - D]) < 1e-6;
+    assert_int_equal(same, 0);
     layer_free(&L);
 }
 
@@ -675,6 +702,12 @@ static void test_dropout(void **state) {
     k2 = key, k2.layer = 4;
     layer_fwd(&L, 1.0, 0.0, p, k2);
     assert_memory_not_equal(o1, L.out, sizeof o1);
+    k2 = key, k2.step = 6;
+    layer_fwd(&L, 1.0, 0.0, p, k2);
+    assert_memory_not_equal(o1, L.out, sizeof o1);
+    k2 = key, k2.seed = 12;
+    layer_fwd(&L, 1.0, 0.0, p, k2);
+    assert_memory_not_equal(o1, L.out, sizeof o1);
 
     /* the mask of a token depends on the token index, not on its dispatch row: send token 0
      * to expert 2 instead, which moves every other expert-0 token up one row */
@@ -684,19 +717,53 @@ static void test_dropout(void **state) {
     layer_fwd(&L, 1.0, 0.0, p, key);
     sy_switch_info inf = sy_switch_get_info(L.sw);
     assert_int_equal(inf.expert[0], 2);
+    int compared = 0;
     for (int t = 1; t < G; t++) {
-        if (!(inf.order[0] == 2 || 1)) continue;
         int kept_before = 0, kept_now = 0;
         for (int i = 0; i < inf.n_kept; i++) kept_now |= inf.order[i] == t;
         /* C = 4: expert 0 had tokens 0 2 3 5 kept, now 2 3 5 6 */
         kept_before = target[t] != 0 || t == 2 || t == 3 || t == 5;
         if (!kept_before || !kept_now) continue;
+        compared++;
         for (int i = 0; i < D; i++)
             assert_true(fabsf(L.out[t * D + i] - o2[t * D + i]) <= 1e-6f * (1 + fabsf(o2[t * D + i])));
     }
+    assert_int_equal(compared, 8); /* tokens 1 2 3 4 5 7 9 10 */
     construct_routing(&L, target);
     impl_ctx c = {&L, 1.0, 0.0, p, 0.7, 0.3, key};
     fd_all(&c);
+    layer_free(&L);
+}
+
+/* Inverted dropout on the expert hidden activation: each unit is kept with probability 1-p and
+ * then scaled by 1/(1-p). With every hidden unit equal (identical W1 rows) and W2 = 1, the
+ * output is a·(#kept)/(1-p), so out/out_nodrop·(1-p)·F must be a whole number of kept units. */
+static void test_dropout_scaling(void **state) {
+    (void)state;
+    enum { G = 8, D = 4, F = 1024, E = 1 };
+    layer L;
+    layer_new(&L, G, D, F, E);
+    fill(L.h, G * D, -1, 1);
+    float w[D];
+    fill(w, D, 0.5, 1.0);
+    for (int j = 0; j < F; j++) memcpy(L.W1 + j * D, w, sizeof w);
+    for (int i = 0; i < D * F; i++) L.W2[i] = 1.0f;
+    memset(L.Wr, 0, sizeof(float) * D);
+    for (int t = 0; t < G; t++) L.h[t * D] = 1.0f; /* w·h > 0: a clearly non-zero unit */
+    sy_switch_key key = {21, 2, 0, 1};
+    const double p = 0.25;
+    float base[G * D];
+    layer_fwd(&L, 1.0, 0.0, 0.0, key);
+    memcpy(base, L.out, sizeof base);
+    layer_fwd(&L, 1.0, 0.0, p, key);
+    double frac = 0.0;
+    for (int t = 0; t < G; t++) {
+        double kept = L.out[t * D] / base[t * D] * (1.0 - p) * F;
+        assert_true(fabs(kept - rint(kept)) < 0.05);
+        for (int i = 1; i < D; i++) assert_true(L.out[t * D + i] == L.out[t * D]);
+        frac += kept / F / G;
+    }
+    assert_true(fabs(frac - (1.0 - p)) < 0.03);
     layer_free(&L);
 }
 
@@ -729,7 +796,9 @@ int main(void) {
         cmocka_unit_test(test_wr_zero),
         cmocka_unit_test(test_backward_fd),
         cmocka_unit_test(test_jitter),
+        cmocka_unit_test(test_jitter_distribution),
         cmocka_unit_test(test_dropout),
+        cmocka_unit_test(test_dropout_scaling),
         cmocka_unit_test(test_expert_subsets),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

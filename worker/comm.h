@@ -32,6 +32,9 @@ typedef struct sy_comm sy_comm_t;
 sy_status sy_dataplane_new(const char *bind_addr, sy_dataplane_t **out);
 void sy_dataplane_destroy(sy_dataplane_t **self_p);
 const char *sy_dataplane_endpoint(const sy_dataplane_t *dp);
+/* Messages the data plane dropped: of an older generation than the communicator open when they
+ * were read, or not well-formed data-plane messages. */
+uint64_t sy_dataplane_dropped(const sy_dataplane_t *dp);
 
 /* Opens the communicator of one generation: this process is `rank` of `world`; endpoints[r] is
  * rank r's data-plane endpoint (endpoints[rank] is ours). timeout_ms bounds every wait.

@@ -5,10 +5,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ckpt_cli.h"
 #include "config.h"
 #include "cpu_setup.h"
 #include "data.h"
+#include "launcher.h"
 #include "log.h"
+#include "status_cli.h"
 #include "train.h"
 
 #define SY_VERSION "0.1.0"
@@ -20,9 +23,12 @@ static void usage(FILE *f) {
             "usage: switchyard COMMAND [options]     (switchyard COMMAND --help for each)\n"
             "\n"
             "commands:\n"
+            "  run CONFIG --workers N [--set k=v]    a local cluster: coordinator + N workers\n"
             "  train CONFIG [--set k=v] [--resume]   train in this process, all experts local\n"
             "  eval --checkpoint DIR --data SHARDS   mean cross-entropy of a checkpoint\n"
             "  data prepare --input F... --out DIR   tokenize text (bytes) into llm.c shards\n"
+            "  ckpt ls|show|export STORE/RUN[@STEP] list, verify, export checkpoints\n"
+            "  status [--url URL] [--json]           a running cluster's status (coordinator HTTP)\n"
             "  config doc                            print the configuration reference (Markdown)\n"
             "  config show [CONFIG] [--set k=v]      print the effective config as JSON\n"
             "  version                               print the version\n"
@@ -92,8 +98,11 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "train")) return sy_train_cli(argc - 1, argv + 1);
+    if (!strcmp(cmd, "run")) return sy_run_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return sy_eval_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "config")) return config_cli(argc - 1, argv + 1);
+    if (!strcmp(cmd, "ckpt")) return sy_ckpt_cli(argc - 1, argv + 1);
+    if (!strcmp(cmd, "status")) return sy_status_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("switchyard %s\n", SY_VERSION);
         return 0;

@@ -9,6 +9,7 @@
 
 #include "rng.h"
 #include "switch.h"
+#include "switch_ep.h"
 
 /* Indices into the parameter table for one block. */
 typedef struct {
@@ -48,6 +49,10 @@ struct sy_model {
     float *x_out, *lnf_y, *lnf_mean, *lnf_rstd, *logits; /* x_out [N,D], logits [N,V] */
     float *dx, *dtmp, *dln, *dqkv, *datty, *dfc_act, *dfc_pre, *tmp; /* backward scratch */
     int32_t *counts;       /* [n_switch, E] */
+    double *acc;           /* fp64 gradient accumulator (micro-batch contributions are added) */
+    bool acc_dirty;        /* acc holds contributions not yet rounded into grads */
+    sy_ep_t *ep;           /* expert parallelism (NULL: every expert local) */
+    int ep_rank;
 };
 
 static int add_param(sy_model_t *m, int cap, const char *name, int ndim, int64_t d0, int64_t d1,
@@ -154,6 +159,7 @@ sy_status sy_model_new(const sy_model_dims *dims, sy_backend_t *be, sy_model_t *
 
     MALLOC_ACT(m->params, m->numel);
     MALLOC_ACT(m->grads, m->numel);
+    MALLOC_ACT(m->acc, m->numel);
     if (be->bf16) {
         MALLOC_ACT(m->work, m->numel);
     } else {
@@ -223,7 +229,7 @@ void sy_model_destroy(sy_model_t **self_p) {
             free(m->blk[l].ex_proj);
         }
     if (m->work != m->params) FREE(m->work);
-    FREE(m->params); FREE(m->grads); FREE(m->inp); FREE(m->tgt); FREE(m->x_out); FREE(m->lnf_y);
+    FREE(m->params); FREE(m->grads); FREE(m->acc); FREE(m->inp); FREE(m->tgt); FREE(m->x_out); FREE(m->lnf_y);
     FREE(m->lnf_mean); FREE(m->lnf_rstd); FREE(m->logits); FREE(m->dx); FREE(m->dtmp);
     FREE(m->dln); FREE(m->tmp); FREE(m->dqkv); FREE(m->datty); FREE(m->dfc_act);
     FREE(m->dfc_pre); FREE(m->counts);
@@ -242,7 +248,19 @@ const sy_param_t *sy_model_param(const sy_model_t *m, int i) { return &m->params
 size_t sy_model_numel(const sy_model_t *m) { return m->numel; }
 size_t sy_model_dense_numel(const sy_model_t *m) { return m->dense_numel; }
 float *sy_model_params(sy_model_t *m) { return m->params; }
-float *sy_model_grads(sy_model_t *m) { return m->grads; }
+float *sy_model_grads(sy_model_t *m) {
+    if (m->acc_dirty) {
+        const size_t n = m->numel;
+        float *g = m->grads;
+        const double *a = m->acc;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) g[i] = (float)a[i];
+        m->acc_dirty = false;
+    }
+    return m->grads;
+}
+
+double *sy_model_grad_acc(sy_model_t *m) { return m->acc; }
 int sy_model_n_switch(const sy_model_t *m) { return m->n_switch; }
 const int32_t *sy_model_expert_counts(const sy_model_t *m) { return m->counts; }
 
@@ -291,7 +309,11 @@ void sy_model_weights_changed(sy_model_t *m) {
     }
 }
 
-void sy_model_zero_grads(sy_model_t *m) { memset(m->grads, 0, m->numel * sizeof(float)); }
+void sy_model_zero_grads(sy_model_t *m) {
+    memset(m->grads, 0, m->numel * sizeof(float));
+    memset(m->acc, 0, m->numel * sizeof(double));
+    m->acc_dirty = false;
+}
 
 #define W(i) (m->work + m->params_tab[(i)].offset)
 #define G(i) (m->grads + m->params_tab[(i)].offset)
@@ -302,13 +324,15 @@ static void set_experts(sy_model_t *m, const block_ids *b) {
         m->ex[e].W2 = W(b->ex_proj[e]);
         m->ex[e].dW1 = G(b->ex_fc[e]);
         m->ex[e].dW2 = G(b->ex_proj[e]);
+        m->ex[e].acc1 = m->acc + m->params_tab[b->ex_fc[e]].offset;
+        m->ex[e].acc2 = m->acc + m->params_tab[b->ex_proj[e]].offset;
     }
 }
 
 /* Forward through the blocks and the final LayerNorm and LM head; leaves logits in m->logits.
  * Returns the summed aux_group and z_group over Switch layers (uncoefficiented). */
-static void forward(sy_model_t *m, const int32_t *tokens, bool train, sy_draw_key key,
-                    double *aux_sum, double *z_sum, int64_t *routed, int64_t *dropped) {
+static sy_status forward(sy_model_t *m, const int32_t *tokens, bool train, sy_draw_key key,
+                         double *aux_sum, double *z_sum, int64_t *routed, int64_t *dropped) {
     sy_backend_t *be = m->be;
     const sy_model_dims *d = &m->d;
     const int T = d->T, D = d->D, F = d->F, B = d->B, H = d->H, V = d->V;
@@ -343,7 +367,14 @@ static void forward(sy_model_t *m, const int32_t *tokens, bool train, sy_draw_ke
                             train ? d->jitter : 0.0, k);
             sy_switch_dispatch(a->sw, a->ln2);
             set_experts(m, bi);
-            sy_switch_experts(a->sw, m->ex, 0, d->E, train ? d->expert_dropout : 0.0, k);
+            double p_drop = train ? d->expert_dropout : 0.0;
+            if (m->ep) {
+                sy_switch_key kr = k;
+                kr.micro = key.micro - m->ep_rank; /* the round's first micro-batch */
+                SY_CHECK(sy_ep_forward(m->ep, a->sw, bi->sw_index, m->ex, p_drop, kr));
+            } else {
+                sy_switch_experts(a->sw, m->ex, 0, d->E, p_drop, k);
+            }
             sy_switch_combine(a->sw, m->tmp);
             sy_switch_info info = sy_switch_get_info(a->sw);
             *aux_sum += info.aux_group;
@@ -362,6 +393,7 @@ static void forward(sy_model_t *m, const int32_t *tokens, bool train, sy_draw_ke
     be->bf16 = false;
     be->matmul_fwd(be, m->logits, m->lnf_y, W(m->wte), N, D, V);
     be->bf16 = bf;
+    return SY_OK;
 }
 
 static sy_status check_tokens(const sy_model_t *m, const int32_t *tokens) {
@@ -382,7 +414,11 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
     const int N = B * T;
     double aux_sum, z_sum;
     int64_t routed, dropped;
-    forward(m, tokens, true, key, &aux_sum, &z_sum, &routed, &dropped);
+    SY_CHECK(forward(m, tokens, true, key, &aux_sum, &z_sum, &routed, &dropped));
+    /* This micro-batch's dense gradients are computed into the (zeroed) fp32 buffer and then
+     * added to the fp64 accumulator; expert gradients take the same route inside the Switch
+     * layer. So the sum over micro-batches is the same however they are spread over workers. */
+    memset(m->grads, 0, m->dense_numel * sizeof(float));
 
     /* L_ce is the mean over all target tokens of the global batch. */
     float ce_scale = 1.0f / ((float)N * (float)n_micro);
@@ -413,7 +449,10 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
         } else {
             set_experts(m, bi);
             sy_switch_combine_bwd(a->sw, m->dx);
-            sy_switch_experts_bwd(a->sw, m->ex, 0, E);
+            if (m->ep)
+                SY_CHECK(sy_ep_backward(m->ep, a->sw, bi->sw_index, m->ex));
+            else
+                sy_switch_experts_bwd(a->sw, m->ex, 0, E);
             sy_switch_dispatch_bwd(a->sw, m->dln);
             sy_switch_route_bwd(a->sw, a->ln2, m->params + m->params_tab[bi->router].offset,
                                 G(bi->router), m->dln, aux_scale, z_scale);
@@ -428,6 +467,14 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
                           a->ln1_rstd, N, D);
     }
     be->embed_bwd(be, G(m->wte), G(m->wpe), m->dx, m->inp, N, T, D);
+    {
+        const size_t nd = m->dense_numel;
+        const float *g = m->grads;
+        double *a = m->acc;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < nd; i++) a[i] += g[i];
+    }
+    m->acc_dirty = true;
     return SY_OK;
 }
 
@@ -439,7 +486,8 @@ sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micr
     double aux_sum, z_sum;
     int64_t routed, dropped;
     sy_draw_key key = {0, 0, 0};
-    forward(m, tokens, false, key, &aux_sum, &z_sum, &routed, &dropped);
+    if (m->ep) return sy_err_set(SY_EINVAL, "evaluation runs with every expert local");
+    SY_CHECK(forward(m, tokens, false, key, &aux_sum, &z_sum, &routed, &dropped));
     double ce_sum = m->be->xent_fwd(m->be, m->logits, m->tgt, N, d->V);
     out->ce = ce_sum / N / n_micro;
     out->aux = d->aux_coef * aux_sum / n_micro;
@@ -447,5 +495,29 @@ sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micr
     out->tokens = N;
     out->routed = routed;
     out->dropped = dropped;
+    return SY_OK;
+}
+
+void sy_model_set_ep(sy_model_t *m, sy_ep_t *ep, int rank) {
+    m->ep = ep;
+    m->ep_rank = rank;
+}
+
+sy_status sy_model_serve_idle(sy_model_t *m, sy_draw_key key) {
+    if (!m->ep) return SY_OK;
+    m->acc_dirty = true;
+    for (int l = 0; l < m->d.L; l++) {
+        const block_ids *bi = &m->blk[l];
+        if (bi->sw_index < 0) continue;
+        set_experts(m, bi);
+        sy_switch_key k = {key.seed, key.step, key.micro, l};
+        SY_CHECK(sy_ep_forward(m->ep, NULL, bi->sw_index, m->ex, m->d.expert_dropout, k));
+    }
+    for (int l = m->d.L - 1; l >= 0; l--) {
+        const block_ids *bi = &m->blk[l];
+        if (bi->sw_index < 0) continue;
+        set_experts(m, bi);
+        SY_CHECK(sy_ep_backward(m->ep, NULL, bi->sw_index, m->ex));
+    }
     return SY_OK;
 }

@@ -74,7 +74,12 @@ int sy_model_find(const sy_model_t *m, const char *name);
 size_t sy_model_numel(const sy_model_t *m);     /* all parameters */
 size_t sy_model_dense_numel(const sy_model_t *m);
 float *sy_model_params(sy_model_t *m);
+/* The accumulated gradients (fp32). Micro-batch contributions are summed in an fp64
+ * accumulator (sy_model_grad_acc) and rounded into this buffer on the first call after they
+ * change; the caller may then modify it (clipping) until the next fwd_bwd. */
 float *sy_model_grads(sy_model_t *m);
+/* The fp64 accumulator (same layout), for the all-reduce of dense gradients before rounding. */
+double *sy_model_grad_acc(sy_model_t *m);
 /* A tensor view of parameter i in `base` (params, grads or an optimizer moment buffer). */
 sy_tensor_ref sy_model_ref(const sy_model_t *m, int i, float *base, const char *name);
 /* Number of Switch layers and whether block l is one. */
@@ -103,6 +108,16 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
 /* Evaluation forward (eval capacity factor, no jitter, no dropout). n_micro scales as above. */
 sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micro,
                                 sy_losses *out);
+
+/* Expert parallelism: with an ep context (switch_ep.h) the Switch layers exchange tokens with
+ * the experts' owners; this rank computes only the experts it owns (the others' gradients stay
+ * 0 here). rank = this rank in the ep's communicator. NULL: all experts local. */
+struct sy_ep;
+void sy_model_set_ep(sy_model_t *m, struct sy_ep *ep, int rank);
+/* A rank without a micro-batch in a round: serves its experts in every Switch layer's exchange
+ * (forward then backward), in the order the active ranks run them. key.micro = the round's
+ * first micro-batch index (round·world). */
+sy_status sy_model_serve_idle(sy_model_t *m, sy_draw_key key);
 
 /* Per-expert routed-token counts of the last forward (before capacity): [n_switch, E]. */
 const int32_t *sy_model_expert_counts(const sy_model_t *m);

@@ -85,7 +85,9 @@ double sy_clip_grads(float *g, size_t n, double norm, double max_norm) {
     return coef;
 }
 
-void sy_adamw_step(sy_adamw_t *o, double lr) {
+void sy_adamw_step(sy_adamw_t *o, double lr) { sy_adamw_step_owned(o, lr, NULL); }
+
+void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts) {
     sy_model_t *model = o->model;
     float *p = sy_model_params(model), *g = sy_model_grads(model);
     o->t++;
@@ -96,6 +98,7 @@ void sy_adamw_step(sy_adamw_t *o, double lr) {
     const float b1 = (float)o->beta1, b2 = (float)o->beta2, eps = (float)o->eps;
     for (int i = 0; i < sy_model_n_params(model); i++) {
         const sy_param_t *pi = sy_model_param(model, i);
+        if (experts && pi->expert >= 0 && !experts[pi->expert]) continue;
         const float decay = pi->decay ? (float)(1.0 - lr * o->wd) : 1.0f;
         float *pp = p + pi->offset, *gg = g + pi->offset;
         float *mm = o->m + pi->offset, *vv = o->v + pi->offset;

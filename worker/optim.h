@@ -14,6 +14,7 @@
 #ifndef SY_OPTIM_H
 #define SY_OPTIM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -40,5 +41,8 @@ double sy_clip_grads(float *g, size_t n, double norm, double max_norm);
 
 /* One AdamW step over every parameter of the model at learning rate lr. */
 void sy_adamw_step(sy_adamw_t *o, double lr);
+/* The same over the dense parameters and the experts e with experts[e] (NULL: all): a rank
+ * updates only the experts it owns. The step count advances once per call. */
+void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts);
 
 #endif

@@ -23,6 +23,10 @@ typedef struct {
     float *W1; /* [F, D] */
     float *W2; /* [D, F] */
     float *dW1, *dW2;
+    /* fp64 gradient accumulators [F, D] / [D, F], or NULL. When set, each backward call computes
+     * its contribution into the (zeroed) dW buffers and adds it to these, so the sum over
+     * micro-batches does not depend on how they were grouped (model spec §5: W-invariance). */
+    double *acc1, *acc2;
 } sy_expert_weights;
 
 typedef struct sy_switch sy_switch_t;

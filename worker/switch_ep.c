@@ -9,6 +9,8 @@
 typedef struct {
     int n_rows;           /* rows received in all */
     float dropout;        /* expert dropout used in the forward (the backward applies its mask) */
+    int32_t *recv_rows;   /* [world] rows received from each source */
+    int32_t *src_cnt;     /* [n_mine, world] rows of each of my experts from each source */
     int32_t *off;         /* [n_mine+1] first local row of each of my experts */
     int32_t *tok, *micro; /* [R] token index and micro-batch of each local row */
     int32_t *src_row;     /* [R] index of the local row in the concatenated received rows */
@@ -28,7 +30,6 @@ struct sy_ep {
     char *send, *recv;
     size_t send_cap, recv_cap;
     size_t *send_bytes, *recv_bytes;
-    int32_t *recv_rows;   /* [world] rows received from each source in the last forward */
     int32_t *recv_row0;   /* [world] first row (in concatenated received order) per source */
     float *rows_in;       /* [R, D] received rows, concatenated in source order */
     float *rows_out;      /* [R, D] */
@@ -79,6 +80,8 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
         EP_ALLOC(s->tok, ep->R);
         EP_ALLOC(s->micro, ep->R);
         EP_ALLOC(s->src_row, ep->R);
+        EP_ALLOC(s->recv_rows, W);
+        EP_ALLOC(s->src_cnt, (size_t)(nm > 0 ? nm : 1) * W);
         if (nm > 0) {
             EP_ALLOC(s->xe, (size_t)ep->R * D);
             EP_ALLOC(s->ye, (size_t)ep->R * D);
@@ -95,7 +98,6 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
     EP_ALLOC(ep->recv, ep->recv_cap);
     EP_ALLOC(ep->send_bytes, W);
     EP_ALLOC(ep->recv_bytes, W);
-    EP_ALLOC(ep->recv_rows, W);
     EP_ALLOC(ep->recv_row0, W);
     EP_ALLOC(ep->rows_in, (size_t)ep->R * D);
     EP_ALLOC(ep->rows_out, (size_t)ep->R * D);
@@ -116,12 +118,12 @@ void sy_ep_destroy(sy_ep_t **self_p) {
     if (ep->layers)
         for (int l = 0; l < ep->n_layers; l++) {
             served_layer *s = &ep->layers[l];
-            free(s->off), free(s->tok), free(s->micro), free(s->src_row);
+            free(s->off), free(s->tok), free(s->micro), free(s->src_row), free(s->recv_rows), free(s->src_cnt);
             free(s->xe), free(s->ye), free(s->he), free(s->ge), free(s->mask);
         }
     free(ep->layers), free(ep->owner), free(ep->q_e0), free(ep->q_e1);
     free(ep->send), free(ep->recv), free(ep->send_bytes), free(ep->recv_bytes);
-    free(ep->recv_rows), free(ep->recv_row0), free(ep->rows_in), free(ep->rows_out);
+    free(ep->recv_row0), free(ep->rows_in), free(ep->rows_out);
     free(ep->dge), free(ep->dhe);
     free(ep);
     *self_p = NULL;
@@ -179,7 +181,7 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     const float *rows[W];
     for (int src = 0; src < W; src++) {
         size_t nb = ep->recv_bytes[src];
-        ep->recv_rows[src] = 0;
+        s->recv_rows[src] = 0;
         ep->recv_row0[src] = total;
         if (nb == 0) {
             for (int i = 0; i < nm; i++) counts[src][i] = 0;
@@ -200,7 +202,7 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
             return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes, expected %zu", src, nb, want);
         toks[src] = (const int32_t *)(p + sizeof(int32_t) * nm);
         rows[src] = (const float *)(p + sizeof(int32_t) * ((size_t)nm + n));
-        ep->recv_rows[src] = n;
+        s->recv_rows[src] = n;
         total += n;
         p += nb;
     }
@@ -212,6 +214,7 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     for (int i = 0; i < nm; i++) {
         s->off[i] = li;
         for (int src = 0; src < W; src++) {
+            s->src_cnt[i * W + src] = counts[src][i];
             int before = 0;
             for (int k = 0; k < i; k++) before += counts[src][k];
             for (int r = 0; r < counts[src][i]; r++, li++) {
@@ -226,17 +229,21 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     s->off[nm] = li;
 
     for (int i = 0; i < nm; i++) {
-        int r0 = s->off[i], n = s->off[i + 1] - r0;
-        sy_expert_mlp_fwd(ep->be, &ex[ep->e0 + i], n, D, F, s->xe + (size_t)r0 * D,
-                          s->he + (size_t)r0 * F, s->ge + (size_t)r0 * F,
-                          s->mask + (size_t)r0 * F, s->ye + (size_t)r0 * D, dropout, key,
-                          s->tok + r0, s->micro + r0);
+        int r0 = s->off[i];
+        for (int src = 0; src < W; src++) {
+            int n = s->src_cnt[i * W + src];
+            sy_expert_mlp_fwd(ep->be, &ex[ep->e0 + i], n, D, F, s->xe + (size_t)r0 * D,
+                              s->he + (size_t)r0 * F, s->ge + (size_t)r0 * F,
+                              s->mask + (size_t)r0 * F, s->ye + (size_t)r0 * D, dropout, key,
+                              s->tok + r0, s->micro + r0);
+            r0 += n;
+        }
     }
 
     /* Reply: outputs back to each source in the order it sent them. */
     for (int r = 0; r < total; r++)
         memcpy(ep->rows_out + (size_t)s->src_row[r] * D, s->ye + (size_t)r * D, sizeof(float) * D);
-    for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)ep->recv_rows[src] * D;
+    for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)s->recv_rows[src] * D;
     SY_CHECK(sy_comm_alltoallv(ep->comm, ep->rows_out, ep->send_bytes, sw ? (void *)sw->ye : (void *)ep->recv,
                                sw ? sizeof(float) * (size_t)ep->G * D : ep->recv_cap, ep->recv_bytes));
     for (int q = 0; q < W; q++)
@@ -260,26 +267,33 @@ sy_status sy_ep_backward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_w
     SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->rows_in,
                                sizeof(float) * (size_t)ep->R * D, ep->recv_bytes));
     for (int src = 0; src < W; src++)
-        if (ep->recv_bytes[src] != sizeof(float) * (size_t)ep->recv_rows[src] * D)
+        if (ep->recv_bytes[src] != sizeof(float) * (size_t)s->recv_rows[src] * D)
             return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes of gradients, expected %zu",
-                              src, ep->recv_bytes[src], sizeof(float) * (size_t)ep->recv_rows[src] * D);
+                              src, ep->recv_bytes[src], sizeof(float) * (size_t)s->recv_rows[src] * D);
     /* Into local expert-major order (reusing rows_out as dye_local), backward, and back. */
     float *dye = ep->rows_out;
     for (int r = 0; r < s->n_rows; r++)
         memcpy(dye + (size_t)r * D, ep->rows_in + (size_t)s->src_row[r] * D, sizeof(float) * D);
     float *dxe_local = ep->rows_in; /* received gradients are consumed: reuse */
+    /* One chunk per (expert, source): the same GEMM shapes, and with fp64 accumulators the same
+     * accumulation sequence (micro-batch order), as the single-process layer. dxe goes into
+     * ye's slot (the outputs are no longer needed). */
     for (int i = 0; i < nm; i++) {
-        int r0 = s->off[i], n = s->off[i + 1] - r0;
-        /* write dxe into ye's slot (the outputs are no longer needed) */
-        sy_expert_mlp_bwd(ep->be, &ex[ep->e0 + i], n, D, F, dye + (size_t)r0 * D,
-                          s->xe + (size_t)r0 * D, s->he + (size_t)r0 * F, s->ge + (size_t)r0 * F,
-                          s->dropout > 0.0f ? s->mask + (size_t)r0 * F : NULL,
-                          ep->dge + (size_t)r0 * F, ep->dhe + (size_t)r0 * F,
-                          s->ye + (size_t)r0 * D);
+        int r0 = s->off[i];
+        for (int src = 0; src < W; src++) {
+            int n = s->src_cnt[i * W + src];
+            sy_expert_mlp_bwd(ep->be, &ex[ep->e0 + i], n, D, F, dye + (size_t)r0 * D,
+                              s->xe + (size_t)r0 * D, s->he + (size_t)r0 * F,
+                              s->ge + (size_t)r0 * F,
+                              s->dropout > 0.0f ? s->mask + (size_t)r0 * F : NULL,
+                              ep->dge + (size_t)r0 * F, ep->dhe + (size_t)r0 * F,
+                              s->ye + (size_t)r0 * D);
+            r0 += n;
+        }
     }
     for (int r = 0; r < s->n_rows; r++)
         memcpy(dxe_local + (size_t)s->src_row[r] * D, s->ye + (size_t)r * D, sizeof(float) * D);
-    for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)ep->recv_rows[src] * D;
+    for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)s->recv_rows[src] * D;
     SY_CHECK(sy_comm_alltoallv(ep->comm, dxe_local, ep->send_bytes, sw ? (void *)sw->dxe : (void *)ep->recv,
                                sw ? sizeof(float) * (size_t)ep->G * D : ep->recv_cap, ep->recv_bytes));
     for (int q = 0; q < W; q++)

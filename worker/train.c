@@ -16,8 +16,10 @@
 
 #include "backend.h"
 #include "ckpt.h"
+#include "ckpt_async.h"
 #include "cpu_setup.h"
 #include "data.h"
+#include "dist_step.h"
 #include "log.h"
 #include "model.h"
 #include "model_ckpt.h"
@@ -86,11 +88,13 @@ typedef struct {
     sy_adamw_t *opt;
     sy_data_t *data;
     sy_store_t *store;
+    sy_ckpt_saver_t *saver; /* checkpoint.async: the background saver; NULL: synchronous */
     int32_t *tokens;
     int M;
 } trainer;
 
 static void trainer_free(trainer *t) {
+    sy_ckpt_saver_destroy(&t->saver); /* waits for a save in flight; before the store goes */
     sy_adamw_destroy(&t->opt);
     sy_model_destroy(&t->model);
     sy_backend_destroy(&t->be);
@@ -114,16 +118,37 @@ static json_t *manifest_extra(const sy_config_t *cfg, int64_t step) {
     return ex;
 }
 
-static sy_status save_ckpt(trainer *t, int64_t step, double *ms) {
+/* Checkpoint `step`. Synchronous: saves, applies retention; *stall_ms = *upload_ms = its time.
+ * Async: snapshots and returns (*stall_ms = copy + wait for a save in flight; *upload_ms = -1);
+ * an error of an earlier background save is logged, not fatal (the next save may succeed; the
+ * final one is checked by finish_ckpt). */
+static sy_status save_ckpt(trainer *t, int64_t step, double *stall_ms, double *upload_ms) {
     double t0 = now_s();
     json_t *ex = manifest_extra(t->cfg, step);
-    sy_status s = sy_model_ckpt_save(t->store, t->cfg->run.name, step, t->model, t->opt, ex);
+    sy_status s;
+    *upload_ms = -1.0;
+    if (t->saver) {
+        s = sy_ckpt_saver_submit(t->saver, step, t->model, t->opt, ex, stall_ms);
+        json_decref(ex);
+        if (s != SY_OK) sy_warn("training goes on after a checkpoint failure: %s", sy_err_msg());
+        return SY_OK;
+    }
+    s = sy_model_ckpt_save(t->store, t->cfg->run.name, step, t->model, t->opt, ex);
     json_decref(ex);
     if (s == SY_EEXIST) {
         sy_warn("checkpoint step %lld already committed; keeping it", (long long)step);
         s = SY_OK;
     }
     if (s == SY_OK) s = sy_ckpt_retain(t->store, t->cfg->run.name, t->cfg->checkpoint.keep_last);
+    *stall_ms = *upload_ms = (now_s() - t0) * 1e3;
+    return s;
+}
+
+/* Waits for the background save in flight (async) and returns its error: the run's last
+ * checkpoint must be committed before train returns success. *ms: the wait. */
+static sy_status finish_ckpt(trainer *t, double *ms) {
+    double t0 = now_s();
+    sy_status s = t->saver ? sy_ckpt_saver_wait(t->saver) : SY_OK;
     *ms = (now_s() - t0) * 1e3;
     return s;
 }
@@ -144,6 +169,9 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     SY_CHECK_GOTO(sy_data_open((const char *const *)cfg->data.train.items, cfg->data.train.n,
                                cfg->model.vocab_size, T, &t.data), s, done);
     SY_CHECK_GOTO(sy_store_open(cfg->checkpoint.store, &t.store), s, done);
+    if (cfg->checkpoint.async)
+        SY_CHECK_GOTO(sy_ckpt_saver_new(t.store, cfg->run.name, cfg->checkpoint.keep_last,
+                                        cfg->checkpoint.on_busy, &t.saver), s, done);
     t.tokens = malloc(sizeof(int32_t) * (size_t)b * (T + 1));
     if (!t.tokens) {
         s = sy_err_set(SY_ENOMEM, "out of memory");
@@ -194,27 +222,17 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     const double run_t0 = now_s();
     double ckpt_ms = 0.0;
     int64_t steps_done = 0;
-    size_t numel = sy_model_numel(t.model);
+    int64_t reported_saves = 0, upload_step = -1;
+    if (t.saver) SY_CHECK_GOTO(sy_ckpt_saver_prepare(t.saver, t.model, t.opt), s, done);
+    sy_dist_ctx dctx = {.cfg = cfg, .model = t.model, .opt = t.opt, .data = t.data, .comm = NULL,
+                        .owned = NULL, .tokens = t.tokens};
     for (int64_t step = start + 1; step <= cfg->run.steps; step++) {
-        const int64_t s0 = step - 1; /* 0-based data / schedule position */
         double t0 = now_s();
-        sy_model_zero_grads(t.model);
-        double ce = 0, aux = 0, z = 0;
-        int64_t tokens = 0, routed = 0, dropped = 0;
-        for (int mi = 0; mi < t.M; mi++) {
-            SY_CHECK_GOTO(sy_data_train_batch(t.data, cfg->run.seed, s0, t.M, b, mi, t.tokens), s,
-                          done);
-            sy_losses l;
-            sy_draw_key key = {cfg->run.seed, s0, mi};
-            SY_CHECK_GOTO(sy_model_fwd_bwd(t.model, t.tokens, t.M, key, &l), s, done);
-            ce += l.ce, aux += l.aux, z += l.z;
-            tokens += l.tokens, routed += l.routed, dropped += l.dropped;
-        }
-        float *g = sy_model_grads(t.model);
-        double norm = sqrt(sy_grad_sqnorm(g, numel));
-        sy_clip_grads(g, numel, norm, cfg->train.grad_clip);
-        double lr = sy_lr_at(cfg, s0);
-        sy_adamw_step(t.opt, lr);
+        /* the distributed step with one rank: the same code, so the same numbers (W-invariance) */
+        sy_step_result r = {0};
+        SY_CHECK_GOTO(sy_dist_step(&dctx, step, &r), s, done);
+        const double ce = r.ce, aux = r.aux, z = r.z, norm = r.grad_norm, lr = r.lr;
+        const int64_t tokens = r.tokens, routed = r.routed, dropped = r.dropped;
         double dt = now_s() - t0;
         double loss = ce + aux + z;
         if (!isfinite(loss)) {
@@ -223,12 +241,29 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         }
         steps_done++;
 
-        double step_ckpt_ms = 0.0;
+        double step_ckpt_ms = 0.0, upload_ms = -1.0;
         bool last = step == cfg->run.steps;
         bool stop_here = opts->stop_after > 0 && step >= opts->stop_after;
         if ((cfg->checkpoint.every > 0 && step % cfg->checkpoint.every == 0) || last) {
-            SY_CHECK_GOTO(save_ckpt(&t, step, &step_ckpt_ms), s, done);
+            SY_CHECK_GOTO(save_ckpt(&t, step, &step_ckpt_ms, &upload_ms), s, done);
+            if (last || stop_here) {
+                /* the final checkpoint is committed before we report success */
+                double wait_ms = 0.0;
+                SY_CHECK_GOTO(finish_ckpt(&t, &wait_ms), s, done);
+                step_ckpt_ms += wait_ms;
+            }
             ckpt_ms += step_ckpt_ms;
+        }
+        if (t.saver) { /* report each background upload once, on the first line after it ended */
+            sy_ckpt_saver_stats cs;
+            sy_ckpt_saver_get_stats(t.saver, &cs);
+            if (cs.saves_done + cs.failed != reported_saves) {
+                reported_saves = cs.saves_done + cs.failed;
+                upload_ms = cs.last_upload_ms;
+                upload_step = cs.last_step;
+            }
+        } else if (upload_ms >= 0) {
+            upload_step = step;
         }
         double tps = (double)tokens / dt;
         json_t *j = json_pack("{s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:f, s:f}",
@@ -237,6 +272,10 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
                               routed ? (double)dropped / routed : 0.0, "world", 1, "generation", 0,
                               "step_ms", dt * 1e3, "time", (double)time(NULL));
         json_object_set_new(j, "ckpt_stall_ms", json_real(step_ckpt_ms));
+        if (upload_ms >= 0) { /* time of the save of step ckpt_step (async: in the background) */
+            json_object_set_new(j, "ckpt_upload_ms", json_real(upload_ms));
+            json_object_set_new(j, "ckpt_step", json_integer(upload_step));
+        }
         char *line = json_dumps(j, JSON_COMPACT);
         fprintf(metrics, "%s\n", line);
         fflush(metrics);
@@ -255,6 +294,8 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         if (stop_here && !last) {
             if (tty && !opts->quiet) fputc('\n', stderr);
             sy_info("stopping after step %lld as asked", (long long)step);
+            double wait_ms = 0.0;
+            s = finish_ckpt(&t, &wait_ms); /* a save in flight is committed before we stop */
             goto done;
         }
     }

@@ -1,0 +1,1405 @@
+#include "coord.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "ckpt.h"
+#include "http.h"
+#include "log.h"
+#include "protocol.h"
+#include "store.h"
+
+/* Longest worker id / host / endpoint kept (longer Hellos are refused as invalid). */
+#define ID_MAX 128
+#define HOST_MAX 128
+#define EP_MAX 256
+/* Recent losses kept for /v1/status, and recent events for the dashboard. */
+#define LOSS_HISTORY 100
+#define EVENT_HISTORY 50
+/* Step aggregations / checkpoint steps in flight at once (ranks are within a step or two). */
+#define MAX_PENDING 64
+/* Delay after the last registration before a generation opens, so that workers starting
+ * together join the same generation: this many heartbeats, clamped to [SETTLE_MIN, SETTLE_MAX]. */
+#define SETTLE_HEARTBEATS 2
+#define SETTLE_MIN_MS 100
+#define SETTLE_MAX_MS 1000
+/* Recoveries in a row without progress beyond the furthest step reached before the run fails. */
+#define MAX_FRUITLESS_RECOVERIES 5
+/* Registered workers kept at most: max_workers times this, plus slack for lost entries. */
+#define TABLE_FACTOR 4
+#define TABLE_SLACK 16
+/* Status snapshot republished at least this often (heartbeat ages move). */
+#define PUBLISH_MS 250
+/* Rate limit of drop warnings: one line per reason per this many ms. */
+#define DROP_LOG_MS 2000
+/* Steps whose times are kept for goodput (8 bytes each). */
+#define GOODPUT_MAX_STEPS ((int64_t)1 << 26)
+/* Socket linger at close (ms): lets the final Stops leave. */
+#define LINGER_MS 1000
+/* A Fault's accused peer is excluded only if silent for this many heartbeats too. */
+#define SUSPECT_HEARTBEATS 2
+
+typedef enum { W_IDLE = 0, W_ACTIVE, W_DRAINING, W_LOST, W_STOPPED, W__COUNT } wstate;
+static const char *const WSTATE[W__COUNT] = {"idle", "active", "draining", "lost", "stopped"};
+
+typedef enum { R_WAITING = 0, R_RUNNING, R_RECOVERING, R_FINISHED, R_FAILED, R_STOPPED } rstate;
+static const char *const RSTATE[] = {"waiting", "running", "recovering", "finished", "failed", "stopped"};
+
+typedef struct {
+    char id[ID_MAX];
+    uint8_t rid[256]; /* ZeroMQ routing id (equals id) */
+    size_t rid_len;
+    char host[HOST_MAX];
+    char backend[16];
+    char version[32];
+    char data_ep[EP_MAX];
+    uint32_t pid;
+    wstate state;
+    int rank; /* in the open generation, else -1 */
+    int64_t last_seen, joined;
+    uint64_t seq; /* join order */
+    int64_t step;
+    double step_ms;
+    char activity[16];
+    int64_t last_keepalive;
+} worker;
+
+typedef struct {
+    int64_t step;
+    int got;
+    uint8_t *seen; /* [world] */
+    double ce, aux, z, step_ms, grad_norm, lr;
+    uint64_t tokens, dropped, routed;
+    uint64_t *counts; /* [n_switch * E] */
+    bool counts_ok;
+} agg;
+
+typedef struct {
+    int64_t step;
+    int got;
+    uint8_t *seen;  /* [world] */
+    json_t *files;  /* array of {name, size, sha256} */
+    int64_t first;  /* ms of the first part */
+} cpart;
+
+typedef struct {
+    uint64_t generation; /* the generation that failed */
+    char reason[256];
+    json_t *lost;        /* array of worker ids */
+    int64_t detected;    /* mono ms */
+    int64_t restore_step;
+    double duration_ms;  /* < 0 while in progress */
+} recovery;
+
+struct sy_coord {
+    sy_config_t cfg;
+    int expect_workers;     /* first generation: wait for this many (0: no wait) */
+    bool opened_once;       /* a generation was opened by this incarnation */
+    sy_store_t *store;
+    void *zctx, *sock;
+    char endpoint[256];
+    char status_url[300];
+    sy_http_t *http;
+    FILE *metrics_f, *events_f;
+    char *config_json;
+    uint64_t incarnation;
+    int E, n_switch;
+    int64_t settle_ms;
+    int64_t t0_mono;
+
+    worker *w;
+    int nw, capw;
+    uint64_t next_seq;
+    int64_t last_join;
+
+    rstate state;
+    bool gen_open;
+    uint64_t gen;
+    int world;
+    int *members;        /* worker index by rank */
+    uint32_t *placement; /* [E] */
+    int64_t restore_step, start_step, end_step;
+    int64_t max_reported; /* highest StepDone step seen in this generation */
+    int64_t gen_opened_at;
+    int64_t first_open;   /* mono ms of the first generation (goodput clock) */
+    int64_t settle_from;
+
+    agg pend[MAX_PENDING];
+    int npend;
+    cpart parts[MAX_PENDING];
+    int nparts;
+
+    int64_t step;          /* last aggregated step */
+    int64_t furthest;      /* furthest step ever aggregated */
+    int fruitless;
+    int64_t latest_ckpt;   /* -1: none */
+    double latest_ckpt_time, ckpt_seconds;
+    double loss, ce, aux, z, tps, dropped_frac, lr, grad_norm;
+    uint64_t *load; /* [n_switch * E] of the last step */
+    bool load_valid;
+    int64_t load_step;
+    struct { int64_t step; double loss; } hist[LOSS_HISTORY];
+    int nhist;
+    double *ms_by_step; /* step time of the kept run of each step (goodput) */
+    int64_t ms_cap;
+    double useful_ms;
+
+    recovery *rec;
+    int nrec;
+    json_t *events; /* recent events (array) */
+
+    uint64_t drops[SY_DROP__COUNT];
+    int64_t drop_logged[SY_DROP__COUNT];
+    int64_t last_publish;
+    bool dirty, done;
+    sy_coord_outcome outcome;
+};
+
+/* ---------------------------------------------------------------------------------------- */
+/* Small helpers                                                                             */
+
+static int64_t mono_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static double wall_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static sy_status mkdir_p(const char *path) {
+    char buf[4096];
+    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
+        return sy_err_set(SY_EINVAL, "run.state_dir is too long");
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return sy_err_set(SY_EIO, "mkdir %s: %s", buf, strerror(errno));
+        *p = '/';
+    }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+        return sy_err_set(SY_EIO, "mkdir %s: %s", buf, strerror(errno));
+    return SY_OK;
+}
+
+/* A JSON number, or null when not finite (jansson refuses NaN and inf). */
+static json_t *jnum(double v) { return isfinite(v) ? json_real(v) : json_null(); }
+
+static void drop(sy_coord_t *c, sy_proto_drop why, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void drop(sy_coord_t *c, sy_proto_drop why, const char *fmt, ...) {
+    c->drops[why]++;
+    c->dirty = true;
+    int64_t now = mono_ms();
+    if (now - c->drop_logged[why] < DROP_LOG_MS && c->drops[why] > 1) return;
+    c->drop_logged[why] = now;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    sy_warn("dropped message (%s, %" PRIu64 " so far): %s", sy_proto_drop_name(why), c->drops[why], msg);
+}
+
+/* Appends {"time", "event", ...fields} to events.jsonl and the recent list; steals fields. */
+static void event(sy_coord_t *c, const char *name, json_t *fields) {
+    json_t *e = json_object();
+    json_object_set_new(e, "time", json_real(wall_s()));
+    json_object_set_new(e, "event", json_string(name));
+    if (fields) json_object_update(e, fields);
+    json_decref(fields);
+    char *line = json_dumps(e, JSON_COMPACT);
+    if (line && c->events_f) {
+        fprintf(c->events_f, "%s\n", line);
+        fflush(c->events_f);
+    }
+    sy_info("event %s", line ? line : name);
+    free(line);
+    json_array_append_new(c->events, e);
+    while (json_array_size(c->events) > EVENT_HISTORY) json_array_remove(c->events, 0);
+    c->dirty = true;
+}
+
+static int find_worker_rid(sy_coord_t *c, const void *rid, size_t len) {
+    for (int i = 0; i < c->nw; i++)
+        if (c->w[i].rid_len == len && !memcmp(c->w[i].rid, rid, len)) return i;
+    return -1;
+}
+
+static int find_worker_id(sy_coord_t *c, const char *id) {
+    for (int i = 0; i < c->nw; i++)
+        if (!strcmp(c->w[i].id, id)) return i;
+    return -1;
+}
+
+static bool w_live(const worker *w) { return w->state != W_LOST && w->state != W_STOPPED; }
+
+static void send_to(sy_coord_t *c, worker *w, Sy__Envelope *env) {
+    if (sy_proto_send(c->sock, w->rid, w->rid_len, env) != SY_OK)
+        sy_debug("to %s: %s", w->id, sy_err_msg());
+}
+
+static void send_welcome(sy_coord_t *c, worker *w) {
+    Sy__Envelope env;
+    Sy__Welcome wl = SY__WELCOME__INIT;
+    sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen_open && w->rank >= 0 ? c->gen : 0);
+    wl.worker_id = w->id;
+    wl.heartbeat_ms = (uint32_t)c->cfg.cluster.heartbeat_ms;
+    env.body_case = SY__ENVELOPE__BODY_WELCOME;
+    env.welcome = &wl;
+    send_to(c, w, &env);
+    w->last_keepalive = mono_ms();
+}
+
+static void send_stop(sy_coord_t *c, worker *w, const char *reason) {
+    Sy__Envelope env;
+    Sy__Stop st = SY__STOP__INIT;
+    sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
+    st.reason = (char *)reason;
+    env.body_case = SY__ENVELOPE__BODY_STOP;
+    env.stop = &st;
+    send_to(c, w, &env);
+}
+
+static void send_abort(sy_coord_t *c, worker *w, const char *reason) {
+    Sy__Envelope env;
+    Sy__Abort ab = SY__ABORT__INIT;
+    sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
+    ab.reason = (char *)reason;
+    env.body_case = SY__ENVELOPE__BODY_ABORT;
+    env.abort = &ab;
+    send_to(c, w, &env);
+}
+
+static void clear_pending(sy_coord_t *c) {
+    for (int i = 0; i < c->npend; i++) {
+        free(c->pend[i].seen);
+        free(c->pend[i].counts);
+    }
+    c->npend = 0;
+    for (int i = 0; i < c->nparts; i++) {
+        free(c->parts[i].seen);
+        json_decref(c->parts[i].files);
+    }
+    c->nparts = 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Generations                                                                               */
+
+static json_t *ids_of_members(sy_coord_t *c) {
+    json_t *a = json_array();
+    for (int r = 0; r < c->world; r++) json_array_append_new(a, json_string(c->w[c->members[r]].id));
+    return a;
+}
+
+/* Ends the open generation: members go back to idle (drained ones get Stop). */
+static void close_generation(sy_coord_t *c, const char *why) {
+    if (!c->gen_open) return;
+    for (int r = 0; r < c->world; r++) {
+        worker *w = &c->w[c->members[r]];
+        w->rank = -1;
+        if (w->state == W_DRAINING) {
+            send_stop(c, w, "drained");
+            w->state = W_STOPPED;
+            event(c, "worker_drained", json_pack("{s:s}", "worker", w->id));
+        } else if (w->state == W_ACTIVE) {
+            send_abort(c, w, why);
+            w->state = W_IDLE;
+        }
+    }
+    c->gen_open = false;
+    c->world = 0;
+    clear_pending(c);
+    c->settle_from = mono_ms();
+    c->dirty = true;
+}
+
+static void finish(sy_coord_t *c, rstate final, const char *why) {
+    for (int i = 0; i < c->nw; i++)
+        if (w_live(&c->w[i])) send_stop(c, &c->w[i], why);
+    c->gen_open = false;
+    c->state = final;
+    c->done = true;
+    c->outcome = final == R_FINISHED ? SY_COORD_FINISHED : final == R_FAILED ? SY_COORD_FAILED : SY_COORD_STOPPED;
+    double elapsed = (mono_ms() - c->t0_mono) / 1e3;
+    event(c, final == R_FINISHED ? "run_finished" : final == R_FAILED ? "run_failed" : "run_stopped",
+          json_pack("{s:s, s:I, s:I, s:o, s:f, s:I}", "reason", why, "step", (json_int_t)c->step,
+                    "total_steps", (json_int_t)c->cfg.run.steps, "loss", jnum(c->loss), "elapsed_s",
+                    elapsed, "generation", (json_int_t)c->gen));
+}
+
+static int cmp_seq(const void *a, const void *b, void *ctx) {
+    const worker *w = ctx;
+    uint64_t x = w[*(const int *)a].seq, y = w[*(const int *)b].seq;
+    return x < y ? -1 : x > y;
+}
+
+/* Opens generation g+1 over the idle live workers (join order, at most max_workers). */
+static void open_generation(sy_coord_t *c) {
+    int *cand = malloc(sizeof(int) * (size_t)(c->nw ? c->nw : 1));
+    int n = 0;
+    if (!cand) return;
+    for (int i = 0; i < c->nw; i++)
+        if (c->w[i].state == W_IDLE) cand[n++] = i;
+    qsort_r(cand, (size_t)n, sizeof(int), cmp_seq, c->w);
+    if (n > c->cfg.cluster.max_workers) n = c->cfg.cluster.max_workers;
+    if (n < c->cfg.cluster.min_workers) { /* e.g. everyone drained: wait for workers */
+        free(cand);
+        c->state = R_WAITING;
+        c->dirty = true;
+        return;
+    }
+    if (c->latest_ckpt >= c->cfg.run.steps) {
+        free(cand);
+        finish(c, R_FINISHED, "already complete");
+        return;
+    }
+    c->gen++;
+    c->world = n;
+    memcpy(c->members, cand, sizeof(int) * (size_t)n);
+    free(cand);
+    sy_placement_balanced(c->E, n, c->placement);
+    c->restore_step = c->latest_ckpt;
+    c->start_step = c->latest_ckpt >= 0 ? c->latest_ckpt + 1 : 1;
+    c->end_step = c->cfg.run.steps;
+    c->max_reported = c->start_step - 1;
+    c->gen_open = true;
+    c->gen_opened_at = mono_ms();
+    if (!c->first_open) c->first_open = c->gen_opened_at;
+    clear_pending(c);
+
+    /* Steps after the restore point are run again: forget their records. */
+    int keep = 0;
+    for (int i = 0; i < c->nhist; i++)
+        if (c->hist[i].step <= c->restore_step) c->hist[keep++] = c->hist[i];
+    c->nhist = keep;
+    for (int64_t s = c->restore_step + 1; s > 0 && s <= c->step && s < c->ms_cap; s++) {
+        c->useful_ms -= c->ms_by_step[s];
+        c->ms_by_step[s] = 0;
+    }
+    if (c->step > c->restore_step) c->step = c->restore_step > 0 ? c->restore_step : 0;
+
+    char **peers = calloc((size_t)n, sizeof(char *));
+    for (int r = 0; r < n && peers; r++) peers[r] = c->w[c->members[r]].data_ep;
+    for (int r = 0; r < n; r++) {
+        worker *w = &c->w[c->members[r]];
+        w->rank = r;
+        w->state = W_ACTIVE;
+        Sy__Envelope env;
+        Sy__Assign as = SY__ASSIGN__INIT;
+        sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
+        as.rank = (uint32_t)r;
+        as.world = (uint32_t)n;
+        as.n_peers = peers ? (size_t)n : 0;
+        as.peers = peers;
+        as.n_placement = (size_t)c->E;
+        as.placement = c->placement;
+        as.restore_step = c->restore_step;
+        as.start_step = (uint64_t)c->start_step;
+        as.end_step = (uint64_t)c->end_step;
+        as.config_json = c->config_json;
+        env.body_case = SY__ENVELOPE__BODY_ASSIGN;
+        env.assign = &as;
+        send_to(c, w, &env);
+    }
+    free(peers);
+    json_t *pl = json_array();
+    for (int e = 0; e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
+    c->state = (c->nrec && c->rec[c->nrec - 1].duration_ms < 0) ? R_RECOVERING : R_RUNNING;
+    event(c, "generation_opened",
+          json_pack("{s:I, s:i, s:o, s:I, s:I, s:I, s:o}", "generation", (json_int_t)c->gen, "world", n,
+                    "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
+                    "start_step", (json_int_t)c->start_step, "end_step", (json_int_t)c->end_step,
+                    "placement", pl));
+}
+
+/* A member is gone (or the generation is broken): abort it and plan a new one. */
+static void begin_recovery(sy_coord_t *c, const char *reason, const char *lost_id) {
+    if (c->done) return;
+    if (!c->gen_open) {
+        /* Already recovering: just note another loss. */
+        if (lost_id && c->nrec && c->rec[c->nrec - 1].duration_ms < 0)
+            json_array_append_new(c->rec[c->nrec - 1].lost, json_string(lost_id));
+        return;
+    }
+    recovery *nr = realloc(c->rec, sizeof(recovery) * (size_t)(c->nrec + 1));
+    if (!nr) return;
+    c->rec = nr;
+    recovery *r = &c->rec[c->nrec++];
+    memset(r, 0, sizeof *r);
+    r->generation = c->gen;
+    snprintf(r->reason, sizeof r->reason, "%s", reason);
+    r->lost = json_array();
+    if (lost_id) json_array_append_new(r->lost, json_string(lost_id));
+    r->detected = mono_ms();
+    r->restore_step = c->latest_ckpt;
+    r->duration_ms = -1;
+    close_generation(c, reason);
+    c->state = R_RECOVERING;
+    if (++c->fruitless > MAX_FRUITLESS_RECOVERIES) {
+        char why[300];
+        snprintf(why, sizeof why, "%d recoveries in a row without getting past step %" PRId64 " (last: %s)",
+                 c->fruitless, c->furthest, reason);
+        sy_error("%s", why);
+        finish(c, R_FAILED, why);
+    }
+}
+
+static void worker_lost(sy_coord_t *c, int i, const char *reason) {
+    worker *w = &c->w[i];
+    if (!w_live(w)) return;
+    bool member = c->gen_open && w->rank >= 0;
+    int rank = w->rank;
+    wstate was = w->state;
+    w->state = W_LOST;
+    send_abort(c, w, reason); /* in case it is alive but slow: it must not go on */
+    event(c, "worker_lost", json_pack("{s:s, s:s, s:i, s:I, s:s}", "worker", w->id, "reason", reason, "rank",
+                                      rank, "generation", (json_int_t)c->gen, "state", WSTATE[was]));
+    if (member) {
+        char why[300];
+        snprintf(why, sizeof why, "worker %s (rank %d) lost: %s", w->id, rank, reason);
+        begin_recovery(c, why, w->id);
+    }
+    w->rank = -1;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Checkpoints                                                                               */
+
+static json_t *manifest_extra(sy_coord_t *c, int64_t step) {
+    json_t *ex = json_object();
+    json_object_set_new(ex, "config", sy_config_to_json(&c->cfg));
+    json_object_set_new(ex, "data_position",
+                        json_pack("{s:I, s:I}", "next_step", (json_int_t)(step + 1), "first_sample",
+                                  (json_int_t)(step * c->cfg.train.global_batch_seqs)));
+    json_object_set_new(ex, "rng", json_pack("{s:s, s:I}", "kind", "splitmix64-keyed", "seed",
+                                             (json_int_t)c->cfg.run.seed));
+    json_object_set_new(ex, "world", json_integer(c->world));
+    json_object_set_new(ex, "generation", json_integer((json_int_t)c->gen));
+    json_object_set_new(ex, "optimizer_step", json_integer(step));
+    json_t *pl = json_array();
+    for (int e = 0; e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
+    json_object_set_new(ex, "placement", pl);
+    return ex;
+}
+
+/* Dense and every expert's weights are among the files (optimizer files are not checked). */
+static bool parts_cover(sy_coord_t *c, const json_t *files, char *missing, size_t cap) {
+    char want[64];
+    int n = c->n_switch > 0 ? c->E : 0;
+    for (int k = -1; k < n; k++) {
+        if (k < 0) sy_ckpt_file_dense(want, sizeof want, 0);
+        else sy_ckpt_file_expert(want, sizeof want, k, 0);
+        bool found = false;
+        size_t i;
+        json_t *f;
+        json_array_foreach(files, i, f) {
+            const char *nm = json_string_value(json_object_get(f, "name"));
+            if (nm && !strcmp(nm, want)) found = true;
+        }
+        if (!found) {
+            snprintf(missing, cap, "%s", want);
+            return false;
+        }
+    }
+    return true;
+}
+
+static void maybe_finish(sy_coord_t *c) {
+    if (!c->done && c->step >= c->cfg.run.steps && c->latest_ckpt >= c->cfg.run.steps)
+        finish(c, R_FINISHED, "all steps done");
+}
+
+static bool membership_change_due(sy_coord_t *c) {
+    int idle = 0;
+    for (int i = 0; i < c->nw; i++) {
+        if (c->w[i].state == W_DRAINING) return true;
+        if (c->w[i].state == W_IDLE) idle++;
+    }
+    return idle > 0 && c->world < c->cfg.cluster.max_workers;
+}
+
+static void commit_part(sy_coord_t *c, int k) {
+    cpart *p = &c->parts[k];
+    int64_t step = p->step;
+    char missing[64];
+    int64_t t0 = mono_ms();
+    if (!parts_cover(c, p->files, missing, sizeof missing)) {
+        event(c, "checkpoint_failed", json_pack("{s:I, s:s}", "step", (json_int_t)step, "error",
+                                                "parts of every rank arrived but do not cover the model"));
+        sy_error("checkpoint step %" PRId64 ": no rank sent %s", step, missing);
+    } else {
+        json_t *ex = manifest_extra(c, step);
+        sy_status s = sy_ckpt_commit(c->store, c->cfg.run.name, step, p->files, ex);
+        json_decref(ex);
+        if (s == SY_EEXIST) {
+            sy_warn("checkpoint step %" PRId64 " was already committed; keeping it", step);
+            s = SY_OK;
+        }
+        if (s != SY_OK) {
+            event(c, "checkpoint_failed", json_pack("{s:I, s:s}", "step", (json_int_t)step, "error", sy_err_msg()));
+            sy_error("checkpoint step %" PRId64 ": %s", step, sy_err_msg());
+        } else {
+            if (step > c->latest_ckpt) c->latest_ckpt = step;
+            c->latest_ckpt_time = wall_s();
+            if (sy_ckpt_retain(c->store, c->cfg.run.name, c->cfg.checkpoint.keep_last) != SY_OK)
+                sy_warn("checkpoint retention: %s", sy_err_msg());
+            int64_t now = mono_ms();
+            c->ckpt_seconds = (now - p->first) / 1e3;
+            event(c, "checkpoint_committed",
+                  json_pack("{s:I, s:i, s:f, s:f, s:I}", "step", (json_int_t)step, "files",
+                            (int)json_array_size(p->files), "seconds", c->ckpt_seconds, "commit_ms",
+                            (double)(now - t0), "generation", (json_int_t)c->gen));
+        }
+    }
+    /* This step and older ones are settled. */
+    int keep = 0;
+    for (int i = 0; i < c->nparts; i++) {
+        if (c->parts[i].step <= step) {
+            free(c->parts[i].seen);
+            json_decref(c->parts[i].files);
+        } else {
+            c->parts[keep++] = c->parts[i];
+        }
+    }
+    c->nparts = keep;
+    if (c->latest_ckpt < step && step == c->end_step) {
+        /* Workers wait after their last step: without its checkpoint the run cannot end, so
+         * it is re-run from the latest committed checkpoint (bounded by the recovery limit). */
+        begin_recovery(c, "the final checkpoint could not be committed", NULL);
+        return;
+    }
+    maybe_finish(c);
+    if (!c->done && c->latest_ckpt == step && step < c->end_step && membership_change_due(c)) {
+        char why[128];
+        snprintf(why, sizeof why, "membership change at checkpoint %" PRId64, step);
+        close_generation(c, why);
+        open_generation(c);
+    }
+}
+
+static void on_checkpoint_part(sy_coord_t *c, worker *w, const Sy__CheckpointPart *cp) {
+    int64_t step = (int64_t)cp->step;
+    if (step < 1 || step > c->end_step || step <= c->restore_step) {
+        drop(c, SY_DROP_INVALID, "CheckpointPart from %s: step %" PRId64 " outside this generation", w->id, step);
+        return;
+    }
+    if (step <= c->latest_ckpt) return; /* already committed (e.g. forced + periodic) */
+    for (size_t i = 0; i < cp->n_objects; i++) {
+        const Sy__ObjectInfo *o = cp->objects[i];
+        const char *nm = o->name, *h = o->sha256;
+        bool ok = nm && *nm && strlen(nm) < 128 && !strchr(nm, '/') && sy_store_key_valid(nm) && h &&
+                  strlen(h) == 64 && strcmp(nm, SY_CKPT_MANIFEST) != 0 && o->size <= (uint64_t)INT64_MAX;
+        for (const char *q = h; ok && *q; q++) ok = (*q >= '0' && *q <= '9') || (*q >= 'a' && *q <= 'f');
+        if (!ok) {
+            drop(c, SY_DROP_INVALID, "CheckpointPart from %s step %" PRId64 ": object %zu is not a valid "
+                 "{name, size, sha256}", w->id, step, i);
+            return;
+        }
+    }
+    int k = -1;
+    for (int i = 0; i < c->nparts; i++)
+        if (c->parts[i].step == step) k = i;
+    if (k < 0) {
+        if (c->nparts == MAX_PENDING) {
+            drop(c, SY_DROP_UNEXPECTED, "CheckpointPart from %s: too many checkpoints in flight", w->id);
+            return;
+        }
+        k = c->nparts++;
+        cpart *p = &c->parts[k];
+        memset(p, 0, sizeof *p);
+        p->step = step;
+        p->seen = calloc((size_t)c->world, 1);
+        p->files = json_array();
+        p->first = mono_ms();
+    }
+    cpart *p = &c->parts[k];
+    if (!p->seen || p->seen[w->rank]) {
+        drop(c, SY_DROP_UNEXPECTED, "CheckpointPart from %s: step %" PRId64 " reported twice", w->id, step);
+        return;
+    }
+    for (size_t i = 0; i < cp->n_objects; i++) {
+        const Sy__ObjectInfo *o = cp->objects[i];
+        bool dup = false;
+        size_t j;
+        json_t *f;
+        json_array_foreach(p->files, j, f) if (!strcmp(json_string_value(json_object_get(f, "name")), o->name)) dup = true;
+        if (dup) {
+            sy_warn("checkpoint step %" PRId64 ": %s listed %s again; keeping the first", step, w->id, o->name);
+            continue;
+        }
+        json_array_append_new(p->files, json_pack("{s:s, s:I, s:s}", "name", o->name, "size",
+                                                  (json_int_t)o->size, "sha256", o->sha256));
+    }
+    p->seen[w->rank] = 1;
+    if (++p->got == c->world) commit_part(c, k);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Steps                                                                                     */
+
+static void record_step_ms(sy_coord_t *c, int64_t step, double ms) {
+    if (step > GOODPUT_MAX_STEPS) return;
+    if (step >= c->ms_cap) {
+        int64_t cap = c->ms_cap ? c->ms_cap : 1024;
+        while (cap <= step) cap *= 2;
+        double *n = realloc(c->ms_by_step, sizeof(double) * (size_t)cap);
+        if (!n) return;
+        memset(n + c->ms_cap, 0, sizeof(double) * (size_t)(cap - c->ms_cap));
+        c->ms_by_step = n;
+        c->ms_cap = cap;
+    }
+    c->useful_ms += ms - c->ms_by_step[step];
+    c->ms_by_step[step] = ms;
+}
+
+static void step_complete(sy_coord_t *c, agg *a) {
+    double loss = a->ce + a->aux + a->z;
+    double tps = a->step_ms > 0 ? a->tokens / (a->step_ms / 1e3) : 0;
+    double dfrac = a->routed ? (double)a->dropped / (double)a->routed : 0;
+    c->step = a->step;
+    c->loss = loss, c->ce = a->ce, c->aux = a->aux, c->z = a->z, c->tps = tps, c->dropped_frac = dfrac;
+    c->lr = a->lr, c->grad_norm = a->grad_norm;
+    if (a->counts_ok && c->load) {
+        memcpy(c->load, a->counts, sizeof(uint64_t) * (size_t)(c->n_switch * c->E));
+        c->load_valid = true;
+        c->load_step = a->step;
+    }
+    if (c->nhist == LOSS_HISTORY) {
+        memmove(c->hist, c->hist + 1, sizeof c->hist[0] * (LOSS_HISTORY - 1));
+        c->nhist--;
+    }
+    c->hist[c->nhist].step = a->step;
+    c->hist[c->nhist].loss = loss;
+    c->nhist++;
+    record_step_ms(c, a->step, a->step_ms);
+    json_t *j = json_pack("{s:I, s:o, s:o, s:o, s:o, s:o, s:o, s:f, s:f, s:i, s:I, s:f, s:f}", "step",
+                          (json_int_t)a->step, "loss", jnum(loss), "ce", jnum(a->ce), "aux", jnum(a->aux), "z",
+                          jnum(a->z), "lr", jnum(a->lr), "grad_norm", jnum(a->grad_norm), "tokens_per_s", tps,
+                          "dropped_frac", dfrac, "world", c->world, "generation", (json_int_t)c->gen, "step_ms",
+                          a->step_ms, "time", wall_s());
+    char *line = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (line && c->metrics_f) {
+        fprintf(c->metrics_f, "%s\n", line);
+        fflush(c->metrics_f);
+    }
+    free(line);
+    json_decref(j);
+    if (c->cfg.run.log_every > 0 && (a->step % c->cfg.run.log_every == 0 || a->step == c->cfg.run.steps))
+        sy_info("step %" PRId64 "/%" PRId64 " | loss %.4f | %.0f tok/s | world %d | generation %" PRIu64, a->step,
+                (int64_t)c->cfg.run.steps, loss, tps, c->world, c->gen);
+    if (c->state == R_RECOVERING && c->nrec && c->rec[c->nrec - 1].duration_ms < 0) {
+        recovery *r = &c->rec[c->nrec - 1];
+        r->duration_ms = (double)(mono_ms() - r->detected);
+        r->restore_step = c->restore_step;
+        event(c, "restore_done", json_pack("{s:I, s:I, s:I, s:f}", "generation", (json_int_t)c->gen,
+                                           "restore_step", (json_int_t)c->restore_step, "step",
+                                           (json_int_t)a->step, "recovery_ms", r->duration_ms));
+    }
+    c->state = R_RUNNING;
+    if (a->step > c->furthest) {
+        c->furthest = a->step;
+        c->fruitless = 0;
+    }
+    c->dirty = true;
+    if (!isfinite(loss)) {
+        char why[128];
+        snprintf(why, sizeof why, "step %" PRId64 ": loss is not finite (diverged)", a->step);
+        sy_error("%s", why);
+        finish(c, R_FAILED, why);
+        return;
+    }
+    maybe_finish(c);
+}
+
+static void on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd) {
+    int64_t step = (int64_t)sd->step;
+    if (step < c->start_step || step > c->end_step) {
+        drop(c, SY_DROP_INVALID, "StepDone from %s: step %" PRId64 " outside %" PRId64 "..%" PRId64, w->id, step,
+             c->start_step, c->end_step);
+        return;
+    }
+    w->step = step;
+    w->step_ms = sd->step_ms;
+    if (step > c->max_reported) c->max_reported = step;
+    int k = -1;
+    for (int i = 0; i < c->npend; i++)
+        if (c->pend[i].step == step) k = i;
+    if (k < 0) {
+        if (step <= c->step && step >= c->start_step) {
+            drop(c, SY_DROP_UNEXPECTED, "StepDone from %s: step %" PRId64 " already aggregated", w->id, step);
+            return;
+        }
+        if (c->npend == MAX_PENDING) {
+            drop(c, SY_DROP_UNEXPECTED, "StepDone from %s: too many steps in flight", w->id);
+            return;
+        }
+        k = c->npend++;
+        agg *a = &c->pend[k];
+        memset(a, 0, sizeof *a);
+        a->step = step;
+        a->seen = calloc((size_t)c->world, 1);
+        a->counts = calloc((size_t)(c->n_switch * c->E > 0 ? c->n_switch * c->E : 1), sizeof(uint64_t));
+        a->counts_ok = c->n_switch > 0;
+    }
+    agg *a = &c->pend[k];
+    if (!a->seen || !a->counts || a->seen[w->rank]) {
+        drop(c, SY_DROP_UNEXPECTED, "StepDone from %s: step %" PRId64 " reported twice", w->id, step);
+        return;
+    }
+    a->seen[w->rank] = 1;
+    a->got++;
+    a->ce += sd->ce, a->aux += sd->aux, a->z += sd->z;
+    a->tokens += sd->tokens, a->dropped += sd->dropped, a->routed += sd->routed;
+    if (sd->step_ms > a->step_ms) a->step_ms = sd->step_ms;
+    a->grad_norm = sd->grad_norm, a->lr = sd->lr;
+    if ((int)sd->n_expert_counts != c->n_switch) {
+        a->counts_ok = false;
+    } else {
+        for (int l = 0; l < c->n_switch && a->counts_ok; l++) {
+            const Sy__LayerCounts *lc = sd->expert_counts[l];
+            if ((int)lc->n_counts != c->E) {
+                a->counts_ok = false;
+                break;
+            }
+            for (int e = 0; e < c->E; e++) a->counts[l * c->E + e] += lc->counts[e];
+        }
+    }
+    if (a->got < c->world) return;
+    agg done = *a;
+    c->pend[k] = c->pend[--c->npend];
+    step_complete(c, &done);
+    free(done.seen);
+    free(done.counts);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Messages                                                                                  */
+
+static bool printable(const char *s, size_t max) {
+    size_t n = 0;
+    for (; s[n]; n++)
+        if ((unsigned char)s[n] < 0x21 || (unsigned char)s[n] > 0x7e) return false;
+    return n > 0 && n < max;
+}
+
+static void on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy__Envelope *env) {
+    const Sy__Hello *h = env->hello;
+    const char *id = h->worker_id;
+    if (!id || !printable(id, ID_MAX) || (h->data_endpoint && strlen(h->data_endpoint) >= EP_MAX)) {
+        drop(c, SY_DROP_INVALID, "Hello with an invalid worker id or endpoint");
+        return;
+    }
+    if (rid_len != strlen(id) || memcmp(rid, id, rid_len) != 0) {
+        drop(c, SY_DROP_BAD_FRAME, "Hello from worker '%s' whose ZeroMQ routing id differs (set ZMQ_ROUTING_ID to the worker id)", id);
+        return;
+    }
+    int i = find_worker_id(c, id);
+    int64_t now = mono_ms();
+    if (i >= 0 && w_live(&c->w[i]) && c->w[i].pid == h->pid) {
+        /* Same process again (a resend, or it lost touch with us): refresh, welcome again. */
+        c->w[i].last_seen = now;
+        send_welcome(c, &c->w[i]);
+        return;
+    }
+    if (i >= 0 && w_live(&c->w[i])) worker_lost(c, i, "replaced by a new process with the same id");
+    if (i < 0) {
+        int cap = c->cfg.cluster.max_workers * TABLE_FACTOR + TABLE_SLACK;
+        if (c->nw >= cap) { /* forget the oldest lost/stopped entry */
+            for (int j = 0; j < c->nw; j++)
+                if (!w_live(&c->w[j])) {
+                    memmove(&c->w[j], &c->w[j + 1], sizeof(worker) * (size_t)(c->nw - j - 1));
+                    c->nw--;
+                    break;
+                }
+            /* Member indices may have moved. */
+            for (int r = 0; r < c->world; r++) c->members[r] = -1;
+            for (int j = 0; j < c->nw; j++)
+                if (c->gen_open && c->w[j].rank >= 0) c->members[c->w[j].rank] = j;
+        }
+        if (c->nw >= cap) {
+            drop(c, SY_DROP_UNEXPECTED, "Hello from '%s': worker table full (%d)", id, cap);
+            return;
+        }
+        if (c->nw == c->capw) {
+            int nc = c->capw ? 2 * c->capw : 16;
+            worker *nw = realloc(c->w, sizeof(worker) * (size_t)nc);
+            if (!nw) return;
+            c->w = nw;
+            c->capw = nc;
+        }
+        i = c->nw++;
+    }
+    worker *w = &c->w[i];
+    memset(w, 0, sizeof *w);
+    snprintf(w->id, sizeof w->id, "%s", id);
+    memcpy(w->rid, rid, rid_len);
+    w->rid_len = rid_len;
+    snprintf(w->host, sizeof w->host, "%s", h->host ? h->host : "");
+    snprintf(w->backend, sizeof w->backend, "%s", h->backend ? h->backend : "");
+    snprintf(w->version, sizeof w->version, "%s", h->version ? h->version : "");
+    snprintf(w->data_ep, sizeof w->data_ep, "%s", h->data_endpoint ? h->data_endpoint : "");
+    snprintf(w->activity, sizeof w->activity, "idle");
+    w->pid = h->pid;
+    w->state = W_IDLE;
+    w->rank = -1;
+    w->last_seen = w->joined = now;
+    w->seq = ++c->next_seq;
+    c->last_join = now;
+    send_welcome(c, w);
+    event(c, "worker_joined", json_pack("{s:s, s:s, s:i, s:s, s:s}", "worker", w->id, "host", w->host, "pid",
+                                        (int)w->pid, "backend", w->backend, "data_endpoint", w->data_ep));
+}
+
+static void on_fault(sy_coord_t *c, worker *w, const Sy__Fault *f) {
+    char why[300];
+    snprintf(why, sizeof why, "fault from %s (rank %d): %s%s%s", w->id, w->rank, f->kind ? f->kind : "?",
+             f->detail && *f->detail ? ": " : "", f->detail ? f->detail : "");
+    event(c, "worker_fault", json_pack("{s:s, s:s, s:s, s:i, s:I}", "worker", w->id, "kind", f->kind ? f->kind : "",
+                                       "detail", f->detail ? f->detail : "", "peer_rank", f->peer_rank, "step",
+                                       (json_int_t)f->step));
+    /* The accused peer is dropped only if it is silent too: a timeout cascades through ranks
+     * waiting on each other, so the first accusation is often of a healthy rank. */
+    if (f->peer_rank >= 0 && f->peer_rank < c->world) {
+        int pi = c->members[f->peer_rank];
+        if (pi >= 0 && mono_ms() - c->w[pi].last_seen > (int64_t)SUSPECT_HEARTBEATS * c->cfg.cluster.heartbeat_ms)
+            worker_lost(c, pi, "named by a peer's fault and silent");
+    }
+    begin_recovery(c, why, NULL);
+}
+
+static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const void *buf, size_t len) {
+    Sy__Envelope *env = NULL;
+    sy_proto_drop why = sy_proto_unpack(buf, len, &env);
+    if (why != SY_DROP_NONE) {
+        drop(c, why, "%s", sy_err_msg());
+        return;
+    }
+    /* A worker learns the run from Welcome, so its Hello may carry an empty run id. */
+    const char *run = env->run_id ? env->run_id : "";
+    if (strcmp(run, c->cfg.run.name) != 0 && !(env->body_case == SY__ENVELOPE__BODY_HELLO && !run[0])) {
+        drop(c, SY_DROP_RUN_ID, "%s with run id '%.64s', this run is '%s'", sy_proto_body_name(env->body_case), run,
+             c->cfg.run.name);
+        goto out;
+    }
+    switch (env->body_case) {
+    case SY__ENVELOPE__BODY_HELLO:
+    case SY__ENVELOPE__BODY_HEARTBEAT:
+    case SY__ENVELOPE__BODY_STEP_DONE:
+    case SY__ENVELOPE__BODY_CHECKPOINT_PART:
+    case SY__ENVELOPE__BODY_FAULT:
+        break;
+    default:
+        drop(c, SY_DROP_UNKNOWN_MESSAGE, "message body '%s' is not one a worker sends",
+             sy_proto_body_name(env->body_case));
+        goto out;
+    }
+    if (env->body_case == SY__ENVELOPE__BODY_HELLO) {
+        on_hello(c, rid, rid_len, env);
+        goto out;
+    }
+    int i = find_worker_rid(c, rid, rid_len);
+    if (i < 0) {
+        drop(c, SY_DROP_UNKNOWN_WORKER, "%s from an unregistered sender", sy_proto_body_name(env->body_case));
+        goto out;
+    }
+    worker *w = &c->w[i];
+    if (env->incarnation != c->incarnation) {
+        drop(c, SY_DROP_INCARNATION, "%s from %s with incarnation %016" PRIx64, sy_proto_body_name(env->body_case),
+             w->id, env->incarnation);
+        goto out;
+    }
+    if (w->state == W_STOPPED) {
+        drop(c, SY_DROP_UNEXPECTED, "%s from %s, which was stopped", sy_proto_body_name(env->body_case), w->id);
+        goto out;
+    }
+    w->last_seen = mono_ms();
+    if (w->state == W_LOST) {
+        /* Alive after all (it was only slow): back as a spare; it got an Abort when declared lost. */
+        w->state = W_IDLE;
+        w->rank = -1;
+        w->seq = ++c->next_seq;
+        c->last_join = w->last_seen;
+        event(c, "worker_joined", json_pack("{s:s, s:b}", "worker", w->id, "returned", 1));
+    }
+    if (env->body_case == SY__ENVELOPE__BODY_HEARTBEAT) {
+        const Sy__Heartbeat *hb = env->heartbeat;
+        snprintf(w->activity, sizeof w->activity, "%s", hb->state && printable(hb->state, 16) ? hb->state : "?");
+        goto out;
+    }
+    /* Results must belong to the open generation, from one of its members. */
+    if (!c->gen_open || env->generation != c->gen) {
+        drop(c, SY_DROP_STALE_GENERATION, "%s from %s for generation %" PRIu64 " (current %" PRIu64 "%s)",
+             sy_proto_body_name(env->body_case), w->id, env->generation, c->gen, c->gen_open ? "" : ", closed");
+        goto out;
+    }
+    if (w->rank < 0) {
+        drop(c, SY_DROP_UNEXPECTED, "%s from %s, which is not in generation %" PRIu64,
+             sy_proto_body_name(env->body_case), w->id, c->gen);
+        goto out;
+    }
+    if (env->body_case == SY__ENVELOPE__BODY_STEP_DONE) on_step_done(c, w, env->step_done);
+    else if (env->body_case == SY__ENVELOPE__BODY_CHECKPOINT_PART) on_checkpoint_part(c, w, env->checkpoint_part);
+    else on_fault(c, w, env->fault);
+out:
+    sy_proto_free(env);
+}
+
+/* Reads every queued message (identity frame + one payload frame each). */
+static sy_status drain_socket(sy_coord_t *c) {
+    for (int budget = 0; budget < 1000 && !c->done; budget++) {
+        zmq_msg_t parts[3];
+        int n = 0, more = 1, extra = 0;
+        while (more) {
+            zmq_msg_t m;
+            zmq_msg_init(&m);
+            if (zmq_msg_recv(&m, c->sock, n == 0 && !extra ? ZMQ_DONTWAIT : 0) < 0) {
+                int e = errno;
+                zmq_msg_close(&m);
+                for (int k = 0; k < n; k++) zmq_msg_close(&parts[k]);
+                if (e == EAGAIN) return SY_OK;
+                if (e == EINTR) return SY_OK;
+                return sy_err_set(SY_EIO, "control socket receive: %s", zmq_strerror(e));
+            }
+            more = zmq_msg_more(&m);
+            if (n < 3) parts[n++] = m;
+            else {
+                zmq_msg_close(&m);
+                extra++;
+            }
+        }
+        if (n != 2 || extra) {
+            drop(c, SY_DROP_BAD_FRAME, "message of %d frames (expected 1 after the routing id)", n + extra - 1);
+        } else if (zmq_msg_size(&parts[1]) == 0) {
+            drop(c, SY_DROP_BAD_FRAME, "empty frame");
+        } else {
+            on_message(c, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]), zmq_msg_data(&parts[1]),
+                       zmq_msg_size(&parts[1]));
+        }
+        for (int k = 0; k < n; k++) zmq_msg_close(&parts[k]);
+    }
+    return SY_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Status snapshot and Prometheus text                                                       */
+
+static json_t *status_json(sy_coord_t *c) {
+    int64_t now = mono_ms();
+    json_t *j = json_object();
+    char inc[24];
+    snprintf(inc, sizeof inc, "%016" PRIx64, c->incarnation);
+    json_object_set_new(j, "run", json_string(c->cfg.run.name));
+    json_object_set_new(j, "state", json_string(RSTATE[c->state]));
+    json_object_set_new(j, "step", json_integer(c->step));
+    json_object_set_new(j, "total_steps", json_integer(c->cfg.run.steps));
+    json_object_set_new(j, "generation", json_integer((json_int_t)c->gen));
+    json_object_set_new(j, "world", json_integer(c->gen_open ? c->world : 0));
+    json_object_set_new(j, "incarnation", json_string(inc));
+    json_object_set_new(j, "uptime_s", json_real((now - c->t0_mono) / 1e3));
+    json_t *ws = json_array();
+    for (int i = 0; i < c->nw; i++) {
+        const worker *w = &c->w[i];
+        json_array_append_new(ws, json_pack("{s:s, s:s, s:i, s:i, s:s, s:s, s:I, s:I, s:o, s:s, s:s}", "id", w->id,
+                                            "host", w->host, "pid", (int)w->pid, "rank", w->rank, "state",
+                                            WSTATE[w->state], "activity", w->activity, "last_heartbeat_ms",
+                                            (json_int_t)(now - w->last_seen), "step", (json_int_t)w->step,
+                                            "step_ms", jnum(w->step_ms), "backend", w->backend,
+                                            "data_endpoint", w->data_ep));
+    }
+    json_object_set_new(j, "workers", ws);
+    json_t *pl = json_array();
+    for (int e = 0; c->gen_open && e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
+    json_object_set_new(j, "placement", pl);
+    json_object_set_new(j, "latest_checkpoint",
+                        c->latest_ckpt >= 0 ? json_pack("{s:I, s:f, s:f}", "step", (json_int_t)c->latest_ckpt,
+                                                        "committed_at", c->latest_ckpt_time, "seconds",
+                                                        c->ckpt_seconds)
+                                            : json_null());
+    bool have = c->nhist > 0;
+    json_object_set_new(j, "loss", have ? jnum(c->loss) : json_null());
+    json_object_set_new(j, "ce", have ? jnum(c->ce) : json_null());
+    json_object_set_new(j, "aux", have ? jnum(c->aux) : json_null());
+    json_object_set_new(j, "z", have ? jnum(c->z) : json_null());
+    json_object_set_new(j, "lr", have ? jnum(c->lr) : json_null());
+    json_object_set_new(j, "grad_norm", have ? jnum(c->grad_norm) : json_null());
+    json_t *rl = json_array();
+    for (int i = 0; i < c->nhist; i++)
+        json_array_append_new(rl, json_pack("{s:I, s:o}", "step", (json_int_t)c->hist[i].step, "loss", jnum(c->hist[i].loss)));
+    json_object_set_new(j, "recent_loss", rl);
+    json_object_set_new(j, "tokens_per_second", json_real(c->tps));
+    json_object_set_new(j, "dropped_fraction", json_real(c->dropped_frac));
+    json_t *layers = json_array();
+    for (int l = 0; c->load_valid && l < c->n_switch; l++) {
+        json_t *row = json_array();
+        for (int e = 0; e < c->E; e++) json_array_append_new(row, json_integer((json_int_t)c->load[l * c->E + e]));
+        json_array_append_new(layers, row);
+    }
+    json_object_set_new(j, "expert_load", json_pack("{s:o, s:o}", "step",
+                                                    c->load_valid ? json_integer(c->load_step) : json_null(),
+                                                    "layers", layers));
+    json_t *rs = json_array();
+    for (int i = 0; i < c->nrec; i++) {
+        const recovery *r = &c->rec[i];
+        json_array_append_new(rs, json_pack("{s:I, s:s, s:O, s:I, s:o}", "generation", (json_int_t)r->generation,
+                                            "reason", r->reason, "lost", r->lost, "restore_step",
+                                            (json_int_t)r->restore_step, "duration_ms",
+                                            r->duration_ms >= 0 ? json_real(r->duration_ms) : json_null()));
+    }
+    json_object_set_new(j, "recoveries", rs);
+    json_t *dm = json_object();
+    for (int k = 1; k < SY_DROP__COUNT; k++)
+        json_object_set_new(dm, sy_proto_drop_name((sy_proto_drop)k), json_integer((json_int_t)c->drops[k]));
+    json_object_set_new(j, "dropped_messages", dm);
+    double elapsed = c->first_open ? (double)(now - c->first_open) : 0;
+    double gp = elapsed > 0 ? c->useful_ms / elapsed : 0;
+    json_object_set_new(j, "goodput", json_real(gp > 1 ? 1 : gp < 0 ? 0 : gp));
+    json_object_set_new(j, "events", json_deep_copy(c->events));
+    return j;
+}
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+} sbuf;
+
+static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_printf(sbuf *b, const char *fmt, ...) {
+    va_list ap;
+    for (;;) {
+        va_start(ap, fmt);
+        int n = vsnprintf(b->buf ? b->buf + b->len : NULL, b->buf ? b->cap - b->len : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0) return;
+        if (b->buf && b->len + (size_t)n < b->cap) {
+            b->len += (size_t)n;
+            return;
+        }
+        size_t nc = (b->cap ? b->cap * 2 : 4096) + (size_t)n;
+        char *nb = realloc(b->buf, nc);
+        if (!nb) return;
+        b->buf = nb;
+        b->cap = nc;
+    }
+}
+
+static void prom_head(sbuf *b, const char *name, const char *type, const char *help) {
+    sb_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void prom_gauge(sbuf *b, const char *name, const char *help, double v) {
+    prom_head(b, name, "gauge", help);
+    if (isfinite(v)) sb_printf(b, "%s %.17g\n", name, v);
+    else sb_printf(b, "%s NaN\n", name);
+}
+
+static char *metrics_text(sy_coord_t *c) {
+    sbuf b = {0};
+    bool have = c->nhist > 0;
+    prom_gauge(&b, "switchyard_step", "Last completed optimizer step.", (double)c->step);
+    prom_gauge(&b, "switchyard_total_steps", "Optimizer steps in the run.", (double)c->cfg.run.steps);
+    prom_gauge(&b, "switchyard_loss", "Training loss (ce + aux + z) of the last step.", have ? c->loss : NAN);
+    prom_gauge(&b, "switchyard_ce", "Cross-entropy of the last step.", have ? c->ce : NAN);
+    prom_gauge(&b, "switchyard_aux", "Load-balancing loss (weighted) of the last step.", have ? c->aux : NAN);
+    prom_gauge(&b, "switchyard_z", "Router z-loss (weighted) of the last step.", have ? c->z : NAN);
+    prom_gauge(&b, "switchyard_tokens_per_second", "Training throughput of the last step.", c->tps);
+    prom_gauge(&b, "switchyard_generation", "Current generation.", (double)c->gen);
+    prom_gauge(&b, "switchyard_world", "Workers in the current generation.", (double)(c->gen_open ? c->world : 0));
+    prom_head(&b, "switchyard_workers", "gauge", "Registered workers by state.");
+    int cnt[W__COUNT] = {0};
+    for (int i = 0; i < c->nw; i++) cnt[c->w[i].state]++;
+    for (int s = 0; s < W__COUNT; s++) sb_printf(&b, "switchyard_workers{state=\"%s\"} %d\n", WSTATE[s], cnt[s]);
+    prom_head(&b, "switchyard_expert_tokens", "gauge", "Tokens routed to each expert in the last step (all ranks).");
+    for (int l = 0; c->load_valid && l < c->n_switch; l++)
+        for (int e = 0; e < c->E; e++)
+            sb_printf(&b, "switchyard_expert_tokens{layer=\"%d\",expert=\"%d\"} %" PRIu64 "\n", l, e, c->load[l * c->E + e]);
+    prom_gauge(&b, "switchyard_dropped_fraction", "Fraction of routed tokens dropped by capacity in the last step.",
+               c->dropped_frac);
+    prom_gauge(&b, "switchyard_checkpoint_step", "Step of the latest committed checkpoint (-1: none).",
+               (double)c->latest_ckpt);
+    prom_gauge(&b, "switchyard_checkpoint_seconds", "Seconds from the first part to the commit of the latest checkpoint.",
+               c->ckpt_seconds);
+    prom_head(&b, "switchyard_recoveries_total", "counter", "Recoveries (generations aborted by a failure).");
+    sb_printf(&b, "switchyard_recoveries_total %d\n", c->nrec);
+    double last_rec = 0;
+    for (int i = 0; i < c->nrec; i++)
+        if (c->rec[i].duration_ms >= 0) last_rec = c->rec[i].duration_ms / 1e3;
+    prom_gauge(&b, "switchyard_recovery_seconds", "Duration of the last completed recovery.", last_rec);
+    prom_head(&b, "switchyard_dropped_messages_total", "counter", "Control-plane messages dropped, by reason.");
+    for (int k = 1; k < SY_DROP__COUNT; k++)
+        sb_printf(&b, "switchyard_dropped_messages_total{reason=\"%s\"} %" PRIu64 "\n",
+                  sy_proto_drop_name((sy_proto_drop)k), c->drops[k]);
+    double elapsed = c->first_open ? (double)(mono_ms() - c->first_open) : 0;
+    double gp = elapsed > 0 ? c->useful_ms / elapsed : 0;
+    prom_gauge(&b, "switchyard_goodput", "Step time of kept steps / wall time since the first generation.",
+               gp > 1 ? 1 : gp < 0 ? 0 : gp);
+    return b.buf;
+}
+
+static void publish(sy_coord_t *c) {
+    json_t *j = status_json(c);
+    char *s = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    sy_http_publish(c->http, s, metrics_text(c));
+    c->last_publish = mono_ms();
+    c->dirty = false;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Requests and cron                                                                         */
+
+static void on_request(sy_coord_t *c, const sy_http_cmd *cmd) {
+    if (cmd->kind == SY_HTTP_CMD_STOP) {
+        finish(c, R_STOPPED, "stop requested over HTTP");
+        return;
+    }
+    if (cmd->kind == SY_HTTP_CMD_CHECKPOINT) {
+        /* Two steps ahead of the furthest report: no rank can have finished it yet. */
+        int64_t target = c->max_reported + 2;
+        if (!c->gen_open || target > c->end_step) {
+            event(c, "checkpoint_request_ignored", json_pack("{s:s}", "reason", c->gen_open ? "too close to the end"
+                                                                                         : "no generation running"));
+            return;
+        }
+        for (int r = 0; r < c->world; r++) {
+            Sy__Envelope env;
+            Sy__CheckpointNow cn = SY__CHECKPOINT_NOW__INIT;
+            sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
+            cn.step = (uint64_t)target;
+            env.body_case = SY__ENVELOPE__BODY_CHECKPOINT_NOW;
+            env.checkpoint_now = &cn;
+            send_to(c, &c->w[c->members[r]], &env);
+        }
+        event(c, "checkpoint_requested", json_pack("{s:I}", "step", (json_int_t)target));
+        return;
+    }
+    int i = find_worker_id(c, cmd->arg);
+    if (i < 0 || !w_live(&c->w[i])) {
+        sy_warn("drain: no live worker '%s'", cmd->arg);
+        return;
+    }
+    worker *w = &c->w[i];
+    if (w->state == W_ACTIVE) {
+        w->state = W_DRAINING; /* removed at the next committed checkpoint */
+        event(c, "worker_draining", json_pack("{s:s, s:i}", "worker", w->id, "rank", w->rank));
+    } else if (w->state == W_IDLE) {
+        send_stop(c, w, "drained");
+        w->state = W_STOPPED;
+        event(c, "worker_drained", json_pack("{s:s}", "worker", w->id));
+    }
+}
+
+static void cron(sy_coord_t *c) {
+    int64_t now = mono_ms();
+    sy_http_cmd cmd;
+    while (!c->done && sy_http_next_cmd(c->http, &cmd)) on_request(c, &cmd);
+    for (int i = 0; i < c->nw && !c->done; i++) {
+        worker *w = &c->w[i];
+        if (!w_live(w)) continue;
+        if (now - w->last_seen > c->cfg.cluster.failure_timeout_ms) {
+            char why[96];
+            snprintf(why, sizeof why, "no message for %" PRId64 " ms (failure_timeout_ms %d)", now - w->last_seen,
+                     c->cfg.cluster.failure_timeout_ms);
+            worker_lost(c, i, why);
+        } else if (now - w->last_keepalive > c->cfg.cluster.failure_timeout_ms / 3) {
+            send_welcome(c, w); /* keepalive: workers re-register after failure_timeout_ms of silence */
+        }
+    }
+    if (!c->done && !c->gen_open) {
+        int idle = 0;
+        for (int i = 0; i < c->nw; i++) idle += c->w[i].state == W_IDLE;
+        if (idle < c->cfg.cluster.min_workers) {
+            if (c->state != R_WAITING) c->dirty = true;
+            c->state = R_WAITING; /* a recovery in progress stays open in c->rec */
+        } else {
+            int64_t since = now - (c->last_join > c->settle_from ? c->last_join : c->settle_from);
+            bool expecting = !c->opened_once && c->expect_workers > 0 && idle < c->expect_workers &&
+                             now - c->settle_from < SY_COORD_EXPECT_TIMEOUT_MS;
+            if (!expecting && (since >= c->settle_ms || idle >= c->cfg.cluster.max_workers)) {
+                c->opened_once = true;
+                open_generation(c);
+            }
+        }
+    }
+    if (c->dirty || now - c->last_publish >= PUBLISH_MS) publish(c);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Life cycle                                                                                */
+
+static sy_status bind_socket(sy_coord_t *c, const char *bind) {
+    char ep[256];
+    size_t n = strlen(bind);
+    if (n >= sizeof ep) return sy_err_set(SY_EINVAL, "cluster.bind '%s' is too long", bind);
+    snprintf(ep, sizeof ep, "%s", bind);
+    if (n > 2 && !strcmp(ep + n - 2, ":0")) strcpy(ep + n - 2, ":*"); /* ZeroMQ's any-free-port */
+    int one = 1, linger = LINGER_MS;
+    int64_t maxmsg = SY_PROTO_TRANSPORT_MAX;
+    zmq_setsockopt(c->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    zmq_setsockopt(c->sock, ZMQ_ROUTER_HANDOVER, &one, sizeof one);
+    zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(c->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
+    if (zmq_bind(c->sock, ep) != 0)
+        return sy_err_set(SY_EIO, "cannot bind the control socket at %s: %s", ep, zmq_strerror(errno));
+    size_t len = sizeof c->endpoint;
+    if (zmq_getsockopt(c->sock, ZMQ_LAST_ENDPOINT, c->endpoint, &len) != 0)
+        snprintf(c->endpoint, sizeof c->endpoint, "%s", ep);
+    return SY_OK;
+}
+
+static int count_switch(const sy_config_t *cfg) {
+    int n = 0, S = cfg->model.switch_every;
+    for (int l = 0; l < cfg->model.n_layers; l++)
+        if (S > 0 && cfg->model.n_experts >= 1 && l % S == S - 1) n++;
+    return n;
+}
+
+sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coord_t **out) {
+    *out = NULL;
+    sy_status s = SY_OK;
+    sy_coord_t *c = calloc(1, sizeof *c);
+    if (!c) return sy_err_set(SY_ENOMEM, "out of memory");
+    c->latest_ckpt = -1;
+    c->expect_workers = opts ? opts->expect_workers : 0;
+    c->t0_mono = mono_ms();
+    c->events = json_array();
+    SY_CHECK_GOTO(sy_config_copy(&c->cfg, cfg), s, fail);
+    c->E = cfg->model.n_experts;
+    c->n_switch = count_switch(cfg);
+    int64_t settle = (int64_t)SETTLE_HEARTBEATS * cfg->cluster.heartbeat_ms;
+    c->settle_ms = settle < SETTLE_MIN_MS ? SETTLE_MIN_MS : settle > SETTLE_MAX_MS ? SETTLE_MAX_MS : settle;
+    c->members = calloc((size_t)cfg->cluster.max_workers, sizeof(int));
+    c->placement = calloc((size_t)c->E, sizeof(uint32_t));
+    c->load = calloc((size_t)(c->n_switch * c->E > 0 ? c->n_switch * c->E : 1), sizeof(uint64_t));
+    json_t *cj = sy_config_to_json(cfg);
+    c->config_json = cj ? json_dumps(cj, JSON_COMPACT) : NULL;
+    json_decref(cj);
+    if (!c->members || !c->placement || !c->load || !c->config_json || !c->events) {
+        s = sy_err_set(SY_ENOMEM, "out of memory");
+        goto fail;
+    }
+    while (c->incarnation == 0)
+        if (getrandom(&c->incarnation, sizeof c->incarnation, 0) != (ssize_t)sizeof c->incarnation)
+            c->incarnation = (uint64_t)wall_s() * 2654435761u ^ (uint64_t)getpid();
+
+    SY_CHECK_GOTO(sy_store_open(cfg->checkpoint.store, &c->store), s, fail);
+    int64_t latest;
+    s = sy_ckpt_latest(c->store, cfg->run.name, &latest);
+    if (s == SY_OK) c->latest_ckpt = latest;
+    else if (s != SY_ENOTFOUND) goto fail;
+    s = SY_OK;
+    c->step = c->latest_ckpt > 0 ? c->latest_ckpt : 0;
+    c->furthest = c->step;
+
+    SY_CHECK_GOTO(mkdir_p(cfg->run.state_dir), s, fail);
+    char path[4200];
+    const char *mode = c->latest_ckpt >= 0 ? "a" : "w"; /* a fresh run starts fresh logs */
+    snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.state_dir);
+    if (!(c->metrics_f = fopen(path, mode))) {
+        s = sy_err_set(SY_EIO, "cannot open %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    snprintf(path, sizeof path, "%s/events.jsonl", cfg->run.state_dir);
+    if (!(c->events_f = fopen(path, mode))) {
+        s = sy_err_set(SY_EIO, "cannot open %s: %s", path, strerror(errno));
+        goto fail;
+    }
+
+    c->zctx = zmq_ctx_new();
+    c->sock = c->zctx ? zmq_socket(c->zctx, ZMQ_ROUTER) : NULL;
+    if (!c->sock) {
+        s = sy_err_set(SY_EIO, "zmq socket: %s", zmq_strerror(errno));
+        goto fail;
+    }
+    SY_CHECK_GOTO(bind_socket(c, opts && opts->bind ? opts->bind : cfg->cluster.bind), s, fail);
+    const char *saddr = opts && opts->status_addr ? opts->status_addr : cfg->status.addr;
+    SY_CHECK_GOTO(sy_http_start(saddr, cfg->status.token, &c->http), s, fail);
+    char host[256];
+    const char *colon = strrchr(saddr, ':');
+    snprintf(host, sizeof host, "%.*s", (int)(colon - saddr), saddr);
+    snprintf(c->status_url, sizeof c->status_url, "http://%s:%d", host, sy_http_port(c->http));
+    c->settle_from = mono_ms();
+    char inc[24];
+    snprintf(inc, sizeof inc, "%016" PRIx64, c->incarnation);
+    event(c, "coordinator_started",
+          json_pack("{s:s, s:s, s:s, s:s, s:I}", "run", cfg->run.name, "incarnation", inc, "endpoint",
+                    c->endpoint, "status", c->status_url, "latest_checkpoint", (json_int_t)c->latest_ckpt));
+    publish(c);
+    *out = c;
+    return SY_OK;
+fail:
+    sy_coord_destroy(&c);
+    return s;
+}
+
+const char *sy_coord_endpoint(const sy_coord_t *self) { return self->endpoint; }
+const char *sy_coord_status_url(const sy_coord_t *self) { return self->status_url; }
+
+sy_status sy_coord_run(sy_coord_t *c, volatile sig_atomic_t *stop_flag, sy_coord_outcome *outcome) {
+    sy_status s = SY_OK;
+    int64_t next_cron = mono_ms();
+    sy_info("run %s: %" PRId64 " steps, %d experts, %d Switch layers; waiting for %d worker(s) on %s",
+            c->cfg.run.name, (int64_t)c->cfg.run.steps, c->E, c->n_switch, c->cfg.cluster.min_workers, c->endpoint);
+    while (!c->done) {
+        int64_t now = mono_ms();
+        long wait = next_cron > now ? (long)(next_cron - now) : 0;
+        zmq_pollitem_t it = {c->sock, 0, ZMQ_POLLIN, 0};
+        int rc = zmq_poll(&it, 1, wait);
+        if (rc < 0 && errno != EINTR) {
+            s = sy_err_set(SY_EIO, "zmq_poll: %s", zmq_strerror(errno));
+            break;
+        }
+        if (rc > 0 && (it.revents & ZMQ_POLLIN)) SY_CHECK_GOTO(drain_socket(c), s, out);
+        if (stop_flag && *stop_flag && !c->done) finish(c, R_STOPPED, "signal");
+        now = mono_ms();
+        if (now >= next_cron && !c->done) {
+            cron(c);
+            next_cron = now + SY_COORD_CRON_MS;
+        }
+    }
+out:
+    publish(c);
+    *outcome = c->outcome;
+    return s;
+}
+
+void sy_coord_destroy(sy_coord_t **self_p) {
+    if (!self_p || !*self_p) return;
+    sy_coord_t *c = *self_p;
+    sy_http_destroy(&c->http);
+    if (c->sock) zmq_close(c->sock);
+    if (c->zctx) zmq_ctx_term(c->zctx);
+    if (c->metrics_f) fclose(c->metrics_f);
+    if (c->events_f) fclose(c->events_f);
+    clear_pending(c);
+    for (int i = 0; i < c->nrec; i++) json_decref(c->rec[i].lost);
+    free(c->rec);
+    json_decref(c->events);
+    sy_store_destroy(&c->store);
+    free(c->config_json);
+    free(c->members);
+    free(c->placement);
+    free(c->load);
+    free(c->ms_by_step);
+    free(c->w);
+    sy_config_free(&c->cfg);
+    free(c);
+    *self_p = NULL;
+}

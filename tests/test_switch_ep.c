@@ -1,0 +1,247 @@
+/* Expert parallelism (worker/switch_ep.c) between real processes equals the single-process
+ * Switch layer: outputs, input gradients, router gradients and every expert's weight gradients,
+ * with tokens dropped by capacity, for W = 2, 3, 4 and E = 8 (so W = 3 is an uneven placement),
+ * including a round where some ranks have no micro-batch and only serve their experts.
+ *
+ * Every child builds the same inputs from a fixed seed, computes the reference on its own (all
+ * experts local, every micro-batch of the round), then runs its micro-batch through the
+ * exchange and compares. The parent checks exit codes with a deadline. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "comm.h"
+#include "protocol.h"
+#include "rng.h"
+#include "switch.h"
+#include "switch_ep.h"
+
+enum { D = 12, F = 20, E = 8, G = 24, EP_LEN = 256, MAXW = 4 };
+#define CF 1.0 /* capacity 4 per expert (G/E = 3 → max(4, 3)): drops happen */
+
+static void fill(float *x, size_t n, uint64_t seed, const char *tag, float scale) {
+    sy_rng_t r = sy_rng_key(seed, tag, 0, 0, 0);
+    for (size_t i = 0; i < n; i++) x[i] = scale * (float)sy_rng_normal(&r);
+}
+
+typedef struct {
+    float Wr[E * D], dWr[E * D];
+    float W1[E][F * D], W2[E][D * F], dW1[E][F * D], dW2[E][D * F];
+    sy_expert_weights ex[E];
+} weights;
+
+static void weights_init(weights *w) {
+    memset(w, 0, sizeof *w);
+    fill(w->Wr, E * D, 7, "Wr", 0.8f); /* skewed enough that some experts overflow */
+    for (int e = 0; e < E; e++) {
+        char t[16];
+        snprintf(t, sizeof t, "W1.%d", e);
+        fill(w->W1[e], F * D, 7, t, 0.3f);
+        snprintf(t, sizeof t, "W2.%d", e);
+        fill(w->W2[e], D * F, 7, t, 0.3f);
+        w->ex[e] = (sy_expert_weights){w->W1[e], w->W2[e], w->dW1[e], w->dW2[e], NULL, NULL};
+    }
+}
+
+static double rel(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* Child: micro-batches 0..M-1 of one round (M ≤ world: ranks ≥ M are idle). Returns 0 if every
+ * comparison holds. */
+static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_LEN]) {
+    sy_backend_t *be = NULL;
+    sy_backend_cpu_new(1, false, &be);
+    static weights ref, dist;
+    weights_init(&ref);
+    weights_init(&dist);
+    float h[MAXW][G * D], dout[MAXW][G * D], out_ref[MAXW][G * D], dh_ref[MAXW][G * D];
+    for (int m = 0; m < M; m++) {
+        fill(h[m], G * D, 100 + m, "h", 1.0f);
+        fill(dout[m], G * D, 200 + m, "dout", 1.0f);
+    }
+    const float aux_scale = 0.01f * E / (G * M), z_scale = 0.001f * 2 / (G * M);
+    int dropped = 0;
+    /* reference: every micro-batch locally, expert grads accumulated over all of them */
+    for (int m = 0; m < M; m++) {
+        sy_switch_t *sw = NULL;
+        sy_switch_new(be, G, D, F, E, &sw);
+        sy_switch_key key = {1, 0, m, 0};
+        sy_switch_route(sw, h[m], ref.Wr, CF, 0.0, key);
+        dropped += G - sy_switch_get_info(sw).n_kept;
+        sy_switch_dispatch(sw, h[m]);
+        sy_switch_experts(sw, ref.ex, 0, E, 0.0, key);
+        sy_switch_combine(sw, out_ref[m]);
+        sy_switch_combine_bwd(sw, dout[m]);
+        sy_switch_experts_bwd(sw, ref.ex, 0, E);
+        sy_switch_dispatch_bwd(sw, dh_ref[m]);
+        sy_switch_route_bwd(sw, h[m], ref.Wr, ref.dWr, dh_ref[m], aux_scale, z_scale);
+        sy_switch_destroy(&sw);
+    }
+    if (dropped == 0) {
+        fprintf(stderr, "rank %d: no token dropped: the test would not test drops\n", rank);
+        return 10;
+    }
+    /* expert parallel */
+    const char *ep_list[MAXW];
+    for (int r = 0; r < world; r++) ep_list[r] = eps[r];
+    sy_comm_t *comm = NULL;
+    if (sy_comm_new(dp, 1, rank, world, ep_list, 5000, &comm) != SY_OK) {
+        fprintf(stderr, "rank %d: comm: %s\n", rank, sy_err_msg());
+        return 11;
+    }
+    uint32_t owner[E];
+    sy_placement_balanced(E, world, owner);
+    sy_ep_t *ep = NULL;
+    if (sy_ep_new(be, comm, owner, E, D, F, G, 1, &ep) != SY_OK) {
+        fprintf(stderr, "rank %d: ep: %s\n", rank, sy_err_msg());
+        return 12;
+    }
+    bool active = rank < M;
+    sy_switch_t *sw = NULL;
+    sy_switch_new(be, G, D, F, E, &sw);
+    float out[G * D], dh[G * D];
+    sy_switch_key key = {1, 0, rank, 0}, round_key = {1, 0, 0, 0};
+    if (active) {
+        sy_switch_route(sw, h[rank], dist.Wr, CF, 0.0, key);
+        sy_switch_dispatch(sw, h[rank]);
+    }
+    if (sy_ep_forward(ep, active ? sw : NULL, 0, dist.ex, 0.0, round_key) != SY_OK) {
+        fprintf(stderr, "rank %d: ep forward: %s\n", rank, sy_err_msg());
+        return 13;
+    }
+    if (active) {
+        sy_switch_combine(sw, out);
+        sy_switch_combine_bwd(sw, dout[rank]);
+    }
+    if (sy_ep_backward(ep, active ? sw : NULL, 0, dist.ex) != SY_OK) {
+        fprintf(stderr, "rank %d: ep backward: %s\n", rank, sy_err_msg());
+        return 14;
+    }
+    int bad = 0;
+    if (active) {
+        sy_switch_dispatch_bwd(sw, dh);
+        sy_switch_route_bwd(sw, h[rank], dist.Wr, dist.dWr, dh, aux_scale, z_scale);
+        double eo = rel(out, out_ref[rank], G * D), ed = rel(dh, dh_ref[rank], G * D);
+        if (eo > 1e-6 || ed > 1e-6) {
+            fprintf(stderr, "rank %d: output rel err %.3g, input grad rel err %.3g\n", rank, eo, ed);
+            bad = 20;
+        }
+    }
+    /* router gradient: sum over ranks must equal the reference */
+    if (sy_comm_allreduce_f32(comm, dist.dWr, E * D) != SY_OK) return 15;
+    double er = rel(dist.dWr, ref.dWr, E * D);
+    if (er > 1e-5) {
+        fprintf(stderr, "rank %d: router grad rel err %.3g\n", rank, er);
+        bad = 21;
+    }
+    /* owned experts: gradients over every rank's tokens; others untouched (0) */
+    for (int e = 0; e < E; e++) {
+        if (owner[e] == (uint32_t)rank) {
+            double e1 = rel(dist.dW1[e], ref.dW1[e], F * D), e2 = rel(dist.dW2[e], ref.dW2[e], D * F);
+            if (e1 > 1e-5 || e2 > 1e-5) {
+                fprintf(stderr, "rank %d: expert %d grad rel err %.3g %.3g\n", rank, e, e1, e2);
+                bad = 22;
+            }
+        } else {
+            for (int i = 0; i < F * D; i++)
+                if (dist.dW1[e][i] != 0.0f || dist.dW2[e][i] != 0.0f) {
+                    fprintf(stderr, "rank %d: computed a gradient for expert %d it does not own\n", rank, e);
+                    bad = 23;
+                    break;
+                }
+        }
+    }
+    sy_switch_destroy(&sw);
+    sy_ep_destroy(&ep);
+    sy_comm_destroy(&comm);
+    sy_backend_destroy(&be);
+    return bad;
+}
+
+/* Forks `world` children, exchanges their endpoints, waits for all (20 s deadline). */
+static void run_world(int world, int M) {
+    int up[MAXW][2], down[MAXW][2];
+    pid_t pid[MAXW];
+    for (int r = 0; r < world; r++) {
+        assert_int_equal(pipe(up[r]), 0);
+        assert_int_equal(pipe(down[r]), 0);
+        pid[r] = fork();
+        assert_true(pid[r] >= 0);
+        if (pid[r] == 0) {
+            sy_dataplane_t *dp = NULL;
+            if (sy_dataplane_new("tcp://127.0.0.1:*", &dp) != SY_OK) _exit(90);
+            char eps[MAXW][EP_LEN];
+            memset(eps, 0, sizeof eps);
+            snprintf(eps[r], EP_LEN, "%s", sy_dataplane_endpoint(dp));
+            if (write(up[r][1], eps[r], EP_LEN) != EP_LEN) _exit(91);
+            for (int q = 0; q < world; q++)
+                if (read(down[r][0], eps[q], EP_LEN) != EP_LEN) _exit(92);
+            int rc = child(r, world, M, dp, eps);
+            sy_dataplane_destroy(&dp);
+            _exit(rc);
+        }
+    }
+    char eps[MAXW][EP_LEN];
+    for (int r = 0; r < world; r++) assert_int_equal(read(up[r][0], eps[r], EP_LEN), EP_LEN);
+    for (int r = 0; r < world; r++)
+        for (int q = 0; q < world; q++) assert_int_equal(write(down[r][1], eps[q], EP_LEN), EP_LEN);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int failed = 0;
+    for (int r = 0; r < world; r++) {
+        int st = 0;
+        for (;;) {
+            pid_t p = waitpid(pid[r], &st, WNOHANG);
+            if (p == pid[r]) break;
+            struct timespec t;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if (t.tv_sec - t0.tv_sec > 20) {
+                for (int q = 0; q < world; q++) kill(pid[q], SIGKILL);
+                fail_msg("world %d: rank %d did not finish in 20 s", world, r);
+            }
+            usleep(10000);
+        }
+        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+            fprintf(stderr, "world %d M %d: rank %d exited with %d\n", world, M, r, WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+            failed++;
+        }
+        close(up[r][0]), close(up[r][1]), close(down[r][0]), close(down[r][1]);
+    }
+    assert_int_equal(failed, 0);
+}
+
+static void test_w2(void **s) { (void)s; run_world(2, 2); }
+static void test_w3_uneven(void **s) { (void)s; run_world(3, 3); }
+static void test_w4(void **s) { (void)s; run_world(4, 4); }
+static void test_w4_idle_ranks(void **s) { (void)s; run_world(4, 2); } /* ranks 2, 3 only serve */
+
+int main(void) {
+    signal(SIGPIPE, SIG_IGN);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_w2),
+        cmocka_unit_test(test_w3_uneven),
+        cmocka_unit_test(test_w4),
+        cmocka_unit_test(test_w4_idle_ranks),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,609 @@
+#include "agent.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/sysinfo.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "backend.h"
+#include "ckpt.h"
+#include "comm.h"
+#include "config.h"
+#include "data.h"
+#include "dist_step.h"
+#include "log.h"
+#include "model.h"
+#include "model_ckpt.h"
+#include "optim.h"
+#include "protocol.h"
+#include "store.h"
+#include "switch_ep.h"
+
+#define SY_AGENT_VERSION "0.1.0"
+#define SY_AGENT_DEFAULT_HB_MS 500
+#define SY_AGENT_DEFAULT_COORD_TIMEOUT_MS 6000
+
+enum { ST_IDLE = 0, ST_TRAINING, ST_RESTORING, ST_SAVING };
+static const char *state_names[] = {"idle", "training", "restoring", "saving"};
+
+static volatile sig_atomic_t g_stop = 0;
+static void on_signal(int sig) {
+    (void)sig;
+    g_stop = 1;
+}
+
+typedef struct {
+    const sy_agent_opts *opts;
+    char id[128], host[128], inproc[64];
+    void *zctx;
+    void *pair_main;               /* main side of the inproc pair */
+    pthread_t link;
+    bool link_started;
+    /* shared with the link thread */
+    pthread_mutex_t mu;
+    char run_id[128];              /* under mu */
+    uint64_t incarnation;          /* under mu */
+    sy_comm_t *comm;               /* under mu: aborted by the link thread */
+    _Atomic uint64_t generation;
+    _Atomic int64_t step;
+    _Atomic int state;
+    _Atomic int hb_ms;
+    _Atomic int coord_timeout_ms;  /* silence after which the coordinator is presumed gone */
+    _Atomic int link_stop;
+    /* main thread only */
+    sy_dataplane_t *dp;
+    sy_config_t cfg;
+    bool have_cfg;
+    sy_backend_t *be;
+    sy_model_t *model;
+    sy_model_dims dims;
+    sy_adamw_t *opt;
+    sy_data_t *data;
+    sy_store_t *store;
+    sy_ep_t *ep;
+    bool *owned;
+    int32_t *tokens, *counts;
+    int rank, world;
+    void *pending;                 /* a frame received while training, handled next */
+    size_t pending_len;
+} agent_t;
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* ---- link thread --------------------------------------------------------------------------- */
+
+/* Stamps the envelope header; the body (already set) is kept. */
+static void stamp(Sy__Envelope *env, const char *run_id, uint64_t incarnation, uint64_t generation) {
+    env->version = SY_PROTO_VERSION;
+    env->run_id = (char *)run_id;
+    env->incarnation = incarnation;
+    env->generation = generation;
+}
+
+static void link_send(agent_t *a, void *dealer, Sy__Envelope *env) {
+    pthread_mutex_lock(&a->mu);
+    stamp(env, a->run_id, a->incarnation, atomic_load(&a->generation));
+    sy_status st = sy_proto_send(dealer, NULL, 0, env);
+    pthread_mutex_unlock(&a->mu);
+    if (st != SY_OK) sy_debug("send to coordinator failed: %s", sy_err_msg());
+}
+
+static void *link_main(void *arg) {
+    agent_t *a = arg;
+    void *dealer = zmq_socket(a->zctx, ZMQ_DEALER);
+    void *pair = zmq_socket(a->zctx, ZMQ_PAIR);
+    int linger = 0;
+    int64_t maxmsg = SY_PROTO_TRANSPORT_MAX;
+    zmq_setsockopt(dealer, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(dealer, ZMQ_ROUTING_ID, a->id, strlen(a->id));
+    zmq_setsockopt(dealer, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
+    zmq_setsockopt(pair, ZMQ_LINGER, &linger, sizeof linger);
+    if (zmq_connect(dealer, a->opts->coordinator) != 0) {
+        sy_error("cannot connect to coordinator %s: %s", a->opts->coordinator, zmq_strerror(errno));
+        g_stop = 1;
+    }
+    zmq_connect(pair, a->inproc);
+
+    bool welcomed = false;
+    double last_hello = -1e18, last_hb = -1e18, last_rx = now_ms();
+    while (!atomic_load(&a->link_stop)) {
+        zmq_pollitem_t items[] = {{dealer, 0, ZMQ_POLLIN, 0}, {pair, 0, ZMQ_POLLIN, 0}};
+        zmq_poll(items, 2, 50);
+        if (items[0].revents & ZMQ_POLLIN) {
+            zmq_msg_t msg;
+            zmq_msg_init(&msg);
+            if (zmq_msg_recv(&msg, dealer, ZMQ_DONTWAIT) >= 0) {
+                last_rx = now_ms();
+                Sy__Envelope *env = NULL;
+                sy_proto_drop why = sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env);
+                bool forward = false;
+                if (why != SY_DROP_NONE) {
+                    sy_warn("dropped a message from the coordinator (%s): %s", sy_proto_drop_name(why), sy_err_msg());
+                } else if (env->body_case == SY__ENVELOPE__BODY_WELCOME) {
+                    pthread_mutex_lock(&a->mu);
+                    bool fresh = a->incarnation != env->incarnation;
+                    a->incarnation = env->incarnation;
+                    snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
+                    pthread_mutex_unlock(&a->mu);
+                    if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
+                    if (!welcomed || fresh)
+                        sy_info("registered with coordinator %s (run %s, incarnation %016llx)",
+                                a->opts->coordinator, env->run_id, (unsigned long long)env->incarnation);
+                    welcomed = true;
+                    forward = fresh;
+                } else {
+                    pthread_mutex_lock(&a->mu);
+                    bool ours = env->incarnation == a->incarnation && welcomed &&
+                                (!env->run_id || !strcmp(env->run_id, a->run_id));
+                    if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT &&
+                        env->generation == atomic_load(&a->generation) && a->comm)
+                        sy_comm_abort(a->comm);
+                    pthread_mutex_unlock(&a->mu);
+                    if (!ours) sy_debug("dropped a %s of another coordinator incarnation", sy_proto_body_name(env->body_case));
+                    forward = ours;
+                }
+                if (forward) zmq_send(pair, zmq_msg_data(&msg), zmq_msg_size(&msg), ZMQ_DONTWAIT);
+                sy_proto_free(env);
+            }
+            zmq_msg_close(&msg);
+        }
+        if (items[1].revents & ZMQ_POLLIN) {
+            zmq_msg_t msg;
+            zmq_msg_init(&msg);
+            if (zmq_msg_recv(&msg, pair, ZMQ_DONTWAIT) >= 0) {
+                /* main's envelopes are packed without run id / incarnation: stamp and resend */
+                Sy__Envelope *env = NULL;
+                if (sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env) == SY_DROP_NONE) {
+                    char *own = env->run_id;
+                    pthread_mutex_lock(&a->mu);
+                    env->run_id = a->run_id; /* borrowed for the send below */
+                    env->incarnation = a->incarnation;
+                    sy_proto_send(dealer, NULL, 0, env);
+                    env->run_id = own;
+                    pthread_mutex_unlock(&a->mu);
+                    sy_proto_free(env);
+                }
+            }
+            zmq_msg_close(&msg);
+        }
+        double t = now_ms();
+        int hb = atomic_load(&a->hb_ms);
+        /* The coordinator re-sends Welcome as a keepalive (docs/protocol.md); silence means it
+         * is gone or was restarted: register again (a new incarnation answers). */
+        if (welcomed && t - last_rx > atomic_load(&a->coord_timeout_ms)) {
+            sy_warn("no word from the coordinator for %.0f ms: registering again", t - last_rx);
+            welcomed = false;
+            last_rx = t;
+        }
+        if (!welcomed && t - last_hello >= hb) {
+            Sy__Envelope env;
+            Sy__Hello hello = SY__HELLO__INIT;
+            struct sysinfo si;
+            hello.worker_id = a->id;
+            hello.host = a->host;
+            hello.pid = (uint32_t)getpid();
+            hello.backend = (char *)(a->opts->backend ? a->opts->backend : "cpu");
+            hello.devices = 1;
+            hello.memory_bytes = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : 0;
+            hello.version = SY_AGENT_VERSION;
+            hello.auth_token = "";
+            hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
+            sy__envelope__init(&env);
+            env.body_case = SY__ENVELOPE__BODY_HELLO;
+            env.hello = &hello;
+            link_send(a, dealer, &env);
+            last_hello = t;
+        }
+        if (welcomed && t - last_hb >= hb) {
+            Sy__Envelope env;
+            Sy__Heartbeat h = SY__HEARTBEAT__INIT;
+            h.step = (uint64_t)atomic_load(&a->step);
+            h.state = (char *)state_names[atomic_load(&a->state)];
+            sy__envelope__init(&env);
+            env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
+            env.heartbeat = &h;
+            link_send(a, dealer, &env);
+            last_hb = t;
+        }
+    }
+    zmq_close(dealer);
+    zmq_close(pair);
+    return NULL;
+}
+
+/* ---- main thread ---------------------------------------------------------------------------- */
+
+/* Sends an envelope to the coordinator through the link thread. */
+static void agent_send(agent_t *a, Sy__Envelope *env) {
+    stamp(env, "", 0, atomic_load(&a->generation));
+    void *buf = NULL;
+    size_t len = 0;
+    if (sy_proto_pack(env, &buf, &len) == SY_OK) zmq_send(a->pair_main, buf, len, 0);
+    free(buf);
+}
+
+static void send_fault(agent_t *a, const char *kind, const char *detail, int peer, int64_t step) {
+    Sy__Envelope env;
+    Sy__Fault f = SY__FAULT__INIT;
+    f.kind = (char *)kind;
+    f.detail = (char *)detail;
+    f.peer_rank = peer;
+    f.step = (uint64_t)(step > 0 ? step : 0);
+    sy__envelope__init(&env);
+    env.body_case = SY__ENVELOPE__BODY_FAULT;
+    env.fault = &f;
+    agent_send(a, &env);
+}
+
+/* Receives one message from the link thread within timeout_ms (0: don't wait). */
+static Sy__Envelope *agent_recv(agent_t *a, int timeout_ms) {
+    if (a->pending) {
+        Sy__Envelope *env = NULL;
+        sy_proto_unpack(a->pending, a->pending_len, &env);
+        free(a->pending);
+        a->pending = NULL;
+        return env;
+    }
+    zmq_pollitem_t it = {a->pair_main, 0, ZMQ_POLLIN, 0};
+    if (zmq_poll(&it, 1, timeout_ms) <= 0) return NULL;
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    Sy__Envelope *env = NULL;
+    if (zmq_msg_recv(&msg, a->pair_main, ZMQ_DONTWAIT) >= 0)
+        sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env);
+    zmq_msg_close(&msg);
+    return env;
+}
+
+static void stash(agent_t *a, const Sy__Envelope *env) {
+    free(a->pending);
+    a->pending_len = sy__envelope__get_packed_size(env);
+    a->pending = malloc(a->pending_len);
+    if (a->pending) sy__envelope__pack(env, a->pending);
+}
+
+static void close_generation(agent_t *a) {
+    if (a->model) sy_model_set_ep(a->model, NULL, 0);
+    sy_ep_destroy(&a->ep);
+    pthread_mutex_lock(&a->mu);
+    sy_comm_destroy(&a->comm);
+    pthread_mutex_unlock(&a->mu);
+}
+
+static bool dims_equal(const sy_model_dims *x, const sy_model_dims *y) {
+    return !memcmp(x, y, sizeof *x);
+}
+
+/* Builds (or keeps) the model, optimizer, data and store for the Assign's config. */
+static sy_status setup(agent_t *a, const char *config_json) {
+    json_error_t jerr;
+    json_t *j = json_loads(config_json ? config_json : "", 0, &jerr);
+    if (!j) return sy_err_set(SY_EINVAL, "Assign: config is not JSON: %s", jerr.text);
+    sy_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    sy_status st = sy_config_defaults(&cfg);
+    if (st == SY_OK) st = sy_config_from_json(&cfg, j);
+    json_decref(j);
+    if (st == SY_OK && a->opts->threads > 0) cfg.train.threads = a->opts->threads;
+    if (st == SY_OK) st = sy_config_validate(&cfg);
+    if (st != SY_OK) {
+        sy_config_free(&cfg);
+        return sy_err_prefix(st, "Assign: config");
+    }
+    if (a->have_cfg) sy_config_free(&a->cfg);
+    a->cfg = cfg;
+    a->have_cfg = true;
+
+    sy_model_dims d = sy_model_dims_from_config(&a->cfg);
+    bool bf16 = a->cfg.train.precision == SY_PREC_BF16;
+    if (!a->model || !dims_equal(&d, &a->dims) || a->be->bf16 != bf16) {
+        sy_adamw_destroy(&a->opt);
+        sy_model_destroy(&a->model);
+        sy_backend_destroy(&a->be);
+        free(a->tokens), free(a->counts), free(a->owned);
+        a->tokens = NULL, a->counts = NULL, a->owned = NULL;
+        SY_CHECK(sy_backend_cpu_new(a->cfg.train.threads, bf16, &a->be));
+        SY_CHECK(sy_model_new(&d, a->be, &a->model));
+        a->dims = d;
+        a->tokens = malloc(sizeof(int32_t) * (size_t)d.B * (d.T + 1));
+        a->counts = calloc((size_t)(sy_model_n_switch(a->model) + 1) * d.E, sizeof(int32_t));
+        a->owned = calloc((size_t)d.E, sizeof(bool));
+        if (!a->tokens || !a->counts || !a->owned) return sy_err_set(SY_ENOMEM, "out of memory");
+    }
+    sy_adamw_destroy(&a->opt);
+    SY_CHECK(sy_adamw_new(a->model, &a->cfg, &a->opt));
+    sy_data_destroy(&a->data);
+    SY_CHECK(sy_data_open((const char *const *)a->cfg.data.train.items, a->cfg.data.train.n,
+                          a->cfg.model.vocab_size, a->cfg.model.seq_len, &a->data));
+    sy_store_destroy(&a->store);
+    SY_CHECK(sy_store_open(a->cfg.checkpoint.store, &a->store));
+    return SY_OK;
+}
+
+typedef enum { RUN_DONE, RUN_ABORTED, RUN_FAILED, RUN_STOP, RUN_NEXT } run_end;
+
+static sy_status save_part(agent_t *a, int64_t step) {
+    sy_model_ckpt_plan plan;
+    atomic_store(&a->state, ST_SAVING);
+    SY_CHECK(sy_model_ckpt_plan_new(a->model, sy_model_params(a->model), sy_adamw_m(a->opt),
+                                    sy_adamw_v(a->opt), a->owned, &plan));
+    /* dense files come first in the plan; rank 0 writes them */
+    int skip = a->rank == 0 ? 0 : 2;
+    json_t *files = NULL;
+    sy_status st = SY_OK;
+    if (plan.n - skip > 0)
+        st = sy_ckpt_write_part(a->store, a->cfg.run.name, step, plan.groups + skip, plan.n - skip, &files);
+    sy_model_ckpt_plan_free(&plan);
+    if (st == SY_EEXIST) { /* already committed (a re-run after recovery): nothing to add */
+        json_decref(files);
+        return SY_OK;
+    }
+    if (st != SY_OK) {
+        json_decref(files);
+        return st;
+    }
+    size_t n = files ? json_array_size(files) : 0;
+    Sy__ObjectInfo *objs = calloc(n ? n : 1, sizeof *objs);
+    Sy__ObjectInfo **ptrs = calloc(n ? n : 1, sizeof *ptrs);
+    for (size_t i = 0; i < n; i++) {
+        json_t *f = json_array_get(files, i);
+        sy__object_info__init(&objs[i]);
+        objs[i].name = (char *)json_string_value(json_object_get(f, "name"));
+        objs[i].size = (uint64_t)json_integer_value(json_object_get(f, "size"));
+        objs[i].sha256 = (char *)json_string_value(json_object_get(f, "sha256"));
+        ptrs[i] = &objs[i];
+    }
+    Sy__Envelope env;
+    Sy__CheckpointPart cp = SY__CHECKPOINT_PART__INIT;
+    cp.step = (uint64_t)step;
+    cp.n_objects = n;
+    cp.objects = ptrs;
+    sy__envelope__init(&env);
+    env.body_case = SY__ENVELOPE__BODY_CHECKPOINT_PART;
+    env.checkpoint_part = &cp;
+    agent_send(a, &env);
+    free(objs);
+    free(ptrs);
+    json_decref(files);
+    return SY_OK;
+}
+
+static void send_step_done(agent_t *a, int64_t step, const sy_step_result *r, double ms) {
+    const int nsw = sy_model_n_switch(a->model), E = a->dims.E;
+    Sy__LayerCounts *lc = calloc((size_t)(nsw ? nsw : 1), sizeof *lc);
+    Sy__LayerCounts **lcp = calloc((size_t)(nsw ? nsw : 1), sizeof *lcp);
+    uint32_t *vals = calloc((size_t)(nsw ? nsw : 1) * E, sizeof *vals);
+    for (int l = 0; l < nsw; l++) {
+        sy__layer_counts__init(&lc[l]);
+        for (int e = 0; e < E; e++) vals[l * E + e] = (uint32_t)r->counts[l * E + e];
+        lc[l].n_counts = (size_t)E;
+        lc[l].counts = vals + (size_t)l * E;
+        lcp[l] = &lc[l];
+    }
+    Sy__Envelope env;
+    Sy__StepDone sd = SY__STEP_DONE__INIT;
+    sd.step = (uint64_t)step;
+    sd.ce = r->ce, sd.aux = r->aux, sd.z = r->z;
+    sd.tokens = (uint64_t)r->tokens;
+    sd.n_expert_counts = (size_t)nsw;
+    sd.expert_counts = lcp;
+    sd.dropped = (uint64_t)r->dropped;
+    sd.routed = (uint64_t)r->routed;
+    sd.step_ms = ms;
+    sd.grad_norm = r->grad_norm;
+    sd.lr = r->lr;
+    sd.micro_batches = (uint32_t)r->micro_batches;
+    sy__envelope__init(&env);
+    env.body_case = SY__ENVELOPE__BODY_STEP_DONE;
+    env.step_done = &sd;
+    agent_send(a, &env);
+    free(lc), free(lcp), free(vals);
+}
+
+/* Executes one Assign. */
+static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
+    const Sy__Assign *as = env->assign;
+    uint64_t gen = env->generation;
+    close_generation(a);
+    atomic_store(&a->generation, gen);
+    atomic_store(&a->state, ST_RESTORING);
+    a->rank = (int)as->rank;
+    a->world = (int)as->world;
+    char detail[1024];
+    if (a->world < 1 || a->rank >= a->world || (int)as->n_peers != a->world) {
+        snprintf(detail, sizeof detail, "Assign: rank %d of world %d with %zu peers", a->rank, a->world, as->n_peers);
+        send_fault(a, "internal", detail, -1, 0);
+        return RUN_FAILED;
+    }
+    if (setup(a, as->config_json) != SY_OK) goto fail;
+    atomic_store(&a->coord_timeout_ms, 2 * a->cfg.cluster.failure_timeout_ms);
+    const int E = a->dims.E;
+    if ((int)as->n_placement != E) {
+        sy_err_set(SY_EINVAL, "Assign: placement has %zu entries for %d experts", as->n_placement, E);
+        goto fail;
+    }
+    for (int e = 0; e < E; e++) a->owned[e] = (int)as->placement[e] == a->rank;
+    pthread_mutex_lock(&a->mu);
+    sy_status st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+                               a->cfg.cluster.data_timeout_ms, &a->comm);
+    pthread_mutex_unlock(&a->mu);
+    if (st != SY_OK) goto fail;
+    if (a->world > 1 && sy_model_n_switch(a->model) > 0) {
+        if (sy_ep_new(a->be, a->comm, as->placement, E, a->dims.D, a->dims.F, a->dims.B * a->dims.T,
+                      sy_model_n_switch(a->model), &a->ep) != SY_OK)
+            goto fail;
+        sy_model_set_ep(a->model, a->ep, a->rank);
+    }
+    if (as->restore_step >= 0) {
+        if (sy_model_ckpt_load(a->store, a->cfg.run.name, as->restore_step, a->model, a->opt, a->owned) != SY_OK)
+            goto fail;
+        sy_info("generation %llu: rank %d/%d, restored step %lld, experts %d..%d",
+                (unsigned long long)gen, a->rank, a->world, (long long)as->restore_step,
+                a->ep ? sy_ep_first_expert(a->ep) : 0, a->ep ? sy_ep_last_expert(a->ep) - 1 : E - 1);
+    } else {
+        sy_model_init(a->model, a->cfg.run.seed);
+        sy_info("generation %llu: rank %d/%d, fresh start, experts %d..%d", (unsigned long long)gen,
+                a->rank, a->world, a->ep ? sy_ep_first_expert(a->ep) : 0,
+                a->ep ? sy_ep_last_expert(a->ep) - 1 : E - 1);
+    }
+    atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
+
+    sy_dist_ctx ctx = {.cfg = &a->cfg, .model = a->model, .opt = a->opt, .data = a->data,
+                       .comm = a->comm, .owned = a->owned, .tokens = a->tokens};
+    int64_t ckpt_now = -1;
+    for (int64_t step = (int64_t)as->start_step; step <= (int64_t)as->end_step; step++) {
+        /* control messages between steps */
+        Sy__Envelope *m;
+        while ((m = agent_recv(a, 0)) != NULL) {
+            run_end r = RUN_DONE;
+            bool leave = false;
+            switch (m->body_case) {
+            case SY__ENVELOPE__BODY_ABORT:
+                if (m->generation == gen) r = RUN_ABORTED, leave = true;
+                break;
+            case SY__ENVELOPE__BODY_STOP: r = RUN_STOP, leave = true; break;
+            case SY__ENVELOPE__BODY_ASSIGN:
+            case SY__ENVELOPE__BODY_WELCOME:
+                stash(a, m);
+                r = RUN_NEXT, leave = true;
+                break;
+            case SY__ENVELOPE__BODY_CHECKPOINT_NOW:
+                ckpt_now = (int64_t)m->checkpoint_now->step;
+                break;
+            default: break;
+            }
+            sy_proto_free(m);
+            if (leave) {
+                close_generation(a);
+                atomic_store(&a->state, ST_IDLE);
+                return r;
+            }
+        }
+        if (g_stop) return RUN_STOP;
+        atomic_store(&a->state, ST_TRAINING);
+        a->counts[0] = 0;
+        sy_step_result res = {.counts = a->counts};
+        double t0 = now_ms();
+        st = sy_dist_step(&ctx, step, &res);
+        if (st != SY_OK) {
+            if (st == SY_EABORTED) {
+                sy_info("generation %llu aborted during step %lld", (unsigned long long)gen, (long long)step);
+                close_generation(a);
+                atomic_store(&a->state, ST_IDLE);
+                return RUN_ABORTED;
+            }
+            sy_error("step %lld failed: %s", (long long)step, sy_err_msg());
+            send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(), -1, step);
+            close_generation(a);
+            atomic_store(&a->state, ST_IDLE);
+            return RUN_FAILED;
+        }
+        send_step_done(a, step, &res, now_ms() - t0);
+        atomic_store(&a->step, step);
+        bool due = (a->cfg.checkpoint.every > 0 && step % a->cfg.checkpoint.every == 0) ||
+                   step == (int64_t)as->end_step || step == ckpt_now;
+        if (due && save_part(a, step) != SY_OK) {
+            snprintf(detail, sizeof detail, "checkpoint step %lld: %s", (long long)step, sy_err_msg());
+            sy_error("%s", detail);
+            send_fault(a, "storage", detail, -1, step);
+        }
+    }
+    atomic_store(&a->state, ST_IDLE);
+    return RUN_DONE;
+fail:
+    snprintf(detail, sizeof detail, "%s", sy_err_msg());
+    sy_error("generation %llu: %s", (unsigned long long)gen, detail);
+    send_fault(a, "internal", detail, -1, 0);
+    close_generation(a);
+    atomic_store(&a->state, ST_IDLE);
+    return RUN_FAILED;
+}
+
+int sy_agent_run(const sy_agent_opts *opts) {
+    agent_t a;
+    memset(&a, 0, sizeof a);
+    a.opts = opts;
+    int rc = 1;
+    gethostname(a.host, sizeof a.host - 1);
+    if (opts->id) snprintf(a.id, sizeof a.id, "%s", opts->id);
+    else if (snprintf(a.id, sizeof a.id, "%.100s-%d", a.host, (int)getpid()) < 0) a.id[0] = 0;
+    char role[160];
+    if (snprintf(role, sizeof role, "worker %s", a.id) >= (int)sizeof role) role[sizeof role - 1] = 0;
+    sy_log_set_role(role);
+    pthread_mutex_init(&a.mu, NULL);
+    atomic_store(&a.hb_ms, SY_AGENT_DEFAULT_HB_MS);
+    atomic_store(&a.coord_timeout_ms, SY_AGENT_DEFAULT_COORD_TIMEOUT_MS);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+
+    if (sy_dataplane_new(opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
+        sy_error("data plane: %s", sy_err_msg());
+        goto out;
+    }
+    a.zctx = zmq_ctx_new();
+    a.pair_main = zmq_socket(a.zctx, ZMQ_PAIR);
+    snprintf(a.inproc, sizeof a.inproc, "inproc://sy-agent-%p", (void *)&a);
+    int linger = 0;
+    zmq_setsockopt(a.pair_main, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_bind(a.pair_main, a.inproc);
+    if (pthread_create(&a.link, NULL, link_main, &a) != 0) {
+        sy_error("cannot start the link thread");
+        goto out;
+    }
+    a.link_started = true;
+    sy_info("data plane at %s; connecting to %s", sy_dataplane_endpoint(a.dp), opts->coordinator);
+
+    while (!g_stop) {
+        Sy__Envelope *m = agent_recv(&a, 100);
+        if (!m) continue;
+        run_end r = RUN_DONE;
+        switch (m->body_case) {
+        case SY__ENVELOPE__BODY_ASSIGN: r = run_assign(&a, m); break;
+        case SY__ENVELOPE__BODY_STOP: r = RUN_STOP; break;
+        default: break;
+        }
+        if (r == RUN_STOP) {
+            sy_info("stop: %s", m->body_case == SY__ENVELOPE__BODY_STOP && m->stop->reason ? m->stop->reason : "asked to stop");
+            sy_proto_free(m);
+            rc = 0;
+            goto out;
+        }
+        sy_proto_free(m);
+    }
+    rc = 0; /* SIGINT/SIGTERM: a clean exit */
+out:
+    if (a.link_started) {
+        atomic_store(&a.link_stop, 1);
+        pthread_join(a.link, NULL);
+    }
+    close_generation(&a);
+    free(a.pending);
+    if (a.pair_main) zmq_close(a.pair_main);
+    if (a.zctx) zmq_ctx_term(a.zctx);
+    sy_dataplane_destroy(&a.dp);
+    sy_adamw_destroy(&a.opt);
+    sy_model_destroy(&a.model);
+    sy_backend_destroy(&a.be);
+    sy_data_destroy(&a.data);
+    sy_store_destroy(&a.store);
+    if (a.have_cfg) sy_config_free(&a.cfg);
+    free(a.tokens), free(a.counts), free(a.owned);
+    pthread_mutex_destroy(&a.mu);
+    return rc;
+}

@@ -1,0 +1,72 @@
+/* switchyard-worker: one per device (GPU) or CPU slot. See worker/agent.h. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "agent.h"
+#include "cpu_setup.h"
+#include "log.h"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: switchyard-worker --coordinator tcp://HOST:PORT [options]\n"
+            "\n"
+            "A worker agent: registers with the coordinator, trains its share of the run with\n"
+            "expert parallelism, reports every step, exits on Stop (or SIGINT/SIGTERM).\n"
+            "\n"
+            "options:\n"
+            "  --coordinator URL   the coordinator's control endpoint (cluster.bind), required\n"
+            "  --id ID             worker identity (default HOST-PID); a restarted worker may\n"
+            "                      reuse its id\n"
+            "  --backend NAME      compute backend: cpu (default)\n"
+            "  --data-bind ADDR    data-plane bind address (default tcp://127.0.0.1:*, * = any port)\n"
+            "  --threads N         compute threads (default: the run config's train.threads)\n"
+            "  -h, --help          this help\n"
+            "\n"
+            "environment: SY_LOG=debug|info|warn|error\n");
+}
+
+int main(int argc, char **argv) {
+    sy_cpu_setup(argc, argv);
+    sy_log_init_from_env();
+    static const struct option longopts[] = {{"coordinator", required_argument, 0, 'c'},
+                                             {"id", required_argument, 0, 'i'},
+                                             {"backend", required_argument, 0, 'b'},
+                                             {"data-bind", required_argument, 0, 'd'},
+                                             {"threads", required_argument, 0, 't'},
+                                             {"help", no_argument, 0, 'h'},
+                                             {0, 0, 0, 0}};
+    sy_agent_opts o = {.backend = "cpu"};
+    int c;
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'c': o.coordinator = optarg; break;
+        case 'i': o.id = optarg; break;
+        case 'b': o.backend = optarg; break;
+        case 'd': o.data_bind = optarg; break;
+        case 't': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (*end || v < 0 || v > 4096) {
+                fprintf(stderr, "switchyard-worker: --threads %s: expected an integer in [0, 4096]\n", optarg);
+                return 2;
+            }
+            o.threads = (int)v;
+            break;
+        }
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (!o.coordinator || optind != argc) {
+        fprintf(stderr, "switchyard-worker: --coordinator is required\n");
+        usage(stderr);
+        return 2;
+    }
+    if (strcmp(o.backend, "cpu") != 0) {
+        fprintf(stderr, "switchyard-worker: --backend %s: only 'cpu' is built in this version\n", o.backend);
+        return 2;
+    }
+    return sy_agent_run(&o);
+}
