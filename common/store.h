@@ -1,7 +1,8 @@
 /* An object store: flat keys → byte blobs, the place checkpoints live (system spec §5).
  *
  * URLs: `file:///abs/path` or a plain relative/absolute path is a local directory (created if
- * missing); `s3://bucket/prefix` is reserved for the S3 backend (not built yet: SY_EINVAL).
+ * missing); `s3://bucket/prefix` is the S3 backend (store_s3.h: libcurl SigV4; credentials from the AWS_*
+ * variables; sy_store_open_config also applies the checkpoint.s3_* config fields).
  *
  * Keys are '/'-separated relative names made of [A-Za-z0-9._/-] only, with no empty, "." or
  * ".." component and no leading or trailing '/'; anything else is SY_EINVAL. Prefixes for list

@@ -20,6 +20,7 @@
 #include "log.h"
 #include "protocol.h"
 #include "store.h"
+#include "store_s3.h"
 
 /* Longest worker id / host / endpoint kept (longer Hellos are refused as invalid). */
 #define ID_MAX 128
@@ -107,6 +108,7 @@ struct sy_coord {
     sy_config_t cfg;
     int expect_workers;     /* first generation: wait for this many (0: no wait) */
     bool opened_once;       /* a generation was opened by this incarnation */
+    int prev_world;         /* world of the last closed generation (its members stay in members[]) */
     sy_store_t *store;
     void *zctx, *sock;
     char endpoint[256];
@@ -325,6 +327,7 @@ static void close_generation(sy_coord_t *c, const char *why) {
         }
     }
     c->gen_open = false;
+    c->prev_world = c->world;
     c->world = 0;
     clear_pending(c);
     c->settle_from = mono_ms();
@@ -371,11 +374,23 @@ static void open_generation(sy_coord_t *c) {
         finish(c, R_FINISHED, "already complete");
         return;
     }
+    /* Survivors keep their experts (the fewest moves): prev[e] = new rank of e's old owner. */
+    int *prev = calloc((size_t)c->E, sizeof(int));
+    if (prev) {
+        for (int e = 0; e < c->E; e++) {
+            prev[e] = -1;
+            if (c->gen == 0 || c->prev_world <= 0 || c->placement[e] >= (uint32_t)c->prev_world) continue;
+            int old_w = c->members[c->placement[e]];
+            for (int r = 0; r < n; r++)
+                if (cand[r] == old_w) prev[e] = r;
+        }
+    }
     c->gen++;
     c->world = n;
     memcpy(c->members, cand, sizeof(int) * (size_t)n);
     free(cand);
-    sy_placement_balanced(c->E, n, c->placement);
+    sy_placement_sticky(c->E, n, prev, c->placement);
+    free(prev);
     c->restore_step = c->latest_ckpt;
     c->start_step = c->latest_ckpt >= 0 ? c->latest_ckpt + 1 : 1;
     c->end_step = c->cfg.run.steps;
@@ -1190,6 +1205,20 @@ static void on_request(sy_coord_t *c, const sy_http_cmd *cmd) {
         event(c, "checkpoint_requested", json_pack("{s:I}", "step", (json_int_t)target));
         return;
     }
+    if (cmd->kind == SY_HTTP_CMD_LOST) { /* the launcher saw the process exit */
+        int li = find_worker_id(c, cmd->arg);
+        if (li < 0 || !w_live(&c->w[li])) {
+            sy_info("lost report for '%s': not a live worker; ignored", cmd->arg);
+        } else if (cmd->pid && c->w[li].pid != cmd->pid) {
+            sy_info("lost report for '%s' about pid %u: it is registered with pid %u; ignored", cmd->arg,
+                    (unsigned)cmd->pid, (unsigned)c->w[li].pid);
+        } else {
+            char why[96];
+            snprintf(why, sizeof why, "process %u exited (reported by the launcher)", (unsigned)c->w[li].pid);
+            worker_lost(c, li, why);
+        }
+        return;
+    }
     int i = find_worker_id(c, cmd->arg);
     if (i < 0 || !w_live(&c->w[i])) {
         sy_warn("drain: no live worker '%s'", cmd->arg);
@@ -1232,7 +1261,9 @@ static void cron(sy_coord_t *c) {
             int64_t since = now - (c->last_join > c->settle_from ? c->last_join : c->settle_from);
             bool expecting = !c->opened_once && c->expect_workers > 0 && idle < c->expect_workers &&
                              now - c->settle_from < SY_COORD_EXPECT_TIMEOUT_MS;
-            if (!expecting && (since >= c->settle_ms || idle >= c->cfg.cluster.max_workers)) {
+            /* A recovery does not wait for newcomers: the survivors go on at once. */
+            bool recovering = c->nrec > 0 && c->rec[c->nrec - 1].duration_ms < 0;
+            if (!expecting && (since >= c->settle_ms || recovering || idle >= c->cfg.cluster.max_workers)) {
                 c->opened_once = true;
                 open_generation(c);
             }
@@ -1299,7 +1330,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
         if (getrandom(&c->incarnation, sizeof c->incarnation, 0) != (ssize_t)sizeof c->incarnation)
             c->incarnation = (uint64_t)wall_s() * 2654435761u ^ (uint64_t)getpid();
 
-    SY_CHECK_GOTO(sy_store_open(cfg->checkpoint.store, &c->store), s, fail);
+    SY_CHECK_GOTO(sy_store_open_config(cfg, &c->store), s, fail);
     int64_t latest;
     s = sy_ckpt_latest(c->store, cfg->run.name, &latest);
     if (s == SY_OK) c->latest_ckpt = latest;

@@ -1,11 +1,13 @@
 #include "http.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <jansson.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,13 +149,14 @@ static unsigned check_auth(sy_http_t *h, struct MHD_Connection *conn, const char
     return 0;
 }
 
-static int enqueue(sy_http_t *h, sy_http_cmd_kind kind, const char *arg) {
+static int enqueue(sy_http_t *h, sy_http_cmd_kind kind, const char *arg, uint32_t pid) {
     int ok = 0;
     pthread_mutex_lock(&h->mu);
     if (h->q_len < SY_HTTP_QUEUE) {
         sy_http_cmd *c = &h->q[(h->q_head + h->q_len) % SY_HTTP_QUEUE];
         c->kind = kind;
         snprintf(c->arg, sizeof c->arg, "%s", arg ? arg : "");
+        c->pid = pid;
         h->q_len++;
         ok = 1;
     }
@@ -178,38 +181,64 @@ static int worker_known(sy_http_t *h, const char *id) {
     return found;
 }
 
+/* "/v1/workers/{id}/{verb}": 1 with the id copied out; -1 for a bad id; 0 if url is not of
+ * that form. */
+static int worker_path(const char *url, const char *verb, char *id, size_t cap) {
+    static const char pre[] = "/v1/workers/";
+    size_t np = sizeof pre - 1, nv = strlen(verb), nu = strlen(url);
+    if (strncmp(url, pre, np) != 0 || nu <= np + nv + 1 || url[nu - nv - 1] != '/' ||
+        strcmp(url + nu - nv, verb) != 0)
+        return 0;
+    size_t n = nu - np - nv - 1;
+    if (n == 0 || n >= cap) return -1;
+    memcpy(id, url + np, n);
+    id[n] = 0;
+    return strchr(id, '/') ? 0 : 1;
+}
+
 static enum MHD_Result handle_post(sy_http_t *h, struct MHD_Connection *conn, const char *url) {
-    static const char drain_pre[] = "/v1/workers/", drain_suf[] = "/drain";
     sy_http_cmd_kind kind;
     char id[128] = "";
+    uint32_t pid = 0;
+    int wp;
     if (!strcmp(url, "/v1/checkpoint")) {
         kind = SY_HTTP_CMD_CHECKPOINT;
     } else if (!strcmp(url, "/v1/stop")) {
         kind = SY_HTTP_CMD_STOP;
-    } else if (!strncmp(url, drain_pre, sizeof drain_pre - 1) && strlen(url) > sizeof drain_pre - 1 + sizeof drain_suf - 1 &&
-               !strcmp(url + strlen(url) - (sizeof drain_suf - 1), drain_suf)) {
-        size_t n = strlen(url) - (sizeof drain_pre - 1) - (sizeof drain_suf - 1);
-        if (n == 0 || n >= sizeof id) return reply_json(conn, MHD_HTTP_BAD_REQUEST, "error", "bad worker id");
-        memcpy(id, url + sizeof drain_pre - 1, n);
-        id[n] = 0;
-        if (strchr(id, '/')) return reply_json(conn, MHD_HTTP_NOT_FOUND, "error", "no such endpoint");
+    } else if ((wp = worker_path(url, "drain", id, sizeof id)) != 0) {
+        if (wp < 0) return reply_json(conn, MHD_HTTP_BAD_REQUEST, "error", "bad worker id");
         kind = SY_HTTP_CMD_DRAIN;
+    } else if ((wp = worker_path(url, "lost", id, sizeof id)) != 0) {
+        if (wp < 0) return reply_json(conn, MHD_HTTP_BAD_REQUEST, "error", "bad worker id");
+        kind = SY_HTTP_CMD_LOST;
     } else {
         return reply_json(conn, MHD_HTTP_NOT_FOUND, "error", "no such endpoint");
     }
     const char *why = NULL;
     unsigned code = check_auth(h, conn, &why);
     if (code) return reply_json(conn, code, "error", why);
-    if (kind == SY_HTTP_CMD_DRAIN && !worker_known(h, id)) {
+    if (kind == SY_HTTP_CMD_LOST) {
+        const char *ps = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "pid");
+        if (ps) {
+            char *end;
+            errno = 0;
+            unsigned long v = strtoul(ps, &end, 10);
+            if (!*ps || *end || errno || v == 0 || v > UINT32_MAX || ps[0] == '-' || ps[0] == '+')
+                return reply_json(conn, MHD_HTTP_BAD_REQUEST, "error", "pid: expected a positive integer");
+            pid = (uint32_t)v;
+        }
+    }
+    if ((kind == SY_HTTP_CMD_DRAIN || kind == SY_HTTP_CMD_LOST) && !worker_known(h, id)) {
         char msg[200];
         snprintf(msg, sizeof msg, "no worker with id '%s'", id);
         return reply_json(conn, MHD_HTTP_NOT_FOUND, "error", msg);
     }
-    if (!enqueue(h, kind, id))
+    if (!enqueue(h, kind, id, pid))
         return reply_json(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "error", "request queue full; retry");
     return reply_json(conn, MHD_HTTP_ACCEPTED, "status",
                       kind == SY_HTTP_CMD_CHECKPOINT ? "checkpoint requested"
                       : kind == SY_HTTP_CMD_STOP     ? "stop requested"
+                      : kind == SY_HTTP_CMD_LOST     ? "loss reported"
                                                      : "drain requested");
 }
 
@@ -250,7 +279,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (post) return handle_post(h, conn, url);
     if (!strncmp(url, "/v1/", 4) && get &&
-        (!strcmp(url, "/v1/checkpoint") || !strcmp(url, "/v1/stop") || strstr(url, "/drain")))
+        (!strcmp(url, "/v1/checkpoint") || !strcmp(url, "/v1/stop") || strstr(url, "/drain") ||
+         strstr(url, "/lost")))
         return reply_json(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "error", "use POST");
     return reply_json(conn, MHD_HTTP_NOT_FOUND, "error", "no such endpoint");
 }

@@ -3,7 +3,9 @@
  *   GET  /            self-refreshing HTML dashboard (inline JS and SVG, no external assets)
  *   GET  /v1/status   the status JSON the reactor last published
  *   GET  /metrics     the Prometheus text the reactor last published
- *   POST /v1/checkpoint, /v1/workers/{id}/drain, /v1/stop
+ *   POST /v1/checkpoint, /v1/workers/{id}/drain, /v1/stop,
+ *        /v1/workers/{id}/lost[?pid=N]  (the launcher: that worker's process exited; with pid,
+ *                     only if the registered process has that pid)
  *                     need `Authorization: Bearer <status.token>` (401 without, 403 wrong);
  *                     with no token configured they are refused with 403. Accepted requests
  *                     are queued for the reactor (202).
@@ -16,13 +18,21 @@
 #ifndef SY_HTTP_H
 #define SY_HTTP_H
 
+#include <stdint.h>
+
 #include "status.h"
 
-typedef enum { SY_HTTP_CMD_CHECKPOINT = 1, SY_HTTP_CMD_DRAIN = 2, SY_HTTP_CMD_STOP = 3 } sy_http_cmd_kind;
+typedef enum {
+    SY_HTTP_CMD_CHECKPOINT = 1,
+    SY_HTTP_CMD_DRAIN = 2,
+    SY_HTTP_CMD_STOP = 3,
+    SY_HTTP_CMD_LOST = 4
+} sy_http_cmd_kind;
 
 typedef struct {
     sy_http_cmd_kind kind;
-    char arg[128]; /* DRAIN: the worker id */
+    char arg[128]; /* DRAIN, LOST: the worker id */
+    uint32_t pid;  /* LOST: the exited process's pid (0: not given) */
 } sy_http_cmd;
 
 typedef struct sy_http sy_http_t;

@@ -1,7 +1,8 @@
 /* Expert parallelism (worker/switch_ep.c) between real processes equals the single-process
  * Switch layer: outputs, input gradients, router gradients and every expert's weight gradients,
  * with tokens dropped by capacity, for W = 2, 3, 4 and E = 8 (so W = 3 is an uneven placement),
- * including a round where some ranks have no micro-batch and only serve their experts.
+ * including a round where some ranks have no micro-batch and only serve their experts, and a
+ * scattered (non-contiguous) placement such as a recovery leaves.
  *
  * Every child builds the same inputs from a fixed seed, computes the reference on its own (all
  * experts local, every micro-batch of the round), then runs its micro-batch through the
@@ -68,6 +69,8 @@ static double rel(const float *a, const float *b, size_t n) {
 
 /* Child: micro-batches 0..M-1 of one round (M ≤ world: ranks ≥ M are idle). Returns 0 if every
  * comparison holds. */
+static int g_scattered; /* placement: 0 balanced contiguous ranges, 1 round-robin (e % W) */
+
 static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_LEN]) {
     sy_backend_t *be = NULL;
     sy_backend_cpu_new(1, false, &be);
@@ -111,6 +114,8 @@ static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_L
     }
     uint32_t owner[E];
     sy_placement_balanced(E, world, owner);
+    if (g_scattered)
+        for (int e = 0; e < E; e++) owner[e] = (uint32_t)(e % world); /* after a recovery */
     sy_ep_t *ep = NULL;
     if (sy_ep_new(be, comm, owner, E, D, F, G, 1, &ep) != SY_OK) {
         fprintf(stderr, "rank %d: ep: %s\n", rank, sy_err_msg());
@@ -234,6 +239,13 @@ static void test_w2(void **s) { (void)s; run_world(2, 2); }
 static void test_w3_uneven(void **s) { (void)s; run_world(3, 3); }
 static void test_w4(void **s) { (void)s; run_world(4, 4); }
 static void test_w4_idle_ranks(void **s) { (void)s; run_world(4, 2); } /* ranks 2, 3 only serve */
+static void test_w3_scattered(void **s) {
+    (void)s;
+    g_scattered = 1;
+    run_world(3, 3);
+    run_world(4, 3);
+    g_scattered = 0;
+}
 
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
@@ -242,6 +254,7 @@ int main(void) {
         cmocka_unit_test(test_w3_uneven),
         cmocka_unit_test(test_w4),
         cmocka_unit_test(test_w4_idle_ranks),
+        cmocka_unit_test(test_w3_scattered),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

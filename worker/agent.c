@@ -26,6 +26,7 @@
 #include "optim.h"
 #include "protocol.h"
 #include "store.h"
+#include "store_s3.h"
 #include "switch_ep.h"
 
 #define SY_AGENT_VERSION "0.1.0"
@@ -73,6 +74,11 @@ typedef struct {
     bool *owned;
     int32_t *tokens, *counts;
     int rank, world;
+    /* the in-memory copy of this rank's state at its last written checkpoint */
+    float *snap_p, *snap_m, *snap_v;
+    bool *snap_owned;
+    int64_t snap_t, snap_step;
+    char restore_note[128];
     void *pending;                 /* a frame received while training, handled next */
     size_t pending_len;
 } agent_t;
@@ -275,6 +281,8 @@ static void stash(agent_t *a, const Sy__Envelope *env) {
     if (a->pending) sy__envelope__pack(env, a->pending);
 }
 
+static void snapshot_drop(agent_t *a);
+
 static void close_generation(agent_t *a) {
     if (a->model) sy_model_set_ep(a->model, NULL, 0);
     sy_ep_destroy(&a->ep);
@@ -284,7 +292,12 @@ static void close_generation(agent_t *a) {
 }
 
 static bool dims_equal(const sy_model_dims *x, const sy_model_dims *y) {
-    return !memcmp(x, y, sizeof *x);
+    return x->V == y->V && x->T == y->T && x->D == y->D && x->L == y->L && x->H == y->H &&
+           x->F == y->F && x->E == y->E && x->S == y->S && x->B == y->B &&
+           x->capacity_factor == y->capacity_factor &&
+           x->eval_capacity_factor == y->eval_capacity_factor && x->aux_coef == y->aux_coef &&
+           x->z_coef == y->z_coef && x->jitter == y->jitter &&
+           x->expert_dropout == y->expert_dropout && x->init_scale == y->init_scale;
 }
 
 /* Builds (or keeps) the model, optimizer, data and store for the Assign's config. */
@@ -310,6 +323,7 @@ static sy_status setup(agent_t *a, const char *config_json) {
     sy_model_dims d = sy_model_dims_from_config(&a->cfg);
     bool bf16 = a->cfg.train.precision == SY_PREC_BF16;
     if (!a->model || !dims_equal(&d, &a->dims) || a->be->bf16 != bf16) {
+        snapshot_drop(a);
         sy_adamw_destroy(&a->opt);
         sy_model_destroy(&a->model);
         sy_backend_destroy(&a->be);
@@ -329,11 +343,95 @@ static sy_status setup(agent_t *a, const char *config_json) {
     SY_CHECK(sy_data_open((const char *const *)a->cfg.data.train.items, a->cfg.data.train.n,
                           a->cfg.model.vocab_size, a->cfg.model.seq_len, &a->data));
     sy_store_destroy(&a->store);
-    SY_CHECK(sy_store_open(a->cfg.checkpoint.store, &a->store));
+    SY_CHECK(sy_store_open_config(&a->cfg, &a->store));
     return SY_OK;
 }
 
 typedef enum { RUN_DONE, RUN_ABORTED, RUN_FAILED, RUN_STOP, RUN_NEXT } run_end;
+
+/* "0-2,5" style list of the experts set in mask. */
+static void experts_string(char *buf, size_t cap, const bool *mask, int E) {
+    size_t n = 0;
+    buf[0] = 0;
+    for (int e = 0; e < E && n + 16 < cap; e++) {
+        if (!mask[e]) continue;
+        int f = e;
+        while (e + 1 < E && mask[e + 1]) e++;
+        n += (size_t)snprintf(buf + n, cap - n, "%s%d", n ? "," : "", f);
+        if (e > f) n += (size_t)snprintf(buf + n, cap - n, "-%d", e);
+    }
+    if (!buf[0]) snprintf(buf, cap, "none");
+}
+
+/* Keeps this rank's state of a checkpoint it wrote (system spec §3: a survivor restores from
+ * its in-memory copy where it holds one and fetches from the store only what it newly owns). */
+static sy_status snapshot_take(agent_t *a, int64_t step) {
+    size_t n = sy_model_numel(a->model);
+    const int E = a->dims.E;
+    if (!a->snap_p) {
+        a->snap_p = malloc(sizeof(float) * n);
+        a->snap_m = malloc(sizeof(float) * n);
+        a->snap_v = malloc(sizeof(float) * n);
+        a->snap_owned = calloc((size_t)E, sizeof(bool));
+        if (!a->snap_p || !a->snap_m || !a->snap_v || !a->snap_owned) {
+            free(a->snap_p), free(a->snap_m), free(a->snap_v), free(a->snap_owned);
+            a->snap_p = a->snap_m = a->snap_v = NULL;
+            a->snap_owned = NULL;
+            a->snap_step = -1;
+            return sy_err_set(SY_ENOMEM, "no memory for the in-memory checkpoint copy");
+        }
+    }
+    memcpy(a->snap_p, sy_model_params(a->model), sizeof(float) * n);
+    memcpy(a->snap_m, sy_adamw_m(a->opt), sizeof(float) * n);
+    memcpy(a->snap_v, sy_adamw_v(a->opt), sizeof(float) * n);
+    memcpy(a->snap_owned, a->owned, sizeof(bool) * (size_t)E);
+    a->snap_t = sy_adamw_t_count(a->opt);
+    a->snap_step = step;
+    return SY_OK;
+}
+
+static void snapshot_drop(agent_t *a) {
+    free(a->snap_p), free(a->snap_m), free(a->snap_v), free(a->snap_owned);
+    a->snap_p = a->snap_m = a->snap_v = NULL;
+    a->snap_owned = NULL;
+    a->snap_step = -1;
+}
+
+/* Copies parameter i of the snapshot (params and moments) into the live buffers. */
+static void snapshot_copy_param(agent_t *a, const sy_param_t *p) {
+    memcpy(sy_model_params(a->model) + p->offset, a->snap_p + p->offset, sizeof(float) * p->numel);
+    memcpy(sy_adamw_m(a->opt) + p->offset, a->snap_m + p->offset, sizeof(float) * p->numel);
+    memcpy(sy_adamw_v(a->opt) + p->offset, a->snap_v + p->offset, sizeof(float) * p->numel);
+}
+
+/* Loads checkpoint `step` for the experts this rank owns now: from the in-memory copy what it
+ * has (dense + experts it owned when it wrote that checkpoint), the rest from the store. */
+static sy_status restore(agent_t *a, int64_t step) {
+    const int E = a->dims.E;
+    if (a->snap_step != step || !a->snap_p) {
+        SY_CHECK(sy_model_ckpt_load(a->store, a->cfg.run.name, step, a->model, a->opt, a->owned));
+        snprintf(a->restore_note, sizeof a->restore_note, "from the store");
+        return SY_OK;
+    }
+    bool need[E > 0 ? E : 1];
+    int from_mem = 0, from_store = 0;
+    for (int e = 0; e < E; e++) {
+        need[e] = a->owned[e] && !a->snap_owned[e];
+        from_store += need[e];
+        from_mem += a->owned[e] && a->snap_owned[e];
+    }
+    if (from_store > 0)
+        SY_CHECK(sy_model_ckpt_load_experts(a->store, a->cfg.run.name, step, a->model, a->opt, need));
+    for (int i = 0; i < sy_model_n_params(a->model); i++) {
+        const sy_param_t *p = sy_model_param(a->model, i);
+        if (p->expert < 0 || (a->owned[p->expert] && a->snap_owned[p->expert])) snapshot_copy_param(a, p);
+    }
+    sy_adamw_set_t_count(a->opt, a->snap_t);
+    sy_model_weights_changed(a->model);
+    snprintf(a->restore_note, sizeof a->restore_note, "dense and %d expert(s) from memory, %d from the store",
+             from_mem, from_store);
+    return SY_OK;
+}
 
 static sy_status save_part(agent_t *a, int64_t step) {
     sy_model_ckpt_plan plan;
@@ -447,17 +545,17 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             goto fail;
         sy_model_set_ep(a->model, a->ep, a->rank);
     }
+    char owned_s[256];
+    experts_string(owned_s, sizeof owned_s, a->owned, E);
     if (as->restore_step >= 0) {
-        if (sy_model_ckpt_load(a->store, a->cfg.run.name, as->restore_step, a->model, a->opt, a->owned) != SY_OK)
-            goto fail;
-        sy_info("generation %llu: rank %d/%d, restored step %lld, experts %d..%d",
+        if (restore(a, as->restore_step) != SY_OK) goto fail;
+        sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s",
                 (unsigned long long)gen, a->rank, a->world, (long long)as->restore_step,
-                a->ep ? sy_ep_first_expert(a->ep) : 0, a->ep ? sy_ep_last_expert(a->ep) - 1 : E - 1);
+                a->restore_note, owned_s);
     } else {
         sy_model_init(a->model, a->cfg.run.seed);
-        sy_info("generation %llu: rank %d/%d, fresh start, experts %d..%d", (unsigned long long)gen,
-                a->rank, a->world, a->ep ? sy_ep_first_expert(a->ep) : 0,
-                a->ep ? sy_ep_last_expert(a->ep) - 1 : E - 1);
+        sy_info("generation %llu: rank %d/%d, fresh start, experts %s", (unsigned long long)gen,
+                a->rank, a->world, owned_s);
     }
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
 
@@ -515,7 +613,9 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         atomic_store(&a->step, step);
         bool due = (a->cfg.checkpoint.every > 0 && step % a->cfg.checkpoint.every == 0) ||
                    step == (int64_t)as->end_step || step == ckpt_now;
-        if (due && save_part(a, step) != SY_OK) {
+        if (due && save_part(a, step) == SY_OK) {
+            if (snapshot_take(a, step) != SY_OK) sy_warn("%s", sy_err_msg());
+        } else if (due) {
             snprintf(detail, sizeof detail, "checkpoint step %lld: %s", (long long)step, sy_err_msg());
             sy_error("%s", detail);
             send_fault(a, "storage", detail, -1, step);
@@ -536,6 +636,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
     agent_t a;
     memset(&a, 0, sizeof a);
     a.opts = opts;
+    a.snap_step = -1;
     int rc = 1;
     gethostname(a.host, sizeof a.host - 1);
     if (opts->id) snprintf(a.id, sizeof a.id, "%s", opts->id);
@@ -594,6 +695,7 @@ out:
     }
     close_generation(&a);
     free(a.pending);
+    snapshot_drop(&a);
     if (a.pair_main) zmq_close(a.pair_main);
     if (a.zctx) zmq_ctx_term(a.zctx);
     sy_dataplane_destroy(&a.dp);

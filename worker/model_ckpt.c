@@ -21,8 +21,8 @@ static int collect(sy_model_t *m, int expert, float *base, int which /* 0 p, 1 m
  * into the given buffers (mom1 == NULL: no optimizer files). */
 typedef sy_status (*group_fn)(void *ctx, const sy_ckpt_group *g);
 
-static sy_status for_groups(const sy_model_t *m, float *params, float *mom1, float *mom2,
-                            const bool *experts, group_fn fn, void *ctx) {
+static sy_status for_groups_sel(const sy_model_t *m, float *params, float *mom1, float *mom2,
+                                bool with_dense, const bool *experts, group_fn fn, void *ctx) {
     const int E = sy_model_get_dims(m)->E;
     int np = sy_model_n_params(m);
     sy_tensor_ref *refs = malloc(sizeof(sy_tensor_ref) * (size_t)np * 2);
@@ -30,7 +30,7 @@ static sy_status for_groups(const sy_model_t *m, float *params, float *mom1, flo
     sy_status st = SY_OK;
     char file[64];
     bool any_expert = sy_model_n_switch(m) > 0;
-    for (int e = -1; e < (any_expert ? E : 0) && st == SY_OK; e++) {
+    for (int e = with_dense ? -1 : 0; e < (any_expert ? E : 0) && st == SY_OK; e++) {
         if (e >= 0 && experts && !experts[e]) continue;
         int n = collect((sy_model_t *)m, e, params, 0, refs);
         sy_ckpt_group g = {e < 0 ? sy_ckpt_file_dense(file, sizeof file, 0)
@@ -47,6 +47,11 @@ static sy_status for_groups(const sy_model_t *m, float *params, float *mom1, flo
     }
     free(refs);
     return st;
+}
+
+static sy_status for_groups(const sy_model_t *m, float *params, float *mom1, float *mom2,
+                            const bool *experts, group_fn fn, void *ctx) {
+    return for_groups_sel(m, params, mom1, mom2, true, experts, fn, ctx);
 }
 
 /* A plan needs every group at once (the manifest lists them): it keeps copies of the views
@@ -134,13 +139,13 @@ static sy_status load_one(void *ctx_, const sy_ckpt_group *g) {
     return sy_ckpt_load_group_m(c->st, c->manifest, g);
 }
 
-sy_status sy_model_ckpt_load(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
-                             sy_adamw_t *opt, const bool *experts) {
+static sy_status load_sel(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
+                          sy_adamw_t *opt, bool with_dense, const bool *experts) {
     json_t *man = NULL;
     SY_CHECK(sy_ckpt_read_manifest(st, run, step, &man));
     load_ctx c = {st, man};
-    sy_status s = for_groups(m, sy_model_params(m), opt ? sy_adamw_m(opt) : NULL, opt ? sy_adamw_v(opt) : NULL,
-                             experts, load_one, &c);
+    sy_status s = for_groups_sel(m, sy_model_params(m), opt ? sy_adamw_m(opt) : NULL,
+                                 opt ? sy_adamw_v(opt) : NULL, with_dense, experts, load_one, &c);
     if (s == SY_OK && opt) {
         json_t *t = json_object_get(man, "optimizer_step");
         if (!json_is_integer(t)) {
@@ -153,4 +158,14 @@ sy_status sy_model_ckpt_load(sy_store_t *st, const char *run, int64_t step, sy_m
     json_decref(man);
     if (s == SY_OK) sy_model_weights_changed(m);
     return s;
+}
+
+sy_status sy_model_ckpt_load(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
+                             sy_adamw_t *opt, const bool *experts) {
+    return load_sel(st, run, step, m, opt, true, experts);
+}
+
+sy_status sy_model_ckpt_load_experts(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
+                                     sy_adamw_t *opt, const bool *experts) {
+    return load_sel(st, run, step, m, opt, false, experts);
 }

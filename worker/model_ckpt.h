@@ -51,5 +51,9 @@ sy_status sy_model_ckpt_save_from(sy_store_t *st, const char *run, int64_t step,
  * their moments when opt != NULL (then also the optimizer step count). */
 sy_status sy_model_ckpt_load(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
                              sy_adamw_t *opt, const bool *experts);
+/* The same without the dense files: only the experts e with experts[e] (a survivor fetches
+ * what it newly owns; the rest it has in memory). */
+sy_status sy_model_ckpt_load_experts(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
+                                     sy_adamw_t *opt, const bool *experts);
 
 #endif

@@ -21,9 +21,10 @@ struct sy_ep {
     sy_backend_t *be;
     sy_comm_t *comm;
     int rank, world, E, D, F, G, n_layers;
-    uint32_t *owner;
-    int e0, e1;           /* my experts [e0, e1) */
-    int *q_e0, *q_e1;     /* each rank's range */
+    int *q_off;           /* [world+1] each rank's experts: q_exp[q_off[q] .. q_off[q+1]) */
+    int *q_exp;           /* [E] experts grouped by owner rank, ascending within a rank */
+    const int *mine;      /* my experts (into q_exp) */
+    int nm;
     int R;                /* max rows an owner can receive: world·G */
     served_layer *layers;
     /* exchange scratch */
@@ -52,27 +53,26 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
     ep->world = sy_comm_world(comm);
     ep->E = E, ep->D = D, ep->F = F, ep->G = G, ep->n_layers = n_layers;
     const int W = ep->world;
-    EP_ALLOC(ep->owner, E);
-    EP_ALLOC(ep->q_e0, W);
-    EP_ALLOC(ep->q_e1, W);
-    for (int q = 0; q < W; q++) ep->q_e0[q] = E, ep->q_e1[q] = 0;
+    EP_ALLOC(ep->q_off, W + 1);
+    EP_ALLOC(ep->q_exp, E);
     for (int e = 0; e < E; e++) {
-        int q = (int)owner[e];
-        if (q < 0 || q >= W || (e > 0 && owner[e] < owner[e - 1])) {
+        if (owner[e] >= (uint32_t)W) {
             sy_ep_destroy(&ep);
-            return sy_err_set(SY_EINVAL, "expert placement: expert %d on rank %d: owners must be "
-                              "ascending contiguous ranges of ranks 0..%d", e, q, W - 1);
+            return sy_err_set(SY_EINVAL, "expert placement: expert %d on rank %u of a world of %d", e,
+                              owner[e], W);
         }
-        ep->owner[e] = owner[e];
-        if (e < ep->q_e0[q]) ep->q_e0[q] = e;
-        ep->q_e1[q] = e + 1;
+        ep->q_off[owner[e] + 1]++;
     }
-    for (int q = 0; q < W; q++)
-        if (ep->q_e0[q] >= ep->q_e1[q]) ep->q_e0[q] = ep->q_e1[q] = 0; /* owns none */
-    ep->e0 = ep->q_e0[ep->rank];
-    ep->e1 = ep->q_e1[ep->rank];
+    for (int q = 0; q < W; q++) ep->q_off[q + 1] += ep->q_off[q];
+    {
+        int fill[W];
+        for (int q = 0; q < W; q++) fill[q] = ep->q_off[q];
+        for (int e = 0; e < E; e++) ep->q_exp[fill[owner[e]]++] = e;
+    }
+    ep->mine = ep->q_exp + ep->q_off[ep->rank];
+    ep->nm = ep->q_off[ep->rank + 1] - ep->q_off[ep->rank];
     ep->R = W * G;
-    const int nm = ep->e1 - ep->e0;
+    const int nm = ep->nm;
     EP_ALLOC(ep->layers, n_layers);
     for (int l = 0; l < n_layers; l++) {
         served_layer *s = &ep->layers[l];
@@ -90,10 +90,9 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
             EP_ALLOC(s->mask, (size_t)ep->R * F);
         }
     }
-    /* a forward chunk to one owner: counts + tokens + rows; all chunks ≤ G rows in all */
-    ep->send_cap = sizeof(int32_t) * ((size_t)E + G) * 1 + sizeof(float) * (size_t)G * D +
-                   sizeof(int32_t) * (size_t)E * W;
-    ep->recv_cap = (size_t)W * (sizeof(int32_t) * ((size_t)E + G) + sizeof(float) * (size_t)G * D);
+    /* forward chunks from one rank: its ≤ G rows in all, plus per-expert counts and tokens */
+    ep->send_cap = sizeof(int32_t) * ((size_t)E + G) + sizeof(float) * (size_t)G * D;
+    ep->recv_cap = (size_t)W * ep->send_cap;
     EP_ALLOC(ep->send, ep->send_cap);
     EP_ALLOC(ep->recv, ep->recv_cap);
     EP_ALLOC(ep->send_bytes, W);
@@ -118,10 +117,11 @@ void sy_ep_destroy(sy_ep_t **self_p) {
     if (ep->layers)
         for (int l = 0; l < ep->n_layers; l++) {
             served_layer *s = &ep->layers[l];
-            free(s->off), free(s->tok), free(s->micro), free(s->src_row), free(s->recv_rows), free(s->src_cnt);
+            free(s->off), free(s->tok), free(s->micro), free(s->src_row), free(s->recv_rows),
+                free(s->src_cnt);
             free(s->xe), free(s->ye), free(s->he), free(s->ge), free(s->mask);
         }
-    free(ep->layers), free(ep->owner), free(ep->q_e0), free(ep->q_e1);
+    free(ep->layers), free(ep->q_off), free(ep->q_exp);
     free(ep->send), free(ep->recv), free(ep->send_bytes), free(ep->recv_bytes);
     free(ep->recv_row0), free(ep->rows_in), free(ep->rows_out);
     free(ep->dge), free(ep->dhe);
@@ -129,47 +129,76 @@ void sy_ep_destroy(sy_ep_t **self_p) {
     *self_p = NULL;
 }
 
-bool sy_ep_owns(const sy_ep_t *ep, int e) { return e >= ep->e0 && e < ep->e1; }
-int sy_ep_first_expert(const sy_ep_t *ep) { return ep->e0; }
-int sy_ep_last_expert(const sy_ep_t *ep) { return ep->e1; }
+int sy_ep_n_owned(const sy_ep_t *ep) { return ep->nm; }
+const int *sy_ep_owned(const sy_ep_t *ep) { return ep->mine; }
 
-/* Rows routed by this rank to owner q (0 without a micro-batch). */
+/* Rows this rank routed to owner q's experts (0 without a micro-batch). */
 static int rows_to(const sy_ep_t *ep, const sy_switch_t *sw, int q) {
-    if (!sw || ep->q_e1[q] == 0) return 0;
-    return sw->offsets[ep->q_e1[q]] - sw->offsets[ep->q_e0[q]];
+    if (!sw) return 0;
+    int n = 0;
+    for (int k = ep->q_off[q]; k < ep->q_off[q + 1]; k++) n += sw->kept[ep->q_exp[k]];
+    return n;
 }
 
-/* Packs this rank's dispatch rows into per-owner chunks (header + rows) in ep->send. */
-static void pack_forward(sy_ep_t *ep, const sy_switch_t *sw) {
+/* Packs rows (expert-major dispatch order in `rows`, [G, D]) for each owner, in the owner's
+ * expert order, into ep->send; with_header adds the per-expert counts and token indices. */
+static void pack_rows(sy_ep_t *ep, const sy_switch_t *sw, const float *rows, bool with_header) {
     const int D = ep->D;
     char *p = ep->send;
     for (int q = 0; q < ep->world; q++) {
-        int nq = ep->q_e1[q] - ep->q_e0[q], rows = rows_to(ep, sw, q);
-        if (nq == 0 || !sw) {
-            ep->send_bytes[q] = 0;
-            continue;
-        }
         char *start = p;
-        int r0 = sw->offsets[ep->q_e0[q]];
-        for (int e = ep->q_e0[q]; e < ep->q_e1[q]; e++) {
-            int32_t c = sw->kept[e];
-            memcpy(p, &c, sizeof c);
-            p += sizeof c;
+        int nq = ep->q_off[q + 1] - ep->q_off[q];
+        if (sw && nq > 0) {
+            const int *ex = ep->q_exp + ep->q_off[q];
+            if (with_header) {
+                for (int k = 0; k < nq; k++) {
+                    int32_t c = sw->kept[ex[k]];
+                    memcpy(p, &c, sizeof c);
+                    p += sizeof c;
+                }
+                for (int k = 0; k < nq; k++) {
+                    size_t n = (size_t)sw->kept[ex[k]];
+                    memcpy(p, sw->order + sw->offsets[ex[k]], sizeof(int32_t) * n);
+                    p += sizeof(int32_t) * n;
+                }
+            }
+            for (int k = 0; k < nq; k++) {
+                size_t n = (size_t)sw->kept[ex[k]] * D;
+                memcpy(p, rows + (size_t)sw->offsets[ex[k]] * D, sizeof(float) * n);
+                p += sizeof(float) * n;
+            }
         }
-        memcpy(p, sw->order + r0, sizeof(int32_t) * (size_t)rows);
-        p += sizeof(int32_t) * (size_t)rows;
-        memcpy(p, sw->xe + (size_t)r0 * D, sizeof(float) * (size_t)rows * D);
-        p += sizeof(float) * (size_t)rows * D;
         ep->send_bytes[q] = (size_t)(p - start);
     }
 }
 
+/* Scatters rows returned by the owners (each in its expert order) into dispatch order. */
+static sy_status unpack_rows(sy_ep_t *ep, const sy_switch_t *sw, const float *in, float *rows,
+                             const char *what) {
+    const int D = ep->D;
+    for (int q = 0; q < ep->world; q++) {
+        size_t want = sizeof(float) * (size_t)rows_to(ep, sw, q) * D;
+        if (ep->recv_bytes[q] != want)
+            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d returned %zu bytes of %s, expected %zu",
+                              q, ep->recv_bytes[q], what, want);
+    }
+    if (!sw) return SY_OK;
+    for (int q = 0; q < ep->world; q++)
+        for (int k = ep->q_off[q]; k < ep->q_off[q + 1]; k++) {
+            int e = ep->q_exp[k];
+            size_t n = (size_t)sw->kept[e] * D;
+            memcpy(rows + (size_t)sw->offsets[e] * D, in, sizeof(float) * n);
+            in += n;
+        }
+    return SY_OK;
+}
+
 sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_weights *ex,
                         double dropout, sy_switch_key key) {
-    const int W = ep->world, D = ep->D, F = ep->F, nm = ep->e1 - ep->e0;
+    const int W = ep->world, D = ep->D, F = ep->F, nm = ep->nm;
     served_layer *s = &ep->layers[sl];
     if (sw) sw->dropout = (float)dropout;
-    pack_forward(ep, sw);
+    pack_rows(ep, sw, sw ? sw->xe : NULL, true);
     SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->recv, ep->recv_cap,
                                ep->recv_bytes));
 
@@ -183,11 +212,9 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
         size_t nb = ep->recv_bytes[src];
         s->recv_rows[src] = 0;
         ep->recv_row0[src] = total;
-        if (nb == 0) {
-            for (int i = 0; i < nm; i++) counts[src][i] = 0;
-            toks[src] = NULL, rows[src] = NULL;
-            continue;
-        }
+        for (int i = 0; i < nm; i++) counts[src][i] = 0;
+        toks[src] = NULL, rows[src] = NULL;
+        if (nb == 0) continue;
         if (nm == 0 || nb < sizeof(int32_t) * (size_t)nm)
             return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes to a rank owning %d experts", src, nb, nm);
         memcpy(counts[src], p, sizeof(int32_t) * (size_t)nm);
@@ -209,7 +236,7 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     s->n_rows = total;
     s->dropout = (float)dropout;
 
-    /* Local expert-major order: expert e's rows from source 0, then 1, ... */
+    /* Local expert-major order: expert i's rows from source 0, then 1, ... */
     int li = 0;
     for (int i = 0; i < nm; i++) {
         s->off[i] = li;
@@ -228,11 +255,12 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     }
     s->off[nm] = li;
 
+    /* One chunk per (expert, source): the GEMM shapes of the single-process layer. */
     for (int i = 0; i < nm; i++) {
         int r0 = s->off[i];
         for (int src = 0; src < W; src++) {
             int n = s->src_cnt[i * W + src];
-            sy_expert_mlp_fwd(ep->be, &ex[ep->e0 + i], n, D, F, s->xe + (size_t)r0 * D,
+            sy_expert_mlp_fwd(ep->be, &ex[ep->mine[i]], n, D, F, s->xe + (size_t)r0 * D,
                               s->he + (size_t)r0 * F, s->ge + (size_t)r0 * F,
                               s->mask + (size_t)r0 * F, s->ye + (size_t)r0 * D, dropout, key,
                               s->tok + r0, s->micro + r0);
@@ -244,45 +272,33 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     for (int r = 0; r < total; r++)
         memcpy(ep->rows_out + (size_t)s->src_row[r] * D, s->ye + (size_t)r * D, sizeof(float) * D);
     for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)s->recv_rows[src] * D;
-    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->rows_out, ep->send_bytes, sw ? (void *)sw->ye : (void *)ep->recv,
-                               sw ? sizeof(float) * (size_t)ep->G * D : ep->recv_cap, ep->recv_bytes));
-    for (int q = 0; q < W; q++)
-        if (ep->recv_bytes[q] != sizeof(float) * (size_t)rows_to(ep, sw, q) * D)
-            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d returned %zu bytes of outputs, expected %zu",
-                              q, ep->recv_bytes[q], sizeof(float) * (size_t)rows_to(ep, sw, q) * D);
-    return SY_OK;
+    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->rows_out, ep->send_bytes, ep->rows_in,
+                               sizeof(float) * (size_t)ep->R * D, ep->recv_bytes));
+    return unpack_rows(ep, sw, ep->rows_in, sw ? sw->ye : NULL, "outputs");
 }
 
 sy_status sy_ep_backward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_weights *ex) {
-    const int W = ep->world, D = ep->D, F = ep->F, nm = ep->e1 - ep->e0;
+    const int W = ep->world, D = ep->D, F = ep->F, nm = ep->nm;
     served_layer *s = &ep->layers[sl];
-    /* Output gradients (g·dy, in dispatch order) to the owners. */
-    char *p = ep->send;
-    for (int q = 0; q < W; q++) {
-        int rows = rows_to(ep, sw, q);
-        ep->send_bytes[q] = sizeof(float) * (size_t)rows * D;
-        if (rows) memcpy(p, sw->dye + (size_t)sw->offsets[ep->q_e0[q]] * D, ep->send_bytes[q]);
-        p += ep->send_bytes[q];
-    }
+    /* Output gradients (g·dy) to the owners, in each owner's expert order. */
+    pack_rows(ep, sw, sw ? sw->dye : NULL, false);
     SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->rows_in,
                                sizeof(float) * (size_t)ep->R * D, ep->recv_bytes));
     for (int src = 0; src < W; src++)
         if (ep->recv_bytes[src] != sizeof(float) * (size_t)s->recv_rows[src] * D)
             return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes of gradients, expected %zu",
                               src, ep->recv_bytes[src], sizeof(float) * (size_t)s->recv_rows[src] * D);
-    /* Into local expert-major order (reusing rows_out as dye_local), backward, and back. */
+    /* Into local expert-major order (rows_out as dye_local), backward, and back. */
     float *dye = ep->rows_out;
     for (int r = 0; r < s->n_rows; r++)
         memcpy(dye + (size_t)r * D, ep->rows_in + (size_t)s->src_row[r] * D, sizeof(float) * D);
-    float *dxe_local = ep->rows_in; /* received gradients are consumed: reuse */
-    /* One chunk per (expert, source): the same GEMM shapes, and with fp64 accumulators the same
-     * accumulation sequence (micro-batch order), as the single-process layer. dxe goes into
-     * ye's slot (the outputs are no longer needed). */
+    /* One chunk per (expert, source): with fp64 accumulators, the same accumulation sequence
+     * (micro-batch order) as the single-process layer. dxe goes into ye's slot. */
     for (int i = 0; i < nm; i++) {
         int r0 = s->off[i];
         for (int src = 0; src < W; src++) {
             int n = s->src_cnt[i * W + src];
-            sy_expert_mlp_bwd(ep->be, &ex[ep->e0 + i], n, D, F, dye + (size_t)r0 * D,
+            sy_expert_mlp_bwd(ep->be, &ex[ep->mine[i]], n, D, F, dye + (size_t)r0 * D,
                               s->xe + (size_t)r0 * D, s->he + (size_t)r0 * F,
                               s->ge + (size_t)r0 * F,
                               s->dropout > 0.0f ? s->mask + (size_t)r0 * F : NULL,
@@ -291,14 +307,11 @@ sy_status sy_ep_backward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_w
             r0 += n;
         }
     }
+    float *dxe_local = ep->rows_in; /* the received gradients are consumed: reuse */
     for (int r = 0; r < s->n_rows; r++)
         memcpy(dxe_local + (size_t)s->src_row[r] * D, s->ye + (size_t)r * D, sizeof(float) * D);
     for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)s->recv_rows[src] * D;
-    SY_CHECK(sy_comm_alltoallv(ep->comm, dxe_local, ep->send_bytes, sw ? (void *)sw->dxe : (void *)ep->recv,
-                               sw ? sizeof(float) * (size_t)ep->G * D : ep->recv_cap, ep->recv_bytes));
-    for (int q = 0; q < W; q++)
-        if (ep->recv_bytes[q] != sizeof(float) * (size_t)rows_to(ep, sw, q) * D)
-            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d returned %zu bytes of input gradients, expected %zu",
-                              q, ep->recv_bytes[q], sizeof(float) * (size_t)rows_to(ep, sw, q) * D);
-    return SY_OK;
+    SY_CHECK(sy_comm_alltoallv(ep->comm, dxe_local, ep->send_bytes, ep->recv,
+                               ep->recv_cap, ep->recv_bytes));
+    return unpack_rows(ep, sw, (const float *)ep->recv, sw ? sw->dxe : NULL, "input gradients");
 }

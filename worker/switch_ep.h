@@ -10,9 +10,9 @@
  * Wire format of a forward chunk from rank p to owner q: int32 rows per expert of q (q's
  * experts in index order), int32 token index of each row, then the rows (fp32 [rows, D]).
  * The reply carries the expert outputs in the same row order. The backward sends the output
- * gradients (g·dy) the same way and gets the input gradients back. The placement must give
- * each rank a contiguous, ascending range of experts (sy_placement_balanced does), so a rank's
- * expert-major dispatch rows split into per-owner chunks without copying.
+ * gradients (g·dy) the same way and gets the input gradients back. Any placement works (a
+ * recovery keeps survivors' experts where they are, so ranks may own scattered experts); rows
+ * travel in each owner's expert order and are put back in dispatch order on return.
  *
  * Owner-side activations of a layer are kept from its forward to its backward. Thread: the
  * training thread. */
@@ -29,15 +29,15 @@
 
 typedef struct sy_ep sy_ep_t;
 
-/* owner[e] = rank owning expert e (contiguous ascending ranges). G = tokens per micro-batch.
+/* owner[e] = rank owning expert e. G = tokens per micro-batch.
  * n_layers = number of Switch layers. */
 sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, int E, int D,
                     int F, int G, int n_layers, sy_ep_t **out);
 void sy_ep_destroy(sy_ep_t **self_p);
 
-bool sy_ep_owns(const sy_ep_t *ep, int e);
-int sy_ep_first_expert(const sy_ep_t *ep); /* my range [first, last) */
-int sy_ep_last_expert(const sy_ep_t *ep);
+/* The experts this rank owns (ascending), and how many. */
+int sy_ep_n_owned(const sy_ep_t *ep);
+const int *sy_ep_owned(const sy_ep_t *ep);
 
 /* key.micro must be the round's first micro-batch index (round·W): the micro-batch of rank p
  * is key.micro + p, which keys expert dropout for p's tokens. sl = index among Switch layers. */

@@ -25,6 +25,7 @@
 #include "model_ckpt.h"
 #include "optim.h"
 #include "store.h"
+#include "store_s3.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -168,7 +169,7 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     SY_CHECK_GOTO(sy_adamw_new(t.model, cfg, &t.opt), s, done);
     SY_CHECK_GOTO(sy_data_open((const char *const *)cfg->data.train.items, cfg->data.train.n,
                                cfg->model.vocab_size, T, &t.data), s, done);
-    SY_CHECK_GOTO(sy_store_open(cfg->checkpoint.store, &t.store), s, done);
+    SY_CHECK_GOTO(sy_store_open_config(cfg, &t.store), s, done);
     if (cfg->checkpoint.async)
         SY_CHECK_GOTO(sy_ckpt_saver_new(t.store, cfg->run.name, cfg->checkpoint.keep_last,
                                         cfg->checkpoint.on_busy, &t.saver), s, done);

@@ -10,6 +10,7 @@ close to it (bf16 weights: within 2%)."""
 import glob
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -112,6 +113,7 @@ def main():
         l16 = ref_eval(m16, cfg, wins, N)
         check(abs(l16 - ref) / ref < 0.02, f"the bf16 export gives a close loss ({l16:.5f} vs {ref:.5f})")
 
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"{len(failures)} failed")
     return 1 if failures else 0
 
