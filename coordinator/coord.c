@@ -75,6 +75,7 @@ typedef struct {
     double step_ms;
     char activity[16];
     int64_t last_keepalive;
+    bool restored; /* reported "training" in the open generation (recovery phase timing) */
 } worker;
 
 typedef struct {
@@ -102,6 +103,10 @@ typedef struct {
     int64_t detected;    /* mono ms */
     int64_t restore_step;
     double duration_ms;  /* < 0 while in progress */
+    /* phases (mono ms; 0 = not reached): the lost worker last heard, the new generation opened,
+     * every member restored (reported "training"), the first step of the new generation done */
+    int64_t last_heard, opened, restored;
+    double detect_ms, reconfigure_ms, restore_ms, first_step_ms;
 } recovery;
 
 struct sy_coord {
@@ -397,6 +402,11 @@ static void open_generation(sy_coord_t *c) {
     c->max_reported = c->start_step - 1;
     c->gen_open = true;
     c->gen_opened_at = mono_ms();
+    if (c->nrec && c->rec[c->nrec - 1].duration_ms < 0) {
+        c->rec[c->nrec - 1].opened = c->gen_opened_at;
+        c->rec[c->nrec - 1].restored = 0;
+    }
+    for (int i = 0; i < c->nw; i++) c->w[i].restored = false;
     if (!c->first_open) c->first_open = c->gen_opened_at;
     clear_pending(c);
 
@@ -491,6 +501,10 @@ static void worker_lost(sy_coord_t *c, int i, const char *reason) {
         char why[300];
         snprintf(why, sizeof why, "worker %s (rank %d) lost: %s", w->id, rank, reason);
         begin_recovery(c, why, w->id);
+        if (c->nrec && c->rec[c->nrec - 1].duration_ms < 0) {
+            recovery *r = &c->rec[c->nrec - 1];
+            if (!r->last_heard || w->last_seen < r->last_heard) r->last_heard = w->last_seen;
+        }
     }
     w->rank = -1;
 }
@@ -722,11 +736,23 @@ static void step_complete(sy_coord_t *c, agg *a) {
                 (int64_t)c->cfg.run.steps, loss, tps, c->world, c->gen);
     if (c->state == R_RECOVERING && c->nrec && c->rec[c->nrec - 1].duration_ms < 0) {
         recovery *r = &c->rec[c->nrec - 1];
-        r->duration_ms = (double)(mono_ms() - r->detected);
+        int64_t now = mono_ms();
+        r->duration_ms = (double)(now - r->detected);
         r->restore_step = c->restore_step;
-        event(c, "restore_done", json_pack("{s:I, s:I, s:I, s:f}", "generation", (json_int_t)c->gen,
-                                           "restore_step", (json_int_t)c->restore_step, "step",
-                                           (json_int_t)a->step, "recovery_ms", r->duration_ms));
+        /* Phases: detect = last heard from the lost worker → declared lost (an upper bound of the
+         * detection delay); reconfigure = → new generation opened; restore = → every member
+         * restored its state; first step = → the first step of the new generation completed. */
+        int64_t restored = r->restored ? r->restored : now;
+        r->detect_ms = r->last_heard ? (double)(r->detected - r->last_heard) : 0.0;
+        r->reconfigure_ms = r->opened ? (double)(r->opened - r->detected) : 0.0;
+        r->restore_ms = r->opened ? (double)(restored - r->opened) : 0.0;
+        r->first_step_ms = (double)(now - restored);
+        event(c, "restore_done",
+              json_pack("{s:I, s:I, s:I, s:f, s:{s:f, s:f, s:f, s:f}}", "generation", (json_int_t)c->gen,
+                        "restore_step", (json_int_t)c->restore_step, "step", (json_int_t)a->step,
+                        "recovery_ms", r->duration_ms, "phases_ms", "detect", r->detect_ms,
+                        "reconfigure", r->reconfigure_ms, "restore", r->restore_ms, "first_step",
+                        r->first_step_ms));
     }
     c->state = R_RUNNING;
     if (a->step > c->furthest) {
@@ -957,6 +983,13 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     if (env->body_case == SY__ENVELOPE__BODY_HEARTBEAT) {
         const Sy__Heartbeat *hb = env->heartbeat;
         snprintf(w->activity, sizeof w->activity, "%s", hb->state && printable(hb->state, 16) ? hb->state : "?");
+        if (c->gen_open && env->generation == c->gen && w->rank >= 0 && !strcmp(w->activity, "training") &&
+            !w->restored && c->nrec && c->rec[c->nrec - 1].duration_ms < 0) {
+            w->restored = true;
+            bool all = true;
+            for (int r = 0; r < c->world; r++) all = all && c->w[c->members[r]].restored;
+            if (all) c->rec[c->nrec - 1].restored = mono_ms();
+        }
         goto out;
     }
     /* Results must belong to the open generation, from one of its members. */
@@ -1073,10 +1106,15 @@ static json_t *status_json(sy_coord_t *c) {
     json_t *rs = json_array();
     for (int i = 0; i < c->nrec; i++) {
         const recovery *r = &c->rec[i];
-        json_array_append_new(rs, json_pack("{s:I, s:s, s:O, s:I, s:o}", "generation", (json_int_t)r->generation,
+        json_t *ph = r->duration_ms >= 0
+                         ? json_pack("{s:f, s:f, s:f, s:f}", "detect", r->detect_ms, "reconfigure",
+                                     r->reconfigure_ms, "restore", r->restore_ms, "first_step", r->first_step_ms)
+                         : json_null();
+        json_array_append_new(rs, json_pack("{s:I, s:s, s:O, s:I, s:o, s:o}", "generation", (json_int_t)r->generation,
                                             "reason", r->reason, "lost", r->lost, "restore_step",
                                             (json_int_t)r->restore_step, "duration_ms",
-                                            r->duration_ms >= 0 ? json_real(r->duration_ms) : json_null()));
+                                            r->duration_ms >= 0 ? json_real(r->duration_ms) : json_null(),
+                                            "phases_ms", ph));
     }
     json_object_set_new(j, "recoveries", rs);
     json_t *dm = json_object();

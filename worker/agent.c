@@ -57,6 +57,7 @@ typedef struct {
     _Atomic uint64_t generation;
     _Atomic int64_t step;
     _Atomic int state;
+    _Atomic unsigned state_seq;    /* bumped on every state change: the link thread reports it */
     _Atomic int hb_ms;
     _Atomic int coord_timeout_ms;  /* silence after which the coordinator is presumed gone */
     _Atomic int link_stop;
@@ -125,6 +126,7 @@ static void *link_main(void *arg) {
 
     bool welcomed = false;
     double last_hello = -1e18, last_hb = -1e18, last_rx = now_ms();
+    unsigned last_seq = 0;
     while (!atomic_load(&a->link_stop)) {
         zmq_pollitem_t items[] = {{dealer, 0, ZMQ_POLLIN, 0}, {pair, 0, ZMQ_POLLIN, 0}};
         zmq_poll(items, 2, 50);
@@ -213,7 +215,10 @@ static void *link_main(void *arg) {
             link_send(a, dealer, &env);
             last_hello = t;
         }
-        if (welcomed && t - last_hb >= hb) {
+        /* a heartbeat at once on a change of state (the coordinator times recovery phases) */
+        unsigned seq_now = atomic_load(&a->state_seq);
+        if (welcomed && (t - last_hb >= hb || seq_now != last_seq)) {
+            last_seq = seq_now;
             Sy__Envelope env;
             Sy__Heartbeat h = SY__HEARTBEAT__INIT;
             h.step = (uint64_t)atomic_load(&a->step);
@@ -231,6 +236,10 @@ static void *link_main(void *arg) {
 }
 
 /* ---- main thread ---------------------------------------------------------------------------- */
+
+static void set_state(agent_t *a, int st) {
+    if (atomic_exchange(&a->state, st) != st) atomic_fetch_add(&a->state_seq, 1u);
+}
 
 /* Sends an envelope to the coordinator through the link thread. */
 static void agent_send(agent_t *a, Sy__Envelope *env) {
@@ -435,7 +444,7 @@ static sy_status restore(agent_t *a, int64_t step) {
 
 static sy_status save_part(agent_t *a, int64_t step) {
     sy_model_ckpt_plan plan;
-    atomic_store(&a->state, ST_SAVING);
+    set_state(a, ST_SAVING);
     SY_CHECK(sy_model_ckpt_plan_new(a->model, sy_model_params(a->model), sy_adamw_m(a->opt),
                                     sy_adamw_v(a->opt), a->owned, &plan));
     /* dense files come first in the plan; rank 0 writes them */
@@ -517,7 +526,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     uint64_t gen = env->generation;
     close_generation(a);
     atomic_store(&a->generation, gen);
-    atomic_store(&a->state, ST_RESTORING);
+    set_state(a, ST_RESTORING);
     a->rank = (int)as->rank;
     a->world = (int)as->world;
     char detail[1024];
@@ -586,12 +595,12 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             sy_proto_free(m);
             if (leave) {
                 close_generation(a);
-                atomic_store(&a->state, ST_IDLE);
+                set_state(a, ST_IDLE);
                 return r;
             }
         }
         if (g_stop) return RUN_STOP;
-        atomic_store(&a->state, ST_TRAINING);
+        set_state(a, ST_TRAINING);
         a->counts[0] = 0;
         sy_step_result res = {.counts = a->counts};
         double t0 = now_ms();
@@ -600,13 +609,13 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             if (st == SY_EABORTED) {
                 sy_info("generation %llu aborted during step %lld", (unsigned long long)gen, (long long)step);
                 close_generation(a);
-                atomic_store(&a->state, ST_IDLE);
+                set_state(a, ST_IDLE);
                 return RUN_ABORTED;
             }
             sy_error("step %lld failed: %s", (long long)step, sy_err_msg());
             send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(), -1, step);
             close_generation(a);
-            atomic_store(&a->state, ST_IDLE);
+            set_state(a, ST_IDLE);
             return RUN_FAILED;
         }
         send_step_done(a, step, &res, now_ms() - t0);
@@ -621,14 +630,14 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             send_fault(a, "storage", detail, -1, step);
         }
     }
-    atomic_store(&a->state, ST_IDLE);
+    set_state(a, ST_IDLE);
     return RUN_DONE;
 fail:
     snprintf(detail, sizeof detail, "%s", sy_err_msg());
     sy_error("generation %llu: %s", (unsigned long long)gen, detail);
     send_fault(a, "internal", detail, -1, 0);
     close_generation(a);
-    atomic_store(&a->state, ST_IDLE);
+    set_state(a, ST_IDLE);
     return RUN_FAILED;
 }
 
