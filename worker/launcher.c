@@ -792,7 +792,9 @@ int sy_run_cli(int argc, char **argv) {
                 report_lost(&L, w->id, was);
                 if (chaos && chaos->respawn != RESPAWN_NONE) w->respawn_at = l_now() + chaos->respawn_delay_s;
             }
-            if (live_workers(&L, true) == 0) all_gone_at = l_now() + (clean ? SY_LAUNCH_GRACE_MS / 1e3 : 0);
+            /* After a clean exit (Stop) the coordinator is expected to end on its own; after a
+             * crash it gets a moment to record the losses before it is stopped. */
+            if (live_workers(&L, true) == 0) all_gone_at = l_now() + (clean ? SY_LAUNCH_GRACE_MS / 1e3 : 1.0);
         }
         now = l_now();
         for (int i = 0; i < L.nw && stop_sent == 0; i++) {

@@ -256,7 +256,7 @@ class Cluster:
     def wait_step(self, k, timeout=120):
         return self.wait(lambda: self.max_step() >= k, timeout, f"step {k} in metrics.jsonl")
 
-    def wait_event(self, name, timeout, after=0, where=None):
+    def wait_event(self, name, timeout, after=0, where=None, poll=0.01):
         """The first event `name` with index >= after (in events.jsonl order) matching where(e)."""
         def find():
             ev = self.events()
@@ -264,7 +264,7 @@ class Cluster:
                 if e.get("event") == name and (where is None or where(e)):
                     return e
             return None
-        return self.wait(find, timeout, f"event {name}")
+        return self.wait(find, timeout, f"event {name}", poll=poll)
 
     def finish(self, timeout=180):
         """Waits for the coordinator to exit; its exit status (None on time-out)."""

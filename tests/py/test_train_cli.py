@@ -107,6 +107,21 @@ def main():
     l10 = json.loads(r3.stdout.strip().splitlines()[-1])["loss"] if r3.returncode == 0 else None
     check(l10 is not None and l10 > out.get("loss", 1e9), f"eval loss at step 10 ({l10}) > at step 20 ({out.get('loss')})")
 
+    # --- OpenBLAS kernels: picked by switchyard itself on AVX-512, the user's choice respected ---
+    flags = open("/proc/cpuinfo").read()
+    avx512 = all(f in flags for f in ["avx512f", "avx512bw", "avx512dq", "avx512vl"])
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "SY_NO_REEXEC")}
+    one = small(tmp, "blas") + ["--set", "run.steps=2"]
+    r = run(["train", CFG] + one, env=env)
+    if avx512:
+        check(r.returncode == 0 and "OpenBLAS SkylakeX" in r.stderr,
+              "AVX-512 CPU: the AVX-512 (SkylakeX) OpenBLAS kernels are selected without OPENBLAS_CORETYPE")
+    else:
+        check(r.returncode == 0, "CPU without AVX-512: training runs with OpenBLAS's own kernel choice")
+    env["OPENBLAS_CORETYPE"] = "Haswell"
+    r = run(["train", CFG] + one, env=env)
+    check(r.returncode == 0 and "OpenBLAS Haswell" in r.stderr, "OPENBLAS_CORETYPE set by the user is respected")
+
     # --- help and refusals ------------------------------------------------------------------
     for cmd in [["--help"], ["train", "--help"], ["eval", "--help"], ["data", "prepare", "--help"],
                 ["config", "--help"]]:
