@@ -76,6 +76,7 @@ typedef struct {
     char activity[16];
     int64_t last_keepalive;
     bool restored; /* reported "training" in the open generation (recovery phase timing) */
+    int fd;        /* socket its last message came from (ZMQ_SRCFD), -1 unknown */
 } worker;
 
 typedef struct {
@@ -116,6 +117,8 @@ struct sy_coord {
     int prev_world;         /* world of the last closed generation (its members stay in members[]) */
     sy_store_t *store;
     void *zctx, *sock;
+    void *mon;              /* ZeroMQ socket monitor of sock: disconnects (a dead peer's TCP close) */
+    int src_fd;             /* socket of the message being handled */
     char endpoint[256];
     char status_url[300];
     sy_http_t *http;
@@ -860,6 +863,12 @@ static void on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy
         send_welcome(c, &c->w[i]);
         return;
     }
+    if (i >= 0 && c->w[i].state == W_STOPPED && c->w[i].pid == h->pid) {
+        /* A drained (stopped) process that lost touch before acting on its Stop: stop it again
+         * rather than taking it back (a new process with the same id is welcome). */
+        send_stop(c, &c->w[i], "drained");
+        return;
+    }
     if (i >= 0 && w_live(&c->w[i])) worker_lost(c, i, "replaced by a new process with the same id");
     if (i < 0) {
         int cap = c->cfg.cluster.max_workers * TABLE_FACTOR + TABLE_SLACK;
@@ -902,6 +911,7 @@ static void on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy
     w->state = W_IDLE;
     w->rank = -1;
     w->last_seen = w->joined = now;
+    w->fd = c->src_fd;
     w->seq = ++c->next_seq;
     c->last_join = now;
     send_welcome(c, w);
@@ -972,6 +982,7 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
         goto out;
     }
     w->last_seen = mono_ms();
+    w->fd = c->src_fd;
     if (w->state == W_LOST) {
         /* Alive after all (it was only slow): back as a spare; it got an Abort when declared lost. */
         w->state = W_IDLE;
@@ -1010,6 +1021,38 @@ out:
     sy_proto_free(env);
 }
 
+/* Disconnect events of the control socket: the live worker whose last message came on that
+ * socket is lost (it comes back as a spare if it was only a network blip and speaks again). */
+static void drain_monitor(sy_coord_t *c) {
+    for (;;) {
+        zmq_msg_t ev, addr;
+        zmq_msg_init(&ev);
+        if (zmq_msg_recv(&ev, c->mon, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&ev);
+            return;
+        }
+        zmq_msg_init(&addr);
+        if (zmq_msg_more(&ev)) zmq_msg_recv(&addr, c->mon, 0);
+        uint16_t event = 0;
+        uint32_t value = 0;
+        if (zmq_msg_size(&ev) >= 6) {
+            memcpy(&event, zmq_msg_data(&ev), 2);
+            memcpy(&value, (const char *)zmq_msg_data(&ev) + 2, 4);
+        }
+        zmq_msg_close(&ev);
+        zmq_msg_close(&addr);
+        if (event != ZMQ_EVENT_DISCONNECTED) continue;
+        for (int i = 0; i < c->nw; i++) {
+            worker *w = &c->w[i];
+            if (w_live(w) && w->fd == (int)value) {
+                w->fd = -1;
+                worker_lost(c, i, "its connection closed (ZeroMQ disconnect)");
+                break;
+            }
+        }
+    }
+}
+
 /* Reads every queued message (identity frame + one payload frame each). */
 static sy_status drain_socket(sy_coord_t *c) {
     for (int budget = 0; budget < 1000 && !c->done; budget++) {
@@ -1038,6 +1081,7 @@ static sy_status drain_socket(sy_coord_t *c) {
         } else if (zmq_msg_size(&parts[1]) == 0) {
             drop(c, SY_DROP_BAD_FRAME, "empty frame");
         } else {
+            c->src_fd = zmq_msg_get(&parts[1], ZMQ_SRCFD);
             on_message(c, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]), zmq_msg_data(&parts[1]),
                        zmq_msg_size(&parts[1]));
         }
@@ -1327,6 +1371,18 @@ static sy_status bind_socket(sy_coord_t *c, const char *bind) {
     zmq_setsockopt(c->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     if (zmq_bind(c->sock, ep) != 0)
         return sy_err_set(SY_EIO, "cannot bind the control socket at %s: %s", ep, zmq_strerror(errno));
+    /* A worker process that dies closes its TCP connection: the monitor reports the disconnect
+     * at once, well before heartbeat silence would (issue 5: detection in seconds). */
+    char mon_ep[64];
+    snprintf(mon_ep, sizeof mon_ep, "inproc://sy-coord-monitor-%p", (void *)c);
+    if (zmq_socket_monitor(c->sock, mon_ep, ZMQ_EVENT_DISCONNECTED) == 0) {
+        c->mon = zmq_socket(c->zctx, ZMQ_PAIR);
+        zmq_setsockopt(c->mon, ZMQ_LINGER, &linger, sizeof linger);
+        if (zmq_connect(c->mon, mon_ep) != 0) {
+            zmq_close(c->mon);
+            c->mon = NULL;
+        }
+    }
     size_t len = sizeof c->endpoint;
     if (zmq_getsockopt(c->sock, ZMQ_LAST_ENDPOINT, c->endpoint, &len) != 0)
         snprintf(c->endpoint, sizeof c->endpoint, "%s", ep);
@@ -1429,13 +1485,14 @@ sy_status sy_coord_run(sy_coord_t *c, volatile sig_atomic_t *stop_flag, sy_coord
     while (!c->done) {
         int64_t now = mono_ms();
         long wait = next_cron > now ? (long)(next_cron - now) : 0;
-        zmq_pollitem_t it = {c->sock, 0, ZMQ_POLLIN, 0};
-        int rc = zmq_poll(&it, 1, wait);
+        zmq_pollitem_t it[2] = {{c->sock, 0, ZMQ_POLLIN, 0}, {c->mon, 0, ZMQ_POLLIN, 0}};
+        int rc = zmq_poll(it, c->mon ? 2 : 1, wait);
         if (rc < 0 && errno != EINTR) {
             s = sy_err_set(SY_EIO, "zmq_poll: %s", zmq_strerror(errno));
             break;
         }
-        if (rc > 0 && (it.revents & ZMQ_POLLIN)) SY_CHECK_GOTO(drain_socket(c), s, out);
+        if (rc > 0 && (it[0].revents & ZMQ_POLLIN)) SY_CHECK_GOTO(drain_socket(c), s, out);
+        if (rc > 0 && c->mon && (it[1].revents & ZMQ_POLLIN)) drain_monitor(c);
         if (stop_flag && *stop_flag && !c->done) finish(c, R_STOPPED, "signal");
         now = mono_ms();
         if (now >= next_cron && !c->done) {
@@ -1453,7 +1510,11 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     if (!self_p || !*self_p) return;
     sy_coord_t *c = *self_p;
     sy_http_destroy(&c->http);
-    if (c->sock) zmq_close(c->sock);
+    if (c->mon) zmq_close(c->mon);
+    if (c->sock) {
+        zmq_socket_monitor(c->sock, NULL, 0);
+        zmq_close(c->sock);
+    }
     if (c->zctx) zmq_ctx_term(c->zctx);
     if (c->metrics_f) fclose(c->metrics_f);
     if (c->events_f) fclose(c->events_f);

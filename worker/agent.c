@@ -127,6 +127,7 @@ static void *link_main(void *arg) {
     bool welcomed = false;
     double last_hello = -1e18, last_hb = -1e18, last_rx = now_ms();
     unsigned last_seq = 0;
+    bool stopped = false; /* got Stop: no more Hello or heartbeats */
     while (!atomic_load(&a->link_stop)) {
         zmq_pollitem_t items[] = {{dealer, 0, ZMQ_POLLIN, 0}, {pair, 0, ZMQ_POLLIN, 0}};
         zmq_poll(items, 2, 50);
@@ -159,6 +160,12 @@ static void *link_main(void *arg) {
                     if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT &&
                         env->generation == atomic_load(&a->generation) && a->comm)
                         sy_comm_abort(a->comm);
+                    /* Stop ends whatever is in flight too (a drained worker must not wait out a
+                     * collective its peers have left), and this process never registers again. */
+                    if (ours && env->body_case == SY__ENVELOPE__BODY_STOP) {
+                        if (a->comm) sy_comm_abort(a->comm);
+                        stopped = true;
+                    }
                     pthread_mutex_unlock(&a->mu);
                     if (!ours) sy_debug("dropped a %s of another coordinator incarnation", sy_proto_body_name(env->body_case));
                     forward = ours;
@@ -191,6 +198,7 @@ static void *link_main(void *arg) {
         int hb = atomic_load(&a->hb_ms);
         /* The coordinator re-sends Welcome as a keepalive (docs/protocol.md); silence means it
          * is gone or was restarted: register again (a new incarnation answers). */
+        if (stopped) continue;
         if (welcomed && t - last_rx > atomic_load(&a->coord_timeout_ms)) {
             sy_warn("no word from the coordinator for %.0f ms: registering again", t - last_rx);
             welcomed = false;

@@ -5,6 +5,7 @@ kill, and watches the run through RUN.state_dir/events.jsonl, metrics.jsonl and 
 
 Every process a Cluster starts is SIGKILLed (after SIGCONT) by Cluster.close(); use it in a
 `finally` block or as a context manager."""
+import ctypes
 import json
 import os
 import random
@@ -22,6 +23,14 @@ COORD = os.path.join(BUILD, "switchyard-coordinator")
 WORKER = os.path.join(BUILD, "switchyard-worker")
 CFG = os.path.join(SRC, "configs", "tiny.yaml")
 TOL = 1e-4
+
+
+def _die_with_parent():
+    """preexec_fn: SIGKILL this child when the test process dies (e.g. killed by a ctest time-out)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 class Checker:
@@ -140,6 +149,7 @@ class Cluster:
         self.status_url = None
         self.workers = {}  # id → Popen (the latest process of that id)
         self.all_procs = []
+        self.files = []
         self.nstart = {}
 
     # -- processes ---------------------------------------------------------------------------
@@ -149,15 +159,18 @@ class Cluster:
                 self.port = free_port()
             log = open(f"{self.logs}/coordinator.log", "a")
             out = f"{self.logs}/coordinator.out"
+            outf = open(out, "w")
+            self.files += [log, outf]
             cmd = [COORD, CFG] + set_args(self.s) + ["--bind", f"tcp://127.0.0.1:{self.port}",
                                                     "--status-addr", "127.0.0.1:0"]
             if expect:
                 cmd += ["--expect-workers", str(expect)]
-            p = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=log, env=self.env)
+            p = subprocess.Popen(cmd, stdout=outf, stderr=log, env=self.env, preexec_fn=_die_with_parent)
             self.all_procs.append(p)
             deadline = time.time() + timeout
             while time.time() < deadline and p.poll() is None:
-                line = open(out).read()
+                with open(out) as f:
+                    line = f.read()
                 if "coordinator ready" in line:
                     self.status_url = line.split("status=")[1].split()[0]
                     self.coord = p
@@ -174,10 +187,12 @@ class Cluster:
         n = self.nstart.get(wid, 0)
         self.nstart[wid] = n + 1
         log = open(f"{self.logs}/{wid}.{n}.log", "w")
+        self.files.append(log)
         e = dict(self.env)
         e.update(env or {})
         p = subprocess.Popen([WORKER, "--coordinator", f"tcp://127.0.0.1:{self.port}", "--id", wid,
-                              "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=e)
+                              "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=e,
+                             preexec_fn=_die_with_parent)
         self.workers[wid] = p
         self.all_procs.append(p)
         return p
@@ -203,6 +218,9 @@ class Cluster:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
+        for f in self.files:
+            f.close()
+        self.files = []
 
     def __enter__(self):
         return self
@@ -275,7 +293,8 @@ class Cluster:
 
     def tail(self, log, n=2500):
         try:
-            return open(f"{self.logs}/{log}").read()[-n:]
+            with open(f"{self.logs}/{log}", errors="replace") as f:
+                return f.read()[-n:]
         except OSError:
             return ""
 

@@ -17,6 +17,7 @@ Scenarios (40 steps, checkpoint every 5, heartbeat 250 ms, failure timeout 2 s):
 Detection and recovery times are printed ("timing:" lines).
 Usage: test_faults.py [SCENARIO ...]   (default: all)"""
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -183,11 +184,12 @@ def scenario_kill_in_upload(tmp, ref):
         files_at_kill = sorted(os.listdir(d)) if os.path.isdir(d) else []
         n0 = len(c.events())
         t = c.kill(victim)
-        manifest_at_kill = "MANIFEST.json" in files_at_kill
-        during = bool(files_at_kill) and not manifest_at_kill
-        print(f"   {label}: killed {victim} (rank 0) with step-{K} holding {files_at_kill} "
-              f"({'during the upload' if during else 'NOT during the upload: the race was lost'})", flush=True)
-        check(os.path.isdir(d), f"{label}: the step-{K} upload started before the kill")
+        files_after = sorted(os.listdir(d)) if os.path.isdir(d) else []
+        during = os.path.isdir(d) and "MANIFEST.json" not in files_at_kill
+        print(f"   {label}: killed {victim} (rank 0) when step-{K}/ held {files_at_kill}; just after the kill: "
+              f"{files_after} ({'during the upload' if during else 'NOT during the upload: the race was lost'})",
+              flush=True)
+        check(during, f"{label}: the kill landed after the step-{K} upload began and before its MANIFEST.json")
         c.wait_event("restore_done", timeout=30, after=n0)
         ev = c.events()
         i_lost = index_of(ev, lambda e: e["event"] == "worker_lost" and e["worker"] == victim)
@@ -269,7 +271,7 @@ def scenario_grow_drain(tmp, ref):
         check(code in (401, 403), f"{label}: drain without the bearer token refused ({code})")
         n1 = len(c.events())
         code, body = c.post("/v1/workers/w1/drain", TOKEN)
-        check(200 <= code < 300, f"{label}: POST /v1/workers/w1/drain accepted ({code} {body[:200]})")
+        check(200 <= code < 300, f"{label}: POST /v1/workers/w1/drain accepted ({code} {body[:200].strip()})")
         g3 = c.wait_event("generation_opened", timeout=60, after=n1, where=lambda e: e["world"] == 3)
         ev = c.events()
         i3 = ev.index(g3)
@@ -278,11 +280,18 @@ def scenario_grow_drain(tmp, ref):
               f"{label}: drained at a committed checkpoint (restore step {g3['restore_step']})")
         check(any(e["event"] == "worker_drained" and e["worker"] == "w1" for e in ev[:i3 + 1]),
               f"{label}: worker_drained w1")
+        drained = [e for e in ev if e["event"] == "worker_drained" and e["worker"] == "w1"]
         try:
             wrc = c.workers["w1"].wait(timeout=30)
         except Exception:
             wrc = None
+        t_exit = time.time()
         check(wrc == 0, f"{label}: the drained worker exits 0 (exit {wrc})")
+        if drained:
+            # generous: the Stop must not wait for a collective's data-plane deadline (10 s)
+            late = t_exit - drained[0]["time"]
+            check(late <= 5.0, f"{label}: the drained worker exits promptly after its Stop ({late:.1f} s after "
+                               f"worker_drained)")
         ok = verify_run(c, ref, label, ["w0", "w2", "w3"])
         ev = c.events()
         check(not any(e["event"] == "worker_lost" for e in ev), f"{label}: no worker_lost in the whole run")
@@ -356,6 +365,8 @@ def main():
     print(f"total {time.time() - t0:.1f} s; {len(check.failures)} failed", flush=True)
     for f in check.failures:
         print("  FAILED:", f[:300])
+    if not check.failures:
+        shutil.rmtree(tmp, ignore_errors=True)
     sys.exit(1 if check.failures else 0)
 
 
