@@ -42,6 +42,14 @@ static void on_signal(int sig) {
     g_stop = 1;
 }
 
+/* This rank's state at one of its checkpoints: parameters, AdamW moments (full buffers; only
+ * dense and the experts it owned are meaningful), the optimizer step count. */
+typedef struct {
+    float *p, *m, *v;
+    bool *owned;
+    int64_t t, step; /* step -1: empty */
+} snapshot;
+
 typedef struct {
     const sy_agent_opts *opts;
     char id[128], host[128], inproc[64];
@@ -76,10 +84,23 @@ typedef struct {
     int32_t *tokens, *counts;
     int rank, world;
     /* the in-memory copy of this rank's state at its last written checkpoint */
-    float *snap_p, *snap_m, *snap_v;
-    bool *snap_owned;
-    int64_t snap_t, snap_step;
+    snapshot snap[2];              /* two: the newest may not get committed (a failure during its
+                                    * upload); the restore point is then usually the other one */
+    int up_slot;                   /* the snapshot being uploaded */
     char restore_note[128];
+    /* the checkpoint uploader thread: writes this rank's files from the snapshot while training
+     * goes on (checkpoint.async); at most one upload in flight */
+    pthread_t up_th;
+    bool up_started, up_quit, up_busy, up_done;
+    pthread_mutex_t up_mu;
+    pthread_cond_t up_cv;
+    int64_t up_step;
+    uint64_t up_gen;
+    int up_rank;
+    char up_run[256];   /* the run name, copied: the config may be replaced meanwhile */
+    sy_status up_st;
+    char up_err[512];
+    json_t *up_files;
     void *pending;                 /* a frame received while training, handled next */
     size_t pending_len;
 } agent_t;
@@ -250,6 +271,14 @@ static void set_state(agent_t *a, int st) {
 }
 
 /* Sends an envelope to the coordinator through the link thread. */
+static void agent_send_gen(agent_t *a, Sy__Envelope *env, uint64_t gen) {
+    stamp(env, "", 0, gen);
+    void *buf = NULL;
+    size_t len = 0;
+    if (sy_proto_pack(env, &buf, &len) == SY_OK) zmq_send(a->pair_main, buf, len, 0);
+    free(buf);
+}
+
 static void agent_send(agent_t *a, Sy__Envelope *env) {
     stamp(env, "", 0, atomic_load(&a->generation));
     void *buf = NULL;
@@ -258,7 +287,8 @@ static void agent_send(agent_t *a, Sy__Envelope *env) {
     free(buf);
 }
 
-static void send_fault(agent_t *a, const char *kind, const char *detail, int peer, int64_t step) {
+static void send_fault_gen(agent_t *a, const char *kind, const char *detail, int peer, int64_t step,
+                           uint64_t gen) {
     Sy__Envelope env;
     Sy__Fault f = SY__FAULT__INIT;
     f.kind = (char *)kind;
@@ -268,7 +298,11 @@ static void send_fault(agent_t *a, const char *kind, const char *detail, int pee
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_FAULT;
     env.fault = &f;
-    agent_send(a, &env);
+    agent_send_gen(a, &env, gen);
+}
+
+static void send_fault(agent_t *a, const char *kind, const char *detail, int peer, int64_t step) {
+    send_fault_gen(a, kind, detail, peer, step, atomic_load(&a->generation));
 }
 
 /* Receives one message from the link thread within timeout_ms (0: don't wait). */
@@ -318,7 +352,10 @@ static bool dims_equal(const sy_model_dims *x, const sy_model_dims *y) {
 }
 
 /* Builds (or keeps) the model, optimizer, data and store for the Assign's config. */
+static void upload_collect(agent_t *a, bool block);
+
 static sy_status setup(agent_t *a, const char *config_json) {
+    upload_collect(a, false);
     json_error_t jerr;
     json_t *j = json_loads(config_json ? config_json : "", 0, &jerr);
     if (!j) return sy_err_set(SY_EINVAL, "Assign: config is not JSON: %s", jerr.text);
@@ -339,7 +376,12 @@ static sy_status setup(agent_t *a, const char *config_json) {
 
     sy_model_dims d = sy_model_dims_from_config(&a->cfg);
     bool bf16 = a->cfg.train.precision == SY_PREC_BF16;
-    if (!a->model || !dims_equal(&d, &a->dims) || a->be->bf16 != bf16) {
+    bool rebuild = !a->model || !dims_equal(&d, &a->dims) || a->be->bf16 != bf16;
+    bool new_store = !a->store || strcmp(sy_store_url(a->store), a->cfg.checkpoint.store) != 0;
+    /* the uploader reads the model's table, the store and the snapshot: let it finish first
+     * when they are about to go (a recovery with the same model does not wait for it) */
+    if (rebuild || new_store) upload_collect(a, true);
+    if (rebuild) {
         snapshot_drop(a);
         sy_adamw_destroy(&a->opt);
         sy_model_destroy(&a->model);
@@ -359,8 +401,10 @@ static sy_status setup(agent_t *a, const char *config_json) {
     sy_data_destroy(&a->data);
     SY_CHECK(sy_data_open((const char *const *)a->cfg.data.train.items, a->cfg.data.train.n,
                           a->cfg.model.vocab_size, a->cfg.model.seq_len, &a->data));
-    sy_store_destroy(&a->store);
-    SY_CHECK(sy_store_open_config(&a->cfg, &a->store));
+    if (new_store) {
+        sy_store_destroy(&a->store);
+        SY_CHECK(sy_store_open_config(&a->cfg, &a->store));
+    }
     return SY_OK;
 }
 
@@ -382,50 +426,59 @@ static void experts_string(char *buf, size_t cap, const bool *mask, int E) {
 
 /* Keeps this rank's state of a checkpoint it wrote (system spec §3: a survivor restores from
  * its in-memory copy where it holds one and fetches from the store only what it newly owns). */
-static sy_status snapshot_take(agent_t *a, int64_t step) {
+static void snapshot_drop(agent_t *a) {
+    for (int k = 0; k < 2; k++) {
+        snapshot *sn = &a->snap[k];
+        free(sn->p), free(sn->m), free(sn->v), free(sn->owned);
+        memset(sn, 0, sizeof *sn);
+        sn->step = -1;
+    }
+}
+
+/* Copies the live state into the older snapshot slot (never the one an upload reads: callers
+ * collect the upload first). Returns the slot, or -1 without memory. */
+static int snapshot_take(agent_t *a, int64_t step) {
     size_t n = sy_model_numel(a->model);
     const int E = a->dims.E;
-    if (!a->snap_p) {
-        a->snap_p = malloc(sizeof(float) * n);
-        a->snap_m = malloc(sizeof(float) * n);
-        a->snap_v = malloc(sizeof(float) * n);
-        a->snap_owned = calloc((size_t)E, sizeof(bool));
-        if (!a->snap_p || !a->snap_m || !a->snap_v || !a->snap_owned) {
-            free(a->snap_p), free(a->snap_m), free(a->snap_v), free(a->snap_owned);
-            a->snap_p = a->snap_m = a->snap_v = NULL;
-            a->snap_owned = NULL;
-            a->snap_step = -1;
-            return sy_err_set(SY_ENOMEM, "no memory for the in-memory checkpoint copy");
+    int k = a->snap[0].step <= a->snap[1].step ? 0 : 1;
+    snapshot *sn = &a->snap[k];
+    if (!sn->p) {
+        sn->p = malloc(sizeof(float) * n);
+        sn->m = malloc(sizeof(float) * n);
+        sn->v = malloc(sizeof(float) * n);
+        sn->owned = calloc((size_t)E, sizeof(bool));
+        if (!sn->p || !sn->m || !sn->v || !sn->owned) {
+            free(sn->p), free(sn->m), free(sn->v), free(sn->owned);
+            memset(sn, 0, sizeof *sn);
+            sn->step = -1;
+            sy_err_set(SY_ENOMEM, "no memory for the in-memory checkpoint copy");
+            return -1;
         }
     }
-    memcpy(a->snap_p, sy_model_params(a->model), sizeof(float) * n);
-    memcpy(a->snap_m, sy_adamw_m(a->opt), sizeof(float) * n);
-    memcpy(a->snap_v, sy_adamw_v(a->opt), sizeof(float) * n);
-    memcpy(a->snap_owned, a->owned, sizeof(bool) * (size_t)E);
-    a->snap_t = sy_adamw_t_count(a->opt);
-    a->snap_step = step;
-    return SY_OK;
+    memcpy(sn->p, sy_model_params(a->model), sizeof(float) * n);
+    memcpy(sn->m, sy_adamw_m(a->opt), sizeof(float) * n);
+    memcpy(sn->v, sy_adamw_v(a->opt), sizeof(float) * n);
+    memcpy(sn->owned, a->owned, sizeof(bool) * (size_t)E);
+    sn->t = sy_adamw_t_count(a->opt);
+    sn->step = step;
+    return k;
 }
 
-static void snapshot_drop(agent_t *a) {
-    free(a->snap_p), free(a->snap_m), free(a->snap_v), free(a->snap_owned);
-    a->snap_p = a->snap_m = a->snap_v = NULL;
-    a->snap_owned = NULL;
-    a->snap_step = -1;
-}
-
-/* Copies parameter i of the snapshot (params and moments) into the live buffers. */
-static void snapshot_copy_param(agent_t *a, const sy_param_t *p) {
-    memcpy(sy_model_params(a->model) + p->offset, a->snap_p + p->offset, sizeof(float) * p->numel);
-    memcpy(sy_adamw_m(a->opt) + p->offset, a->snap_m + p->offset, sizeof(float) * p->numel);
-    memcpy(sy_adamw_v(a->opt) + p->offset, a->snap_v + p->offset, sizeof(float) * p->numel);
+/* Copies parameter p of a snapshot (params and moments) into the live buffers. */
+static void snapshot_copy_param(agent_t *a, const snapshot *sn, const sy_param_t *p) {
+    memcpy(sy_model_params(a->model) + p->offset, sn->p + p->offset, sizeof(float) * p->numel);
+    memcpy(sy_adamw_m(a->opt) + p->offset, sn->m + p->offset, sizeof(float) * p->numel);
+    memcpy(sy_adamw_v(a->opt) + p->offset, sn->v + p->offset, sizeof(float) * p->numel);
 }
 
 /* Loads checkpoint `step` for the experts this rank owns now: from the in-memory copy what it
  * has (dense + experts it owned when it wrote that checkpoint), the rest from the store. */
 static sy_status restore(agent_t *a, int64_t step) {
     const int E = a->dims.E;
-    if (a->snap_step != step || !a->snap_p) {
+    const snapshot *sn = a->snap[0].step == step && a->snap[0].p   ? &a->snap[0]
+                         : a->snap[1].step == step && a->snap[1].p ? &a->snap[1]
+                                                                   : NULL;
+    if (!sn) {
         SY_CHECK(sy_model_ckpt_load(a->store, a->cfg.run.name, step, a->model, a->opt, a->owned));
         snprintf(a->restore_note, sizeof a->restore_note, "from the store");
         return SY_OK;
@@ -433,47 +486,74 @@ static sy_status restore(agent_t *a, int64_t step) {
     bool need[E > 0 ? E : 1];
     int from_mem = 0, from_store = 0;
     for (int e = 0; e < E; e++) {
-        need[e] = a->owned[e] && !a->snap_owned[e];
+        need[e] = a->owned[e] && !sn->owned[e];
         from_store += need[e];
-        from_mem += a->owned[e] && a->snap_owned[e];
+        from_mem += a->owned[e] && sn->owned[e];
     }
     if (from_store > 0)
         SY_CHECK(sy_model_ckpt_load_experts(a->store, a->cfg.run.name, step, a->model, a->opt, need));
     for (int i = 0; i < sy_model_n_params(a->model); i++) {
         const sy_param_t *p = sy_model_param(a->model, i);
-        if (p->expert < 0 || (a->owned[p->expert] && a->snap_owned[p->expert])) snapshot_copy_param(a, p);
+        if (p->expert < 0 || (a->owned[p->expert] && sn->owned[p->expert])) snapshot_copy_param(a, sn, p);
     }
-    sy_adamw_set_t_count(a->opt, a->snap_t);
+    sy_adamw_set_t_count(a->opt, sn->t);
     sy_model_weights_changed(a->model);
     snprintf(a->restore_note, sizeof a->restore_note, "dense and %d expert(s) from memory, %d from the store",
              from_mem, from_store);
     return SY_OK;
 }
 
-static sy_status save_part(agent_t *a, int64_t step) {
+/* Writes this rank's checkpoint files of `step` from the snapshot buffers (rank 0: dense +
+ * owned experts; others: owned experts). *files: the JSON list for CheckpointPart (NULL when
+ * the step is already committed). Runs on the uploader thread. */
+static sy_status write_part(agent_t *a, int rank, int64_t step, json_t **files) {
     sy_model_ckpt_plan plan;
-    set_state(a, ST_SAVING);
-    SY_CHECK(sy_model_ckpt_plan_new(a->model, sy_model_params(a->model), sy_adamw_m(a->opt),
-                                    sy_adamw_v(a->opt), a->owned, &plan));
-    /* dense files come first in the plan; rank 0 writes them */
-    int skip = a->rank == 0 ? 0 : 2;
-    json_t *files = NULL;
+    *files = NULL;
+    const snapshot *sn = &a->snap[a->up_slot];
+    SY_CHECK(sy_model_ckpt_plan_new(a->model, sn->p, sn->m, sn->v, sn->owned, &plan));
+    int skip = rank == 0 ? 0 : 2; /* the dense files come first in the plan */
     sy_status st = SY_OK;
     if (plan.n - skip > 0)
-        st = sy_ckpt_write_part(a->store, a->cfg.run.name, step, plan.groups + skip, plan.n - skip, &files);
+        st = sy_ckpt_write_part(a->store, a->up_run, step, plan.groups + skip, plan.n - skip, files);
+    else
+        *files = json_array(); /* a rank without experts still reports its (empty) part */
     sy_model_ckpt_plan_free(&plan);
-    if (st == SY_EEXIST) { /* already committed (a re-run after recovery): nothing to add */
-        json_decref(files);
+    if (st == SY_EEXIST) { /* already committed (a re-run after a recovery): nothing to add */
+        json_decref(*files);
+        *files = NULL;
         return SY_OK;
     }
-    if (st != SY_OK) {
-        json_decref(files);
-        return st;
+    return st;
+}
+
+static void *uploader_main(void *arg) {
+    agent_t *a = arg;
+    pthread_mutex_lock(&a->up_mu);
+    for (;;) {
+        while (!a->up_quit && !(a->up_busy && !a->up_done)) pthread_cond_wait(&a->up_cv, &a->up_mu);
+        if (a->up_quit) break;
+        int64_t step = a->up_step;
+        int rank = a->up_rank;
+        pthread_mutex_unlock(&a->up_mu);
+        json_t *files = NULL;
+        sy_status st = write_part(a, rank, step, &files);
+        pthread_mutex_lock(&a->up_mu);
+        a->up_st = st;
+        snprintf(a->up_err, sizeof a->up_err, "%s", st == SY_OK ? "" : sy_err_msg());
+        a->up_files = files;
+        a->up_done = true;
+        pthread_cond_broadcast(&a->up_cv);
     }
-    size_t n = files ? json_array_size(files) : 0;
+    pthread_mutex_unlock(&a->up_mu);
+    return NULL;
+}
+
+/* Sends CheckpointPart(step) stamped with the generation that wrote it. */
+static void send_part(agent_t *a, uint64_t gen, int64_t step, json_t *files) {
+    size_t n = json_array_size(files);
     Sy__ObjectInfo *objs = calloc(n ? n : 1, sizeof *objs);
     Sy__ObjectInfo **ptrs = calloc(n ? n : 1, sizeof *ptrs);
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n && objs && ptrs; i++) {
         json_t *f = json_array_get(files, i);
         sy__object_info__init(&objs[i]);
         objs[i].name = (char *)json_string_value(json_object_get(f, "name"));
@@ -484,15 +564,84 @@ static sy_status save_part(agent_t *a, int64_t step) {
     Sy__Envelope env;
     Sy__CheckpointPart cp = SY__CHECKPOINT_PART__INIT;
     cp.step = (uint64_t)step;
-    cp.n_objects = n;
+    cp.n_objects = objs && ptrs ? n : 0;
     cp.objects = ptrs;
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_CHECKPOINT_PART;
     env.checkpoint_part = &cp;
-    agent_send(a, &env);
+    agent_send_gen(a, &env, gen);
     free(objs);
     free(ptrs);
+}
+
+/* Takes the result of a finished upload (waits for one in flight when `block`) and reports it:
+ * CheckpointPart, or Fault(storage) so the coordinator never commits a partial checkpoint. */
+static void upload_collect(agent_t *a, bool block) {
+    if (!a->up_started) return;
+    pthread_mutex_lock(&a->up_mu);
+    if (a->up_busy && !a->up_done && block)
+        while (!a->up_done) pthread_cond_wait(&a->up_cv, &a->up_mu);
+    bool have = a->up_busy && a->up_done;
+    int64_t step = a->up_step;
+    uint64_t gen = a->up_gen;
+    sy_status st = a->up_st;
+    char err[512];
+    snprintf(err, sizeof err, "%s", a->up_err);
+    json_t *files = a->up_files;
+    if (have) {
+        a->up_busy = a->up_done = false;
+        a->up_files = NULL;
+    }
+    pthread_mutex_unlock(&a->up_mu);
+    if (!have) return;
+    if (st == SY_OK && files) {
+        send_part(a, gen, step, files);
+    } else if (st != SY_OK) {
+        char detail[700];
+        snprintf(detail, sizeof detail, "checkpoint step %lld: %s", (long long)step, err);
+        sy_error("%s", detail);
+        send_fault_gen(a, "storage", detail, -1, step, gen);
+    }
     json_decref(files);
+}
+
+/* Checkpoint `step`: copy the state into the snapshot (the training stall), then write the files
+ * in the background (checkpoint.async) or right away. */
+static bool upload_busy(agent_t *a) {
+    if (!a->up_started) return false;
+    pthread_mutex_lock(&a->up_mu);
+    bool b = a->up_busy;
+    pthread_mutex_unlock(&a->up_mu);
+    return b;
+}
+
+static sy_status save_checkpoint(agent_t *a, int64_t step) {
+    set_state(a, ST_SAVING);
+    upload_collect(a, false);
+    if (upload_busy(a) && a->cfg.checkpoint.on_busy == SY_ONBUSY_SKIP) {
+        sy_warn("checkpoint step %lld skipped: the previous upload is still in flight (checkpoint.on_busy skip)",
+                (long long)step);
+        return SY_OK;
+    }
+    upload_collect(a, true); /* at most one in flight; a snapshot is about to change */
+    int slot = snapshot_take(a, step);
+    if (slot < 0) return SY_ENOMEM;
+    if (!a->up_started) {
+        if (pthread_create(&a->up_th, NULL, uploader_main, a) != 0)
+            return sy_err_set(SY_EINTERNAL, "cannot start the checkpoint uploader thread");
+        a->up_started = true;
+    }
+    pthread_mutex_lock(&a->up_mu);
+    snprintf(a->up_run, sizeof a->up_run, "%s", a->cfg.run.name);
+    a->up_slot = slot;
+    a->up_step = step;
+    a->up_gen = atomic_load(&a->generation);
+    a->up_rank = a->rank;
+    a->up_busy = true;
+    a->up_done = false;
+    pthread_cond_broadcast(&a->up_cv);
+    pthread_mutex_unlock(&a->up_mu);
+    if (!a->cfg.checkpoint.async) upload_collect(a, true);
     return SY_OK;
 }
 
@@ -608,6 +757,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             }
         }
         if (g_stop) return RUN_STOP;
+        upload_collect(a, false);
         set_state(a, ST_TRAINING);
         a->counts[0] = 0;
         sy_step_result res = {.counts = a->counts};
@@ -630,9 +780,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         atomic_store(&a->step, step);
         bool due = (a->cfg.checkpoint.every > 0 && step % a->cfg.checkpoint.every == 0) ||
                    step == (int64_t)as->end_step || step == ckpt_now;
-        if (due && save_part(a, step) == SY_OK) {
-            if (snapshot_take(a, step) != SY_OK) sy_warn("%s", sy_err_msg());
-        } else if (due) {
+        if (due && save_checkpoint(a, step) != SY_OK) {
             snprintf(detail, sizeof detail, "checkpoint step %lld: %s", (long long)step, sy_err_msg());
             sy_error("%s", detail);
             send_fault(a, "storage", detail, -1, step);
@@ -653,7 +801,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
     agent_t a;
     memset(&a, 0, sizeof a);
     a.opts = opts;
-    a.snap_step = -1;
+    a.snap[0].step = a.snap[1].step = -1;
     int rc = 1;
     gethostname(a.host, sizeof a.host - 1);
     if (opts->id) snprintf(a.id, sizeof a.id, "%s", opts->id);
@@ -662,6 +810,8 @@ int sy_agent_run(const sy_agent_opts *opts) {
     if (snprintf(role, sizeof role, "worker %s", a.id) >= (int)sizeof role) role[sizeof role - 1] = 0;
     sy_log_set_role(role);
     pthread_mutex_init(&a.mu, NULL);
+    pthread_mutex_init(&a.up_mu, NULL);
+    pthread_cond_init(&a.up_cv, NULL);
     atomic_store(&a.hb_ms, SY_AGENT_DEFAULT_HB_MS);
     atomic_store(&a.coord_timeout_ms, SY_AGENT_DEFAULT_COORD_TIMEOUT_MS);
     struct sigaction sa;
@@ -689,6 +839,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
 
     while (!g_stop) {
         Sy__Envelope *m = agent_recv(&a, 100);
+        upload_collect(&a, false); /* a part finished after the last step is reported here */
         if (!m) continue;
         run_end r = RUN_DONE;
         switch (m->body_case) {
@@ -706,12 +857,34 @@ int sy_agent_run(const sy_agent_opts *opts) {
     }
     rc = 0; /* SIGINT/SIGTERM: a clean exit */
 out:
+    bool abandoned = false;
+    if (a.up_started) {
+        upload_collect(&a, false);
+        /* An upload still in flight at exit belongs to a checkpoint the run no longer needs
+         * (the coordinator stops workers only after the last commit): leave it as debris
+         * rather than wait out the store's retries. */
+        abandoned = upload_busy(&a);
+        if (abandoned) sy_warn("exiting with a checkpoint upload in flight (left as uncommitted debris)");
+        pthread_mutex_lock(&a.up_mu);
+        a.up_quit = true;
+        pthread_cond_broadcast(&a.up_cv);
+        pthread_mutex_unlock(&a.up_mu);
+        if (!abandoned) pthread_join(a.up_th, NULL);
+    }
     if (a.link_started) {
         atomic_store(&a.link_stop, 1);
         pthread_join(a.link, NULL);
     }
     close_generation(&a);
     free(a.pending);
+    if (abandoned) {
+        /* The uploader thread still reads the model, the store and the snapshot, and may sit in
+         * a store request: end the process here, without freeing them and without the atexit
+         * handlers of libraries that thread is inside (OpenSSL, libcurl). */
+        fflush(stdout);
+        fflush(stderr);
+        _exit(rc);
+    }
     snapshot_drop(&a);
     if (a.pair_main) zmq_close(a.pair_main);
     if (a.zctx) zmq_ctx_term(a.zctx);
@@ -724,5 +897,7 @@ out:
     if (a.have_cfg) sy_config_free(&a.cfg);
     free(a.tokens), free(a.counts), free(a.owned);
     pthread_mutex_destroy(&a.mu);
+    pthread_mutex_destroy(&a.up_mu);
+    pthread_cond_destroy(&a.up_cv);
     return rc;
 }
