@@ -154,6 +154,14 @@ def test_kill_worker(tmp, ref):
     joined = wait_for(lambda: [e for e in events(tmp, name) if e["event"] == "worker_joined" and e["worker"] == "w0"], 30)
     if ev and joined:
         base = ev[0]["status"]
+
+        def listed():  # the HTTP server answers from the snapshot the reactor publishes
+            try:
+                with urllib.request.urlopen(f"{base}/v1/status", timeout=5) as r:
+                    return any(w.get("id") == "w0" for w in json.loads(r.read()).get("workers", []))
+            except (OSError, ValueError):
+                return False
+        wait_for(listed, 10)
         check(http("POST", f"{base}/v1/workers/w0/lost") == 401, "lost endpoint: 401 without a token")
         check(http("POST", f"{base}/v1/workers/w0/lost", "wrong") == 403, "lost endpoint: 403 with a wrong token")
         check(http("POST", f"{base}/v1/workers/nobody/lost", token) == 404, "lost endpoint: 404 for an unknown worker")
