@@ -3,6 +3,7 @@
  * Shards are read and written in the host's byte order, which must be little-endian (llm.c's
  * files are little-endian; every target of this project is x86-64 or aarch64 LE). */
 #include "data.h"
+#include "fsutil.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -723,27 +724,6 @@ static sy_status sy_prep_emit_shard(sy_sink_t *k, const sy_prep_file_t *f, int v
     return st;
 }
 
-static int sy_mkdir_p(const char *dir) {
-    char buf[PATH_MAX];
-    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        if (mkdir(buf, 0755) != 0 && errno != EEXIST) return -1;
-        *p = '/';
-    }
-    if (mkdir(buf, 0755) != 0 && errno != EEXIST) return -1;
-    struct stat sb;
-    if (stat(buf, &sb) != 0) return -1;
-    if (!S_ISDIR(sb.st_mode)) {
-        errno = ENOTDIR;
-        return -1;
-    }
-    return 0;
-}
 
 /* Removes train_/val_NNNNNN.bin left by an earlier, larger run (they would join a glob). */
 static void sy_prep_remove_stale(const char *dir, const char *prefix, int keep) {
@@ -988,9 +968,8 @@ int sy_data_cli(int argc, char **argv) {
     }
 
     /* ---- pass 2: stream tokens into shards */
-    if (sy_mkdir_p(out_dir) != 0) {
-        st = sy_err_set(SY_EIO, "%s: cannot create output directory: %s", out_dir,
-                        strerror(errno));
+    if (sy_mkdir_p(out_dir) != SY_OK) {
+        st = sy_err_prefix(SY_EIO, "--out %s", out_dir);
         goto fail;
     }
     sink.out_dir = out_dir;

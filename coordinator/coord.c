@@ -19,6 +19,7 @@
 #include "http.h"
 #include "log.h"
 #include "protocol.h"
+#include "fsutil.h"
 #include "store.h"
 #include "store_s3.h"
 
@@ -192,21 +193,6 @@ static double wall_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static sy_status mkdir_p(const char *path) {
-    char buf[4096];
-    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
-        return sy_err_set(SY_EINVAL, "run.state_dir is too long");
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-            return sy_err_set(SY_EIO, "mkdir %s: %s", buf, strerror(errno));
-        *p = '/';
-    }
-    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-        return sy_err_set(SY_EIO, "mkdir %s: %s", buf, strerror(errno));
-    return SY_OK;
-}
 
 /* A JSON number, or null when not finite (jansson refuses NaN and inf). */
 static json_t *jnum(double v) { return isfinite(v) ? json_real(v) : json_null(); }
@@ -1433,7 +1419,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     c->step = c->latest_ckpt > 0 ? c->latest_ckpt : 0;
     c->furthest = c->step;
 
-    SY_CHECK_GOTO(mkdir_p(cfg->run.state_dir), s, fail);
+    SY_CHECK_GOTO(sy_mkdir_p(cfg->run.state_dir), s, fail);
     char path[4200];
     const char *mode = c->latest_ckpt >= 0 ? "a" : "w"; /* a fresh run starts fresh logs */
     snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.state_dir);

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "fsutil.h"
 #include "log.h"
 
 #define SY_LAUNCH_READY_TIMEOUT_MS 30000
@@ -659,15 +660,10 @@ int sy_run_cli(int argc, char **argv) {
     L.threads = threads;
     char metrics_path[PATH_MAX + 64];
     snprintf(L.logdir, sizeof L.logdir, "%s/logs", cfg.run.state_dir);
-    char mk[PATH_MAX + 16];
-    snprintf(mk, sizeof mk, "%s", L.logdir);
-    for (char *p = mk + 1; *p; p++)
-        if (*p == '/') {
-            *p = 0;
-            mkdir(mk, 0755);
-            *p = '/';
-        }
-    mkdir(mk, 0755);
+    if (sy_mkdir_p(L.logdir) != SY_OK) {
+        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+        goto out;
+    }
     snprintf(metrics_path, sizeof metrics_path, "%s/metrics.jsonl", cfg.run.state_dir);
     snprintf(L.coord_log, sizeof L.coord_log, "%s/coordinator.log", L.logdir);
 

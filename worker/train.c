@@ -20,6 +20,7 @@
 #include "cpu_setup.h"
 #include "data.h"
 #include "dist_step.h"
+#include "fsutil.h"
 #include "log.h"
 #include "model.h"
 #include "model_ckpt.h"
@@ -33,21 +34,6 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static sy_status mkdir_p(const char *path) {
-    char buf[4096];
-    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
-        return sy_err_set(SY_EINVAL, "path too long: %s", path);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-            return sy_err_set(SY_EIO, "cannot create folder %s: %s", buf, strerror(errno));
-        *p = '/';
-    }
-    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-        return sy_err_set(SY_EIO, "cannot create folder %s: %s", buf, strerror(errno));
-    return SY_OK;
-}
 
 /* Rewrites metrics.jsonl keeping only the lines of steps <= keep_step (used on resume, so the
  * file tells one consistent history). */
@@ -203,7 +189,7 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         goto done;
     }
 
-    SY_CHECK_GOTO(mkdir_p(cfg->run.state_dir), s, done);
+    SY_CHECK_GOTO(sy_mkdir_p(cfg->run.state_dir), s, done);
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", cfg->run.state_dir);
     if (start > 0) metrics_truncate(mpath, start);
     metrics = fopen(mpath, start > 0 ? "a" : "w");
