@@ -396,6 +396,17 @@ static sy_status forward(sy_model_t *m, const int32_t *tokens, bool train, sy_dr
     return SY_OK;
 }
 
+/* This micro-batch's shares of the global loss terms (sy_losses). */
+static void set_losses(sy_losses *out, const sy_model_dims *d, int N, int n_micro, double ce_sum,
+                       double aux_sum, double z_sum, int64_t routed, int64_t dropped) {
+    out->ce = ce_sum / N / n_micro;
+    out->aux = d->aux_coef * aux_sum / n_micro;
+    out->z = d->z_coef * z_sum / n_micro;
+    out->tokens = N;
+    out->routed = routed;
+    out->dropped = dropped;
+}
+
 static sy_status check_tokens(const sy_model_t *m, const int32_t *tokens) {
     size_t n = (size_t)m->d.B * (m->d.T + 1);
     for (size_t i = 0; i < n; i++)
@@ -423,12 +434,7 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
     /* L_ce is the mean over all target tokens of the global batch. */
     float ce_scale = 1.0f / ((float)N * (float)n_micro);
     double ce_sum = be->xent_fwd_bwd(be, m->logits, m->logits, m->tgt, N, V, ce_scale);
-    out->ce = ce_sum / N / n_micro;
-    out->aux = d->aux_coef * aux_sum / n_micro;
-    out->z = d->z_coef * z_sum / n_micro;
-    out->tokens = N;
-    out->routed = routed;
-    out->dropped = dropped;
+    set_losses(out, d, N, n_micro, ce_sum, aux_sum, z_sum, routed, dropped);
 
     /* LM head (tied) and final LayerNorm. */
     be->matmul_bwd(be, m->dln, G(m->wte), m->logits, m->lnf_y, W(m->wte), N, D, V, false);
@@ -489,12 +495,7 @@ sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micr
     if (m->ep) return sy_err_set(SY_EINVAL, "evaluation runs with every expert local");
     SY_CHECK(forward(m, tokens, false, key, &aux_sum, &z_sum, &routed, &dropped));
     double ce_sum = m->be->xent_fwd(m->be, m->logits, m->tgt, N, d->V);
-    out->ce = ce_sum / N / n_micro;
-    out->aux = d->aux_coef * aux_sum / n_micro;
-    out->z = d->z_coef * z_sum / n_micro;
-    out->tokens = N;
-    out->routed = routed;
-    out->dropped = dropped;
+    set_losses(out, d, N, n_micro, ce_sum, aux_sum, z_sum, routed, dropped);
     return SY_OK;
 }
 
