@@ -955,6 +955,23 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     int i = find_worker_rid(c, rid, rid_len);
     if (i < 0) {
         drop(c, SY_DROP_UNKNOWN_WORKER, "%s from an unregistered sender", sy_proto_body_name(env->body_case));
+        /* A worker of an earlier incarnation of this coordinator (we were restarted): answer its
+         * heartbeat with our Welcome, so that it registers again at once instead of after its
+         * silence timeout (docs/protocol.md). */
+        if (env->body_case == SY__ENVELOPE__BODY_HEARTBEAT && env->incarnation != 0 &&
+            env->incarnation != c->incarnation && rid_len > 0 && rid_len < ID_MAX) {
+            Sy__Envelope wenv;
+            Sy__Welcome wl = SY__WELCOME__INIT;
+            char id[ID_MAX];
+            memcpy(id, rid, rid_len);
+            id[rid_len] = 0;
+            sy_proto_init(&wenv, c->cfg.run.name, c->incarnation, 0);
+            wl.worker_id = id;
+            wl.heartbeat_ms = (uint32_t)c->cfg.cluster.heartbeat_ms;
+            wenv.body_case = SY__ENVELOPE__BODY_WELCOME;
+            wenv.welcome = &wl;
+            sy_proto_send(c->sock, rid, rid_len, &wenv);
+        }
         goto out;
     }
     worker *w = &c->w[i];

@@ -169,11 +169,19 @@ static void *link_main(void *arg) {
                     snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
                     pthread_mutex_unlock(&a->mu);
                     if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
-                    if (!welcomed || fresh)
-                        sy_info("registered with coordinator %s (run %s, incarnation %016llx)",
-                                a->opts->coordinator, env->run_id, (unsigned long long)env->incarnation);
-                    welcomed = true;
                     forward = fresh;
+                    if (fresh && welcomed) {
+                        /* a new coordinator (restarted) greets us: it does not know us yet */
+                        sy_info("coordinator %s has a new incarnation %016llx: registering again",
+                                a->opts->coordinator, (unsigned long long)env->incarnation);
+                        welcomed = false;
+                        last_hello = -1e18;
+                    } else {
+                        if (!welcomed)
+                            sy_info("registered with coordinator %s (run %s, incarnation %016llx)",
+                                    a->opts->coordinator, env->run_id, (unsigned long long)env->incarnation);
+                        welcomed = true;
+                    }
                 } else {
                     pthread_mutex_lock(&a->mu);
                     bool ours = env->incarnation == a->incarnation && welcomed &&

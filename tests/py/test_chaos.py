@@ -234,7 +234,7 @@ def test_kill_coordinator(tmp, ref):
         if first:
             t1 = min(m["time"] for m in first)
             print(f"   (b) coordinator kill -> first step of the new incarnation: {t1 - ch[0]['time']:.1f} s "
-                  f"(workers re-register after 2 x failure_timeout_ms of silence)")
+                  f"(the new coordinator answers the workers' heartbeats with its Welcome; they register again)")
     same_losses(tmp, name, ref, "(b)")
 
 
