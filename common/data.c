@@ -170,6 +170,11 @@ static sy_status sy_expand_pattern(const char *pattern, char ***paths, int *n, i
         st = sy_err_set(SY_ENOTFOUND, "%s: pattern matches no file", pattern);
         goto done;
     }
+    if (rc == GLOB_ABORTED) { /* GLOB_ERR: a folder of the pattern is missing or unreadable */
+        st = sy_err_set(SY_ENOTFOUND, "%s: pattern matches no file (a folder in it does not exist "
+                        "or cannot be read)", pattern);
+        goto done;
+    }
     if (rc != 0) {
         st = sy_err_set(rc == GLOB_NOSPACE ? SY_ENOMEM : SY_EIO, "%s: glob failed (%s)", pattern,
                         rc == GLOB_NOSPACE ? "out of memory" : "read error");

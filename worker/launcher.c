@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "data.h"
 #include "fsutil.h"
 #include "log.h"
 
@@ -621,6 +622,18 @@ int sy_run_cli(int argc, char **argv) {
     for (int i = 0; i < n_sets; i++)
         if (sy_config_set(&cfg, sets[i]) != SY_OK) goto cfg_fail;
     if (sy_config_validate(&cfg) != SY_OK) goto cfg_fail;
+    {
+        /* The workers of a local cluster read the same files: check the data here, so that a
+         * wrong path is one clear error instead of a run that fails in every generation. */
+        sy_data_t *d = NULL;
+        if (sy_data_open((const char *const *)cfg.data.train.items, cfg.data.train.n,
+                         cfg.model.vocab_size, cfg.model.seq_len, &d) != SY_OK) {
+            fprintf(stderr, "switchyard run: data.train: %s\n", sy_err_msg());
+            rc = 1;
+            goto out;
+        }
+        sy_data_destroy(&d);
+    }
     if (n_workers < cfg.cluster.min_workers) {
         fprintf(stderr, "switchyard run: --workers %d is below cluster.min_workers = %d\n", n_workers,
                 cfg.cluster.min_workers);

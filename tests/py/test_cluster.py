@@ -133,6 +133,10 @@ def main():
             pass
     check(not ours, f"Ctrl-C: no coordinator or worker left running ({ours})")
 
+    r = subprocess.run([SY, "run", CFG, "--workers", "2", "--set", f"data.train={tmp}/nowhere/train_*.bin"],
+                       capture_output=True, text=True, timeout=60)
+    check(r.returncode == 1 and "data.train" in r.stderr and "nowhere" in r.stderr,
+          f"missing data refused before any process starts ({r.stderr.strip()[-160:]})")
     r = subprocess.run([SY, "run", CFG, "--workers", "0"], capture_output=True, text=True)
     check(r.returncode == 2 and "--workers" in r.stderr, "--workers 0 refused")
     r = subprocess.run([SY, "run", "--help"], capture_output=True, text=True)
