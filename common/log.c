@@ -1,5 +1,6 @@
 #include "log.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,4 +34,11 @@ void sy_log_write(sy_log_level lvl, const char *fmt, ...) {
     gmtime_r(&ts.tv_sec, &tm);
     fprintf(stderr, "%02d:%02d:%02d.%03ld %s %s: %s\n", tm.tm_hour, tm.tm_min, tm.tm_sec,
             ts.tv_nsec / 1000000, log_role, names[lvl], msg);
+}
+
+void sy_log_fmt_duration(char *buf, size_t cap, double s) {
+    if (!(s >= 0) || !isfinite(s)) s = 0;
+    int h = (int)(s / 3600), mi = (int)(fmod(s, 3600) / 60), se = (int)fmod(s, 60);
+    if (h > 0) snprintf(buf, cap, "%dh%02dm", h, mi);
+    else snprintf(buf, cap, "%dm%02ds", mi, se);
 }

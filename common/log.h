@@ -3,6 +3,8 @@
 #ifndef SY_LOG_H
 #define SY_LOG_H
 
+#include <stddef.h>
+
 typedef enum { SY_LOG_DEBUG = 0, SY_LOG_INFO = 1, SY_LOG_WARN = 2, SY_LOG_ERROR = 3 } sy_log_level;
 
 extern sy_log_level sy_log_threshold;
@@ -10,6 +12,9 @@ extern sy_log_level sy_log_threshold;
 void sy_log_set_role(const char *role);
 /* Reads SY_LOG=debug|info|warn|error from the environment. */
 void sy_log_init_from_env(void);
+/* A duration in seconds as "1h02m" or "3m07s" (progress lines); negative or NaN as "0m00s". */
+void sy_log_fmt_duration(char *buf, size_t cap, double seconds);
+
 void sy_log_write(sy_log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define SY_LOG(lvl, ...)                                           \

@@ -320,12 +320,6 @@ static void print_tail(const char *path, int lines) {
     for (int i = 0; i < 64; i++) free(buf[i]);
 }
 
-static void fmt_eta(char *buf, size_t cap, double s) {
-    if (s < 0 || !isfinite(s)) s = 0;
-    int h = (int)(s / 3600), mi = (int)(fmod(s, 3600) / 60), se = (int)fmod(s, 60);
-    if (h > 0) snprintf(buf, cap, "%dh%02dm", h, mi);
-    else snprintf(buf, cap, "%dm%02ds", mi, se);
-}
 
 /* Reads the coordinator's "coordinator ready bind=... status=..." line within timeout_ms. */
 static bool read_ready(lctx *L, int timeout_ms) {
@@ -899,7 +893,7 @@ int sy_run_cli(int argc, char **argv) {
             char eta[32];
             double el = l_now() - first_t;
             double rate = last_step > first_step ? (last_step - first_step) / el : 0;
-            fmt_eta(eta, sizeof eta, rate > 0 ? (cfg.run.steps - last_step) / rate : NAN);
+            sy_log_fmt_duration(eta, sizeof eta, rate > 0 ? (cfg.run.steps - last_step) / rate : NAN);
             fprintf(stderr, "%sstep %lld/%lld | loss %.4f | %.1fk tok/s | workers %d | gen %d | ETA %s%s",
                     L.tty ? "\r" : "", (long long)last_step, (long long)cfg.run.steps, loss, tps / 1e3,
                     world, gen, eta, L.tty ? "\033[K" : "\n");

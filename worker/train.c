@@ -61,12 +61,6 @@ static void metrics_truncate(const char *path, int64_t keep_step) {
     rename(tmp, path);
 }
 
-static void fmt_eta(char *buf, size_t cap, double s) {
-    if (s < 0 || !isfinite(s)) s = 0;
-    int h = (int)(s / 3600), mi = (int)(fmod(s, 3600) / 60), se = (int)fmod(s, 60);
-    if (h > 0) snprintf(buf, cap, "%dh%02dm", h, mi);
-    else snprintf(buf, cap, "%dm%02ds", mi, se);
-}
 
 typedef struct {
     const sy_config_t *cfg;
@@ -272,7 +266,7 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         if (!opts->quiet && (step % cfg->run.log_every == 0 || last || step == start + 1)) {
             double elapsed = now_s() - run_t0;
             char eta[32];
-            fmt_eta(eta, sizeof eta, elapsed / steps_done * (cfg->run.steps - step));
+            sy_log_fmt_duration(eta, sizeof eta, elapsed / steps_done * (cfg->run.steps - step));
             fprintf(stderr, "%sstep %lld/%lld | loss %.4f (ce %.4f aux %.4f z %.5f) | lr %.2e | %.1fk tok/s | dropped %.1f%% | ETA %s%s",
                     tty ? "\r" : "", (long long)step, (long long)cfg->run.steps, loss, ce, aux, z, lr,
                     tps / 1e3, routed ? 100.0 * dropped / routed : 0.0, eta, tty ? "\033[K" : "\n");
