@@ -16,6 +16,7 @@
 #include <zmq.h>
 
 #include "ckpt.h"
+#include "committer.h"
 #include "http.h"
 #include "log.h"
 #include "protocol.h"
@@ -117,6 +118,7 @@ struct sy_coord {
     bool opened_once;       /* a generation was opened by this incarnation */
     int prev_world;         /* world of the last closed generation (its members stay in members[]) */
     sy_store_t *store;
+    sy_committer_t *committer; /* commits and retention, off the reactor thread */
     void *zctx, *sock;
     void *mon;              /* ZeroMQ socket monitor of sock: disconnects (a dead peer's TCP close) */
     int src_fd;             /* socket of the message being handled */
@@ -554,37 +556,44 @@ static bool membership_change_due(sy_coord_t *c) {
     return idle > 0 && c->world < c->cfg.cluster.max_workers;
 }
 
+/* After a commit attempt of `step` (made in generation `gen`): the run may end, a failed final
+ * checkpoint is re-run, and a due membership change happens at a committed checkpoint. */
+static void after_commit(sy_coord_t *c, int64_t step, uint64_t gen, bool committed) {
+    bool current = c->gen_open && gen == c->gen;
+    if (current && c->latest_ckpt < step && step == c->end_step) {
+        /* Workers wait after their last step: without its checkpoint the run cannot end, so
+         * it is re-run from the latest committed checkpoint (bounded by the recovery limit). */
+        begin_recovery(c, "the final checkpoint could not be committed", NULL);
+        return;
+    }
+    maybe_finish(c);
+    /* Not while a newer commit is in flight: the new generation restores the latest one. */
+    if (!c->done && current && committed && c->latest_ckpt == step && step < c->end_step &&
+        sy_committer_in_flight(c->committer) == 0 && membership_change_due(c)) {
+        char why[128];
+        snprintf(why, sizeof why, "membership change at checkpoint %" PRId64, step);
+        close_generation(c, why);
+        open_generation(c);
+    }
+}
+
+/* Every rank's part of checkpoint parts[k] is in: hand its commit to the committer thread. */
 static void commit_part(sy_coord_t *c, int k) {
     cpart *p = &c->parts[k];
     int64_t step = p->step;
     char missing[64];
-    int64_t t0 = mono_ms();
+    bool submitted = false;
     if (!parts_cover(c, p->files, missing, sizeof missing)) {
         event(c, "checkpoint_failed", json_pack("{s:I, s:s}", "step", (json_int_t)step, "error",
                                                 "parts of every rank arrived but do not cover the model"));
         sy_error("checkpoint step %" PRId64 ": no rank sent %s", step, missing);
     } else {
         json_t *ex = manifest_extra(c, step);
-        sy_status s = sy_ckpt_commit(c->store, c->cfg.run.name, step, p->files, ex);
-        json_decref(ex);
-        if (s == SY_EEXIST) {
-            sy_warn("checkpoint step %" PRId64 " was already committed; keeping it", step);
-            s = SY_OK;
-        }
-        if (s != SY_OK) {
-            event(c, "checkpoint_failed", json_pack("{s:I, s:s}", "step", (json_int_t)step, "error", sy_err_msg()));
-            sy_error("checkpoint step %" PRId64 ": %s", step, sy_err_msg());
+        if (sy_committer_submit(c->committer, step, c->gen, p->first, &p->files, &ex) == SY_OK) {
+            submitted = true;
         } else {
-            if (step > c->latest_ckpt) c->latest_ckpt = step;
-            c->latest_ckpt_time = wall_s();
-            if (sy_ckpt_retain(c->store, c->cfg.run.name, c->cfg.checkpoint.keep_last) != SY_OK)
-                sy_warn("checkpoint retention: %s", sy_err_msg());
-            int64_t now = mono_ms();
-            c->ckpt_seconds = (now - p->first) / 1e3;
-            event(c, "checkpoint_committed",
-                  json_pack("{s:I, s:i, s:f, s:f, s:I}", "step", (json_int_t)step, "files",
-                            (int)json_array_size(p->files), "seconds", c->ckpt_seconds, "commit_ms",
-                            (double)(now - t0), "generation", (json_int_t)c->gen));
+            json_decref(ex);
+            event(c, "checkpoint_failed", json_pack("{s:I, s:s}", "step", (json_int_t)step, "error", sy_err_msg()));
         }
     }
     /* This step and older ones are settled. */
@@ -598,19 +607,34 @@ static void commit_part(sy_coord_t *c, int k) {
         }
     }
     c->nparts = keep;
-    if (c->latest_ckpt < step && step == c->end_step) {
-        /* Workers wait after their last step: without its checkpoint the run cannot end, so
-         * it is re-run from the latest committed checkpoint (bounded by the recovery limit). */
-        begin_recovery(c, "the final checkpoint could not be committed", NULL);
-        return;
+    if (!submitted) after_commit(c, step, c->gen, false);
+}
+
+static void on_commit_result(sy_coord_t *c, const sy_commit_result *r) {
+    sy_status s = r->status;
+    if (s == SY_EEXIST) {
+        sy_warn("checkpoint step %" PRId64 " was already committed; keeping it", r->step);
+        s = SY_OK;
     }
-    maybe_finish(c);
-    if (!c->done && c->latest_ckpt == step && step < c->end_step && membership_change_due(c)) {
-        char why[128];
-        snprintf(why, sizeof why, "membership change at checkpoint %" PRId64, step);
-        close_generation(c, why);
-        open_generation(c);
+    if (s != SY_OK) {
+        event(c, "checkpoint_failed", json_pack("{s:I, s:s}", "step", (json_int_t)r->step, "error", r->error));
+        sy_error("checkpoint step %" PRId64 ": %s", r->step, r->error);
+    } else {
+        if (r->step > c->latest_ckpt) c->latest_ckpt = r->step;
+        c->latest_ckpt_time = wall_s();
+        if (r->retain_failed) sy_warn("checkpoint retention: %s", r->retain_error);
+        c->ckpt_seconds = (mono_ms() - r->since_ms) / 1e3;
+        event(c, "checkpoint_committed",
+              json_pack("{s:I, s:i, s:f, s:f, s:I}", "step", (json_int_t)r->step, "files", r->n_files,
+                        "seconds", c->ckpt_seconds, "commit_ms", r->commit_ms, "generation",
+                        (json_int_t)r->generation));
     }
+    if (!c->done) after_commit(c, r->step, r->generation, s == SY_OK);
+}
+
+static void drain_commits(sy_coord_t *c) {
+    sy_commit_result r;
+    while (sy_committer_next(c->committer, &r)) on_commit_result(c, &r);
 }
 
 static void on_checkpoint_part(sy_coord_t *c, worker *w, const Sy__CheckpointPart *cp) {
@@ -1128,6 +1152,7 @@ static json_t *status_json(sy_coord_t *c) {
                                                         "committed_at", c->latest_ckpt_time, "seconds",
                                                         c->ckpt_seconds)
                                             : json_null());
+    json_object_set_new(j, "checkpoint_commits_in_flight", json_integer(sy_committer_in_flight(c->committer)));
     bool have = c->nhist > 0;
     json_object_set_new(j, "loss", have ? jnum(c->loss) : json_null());
     json_object_set_new(j, "ce", have ? jnum(c->ce) : json_null());
@@ -1348,7 +1373,9 @@ static void cron(sy_coord_t *c) {
                              now - c->settle_from < SY_COORD_EXPECT_TIMEOUT_MS;
             /* A recovery does not wait for newcomers: the survivors go on at once. */
             bool recovering = c->nrec > 0 && c->rec[c->nrec - 1].duration_ms < 0;
-            if (!expecting && (since >= c->settle_ms || recovering || idle >= c->cfg.cluster.max_workers)) {
+            /* A commit in flight decides the restore point: wait for its result. */
+            bool committing = sy_committer_in_flight(c->committer) > 0;
+            if (!expecting && !committing && (since >= c->settle_ms || recovering || idle >= c->cfg.cluster.max_workers)) {
                 c->opened_once = true;
                 open_generation(c);
             }
@@ -1432,7 +1459,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     s = sy_ckpt_latest(c->store, cfg->run.name, &latest);
     if (s == SY_OK) c->latest_ckpt = latest;
     else if (s != SY_ENOTFOUND) goto fail;
-    s = SY_OK;
+    SY_CHECK_GOTO(sy_committer_new(c->store, cfg->run.name, cfg->checkpoint.keep_last, &c->committer), s, fail);
     c->step = c->latest_ckpt > 0 ? c->latest_ckpt : 0;
     c->furthest = c->step;
 
@@ -1488,14 +1515,17 @@ sy_status sy_coord_run(sy_coord_t *c, volatile sig_atomic_t *stop_flag, sy_coord
     while (!c->done) {
         int64_t now = mono_ms();
         long wait = next_cron > now ? (long)(next_cron - now) : 0;
-        zmq_pollitem_t it[2] = {{c->sock, 0, ZMQ_POLLIN, 0}, {c->mon, 0, ZMQ_POLLIN, 0}};
-        int rc = zmq_poll(it, c->mon ? 2 : 1, wait);
+        zmq_pollitem_t it[3] = {{c->sock, 0, ZMQ_POLLIN, 0},
+                                {NULL, sy_committer_fd(c->committer), ZMQ_POLLIN, 0},
+                                {c->mon, 0, ZMQ_POLLIN, 0}};
+        int rc = zmq_poll(it, c->mon ? 3 : 2, wait);
         if (rc < 0 && errno != EINTR) {
             s = sy_err_set(SY_EIO, "zmq_poll: %s", zmq_strerror(errno));
             break;
         }
         if (rc > 0 && (it[0].revents & ZMQ_POLLIN)) SY_CHECK_GOTO(drain_socket(c), s, out);
-        if (rc > 0 && c->mon && (it[1].revents & ZMQ_POLLIN)) drain_monitor(c);
+        if (rc > 0 && (it[1].revents & ZMQ_POLLIN)) drain_commits(c);
+        if (rc > 0 && c->mon && (it[2].revents & ZMQ_POLLIN)) drain_monitor(c);
         if (stop_flag && *stop_flag && !c->done) finish(c, R_STOPPED, "signal");
         now = mono_ms();
         if (now >= next_cron && !c->done) {
@@ -1504,6 +1534,12 @@ sy_status sy_coord_run(sy_coord_t *c, volatile sig_atomic_t *stop_flag, sy_coord
         }
     }
 out:
+    /* Stopped with a commit in flight: let it finish (its parts are durable) and record it. */
+    if (sy_committer_in_flight(c->committer) > 0) {
+        sy_info("waiting for %d checkpoint commit(s) in flight", sy_committer_in_flight(c->committer));
+        sy_committer_wait(c->committer);
+        drain_commits(c);
+    }
     publish(c);
     *outcome = c->outcome;
     return s;
@@ -1522,6 +1558,7 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     if (c->metrics_f) fclose(c->metrics_f);
     if (c->events_f) fclose(c->events_f);
     clear_pending(c);
+    sy_committer_destroy(&c->committer); /* finishes a commit in flight: before the store goes */
     for (int i = 0; i < c->nrec; i++) json_decref(c->rec[i].lost);
     free(c->rec);
     json_decref(c->events);

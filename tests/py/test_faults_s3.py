@@ -63,8 +63,10 @@ def kill_run(tmp, name, env, ref, moto, label, proxy=None):
         lost = [e for e in ev[n0:] if e["event"] == "worker_lost"]
         check([e["worker"] for e in lost] == ["w2"], f"{label}: worker_lost w2 ({[e['worker'] for e in lost]})")
         i_lost = ev.index(lost[0]) if lost else len(ev)
-        latest = max([e["step"] for e in ev[:i_lost] if e["event"] == "checkpoint_committed"], default=-1)
         g = [e for e in ev[i_lost:] if e["event"] == "generation_opened"]
+        # A commit in flight at the loss decides the restore point: the coordinator waits for it.
+        i_gen = ev.index(g[0]) if g else i_lost
+        latest = max([e["step"] for e in ev[:i_gen] if e["event"] == "checkpoint_committed"], default=-1)
         check(bool(g) and g[0]["world"] == 3 and g[0]["restore_step"] == latest and latest > 0,
               f"{label}: a generation of 3 from the latest committed checkpoint, step {latest} "
               f"({g[0]['world'] if g else None} workers, restore step {g[0]['restore_step'] if g else None})")
