@@ -46,6 +46,9 @@ def kill_run(tmp, name, env, ref, moto, label, proxy=None):
         if proxy:
             proxy.reset_stats()
         t = c.kill("w2")
+        done_before = [e for e in c.events() if e["event"] == "run_finished"]
+        check(not done_before and max(c.metrics(), default=0) < STEPS,
+              f"{label}: the kill lands before the last step (the coordinator's view keeps up with the workers)")
         d = c.wait_event("restore_done", timeout=60, after=n0)
         ev = c.events()
         if proxy:
