@@ -20,6 +20,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "data_s3.h"
 #include "rng.h"
 
 #define SY_SHARD_HEADER_BYTES (SY_SHARD_HEADER_INTS * 4)
@@ -39,7 +40,8 @@
 
 typedef struct {
     char *path;
-    void *map;            /* whole file, read-only */
+    void *map;            /* whole file, read-only (malloc'ed when heap) */
+    int heap;             /* read from S3 into memory */
     size_t map_len;
     const uint16_t *tok;  /* map + header */
     uint64_t count;
@@ -66,16 +68,62 @@ struct sy_data {
 };
 
 static void sy_shard_unmap(sy_shard_t *sh) {
-    if (sh->map && sh->map != MAP_FAILED) munmap(sh->map, sh->map_len);
+    if (sh->heap) free(sh->map);
+    else if (sh->map && sh->map != MAP_FAILED) munmap(sh->map, sh->map_len);
     free(sh->path);
     memset(sh, 0, sizeof *sh);
 }
 
-/* Maps `path` and checks header, size and every token < vocab. On success fills *sh (takes a
- * copy of the path). */
+/* Checks header, size and every token < vocab of the shard bytes in sh->map / sh->map_len. */
+static sy_status sy_shard_check(const char *path, int vocab_size, sy_shard_t *sh) {
+    if (sh->map_len < SY_SHARD_HEADER_BYTES)
+        return sy_err_set(SY_EFORMAT, "%s: file has %zu bytes, shorter than the %d-byte header", path,
+                          sh->map_len, SY_SHARD_HEADER_BYTES);
+    const int32_t *hdr = (const int32_t *)sh->map;
+    if (hdr[0] != SY_SHARD_MAGIC)
+        return sy_err_set(SY_EFORMAT, "%s: bad magic %" PRId32 " (expected %d, an llm.c shard)", path, hdr[0],
+                          SY_SHARD_MAGIC);
+    if (hdr[1] != SY_SHARD_VERSION)
+        return sy_err_set(SY_EFORMAT, "%s: unsupported version %" PRId32 " (expected %d)", path, hdr[1],
+                          SY_SHARD_VERSION);
+    if (hdr[2] < 0) return sy_err_set(SY_EFORMAT, "%s: negative token count %" PRId32, path, hdr[2]);
+    sh->count = (uint64_t)hdr[2];
+    uint64_t want = SY_SHARD_HEADER_BYTES + 2 * sh->count;
+    if ((uint64_t)sh->map_len != want)
+        return sy_err_set(SY_ECORRUPT,
+                          "%s: size mismatch: header says %" PRIu64 " tokens (%" PRIu64
+                          " bytes) but the file has %zu bytes",
+                          path, sh->count, want, sh->map_len);
+    sh->tok = (const uint16_t *)((const char *)sh->map + SY_SHARD_HEADER_BYTES);
+    /* First offending token, if any (min index over a parallel scan). */
+    const uint16_t *tok = sh->tok;
+    int64_t n = (int64_t)sh->count, bad = n;
+    uint16_t vmax = vocab_size >= 65536 ? 0 : (uint16_t)vocab_size;
+    if (vmax != 0) {
+#pragma omp parallel for reduction(min : bad) schedule(static) if (n > (1 << 20))
+        for (int64_t i = 0; i < n; i++)
+            if (tok[i] >= vmax && i < bad) bad = i;
+    }
+    if (bad < n)
+        return sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRId64 " >= vocab_size %d", path,
+                          (unsigned)tok[bad], bad, vocab_size);
+    sh->path = strdup(path);
+    if (!sh->path) return sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+    return SY_OK;
+}
+
+/* Maps `path` (or reads an s3:// object into memory) and checks it. On success fills *sh (takes
+ * a copy of the path). */
 static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh) {
     sy_status st = SY_OK;
     memset(sh, 0, sizeof *sh);
+    if (sy_data_is_s3(path)) {
+        SY_CHECK(sy_data_s3_fetch(path, &sh->map, &sh->map_len));
+        sh->heap = 1;
+        st = sy_shard_check(path, vocab_size, sh);
+        if (st != SY_OK) sy_shard_unmap(sh);
+        return st;
+    }
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         return sy_err_set(errno == ENOENT ? SY_ENOTFOUND : SY_EIO, "%s: cannot open: %s", path,
@@ -102,47 +150,7 @@ static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh) 
         st = sy_err_set(SY_EIO, "%s: mmap: %s", path, strerror(errno));
         goto done;
     }
-    const int32_t *hdr = (const int32_t *)sh->map;
-    if (hdr[0] != SY_SHARD_MAGIC) {
-        st = sy_err_set(SY_EFORMAT, "%s: bad magic %" PRId32 " (expected %d, an llm.c shard)",
-                        path, hdr[0], SY_SHARD_MAGIC);
-        goto done;
-    }
-    if (hdr[1] != SY_SHARD_VERSION) {
-        st = sy_err_set(SY_EFORMAT, "%s: unsupported version %" PRId32 " (expected %d)", path,
-                        hdr[1], SY_SHARD_VERSION);
-        goto done;
-    }
-    if (hdr[2] < 0) {
-        st = sy_err_set(SY_EFORMAT, "%s: negative token count %" PRId32, path, hdr[2]);
-        goto done;
-    }
-    sh->count = (uint64_t)hdr[2];
-    uint64_t want = SY_SHARD_HEADER_BYTES + 2 * sh->count;
-    if ((uint64_t)sb.st_size != want) {
-        st = sy_err_set(SY_ECORRUPT,
-                        "%s: size mismatch: header says %" PRIu64 " tokens (%" PRIu64
-                        " bytes) but the file has %lld bytes",
-                        path, sh->count, want, (long long)sb.st_size);
-        goto done;
-    }
-    sh->tok = (const uint16_t *)((const char *)sh->map + SY_SHARD_HEADER_BYTES);
-    /* First offending token, if any (min index over a parallel scan). */
-    const uint16_t *tok = sh->tok;
-    int64_t n = (int64_t)sh->count, bad = n;
-    uint16_t vmax = vocab_size >= 65536 ? 0 : (uint16_t)vocab_size;
-    if (vmax != 0) {
-#pragma omp parallel for reduction(min : bad) schedule(static) if (n > (1 << 20))
-        for (int64_t i = 0; i < n; i++)
-            if (tok[i] >= vmax && i < bad) bad = i;
-    }
-    if (bad < n) {
-        st = sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRId64 " >= vocab_size %d", path,
-                        (unsigned)tok[bad], bad, vocab_size);
-        goto done;
-    }
-    sh->path = strdup(path);
-    if (!sh->path) st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+    st = sy_shard_check(path, vocab_size, sh);
 done:
     close(fd);
     if (st != SY_OK) sy_shard_unmap(sh);
@@ -159,6 +167,7 @@ static sy_status sy_expand_pattern(const char *pattern, char ***paths, int *n, i
     glob_t g;
     memset(&g, 0, sizeof g);
     sy_status st = SY_OK;
+    if (sy_data_is_s3(pattern)) return sy_data_s3_expand(pattern, paths, n, cap);
     if (!sy_has_glob_chars(pattern)) {
         struct stat sb;
         if (stat(pattern, &sb) != 0)

@@ -9,8 +9,9 @@
  * The permutation of epoch ep, PINNED: r = sy_rng_key(seed, "data.perm", ep, 0, 0);
  * perm = [0, 1, ..., N-1]; for i = N-1 down to 1: k = sy_rng_below(&r, i+1), swap perm[i], perm[k].
  *
- * Shards are memory-mapped read-only. Opening validates every shard (header, size, every token
- * < vocab) and fails with a message naming the file.
+ * Local shards are memory-mapped read-only; s3:// entries (data_s3.h) are listed and read whole
+ * into memory. Opening validates every shard (header, size, every token < vocab) and fails with
+ * a message naming the file or URL.
  *
  * Ownership: sy_data_t owns its maps; sy_data_destroy() unmaps. Thread: one thread at a time
  * per sy_data_t (the permutation cache is mutable). */
@@ -27,8 +28,8 @@
 
 typedef struct sy_data sy_data_t;
 
-/* Expands globs in `patterns` (in order; each glob's matches sorted), maps and validates every
- * shard. Fails if no shard matches or if the shards hold no full window. */
+/* Expands globs in `patterns` (in order; each glob's matches sorted; s3:// patterns as in
+ * data_s3.h), maps or reads and validates every shard. Fails if no shard matches or if the shards hold no full window. */
 sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
                        sy_data_t **out);
 void sy_data_destroy(sy_data_t **self_p);
