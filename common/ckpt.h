@@ -14,7 +14,9 @@
  *            "files": [{"name": ..., "size": ..., "sha256": "<hex>"}, ...], ...extra fields}
  * Tensors are stored as F32 (fp32 master weights and moments, bit-exact).
  * Saving writes up to 4 files at once (threads), so the store must accept concurrent puts
- * (both backends do).
+ * (both backends do). Each file goes to the store as its header plus the tensors' own buffers
+ * (sy_store_putv: no serialised copy on the local store), and its SHA-256 is taken over the
+ * bytes as they are handed to the store, so tensor buffers must not change during a save.
  *
  * Ownership: groups and their buffers stay the caller's; json_t results are new references
  * (json_decref them). Thread: any; concurrent saves of the same step race on put_if_absent:

@@ -66,15 +66,13 @@ static sy_status check_refs(const sy_tensor_ref *t, int n) {
     return SY_OK;
 }
 
-sy_status sy_st_serialize(const sy_tensor_ref *tensors, int n, sy_st_dtype dtype, void **out,
-                          size_t *out_len) {
+/* Builds the file's head: u64 LE length + JSON padded with spaces to ST_ALIGN (*out, malloc'ed,
+ * *out_len bytes) and the size of the data section after it (*data_len). */
+static sy_status build_header(const sy_tensor_ref *tensors, int n, sy_st_dtype dtype, uint8_t **out, size_t *out_len,
+                              uint64_t *data_len) {
     sy_status st = SY_OK;
     json_t *root = NULL;
     char *hdr = NULL;
-    uint8_t *buf = NULL;
-    if (!out || !out_len) return sy_err_set(SY_EINVAL, "safetensors: no output pointer");
-    *out = NULL;
-    *out_len = 0;
     if (dtype != SY_ST_F32 && dtype != SY_ST_BF16)
         return sy_err_set(SY_EINVAL, "safetensors: unknown output dtype %d", (int)dtype);
     SY_CHECK(check_refs(tensors, n));
@@ -116,17 +114,56 @@ sy_status sy_st_serialize(const sy_tensor_ref *tensors, int n, sy_st_dtype dtype
     }
     size_t hlen = strlen(hdr);
     size_t padded = (hlen + ST_ALIGN - 1) / ST_ALIGN * ST_ALIGN;
-    size_t total = 8 + padded + (size_t)off;
-    buf = malloc(total);
+    uint8_t *buf = malloc(8 + padded);
     if (!buf) {
-        st = sy_err_set(SY_ENOMEM, "safetensors: %zu-byte buffer", total);
+        st = sy_err_set(SY_ENOMEM, "safetensors: %zu-byte header", 8 + padded);
         goto out;
     }
     uint64_t n_le = padded; /* little-endian host */
     memcpy(buf, &n_le, 8);
     memcpy(buf + 8, hdr, hlen);
     memset(buf + 8 + hlen, ' ', padded - hlen);
-    uint8_t *p = buf + 8 + padded;
+    *out = buf;
+    *out_len = 8 + padded;
+    *data_len = off;
+out:
+    free(hdr);
+    json_decref(root);
+    return st;
+}
+
+sy_status sy_st_header(const sy_tensor_ref *tensors, int n, sy_st_dtype dtype, void **out, size_t *out_len,
+                       uint64_t *data_len) {
+    uint8_t *h = NULL;
+    size_t hl = 0;
+    uint64_t dl = 0;
+    if (!out || !out_len || !data_len) return sy_err_set(SY_EINVAL, "safetensors: no output pointer");
+    *out = NULL;
+    *out_len = 0;
+    *data_len = 0;
+    SY_CHECK(build_header(tensors, n, dtype, &h, &hl, &dl));
+    *out = h;
+    *out_len = hl;
+    *data_len = dl;
+    return SY_OK;
+}
+
+sy_status sy_st_serialize(const sy_tensor_ref *tensors, int n, sy_st_dtype dtype, void **out,
+                          size_t *out_len) {
+    uint8_t *head = NULL, *buf = NULL;
+    size_t hl = 0;
+    uint64_t dl = 0;
+    if (!out || !out_len) return sy_err_set(SY_EINVAL, "safetensors: no output pointer");
+    *out = NULL;
+    *out_len = 0;
+    SY_CHECK(build_header(tensors, n, dtype, &head, &hl, &dl));
+    if (dl > SIZE_MAX - hl || !(buf = malloc(hl + (size_t)dl))) {
+        free(head);
+        return sy_err_set(SY_ENOMEM, "safetensors: %" PRIu64 "-byte buffer", (uint64_t)hl + dl);
+    }
+    memcpy(buf, head, hl);
+    free(head);
+    uint8_t *p = buf + hl;
     for (int i = 0; i < n; i++) {
         int64_t numel = sy_tensor_numel(&tensors[i]);
         if (dtype == SY_ST_F32) {
@@ -141,13 +178,8 @@ sy_status sy_st_serialize(const sy_tensor_ref *tensors, int n, sy_st_dtype dtype
         }
     }
     *out = buf;
-    *out_len = total;
-    buf = NULL;
-out:
-    free(buf);
-    free(hdr);
-    json_decref(root);
-    return st;
+    *out_len = hl + (size_t)dl;
+    return SY_OK;
 }
 
 /* Writes all of buf to fd; errno-translated. */

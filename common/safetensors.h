@@ -24,6 +24,15 @@ typedef enum { SY_ST_F32 = 0, SY_ST_BF16 = 1 } sy_st_dtype;
 sy_status sy_st_serialize(const sy_tensor_ref *tensors, int n, sy_st_dtype dtype, void **out,
                           size_t *out_len);
 
+/* Only the head of that file: the 8-byte header length and the padded JSON header (*out,
+ * malloc'ed, *out_len bytes; the caller frees it), and the size of the data that follows
+ * (*data_len). The file sy_st_serialize builds is exactly this head followed by each tensor's
+ * data in order (numel × element size, no gaps); for SY_ST_F32 that data is each t->data as it
+ * lies in memory (little-endian host), so a writer can send the tensors from their own buffers
+ * without building the file (sy_store_putv) and get the same bytes. */
+sy_status sy_st_header(const sy_tensor_ref *tensors, int n, sy_st_dtype dtype, void **out, size_t *out_len,
+                       uint64_t *data_len);
+
 /* A parsed, validated file held in memory. */
 typedef struct sy_st_file sy_st_file_t;
 

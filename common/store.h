@@ -37,6 +37,34 @@ const char *sy_store_url(const sy_store_t *self);
 sy_status sy_store_put(sy_store_t *self, const char *key, const void *buf, size_t len);
 /* Writes an object only if the key is absent; SY_EEXIST (nothing written) if it exists. */
 sy_status sy_store_put_if_absent(sy_store_t *self, const char *key, const void *buf, size_t len);
+
+/* Scatter-gather put: the object is the concatenation of parts[0..n) (each `len` bytes at
+ * `base`; len 0 allowed), written without first copying them into one buffer where the backend
+ * can (local: writev straight from the parts; backends without a native putv get them
+ * concatenated into one buffer, then an ordinary put). Same atomicity as put / put_if_absent
+ * (`if_absent` selects which; SY_EEXIST as above).
+ *
+ * `tap` (may be NULL) is called with every byte of the object, in order, in chunks of at most
+ * SY_STORE_TAP_CHUNK bytes, each chunk before it is handed to the backend: the caller hashes the
+ * exact bytes stored this way (a chunk is still in cache when it is written). A tap error aborts
+ * the put: nothing is stored, the tap's status and message are returned.
+ *
+ * Contract: the parts must not change until the call returns (they are read twice, once by the
+ * tap and once by the write). */
+typedef struct {
+    const void *base;
+    size_t len;
+} sy_store_part;
+
+typedef struct {
+    sy_status (*fn)(void *arg, const void *p, size_t n);
+    void *arg;
+} sy_store_tap;
+
+#define SY_STORE_TAP_CHUNK ((size_t)256 << 10) /* fits a core's L2 beside the kernel's copy */
+
+sy_status sy_store_putv(sy_store_t *self, const char *key, const sy_store_part *parts, size_t n, int if_absent,
+                        const sy_store_tap *tap);
 /* Reads a whole object into a malloc'ed buffer (*buf, *len); SY_ENOTFOUND if missing. */
 sy_status sy_store_get(sy_store_t *self, const char *key, void **buf, size_t *len);
 /* Reads bytes [offset, offset + len) of an object into buf; SY_EINVAL if past its end. */
@@ -66,6 +94,12 @@ typedef struct {
     sy_status (*list)(void *impl, const char *prefix, char ***keys, size_t *n);
     sy_status (*del)(void *impl, const char *key);
     void (*destroy)(void *impl);
+    /* Optional (NULL: the front end concatenates and calls put). Parts are checked (total fits
+     * size_t, no NULL base with len > 0) before a backend sees them; the backend calls the tap
+     * (may be NULL) with every byte in order in chunks of at most SY_STORE_TAP_CHUNK, each
+     * before writing it, and stores nothing if the tap fails. */
+    sy_status (*putv)(void *impl, const char *key, const sy_store_part *parts, size_t n, int if_absent,
+                      const sy_store_tap *tap);
 } sy_store_ops;
 
 /* Wraps a backend into a store (takes ownership of impl: ops->destroy runs on failure too). */

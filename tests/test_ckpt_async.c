@@ -99,7 +99,8 @@ static void ctl_destroy(void *impl) {
     pthread_mutex_destroy(&c->mu);
     free(c);
 }
-static const sy_store_ops ctl_ops = {ctl_put, ctl_get, ctl_get_range, ctl_head, ctl_list, ctl_del, ctl_destroy};
+static const sy_store_ops ctl_ops = {.put = ctl_put, .get = ctl_get, .get_range = ctl_get_range, .head = ctl_head,
+                                     .list = ctl_list, .del = ctl_del, .destroy = ctl_destroy}; /* no putv: the front end concatenates */
 
 static sy_store_t *open_plain(const char *sub) {
     char url[400];

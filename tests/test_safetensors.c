@@ -195,6 +195,51 @@ static void test_roundtrip_f32(void **state) {
     sy_st_destroy(&f); /* twice is safe */
 }
 
+/* sy_st_header + each tensor's own bytes (what a scatter-gather writer sends) is exactly the
+ * file sy_st_serialize builds; for BF16 the head is the same prefix and data_len the rest. */
+static void test_header_matches_serialize(void **state) {
+    (void)state;
+    sy_tensor_ref t[NT];
+    make_tensors(t);
+    void *buf = NULL, *head = NULL;
+    size_t len = 0, hl = 0;
+    uint64_t dl = 0;
+    assert_int_equal(sy_st_serialize(t, NT, SY_ST_F32, &buf, &len), SY_OK);
+    assert_int_equal(sy_st_header(t, NT, SY_ST_F32, &head, &hl, &dl), SY_OK);
+    assert_int_equal(hl + dl, len);
+    assert_int_equal(hl % 8, 0);
+    uint8_t *joined = malloc(len);
+    memcpy(joined, head, hl);
+    size_t off = hl;
+    for (int i = 0; i < NT; i++) {
+        size_t b = (size_t)sy_tensor_numel(&t[i]) * 4;
+        memcpy(joined + off, t[i].data, b);
+        off += b;
+    }
+    assert_int_equal(off, len);
+    assert_memory_equal(joined, buf, len);
+    free(joined);
+    free(head);
+    free(buf);
+
+    assert_int_equal(sy_st_serialize(t, NT, SY_ST_BF16, &buf, &len), SY_OK);
+    assert_int_equal(sy_st_header(t, NT, SY_ST_BF16, &head, &hl, &dl), SY_OK);
+    assert_int_equal(hl + dl, len);
+    assert_memory_equal(head, buf, hl);
+    free(head);
+    free(buf);
+
+    /* the same argument checks as serialise; outputs cleared on failure */
+    sy_tensor_ref dup[2] = {t[0], t[0]};
+    head = (void *)1;
+    assert_int_equal(sy_st_header(dup, 2, SY_ST_F32, &head, &hl, &dl), SY_EINVAL);
+    assert_non_null(strstr(sy_err_msg(), "embed.weight"));
+    assert_null(head);
+    assert_int_equal(hl, 0);
+    assert_int_equal(sy_st_header(t, NT, (sy_st_dtype)7, &head, &hl, &dl), SY_EINVAL);
+    assert_int_equal(sy_st_header(t, NT, SY_ST_F32, NULL, &hl, &dl), SY_EINVAL);
+}
+
 static void test_roundtrip_bf16(void **state) {
     (void)state;
     sy_tensor_ref t[NT];
@@ -391,6 +436,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bf16_rounding),
         cmocka_unit_test(test_roundtrip_f32),
+        cmocka_unit_test(test_header_matches_serialize),
         cmocka_unit_test(test_roundtrip_bf16),
         cmocka_unit_test_setup_teardown(test_write_read_file, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_bad_files, setup_dir, teardown_dir),
