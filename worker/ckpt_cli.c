@@ -214,7 +214,7 @@ static int cmd_show(int argc, char **argv) {
     json_t *man = NULL;
     size_t n = 0;
     char run[URL_MAX];
-    int64_t want, step;
+    int64_t want = -1, step = -1;
     int rc = 1;
     if (open_run(argv[1], &st, run, &want, &steps, &n) != SY_OK) goto fail;
     if (pick_step(run, steps, n, want, &step) != SY_OK) goto fail;
