@@ -1375,7 +1375,10 @@ static void cron(sy_coord_t *c) {
             bool recovering = c->nrec > 0 && c->rec[c->nrec - 1].duration_ms < 0;
             /* A commit in flight decides the restore point: wait for its result. */
             bool committing = sy_committer_in_flight(c->committer) > 0;
-            if (!expecting && !committing && (since >= c->settle_ms || recovering || idle >= c->cfg.cluster.max_workers)) {
+            /* Everyone the launcher started is in: no need to wait for stragglers. */
+            bool all_expected = !c->opened_once && c->expect_workers > 0 && idle >= c->expect_workers;
+            if (!expecting && !committing &&
+                (since >= c->settle_ms || recovering || all_expected || idle >= c->cfg.cluster.max_workers)) {
                 c->opened_once = true;
                 open_generation(c);
             }
