@@ -78,7 +78,7 @@ static const struct {
     {"data", "Token shards in llm.c's format (uint16 tokens): local paths, globs or s3:// URLs, "
              "read in the order given."},
     {"checkpoint", "Where and how often checkpoints are written to the object store."},
-    {"cluster", "Coordinator address, worker membership and failure detection."},
+    {"cluster", "Coordinator address, worker membership, failure detection and the CurveZMQ keys of the control plane."},
     {"status", "The coordinator's HTTP status server."},
 };
 #define N_SECTIONS ((int)(sizeof SECTIONS / sizeof SECTIONS[0]))
@@ -98,6 +98,8 @@ static bool chk_micro(const sy_config_t *c, char *why, size_t n);
 static bool chk_lr_min(const sy_config_t *c, char *why, size_t n);
 static bool chk_workers(const sy_config_t *c, char *why, size_t n);
 static bool chk_failure(const sy_config_t *c, char *why, size_t n);
+static bool chk_curve_on(const sy_config_t *c, char *why, size_t n);
+static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n);
 
 #define FLD(sec, fld, ty, dflt, ...)                                                       \
     {.section = #sec, .name = #fld, .type = (ty), .offset = offsetof(sy_config_t, sec.fld), \
@@ -210,6 +212,20 @@ static const field FIELDS[] = {
         MEANS("Bound on one data-plane exchange (all-to-all, all-reduce) (ms).")),
     FLD(cluster, backend, FT_STRING, "cpu", .names = BACKEND_NAMES,
         MEANS("Compute backend of the workers.")),
+    FLD(cluster, curve_server_key, FT_STRING, "",
+        CHECK(chk_curve_on, "set when another `cluster.curve_*` field is set"),
+        MEANS("CurveZMQ on the control plane: the coordinator's key pair, a `.key` file of "
+              "`switchyard keygen` (mode 0600) (empty: no CURVE, plaintext as before).")),
+    FLD(cluster, curve_server_public, FT_STRING, "",
+        MEANS("The coordinator's `.pub` file, given to the workers `switchyard run` starts "
+              "(required there when `curve_server_key` is set).")),
+    FLD(cluster, curve_worker_key, FT_STRING, "",
+        MEANS("The `.key` file of the workers `switchyard run` starts (required there when "
+              "`curve_server_key` is set; its public key must be authorized).")),
+    FLD(cluster, curve_authorized_keys, FT_STRING, "",
+        CHECK(chk_curve_auth, "set when `cluster.curve_server_key` is set"),
+        MEANS("File of the worker public keys the coordinator accepts, one a line ('#' "
+              "comments); any other key is refused (ZAP).")),
 
     FLD(status, addr, FT_STRING, "127.0.0.1:8080", .rule = R_NONEMPTY,
         MEANS("host:port of the HTTP status server.")),
@@ -274,6 +290,26 @@ static bool chk_workers(const sy_config_t *c, char *why, size_t n) {
 static bool chk_failure(const sy_config_t *c, char *why, size_t n) {
     if (c->cluster.failure_timeout_ms > c->cluster.heartbeat_ms) return true;
     snprintf(why, n, "must be > cluster.heartbeat_ms (%d)", c->cluster.heartbeat_ms);
+    return false;
+}
+
+/* A partial CURVE setup must not run in plaintext unnoticed. */
+static bool has_text(const char *s) { return s && *s; }
+
+static bool chk_curve_on(const sy_config_t *c, char *why, size_t n) {
+    if (has_text(c->cluster.curve_server_key)) return true;
+    const char *other = has_text(c->cluster.curve_authorized_keys) ? "cluster.curve_authorized_keys"
+                        : has_text(c->cluster.curve_server_public) ? "cluster.curve_server_public"
+                        : has_text(c->cluster.curve_worker_key)    ? "cluster.curve_worker_key"
+                                                              : NULL;
+    if (!other) return true;
+    snprintf(why, n, "must be set when %s is set (CURVE is on only with the coordinator's key)", other);
+    return false;
+}
+
+static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n) {
+    if (!has_text(c->cluster.curve_server_key) || has_text(c->cluster.curve_authorized_keys)) return true;
+    snprintf(why, n, "must be set when cluster.curve_server_key is set (the worker public keys to accept)");
     return false;
 }
 

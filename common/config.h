@@ -89,6 +89,11 @@ typedef struct {
         int failure_timeout_ms;
         int data_timeout_ms;
         char *backend;        /* "cpu" */
+        /* CurveZMQ on the control plane (common/curve.h); "" = off */
+        char *curve_server_key;      /* the coordinator's .key file */
+        char *curve_server_public;   /* its .pub file, for the workers `switchyard run` starts */
+        char *curve_worker_key;      /* the .key file of those workers */
+        char *curve_authorized_keys; /* worker public keys the coordinator accepts */
     } cluster;
     struct {
         char *addr;           /* host:port of the HTTP status server */

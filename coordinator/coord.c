@@ -17,12 +17,14 @@
 
 #include "ckpt.h"
 #include "committer.h"
+#include "curve.h"
 #include "http.h"
 #include "log.h"
 #include "protocol.h"
 #include "fsutil.h"
 #include "store.h"
 #include "store_s3.h"
+#include "zap.h"
 
 /* Longest worker id / host / endpoint kept (longer Hellos are refused as invalid). */
 #define ID_MAX 128
@@ -53,6 +55,10 @@
 #define LINGER_MS 1000
 /* A Fault's accused peer is excluded only if silent for this many heartbeats too. */
 #define SUSPECT_HEARTBEATS 2
+/* ZAP domain of the control socket (CURVE on): requests of another domain are refused. */
+#define ZAP_DOMAIN "switchyard"
+/* Failed CURVE handshakes (a plaintext worker, a wrong server key) are logged at most this often. */
+#define HANDSHAKE_LOG_MS 10000
 
 typedef enum { W_IDLE = 0, W_ACTIVE, W_DRAINING, W_LOST, W_STOPPED, W__COUNT } wstate;
 static const char *const WSTATE[W__COUNT] = {"idle", "active", "draining", "lost", "stopped"};
@@ -121,6 +127,9 @@ struct sy_coord {
     sy_committer_t *committer; /* commits and retention, off the reactor thread */
     void *zctx, *sock;
     void *mon;              /* ZeroMQ socket monitor of sock: disconnects (a dead peer's TCP close) */
+    sy_zap_t *zap;          /* CURVE on: the ZAP handler that admits listed worker keys */
+    uint64_t hs_failed;     /* CURVE handshakes that failed before ZAP (plaintext peer, wrong key) */
+    int64_t hs_logged;
     int src_fd;             /* socket of the message being handled */
     char endpoint[256];
     char status_url[300];
@@ -1048,6 +1057,26 @@ out:
     sy_proto_free(env);
 }
 
+/* A CURVE handshake that failed before ZAP could judge a key: the peer speaks plaintext (no
+ * --curve-key), or encrypted to another server key (wrong --curve-server-public). Refusals of
+ * listed-key checks are zap.c's. Counted; logged at most every HANDSHAKE_LOG_MS. */
+static void handshake_failed(sy_coord_t *c, uint16_t event, uint32_t value) {
+    c->hs_failed++;
+    c->dirty = true;
+    int64_t now = mono_ms();
+    if (c->hs_failed > 1 && now - c->hs_logged < HANDSHAKE_LOG_MS) return;
+    c->hs_logged = now;
+    const char *why = event == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                          ? "the peer closed it: a worker without --curve-key (plaintext)?"
+                      : value == ZMQ_PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC
+                          ? "cryptographic error: a worker whose --curve-server-public is not this coordinator's key?"
+                      : value == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                          ? "the peer does not speak CURVE (a worker without --curve-key?)"
+                          : "protocol error";
+    sy_warn("refused a connection: CURVE handshake failed (%s; 0x%x) (%" PRIu64 " failed handshake(s) so far)",
+            why, value, c->hs_failed);
+}
+
 /* Disconnect events of the control socket: the live worker whose last message came on that
  * socket is lost (it comes back as a spare if it was only a network blip and speaks again). */
 static void drain_monitor(sy_coord_t *c) {
@@ -1068,6 +1097,10 @@ static void drain_monitor(sy_coord_t *c) {
         }
         zmq_msg_close(&ev);
         zmq_msg_close(&addr);
+        if (event == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL || event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) {
+            handshake_failed(c, event, value);
+            continue;
+        }
         if (event != ZMQ_EVENT_DISCONNECTED) continue;
         for (int i = 0; i < c->nw; i++) {
             worker *w = &c->w[i];
@@ -1193,6 +1226,11 @@ static json_t *status_json(sy_coord_t *c) {
     for (int k = 1; k < SY_DROP__COUNT; k++)
         json_object_set_new(dm, sy_proto_drop_name((sy_proto_drop)k), json_integer((json_int_t)c->drops[k]));
     json_object_set_new(j, "dropped_messages", dm);
+    json_object_set_new(j, "security",
+                        json_pack("{s:b, s:i, s:I, s:I, s:I}", "curve", c->zap != NULL, "authorized_keys",
+                                  sy_zap_authorized(c->zap), "accepted", (json_int_t)sy_zap_accepted(c->zap),
+                                  "refused_keys", (json_int_t)sy_zap_refused(c->zap), "failed_handshakes",
+                                  (json_int_t)c->hs_failed));
     double elapsed = c->first_open ? (double)(now - c->first_open) : 0;
     double gp = elapsed > 0 ? c->useful_ms / elapsed : 0;
     json_object_set_new(j, "goodput", json_real(gp > 1 ? 1 : gp < 0 ? 0 : gp));
@@ -1271,6 +1309,10 @@ static char *metrics_text(sy_coord_t *c) {
     for (int k = 1; k < SY_DROP__COUNT; k++)
         sb_printf(&b, "switchyard_dropped_messages_total{reason=\"%s\"} %" PRIu64 "\n",
                   sy_proto_drop_name((sy_proto_drop)k), c->drops[k]);
+    prom_head(&b, "switchyard_curve_refused_total", "counter",
+              "Control-plane connections refused: unlisted CURVE keys (ZAP) and failed handshakes.");
+    sb_printf(&b, "switchyard_curve_refused_total{reason=\"key\"} %" PRIu64 "\n", sy_zap_refused(c->zap));
+    sb_printf(&b, "switchyard_curve_refused_total{reason=\"handshake\"} %" PRIu64 "\n", c->hs_failed);
     double elapsed = c->first_open ? (double)(mono_ms() - c->first_open) : 0;
     double gp = elapsed > 0 ? c->useful_ms / elapsed : 0;
     prom_gauge(&b, "switchyard_goodput", "Step time of kept steps / wall time since the first generation.",
@@ -1390,6 +1432,35 @@ static void cron(sy_coord_t *c) {
 /* ---------------------------------------------------------------------------------------- */
 /* Life cycle                                                                                */
 
+/* CURVE on (cluster.curve_server_key): loads the authorized worker keys and binds the ZAP
+ * handler, which must exist before the control socket binds. */
+static sy_status curve_setup(sy_coord_t *c) {
+    const sy_config_t *cfg = &c->cfg;
+    SY_CHECK(sy_curve_available("cluster.curve_server_key"));
+    sy_curve_keyset_t *keys = NULL;
+    sy_status s = sy_curve_keyset_load(cfg->cluster.curve_authorized_keys, &keys);
+    if (s != SY_OK) return sy_err_prefix(s, "cluster.curve_authorized_keys");
+    return sy_zap_new(c->zctx, ZAP_DOMAIN, &keys, cfg->cluster.curve_authorized_keys, &c->zap);
+}
+
+/* Makes the control socket a CURVE server with the coordinator's key; ZAP checks clients. */
+static sy_status curve_server(sy_coord_t *c) {
+    sy_curve_key key;
+    sy_status s = sy_curve_load_key(c->cfg.cluster.curve_server_key, true, &key);
+    if (s != SY_OK) return sy_err_prefix(s, "cluster.curve_server_key");
+    int one = 1;
+    if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVER, &one, sizeof one) != 0 ||
+        zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, key.secret_z85, SY_CURVE_Z85_LEN + 1) != 0 ||
+        zmq_setsockopt(c->sock, ZMQ_ZAP_DOMAIN, ZAP_DOMAIN, strlen(ZAP_DOMAIN)) != 0)
+        s = sy_err_set(SY_EIO, "cluster.curve_server_key: cannot make the control socket a CURVE server: %s",
+                       zmq_strerror(errno));
+    if (s == SY_OK)
+        sy_info("control plane: CURVE on, server public key %s, %d authorized worker key(s) from %s", key.public_z85,
+                sy_zap_authorized(c->zap), c->cfg.cluster.curve_authorized_keys);
+    sy_curve_key_wipe(&key);
+    return s;
+}
+
 static sy_status bind_socket(sy_coord_t *c, const char *bind) {
     char ep[256];
     size_t n = strlen(bind);
@@ -1402,13 +1473,16 @@ static sy_status bind_socket(sy_coord_t *c, const char *bind) {
     zmq_setsockopt(c->sock, ZMQ_ROUTER_HANDOVER, &one, sizeof one);
     zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(c->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
+    if (c->zap) SY_CHECK(curve_server(c));
     if (zmq_bind(c->sock, ep) != 0)
         return sy_err_set(SY_EIO, "cannot bind the control socket at %s: %s", ep, zmq_strerror(errno));
     /* A worker process that dies closes its TCP connection: the monitor reports the disconnect
      * at once, well before heartbeat silence would (issue 5: detection in seconds). */
     char mon_ep[64];
     snprintf(mon_ep, sizeof mon_ep, "inproc://sy-coord-monitor-%p", (void *)c);
-    if (zmq_socket_monitor(c->sock, mon_ep, ZMQ_EVENT_DISCONNECTED) == 0) {
+    int events = ZMQ_EVENT_DISCONNECTED;
+    if (c->zap) events |= ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL;
+    if (zmq_socket_monitor(c->sock, mon_ep, events) == 0) {
         c->mon = zmq_socket(c->zctx, ZMQ_PAIR);
         zmq_setsockopt(c->mon, ZMQ_LINGER, &linger, sizeof linger);
         if (zmq_connect(c->mon, mon_ep) != 0) {
@@ -1486,6 +1560,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
         s = sy_err_set(SY_EIO, "zmq socket: %s", zmq_strerror(errno));
         goto fail;
     }
+    if (cfg->cluster.curve_server_key && cfg->cluster.curve_server_key[0]) SY_CHECK_GOTO(curve_setup(c), s, fail);
     SY_CHECK_GOTO(bind_socket(c, opts && opts->bind ? opts->bind : cfg->cluster.bind), s, fail);
     const char *saddr = opts && opts->status_addr ? opts->status_addr : cfg->status.addr;
     SY_CHECK_GOTO(sy_http_start(saddr, cfg->status.token, &c->http), s, fail);
@@ -1518,17 +1593,20 @@ sy_status sy_coord_run(sy_coord_t *c, volatile sig_atomic_t *stop_flag, sy_coord
     while (!c->done) {
         int64_t now = mono_ms();
         long wait = next_cron > now ? (long)(next_cron - now) : 0;
-        zmq_pollitem_t it[3] = {{c->sock, 0, ZMQ_POLLIN, 0},
-                                {NULL, sy_committer_fd(c->committer), ZMQ_POLLIN, 0},
-                                {c->mon, 0, ZMQ_POLLIN, 0}};
-        int rc = zmq_poll(it, c->mon ? 3 : 2, wait);
+        /* the ZAP handler is polled first: a worker's handshake waits on its answer */
+        zmq_pollitem_t it[4] = {{c->sock, 0, ZMQ_POLLIN, 0}, {NULL, sy_committer_fd(c->committer), ZMQ_POLLIN, 0}};
+        int n = 2, i_zap = -1, i_mon = -1;
+        if (c->zap) i_zap = n, it[n++] = (zmq_pollitem_t){sy_zap_socket(c->zap), 0, ZMQ_POLLIN, 0};
+        if (c->mon) i_mon = n, it[n++] = (zmq_pollitem_t){c->mon, 0, ZMQ_POLLIN, 0};
+        int rc = zmq_poll(it, n, wait);
         if (rc < 0 && errno != EINTR) {
             s = sy_err_set(SY_EIO, "zmq_poll: %s", zmq_strerror(errno));
             break;
         }
         if (rc > 0 && (it[0].revents & ZMQ_POLLIN)) SY_CHECK_GOTO(drain_socket(c), s, out);
         if (rc > 0 && (it[1].revents & ZMQ_POLLIN)) drain_commits(c);
-        if (rc > 0 && c->mon && (it[2].revents & ZMQ_POLLIN)) drain_monitor(c);
+        if (rc > 0 && i_zap >= 0 && (it[i_zap].revents & ZMQ_POLLIN) && sy_zap_handle(c->zap) > 0) c->dirty = true;
+        if (rc > 0 && i_mon >= 0 && (it[i_mon].revents & ZMQ_POLLIN)) drain_monitor(c);
         if (stop_flag && *stop_flag && !c->done) finish(c, R_STOPPED, "signal");
         now = mono_ms();
         if (now >= next_cron && !c->done) {
@@ -1553,6 +1631,7 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     sy_coord_t *c = *self_p;
     sy_http_destroy(&c->http);
     if (c->mon) zmq_close(c->mon);
+    sy_zap_destroy(&c->zap);
     if (c->sock) {
         zmq_socket_monitor(c->sock, NULL, 0);
         zmq_close(c->sock);

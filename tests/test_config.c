@@ -96,6 +96,10 @@ static void expect_tiny_values(const sy_config_t *c) {
     assert_int_equal(c->cluster.failure_timeout_ms, 3000);
     assert_int_equal(c->cluster.data_timeout_ms, 10000);
     assert_string_equal(c->cluster.backend, "cpu");
+    assert_string_equal(c->cluster.curve_server_key, ""); /* CURVE off by default */
+    assert_string_equal(c->cluster.curve_server_public, "");
+    assert_string_equal(c->cluster.curve_worker_key, "");
+    assert_string_equal(c->cluster.curve_authorized_keys, "");
     assert_string_equal(c->status.addr, "127.0.0.1:8080");
     assert_string_equal(c->status.token, "");
 }
@@ -528,6 +532,14 @@ static void test_validate_rules(void **state) {
     INVALID("cluster.data_timeout_ms", NULL, "cluster.data_timeout_ms=0");
     INVALID("cluster.backend", "cuda", "cluster.backend=tpu");
     INVALID("cluster.backend", NULL, "cluster.backend=");
+    /* CurveZMQ: the server key and the authorized keys go together; any other curve field
+     * without the server key would silently run in plaintext. */
+    INVALID("cluster.curve_authorized_keys", "must be set when cluster.curve_server_key is set",
+            "cluster.curve_server_key=keys/coord.key");
+    INVALID("cluster.curve_server_key", "must be set when cluster.curve_authorized_keys is set",
+            "cluster.curve_authorized_keys=keys/authorized");
+    INVALID("cluster.curve_server_key", "cluster.curve_worker_key", "cluster.curve_worker_key=keys/w.key");
+    INVALID("cluster.curve_server_key", "cluster.curve_server_public", "cluster.curve_server_public=keys/c.pub");
     /* Names. */
     INVALID("run.name", NULL, "run.name=");
     INVALID("run.name", "[A-Za-z0-9._-]+", "run.name=my run");
@@ -546,6 +558,9 @@ static void test_validate_rules(void **state) {
     VALID("cluster.min_workers=64", "cluster.heartbeat_ms=1", "cluster.failure_timeout_ms=2",
           "cluster.backend=cuda");
     VALID("run.name=Run_1.b-2", "run.steps=1", "status.token=");
+    VALID("cluster.curve_server_key=keys/coord.key", "cluster.curve_authorized_keys=keys/authorized");
+    VALID("cluster.curve_server_key=c.key", "cluster.curve_authorized_keys=a", "cluster.curve_server_public=c.pub",
+          "cluster.curve_worker_key=w.key");
 }
 
 static void test_validate_enum_out_of_range(void **state) {

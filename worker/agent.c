@@ -18,6 +18,7 @@
 #include "ckpt.h"
 #include "comm.h"
 #include "config.h"
+#include "curve.h"
 #include "data.h"
 #include "dist_step.h"
 #include "log.h"
@@ -69,6 +70,10 @@ typedef struct {
     _Atomic int hb_ms;
     _Atomic int coord_timeout_ms;  /* silence after which the coordinator is presumed gone */
     _Atomic int link_stop;
+    _Atomic int refused;           /* the link thread gave up: the coordinator refuses us */
+    bool curve;                    /* CURVE keys given (immutable once the link thread runs) */
+    sy_curve_key key;              /* this worker's key pair */
+    char server_public[SY_CURVE_Z85_LEN + 1];
     /* main thread only */
     sy_dataplane_t *dp;
     sy_config_t cfg;
@@ -129,6 +134,87 @@ static void link_send(agent_t *a, void *dealer, Sy__Envelope *env) {
     if (st != SY_OK) sy_debug("send to coordinator failed: %s", sy_err_msg());
 }
 
+/* One event of the DEALER's monitor: a failed handshake is logged (each kind once, with what
+ * to check). A refused key (ZAP) or a CURVE/plaintext mismatch ends the worker at once: libzmq
+ * does not reconnect after such a protocol error, so the worker would otherwise hang silently.
+ * Other failures (the coordinator closed the connection mid-handshake: a wrong server key, or
+ * a crash) end it after SY_AGENT_HANDSHAKE_MAX_FAILS in a row without a success in between. */
+static void link_monitor_event(agent_t *a, void *mon, int *fails, unsigned *logged) {
+    zmq_msg_t ev, addr;
+    zmq_msg_init(&ev);
+    if (zmq_msg_recv(&ev, mon, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&ev);
+        return;
+    }
+    zmq_msg_init(&addr);
+    if (zmq_msg_more(&ev)) zmq_msg_recv(&addr, mon, 0);
+    uint16_t event = 0;
+    uint32_t value = 0;
+    if (zmq_msg_size(&ev) >= 6) {
+        memcpy(&event, zmq_msg_data(&ev), 2);
+        memcpy(&value, (const char *)zmq_msg_data(&ev) + 2, 4);
+    }
+    zmq_msg_close(&ev);
+    zmq_msg_close(&addr);
+    if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+        if (*fails) sy_info("handshake with the coordinator succeeded after %d failure(s)", *fails);
+        *fails = 0;
+        return;
+    }
+    const char *coord = a->opts->coordinator;
+    unsigned kind = 0;
+    char msg[512];
+    if (event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
+        kind = 1;
+        snprintf(msg, sizeof msg,
+                 "the coordinator %s refused our CURVE key %s (ZAP status %u): is it listed in the "
+                 "coordinator's cluster.curve_authorized_keys?",
+                 coord, a->key.public_z85, value);
+    } else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL && value == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH) {
+        kind = 2;
+        if (a->curve)
+            snprintf(msg, sizeof msg,
+                     "the coordinator %s does not use CURVE (its cluster.curve_server_key is empty) but this "
+                     "worker was given --curve-key",
+                     coord);
+        else
+            snprintf(msg, sizeof msg,
+                     "the coordinator %s requires CURVE (cluster.curve_server_key is set): start the worker with "
+                     "--curve-server-public FILE --curve-key FILE",
+                     coord);
+    } else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) {
+        kind = 3;
+        snprintf(msg, sizeof msg, "handshake with the coordinator %s failed: protocol error 0x%x", coord, value);
+    } else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) {
+        kind = 4;
+        /* a plaintext peer of a CURVE server sees this or a mechanism mismatch (kind 2): which
+         * one depends on which side reads the other's greeting first */
+        if (a->curve)
+            snprintf(msg, sizeof msg,
+                     "the coordinator %s closed the connection during the CURVE handshake: is "
+                     "--curve-server-public the coordinator's public key (cluster.curve_server_key)?",
+                     coord);
+        else
+            snprintf(msg, sizeof msg,
+                     "the coordinator %s closed the connection during the ZeroMQ handshake: if it requires CURVE "
+                     "(cluster.curve_server_key is set), start the worker with --curve-server-public FILE "
+                     "--curve-key FILE",
+                     coord);
+    } else {
+        return;
+    }
+    (*fails)++;
+    bool final = kind == 1 || kind == 2 || *fails >= SY_AGENT_HANDSHAKE_MAX_FAILS;
+    if (!(*logged & (1u << kind))) {
+        *logged |= 1u << kind;
+        sy_error("%s", msg);
+    }
+    if (final && !atomic_load(&a->refused)) {
+        sy_error("giving up: %d handshake(s) with the coordinator %s failed in a row; exiting", *fails, coord);
+        atomic_store(&a->refused, 1);
+    }
+}
+
 static void *link_main(void *arg) {
     agent_t *a = arg;
     void *dealer = zmq_socket(a->zctx, ZMQ_DEALER);
@@ -139,6 +225,31 @@ static void *link_main(void *arg) {
     zmq_setsockopt(dealer, ZMQ_ROUTING_ID, a->id, strlen(a->id));
     zmq_setsockopt(dealer, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     zmq_setsockopt(pair, ZMQ_LINGER, &linger, sizeof linger);
+    if (a->curve &&
+        (zmq_setsockopt(dealer, ZMQ_CURVE_SERVERKEY, a->server_public, SY_CURVE_Z85_LEN + 1) != 0 ||
+         zmq_setsockopt(dealer, ZMQ_CURVE_PUBLICKEY, a->key.public_z85, SY_CURVE_Z85_LEN + 1) != 0 ||
+         zmq_setsockopt(dealer, ZMQ_CURVE_SECRETKEY, a->key.secret_z85, SY_CURVE_Z85_LEN + 1) != 0)) {
+        sy_error("cannot set the CURVE keys on the coordinator socket: %s", zmq_strerror(errno));
+        atomic_store(&a->refused, 1);
+    }
+    /* Handshake failures show only in the socket monitor: libzmq reconnects after a dropped
+     * connection but never after a refusal, which would otherwise look like silence. */
+    void *mon = NULL;
+    char mon_ep[64];
+    snprintf(mon_ep, sizeof mon_ep, "inproc://sy-agent-monitor-%p", (void *)a);
+    if (zmq_socket_monitor(dealer, mon_ep,
+                           ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) == 0) {
+        mon = zmq_socket(a->zctx, ZMQ_PAIR);
+        zmq_setsockopt(mon, ZMQ_LINGER, &linger, sizeof linger);
+        if (zmq_connect(mon, mon_ep) != 0) {
+            zmq_close(mon);
+            mon = NULL;
+        }
+    }
+    if (!mon) sy_warn("no socket monitor: a refused connection will show only as silence");
+    int hs_fails = 0;
+    unsigned hs_logged = 0;
     if (zmq_connect(dealer, a->opts->coordinator) != 0) {
         sy_error("cannot connect to coordinator %s: %s", a->opts->coordinator, zmq_strerror(errno));
         g_stop = 1;
@@ -150,8 +261,9 @@ static void *link_main(void *arg) {
     unsigned last_seq = 0;
     bool stopped = false; /* got Stop: no more Hello or heartbeats */
     while (!atomic_load(&a->link_stop)) {
-        zmq_pollitem_t items[] = {{dealer, 0, ZMQ_POLLIN, 0}, {pair, 0, ZMQ_POLLIN, 0}};
-        zmq_poll(items, 2, 50);
+        zmq_pollitem_t items[] = {{dealer, 0, ZMQ_POLLIN, 0}, {pair, 0, ZMQ_POLLIN, 0}, {mon, 0, ZMQ_POLLIN, 0}};
+        zmq_poll(items, mon ? 3 : 2, 50);
+        if (mon && (items[2].revents & ZMQ_POLLIN)) link_monitor_event(a, mon, &hs_fails, &hs_logged);
         if (items[0].revents & ZMQ_POLLIN) {
             zmq_msg_t msg;
             zmq_msg_init(&msg);
@@ -266,6 +378,10 @@ static void *link_main(void *arg) {
             link_send(a, dealer, &env);
             last_hb = t;
         }
+    }
+    if (mon) {
+        zmq_socket_monitor(dealer, NULL, 0);
+        zmq_close(mon);
     }
     zmq_close(dealer);
     zmq_close(pair);
@@ -828,6 +944,28 @@ int sy_agent_run(const sy_agent_opts *opts) {
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
 
+    if (!opts->curve_key != !opts->curve_server_public) {
+        sy_error("--curve-key and --curve-server-public go together");
+        rc = 2;
+        goto out;
+    }
+    if (opts->curve_key) {
+        sy_curve_key server;
+        if (sy_curve_available("--curve-key") != SY_OK ||
+            sy_curve_load_key(opts->curve_key, true, &a.key) != SY_OK) {
+            sy_error("--curve-key: %s", sy_err_msg());
+            rc = 2;
+            goto out;
+        }
+        if (sy_curve_load_key(opts->curve_server_public, false, &server) != SY_OK) {
+            sy_error("--curve-server-public: %s", sy_err_msg());
+            rc = 2;
+            goto out;
+        }
+        memcpy(a.server_public, server.public_z85, sizeof a.server_public);
+        a.curve = true;
+        sy_info("control plane: CURVE, our public key %s, coordinator's %s", a.key.public_z85, a.server_public);
+    }
     if (sy_dataplane_new(opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
         sy_error("data plane: %s", sy_err_msg());
         goto out;
@@ -845,7 +983,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
     a.link_started = true;
     sy_info("data plane at %s; connecting to %s", sy_dataplane_endpoint(a.dp), opts->coordinator);
 
-    while (!g_stop) {
+    while (!g_stop && !atomic_load(&a.refused)) {
         Sy__Envelope *m = agent_recv(&a, 100);
         upload_collect(&a, false); /* a part finished after the last step is reported here */
         if (!m) continue;
@@ -863,7 +1001,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
         }
         sy_proto_free(m);
     }
-    rc = 0; /* SIGINT/SIGTERM: a clean exit */
+    rc = atomic_load(&a.refused) ? SY_AGENT_EXIT_REFUSED : 0; /* else SIGINT/SIGTERM: a clean exit */
 out:
     bool abandoned = false;
     if (a.up_started) {
@@ -885,6 +1023,7 @@ out:
     }
     close_generation(&a);
     free(a.pending);
+    sy_curve_key_wipe(&a.key);
     if (abandoned) {
         /* The uploader thread still reads the model, the store and the snapshot, and may sit in
          * a store request: end the process here, without freeing them and without the atexit

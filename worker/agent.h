@@ -16,9 +16,19 @@ typedef struct {
     const char *data_bind;   /* data-plane bind address, e.g. tcp://127.0.0.1:* */
     const char *backend;     /* "cpu" */
     int threads;             /* 0: the config's train.threads */
+    /* CurveZMQ on the control plane (common/curve.h): both set, or both NULL (plaintext) */
+    const char *curve_server_public; /* the coordinator's .pub (or .key: public half only) */
+    const char *curve_key;           /* this worker's .key file (mode 0600) */
 } sy_agent_opts;
 
-/* Runs until Stop or SIGINT/SIGTERM. Returns a process exit code. */
+/* Exit code when the coordinator refuses the connection: our CURVE key is not authorized, or
+ * CURVE is on one side only (at the first refusal), or handshakes keep failing
+ * (SY_AGENT_HANDSHAKE_MAX_FAILS in a row: e.g. a wrong --curve-server-public). */
+#define SY_AGENT_EXIT_REFUSED 4
+#define SY_AGENT_HANDSHAKE_MAX_FAILS 5
+
+/* Runs until Stop or SIGINT/SIGTERM. Returns a process exit code: 0 stopped, 1 error,
+ * SY_AGENT_EXIT_REFUSED refused by the coordinator. */
 int sy_agent_run(const sy_agent_opts *opts);
 
 #endif

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "curve.h"
 #include "data.h"
 #include "fsutil.h"
 #include "log.h"
@@ -259,6 +260,7 @@ typedef struct {
     bool quiet, tty;
     bool line_open;      /* a progress line without its newline is on the terminal */
     int threads;
+    const char *curve_pub, *curve_key; /* the workers' CURVE flags (NULL: plaintext) */
     /* coordinator */
     pid_t coord;
     int coord_fd;
@@ -407,7 +409,9 @@ static bool spawn_worker(lctx *L, int k) {
     wproc *w = &L->w[k];
     char th[16], path[PATH_MAX + 64];
     snprintf(th, sizeof th, "%d", L->threads);
-    char *wargv[] = {(char *)L->worker_bin, "--coordinator", L->bind, "--id", w->id, "--threads", th, NULL};
+    char *wargv[] = {(char *)L->worker_bin, "--coordinator", L->bind, "--id", w->id, "--threads", th,
+                     L->curve_key ? "--curve-server-public" : NULL, (char *)L->curve_pub, "--curve-key",
+                     (char *)L->curve_key, NULL};
     snprintf(path, sizeof path, "%s/worker-%d.log", L->logdir, w->log_index);
     w->pid = spawn(wargv, path, -1);
     w->stopped = false;
@@ -430,6 +434,44 @@ static int add_worker(lctx *L) {
     w->log_index = L->next_index++;
     snprintf(w->id, sizeof w->id, "w%d", w->log_index);
     return L->nw++;
+}
+
+/* CURVE on: the workers' keys must be set and fit the coordinator's, or every worker would be
+ * refused; checked here so that a mistake is one clear error before any process starts. */
+static sy_status check_curve(const sy_config_t *cfg) {
+    const char *sk = cfg->cluster.curve_server_key;
+    if (!sk || !*sk) return SY_OK;
+    if (!cfg->cluster.curve_server_public[0])
+        return sy_err_set(SY_EINVAL, "cluster.curve_server_public = \"\": must be set when cluster.curve_server_key "
+                                     "is set (switchyard run gives it to the workers)");
+    if (!cfg->cluster.curve_worker_key[0])
+        return sy_err_set(SY_EINVAL, "cluster.curve_worker_key = \"\": must be set when cluster.curve_server_key is "
+                                     "set (the key pair of the workers switchyard run starts)");
+    SY_CHECK(sy_curve_available("cluster.curve_server_key"));
+    sy_curve_key server, pub, worker;
+    sy_status s = sy_curve_load_key(sk, true, &server);
+    if (s != SY_OK) return sy_err_prefix(s, "cluster.curve_server_key");
+    sy_curve_key_wipe(&server);
+    if ((s = sy_curve_load_key(cfg->cluster.curve_server_public, false, &pub)) != SY_OK)
+        return sy_err_prefix(s, "cluster.curve_server_public");
+    if (strcmp(pub.public_z85, server.public_z85) != 0)
+        return sy_err_set(SY_EINVAL, "cluster.curve_server_public = %s: not the public key of cluster.curve_server_key (%s)",
+                          cfg->cluster.curve_server_public, sk);
+    if ((s = sy_curve_load_key(cfg->cluster.curve_worker_key, true, &worker)) != SY_OK)
+        return sy_err_prefix(s, "cluster.curve_worker_key");
+    sy_curve_key_wipe(&worker);
+    sy_curve_keyset_t *keys = NULL;
+    if ((s = sy_curve_keyset_load(cfg->cluster.curve_authorized_keys, &keys)) != SY_OK)
+        return sy_err_prefix(s, "cluster.curve_authorized_keys");
+    uint8_t raw[32];
+    bool listed = sy_curve_z85_ok(worker.public_z85, raw) && sy_curve_keyset_has(keys, raw);
+    sy_curve_keyset_destroy(&keys);
+    if (!listed)
+        return sy_err_set(SY_EINVAL,
+                          "cluster.curve_worker_key = %s: its public key %s is not listed in "
+                          "cluster.curve_authorized_keys (%s): the coordinator would refuse every worker",
+                          cfg->cluster.curve_worker_key, worker.public_z85, cfg->cluster.curve_authorized_keys);
+    return SY_OK;
 }
 
 static size_t discard(char *p, size_t size, size_t n, void *ud) {
@@ -628,6 +670,10 @@ int sy_run_cli(int argc, char **argv) {
         }
         sy_data_destroy(&d);
     }
+    if (check_curve(&cfg) != SY_OK) {
+        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+        goto out;
+    }
     if (n_workers < cfg.cluster.min_workers) {
         fprintf(stderr, "switchyard run: --workers %d is below cluster.min_workers = %d\n", n_workers,
                 cfg.cluster.min_workers);
@@ -665,6 +711,10 @@ int sy_run_cli(int argc, char **argv) {
     L.quiet = quiet;
     L.tty = isatty(STDERR_FILENO);
     L.threads = threads;
+    if (cfg.cluster.curve_server_key[0]) {
+        L.curve_pub = cfg.cluster.curve_server_public;
+        L.curve_key = cfg.cluster.curve_worker_key;
+    }
     char metrics_path[PATH_MAX + 64];
     snprintf(L.logdir, sizeof L.logdir, "%s/logs", cfg.run.state_dir);
     if (sy_mkdir_p(L.logdir) != SY_OK) {

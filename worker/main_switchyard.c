@@ -9,6 +9,7 @@
 #include "config.h"
 #include "cpu_setup.h"
 #include "data.h"
+#include "keygen_cli.h"
 #include "launcher.h"
 #include "log.h"
 #include "status_cli.h"
@@ -31,6 +32,7 @@ static void usage(FILE *f) {
             "  status [--url URL] [--json]           a running cluster's status (coordinator HTTP)\n"
             "  config doc                            print the configuration reference (Markdown)\n"
             "  config show [CONFIG] [--set k=v]      print the effective config as JSON\n"
+            "  keygen PATH                           a CurveZMQ key pair: PATH.key, PATH.pub\n"
             "  version                               print the version\n"
             "\n"
             "environment: SY_LOG=debug|info|warn|error (default info); OPENBLAS_CORETYPE to force\n"
@@ -103,6 +105,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "config")) return config_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "ckpt")) return sy_ckpt_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "status")) return sy_status_cli(argc - 1, argv + 1);
+    if (!strcmp(cmd, "keygen")) return sy_keygen_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("switchyard %s\n", SY_VERSION);
         return 0;

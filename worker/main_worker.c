@@ -22,9 +22,20 @@ static void usage(FILE *f) {
             "  --backend NAME      compute backend: cpu (default)\n"
             "  --data-bind ADDR    data-plane bind address (default tcp://127.0.0.1:*, * = any port)\n"
             "  --threads N         compute threads (default: the run config's train.threads)\n"
+            "  --curve-server-public FILE\n"
+            "                      CurveZMQ: the coordinator's public key (its .pub file of\n"
+            "                      `switchyard keygen`); needs --curve-key\n"
+            "  --curve-key FILE    CurveZMQ: this worker's key pair (a .key file, mode 0600); its\n"
+            "                      public key must be in the coordinator's cluster.curve_authorized_keys\n"
             "  -h, --help          this help\n"
             "\n"
-            "environment: SY_LOG=debug|info|warn|error\n");
+            "\n"
+            "Exit status: 0 stopped (Stop, SIGINT/SIGTERM), 1 error, 2 bad usage or key file,\n"
+            "4 the coordinator refused the connection: a CURVE key not authorized, CURVE on one\n"
+            "side only, or %d failed handshakes in a row (a wrong --curve-server-public).\n"
+            "\n"
+            "environment: SY_LOG=debug|info|warn|error\n",
+            SY_AGENT_HANDSHAKE_MAX_FAILS);
 }
 
 int main(int argc, char **argv) {
@@ -35,6 +46,8 @@ int main(int argc, char **argv) {
                                              {"backend", required_argument, 0, 'b'},
                                              {"data-bind", required_argument, 0, 'd'},
                                              {"threads", required_argument, 0, 't'},
+                                             {"curve-server-public", required_argument, 0, 'P'},
+                                             {"curve-key", required_argument, 0, 'K'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
     sy_agent_opts o = {.backend = "cpu"};
@@ -45,6 +58,8 @@ int main(int argc, char **argv) {
         case 'i': o.id = optarg; break;
         case 'b': o.backend = optarg; break;
         case 'd': o.data_bind = optarg; break;
+        case 'P': o.curve_server_public = optarg; break;
+        case 'K': o.curve_key = optarg; break;
         case 't': {
             char *end;
             long v = strtol(optarg, &end, 10);
@@ -62,6 +77,10 @@ int main(int argc, char **argv) {
     if (!o.coordinator || optind != argc) {
         fprintf(stderr, "switchyard-worker: --coordinator is required\n");
         usage(stderr);
+        return 2;
+    }
+    if (!o.curve_key != !o.curve_server_public) {
+        fprintf(stderr, "switchyard-worker: --curve-key and --curve-server-public go together\n");
         return 2;
     }
     if (strcmp(o.backend, "cpu") != 0) {
