@@ -64,6 +64,9 @@ typedef struct {
     uint64_t incarnation;          /* under mu */
     sy_comm_t *comm;               /* under mu: aborted by the link thread */
     _Atomic uint64_t generation;
+    _Atomic uint64_t gen_inc;      /* incarnation of the coordinator that assigned `generation`:
+                                    * a generation is named by the pair (a restarted coordinator
+                                    * counts generations from 1 again) */
     _Atomic int64_t step;
     _Atomic int state;
     _Atomic unsigned state_seq;    /* bumped on every state change: the link thread reports it */
@@ -100,7 +103,7 @@ typedef struct {
     pthread_mutex_t up_mu;
     pthread_cond_t up_cv;
     int64_t up_step;
-    uint64_t up_gen;
+    uint64_t up_gen, up_inc;
     int up_rank;
     char up_run[256];   /* the run name, copied: the config may be replaced meanwhile */
     sy_status up_st;
@@ -128,7 +131,9 @@ static void stamp(Sy__Envelope *env, const char *run_id, uint64_t incarnation, u
 
 static void link_send(agent_t *a, void *dealer, Sy__Envelope *env) {
     pthread_mutex_lock(&a->mu);
-    stamp(env, a->run_id, a->incarnation, atomic_load(&a->generation));
+    /* A generation of an earlier coordinator is no generation of this one. */
+    uint64_t gen = atomic_load(&a->gen_inc) == a->incarnation ? atomic_load(&a->generation) : 0;
+    stamp(env, a->run_id, a->incarnation, gen);
     sy_status st = sy_proto_send(dealer, NULL, 0, env);
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) sy_debug("send to coordinator failed: %s", sy_err_msg());
@@ -320,13 +325,16 @@ static void *link_main(void *arg) {
             zmq_msg_t msg;
             zmq_msg_init(&msg);
             if (zmq_msg_recv(&msg, pair, ZMQ_DONTWAIT) >= 0) {
-                /* main's envelopes are packed without run id / incarnation: stamp and resend */
+                /* main's envelopes are packed without run id, and with the incarnation of the
+                 * coordinator that assigned their generation (0: none): stamp and resend. One
+                 * about a generation of an earlier incarnation keeps that incarnation, so the
+                 * restarted coordinator drops it instead of taking it for its own generation. */
                 Sy__Envelope *env = NULL;
                 if (sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env) == SY_DROP_NONE) {
                     char *own = env->run_id;
                     pthread_mutex_lock(&a->mu);
                     env->run_id = a->run_id; /* borrowed for the send below */
-                    env->incarnation = a->incarnation;
+                    if (!env->incarnation) env->incarnation = a->incarnation;
                     sy_proto_send(dealer, NULL, 0, env);
                     env->run_id = own;
                     pthread_mutex_unlock(&a->mu);
@@ -395,8 +403,8 @@ static void set_state(agent_t *a, int st) {
 }
 
 /* Sends an envelope to the coordinator through the link thread. */
-static void agent_send_gen(agent_t *a, Sy__Envelope *env, uint64_t gen) {
-    stamp(env, "", 0, gen);
+static void agent_send_gen(agent_t *a, Sy__Envelope *env, uint64_t inc, uint64_t gen) {
+    stamp(env, "", inc, gen);
     void *buf = NULL;
     size_t len = 0;
     if (sy_proto_pack(env, &buf, &len) == SY_OK) zmq_send(a->pair_main, buf, len, 0);
@@ -404,7 +412,7 @@ static void agent_send_gen(agent_t *a, Sy__Envelope *env, uint64_t gen) {
 }
 
 static void agent_send(agent_t *a, Sy__Envelope *env) {
-    stamp(env, "", 0, atomic_load(&a->generation));
+    stamp(env, "", atomic_load(&a->gen_inc), atomic_load(&a->generation));
     void *buf = NULL;
     size_t len = 0;
     if (sy_proto_pack(env, &buf, &len) == SY_OK) zmq_send(a->pair_main, buf, len, 0);
@@ -412,7 +420,7 @@ static void agent_send(agent_t *a, Sy__Envelope *env) {
 }
 
 static void send_fault_gen(agent_t *a, const char *kind, const char *detail, int peer, int64_t step,
-                           uint64_t gen) {
+                           uint64_t inc, uint64_t gen) {
     Sy__Envelope env;
     Sy__Fault f = SY__FAULT__INIT;
     f.kind = (char *)kind;
@@ -422,11 +430,11 @@ static void send_fault_gen(agent_t *a, const char *kind, const char *detail, int
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_FAULT;
     env.fault = &f;
-    agent_send_gen(a, &env, gen);
+    agent_send_gen(a, &env, inc, gen);
 }
 
 static void send_fault(agent_t *a, const char *kind, const char *detail, int peer, int64_t step) {
-    send_fault_gen(a, kind, detail, peer, step, atomic_load(&a->generation));
+    send_fault_gen(a, kind, detail, peer, step, atomic_load(&a->gen_inc), atomic_load(&a->generation));
 }
 
 /* Receives one message from the link thread within timeout_ms (0: don't wait). */
@@ -673,7 +681,7 @@ static void *uploader_main(void *arg) {
 }
 
 /* Sends CheckpointPart(step) stamped with the generation that wrote it. */
-static void send_part(agent_t *a, uint64_t gen, int64_t step, json_t *files) {
+static void send_part(agent_t *a, uint64_t inc, uint64_t gen, int64_t step, json_t *files) {
     size_t n = json_array_size(files);
     Sy__ObjectInfo *objs = calloc(n ? n : 1, sizeof *objs);
     Sy__ObjectInfo **ptrs = calloc(n ? n : 1, sizeof *ptrs);
@@ -693,7 +701,7 @@ static void send_part(agent_t *a, uint64_t gen, int64_t step, json_t *files) {
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_CHECKPOINT_PART;
     env.checkpoint_part = &cp;
-    agent_send_gen(a, &env, gen);
+    agent_send_gen(a, &env, inc, gen);
     free(objs);
     free(ptrs);
 }
@@ -707,7 +715,7 @@ static void upload_collect(agent_t *a, bool block) {
         while (!a->up_done) pthread_cond_wait(&a->up_cv, &a->up_mu);
     bool have = a->up_busy && a->up_done;
     int64_t step = a->up_step;
-    uint64_t gen = a->up_gen;
+    uint64_t gen = a->up_gen, inc = a->up_inc;
     sy_status st = a->up_st;
     char err[512];
     snprintf(err, sizeof err, "%s", a->up_err);
@@ -719,12 +727,12 @@ static void upload_collect(agent_t *a, bool block) {
     pthread_mutex_unlock(&a->up_mu);
     if (!have) return;
     if (st == SY_OK && files) {
-        send_part(a, gen, step, files);
+        send_part(a, inc, gen, step, files);
     } else if (st != SY_OK) {
         char detail[700];
         snprintf(detail, sizeof detail, "checkpoint step %lld: %s", (long long)step, err);
         sy_error("%s", detail);
-        send_fault_gen(a, "storage", detail, -1, step, gen);
+        send_fault_gen(a, "storage", detail, -1, step, inc, gen);
     }
     json_decref(files);
 }
@@ -760,6 +768,7 @@ static sy_status save_checkpoint(agent_t *a, int64_t step) {
     a->up_slot = slot;
     a->up_step = step;
     a->up_gen = atomic_load(&a->generation);
+    a->up_inc = atomic_load(&a->gen_inc);
     a->up_rank = a->rank;
     a->up_busy = true;
     a->up_done = false;
@@ -806,6 +815,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     const Sy__Assign *as = env->assign;
     uint64_t gen = env->generation;
     close_generation(a);
+    atomic_store(&a->gen_inc, env->incarnation);
     atomic_store(&a->generation, gen);
     set_state(a, ST_RESTORING);
     a->rank = (int)as->rank;
