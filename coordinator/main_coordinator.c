@@ -31,6 +31,9 @@ static void usage(FILE *f) {
             "  --expect-workers N   open the first generation only once N workers have registered\n"
             "                       (or after 60 s): a launcher starting N workers at once uses it\n"
             "\n"
+            "Environment: SY_STATUS_TOKEN, when set and status.token is empty, is the bearer token of\n"
+            "the POST endpoints (keeps it out of ps and of config files).\n"
+            "\n"
             "Once bound it prints one line on stdout:\n"
             "  coordinator ready bind=tcp://HOST:PORT status=http://HOST:PORT\n"
             "Exit status: 0 the run finished, 1 error or failed run, 3 stopped early (signal or\n"
@@ -111,6 +114,17 @@ int main(int argc, char **argv) {
         } else if (!strcmp(argv[i], "--bind") || !strcmp(argv[i], "--status-addr") ||
                    !strcmp(argv[i], "--expect-workers")) {
             i++;
+        }
+    }
+    const char *env_token = getenv("SY_STATUS_TOKEN");
+    if (env_token && env_token[0] && !cfg.status.token[0]) {
+        char set[1100];
+        if (strlen(env_token) >= 1000 || (snprintf(set, sizeof set, "status.token=%s", env_token),
+                                          sy_config_set(&cfg, set) != SY_OK)) {
+            fprintf(stderr, "switchyard-coordinator: SY_STATUS_TOKEN: not a valid status.token (%s)\n",
+                    strlen(env_token) >= 1000 ? "too long" : sy_err_msg());
+            code = 2;
+            goto out;
         }
     }
     if (sy_config_validate(&cfg) != SY_OK) {

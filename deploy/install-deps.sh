@@ -14,7 +14,9 @@ PKGS=(
   # control plane, storage, status endpoint (later issues build on these)
   libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libcurl4-openssl-dev libmicrohttpd-dev
   # reference tests (PyTorch for /usr/bin/python3), Prometheus parser
-  python3 python3-torch python3-numpy python3-prometheus-client
+  python3 python3-torch python3-numpy python3-prometheus-client python3-yaml
+  # deployment file checks (tests/py/test_deploy.py; systemd-analyze and kubectl are used when present)
+  shellcheck
   # default corpus
   fortunes fortunes-min
   # tools the tests drive

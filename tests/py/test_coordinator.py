@@ -60,9 +60,9 @@ def write_cfg(tmp, name, **over):
     return path
 
 
-def start_coord(cfg, *extra):
+def start_coord(cfg, *extra, env=None):
     p = subprocess.Popen([COORD, cfg, "--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0"] + list(extra),
-                         stdout=subprocess.PIPE, stderr=open(cfg + ".log", "w"), text=True)
+                         stdout=subprocess.PIPE, stderr=open(cfg + ".log", "w"), text=True, env=env)
     procs.append(p)
     r, _, _ = select.select([p.stdout], [], [], 10)
     line = p.stdout.readline() if r else ""
@@ -322,6 +322,14 @@ def test_stop_and_refusals(tmp):
     except subprocess.TimeoutExpired:
         rc = None
     check(rc == 3, f"SIGTERM stops the coordinator (exit 3, rc {rc})")
+
+    # SY_STATUS_TOKEN stands in for an empty status.token (deployments keep it out of ps)
+    coord, ep, base, _ = start_coord(cfg, env=dict(os.environ, SY_STATUS_TOKEN="from-env"))
+    c1 = http("POST", base + "/v1/workers/nobody/drain")[0] if base else None
+    c2 = http("POST", base + "/v1/workers/nobody/drain", token="from-env")[0] if base else None
+    check(c1 == 401 and c2 == 404, f"SY_STATUS_TOKEN is the token when status.token is empty (no token {c1}, with it {c2})")
+    coord.send_signal(signal.SIGTERM)
+    coord.wait(timeout=10)
 
     r = subprocess.run([COORD, cfg, "--set", "cluster.min_workers=0"], capture_output=True, text=True, timeout=10)
     check(r.returncode == 2 and "cluster.min_workers" in r.stderr, f"a bad config is refused naming the field ({r.stderr.strip()})")
