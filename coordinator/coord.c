@@ -1081,22 +1081,9 @@ static void handshake_failed(sy_coord_t *c, uint16_t event, uint32_t value) {
  * socket is lost (it comes back as a spare if it was only a network blip and speaks again). */
 static void drain_monitor(sy_coord_t *c) {
     for (;;) {
-        zmq_msg_t ev, addr;
-        zmq_msg_init(&ev);
-        if (zmq_msg_recv(&ev, c->mon, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&ev);
-            return;
-        }
-        zmq_msg_init(&addr);
-        if (zmq_msg_more(&ev)) zmq_msg_recv(&addr, c->mon, 0);
-        uint16_t event = 0;
-        uint32_t value = 0;
-        if (zmq_msg_size(&ev) >= 6) {
-            memcpy(&event, zmq_msg_data(&ev), 2);
-            memcpy(&value, (const char *)zmq_msg_data(&ev) + 2, 4);
-        }
-        zmq_msg_close(&ev);
-        zmq_msg_close(&addr);
+        uint16_t event;
+        uint32_t value;
+        if (!sy_proto_monitor_event(c->mon, &event, &value)) return;
         if (event == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL || event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) {
             handshake_failed(c, event, value);
             continue;

@@ -181,3 +181,23 @@ sy_status sy_placement_sticky(int E, int W, const int *prev, uint32_t *owner) {
     }
     return SY_OK;
 }
+
+bool sy_proto_monitor_event(void *mon, uint16_t *event, uint32_t *value) {
+    zmq_msg_t ev, addr;
+    zmq_msg_init(&ev);
+    if (zmq_msg_recv(&ev, mon, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&ev);
+        return false;
+    }
+    zmq_msg_init(&addr);
+    if (zmq_msg_more(&ev)) zmq_msg_recv(&addr, mon, 0);
+    *event = 0;
+    *value = 0;
+    if (zmq_msg_size(&ev) >= 6) { /* uint16 event id, uint32 value (native byte order) */
+        memcpy(event, zmq_msg_data(&ev), 2);
+        memcpy(value, (const char *)zmq_msg_data(&ev) + 2, 4);
+    }
+    zmq_msg_close(&ev);
+    zmq_msg_close(&addr);
+    return true;
+}

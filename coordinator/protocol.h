@@ -11,6 +11,7 @@
 #ifndef SY_PROTOCOL_H
 #define SY_PROTOCOL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -69,6 +70,10 @@ void sy_proto_free(Sy__Envelope *env);
  * packed. */
 sy_status sy_proto_send(void *zsock, const void *routing_id, size_t routing_len,
                         const Sy__Envelope *env);
+
+/* Takes one event from a ZeroMQ socket monitor (zmq_socket_monitor's PAIR), without waiting:
+ * true with *event / *value set, false when none is queued. The address frame is consumed. */
+bool sy_proto_monitor_event(void *mon, uint16_t *event, uint32_t *value);
 
 /* Balanced expert placement: owner[e] = rank of expert e, e in [0, E). Ranks own contiguous
  * ranges; each owns E/W experts and the first E mod W ranks one more. W > E leaves the last

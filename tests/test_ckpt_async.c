@@ -27,21 +27,8 @@
 #include "optim.h"
 #include "store.h"
 
-static char tmpdir[256];
-
-static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(p);
-}
-static int setup_dir(void **state) {
-    (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/sy-ckpt-async-XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-static int teardown_dir(void **state) {
-    (void)state;
-    return nftw(tmpdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
-}
+#define SY_TESTDIR_PREFIX "/tmp/sy-ckpt-async-"
+#include "sy_testdir.h"
 
 /* ---------------------------------------------------------------- a controllable store */
 

@@ -23,21 +23,8 @@
 
 #define RUN "crun"
 
-static char tmpdir[256];
-
-static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(p);
-}
-static int setup_dir(void **state) {
-    (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/sy-committer-test-XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-static int teardown_dir(void **state) {
-    (void)state;
-    return nftw(tmpdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
-}
+#define SY_TESTDIR_PREFIX "/tmp/sy-committer-test-"
+#include "sy_testdir.h"
 
 static sy_store_t *open_store(const char *sub) {
     char url[300];

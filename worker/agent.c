@@ -145,22 +145,9 @@ static void link_send(agent_t *a, void *dealer, Sy__Envelope *env) {
  * Other failures (the coordinator closed the connection mid-handshake: a wrong server key, or
  * a crash) end it after SY_AGENT_HANDSHAKE_MAX_FAILS in a row without a success in between. */
 static void link_monitor_event(agent_t *a, void *mon, int *fails, unsigned *logged) {
-    zmq_msg_t ev, addr;
-    zmq_msg_init(&ev);
-    if (zmq_msg_recv(&ev, mon, ZMQ_DONTWAIT) < 0) {
-        zmq_msg_close(&ev);
-        return;
-    }
-    zmq_msg_init(&addr);
-    if (zmq_msg_more(&ev)) zmq_msg_recv(&addr, mon, 0);
-    uint16_t event = 0;
-    uint32_t value = 0;
-    if (zmq_msg_size(&ev) >= 6) {
-        memcpy(&event, zmq_msg_data(&ev), 2);
-        memcpy(&value, (const char *)zmq_msg_data(&ev) + 2, 4);
-    }
-    zmq_msg_close(&ev);
-    zmq_msg_close(&addr);
+    uint16_t event;
+    uint32_t value;
+    if (!sy_proto_monitor_event(mon, &event, &value)) return;
     if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
         if (*fails) sy_info("handshake with the coordinator succeeded after %d failure(s)", *fails);
         *fails = 0;
