@@ -2,7 +2,8 @@
  *
  * An entry "s3://BUCKET/KEY-PATTERN" names one object or, with * ? [...] in the key, every object
  * of the bucket whose key matches the pattern as glob(3) would match a path (fnmatch with
- * FNM_PATHNAME: '*' stops at '/'), in key order. Credentials, region and endpoint come from the
+ * FNM_PATHNAME: '*' stops at '/'), in key order. Keys outside the store's key alphabet
+ * ([A-Za-z0-9._/-], store.h) are skipped by the listing with a warning naming them. Credentials, region and endpoint come from the
  * AWS_* variables, as for an s3:// checkpoint store (store_s3.h); path-style addressing when
  * AWS_ENDPOINT_URL is set.
  *

@@ -1,6 +1,7 @@
 /* The S3 backend of the object store: libcurl + its SigV4 signer (see store_s3.h and the
  * storage notes for the libcurl 7.88 rules followed here). */
 #include "store_s3.h"
+#include "store_s3_internal.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -14,6 +15,8 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "log.h"
 
 #define MIB (1024ull * 1024ull)
 #define MIN_PART (5 * MIB)
@@ -118,8 +121,7 @@ static char *aws_encode_q(const char *v, int keep_slash) {
 
 static char *aws_encode(const char *v) { return aws_encode_q(v, 0); }
 
-/* Content of the first <tag>...</tag> in xml (XML entities decoded), malloc'ed; NULL if absent. */
-static char *xml_tag(const char *xml, size_t len, const char *tag, const char **after) {
+char *sy_s3_xml_tag(const char *xml, size_t len, const char *tag, const char **after) {
     char open[64], close[64];
     snprintf(open, sizeof open, "<%s>", tag);
     snprintf(close, sizeof close, "</%s>", tag);
@@ -201,37 +203,44 @@ typedef struct {
     int attempts;
 } s3_req;
 
-static size_t on_header(char *p, size_t sz, size_t n, void *ud) {
-    s3_req *r = ud;
-    size_t len = sz * n;
+void sy_s3_parse_header(const char *p, size_t len, long *status, int64_t *clen, int64_t *total, char etag[256]) {
+    /* curl's header data is not NUL-terminated: parse a bounded, terminated copy (the lines we
+     * read are short; a longer one is cut, which only shortens an over-long ETag). */
+    char line[512];
+    size_t ll = len < sizeof line - 1 ? len : sizeof line - 1;
+    memcpy(line, p, ll);
+    line[ll] = 0;
+    p = line;
+    len = ll;
     if (len >= 5 && !strncmp(p, "HTTP/", 5)) { /* a new response (after 100 Continue, say) */
         const char *sp = memchr(p, ' ', len);
-        r->status = sp ? strtol(sp + 1, NULL, 10) : 0;
-        r->clen = -1;
-        r->total = -1;
-        r->etag[0] = 0;
-        return len;
+        *status = sp ? strtol(sp + 1, NULL, 10) : 0;
+        *clen = -1;
+        *total = -1;
+        etag[0] = 0;
+        return;
     }
     if (len > 14 && !strncasecmp(p, "content-range:", 14)) {
         const char *sl = memchr(p, '/', len);
-        if (sl && sl[1] != '*') r->total = strtoll(sl + 1, NULL, 10);
-        return len;
+        if (sl && sl[1] != '*') *total = strtoll(sl + 1, NULL, 10);
+        return;
     }
     if (len > 15 && !strncasecmp(p, "content-length:", 15)) {
-        char tmp[32];
-        size_t l = len - 15 < sizeof tmp - 1 ? len - 15 : sizeof tmp - 1;
-        memcpy(tmp, p + 15, l);
-        tmp[l] = 0;
-        r->clen = strtoll(tmp, NULL, 10);
+        *clen = strtoll(p + 15, NULL, 10);
     } else if (len > 5 && !strncasecmp(p, "etag:", 5)) {
         const char *a = p + 5, *e = p + len;
         while (a < e && (*a == ' ' || *a == '\t')) a++;
         while (e > a && (e[-1] == '\r' || e[-1] == '\n' || e[-1] == ' ')) e--;
-        size_t l = (size_t)(e - a) < sizeof r->etag - 1 ? (size_t)(e - a) : sizeof r->etag - 1;
-        memcpy(r->etag, a, l);
-        r->etag[l] = 0;
+        size_t l = (size_t)(e - a) < 255 ? (size_t)(e - a) : 255;
+        memcpy(etag, a, l);
+        etag[l] = 0;
     }
-    return len;
+}
+
+static size_t on_header(char *p, size_t sz, size_t n, void *ud) {
+    s3_req *r = ud;
+    sy_s3_parse_header(p, sz * n, &r->status, &r->clen, &r->total, r->etag);
+    return sz * n;
 }
 
 static size_t on_write(char *p, size_t sz, size_t n, void *ud) {
@@ -502,7 +511,7 @@ static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_s
         }
         /* A 200 can carry an <Error> (CompleteMultipartUpload). */
         if (r->want_body && r->buf && memmem(r->buf, r->len, "<Error>", 7)) {
-            char *c = xml_tag(r->buf, r->len, "Code", NULL), *m = xml_tag(r->buf, r->len, "Message", NULL);
+            char *c = sy_s3_xml_tag(r->buf, r->len, "Code", NULL), *m = sy_s3_xml_tag(r->buf, r->len, "Message", NULL);
             snprintf(why, whyn, "%ld %s%s%s", code, c ? c : "Error", m ? ": " : "", m ? m : "");
             *st = SY_EREMOTE;
             oc = retryable_code(c) ? OUT_RETRY : OUT_FINAL;
@@ -516,7 +525,7 @@ static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_s
         goto out;
     }
     r->ambiguous = 1;
-    char *c = xml_tag(r->err, r->err_len, "Code", NULL), *m = xml_tag(r->err, r->err_len, "Message", NULL);
+    char *c = sy_s3_xml_tag(r->err, r->err_len, "Code", NULL), *m = sy_s3_xml_tag(r->err, r->err_len, "Message", NULL);
     snprintf(why, whyn, "HTTP %ld%s%s%s%s", code, c ? " " : "", c ? c : "", m ? ": " : "", m ? m : "");
     if (code == 500 || code == 502 || code == 503 || code == 504 || code == 429 || retryable_code(c) ||
         (code == 409 && r->if_absent)) {
@@ -719,7 +728,7 @@ static sy_status s3_put_multipart(s3_store *s, const char *key, const void *buf,
     s3_req ri = {.method = "POST", .key = key, .query = "uploads=", .has_body = 1, .ctype = "application/octet-stream",
                  .want_body = 1};
     SY_CHECK_GOTO(s3_do(s, &ri, "put (initiate multipart)"), st, out);
-    upload_id = xml_tag(ri.buf ? ri.buf : "", ri.len, "UploadId", NULL);
+    upload_id = sy_s3_xml_tag(ri.buf ? ri.buf : "", ri.len, "UploadId", NULL);
     req_free(&ri);
     if (!upload_id || !upload_id[0]) {
         st = sy_err_set(SY_EREMOTE, "s3 put %s: initiate multipart: no UploadId in the reply", key);
@@ -809,6 +818,59 @@ static sy_status s3_put(void *impl, const char *key, const void *buf, size_t len
     return st;
 }
 
+sy_status sy_s3_parse_list(const char *body, size_t len, const char *full, size_t strip, char ***keys, size_t *n,
+                           size_t *cap, char **token) {
+    sy_status st = SY_OK;
+    const char *p = body, *after = NULL;
+    size_t left = len;
+    char *k;
+    while (st == SY_OK && (k = sy_s3_xml_tag(p, left, "Key", &after))) {
+        left -= (size_t)(after - p);
+        p = after;
+        if (strlen(k) < strip || strncmp(k, full, strlen(full))) { /* not under our prefix: skip */
+            free(k);
+            continue;
+        }
+        /* Only keys this store could have written: anything else (a '..' component, a blank,
+         * a '?') would address another object once put into a URL, e.g. by delete_prefix. */
+        if (!sy_store_key_valid(k + strip)) {
+            sy_warn("s3 list %s: skipping object '%.200s': not a valid store key", full, k);
+            free(k);
+            continue;
+        }
+        if (*n == *cap) {
+            size_t nc = *cap ? 2 * *cap : 256;
+            char **nk = realloc(*keys, nc * sizeof *nk);
+            if (!nk) {
+                free(k);
+                st = sy_err_set(SY_ENOMEM, "s3 list %s", full);
+                break;
+            }
+            *keys = nk;
+            *cap = nc;
+        }
+        memmove(k, k + strip, strlen(k + strip) + 1);
+        (*keys)[(*n)++] = k;
+    }
+    char *trunc = sy_s3_xml_tag(body, len, "IsTruncated", NULL);
+    char *prev = *token;
+    *token = NULL;
+    if (st == SY_OK && trunc && !strcmp(trunc, "true")) {
+        *token = sy_s3_xml_tag(body, len, "NextContinuationToken", NULL);
+        if (!*token || !(*token)[0])
+            st = sy_err_set(SY_EREMOTE, "s3 list %s: truncated listing without NextContinuationToken", full);
+        else if (prev && !strcmp(prev, *token)) /* the next page would be this one: no end */
+            st = sy_err_set(SY_EREMOTE, "s3 list %s: the server repeated continuation token '%.100s'", full, *token);
+        if (st != SY_OK) {
+            free(*token);
+            *token = NULL;
+        }
+    }
+    free(prev);
+    free(trunc);
+    return st;
+}
+
 /* One ListObjectsV2 page: appends our keys (store prefix stripped) to keys/n; *token is
  * replaced by the next continuation token (NULL when this was the last page). */
 static sy_status list_page(s3_store *s, const char *full, char **token, char ***keys, size_t *n, size_t *cap) {
@@ -846,39 +908,7 @@ static sy_status list_page(s3_store *s, const char *full, char **token, char ***
         req_free(&r);
         return sy_err_prefix(st, "prefix '%s'", full);
     }
-    const char *p = r.buf ? r.buf : "", *after = NULL;
-    size_t left = r.len;
-    char *k;
-    while (st == SY_OK && (k = xml_tag(p, left, "Key", &after))) {
-        left -= (size_t)(after - p);
-        p = after;
-        if (strlen(k) < strip || strncmp(k, full, strlen(full))) { /* not under our prefix: skip */
-            free(k);
-            continue;
-        }
-        if (*n == *cap) {
-            size_t nc = *cap ? 2 * *cap : 256;
-            char **nk = realloc(*keys, nc * sizeof *nk);
-            if (!nk) {
-                free(k);
-                st = sy_err_set(SY_ENOMEM, "s3 list %s", full);
-                break;
-            }
-            *keys = nk;
-            *cap = nc;
-        }
-        memmove(k, k + strip, strlen(k + strip) + 1);
-        (*keys)[(*n)++] = k;
-    }
-    char *trunc = xml_tag(r.buf ? r.buf : "", r.len, "IsTruncated", NULL);
-    free(*token);
-    *token = NULL;
-    if (st == SY_OK && trunc && !strcmp(trunc, "true")) {
-        *token = xml_tag(r.buf ? r.buf : "", r.len, "NextContinuationToken", NULL);
-        if (!*token || !(*token)[0])
-            st = sy_err_set(SY_EREMOTE, "s3 list %s: truncated listing without NextContinuationToken", full);
-    }
-    free(trunc);
+    st = sy_s3_parse_list(r.buf ? r.buf : "", r.len, full, strip, keys, n, cap, token);
     req_free(&r);
     return st;
 }

@@ -69,6 +69,25 @@ sy_status sy_proto_pack(const Sy__Envelope *env, void **buf, size_t *len) {
     return SY_OK;
 }
 
+/* Checks of a body that need no receiver state: the receiver indexes arrays with these values.
+ * Sets the message and returns false when the body is invalid. */
+static bool body_valid(const Sy__Envelope *env) {
+    if (env->body_case == SY__ENVELOPE__BODY_ASSIGN) {
+        const Sy__Assign *as = env->assign;
+        if (as->world < 1 || as->world > INT32_MAX || as->rank >= as->world || as->n_peers != as->world) {
+            sy_err_set(SY_EFORMAT, "assign: rank %u of world %u with %zu peers", as->rank, as->world, as->n_peers);
+            return false;
+        }
+        for (size_t e = 0; e < as->n_placement; e++)
+            if (as->placement[e] >= as->world) {
+                sy_err_set(SY_EFORMAT, "assign: placement[%zu] = rank %u, outside a world of %u", e,
+                           as->placement[e], as->world);
+                return false;
+            }
+    }
+    return true;
+}
+
 sy_proto_drop sy_proto_unpack(const void *buf, size_t len, Sy__Envelope **out) {
     *out = NULL;
     if (len > SY_PROTO_MAX_FRAME) {
@@ -85,6 +104,10 @@ sy_proto_drop sy_proto_unpack(const void *buf, size_t len, Sy__Envelope **out) {
         sy_err_set(SY_EFORMAT, "envelope version %u, expected %d", env->version, SY_PROTO_VERSION);
         sy__envelope__free_unpacked(env, NULL);
         return SY_DROP_VERSION;
+    }
+    if (!body_valid(env)) {
+        sy__envelope__free_unpacked(env, NULL);
+        return SY_DROP_INVALID;
     }
     *out = env;
     return SY_DROP_NONE;

@@ -59,8 +59,9 @@ void sy_proto_init(Sy__Envelope *env, const char *run_id, uint64_t incarnation,
 sy_status sy_proto_pack(const Sy__Envelope *env, void **buf, size_t *len);
 
 /* Parses one frame. Returns SY_DROP_NONE and sets *out (free with sy_proto_free), or a drop
- * reason (oversize, parse, version) with *out = NULL and a message in sy_err_msg(). Run id,
- * incarnation and generation are the caller's to check: they depend on its state. */
+ * reason (oversize, parse, version; invalid for an Assign whose rank, peers or placement do
+ * not fit its world) with *out = NULL and a message in sy_err_msg(). Run id, incarnation,
+ * generation and the rest of the body are the caller's to check: they depend on its state. */
 sy_proto_drop sy_proto_unpack(const void *buf, size_t len, Sy__Envelope **out);
 void sy_proto_free(Sy__Envelope *env);
 

@@ -999,7 +999,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
         sy_proto_free(m);
     }
     rc = atomic_load(&a.refused) ? SY_AGENT_EXIT_REFUSED : 0; /* else SIGINT/SIGTERM: a clean exit */
-out:
+out:; /* a label takes a statement, not a declaration (C11) */
     bool abandoned = false;
     if (a.up_started) {
         upload_collect(&a, false);
