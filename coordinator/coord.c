@@ -25,16 +25,8 @@
 #include "store.h"
 #include "store_s3.h"
 #include "zap.h"
+#include "coord_internal.h"
 
-/* Longest worker id / host / endpoint kept (longer Hellos are refused as invalid). */
-#define ID_MAX 128
-#define HOST_MAX 128
-#define EP_MAX 256
-/* Recent losses kept for /v1/status, and recent events for the dashboard. */
-#define LOSS_HISTORY 100
-#define EVENT_HISTORY 50
-/* Step aggregations / checkpoint steps in flight at once (ranks are within a step or two). */
-#define MAX_PENDING 64
 /* Delay after the last registration before a generation opens, so that workers starting
  * together join the same generation: this many heartbeats, clamped to [SETTLE_MIN, SETTLE_MAX]. */
 #define SETTLE_HEARTBEATS 2
@@ -60,153 +52,12 @@
 /* Failed CURVE handshakes (a plaintext worker, a wrong server key) are logged at most this often. */
 #define HANDSHAKE_LOG_MS 10000
 
-typedef enum { W_IDLE = 0, W_ACTIVE, W_DRAINING, W_LOST, W_STOPPED, W__COUNT } wstate;
-static const char *const WSTATE[W__COUNT] = {"idle", "active", "draining", "lost", "stopped"};
 
-typedef enum { R_WAITING = 0, R_RUNNING, R_RECOVERING, R_FINISHED, R_FAILED, R_STOPPED } rstate;
-static const char *const RSTATE[] = {"waiting", "running", "recovering", "finished", "failed", "stopped"};
-
-typedef struct {
-    char id[ID_MAX];
-    uint8_t rid[256]; /* ZeroMQ routing id (equals id) */
-    size_t rid_len;
-    char host[HOST_MAX];
-    char backend[16];
-    char version[32];
-    char data_ep[EP_MAX];
-    uint32_t pid;
-    wstate state;
-    int rank; /* in the open generation, else -1 */
-    int64_t last_seen, joined;
-    uint64_t seq; /* join order */
-    int64_t step;
-    double step_ms;
-    char activity[16];
-    int64_t last_keepalive;
-    bool restored; /* reported "training" in the open generation (recovery phase timing) */
-    int fd;        /* socket its last message came from (ZMQ_SRCFD), -1 unknown */
-} worker;
-
-typedef struct {
-    int64_t step;
-    int got;
-    uint8_t *seen; /* [world] */
-    double ce, aux, z, step_ms, grad_norm, lr;
-    uint64_t tokens, dropped, routed;
-    uint64_t *counts; /* [n_switch * E] */
-    bool counts_ok;
-} agg;
-
-typedef struct {
-    int64_t step;
-    int got;
-    uint8_t *seen;  /* [world] */
-    json_t *files;  /* array of {name, size, sha256} */
-    int64_t first;  /* ms of the first part */
-} cpart;
-
-typedef struct {
-    uint64_t generation; /* the generation that failed */
-    char reason[256];
-    json_t *lost;        /* array of worker ids */
-    int64_t detected;    /* mono ms */
-    int64_t restore_step;
-    double duration_ms;  /* < 0 while in progress */
-    /* phases (mono ms; 0 = not reached): the lost worker last heard, the new generation opened,
-     * every member restored (reported "training"), the first step of the new generation done */
-    int64_t last_heard, opened, restored;
-    double detect_ms, reconfigure_ms, restore_ms, first_step_ms;
-} recovery;
-
-struct sy_coord {
-    sy_config_t cfg;
-    int expect_workers;     /* first generation: wait for this many (0: no wait) */
-    bool opened_once;       /* a generation was opened by this incarnation */
-    int prev_world;         /* world of the last closed generation (its members stay in members[]) */
-    sy_store_t *store;
-    sy_committer_t *committer; /* commits and retention, off the reactor thread */
-    void *zctx, *sock;
-    void *mon;              /* ZeroMQ socket monitor of sock: disconnects (a dead peer's TCP close) */
-    sy_zap_t *zap;          /* CURVE on: the ZAP handler that admits listed worker keys */
-    uint64_t hs_failed;     /* CURVE handshakes that failed before ZAP (plaintext peer, wrong key) */
-    int64_t hs_logged;
-    int src_fd;             /* socket of the message being handled */
-    char endpoint[256];
-    char status_url[300];
-    sy_http_t *http;
-    FILE *metrics_f, *events_f;
-    char *config_json;
-    uint64_t incarnation;
-    int E, n_switch;
-    int64_t settle_ms;
-    int64_t t0_mono;
-
-    worker *w;
-    int nw, capw;
-    uint64_t next_seq;
-    int64_t last_join;
-
-    rstate state;
-    bool gen_open;
-    uint64_t gen;
-    int world;
-    int *members;        /* worker index by rank */
-    uint32_t *placement; /* [E] */
-    int64_t restore_step, start_step, end_step;
-    int64_t max_reported; /* highest StepDone step seen in this generation */
-    int64_t gen_opened_at;
-    int64_t first_open;   /* mono ms of the first generation (goodput clock) */
-    int64_t settle_from;
-
-    agg pend[MAX_PENDING];
-    int npend;
-    cpart parts[MAX_PENDING];
-    int nparts;
-
-    int64_t step;          /* last aggregated step */
-    int64_t furthest;      /* furthest step ever aggregated */
-    int fruitless;
-    int64_t latest_ckpt;   /* -1: none */
-    double latest_ckpt_time, ckpt_seconds;
-    double loss, ce, aux, z, tps, dropped_frac, lr, grad_norm;
-    uint64_t *load; /* [n_switch * E] of the last step */
-    bool load_valid;
-    int64_t load_step;
-    struct { int64_t step; double loss; } hist[LOSS_HISTORY];
-    int nhist;
-    double *ms_by_step; /* step time of the kept run of each step (goodput) */
-    int64_t ms_cap;
-    double useful_ms;
-
-    recovery *rec;
-    int nrec;
-    json_t *events; /* recent events (array) */
-
-    uint64_t drops[SY_DROP__COUNT];
-    int64_t drop_logged[SY_DROP__COUNT];
-    int64_t last_publish;
-    bool dirty, done;
-    sy_coord_outcome outcome;
-};
+const char *const sy_coord_wstate[W__COUNT] = {"idle", "active", "draining", "lost", "stopped"};
+const char *const sy_coord_rstate[R_STOPPED + 1] = {"waiting", "running", "recovering", "finished", "failed", "stopped"};
 
 /* ---------------------------------------------------------------------------------------- */
 /* Small helpers                                                                             */
-
-static int64_t mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static double wall_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-
-/* A JSON number, or null when not finite (jansson refuses NaN and inf). */
-static json_t *jnum(double v) { return isfinite(v) ? json_real(v) : json_null(); }
 
 static void drop(sy_coord_t *c, sy_proto_drop why, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -496,7 +347,7 @@ static void worker_lost(sy_coord_t *c, int i, const char *reason) {
     w->state = W_LOST;
     send_abort(c, w, reason); /* in case it is alive but slow: it must not go on */
     event(c, "worker_lost", json_pack("{s:s, s:s, s:i, s:I, s:s}", "worker", w->id, "reason", reason, "rank",
-                                      rank, "generation", (json_int_t)c->gen, "state", WSTATE[was]));
+                                      rank, "generation", (json_int_t)c->gen, "state", sy_coord_wstate[was]));
     if (member) {
         char why[300];
         snprintf(why, sizeof why, "worker %s (rank %d) lost: %s", w->id, rank, reason);
@@ -1137,181 +988,11 @@ static sy_status drain_socket(sy_coord_t *c) {
     return SY_OK;
 }
 
-/* ---------------------------------------------------------------------------------------- */
-/* Status snapshot and Prometheus text                                                       */
-
-static json_t *status_json(sy_coord_t *c) {
-    int64_t now = mono_ms();
-    json_t *j = json_object();
-    char inc[24];
-    snprintf(inc, sizeof inc, "%016" PRIx64, c->incarnation);
-    json_object_set_new(j, "run", json_string(c->cfg.run.name));
-    json_object_set_new(j, "state", json_string(RSTATE[c->state]));
-    json_object_set_new(j, "step", json_integer(c->step));
-    json_object_set_new(j, "total_steps", json_integer(c->cfg.run.steps));
-    json_object_set_new(j, "generation", json_integer((json_int_t)c->gen));
-    json_object_set_new(j, "world", json_integer(c->gen_open ? c->world : 0));
-    json_object_set_new(j, "incarnation", json_string(inc));
-    json_object_set_new(j, "uptime_s", json_real((now - c->t0_mono) / 1e3));
-    json_t *ws = json_array();
-    for (int i = 0; i < c->nw; i++) {
-        const worker *w = &c->w[i];
-        json_array_append_new(ws, json_pack("{s:s, s:s, s:i, s:i, s:s, s:s, s:I, s:I, s:o, s:s, s:s}", "id", w->id,
-                                            "host", w->host, "pid", (int)w->pid, "rank", w->rank, "state",
-                                            WSTATE[w->state], "activity", w->activity, "last_heartbeat_ms",
-                                            (json_int_t)(now - w->last_seen), "step", (json_int_t)w->step,
-                                            "step_ms", jnum(w->step_ms), "backend", w->backend,
-                                            "data_endpoint", w->data_ep));
-    }
-    json_object_set_new(j, "workers", ws);
-    json_t *pl = json_array();
-    for (int e = 0; c->gen_open && e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
-    json_object_set_new(j, "placement", pl);
-    json_object_set_new(j, "latest_checkpoint",
-                        c->latest_ckpt >= 0 ? json_pack("{s:I, s:f, s:f}", "step", (json_int_t)c->latest_ckpt,
-                                                        "committed_at", c->latest_ckpt_time, "seconds",
-                                                        c->ckpt_seconds)
-                                            : json_null());
-    json_object_set_new(j, "checkpoint_commits_in_flight", json_integer(sy_committer_in_flight(c->committer)));
-    bool have = c->nhist > 0;
-    json_object_set_new(j, "loss", have ? jnum(c->loss) : json_null());
-    json_object_set_new(j, "ce", have ? jnum(c->ce) : json_null());
-    json_object_set_new(j, "aux", have ? jnum(c->aux) : json_null());
-    json_object_set_new(j, "z", have ? jnum(c->z) : json_null());
-    json_object_set_new(j, "lr", have ? jnum(c->lr) : json_null());
-    json_object_set_new(j, "grad_norm", have ? jnum(c->grad_norm) : json_null());
-    json_t *rl = json_array();
-    for (int i = 0; i < c->nhist; i++)
-        json_array_append_new(rl, json_pack("{s:I, s:o}", "step", (json_int_t)c->hist[i].step, "loss", jnum(c->hist[i].loss)));
-    json_object_set_new(j, "recent_loss", rl);
-    json_object_set_new(j, "tokens_per_second", json_real(c->tps));
-    json_object_set_new(j, "dropped_fraction", json_real(c->dropped_frac));
-    json_t *layers = json_array();
-    for (int l = 0; c->load_valid && l < c->n_switch; l++) {
-        json_t *row = json_array();
-        for (int e = 0; e < c->E; e++) json_array_append_new(row, json_integer((json_int_t)c->load[l * c->E + e]));
-        json_array_append_new(layers, row);
-    }
-    json_object_set_new(j, "expert_load", json_pack("{s:o, s:o}", "step",
-                                                    c->load_valid ? json_integer(c->load_step) : json_null(),
-                                                    "layers", layers));
-    json_t *rs = json_array();
-    for (int i = 0; i < c->nrec; i++) {
-        const recovery *r = &c->rec[i];
-        json_t *ph = r->duration_ms >= 0
-                         ? json_pack("{s:f, s:f, s:f, s:f}", "detect", r->detect_ms, "reconfigure",
-                                     r->reconfigure_ms, "restore", r->restore_ms, "first_step", r->first_step_ms)
-                         : json_null();
-        json_array_append_new(rs, json_pack("{s:I, s:s, s:O, s:I, s:o, s:o}", "generation", (json_int_t)r->generation,
-                                            "reason", r->reason, "lost", r->lost, "restore_step",
-                                            (json_int_t)r->restore_step, "duration_ms",
-                                            r->duration_ms >= 0 ? json_real(r->duration_ms) : json_null(),
-                                            "phases_ms", ph));
-    }
-    json_object_set_new(j, "recoveries", rs);
-    json_t *dm = json_object();
-    for (int k = 1; k < SY_DROP__COUNT; k++)
-        json_object_set_new(dm, sy_proto_drop_name((sy_proto_drop)k), json_integer((json_int_t)c->drops[k]));
-    json_object_set_new(j, "dropped_messages", dm);
-    json_object_set_new(j, "security",
-                        json_pack("{s:b, s:i, s:I, s:I, s:I}", "curve", c->zap != NULL, "authorized_keys",
-                                  sy_zap_authorized(c->zap), "accepted", (json_int_t)sy_zap_accepted(c->zap),
-                                  "refused_keys", (json_int_t)sy_zap_refused(c->zap), "failed_handshakes",
-                                  (json_int_t)c->hs_failed));
-    double elapsed = c->first_open ? (double)(now - c->first_open) : 0;
-    double gp = elapsed > 0 ? c->useful_ms / elapsed : 0;
-    json_object_set_new(j, "goodput", json_real(gp > 1 ? 1 : gp < 0 ? 0 : gp));
-    json_object_set_new(j, "events", json_deep_copy(c->events));
-    return j;
-}
-
-typedef struct {
-    char *buf;
-    size_t len, cap;
-} sbuf;
-
-static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *b, const char *fmt, ...) {
-    va_list ap;
-    for (;;) {
-        va_start(ap, fmt);
-        int n = vsnprintf(b->buf ? b->buf + b->len : NULL, b->buf ? b->cap - b->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) return;
-        if (b->buf && b->len + (size_t)n < b->cap) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t nc = (b->cap ? b->cap * 2 : 4096) + (size_t)n;
-        char *nb = realloc(b->buf, nc);
-        if (!nb) return;
-        b->buf = nb;
-        b->cap = nc;
-    }
-}
-
-static void prom_head(sbuf *b, const char *name, const char *type, const char *help) {
-    sb_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
-}
-
-static void prom_gauge(sbuf *b, const char *name, const char *help, double v) {
-    prom_head(b, name, "gauge", help);
-    if (isfinite(v)) sb_printf(b, "%s %.17g\n", name, v);
-    else sb_printf(b, "%s NaN\n", name);
-}
-
-static char *metrics_text(sy_coord_t *c) {
-    sbuf b = {0};
-    bool have = c->nhist > 0;
-    prom_gauge(&b, "switchyard_step", "Last completed optimizer step.", (double)c->step);
-    prom_gauge(&b, "switchyard_total_steps", "Optimizer steps in the run.", (double)c->cfg.run.steps);
-    prom_gauge(&b, "switchyard_loss", "Training loss (ce + aux + z) of the last step.", have ? c->loss : NAN);
-    prom_gauge(&b, "switchyard_ce", "Cross-entropy of the last step.", have ? c->ce : NAN);
-    prom_gauge(&b, "switchyard_aux", "Load-balancing loss (weighted) of the last step.", have ? c->aux : NAN);
-    prom_gauge(&b, "switchyard_z", "Router z-loss (weighted) of the last step.", have ? c->z : NAN);
-    prom_gauge(&b, "switchyard_tokens_per_second", "Training throughput of the last step.", c->tps);
-    prom_gauge(&b, "switchyard_generation", "Current generation.", (double)c->gen);
-    prom_gauge(&b, "switchyard_world", "Workers in the current generation.", (double)(c->gen_open ? c->world : 0));
-    prom_head(&b, "switchyard_workers", "gauge", "Registered workers by state.");
-    int cnt[W__COUNT] = {0};
-    for (int i = 0; i < c->nw; i++) cnt[c->w[i].state]++;
-    for (int s = 0; s < W__COUNT; s++) sb_printf(&b, "switchyard_workers{state=\"%s\"} %d\n", WSTATE[s], cnt[s]);
-    prom_head(&b, "switchyard_expert_tokens", "gauge", "Tokens routed to each expert in the last step (all ranks).");
-    for (int l = 0; c->load_valid && l < c->n_switch; l++)
-        for (int e = 0; e < c->E; e++)
-            sb_printf(&b, "switchyard_expert_tokens{layer=\"%d\",expert=\"%d\"} %" PRIu64 "\n", l, e, c->load[l * c->E + e]);
-    prom_gauge(&b, "switchyard_dropped_fraction", "Fraction of routed tokens dropped by capacity in the last step.",
-               c->dropped_frac);
-    prom_gauge(&b, "switchyard_checkpoint_step", "Step of the latest committed checkpoint (-1: none).",
-               (double)c->latest_ckpt);
-    prom_gauge(&b, "switchyard_checkpoint_seconds", "Seconds from the first part to the commit of the latest checkpoint.",
-               c->ckpt_seconds);
-    prom_head(&b, "switchyard_recoveries_total", "counter", "Recoveries (generations aborted by a failure).");
-    sb_printf(&b, "switchyard_recoveries_total %d\n", c->nrec);
-    double last_rec = 0;
-    for (int i = 0; i < c->nrec; i++)
-        if (c->rec[i].duration_ms >= 0) last_rec = c->rec[i].duration_ms / 1e3;
-    prom_gauge(&b, "switchyard_recovery_seconds", "Duration of the last completed recovery.", last_rec);
-    prom_head(&b, "switchyard_dropped_messages_total", "counter", "Control-plane messages dropped, by reason.");
-    for (int k = 1; k < SY_DROP__COUNT; k++)
-        sb_printf(&b, "switchyard_dropped_messages_total{reason=\"%s\"} %" PRIu64 "\n",
-                  sy_proto_drop_name((sy_proto_drop)k), c->drops[k]);
-    prom_head(&b, "switchyard_curve_refused_total", "counter",
-              "Control-plane connections refused: unlisted CURVE keys (ZAP) and failed handshakes.");
-    sb_printf(&b, "switchyard_curve_refused_total{reason=\"key\"} %" PRIu64 "\n", sy_zap_refused(c->zap));
-    sb_printf(&b, "switchyard_curve_refused_total{reason=\"handshake\"} %" PRIu64 "\n", c->hs_failed);
-    double elapsed = c->first_open ? (double)(mono_ms() - c->first_open) : 0;
-    double gp = elapsed > 0 ? c->useful_ms / elapsed : 0;
-    prom_gauge(&b, "switchyard_goodput", "Step time of kept steps / wall time since the first generation.",
-               gp > 1 ? 1 : gp < 0 ? 0 : gp);
-    return b.buf;
-}
-
 static void publish(sy_coord_t *c) {
-    json_t *j = status_json(c);
+    json_t *j = sy_coord_status_json(c);
     char *s = json_dumps(j, JSON_COMPACT);
     json_decref(j);
-    sy_http_publish(c->http, s, metrics_text(c));
+    sy_http_publish(c->http, s, sy_coord_metrics_text(c));
     c->last_publish = mono_ms();
     c->dirty = false;
 }
