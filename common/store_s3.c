@@ -471,7 +471,11 @@ static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_s
                      curl_easy_strerror(cc));
         } else if (cc == CURLE_OUT_OF_MEMORY || (cc == CURLE_WRITE_ERROR && !r->overflow)) {
             *st = SY_ENOMEM;
-            snprintf(why, whyn, "out of memory receiving the body");
+            if (r->clen >= 0)
+                snprintf(why, whyn, "out of memory receiving the body (the server announced Content-Length %" PRId64
+                         " bytes)", r->clen);
+            else
+                snprintf(why, whyn, "out of memory receiving the body");
             goto out;
         } else if (cc == CURLE_URL_MALFORMAT || cc == CURLE_UNSUPPORTED_PROTOCOL) {
             *st = SY_EINVAL;
