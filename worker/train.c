@@ -413,12 +413,14 @@ static sy_status parse_ckpt_dir(const char *dir, char *store, char *run, int64_t
         *base = 0; /* strip ckpt */
     }
     base = strrchr(buf, '/');
+    const char *name = base ? base + 1 : buf;
+    if (strlen(name) >= 256)
+        return sy_err_set(SY_EINVAL, "--checkpoint %s: run name longer than 255 characters", dir);
+    memcpy(run, name, strlen(name) + 1);
     if (base) {
-        snprintf(run, 256, "%s", base + 1);
         *base = 0;
         snprintf(store, 4096, "%s", buf[0] ? buf : "/");
     } else {
-        snprintf(run, 256, "%s", buf);
         snprintf(store, 4096, ".");
     }
     return SY_OK;
