@@ -286,6 +286,20 @@ fail:
     return st;
 }
 
+sy_status sy_data_check_patterns(const char *const *patterns, int n_patterns) {
+    char **paths = NULL;
+    int n_paths = 0, cap = 0;
+    sy_status st = SY_OK;
+    if (!patterns || n_patterns <= 0) return sy_err_set(SY_EINVAL, "data: no shard patterns given");
+    for (int i = 0; i < n_patterns && st == SY_OK; i++) {
+        if (!patterns[i] || !patterns[i][0]) st = sy_err_set(SY_EINVAL, "data: shard pattern %d is empty", i);
+        else st = sy_expand_pattern(patterns[i], &paths, &n_paths, &cap);
+    }
+    for (int i = 0; i < n_paths; i++) free(paths[i]);
+    free(paths);
+    return st;
+}
+
 void sy_data_destroy(sy_data_t **self_p) {
     if (!self_p || !*self_p) return;
     sy_data_t *d = *self_p;

@@ -34,6 +34,11 @@ sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_si
                        sy_data_t **out);
 void sy_data_destroy(sy_data_t **self_p);
 
+/* Expands `patterns` as sy_data_open does (globs; s3:// listings) without reading any shard:
+ * SY_OK if every pattern names at least one file or object, else the error naming the first
+ * that does not (a cheap check before starting processes that will read the data). */
+sy_status sy_data_check_patterns(const char *const *patterns, int n_patterns);
+
 uint64_t sy_data_windows(const sy_data_t *d);        /* N */
 int sy_data_shards(const sy_data_t *d);
 const char *sy_data_shard_path(const sy_data_t *d, int i);

@@ -287,6 +287,28 @@ static void test_glob_sorted(void **state) {
     sy_data_destroy(&d);
 }
 
+/* The launcher's cheap check: patterns must name files; their contents are not read. */
+static void test_check_patterns(void **state) {
+    fixture_t *f = *state;
+    char pat[160], none[160];
+    snprintf(pat, sizeof pat, "%s/s_*.bin", f->dir);
+    snprintf(none, sizeof none, "%s/nothing_*.bin", f->dir);
+    const char *ok[] = {pat, f->a};
+    assert_int_equal(sy_data_check_patterns(ok, 2), SY_OK);
+    const char *bad[] = {pat, none};
+    assert_int_equal(sy_data_check_patterns(bad, 2), SY_ENOTFOUND);
+    assert_non_null(strstr(sy_err_msg(), "nothing_*.bin"));
+    const char *empty[] = {""};
+    assert_int_equal(sy_data_check_patterns(empty, 1), SY_EINVAL);
+    /* a corrupt shard passes the check (not read) but not sy_data_open */
+    const char *junk = write_raw(f, "junk.bin", "not a shard", 11);
+    const char *pj[] = {junk};
+    assert_int_equal(sy_data_check_patterns(pj, 1), SY_OK);
+    sy_data_t *d = NULL;
+    assert_int_not_equal(sy_data_open(pj, 1, 256, 4, &d), SY_OK);
+    assert_null(d);
+}
+
 static void test_write_leaves_no_temp(void **state) {
     fixture_t *f = *state;
     char cmd[200];
@@ -311,6 +333,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_seeds_differ, setup, teardown),
         cmocka_unit_test_setup_teardown(test_rejects_bad_shards, setup, teardown),
         cmocka_unit_test_setup_teardown(test_glob_sorted, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_check_patterns, setup, teardown),
         cmocka_unit_test_setup_teardown(test_write_leaves_no_temp, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -26,6 +26,7 @@
 #include "config.h"
 #include "curve.h"
 #include "data.h"
+#include "data_s3.h"
 #include "fsutil.h"
 #include "log.h"
 
@@ -660,10 +661,16 @@ int sy_run_cli(int argc, char **argv) {
     if (sy_config_validate(&cfg) != SY_OK) goto cfg_fail;
     {
         /* The workers of a local cluster read the same files: check the data here, so that a
-         * wrong path is one clear error instead of a run that fails in every generation. */
+         * wrong path is one clear error instead of a run that fails in every generation. Local
+         * shards are validated in full (mapping is cheap); s3:// ones only listed (each worker
+         * downloads and validates them itself). */
+        bool remote = false;
+        for (int i = 0; i < cfg.data.train.n; i++) remote |= sy_data_is_s3(cfg.data.train.items[i]);
         sy_data_t *d = NULL;
-        if (sy_data_open((const char *const *)cfg.data.train.items, cfg.data.train.n,
-                         cfg.model.vocab_size, cfg.model.seq_len, &d) != SY_OK) {
+        sy_status ds = remote ? sy_data_check_patterns((const char *const *)cfg.data.train.items, cfg.data.train.n)
+                              : sy_data_open((const char *const *)cfg.data.train.items, cfg.data.train.n,
+                                             cfg.model.vocab_size, cfg.model.seq_len, &d);
+        if (ds != SY_OK) {
             fprintf(stderr, "switchyard run: data.train: %s\n", sy_err_msg());
             rc = 1;
             goto out;
