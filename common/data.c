@@ -22,6 +22,7 @@
 
 #include "data_s3.h"
 #include "rng.h"
+#include "store.h"
 
 #define SY_SHARD_HEADER_BYTES (SY_SHARD_HEADER_INTS * 4)
 #define SY_DATA_PERM_TAG "data.perm"
@@ -163,11 +164,32 @@ done:
 static int sy_has_glob_chars(const char *s) { return strpbrk(s, "*?[") != NULL; }
 
 /* Appends the paths `pattern` names to *paths (growing it). */
+/* Appends a copy of `path` to *paths (growing it). */
+static sy_status sy_push_path(const char *pattern, const char *path, char ***paths, int *n, int *cap) {
+    if (*n == *cap) {
+        int nc = *cap ? *cap * 2 : 16;
+        char **np = realloc(*paths, (size_t)nc * sizeof *np);
+        if (!np) return sy_err_set(SY_ENOMEM, "%s: out of memory", pattern);
+        *paths = np;
+        *cap = nc;
+    }
+    if (!((*paths)[*n] = strdup(path))) return sy_err_set(SY_ENOMEM, "%s: out of memory", pattern);
+    (*n)++;
+    return SY_OK;
+}
+
 static sy_status sy_expand_pattern(const char *pattern, char ***paths, int *n, int *cap) {
     glob_t g;
     memset(&g, 0, sizeof g);
     sy_status st = SY_OK;
-    if (sy_data_is_s3(pattern)) return sy_data_s3_expand(pattern, paths, n, cap);
+    if (sy_data_is_s3(pattern)) {
+        char **urls = NULL;
+        size_t nu = 0;
+        SY_CHECK(sy_data_s3_expand(pattern, &urls, &nu));
+        for (size_t i = 0; i < nu && st == SY_OK; i++) st = sy_push_path(pattern, urls[i], paths, n, cap);
+        sy_store_keys_free(urls, nu);
+        return st;
+    }
     if (!sy_has_glob_chars(pattern)) {
         struct stat sb;
         if (stat(pattern, &sb) != 0)
@@ -189,24 +211,7 @@ static sy_status sy_expand_pattern(const char *pattern, char ***paths, int *n, i
                         rc == GLOB_NOSPACE ? "out of memory" : "read error");
         goto done;
     }
-    for (size_t i = 0; i < g.gl_pathc; i++) {
-        if (*n == *cap) {
-            int nc = *cap ? *cap * 2 : 16;
-            char **np = realloc(*paths, (size_t)nc * sizeof *np);
-            if (!np) {
-                st = sy_err_set(SY_ENOMEM, "%s: out of memory", pattern);
-                goto done;
-            }
-            *paths = np;
-            *cap = nc;
-        }
-        (*paths)[*n] = strdup(g.gl_pathv[i]);
-        if (!(*paths)[*n]) {
-            st = sy_err_set(SY_ENOMEM, "%s: out of memory", pattern);
-            goto done;
-        }
-        (*n)++;
-    }
+    for (size_t i = 0; i < g.gl_pathc && st == SY_OK; i++) st = sy_push_path(pattern, g.gl_pathv[i], paths, n, cap);
 done:
     globfree(&g);
     return st;

@@ -22,23 +22,17 @@ static sy_status split(const char *url, char *store_url, size_t cap, const char 
     return SY_OK;
 }
 
-static sy_status append(char ***paths, int *n, int *cap, const char *store_url, const char *key) {
-    if (*n == *cap) {
-        int nc = *cap ? *cap * 2 : 16;
-        char **np = realloc(*paths, (size_t)nc * sizeof *np);
-        if (!np) return sy_err_set(SY_ENOMEM, "out of memory");
-        *paths = np;
-        *cap = nc;
-    }
+/* "STORE_URL/KEY", malloc'ed (NULL when out of memory). */
+static char *join_url(const char *store_url, const char *key) {
     size_t l = strlen(store_url) + 1 + strlen(key) + 1;
     char *p = malloc(l);
-    if (!p) return sy_err_set(SY_ENOMEM, "out of memory");
-    snprintf(p, l, "%s/%s", store_url, key);
-    (*paths)[(*n)++] = p;
-    return SY_OK;
+    if (p) snprintf(p, l, "%s/%s", store_url, key);
+    return p;
 }
 
-sy_status sy_data_s3_expand(const char *pattern, char ***paths, int *n, int *cap) {
+sy_status sy_data_s3_expand(const char *pattern, char ***urls, size_t *n) {
+    *urls = NULL;
+    *n = 0;
     char store_url[URL_MAX];
     const char *kp;
     SY_CHECK(split(pattern, store_url, sizeof store_url, &kp));
@@ -48,32 +42,37 @@ sy_status sy_data_s3_expand(const char *pattern, char ***paths, int *n, int *cap
     size_t lit = strcspn(kp, "*?[");
     char **keys = NULL;
     size_t nk = 0;
-    int found = 0;
     if (!kp[lit]) { /* no glob characters: one object */
         uint64_t size;
         s = sy_store_head(st, kp, &size);
         if (s == SY_ENOTFOUND) s = sy_err_set(SY_ENOTFOUND, "%s: data shard not found", pattern);
         else if (s != SY_OK) s = sy_err_prefix(s, "%s", pattern);
-        else if ((s = append(paths, n, cap, store_url, kp)) == SY_OK) found = 1;
-        goto done;
+        else if (!(keys = malloc(sizeof *keys)) || !(keys[0] = strdup(kp))) s = sy_err_set(SY_ENOMEM, "out of memory");
+        else nk = 1;
+    } else {
+        char prefix[URL_MAX];
+        snprintf(prefix, sizeof prefix, "%.*s", (int)lit, kp);
+        s = sy_store_list(st, prefix, &keys, &nk); /* sorted by key */
+        if (s != SY_OK) s = sy_err_prefix(s, "%s: listing", pattern);
     }
-    char prefix[URL_MAX];
-    snprintf(prefix, sizeof prefix, "%.*s", (int)lit, kp);
-    s = sy_store_list(st, prefix, &keys, &nk); /* sorted by key */
-    if (s != SY_OK) {
-        s = sy_err_prefix(s, "%s: listing", pattern);
-        goto done;
-    }
-    for (size_t i = 0; i < nk && s == SY_OK; i++) {
-        if (fnmatch(kp, keys[i], FNM_PATHNAME) != 0) continue;
-        s = append(paths, n, cap, store_url, keys[i]);
-        found++;
-    }
-    if (s == SY_OK && !found) s = sy_err_set(SY_ENOTFOUND, "%s: pattern matches no object", pattern);
-done:
-    sy_store_keys_free(keys, nk);
     sy_store_destroy(&st);
-    return s;
+    /* The matching keys become URLs in place (the list is at most as long). */
+    size_t m = 0;
+    for (size_t i = 0; i < nk; i++) {
+        char *url = NULL;
+        if (s == SY_OK && fnmatch(kp, keys[i], FNM_PATHNAME) == 0 && !(url = join_url(store_url, keys[i])))
+            s = sy_err_set(SY_ENOMEM, "out of memory");
+        free(keys[i]);
+        if (url) keys[m++] = url;
+    }
+    if (s == SY_OK && m == 0) s = sy_err_set(SY_ENOTFOUND, "%s: pattern matches no object", pattern);
+    if (s != SY_OK) {
+        sy_store_keys_free(keys, m);
+        return s;
+    }
+    *urls = keys;
+    *n = m;
+    return SY_OK;
 }
 
 sy_status sy_data_s3_fetch(const char *url, void **buf, size_t *len) {

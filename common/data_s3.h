@@ -23,9 +23,9 @@
 /* 1 if `pattern` is an s3:// URL. */
 int sy_data_is_s3(const char *pattern);
 
-/* Appends the full URLs of the objects `pattern` names to *paths (growing it; *n entries of *cap).
- * SY_ENOTFOUND naming the pattern if it matches nothing. */
-sy_status sy_data_s3_expand(const char *pattern, char ***paths, int *n, int *cap);
+/* The full URLs of the objects `pattern` names, in key order: *urls (free with
+ * sy_store_keys_free(*urls, *n)). SY_ENOTFOUND naming the pattern if it matches nothing. */
+sy_status sy_data_s3_expand(const char *pattern, char ***urls, size_t *n);
 
 /* Reads the object at `url` ("s3://BUCKET/KEY") into a malloc'ed buffer. */
 sy_status sy_data_s3_fetch(const char *url, void **buf, size_t *len);

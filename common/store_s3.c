@@ -1,6 +1,7 @@
 /* The S3 backend of the object store: libcurl + its SigV4 signer (see store_s3.h and the
  * storage notes for the libcurl 7.88 rules followed here). */
 #include "store_s3.h"
+#include "clock.h"
 #include "store_s3_internal.h"
 
 #include <curl/curl.h>
@@ -69,11 +70,6 @@ static char *xasprintf(const char *fmt, ...) {
     return n < 0 ? NULL : p;
 }
 
-static uint64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 static void sleep_ms(uint64_t ms) {
     struct timespec ts = {.tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000L};
@@ -309,7 +305,7 @@ static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, cu
     (void)dt;
     (void)ut;
     s3_req *r = ud;
-    uint64_t bytes = (uint64_t)dn + (uint64_t)un, t = now_ms();
+    uint64_t bytes = (uint64_t)dn + (uint64_t)un, t = (uint64_t)sy_mono_ms();
     if (bytes != r->last_bytes) {
         r->last_bytes = bytes;
         r->last_change = t;
@@ -392,7 +388,7 @@ static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_s
     r->etag[0] = 0;
     r->up_pos = 0;
     r->last_bytes = 0;
-    r->last_change = now_ms();
+    r->last_change = (uint64_t)sy_mono_ms();
     r->timeout_ms = s->o.timeout_ms;
     r->timed_out = 0;
 

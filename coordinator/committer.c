@@ -1,4 +1,5 @@
 #include "committer.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -36,11 +37,6 @@ struct sy_committer {
     int efd;
 };
 
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void run_job(sy_committer_t *c, job *j) {
     sy_commit_result *r = &j->res;
@@ -48,9 +44,9 @@ static void run_job(sy_committer_t *c, job *j) {
     r->generation = j->gen;
     r->since_ms = j->since_ms;
     r->n_files = (int)json_array_size(j->files);
-    int64_t t0 = now_ms();
+    int64_t t0 = sy_mono_ms();
     r->status = sy_ckpt_commit(c->store, c->run, j->step, j->files, j->extra);
-    r->commit_ms = (double)(now_ms() - t0);
+    r->commit_ms = (double)(sy_mono_ms() - t0);
     if (r->status != SY_OK && r->status != SY_EEXIST) snprintf(r->error, sizeof r->error, "%s", sy_err_msg());
     if (r->status == SY_OK && sy_ckpt_retain(c->store, c->run, c->keep_last) != SY_OK) {
         r->retain_failed = true;

@@ -64,7 +64,7 @@ static void drop(sy_coord_t *c, sy_proto_drop why, const char *fmt, ...)
 static void drop(sy_coord_t *c, sy_proto_drop why, const char *fmt, ...) {
     c->drops[why]++;
     c->dirty = true;
-    int64_t now = mono_ms();
+    int64_t now = sy_mono_ms();
     if (now - c->drop_logged[why] < DROP_LOG_MS && c->drops[why] > 1) return;
     c->drop_logged[why] = now;
     char msg[512];
@@ -78,7 +78,7 @@ static void drop(sy_coord_t *c, sy_proto_drop why, const char *fmt, ...) {
 /* Appends {"time", "event", ...fields} to events.jsonl and the recent list; steals fields. */
 static void event(sy_coord_t *c, const char *name, json_t *fields) {
     json_t *e = json_object();
-    json_object_set_new(e, "time", json_real(wall_s()));
+    json_object_set_new(e, "time", json_real(sy_wall_s()));
     json_object_set_new(e, "event", json_string(name));
     if (fields) json_object_update(e, fields);
     json_decref(fields);
@@ -122,7 +122,7 @@ static void send_welcome(sy_coord_t *c, worker *w) {
     env.body_case = SY__ENVELOPE__BODY_WELCOME;
     env.welcome = &wl;
     send_to(c, w, &env);
-    w->last_keepalive = mono_ms();
+    w->last_keepalive = sy_mono_ms();
 }
 
 static void send_stop(sy_coord_t *c, worker *w, const char *reason) {
@@ -186,7 +186,7 @@ static void close_generation(sy_coord_t *c, const char *why) {
     c->prev_world = c->world;
     c->world = 0;
     clear_pending(c);
-    c->settle_from = mono_ms();
+    c->settle_from = sy_mono_ms();
     c->dirty = true;
 }
 
@@ -197,7 +197,7 @@ static void finish(sy_coord_t *c, rstate final, const char *why) {
     c->state = final;
     c->done = true;
     c->outcome = final == R_FINISHED ? SY_COORD_FINISHED : final == R_FAILED ? SY_COORD_FAILED : SY_COORD_STOPPED;
-    double elapsed = (mono_ms() - c->t0_mono) / 1e3;
+    double elapsed = (sy_mono_ms() - c->t0_mono) / 1e3;
     event(c, final == R_FINISHED ? "run_finished" : final == R_FAILED ? "run_failed" : "run_stopped",
           json_pack("{s:s, s:I, s:I, s:o, s:f, s:I}", "reason", why, "step", (json_int_t)c->step,
                     "total_steps", (json_int_t)c->cfg.run.steps, "loss", jnum(c->loss), "elapsed_s",
@@ -252,7 +252,7 @@ static void open_generation(sy_coord_t *c) {
     c->end_step = c->cfg.run.steps;
     c->max_reported = c->start_step - 1;
     c->gen_open = true;
-    c->gen_opened_at = mono_ms();
+    c->gen_opened_at = sy_mono_ms();
     if (c->nrec && c->rec[c->nrec - 1].duration_ms < 0) {
         c->rec[c->nrec - 1].opened = c->gen_opened_at;
         c->rec[c->nrec - 1].restored = 0;
@@ -324,7 +324,7 @@ static void begin_recovery(sy_coord_t *c, const char *reason, const char *lost_i
     snprintf(r->reason, sizeof r->reason, "%s", reason);
     r->lost = json_array();
     if (lost_id) json_array_append_new(r->lost, json_string(lost_id));
-    r->detected = mono_ms();
+    r->detected = sy_mono_ms();
     r->restore_step = c->latest_ckpt;
     r->duration_ms = -1;
     close_generation(c, reason);
@@ -481,9 +481,9 @@ static void on_commit_result(sy_coord_t *c, const sy_commit_result *r) {
         sy_error("checkpoint step %" PRId64 ": %s", r->step, r->error);
     } else {
         if (r->step > c->latest_ckpt) c->latest_ckpt = r->step;
-        c->latest_ckpt_time = wall_s();
+        c->latest_ckpt_time = sy_wall_s();
         if (r->retain_failed) sy_warn("checkpoint retention: %s", r->retain_error);
-        c->ckpt_seconds = (mono_ms() - r->since_ms) / 1e3;
+        c->ckpt_seconds = (sy_mono_ms() - r->since_ms) / 1e3;
         event(c, "checkpoint_committed",
               json_pack("{s:I, s:i, s:f, s:f, s:I}", "step", (json_int_t)r->step, "files", r->n_files,
                         "seconds", c->ckpt_seconds, "commit_ms", r->commit_ms, "generation",
@@ -530,7 +530,7 @@ static void on_checkpoint_part(sy_coord_t *c, worker *w, const Sy__CheckpointPar
         p->step = step;
         p->seen = calloc((size_t)c->world, 1);
         p->files = json_array();
-        p->first = mono_ms();
+        p->first = sy_mono_ms();
     }
     cpart *p = &c->parts[k];
     if (!p->seen || p->seen[w->rank]) {
@@ -596,7 +596,7 @@ static void step_complete(sy_coord_t *c, agg *a) {
                           (json_int_t)a->step, "loss", jnum(loss), "ce", jnum(a->ce), "aux", jnum(a->aux), "z",
                           jnum(a->z), "lr", jnum(a->lr), "grad_norm", jnum(a->grad_norm), "tokens_per_s", tps,
                           "dropped_frac", dfrac, "world", c->world, "generation", (json_int_t)c->gen, "step_ms",
-                          a->step_ms, "time", wall_s());
+                          a->step_ms, "time", sy_wall_s());
     char *line = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (line && c->metrics_f) {
         fprintf(c->metrics_f, "%s\n", line);
@@ -609,7 +609,7 @@ static void step_complete(sy_coord_t *c, agg *a) {
                 (int64_t)c->cfg.run.steps, loss, tps, c->world, c->gen);
     if (c->state == R_RECOVERING && c->nrec && c->rec[c->nrec - 1].duration_ms < 0) {
         recovery *r = &c->rec[c->nrec - 1];
-        int64_t now = mono_ms();
+        int64_t now = sy_mono_ms();
         r->duration_ms = (double)(now - r->detected);
         r->restore_step = c->restore_step;
         /* Phases: detect = last heard from the lost worker → declared lost (an upper bound of the
@@ -726,7 +726,7 @@ static void on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy
         return;
     }
     int i = find_worker_id(c, id);
-    int64_t now = mono_ms();
+    int64_t now = sy_mono_ms();
     if (i >= 0 && w_live(&c->w[i]) && c->w[i].pid == h->pid) {
         /* Same process again (a resend, or it lost touch with us): refresh, welcome again. */
         c->w[i].last_seen = now;
@@ -800,7 +800,7 @@ static void on_fault(sy_coord_t *c, worker *w, const Sy__Fault *f) {
      * waiting on each other, so the first accusation is often of a healthy rank. */
     if (f->peer_rank >= 0 && f->peer_rank < c->world) {
         int pi = c->members[f->peer_rank];
-        if (pi >= 0 && mono_ms() - c->w[pi].last_seen > (int64_t)SUSPECT_HEARTBEATS * c->cfg.cluster.heartbeat_ms)
+        if (pi >= 0 && sy_mono_ms() - c->w[pi].last_seen > (int64_t)SUSPECT_HEARTBEATS * c->cfg.cluster.heartbeat_ms)
             worker_lost(c, pi, "named by a peer's fault and silent");
     }
     begin_recovery(c, why, NULL);
@@ -868,7 +868,7 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
         drop(c, SY_DROP_UNEXPECTED, "%s from %s, which was stopped", sy_proto_body_name(env->body_case), w->id);
         goto out;
     }
-    w->last_seen = mono_ms();
+    w->last_seen = sy_mono_ms();
     w->fd = c->src_fd;
     if (w->state == W_LOST) {
         /* Alive after all (it was only slow): back as a spare; it got an Abort when declared lost. */
@@ -886,7 +886,7 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
             w->restored = true;
             bool all = true;
             for (int r = 0; r < c->world; r++) all = all && c->w[c->members[r]].restored;
-            if (all) c->rec[c->nrec - 1].restored = mono_ms();
+            if (all) c->rec[c->nrec - 1].restored = sy_mono_ms();
         }
         goto out;
     }
@@ -914,7 +914,7 @@ out:
 static void handshake_failed(sy_coord_t *c, uint16_t event, uint32_t value) {
     c->hs_failed++;
     c->dirty = true;
-    int64_t now = mono_ms();
+    int64_t now = sy_mono_ms();
     if (c->hs_failed > 1 && now - c->hs_logged < HANDSHAKE_LOG_MS) return;
     c->hs_logged = now;
     const char *why = event == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -993,7 +993,7 @@ static void publish(sy_coord_t *c) {
     char *s = json_dumps(j, JSON_COMPACT);
     json_decref(j);
     sy_http_publish(c->http, s, sy_coord_metrics_text(c));
-    c->last_publish = mono_ms();
+    c->last_publish = sy_mono_ms();
     c->dirty = false;
 }
 
@@ -1056,7 +1056,7 @@ static void on_request(sy_coord_t *c, const sy_http_cmd *cmd) {
 }
 
 static void cron(sy_coord_t *c) {
-    int64_t now = mono_ms();
+    int64_t now = sy_mono_ms();
     sy_http_cmd cmd;
     while (!c->done && sy_http_next_cmd(c->http, &cmd)) on_request(c, &cmd);
     for (int i = 0; i < c->nw && !c->done; i++) {
@@ -1178,7 +1178,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     if (!c) return sy_err_set(SY_ENOMEM, "out of memory");
     c->latest_ckpt = -1;
     c->expect_workers = opts ? opts->expect_workers : 0;
-    c->t0_mono = mono_ms();
+    c->t0_mono = sy_mono_ms();
     c->events = json_array();
     SY_CHECK_GOTO(sy_config_copy(&c->cfg, cfg), s, fail);
     c->E = cfg->model.n_experts;
@@ -1197,7 +1197,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     }
     while (c->incarnation == 0)
         if (getrandom(&c->incarnation, sizeof c->incarnation, 0) != (ssize_t)sizeof c->incarnation)
-            c->incarnation = (uint64_t)wall_s() * 2654435761u ^ (uint64_t)getpid();
+            c->incarnation = (uint64_t)sy_wall_s() * 2654435761u ^ (uint64_t)getpid();
 
     SY_CHECK_GOTO(sy_store_open_config(cfg, &c->store), s, fail);
     int64_t latest;
@@ -1236,7 +1236,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     const char *colon = strrchr(saddr, ':');
     snprintf(host, sizeof host, "%.*s", (int)(colon - saddr), saddr);
     snprintf(c->status_url, sizeof c->status_url, "http://%s:%d", host, sy_http_port(c->http));
-    c->settle_from = mono_ms();
+    c->settle_from = sy_mono_ms();
     char inc[24];
     snprintf(inc, sizeof inc, "%016" PRIx64, c->incarnation);
     event(c, "coordinator_started",
@@ -1255,11 +1255,11 @@ const char *sy_coord_status_url(const sy_coord_t *self) { return self->status_ur
 
 sy_status sy_coord_run(sy_coord_t *c, volatile sig_atomic_t *stop_flag, sy_coord_outcome *outcome) {
     sy_status s = SY_OK;
-    int64_t next_cron = mono_ms();
+    int64_t next_cron = sy_mono_ms();
     sy_info("run %s: %" PRId64 " steps, %d experts, %d Switch layers; waiting for %d worker(s) on %s",
             c->cfg.run.name, (int64_t)c->cfg.run.steps, c->E, c->n_switch, c->cfg.cluster.min_workers, c->endpoint);
     while (!c->done) {
-        int64_t now = mono_ms();
+        int64_t now = sy_mono_ms();
         long wait = next_cron > now ? (long)(next_cron - now) : 0;
         /* the ZAP handler is polled first: a worker's handshake waits on its answer */
         zmq_pollitem_t it[4] = {{c->sock, 0, ZMQ_POLLIN, 0}, {NULL, sy_committer_fd(c->committer), ZMQ_POLLIN, 0}};
@@ -1276,7 +1276,7 @@ sy_status sy_coord_run(sy_coord_t *c, volatile sig_atomic_t *stop_flag, sy_coord
         if (rc > 0 && i_zap >= 0 && (it[i_zap].revents & ZMQ_POLLIN) && sy_zap_handle(c->zap) > 0) c->dirty = true;
         if (rc > 0 && i_mon >= 0 && (it[i_mon].revents & ZMQ_POLLIN)) drain_monitor(c);
         if (stop_flag && *stop_flag && !c->done) finish(c, R_STOPPED, "signal");
-        now = mono_ms();
+        now = sy_mono_ms();
         if (now >= next_cron && !c->done) {
             cron(c);
             next_cron = now + SY_COORD_CRON_MS;

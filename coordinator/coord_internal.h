@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <time.h>
 
+#include "clock.h"
 #include "committer.h"
 #include "config.h"
 #include "coord.h"
@@ -158,18 +159,6 @@ struct sy_coord {
     bool dirty, done;
     sy_coord_outcome outcome;
 };
-
-static inline int64_t mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static inline double wall_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 
 /* A JSON number, or null when not finite (jansson refuses NaN and inf). */

@@ -8,7 +8,7 @@
 #include "coord_internal.h"
 
 json_t *sy_coord_status_json(sy_coord_t *c) {
-    int64_t now = mono_ms();
+    int64_t now = sy_mono_ms();
     json_t *j = json_object();
     char inc[24];
     snprintf(inc, sizeof inc, "%016" PRIx64, c->incarnation);
@@ -167,7 +167,7 @@ char *sy_coord_metrics_text(sy_coord_t *c) {
               "Control-plane connections refused: unlisted CURVE keys (ZAP) and failed handshakes.");
     sb_printf(&b, "switchyard_curve_refused_total{reason=\"key\"} %" PRIu64 "\n", sy_zap_refused(c->zap));
     sb_printf(&b, "switchyard_curve_refused_total{reason=\"handshake\"} %" PRIu64 "\n", c->hs_failed);
-    double elapsed = c->first_open ? (double)(mono_ms() - c->first_open) : 0;
+    double elapsed = c->first_open ? (double)(sy_mono_ms() - c->first_open) : 0;
     double gp = elapsed > 0 ? c->useful_ms / elapsed : 0;
     prom_gauge(&b, "switchyard_goodput", "Step time of kept steps / wall time since the first generation.",
                gp > 1 ? 1 : gp < 0 ? 0 : gp);

@@ -1,4 +1,5 @@
 #include "zap.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -35,11 +36,6 @@ struct sy_zap {
     int nseen;
 };
 
-static int64_t mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 sy_status sy_zap_new(void *zctx, const char *domain, sy_curve_keyset_t **keys, const char *keys_path,
                      sy_zap_t **out) {
@@ -76,7 +72,7 @@ int sy_zap_authorized(const sy_zap_t *self) { return self ? sy_curve_keyset_size
 
 /* Logs a refused key: the first time, then at most every ZAP_RELOG_MS. */
 static void log_refusal(sy_zap_t *z, const uint8_t *key, const char *addr, const char *why) {
-    int64_t now = mono_ms();
+    int64_t now = sy_mono_ms();
     refused_key *r = NULL;
     for (int i = 0; i < z->nseen && key; i++)
         if (!memcmp(z->seen[i].key, key, 32)) r = &z->seen[i];

@@ -1,4 +1,5 @@
 #include "agent.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -113,11 +114,6 @@ typedef struct {
     size_t pending_len;
 } agent_t;
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
 /* ---- link thread --------------------------------------------------------------------------- */
 
@@ -249,7 +245,7 @@ static void *link_main(void *arg) {
     zmq_connect(pair, a->inproc);
 
     bool welcomed = false;
-    double last_hello = -1e18, last_hb = -1e18, last_rx = now_ms();
+    double last_hello = -1e18, last_hb = -1e18, last_rx = (sy_mono_s() * 1e3);
     unsigned last_seq = 0;
     bool stopped = false; /* got Stop: no more Hello or heartbeats */
     while (!atomic_load(&a->link_stop)) {
@@ -260,7 +256,7 @@ static void *link_main(void *arg) {
             zmq_msg_t msg;
             zmq_msg_init(&msg);
             if (zmq_msg_recv(&msg, dealer, ZMQ_DONTWAIT) >= 0) {
-                last_rx = now_ms();
+                last_rx = (sy_mono_s() * 1e3);
                 Sy__Envelope *env = NULL;
                 sy_proto_drop why = sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env);
                 bool forward = false;
@@ -330,7 +326,7 @@ static void *link_main(void *arg) {
             }
             zmq_msg_close(&msg);
         }
-        double t = now_ms();
+        double t = (sy_mono_s() * 1e3);
         int hb = atomic_load(&a->hb_ms);
         /* The coordinator re-sends Welcome as a keepalive (docs/protocol.md); silence means it
          * is gone or was restarted: register again (a new incarnation answers). */
@@ -882,7 +878,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         set_state(a, ST_TRAINING);
         a->counts[0] = 0;
         sy_step_result res = {.counts = a->counts};
-        double t0 = now_ms();
+        double t0 = (sy_mono_s() * 1e3);
         st = sy_dist_step(&ctx, step, &res);
         if (st != SY_OK) {
             if (st == SY_EABORTED) {
@@ -897,7 +893,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             set_state(a, ST_IDLE);
             return RUN_FAILED;
         }
-        send_step_done(a, step, &res, now_ms() - t0);
+        send_step_done(a, step, &res, (sy_mono_s() * 1e3) - t0);
         atomic_store(&a->step, step);
         bool due = (a->cfg.checkpoint.every > 0 && step % a->cfg.checkpoint.every == 0) ||
                    step == (int64_t)as->end_step || step == ckpt_now;

@@ -1,5 +1,6 @@
 /* Asynchronous checkpoint saver: host snapshot + one background upload thread; see ckpt_async.h. */
 #include "ckpt_async.h"
+#include "clock.h"
 
 #include <inttypes.h>
 #include <pthread.h>
@@ -52,11 +53,6 @@ struct sy_ckpt_saver {
     sy_ckpt_saver_stats stats;
 };
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
 
 static void sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
@@ -100,13 +96,13 @@ static void *saver_thread(void *arg) {
         s->job_extra = NULL;
         pthread_mutex_unlock(&s->mu);
 
-        double t0 = now_ms();
+        double t0 = (sy_mono_s() * 1e3);
         sy_status rc = do_save(s, step, extra);
         if (rc == SY_EEXIST) {
             sy_warn("checkpoint %s step %" PRId64 " already committed; keeping it", s->run, step);
             rc = SY_OK;
         }
-        double ms = now_ms() - t0;
+        double ms = (sy_mono_s() * 1e3) - t0;
         char msg[MSG_MAX];
         if (rc != SY_OK) {
             snprintf(msg, sizeof msg, "checkpoint %s step %" PRId64 " not saved: %s", s->run, step, sy_err_msg());
@@ -268,7 +264,7 @@ sy_status sy_ckpt_saver_submit(sy_ckpt_saver_t *s, int64_t step, sy_model_t *mod
     if (stall_ms) *stall_ms = 0.0;
     if (!s || !model || step < 0 || (extra && !json_is_object(extra)))
         return sy_err_set(SY_EINVAL, "checkpoint saver: bad arguments to submit (step %" PRId64 ")", step);
-    double t0 = now_ms();
+    double t0 = (sy_mono_s() * 1e3);
     char prev_msg[MSG_MAX] = "";
     sy_status prev = SY_OK, rc = SY_OK;
 
@@ -309,7 +305,7 @@ sy_status sy_ckpt_saver_submit(sy_ckpt_saver_t *s, int64_t step, sy_model_t *mod
         s->job_extra = ex;
         s->busy = 1;
         s->job_ready = 1;
-        double ms = now_ms() - t0;
+        double ms = (sy_mono_s() * 1e3) - t0;
         s->stats.last_stall_ms = ms;
         pthread_cond_broadcast(&s->cv);
         pthread_mutex_unlock(&s->mu);

@@ -71,6 +71,7 @@
  * One communicator per data plane at a time. world == 1 needs no data plane (dp may be NULL).
  * sy_comm_abort() may race a collective, not sy_comm_destroy(). */
 #include "comm.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -174,11 +175,6 @@ static void rank_list_add(char *buf, size_t cap, int r) {
     if (o + 16 < cap) snprintf(buf + o, cap - o, "%s%d", o ? ", " : "", r);
 }
 
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static sy_status zmq_fail(const char *what) {
     return sy_err_set(SY_EIO, "data plane: %s: %s", what, zmq_strerror(zmq_errno()));
@@ -418,9 +414,9 @@ fail:
 
 /* Waits (bounded) until zmq released every zero-copy send. Returns false if it did not. */
 static bool wait_released(sy_comm_t *c, int bound_ms) {
-    int64_t end = now_ms() + bound_ms;
+    int64_t end = sy_mono_ms() + bound_ms;
     while (outstanding_total(c) > 0) {
-        int64_t left = end - now_ms();
+        int64_t left = end - sy_mono_ms();
         if (left <= 0) return false;
         zmq_pollitem_t it = {.socket = NULL, .fd = c->efd, .events = ZMQ_POLLIN};
         zmq_poll(&it, 1, left < SY_COMM_SLICE_MS ? (long)left : SY_COMM_SLICE_MS);
@@ -515,7 +511,7 @@ static sy_status comm_enter(sy_comm_t *c, const char *what) {
 
 static sy_status send_frames(sy_comm_t *c, int dst, const sy_hdr *h, const void *data, size_t len) {
     void *s = c->push[dst];
-    int64_t last = now_ms();
+    int64_t last = sy_mono_ms();
     for (int part = 0; part < 2;) {
         int rc;
         zmq_msg_t m;
@@ -543,7 +539,7 @@ static sy_status send_frames(sy_comm_t *c, int dst, const sy_hdr *h, const void 
         if (atomic_load(&c->aborted))
             return sy_err_set(SY_EABORTED, "comm: %s #%llu aborted while sending to rank %d", op_name(h->op),
                               (unsigned long long)h->seq, dst);
-        if (now_ms() - last > c->timeout_ms)
+        if (sy_mono_ms() - last > c->timeout_ms)
             return sy_err_set(SY_ETIMEOUT, "comm: %s #%llu (generation %llu): rank %d did not accept data within %d ms",
                               op_name(h->op), (unsigned long long)h->seq, (unsigned long long)c->gen, dst,
                               c->timeout_ms);
@@ -571,13 +567,13 @@ static sy_status send_stream(sy_comm_t *c, int op, int dst, const void *data, si
 /* Waits until zmq released all zero-copy sends (the bytes are in the kernel), with the same
  * progress deadline as receiving. */
 static sy_status wait_sends(sy_comm_t *c, int op) {
-    int64_t last = now_ms();
+    int64_t last = sy_mono_ms();
     long prev = outstanding_total(c);
     while (prev > 0) {
         if (atomic_load(&c->aborted))
             return sy_err_set(SY_EABORTED, "comm: %s #%llu (generation %llu) aborted", op_name(op),
                               (unsigned long long)c->seq, (unsigned long long)c->gen);
-        int64_t t = now_ms();
+        int64_t t = sy_mono_ms();
         if (t - last >= c->timeout_ms) {
             char who[200] = "";
             for (int r = 0; r < c->world; r++)
@@ -594,7 +590,7 @@ static sy_status wait_sends(sy_comm_t *c, int op) {
         ssize_t rd = read(c->efd, &v, sizeof v);
         (void)rd;
         long cur = outstanding_total(c);
-        if (cur < prev) last = now_ms();
+        if (cur < prev) last = sy_mono_ms();
         prev = cur;
     }
     return SY_OK;
@@ -702,7 +698,7 @@ static sy_status round_recv(sy_comm_t *c, int op, round_fn fn, void *ctx) {
 
     zmq_msg_t body;
     zmq_msg_init(&body);
-    int64_t last = now_ms();
+    int64_t last = sy_mono_ms();
     while (remaining > 0) {
         if (atomic_load(&c->aborted)) {
             st = sy_err_set(SY_EABORTED, "comm: %s #%llu (generation %llu) aborted", op_name(op),
@@ -717,7 +713,7 @@ static sy_status round_recv(sy_comm_t *c, int op, round_fn fn, void *ctx) {
             break;
         }
         if (got == 0) {
-            int64_t t = now_ms();
+            int64_t t = sy_mono_ms();
             if (t - last >= c->timeout_ms) {
                 char who[200] = "";
                 for (int r = 0; r < c->world; r++)
@@ -753,7 +749,7 @@ static sy_status round_recv(sy_comm_t *c, int op, round_fn fn, void *ctx) {
         }
         st = round_accept(c, op, &h, &body, fn, ctx, &remaining);
         if (st != SY_OK) break;
-        last = now_ms();
+        last = sy_mono_ms();
     }
     zmq_msg_close(&body);
     return st;

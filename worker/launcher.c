@@ -1,4 +1,5 @@
 #include "launcher.h"
+#include "clock.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -48,17 +49,7 @@ static void l_on_signal(int sig) {
 /* SIGCHLD only interrupts the tick's sleep, so that an exit is handled at once. */
 static void l_on_child(int sig) { (void)sig; }
 
-static double l_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
-static double l_wall(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -328,9 +319,9 @@ static void print_tail(const char *path, int lines) {
 static bool read_ready(lctx *L, int timeout_ms) {
     char buf[2048];
     size_t len = 0;
-    double t0 = l_now();
+    double t0 = sy_mono_s();
     for (;;) {
-        int left = timeout_ms - (int)((l_now() - t0) * 1e3);
+        int left = timeout_ms - (int)((sy_mono_s() - t0) * 1e3);
         if (left <= 0) return false;
         struct pollfd p = {.fd = L->coord_fd, .events = POLLIN};
         int r = poll(&p, 1, left);
@@ -517,7 +508,7 @@ static uint64_t rng_next(uint64_t *s) {
 
 static void chaos_event(lctx *L, const char *action, const char *target, pid_t pid, int64_t step) {
     json_t *e = json_pack("{s:s, s:s, s:s, s:i, s:I, s:f}", "event", "chaos", "action", action, "target", target,
-                          "pid", (int)pid, "step", (json_int_t)step, "time", l_wall());
+                          "pid", (int)pid, "step", (json_int_t)step, "time", sy_wall_s());
     char *line = e ? json_dumps(e, JSON_COMPACT) : NULL;
     if (line && L->chaos_f) {
         fprintf(L->chaos_f, "%s\n", line);
@@ -737,7 +728,7 @@ int sy_run_cli(int argc, char **argv) {
     } else {
         uint8_t rb[16];
         if (getrandom(rb, sizeof rb, 0) != (ssize_t)sizeof rb) {
-            uint64_t s = (uint64_t)(l_wall() * 1e9) ^ ((uint64_t)getpid() << 32);
+            uint64_t s = (uint64_t)(sy_wall_s() * 1e9) ^ ((uint64_t)getpid() << 32);
             for (size_t i = 0; i < sizeof rb; i++) rb[i] = (uint8_t)rng_next(&s);
         }
         for (size_t i = 0; i < sizeof rb; i++) snprintf(L.token + 2 * i, 3, "%02x", rb[i]);
@@ -756,12 +747,12 @@ int sy_run_cli(int argc, char **argv) {
             goto out;
         }
         if (!have_seed && getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
-            seed = (uint64_t)(l_wall() * 1e6) ^ (uint64_t)getpid();
+            seed = (uint64_t)(sy_wall_s() * 1e6) ^ (uint64_t)getpid();
         L.rng = seed;
         char sd[24];
         snprintf(sd, sizeof sd, "%" PRIu64, seed); /* a string: JSON readers may not hold 64 bits */
         json_t *e = json_pack("{s:s, s:s, s:s, s:f}", "event", "chaos_start", "spec", chaos_text, "seed", sd, "time",
-                              l_wall());
+                              sy_wall_s());
         char *line = e ? json_dumps(e, JSON_COMPACT) : NULL;
         if (line) fprintf(L.chaos_f, "%s\n", line);
         fflush(L.chaos_f);
@@ -809,7 +800,7 @@ int sy_run_cli(int argc, char **argv) {
     bool coord_killed = false, gave_up = false;
     for (;;) {
         int st;
-        double now = l_now();
+        double now = sy_mono_s();
         if (L.coord > 0 && waitpid(L.coord, &st, WNOHANG) == L.coord) {
             L.coord = -1;
             if (coord_killed && !l_interrupted && stop_sent == 0) {
@@ -850,13 +841,13 @@ int sy_run_cli(int argc, char **argv) {
                      WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
             if (!clean && stop_sent == 0) {
                 report_lost(&L, w->id, was);
-                if (chaos && chaos->respawn != RESPAWN_NONE) w->respawn_at = l_now() + chaos->respawn_delay_s;
+                if (chaos && chaos->respawn != RESPAWN_NONE) w->respawn_at = sy_mono_s() + chaos->respawn_delay_s;
             }
             /* After a clean exit (Stop) the coordinator is expected to end on its own; after a
              * crash it gets a moment to record the losses before it is stopped. */
-            if (live_workers(&L, true) == 0) all_gone_at = l_now() + (clean ? SY_LAUNCH_GRACE_MS / 1e3 : 1.0);
+            if (live_workers(&L, true) == 0) all_gone_at = sy_mono_s() + (clean ? SY_LAUNCH_GRACE_MS / 1e3 : 1.0);
         }
-        now = l_now();
+        now = sy_mono_s();
         for (int i = 0; i < L.nw && stop_sent == 0; i++) {
             wproc *w = &L.w[i];
             if (w->stopped && w->cont_at > 0 && now >= w->cont_at && w->pid > 0) {
@@ -896,9 +887,9 @@ int sy_run_cli(int argc, char **argv) {
         if (l_interrupted && stop_sent == 0) {
             if (!quiet) note(&L, "stopping...");
             if (L.coord > 0) kill(L.coord, SIGTERM);
-            stop_sent = l_now();
+            stop_sent = sy_mono_s();
         }
-        if (stop_sent > 0 && L.coord > 0 && (l_now() - stop_sent) * 1e3 > SY_LAUNCH_GRACE_MS) kill(L.coord, SIGKILL);
+        if (stop_sent > 0 && L.coord > 0 && (sy_mono_s() - stop_sent) * 1e3 > SY_LAUNCH_GRACE_MS) kill(L.coord, SIGKILL);
         /* new metrics lines */
         FILE *mf = fopen(metrics_path, "r");
         if (mf) {
@@ -918,7 +909,7 @@ int sy_run_cli(int argc, char **argv) {
                 tps = json_number_value(json_object_get(j, "tokens_per_s"));
                 world = (int)json_integer_value(json_object_get(j, "world"));
                 gen = (int)json_integer_value(json_object_get(j, "generation"));
-                if (first_step < 0) first_step = last_step, first_t = l_now();
+                if (first_step < 0) first_step = last_step, first_t = sy_mono_s();
                 json_decref(j);
             }
             free(ml);
@@ -926,7 +917,7 @@ int sy_run_cli(int argc, char **argv) {
         }
         /* chaos */
         if (chaos && first_step >= 0 && stop_sent == 0) {
-            now = l_now();
+            now = sy_mono_s();
             for (int k = 0; k < chaos->n; k++) {
                 ch_item *it = &chaos->items[k];
                 if (it->done) continue;
@@ -948,7 +939,7 @@ int sy_run_cli(int argc, char **argv) {
         if (!quiet && last_step > 0 && last_step != shown_step) {
             shown_step = last_step;
             char eta[32];
-            double el = l_now() - first_t;
+            double el = sy_mono_s() - first_t;
             double rate = last_step > first_step ? (last_step - first_step) / el : 0;
             sy_log_fmt_duration(eta, sizeof eta, rate > 0 ? (cfg.run.steps - last_step) / rate : NAN);
             fprintf(stderr, "%sstep %lld/%lld | loss %.4f | %.1fk tok/s | workers %d | gen %d | ETA %s%s",
@@ -980,9 +971,9 @@ stop_all:
     /* workers exit on the coordinator's Stop; give them a grace period, then make sure */
     if (L.coord > 0) {
         kill(L.coord, SIGTERM);
-        double ts = l_now();
+        double ts = sy_mono_s();
         while (waitpid(L.coord, NULL, WNOHANG) != L.coord) {
-            if ((l_now() - ts) * 1e3 > SY_LAUNCH_GRACE_MS) {
+            if ((sy_mono_s() - ts) * 1e3 > SY_LAUNCH_GRACE_MS) {
                 kill(L.coord, SIGKILL);
                 waitpid(L.coord, NULL, 0);
                 break;
@@ -992,16 +983,16 @@ stop_all:
         L.coord = -1;
     }
     if (L.w) {
-        double ts = l_now();
+        double ts = sy_mono_s();
         bool any = true, termed = false;
-        while (any && (l_now() - ts) * 1e3 < SY_LAUNCH_GRACE_MS) {
+        while (any && (sy_mono_s() - ts) * 1e3 < SY_LAUNCH_GRACE_MS) {
             any = false;
             for (int i = 0; i < L.nw; i++) {
                 if (L.w[i].pid <= 0) continue;
                 if (waitpid(L.w[i].pid, NULL, WNOHANG) == L.w[i].pid) L.w[i].pid = -1;
                 else any = true;
             }
-            if (any && !termed && (l_now() - ts) > 2.0) {
+            if (any && !termed && (sy_mono_s() - ts) > 2.0) {
                 termed = true;
                 for (int i = 0; i < L.nw; i++)
                     if (L.w[i].pid > 0) {

@@ -1,5 +1,6 @@
 /* Single-process training and evaluation. */
 #include "train.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -28,11 +29,6 @@
 #include "store.h"
 #include "store_s3.h"
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 
 /* Rewrites metrics.jsonl keeping only the lines of steps <= keep_step (used on resume, so the
@@ -104,7 +100,7 @@ static json_t *manifest_extra(const sy_config_t *cfg, int64_t step) {
  * an error of an earlier background save is logged, not fatal (the next save may succeed; the
  * final one is checked by finish_ckpt). */
 static sy_status save_ckpt(trainer *t, int64_t step, double *stall_ms, double *upload_ms) {
-    double t0 = now_s();
+    double t0 = sy_mono_s();
     json_t *ex = manifest_extra(t->cfg, step);
     sy_status s;
     *upload_ms = -1.0;
@@ -121,16 +117,16 @@ static sy_status save_ckpt(trainer *t, int64_t step, double *stall_ms, double *u
         s = SY_OK;
     }
     if (s == SY_OK) s = sy_ckpt_retain(t->store, t->cfg->run.name, t->cfg->checkpoint.keep_last);
-    *stall_ms = *upload_ms = (now_s() - t0) * 1e3;
+    *stall_ms = *upload_ms = (sy_mono_s() - t0) * 1e3;
     return s;
 }
 
 /* Waits for the background save in flight (async) and returns its error: the run's last
  * checkpoint must be committed before train returns success. *ms: the wait. */
 static sy_status finish_ckpt(trainer *t, double *ms) {
-    double t0 = now_s();
+    double t0 = sy_mono_s();
     sy_status s = t->saver ? sy_ckpt_saver_wait(t->saver) : SY_OK;
-    *ms = (now_s() - t0) * 1e3;
+    *ms = (sy_mono_s() - t0) * 1e3;
     return s;
 }
 
@@ -200,7 +196,7 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
             (unsigned long long)sy_data_windows(t.data), T + 1, sy_data_shards(t.data), t.M, b);
 
     const bool tty = isatty(STDERR_FILENO);
-    const double run_t0 = now_s();
+    const double run_t0 = sy_mono_s();
     double ckpt_ms = 0.0;
     int64_t steps_done = 0;
     int64_t reported_saves = 0, upload_step = -1;
@@ -208,13 +204,13 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     sy_dist_ctx dctx = {.cfg = cfg, .model = t.model, .opt = t.opt, .data = t.data, .comm = NULL,
                         .owned = NULL, .tokens = t.tokens};
     for (int64_t step = start + 1; step <= cfg->run.steps; step++) {
-        double t0 = now_s();
+        double t0 = sy_mono_s();
         /* the distributed step with one rank: the same code, so the same numbers (W-invariance) */
         sy_step_result r = {0};
         SY_CHECK_GOTO(sy_dist_step(&dctx, step, &r), s, done);
         const double ce = r.ce, aux = r.aux, z = r.z, norm = r.grad_norm, lr = r.lr;
         const int64_t tokens = r.tokens, routed = r.routed, dropped = r.dropped;
-        double dt = now_s() - t0;
+        double dt = sy_mono_s() - t0;
         double loss = ce + aux + z;
         if (!isfinite(loss)) {
             s = sy_err_set(SY_EINTERNAL, "step %lld: loss is %f (diverged); stopping", (long long)step, loss);
@@ -264,7 +260,7 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         json_decref(j);
 
         if (!opts->quiet && (step % cfg->run.log_every == 0 || last || step == start + 1)) {
-            double elapsed = now_s() - run_t0;
+            double elapsed = sy_mono_s() - run_t0;
             char eta[32];
             sy_log_fmt_duration(eta, sizeof eta, elapsed / steps_done * (cfg->run.steps - step));
             fprintf(stderr, "%sstep %lld/%lld | loss %.4f (ce %.4f aux %.4f z %.5f) | lr %.2e | %.1fk tok/s | dropped %.1f%% | ETA %s%s",
@@ -282,7 +278,7 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     }
     if (tty && !opts->quiet) fputc('\n', stderr);
     sy_info("done: %lld steps in %.1f s; checkpoints took %.0f ms; metrics in %s",
-            (long long)steps_done, now_s() - run_t0, ckpt_ms, mpath);
+            (long long)steps_done, sy_mono_s() - run_t0, ckpt_ms, mpath);
 done:
     if (metrics) fclose(metrics);
     trainer_free(&t);
