@@ -10,6 +10,7 @@
 #include "backend.h"
 #include "bf16.h"
 #include "cpu_math.h"
+#include "gemm_cpu.h"
 
 #define SY_LN_EPS 1e-5f
 #define SY_GELU_C 0.7978845608028654f /* sqrt(2/pi) */
@@ -21,6 +22,8 @@ typedef struct {
     float *scratch;        /* per-thread [T,T] buffers for attention backward */
     size_t scratch_floats; /* per thread */
     int scratch_threads;
+    double *rowloss;       /* [rowloss_n] per-row cross-entropy, summed in row order */
+    size_t rowloss_n;
 } cpu_backend_t;
 
 /* Hot kernels are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time. */
@@ -93,9 +96,7 @@ static void cpu_embed_bwd(sy_backend_t *be, float *dwte, float *dwpe, const floa
 static void cpu_matmul_fwd(sy_backend_t *be, float *y, const float *x, const float *W, int N,
                            int in, int out) {
     if (N == 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, out, in, 1.0f, x, in, W, in, 0.0f,
-                y, out);
-    cpu_round_bf16(be, y, (size_t)N * out);
+    sy_sgemm(false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out, be->bf16);
 }
 
 static void cpu_matmul_bwd(sy_backend_t *be, float *dx, float *dW, const float *dy,
@@ -107,21 +108,17 @@ static void cpu_matmul_bwd(sy_backend_t *be, float *dx, float *dW, const float *
             /* round the product before adding, as a bf16 GEMM output would be */
             float *tmp = malloc((size_t)N * in * sizeof(float));
             if (tmp) {
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, out, 1.0f, dy, out,
-                            W, in, 0.0f, tmp, in);
-                cpu_round_bf16(be, tmp, (size_t)N * in);
+                sy_sgemm(false, false, N, in, out, 1.0f, dy, out, W, in, 0.0f, tmp, in, true);
 #pragma omp parallel for schedule(static)
                 for (size_t i = 0; i < (size_t)N * in; i++) dx[i] = sy_round_bf16(dx[i] + tmp[i]);
                 free(tmp);
             }
         } else {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, out, 1.0f, dy, out, W,
-                        in, accumulate_dx ? 1.0f : 0.0f, dx, in);
-            cpu_round_bf16(be, dx, (size_t)N * in);
+            sy_sgemm(false, false, N, in, out, 1.0f, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f,
+                     dx, in, be->bf16);
         }
     }
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, N, 1.0f, dy, out, x, in, 1.0f,
-                dW, in);
+    sy_sgemm(true, false, out, in, N, 1.0f, dy, out, x, in, 1.0f, dW, in, false);
 }
 
 static void cpu_layernorm_fwd(sy_backend_t *be, float *y, float *mean, float *rstd,
@@ -313,41 +310,55 @@ static void cpu_add_inplace(sy_backend_t *be, float *y, const float *x, size_t n
     cpu_round_bf16(be, y, n);
 }
 
-static double cpu_xent_fwd_bwd(sy_backend_t *be, float *dlogits, const float *logits,
-                               const int32_t *targets, int N, int V, float scale) {
-    (void)be;
-    double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-    for (int n = 0; n < N; n++) {
-        const float *l = logits + (size_t)n * V;
-        float *d = dlogits + (size_t)n * V;
-        float mx = -INFINITY;
-        for (int v = 0; v < V; v++) mx = l[v] > mx ? l[v] : mx;
-        float sum = 0.0f;
-        for (int v = 0; v < V; v++) sum += expf(l[v] - mx);
-        float lse = mx + logf(sum);
-        total += (double)(lse - l[targets[n]]);
+/* Cross-entropy of one row (max-subtracted, fp32 sums in a fixed order); writes the scaled
+ * softmax-minus-onehot gradient when d != NULL. */
+static double xent_row(const float *l, int target, int V, float *d, float scale) {
+    float mx = -INFINITY;
+    for (int v = 0; v < V; v++) mx = l[v] > mx ? l[v] : mx;
+    float sum = 0.0f;
+    for (int v = 0; v < V; v++) sum += expf(l[v] - mx);
+    const double loss = (double)(mx + logf(sum) - l[target]); /* before d may overwrite l */
+    if (d) {
         float inv = 1.0f / sum;
         for (int v = 0; v < V; v++) d[v] = expf(l[v] - mx) * inv * scale;
-        d[targets[n]] -= scale;
+        d[target] -= scale;
     }
+    return loss;
+}
+
+/* Σ_t loss_t: rows in parallel into a per-row buffer, then summed in row order, so the total
+ * does not depend on the thread count (an OpenMP reduction would). Without the buffer the rows
+ * run serially, in the same order, with the same result. */
+static double xent_sum(cpu_backend_t *c, float *dlogits, const float *logits,
+                       const int32_t *targets, int N, int V, float scale) {
+    if ((size_t)N > c->rowloss_n) {
+        double *p = realloc(c->rowloss, sizeof(double) * (size_t)N);
+        if (p) c->rowloss = p, c->rowloss_n = (size_t)N;
+    }
+    double total = 0.0;
+    if ((size_t)N > c->rowloss_n) {
+        for (int n = 0; n < N; n++)
+            total += xent_row(logits + (size_t)n * V, targets[n], V,
+                              dlogits ? dlogits + (size_t)n * V : NULL, scale);
+        return total;
+    }
+    double *rl = c->rowloss;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        rl[n] = xent_row(logits + (size_t)n * V, targets[n], V,
+                         dlogits ? dlogits + (size_t)n * V : NULL, scale);
+    for (int n = 0; n < N; n++) total += rl[n];
     return total;
+}
+
+static double cpu_xent_fwd_bwd(sy_backend_t *be, float *dlogits, const float *logits,
+                               const int32_t *targets, int N, int V, float scale) {
+    return xent_sum((cpu_backend_t *)be, dlogits, logits, targets, N, V, scale);
 }
 
 static double cpu_xent_fwd(sy_backend_t *be, const float *logits, const int32_t *targets, int N,
                            int V) {
-    (void)be;
-    double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-    for (int n = 0; n < N; n++) {
-        const float *l = logits + (size_t)n * V;
-        float mx = -INFINITY;
-        for (int v = 0; v < V; v++) mx = l[v] > mx ? l[v] : mx;
-        float sum = 0.0f;
-        for (int v = 0; v < V; v++) sum += expf(l[v] - mx);
-        total += (double)(mx + logf(sum) - l[targets[n]]);
-    }
-    return total;
+    return xent_sum((cpu_backend_t *)be, NULL, logits, targets, N, V, 0.0f);
 }
 
 static void cpu_gather_rows(sy_backend_t *be, float *dst, const float *src, const int32_t *idx,
@@ -447,6 +458,7 @@ static void cpu_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_
 
 static void cpu_destroy(sy_backend_t *be) {
     free(((cpu_backend_t *)be)->scratch);
+    free(((cpu_backend_t *)be)->rowloss);
     free(be);
 }
 

@@ -1,0 +1,167 @@
+/* worker/gemm_cpu: sy_sgemm equals an fp64 reference within fp32 tolerance, and gives the same
+ * bits for 1, 2, 3 and 4 threads on every shape tried, including shapes whose last tile is
+ * ragged in either dimension, both transpositions, beta 0 and 1, and bf16 rounding. Also the
+ * backend's matmul and cross-entropy ops (what training calls) at 1-4 threads. This holds on
+ * whichever OpenBLAS kernel family the machine picks: run it under OPENBLAS_CORETYPE=Haswell on
+ * an AVX-512 machine to see the AVX2 kernels (never set in CI). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "cpu_setup.h"
+#include "gemm_cpu.h"
+
+static uint64_t g_rs = 0x9e3779b97f4a7c15ULL;
+static float frand(void) { /* xorshift64*, uniform in [-1, 1) */
+    g_rs ^= g_rs >> 12, g_rs ^= g_rs << 25, g_rs ^= g_rs >> 27;
+    return (float)((double)((g_rs * 0x2545F4914F6CDD1DULL) >> 11) * 0x1.0p-52 - 1.0);
+}
+static float *rnd(size_t n) {
+    float *p = malloc(sizeof(float) * (n ? n : 1));
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++) p[i] = frand();
+    return p;
+}
+
+typedef struct {
+    int M, N, K;
+} shape;
+
+/* ragged last tiles in M and N (tiles are multiples of 32, at least 64), degenerate sizes, and
+ * the shapes the tiny model and the Switch benchmark use */
+static const shape k_shapes[] = {
+    {1, 1, 1},     {3, 5, 7},      {64, 64, 64},   {65, 63, 17},   {257, 131, 129},
+    {517, 301, 96}, {1024, 384, 128}, {1024, 128, 512}, {131, 512, 128}, {512, 128, 1024},
+    {300, 2048, 512}, {2050, 100, 33},
+};
+
+static void reference(bool ta, bool tb, const shape *s, float alpha, const float *A,
+                      const float *B, float beta, const float *C0, double *out) {
+    const int M = s->M, N = s->N, K = s->K;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double acc = 0.0;
+            for (int k = 0; k < K; k++) {
+                double a = ta ? A[(size_t)k * M + i] : A[(size_t)i * K + k];
+                double b = tb ? B[(size_t)j * K + k] : B[(size_t)k * N + j];
+                acc += a * b;
+            }
+            out[(size_t)i * N + j] = alpha * acc + beta * C0[(size_t)i * N + j];
+        }
+}
+
+static void test_sgemm_threads(void **state) {
+    (void)state;
+    for (size_t si = 0; si < sizeof k_shapes / sizeof k_shapes[0]; si++) {
+        const shape *s = &k_shapes[si];
+        const size_t nc = (size_t)s->M * s->N;
+        float *A = rnd((size_t)s->M * s->K), *B = rnd((size_t)s->K * s->N), *C0 = rnd(nc);
+        float *C1 = malloc(sizeof(float) * nc), *Ct = malloc(sizeof(float) * nc);
+        double *ref = malloc(sizeof(double) * nc);
+        assert_true(C1 && Ct && ref);
+        for (int v = 0; v < 8; v++) {
+            const bool ta = v & 1, tb = v & 2, bf = v & 4;
+            const float beta = (v % 3 == 0) ? 0.0f : 1.0f;
+            const int lda = ta ? s->M : s->K, ldb = tb ? s->K : s->N;
+            for (int th = 1; th <= 4; th++) {
+                omp_set_num_threads(th);
+                float *C = th == 1 ? C1 : Ct;
+                memcpy(C, C0, sizeof(float) * nc);
+                sy_sgemm(ta, tb, s->M, s->N, s->K, 1.0f, A, lda, B, ldb, beta, C, s->N, bf);
+                if (th > 1 && memcmp(C1, Ct, sizeof(float) * nc) != 0) {
+                    size_t i = 0;
+                    while (C1[i] == Ct[i]) i++;
+                    fail_msg("sgemm %dx%dx%d ta=%d tb=%d beta=%g bf16=%d: %d threads differ from 1 at "
+                             "element %zu (%.9g vs %.9g)", s->M, s->N, s->K, ta, tb, beta, bf, th, i,
+                             Ct[i], C1[i]);
+                }
+            }
+            reference(ta, tb, s, 1.0f, A, B, beta, C0, ref);
+            /* fp32 accumulation over K terms of size <= 1: |err| <= K·2^-23·Σ|a·b| + rounding;
+             * bf16 output rounding adds 2^-8 relative */
+            const double rtol = bf ? 8e-3 : 1e-5, atol = bf ? 1e-2 : 1e-5 * (s->K + 1);
+            for (size_t i = 0; i < nc; i++)
+                if (!(fabs(C1[i] - ref[i]) <= atol + rtol * fabs(ref[i])))
+                    fail_msg("sgemm %dx%dx%d ta=%d tb=%d bf16=%d: element %zu = %.9g, fp64 %.9g", s->M,
+                             s->N, s->K, ta, tb, bf, i, C1[i], ref[i]);
+        }
+        free(A), free(B), free(C0), free(C1), free(Ct), free(ref);
+    }
+}
+
+static void test_tiling_is_shape_only(void **state) {
+    (void)state;
+    /* the tiling must not change with the thread count; tiles cover C exactly */
+    for (size_t si = 0; si < sizeof k_shapes / sizeof k_shapes[0]; si++) {
+        const shape *s = &k_shapes[si];
+        omp_set_num_threads(1);
+        sy_gemm_tiles a = sy_sgemm_tiling(s->M, s->N, s->K);
+        omp_set_num_threads(4);
+        sy_gemm_tiles b = sy_sgemm_tiling(s->M, s->N, s->K);
+        assert_int_equal(a.mt, b.mt);
+        assert_int_equal(a.nt, b.nt);
+        assert_true(a.mt >= 1 && a.nt >= 1);
+    }
+}
+
+/* The backend ops training runs (matmul fwd/bwd with weight-gradient accumulation, in fp32 and
+ * bf16 emulation; cross-entropy with its fp64 total) are thread-count invariant too. */
+static void test_backend_ops_threads(void **state) {
+    (void)state;
+    const int N = 517, in = 131, out = 300, V = 259;
+    float *x = rnd((size_t)N * in), *W = rnd((size_t)out * in), *dy = rnd((size_t)N * out);
+    float *lg = rnd((size_t)N * V);
+    int32_t *tg = malloc(sizeof(int32_t) * N);
+    assert_non_null(tg);
+    for (int i = 0; i < N; i++) tg[i] = (i * 37) % V;
+    for (int bf = 0; bf < 2; bf++) {
+        float *y1 = NULL, *dx1 = NULL, *dW1 = NULL, *dl1 = NULL;
+        double xe1 = 0.0;
+        for (int th = 1; th <= 4; th++) {
+            sy_backend_t *be = NULL;
+            assert_int_equal(sy_backend_cpu_new(th, bf, &be), SY_OK);
+            float *y = be->alloc(be, sizeof(float) * (size_t)N * out);
+            float *dx = be->alloc(be, sizeof(float) * (size_t)N * in);
+            float *dW = be->alloc(be, sizeof(float) * (size_t)out * in);
+            float *dl = be->alloc(be, sizeof(float) * (size_t)N * V);
+            assert_true(y && dx && dW && dl);
+            be->matmul_fwd(be, y, x, W, N, in, out);
+            be->matmul_bwd(be, dx, dW, dy, x, W, N, in, out, false);
+            be->matmul_bwd(be, dx, dW, dy, x, W, N, in, out, true); /* += on both */
+            double xe = be->xent_fwd_bwd(be, dl, lg, tg, N, V, 1.0f / N);
+            if (th == 1) {
+                y1 = y, dx1 = dx, dW1 = dW, dl1 = dl, xe1 = xe;
+                sy_backend_destroy(&be);
+                continue;
+            }
+            if (memcmp(y, y1, sizeof(float) * (size_t)N * out) ||
+                memcmp(dx, dx1, sizeof(float) * (size_t)N * in) ||
+                memcmp(dW, dW1, sizeof(float) * (size_t)out * in) ||
+                memcmp(dl, dl1, sizeof(float) * (size_t)N * V) || xe != xe1)
+                fail_msg("backend ops (bf16=%d) with %d threads differ from 1 thread", bf, th);
+            be->free(be, y), be->free(be, dx), be->free(be, dW), be->free(be, dl);
+            sy_backend_destroy(&be);
+        }
+        free(y1), free(dx1), free(dW1), free(dl1); /* cpu_alloc is posix_memalign */
+    }
+    free(x), free(W), free(dy), free(lg), free(tg);
+}
+
+int main(void) {
+    fprintf(stderr, "OpenBLAS kernels: %s\n", sy_cpu_blas_core());
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tiling_is_shape_only),
+        cmocka_unit_test(test_sgemm_threads),
+        cmocka_unit_test(test_backend_ops_threads),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,36 @@
+/* Thread-count-invariant sgemm for the CPU backend.
+ *
+ * OpenBLAS's multithreaded sgemm splits the output among its threads at boundaries that depend
+ * on the thread count, and on some kernel families (Haswell/Zen: AVX2 + FMA) an output element
+ * computed in an edge block of one split gets a different rounding than in the main block of
+ * another. Results then depend on the thread count, and expert-parallel workers (which run with
+ * fewer threads than a single process) drift from a single-process run.
+ *
+ * sy_sgemm computes C in fixed output tiles whose boundaries are a function of (M, N) alone
+ * (sy_sgemm_tiling), each tile by one single-threaded OpenBLAS call over the whole K, the tiles
+ * spread over this module's own OpenMP loop. Every output element therefore sees the same
+ * kernel, the same packing and the same K order whatever the thread count: results are equal
+ * bit for bit for any number of threads, on any kernel family OpenBLAS picks. They are not
+ * promised equal across kernel families or CPUs (vector widths and FMA use differ).
+ *
+ * Thread: any; call it outside an OpenMP parallel region to use the threads (inside one it runs
+ * the tiles on the calling thread, with the same result). */
+#ifndef SY_GEMM_CPU_H
+#define SY_GEMM_CPU_H
+
+#include <stdbool.h>
+
+typedef struct {
+    int mt, nt; /* tile rows and columns of C */
+} sy_gemm_tiles;
+
+/* The tiling used for an M×N output: a pure function of its arguments. */
+sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K);
+
+/* Row-major C[M,N] = alpha · op(A)[M,K] · op(B)[K,N] + beta · C, op = transpose when ta / tb
+ * (A stored [K,M] with leading dimension lda when ta, else [M,K]; likewise B). When
+ * round_bf16, each tile of C is rounded to bf16 (round-to-nearest-even) once computed. */
+void sy_sgemm(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc, bool round_bf16);
+
+#endif
