@@ -35,12 +35,13 @@
 #include "rng.h"
 #include "status.h"
 #include "switch.h"
+#include "gemm_cpu.h"
 
 typedef struct {
     const char *mode;
     int threads, iters, warmup;
     int G, D, F, E;
-    double cf, router_std;
+    double cf, router_std, skew;
     uint64_t seed;
     const char *config;
     const char *dump;
@@ -100,8 +101,21 @@ static sy_status bench_sgemm(const opts_t *o) {
     double gflops = 2.0 * n * n * n / (ms * 1e-3) / 1e9;
     printf("sgemm %dx%dx%d: median %.2f ms over %d, %.1f GFLOP/s (%d threads, OpenBLAS %s)\n",
            n, n, n, ms, o->iters, gflops, omp_get_max_threads(), sy_cpu_blas_core());
-    printf("RESULT name=sgemm ms=%.4f min_ms=%.4f gflops=%.3f threads=%d blas=%s\n", ms, min_ms,
-           gflops, omp_get_max_threads(), sy_cpu_blas_core());
+    /* the same product through sy_sgemm (fixed tiles, thread-count invariant): what the
+     * backend runs; its rate against OpenBLAS's own threading is the price of invariance */
+    sy_sgemm(false, false, n, n, n, 1.0f, A, n, B, n, 0.0f, C, n, false);
+    for (int i = 0; i < o->iters; i++) {
+        double t0 = now_s();
+        sy_sgemm(false, false, n, n, n, 1.0f, A, n, B, n, 0.0f, C, n, false);
+        t[i] = now_s() - t0;
+    }
+    double tms = median(t, o->iters) * 1e3;
+    double tgflops = 2.0 * n * n * n / (tms * 1e-3) / 1e9;
+    printf("sy_sgemm (fixed tiles) %dx%dx%d: median %.2f ms, %.1f GFLOP/s (%.0f%% of cblas_sgemm)\n",
+           n, n, n, tms, tgflops, 100.0 * tgflops / gflops);
+    printf("RESULT name=sgemm ms=%.4f min_ms=%.4f gflops=%.3f tiled_ms=%.4f tiled_gflops=%.3f "
+           "threads=%d blas=%s\n", ms, min_ms, gflops, tms, tgflops, omp_get_max_threads(),
+           sy_cpu_blas_core());
 done:
     free(A);
     free(B);
@@ -118,6 +132,7 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     sy_switch_t *sw = NULL;
     float *h = NULL, *Wr = NULL, *dWr = NULL, *out = NULL, *dout = NULL, *dh = NULL;
     float *W1 = NULL, *W2 = NULL, *dW1 = NULL, *dW2 = NULL;
+    double *acc1 = NULL, *acc2 = NULL;
     sy_expert_weights *ex = NULL;
     double *tf = calloc((size_t)o->iters, sizeof(double));
     double *tb = calloc((size_t)o->iters, sizeof(double));
@@ -136,9 +151,13 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     W2 = be->alloc(be, sizeof(float) * fd * E);
     dW1 = be->alloc(be, sizeof(float) * fd * E);
     dW2 = be->alloc(be, sizeof(float) * fd * E);
+    /* fp64 gradient accumulators: training always sums expert weight gradients across
+     * micro-batches in fp64 (model.c), so the benchmark runs that path too */
+    acc1 = calloc(fd * E, sizeof(double));
+    acc2 = calloc(fd * E, sizeof(double));
     ex = calloc((size_t)E, sizeof *ex);
-    if (!h || !dout || !out || !dh || !Wr || !dWr || !W1 || !W2 || !dW1 || !dW2 || !ex || !tf ||
-        !tb || !tt) {
+    if (!h || !dout || !out || !dh || !Wr || !dWr || !W1 || !W2 || !dW1 || !dW2 || !acc1 ||
+        !acc2 || !ex || !tf || !tb || !tt) {
         s = sy_err_set(SY_ENOMEM, "switch bench: out of memory (G=%d D=%d F=%d E=%d)", G, D, F, E);
         goto done;
     }
@@ -149,8 +168,28 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     fill_normal(W1, fd * E, sqrt(0.1 / D), o->seed, "bench.W1");
     fill_normal(W2, fd * E, sqrt(0.1 / F), o->seed, "bench.W2");
     fill_normal(dout, gd, 1.0, o->seed, "bench.dout");
+    if (o->skew > 0.0) {
+        /* Skewed routing: every token gets a shared component u and router row e gains
+         * skew·(e/(E-1))·u/|u|², so higher experts attract more tokens and the busiest ones
+         * overflow their capacity (the drop path early in training). */
+        float *u = malloc(sizeof(float) * (size_t)D);
+        if (!u) {
+            s = sy_err_set(SY_ENOMEM, "switch bench: out of memory");
+            goto done;
+        }
+        fill_normal(u, (size_t)D, 1.0 / sqrt((double)D), o->seed, "bench.skew");
+        double u2 = 0.0;
+        for (int i = 0; i < D; i++) u2 += (double)u[i] * u[i];
+        for (size_t t = 0; t < (size_t)G; t++)
+            for (int i = 0; i < D; i++) h[t * D + i] += u[i];
+        for (int e = 0; e < E; e++)
+            for (int i = 0; i < D; i++)
+                Wr[(size_t)e * D + i] += (float)(o->skew * (E > 1 ? (double)e / (E - 1) : 0.0) * u[i] / u2);
+        free(u);
+    }
     for (int e = 0; e < E; e++)
-        ex[e] = (sy_expert_weights){W1 + fd * e, W2 + fd * e, dW1 + fd * e, dW2 + fd * e, NULL, NULL};
+        ex[e] = (sy_expert_weights){W1 + fd * e, W2 + fd * e, dW1 + fd * e, dW2 + fd * e,
+                                    acc1 + fd * e, acc2 + fd * e};
 
     if (o->dump) {
         f = fopen(o->dump, "wb");
@@ -202,16 +241,16 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     double flop_fwd = 2.0 * info.n_kept * D * F * 2 + 2.0 * G * D * E;
     double flop_bwd = 2.0 * (2.0 * info.n_kept * D * F * 2) + 2.0 * (2.0 * G * D * E);
     double gflops = (flop_fwd + flop_bwd) / (tot * 1e-3) / 1e9;
-    printf("switch G=%d D=%d F=%d E=%d cf=%.2f: C=%d kept %d/%d (%.1f%%), aux %.4f z %.4f\n", G,
-           D, F, E, o->cf, info.C, info.n_kept, G, 100.0 * info.n_kept / G, info.aux_group,
-           info.z_group);
+    printf("switch G=%d D=%d F=%d E=%d cf=%.2f skew=%.2f: C=%d kept %d/%d (%.1f%%, %.1f%% dropped), "
+           "aux %.4f z %.4f\n", G, D, F, E, o->cf, o->skew, info.C, info.n_kept, G,
+           100.0 * info.n_kept / G, 100.0 * (G - info.n_kept) / G, info.aux_group, info.z_group);
     printf("  kept per expert:");
     for (int e = 0; e < E; e++) printf(" %d/%d", info.kept[e], info.counts[e]);
     printf("\n  median over %d: fwd %.2f ms, bwd %.2f ms, fwd+bwd %.2f ms, %.1f GFLOP/s\n",
            o->iters, fwd, bwd, tot, gflops);
-    printf("RESULT name=switch ms=%.4f min_ms=%.4f fwd_ms=%.4f bwd_ms=%.4f gflops=%.3f kept=%d G=%d "
+    printf("RESULT name=%s ms=%.4f min_ms=%.4f fwd_ms=%.4f bwd_ms=%.4f gflops=%.3f kept=%d G=%d "
            "capacity=%d aux=%.6f z=%.6f obj=%.6e dh_norm=%.6e\n",
-           tot, min_ms, fwd, bwd, gflops, info.n_kept, G, info.C, info.aux_group, info.z_group, obj,
+           o->skew > 0.0 ? "switch_skew" : "switch", tot, min_ms, fwd, bwd, gflops, info.n_kept, G, info.C, info.aux_group, info.z_group, obj,
            sqrt(dh2));
 done:
     if (f) fclose(f);
@@ -219,6 +258,8 @@ done:
     float *bufs[] = {h, Wr, dWr, out, dout, dh, W1, W2, dW1, dW2};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->free(be, bufs[i]);
+    free(acc1);
+    free(acc2);
     free(ex);
     free(tf);
     free(tb);
@@ -346,7 +387,9 @@ static void usage(FILE *f) {
             "  --warmup N      untimed iterations first\n"
             "  --seed S        input seed (default 1)\n"
             "switch: --tokens G (2048) --d-model D (512) --d-ff F (2048) --experts E (8)\n"
-            "        --cf X (1.25) --router-std S (default sqrt(0.1/D)) --dump FILE\n"
+            "        --cf X (1.25) --router-std S (default sqrt(0.1/D)) --skew X (0: none)\n"
+            "        --dump FILE   (expert weight gradients always accumulate in fp64, as in\n"
+            "        training; --skew X > 0 skews routing so the busiest experts drop tokens)\n"
             "step:   --config FILE (configs/tiny.yaml values are the defaults) --dump PREFIX\n");
 }
 
@@ -397,6 +440,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--experts")) rc = parse_int(a, v, 1, &o.E);
         else if (!strcmp(a, "--cf")) rc = parse_double(a, v, &o.cf);
         else if (!strcmp(a, "--router-std")) rc = parse_double(a, v, &o.router_std);
+        else if (!strcmp(a, "--skew")) rc = parse_double(a, v, &o.skew);
         else if (!strcmp(a, "--seed")) {
             int sd;
             rc = parse_int(a, v, 0, &sd);

@@ -42,6 +42,13 @@ struct sy_backend {
     /* dx[N,in] (= or += when accumulate) dy · W; dW[out,in] += dyᵀ · x. dx may be NULL. */
     void (*matmul_bwd)(sy_backend_t *be, float *dx, float *dW, const float *dy, const float *x,
                        const float *W, int N, int in, int out, bool accumulate_dx);
+    /* The expert weight-gradient path of training: dx[N,in] = dy · W (overwritten) and
+     * dW64[out,in] += (dyᵀ · x) computed in fp32 and added in fp64; dW[out,in] is fp32 scratch
+     * (left holding this call's dyᵀ · x). Same numbers as zeroing dW, matmul_bwd, then adding
+     * dW into dW64, without the extra passes. */
+    void (*matmul_bwd_acc64)(sy_backend_t *be, float *dx, float *dW, double *dW64,
+                             const float *dy, const float *x, const float *W, int N, int in,
+                             int out);
 
     /* y = (x - mean) · rstd · w (no bias, eps 1e-5); saves mean[N], rstd[N] */
     void (*layernorm_fwd)(sy_backend_t *be, float *y, float *mean, float *rstd, const float *x,

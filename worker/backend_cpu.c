@@ -99,26 +99,39 @@ static void cpu_matmul_fwd(sy_backend_t *be, float *y, const float *x, const flo
     sy_sgemm(false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out, be->bf16);
 }
 
+/* dx[N,in] (= or += when accumulate) dy · W, rounded as bf16 GEMM outputs in bf16 mode */
+static void matmul_dx(sy_backend_t *be, float *dx, const float *dy, const float *W, int N,
+                      int in, int out, bool accumulate_dx) {
+    if (accumulate_dx && be->bf16) {
+        /* round the product before adding, as a bf16 GEMM output would be */
+        float *tmp = malloc((size_t)N * in * sizeof(float));
+        if (tmp) {
+            sy_sgemm(false, false, N, in, out, 1.0f, dy, out, W, in, 0.0f, tmp, in, true);
+#pragma omp parallel for schedule(static)
+            for (size_t i = 0; i < (size_t)N * in; i++) dx[i] = sy_round_bf16(dx[i] + tmp[i]);
+            free(tmp);
+        }
+    } else {
+        sy_sgemm(false, false, N, in, out, 1.0f, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f, dx,
+                 in, be->bf16);
+    }
+}
+
 static void cpu_matmul_bwd(sy_backend_t *be, float *dx, float *dW, const float *dy,
                            const float *x, const float *W, int N, int in, int out,
                            bool accumulate_dx) {
     if (N == 0) return;
-    if (dx) {
-        if (accumulate_dx && be->bf16) {
-            /* round the product before adding, as a bf16 GEMM output would be */
-            float *tmp = malloc((size_t)N * in * sizeof(float));
-            if (tmp) {
-                sy_sgemm(false, false, N, in, out, 1.0f, dy, out, W, in, 0.0f, tmp, in, true);
-#pragma omp parallel for schedule(static)
-                for (size_t i = 0; i < (size_t)N * in; i++) dx[i] = sy_round_bf16(dx[i] + tmp[i]);
-                free(tmp);
-            }
-        } else {
-            sy_sgemm(false, false, N, in, out, 1.0f, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f,
-                     dx, in, be->bf16);
-        }
-    }
+    if (dx) matmul_dx(be, dx, dy, W, N, in, out, accumulate_dx);
     sy_sgemm(true, false, out, in, N, 1.0f, dy, out, x, in, 1.0f, dW, in, false);
+}
+
+static void cpu_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double *dW64,
+                                 const float *dy, const float *x, const float *W, int N, int in,
+                                 int out) {
+    if (N == 0) return;
+    matmul_dx(be, dx, dy, W, N, in, out, false);
+    const sy_gemm_epilogue epi = {.acc = dW64, .ldacc = in};
+    sy_sgemm_ex(true, false, out, in, N, 1.0f, dy, out, x, in, 0.0f, dW, in, &epi);
 }
 
 static void cpu_layernorm_fwd(sy_backend_t *be, float *y, float *mean, float *rstd,
@@ -480,6 +493,7 @@ sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
     b->embed_bwd = cpu_embed_bwd;
     b->matmul_fwd = cpu_matmul_fwd;
     b->matmul_bwd = cpu_matmul_bwd;
+    b->matmul_bwd_acc64 = cpu_matmul_bwd_acc64;
     b->layernorm_fwd = cpu_layernorm_fwd;
     b->layernorm_bwd = cpu_layernorm_bwd;
     b->attention_fwd = cpu_attention_fwd;

@@ -4,23 +4,19 @@
 
 #include "bf16.h"
 
-/* Tile bounds (elements of C along one dimension): at most about four tiles per dimension for
- * mid-sized outputs, never narrower than SY_GEMM_TILE_MIN (OpenBLAS's per-call packing then
- * costs little against the tile's arithmetic) nor wider than SY_GEMM_TILE_MAX (large GEMMs
- * still yield enough tiles to share out). Multiples of SY_GEMM_TILE_ALIGN keep tile edges on
- * the kernels' register-block boundaries. */
-#define SY_GEMM_TILE_MIN 64
-#define SY_GEMM_TILE_MAX 512
+/* Tiles are at most SY_GEMM_TILE_CAP along each dimension, as even as the dimension allows and
+ * rounded up to a multiple of SY_GEMM_TILE_ALIGN (the kernels' register blocks). Square-ish
+ * tiles keep OpenBLAS's per-call packing small against the tile's arithmetic: a tile packs
+ * (mt + nt)·K floats for mt·nt·K multiply-adds. Measured on the Switch layer (G 2048, D 512,
+ * F 2048) on one thread: the cap costs no time against one whole OpenBLAS call. */
+#define SY_GEMM_TILE_CAP 256
 #define SY_GEMM_TILE_ALIGN 32
-#define SY_GEMM_TILES_PER_DIM 4
 
 static int tile_len(int n) {
-    if (n <= SY_GEMM_TILE_MIN) return n > 0 ? n : 1;
-    int t = (n + SY_GEMM_TILES_PER_DIM - 1) / SY_GEMM_TILES_PER_DIM;
-    t = (t + SY_GEMM_TILE_ALIGN - 1) / SY_GEMM_TILE_ALIGN * SY_GEMM_TILE_ALIGN;
-    if (t < SY_GEMM_TILE_MIN) t = SY_GEMM_TILE_MIN;
-    if (t > SY_GEMM_TILE_MAX) t = SY_GEMM_TILE_MAX;
-    return t;
+    if (n <= SY_GEMM_TILE_CAP) return n > 0 ? n : 1;
+    const int k = (n + SY_GEMM_TILE_CAP - 1) / SY_GEMM_TILE_CAP; /* tiles along n */
+    const int t = (n + k - 1) / k;
+    return (t + SY_GEMM_TILE_ALIGN - 1) / SY_GEMM_TILE_ALIGN * SY_GEMM_TILE_ALIGN;
 }
 
 sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K) {
@@ -28,15 +24,32 @@ sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K) {
     return (sy_gemm_tiles){.mt = tile_len(M), .nt = tile_len(N)};
 }
 
-void sy_sgemm(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
-              const float *B, int ldb, float beta, float *C, int ldc, bool round_bf16) {
+static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *epi, int i0,
+                     int j0) {
+    if (epi->round_bf16)
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++)
+                c[(size_t)i * ldc + j] = sy_round_bf16(c[(size_t)i * ldc + j]);
+    if (epi->acc)
+        for (int i = 0; i < m; i++) {
+            double *a = epi->acc + (size_t)(i0 + i) * epi->ldacc + j0;
+            const float *ci = c + (size_t)i * ldc;
+#pragma omp simd
+            for (int j = 0; j < n; j++) a[j] += ci[j];
+        }
+}
+
+void sy_sgemm_ex(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc,
+                 const sy_gemm_epilogue *epi) {
     if (M <= 0 || N <= 0) return;
     const sy_gemm_tiles tl = sy_sgemm_tiling(M, N, K);
     const int tm = (M + tl.mt - 1) / tl.mt, tn = (N + tl.nt - 1) / tl.nt;
     const int ntiles = tm * tn;
     /* OpenBLAS (OpenMP build) runs single-threaded inside an active parallel region, or when
-     * the OpenMP thread count is 1: every tile below is one single-threaded call. */
-#pragma omp parallel for schedule(static)
+     * the OpenMP thread count is 1: every tile below is one single-threaded call. Dynamic
+     * scheduling balances ragged tiles; a tile's result does not depend on its thread. */
+#pragma omp parallel for schedule(dynamic, 1)
     for (int t = 0; t < ntiles; t++) {
         const int i0 = (t / tn) * tl.mt, j0 = (t % tn) * tl.nt;
         const int m = M - i0 < tl.mt ? M - i0 : tl.mt;
@@ -53,9 +66,12 @@ void sy_sgemm(bool ta, bool tb, int M, int N, int K, float alpha, const float *A
                 for (int j = 0; j < n; j++)
                     c[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[(size_t)i * ldc + j];
         }
-        if (round_bf16)
-            for (int i = 0; i < m; i++)
-                for (int j = 0; j < n; j++)
-                    c[(size_t)i * ldc + j] = sy_round_bf16(c[(size_t)i * ldc + j]);
+        if (epi) epilogue(c, ldc, m, n, epi, i0, j0);
     }
+}
+
+void sy_sgemm(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc, bool round_bf16) {
+    const sy_gemm_epilogue epi = {.round_bf16 = round_bf16};
+    sy_sgemm_ex(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, round_bf16 ? &epi : NULL);
 }

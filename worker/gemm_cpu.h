@@ -8,10 +8,11 @@
  *
  * sy_sgemm computes C in fixed output tiles whose boundaries are a function of (M, N) alone
  * (sy_sgemm_tiling), each tile by one single-threaded OpenBLAS call over the whole K, the tiles
- * spread over this module's own OpenMP loop. Every output element therefore sees the same
- * kernel, the same packing and the same K order whatever the thread count: results are equal
- * bit for bit for any number of threads, on any kernel family OpenBLAS picks. They are not
- * promised equal across kernel families or CPUs (vector widths and FMA use differ).
+ * spread over this module's own OpenMP loop (which thread runs a tile does not matter). Every
+ * output element therefore sees the same kernel, the same packing and the same K order whatever
+ * the thread count: results are equal bit for bit for any number of threads, on any kernel
+ * family OpenBLAS picks. They are not promised equal across kernel families or CPUs (vector
+ * widths and FMA use differ).
  *
  * Thread: any; call it outside an OpenMP parallel region to use the threads (inside one it runs
  * the tiles on the calling thread, with the same result). */
@@ -24,12 +25,24 @@ typedef struct {
     int mt, nt; /* tile rows and columns of C */
 } sy_gemm_tiles;
 
+/* What happens to each tile of C once computed, while it is still in cache. */
+typedef struct {
+    bool round_bf16; /* round C to bf16 (round-to-nearest-even) */
+    double *acc;     /* when set: acc[i, j] += C[i, j] (fp64, row-major, leading dim ldacc) */
+    int ldacc;
+} sy_gemm_epilogue;
+
 /* The tiling used for an M×N output: a pure function of its arguments. */
 sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K);
 
 /* Row-major C[M,N] = alpha · op(A)[M,K] · op(B)[K,N] + beta · C, op = transpose when ta / tb
- * (A stored [K,M] with leading dimension lda when ta, else [M,K]; likewise B). When
- * round_bf16, each tile of C is rounded to bf16 (round-to-nearest-even) once computed. */
+ * (A stored [K,M] with leading dimension lda when ta, else [M,K]; likewise B), then the
+ * epilogue (NULL: none) per tile. */
+void sy_sgemm_ex(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc,
+                 const sy_gemm_epilogue *epi);
+
+/* sy_sgemm_ex with an optional bf16 rounding of C. */
 void sy_sgemm(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc, bool round_bf16);
 

@@ -180,19 +180,17 @@ void sy_expert_mlp_bwd(sy_backend_t *be, const sy_expert_weights *w, int n, int 
                        const float *dye, const float *xe, const float *he, const float *ge,
                        const float *mask, float *dge, float *dhe, float *dxe) {
     if (n == 0) return;
-    const size_t nw = (size_t)F * D;
-    if (w->acc1) {
-        memset(w->dW1, 0, sizeof(float) * nw);
-        memset(w->dW2, 0, sizeof(float) * nw);
+    if (w->acc1) { /* training: weight gradients straight into the fp64 accumulators */
+        be->matmul_bwd_acc64(be, dge, w->dW2, w->acc2, dye, ge, w->W2, n, F, D);
+        if (mask) be->mul_inplace(be, dge, mask, (size_t)n * F);
+        be->gelu_bwd(be, dhe, dge, he, (size_t)n * F);
+        be->matmul_bwd_acc64(be, dxe, w->dW1, w->acc1, dhe, xe, w->W1, n, D, F);
+        return;
     }
     be->matmul_bwd(be, dge, w->dW2, dye, ge, w->W2, n, F, D, false);
     if (mask) be->mul_inplace(be, dge, mask, (size_t)n * F);
     be->gelu_bwd(be, dhe, dge, he, (size_t)n * F);
     be->matmul_bwd(be, dxe, w->dW1, dhe, xe, w->W1, n, D, F, false);
-    if (w->acc1) {
-        for (size_t i = 0; i < nw; i++) w->acc1[i] += w->dW1[i];
-        for (size_t i = 0; i < nw; i++) w->acc2[i] += w->dW2[i];
-    }
 }
 
 void sy_switch_experts(sy_switch_t *sw, const sy_expert_weights *ex, int e0, int e1,

@@ -5,7 +5,7 @@ when and which process dies.
 The cluster is W-invariant (dense gradients summed in fp64, expert GEMMs in single-process
 shapes), so whatever fails, a completed run's metrics.jsonl (last line per step) must equal a
 fault-free single-process `switchyard train` run of the same config at every step (asserted
-within 1e-4 relative; the actual maximum difference is printed).
+exactly equal, as the fp64 numbers metrics.jsonl records; the maximum difference is printed).
 
 Scenarios (40 steps, checkpoint every 5, heartbeat 250 ms, failure timeout 2 s):
   1. kill -9 of one worker of 4 in the middle of a step
@@ -66,7 +66,7 @@ def verify_run(c, ref, label, survivors):
     missing, worst = fu.compare(ref, got)
     print(f"   {label}: max relative loss difference to the fault-free reference: {worst:.3e}", flush=True)
     ok &= check(not missing, f"{label}: all {STEPS} steps in metrics.jsonl (missing {missing[:8]})")
-    ok &= check(worst <= fu.TOL, f"{label}: every step's loss equals the fault-free run within 1e-4 (max {worst:.2e})")
+    ok &= check(worst <= fu.TOL, f"{label}: every step's loss equals the fault-free run exactly (max relative difference {worst:.2e})")
     lines = c.metric_lines()
     print(f"   {label}: {len(lines)} metric lines for {STEPS} steps ({len(lines) - len(got)} step(s) re-run after restores)")
     # every generation restores from a checkpoint committed before it opened
