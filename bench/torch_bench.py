@@ -154,7 +154,7 @@ def bench_switch(a):
           f"aux {float(res['aux']):.4f} z {float(res['z']):.4f}")
     print(f"  median over {a.iters}: fwd {fwd:.2f} ms, bwd {bwd:.2f} ms, fwd+bwd {ms:.2f} ms, "
           f"{gflops:.1f} GFLOP/s")
-    print(f"RESULT name=switch ms={ms:.4f} min_ms={min_ms:.4f} fwd_ms={fwd:.4f} bwd_ms={bwd:.4f} gflops={gflops:.3f} "
+    print(f"RESULT name={a.name or 'switch'} ms={ms:.4f} min_ms={min_ms:.4f} fwd_ms={fwd:.4f} bwd_ms={bwd:.4f} gflops={gflops:.3f} "
           f"kept={kept} G={G} capacity={C} aux={float(res['aux']):.6f} z={float(res['z']):.6f} "
           f"obj={obj:.6e} dh_norm={dh_norm:.6e}")
 
@@ -369,6 +369,7 @@ def main():
     p.add_argument("--d-ff", type=int, default=2048)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--cf", type=float, default=1.25)
+    p.add_argument("--name", help="the RESULT line's name (default: the mode)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
