@@ -1,11 +1,14 @@
-/* Picks the right OpenBLAS kernels before OpenBLAS initialises.
+/* Picks the right OpenBLAS kernels and OpenMP wait policy before either initialises.
  *
  * Debian's OpenBLAS 0.3.21 (DYNAMIC_ARCH) misdetects some AVX-512 CPUs and falls back to SSE3
  * "Prescott" kernels, about 10x slower. OpenBLAS reads OPENBLAS_CORETYPE once, in its library
- * constructor, which runs before main(); so the only reliable fix from inside the program is to
- * set the variable and re-execute. sy_cpu_setup() does that once, only when the CPU reports
- * AVX-512 F/BW/DQ/VL (what the SkylakeX kernels use) and the user has not set the variable;
- * CPUs without AVX-512 keep OpenBLAS's own detection. SY_NO_REEXEC=1 disables it. */
+ * constructor, which runs before main(), and libgomp reads GOMP_SPINCOUNT the same way; so the
+ * only reliable fix from inside the program is to set the variables and re-execute.
+ * sy_cpu_setup() does that once: OPENBLAS_CORETYPE=SkylakeX only when the CPU reports AVX-512
+ * F/BW/DQ/VL (what the SkylakeX kernels use) and the variable is unset (CPUs without AVX-512
+ * keep OpenBLAS's own detection; a machine that sets it keeps its value); GOMP_SPINCOUNT (short
+ * spin-waits, see cpu_setup.c) only when neither it nor OMP_WAIT_POLICY is set. Neither choice
+ * changes a result. SY_NO_REEXEC=1 disables it. */
 #ifndef SY_CPU_SETUP_H
 #define SY_CPU_SETUP_H
 

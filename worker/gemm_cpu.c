@@ -4,17 +4,21 @@
 
 #include "bf16.h"
 
-/* Tiles are at most SY_GEMM_TILE_CAP along each dimension, as even as the dimension allows and
- * rounded up to a multiple of SY_GEMM_TILE_ALIGN (the kernels' register blocks). Square-ish
- * tiles keep OpenBLAS's per-call packing small against the tile's arithmetic: a tile packs
- * (mt + nt)·K floats for mt·nt·K multiply-adds. Measured on the Switch layer (G 2048, D 512,
- * F 2048) on one thread: the cap costs no time against one whole OpenBLAS call. */
-#define SY_GEMM_TILE_CAP 256
+/* Tiles along one dimension of C: a dimension under SY_GEMM_TILE_SPLIT is one tile; up to
+ * 2·SY_GEMM_TILE_CAP it is halved (so mid-sized GEMMs still use two threads); beyond, it is cut
+ * into tiles of at most SY_GEMM_TILE_CAP. Tiles are as even as the dimension allows, rounded up
+ * to a multiple of SY_GEMM_TILE_ALIGN (the kernels' register blocks). Each tile is a separate
+ * OpenBLAS call that packs its own (mt + nt)·K panel floats for mt·nt·K multiply-adds, so tiles
+ * must stay large: the cost of invariance is that repacking (docs/performance.md). */
+#ifndef SY_GEMM_TILE_CAP
+#define SY_GEMM_TILE_CAP 512
+#endif
+#define SY_GEMM_TILE_SPLIT 256
 #define SY_GEMM_TILE_ALIGN 32
 
 static int tile_len(int n) {
-    if (n <= SY_GEMM_TILE_CAP) return n > 0 ? n : 1;
-    const int k = (n + SY_GEMM_TILE_CAP - 1) / SY_GEMM_TILE_CAP; /* tiles along n */
+    if (n < SY_GEMM_TILE_SPLIT) return n > 0 ? n : 1;
+    const int k = n <= 2 * SY_GEMM_TILE_CAP ? 2 : (n + SY_GEMM_TILE_CAP - 1) / SY_GEMM_TILE_CAP;
     const int t = (n + k - 1) / k;
     return (t + SY_GEMM_TILE_ALIGN - 1) / SY_GEMM_TILE_ALIGN * SY_GEMM_TILE_ALIGN;
 }
