@@ -49,6 +49,17 @@ struct sy_backend {
     void (*matmul_bwd_acc64)(sy_backend_t *be, float *dx, float *dW, double *dW64,
                              const float *dy, const float *x, const float *W, int N, int in,
                              int out);
+    /* Grouped forms over n independent problems with the same in/out (the Switch layer's
+     * experts): problem i is matmul_fwd(y[i], x[i], W[i], N[i]), resp. matmul_bwd_acc64 (or,
+     * with dW64 == NULL, matmul_bwd with accumulate_dx false). Each result equals the single
+     * call's. In the backward, dW64 NULL or dW64[i] NULL selects matmul_bwd for problem i;
+     * no two problems may share a dW or dW64. */
+    void (*matmul_fwd_group)(sy_backend_t *be, float *const *y, const float *const *x,
+                             const float *const *W, const int *N, int n, int in, int out);
+    void (*matmul_bwd_group)(sy_backend_t *be, float *const *dx, float *const *dW,
+                             double *const *dW64, const float *const *dy,
+                             const float *const *x, const float *const *W, const int *N, int n,
+                             int in, int out);
 
     /* y = (x - mean) · rstd · w (no bias, eps 1e-5); saves mean[N], rstd[N] */
     void (*layernorm_fwd)(sy_backend_t *be, float *y, float *mean, float *rstd, const float *x,

@@ -134,6 +134,47 @@ static void cpu_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double 
     sy_sgemm_ex(true, false, out, in, N, 1.0f, dy, out, x, in, 0.0f, dW, in, &epi);
 }
 
+/* Groups larger than this run in slices (same results). */
+#define SY_GROUP_MAX 64
+
+static void cpu_matmul_fwd_group(sy_backend_t *be, float *const *y, const float *const *x,
+                                 const float *const *W, const int *N, int n, int in, int out) {
+    for (int g0 = 0; g0 < n; g0 += SY_GROUP_MAX) {
+        sy_gemm_problem p[SY_GROUP_MAX];
+        const int k = n - g0 < SY_GROUP_MAX ? n - g0 : SY_GROUP_MAX;
+        for (int i = 0; i < k; i++)
+            p[i] = (sy_gemm_problem){.tb = true, .M = N[g0 + i], .N = out, .K = in, .alpha = 1.0f,
+                                     .A = x[g0 + i], .lda = in, .B = W[g0 + i], .ldb = in,
+                                     .C = y[g0 + i], .ldc = out, .epi.round_bf16 = be->bf16};
+        sy_sgemm_group(p, k);
+    }
+}
+
+static void cpu_matmul_bwd_group(sy_backend_t *be, float *const *dx, float *const *dW,
+                                 double *const *dW64, const float *const *dy,
+                                 const float *const *x, const float *const *W, const int *N,
+                                 int n, int in, int out) {
+    for (int g0 = 0; g0 < n; g0 += SY_GROUP_MAX) {
+        sy_gemm_problem p[2 * SY_GROUP_MAX];
+        const int k = n - g0 < SY_GROUP_MAX ? n - g0 : SY_GROUP_MAX;
+        int np = 0;
+        for (int i = g0; i < g0 + k; i++) {
+            if (N[i] == 0) continue;
+            /* dx = dy · W (overwritten), rounded in bf16 mode */
+            p[np++] = (sy_gemm_problem){.M = N[i], .N = in, .K = out, .alpha = 1.0f, .A = dy[i],
+                                        .lda = out, .B = W[i], .ldb = in, .C = dx[i], .ldc = in,
+                                        .epi.round_bf16 = be->bf16};
+            /* dW += dyᵀ · x, or scratch dW = dyᵀ · x added into dW64[i] */
+            double *acc = dW64 ? dW64[i] : NULL;
+            p[np++] = (sy_gemm_problem){.ta = true, .M = out, .N = in, .K = N[i], .alpha = 1.0f,
+                                        .beta = acc ? 0.0f : 1.0f, .A = dy[i], .lda = out,
+                                        .B = x[i], .ldb = in, .C = dW[i], .ldc = in,
+                                        .epi = {.acc = acc, .ldacc = in}};
+        }
+        sy_sgemm_group(p, np);
+    }
+}
+
 static void cpu_layernorm_fwd(sy_backend_t *be, float *y, float *mean, float *rstd,
                               const float *x, const float *w, int N, int D) {
 #pragma omp parallel for schedule(static)
@@ -494,6 +535,8 @@ sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
     b->matmul_fwd = cpu_matmul_fwd;
     b->matmul_bwd = cpu_matmul_bwd;
     b->matmul_bwd_acc64 = cpu_matmul_bwd_acc64;
+    b->matmul_fwd_group = cpu_matmul_fwd_group;
+    b->matmul_bwd_group = cpu_matmul_bwd_group;
     b->layernorm_fwd = cpu_layernorm_fwd;
     b->layernorm_bwd = cpu_layernorm_bwd;
     b->attention_fwd = cpu_attention_fwd;

@@ -30,6 +30,7 @@ sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K) {
 
 static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *epi, int i0,
                      int j0) {
+    if (!epi->round_bf16 && !epi->acc) return;
     if (epi->round_bf16)
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++)
@@ -43,34 +44,66 @@ static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *ep
         }
 }
 
+/* Tile t of a problem tiled tl (tn tiles per row of tiles). */
+static void run_tile(const sy_gemm_problem *p, sy_gemm_tiles tl, int tn, int t) {
+    const int i0 = (t / tn) * tl.mt, j0 = (t % tn) * tl.nt;
+    const int m = p->M - i0 < tl.mt ? p->M - i0 : tl.mt;
+    const int n = p->N - j0 < tl.nt ? p->N - j0 : tl.nt;
+    const float *a = p->ta ? p->A + i0 : p->A + (size_t)i0 * p->lda;
+    const float *b = p->tb ? p->B + (size_t)j0 * p->ldb : p->B + j0;
+    float *c = p->C + (size_t)i0 * p->ldc + j0;
+    if (p->K > 0) {
+        cblas_sgemm(CblasRowMajor, p->ta ? CblasTrans : CblasNoTrans,
+                    p->tb ? CblasTrans : CblasNoTrans, m, n, p->K, p->alpha, a, p->lda, b, p->ldb,
+                    p->beta, c, p->ldc);
+    } else {
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++)
+                c[(size_t)i * p->ldc + j] = p->beta == 0.0f ? 0.0f : p->beta * c[(size_t)i * p->ldc + j];
+    }
+    epilogue(c, p->ldc, m, n, &p->epi, i0, j0);
+}
+
+static int n_tiles(const sy_gemm_problem *p, sy_gemm_tiles *tl, int *tn) {
+    if (p->M <= 0 || p->N <= 0) return 0;
+    *tl = sy_sgemm_tiling(p->M, p->N, p->K);
+    *tn = (p->N + tl->nt - 1) / tl->nt;
+    return ((p->M + tl->mt - 1) / tl->mt) * *tn;
+}
+
+/* OpenBLAS (OpenMP build) runs single-threaded inside an active parallel region, or when the
+ * OpenMP thread count is 1: every tile below is one single-threaded call. Dynamic scheduling
+ * balances ragged tiles; a tile's result does not depend on its thread. */
 void sy_sgemm_ex(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc,
                  const sy_gemm_epilogue *epi) {
-    if (M <= 0 || N <= 0) return;
-    const sy_gemm_tiles tl = sy_sgemm_tiling(M, N, K);
-    const int tm = (M + tl.mt - 1) / tl.mt, tn = (N + tl.nt - 1) / tl.nt;
-    const int ntiles = tm * tn;
-    /* OpenBLAS (OpenMP build) runs single-threaded inside an active parallel region, or when
-     * the OpenMP thread count is 1: every tile below is one single-threaded call. Dynamic
-     * scheduling balances ragged tiles; a tile's result does not depend on its thread. */
+    const sy_gemm_problem p = {.ta = ta, .tb = tb, .M = M, .N = N, .K = K, .alpha = alpha,
+                               .beta = beta, .A = A, .B = B, .lda = lda, .ldb = ldb, .C = C,
+                               .ldc = ldc, .epi = epi ? *epi : (sy_gemm_epilogue){0}};
+    sy_gemm_tiles tl;
+    int tn;
+    const int nt = n_tiles(&p, &tl, &tn);
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int t = 0; t < ntiles; t++) {
-        const int i0 = (t / tn) * tl.mt, j0 = (t % tn) * tl.nt;
-        const int m = M - i0 < tl.mt ? M - i0 : tl.mt;
-        const int n = N - j0 < tl.nt ? N - j0 : tl.nt;
-        const float *a = ta ? A + i0 : A + (size_t)i0 * lda;
-        const float *b = tb ? B + (size_t)j0 * ldb : B + j0;
-        float *c = C + (size_t)i0 * ldc + j0;
-        if (K > 0) {
-            cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans,
-                        tb ? CblasTrans : CblasNoTrans, m, n, K, alpha, a, lda, b, ldb, beta, c,
-                        ldc);
-        } else {
-            for (int i = 0; i < m; i++)
-                for (int j = 0; j < n; j++)
-                    c[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[(size_t)i * ldc + j];
-        }
-        if (epi) epilogue(c, ldc, m, n, epi, i0, j0);
+    for (int t = 0; t < nt; t++) run_tile(&p, tl, tn, t);
+}
+
+void sy_sgemm_group(const sy_gemm_problem *p, int n) {
+    enum { MAX_GROUP = 512 };
+    if (n <= 0) return;
+    if (n > MAX_GROUP) { /* split: same tiles, same results */
+        for (int i = 0; i < n; i += MAX_GROUP) sy_sgemm_group(p + i, n - i < MAX_GROUP ? n - i : MAX_GROUP);
+        return;
+    }
+    sy_gemm_tiles tl[MAX_GROUP];
+    int tn[MAX_GROUP], first[MAX_GROUP + 1];
+    first[0] = 0;
+    for (int i = 0; i < n; i++) first[i + 1] = first[i] + n_tiles(&p[i], &tl[i], &tn[i]);
+    const int total = first[n];
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int t = 0; t < total; t++) {
+        int i = 0;
+        while (first[i + 1] <= t) i++; /* n is small (experts x sources) */
+        run_tile(&p[i], tl[i], tn[i], t - first[i]);
     }
 }
 

@@ -42,6 +42,24 @@ void sy_sgemm_ex(bool ta, bool tb, int M, int N, int K, float alpha, const float
                  const float *B, int ldb, float beta, float *C, int ldc,
                  const sy_gemm_epilogue *epi);
 
+/* One problem of a group (sy_sgemm_group): the arguments of sy_sgemm_ex. */
+typedef struct {
+    bool ta, tb;
+    int M, N, K;
+    float alpha, beta;
+    const float *A, *B;
+    int lda, ldb;
+    float *C;
+    int ldc;
+    sy_gemm_epilogue epi;
+} sy_gemm_problem;
+
+/* n independent problems in one parallel loop over all their tiles (each problem tiled exactly
+ * as sy_sgemm_ex tiles it alone, so each result is the same bits). Problems must not write the
+ * same C or epilogue accumulator. Fewer barriers and better balance than n calls: the Switch
+ * layer's experts are many small GEMMs. */
+void sy_sgemm_group(const sy_gemm_problem *p, int n);
+
 /* sy_sgemm_ex with an optional bf16 rounding of C. */
 void sy_sgemm(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc, bool round_bf16);

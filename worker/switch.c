@@ -155,55 +155,86 @@ void sy_switch_dispatch(sy_switch_t *sw, const float *h) {
     sw->be->gather_rows(sw->be, sw->xe, h, sw->order, sw->n_kept, sw->D);
 }
 
-void sy_expert_mlp_fwd(sy_backend_t *be, const sy_expert_weights *w, int n, int D, int F,
-                       const float *xe, float *he, float *ge, float *mask, float *ye,
-                       double dropout, sy_switch_key key, const int32_t *tok,
-                       const int32_t *micro) {
-    if (n == 0) return;
-    be->matmul_fwd(be, he, xe, w->W1, n, D, F);
-    be->gelu_fwd(be, ge, he, (size_t)n * F);
-    if (dropout > 0.0) {
-        float keep = 1.0f - (float)dropout, inv = 1.0f / keep;
-        for (int i = 0; i < n; i++) {
-            sy_rng_t r = sy_rng_key(key.seed, "expert.dropout", (uint64_t)key.step,
-                                    (uint64_t)(micro ? micro[i] : key.micro),
-                                    ((uint64_t)key.layer << 32) | (uint64_t)tok[i]);
-            float *mk = mask + (size_t)i * F;
-            for (int j = 0; j < F; j++) mk[j] = sy_rng_uniform(&r) < keep ? inv : 0.0f;
-        }
-        be->mul_inplace(be, ge, mask, (size_t)n * F);
+/* Chunks per grouped call (bounded stack arrays; a larger nc runs in slices, same numbers). */
+#define SY_EXPERT_GROUP 64
+
+static void expert_dropout_mask(const sy_expert_rows *c, int F, double dropout, sy_switch_key key) {
+    float keep = 1.0f - (float)dropout, inv = 1.0f / keep;
+    for (int i = 0; i < c->n; i++) {
+        sy_rng_t r = sy_rng_key(key.seed, "expert.dropout", (uint64_t)key.step,
+                                (uint64_t)(c->micro ? c->micro[i] : key.micro),
+                                ((uint64_t)key.layer << 32) | (uint64_t)c->tok[i]);
+        float *mk = c->mask + (size_t)i * F;
+        for (int j = 0; j < F; j++) mk[j] = sy_rng_uniform(&r) < keep ? inv : 0.0f;
     }
-    be->matmul_fwd(be, ye, ge, w->W2, n, F, D);
 }
 
-void sy_expert_mlp_bwd(sy_backend_t *be, const sy_expert_weights *w, int n, int D, int F,
-                       const float *dye, const float *xe, const float *he, const float *ge,
-                       const float *mask, float *dge, float *dhe, float *dxe) {
-    if (n == 0) return;
-    if (w->acc1) { /* training: weight gradients straight into the fp64 accumulators */
-        be->matmul_bwd_acc64(be, dge, w->dW2, w->acc2, dye, ge, w->W2, n, F, D);
-        if (mask) be->mul_inplace(be, dge, mask, (size_t)n * F);
-        be->gelu_bwd(be, dhe, dge, he, (size_t)n * F);
-        be->matmul_bwd_acc64(be, dxe, w->dW1, w->acc1, dhe, xe, w->W1, n, D, F);
-        return;
+void sy_experts_fwd(sy_backend_t *be, const sy_expert_rows *c, int nc, int D, int F,
+                    double dropout, sy_switch_key key) {
+    for (int s0 = 0; s0 < nc; s0 += SY_EXPERT_GROUP) {
+        const int k = nc - s0 < SY_EXPERT_GROUP ? nc - s0 : SY_EXPERT_GROUP;
+        const sy_expert_rows *ck = c + s0;
+        float *out[SY_EXPERT_GROUP];
+        const float *in[SY_EXPERT_GROUP], *W[SY_EXPERT_GROUP];
+        int N[SY_EXPERT_GROUP];
+        for (int i = 0; i < k; i++) out[i] = ck[i].he, in[i] = ck[i].xe, W[i] = ck[i].w->W1, N[i] = ck[i].n;
+        be->matmul_fwd_group(be, out, in, W, N, k, D, F); /* he[n,F] = xe·W1ᵀ */
+        for (int i = 0; i < k; i++) {
+            if (ck[i].n == 0) continue;
+            be->gelu_fwd(be, ck[i].ge, ck[i].he, (size_t)ck[i].n * F);
+            if (dropout > 0.0) {
+                expert_dropout_mask(&ck[i], F, dropout, key);
+                be->mul_inplace(be, ck[i].ge, ck[i].mask, (size_t)ck[i].n * F);
+            }
+        }
+        for (int i = 0; i < k; i++) out[i] = ck[i].ye, in[i] = ck[i].ge, W[i] = ck[i].w->W2;
+        be->matmul_fwd_group(be, out, in, W, N, k, F, D); /* ye[n,D] = ge·W2ᵀ */
     }
-    be->matmul_bwd(be, dge, w->dW2, dye, ge, w->W2, n, F, D, false);
-    if (mask) be->mul_inplace(be, dge, mask, (size_t)n * F);
-    be->gelu_bwd(be, dhe, dge, he, (size_t)n * F);
-    be->matmul_bwd(be, dxe, w->dW1, dhe, xe, w->W1, n, D, F, false);
+}
+
+void sy_experts_bwd(sy_backend_t *be, const sy_expert_grad_rows *c, int nc, int D, int F) {
+    for (int s0 = 0; s0 < nc; s0 += SY_EXPERT_GROUP) {
+        const int k = nc - s0 < SY_EXPERT_GROUP ? nc - s0 : SY_EXPERT_GROUP;
+        const sy_expert_grad_rows *ck = c + s0;
+        float *dx[SY_EXPERT_GROUP], *dW[SY_EXPERT_GROUP];
+        double *dW64[SY_EXPERT_GROUP];
+        const float *dy[SY_EXPERT_GROUP], *x[SY_EXPERT_GROUP], *W[SY_EXPERT_GROUP];
+        int N[SY_EXPERT_GROUP];
+        /* dge = dye·W2, dW2 += dyeᵀ·ge */
+        for (int i = 0; i < k; i++) {
+            dx[i] = ck[i].dge, dW[i] = ck[i].w->dW2, dW64[i] = ck[i].w->acc2;
+            dy[i] = ck[i].dye, x[i] = ck[i].ge, W[i] = ck[i].w->W2, N[i] = ck[i].n;
+        }
+        be->matmul_bwd_group(be, dx, dW, dW64, dy, x, W, N, k, F, D);
+        for (int i = 0; i < k; i++) {
+            if (ck[i].n == 0) continue;
+            if (ck[i].mask) be->mul_inplace(be, ck[i].dge, ck[i].mask, (size_t)ck[i].n * F);
+            be->gelu_bwd(be, ck[i].dhe, ck[i].dge, ck[i].he, (size_t)ck[i].n * F);
+        }
+        /* dxe = dhe·W1, dW1 += dheᵀ·xe */
+        for (int i = 0; i < k; i++) {
+            dx[i] = ck[i].dxe, dW[i] = ck[i].w->dW1, dW64[i] = ck[i].w->acc1;
+            dy[i] = ck[i].dhe, x[i] = ck[i].xe, W[i] = ck[i].w->W1;
+        }
+        be->matmul_bwd_group(be, dx, dW, dW64, dy, x, W, N, k, D, F);
+    }
 }
 
 void sy_switch_experts(sy_switch_t *sw, const sy_expert_weights *ex, int e0, int e1,
                        double dropout, sy_switch_key key) {
     const int D = sw->D, F = sw->F;
     sw->dropout = (float)dropout;
+    if (e1 <= e0) return;
+    sy_expert_rows c[e1 - e0];
     for (int e = e0; e < e1; e++) {
-        int r0 = sw->offsets[e], n = sw->offsets[e + 1] - r0;
-        sy_expert_mlp_fwd(sw->be, &ex[e], n, D, F, sw->xe + (size_t)r0 * D,
-                          sw->he + (size_t)r0 * F, sw->ge + (size_t)r0 * F,
-                          sw->mask + (size_t)r0 * F, sw->ye + (size_t)r0 * D, dropout, key,
-                          sw->order + r0, NULL);
+        const int r0 = sw->offsets[e];
+        c[e - e0] = (sy_expert_rows){.w = &ex[e], .n = sw->offsets[e + 1] - r0,
+                                     .xe = sw->xe + (size_t)r0 * D, .he = sw->he + (size_t)r0 * F,
+                                     .ge = sw->ge + (size_t)r0 * F,
+                                     .mask = sw->mask + (size_t)r0 * F,
+                                     .ye = sw->ye + (size_t)r0 * D, .tok = sw->order + r0};
     }
+    sy_experts_fwd(sw->be, c, e1 - e0, D, F, dropout, key);
 }
 
 void sy_switch_combine(sy_switch_t *sw, float *out) {
@@ -222,15 +253,19 @@ void sy_switch_combine_bwd(sy_switch_t *sw, const float *dout) {
 
 void sy_switch_experts_bwd(sy_switch_t *sw, const sy_expert_weights *ex, int e0, int e1) {
     const int D = sw->D, F = sw->F;
+    if (e1 <= e0) return;
+    sy_expert_grad_rows c[e1 - e0];
     for (int e = e0; e < e1; e++) {
-        int r0 = sw->offsets[e], n = sw->offsets[e + 1] - r0;
-        sy_expert_mlp_bwd(sw->be, &ex[e], n, D, F, sw->dye + (size_t)r0 * D,
-                          sw->xe + (size_t)r0 * D, sw->he + (size_t)r0 * F,
-                          sw->ge + (size_t)r0 * F,
-                          sw->dropout > 0.0f ? sw->mask + (size_t)r0 * F : NULL,
-                          sw->dge + (size_t)r0 * F, sw->dhe + (size_t)r0 * F,
-                          sw->dxe + (size_t)r0 * D);
+        const int r0 = sw->offsets[e];
+        c[e - e0] = (sy_expert_grad_rows){
+            .w = &ex[e], .n = sw->offsets[e + 1] - r0, .dye = sw->dye + (size_t)r0 * D,
+            .xe = sw->xe + (size_t)r0 * D, .he = sw->he + (size_t)r0 * F,
+            .ge = sw->ge + (size_t)r0 * F,
+            .mask = sw->dropout > 0.0f ? sw->mask + (size_t)r0 * F : NULL,
+            .dge = sw->dge + (size_t)r0 * F, .dhe = sw->dhe + (size_t)r0 * F,
+            .dxe = sw->dxe + (size_t)r0 * D};
     }
+    sy_experts_bwd(sw->be, c, e1 - e0, D, F);
 }
 
 void sy_switch_dispatch_bwd(sy_switch_t *sw, float *dh) {

@@ -68,17 +68,32 @@ void sy_switch_dispatch_bwd(sy_switch_t *sw, float *dh);
 void sy_switch_route_bwd(sy_switch_t *sw, const float *h, const float *Wr, float *dWr, float *dh,
                          float aux_scale, float z_scale);
 
-/* One expert's MLP over n rows (shared by the local path and the expert-parallel owner side):
- * he = xe·W1ᵀ, ge = gelu(he) (⊙ dropout mask drawn per row from (key.seed, key.step, micro[i]
- * or key.micro, key.layer, tok[i])), ye = ge·W2ᵀ. The backward accumulates dW1, dW2 and writes
- * dxe; mask NULL = no dropout. */
-void sy_expert_mlp_fwd(sy_backend_t *be, const sy_expert_weights *w, int n, int D, int F,
-                       const float *xe, float *he, float *ge, float *mask, float *ye,
-                       double dropout, sy_switch_key key, const int32_t *tok,
-                       const int32_t *micro);
-void sy_expert_mlp_bwd(sy_backend_t *be, const sy_expert_weights *w, int n, int D, int F,
-                       const float *dye, const float *xe, const float *he, const float *ge,
-                       const float *mask, float *dge, float *dhe, float *dxe);
+/* Experts' MLPs over chunks of rows, shared by the local path and the expert-parallel owner
+ * side. A chunk is n rows of one expert: he = xe·W1ᵀ, ge = gelu(he) (⊙ an inverted-dropout mask
+ * drawn per row from (key.seed, key.step, micro[i] or key.micro, key.layer, tok[i]) when
+ * dropout > 0), ye = ge·W2ᵀ. Chunks run as grouped GEMMs (one parallel loop over every chunk's
+ * tiles); each chunk's numbers are those of running it alone. */
+typedef struct {
+    const sy_expert_weights *w;
+    int n;
+    const float *xe;
+    float *he, *ge, *mask, *ye;
+    const int32_t *tok, *micro; /* micro NULL: key.micro for every row */
+} sy_expert_rows;
+void sy_experts_fwd(sy_backend_t *be, const sy_expert_rows *c, int nc, int D, int F,
+                    double dropout, sy_switch_key key);
+
+/* The backward of chunks: writes dge, dhe, dxe; weight gradients as sy_expert_weights says
+ * (fp64 accumulators when set, else += into dW1/dW2). No two chunks of one call may be the same
+ * expert (their gradients would race); call again per source for that, in source order. */
+typedef struct {
+    const sy_expert_weights *w;
+    int n;
+    const float *dye, *xe, *he, *ge;
+    const float *mask; /* NULL: no dropout */
+    float *dge, *dhe, *dxe;
+} sy_expert_grad_rows;
+void sy_experts_bwd(sy_backend_t *be, const sy_expert_grad_rows *c, int nc, int D, int F);
 
 /* Results of the last route. */
 typedef struct {

@@ -256,16 +256,21 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     s->off[nm] = li;
 
     /* One chunk per (expert, source): the GEMM shapes of the single-process layer. */
-    for (int i = 0; i < nm; i++) {
-        int r0 = s->off[i];
-        for (int src = 0; src < W; src++) {
-            int n = s->src_cnt[i * W + src];
-            sy_expert_mlp_fwd(ep->be, &ex[ep->mine[i]], n, D, F, s->xe + (size_t)r0 * D,
-                              s->he + (size_t)r0 * F, s->ge + (size_t)r0 * F,
-                              s->mask + (size_t)r0 * F, s->ye + (size_t)r0 * D, dropout, key,
-                              s->tok + r0, s->micro + r0);
-            r0 += n;
+    if (nm > 0) {
+        sy_expert_rows c[nm * W];
+        for (int i = 0; i < nm; i++) {
+            int r0 = s->off[i];
+            for (int src = 0; src < W; src++) {
+                const int n = s->src_cnt[i * W + src];
+                c[i * W + src] = (sy_expert_rows){
+                    .w = &ex[ep->mine[i]], .n = n, .xe = s->xe + (size_t)r0 * D,
+                    .he = s->he + (size_t)r0 * F, .ge = s->ge + (size_t)r0 * F,
+                    .mask = s->mask + (size_t)r0 * F, .ye = s->ye + (size_t)r0 * D,
+                    .tok = s->tok + r0, .micro = s->micro + r0};
+                r0 += n;
+            }
         }
+        sy_experts_fwd(ep->be, c, nm * W, D, F, dropout, key);
     }
 
     /* Reply: outputs back to each source in the order it sent them. */
@@ -293,18 +298,24 @@ sy_status sy_ep_backward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_w
     for (int r = 0; r < s->n_rows; r++)
         memcpy(dye + (size_t)r * D, ep->rows_in + (size_t)s->src_row[r] * D, sizeof(float) * D);
     /* One chunk per (expert, source): with fp64 accumulators, the same accumulation sequence
-     * (micro-batch order) as the single-process layer. dxe goes into ye's slot. */
-    for (int i = 0; i < nm; i++) {
-        int r0 = s->off[i];
+     * (micro-batch order) as the single-process layer: one grouped call per source, sources in
+     * order, so each expert adds source 0, then 1, ... dxe goes into ye's slot. */
+    if (nm > 0) {
+        sy_expert_grad_rows c[nm];
+        int r0[nm];
+        for (int i = 0; i < nm; i++) r0[i] = s->off[i];
         for (int src = 0; src < W; src++) {
-            int n = s->src_cnt[i * W + src];
-            sy_expert_mlp_bwd(ep->be, &ex[ep->mine[i]], n, D, F, dye + (size_t)r0 * D,
-                              s->xe + (size_t)r0 * D, s->he + (size_t)r0 * F,
-                              s->ge + (size_t)r0 * F,
-                              s->dropout > 0.0f ? s->mask + (size_t)r0 * F : NULL,
-                              ep->dge + (size_t)r0 * F, ep->dhe + (size_t)r0 * F,
-                              s->ye + (size_t)r0 * D);
-            r0 += n;
+            for (int i = 0; i < nm; i++) {
+                const int n = s->src_cnt[i * W + src];
+                const size_t r = (size_t)r0[i];
+                c[i] = (sy_expert_grad_rows){
+                    .w = &ex[ep->mine[i]], .n = n, .dye = dye + r * D, .xe = s->xe + r * D,
+                    .he = s->he + r * F, .ge = s->ge + r * F,
+                    .mask = s->dropout > 0.0f ? s->mask + r * F : NULL, .dge = ep->dge + r * F,
+                    .dhe = ep->dhe + r * F, .dxe = s->ye + r * D};
+                r0[i] += n;
+            }
+            sy_experts_bwd(ep->be, c, nm, D, F);
         }
     }
     float *dxe_local = ep->rows_in; /* the received gradients are consumed: reuse */
