@@ -44,8 +44,8 @@ struct sy_backend {
                        const float *W, int N, int in, int out, bool accumulate_dx);
     /* The expert weight-gradient path of training: dx[N,in] = dy · W (overwritten) and
      * dW64[out,in] += (dyᵀ · x) computed in fp32 and added in fp64; dW[out,in] is fp32 scratch
-     * (left holding this call's dyᵀ · x). Same numbers as zeroing dW, matmul_bwd, then adding
-     * dW into dW64, without the extra passes. */
+     * (its contents afterwards are unspecified). Same numbers as zeroing dW, matmul_bwd, then
+     * adding dW into dW64, without the extra passes. */
     void (*matmul_bwd_acc64)(sy_backend_t *be, float *dx, float *dW, double *dW64,
                              const float *dy, const float *x, const float *W, int N, int in,
                              int out);

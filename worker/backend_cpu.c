@@ -130,7 +130,7 @@ static void cpu_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double 
                                  int out) {
     if (N == 0) return;
     matmul_dx(be, dx, dy, W, N, in, out, false);
-    const sy_gemm_epilogue epi = {.acc = dW64, .ldacc = in};
+    const sy_gemm_epilogue epi = {.acc = dW64, .ldacc = in, .c_scratch = true};
     sy_sgemm_ex(true, false, out, in, N, 1.0f, dy, out, x, in, 0.0f, dW, in, &epi);
 }
 
@@ -169,7 +169,7 @@ static void cpu_matmul_bwd_group(sy_backend_t *be, float *const *dx, float *cons
             p[np++] = (sy_gemm_problem){.ta = true, .M = out, .N = in, .K = N[i], .alpha = 1.0f,
                                         .beta = acc ? 0.0f : 1.0f, .A = dy[i], .lda = out,
                                         .B = x[i], .ldb = in, .C = dW[i], .ldc = in,
-                                        .epi = {.acc = acc, .ldacc = in}};
+                                        .epi = {.acc = acc, .ldacc = in, .c_scratch = true}};
         }
         sy_sgemm_group(p, np);
     }

@@ -1,6 +1,7 @@
 #include "gemm_cpu.h"
 
 #include <cblas.h>
+#include <stdlib.h>
 
 #include "bf16.h"
 
@@ -44,6 +45,19 @@ static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *ep
         }
 }
 
+/* This thread's tile buffer for c_scratch epilogues (at least n floats; NULL if it cannot be
+ * had, and the tile is then computed in C). Kept for the thread's life: one tile, <= 1 MiB. */
+static float *thread_tile(size_t n) {
+    static _Thread_local float *buf;
+    static _Thread_local size_t cap;
+    if (cap < n) {
+        float *p = realloc(buf, sizeof(float) * n);
+        if (!p) return NULL;
+        buf = p, cap = n;
+    }
+    return buf;
+}
+
 /* Tile t of a problem tiled tl (tn tiles per row of tiles). */
 static void run_tile(const sy_gemm_problem *p, sy_gemm_tiles tl, int tn, int t) {
     const int i0 = (t / tn) * tl.mt, j0 = (t % tn) * tl.nt;
@@ -52,16 +66,21 @@ static void run_tile(const sy_gemm_problem *p, sy_gemm_tiles tl, int tn, int t) 
     const float *a = p->ta ? p->A + i0 : p->A + (size_t)i0 * p->lda;
     const float *b = p->tb ? p->B + (size_t)j0 * p->ldb : p->B + j0;
     float *c = p->C + (size_t)i0 * p->ldc + j0;
+    int ldc = p->ldc;
+    if (p->epi.c_scratch && p->epi.acc && p->beta == 0.0f && !p->epi.round_bf16 && p->K > 0) {
+        float *tile = thread_tile((size_t)m * n);
+        if (tile) c = tile, ldc = n;
+    }
     if (p->K > 0) {
         cblas_sgemm(CblasRowMajor, p->ta ? CblasTrans : CblasNoTrans,
                     p->tb ? CblasTrans : CblasNoTrans, m, n, p->K, p->alpha, a, p->lda, b, p->ldb,
-                    p->beta, c, p->ldc);
+                    p->beta, c, ldc);
     } else {
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++)
                 c[(size_t)i * p->ldc + j] = p->beta == 0.0f ? 0.0f : p->beta * c[(size_t)i * p->ldc + j];
     }
-    epilogue(c, p->ldc, m, n, &p->epi, i0, j0);
+    epilogue(c, ldc, m, n, &p->epi, i0, j0);
 }
 
 static int n_tiles(const sy_gemm_problem *p, sy_gemm_tiles *tl, int *tn) {

@@ -30,6 +30,10 @@ typedef struct {
     bool round_bf16; /* round C to bf16 (round-to-nearest-even) */
     double *acc;     /* when set: acc[i, j] += C[i, j] (fp64, row-major, leading dim ldacc) */
     int ldacc;
+    /* with acc, beta 0 and no rounding: C's contents afterwards are not needed, so a tile may
+     * be computed in a per-thread buffer that stays in cache and only added into acc (same
+     * numbers; C is then left unspecified) */
+    bool c_scratch;
 } sy_gemm_epilogue;
 
 /* The tiling used for an M×N output: a pure function of its arguments. */

@@ -24,7 +24,7 @@ typedef struct {
     float *W2; /* [D, F] */
     float *dW1, *dW2;
     /* fp64 gradient accumulators [F, D] / [D, F], or NULL. When set, each backward call computes
-     * its contribution in fp32 (dW1/dW2 are then scratch holding it) and adds it to these, so
+     * its contribution in fp32 (dW1/dW2 are then scratch, contents unspecified) and adds it to these, so
      * the sum over micro-batches does not depend on how they were grouped (model spec §5:
      * W-invariance). */
     double *acc1, *acc2;
