@@ -51,6 +51,8 @@ struct sy_model {
     int32_t *counts;       /* [n_switch, E] */
     double *acc;           /* fp64 gradient accumulator (micro-batch contributions are added) */
     bool acc_dirty;        /* acc holds contributions not yet rounded into grads */
+    bool *gdirect;         /* [n_params] dense GEMM weight whose gradient goes straight into
+                            * acc (matmul_bwd_acc64), not through the fp32 grads buffer */
     sy_ep_t *ep;           /* expert parallelism (NULL: every expert local) */
     int ep_rank;
 };
@@ -145,6 +147,15 @@ sy_status sy_model_new(const sy_model_dims *dims, sy_backend_t *be, sy_model_t *
     }
     m->lnf = add_param(m, cap, "ln_f.weight", 1, D, 1, -1, -1, false);
     m->dense_numel = m->numel;
+    /* qkv, proj, fc, fproj: one GEMM each writes their gradient (wte also gets the embedding's,
+     * the router and LayerNorms are not GEMM weights of matmul_bwd) */
+    m->gdirect = calloc((size_t)cap, sizeof(bool));
+    if (!m->gdirect) goto oom;
+    for (int l = 0; l < L; l++) {
+        const block_ids *b = &m->blk[l];
+        m->gdirect[b->qkv] = m->gdirect[b->proj] = true;
+        if (b->fc >= 0) m->gdirect[b->fc] = m->gdirect[b->fproj] = true;
+    }
     /* expert tensors, grouped by expert so each expert file is one contiguous range */
     for (int e = 0; e < E; e++) {
         for (int l = 0; l < L; l++) {
@@ -235,6 +246,7 @@ void sy_model_destroy(sy_model_t **self_p) {
     FREE(m->dfc_pre); FREE(m->counts);
 #undef FREE
     free(m->params_tab);
+    free(m->gdirect);
     free(m->blk);
     free(m->act);
     free(m->ex);
@@ -317,6 +329,7 @@ void sy_model_zero_grads(sy_model_t *m) {
 
 #define W(i) (m->work + m->params_tab[(i)].offset)
 #define G(i) (m->grads + m->params_tab[(i)].offset)
+#define A(i) (m->acc + m->params_tab[(i)].offset)
 
 static void set_experts(sy_model_t *m, const block_ids *b) {
     for (int e = 0; e < m->d.E; e++) {
@@ -426,10 +439,13 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
     double aux_sum, z_sum;
     int64_t routed, dropped;
     SY_CHECK(forward(m, tokens, true, key, &aux_sum, &z_sum, &routed, &dropped));
-    /* This micro-batch's dense gradients are computed into the (zeroed) fp32 buffer and then
-     * added to the fp64 accumulator; expert gradients take the same route inside the Switch
-     * layer. So the sum over micro-batches is the same however they are spread over workers. */
-    memset(m->grads, 0, m->dense_numel * sizeof(float));
+    /* This micro-batch's dense gradients are computed in fp32 and added to the fp64
+     * accumulator: the GEMM weights' straight from the GEMM (matmul_bwd_acc64), the others
+     * through the (zeroed) fp32 grads buffer; expert gradients take the first route inside the
+     * Switch layer. So the sum over micro-batches is the same however they are spread over
+     * workers. */
+    for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++)
+        if (!m->gdirect[i]) memset(G(i), 0, m->params_tab[i].numel * sizeof(float));
 
     /* L_ce is the mean over all target tokens of the global batch. */
     float ce_scale = 1.0f / ((float)N * (float)n_micro);
@@ -448,10 +464,11 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
         const block_ids *bi = &m->blk[l];
         /* FFN: dx is the gradient of the block output = of the FFN output */
         if (bi->sw_index < 0) {
-            be->matmul_bwd(be, m->dfc_act, G(bi->fproj), m->dx, a->fc_act, W(bi->fproj), N, F, D,
-                           false);
+            be->matmul_bwd_acc64(be, m->dfc_act, G(bi->fproj), A(bi->fproj), m->dx, a->fc_act,
+                                 W(bi->fproj), N, F, D);
             be->gelu_bwd(be, m->dfc_pre, m->dfc_act, a->fc_pre, (size_t)N * F);
-            be->matmul_bwd(be, m->dln, G(bi->fc), m->dfc_pre, a->ln2, W(bi->fc), N, D, F, false);
+            be->matmul_bwd_acc64(be, m->dln, G(bi->fc), A(bi->fc), m->dfc_pre, a->ln2, W(bi->fc),
+                                 N, D, F);
         } else {
             set_experts(m, bi);
             sy_switch_combine_bwd(a->sw, m->dx);
@@ -466,19 +483,22 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
         be->layernorm_bwd(be, m->dx, G(bi->ln2), m->dln, a->x_mid, W(bi->ln2), a->ln2_mean,
                           a->ln2_rstd, N, D);
         /* attention */
-        be->matmul_bwd(be, m->datty, G(bi->proj), m->dx, a->atty, W(bi->proj), N, D, D, false);
+        be->matmul_bwd_acc64(be, m->datty, G(bi->proj), A(bi->proj), m->dx, a->atty,
+                             W(bi->proj), N, D, D);
         be->attention_bwd(be, m->dqkv, m->datty, a->att, a->qkv, B, T, D, H);
-        be->matmul_bwd(be, m->dln, G(bi->qkv), m->dqkv, a->ln1, W(bi->qkv), N, D, 3 * D, false);
+        be->matmul_bwd_acc64(be, m->dln, G(bi->qkv), A(bi->qkv), m->dqkv, a->ln1, W(bi->qkv),
+                             N, D, 3 * D);
         be->layernorm_bwd(be, m->dx, G(bi->ln1), m->dln, a->x_in, W(bi->ln1), a->ln1_mean,
                           a->ln1_rstd, N, D);
     }
     be->embed_bwd(be, G(m->wte), G(m->wpe), m->dx, m->inp, N, T, D);
-    {
-        const size_t nd = m->dense_numel;
-        const float *g = m->grads;
-        double *a = m->acc;
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < nd; i++) a[i] += g[i];
+    for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++) {
+        if (m->gdirect[i]) continue;
+        const size_t n = m->params_tab[i].numel;
+        const float *g = G(i);
+        double *acc = A(i);
+#pragma omp parallel for schedule(static) if (n > 4096)
+        for (size_t k = 0; k < n; k++) acc[k] += g[k];
     }
     m->acc_dirty = true;
     return SY_OK;
