@@ -2,7 +2,9 @@
 model's shapes with train.threads 1, 2 and 3 writes identical metrics (every field but the
 timings, compared as the exact floats metrics.jsonl records) and bit-identical final weights.
 It holds on whatever OpenBLAS kernels this machine picks; the fixed-tile GEMM
-(worker/gemm_cpu.h) makes it structural. OPENBLAS_CORETYPE is left as the machine has it."""
+(worker/gemm_cpu.h) makes it structural. OPENBLAS_CORETYPE is left as the machine has it.
+Also: a switchyard process runs with a short libgomp spin (GOMP_SPINCOUNT=10000, common/cpu_setup.h)
+unless the user set GOMP_SPINCOUNT or OMP_WAIT_POLICY, which it keeps."""
 import filecmp
 import glob
 import json
@@ -11,6 +13,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 
 BUILD = os.environ.get("SY_BUILD", "build")
 SRC = os.environ.get("SY_SRC", ".")
@@ -65,6 +68,32 @@ def main():
         check(len(w1) > 0 and len(w1) == len(wt) and
               all(filecmp.cmp(a, b, shallow=False) for a, b in zip(w1, wt)),
               f"{th} threads: final weights equal 1 thread's bit for bit ({len(w1)} file(s))")
+
+    # the OpenMP wait policy sy_cpu_setup picks (read from the running process after its re-exec)
+    for env_set, want in ((None, "GOMP_SPINCOUNT=10000"), ("OMP_WAIT_POLICY", "OMP_WAIT_POLICY=active"),
+                          ("GOMP_SPINCOUNT", "GOMP_SPINCOUNT=123")):
+        env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+        if env_set:
+            env[env_set] = want.split("=", 1)[1]
+        p = subprocess.Popen([SY, "train", CFG, "--quiet", "--set", f"data.train={tmp}/data/train_*.bin",
+                              "--set", f"data.val={tmp}/data/val_*.bin", "--set", "run.name=env",
+                              "--set", f"run.state_dir={tmp}/state-env", "--set", f"checkpoint.store={tmp}/store-env",
+                              "--set", "run.steps=1000", "--set", "checkpoint.every=0"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        environ = b""
+        for _ in range(100):
+            time.sleep(0.05)
+            try:
+                with open(f"/proc/{p.pid}/environ", "rb") as f:
+                    environ = f.read()
+            except OSError:
+                break
+            if b"GOMP_SPINCOUNT" in environ or b"OMP_WAIT_POLICY" in environ:
+                break
+        p.kill()
+        p.wait()
+        vars_ = [v.decode() for v in environ.split(b"\0") if v.startswith((b"GOMP_SPINCOUNT=", b"OMP_WAIT_POLICY="))]
+        check(vars_ == [want], f"user set {env_set or 'nothing'}: the process runs with {vars_} (want [{want!r}])")
 
     if failures:
         print(f"{len(failures)} check(s) failed")
