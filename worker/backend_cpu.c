@@ -121,17 +121,33 @@ static void cpu_matmul_bwd(sy_backend_t *be, float *dx, float *dW, const float *
                            const float *x, const float *W, int N, int in, int out,
                            bool accumulate_dx) {
     if (N == 0) return;
+    const sy_gemm_problem pw = {.ta = true, .M = out, .N = in, .K = N, .alpha = 1.0f, .beta = 1.0f,
+                                .A = dy, .lda = out, .B = x, .ldb = in, .C = dW, .ldc = in};
+    if (dx && !(accumulate_dx && be->bf16)) {
+        /* dx (+)= dy · W and dW += dyᵀ · x are independent: one grouped loop over both */
+        const sy_gemm_problem p[2] = {
+            {.M = N, .N = in, .K = out, .alpha = 1.0f, .beta = accumulate_dx ? 1.0f : 0.0f,
+             .A = dy, .lda = out, .B = W, .ldb = in, .C = dx, .ldc = in,
+             .epi.round_bf16 = be->bf16},
+            pw};
+        sy_sgemm_group(p, 2);
+        return;
+    }
     if (dx) matmul_dx(be, dx, dy, W, N, in, out, accumulate_dx);
-    sy_sgemm(true, false, out, in, N, 1.0f, dy, out, x, in, 1.0f, dW, in, false);
+    sy_sgemm_group(&pw, 1);
 }
 
 static void cpu_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double *dW64,
                                  const float *dy, const float *x, const float *W, int N, int in,
                                  int out) {
     if (N == 0) return;
-    matmul_dx(be, dx, dy, W, N, in, out, false);
-    const sy_gemm_epilogue epi = {.acc = dW64, .ldacc = in, .c_scratch = true};
-    sy_sgemm_ex(true, false, out, in, N, 1.0f, dy, out, x, in, 0.0f, dW, in, &epi);
+    /* dx = dy · W and the weight gradient are independent: one grouped loop over both */
+    const sy_gemm_problem p[2] = {
+        {.M = N, .N = in, .K = out, .alpha = 1.0f, .A = dy, .lda = out, .B = W, .ldb = in,
+         .C = dx, .ldc = in, .epi.round_bf16 = be->bf16},
+        {.ta = true, .M = out, .N = in, .K = N, .alpha = 1.0f, .A = dy, .lda = out, .B = x,
+         .ldb = in, .C = dW, .ldc = in, .epi = {.acc = dW64, .ldacc = in, .c_scratch = true}}};
+    sy_sgemm_group(p, 2);
 }
 
 /* Groups larger than this run in slices (same results). */
