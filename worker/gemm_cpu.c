@@ -11,9 +11,7 @@
  * to a multiple of SY_GEMM_TILE_ALIGN (the kernels' register blocks). Each tile is a separate
  * OpenBLAS call that packs its own (mt + nt)·K panel floats for mt·nt·K multiply-adds, so tiles
  * must stay large: the cost of invariance is that repacking (docs/performance.md). */
-#ifndef SY_GEMM_TILE_CAP
 #define SY_GEMM_TILE_CAP 512
-#endif
 #define SY_GEMM_TILE_SPLIT 256
 #define SY_GEMM_TILE_ALIGN 32
 
