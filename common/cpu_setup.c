@@ -1,5 +1,6 @@
 #include "cpu_setup.h"
 
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -25,4 +26,14 @@ void sy_cpu_setup(int argc, char **argv) {
 const char *sy_cpu_blas_core(void) {
     const char *c = openblas_get_corename();
     return c ? c : "unknown";
+}
+
+int sy_cpu_count(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        int n = CPU_COUNT(&set);
+        if (n > 0) return n;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
 }

@@ -15,4 +15,9 @@ void sy_cpu_setup(int argc, char **argv);
 /* The kernel set OpenBLAS reports (openblas_get_corename), for logs and benchmarks. */
 const char *sy_cpu_blas_core(void);
 
+/* CPUs this process may run on (its affinity mask, what `nproc` prints); at least 1. Thread
+ * counts (--threads, train.threads) are capped at this: more threads than cores only costs
+ * memory (OpenBLAS allocates buffers per thread) and time. */
+int sy_cpu_count(void);
+
 #endif

@@ -1,0 +1,138 @@
+"""Worker identity is proven, not taken from the routing id (issue 16 #1; docs/protocol.md
+"Identities", docs/security.md), with real coordinator and worker processes over loopback:
+
+1. While w0 and w1 train, impostors connect with ZMQ_ROUTING_ID "w0" and send a garbage frame,
+   a forged Hello (another pid), a Heartbeat and a StepDone without w0's session secret. The
+   coordinator never declares w0 lost: no worker_lost event, the generation stays the same, both
+   stay active, the run goes on. (Before the fix w0 was lost for good after 3 s.)
+2. w1 is killed (kill -9): lost. An impostor's Heartbeat and StepDone as "w1" are dropped and
+   counted as "auth" in /v1/status and /metrics, and do not bring "w1" back as a spare.
+   A restarted w1 (a new process, same id) is taken back.
+3. A worker the coordinator dropped while it was alive (SIGSTOP for longer than
+   failure_timeout_ms) notices and is back as a spare within REJOIN_BOUND_S of SIGCONT
+   (failure_timeout_ms + 2 x heartbeat_ms, plus 1 s of slack for a loaded machine), then
+   rejoins a generation.
+"""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import faultutil as fu  # noqa: E402
+
+SPOOF = os.path.join(fu.BUILD, "tests", "sy_spoof")
+FAILURE_TIMEOUT_S = 3.0  # cluster.failure_timeout_ms default
+HEARTBEAT_S = 0.5        # cluster.heartbeat_ms default
+REJOIN_BOUND_S = FAILURE_TIMEOUT_S + 2 * HEARTBEAT_S + 1.0
+check = fu.Checker()
+
+
+def spoof(ep, wid, mode, **kw):
+    cmd = [SPOOF, "--coordinator", ep, "--id", wid, "--mode", mode, "--run", "idt"]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+
+def drops(c):
+    return c.status().get("dropped_messages", {})
+
+
+def metric_auth(c):
+    with urllib.request.urlopen(c.status_url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith('switchyard_dropped_messages_total{reason="auth"}'):
+                return int(float(line.split()[-1]))
+    return None
+
+
+def wstate(c):
+    return {w["id"]: w["state"] for w in c.status()["workers"]}
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="sy-identity-")
+    fu.prepare_data(tmp)
+    s = fu.settings(tmp, "idt", 200000, 50, extra={
+        "model.n_layers": "2", "model.d_model": "64", "model.d_ff": "128", "model.seq_len": "64",
+        "train.global_batch_seqs": "8", "train.micro_batch_seqs": "4", "status.token": "idt-token"})
+    c = fu.Cluster(tmp, "idt", s)
+    try:
+        c.start_coordinator(expect=2)
+        c.start_worker("w0")
+        c.start_worker("w1")
+        c.wait_step(5, 120)
+        ep = f"tcp://127.0.0.1:{c.port}"
+        gen = c.status()["generation"]
+        n_ev = len(c.events())
+
+        # --- 1. impostors of a live worker -----------------------------------------------------
+        for mode in ["garbage", "hello", "heartbeat", "stepdone"]:
+            r = spoof(ep, "w0", mode, pid=999999, count=3, hold_ms=300)
+            check(r.returncode == 0, f"impostor as w0 sent {mode} ({r.stderr.strip()[-200:]})")
+        step0 = c.max_step()
+        time.sleep(FAILURE_TIMEOUT_S + 2.0)
+        lost = [e for e in c.events()[n_ev:] if e["event"] == "worker_lost"]
+        check(not lost, f"no worker declared lost after the impostors ({lost[:1]})")
+        st = c.status()
+        check(st["generation"] == gen, f"the generation stays {gen} ({st['generation']})")
+        ws = wstate(c)
+        check(ws.get("w0") == "active" and ws.get("w1") == "active", f"w0 and w1 stay active ({ws})")
+        check(c.max_step() > step0, f"training went on ({step0} -> {c.max_step()})")
+
+        # --- 2. impostors of a lost worker -----------------------------------------------------
+        auth0 = drops(c).get("auth", 0)
+        c.kill("w1")
+        c.wait(lambda: wstate(c).get("w1") == "lost", 10, "w1 lost after kill -9")
+        n_ev = len(c.events())
+        for mode in ["heartbeat", "stepdone"]:
+            r = spoof(ep, "w1", mode, count=2, hold_ms=200, session="00112233445566778899aabbccddeeff")
+            check(r.returncode == 0, f"impostor as lost w1 sent {mode}")
+        time.sleep(0.5)
+        auth1 = drops(c).get("auth", 0)
+        check(auth1 - auth0 >= 4, f"/v1/status dropped_messages.auth counts the impostor ({auth0} -> {auth1})")
+        m = metric_auth(c)
+        check(m is not None and m >= auth1, f"/metrics switchyard_dropped_messages_total{{reason=\"auth\"}} = {m}")
+        check(wstate(c).get("w1") == "lost", f"the impostor did not bring w1 back ({wstate(c).get('w1')})")
+        joined = [e for e in c.events()[n_ev:] if e["event"] == "worker_joined"]
+        check(not joined, f"no worker_joined for the impostor ({joined[:1]})")
+        c.start_worker("w1")
+        t = time.time()
+        c.wait(lambda: wstate(c).get("w1") in ("idle", "active"), 15, "restarted w1 registered")
+        check(True, f"a restarted w1 (same id) is taken back ({time.time() - t:.1f} s)")
+        c.wait(lambda: c.status()["world"] == 2 and wstate(c).get("w1") == "active", 60, "w1 back in a generation")
+
+        # --- 3. a worker dropped while alive finds its way back ----------------------------------
+        n_ev = len(c.events())
+        os.kill(c.workers["w0"].pid, signal.SIGSTOP)
+        c.wait(lambda: wstate(c).get("w0") == "lost", 15, "w0 lost while stopped")
+        time.sleep(1.0)  # long enough for the coordinator to close its connection too
+        os.kill(c.workers["w0"].pid, signal.SIGCONT)
+        t = time.time()
+        c.wait(lambda: wstate(c).get("w0") in ("idle", "active"), 30, "w0 back")
+        took = time.time() - t
+        check(took <= REJOIN_BOUND_S, f"w0 is a spare again {took:.1f} s after SIGCONT (bound {REJOIN_BOUND_S:.1f} s)")
+        c.wait(lambda: c.status()["world"] == 2 and wstate(c).get("w0") == "active", 60, "w0 back in a generation")
+        check(True, "w0 rejoined a generation (world 2)")
+        status, body = c.post("/v1/stop", token="idt-token")
+        check(status in (200, 202), f"POST /v1/stop ({status})")
+        rc = c.finish(60)
+        check(rc == 3, f"coordinator exit status 3 after stop ({rc})")
+    except Exception as e:  # noqa: BLE001
+        check(False, f"exception: {e}")
+    finally:
+        if check.failures:
+            c.dump()
+        c.close()
+    if check.failures:
+        print(f"{len(check.failures)} failure(s)")
+        sys.exit(1)
+    print("all ok")
+
+
+if __name__ == "__main__":
+    main()
