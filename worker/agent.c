@@ -41,7 +41,7 @@
 #define LINK_WAIT_LOG_MAX_MS 60000.0
 /* After SIGTERM/SIGINT the process ends within this, whatever it is doing (a step, a
  * collective, an allocation that OpenBLAS retries): the watchdog thread exits it. */
-#define STOP_GRACE_MS 1500
+#define STOP_GRACE_MS 1000
 
 enum { ST_IDLE = 0, ST_TRAINING, ST_RESTORING, ST_SAVING };
 static const char *state_names[] = {"idle", "training", "restoring", "saving"};

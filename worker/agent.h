@@ -31,7 +31,7 @@ typedef struct {
 /* Default of connect_timeout_s (--connect-timeout). */
 #define SY_AGENT_CONNECT_TIMEOUT_S 300
 
-/* Runs until Stop or SIGINT/SIGTERM (which end the process within about 1.5 s, whatever it is
+/* Runs until Stop or SIGINT/SIGTERM (which end the process within about 1 s, whatever it is
  * doing). Returns a process exit code: 0 stopped, 1 error (or no coordinator within
  * connect_timeout_s), SY_AGENT_EXIT_REFUSED refused by the coordinator. */
 int sy_agent_run(const sy_agent_opts *opts);

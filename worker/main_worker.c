@@ -36,7 +36,7 @@ static void usage(FILE *f) {
             "  -h, --help          this help\n"
             "\n"
             "\n"
-            "Exit status: 0 stopped (Stop, SIGINT/SIGTERM; a worker still busy 1.5 s after the\n"
+            "Exit status: 0 stopped (Stop, SIGINT/SIGTERM; a worker still busy 1 s after the\n"
             "signal exits 1), 1 error or no coordinator within --connect-timeout, 2 bad usage\n"
             "(a bad address, --threads beyond the cores) or key file,\n"
             "4 the coordinator refused the connection: a CURVE key not authorized, CURVE on one\n"

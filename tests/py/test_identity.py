@@ -14,6 +14,7 @@
    rejoins a generation.
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,8 +130,9 @@ def main():
             c.dump()
         c.close()
     if check.failures:
-        print(f"{len(check.failures)} failure(s)")
+        print(f"{len(check.failures)} failure(s); files kept in {tmp}")
         sys.exit(1)
+    shutil.rmtree(tmp, ignore_errors=True)
     print("all ok")
 
 
