@@ -12,6 +12,9 @@
    failure_timeout_ms) notices and is back as a spare within REJOIN_BOUND_S of SIGCONT
    (failure_timeout_ms + 2 x heartbeat_ms, plus 1 s of slack for a loaded machine), then
    rejoins a generation.
+4. With CURVE on, a worker id is bound to the public key it registered with: after w0 (key k0)
+   dies, an impostor with another authorized key (k1) cannot register as "w0" (Hello dropped
+   as "auth", no worker_joined), while the restarted w0 with k0 is taken back.
 """
 import os
 import shutil
@@ -32,8 +35,8 @@ REJOIN_BOUND_S = FAILURE_TIMEOUT_S + 2 * HEARTBEAT_S + 1.0
 check = fu.Checker()
 
 
-def spoof(ep, wid, mode, **kw):
-    cmd = [SPOOF, "--coordinator", ep, "--id", wid, "--mode", mode, "--run", "idt"]
+def spoof(ep, wid, mode, run="idt", **kw):
+    cmd = [SPOOF, "--coordinator", ep, "--id", wid, "--mode", mode, "--run", run]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -53,6 +56,61 @@ def metric_auth(c):
 
 def wstate(c):
     return {w["id"]: w["state"] for w in c.status()["workers"]}
+
+
+def curve_binding(tmp):
+    keys = f"{tmp}/keys"
+    os.makedirs(keys, exist_ok=True)
+    for k in ["coord", "k0", "k1"]:
+        r = subprocess.run([fu.SY, "keygen", f"{keys}/{k}"], capture_output=True, text=True, timeout=30)
+        check(r.returncode == 0, f"keygen {k}")
+    with open(f"{keys}/authorized", "w") as f:
+        f.write(open(f"{keys}/k0.pub").read() + open(f"{keys}/k1.pub").read())
+    s = fu.settings(tmp, "idc", 200000, 50, extra={
+        "model.n_layers": "2", "model.d_model": "64", "model.d_ff": "128", "model.seq_len": "64",
+        "train.global_batch_seqs": "8", "train.micro_batch_seqs": "4", "cluster.min_workers": "1",
+        "cluster.curve_server_key": f"{keys}/coord.key", "cluster.curve_authorized_keys": f"{keys}/authorized",
+        "status.token": "idt-token"})
+    c = fu.Cluster(tmp, "idc", s)
+
+    def worker(wid, key):
+        log = open(f"{c.logs}/{wid}-{key}-{len(c.all_procs)}.log", "w")
+        c.files.append(log)
+        p = subprocess.Popen([fu.WORKER, "--coordinator", f"tcp://127.0.0.1:{c.port}", "--id", wid, "--threads", "1",
+                              "--curve-server-public", f"{keys}/coord.pub", "--curve-key", f"{keys}/{key}.key"],
+                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=fu._die_with_parent)
+        c.workers[wid] = p
+        c.all_procs.append(p)
+        return p
+
+    try:
+        c.start_coordinator(expect=1)
+        worker("w0", "k0")
+        c.wait_step(3, 120)
+        c.kill("w0")
+        c.wait(lambda: wstate(c).get("w0") == "lost", 10, "w0 lost after kill -9")
+        auth0 = drops(c).get("auth", 0)
+        n_ev = len(c.events())
+        ep = f"tcp://127.0.0.1:{c.port}"
+        r = spoof(ep, "w0", "hello", count=3, hold_ms=300, run="idc",
+                  curve_server_public=f"{keys}/coord.pub", curve_key=f"{keys}/k1.key")
+        check(r.returncode == 0 and "received welcome" not in r.stdout,
+              f"CURVE: an impostor with another authorized key gets no Welcome as w0 ({r.stdout.strip()[-120:]!r})")
+        time.sleep(0.5)
+        check(drops(c).get("auth", 0) - auth0 >= 3, f"CURVE: its Hellos are dropped as auth ({drops(c).get('auth')})")
+        joined = [e for e in c.events()[n_ev:] if e["event"] == "worker_joined"]
+        check(not joined and wstate(c).get("w0") == "lost", f"CURVE: w0 stays lost, nobody joined ({joined[:1]})")
+        worker("w0", "k0")
+        c.wait(lambda: wstate(c).get("w0") in ("idle", "active"), 15, "w0 with its own key back")
+        check(True, "CURVE: the restarted w0 with its own key is taken back")
+        c.post("/v1/stop", token="idt-token")
+        check(c.finish(60) == 3, "CURVE run stopped (exit 3)")
+    except Exception as e:  # noqa: BLE001
+        check(False, f"CURVE section: exception: {e}")
+    finally:
+        if check.failures:
+            c.dump()
+        c.close()
 
 
 def main():
@@ -129,6 +187,7 @@ def main():
         if check.failures:
             c.dump()
         c.close()
+    curve_binding(tmp)
     if check.failures:
         print(f"{len(check.failures)} failure(s); files kept in {tmp}")
         sys.exit(1)

@@ -2,7 +2,7 @@
  * coordinator's membership (tests/py/test_identity.py, issue 16 #1).
  *
  *   sy_spoof --coordinator EP --id ID --mode MODE [--run NAME] [--pid N] [--count N]
- *            [--hold-ms N] [--session HEX]
+ *            [--hold-ms N] [--session HEX] [--curve-server-public FILE --curve-key FILE]
  *
  * Opens a DEALER whose ZMQ_ROUTING_ID is ID (the id of a live worker, typically) and sends,
  * --count times (default 1):
@@ -12,7 +12,8 @@
  *              answers, else 0) and session --session (hex; default none)
  *   stepdone   a StepDone for step 1 of generation 1, same header as heartbeat
  * then keeps the connection open for --hold-ms (default 200), printing what it receives, and
- * exits 0. It is a test tool: it never retries and never waits longer than --hold-ms + 1 s. */
+ * exits 0. With the CURVE flags it connects with that key pair (an authorized key of another
+ * worker, to test that an id is bound to the key it registered with). It is a test tool: it never retries and never waits longer than --hold-ms + 1 s. */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "curve.h"
 #include "protocol.h"
 
 static int64_t now_ms(void) {
@@ -40,11 +42,12 @@ static size_t unhex(const char *s, uint8_t *out, size_t cap) {
 }
 
 int main(int argc, char **argv) {
-    const char *ep = NULL, *id = NULL, *mode = NULL, *run = "tiny", *session = NULL;
+    const char *ep = NULL, *id = NULL, *mode = NULL, *run = "tiny", *session = NULL, *srv_pub = NULL, *key = NULL;
     long pid = (long)getpid(), count = 1, hold_ms = 200;
     static const struct option lo[] = {{"coordinator", 1, 0, 'c'}, {"id", 1, 0, 'i'}, {"mode", 1, 0, 'm'},
                                        {"run", 1, 0, 'r'},         {"pid", 1, 0, 'p'}, {"count", 1, 0, 'n'},
-                                       {"hold-ms", 1, 0, 'H'},     {"session", 1, 0, 's'}, {0, 0, 0, 0}};
+                                       {"hold-ms", 1, 0, 'H'},     {"session", 1, 0, 's'},
+                                       {"curve-server-public", 1, 0, 'P'}, {"curve-key", 1, 0, 'K'}, {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (c) {
@@ -56,6 +59,8 @@ int main(int argc, char **argv) {
         case 'n': count = atol(optarg); break;
         case 'H': hold_ms = atol(optarg); break;
         case 's': session = optarg; break;
+        case 'P': srv_pub = optarg; break;
+        case 'K': key = optarg; break;
         default: return 2;
         }
     }
@@ -68,6 +73,16 @@ int main(int argc, char **argv) {
     int linger = 500;
     zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(sock, ZMQ_ROUTING_ID, id, strlen(id));
+    if (srv_pub && key) {
+        sy_curve_key server, mine;
+        if (sy_curve_load_key(srv_pub, false, &server) != SY_OK || sy_curve_load_key(key, true, &mine) != SY_OK) {
+            fprintf(stderr, "sy_spoof: %s\n", sy_err_msg());
+            return 2;
+        }
+        zmq_setsockopt(sock, ZMQ_CURVE_SERVERKEY, server.public_z85, SY_CURVE_Z85_LEN + 1);
+        zmq_setsockopt(sock, ZMQ_CURVE_PUBLICKEY, mine.public_z85, SY_CURVE_Z85_LEN + 1);
+        zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, mine.secret_z85, SY_CURVE_Z85_LEN + 1);
+    }
     if (zmq_connect(sock, ep) != 0) {
         fprintf(stderr, "sy_spoof: connect %s: %s\n", ep, zmq_strerror(zmq_errno()));
         return 1;
