@@ -337,6 +337,7 @@ static void *link_main(void *arg) {
                     const ProtobufCBinaryData *ses = &env->welcome->session;
                     pthread_mutex_lock(&a->mu);
                     bool fresh = a->incarnation != env->incarnation;
+                    bool had_session = a->session_len > 0;
                     bool new_session = ses->len != a->session_len || (ses->len && memcmp(ses->data, a->session, ses->len));
                     a->incarnation = env->incarnation;
                     snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
@@ -348,8 +349,8 @@ static void *link_main(void *arg) {
                     if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
                     /* a new registration (new incarnation, or the same coordinator took us back
                      * as a newcomer) ends whatever generation we were in */
-                    forward = fresh || (new_session && welcomed);
-                    if (!fresh && new_session && welcomed)
+                    forward = fresh || (new_session && had_session);
+                    if (!fresh && new_session && had_session)
                         sy_info("coordinator %s registered us anew: leaving the current generation", a->opts->coordinator);
                     if (fresh && welcomed) {
                         /* a new coordinator (restarted) greets us: it does not know us yet */

@@ -7,6 +7,7 @@
    stay active, the run goes on. (Before the fix w0 was lost for good after 3 s.)
 2. w1 is killed (kill -9): lost. An impostor's Heartbeat and StepDone as "w1" are dropped and
    counted as "auth" in /v1/status and /metrics, and do not bring "w1" back as a spare.
+   A Heartbeat from an unknown sender gets Welcome{reregister} (and registers nothing).
    A restarted w1 (a new process, same id) is taken back.
 3. A worker the coordinator dropped while it was alive (SIGSTOP for longer than
    failure_timeout_ms) notices and is back as a spare within REJOIN_BOUND_S of SIGCONT
@@ -159,6 +160,10 @@ def main():
         check(wstate(c).get("w1") == "lost", f"the impostor did not bring w1 back ({wstate(c).get('w1')})")
         joined = [e for e in c.events()[n_ev:] if e["event"] == "worker_joined"]
         check(not joined, f"no worker_joined for the impostor ({joined[:1]})")
+        r = spoof(ep, "ghost", "heartbeat", hold_ms=500)
+        check("received welcome reregister" in r.stdout,
+              f"a Heartbeat from an unknown sender is answered with Welcome{{reregister}} ({r.stdout.strip()!r})")
+        check("ghost" not in wstate(c), "the unknown sender is not registered by its Heartbeat")
         c.start_worker("w1")
         t = time.time()
         c.wait(lambda: wstate(c).get("w1") in ("idle", "active"), 15, "restarted w1 registered")

@@ -140,7 +140,8 @@ int main(int argc, char **argv) {
             if (zmq_msg_recv(&m, sock, ZMQ_DONTWAIT) >= 0) {
                 Sy__Envelope *in = NULL;
                 if (sy_proto_unpack(zmq_msg_data(&m), zmq_msg_size(&m), &in) == SY_DROP_NONE) {
-                    printf("received %s\n", sy_proto_body_name(in->body_case));
+                    bool rereg = in->body_case == SY__ENVELOPE__BODY_WELCOME && in->welcome->reregister;
+                    printf("received %s%s\n", sy_proto_body_name(in->body_case), rereg ? " reregister" : "");
                     inc = in->incarnation;
                     sy_proto_free(in);
                 }
