@@ -94,10 +94,17 @@ static void event(sy_coord_t *c, const char *name, json_t *fields) {
     c->dirty = true;
 }
 
-static int find_worker_rid(sy_coord_t *c, const void *rid, size_t len) {
-    for (int i = 0; i < c->nw; i++)
-        if (c->w[i].rid_len == len && !memcmp(c->w[i].rid, rid, len)) return i;
-    return -1;
+/* The worker id a routing id names: the part before its last '/' ("w0/3fa9c2..." names "w0":
+ * switchyard-worker adds a random nonce per socket, see docs/protocol.md "Identities"), or the
+ * whole routing id when it has no '/'. False when that is not a possible worker id. */
+static bool rid_names(const uint8_t *rid, size_t rid_len, char *id, size_t cap) {
+    size_t n = rid_len;
+    while (n > 0 && rid[n - 1] != '/') n--;
+    n = n > 0 ? n - 1 : rid_len;
+    if (n == 0 || n >= cap) return false;
+    memcpy(id, rid, n);
+    id[n] = 0;
+    return strlen(id) == n;
 }
 
 static int find_worker_id(sy_coord_t *c, const char *id) {
@@ -760,8 +767,10 @@ static void on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy
         drop(c, SY_DROP_INVALID, "Hello with an invalid worker id or endpoint");
         return;
     }
-    if (rid_len != strlen(id) || memcmp(rid, id, rid_len) != 0) {
-        drop(c, SY_DROP_BAD_FRAME, "Hello from worker '%s' whose ZeroMQ routing id differs (set ZMQ_ROUTING_ID to the worker id)", id);
+    char named[ID_MAX];
+    if (!rid_names(rid, rid_len, named, sizeof named) || strcmp(named, id) != 0) {
+        drop(c, SY_DROP_BAD_FRAME, "Hello from worker '%s' whose ZeroMQ routing id does not name it (set "
+             "ZMQ_ROUTING_ID to the worker id, optionally followed by '/' and a nonce)", id);
         return;
     }
     int i = find_worker_id(c, id);
@@ -781,9 +790,12 @@ static void on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy
                  (unsigned)c->w[i].pid, (unsigned)h->pid);
             return;
         }
-        /* The registered process again (it lost touch with us): refresh, welcome again. */
+        /* The registered process again (it lost touch with us, maybe on a new socket): refresh,
+         * take its current route, welcome again. */
         c->w[i].last_seen = now;
         c->w[i].fd = c->src_fd;
+        memcpy(c->w[i].rid, rid, rid_len);
+        c->w[i].rid_len = rid_len;
         send_welcome(c, &c->w[i]);
         return;
     }
@@ -891,7 +903,8 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
         on_hello(c, rid, rid_len, env);
         goto out;
     }
-    int i = find_worker_rid(c, rid, rid_len);
+    char named[ID_MAX];
+    int i = rid_names(rid, rid_len, named, sizeof named) ? find_worker_id(c, named) : -1;
     if (i < 0) {
         drop(c, SY_DROP_UNKNOWN_WORKER, "%s from an unregistered sender", sy_proto_body_name(env->body_case));
         /* A worker we do not know (we were restarted, or forgot it): tell it at its next
@@ -908,6 +921,12 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
         drop(c, SY_DROP_AUTH, "%s for worker '%s' without its session secret%s", sy_proto_body_name(env->body_case),
              w->id, c->zap ? " or from another CURVE key" : "");
         goto out;
+    }
+    if (w->rid_len != rid_len || memcmp(w->rid, rid, rid_len) != 0) {
+        /* the worker speaks from a new socket (it reopened it): answer there from now on */
+        sy_debug("worker %s now speaks from another socket", w->id);
+        memcpy(w->rid, rid, rid_len);
+        w->rid_len = rid_len;
     }
     if (env->incarnation != c->incarnation) {
         drop(c, SY_DROP_INCARNATION, "%s from %s with incarnation %016" PRIx64, sy_proto_body_name(env->body_case),
@@ -1200,14 +1219,14 @@ static sy_status bind_socket(sy_coord_t *c, const char *bind) {
     if (n > 2 && !strcmp(ep + n - 2, ":0")) strcpy(ep + n - 2, ":*"); /* ZeroMQ's any-free-port */
     int one = 1, linger = LINGER_MS;
     int64_t maxmsg = SY_PROTO_TRANSPORT_MAX;
-    /* No ZMQ_ROUTER_HANDOVER: with it, any peer that connects with a live worker's id takes
-     * over its route and leaves the worker's connection deaf in both directions (issue 16).
-     * Without it a second connection with a taken id is ignored until the first one closes;
-     * ZMTP heartbeats close a dead one (a crashed host) within failure_timeout_ms, so a
-     * restarted worker gets its id back. */
-    int zero = 0, hb_ivl = c->cfg.cluster.heartbeat_ms, hb_ttl = c->cfg.cluster.failure_timeout_ms;
+    /* ZMQ_ROUTER_HANDOVER: a DEALER that reconnects (same socket, same routing id) takes its
+     * route over at once, even before its old connection is known to be dead. Membership never
+     * follows a routing id (issue 16): switchyard-worker's routing ids carry a random nonce
+     * per socket, and every message must carry its registration's session secret. ZMTP
+     * heartbeats close dead connections within failure_timeout_ms. */
+    int hb_ivl = c->cfg.cluster.heartbeat_ms, hb_ttl = c->cfg.cluster.failure_timeout_ms;
     zmq_setsockopt(c->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
-    zmq_setsockopt(c->sock, ZMQ_ROUTER_HANDOVER, &zero, sizeof zero);
+    zmq_setsockopt(c->sock, ZMQ_ROUTER_HANDOVER, &one, sizeof one);
     zmq_setsockopt(c->sock, ZMQ_HEARTBEAT_IVL, &hb_ivl, sizeof hb_ivl);
     zmq_setsockopt(c->sock, ZMQ_HEARTBEAT_TIMEOUT, &hb_ttl, sizeof hb_ttl);
     zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);

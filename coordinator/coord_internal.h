@@ -41,7 +41,7 @@ extern const char *const sy_coord_rstate[R_STOPPED + 1];
 
 typedef struct {
     char id[ID_MAX];
-    uint8_t rid[256]; /* ZeroMQ routing id (equals id) */
+    uint8_t rid[256]; /* ZeroMQ routing id of its current socket: the id, or "id/NONCE" */
     size_t rid_len;
     char host[HOST_MAX];
     char backend[16];

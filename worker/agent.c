@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/sysinfo.h>
 #include <time.h>
 #include <unistd.h>
@@ -247,7 +248,15 @@ static void *link_open(agent_t *a, unsigned n, void **mon) {
     int linger = 0;
     int64_t maxmsg = SY_PROTO_TRANSPORT_MAX;
     zmq_setsockopt(dealer, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(dealer, ZMQ_ROUTING_ID, a->id, strlen(a->id));
+    /* routing id "ID/NONCE": a fresh random nonce per socket, so that no other peer can take
+     * over our route by connecting with our id (the coordinator has ROUTER_HANDOVER on, so a
+     * reconnect of this very socket takes its route back at once) */
+    char rid[sizeof a->id + 20];
+    uint64_t nonce = 0;
+    if (getrandom(&nonce, sizeof nonce, 0) != (ssize_t)sizeof nonce)
+        nonce = (uint64_t)(sy_mono_s() * 1e9) ^ ((uint64_t)getpid() << 32) ^ n;
+    snprintf(rid, sizeof rid, "%s/%016llx", a->id, (unsigned long long)nonce);
+    zmq_setsockopt(dealer, ZMQ_ROUTING_ID, rid, strlen(rid));
     zmq_setsockopt(dealer, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     if (a->curve &&
         (zmq_setsockopt(dealer, ZMQ_CURVE_SERVERKEY, a->server_public, SY_CURVE_Z85_LEN + 1) != 0 ||

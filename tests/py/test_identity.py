@@ -4,7 +4,8 @@
 1. While w0 and w1 train, impostors connect with ZMQ_ROUTING_ID "w0" and send a garbage frame,
    a forged Hello (another pid), a Heartbeat and a StepDone without w0's session secret. The
    coordinator never declares w0 lost: no worker_lost event, the generation stays the same, both
-   stay active, the run goes on. (Before the fix w0 was lost for good after 3 s.)
+   stay active, the run goes on; the forged messages are counted as "auth". (Before the fix w0
+   was lost for good after 3 s.)
 2. w1 is killed (kill -9): lost. An impostor's Heartbeat and StepDone as "w1" are dropped and
    counted as "auth" in /v1/status and /metrics, and do not bring "w1" back as a spare.
    A Heartbeat from an unknown sender gets Welcome{reregister} (and registers nothing).
@@ -13,7 +14,9 @@
    failure_timeout_ms) notices and is back as a spare within REJOIN_BOUND_S of SIGCONT
    (failure_timeout_ms + 2 x heartbeat_ms, plus 1 s of slack for a loaded machine), then
    rejoins a generation.
-4. With CURVE on, a worker id is bound to the public key it registered with: after w0 (key k0)
+5. The coordinator is stopped past the workers' coordinator timeout (2 x failure_timeout_ms):
+   they reopen their sockets, register again and train on in a new generation.
+6. With CURVE on, a worker id is bound to the public key it registered with: after w0 (key k0)
    dies, an impostor with another authorized key (k1) cannot register as "w0" (Hello dropped
    as "auth", no worker_joined), while the restarted w0 with k0 is taken back.
 """
@@ -131,6 +134,7 @@ def main():
         n_ev = len(c.events())
 
         # --- 1. impostors of a live worker -----------------------------------------------------
+        auth_start = drops(c).get("auth", 0)
         for mode in ["garbage", "hello", "heartbeat", "stepdone"]:
             r = spoof(ep, "w0", mode, pid=999999, count=3, hold_ms=300)
             check(r.returncode == 0, f"impostor as w0 sent {mode} ({r.stderr.strip()[-200:]})")
@@ -143,6 +147,9 @@ def main():
         ws = wstate(c)
         check(ws.get("w0") == "active" and ws.get("w1") == "active", f"w0 and w1 stay active ({ws})")
         check(c.max_step() > step0, f"training went on ({step0} -> {c.max_step()})")
+        auth = drops(c).get("auth", 0)
+        check(auth - auth_start >= 9, f"the impostors' Hellos, Heartbeats and StepDones are dropped as auth "
+                                      f"({auth_start} -> {auth})")
 
         # --- 2. impostors of a lost worker -----------------------------------------------------
         auth0 = drops(c).get("auth", 0)
@@ -182,6 +189,20 @@ def main():
         check(took <= REJOIN_BOUND_S, f"w0 is a spare again {took:.1f} s after SIGCONT (bound {REJOIN_BOUND_S:.1f} s)")
         c.wait(lambda: c.status()["world"] == 2 and wstate(c).get("w0") == "active", 60, "w0 back in a generation")
         check(True, "w0 rejoined a generation (world 2)")
+
+        # --- 5. the coordinator goes silent: workers reopen their sockets and register again -----
+        n_ev = len(c.events())
+        os.kill(c.coord.pid, signal.SIGSTOP)
+        time.sleep(2 * FAILURE_TIMEOUT_S + 1.5)  # past the workers' coordinator timeout
+        step1 = c.max_step()
+        os.kill(c.coord.pid, signal.SIGCONT)
+        t = time.time()
+        c.wait_event("generation_opened", 60, after=n_ev, where=lambda e: e["world"] == 2)
+        c.wait(lambda: c.max_step() >= step1 + 20, 60, "steps after the coordinator's silence")
+        check(True, f"after {2 * FAILURE_TIMEOUT_S + 1.5:.1f} s of coordinator silence both workers train in a "
+                    f"new generation of world 2 ({time.time() - t:.1f} s after SIGCONT)")
+        logs = c.tail("w0.0.log", 100000) + c.tail("w1.1.log", 100000)
+        check("reconnecting and registering again" in logs, "the workers reopened their sockets ('reconnecting')")
         status, body = c.post("/v1/stop", token="idt-token")
         check(status in (200, 202), f"POST /v1/stop ({status})")
         rc = c.finish(60)
