@@ -10,7 +10,9 @@
 3. SIGTERM ends a worker within 2 s: one waiting for a coordinator that accepts TCP but never
    answers, and one stuck mid-step (a large model with --threads 1).
 4. A worker that cannot allocate its model (ulimit -v) exits non-zero with a message naming
-   the memory, instead of spinning.
+   the memory, instead of spinning; so does one whose OpenBLAS buffers do not fit (at start,
+   before any library constructor, and when --threads adds threads): OpenBLAS itself retries
+   a failed buffer allocation for ever.
 """
 import os
 import shutil
@@ -129,6 +131,25 @@ def main():
         out = open(log).read()
         check(rc not in (None, 0) and "memory" in out,
               f"a worker that cannot allocate its model exits with a message ({rc}: {out.strip()[-200:]!r})")
+
+    # OpenBLAS retries a failed buffer allocation for ever: its start-up buffers (one per thread,
+    # in its library constructor) are checked before any constructor runs ...
+    env = dict(os.environ, OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
+    rc, out, dt = run(["/bin/sh", "-c", f"ulimit -v 200000; exec {W} --help"], timeout=20, env=env)
+    check(rc == 1 and "no address space for OpenBLAS" in out and "ulimit -v" in out,
+          f"ulimit -v below OpenBLAS's start-up buffers: exit 1 with a message, no spin ({rc}, {dt:.1f} s: "
+          f"{out.strip()[-160:]!r})")
+    # ... and so are the buffers of the threads a worker adds (--threads)
+    if NPROC >= 2:
+        s = fu.settings(tmp, "nothr", 10, 0)
+        with fu.Cluster(tmp, "nothr", s) as c:
+            c.start_coordinator(expect=1)
+            env1 = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+            rc, out, dt = run(["/bin/sh", "-c", f"ulimit -v 250000; exec {W} --coordinator tcp://127.0.0.1:{c.port} "
+                               f"--id t0 --threads 2 --connect-timeout 30"], timeout=60, env=env1)
+            check(rc == 1 and "OpenBLAS needs about" in out,
+                  f"no address space for another OpenBLAS thread: the worker exits 1 with a message ({rc}, "
+                  f"{dt:.1f} s: {out.strip()[-200:]!r})")
 
     if check.failures:
         print(f"{len(check.failures)} failure(s); files kept in {tmp}")
