@@ -235,14 +235,16 @@ static void link_monitor_event(agent_t *a, void *mon, int *fails, unsigned *logg
     }
 }
 
-/* Opens the DEALER to the coordinator (routing id = worker id, CURVE keys when given) and its
+/* Opens the DEALER to the coordinator (routing id "ID/NONCE", CURVE keys when given) and its
  * handshake monitor (*mon NULL when none). `n` numbers the sockets of this process: the link
- * thread opens a fresh one whenever the coordinator has been silent (see link_main). */
+ * thread opens a fresh one whenever the coordinator has been silent (see link_main). NULL (and
+ * link_failed set) when no socket can be made. */
 static void *link_open(agent_t *a, unsigned n, void **mon) {
     void *dealer = zmq_socket(a->zctx, ZMQ_DEALER);
     *mon = NULL;
     if (!dealer) {
         sy_error("cannot create the coordinator socket: %s", zmq_strerror(errno));
+        atomic_store(&a->link_failed, 1);
         return NULL;
     }
     int linger = 0;
@@ -289,7 +291,7 @@ static void *link_open(agent_t *a, unsigned n, void **mon) {
 }
 
 static void link_close(void **dealer, void **mon) {
-    if (*mon) {
+    if (*mon && *dealer) {
         zmq_socket_monitor(*dealer, NULL, 0);
         zmq_close(*mon);
         *mon = NULL;
@@ -315,7 +317,7 @@ static void *link_main(void *arg) {
     double unwelcomed_since = -1, next_wait_log = LINK_WAIT_LOG_FIRST_MS, wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
     unsigned last_seq = 0;
     bool stopped = false; /* got Stop: no more Hello or heartbeats */
-    while (!atomic_load(&a->link_stop)) {
+    while (dealer && !atomic_load(&a->link_stop)) {
         zmq_pollitem_t items[] = {{dealer, 0, ZMQ_POLLIN, 0}, {pair, 0, ZMQ_POLLIN, 0}, {mon, 0, ZMQ_POLLIN, 0}};
         zmq_poll(items, mon ? 3 : 2, 50);
         if (mon && (items[2].revents & ZMQ_POLLIN)) link_monitor_event(a, mon, &hs_fails, &hs_logged);
@@ -432,7 +434,7 @@ static void *link_main(void *arg) {
              * half-open TCP connection), and a Hello sent into it would never arrive. */
             sy_warn("no word from the coordinator for %.0f ms: reconnecting and registering again", t - last_rx);
             link_close(&dealer, &mon);
-            dealer = link_open(a, nsock++, &mon);
+            if (!(dealer = link_open(a, nsock++, &mon))) break;
             hs_fails = 0;
             welcomed = false;
             last_rx = t;
