@@ -4,7 +4,8 @@ reset ("New connection socket descriptor (1030) is not less than FD_SETSIZE").
 
 1. 1,100 idle TCP connections to the control port (ZeroMQ), then 1,100 idle TCP connections to
    the HTTP port, from 127.0.0.2..127.0.0.23 (50 per address, under the per-address limit):
-   GET /v1/status from 127.0.0.1 still answers 200 with the run's JSON, and so does /metrics.
+   GET /v1/status from 127.0.0.1 still answers 200 with the run's JSON, and so do /metrics and
+   a POST (a lost-worker report, as the launcher sends).
 2. 600 connections from one address (127.0.0.99): those over the per-address limit are closed
    by the server, and /v1/status from 127.0.0.1 still answers.
 3. A request with 200 kB of headers is refused (4xx), not buffered; the server goes on.
@@ -67,7 +68,7 @@ def main():
     fu.prepare_data(tmp)
     s = fu.settings(tmp, "fdf", 40, 20, extra={
         "model.n_layers": "2", "model.d_model": "64", "model.d_ff": "128", "model.seq_len": "64",
-        "train.global_batch_seqs": "8", "train.micro_batch_seqs": "4"})
+        "train.global_batch_seqs": "8", "train.micro_batch_seqs": "4", "status.token": "fdf-token"})
     c = fu.Cluster(tmp, "fdf", s)
     socks = []
     try:
@@ -88,6 +89,8 @@ def main():
         code, body = get(c.status_url + "/metrics")
         check(code == 200 and "switchyard_step" in body, f"GET /metrics answers too ({code})")
         check(c.coord.poll() is None, "the coordinator is still running")
+        code, body = c.post("/v1/workers/nobody/lost", token="fdf-token")
+        check(code in (202, 404), f"a POST (the launcher's lost-worker report) is served too ({code} {body.strip()[:80]})")
 
         one = flood(http_port, 600, ["127.0.0.99"])
         time.sleep(0.5)
