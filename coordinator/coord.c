@@ -137,12 +137,10 @@ static void send_welcome(sy_coord_t *c, worker *w) {
 /* Tells the sender of a message that we do not count it as registered (docs/protocol.md
  * "Re-registration"): a Welcome with reregister set and no session, so it sends Hello now. */
 static void send_reregister(sy_coord_t *c, const uint8_t *rid, size_t rid_len) {
-    if (rid_len == 0 || rid_len >= ID_MAX) return;
+    char id[ID_MAX];
+    if (!rid_names(rid, rid_len, id, sizeof id)) return;
     Sy__Envelope env;
     Sy__Welcome wl = SY__WELCOME__INIT;
-    char id[ID_MAX];
-    memcpy(id, rid, rid_len);
-    id[rid_len] = 0;
     sy_proto_init(&env, c->cfg.run.name, c->incarnation, 0);
     wl.worker_id = id;
     wl.heartbeat_ms = (uint32_t)c->cfg.cluster.heartbeat_ms;
