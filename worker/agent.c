@@ -338,6 +338,9 @@ static void *link_main(void *arg) {
                     bool fresh = a->incarnation != env->incarnation;
                     a->incarnation = env->incarnation;
                     snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
+                    /* a collective in flight would wait for peers that leave their generation
+                     * too: end it now (peers get their own Welcome within a heartbeat) */
+                    if (a->comm) sy_comm_abort(a->comm);
                     pthread_mutex_unlock(&a->mu);
                     if (welcomed || fresh)
                         sy_info("coordinator %s does not count us as registered: registering again", a->opts->coordinator);
@@ -356,6 +359,9 @@ static void *link_main(void *arg) {
                         memcpy(a->session, ses->data, ses->len);
                         a->session_len = ses->len;
                     }
+                    /* a new registration ends the generation we were in (below): a collective
+                     * in flight would wait for peers that leave it too, so end it now */
+                    if ((fresh || (new_session && had_session)) && a->comm) sy_comm_abort(a->comm);
                     pthread_mutex_unlock(&a->mu);
                     if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
                     /* a new registration (new incarnation, or the same coordinator took us back
