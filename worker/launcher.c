@@ -683,8 +683,8 @@ int sy_run_cli(int argc, char **argv) {
         goto out;
     }
     if (threads == 0) {
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = (int)(cores / n_workers);
+        int cores = sy_cpu_count(); /* what its workers may use (affinity), as they check */
+        threads = cores / n_workers;
         if (threads < 1) threads = 1;
     }
     rc = 1;
