@@ -94,10 +94,17 @@ static void event(sy_coord_t *c, const char *name, json_t *fields) {
     c->dirty = true;
 }
 
-static int find_worker_rid(sy_coord_t *c, const void *rid, size_t len) {
-    for (int i = 0; i < c->nw; i++)
-        if (c->w[i].rid_len == len && !memcmp(c->w[i].rid, rid, len)) return i;
-    return -1;
+/* The worker id a routing id names: the part before its last '/' ("w0/3fa9c2..." names "w0":
+ * switchyard-worker adds a random nonce per socket, see docs/protocol.md "Identities"), or the
+ * whole routing id when it has no '/'. False when that is not a possible worker id. */
+static bool rid_names(const uint8_t *rid, size_t rid_len, char *id, size_t cap) {
+    size_t n = rid_len;
+    while (n > 0 && rid[n - 1] != '/') n--;
+    n = n > 0 ? n - 1 : rid_len;
+    if (n == 0 || n >= cap) return false;
+    memcpy(id, rid, n);
+    id[n] = 0;
+    return strlen(id) == n;
 }
 
 static int find_worker_id(sy_coord_t *c, const char *id) {
@@ -119,10 +126,47 @@ static void send_welcome(sy_coord_t *c, worker *w) {
     sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen_open && w->rank >= 0 ? c->gen : 0);
     wl.worker_id = w->id;
     wl.heartbeat_ms = (uint32_t)c->cfg.cluster.heartbeat_ms;
+    wl.session.data = w->session;
+    wl.session.len = SY_SESSION_LEN;
     env.body_case = SY__ENVELOPE__BODY_WELCOME;
     env.welcome = &wl;
     send_to(c, w, &env);
     w->last_keepalive = sy_mono_ms();
+}
+
+/* Tells the sender of a message that we do not count it as registered (docs/protocol.md
+ * "Re-registration"): a Welcome with reregister set and no session, so it sends Hello now. */
+static void send_reregister(sy_coord_t *c, const uint8_t *rid, size_t rid_len) {
+    char id[ID_MAX];
+    if (!rid_names(rid, rid_len, id, sizeof id)) return;
+    Sy__Envelope env;
+    Sy__Welcome wl = SY__WELCOME__INIT;
+    sy_proto_init(&env, c->cfg.run.name, c->incarnation, 0);
+    wl.worker_id = id;
+    wl.heartbeat_ms = (uint32_t)c->cfg.cluster.heartbeat_ms;
+    wl.reregister = true;
+    env.body_case = SY__ENVELOPE__BODY_WELCOME;
+    env.welcome = &wl;
+    if (sy_proto_send(c->sock, rid, rid_len, &env) != SY_OK) sy_debug("to %s: %s", id, sy_err_msg());
+}
+
+/* The message proves it comes from registration w: it carries w's session secret (compared in
+ * constant time) and, with CURVE on, comes from the public key w's id is bound to. */
+static bool proves(const sy_coord_t *c, const worker *w, const Sy__Envelope *env) {
+    if (c->zap && strcmp(w->key, c->src_key) != 0) return false;
+    if (env->session.len != SY_SESSION_LEN) return false;
+    uint8_t d = 0;
+    for (size_t k = 0; k < SY_SESSION_LEN; k++) d |= (uint8_t)(w->session[k] ^ env->session.data[k]);
+    return d == 0;
+}
+
+static void new_session(worker *w) {
+    if (getrandom(w->session, sizeof w->session, 0) != (ssize_t)sizeof w->session) {
+        /* no entropy source: still unique per registration, though guessable */
+        uint64_t x = (uint64_t)sy_mono_ms() * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)w ^ (uint64_t)getpid();
+        for (size_t k = 0; k < sizeof w->session; k++, x = x * 6364136223846793005ull + 1442695040888963407ull)
+            w->session[k] = (uint8_t)(x >> 56);
+    }
 }
 
 static void send_stop(sy_coord_t *c, worker *w, const char *reason) {
@@ -721,15 +765,35 @@ static void on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy
         drop(c, SY_DROP_INVALID, "Hello with an invalid worker id or endpoint");
         return;
     }
-    if (rid_len != strlen(id) || memcmp(rid, id, rid_len) != 0) {
-        drop(c, SY_DROP_BAD_FRAME, "Hello from worker '%s' whose ZeroMQ routing id differs (set ZMQ_ROUTING_ID to the worker id)", id);
+    char named[ID_MAX];
+    if (!rid_names(rid, rid_len, named, sizeof named) || strcmp(named, id) != 0) {
+        drop(c, SY_DROP_BAD_FRAME, "Hello from worker '%s' whose ZeroMQ routing id does not name it (set "
+             "ZMQ_ROUTING_ID to the worker id, optionally followed by '/' and a nonce)", id);
         return;
     }
     int i = find_worker_id(c, id);
     int64_t now = sy_mono_ms();
-    if (i >= 0 && w_live(&c->w[i]) && c->w[i].pid == h->pid) {
-        /* Same process again (a resend, or it lost touch with us): refresh, welcome again. */
+    if (i >= 0 && c->zap && strcmp(c->w[i].key, c->src_key) != 0) {
+        drop(c, SY_DROP_AUTH, "Hello for worker '%s' from CURVE key %s: that id is bound to key %s", id,
+             c->src_key, c->w[i].key);
+        return;
+    }
+    if (i >= 0 && w_live(&c->w[i])) {
+        if (!proves(c, &c->w[i], env)) {
+            /* Only the registered process knows its session: a routing id (or a pid) alone never
+             * replaces a live registration. A restarted process gets the id once the old one is
+             * lost (its connection closed, or failure_timeout_ms of silence). */
+            drop(c, SY_DROP_AUTH, "Hello for live worker '%s' (pid %u) without its session secret (from pid %u): "
+                 "ignored; a new process with this id is taken once the old one is lost", id,
+                 (unsigned)c->w[i].pid, (unsigned)h->pid);
+            return;
+        }
+        /* The registered process again (it lost touch with us, maybe on a new socket): refresh,
+         * take its current route, welcome again. */
         c->w[i].last_seen = now;
+        c->w[i].fd = c->src_fd;
+        memcpy(c->w[i].rid, rid, rid_len);
+        c->w[i].rid_len = rid_len;
         send_welcome(c, &c->w[i]);
         return;
     }
@@ -739,7 +803,6 @@ static void on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy
         send_stop(c, &c->w[i], "drained");
         return;
     }
-    if (i >= 0 && w_live(&c->w[i])) worker_lost(c, i, "replaced by a new process with the same id");
     if (i < 0) {
         int cap = c->cfg.cluster.max_workers * TABLE_FACTOR + TABLE_SLACK;
         if (c->nw >= cap) { /* forget the oldest lost/stopped entry */
@@ -783,6 +846,8 @@ static void on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy
     w->last_seen = w->joined = now;
     w->fd = c->src_fd;
     w->seq = ++c->next_seq;
+    new_session(w);
+    snprintf(w->key, sizeof w->key, "%s", c->src_key);
     c->last_join = now;
     send_welcome(c, w);
     event(c, "worker_joined", json_pack("{s:s, s:s, s:i, s:s, s:s}", "worker", w->id, "host", w->host, "pid",
@@ -836,29 +901,31 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
         on_hello(c, rid, rid_len, env);
         goto out;
     }
-    int i = find_worker_rid(c, rid, rid_len);
+    char named[ID_MAX];
+    int i = rid_names(rid, rid_len, named, sizeof named) ? find_worker_id(c, named) : -1;
     if (i < 0) {
         drop(c, SY_DROP_UNKNOWN_WORKER, "%s from an unregistered sender", sy_proto_body_name(env->body_case));
-        /* A worker of an earlier incarnation of this coordinator (we were restarted): answer its
-         * heartbeat with our Welcome, so that it registers again at once instead of after its
-         * silence timeout (docs/protocol.md). */
-        if (env->body_case == SY__ENVELOPE__BODY_HEARTBEAT && env->incarnation != 0 &&
-            env->incarnation != c->incarnation && rid_len > 0 && rid_len < ID_MAX) {
-            Sy__Envelope wenv;
-            Sy__Welcome wl = SY__WELCOME__INIT;
-            char id[ID_MAX];
-            memcpy(id, rid, rid_len);
-            id[rid_len] = 0;
-            sy_proto_init(&wenv, c->cfg.run.name, c->incarnation, 0);
-            wl.worker_id = id;
-            wl.heartbeat_ms = (uint32_t)c->cfg.cluster.heartbeat_ms;
-            wenv.body_case = SY__ENVELOPE__BODY_WELCOME;
-            wenv.welcome = &wl;
-            sy_proto_send(c->sock, rid, rid_len, &wenv);
-        }
+        /* A worker we do not know (we were restarted, or forgot it): tell it at its next
+         * heartbeat to register again, instead of letting it wait for its silence timeout
+         * (docs/protocol.md "Re-registration"). */
+        if (env->body_case == SY__ENVELOPE__BODY_HEARTBEAT) send_reregister(c, rid, rid_len);
         goto out;
     }
     worker *w = &c->w[i];
+    if (!proves(c, w, env)) {
+        /* The routing id names a registered worker, but the message lacks that registration's
+         * secret (or key): an impostor, or a process the id no longer belongs to. Counted and
+         * dropped; it changes nothing (not even liveness). */
+        drop(c, SY_DROP_AUTH, "%s for worker '%s' without its session secret%s", sy_proto_body_name(env->body_case),
+             w->id, c->zap ? " or from another CURVE key" : "");
+        goto out;
+    }
+    if (w->rid_len != rid_len || memcmp(w->rid, rid, rid_len) != 0) {
+        /* the worker speaks from a new socket (it reopened it): answer there from now on */
+        sy_debug("worker %s now speaks from another socket", w->id);
+        memcpy(w->rid, rid, rid_len);
+        w->rid_len = rid_len;
+    }
     if (env->incarnation != c->incarnation) {
         drop(c, SY_DROP_INCARNATION, "%s from %s with incarnation %016" PRIx64, sy_proto_body_name(env->body_case),
              w->id, env->incarnation);
@@ -881,6 +948,17 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     if (env->body_case == SY__ENVELOPE__BODY_HEARTBEAT) {
         const Sy__Heartbeat *hb = env->heartbeat;
         snprintf(w->activity, sizeof w->activity, "%s", hb->state && printable(hb->state, 16) ? hb->state : "?");
+        bool busy = !strcmp(w->activity, "training") || !strcmp(w->activity, "restoring");
+        if (busy && env->generation != 0 && (w->rank < 0 || !c->gen_open || env->generation != c->gen)) {
+            /* It works in a generation it is not (or no longer) a member of: it missed the Abort. */
+            Sy__Envelope ab_env;
+            Sy__Abort ab = SY__ABORT__INIT;
+            sy_proto_init(&ab_env, c->cfg.run.name, c->incarnation, env->generation);
+            ab.reason = "not a member of this generation";
+            ab_env.body_case = SY__ENVELOPE__BODY_ABORT;
+            ab_env.abort = &ab;
+            send_to(c, w, &ab_env);
+        }
         if (c->gen_open && env->generation == c->gen && w->rank >= 0 && !strcmp(w->activity, "training") &&
             !w->restored && c->nrec && c->rec[c->nrec - 1].duration_ms < 0) {
             w->restored = true;
@@ -980,6 +1058,8 @@ static sy_status drain_socket(sy_coord_t *c) {
             drop(c, SY_DROP_BAD_FRAME, "empty frame");
         } else {
             c->src_fd = zmq_msg_get(&parts[1], ZMQ_SRCFD);
+            const char *user = c->zap ? zmq_msg_gets(&parts[1], "User-Id") : NULL;
+            c->src_key = user ? user : "";
             on_message(c, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]), zmq_msg_data(&parts[1]),
                        zmq_msg_size(&parts[1]));
         }
@@ -1137,8 +1217,16 @@ static sy_status bind_socket(sy_coord_t *c, const char *bind) {
     if (n > 2 && !strcmp(ep + n - 2, ":0")) strcpy(ep + n - 2, ":*"); /* ZeroMQ's any-free-port */
     int one = 1, linger = LINGER_MS;
     int64_t maxmsg = SY_PROTO_TRANSPORT_MAX;
+    /* ZMQ_ROUTER_HANDOVER: a DEALER that reconnects (same socket, same routing id) takes its
+     * route over at once, even before its old connection is known to be dead. Membership never
+     * follows a routing id (issue 16): switchyard-worker's routing ids carry a random nonce
+     * per socket, and every message must carry its registration's session secret. ZMTP
+     * heartbeats close dead connections within failure_timeout_ms. */
+    int hb_ivl = c->cfg.cluster.heartbeat_ms, hb_ttl = c->cfg.cluster.failure_timeout_ms;
     zmq_setsockopt(c->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
     zmq_setsockopt(c->sock, ZMQ_ROUTER_HANDOVER, &one, sizeof one);
+    zmq_setsockopt(c->sock, ZMQ_HEARTBEAT_IVL, &hb_ivl, sizeof hb_ivl);
+    zmq_setsockopt(c->sock, ZMQ_HEARTBEAT_TIMEOUT, &hb_ttl, sizeof hb_ttl);
     zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(c->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     if (c->zap) SY_CHECK(curve_server(c));
@@ -1177,6 +1265,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     sy_coord_t *c = calloc(1, sizeof *c);
     if (!c) return sy_err_set(SY_ENOMEM, "out of memory");
     c->latest_ckpt = -1;
+    c->src_key = "";
     c->expect_workers = opts ? opts->expect_workers : 0;
     c->t0_mono = sy_mono_ms();
     c->events = json_array();

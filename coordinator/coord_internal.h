@@ -30,6 +30,8 @@
 #define EVENT_HISTORY 50
 /* Step aggregations / checkpoint steps in flight at once (ranks are within a step or two). */
 #define MAX_PENDING 64
+/* Bytes of a registration's session secret (random, from getrandom). */
+#define SY_SESSION_LEN 16
 
 typedef enum { W_IDLE = 0, W_ACTIVE, W_DRAINING, W_LOST, W_STOPPED, W__COUNT } wstate;
 extern const char *const sy_coord_wstate[W__COUNT]; /* names, for events and status */
@@ -39,7 +41,7 @@ extern const char *const sy_coord_rstate[R_STOPPED + 1];
 
 typedef struct {
     char id[ID_MAX];
-    uint8_t rid[256]; /* ZeroMQ routing id (equals id) */
+    uint8_t rid[256]; /* ZeroMQ routing id of its current socket: the id, or "id/NONCE" */
     size_t rid_len;
     char host[HOST_MAX];
     char backend[16];
@@ -56,6 +58,11 @@ typedef struct {
     int64_t last_keepalive;
     bool restored; /* reported "training" in the open generation (recovery phase timing) */
     int fd;        /* socket its last message came from (ZMQ_SRCFD), -1 unknown */
+    /* Proof of identity (docs/protocol.md "Identities"): the secret this registration was given
+     * in Welcome, which every later message must echo; with CURVE on, the public key (Z85) the
+     * id was first registered with, which every message of the id must come from. */
+    uint8_t session[SY_SESSION_LEN];
+    char key[48];
 } worker;
 
 typedef struct {
@@ -102,6 +109,7 @@ struct sy_coord {
     uint64_t hs_failed;     /* CURVE handshakes that failed before ZAP (plaintext peer, wrong key) */
     int64_t hs_logged;
     int src_fd;             /* socket of the message being handled */
+    const char *src_key;    /* its sender's CURVE public key (ZAP user id); "" with CURVE off */
     char endpoint[256];
     char status_url[300];
     sy_http_t *http;

@@ -7,11 +7,14 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
+#include "clock.h"
 #include "log.h"
 
 /* Requests the reactor has not drained yet; more are refused with 503. */
@@ -20,8 +23,22 @@
 #define SY_HTTP_MAX_BODY 65536
 /* Seconds an idle connection is kept. */
 #define SY_HTTP_CONN_TIMEOUT 10
+/* Connections served at once (more are accepted and closed at once by libmicrohttpd), and per
+ * client address: a crowd of idle or slow clients cannot starve the others (issue 16 #2). The
+ * server runs on epoll, so descriptors above FD_SETSIZE (1024) are fine. */
+#define SY_HTTP_MAX_CONNECTIONS 4096
+#define SY_HTTP_MAX_PER_IP 256
+/* Memory for one connection's request line, headers and read buffer: a larger request is
+ * refused (431/413) by libmicrohttpd. */
+#define SY_HTTP_CONN_MEMORY (64 * 1024)
+/* Descriptors kept free for everything else (control connections, files, the store). */
+#define SY_HTTP_FD_RESERVE 256
+/* libmicrohttpd messages are logged at most once per this many ms. */
+#define SY_HTTP_LOG_MS 5000
 
 struct sy_http {
+    int64_t log_last;            /* under mu: the last libmicrohttpd message logged (mono ms) */
+    unsigned long log_skipped;   /* under mu: messages since, not logged */
     struct MHD_Daemon *d;
     int port;
     char *token;
@@ -294,8 +311,24 @@ static void on_done(void *cls, struct MHD_Connection *conn, void **con_cls,
     *con_cls = NULL;
 }
 
+/* libmicrohttpd's messages (a refused connection over the limits, a timed-out client), at
+ * most one line per SY_HTTP_LOG_MS: a flood of clients must not flood the log too. */
 static void mhd_log(void *cls, const char *fmt, va_list ap) {
-    (void)cls;
+    sy_http_t *h = cls;
+    int64_t now = sy_mono_ms();
+    unsigned long skipped = 0;
+    pthread_mutex_lock(&h->mu);
+    bool quiet = h->log_last && now - h->log_last < SY_HTTP_LOG_MS;
+    if (quiet) {
+        h->log_skipped++;
+    } else {
+        skipped = h->log_skipped;
+        h->log_skipped = 0;
+        h->log_last = now;
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (quiet) return;
+    if (skipped) sy_warn("http: %lu more message(s) not shown", skipped);
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
     size_t n = strlen(msg);
@@ -330,11 +363,21 @@ sy_status sy_http_start(const char *addr, const char *token, sy_http_t **out) {
     if (!h) return sy_err_set(SY_ENOMEM, "out of memory");
     pthread_mutex_init(&h->mu, NULL);
     h->token = strdup(token ? token : "");
-    h->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, (uint16_t)port, NULL,
-                            NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h,
+    /* epoll, not select (which fails for any descriptor >= 1024); never more connections than
+     * the open-files limit leaves room for */
+    unsigned max_conn = SY_HTTP_MAX_CONNECTIONS;
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        rlim_t room = rl.rlim_cur > 2 * SY_HTTP_FD_RESERVE ? rl.rlim_cur - SY_HTTP_FD_RESERVE : rl.rlim_cur / 2;
+        if (room < max_conn) max_conn = room > 1 ? (unsigned)room : 1;
+    }
+    unsigned per_ip = SY_HTTP_MAX_PER_IP < max_conn ? SY_HTTP_MAX_PER_IP : max_conn;
+    h->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG, (uint16_t)port,
+                            NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h,
                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sin, MHD_OPTION_NOTIFY_COMPLETED,
                             on_done, h, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)SY_HTTP_CONN_TIMEOUT,
-                            MHD_OPTION_END);
+                            MHD_OPTION_CONNECTION_LIMIT, max_conn, MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_ip,
+                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)SY_HTTP_CONN_MEMORY, MHD_OPTION_END);
     if (!h->d) {
         free(h->token);
         pthread_mutex_destroy(&h->mu);

@@ -3,9 +3,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "config.h"
 #include "coord.h"
+#include "endpoint.h"
 #include "log.h"
 
 static volatile sig_atomic_t g_stop;
@@ -38,6 +40,18 @@ static void usage(FILE *f) {
             "  coordinator ready bind=tcp://HOST:PORT status=http://HOST:PORT\n"
             "Exit status: 0 the run finished, 1 error or failed run, 3 stopped early (signal or\n"
             "POST /v1/stop), 2 bad usage or config.\n");
+}
+
+/* Many workers and status clients need many descriptors: lift the soft RLIMIT_NOFILE to the
+ * hard limit (issue 16 #2; the HTTP server uses epoll and has its own connection limits, so
+ * descriptors above FD_SETSIZE are fine everywhere). */
+static void raise_fd_limit(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max) return;
+    rlim_t was = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+        sy_debug("open files limit raised from %llu to %llu", (unsigned long long)was, (unsigned long long)rl.rlim_cur);
 }
 
 int main(int argc, char **argv) {
@@ -132,6 +146,13 @@ int main(int argc, char **argv) {
         code = 2;
         goto out;
     }
+
+    if (sy_endpoint_check(bind ? bind : cfg.cluster.bind, true, bind ? "--bind" : "cluster.bind") != SY_OK) {
+        fprintf(stderr, "switchyard-coordinator: %s\n", sy_err_msg());
+        code = 2;
+        goto out;
+    }
+    raise_fd_limit();
 
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);

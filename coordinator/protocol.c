@@ -18,6 +18,7 @@ static const char *const DROP_NAMES[SY_DROP__COUNT] = {
     [SY_DROP_UNEXPECTED] = "unexpected",
     [SY_DROP_INVALID] = "invalid",
     [SY_DROP_BAD_FRAME] = "bad_frame",
+    [SY_DROP_AUTH] = "auth",
 };
 
 const char *sy_proto_drop_name(sy_proto_drop reason) {

@@ -19,7 +19,7 @@
 #include "switchyard.pb-c.h"
 
 /* Must equal the version comment of proto/switchyard.proto. */
-#define SY_PROTO_VERSION 1
+#define SY_PROTO_VERSION 2
 /* Frames larger than this are dropped unparsed (counted as "oversize"). */
 #define SY_PROTO_MAX_FRAME ((size_t)16 << 20)
 /* Transport guard (ZMQ_MAXMSGSIZE): libzmq disconnects a peer sending a larger frame before it
@@ -41,6 +41,8 @@ typedef enum {
     SY_DROP_UNEXPECTED,       /* a valid message the receiver's state does not expect */
     SY_DROP_INVALID,          /* well-formed but with invalid contents (bad field values) */
     SY_DROP_BAD_FRAME,        /* wrong number of ZeroMQ frames, empty frame, identity mismatch */
+    SY_DROP_AUTH,             /* names a registered worker but fails its proof (session secret,
+                               * CURVE public key): an impostor or a stale process */
     SY_DROP__COUNT
 } sy_proto_drop;
 

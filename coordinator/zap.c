@@ -148,7 +148,11 @@ static bool answer(sy_zap_t *z, zmq_msg_t *fr, int n) {
     zmq_send(z->sock, rid, rid_len, ZMQ_SNDMORE);
     zmq_send(z->sock, status, 3, ZMQ_SNDMORE);
     zmq_send(z->sock, text, strlen(text), ZMQ_SNDMORE);
-    zmq_send(z->sock, "", 0, ZMQ_SNDMORE);
+    /* the user id of an accepted client is its public key (Z85): ZeroMQ attaches it to every
+     * message of the connection ("User-Id"), and the coordinator binds worker ids to it */
+    char user[SY_CURVE_Z85_LEN + 1] = "";
+    if (!refused && key) zmq_z85_encode(user, key, 32);
+    zmq_send(z->sock, user, strlen(user), ZMQ_SNDMORE);
     zmq_send(z->sock, "", 0, 0);
     return refused;
 }

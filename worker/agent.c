@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/sysinfo.h>
 #include <time.h>
 #include <unistd.h>
@@ -19,6 +20,7 @@
 #include "ckpt.h"
 #include "comm.h"
 #include "config.h"
+#include "cpu_setup.h"
 #include "curve.h"
 #include "data.h"
 #include "dist_step.h"
@@ -34,6 +36,13 @@
 #define SY_AGENT_VERSION "0.1.0"
 #define SY_AGENT_DEFAULT_HB_MS 500
 #define SY_AGENT_DEFAULT_COORD_TIMEOUT_MS 6000
+/* While not registered: a "still trying" line after this long, then at doubling intervals up
+ * to LINK_WAIT_LOG_MAX_MS apart. */
+#define LINK_WAIT_LOG_FIRST_MS 2000.0
+#define LINK_WAIT_LOG_MAX_MS 60000.0
+/* After SIGTERM/SIGINT the process ends within this, whatever it is doing (a step, a
+ * collective, an allocation that OpenBLAS retries): the watchdog thread exits it. */
+#define STOP_GRACE_MS 1000
 
 enum { ST_IDLE = 0, ST_TRAINING, ST_RESTORING, ST_SAVING };
 static const char *state_names[] = {"idle", "training", "restoring", "saving"};
@@ -42,6 +51,22 @@ static volatile sig_atomic_t g_stop = 0;
 static void on_signal(int sig) {
     (void)sig;
     g_stop = 1;
+}
+
+/* The stop watchdog: once a signal has asked us to stop, the main thread has STOP_GRACE_MS to
+ * wind down (it checks between steps and every 100 ms when idle); if it is stuck in something
+ * long (a step of a big model, a collective, an allocation OpenBLAS keeps retrying), the
+ * process ends here. Signal handlers only set the flag (no async-unsafe work there). */
+static _Atomic int g_main_done = 0;
+static void *stop_watchdog(void *arg) {
+    (void)arg;
+    while (!g_stop && !atomic_load(&g_main_done)) usleep(50 * 1000);
+    for (int waited = 0; waited < STOP_GRACE_MS && !atomic_load(&g_main_done); waited += 50) usleep(50 * 1000);
+    if (atomic_load(&g_main_done)) return NULL;
+    sy_error("asked to stop (SIGTERM/SIGINT) but still busy after %d ms: exiting now", STOP_GRACE_MS);
+    fflush(stdout);
+    fflush(stderr);
+    _exit(1);
 }
 
 /* This rank's state at one of its checkpoints: parameters, AdamW moments (full buffers; only
@@ -63,6 +88,8 @@ typedef struct {
     pthread_mutex_t mu;
     char run_id[128];              /* under mu */
     uint64_t incarnation;          /* under mu */
+    uint8_t session[64];           /* under mu: our registration's secret (Welcome.session), echoed */
+    size_t session_len;            /* on every message (docs/protocol.md "Identities") */
     sy_comm_t *comm;               /* under mu: aborted by the link thread */
     _Atomic uint64_t generation;
     _Atomic uint64_t gen_inc;      /* incarnation of the coordinator that assigned `generation`:
@@ -75,6 +102,7 @@ typedef struct {
     _Atomic int coord_timeout_ms;  /* silence after which the coordinator is presumed gone */
     _Atomic int link_stop;
     _Atomic int refused;           /* the link thread gave up: the coordinator refuses us */
+    _Atomic int link_failed;       /* the link thread gave up: no coordinator (--connect-timeout) */
     bool curve;                    /* CURVE keys given (immutable once the link thread runs) */
     sy_curve_key key;              /* this worker's key pair */
     char server_public[SY_CURVE_Z85_LEN + 1];
@@ -110,6 +138,8 @@ typedef struct {
     sy_status up_st;
     char up_err[512];
     json_t *up_files;
+    bool fatal;                    /* a failure that a retry cannot fix (out of memory) */
+    char fatal_msg[512];
     void *pending;                 /* a frame received while training, handled next */
     size_t pending_len;
 } agent_t;
@@ -130,6 +160,8 @@ static void link_send(agent_t *a, void *dealer, Sy__Envelope *env) {
     /* A generation of an earlier coordinator is no generation of this one. */
     uint64_t gen = atomic_load(&a->gen_inc) == a->incarnation ? atomic_load(&a->generation) : 0;
     stamp(env, a->run_id, a->incarnation, gen);
+    env->session.data = a->session;
+    env->session.len = a->session_len;
     sy_status st = sy_proto_send(dealer, NULL, 0, env);
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) sy_debug("send to coordinator failed: %s", sy_err_msg());
@@ -203,16 +235,31 @@ static void link_monitor_event(agent_t *a, void *mon, int *fails, unsigned *logg
     }
 }
 
-static void *link_main(void *arg) {
-    agent_t *a = arg;
+/* Opens the DEALER to the coordinator (routing id "ID/NONCE", CURVE keys when given) and its
+ * handshake monitor (*mon NULL when none). `n` numbers the sockets of this process: the link
+ * thread opens a fresh one whenever the coordinator has been silent (see link_main). NULL (and
+ * link_failed set) when no socket can be made. */
+static void *link_open(agent_t *a, unsigned n, void **mon) {
     void *dealer = zmq_socket(a->zctx, ZMQ_DEALER);
-    void *pair = zmq_socket(a->zctx, ZMQ_PAIR);
+    *mon = NULL;
+    if (!dealer) {
+        sy_error("cannot create the coordinator socket: %s", zmq_strerror(errno));
+        atomic_store(&a->link_failed, 1);
+        return NULL;
+    }
     int linger = 0;
     int64_t maxmsg = SY_PROTO_TRANSPORT_MAX;
     zmq_setsockopt(dealer, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(dealer, ZMQ_ROUTING_ID, a->id, strlen(a->id));
+    /* routing id "ID/NONCE": a fresh random nonce per socket, so that no other peer can take
+     * over our route by connecting with our id (the coordinator has ROUTER_HANDOVER on, so a
+     * reconnect of this very socket takes its route back at once) */
+    char rid[sizeof a->id + 20];
+    uint64_t nonce = 0;
+    if (getrandom(&nonce, sizeof nonce, 0) != (ssize_t)sizeof nonce)
+        nonce = (uint64_t)(sy_mono_s() * 1e9) ^ ((uint64_t)getpid() << 32) ^ n;
+    snprintf(rid, sizeof rid, "%s/%016llx", a->id, (unsigned long long)nonce);
+    zmq_setsockopt(dealer, ZMQ_ROUTING_ID, rid, strlen(rid));
     zmq_setsockopt(dealer, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
-    zmq_setsockopt(pair, ZMQ_LINGER, &linger, sizeof linger);
     if (a->curve &&
         (zmq_setsockopt(dealer, ZMQ_CURVE_SERVERKEY, a->server_public, SY_CURVE_Z85_LEN + 1) != 0 ||
          zmq_setsockopt(dealer, ZMQ_CURVE_PUBLICKEY, a->key.public_z85, SY_CURVE_Z85_LEN + 1) != 0 ||
@@ -222,33 +269,55 @@ static void *link_main(void *arg) {
     }
     /* Handshake failures show only in the socket monitor: libzmq reconnects after a dropped
      * connection but never after a refusal, which would otherwise look like silence. */
-    void *mon = NULL;
-    char mon_ep[64];
-    snprintf(mon_ep, sizeof mon_ep, "inproc://sy-agent-monitor-%p", (void *)a);
+    char mon_ep[80];
+    snprintf(mon_ep, sizeof mon_ep, "inproc://sy-agent-monitor-%p-%u", (void *)a, n);
     if (zmq_socket_monitor(dealer, mon_ep,
                            ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
                                ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) == 0) {
-        mon = zmq_socket(a->zctx, ZMQ_PAIR);
-        zmq_setsockopt(mon, ZMQ_LINGER, &linger, sizeof linger);
-        if (zmq_connect(mon, mon_ep) != 0) {
-            zmq_close(mon);
-            mon = NULL;
+        *mon = zmq_socket(a->zctx, ZMQ_PAIR);
+        zmq_setsockopt(*mon, ZMQ_LINGER, &linger, sizeof linger);
+        if (zmq_connect(*mon, mon_ep) != 0) {
+            zmq_close(*mon);
+            *mon = NULL;
         }
     }
-    if (!mon) sy_warn("no socket monitor: a refused connection will show only as silence");
-    int hs_fails = 0;
-    unsigned hs_logged = 0;
+    if (!*mon) sy_warn("no socket monitor: a refused connection will show only as silence");
+    /* the endpoint was validated at start (sy_endpoint_check): a failure here is unexpected */
     if (zmq_connect(dealer, a->opts->coordinator) != 0) {
         sy_error("cannot connect to coordinator %s: %s", a->opts->coordinator, zmq_strerror(errno));
-        g_stop = 1;
+        atomic_store(&a->link_failed, 1);
     }
+    return dealer;
+}
+
+static void link_close(void **dealer, void **mon) {
+    if (*mon && *dealer) {
+        zmq_socket_monitor(*dealer, NULL, 0);
+        zmq_close(*mon);
+        *mon = NULL;
+    }
+    if (*dealer) zmq_close(*dealer);
+    *dealer = NULL;
+}
+
+static void *link_main(void *arg) {
+    agent_t *a = arg;
+    void *pair = zmq_socket(a->zctx, ZMQ_PAIR);
+    int linger = 0;
+    zmq_setsockopt(pair, ZMQ_LINGER, &linger, sizeof linger);
+    unsigned nsock = 0;
+    void *mon = NULL;
+    void *dealer = link_open(a, nsock++, &mon);
+    int hs_fails = 0;
+    unsigned hs_logged = 0;
     zmq_connect(pair, a->inproc);
 
     bool welcomed = false;
     double last_hello = -1e18, last_hb = -1e18, last_rx = (sy_mono_s() * 1e3);
+    double unwelcomed_since = -1, next_wait_log = LINK_WAIT_LOG_FIRST_MS, wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
     unsigned last_seq = 0;
     bool stopped = false; /* got Stop: no more Hello or heartbeats */
-    while (!atomic_load(&a->link_stop)) {
+    while (dealer && !atomic_load(&a->link_stop)) {
         zmq_pollitem_t items[] = {{dealer, 0, ZMQ_POLLIN, 0}, {pair, 0, ZMQ_POLLIN, 0}, {mon, 0, ZMQ_POLLIN, 0}};
         zmq_poll(items, mon ? 3 : 2, 50);
         if (mon && (items[2].revents & ZMQ_POLLIN)) link_monitor_event(a, mon, &hs_fails, &hs_logged);
@@ -262,14 +331,44 @@ static void *link_main(void *arg) {
                 bool forward = false;
                 if (why != SY_DROP_NONE) {
                     sy_warn("dropped a message from the coordinator (%s): %s", sy_proto_drop_name(why), sy_err_msg());
-                } else if (env->body_case == SY__ENVELOPE__BODY_WELCOME) {
+                } else if (env->body_case == SY__ENVELOPE__BODY_WELCOME && env->welcome->reregister) {
+                    /* The coordinator does not count us as registered (it forgot us, or was
+                     * restarted): leave any generation and send Hello now. */
                     pthread_mutex_lock(&a->mu);
                     bool fresh = a->incarnation != env->incarnation;
                     a->incarnation = env->incarnation;
                     snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
+                    /* a collective in flight would wait for peers that leave their generation
+                     * too: end it now (peers get their own Welcome within a heartbeat) */
+                    if (a->comm) sy_comm_abort(a->comm);
+                    pthread_mutex_unlock(&a->mu);
+                    if (welcomed || fresh)
+                        sy_info("coordinator %s does not count us as registered: registering again", a->opts->coordinator);
+                    welcomed = false;
+                    last_hello = -1e18;
+                    forward = true;
+                } else if (env->body_case == SY__ENVELOPE__BODY_WELCOME) {
+                    const ProtobufCBinaryData *ses = &env->welcome->session;
+                    pthread_mutex_lock(&a->mu);
+                    bool fresh = a->incarnation != env->incarnation;
+                    bool had_session = a->session_len > 0;
+                    bool new_session = ses->len != a->session_len || (ses->len && memcmp(ses->data, a->session, ses->len));
+                    a->incarnation = env->incarnation;
+                    snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
+                    if (ses->len <= sizeof a->session) {
+                        memcpy(a->session, ses->data, ses->len);
+                        a->session_len = ses->len;
+                    }
+                    /* a new registration ends the generation we were in (below): a collective
+                     * in flight would wait for peers that leave it too, so end it now */
+                    if ((fresh || (new_session && had_session)) && a->comm) sy_comm_abort(a->comm);
                     pthread_mutex_unlock(&a->mu);
                     if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
-                    forward = fresh;
+                    /* a new registration (new incarnation, or the same coordinator took us back
+                     * as a newcomer) ends whatever generation we were in */
+                    forward = fresh || (new_session && had_session);
+                    if (!fresh && new_session && had_session)
+                        sy_info("coordinator %s registered us anew: leaving the current generation", a->opts->coordinator);
                     if (fresh && welcomed) {
                         /* a new coordinator (restarted) greets us: it does not know us yet */
                         sy_info("coordinator %s has a new incarnation %016llx: registering again",
@@ -318,7 +417,11 @@ static void *link_main(void *arg) {
                     pthread_mutex_lock(&a->mu);
                     env->run_id = a->run_id; /* borrowed for the send below */
                     if (!env->incarnation) env->incarnation = a->incarnation;
+                    env->session.data = a->session;
+                    env->session.len = a->session_len;
                     sy_proto_send(dealer, NULL, 0, env);
+                    env->session.data = NULL;
+                    env->session.len = 0;
                     env->run_id = own;
                     pthread_mutex_unlock(&a->mu);
                     sy_proto_free(env);
@@ -332,9 +435,39 @@ static void *link_main(void *arg) {
          * is gone or was restarted: register again (a new incarnation answers). */
         if (stopped) continue;
         if (welcomed && t - last_rx > atomic_load(&a->coord_timeout_ms)) {
-            sy_warn("no word from the coordinator for %.0f ms: registering again", t - last_rx);
+            /* A fresh socket too: the old connection may be deaf in a way libzmq never reports
+             * (a peer that took over our routing id at a coordinator with ROUTER_HANDOVER, a
+             * half-open TCP connection), and a Hello sent into it would never arrive. */
+            sy_warn("no word from the coordinator for %.0f ms: reconnecting and registering again", t - last_rx);
+            link_close(&dealer, &mon);
+            if (!(dealer = link_open(a, nsock++, &mon))) break;
+            hs_fails = 0;
             welcomed = false;
             last_rx = t;
+            unwelcomed_since = t;
+            next_wait_log = wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
+        }
+        if (welcomed) {
+            unwelcomed_since = -1;
+        } else {
+            if (unwelcomed_since < 0) unwelcomed_since = t, next_wait_log = wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
+            double waited = t - unwelcomed_since;
+            int limit_s = a->opts->connect_timeout_s;
+            if (limit_s > 0 && waited >= limit_s * 1e3) {
+                sy_error("no answer from the coordinator %s for %d s (--connect-timeout): giving up",
+                         a->opts->coordinator, limit_s);
+                atomic_store(&a->link_failed, 1);
+                break;
+            }
+            if (waited >= next_wait_log) {
+                char limit[64] = "no time limit";
+                if (limit_s > 0) snprintf(limit, sizeof limit, "giving up after %d s, --connect-timeout", limit_s);
+                sy_warn("no answer from the coordinator %s for %.0f s: still trying (is it running and reachable at "
+                        "that address? %s)",
+                        a->opts->coordinator, waited / 1e3, limit);
+                next_wait_log = waited + wait_log_ivl;
+                wait_log_ivl = wait_log_ivl * 2 > LINK_WAIT_LOG_MAX_MS ? LINK_WAIT_LOG_MAX_MS : wait_log_ivl * 2;
+            }
         }
         if (!welcomed && t - last_hello >= hb) {
             Sy__Envelope env;
@@ -370,11 +503,7 @@ static void *link_main(void *arg) {
             last_hb = t;
         }
     }
-    if (mon) {
-        zmq_socket_monitor(dealer, NULL, 0);
-        zmq_close(mon);
-    }
-    zmq_close(dealer);
+    link_close(&dealer, &mon);
     zmq_close(pair);
     return NULL;
 }
@@ -480,6 +609,13 @@ static sy_status setup(agent_t *a, const char *config_json) {
     if (st == SY_OK) st = sy_config_from_json(&cfg, j);
     json_decref(j);
     if (st == SY_OK && a->opts->threads > 0) cfg.train.threads = a->opts->threads;
+    int cores = sy_cpu_count();
+    if (st == SY_OK && cfg.train.threads > cores) {
+        /* the run's config is written for every machine of the cluster: cap it at ours */
+        sy_warn("train.threads %d is more than the %d core(s) this worker may use: using %d", cfg.train.threads,
+                cores, cores);
+        cfg.train.threads = cores;
+    }
     if (st == SY_OK) st = sy_config_validate(&cfg);
     if (st != SY_OK) {
         sy_config_free(&cfg);
@@ -804,12 +940,19 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     a->rank = (int)as->rank;
     a->world = (int)as->world;
     char detail[1024];
+    sy_status st;
     if (a->world < 1 || a->rank >= a->world || (int)as->n_peers != a->world) {
         snprintf(detail, sizeof detail, "Assign: rank %d of world %d with %zu peers", a->rank, a->world, as->n_peers);
         send_fault(a, "internal", detail, -1, 0);
         return RUN_FAILED;
     }
-    if (setup(a, as->config_json) != SY_OK) goto fail;
+    st = setup(a, as->config_json);
+    if (st == SY_ENOMEM) {
+        /* the next Assign of this config would fail the same way: report it and leave */
+        a->fatal = true;
+        snprintf(a->fatal_msg, sizeof a->fatal_msg, "%s", sy_err_msg());
+    }
+    if (st != SY_OK) goto fail;
     atomic_store(&a->coord_timeout_ms, 2 * a->cfg.cluster.failure_timeout_ms);
     const int E = a->dims.E;
     if ((int)as->n_placement != E) {
@@ -818,7 +961,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     }
     for (int e = 0; e < E; e++) a->owned[e] = (int)as->placement[e] == a->rank;
     pthread_mutex_lock(&a->mu);
-    sy_status st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+    st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
                                a->cfg.cluster.data_timeout_ms, &a->comm);
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) goto fail;
@@ -873,7 +1016,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                 return r;
             }
         }
-        if (g_stop) return RUN_STOP;
+        if (g_stop || atomic_load(&a->link_failed)) return RUN_STOP;
         upload_collect(a, false);
         set_state(a, ST_TRAINING);
         a->counts[0] = 0;
@@ -936,6 +1079,9 @@ int sy_agent_run(const sy_agent_opts *opts) {
     sa.sa_handler = on_signal;
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    pthread_t wd;
+    if (pthread_create(&wd, NULL, stop_watchdog, NULL) == 0) pthread_detach(wd);
+    else sy_warn("cannot start the stop watchdog thread: SIGTERM waits for the current step");
 
     if (!opts->curve_key != !opts->curve_server_public) {
         sy_error("--curve-key and --curve-server-public go together");
@@ -976,7 +1122,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
     a.link_started = true;
     sy_info("data plane at %s; connecting to %s", sy_dataplane_endpoint(a.dp), opts->coordinator);
 
-    while (!g_stop && !atomic_load(&a.refused)) {
+    while (!g_stop && !atomic_load(&a.refused) && !atomic_load(&a.link_failed)) {
         Sy__Envelope *m = agent_recv(&a, 100);
         upload_collect(&a, false); /* a part finished after the last step is reported here */
         if (!m) continue;
@@ -989,12 +1135,19 @@ int sy_agent_run(const sy_agent_opts *opts) {
         if (r == RUN_STOP) {
             sy_info("stop: %s", m->body_case == SY__ENVELOPE__BODY_STOP && m->stop->reason ? m->stop->reason : "asked to stop");
             sy_proto_free(m);
-            rc = 0;
+            rc = atomic_load(&a.link_failed) ? 1 : 0;
+            goto out;
+        }
+        if (r == RUN_FAILED && a.fatal) {
+            sy_error("cannot go on: %s; exiting", a.fatal_msg);
+            sy_proto_free(m);
+            rc = 1;
             goto out;
         }
         sy_proto_free(m);
     }
-    rc = atomic_load(&a.refused) ? SY_AGENT_EXIT_REFUSED : 0; /* else SIGINT/SIGTERM: a clean exit */
+    /* else SIGINT/SIGTERM: a clean exit */
+    rc = atomic_load(&a.refused) ? SY_AGENT_EXIT_REFUSED : atomic_load(&a.link_failed) ? 1 : 0;
 out:; /* a label takes a statement, not a declaration (C11) */
     bool abandoned = false;
     if (a.up_started) {
@@ -1039,5 +1192,6 @@ out:; /* a label takes a statement, not a declaration (C11) */
     pthread_mutex_destroy(&a.mu);
     pthread_mutex_destroy(&a.up_mu);
     pthread_cond_destroy(&a.up_cv);
+    atomic_store(&g_main_done, 1);
     return rc;
 }

@@ -15,7 +15,8 @@ typedef struct {
     const char *id;          /* worker id; NULL: HOST-PID */
     const char *data_bind;   /* data-plane bind address, e.g. tcp://127.0.0.1:* */
     const char *backend;     /* "cpu" */
-    int threads;             /* 0: the config's train.threads */
+    int threads;             /* 0: the config's train.threads (either is capped at the cores) */
+    int connect_timeout_s;   /* give up (exit 1) after this long without a Welcome; 0: never */
     /* CurveZMQ on the control plane (common/curve.h): both set, or both NULL (plaintext) */
     const char *curve_server_public; /* the coordinator's .pub (or .key: public half only) */
     const char *curve_key;           /* this worker's .key file (mode 0600) */
@@ -27,8 +28,12 @@ typedef struct {
 #define SY_AGENT_EXIT_REFUSED 4
 #define SY_AGENT_HANDSHAKE_MAX_FAILS 5
 
-/* Runs until Stop or SIGINT/SIGTERM. Returns a process exit code: 0 stopped, 1 error,
- * SY_AGENT_EXIT_REFUSED refused by the coordinator. */
+/* Default of connect_timeout_s (--connect-timeout). */
+#define SY_AGENT_CONNECT_TIMEOUT_S 300
+
+/* Runs until Stop or SIGINT/SIGTERM (which end the process within about 1 s, whatever it is
+ * doing). Returns a process exit code: 0 stopped, 1 error (or no coordinator within
+ * connect_timeout_s), SY_AGENT_EXIT_REFUSED refused by the coordinator. */
 int sy_agent_run(const sy_agent_opts *opts);
 
 #endif

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "cpu_setup.h"
 #include "bf16.h"
 #include "cpu_math.h"
 #include "gemm_cpu.h"
@@ -45,6 +46,7 @@ static float *cpu_scratch(cpu_backend_t *c, size_t n) {
 }
 
 void openblas_set_num_threads(int n);
+int openblas_get_num_threads(void);
 
 static void *cpu_alloc(sy_backend_t *be, size_t bytes) {
     (void)be;
@@ -546,6 +548,15 @@ sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
     cpu_backend_t *c = calloc(1, sizeof *c);
     if (!c) return sy_err_set(SY_ENOMEM, "cpu backend: out of memory");
     if (threads > 0) {
+        /* OpenBLAS spins for ever when it cannot allocate a new thread's buffer: check first */
+        int have = openblas_get_num_threads();
+        if (threads > have && !sy_cpu_blas_room(threads - have)) {
+            free(c);
+            return sy_err_set(SY_ENOMEM,
+                              "cpu backend: out of memory: OpenBLAS needs about %zu MiB of address space for %d more "
+                              "thread(s) (a memory limit such as ulimit -v?); use fewer threads",
+                              sy_cpu_blas_bytes(threads - have) >> 20, threads - have);
+        }
         omp_set_num_threads(threads);
         openblas_set_num_threads(threads);
     }

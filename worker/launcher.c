@@ -29,6 +29,7 @@
 #include "data.h"
 #include "data_s3.h"
 #include "fsutil.h"
+#include "cpu_setup.h"
 #include "log.h"
 
 #define SY_LAUNCH_READY_TIMEOUT_MS 30000
@@ -595,8 +596,12 @@ int sy_run_cli(int argc, char **argv) {
         case 't': {
             char *end;
             long v = strtol(optarg, &end, 10);
-            if (*end || v < 1 || v > 4096) {
-                fprintf(stderr, "switchyard run: --threads %s: expected an integer in [1, 4096]\n", optarg);
+            int cores = sy_cpu_count();
+            if (!*optarg || *end || v < 1 || v > cores) {
+                fprintf(stderr,
+                        "switchyard run: --threads %s: expected an integer from 1 to %d (the cores this process may "
+                        "use; each worker gets this many)\n",
+                        optarg, cores);
                 goto out;
             }
             threads = (int)v;
@@ -678,8 +683,8 @@ int sy_run_cli(int argc, char **argv) {
         goto out;
     }
     if (threads == 0) {
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = (int)(cores / n_workers);
+        int cores = sy_cpu_count(); /* what its workers may use (affinity), as they check */
+        threads = cores / n_workers;
         if (threads < 1) threads = 1;
     }
     rc = 1;

@@ -6,6 +6,7 @@
 
 #include "agent.h"
 #include "cpu_setup.h"
+#include "endpoint.h"
 #include "log.h"
 
 static void usage(FILE *f) {
@@ -21,7 +22,12 @@ static void usage(FILE *f) {
             "                      reuse its id\n"
             "  --backend NAME      compute backend: cpu (default)\n"
             "  --data-bind ADDR    data-plane bind address (default tcp://127.0.0.1:*, * = any port)\n"
-            "  --threads N         compute threads (default: the run config's train.threads)\n"
+            "  --threads N         compute threads, 1 to the number of cores this process may\n"
+            "                      use (nproc) (default: the run config's train.threads, capped\n"
+            "                      at the cores)\n"
+            "  --connect-timeout S give up (exit 1) after S seconds without an answer from the\n"
+            "                      coordinator, at start or after losing touch (default %d;\n"
+            "                      0: never); meanwhile a line is logged at growing intervals\n"
             "  --curve-server-public FILE\n"
             "                      CurveZMQ: the coordinator's public key (its .pub file of\n"
             "                      `switchyard keygen`); needs --curve-key\n"
@@ -30,12 +36,14 @@ static void usage(FILE *f) {
             "  -h, --help          this help\n"
             "\n"
             "\n"
-            "Exit status: 0 stopped (Stop, SIGINT/SIGTERM), 1 error, 2 bad usage or key file,\n"
+            "Exit status: 0 stopped (Stop, SIGINT/SIGTERM; a worker still busy 1 s after the\n"
+            "signal exits 1), 1 error or no coordinator within --connect-timeout, 2 bad usage\n"
+            "(a bad address, --threads beyond the cores) or key file,\n"
             "4 the coordinator refused the connection: a CURVE key not authorized, CURVE on one\n"
             "side only, or %d failed handshakes in a row (a wrong --curve-server-public).\n"
             "\n"
             "environment: SY_LOG=debug|info|warn|error\n",
-            SY_AGENT_HANDSHAKE_MAX_FAILS);
+            SY_AGENT_CONNECT_TIMEOUT_S, SY_AGENT_HANDSHAKE_MAX_FAILS);
 }
 
 int main(int argc, char **argv) {
@@ -48,9 +56,11 @@ int main(int argc, char **argv) {
                                              {"threads", required_argument, 0, 't'},
                                              {"curve-server-public", required_argument, 0, 'P'},
                                              {"curve-key", required_argument, 0, 'K'},
+                                             {"connect-timeout", required_argument, 0, 'T'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
-    sy_agent_opts o = {.backend = "cpu"};
+    sy_agent_opts o = {.backend = "cpu", .connect_timeout_s = SY_AGENT_CONNECT_TIMEOUT_S};
+    int cores = sy_cpu_count();
     int c;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         switch (c) {
@@ -63,11 +73,24 @@ int main(int argc, char **argv) {
         case 't': {
             char *end;
             long v = strtol(optarg, &end, 10);
-            if (*end || v < 0 || v > 4096) {
-                fprintf(stderr, "switchyard-worker: --threads %s: expected an integer in [0, 4096]\n", optarg);
+            if (!*optarg || *end || v < 0 || v > cores) {
+                fprintf(stderr,
+                        "switchyard-worker: --threads %s: expected an integer from 1 to %d (the cores this process "
+                        "may use; 0 = the run config's train.threads)\n",
+                        optarg, cores);
                 return 2;
             }
             o.threads = (int)v;
+            break;
+        }
+        case 'T': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (!*optarg || *end || v < 0 || v > 86400 * 365) {
+                fprintf(stderr, "switchyard-worker: --connect-timeout %s: expected seconds, an integer >= 0\n", optarg);
+                return 2;
+            }
+            o.connect_timeout_s = (int)v;
             break;
         }
         case 'h': usage(stdout); return 0;
@@ -77,6 +100,15 @@ int main(int argc, char **argv) {
     if (!o.coordinator || optind != argc) {
         fprintf(stderr, "switchyard-worker: --coordinator is required\n");
         usage(stderr);
+        return 2;
+    }
+    if (sy_endpoint_check(o.coordinator, false, "--coordinator") != SY_OK ||
+        (o.data_bind && sy_endpoint_check(o.data_bind, true, "--data-bind") != SY_OK)) {
+        fprintf(stderr, "switchyard-worker: %s\n", sy_err_msg());
+        return 2;
+    }
+    if (o.data_bind && strncmp(o.data_bind, "tcp://", 6) != 0) {
+        fprintf(stderr, "switchyard-worker: --data-bind '%s': the data plane needs a tcp:// address\n", o.data_bind);
         return 2;
     }
     if (!o.curve_key != !o.curve_server_public) {

@@ -44,7 +44,20 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The session secret of our registration (Welcome.session): echoed on every message. */
+static uint8_t session[64];
+static size_t session_len;
+
+static void take_session(const Sy__Envelope *env) {
+    const ProtobufCBinaryData *ses = &env->welcome->session;
+    if (env->welcome->reregister || ses->len > sizeof session) return;
+    memcpy(session, ses->data, ses->len);
+    session_len = ses->len;
+}
+
 static void send_env(Sy__Envelope *env) {
+    env->session.data = session;
+    env->session.len = session_len;
     if (sy_proto_send(sock, NULL, 0, env) != SY_OK) fprintf(stderr, "fakeworker %s: %s\n", wid, sy_err_msg());
 }
 
@@ -282,7 +295,14 @@ static int run_normal(void) {
                 fprintf(stderr, "fakeworker %s: new coordinator incarnation; dropping work\n", wid);
                 assignment_clear(&a);
             }
+            if (env->welcome->reregister) {
+                fprintf(stderr, "fakeworker %s: told to register again\n", wid);
+                welcomed = 0;
+                last_hello = 0;
+                goto next;
+            }
             incarnation = env->incarnation;
+            take_session(env);
             if (env->welcome->heartbeat_ms) heartbeat_ms = (int)env->welcome->heartbeat_ms;
             welcomed = 1;
             last_heard = now_ms();
@@ -328,6 +348,8 @@ static void say(const char *what) {
 static void send_packed(Sy__Envelope *env, size_t cut) {
     void *buf;
     size_t len;
+    env->session.data = session;
+    env->session.len = session_len;
     if (sy_proto_pack(env, &buf, &len) != SY_OK) return;
     send_raw(buf, cut && cut < len ? cut : len, 0);
     free(buf);
@@ -424,7 +446,7 @@ static int run_hostile(void) {
     int64_t until = now_ms() + 5000;
     while (!incarnation && now_ms() < until) {
         Sy__Envelope *r = recv_env(100);
-        if (r && r->body_case == SY__ENVELOPE__BODY_WELCOME) incarnation = r->incarnation;
+        if (r && r->body_case == SY__ENVELOPE__BODY_WELCOME) incarnation = r->incarnation, take_session(r);
         sy_proto_free(r);
     }
     say(incarnation ? "welcomed" : "no welcome");
