@@ -171,6 +171,24 @@ def main():
     check(p.returncode == 1 and "train_000000.bin" in err,
           f"truncating a shard mid-run is an error naming the file, not SIGBUS ({p.returncode}: {err.strip()[-300:]})")
 
+    # the same under `switchyard run`: the workers fail naming the file (they died of SIGBUS)
+    os.makedirs(f"{tmp}/trunc2")
+    shutil.copy(glob.glob(f"{tmp}/data/train_*.bin")[0], f"{tmp}/trunc2/train_000000.bin")
+    p = subprocess.Popen([SY, "run", CFG, "--workers", "2", "--threads", "1"]
+                         + small(tmp, "trunc2", steps=100000, every=0, data=f"{tmp}/trunc2"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(f"{tmp}/state-trunc2/metrics.jsonl", 120)
+    time.sleep(1.0)
+    os.truncate(f"{tmp}/trunc2/train_000000.bin", 2048)
+    try:
+        _, err = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    logs = "".join(open(f).read() for f in glob.glob(f"{tmp}/state-trunc2/logs/worker-*.log"))
+    check(p.returncode == 1 and "train_000000.bin changed while in use" in logs and "signal" not in err,
+          f"under `switchyard run` the workers report the truncated file and the run fails ({p.returncode}: {err.strip()[-200:]})")
+
     # --- #7: export refuses what is not a regular file ----------------------------------------
     os.symlink(f"{tmp}/target.safetensors", f"{tmp}/link")
     os.mkfifo(f"{tmp}/fifo")
