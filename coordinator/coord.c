@@ -1218,12 +1218,11 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     /* A coordinator always continues its run (a restarted one takes over from the last
      * checkpoint); whether a run may start fresh is the launcher's question (--resume,
      * --overwrite). Claiming fences off an older coordinator of this run. */
-    SY_CHECK_GOTO(sy_run_claim(c->store, cfg->run.name, SY_RUN_RESUME, c->writer, NULL, 0), s, fail);
     int64_t latest;
     s = sy_ckpt_latest(c->store, cfg->run.name, &latest);
     if (s == SY_OK) c->latest_ckpt = latest;
     else if (s != SY_ENOTFOUND) goto fail;
-    if (c->latest_ckpt >= 0) {
+    if (c->latest_ckpt >= 0) { /* before the claim: a refused restart leaves the run's writer alone */
         json_t *man = NULL;
         char what[320];
         snprintf(what, sizeof what, "checkpoint %s step %" PRId64, cfg->run.name, c->latest_ckpt);
@@ -1232,6 +1231,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
         json_decref(man);
         if (s != SY_OK) goto fail;
     }
+    SY_CHECK_GOTO(sy_run_claim(c->store, cfg->run.name, SY_RUN_RESUME, c->writer, NULL, 0), s, fail);
     SY_CHECK_GOTO(sy_committer_new(c->store, cfg->run.name, cfg->checkpoint.keep_last, &c->committer), s, fail);
     c->step = c->latest_ckpt > 0 ? c->latest_ckpt : 0;
     c->furthest = c->step;

@@ -170,6 +170,23 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         goto done;
     }
 
+    /* A resume must continue the same training: the config is checked before the run is
+     * claimed, so a refused resume leaves the run's writer alone. */
+    if (opts->resume) {
+        int64_t latest;
+        s = sy_ckpt_latest(t.store, cfg->run.name, &latest);
+        if (s == SY_OK) {
+            json_t *man = NULL;
+            SY_CHECK_GOTO(sy_ckpt_read_manifest(t.store, cfg->run.name, latest, &man), s, done);
+            char what[320];
+            snprintf(what, sizeof what, "checkpoint %s step %lld", cfg->run.name, (long long)latest);
+            s = sy_config_check_resume(cfg, json_object_get(man, "config"), what);
+            json_decref(man);
+        } else if (s == SY_ENOTFOUND) {
+            s = SY_OK;
+        }
+        if (s != SY_OK) goto done;
+    }
     /* claim the run: a fresh run never mixes with or loses an older one, and an older writer of
      * this run is fenced off from committing */
     s = sy_run_claim(t.store, cfg->run.name,
@@ -182,13 +199,6 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         int64_t latest;
         s = sy_ckpt_latest(t.store, cfg->run.name, &latest);
         if (s == SY_OK) {
-            json_t *man = NULL;
-            SY_CHECK_GOTO(sy_ckpt_read_manifest(t.store, cfg->run.name, latest, &man), s, done);
-            char what[320];
-            snprintf(what, sizeof what, "checkpoint %s step %lld", cfg->run.name, (long long)latest);
-            s = sy_config_check_resume(cfg, json_object_get(man, "config"), what);
-            json_decref(man);
-            if (s != SY_OK) goto done;
             SY_CHECK_GOTO(sy_model_ckpt_load(t.store, cfg->run.name, latest, t.model, t.opt, NULL),
                           s, done);
             start = latest;

@@ -141,9 +141,12 @@ def main():
     # --- #9: resume with a changed model field ------------------------------------------------
     r = run(["train", CFG] + small(tmp, "cfgm", steps=20, every=10) + ["--stop-after", "10"])
     check(r.returncode == 0, "run 'cfgm' to 10")
+    owner = json.load(open(f"{tmp}/store/cfgm/RUN.json"))["writer"]
     r = run(["train", CFG] + small(tmp, "cfgm", steps=20, every=10, extra=["model.n_heads=4"]) + ["--resume"])
     check(r.returncode == 1 and "model.n_heads" in r.stderr and "4" in r.stderr and "2" in r.stderr,
           f"--resume with model.n_heads changed is refused naming the field and both values ({r.stderr.strip()[-300:]})")
+    check(json.load(open(f"{tmp}/store/cfgm/RUN.json"))["writer"] == owner,
+          "the refused resume did not take the run over from its writer")
     r = run(["train", CFG] + small(tmp, "cfgm", steps=20, every=10, extra=["run.seed=99"]) + ["--resume"])
     check(r.returncode == 1 and "run.seed" in r.stderr, "a changed data-order field (run.seed) is refused")
     r = run(["train", CFG] + small(tmp, "cfgm", steps=20, every=10, extra=["train.lr=0.001"]) + ["--resume", "--stop-after", "12"])
