@@ -234,6 +234,12 @@ def main():
     r = run(rargs, timeout=300)
     check(r.returncode == 1 and "--resume" in r.stderr and "--overwrite" in r.stderr,
           f"a second fresh `switchyard run` of 'rdup' is refused ({r.stderr.strip()[-300:]})")
+    r = run(rargs + ["--resume", "--set", "model.n_heads=4", "--set", "run.steps=6"], timeout=300)
+    check(r.returncode == 1 and "model.n_heads is 4 here but 2" in r.stderr,
+          f"`switchyard run --resume` with a changed model is refused by the coordinator ({r.stderr.strip()[-200:]})")
+    r = run(rargs + ["--resume", "--set", "run.steps=6"], timeout=300)
+    check(r.returncode == 0 and os.path.exists(f"{tmp}/store/rdup/ckpt/step-000000006/MANIFEST.json"),
+          f"`switchyard run --resume` continues the run to step 6 ({r.stderr.strip()[-200:]})")
     r = run(rargs + ["--overwrite"], timeout=300)
     check(r.returncode == 0 and glob.glob(f"{tmp}/store/rdup.replaced-*"), f"`switchyard run --overwrite` ({r.stderr[-300:]})")
 
