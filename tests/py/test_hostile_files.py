@@ -123,6 +123,22 @@ def main():
     check(a.returncode == 1 and ("owned by writer" in err or "another writer" in err),
           f"trainer A fails loudly at its next checkpoint instead of keeping on ({a.returncode}: {err.strip()[-300:]})")
 
+    # a coordinator is fenced off the same way: its run fails instead of committing over the new owner
+    c = subprocess.Popen([SY, "run", CFG, "--workers", "1", "--threads", "1"] + small(tmp, "cfence", steps=100000, every=2),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ok = wait_for(f"{tmp}/store/cfence/ckpt/step-000000002/MANIFEST.json", 120)
+    check(ok, "the cluster run committed its first checkpoint")
+    r = run(["train", CFG] + small(tmp, "cfence", steps=100000, every=2) + ["--resume", "--stop-after", "4"])
+    check(r.returncode == 0 and "resumed from checkpoint" in r.stderr, f"a trainer takes the cluster's run over ({r.stderr[-200:]})")
+    try:
+        _, err = c.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        c.kill()
+        _, err = c.communicate()
+    clog = open(f"{tmp}/state-cfence/logs/coordinator.log").read() if os.path.exists(f"{tmp}/state-cfence/logs/coordinator.log") else ""
+    check(c.returncode == 1 and "now owned by writer" in clog,
+          f"the coordinator's next commit is refused and the run fails ({c.returncode}: {err.strip()[-200:]})")
+
     # --- #4: a broken step is rewritten -----------------------------------------------------
     r = run(["train", CFG] + small(tmp, "brk", steps=20, every=10))
     check(r.returncode == 0, "run 'brk' to 20")
