@@ -30,6 +30,11 @@ static void utc_now(char *buf, size_t cap, const char *fmt) {
     strftime(buf, cap, fmt, &tm);
 }
 
+static const char *str_or(const json_t *j, const char *k) {
+    const char *v = json_string_value(json_object_get(j, k));
+    return v ? v : "?";
+}
+
 static sy_status new_writer_id(char out[SY_RUN_WRITER_HEX + 1]) {
     unsigned char b[SY_RUN_WRITER_HEX / 2];
     if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
@@ -178,6 +183,19 @@ sy_status sy_run_claim(sy_store_t *st, const char *run, sy_run_mode mode, char w
                               "a new run would lose them or be mixed with them. Use --resume to continue it, "
                               "--overwrite to move the old run aside (to %s.replaced-<time>) and start again, or "
                               "another run.name", run, sy_store_url(st), newest, run);
+    }
+    if (mode == SY_RUN_FRESH) { /* a claim without a checkpoint: a crashed start, or a writer still starting */
+        void *buf = NULL;
+        size_t len = 0;
+        if (sy_store_get(st, key, &buf, &len) == SY_OK) {
+            json_t *j = json_loadb(buf, len, 0, NULL);
+            sy_warn("run %s in %s was claimed by writer %s (host %s, pid %" JSON_INTEGER_FORMAT ", %s) and has no "
+                    "committed checkpoint: taking it over; that writer fails at its first checkpoint if it still runs",
+                    run, sy_store_url(st), str_or(j, "writer"), str_or(j, "host"),
+                    json_integer_value(json_object_get(j, "pid")), str_or(j, "claimed"));
+            json_decref(j);
+            free(buf);
+        }
     }
     new_writer_id(writer);
     gethostname(host, sizeof host - 1);
