@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "ckpt_run.h"
 #include "log.h"
 #include "safetensors.h"
 
@@ -237,6 +238,7 @@ out:
 }
 
 static int is_hex64(const char *s);
+static sy_status exists_verdict(sy_store_t *st, const char *run, int64_t step, const char *writer, int may_retire);
 
 sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const json_t *files,
                          const json_t *extra) {
@@ -247,7 +249,7 @@ sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const js
     if (!st || !json_is_array(files)) return sy_err_set(SY_EINVAL, "checkpoint commit: bad arguments");
     SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
     SY_CHECK(check_extra(run, step, extra));
-    SY_CHECK(check_uncommitted(st, run, step));
+    SY_CHECK(sy_ckpt_prepare_step(st, run, step, extra));
     list = json_array();
     if (!list) return sy_err_set(SY_ENOMEM, "checkpoint commit");
     for (size_t i = 0; i < json_array_size(files); i++) {
@@ -314,9 +316,15 @@ sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const js
         goto out;
     }
     SY_CHECK_GOTO(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST), rc, out);
+    const json_t *w = extra ? json_object_get(extra, "writer") : NULL;
+    if (json_is_string(w)) SY_CHECK_GOTO(sy_run_check_writer(st, run, json_string_value(w)), rc, out);
     rc = sy_store_put_if_absent(st, key, text, strlen(text));
-    if (rc == SY_EEXIST)
+    if (rc == SY_EEXIST && json_is_string(w)) {
+        rc = exists_verdict(st, run, step, json_string_value(w), 0);
+        if (rc == SY_OK) rc = sy_err_set(SY_EEXIST, "checkpoint %s step %" PRId64 " was committed meanwhile", run, step);
+    } else if (rc == SY_EEXIST) {
         sy_err_set(rc, "checkpoint %s step %" PRId64 " was committed by another writer (%s)", run, step, key);
+    }
 out:
     free(text);
     json_decref(man);
@@ -330,6 +338,7 @@ sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_c
     if (!st) return sy_err_set(SY_EINVAL, "checkpoint save: bad arguments");
     SY_CHECK(check_run(run));
     SY_CHECK(check_extra(run, step, extra)); /* before writing anything */
+    SY_CHECK(sy_ckpt_prepare_step(st, run, step, extra));
     SY_CHECK(sy_ckpt_write_part(st, run, step, groups, n_groups, &files));
     sy_status rc = sy_ckpt_commit(st, run, step, files, extra);
     json_decref(files);
@@ -402,6 +411,7 @@ sy_status sy_ckpt_read_manifest(sy_store_t *st, const char *run, int64_t step, j
 /* Every file of the manifest exists with its recorded size. */
 static sy_status check_files_present(sy_store_t *st, const json_t *m, const char *run, int64_t step) {
     const json_t *fl = json_object_get(m, "files");
+    if (!json_is_array(fl)) return sy_err_set(SY_ECORRUPT, "checkpoint %s step %" PRId64 ": manifest has no files", run, step);
     char key[KEY_MAX];
     for (size_t i = 0; i < json_array_size(fl); i++) {
         const json_t *e = json_array_get(fl, i);
@@ -413,6 +423,98 @@ static sy_status check_files_present(sy_store_t *st, const json_t *m, const char
                               key, size, json_integer_value(json_object_get(e, "size")));
     }
     return SY_OK;
+}
+
+sy_status sy_ckpt_check_files(sy_store_t *st, const json_t *m) {
+    const json_t *r = json_object_get(m, "run"), *s = json_object_get(m, "step");
+    if (!st || !json_is_string(r) || !json_is_integer(s))
+        return sy_err_set(SY_EINVAL, "checkpoint check: not a manifest");
+    return check_files_present(st, m, json_string_value(r), (int64_t)json_integer_value(s));
+}
+
+/* ---------------------------------------------------------------- existing commits */
+
+/* A definite verdict that a checkpoint is broken (as opposed to a store that could not answer). */
+static int is_broken_status(sy_status rc) {
+    return rc == SY_ECORRUPT || rc == SY_EFORMAT || rc == SY_ENOTFOUND;
+}
+
+/* Reads the manifest of `step` and checks its files: SY_OK usable (*m set), a broken status,
+ * or a store error. */
+static sy_status read_usable(sy_store_t *st, const char *run, int64_t step, json_t **m) {
+    *m = NULL;
+    sy_status rc = sy_ckpt_read_manifest(st, run, step, m);
+    if (rc == SY_OK) rc = check_files_present(st, *m, run, step);
+    if (rc != SY_OK) {
+        json_decref(*m);
+        *m = NULL;
+    }
+    return rc;
+}
+
+sy_status sy_ckpt_retire(sy_store_t *st, const char *run, int64_t step, const char *why) {
+    char key[KEY_MAX], aside[KEY_MAX];
+    void *buf = NULL;
+    size_t len = 0;
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
+    SY_CHECK(sy_ckpt_key(aside, sizeof aside, run, step, "MANIFEST.retired.json"));
+    sy_status rc = sy_store_get(st, key, &buf, &len);
+    if (rc == SY_ENOTFOUND) return SY_OK;
+    if (rc != SY_OK) return rc;
+    rc = sy_store_put(st, aside, buf, len);
+    free(buf);
+    if (rc == SY_OK) rc = sy_store_delete(st, key);
+    if (rc != SY_OK) return sy_err_prefix(rc, "checkpoint %s step %" PRId64 ": retiring its broken manifest", run, step);
+    sy_warn("checkpoint %s step %" PRId64 " is retired (%s): its manifest is now %s; the step is no longer listed "
+            "as committed and is written again when the run reaches it", run, step, why, aside);
+    return SY_OK;
+}
+
+/* The step is committed: SY_EEXIST (same writer), SY_ECONFLICT (another writer's usable
+ * checkpoint), SY_OK after retiring a broken one (may_retire), or a store error. */
+static sy_status exists_verdict(sy_store_t *st, const char *run, int64_t step, const char *writer, int may_retire) {
+    json_t *m = NULL;
+    sy_status rc = read_usable(st, run, step, &m);
+    if (is_broken_status(rc)) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", sy_err_msg());
+        if (!may_retire) return sy_err_set(SY_ECORRUPT, "checkpoint %s step %" PRId64 " was committed meanwhile and is "
+                                           "broken: %s", run, step, why);
+        return sy_ckpt_retire(st, run, step, why);
+    }
+    if (rc != SY_OK) return rc;
+    const json_t *w = json_object_get(m, "writer");
+    if (json_is_string(w) && !strcmp(json_string_value(w), writer)) {
+        json_decref(m);
+        return sy_err_set(SY_EEXIST, "checkpoint %s step %" PRId64 " is already committed by this writer", run, step);
+    }
+    if (may_retire) {
+        /* The caller owns the run (checked just before): this commit is a fenced-off writer's
+         * (one that went on after this writer took the run over and resumed from an older
+         * step). The owner's history wins; the stale manifest is kept aside. */
+        char why[300];
+        snprintf(why, sizeof why, "committed by writer %s, which no longer owns the run",
+                 json_is_string(w) ? json_string_value(w) : "(none)");
+        json_decref(m);
+        return sy_ckpt_retire(st, run, step, why);
+    }
+    rc = sy_err_set(SY_ECONFLICT, "checkpoint %s step %" PRId64 " in %s is already committed by another writer (%s), "
+                    "not by this one (%s): two runs are writing one run name; this one stops instead of keeping "
+                    "a checkpoint that is not its own", run, step, sy_store_url(st),
+                    json_is_string(w) ? json_string_value(w) : "a writer without an id", writer);
+    json_decref(m);
+    return rc;
+}
+
+sy_status sy_ckpt_prepare_step(sy_store_t *st, const char *run, int64_t step, const json_t *extra) {
+    const json_t *w = extra ? json_object_get(extra, "writer") : NULL;
+    if (!st) return sy_err_set(SY_EINVAL, "checkpoint: no store");
+    if (extra && w && !json_is_string(w)) return sy_err_set(SY_EINVAL, "checkpoint save: extra writer is not a string");
+    if (!w) return check_uncommitted(st, run, step);
+    SY_CHECK(sy_run_check_writer(st, run, json_string_value(w)));
+    sy_status rc = check_uncommitted(st, run, step);
+    if (rc != SY_EEXIST) return rc;
+    return exists_verdict(st, run, step, json_string_value(w), 1);
 }
 
 /* ---------------------------------------------------------------- listing steps */
@@ -494,6 +596,31 @@ sy_status sy_ckpt_list(sy_store_t *st, const char *run, sy_ckpt_step_info **out,
     *out = sl.v;
     *n = sl.n;
     return SY_OK;
+}
+
+sy_status sy_ckpt_retire_broken(sy_store_t *st, const char *run, int64_t latest) {
+    step_list sl;
+    sy_status rc = SY_OK;
+    if (!st) return sy_err_set(SY_EINVAL, "checkpoint: no store");
+    SY_CHECK(check_run(run));
+    SY_CHECK(list_steps(st, run, &sl));
+    for (size_t i = 0; i < sl.n && rc == SY_OK; i++) {
+        if (!sl.v[i].committed || sl.v[i].step <= latest) continue;
+        json_t *m = NULL;
+        rc = read_usable(st, run, sl.v[i].step, &m);
+        json_decref(m);
+        if (rc == SY_OK) {
+            rc = sy_err_set(SY_EIO, "checkpoint %s step %" PRId64 " in %s was unusable a moment ago and is usable "
+                            "now (newer than step %" PRId64 "): the store answers inconsistently; try again",
+                            run, sl.v[i].step, sy_store_url(st), latest);
+        } else if (is_broken_status(rc)) {
+            char why[512];
+            snprintf(why, sizeof why, "%s", sy_err_msg());
+            rc = sy_ckpt_retire(st, run, sl.v[i].step, why);
+        }
+    }
+    free(sl.v);
+    return rc;
 }
 
 sy_status sy_ckpt_latest(sy_store_t *st, const char *run, int64_t *step_out) {

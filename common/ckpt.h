@@ -74,7 +74,10 @@ sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, cons
  * {name, size, sha256} as returned by sy_ckpt_write_part, possibly concatenated from several
  * writers; names unique) exists in the store with its size, then writes MANIFEST.json listing
  * exactly these files, with `extra`'s fields merged in (as for sy_ckpt_save), using
- * put_if_absent. SY_EEXIST if the step is already committed (by this or another writer). */
+ * put_if_absent. SY_EEXIST if the step is already committed (by this or another writer). With a
+ * "writer" in extra, the existing commit is judged as by sy_ckpt_prepare_step, the run's lock is
+ * checked again just before the manifest is written, and a step committed by another writer
+ * between that check and the put is SY_ECONFLICT. */
 sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const json_t *files,
                          const json_t *extra);
 
@@ -110,6 +113,29 @@ sy_status sy_ckpt_read_manifest(sy_store_t *st, const char *run, int64_t step, j
 sy_status sy_ckpt_load_group(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *g);
 /* Same, with a manifest already read by sy_ckpt_read_manifest (saves re-reading it per file). */
 sy_status sy_ckpt_load_group_m(sy_store_t *st, const json_t *manifest, const sy_ckpt_group *g);
+
+/* Every file a manifest lists exists in the store with its recorded size (no checksums:
+ * that is sy_ckpt_verify_file). SY_ECORRUPT / SY_ENOTFOUND naming the object. */
+sy_status sy_ckpt_check_files(sy_store_t *st, const json_t *manifest);
+
+/* Decides what a save of `step` must do about an existing commit of that step, before writing
+ * anything. `extra` is the manifest's extra fields; when it has a string "writer" (ckpt_run.h),
+ * the run's lock must name that writer (SY_ECONFLICT otherwise) and an existing manifest is
+ * judged: committed by the same writer: SY_EEXIST (keep it); broken (does not parse, or a file
+ * is missing or has the wrong size), or committed by another writer (which no longer owns the
+ * run, since the lock names this one: a fenced-off writer's late commit): moved aside
+ * (MANIFEST.retired.json) with a warning, SY_OK (the caller rewrites the step). Without a
+ * writer: SY_EEXIST if committed. SY_OK: not committed, go ahead. */
+sy_status sy_ckpt_prepare_step(sy_store_t *st, const char *run, int64_t step, const json_t *extra);
+
+/* Moves the manifest of committed step `step` aside to MANIFEST.retired.json (kept for a
+ * post-mortem), so the step is listed as uncommitted and a run reaching it writes it again. */
+sy_status sy_ckpt_retire(sy_store_t *st, const char *run, int64_t step, const char *why);
+
+/* Retires every committed step newer than `latest` (-1: all) that is broken (its manifest does
+ * not parse, or a file is missing or has the wrong size): what a resume fell back from. A step
+ * that cannot be judged (a store error) is an error, never retired on a guess. */
+sy_status sy_ckpt_retire_broken(sy_store_t *st, const char *run, int64_t latest);
 
 /* Deletes committed checkpoints older than the newest `keep_last` (≥ 1, so the newest is never
  * deleted; the manifest goes first, so an interrupted deletion leaves debris, never a broken

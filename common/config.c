@@ -13,6 +13,7 @@
 #include "config.h"
 
 #include <cyaml/cyaml.h>
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -45,7 +46,8 @@ enum {
     R_MIN_EXCL = 4u,
     R_MAX_EXCL = 8u,
     R_NONEMPTY = 16u, /* string: not ""; list: at least one entry, none "" */
-    R_SECRET = 32u    /* never written to JSON */
+    R_SECRET = 32u,   /* never written to JSON */
+    R_RESUME = 64u    /* may differ from the checkpoint's config on resume (no effect on the math) */
 };
 
 /* A cross-field or pattern rule: returns false and writes the broken rule ("must be ...") to
@@ -100,6 +102,7 @@ static bool chk_workers(const sy_config_t *c, char *why, size_t n);
 static bool chk_failure(const sy_config_t *c, char *why, size_t n);
 static bool chk_curve_on(const sy_config_t *c, char *why, size_t n);
 static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n);
+static bool chk_resume_allow(const sy_config_t *c, char *why, size_t n);
 
 #define FLD(sec, fld, ty, dflt, ...)                                                       \
     {.section = #sec, .name = #fld, .type = (ty), .offset = offsetof(sy_config_t, sec.fld), \
@@ -110,17 +113,22 @@ static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n);
 #define RANGE_CC(a, b) .rule = R_MIN | R_MAX, .lo = (a), .hi = (b)
 #define CHECK(fn, text) .check = (fn), .check_rule = (text)
 #define MEANS(text) .meaning = (text)
+#define RESUME_FREE .rule = R_RESUME
 
 static const field FIELDS[] = {
     FLD(run, name, FT_STRING, "tiny", .rule = R_NONEMPTY,
         CHECK(chk_name, "matches `[A-Za-z0-9._-]+`, not `.` or `..`"),
         MEANS("Run name: the folder of this run under the checkpoint store.")),
-    FLD(run, steps, FT_INT64, "300", GE(1), MEANS("Optimizer steps in the run.")),
+    FLD(run, steps, FT_INT64, "300", .rule = R_MIN | R_RESUME, .lo = (1), MEANS("Optimizer steps in the run.")),
     FLD(run, seed, FT_UINT64, "1234",
         MEANS("Seed of initialisation, data order, router jitter and expert dropout.")),
-    FLD(run, state_dir, FT_STRING, "runs/tiny", .rule = R_NONEMPTY,
+    FLD(run, state_dir, FT_STRING, "runs/tiny", .rule = R_NONEMPTY | R_RESUME,
         MEANS("Local folder for `metrics.jsonl` and `events.jsonl`.")),
-    FLD(run, log_every, FT_INT, "10", GE(1), MEANS("Print a progress line every N steps.")),
+    FLD(run, resume_allow, FT_STRLIST, "", .rule = R_RESUME,
+        CHECK(chk_resume_allow, "each entry names a field (`section.field`)"),
+        MEANS("Fields that may differ from the checkpoint's config on `--resume` although they change "
+              "the math (e.g. `train.lr`); any other difference is refused.")),
+    FLD(run, log_every, FT_INT, "10", .rule = R_MIN | R_RESUME, .lo = (1), MEANS("Print a progress line every N steps.")),
 
     FLD(model, vocab_size, FT_INT, "256", RANGE_CC(1, SY_MAX_VOCAB),
         MEANS("Vocabulary size V (256: byte tokenizer; 50257: GPT-2 shards); tokens are uint16.")),
@@ -135,7 +143,7 @@ static const field FIELDS[] = {
         MEANS("Layer l is a Switch layer when `l % S == S-1` (2: every other FFN; 0: dense).")),
     FLD(model, capacity_factor, FT_DOUBLE, "1.25", GT(0),
         MEANS("Expert capacity factor in training: `C = min(G, max(4, ceil(cf*G/E)))`.")),
-    FLD(model, eval_capacity_factor, FT_DOUBLE, "2.0", GT(0),
+    FLD(model, eval_capacity_factor, FT_DOUBLE, "2.0", .rule = R_MIN | R_MIN_EXCL | R_RESUME, .lo = (0),
         MEANS("Expert capacity factor in evaluation.")),
     FLD(model, aux_loss_coef, FT_DOUBLE, "0.01", GE(0),
         MEANS("Weight of the load-balancing loss.")),
@@ -165,12 +173,15 @@ static const field FIELDS[] = {
         MEANS("Clip the global gradient norm to this (0: no clipping).")),
     FLD(train, precision, FT_ENUM, "fp32", .names = PRECISION_NAMES,
         MEANS("fp32, or bf16 GEMMs with fp32 master weights and an fp32 router.")),
-    FLD(train, threads, FT_INT, "0", GE(0), MEANS("CPU threads per worker (0: all cores).")),
+    FLD(train, max_memory_gb, FT_DOUBLE, "0", .rule = R_MIN | R_RESUME, .lo = 0,
+        MEANS("Memory (GiB) a run may need on this machine, estimated at start from the model, batch and "
+              "optimizer; a bigger config is refused (0: the machine's available memory).")),
+    FLD(train, threads, FT_INT, "0", .rule = R_MIN | R_RESUME, .lo = (0), MEANS("CPU threads per worker (0: all cores).")),
 
     FLD(data, train, FT_STRLIST, "data/fortunes/train_*.bin", .rule = R_NONEMPTY,
         MEANS("Training shards: paths or globs, local or s3://, in order.")),
     FLD(data, val, FT_STRLIST, "data/fortunes/val_*.bin",
-        MEANS("Validation shards (empty: no validation).")),
+        RESUME_FREE, MEANS("Validation shards (empty: no validation).")),
 
     FLD(checkpoint, store, FT_STRING, "checkpoints", .rule = R_NONEMPTY,
         MEANS("Checkpoint store: file:///abs/path, a relative path, or s3://bucket/prefix.")),
@@ -315,6 +326,19 @@ static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n) {
 
 /* ---------------------------------------------------------------------------------------- */
 /* Small helpers                                                                            */
+
+static const field *find_field(const char *section, size_t section_len, const char *name);
+
+static bool chk_resume_allow(const sy_config_t *c, char *why, size_t n) {
+    for (int k = 0; k < c->run.resume_allow.n; k++) {
+        const char *e = c->run.resume_allow.items[k], *dot = e ? strchr(e, '.') : NULL;
+        if (!dot || !find_field(e, (size_t)(dot - e), dot + 1)) {
+            snprintf(why, n, "entry '%s' is not a field (section.field)", e ? e : "");
+            return false;
+        }
+    }
+    return true;
+}
 
 static const field *find_field(const char *section, size_t section_len, const char *name) {
     for (int i = 0; i < N_FIELDS; i++)
@@ -1375,6 +1399,67 @@ out:
 /* ---------------------------------------------------------------------------------------- */
 /* Markdown reference                                                                       */
 
+/* Fields that may differ from a checkpoint's config on resume: marked R_RESUME, or in a section
+ * that only says where and how the run is done (checkpoint, cluster, status). */
+static bool resume_free(const field *f) {
+    return (f->rule & R_RESUME) || !strcmp(f->section, "checkpoint") || !strcmp(f->section, "cluster") ||
+           !strcmp(f->section, "status");
+}
+
+sy_status sy_config_check_resume(const sy_config_t *cfg, const json_t *saved, const char *what) {
+    if (!json_is_object(saved)) return sy_err_set(SY_ECORRUPT, "%s: no config recorded", what);
+    json_t *now = sy_config_to_json(cfg);
+    if (!now) return sy_err_set(SY_ENOMEM, "out of memory");
+    sy_status st = SY_OK;
+    for (int i = 0; i < N_FIELDS && st == SY_OK; i++) {
+        const field *f = &FIELDS[i];
+        if (resume_free(f) || (f->rule & R_SECRET)) continue;
+        char full[160];
+        snprintf(full, sizeof full, "%s.%s", f->section, f->name);
+        bool allowed = false;
+        for (int k = 0; k < cfg->run.resume_allow.n; k++) allowed |= !strcmp(cfg->run.resume_allow.items[k], full);
+        if (allowed) continue;
+        const json_t *a = json_object_get(json_object_get(now, f->section), f->name),
+                     *b = json_object_get(json_object_get(saved, f->section), f->name);
+        if (!b) continue; /* a field newer than the checkpoint: nothing to compare */
+        if (a && json_equal((json_t *)a, (json_t *)b)) continue;
+        char *av = a ? json_dumps(a, JSON_ENCODE_ANY | JSON_COMPACT) : NULL,
+             *bv = json_dumps(b, JSON_ENCODE_ANY | JSON_COMPACT);
+        st = sy_err_set(SY_EINVAL, "resume: %s is %.200s here but %.200s in %s; it changes the model or the data "
+                        "order, so the run would not continue the same training. Use the checkpoint's value, or allow "
+                        "the change with --set run.resume_allow=%s", full, av ? av : "(unset)", bv ? bv : "?", what,
+                        full);
+        free(av);
+        free(bv);
+    }
+    json_decref(now);
+    return st;
+}
+
+sy_status sy_config_validate_from(const sy_config_t *cfg, const char *path, char *const *sets, int n_sets) {
+    sy_status st = sy_config_validate(cfg);
+    if (st == SY_OK) return SY_OK;
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", sy_err_msg());
+    /* the message starts with "section.field = ": name the --set that gave the value, if any */
+    const char *sp = strstr(msg, " = ");
+    size_t flen = sp ? (size_t)(sp - msg) : 0;
+    for (int i = n_sets - 1; i >= 0 && flen; i--)
+        if (sets[i] && !strncmp(sets[i], msg, flen) && sets[i][flen] == '=')
+            return sy_err_set(st, "--set %s: %s", sets[i], msg);
+    /* a cross-field rule names the other field later in the message ("... model.n_heads (7)") */
+    for (int i = n_sets - 1; i >= 0; i--) {
+        const char *eq = sets[i] ? strchr(sets[i], '=') : NULL;
+        if (!eq || eq == sets[i]) continue;
+        size_t fl = (size_t)(eq - sets[i]);
+        for (const char *q = strstr(msg, " "); q; q = strstr(q + 1, " "))
+            if (!strncmp(q + 1, sets[i], fl) && !(isalnum((unsigned char)q[1 + fl]) || q[1 + fl] == '_'))
+                return sy_err_set(st, "--set %s: %s", sets[i], msg);
+    }
+    if (path) return sy_err_set(st, "%s: %s", path, msg);
+    return sy_err_set(st, "%s", msg);
+}
+
 static void rule_text(const field *f, char *buf, size_t n) {
     size_t used = 0;
     buf[0] = 0;
@@ -1395,6 +1480,7 @@ static void rule_text(const field *f, char *buf, size_t n) {
         ADD("%s%s", used ? "; " : "", f->type == FT_STRLIST ? "at least one entry" : "not empty");
     if (f->check_rule) ADD("%s%s", used ? "; " : "", f->check_rule);
     if (!used) ADD("any");
+    if (resume_free(f)) ADD("; may change on `--resume`");
 #undef ADD
 }
 
@@ -1437,7 +1523,14 @@ static const char DOC_INTRO[] =
     "The complete config is then checked against the rules below; a config that breaks one is\n"
     "refused at start with a message naming the field, the value and the rule, such as\n"
     "`model.d_model = 130: must be divisible by model.n_heads (4)`. The config of a run is\n"
-    "stored, as JSON, in its checkpoint manifests (`status.token` excepted).\n";
+    "stored, as JSON, in its checkpoint manifests (`status.token` excepted).\n"
+    "\n"
+    "On `--resume` every field that changes the model or the data order is compared with the\n"
+    "config in the checkpoint's manifest, and a difference is refused with a message naming the\n"
+    "field and both values. Fields marked \"may change on `--resume`\" below (run length,\n"
+    "logging, threads, memory bound, validation data, and the whole `checkpoint`, `cluster` and\n"
+    "`status` sections) may differ; so may any field listed in `run.resume_allow`, the explicit\n"
+    "override (for example `--set run.resume_allow=train.lr`).\n";
 
 char *sy_config_doc_markdown(void) {
     sy_config_t def;

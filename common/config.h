@@ -30,6 +30,7 @@ typedef struct {
         uint64_t seed;       /* init, data order, jitter, dropout */
         char *state_dir;     /* metrics.jsonl, events.jsonl */
         int log_every;       /* progress line every N steps */
+        sy_strlist resume_allow; /* fields that may change on --resume although they change the math */
     } run;
     struct {
         int vocab_size;
@@ -61,6 +62,7 @@ typedef struct {
         double grad_clip;
         sy_precision precision;
         int threads;          /* 0 = all cores */
+        double max_memory_gb; /* bound on the estimated memory of a run; 0 = available memory */
     } train;
     struct {
         sy_strlist train;     /* shard paths or globs, in order */
@@ -118,6 +120,17 @@ sy_status sy_config_set(sy_config_t *cfg, const char *assignment);
  * message naming field, value and rule: "model.d_model = 130: must be divisible by
  * model.n_heads (4)". */
 sy_status sy_config_validate(const sy_config_t *cfg);
+/* As sy_config_validate, but a failure names where the bad value came from: the `--set`
+ * argument that gave the field its value (the last one for that field), else the YAML file
+ * `path` (may be NULL): "--set model.d_model=0: model.d_model = 0: must be >= 1". */
+sy_status sy_config_validate_from(const sy_config_t *cfg, const char *path, char *const *sets, int n_sets);
+/* Resume check: every field that changes the math (all but those that may change on resume,
+ * see docs/configuration.md, and those listed in run.resume_allow) must equal its value in
+ * `saved` (a checkpoint's "config", as written by sy_config_to_json). SY_EINVAL naming the field
+ * and both values; `what` names the checkpoint in the message. Fields absent from `saved` (an
+ * older checkpoint) are not compared. */
+struct json_t;
+sy_status sy_config_check_resume(const sy_config_t *cfg, const struct json_t *saved, const char *what);
 /* The whole config as a JSON object (every field; enums as their names), for manifests and
  * metrics. Caller owns the returned reference (json_decref). NULL only if out of memory.
  * Secret fields (status.token) are never written: manifests and metrics leave the machine.

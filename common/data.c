@@ -15,7 +15,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -39,13 +38,25 @@
 /* ------------------------------------------------------------------------------------------ */
 /* Shard mapping and validation                                                                */
 
+/* A shard is either in memory (heap: s3:// objects, and `data prepare`'s inputs) or read with
+ * pread from an open descriptor (local training and eval shards). Local shards are not
+ * memory-mapped: a file truncated under a mapping kills the process with SIGBUS on the next
+ * read of a lost page; pread returns a short count instead, which is an error naming the file.
+ * Before the first read of a shard in each batch its identity (inode, size, mtime) is checked
+ * against the file opened, so a truncated, rewritten or replaced shard stops training with a
+ * clear error instead of feeding it other tokens. */
 typedef struct {
     char *path;
-    void *map;            /* whole file, read-only (malloc'ed when heap) */
-    int heap;             /* read from S3 into memory */
-    size_t map_len;
-    const uint16_t *tok;  /* map + header */
+    void *map;            /* heap shards: the whole file (malloc'ed); NULL for fd shards */
+    int heap;             /* in memory */
+    size_t map_len;       /* file size in bytes */
+    const uint16_t *tok;  /* heap shards: map + header; NULL for fd shards */
     uint64_t count;
+    int fd;               /* fd shards: the open file (-1 otherwise) */
+    dev_t dev;            /* fd shards: identity when opened */
+    ino_t ino;
+    struct timespec mtime;
+    uint64_t checked_gen; /* the batch in which the identity was last checked */
 } sy_shard_t;
 
 typedef struct {
@@ -65,22 +76,33 @@ struct sy_data {
     int vocab_size;
     int perm_wide; /* perm entries are uint64_t */
     uint64_t use_clock;
+    uint64_t batch_gen;  /* counts batch calls (identity checks once per shard per batch) */
+    uint16_t *scratch;   /* one window read from an fd shard: seq_len + 1 tokens */
     sy_perm_slot_t slots[SY_DATA_PERM_SLOTS];
 };
 
 static void sy_shard_unmap(sy_shard_t *sh) {
     if (sh->heap) free(sh->map);
-    else if (sh->map && sh->map != MAP_FAILED) munmap(sh->map, sh->map_len);
+    if (sh->fd >= 0) close(sh->fd);
     free(sh->path);
     memset(sh, 0, sizeof *sh);
+    sh->fd = -1;
 }
 
-/* Checks header, size and every token < vocab of the shard bytes in sh->map / sh->map_len. */
-static sy_status sy_shard_check(const char *path, int vocab_size, sy_shard_t *sh) {
-    if (sh->map_len < SY_SHARD_HEADER_BYTES)
-        return sy_err_set(SY_EFORMAT, "%s: file has %zu bytes, shorter than the %d-byte header", path,
-                          sh->map_len, SY_SHARD_HEADER_BYTES);
-    const int32_t *hdr = (const int32_t *)sh->map;
+/* First token >= vocab_size in tok[0..n), or n. */
+static int64_t sy_first_bad_token(const uint16_t *tok, int64_t n, int vocab_size) {
+    int64_t bad = n;
+    uint16_t vmax = vocab_size >= 65536 ? 0 : (uint16_t)vocab_size;
+    if (vmax != 0) {
+#pragma omp parallel for reduction(min : bad) schedule(static) if (n > (1 << 20))
+        for (int64_t i = 0; i < n; i++)
+            if (tok[i] >= vmax && i < bad) bad = i;
+    }
+    return bad;
+}
+
+/* Checks the header (sh->map_len is the file size) and sets sh->count. */
+static sy_status sy_shard_check_header(const char *path, const int32_t *hdr, sy_shard_t *sh) {
     if (hdr[0] != SY_SHARD_MAGIC)
         return sy_err_set(SY_EFORMAT, "%s: bad magic %" PRId32 " (expected %d, an llm.c shard)", path, hdr[0],
                           SY_SHARD_MAGIC);
@@ -95,16 +117,19 @@ static sy_status sy_shard_check(const char *path, int vocab_size, sy_shard_t *sh
                           "%s: size mismatch: header says %" PRIu64 " tokens (%" PRIu64
                           " bytes) but the file has %zu bytes",
                           path, sh->count, want, sh->map_len);
+    return SY_OK;
+}
+
+/* Checks header, size and every token < vocab of the shard bytes in sh->map / sh->map_len. */
+static sy_status sy_shard_check(const char *path, int vocab_size, sy_shard_t *sh) {
+    if (sh->map_len < SY_SHARD_HEADER_BYTES)
+        return sy_err_set(SY_EFORMAT, "%s: file has %zu bytes, shorter than the %d-byte header", path,
+                          sh->map_len, SY_SHARD_HEADER_BYTES);
+    SY_CHECK(sy_shard_check_header(path, (const int32_t *)sh->map, sh));
     sh->tok = (const uint16_t *)((const char *)sh->map + SY_SHARD_HEADER_BYTES);
     /* First offending token, if any (min index over a parallel scan). */
     const uint16_t *tok = sh->tok;
-    int64_t n = (int64_t)sh->count, bad = n;
-    uint16_t vmax = vocab_size >= 65536 ? 0 : (uint16_t)vocab_size;
-    if (vmax != 0) {
-#pragma omp parallel for reduction(min : bad) schedule(static) if (n > (1 << 20))
-        for (int64_t i = 0; i < n; i++)
-            if (tok[i] >= vmax && i < bad) bad = i;
-    }
+    int64_t n = (int64_t)sh->count, bad = sy_first_bad_token(tok, n, vocab_size);
     if (bad < n)
         return sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRId64 " >= vocab_size %d", path,
                           (unsigned)tok[bad], bad, vocab_size);
@@ -113,11 +138,28 @@ static sy_status sy_shard_check(const char *path, int vocab_size, sy_shard_t *sh
     return SY_OK;
 }
 
-/* Maps `path` (or reads an s3:// object into memory) and checks it. On success fills *sh (takes
- * a copy of the path). */
-static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh) {
+/* pread of exactly len bytes at off; SY_EIO naming the file on a short read (truncation). */
+static sy_status sy_pread_all(int fd, void *buf, size_t len, off_t off, const char *path) {
+    size_t got = 0;
+    while (got < len) {
+        ssize_t k = pread(fd, (char *)buf + got, len - got, off + (off_t)got);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0) return sy_err_set(SY_EIO, "%s: read at byte %lld: %s", path, (long long)(off + (off_t)got), strerror(errno));
+        if (k == 0)
+            return sy_err_set(SY_EIO, "%s: only %zu of %zu bytes at byte %lld: the file is shorter than when it was "
+                              "opened (truncated while in use?)", path, got, len, (long long)off);
+        got += (size_t)k;
+    }
+    return SY_OK;
+}
+
+/* Opens `path` (or reads an s3:// object into memory) and checks it: header, size, every token
+ * < vocab. `whole`: keep the whole file in memory (sh->tok valid); else keep the descriptor
+ * and read windows with pread (sy_shard_read). On success fills *sh (takes a copy of the path). */
+static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh, int whole) {
     sy_status st = SY_OK;
     memset(sh, 0, sizeof *sh);
+    sh->fd = -1;
     if (sy_data_is_s3(path)) {
         SY_CHECK(sy_data_s3_fetch(path, &sh->map, &sh->map_len));
         sh->heap = 1;
@@ -130,6 +172,7 @@ static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh) 
         return sy_err_set(errno == ENOENT ? SY_ENOTFOUND : SY_EIO, "%s: cannot open: %s", path,
                           strerror(errno));
     }
+    uint16_t *chunk = NULL;
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         st = sy_err_set(SY_EIO, "%s: fstat: %s", path, strerror(errno));
@@ -145,21 +188,67 @@ static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh) 
         goto done;
     }
     sh->map_len = (size_t)sb.st_size;
-    sh->map = mmap(NULL, sh->map_len, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (sh->map == MAP_FAILED) {
-        sh->map = NULL;
-        st = sy_err_set(SY_EIO, "%s: mmap: %s", path, strerror(errno));
+    if (whole) {
+        if (!(sh->map = malloc(sh->map_len))) {
+            st = sy_err_set(SY_ENOMEM, "%s: out of memory for %zu bytes", path, sh->map_len);
+            goto done;
+        }
+        sh->heap = 1;
+        SY_CHECK_GOTO(sy_pread_all(fd, sh->map, sh->map_len, 0, path), st, done);
+        st = sy_shard_check(path, vocab_size, sh);
         goto done;
     }
-    st = sy_shard_check(path, vocab_size, sh);
+    int32_t hdr[SY_SHARD_HEADER_INTS];
+    SY_CHECK_GOTO(sy_pread_all(fd, hdr, sizeof hdr, 0, path), st, done);
+    SY_CHECK_GOTO(sy_shard_check_header(path, hdr, sh), st, done);
+    /* every token < vocab, a chunk at a time */
+    const size_t per = SY_PREP_READ_CHUNK / sizeof(uint16_t);
+    if (!(chunk = malloc(SY_PREP_READ_CHUNK))) {
+        st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+        goto done;
+    }
+    for (uint64_t i = 0; i < sh->count; i += per) {
+        size_t k = sh->count - i < per ? (size_t)(sh->count - i) : per;
+        SY_CHECK_GOTO(sy_pread_all(fd, chunk, k * sizeof(uint16_t), SY_SHARD_HEADER_BYTES + (off_t)(i * 2), path), st,
+                      done);
+        int64_t bad = sy_first_bad_token(chunk, (int64_t)k, vocab_size);
+        if (bad < (int64_t)k) {
+            st = sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRIu64 " >= vocab_size %d", path,
+                            (unsigned)chunk[bad], i + (uint64_t)bad, vocab_size);
+            goto done;
+        }
+    }
+    if (!(sh->path = strdup(path))) {
+        st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+        goto done;
+    }
+    sh->dev = sb.st_dev;
+    sh->ino = sb.st_ino;
+    sh->mtime = sb.st_mtim;
+    sh->fd = fd;
+    fd = -1;
 done:
-    close(fd);
+    free(chunk);
+    if (fd >= 0) close(fd);
     if (st != SY_OK) sy_shard_unmap(sh);
     return st;
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* Opening                                                                                     */
+/* The file is still the one opened: same inode at the path, same size and mtime. */
+static sy_status sy_shard_same(const sy_shard_t *sh) {
+    struct stat now, at;
+    if (fstat(sh->fd, &now) != 0) return sy_err_set(SY_EIO, "%s: fstat: %s", sh->path, strerror(errno));
+    if ((uint64_t)now.st_size != (uint64_t)sh->map_len || now.st_mtim.tv_sec != sh->mtime.tv_sec ||
+        now.st_mtim.tv_nsec != sh->mtime.tv_nsec)
+        return sy_err_set(SY_EIO, "%s changed while in use: %lld bytes now, %zu when opened%s; stopping instead of "
+                          "reading other tokens (restore the shard, then resume)", sh->path, (long long)now.st_size,
+                          sh->map_len, (uint64_t)now.st_size < sh->map_len ? " (truncated)" : " (rewritten)");
+    int gone = stat(sh->path, &at) != 0;
+    if (gone || at.st_dev != sh->dev || at.st_ino != sh->ino)
+        return sy_err_set(SY_EIO, "%s was %s while in use; stopping instead of reading another file (restore the "
+                          "shard, then resume)", sh->path, gone ? "removed" : "replaced");
+    return SY_OK;
+}
 
 static int sy_has_glob_chars(const char *s) { return strpbrk(s, "*?[") != NULL; }
 
@@ -253,7 +342,7 @@ sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_si
     }
     uint64_t longest = 0;
     for (int i = 0; i < n_paths; i++) {
-        SY_CHECK_GOTO(sy_shard_map(paths[i], vocab_size, &d->shards[i]), st, fail);
+        SY_CHECK_GOTO(sy_shard_map(paths[i], vocab_size, &d->shards[i], 0), st, fail);
         d->n_shards = i + 1;
         uint64_t c = d->shards[i].count, T = (uint64_t)seq_len;
         uint64_t w = c >= T + 1 ? (c - 1) / T : 0;
@@ -261,6 +350,10 @@ sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_si
         if (c > longest) longest = c;
     }
     d->n_windows = d->win_start[n_paths];
+    if (!(d->scratch = malloc(((size_t)seq_len + 1) * sizeof *d->scratch))) {
+        st = sy_err_set(SY_ENOMEM, "data: out of memory");
+        goto fail;
+    }
     if (d->n_windows == 0) {
         st = sy_err_set(SY_EINVAL,
                         "data: %d shard(s) (first %s) hold no window of seq_len+1 = %d tokens "
@@ -310,6 +403,7 @@ void sy_data_destroy(sy_data_t **self_p) {
     sy_data_t *d = *self_p;
     for (int i = 0; i < d->n_shards; i++) sy_shard_unmap(&d->shards[i]);
     for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) free(d->slots[s].perm);
+    free(d->scratch);
     free(d->shards);
     free(d->win_start);
     free(d);
@@ -381,7 +475,7 @@ uint64_t sy_data_window_of(sy_data_t *d, uint64_t seed, uint64_t idx) {
 }
 
 /* Copies window w (T+1 tokens) to dst. */
-static void sy_data_copy_window(const sy_data_t *d, uint64_t w, int32_t *dst) {
+static sy_status sy_data_copy_window(sy_data_t *d, uint64_t w, int32_t *dst) {
     int lo = 0, hi = d->n_shards - 1; /* the shard s with win_start[s] <= w < win_start[s+1] */
     while (lo < hi) {
         int mid = lo + (hi - lo + 1) / 2;
@@ -391,8 +485,23 @@ static void sy_data_copy_window(const sy_data_t *d, uint64_t w, int32_t *dst) {
             hi = mid - 1;
     }
     while (d->win_start[lo + 1] <= w) lo++; /* skip shards with no windows */
-    const uint16_t *src = d->shards[lo].tok + (w - d->win_start[lo]) * (uint64_t)d->seq_len;
+    sy_shard_t *sh = &d->shards[lo];
+    uint64_t first = (w - d->win_start[lo]) * (uint64_t)d->seq_len;
+    const uint16_t *src = sh->tok ? sh->tok + first : d->scratch;
+    if (!sh->tok) {
+        if (sh->checked_gen != d->batch_gen) {
+            SY_CHECK(sy_shard_same(sh));
+            sh->checked_gen = d->batch_gen;
+        }
+        size_t len = ((size_t)d->seq_len + 1) * sizeof(uint16_t);
+        SY_CHECK(sy_pread_all(sh->fd, d->scratch, len, SY_SHARD_HEADER_BYTES + (off_t)(first * 2), sh->path));
+        int64_t bad = sy_first_bad_token(d->scratch, d->seq_len + 1, d->vocab_size);
+        if (bad <= d->seq_len)
+            return sy_err_set(SY_EIO, "%s: token %u at index %" PRIu64 " >= vocab_size %d: the file changed since it "
+                              "was opened", sh->path, (unsigned)d->scratch[bad], first + (uint64_t)bad, d->vocab_size);
+    }
     for (int t = 0; t <= d->seq_len; t++) dst[t] = src[t];
+    return SY_OK;
 }
 
 sy_status sy_data_train_batch(sy_data_t *d, uint64_t seed, int64_t step, int M, int b, int m,
@@ -403,9 +512,10 @@ sy_status sy_data_train_batch(sy_data_t *d, uint64_t seed, int64_t step, int M, 
                           "sy_data_train_batch: bad position step=%" PRId64 " M=%d b=%d m=%d",
                           step, M, b, m);
     size_t row = (size_t)d->seq_len + 1;
+    d->batch_gen++;
     for (int j = 0; j < b; j++) {
         uint64_t w = sy_data_window_of(d, seed, sy_data_sample_index(step, M, b, m, j));
-        sy_data_copy_window(d, w, tokens + (size_t)j * row);
+        SY_CHECK(sy_data_copy_window(d, w, tokens + (size_t)j * row));
     }
     return SY_OK;
 }
@@ -415,8 +525,9 @@ sy_status sy_data_eval_batch(sy_data_t *d, uint64_t first_window, int b, int32_t
     if (b < 1) return sy_err_set(SY_EINVAL, "sy_data_eval_batch: b=%d < 1", b);
     size_t row = (size_t)d->seq_len + 1;
     uint64_t N = d->n_windows, w0 = first_window % N;
+    d->batch_gen++;
     for (int j = 0; j < b; j++)
-        sy_data_copy_window(d, (w0 + (uint64_t)j) % N, tokens + (size_t)j * row);
+        SY_CHECK(sy_data_copy_window(d, (w0 + (uint64_t)j) % N, tokens + (size_t)j * row));
     return SY_OK;
 }
 
@@ -451,6 +562,7 @@ sy_status sy_data_write_shard(const char *path, const uint16_t *tokens, uint64_t
         st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
         goto done;
     }
+    SY_CHECK_GOTO(sy_fs_check_replaceable(path), st, done); /* never a device, FIFO or symlink */
     snprintf(tmp, plen + 16, "%s.tmp.XXXXXX", path); /* same directory: rename is atomic */
     fd = mkstemp(tmp);
     if (fd < 0) {
@@ -474,6 +586,7 @@ sy_status sy_data_write_shard(const char *path, const uint16_t *tokens, uint64_t
         goto done;
     }
     fd = -1;
+    SY_CHECK_GOTO(sy_fs_check_replaceable(path), st, done);
     if (rename(tmp, path) != 0) {
         st = sy_err_set(SY_EIO, "%s: rename from %s: %s", path, tmp, strerror(errno));
         goto done;
@@ -671,7 +784,7 @@ static sy_status sy_prep_classify(const char *path, int vocab_size, int *kind,
             memcpy(&magic, buf, 4);
             if (magic == SY_SHARD_MAGIC) {
                 sy_shard_t sh;
-                st = sy_shard_map(path, vocab_size, &sh);
+                st = sy_shard_map(path, vocab_size, &sh, 0);
                 if (st != SY_OK) {
                     sy_err_prefix(st, "input looks like an llm.c shard (magic %d) but is invalid",
                                   SY_SHARD_MAGIC);
@@ -747,7 +860,7 @@ done:
 
 static sy_status sy_prep_emit_shard(sy_sink_t *k, const sy_prep_file_t *f, int vocab_size) {
     sy_shard_t sh;
-    SY_CHECK(sy_shard_map(f->path, vocab_size, &sh));
+    SY_CHECK(sy_shard_map(f->path, vocab_size, &sh, 1));
     sy_status st = SY_OK;
     if (sh.count != f->tokens)
         st = sy_err_set(SY_EIO, "%s: file changed while being read", f->path);

@@ -9,11 +9,13 @@
  * The permutation of epoch ep, PINNED: r = sy_rng_key(seed, "data.perm", ep, 0, 0);
  * perm = [0, 1, ..., N-1]; for i = N-1 down to 1: k = sy_rng_below(&r, i+1), swap perm[i], perm[k].
  *
- * Local shards are memory-mapped read-only; s3:// entries (data_s3.h) are listed and read whole
- * into memory. Opening validates every shard (header, size, every token < vocab) and fails with
- * a message naming the file or URL.
+ * Local shards are read with pread (not memory-mapped: a shard truncated under a mapping would
+ * kill the process with SIGBUS); s3:// entries (data_s3.h) are listed and read whole into
+ * memory. Opening validates every shard (header, size, every token < vocab) and fails with a
+ * message naming the file or URL. A local shard that is truncated, rewritten or replaced while
+ * in use makes the next batch an error naming the file (SY_EIO), never a crash or other tokens.
  *
- * Ownership: sy_data_t owns its maps; sy_data_destroy() unmaps. Thread: one thread at a time
+ * Ownership: sy_data_t owns its buffers and descriptors; sy_data_destroy() frees them. Thread: one thread at a time
  * per sy_data_t (the permutation cache is mutable). */
 #ifndef SY_DATA_H
 #define SY_DATA_H

@@ -1,5 +1,6 @@
 /* safetensors reading and writing; see safetensors.h and shared/spec/storage-notes.md. */
 #include "safetensors.h"
+#include "fsutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -203,6 +204,7 @@ sy_status sy_st_write_file(const char *path, const sy_tensor_ref *tensors, int n
     char *tmp = NULL;
     int fd = -1;
     if (!path || !path[0]) return sy_err_set(SY_EINVAL, "safetensors: no output path");
+    SY_CHECK(sy_fs_check_replaceable(path)); /* a device, FIFO or symlink at path stays as it is */
     st = sy_st_serialize(tensors, n, dtype, &buf, &len);
     if (st != SY_OK) return sy_err_prefix(st, "%s", path);
     size_t tl = strlen(path) + 48;
@@ -213,7 +215,7 @@ sy_status sy_st_write_file(const char *path, const sy_tensor_ref *tensors, int n
     }
     static unsigned long counter;
     snprintf(tmp, tl, "%s.tmp.%ld.%lu", path, (long)getpid(), __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED));
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd < 0) {
         st = sy_err_set(SY_EIO, "%s: open: %s", tmp, strerror(errno));
         goto out;
@@ -229,6 +231,7 @@ sy_status sy_st_write_file(const char *path, const sy_tensor_ref *tensors, int n
         goto out;
     }
     fd = -1;
+    SY_CHECK_GOTO(sy_fs_check_replaceable(path), st, out); /* again: it may have appeared meanwhile */
     if (rename(tmp, path) != 0) {
         st = sy_err_set(SY_EIO, "%s: rename from %s: %s", path, tmp, strerror(errno));
         goto out;

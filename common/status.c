@@ -21,6 +21,7 @@ const char *sy_strerror(sy_status st) {
     case SY_EABORTED: return "aborted";
     case SY_EREMOTE: return "remote error";
     case SY_EINTERNAL: return "internal error";
+    case SY_ECONFLICT: return "owned by another writer";
     }
     return "unknown status";
 }

@@ -21,7 +21,8 @@ typedef enum {
     SY_ECORRUPT = -8, /* checksum or size mismatch */
     SY_EABORTED = -9, /* the operation was aborted */
     SY_EREMOTE = -10, /* a peer or server reported an error */
-    SY_EINTERNAL = -11/* a bug: an invariant failed */
+    SY_EINTERNAL = -11,/* a bug: an invariant failed */
+    SY_ECONFLICT = -12 /* another writer owns it (a run fenced off by a newer writer) */
 } sy_status;
 
 /* Static name of a status ("invalid argument", ...). Never NULL. */

@@ -1,5 +1,6 @@
 /* Object store front end (key checks, sorting, dispatch) and the local-directory backend. */
 #include "store.h"
+#include "fsutil.h"
 #include "store_s3.h"
 
 #include <dirent.h>
@@ -367,6 +368,9 @@ static sy_status local_putv(void *impl, const char *key, const sy_store_part *pa
             goto out;
         }
         unlink(tmp); /* no-op when renameat2 moved it */
+    } else if ((st = sy_fs_check_replaceable(path)) != SY_OK) {
+        sy_err_prefix(st, "store put %s", key);
+        goto out;
     } else if (rename(tmp, path) != 0) {
         st = sy_err_set(SY_EIO, "store put %s: rename: %s", key, strerror(errno));
         goto out;

@@ -590,6 +590,11 @@ static sy_status s3_head(void *impl, const char *key, uint64_t *size) {
     s3_req r = {.method = "HEAD", .key = key};
     SY_CHECK(s3_do(impl, &r, "head"));
     if (r.clen < 0) return sy_err_set(SY_EREMOTE, "s3 head %s: no Content-Length in the reply", key);
+    /* S3 answers every HEAD of an object with its ETag: a 200 without one is not S3's answer (a
+     * proxy or a misconfigured endpoint) and must not pass for "the object exists" */
+    if (!r.etag[0])
+        return sy_err_set(SY_EREMOTE, "s3 head %s: status %ld without an ETag: the endpoint does not answer like S3",
+                          key, r.status);
     *size = (uint64_t)r.clen;
     return SY_OK;
 }
@@ -769,6 +774,12 @@ static sy_status s3_put_multipart(s3_store *s, const char *key, const void *buf,
                  .hdr = {if_absent ? "If-None-Match: *" : NULL}};
     st = s3_do(s, &rc, "put (complete multipart)");
     int ambiguous = rc.amb_before;
+    /* success is a CompleteMultipartUploadResult; anything else does not say the object exists */
+    if (st == SY_OK && !(rc.buf && memmem(rc.buf, rc.len, "<CompleteMultipartUploadRes", 27))) /* ...Result (S3),
+                                                                                    ...Response (moto) */
+        st = sy_err_set(SY_EREMOTE, "s3 put %s: complete multipart: status %ld without a "
+                        "CompleteMultipartUploadResult (%zu bytes: '%.80s'): the endpoint does not answer like S3",
+                        key, rc.status, rc.len, rc.buf ? rc.buf : "");
     req_free(&rc);
     if (st == SY_OK) goto out;
     if (st == SY_EEXIST) {
@@ -815,6 +826,11 @@ static sy_status s3_put(void *impl, const char *key, const void *buf, size_t len
                 .hdr = {if_absent ? "If-None-Match: *" : NULL}};
     sy_status st = s3_do(s, &r, if_absent ? "put_if_absent" : "put");
     if (st == SY_EEXIST && if_absent) return resolve_412(s, key, buf, len, r.amb_before);
+    /* PutObject's success carries the new object's ETag; without it nothing says the object
+     * was stored */
+    if (st == SY_OK && !r.etag[0])
+        return sy_err_set(SY_EREMOTE, "s3 put %s: status %ld without an ETag: the endpoint does not answer like S3, "
+                          "the object may not be stored", key, r.status);
     return st;
 }
 
@@ -824,6 +840,22 @@ sy_status sy_s3_parse_list(const char *body, size_t len, const char *full, size_
     const char *p = body, *after = NULL;
     size_t left = len;
     char *k;
+    /* An answer that is not a ListBucketResult (an HTML page, an error document, garbage) is
+     * an error, never an empty listing: an empty listing says "no checkpoints". */
+    static const char root[] = "<ListBucketResult";
+    int found = 0;
+    for (size_t i = 0; !found && len >= sizeof root - 1 && i <= len - (sizeof root - 1); i++)
+        found = body[i] == '<' && !memcmp(body + i, root, sizeof root - 1);
+    if (!found) {
+        char head[81];
+        size_t hl = len < 80 ? len : 80;
+        for (size_t i = 0; i < hl; i++) head[i] = (body[i] >= 32 && body[i] < 127) ? body[i] : '.';
+        head[hl] = 0;
+        free(*token); /* as on every failure: no token to follow */
+        *token = NULL;
+        return sy_err_set(SY_EREMOTE, "s3 list %s: the reply is not a ListBucketResult (%zu bytes: '%s')", full, len,
+                          head);
+    }
     while (st == SY_OK && (k = sy_s3_xml_tag(p, left, "Key", &after))) {
         left -= (size_t)(after - p);
         p = after;

@@ -17,6 +17,7 @@
 
 #include "ckpt.h"
 #include "committer.h"
+#include "ckpt_run.h"
 #include "curve.h"
 #include "http.h"
 #include "log.h"
@@ -409,6 +410,7 @@ static void worker_lost(sy_coord_t *c, int i, const char *reason) {
 
 static json_t *manifest_extra(sy_coord_t *c, int64_t step) {
     json_t *ex = json_object();
+    json_object_set_new(ex, "writer", json_string(c->writer));
     json_object_set_new(ex, "config", sy_config_to_json(&c->cfg));
     json_object_set_new(ex, "data_position",
                         json_pack("{s:I, s:I}", "next_step", (json_int_t)(step + 1), "first_sample",
@@ -447,8 +449,17 @@ static bool parts_cover(sy_coord_t *c, const json_t *files, char *missing, size_
 }
 
 static void maybe_finish(sy_coord_t *c) {
-    if (!c->done && c->step >= c->cfg.run.steps && c->latest_ckpt >= c->cfg.run.steps)
+    if (!c->done && c->step >= c->cfg.run.steps && c->latest_ckpt >= c->cfg.run.steps) {
+        /* finished only once the final checkpoint reads back from the store as this run's */
+        if (sy_run_verify_checkpoint(c->store, c->cfg.run.name, c->cfg.run.steps, c->writer) != SY_OK) {
+            char why[600];
+            snprintf(why, sizeof why, "final checkpoint: %s", sy_err_msg());
+            sy_error("%s", why);
+            finish(c, R_FAILED, why);
+            return;
+        }
         finish(c, R_FINISHED, "all steps done");
+    }
 }
 
 static bool membership_change_due(sy_coord_t *c) {
@@ -516,13 +527,17 @@ static void commit_part(sy_coord_t *c, int k) {
 
 static void on_commit_result(sy_coord_t *c, const sy_commit_result *r) {
     sy_status s = r->status;
-    if (s == SY_EEXIST) {
-        sy_warn("checkpoint step %" PRId64 " was already committed; keeping it", r->step);
+    if (s == SY_EEXIST) { /* only when this coordinator's writer committed it (ckpt.h) */
+        sy_warn("checkpoint step %" PRId64 " was already committed by this run; keeping it", r->step);
         s = SY_OK;
     }
     if (s != SY_OK) {
         event(c, "checkpoint_failed", json_pack("{s:I, s:s}", "step", (json_int_t)r->step, "error", r->error));
         sy_error("checkpoint step %" PRId64 ": %s", r->step, r->error);
+        if (s == SY_ECONFLICT && !c->done) { /* fenced off: another writer owns the run now */
+            finish(c, R_FAILED, r->error);
+            return;
+        }
     } else {
         if (r->step > c->latest_ckpt) c->latest_ckpt = r->step;
         c->latest_ckpt_time = sy_wall_s();
@@ -1289,10 +1304,23 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
             c->incarnation = (uint64_t)sy_wall_s() * 2654435761u ^ (uint64_t)getpid();
 
     SY_CHECK_GOTO(sy_store_open_config(cfg, &c->store), s, fail);
+    /* A coordinator always continues its run (a restarted one takes over from the last
+     * checkpoint); whether a run may start fresh is the launcher's question (--resume,
+     * --overwrite). Claiming fences off an older coordinator of this run. */
     int64_t latest;
     s = sy_ckpt_latest(c->store, cfg->run.name, &latest);
     if (s == SY_OK) c->latest_ckpt = latest;
     else if (s != SY_ENOTFOUND) goto fail;
+    if (c->latest_ckpt >= 0) { /* before the claim: a refused restart leaves the run's writer alone */
+        json_t *man = NULL;
+        char what[320];
+        snprintf(what, sizeof what, "checkpoint %s step %" PRId64, cfg->run.name, c->latest_ckpt);
+        SY_CHECK_GOTO(sy_ckpt_read_manifest(c->store, cfg->run.name, c->latest_ckpt, &man), s, fail);
+        s = sy_config_check_resume(cfg, json_object_get(man, "config"), what);
+        json_decref(man);
+        if (s != SY_OK) goto fail;
+    }
+    SY_CHECK_GOTO(sy_run_claim(c->store, cfg->run.name, SY_RUN_RESUME, c->writer, NULL, 0), s, fail);
     SY_CHECK_GOTO(sy_committer_new(c->store, cfg->run.name, cfg->checkpoint.keep_last, &c->committer), s, fail);
     c->step = c->latest_ckpt > 0 ? c->latest_ckpt : 0;
     c->furthest = c->step;
@@ -1301,13 +1329,13 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     char path[4200];
     const char *mode = c->latest_ckpt >= 0 ? "a" : "w"; /* a fresh run starts fresh logs */
     snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.state_dir);
-    if (!(c->metrics_f = fopen(path, mode))) {
-        s = sy_err_set(SY_EIO, "cannot open %s: %s", path, strerror(errno));
+    if (!(c->metrics_f = sy_fs_fopen_regular(path, mode[0] == 'a'))) {
+        s = SY_EIO;
         goto fail;
     }
     snprintf(path, sizeof path, "%s/events.jsonl", cfg->run.state_dir);
-    if (!(c->events_f = fopen(path, mode))) {
-        s = sy_err_set(SY_EIO, "cannot open %s: %s", path, strerror(errno));
+    if (!(c->events_f = sy_fs_fopen_regular(path, mode[0] == 'a'))) {
+        s = SY_EIO;
         goto fail;
     }
 

@@ -116,6 +116,7 @@ struct sy_coord {
     FILE *metrics_f, *events_f;
     char *config_json;
     uint64_t incarnation;
+    char writer[33];        /* this coordinator's claim on the run in the store (ckpt_run.h) */
     int E, n_switch;
     int64_t settle_ms;
     int64_t t0_mono;

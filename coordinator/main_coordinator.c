@@ -141,8 +141,15 @@ int main(int argc, char **argv) {
             goto out;
         }
     }
-    if (sy_config_validate(&cfg) != SY_OK) {
-        fprintf(stderr, "switchyard-coordinator: %s: %s\n", path, sy_err_msg());
+    /* a bad value is reported against the --set that gave it, else against the YAML file */
+    char **sets = calloc((size_t)argc, sizeof *sets);
+    int n_sets = 0;
+    for (int i = 1; sets && i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--set")) sets[n_sets++] = argv[++i];
+    sy_status vs = sy_config_validate_from(&cfg, path, sets, n_sets);
+    free(sets);
+    if (vs != SY_OK) {
+        fprintf(stderr, "switchyard-coordinator: %s\n", sy_err_msg());
         code = 2;
         goto out;
     }

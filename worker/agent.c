@@ -25,6 +25,7 @@
 #include "data.h"
 #include "dist_step.h"
 #include "log.h"
+#include "memplan.h"
 #include "model.h"
 #include "model_ckpt.h"
 #include "optim.h"
@@ -639,6 +640,8 @@ static sy_status setup(agent_t *a, const char *config_json) {
         sy_backend_destroy(&a->be);
         free(a->tokens), free(a->counts), free(a->owned);
         a->tokens = NULL, a->counts = NULL, a->owned = NULL;
+        /* a config too big for this machine is a clear error, not the OOM killer (memplan.h) */
+        SY_CHECK(sy_memplan_check(&a->cfg, 1));
         SY_CHECK(sy_backend_cpu_new(a->cfg.train.threads, bf16, &a->be));
         SY_CHECK(sy_model_new(&d, a->be, &a->model));
         a->dims = d;

@@ -65,6 +65,9 @@ static sy_status do_save(sy_ckpt_saver_t *s, int64_t step, const json_t *extra) 
     json_t *files = json_array();
     sy_status rc = SY_OK;
     if (!files) return sy_err_set(SY_ENOMEM, "checkpoint: out of memory");
+    /* An existing commit of this step is judged first (ckpt.h): kept if it is this writer's,
+     * rewritten if broken, an error if another writer's. */
+    SY_CHECK_GOTO(sy_ckpt_prepare_step(s->store, s->run, step, extra), rc, out);
     /* Normally one write_part of every file (it writes several at once); with the test delay,
      * one file at a time with a pause before each. */
     int per_call = s->delay_ms > 0 ? 1 : s->plan.n;

@@ -10,6 +10,7 @@
 
 #include "backend.h"
 #include "ckpt.h"
+#include "fsutil.h"
 #include "config.h"
 #include "log.h"
 #include "model.h"
@@ -329,6 +330,8 @@ static int cmd_export(int argc, char **argv) {
         goto out;
     }
     rc = 1;
+    /* before any work: a device, FIFO, folder or symlink at --out is never replaced */
+    if (sy_fs_check_replaceable(outp) != SY_OK) goto fail;
     if (open_run(argv[optind], &st, run, &want, &steps, &n) != SY_OK) goto fail;
     if (want >= 0) {
         if (pick_step(run, steps, n, want, &step) != SY_OK) goto fail;

@@ -24,6 +24,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ckpt.h"
+#include "ckpt_run.h"
 #include "config.h"
 #include "curve.h"
 #include "data.h"
@@ -31,6 +33,9 @@
 #include "fsutil.h"
 #include "cpu_setup.h"
 #include "log.h"
+#include "memplan.h"
+#include "store.h"
+#include "store_s3.h"
 
 #define SY_LAUNCH_READY_TIMEOUT_MS 30000
 #define SY_LAUNCH_GRACE_MS 10000
@@ -68,6 +73,12 @@ static void usage(FILE *f) {
             "  --chaos SPEC                inject faults (below); repeatable, items accumulate\n"
             "  --chaos-seed N              seed of the chaos's random choices (default: random,\n"
             "                              printed at start and in chaos.jsonl)\n"
+            "  --resume                    continue the run from its latest committed checkpoint\n"
+            "                              in checkpoint.store (the model and data-order fields\n"
+            "                              must match it); without it a store that holds\n"
+            "                              committed checkpoints of the run is refused\n"
+            "  --overwrite                 start afresh: move such a run aside to\n"
+            "                              RUN.replaced-<time> first\n"
             "  --quiet                     no progress line\n"
             "  -h, --help                  this help\n"
             "\n"
@@ -283,7 +294,7 @@ static pid_t spawn(char *const argv[], const char *log_path, int stdout_fd) {
     if (pid != 0) return pid;
     /* child */
     setpgid(0, 0); /* Ctrl-C goes to the launcher, which stops children in order */
-    int fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    int fd = sy_fs_open_regular(log_path, 1); /* never a FIFO, device or symlink */
     if (fd >= 0) {
         dup2(fd, STDERR_FILENO);
         if (stdout_fd < 0) dup2(fd, STDOUT_FILENO);
@@ -563,10 +574,12 @@ int sy_run_cli(int argc, char **argv) {
                                              {"chaos", required_argument, 0, 'c'},
                                              {"chaos-seed", required_argument, 0, 'S'},
                                              {"quiet", no_argument, 0, 'q'},
+                                             {"resume", no_argument, 0, 'r'},
+                                             {"overwrite", no_argument, 0, 'O'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
     int n_workers = 2, threads = 0, c, rc = 2;
-    bool quiet = false, have_seed = false;
+    bool quiet = false, have_seed = false, resume = false, overwrite = false;
     uint64_t seed = 0;
     char **sets = calloc((size_t)argc + 1, sizeof(char *));
     int n_sets = 0;
@@ -630,9 +643,15 @@ int sy_run_cli(int argc, char **argv) {
         }
         case 's': sets[n_sets++] = optarg; break;
         case 'q': quiet = true; break;
+        case 'r': resume = true; break;
+        case 'O': overwrite = true; break;
         case 'h': usage(stdout); rc = 0; goto out;
         default: usage(stderr); goto out;
         }
+    }
+    if (resume && overwrite) {
+        fprintf(stderr, "switchyard run: --resume and --overwrite exclude each other\n");
+        goto out;
     }
     if (optind != argc - 1) {
         fprintf(stderr, "switchyard run: expected exactly one CONFIG file\n");
@@ -654,7 +673,12 @@ int sy_run_cli(int argc, char **argv) {
     if (sy_config_defaults(&cfg) != SY_OK || sy_config_load(&cfg, config_path) != SY_OK) goto cfg_fail;
     for (int i = 0; i < n_sets; i++)
         if (sy_config_set(&cfg, sets[i]) != SY_OK) goto cfg_fail;
-    if (sy_config_validate(&cfg) != SY_OK) goto cfg_fail;
+    if (sy_config_validate_from(&cfg, config_path, sets, n_sets) != SY_OK) goto cfg_fail;
+    if (sy_memplan_check(&cfg, n_workers) != SY_OK) {
+        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+        rc = 1;
+        goto out;
+    }
     {
         /* The workers of a local cluster read the same files: check the data here, so that a
          * wrong path is one clear error instead of a run that fails in every generation. Local
@@ -744,11 +768,27 @@ int sy_run_cli(int argc, char **argv) {
         goto out;
     }
     curl_ready = true;
+    if (!resume) {
+        /* A fresh run: refused if the store holds committed checkpoints of this run name (they
+         * would be continued by the coordinator, or mixed with this run's); --overwrite moves
+         * them aside first. The coordinator then claims the run for itself (ckpt_run.h). */
+        sy_store_t *st = NULL;
+        char writer[SY_RUN_WRITER_HEX + 1];
+        sy_status ss = sy_store_open_config(&cfg, &st);
+        if (ss == SY_OK)
+            ss = sy_run_claim(st, cfg.run.name, overwrite ? SY_RUN_OVERWRITE : SY_RUN_FRESH, writer, NULL, 0);
+        sy_store_destroy(&st);
+        if (ss != SY_OK) {
+            fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+            rc = 1;
+            goto out;
+        }
+    }
     if (chaos) {
         char cpath[PATH_MAX + 64];
         snprintf(cpath, sizeof cpath, "%s/chaos.jsonl", cfg.run.state_dir);
-        if (!(L.chaos_f = fopen(cpath, "w"))) {
-            fprintf(stderr, "switchyard run: cannot open %s: %s\n", cpath, strerror(errno));
+        if (!(L.chaos_f = sy_fs_fopen_regular(cpath, 0))) {
+            fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
             goto out;
         }
         if (!have_seed && getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
@@ -958,6 +998,18 @@ int sy_run_cli(int argc, char **argv) {
     L.line_open = false;
     bool coord_ok = coord_status != -1 && WIFEXITED(coord_status) && WEXITSTATUS(coord_status) == 0;
     rc = coord_ok && !l_interrupted && !gave_up ? 0 : 1;
+    if (rc == 0) {
+        /* "completed" only once the final checkpoint reads back from the store */
+        sy_store_t *st = NULL;
+        sy_status vs = sy_store_open_config(&cfg, &st);
+        if (vs == SY_OK) vs = sy_run_verify_checkpoint(st, cfg.run.name, cfg.run.steps, NULL);
+        sy_store_destroy(&st);
+        if (vs != SY_OK) {
+            fprintf(stderr, "switchyard run: the coordinator reported success, but %s\n", sy_err_msg());
+            rc = 1;
+            goto stop_all;
+        }
+    }
     if (rc != 0) {
         if (coord_status == -1)
             fprintf(stderr, "switchyard run: the run %s\n", l_interrupted ? "was interrupted" : "failed");

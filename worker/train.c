@@ -18,11 +18,13 @@
 #include "backend.h"
 #include "ckpt.h"
 #include "ckpt_async.h"
+#include "ckpt_run.h"
 #include "cpu_setup.h"
 #include "data.h"
 #include "dist_step.h"
 #include "fsutil.h"
 #include "log.h"
+#include "memplan.h"
 #include "model.h"
 #include "model_ckpt.h"
 #include "optim.h"
@@ -38,7 +40,7 @@ static void metrics_truncate(const char *path, int64_t keep_step) {
     if (!in) return;
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *out = fopen(tmp, "w");
+    FILE *out = sy_fs_fopen_regular(tmp, 0);
     if (!out) {
         fclose(in);
         return;
@@ -54,7 +56,7 @@ static void metrics_truncate(const char *path, int64_t keep_step) {
     free(line);
     fclose(in);
     fclose(out);
-    rename(tmp, path);
+    if (sy_fs_check_replaceable(path) == SY_OK) rename(tmp, path);
 }
 
 
@@ -68,6 +70,7 @@ typedef struct {
     sy_ckpt_saver_t *saver; /* checkpoint.async: the background saver; NULL: synchronous */
     int32_t *tokens;
     int M;
+    char writer[SY_RUN_WRITER_HEX + 1]; /* this process's claim on the run (ckpt_run.h) */
 } trainer;
 
 static void trainer_free(trainer *t) {
@@ -80,8 +83,9 @@ static void trainer_free(trainer *t) {
     free(t->tokens);
 }
 
-static json_t *manifest_extra(const sy_config_t *cfg, int64_t step) {
+static json_t *manifest_extra(const sy_config_t *cfg, int64_t step, const char *writer) {
     json_t *ex = json_object();
+    json_object_set_new(ex, "writer", json_string(writer));
     json_object_set_new(ex, "config", sy_config_to_json(cfg));
     /* The data position is the step alone (model spec §6): the next step to run is step+1,
      * whose samples start at global index step·M·b. RNG: every draw is keyed by
@@ -101,19 +105,20 @@ static json_t *manifest_extra(const sy_config_t *cfg, int64_t step) {
  * final one is checked by finish_ckpt). */
 static sy_status save_ckpt(trainer *t, int64_t step, double *stall_ms, double *upload_ms) {
     double t0 = sy_mono_s();
-    json_t *ex = manifest_extra(t->cfg, step);
+    json_t *ex = manifest_extra(t->cfg, step, t->writer);
     sy_status s;
     *upload_ms = -1.0;
     if (t->saver) {
         s = sy_ckpt_saver_submit(t->saver, step, t->model, t->opt, ex, stall_ms);
         json_decref(ex);
+        if (s == SY_ECONFLICT) return s; /* fenced off: another writer owns the run now */
         if (s != SY_OK) sy_warn("training goes on after a checkpoint failure: %s", sy_err_msg());
         return SY_OK;
     }
     s = sy_model_ckpt_save(t->store, t->cfg->run.name, step, t->model, t->opt, ex);
     json_decref(ex);
-    if (s == SY_EEXIST) {
-        sy_warn("checkpoint step %lld already committed; keeping it", (long long)step);
+    if (s == SY_EEXIST) { /* only when this writer committed it already (ckpt.h) */
+        sy_warn("checkpoint step %lld already committed by this run; keeping it", (long long)step);
         s = SY_OK;
     }
     if (s == SY_OK) s = sy_ckpt_retain(t->store, t->cfg->run.name, t->cfg->checkpoint.keep_last);
@@ -138,6 +143,9 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     const int b = cfg->train.micro_batch_seqs, T = cfg->model.seq_len;
     t.M = cfg->train.global_batch_seqs / b;
 
+    /* before anything big is allocated: a config too large for this machine is an error now,
+     * not the OOM killer later */
+    SY_CHECK_GOTO(sy_memplan_check(cfg, 1), s, done);
     SY_CHECK_GOTO(sy_backend_cpu_new(cfg->train.threads, cfg->train.precision == SY_PREC_BF16,
                                      &t.be), s, done);
     sy_model_dims dims = sy_model_dims_from_config(cfg);
@@ -145,6 +153,13 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     SY_CHECK_GOTO(sy_adamw_new(t.model, cfg, &t.opt), s, done);
     SY_CHECK_GOTO(sy_data_open((const char *const *)cfg->data.train.items, cfg->data.train.n,
                                cfg->model.vocab_size, T, &t.data), s, done);
+    if (cfg->data.val.n > 0) { /* a validation pattern that matches nothing is a mistake, not "no validation" */
+        s = sy_data_check_patterns((const char *const *)cfg->data.val.items, cfg->data.val.n);
+        if (s != SY_OK) {
+            sy_err_prefix(s, "data.val (set data.val= for none)");
+            goto done;
+        }
+    }
     SY_CHECK_GOTO(sy_store_open_config(cfg, &t.store), s, done);
     if (cfg->checkpoint.async)
         SY_CHECK_GOTO(sy_ckpt_saver_new(t.store, cfg->run.name, cfg->checkpoint.keep_last,
@@ -154,6 +169,30 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         s = sy_err_set(SY_ENOMEM, "out of memory");
         goto done;
     }
+
+    /* A resume must continue the same training: the config is checked before the run is
+     * claimed, so a refused resume leaves the run's writer alone. */
+    if (opts->resume) {
+        int64_t latest;
+        s = sy_ckpt_latest(t.store, cfg->run.name, &latest);
+        if (s == SY_OK) {
+            json_t *man = NULL;
+            SY_CHECK_GOTO(sy_ckpt_read_manifest(t.store, cfg->run.name, latest, &man), s, done);
+            char what[320];
+            snprintf(what, sizeof what, "checkpoint %s step %lld", cfg->run.name, (long long)latest);
+            s = sy_config_check_resume(cfg, json_object_get(man, "config"), what);
+            json_decref(man);
+        } else if (s == SY_ENOTFOUND) {
+            s = SY_OK;
+        }
+        if (s != SY_OK) goto done;
+    }
+    /* claim the run: a fresh run never mixes with or loses an older one, and an older writer of
+     * this run is fenced off from committing */
+    s = sy_run_claim(t.store, cfg->run.name,
+                     opts->resume ? SY_RUN_RESUME : opts->overwrite ? SY_RUN_OVERWRITE : SY_RUN_FRESH, t.writer,
+                     NULL, 0);
+    if (s != SY_OK) goto done;
 
     int64_t start = 0;
     if (opts->resume) {
@@ -182,9 +221,9 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     SY_CHECK_GOTO(sy_mkdir_p(cfg->run.state_dir), s, done);
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", cfg->run.state_dir);
     if (start > 0) metrics_truncate(mpath, start);
-    metrics = fopen(mpath, start > 0 ? "a" : "w");
+    metrics = sy_fs_fopen_regular(mpath, start > 0);
     if (!metrics) {
-        s = sy_err_set(SY_EIO, "cannot open %s: %s", mpath, strerror(errno));
+        s = SY_EIO;
         goto done;
     }
 
@@ -277,6 +316,9 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         }
     }
     if (tty && !opts->quiet) fputc('\n', stderr);
+    /* "done" only once the final checkpoint reads back from the store as this run's */
+    s = sy_run_verify_checkpoint(t.store, cfg->run.name, cfg->run.steps, t.writer);
+    if (s != SY_OK) goto done;
     sy_info("done: %lld steps in %.1f s; checkpoints took %.0f ms; metrics in %s",
             (long long)steps_done, sy_mono_s() - run_t0, ckpt_ms, mpath);
 done:
@@ -297,7 +339,11 @@ static void train_usage(FILE *f) {
             "  --set SECTION.FIELD=VALUE  override one config field (repeatable); see\n"
             "                             docs/configuration.md or `switchyard config doc`\n"
             "  --resume                   continue from the latest committed checkpoint of the\n"
-            "                             run in checkpoint.store (from step 0 if none)\n"
+            "                             run in checkpoint.store (from step 0 if none); the\n"
+            "                             model and data-order fields must match it\n"
+            "  --overwrite                start afresh although checkpoint.store holds a run of\n"
+            "                             this name: move it aside to RUN.replaced-<time> first\n"
+            "                             (without --resume or --overwrite such a run is refused)\n"
             "  --stop-after STEP          stop after this step (checkpoints as configured, no\n"
             "                             final one): for staged runs and resume tests\n"
             "  --quiet                    no progress line\n"
@@ -312,12 +358,13 @@ static sy_status load_config(sy_config_t *cfg, const char *path, char **sets, in
     SY_CHECK(sy_config_defaults(cfg));
     if (path) SY_CHECK(sy_config_load(cfg, path));
     for (int i = 0; i < n_sets; i++) SY_CHECK(sy_config_set(cfg, sets[i]));
-    return sy_config_validate(cfg);
+    return sy_config_validate_from(cfg, path, sets, n_sets);
 }
 
 int sy_train_cli(int argc, char **argv) {
     static const struct option longopts[] = {{"set", required_argument, 0, 's'},
                                              {"resume", no_argument, 0, 'r'},
+                                             {"overwrite", no_argument, 0, 'O'},
                                              {"stop-after", required_argument, 0, 'S'},
                                              {"quiet", no_argument, 0, 'q'},
                                              {"help", no_argument, 0, 'h'},
@@ -332,6 +379,7 @@ int sy_train_cli(int argc, char **argv) {
         switch (c) {
         case 's': sets[n_sets++] = optarg; break;
         case 'r': opts.resume = true; break;
+        case 'O': opts.overwrite = true; break;
         case 'q': opts.quiet = true; break;
         case 'S': {
             char *end;
@@ -345,6 +393,10 @@ int sy_train_cli(int argc, char **argv) {
         case 'h': train_usage(stdout); rc = 0; goto out;
         default: train_usage(stderr); goto out;
         }
+    }
+    if (opts.resume && opts.overwrite) {
+        fprintf(stderr, "switchyard train: --resume and --overwrite exclude each other\n");
+        goto out;
     }
     if (optind != argc - 1) {
         fprintf(stderr, "switchyard train: expected exactly one CONFIG file\n");

@@ -12,6 +12,8 @@
 
 typedef struct {
     bool resume;        /* continue from the latest committed checkpoint, if any */
+    bool overwrite;     /* move a run of the same name aside first (else a fresh run into a store
+                         * holding committed checkpoints of that run is refused) */
     bool quiet;         /* no progress line */
     int64_t stop_after; /* stop (without the final checkpoint) after this step; 0 = run all */
 } sy_train_opts;

@@ -69,7 +69,7 @@ def prepare_data(tmp):
 
 def settings(tmp, name, steps, every, store=None, extra=None):
     """The run's overrides (dict); the coordinator and the reference get the same ones."""
-    s = {"data.train": f"{tmp}/data/train_*.bin", "run.name": name, "run.state_dir": f"{tmp}/state-{name}",
+    s = {"data.train": f"{tmp}/data/train_*.bin", "data.val": "", "run.name": name, "run.state_dir": f"{tmp}/state-{name}",
          "checkpoint.store": store or f"{tmp}/store", "run.steps": str(steps), "checkpoint.every": str(every),
          "train.threads": "1"}
     s.update(extra or {})

@@ -44,7 +44,7 @@ def check(cond, msg):
 
 
 def sets(tmp, name, extra=()):
-    s = {"data.train": f"{tmp}/data/train_*.bin", "run.name": name, "run.state_dir": f"{tmp}/state-{name}",
+    s = {"data.train": f"{tmp}/data/train_*.bin", "data.val": "", "run.name": name, "run.state_dir": f"{tmp}/state-{name}",
          "checkpoint.store": f"{tmp}/store", "run.steps": str(STEPS), "checkpoint.every": "5",
          "train.threads": "1"}
     s.update(dict(extra))

@@ -60,7 +60,7 @@ def make_data(tmp):
 
 
 def small(tmp, name, store, steps=10, every=5, extra=()):
-    return ["--set", f"data.train={tmp}/data/train_*.bin", "--set", f"run.name={name}",
+    return ["--set", f"data.train={tmp}/data/train_*.bin", "--set", "data.val=", "--set", f"run.name={name}",
             "--set", f"run.state_dir={tmp}/state-{name}", "--set", f"checkpoint.store={store}",
             "--set", "model.n_layers=2", "--set", "model.d_model=64", "--set", "model.d_ff=128",
             "--set", "model.seq_len=64", "--set", "train.global_batch_seqs=8",

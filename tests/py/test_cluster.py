@@ -29,7 +29,7 @@ def check(cond, msg):
 
 
 def sets(tmp, name, steps=30, extra=()):
-    s = {"data.train": f"{tmp}/data/train_*.bin", "run.name": name, "run.state_dir": f"{tmp}/state-{name}",
+    s = {"data.train": f"{tmp}/data/train_*.bin", "data.val": "", "run.name": name, "run.state_dir": f"{tmp}/state-{name}",
          "checkpoint.store": f"{tmp}/store", "run.steps": str(steps), "checkpoint.every": "10",
          "train.threads": "1"}
     s.update(dict(extra))
@@ -48,9 +48,9 @@ def metrics(tmp, name):
     return by_step
 
 
-def run_cluster(tmp, name, workers, steps=30, extra=(), timeout=600):
+def run_cluster(tmp, name, workers, steps=30, extra=(), timeout=600, resume=False):
     t = time.time()
-    r = subprocess.run([SY, "run", CFG, "--workers", str(workers), "--quiet"] + sets(tmp, name, steps, extra),
+    r = subprocess.run([SY, "run", CFG, "--workers", str(workers), "--quiet"] + (["--resume"] if resume else []) + sets(tmp, name, steps, extra),
                        capture_output=True, text=True, timeout=timeout)
     print(f"   run --workers {workers}: {time.time() - t:.1f} s, exit {r.returncode}", flush=True)
     if r.returncode != 0:
@@ -101,7 +101,7 @@ def main():
     # restore with another number of workers: 20 steps on 2 workers, then continue to 30 on 3
     r = run_cluster(tmp, "regrow", 2, steps=20)
     check(r.returncode == 0, "20 steps on 2 workers")
-    r = run_cluster(tmp, "regrow", 3, steps=30)
+    r = run_cluster(tmp, "regrow", 3, steps=30, resume=True)
     check(r.returncode == 0, "continued to 30 steps on 3 workers from the step-20 checkpoint")
     if r.returncode == 0:
         got = metrics(tmp, "regrow")

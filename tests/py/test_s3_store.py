@@ -374,7 +374,7 @@ def train(c):
     check(r.returncode == 0, f"data prepare ({r.stderr.strip()[-200:]})")
 
     def args(name, store):
-        return ["train", os.path.join(SRC, "configs", "tiny.yaml"), "--set", f"data.train={tmp}/data/train_*.bin",
+        return ["train", os.path.join(SRC, "configs", "tiny.yaml"), "--set", f"data.train={tmp}/data/train_*.bin", "--set", "data.val=",
                 "--set", f"run.name={name}", "--set", f"run.state_dir={tmp}/state-{name}",
                 "--set", f"checkpoint.store={store}", "--set", "model.n_layers=2", "--set", "model.d_model=64",
                 "--set", "model.d_ff=128", "--set", "model.seq_len=64", "--set", "train.global_batch_seqs=8",

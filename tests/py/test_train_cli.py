@@ -29,7 +29,7 @@ def run(args, **kw):
 
 
 def small(tmp, name):
-    return ["--set", f"data.train={tmp}/data/train_*.bin", "--set", f"run.name={name}",
+    return ["--set", f"data.train={tmp}/data/train_*.bin", "--set", "data.val=", "--set", f"run.name={name}",
             "--set", f"run.state_dir={tmp}/state-{name}", "--set", f"checkpoint.store={tmp}/store",
             "--set", "model.n_layers=2", "--set", "model.d_model=64", "--set", "model.d_ff=128",
             "--set", "model.seq_len=64", "--set", "train.global_batch_seqs=8",
@@ -119,7 +119,7 @@ def main():
     else:
         check(r.returncode == 0, "CPU without AVX-512: training runs with OpenBLAS's own kernel choice")
     env["OPENBLAS_CORETYPE"] = "Haswell"
-    r = run(["train", CFG] + one, env=env)
+    r = run(["train", CFG] + one + ["--overwrite"], env=env)
     check(r.returncode == 0 and "OpenBLAS Haswell" in r.stderr, "OPENBLAS_CORETYPE set by the user is respected")
 
     # --- help and refusals ------------------------------------------------------------------
