@@ -71,9 +71,10 @@ def run_owner(tmp, name):
 
 
 def wait_for(path, timeout):
+    """True once a file matching `path` (a glob) exists."""
     t = time.time()
     while time.time() - t < timeout:
-        if os.path.exists(path):
+        if glob.glob(path):
             return True
         time.sleep(0.05)
     return False
@@ -116,7 +117,8 @@ def main():
     # --- #4: two trainers of one run at once -------------------------------------------------
     a = subprocess.Popen([SY, "train", CFG] + small(tmp, "two", steps=100000, every=2),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ok = wait_for(f"{tmp}/store/two/ckpt/step-000000002/MANIFEST.json", 120)
+    # any committed step: a fast trainer's retention (keep_last) can delete step 2 between polls
+    ok = wait_for(f"{tmp}/store/two/ckpt/step-*/MANIFEST.json", 120)
     check(ok, "trainer A committed its first checkpoint")
     r = run(["train", CFG] + small(tmp, "two", steps=100000, every=2))
     check(r.returncode == 1 and "--resume" in r.stderr, "a second fresh trainer B of the run is refused")
@@ -134,7 +136,7 @@ def main():
     # a coordinator is fenced off the same way: its run fails instead of committing over the new owner
     c = subprocess.Popen([SY, "run", CFG, "--workers", "1", "--threads", "1"] + small(tmp, "cfence", steps=100000, every=2),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ok = wait_for(f"{tmp}/store/cfence/ckpt/step-000000002/MANIFEST.json", 120)
+    ok = wait_for(f"{tmp}/store/cfence/ckpt/step-*/MANIFEST.json", 120)
     check(ok, "the cluster run committed its first checkpoint")
     r = run(["train", CFG] + small(tmp, "cfence", steps=100000, every=2) + ["--resume", "--stop-after", "4"])
     check(r.returncode == 0 and "resumed from checkpoint" in r.stderr, f"a trainer takes the cluster's run over ({r.stderr[-200:]})")
