@@ -25,14 +25,7 @@ while [ $# -gt 0 ]; do
 done
 command -v perf >/dev/null || { echo "bench/profile.sh: perf not found (apt-get install linux-perf)" >&2; exit 1; }
 cmake --build "$BUILD" -j"$(nproc)" --target sy_bench >/dev/null
-flags=$(grep -m1 '^flags' /proc/cpuinfo)
-has() { [[ " $flags " == *" $1 "* ]]; }
-if [ -n "${OPENBLAS_CORETYPE:-}" ]; then
-    FAMILIES=("$OPENBLAS_CORETYPE")
-elif [ ${#FAMILIES[@]} -eq 0 ]; then
-    if has avx512f && has avx512bw && has avx512dq && has avx512vl; then FAMILIES+=(SkylakeX); fi
-    if has avx2 && has fma; then FAMILIES+=(Haswell); fi
-fi
+. "$ROOT/bench/families.sh"
 TMP=$(mktemp -d /tmp/sy-profile.XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 echo "commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown); $(lscpu | sed -n 's/^Model name: *//p'); $THREADS thread(s)"

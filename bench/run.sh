@@ -68,16 +68,7 @@ if [ "$PYPI" = 1 ]; then
     PYPI_PY=$VENV/bin/python
 fi
 
-flags=$(grep -m1 '^flags' /proc/cpuinfo)
-has() { [[ " $flags " == *" $1 "* ]]; }
-if [ -n "${OPENBLAS_CORETYPE:-}" ]; then
-    # set by the machine (for correctness): keep it, run only that family
-    FAMILIES=("$OPENBLAS_CORETYPE")
-elif [ ${#FAMILIES[@]} -eq 0 ]; then
-    if has avx512f && has avx512bw && has avx512dq && has avx512vl; then FAMILIES+=(SkylakeX); fi
-    if has avx2 && has fma; then FAMILIES+=(Haswell); fi
-    [ ${#FAMILIES[@]} -gt 0 ] || FAMILIES=("")
-fi
+. "$ROOT/bench/families.sh"
 export OPENBLAS_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
 
 TMP=$(mktemp -d /tmp/sy-bench.XXXXXX)
