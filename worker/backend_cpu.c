@@ -23,8 +23,6 @@ typedef struct {
     float *scratch;        /* per-thread [T,T] buffers for attention backward */
     size_t scratch_floats; /* per thread */
     int scratch_threads;
-    double *rowloss;       /* [rowloss_n] per-row cross-entropy, summed in row order */
-    size_t rowloss_n;
 } cpu_backend_t;
 
 /* Hot kernels are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time. */
@@ -101,54 +99,60 @@ static void cpu_matmul_fwd(sy_backend_t *be, float *y, const float *x, const flo
     sy_sgemm(false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out, be->bf16);
 }
 
-/* dx[N,in] (= or += when accumulate) dy · W, rounded as bf16 GEMM outputs in bf16 mode */
-static void matmul_dx(sy_backend_t *be, float *dx, const float *dy, const float *W, int N,
-                      int in, int out, bool accumulate_dx) {
-    if (accumulate_dx && be->bf16) {
-        /* round the product before adding, as a bf16 GEMM output would be */
-        float *tmp = malloc((size_t)N * in * sizeof(float));
-        if (tmp) {
-            sy_sgemm(false, false, N, in, out, 1.0f, dy, out, W, in, 0.0f, tmp, in, true);
-#pragma omp parallel for schedule(static)
-            for (size_t i = 0; i < (size_t)N * in; i++) dx[i] = sy_round_bf16(dx[i] + tmp[i]);
-            free(tmp);
-        }
-    } else {
-        sy_sgemm(false, false, N, in, out, 1.0f, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f, dx,
-                 in, be->bf16);
-    }
+/* The two GEMMs of a matmul backward, as grouped-GEMM problems.
+ * dx[N,in] = dy · W (beta 1: +=), rounded to bf16 in bf16 mode. */
+static sy_gemm_problem dx_problem(const sy_backend_t *be, float *dx, const float *dy,
+                                  const float *W, int N, int in, int out, float beta) {
+    return (sy_gemm_problem){.M = N, .N = in, .K = out, .alpha = 1.0f, .beta = beta, .A = dy,
+                             .lda = out, .B = W, .ldb = in, .C = dx, .ldc = in,
+                             .epi.round_bf16 = be->bf16};
+}
+
+/* dW[out,in] += dyᵀ · x; with dW64: dW is scratch, dW = dyᵀ · x is added into dW64 instead. */
+static sy_gemm_problem dw_problem(float *dW, double *dW64, const float *dy, const float *x, int N,
+                                  int in, int out) {
+    return (sy_gemm_problem){.ta = true, .M = out, .N = in, .K = N, .alpha = 1.0f,
+                             .beta = dW64 ? 0.0f : 1.0f, .A = dy, .lda = out, .B = x, .ldb = in,
+                             .C = dW, .ldc = in,
+                             .epi = {.acc = dW64, .ldacc = in, .c_scratch = dW64 != NULL}};
 }
 
 static void cpu_matmul_bwd(sy_backend_t *be, float *dx, float *dW, const float *dy,
                            const float *x, const float *W, int N, int in, int out,
                            bool accumulate_dx) {
     if (N == 0) return;
-    const sy_gemm_problem pw = {.ta = true, .M = out, .N = in, .K = N, .alpha = 1.0f, .beta = 1.0f,
-                                .A = dy, .lda = out, .B = x, .ldb = in, .C = dW, .ldc = in};
-    if (dx && !(accumulate_dx && be->bf16)) {
-        /* dx (+)= dy · W and dW += dyᵀ · x are independent: one grouped loop over both */
-        const sy_gemm_problem p[2] = {
-            {.M = N, .N = in, .K = out, .alpha = 1.0f, .beta = accumulate_dx ? 1.0f : 0.0f,
-             .A = dy, .lda = out, .B = W, .ldb = in, .C = dx, .ldc = in,
-             .epi.round_bf16 = be->bf16},
-            pw};
-        sy_sgemm_group(p, 2);
+    const sy_gemm_problem pw = dw_problem(dW, NULL, dy, x, N, in, out);
+    if (dx && accumulate_dx && be->bf16) {
+        /* dx = round(dx + round(dy · W)): the product is rounded before the add, as a bf16
+         * GEMM output would be, so it goes through a temporary */
+        float *tmp = malloc((size_t)N * in * sizeof(float));
+        if (tmp) {
+            const sy_gemm_problem p[2] = {dx_problem(be, tmp, dy, W, N, in, out, 0.0f), pw};
+            sy_sgemm_group(p, 2);
+#pragma omp parallel for schedule(static)
+            for (size_t i = 0; i < (size_t)N * in; i++) dx[i] = sy_round_bf16(dx[i] + tmp[i]);
+            free(tmp);
+            return;
+        }
+        sy_sgemm_group(&pw, 1);
         return;
     }
-    if (dx) matmul_dx(be, dx, dy, W, N, in, out, accumulate_dx);
-    sy_sgemm_group(&pw, 1);
+    if (!dx) {
+        sy_sgemm_group(&pw, 1);
+        return;
+    }
+    /* dx (+)= dy · W and dW += dyᵀ · x are independent: one grouped loop over both */
+    const sy_gemm_problem p[2] = {dx_problem(be, dx, dy, W, N, in, out, accumulate_dx ? 1.0f : 0.0f),
+                                  pw};
+    sy_sgemm_group(p, 2);
 }
 
 static void cpu_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double *dW64,
                                  const float *dy, const float *x, const float *W, int N, int in,
                                  int out) {
     if (N == 0) return;
-    /* dx = dy · W and the weight gradient are independent: one grouped loop over both */
-    const sy_gemm_problem p[2] = {
-        {.M = N, .N = in, .K = out, .alpha = 1.0f, .A = dy, .lda = out, .B = W, .ldb = in,
-         .C = dx, .ldc = in, .epi.round_bf16 = be->bf16},
-        {.ta = true, .M = out, .N = in, .K = N, .alpha = 1.0f, .A = dy, .lda = out, .B = x,
-         .ldb = in, .C = dW, .ldc = in, .epi = {.acc = dW64, .ldacc = in, .c_scratch = true}}};
+    const sy_gemm_problem p[2] = {dx_problem(be, dx, dy, W, N, in, out, 0.0f),
+                                  dw_problem(dW, dW64, dy, x, N, in, out)};
     sy_sgemm_group(p, 2);
 }
 
@@ -178,16 +182,8 @@ static void cpu_matmul_bwd_group(sy_backend_t *be, float *const *dx, float *cons
         int np = 0;
         for (int i = g0; i < g0 + k; i++) {
             if (N[i] == 0) continue;
-            /* dx = dy · W (overwritten), rounded in bf16 mode */
-            p[np++] = (sy_gemm_problem){.M = N[i], .N = in, .K = out, .alpha = 1.0f, .A = dy[i],
-                                        .lda = out, .B = W[i], .ldb = in, .C = dx[i], .ldc = in,
-                                        .epi.round_bf16 = be->bf16};
-            /* dW += dyᵀ · x, or scratch dW = dyᵀ · x added into dW64[i] */
-            double *acc = dW64 ? dW64[i] : NULL;
-            p[np++] = (sy_gemm_problem){.ta = true, .M = out, .N = in, .K = N[i], .alpha = 1.0f,
-                                        .beta = acc ? 0.0f : 1.0f, .A = dy[i], .lda = out,
-                                        .B = x[i], .ldb = in, .C = dW[i], .ldc = in,
-                                        .epi = {.acc = acc, .ldacc = in, .c_scratch = true}};
+            p[np++] = dx_problem(be, dx[i], dy[i], W[i], N[i], in, out, 0.0f);
+            p[np++] = dw_problem(dW[i], dW64 ? dW64[i] : NULL, dy[i], x[i], N[i], in, out);
         }
         sy_sgemm_group(p, np);
     }
@@ -408,39 +404,34 @@ static double xent_row(const float *l, int target, int V, float *d, float scale)
     return loss;
 }
 
-/* Σ_t loss_t: rows in parallel into a per-row buffer, then summed in row order, so the total
- * does not depend on the thread count (an OpenMP reduction would). Without the buffer the rows
- * run serially, in the same order, with the same result. */
-static double xent_sum(cpu_backend_t *c, float *dlogits, const float *logits,
-                       const int32_t *targets, int N, int V, float scale) {
-    if ((size_t)N > c->rowloss_n) {
-        double *p = realloc(c->rowloss, sizeof(double) * (size_t)N);
-        if (p) c->rowloss = p, c->rowloss_n = (size_t)N;
-    }
-    double total = 0.0;
-    if ((size_t)N > c->rowloss_n) {
-        for (int n = 0; n < N; n++)
-            total += xent_row(logits + (size_t)n * V, targets[n], V,
-                              dlogits ? dlogits + (size_t)n * V : NULL, scale);
-        return total;
-    }
-    double *rl = c->rowloss;
+/* Σ_t loss_t: each block of rows in parallel into a per-row array, then summed in row order,
+ * so the total does not depend on the thread count (an OpenMP reduction would). */
+static double xent_sum(float *dlogits, const float *logits, const int32_t *targets, int N, int V,
+                       float scale) {
+    enum { ROWS = 1024 };
+    double rl[ROWS], total = 0.0;
+    for (int n0 = 0; n0 < N; n0 += ROWS) {
+        const int k = N - n0 < ROWS ? N - n0 : ROWS;
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        rl[n] = xent_row(logits + (size_t)n * V, targets[n], V,
-                         dlogits ? dlogits + (size_t)n * V : NULL, scale);
-    for (int n = 0; n < N; n++) total += rl[n];
+        for (int i = 0; i < k; i++) {
+            const size_t n = (size_t)(n0 + i);
+            rl[i] = xent_row(logits + n * V, targets[n], V, dlogits ? dlogits + n * V : NULL, scale);
+        }
+        for (int i = 0; i < k; i++) total += rl[i];
+    }
     return total;
 }
 
 static double cpu_xent_fwd_bwd(sy_backend_t *be, float *dlogits, const float *logits,
                                const int32_t *targets, int N, int V, float scale) {
-    return xent_sum((cpu_backend_t *)be, dlogits, logits, targets, N, V, scale);
+    (void)be;
+    return xent_sum(dlogits, logits, targets, N, V, scale);
 }
 
 static double cpu_xent_fwd(sy_backend_t *be, const float *logits, const int32_t *targets, int N,
                            int V) {
-    return xent_sum((cpu_backend_t *)be, NULL, logits, targets, N, V, 0.0f);
+    (void)be;
+    return xent_sum(NULL, logits, targets, N, V, 0.0f);
 }
 
 static void cpu_gather_rows(sy_backend_t *be, float *dst, const float *src, const int32_t *idx,
@@ -540,7 +531,6 @@ static void cpu_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_
 
 static void cpu_destroy(sy_backend_t *be) {
     free(((cpu_backend_t *)be)->scratch);
-    free(((cpu_backend_t *)be)->rowloss);
     free(be);
 }
 

@@ -29,7 +29,6 @@ sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K) {
 
 static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *epi, int i0,
                      int j0) {
-    if (!epi->round_bf16 && !epi->acc) return;
     if (epi->round_bf16)
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++)
