@@ -11,14 +11,14 @@
 #include <string.h>
 #include <time.h>
 
-#include "backend.h"
-#include "ckpt.h"
-#include "ckpt_async.h"
-#include "config.h"
-#include "model.h"
-#include "model_ckpt.h"
-#include "optim.h"
-#include "store.h"
+#include "backend/backend.h"
+#include "storage/ckpt.h"
+#include "worker/ckpt_async.h"
+#include "base/config.h"
+#include "model/model.h"
+#include "model/model_ckpt.h"
+#include "model/optim.h"
+#include "storage/store.h"
 
 static double now_s(void) {
     struct timespec ts;

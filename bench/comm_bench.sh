@@ -1,5 +1,5 @@
 #!/bin/sh
-# All-to-all throughput of the tcp data plane (worker/comm_tcp.c) against raw ZeroMQ PUSH/PULL
+# All-to-all throughput of the tcp data plane (src/comm/comm_tcp.c) against raw ZeroMQ PUSH/PULL
 # transfers of the same bytes on loopback, with 2 and 4 processes, in one run. Prints a Markdown
 # table (the one in docs/performance.md, "Data plane (tcp)").
 #

@@ -27,15 +27,15 @@
 #include <string.h>
 #include <time.h>
 
-#include "backend.h"
-#include "config.h"
-#include "cpu_setup.h"
-#include "model.h"
-#include "optim.h"
-#include "rng.h"
-#include "status.h"
-#include "switch.h"
-#include "gemm_cpu.h"
+#include "backend/backend.h"
+#include "base/config.h"
+#include "backend/cpu_setup.h"
+#include "model/model.h"
+#include "model/optim.h"
+#include "base/rng.h"
+#include "base/status.h"
+#include "model/switch.h"
+#include "backend/gemm_cpu.h"
 
 typedef struct {
     const char *mode;

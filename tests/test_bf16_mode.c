@@ -14,14 +14,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
-#include "bf16.h"
-#include "config.h"
-#include "model.h"
-#include "switch.h"
+#include "backend/backend.h"
+#include "base/bf16.h"
+#include "base/config.h"
+#include "model/model.h"
+#include "model/switch.h"
 
 static uint64_t g_rs = 0xbf16bf16ULL;
-static double urand(void) { /* splitmix64, independent of common/rng */
+static double urand(void) { /* splitmix64, independent of src/base/rng */
     uint64_t z = (g_rs += 0x9E3779B97F4A7C15ULL);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;

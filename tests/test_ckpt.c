@@ -19,9 +19,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "ckpt.h"
-#include "safetensors.h"
-#include "store.h"
+#include "storage/ckpt.h"
+#include "base/safetensors.h"
+#include "storage/store.h"
 
 #define SY_TESTDIR_PREFIX "/tmp/sy-ckpt-test-"
 #include "sy_testdir.h"

@@ -1,4 +1,4 @@
-/* Run ownership in a checkpoint store (common/ckpt_run.h, issue 16 #4): a fresh claim refuses a
+/* Run ownership in a checkpoint store (src/storage/ckpt_run.h, issue 16 #4): a fresh claim refuses a
  * run with committed checkpoints, --overwrite moves it aside (still loadable under the new
  * name), a writer whose claim was taken over is fenced off (its commit fails with SY_ECONFLICT
  * instead of "already committed; keeping it"), a step committed by another writer is a
@@ -16,9 +16,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "ckpt.h"
-#include "ckpt_run.h"
-#include "store.h"
+#include "storage/ckpt.h"
+#include "storage/ckpt_run.h"
+#include "storage/store.h"
 
 #define SY_TESTDIR_PREFIX "/tmp/sy-ckptrun-test-"
 #include "sy_testdir.h"

@@ -1,4 +1,4 @@
-/* The tcp data plane (worker/comm.h) between real processes: every test forks W children that
+/* The tcp data plane (src/comm/comm.h) between real processes: every test forks W children that
  * open a data plane on tcp://127.0.0.1:*, report their endpoints to the parent through a pipe,
  * receive everybody's endpoints back, and run a scenario. Expected values are computed
  * independently in each child from deterministic generators (content hashes, sequential sums
@@ -29,7 +29,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "comm.h"
+#include "comm/comm.h"
 
 #define EP_LEN 256
 #define MAX_W 8

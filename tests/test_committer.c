@@ -1,4 +1,4 @@
-/* The coordinator's checkpoint committer thread (coordinator/committer.h): commits in submission
+/* The coordinator's checkpoint committer thread (src/coordinator/committer.h): commits in submission
  * order off the calling thread, results through the eventfd, retention after each good commit,
  * errors carried back with their message, EEXIST for a step committed twice, and destroy
  * finishing queued work. */
@@ -17,9 +17,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "ckpt.h"
-#include "committer.h"
-#include "store.h"
+#include "storage/ckpt.h"
+#include "coordinator/committer.h"
+#include "storage/store.h"
 
 #define RUN "crun"
 

@@ -1,4 +1,4 @@
-/* Tests of common/config.c: defaults, YAML loading, --set, validation rules, JSON round trip,
+/* Tests of src/base/config.c: defaults, YAML loading, --set, validation rules, JSON round trip,
  * copy/free and the generated docs. Expected values are written out here from the spec (the
  * brief's defaults), not read back from the implementation's table. */
 #include <setjmp.h>
@@ -13,7 +13,7 @@
 #include <cmocka.h>
 #include <jansson.h>
 
-#include "config.h"
+#include "base/config.h"
 
 static char g_tmpdir[256];
 

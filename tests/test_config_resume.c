@@ -13,8 +13,8 @@
 #include <jansson.h>
 #include <string.h>
 
-#include "config.h"
-#include "memplan.h"
+#include "base/config.h"
+#include "model/memplan.h"
 
 static void test_resume_check(void **state) {
     (void)state;

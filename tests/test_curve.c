@@ -1,4 +1,4 @@
-/* Tests of common/curve.c: keygen round trip, no overwrite, and every malformed key file
+/* Tests of src/proto/curve.c: keygen round trip, no overwrite, and every malformed key file
  * giving an error that names the file and the line. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -13,7 +13,7 @@
 #include <cmocka.h>
 #include <zmq.h>
 
-#include "curve.h"
+#include "proto/curve.h"
 
 static char g_tmpdir[256];
 

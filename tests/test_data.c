@@ -1,4 +1,4 @@
-/* common/data: shard writing and validation, windows, batches, the sample order (spec §6). */
+/* src/data/data: shard writing and validation, windows, batches, the sample order (spec §6). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -10,7 +10,7 @@
 
 #include <cmocka.h>
 
-#include "data.h"
+#include "data/data.h"
 
 typedef struct {
     char dir[64];

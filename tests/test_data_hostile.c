@@ -17,9 +17,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "data.h"
-#include "fsutil.h"
-#include "safetensors.h"
+#include "data/data.h"
+#include "base/fsutil.h"
+#include "base/safetensors.h"
 
 #define SY_TESTDIR_PREFIX "/tmp/sy-data-hostile-"
 #include "sy_testdir.h"

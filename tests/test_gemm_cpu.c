@@ -1,4 +1,4 @@
-/* worker/gemm_cpu: sy_sgemm equals an fp64 reference within fp32 tolerance, and gives the same
+/* src/backend/gemm_cpu: sy_sgemm equals an fp64 reference within fp32 tolerance, and gives the same
  * bits for 1, 2, 3 and 4 threads on every shape tried, including shapes whose last tile is
  * ragged in either dimension, both transpositions, beta 0 and 1, and bf16 rounding. Also the
  * backend's matmul and cross-entropy ops (what training calls) at 1-4 threads. This holds on
@@ -16,9 +16,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
-#include "cpu_setup.h"
-#include "gemm_cpu.h"
+#include "backend/backend.h"
+#include "backend/cpu_setup.h"
+#include "backend/gemm_cpu.h"
 
 static uint64_t g_rs = 0x9e3779b97f4a7c15ULL;
 static float frand(void) { /* xorshift64*, uniform in [-1, 1) */

@@ -1,4 +1,4 @@
-/* worker/model: gradients of every parameter tensor of a tiny Switch LM (V 16, T 6, D 8, H 2,
+/* src/model/model: gradients of every parameter tensor of a tiny Switch LM (V 16, T 6, D 8, H 2,
  * F 12, E 4, L 2, S 2, B 2, capacity_factor 1.0, so tokens are dropped) against central finite
  * differences of the total loss ce + aux + z; micro-batch accumulation equals the gradient of
  * the mean loss; initialisation is a pure function of (seed, name) with the spec §3 statistics.
@@ -18,12 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
-#include "config.h"
-#include "model.h"
+#include "backend/backend.h"
+#include "base/config.h"
+#include "model/model.h"
 
 static uint64_t g_rs = 0x6d0de1ULL;
-static double urand(void) { /* splitmix64, independent of common/rng */
+static double urand(void) { /* splitmix64, independent of src/base/rng */
     uint64_t z = (g_rs += 0x9E3779B97F4A7C15ULL);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;

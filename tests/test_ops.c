@@ -1,4 +1,4 @@
-/* worker/backend_cpu: every op of backend.h, forward against an independent fp64 implementation
+/* src/backend/backend_cpu: every op of backend.h, forward against an independent fp64 implementation
  * written here from the model spec formulas, backward against central finite differences (in
  * fp64, h = 1e-6) of the scalar objective L = Σ r ⊙ y computed from that fp64 forward. Sizes are
  * small and the seed is fixed; tolerances are tight enough to catch a wrong sign, a missing term,
@@ -14,13 +14,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
+#include "backend/backend.h"
 
 /* ---------------------------------------------------------------- test helpers */
 
 static uint64_t g_rs = 0x5eed1234abcdULL;
 
-static double urand(void) { /* splitmix64, independent of common/rng */
+static double urand(void) { /* splitmix64, independent of src/base/rng */
     uint64_t z = (g_rs += 0x9E3779B97F4A7C15ULL);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;

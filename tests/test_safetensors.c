@@ -14,8 +14,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "bf16.h"
-#include "safetensors.h"
+#include "base/bf16.h"
+#include "base/safetensors.h"
 
 static uint64_t lcg_state = 0x9e3779b97f4a7c15ull;
 static uint32_t rnd32(void) {

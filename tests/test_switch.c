@@ -1,4 +1,4 @@
-/* worker/switch: the Switch layer against a direct fp64 reimplementation of model spec §2 written
+/* src/model/switch: the Switch layer against a direct fp64 reimplementation of model spec §2 written
  * here (router softmax, top-1 with ties to the lowest index, capacity, in-order drops, gate not
  * renormalised, aux and z losses), the §2 invariants, and the backward against central finite
  * differences of L = Σ r ⊙ out + aux_coef·aux_group + z_coef·z_group (one group, n_groups = 1).
@@ -15,15 +15,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
-#include "switch.h"
+#include "backend/backend.h"
+#include "model/switch.h"
 
 #define EMAX 8
 
 /* ---------------------------------------------------------------- helpers */
 
 static uint64_t g_rs = 0x51c4ULL;
-static double urand(void) { /* splitmix64, independent of common/rng */
+static double urand(void) { /* splitmix64, independent of src/base/rng */
     uint64_t z = (g_rs += 0x9E3779B97F4A7C15ULL);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;

@@ -1,4 +1,4 @@
-/* Expert parallelism (worker/switch_ep.c) between real processes equals the single-process
+/* Expert parallelism (src/model/switch_ep.c) between real processes equals the single-process
  * Switch layer: outputs, input gradients, router gradients and every expert's weight gradients,
  * with tokens dropped by capacity, for W = 2, 3, 4 and E = 8 (so W = 3 is an uneven placement),
  * including a round where some ranks have no micro-batch and only serve their experts, and a
@@ -24,12 +24,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "backend.h"
-#include "comm.h"
-#include "protocol.h"
-#include "rng.h"
-#include "switch.h"
-#include "switch_ep.h"
+#include "backend/backend.h"
+#include "comm/comm.h"
+#include "proto/protocol.h"
+#include "base/rng.h"
+#include "model/switch.h"
+#include "model/switch_ep.h"
 
 enum { D = 12, F = 20, E = 8, G = 24, EP_LEN = 256, MAXW = 4 };
 #define CF 1.0 /* capacity 4 per expert (G/E = 3 → max(4, 3)): drops happen */

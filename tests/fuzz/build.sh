@@ -1,14 +1,15 @@
 #!/bin/sh
 # Builds every tests/fuzz/fuzz_*.c as a libFuzzer binary with ASan + UBSan:
 #   tests/fuzz/build.sh BUILD_DIR
-# BUILD_DIR is a normal cmake build folder (for its generated BUILD_DIR/proto/*.pb-c.{c,h});
+# BUILD_DIR is a normal cmake build folder (for its generated BUILD_DIR/include/proto/proto/*.pb-c.{c,h});
 # the project sources are compiled again with coverage into BUILD_DIR/fuzz/, the harnesses go
 # to BUILD_DIR/fuzz/bin/. Needs clang with libFuzzer (clang 14 here) and the project's libraries.
 set -eu
 [ $# -eq 1 ] || { echo "usage: $0 BUILD_DIR" >&2; exit 2; }
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 BUILD=$(cd "$1" && pwd)
-[ -f "$BUILD/proto/switchyard.pb-c.c" ] || { echo "$0: no $BUILD/proto/switchyard.pb-c.c: run cmake --build $BUILD first" >&2; exit 2; }
+PB=$BUILD/include/proto/proto
+[ -f "$PB/switchyard.pb-c.c" ] || { echo "$0: no $PB/switchyard.pb-c.c: run cmake --build $BUILD first" >&2; exit 2; }
 CC=${CC:-clang}
 OUT=$BUILD/fuzz
 mkdir -p "$OUT/obj" "$OUT/bin"
@@ -16,17 +17,17 @@ BLAS=/usr/lib/x86_64-linux-gnu/openblas-openmp
 PKGS="jansson libcyaml libcrypto libzmq libprotobuf-c libcurl libmicrohttpd"
 CFLAGS="-std=c11 -g -O1 -fno-omit-frame-pointer -Wall -Wextra -Wno-pass-failed -D_GNU_SOURCE -fopenmp \
  -fsanitize=address,undefined -fno-sanitize-recover=undefined \
- -I$SRC/common -I$SRC/worker -I$SRC/coordinator -I$BUILD/proto \
+ -I$SRC/src -I$BUILD/include/proto \
  -I/usr/include/x86_64-linux-gnu/openblas-openmp $(pkg-config --cflags $PKGS)"
 LIBS="$(pkg-config --libs $PKGS) -L$BLAS -Wl,-rpath,$BLAS -lopenblas -lm -lpthread"
 
-# The code the harnesses reach (common/, the wire protocol), with coverage (fuzzer-no-link).
-# The rest of sycore (model, agent, coordinator loop) is not needed and not built here.
+# The layers the harnesses reach (base, proto, storage, data), with coverage (fuzzer-no-link).
+# The rest (backends, model, worker, coordinator loop) is not needed and not built here.
 objs=""
-for f in "$SRC"/common/*.c "$SRC"/coordinator/protocol.c "$BUILD"/proto/*.pb-c.c; do
+for f in "$SRC"/src/base/*.c "$SRC"/src/proto/*.c "$SRC"/src/storage/*.c "$SRC"/src/data/*.c "$PB"/*.pb-c.c; do
   o="$OUT/obj/$(basename "$(dirname "$f")")_$(basename "$f" .c).o"
   if [ ! -f "$o" ] || [ "$f" -nt "$o" ] || [ "$0" -nt "$o" ] || \
-     [ -n "$(find "$SRC/common" "$SRC/coordinator" -name '*.h' -newer "$o" | head -1)" ]; then
+     [ -n "$(find "$SRC/src" -name '*.h' -newer "$o" | head -1)" ]; then
     rm -f "$o"
     $CC $CFLAGS -fsanitize=fuzzer-no-link -c "$f" -o "$o" &
     while [ "$(jobs -r | wc -l)" -ge "${JOBS:-2}" ]; do sleep 0.2; done

@@ -6,9 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "ckpt.h"
+#include "storage/ckpt.h"
 #include "fuzz_util.h"
-#include "store.h"
+#include "storage/store.h"
 
 static sy_store_t *store;
 

@@ -5,7 +5,7 @@
 #include <string.h>
 
 #include "fuzz_util.h"
-#include "protocol.h"
+#include "proto/protocol.h"
 
 static volatile size_t sink;
 

@@ -1,4 +1,4 @@
-/* Fuzzes the parsers of S3 answers (common/store_s3_internal.h): the first input byte picks
+/* Fuzzes the parsers of S3 answers (src/storage/store_s3_internal.h): the first input byte picks
  * response header lines (one per '\n', each handed over in an exact-size buffer, as curl does:
  * not NUL-terminated), a ListObjectsV2 page, or an error / initiate-multipart body. */
 #include <stdint.h>
@@ -6,8 +6,8 @@
 #include <string.h>
 
 #include "fuzz_util.h"
-#include "store.h"
-#include "store_s3_internal.h"
+#include "storage/store.h"
+#include "storage/store_s3_internal.h"
 
 static volatile size_t sink;
 

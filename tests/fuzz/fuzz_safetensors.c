@@ -4,7 +4,7 @@
 #include <stdlib.h>
 
 #include "fuzz_util.h"
-#include "safetensors.h"
+#include "base/safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     fz_tmpdir();

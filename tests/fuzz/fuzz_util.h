@@ -11,7 +11,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "log.h"
+#include "base/log.h"
 
 static char fz_dir[256];
 

@@ -1,6 +1,6 @@
 """docs/configuration.md must be exactly what the config field table generates.
 
-The page is produced by sy_config_doc_markdown() (common/config.c), printed by the helper
+The page is produced by sy_config_doc_markdown() (src/base/config.c), printed by the helper
 $SY_BUILD/tests/sy_configdoc (and by `switchyard config doc`). When a field, default, rule or
 meaning changes, regenerate the page:
 
@@ -41,7 +41,7 @@ def main():
             generated.decode(errors="replace").splitlines(),
             "docs/configuration.md (committed)", "sy_configdoc (generated)", lineterm="", n=1)
         print("\n".join(list(diff)[:60]))
-        print(f"FAIL: docs/configuration.md is out of date with common/config.c; regenerate it with:\n"
+        print(f"FAIL: docs/configuration.md is out of date with src/base/config.c; regenerate it with:\n"
               f"    {regen}")
         return 1
     print("ok: docs/configuration.md matches the config field table")

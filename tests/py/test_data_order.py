@@ -1,7 +1,7 @@
 """Sample order and `data prepare`, checked against an independent Python model (model spec §6).
 
-The PRNG of common/rng.h (SplitMix64, FNV-1a keys, rejection sampling) and the pinned
-Fisher-Yates permutation of common/data.h are re-implemented here from their documentation;
+The PRNG of src/base/rng.h (SplitMix64, FNV-1a keys, rejection sampling) and the pinned
+Fisher-Yates permutation of src/data/data.h are re-implemented here from their documentation;
 tests/sy_dataorder must produce the same window ids and first tokens, including across epoch
 boundaries. tests/sy_dataprep (which runs sy_data_cli) must write shards whose tokens are the
 concatenated input bytes, split at the documented point. Corrupt shards must be refused with the

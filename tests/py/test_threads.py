@@ -2,8 +2,8 @@
 model's shapes with train.threads 1, 2 and 3 writes identical metrics (every field but the
 timings, compared as the exact floats metrics.jsonl records) and bit-identical final weights.
 It holds on whatever OpenBLAS kernels this machine picks; the fixed-tile GEMM
-(worker/gemm_cpu.h) makes it structural. OPENBLAS_CORETYPE is left as the machine has it.
-Also: a switchyard process runs with a short libgomp spin (GOMP_SPINCOUNT=10000, common/cpu_setup.h)
+(src/backend/gemm_cpu.h) makes it structural. OPENBLAS_CORETYPE is left as the machine has it.
+Also: a switchyard process runs with a short libgomp spin (GOMP_SPINCOUNT=10000, src/backend/cpu_setup.h)
 unless the user set GOMP_SPINCOUNT or OMP_WAIT_POLICY, which it keeps."""
 import filecmp
 import glob

@@ -1,4 +1,4 @@
-/* sy_commbench: all-to-all throughput of the tcp data plane (worker/comm.h) against a raw ZeroMQ
+/* sy_commbench: all-to-all throughput of the tcp data plane (src/comm/comm.h) against a raw ZeroMQ
  * PUSH/PULL exchange of the same bytes, between W processes on loopback, in one run.
  *
  *   sy_commbench [--procs W] [--mb TOTAL_MIB] [--iters N]
@@ -30,7 +30,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include "comm.h"
+#include "comm/comm.h"
 
 #define EP_LEN 256
 #define MAX_W 16

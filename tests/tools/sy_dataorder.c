@@ -6,7 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "data.h"
+#include "data/data.h"
 
 int main(int argc, char **argv) {
     if (argc < 7) {

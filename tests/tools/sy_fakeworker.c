@@ -27,10 +27,10 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include "ckpt.h"
-#include "config.h"
-#include "protocol.h"
-#include "store.h"
+#include "storage/ckpt.h"
+#include "base/config.h"
+#include "proto/protocol.h"
+#include "storage/store.h"
 
 static const char *ep, *run_id = "tiny", *wid;
 static int step_ms = 50, die_at = -1, hostile, linger_ms = 1500;

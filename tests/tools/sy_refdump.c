@@ -17,12 +17,12 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "config.h"
-#include "cpu_setup.h"
-#include "data.h"
-#include "model.h"
-#include "optim.h"
-#include "safetensors.h"
+#include "base/config.h"
+#include "backend/cpu_setup.h"
+#include "data/data.h"
+#include "model/model.h"
+#include "model/optim.h"
+#include "base/safetensors.h"
 
 static int write_file(const char *dir, const char *name, const void *buf, size_t len) {
     char path[4096];

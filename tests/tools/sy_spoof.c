@@ -22,8 +22,8 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include "curve.h"
-#include "protocol.h"
+#include "proto/curve.h"
+#include "proto/protocol.h"
 
 static int64_t now_ms(void) {
     struct timespec ts;

@@ -27,9 +27,9 @@
 #include <string.h>
 #include <time.h>
 
-#include "ckpt.h"
-#include "store.h"
-#include "store_s3.h"
+#include "storage/ckpt.h"
+#include "storage/store.h"
+#include "storage/store_s3.h"
 
 static double now_s(void) {
     struct timespec ts;

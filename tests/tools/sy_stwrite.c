@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "safetensors.h"
+#include "base/safetensors.h"
 
 static int do_write(const char *path, const char *kind) {
     sy_st_dtype dt;

@@ -1,0 +1,130 @@
+/* The compute backend: every op of the model spec as a forward/backward pair over device
+ * buffers. The model (model.c) and the Switch layer (switch.c) call ops only through this
+ * table, so a CUDA backend slots in by providing another table. The CPU backend (backend_cpu.c)
+ * uses OpenBLAS for GEMMs and OpenMP for the rest.
+ *
+ * Conventions: row-major; N = tokens in the call; shapes in comments. Weight gradients are
+ * ACCUMULATED (+=) so micro-batches add up; activation gradients are overwritten unless the op
+ * says "+=". All buffers come from alloc() and stay the caller's.
+ * bf16 emulation: when the backend's `bf16` flag is set, ops round the activations they write
+ * (and the activation gradients) to bf16 with round-to-nearest-even (model spec §4); the
+ * router path and LayerNorm statistics, softmax and cross-entropy stay fp32.
+ * Thread: one thread drives a backend; ops parallelise internally. */
+#ifndef SY_BACKEND_H
+#define SY_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/status.h"
+
+typedef struct sy_backend sy_backend_t;
+
+struct sy_backend {
+    const char *name;
+    bool bf16; /* emulate bf16 activations (CPU) / use bf16 (GPU) */
+
+    void *(*alloc)(sy_backend_t *be, size_t bytes); /* zeroed; NULL on failure */
+    void (*free)(sy_backend_t *be, void *p);
+    void (*round_bf16)(sy_backend_t *be, float *x, size_t n); /* in place, if be->bf16 */
+
+    /* x[N,D] = wte[tok] + wpe[t mod T] */
+    void (*embed_fwd)(sy_backend_t *be, float *x, const int32_t *tok, const float *wte,
+                      const float *wpe, int N, int T, int D);
+    /* dwte[tok] += dx, dwpe[t mod T] += dx */
+    void (*embed_bwd)(sy_backend_t *be, float *dwte, float *dwpe, const float *dx,
+                      const int32_t *tok, int N, int T, int D);
+
+    /* y[N,out] = x[N,in] · W[out,in]ᵀ */
+    void (*matmul_fwd)(sy_backend_t *be, float *y, const float *x, const float *W, int N,
+                       int in, int out);
+    /* dx[N,in] (= or += when accumulate) dy · W; dW[out,in] += dyᵀ · x. dx may be NULL. */
+    void (*matmul_bwd)(sy_backend_t *be, float *dx, float *dW, const float *dy, const float *x,
+                       const float *W, int N, int in, int out, bool accumulate_dx);
+    /* The expert weight-gradient path of training: dx[N,in] = dy · W (overwritten) and
+     * dW64[out,in] += (dyᵀ · x) computed in fp32 and added in fp64; dW[out,in] is fp32 scratch
+     * (its contents afterwards are unspecified). Same numbers as zeroing dW, matmul_bwd, then
+     * adding dW into dW64, without the extra passes. */
+    void (*matmul_bwd_acc64)(sy_backend_t *be, float *dx, float *dW, double *dW64,
+                             const float *dy, const float *x, const float *W, int N, int in,
+                             int out);
+    /* Grouped forms over n independent problems with the same in/out (the Switch layer's
+     * experts): problem i is matmul_fwd(y[i], x[i], W[i], N[i]), resp. matmul_bwd_acc64 (or,
+     * with dW64 == NULL, matmul_bwd with accumulate_dx false). Each result equals the single
+     * call's. In the backward, dW64 NULL or dW64[i] NULL selects matmul_bwd for problem i;
+     * no two problems may share a dW or dW64. */
+    void (*matmul_fwd_group)(sy_backend_t *be, float *const *y, const float *const *x,
+                             const float *const *W, const int *N, int n, int in, int out);
+    void (*matmul_bwd_group)(sy_backend_t *be, float *const *dx, float *const *dW,
+                             double *const *dW64, const float *const *dy,
+                             const float *const *x, const float *const *W, const int *N, int n,
+                             int in, int out);
+
+    /* y = (x - mean) · rstd · w (no bias, eps 1e-5); saves mean[N], rstd[N] */
+    void (*layernorm_fwd)(sy_backend_t *be, float *y, float *mean, float *rstd, const float *x,
+                          const float *w, int N, int D);
+    /* dx += ..., dw += ... */
+    void (*layernorm_bwd)(sy_backend_t *be, float *dx, float *dw, const float *dy,
+                          const float *x, const float *w, const float *mean, const float *rstd,
+                          int N, int D);
+
+    /* causal attention. qkv[B,T,3D] (q, k, v blocks; heads contiguous D/H slices),
+     * att[B,H,T,T] softmax probabilities (saved), out[B,T,D] */
+    void (*attention_fwd)(sy_backend_t *be, float *out, float *att, const float *qkv, int B,
+                          int T, int D, int H);
+    /* dqkv[B,T,3D] = ... (overwritten) */
+    void (*attention_bwd)(sy_backend_t *be, float *dqkv, const float *dout, const float *att,
+                          const float *qkv, int B, int T, int D, int H);
+
+    /* y = gelu_tanh(x), n elements */
+    void (*gelu_fwd)(sy_backend_t *be, float *y, const float *x, size_t n);
+    /* dx = dy · gelu'(x) */
+    void (*gelu_bwd)(sy_backend_t *be, float *dx, const float *dy, const float *x, size_t n);
+
+    /* y += x (residual), n elements */
+    void (*add_inplace)(sy_backend_t *be, float *y, const float *x, size_t n);
+
+    /* Cross-entropy of logits[N,V] against targets[N]; returns Σ_t loss_t (fp64 sum) and writes
+     * dlogits = (softmax - onehot) · scale (in place over logits when dlogits == logits). */
+    double (*xent_fwd_bwd)(sy_backend_t *be, float *dlogits, const float *logits,
+                           const int32_t *targets, int N, int V, float scale);
+    /* Cross-entropy only (evaluation): Σ_t loss_t */
+    double (*xent_fwd)(sy_backend_t *be, const float *logits, const int32_t *targets, int N,
+                       int V);
+
+    /* Row gather/scatter for the Switch dispatch and combine.
+     * gather: dst[i] = src[idx[i]] for i < n (rows of D)
+     * scatter_scaled: dst[idx[i]] = scale[i] · src[i] (rows not named are left alone) */
+    void (*gather_rows)(sy_backend_t *be, float *dst, const float *src, const int32_t *idx, int n,
+                        int D);
+    void (*scatter_rows_scaled)(sy_backend_t *be, float *dst, const float *src,
+                                const int32_t *idx, const float *scale, int n, int D);
+    /* dst[idx[i]] += src[i] */
+    void (*scatter_add_rows)(sy_backend_t *be, float *dst, const float *src, const int32_t *idx,
+                             int n, int D);
+    /* dot[i] = ⟨a[idx[i]], b[i]⟩ and out[i] = scale[i] · a[idx[i]] (the combine backward) */
+    void (*gather_dot_scale)(sy_backend_t *be, float *dot, float *out, const float *a,
+                             const float *b, const int32_t *idx, const float *scale, int n,
+                             int D);
+    /* Router (fp32, model spec §2 steps 1-2): from logits[N,E] writes probs[N,E] (max-
+     * subtracted softmax), expert[N] (argmax, ties → lowest index), gate[N] = probs[expert],
+     * lse[N] = logsumexp(logits). Never rounded to bf16. */
+    void (*router_fwd)(sy_backend_t *be, float *probs, int32_t *expert, float *gate, float *lse,
+                       const float *logits, int N, int E);
+    /* dlogits[N,E] = p ⊙ (dp − ⟨p, dp⟩) + z_scale · lse · p, with
+     * dp_i = 1[i = expert]·gamma + aux_scale · f[i]  (gamma already 0 for dropped tokens) */
+    void (*router_bwd)(sy_backend_t *be, float *dlogits, const float *probs,
+                       const int32_t *expert, const float *gamma, const float *lse,
+                       const float *f, float aux_scale, float z_scale, int N, int E);
+    /* x *= mask (elementwise), n elements */
+    void (*mul_inplace)(sy_backend_t *be, float *x, const float *mask, size_t n);
+
+    void (*destroy)(sy_backend_t *be);
+};
+
+/* The CPU backend. threads = 0: all cores. Also selects OpenBLAS kernels (see cpu_setup.h). */
+sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out);
+void sy_backend_destroy(sy_backend_t **self_p);
+
+#endif

@@ -1,0 +1,130 @@
+#include "backend/gemm_cpu.h"
+
+#include <cblas.h>
+#include <stdlib.h>
+
+#include "base/bf16.h"
+
+/* Tiles along one dimension of C: a dimension under SY_GEMM_TILE_SPLIT is one tile; up to
+ * 2·SY_GEMM_TILE_CAP it is halved (so mid-sized GEMMs still use two threads); beyond, it is cut
+ * into tiles of at most SY_GEMM_TILE_CAP. Tiles are as even as the dimension allows, rounded up
+ * to a multiple of SY_GEMM_TILE_ALIGN (the kernels' register blocks). Each tile is a separate
+ * OpenBLAS call that packs its own (mt + nt)·K panel floats for mt·nt·K multiply-adds, so tiles
+ * must stay large: the cost of invariance is that repacking (docs/performance.md). */
+#define SY_GEMM_TILE_CAP 512
+#define SY_GEMM_TILE_SPLIT 256
+#define SY_GEMM_TILE_ALIGN 32
+
+static int tile_len(int n) {
+    if (n < SY_GEMM_TILE_SPLIT) return n > 0 ? n : 1;
+    const int k = n <= 2 * SY_GEMM_TILE_CAP ? 2 : (n + SY_GEMM_TILE_CAP - 1) / SY_GEMM_TILE_CAP;
+    const int t = (n + k - 1) / k;
+    return (t + SY_GEMM_TILE_ALIGN - 1) / SY_GEMM_TILE_ALIGN * SY_GEMM_TILE_ALIGN;
+}
+
+sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K) {
+    (void)K;
+    return (sy_gemm_tiles){.mt = tile_len(M), .nt = tile_len(N)};
+}
+
+static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *epi, int i0,
+                     int j0) {
+    if (epi->round_bf16)
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++)
+                c[(size_t)i * ldc + j] = sy_round_bf16(c[(size_t)i * ldc + j]);
+    if (epi->acc)
+        for (int i = 0; i < m; i++) {
+            double *a = epi->acc + (size_t)(i0 + i) * epi->ldacc + j0;
+            const float *ci = c + (size_t)i * ldc;
+#pragma omp simd
+            for (int j = 0; j < n; j++) a[j] += ci[j];
+        }
+}
+
+/* This thread's tile buffer for c_scratch epilogues (at least n floats; NULL if it cannot be
+ * had, and the tile is then computed in C). Kept for the thread's life: one tile, <= 1 MiB. */
+static float *thread_tile(size_t n) {
+    static _Thread_local float *buf;
+    static _Thread_local size_t cap;
+    if (cap < n) {
+        float *p = realloc(buf, sizeof(float) * n);
+        if (!p) return NULL;
+        buf = p, cap = n;
+    }
+    return buf;
+}
+
+/* Tile t of a problem tiled tl (tn tiles per row of tiles). */
+static void run_tile(const sy_gemm_problem *p, sy_gemm_tiles tl, int tn, int t) {
+    const int i0 = (t / tn) * tl.mt, j0 = (t % tn) * tl.nt;
+    const int m = p->M - i0 < tl.mt ? p->M - i0 : tl.mt;
+    const int n = p->N - j0 < tl.nt ? p->N - j0 : tl.nt;
+    const float *a = p->ta ? p->A + i0 : p->A + (size_t)i0 * p->lda;
+    const float *b = p->tb ? p->B + (size_t)j0 * p->ldb : p->B + j0;
+    float *c = p->C + (size_t)i0 * p->ldc + j0;
+    int ldc = p->ldc;
+    if (p->epi.c_scratch && p->epi.acc && p->beta == 0.0f && !p->epi.round_bf16 && p->K > 0) {
+        float *tile = thread_tile((size_t)m * n);
+        if (tile) c = tile, ldc = n;
+    }
+    if (p->K > 0) {
+        cblas_sgemm(CblasRowMajor, p->ta ? CblasTrans : CblasNoTrans,
+                    p->tb ? CblasTrans : CblasNoTrans, m, n, p->K, p->alpha, a, p->lda, b, p->ldb,
+                    p->beta, c, ldc);
+    } else {
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++)
+                c[(size_t)i * p->ldc + j] = p->beta == 0.0f ? 0.0f : p->beta * c[(size_t)i * p->ldc + j];
+    }
+    epilogue(c, ldc, m, n, &p->epi, i0, j0);
+}
+
+static int n_tiles(const sy_gemm_problem *p, sy_gemm_tiles *tl, int *tn) {
+    if (p->M <= 0 || p->N <= 0) return 0;
+    *tl = sy_sgemm_tiling(p->M, p->N, p->K);
+    *tn = (p->N + tl->nt - 1) / tl->nt;
+    return ((p->M + tl->mt - 1) / tl->mt) * *tn;
+}
+
+/* OpenBLAS (OpenMP build) runs single-threaded inside an active parallel region, or when the
+ * OpenMP thread count is 1: every tile below is one single-threaded call. Dynamic scheduling
+ * balances ragged tiles; a tile's result does not depend on its thread. */
+void sy_sgemm_ex(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc,
+                 const sy_gemm_epilogue *epi) {
+    const sy_gemm_problem p = {.ta = ta, .tb = tb, .M = M, .N = N, .K = K, .alpha = alpha,
+                               .beta = beta, .A = A, .B = B, .lda = lda, .ldb = ldb, .C = C,
+                               .ldc = ldc, .epi = epi ? *epi : (sy_gemm_epilogue){0}};
+    sy_gemm_tiles tl;
+    int tn;
+    const int nt = n_tiles(&p, &tl, &tn);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int t = 0; t < nt; t++) run_tile(&p, tl, tn, t);
+}
+
+void sy_sgemm_group(const sy_gemm_problem *p, int n) {
+    enum { MAX_GROUP = 512 };
+    if (n <= 0) return;
+    if (n > MAX_GROUP) { /* split: same tiles, same results */
+        for (int i = 0; i < n; i += MAX_GROUP) sy_sgemm_group(p + i, n - i < MAX_GROUP ? n - i : MAX_GROUP);
+        return;
+    }
+    sy_gemm_tiles tl[MAX_GROUP];
+    int tn[MAX_GROUP], first[MAX_GROUP + 1];
+    first[0] = 0;
+    for (int i = 0; i < n; i++) first[i + 1] = first[i] + n_tiles(&p[i], &tl[i], &tn[i]);
+    const int total = first[n];
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int t = 0; t < total; t++) {
+        int i = 0;
+        while (first[i + 1] <= t) i++; /* n is small (experts x sources) */
+        run_tile(&p[i], tl[i], tn[i], t - first[i]);
+    }
+}
+
+void sy_sgemm(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc, bool round_bf16) {
+    const sy_gemm_epilogue epi = {.round_bf16 = round_bf16};
+    sy_sgemm_ex(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, round_bf16 ? &epi : NULL);
+}

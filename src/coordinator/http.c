@@ -1,0 +1,432 @@
+#include "coordinator/http.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "base/clock.h"
+#include "base/log.h"
+
+/* Requests the reactor has not drained yet; more are refused with 503. */
+#define SY_HTTP_QUEUE 64
+/* Bodies of POST requests are ignored; larger ones are refused (413). */
+#define SY_HTTP_MAX_BODY 65536
+/* Seconds an idle connection is kept. */
+#define SY_HTTP_CONN_TIMEOUT 10
+/* Connections served at once (more are accepted and closed at once by libmicrohttpd), and per
+ * client address: a crowd of idle or slow clients cannot starve the others (issue 16 #2). The
+ * server runs on epoll, so descriptors above FD_SETSIZE (1024) are fine. */
+#define SY_HTTP_MAX_CONNECTIONS 4096
+#define SY_HTTP_MAX_PER_IP 256
+/* Memory for one connection's request line, headers and read buffer: a larger request is
+ * refused (431/413) by libmicrohttpd. */
+#define SY_HTTP_CONN_MEMORY (64 * 1024)
+/* Descriptors kept free for everything else (control connections, files, the store). */
+#define SY_HTTP_FD_RESERVE 256
+/* libmicrohttpd messages are logged at most once per this many ms. */
+#define SY_HTTP_LOG_MS 5000
+
+struct sy_http {
+    int64_t log_last;            /* under mu: the last libmicrohttpd message logged (mono ms) */
+    unsigned long log_skipped;   /* under mu: messages since, not logged */
+    struct MHD_Daemon *d;
+    int port;
+    char *token;
+    pthread_mutex_t mu;
+    char *status_json;
+    char *metrics_text;
+    sy_http_cmd q[SY_HTTP_QUEUE];
+    int q_head, q_len;
+};
+
+typedef struct {
+    size_t body;
+} req_state;
+
+static const char DASHBOARD[] =
+    "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>switchyard</title><style>"
+    "body{font:14px system-ui,sans-serif;margin:20px;background:#fafafa;color:#222}"
+    "h1{font-size:20px;margin:0 0 8px}h2{font-size:15px;margin:18px 0 6px}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+    ".kv span{margin-right:18px}.lost{color:#b00}#events{font:12px monospace;white-space:pre;"
+    "max-height:240px;overflow:auto;background:#fff;border:1px solid #ccc;padding:6px}"
+    "svg{background:#fff;border:1px solid #ccc}</style></head><body>"
+    "<h1>switchyard <span id=\"run\"></span></h1><div class=\"kv\" id=\"kv\"></div>"
+    "<h2>Loss</h2><svg id=\"loss\" width=\"640\" height=\"220\"></svg>"
+    "<h2>Expert load (tokens per expert, last step)</h2><svg id=\"heat\" width=\"640\" height=\"40\"></svg>"
+    "<h2>Workers</h2><table id=\"workers\"></table>"
+    "<h2>Events</h2><div id=\"events\"></div>"
+    "<script>\n"
+    "function esc(s){return String(s).replace(/[&<>\"]/g,function(c){return{'&':'&amp;','<':'&lt;','>':'&gt;','\"':'&quot;'}[c]})}\n"
+    "function fmt(x,d){return (x===null||x===undefined)?'-':(typeof x==='number'?x.toFixed(d):esc(x))}\n"
+    "function loss(s){var p=s.recent_loss||[],g=document.getElementById('loss'),W=640,H=220,m=30;"
+    "if(!p.length){g.innerHTML='';return}var xs=p.map(function(q){return q.step}),ys=p.map(function(q){return q.loss});"
+    "var x0=Math.min.apply(null,xs),x1=Math.max.apply(null,xs),y0=Math.min.apply(null,ys),y1=Math.max.apply(null,ys);"
+    "if(x1===x0)x1=x0+1;if(y1===y0)y1=y0+1e-9;var pts=p.map(function(q){return (m+(q.step-x0)/(x1-x0)*(W-2*m)).toFixed(1)+','+"
+    "(H-m-(q.loss-y0)/(y1-y0)*(H-2*m)).toFixed(1)}).join(' ');"
+    "g.innerHTML='<polyline fill=\"none\" stroke=\"#1565c0\" stroke-width=\"1.5\" points=\"'+pts+'\"/>'+"
+    "'<text x=\"4\" y=\"14\" font-size=\"11\">'+y1.toFixed(4)+'</text><text x=\"4\" y=\"'+(H-4)+'\" font-size=\"11\">'+y0.toFixed(4)+"
+    "' (steps '+x0+'..'+x1+')</text>'}\n"
+    "function heat(s){var L=(s.expert_load&&s.expert_load.layers)||[],g=document.getElementById('heat');"
+    "if(!L.length){g.innerHTML='';return}var E=L[0].length,cw=Math.max(8,Math.floor(560/E)),ch=18,h='';"
+    "g.setAttribute('height',L.length*ch+20);g.setAttribute('width',E*cw+70);"
+    "L.forEach(function(row,l){var mx=Math.max.apply(null,row)||1;row.forEach(function(v,e){var a=(v/mx);"
+    "h+='<rect x=\"'+(60+e*cw)+'\" y=\"'+(l*ch)+'\" width=\"'+(cw-1)+'\" height=\"'+(ch-1)+'\" fill=\"rgba(198,40,40,'+a.toFixed(3)+')\">'+"
+    "'<title>layer '+l+' expert '+e+': '+v+'</title></rect>'});h+='<text x=\"2\" y=\"'+(l*ch+13)+'\" font-size=\"11\">layer '+l+'</text>'});"
+    "g.innerHTML=h}\n"
+    "function tick(){fetch('/v1/status').then(function(r){return r.json()}).then(function(s){"
+    "document.getElementById('run').textContent=s.run+' ('+s.state+')';"
+    "document.getElementById('kv').innerHTML=['step '+s.step+'/'+s.total_steps,'loss '+fmt(s.loss,4),"
+    "'tokens/s '+fmt(s.tokens_per_second,0),'generation '+s.generation,'world '+s.world,"
+    "'dropped '+fmt(100*(s.dropped_fraction||0),2)+'%','checkpoint '+(s.latest_checkpoint?s.latest_checkpoint.step:'-'),"
+    "'recoveries '+(s.recoveries||[]).length,'goodput '+fmt(s.goodput,3)].map(function(t){return '<span>'+esc(t)+'</span>'}).join('');"
+    "loss(s);heat(s);var t='<tr><th>id</th><th>host</th><th>pid</th><th>rank</th><th>state</th><th>heartbeat age (ms)</th><th>step</th><th>step ms</th></tr>';"
+    "(s.workers||[]).forEach(function(w){t+='<tr class=\"'+esc(w.state)+'\"><td>'+esc(w.id)+'</td><td>'+esc(w.host)+'</td><td>'+w.pid+'</td><td>'+"
+    "(w.rank<0?'-':w.rank)+'</td><td>'+esc(w.state)+'</td><td>'+w.last_heartbeat_ms+'</td><td>'+w.step+'</td><td>'+fmt(w.step_ms,1)+'</td></tr>'});"
+    "document.getElementById('workers').innerHTML=t;document.getElementById('events').textContent="
+    "(s.events||[]).slice().reverse().map(function(e){return JSON.stringify(e)}).join('\\n')"
+    "}).catch(function(){document.getElementById('run').textContent='(coordinator unreachable)'})}\n"
+    "tick();setInterval(tick,2000);\n"
+    "</script></body></html>\n";
+
+static enum MHD_Result reply(struct MHD_Connection *conn, unsigned code, const char *ctype,
+                             char *body_owned) {
+    struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body_owned), body_owned,
+                                                             MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        free(body_owned);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, "Content-Type", ctype);
+    MHD_add_response_header(r, "Cache-Control", "no-store");
+    enum MHD_Result ret = MHD_queue_response(conn, code, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result reply_json(struct MHD_Connection *conn, unsigned code, const char *fmt_key,
+                                  const char *msg) {
+    json_t *j = json_pack("{s:s}", fmt_key, msg);
+    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    if (!s) s = strdup("{}");
+    if (!s) return MHD_NO;
+    size_t n = strlen(s);
+    char *t = realloc(s, n + 2);
+    if (t) {
+        t[n] = '\n';
+        t[n + 1] = 0;
+        s = t;
+    }
+    return reply(conn, code, "application/json", s);
+}
+
+static char *published(sy_http_t *h, int which) {
+    pthread_mutex_lock(&h->mu);
+    const char *src = which ? h->metrics_text : h->status_json;
+    char *s = strdup(src ? src : (which ? "" : "{}"));
+    pthread_mutex_unlock(&h->mu);
+    return s;
+}
+
+/* Constant-time comparison, so response timing does not reveal the token's prefix. */
+static int token_equal(const char *a, const char *b) {
+    size_t na = strlen(a), nb = strlen(b);
+    unsigned char diff = (unsigned char)(na != nb);
+    for (size_t i = 0; i < na; i++) diff |= (unsigned char)(a[i] ^ b[i % (nb ? nb : 1)]);
+    return diff == 0;
+}
+
+/* 0 when authorised; otherwise the HTTP code of the refusal and its message. */
+static unsigned check_auth(sy_http_t *h, struct MHD_Connection *conn, const char **why) {
+    if (!h->token || !h->token[0]) {
+        *why = "mutating endpoints are disabled: set status.token in the config (or --set "
+               "status.token=...) and send it as 'Authorization: Bearer <token>'";
+        return MHD_HTTP_FORBIDDEN;
+    }
+    const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    if (!auth || strncmp(auth, "Bearer ", 7) != 0) {
+        *why = "missing 'Authorization: Bearer <status.token>' header";
+        return MHD_HTTP_UNAUTHORIZED;
+    }
+    if (!token_equal(auth + 7, h->token)) {
+        *why = "wrong bearer token";
+        return MHD_HTTP_FORBIDDEN;
+    }
+    return 0;
+}
+
+static int enqueue(sy_http_t *h, sy_http_cmd_kind kind, const char *arg, uint32_t pid) {
+    int ok = 0;
+    pthread_mutex_lock(&h->mu);
+    if (h->q_len < SY_HTTP_QUEUE) {
+        sy_http_cmd *c = &h->q[(h->q_head + h->q_len) % SY_HTTP_QUEUE];
+        c->kind = kind;
+        snprintf(c->arg, sizeof c->arg, "%s", arg ? arg : "");
+        c->pid = pid;
+        h->q_len++;
+        ok = 1;
+    }
+    pthread_mutex_unlock(&h->mu);
+    return ok;
+}
+
+/* 1 if the last published status lists a worker with this id. */
+static int worker_known(sy_http_t *h, const char *id) {
+    char *s = published(h, 0);
+    if (!s) return 0;
+    json_t *j = json_loads(s, 0, NULL);
+    free(s);
+    int found = 0;
+    json_t *ws = json_object_get(j, "workers"), *w;
+    size_t i;
+    json_array_foreach(ws, i, w) {
+        const char *wid = json_string_value(json_object_get(w, "id"));
+        if (wid && !strcmp(wid, id)) found = 1;
+    }
+    json_decref(j);
+    return found;
+}
+
+/* "/v1/workers/{id}/{verb}": 1 with the id copied out; -1 for a bad id; 0 if url is not of
+ * that form. */
+static int worker_path(const char *url, const char *verb, char *id, size_t cap) {
+    static const char pre[] = "/v1/workers/";
+    size_t np = sizeof pre - 1, nv = strlen(verb), nu = strlen(url);
+    if (strncmp(url, pre, np) != 0 || nu <= np + nv + 1 || url[nu - nv - 1] != '/' ||
+        strcmp(url + nu - nv, verb) != 0)
+        return 0;
+    size_t n = nu - np - nv - 1;
+    if (n == 0 || n >= cap) return -1;
+    memcpy(id, url + np, n);
+    id[n] = 0;
+    return strchr(id, '/') ? 0 : 1;
+}
+
+static enum MHD_Result handle_post(sy_http_t *h, struct MHD_Connection *conn, const char *url) {
+    sy_http_cmd_kind kind;
+    char id[128] = "";
+    uint32_t pid = 0;
+    int wp;
+    if (!strcmp(url, "/v1/checkpoint")) {
+        kind = SY_HTTP_CMD_CHECKPOINT;
+    } else if (!strcmp(url, "/v1/stop")) {
+        kind = SY_HTTP_CMD_STOP;
+    } else if ((wp = worker_path(url, "drain", id, sizeof id)) != 0) {
+        if (wp < 0) return reply_json(conn, MHD_HTTP_BAD_REQUEST, "error", "bad worker id");
+        kind = SY_HTTP_CMD_DRAIN;
+    } else if ((wp = worker_path(url, "lost", id, sizeof id)) != 0) {
+        if (wp < 0) return reply_json(conn, MHD_HTTP_BAD_REQUEST, "error", "bad worker id");
+        kind = SY_HTTP_CMD_LOST;
+    } else {
+        return reply_json(conn, MHD_HTTP_NOT_FOUND, "error", "no such endpoint");
+    }
+    const char *why = NULL;
+    unsigned code = check_auth(h, conn, &why);
+    if (code) return reply_json(conn, code, "error", why);
+    if (kind == SY_HTTP_CMD_LOST) {
+        const char *ps = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "pid");
+        if (ps) {
+            char *end;
+            errno = 0;
+            unsigned long v = strtoul(ps, &end, 10);
+            if (!*ps || *end || errno || v == 0 || v > UINT32_MAX || ps[0] == '-' || ps[0] == '+')
+                return reply_json(conn, MHD_HTTP_BAD_REQUEST, "error", "pid: expected a positive integer");
+            pid = (uint32_t)v;
+        }
+    }
+    if ((kind == SY_HTTP_CMD_DRAIN || kind == SY_HTTP_CMD_LOST) && !worker_known(h, id)) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "no worker with id '%s'", id);
+        return reply_json(conn, MHD_HTTP_NOT_FOUND, "error", msg);
+    }
+    if (!enqueue(h, kind, id, pid))
+        return reply_json(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "error", "request queue full; retry");
+    return reply_json(conn, MHD_HTTP_ACCEPTED, "status",
+                      kind == SY_HTTP_CMD_CHECKPOINT ? "checkpoint requested"
+                      : kind == SY_HTTP_CMD_STOP     ? "stop requested"
+                      : kind == SY_HTTP_CMD_LOST     ? "loss reported"
+                                                     : "drain requested");
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls) {
+    (void)version;
+    (void)upload;
+    sy_http_t *h = cls;
+    req_state *rs = *con_cls;
+    if (!rs) { /* first call: headers only */
+        rs = calloc(1, sizeof *rs);
+        if (!rs) return MHD_NO;
+        *con_cls = rs;
+        return MHD_YES;
+    }
+    if (*upload_size) { /* body chunks: counted and ignored */
+        rs->body += *upload_size;
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (rs->body > SY_HTTP_MAX_BODY)
+        return reply_json(conn, MHD_HTTP_CONTENT_TOO_LARGE, "error", "request body too large");
+    const int get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+    const int post = !strcmp(method, "POST");
+    const int known_get = !strcmp(url, "/") || !strcmp(url, "/v1/status") || !strcmp(url, "/metrics");
+    if (known_get) {
+        if (!get) return reply_json(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "error", "use GET");
+        if (!strcmp(url, "/")) {
+            char *s = strdup(DASHBOARD);
+            return s ? reply(conn, MHD_HTTP_OK, "text/html; charset=utf-8", s) : MHD_NO;
+        }
+        int metrics = !strcmp(url, "/metrics");
+        char *s = published(h, metrics);
+        if (!s) return MHD_NO;
+        return reply(conn, MHD_HTTP_OK,
+                     metrics ? "text/plain; version=0.0.4; charset=utf-8" : "application/json", s);
+    }
+    if (post) return handle_post(h, conn, url);
+    if (!strncmp(url, "/v1/", 4) && get &&
+        (!strcmp(url, "/v1/checkpoint") || !strcmp(url, "/v1/stop") || strstr(url, "/drain") ||
+         strstr(url, "/lost")))
+        return reply_json(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "error", "use POST");
+    return reply_json(conn, MHD_HTTP_NOT_FOUND, "error", "no such endpoint");
+}
+
+static void on_done(void *cls, struct MHD_Connection *conn, void **con_cls,
+                    enum MHD_RequestTerminationCode toe) {
+    (void)cls;
+    (void)conn;
+    (void)toe;
+    free(*con_cls);
+    *con_cls = NULL;
+}
+
+/* libmicrohttpd's messages (a refused connection over the limits, a timed-out client), at
+ * most one line per SY_HTTP_LOG_MS: a flood of clients must not flood the log too. */
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+    sy_http_t *h = cls;
+    int64_t now = sy_mono_ms();
+    unsigned long skipped = 0;
+    pthread_mutex_lock(&h->mu);
+    bool quiet = h->log_last && now - h->log_last < SY_HTTP_LOG_MS;
+    if (quiet) {
+        h->log_skipped++;
+    } else {
+        skipped = h->log_skipped;
+        h->log_skipped = 0;
+        h->log_last = now;
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (quiet) return;
+    if (skipped) sy_warn("http: %lu more message(s) not shown", skipped);
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = 0;
+    sy_warn("http: %s", msg);
+}
+
+sy_status sy_http_start(const char *addr, const char *token, sy_http_t **out) {
+    *out = NULL;
+    char host[256];
+    const char *colon = addr ? strrchr(addr, ':') : NULL;
+    if (!colon || colon == addr || (size_t)(colon - addr) >= sizeof host || !colon[1])
+        return sy_err_set(SY_EINVAL, "status address '%s': expected host:port", addr ? addr : "");
+    memcpy(host, addr, (size_t)(colon - addr));
+    host[colon - addr] = 0;
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port < 0 || port > 65535)
+        return sy_err_set(SY_EINVAL, "status address '%s': port must be 0..65535", addr);
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof sin);
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, host, &sin.sin_addr) != 1) {
+        struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *res = NULL;
+        if (getaddrinfo(host, NULL, &hints, &res) != 0 || !res)
+            return sy_err_set(SY_EINVAL, "status address '%s': cannot resolve host '%s'", addr, host);
+        sin.sin_addr = ((struct sockaddr_in *)(void *)res->ai_addr)->sin_addr;
+        freeaddrinfo(res);
+    }
+    sy_http_t *h = calloc(1, sizeof *h);
+    if (!h) return sy_err_set(SY_ENOMEM, "out of memory");
+    pthread_mutex_init(&h->mu, NULL);
+    h->token = strdup(token ? token : "");
+    /* epoll, not select (which fails for any descriptor >= 1024); never more connections than
+     * the open-files limit leaves room for */
+    unsigned max_conn = SY_HTTP_MAX_CONNECTIONS;
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        rlim_t room = rl.rlim_cur > 2 * SY_HTTP_FD_RESERVE ? rl.rlim_cur - SY_HTTP_FD_RESERVE : rl.rlim_cur / 2;
+        if (room < max_conn) max_conn = room > 1 ? (unsigned)room : 1;
+    }
+    unsigned per_ip = SY_HTTP_MAX_PER_IP < max_conn ? SY_HTTP_MAX_PER_IP : max_conn;
+    h->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG, (uint16_t)port,
+                            NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h,
+                            MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sin, MHD_OPTION_NOTIFY_COMPLETED,
+                            on_done, h, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)SY_HTTP_CONN_TIMEOUT,
+                            MHD_OPTION_CONNECTION_LIMIT, max_conn, MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_ip,
+                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)SY_HTTP_CONN_MEMORY, MHD_OPTION_END);
+    if (!h->d) {
+        free(h->token);
+        pthread_mutex_destroy(&h->mu);
+        free(h);
+        return sy_err_set(SY_EIO, "status server: cannot listen on %s (in use, or not a local address?)",
+                          addr);
+    }
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+    h->port = info ? info->port : (int)port;
+    *out = h;
+    return SY_OK;
+}
+
+int sy_http_port(const sy_http_t *self) { return self ? self->port : 0; }
+
+void sy_http_publish(sy_http_t *self, char *status_json, char *metrics_text) {
+    pthread_mutex_lock(&self->mu);
+    if (status_json) {
+        free(self->status_json);
+        self->status_json = status_json;
+    }
+    if (metrics_text) {
+        free(self->metrics_text);
+        self->metrics_text = metrics_text;
+    }
+    pthread_mutex_unlock(&self->mu);
+}
+
+int sy_http_next_cmd(sy_http_t *self, sy_http_cmd *out) {
+    int got = 0;
+    pthread_mutex_lock(&self->mu);
+    if (self->q_len > 0) {
+        *out = self->q[self->q_head];
+        self->q_head = (self->q_head + 1) % SY_HTTP_QUEUE;
+        self->q_len--;
+        got = 1;
+    }
+    pthread_mutex_unlock(&self->mu);
+    return got;
+}
+
+void sy_http_destroy(sy_http_t **self_p) {
+    if (!self_p || !*self_p) return;
+    sy_http_t *h = *self_p;
+    if (h->d) MHD_stop_daemon(h->d);
+    free(h->status_json);
+    free(h->metrics_text);
+    free(h->token);
+    pthread_mutex_destroy(&h->mu);
+    free(h);
+    *self_p = NULL;
+}

@@ -1,0 +1,53 @@
+/* The coordinator's HTTP status server (system spec §6), on libmicrohttpd's own thread.
+ *
+ *   GET  /            self-refreshing HTML dashboard (inline JS and SVG, no external assets)
+ *   GET  /v1/status   the status JSON the reactor last published
+ *   GET  /metrics     the Prometheus text the reactor last published
+ *   POST /v1/checkpoint, /v1/workers/{id}/drain, /v1/stop,
+ *        /v1/workers/{id}/lost[?pid=N]  (the launcher: that worker's process exited; with pid,
+ *                     only if the registered process has that pid)
+ *                     need `Authorization: Bearer <status.token>` (401 without, 403 wrong);
+ *                     with no token configured they are refused with 403. Accepted requests
+ *                     are queued for the reactor (202).
+ * Anything else is 404 (unknown path) or 405 (known path, wrong method), with a JSON error.
+ *
+ * The HTTP thread never touches reactor state: the reactor publishes whole documents with
+ * sy_http_publish() (swapped in under a mutex) and drains requests with sy_http_next_cmd().
+ *
+ * Thread: sy_http_start/publish/next_cmd/destroy from the reactor thread only. */
+#ifndef SY_HTTP_H
+#define SY_HTTP_H
+
+#include <stdint.h>
+
+#include "base/status.h"
+
+typedef enum {
+    SY_HTTP_CMD_CHECKPOINT = 1,
+    SY_HTTP_CMD_DRAIN = 2,
+    SY_HTTP_CMD_STOP = 3,
+    SY_HTTP_CMD_LOST = 4
+} sy_http_cmd_kind;
+
+typedef struct {
+    sy_http_cmd_kind kind;
+    char arg[128]; /* DRAIN, LOST: the worker id */
+    uint32_t pid;  /* LOST: the exited process's pid (0: not given) */
+} sy_http_cmd;
+
+typedef struct sy_http sy_http_t;
+
+/* Starts serving on addr ("host:port"; port 0 picks a free port; host an IPv4 address or
+ * "localhost"). token: bearer token of the mutating endpoints ("" or NULL: none). */
+sy_status sy_http_start(const char *addr, const char *token, sy_http_t **out);
+/* The port actually bound. */
+int sy_http_port(const sy_http_t *self);
+/* Replaces the published documents (takes ownership of both malloc'ed strings; NULL keeps the
+ * current one). */
+void sy_http_publish(sy_http_t *self, char *status_json, char *metrics_text);
+/* Dequeues the oldest pending request into *out: 1 if there was one, else 0. */
+int sy_http_next_cmd(sy_http_t *self, sy_http_cmd *out);
+/* Stops the server thread and frees everything; *self_p = NULL. Safe on NULL. */
+void sy_http_destroy(sy_http_t **self_p);
+
+#endif

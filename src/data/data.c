@@ -1,0 +1,623 @@
+/* Token shards and the sample order (model spec §6). See data.h.
+ *
+ * Shards are read and written in the host's byte order, which must be little-endian (llm.c's
+ * files are little-endian; every target of this project is x86-64 or aarch64 LE). */
+#include "data/data.h"
+#include "base/fsutil.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <glob.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "data/data_s3.h"
+#include "base/rng.h"
+#include "storage/store.h"
+
+#define SY_SHARD_HEADER_BYTES (SY_SHARD_HEADER_INTS * 4)
+#define SY_DATA_PERM_TAG "data.perm"
+#define SY_DATA_PERM_SLOTS 2 /* a batch can straddle one epoch boundary */
+
+#define SY_DATA_READ_CHUNK (1u << 20) /* validation reads of fd shards */
+
+/* ------------------------------------------------------------------------------------------ */
+/* Shard mapping and validation                                                                */
+
+/* A shard is either in memory (heap: s3:// objects, and `data prepare`'s inputs) or read with
+ * pread from an open descriptor (local training and eval shards). Local shards are not
+ * memory-mapped: a file truncated under a mapping kills the process with SIGBUS on the next
+ * read of a lost page; pread returns a short count instead, which is an error naming the file.
+ * Before the first read of a shard in each batch its identity (inode, size, mtime) is checked
+ * against the file opened, so a truncated, rewritten or replaced shard stops training with a
+ * clear error instead of feeding it other tokens. */
+typedef struct {
+    char *path;
+    void *map;            /* heap shards: the whole file (malloc'ed); NULL for fd shards */
+    int heap;             /* in memory */
+    size_t map_len;       /* file size in bytes */
+    const uint16_t *tok;  /* heap shards: map + header; NULL for fd shards */
+    uint64_t count;
+    int fd;               /* fd shards: the open file (-1 otherwise) */
+    dev_t dev;            /* fd shards: identity when opened */
+    ino_t ino;
+    struct timespec mtime;
+    uint64_t checked_gen; /* the batch in which the identity was last checked */
+} sy_shard_t;
+
+typedef struct {
+    int valid;
+    uint64_t seed;
+    uint64_t epoch;
+    uint64_t last_use;
+    void *perm; /* uint32_t[N] when N <= UINT32_MAX, else uint64_t[N]; allocated at open */
+} sy_perm_slot_t;
+
+struct sy_data {
+    int n_shards;
+    sy_shard_t *shards;
+    uint64_t *win_start; /* [n_shards + 1]: prefix sums of windows per shard */
+    uint64_t n_windows;
+    int seq_len;
+    int vocab_size;
+    int perm_wide; /* perm entries are uint64_t */
+    uint64_t use_clock;
+    uint64_t batch_gen;  /* counts batch calls (identity checks once per shard per batch) */
+    uint16_t *scratch;   /* one window read from an fd shard: seq_len + 1 tokens */
+    sy_perm_slot_t slots[SY_DATA_PERM_SLOTS];
+};
+
+static void sy_shard_unmap(sy_shard_t *sh) {
+    if (sh->heap) free(sh->map);
+    if (sh->fd >= 0) close(sh->fd);
+    free(sh->path);
+    memset(sh, 0, sizeof *sh);
+    sh->fd = -1;
+}
+
+/* First token >= vocab_size in tok[0..n), or n. */
+static int64_t sy_first_bad_token(const uint16_t *tok, int64_t n, int vocab_size) {
+    int64_t bad = n;
+    uint16_t vmax = vocab_size >= 65536 ? 0 : (uint16_t)vocab_size;
+    if (vmax != 0) {
+#pragma omp parallel for reduction(min : bad) schedule(static) if (n > (1 << 20))
+        for (int64_t i = 0; i < n; i++)
+            if (tok[i] >= vmax && i < bad) bad = i;
+    }
+    return bad;
+}
+
+/* Checks the header (sh->map_len is the file size) and sets sh->count. */
+static sy_status sy_shard_check_header(const char *path, const int32_t *hdr, sy_shard_t *sh) {
+    if (hdr[0] != SY_SHARD_MAGIC)
+        return sy_err_set(SY_EFORMAT, "%s: bad magic %" PRId32 " (expected %d, an llm.c shard)", path, hdr[0],
+                          SY_SHARD_MAGIC);
+    if (hdr[1] != SY_SHARD_VERSION)
+        return sy_err_set(SY_EFORMAT, "%s: unsupported version %" PRId32 " (expected %d)", path, hdr[1],
+                          SY_SHARD_VERSION);
+    if (hdr[2] < 0) return sy_err_set(SY_EFORMAT, "%s: negative token count %" PRId32, path, hdr[2]);
+    sh->count = (uint64_t)hdr[2];
+    uint64_t want = SY_SHARD_HEADER_BYTES + 2 * sh->count;
+    if ((uint64_t)sh->map_len != want)
+        return sy_err_set(SY_ECORRUPT,
+                          "%s: size mismatch: header says %" PRIu64 " tokens (%" PRIu64
+                          " bytes) but the file has %zu bytes",
+                          path, sh->count, want, sh->map_len);
+    return SY_OK;
+}
+
+/* Checks header, size and every token < vocab of the shard bytes in sh->map / sh->map_len. */
+static sy_status sy_shard_check(const char *path, int vocab_size, sy_shard_t *sh) {
+    if (sh->map_len < SY_SHARD_HEADER_BYTES)
+        return sy_err_set(SY_EFORMAT, "%s: file has %zu bytes, shorter than the %d-byte header", path,
+                          sh->map_len, SY_SHARD_HEADER_BYTES);
+    SY_CHECK(sy_shard_check_header(path, (const int32_t *)sh->map, sh));
+    sh->tok = (const uint16_t *)((const char *)sh->map + SY_SHARD_HEADER_BYTES);
+    /* First offending token, if any (min index over a parallel scan). */
+    const uint16_t *tok = sh->tok;
+    int64_t n = (int64_t)sh->count, bad = sy_first_bad_token(tok, n, vocab_size);
+    if (bad < n)
+        return sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRId64 " >= vocab_size %d", path,
+                          (unsigned)tok[bad], bad, vocab_size);
+    sh->path = strdup(path);
+    if (!sh->path) return sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+    return SY_OK;
+}
+
+/* pread of exactly len bytes at off; SY_EIO naming the file on a short read (truncation). */
+static sy_status sy_pread_all(int fd, void *buf, size_t len, off_t off, const char *path) {
+    size_t got = 0;
+    while (got < len) {
+        ssize_t k = pread(fd, (char *)buf + got, len - got, off + (off_t)got);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0) return sy_err_set(SY_EIO, "%s: read at byte %lld: %s", path, (long long)(off + (off_t)got), strerror(errno));
+        if (k == 0)
+            return sy_err_set(SY_EIO, "%s: only %zu of %zu bytes at byte %lld: the file is shorter than when it was "
+                              "opened (truncated while in use?)", path, got, len, (long long)off);
+        got += (size_t)k;
+    }
+    return SY_OK;
+}
+
+/* Opens `path` (or reads an s3:// object into memory) and checks it: header, size, every token
+ * < vocab. `whole`: keep the whole file in memory (sh->tok valid); else keep the descriptor
+ * and read windows with pread (sy_shard_read). On success fills *sh (takes a copy of the path). */
+static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh, int whole) {
+    sy_status st = SY_OK;
+    memset(sh, 0, sizeof *sh);
+    sh->fd = -1;
+    if (sy_data_is_s3(path)) {
+        SY_CHECK(sy_data_s3_fetch(path, &sh->map, &sh->map_len));
+        sh->heap = 1;
+        st = sy_shard_check(path, vocab_size, sh);
+        if (st != SY_OK) sy_shard_unmap(sh);
+        return st;
+    }
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return sy_err_set(errno == ENOENT ? SY_ENOTFOUND : SY_EIO, "%s: cannot open: %s", path,
+                          strerror(errno));
+    }
+    uint16_t *chunk = NULL;
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        st = sy_err_set(SY_EIO, "%s: fstat: %s", path, strerror(errno));
+        goto done;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        st = sy_err_set(SY_EFORMAT, "%s: not a regular file", path);
+        goto done;
+    }
+    if (sb.st_size < SY_SHARD_HEADER_BYTES) {
+        st = sy_err_set(SY_EFORMAT, "%s: file has %lld bytes, shorter than the %d-byte header",
+                        path, (long long)sb.st_size, SY_SHARD_HEADER_BYTES);
+        goto done;
+    }
+    sh->map_len = (size_t)sb.st_size;
+    if (whole) {
+        if (!(sh->map = malloc(sh->map_len))) {
+            st = sy_err_set(SY_ENOMEM, "%s: out of memory for %zu bytes", path, sh->map_len);
+            goto done;
+        }
+        sh->heap = 1;
+        SY_CHECK_GOTO(sy_pread_all(fd, sh->map, sh->map_len, 0, path), st, done);
+        st = sy_shard_check(path, vocab_size, sh);
+        goto done;
+    }
+    int32_t hdr[SY_SHARD_HEADER_INTS];
+    SY_CHECK_GOTO(sy_pread_all(fd, hdr, sizeof hdr, 0, path), st, done);
+    SY_CHECK_GOTO(sy_shard_check_header(path, hdr, sh), st, done);
+    /* every token < vocab, a chunk at a time */
+    const size_t per = SY_DATA_READ_CHUNK / sizeof(uint16_t);
+    if (!(chunk = malloc(SY_DATA_READ_CHUNK))) {
+        st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+        goto done;
+    }
+    for (uint64_t i = 0; i < sh->count; i += per) {
+        size_t k = sh->count - i < per ? (size_t)(sh->count - i) : per;
+        SY_CHECK_GOTO(sy_pread_all(fd, chunk, k * sizeof(uint16_t), SY_SHARD_HEADER_BYTES + (off_t)(i * 2), path), st,
+                      done);
+        int64_t bad = sy_first_bad_token(chunk, (int64_t)k, vocab_size);
+        if (bad < (int64_t)k) {
+            st = sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRIu64 " >= vocab_size %d", path,
+                            (unsigned)chunk[bad], i + (uint64_t)bad, vocab_size);
+            goto done;
+        }
+    }
+    if (!(sh->path = strdup(path))) {
+        st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+        goto done;
+    }
+    sh->dev = sb.st_dev;
+    sh->ino = sb.st_ino;
+    sh->mtime = sb.st_mtim;
+    sh->fd = fd;
+    fd = -1;
+done:
+    free(chunk);
+    if (fd >= 0) close(fd);
+    if (st != SY_OK) sy_shard_unmap(sh);
+    return st;
+}
+
+/* The file is still the one opened: same inode at the path, same size and mtime. */
+static sy_status sy_shard_same(const sy_shard_t *sh) {
+    struct stat now, at;
+    if (fstat(sh->fd, &now) != 0) return sy_err_set(SY_EIO, "%s: fstat: %s", sh->path, strerror(errno));
+    if ((uint64_t)now.st_size != (uint64_t)sh->map_len || now.st_mtim.tv_sec != sh->mtime.tv_sec ||
+        now.st_mtim.tv_nsec != sh->mtime.tv_nsec)
+        return sy_err_set(SY_EIO, "%s changed while in use: %lld bytes now, %zu when opened%s; stopping instead of "
+                          "reading other tokens (restore the shard, then resume)", sh->path, (long long)now.st_size,
+                          sh->map_len, (uint64_t)now.st_size < sh->map_len ? " (truncated)" : " (rewritten)");
+    int gone = stat(sh->path, &at) != 0;
+    if (gone || at.st_dev != sh->dev || at.st_ino != sh->ino)
+        return sy_err_set(SY_EIO, "%s was %s while in use; stopping instead of reading another file (restore the "
+                          "shard, then resume)", sh->path, gone ? "removed" : "replaced");
+    return SY_OK;
+}
+
+static int sy_has_glob_chars(const char *s) { return strpbrk(s, "*?[") != NULL; }
+
+/* Appends the paths `pattern` names to *paths (growing it). */
+/* Appends a copy of `path` to *paths (growing it). */
+static sy_status sy_push_path(const char *pattern, const char *path, char ***paths, int *n, int *cap) {
+    if (*n == *cap) {
+        int nc = *cap ? *cap * 2 : 16;
+        char **np = realloc(*paths, (size_t)nc * sizeof *np);
+        if (!np) return sy_err_set(SY_ENOMEM, "%s: out of memory", pattern);
+        *paths = np;
+        *cap = nc;
+    }
+    if (!((*paths)[*n] = strdup(path))) return sy_err_set(SY_ENOMEM, "%s: out of memory", pattern);
+    (*n)++;
+    return SY_OK;
+}
+
+static sy_status sy_expand_pattern(const char *pattern, char ***paths, int *n, int *cap) {
+    glob_t g;
+    memset(&g, 0, sizeof g);
+    sy_status st = SY_OK;
+    if (sy_data_is_s3(pattern)) {
+        char **urls = NULL;
+        size_t nu = 0;
+        SY_CHECK(sy_data_s3_expand(pattern, &urls, &nu));
+        for (size_t i = 0; i < nu && st == SY_OK; i++) st = sy_push_path(pattern, urls[i], paths, n, cap);
+        sy_store_keys_free(urls, nu);
+        return st;
+    }
+    if (!sy_has_glob_chars(pattern)) {
+        struct stat sb;
+        if (stat(pattern, &sb) != 0)
+            return sy_err_set(SY_ENOTFOUND, "%s: data shard not found: %s", pattern,
+                              strerror(errno));
+    }
+    int rc = glob(pattern, GLOB_ERR, NULL, &g); /* matches come sorted */
+    if (rc == GLOB_NOMATCH) {
+        st = sy_err_set(SY_ENOTFOUND, "%s: pattern matches no file", pattern);
+        goto done;
+    }
+    if (rc == GLOB_ABORTED) { /* GLOB_ERR: a folder of the pattern is missing or unreadable */
+        st = sy_err_set(SY_ENOTFOUND, "%s: pattern matches no file (a folder in it does not exist "
+                        "or cannot be read)", pattern);
+        goto done;
+    }
+    if (rc != 0) {
+        st = sy_err_set(rc == GLOB_NOSPACE ? SY_ENOMEM : SY_EIO, "%s: glob failed (%s)", pattern,
+                        rc == GLOB_NOSPACE ? "out of memory" : "read error");
+        goto done;
+    }
+    for (size_t i = 0; i < g.gl_pathc && st == SY_OK; i++) st = sy_push_path(pattern, g.gl_pathv[i], paths, n, cap);
+done:
+    globfree(&g);
+    return st;
+}
+
+sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
+                       sy_data_t **out) {
+    sy_status st = SY_OK;
+    char **paths = NULL;
+    int n_paths = 0, cap = 0;
+    sy_data_t *d = NULL;
+    if (!out) return sy_err_set(SY_EINVAL, "sy_data_open: out is NULL");
+    *out = NULL;
+    if (!patterns || n_patterns <= 0)
+        return sy_err_set(SY_EINVAL, "data: no shard patterns given");
+    if (vocab_size < 1 || vocab_size > 65536)
+        return sy_err_set(SY_EINVAL, "data: vocab_size %d outside [1, 65536]", vocab_size);
+    if (seq_len < 1) return sy_err_set(SY_EINVAL, "data: seq_len %d < 1", seq_len);
+
+    for (int i = 0; i < n_patterns; i++) {
+        if (!patterns[i] || !patterns[i][0]) {
+            st = sy_err_set(SY_EINVAL, "data: shard pattern %d is empty", i);
+            goto fail;
+        }
+        SY_CHECK_GOTO(sy_expand_pattern(patterns[i], &paths, &n_paths, &cap), st, fail);
+    }
+    d = calloc(1, sizeof *d);
+    if (!d) {
+        st = sy_err_set(SY_ENOMEM, "data: out of memory");
+        goto fail;
+    }
+    d->seq_len = seq_len;
+    d->vocab_size = vocab_size;
+    d->shards = calloc((size_t)n_paths, sizeof *d->shards);
+    d->win_start = calloc((size_t)n_paths + 1, sizeof *d->win_start);
+    if (!d->shards || !d->win_start) {
+        st = sy_err_set(SY_ENOMEM, "data: out of memory for %d shards", n_paths);
+        goto fail;
+    }
+    uint64_t longest = 0;
+    for (int i = 0; i < n_paths; i++) {
+        SY_CHECK_GOTO(sy_shard_map(paths[i], vocab_size, &d->shards[i], 0), st, fail);
+        d->n_shards = i + 1;
+        uint64_t c = d->shards[i].count, T = (uint64_t)seq_len;
+        uint64_t w = c >= T + 1 ? (c - 1) / T : 0;
+        d->win_start[i + 1] = d->win_start[i] + w;
+        if (c > longest) longest = c;
+    }
+    d->n_windows = d->win_start[n_paths];
+    if (!(d->scratch = malloc(((size_t)seq_len + 1) * sizeof *d->scratch))) {
+        st = sy_err_set(SY_ENOMEM, "data: out of memory");
+        goto fail;
+    }
+    if (d->n_windows == 0) {
+        st = sy_err_set(SY_EINVAL,
+                        "data: %d shard(s) (first %s) hold no window of seq_len+1 = %d tokens "
+                        "(longest has %" PRIu64 " tokens)",
+                        n_paths, paths[0], seq_len + 1, longest);
+        goto fail;
+    }
+    d->perm_wide = d->n_windows > UINT32_MAX;
+    size_t esz = d->perm_wide ? sizeof(uint64_t) : sizeof(uint32_t);
+    if (d->n_windows > SIZE_MAX / esz) {
+        st = sy_err_set(SY_ENOMEM, "data: %" PRIu64 " windows is too many", d->n_windows);
+        goto fail;
+    }
+    for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) {
+        d->slots[s].perm = malloc((size_t)d->n_windows * esz);
+        if (!d->slots[s].perm) {
+            st = sy_err_set(SY_ENOMEM, "data: out of memory for a permutation of %" PRIu64
+                            " windows", d->n_windows);
+            goto fail;
+        }
+    }
+    *out = d;
+    d = NULL;
+fail:
+    sy_data_destroy(&d);
+    for (int i = 0; i < n_paths; i++) free(paths[i]);
+    free(paths);
+    return st;
+}
+
+sy_status sy_data_check_patterns(const char *const *patterns, int n_patterns) {
+    char **paths = NULL;
+    int n_paths = 0, cap = 0;
+    sy_status st = SY_OK;
+    if (!patterns || n_patterns <= 0) return sy_err_set(SY_EINVAL, "data: no shard patterns given");
+    for (int i = 0; i < n_patterns && st == SY_OK; i++) {
+        if (!patterns[i] || !patterns[i][0]) st = sy_err_set(SY_EINVAL, "data: shard pattern %d is empty", i);
+        else st = sy_expand_pattern(patterns[i], &paths, &n_paths, &cap);
+    }
+    for (int i = 0; i < n_paths; i++) free(paths[i]);
+    free(paths);
+    return st;
+}
+
+void sy_data_destroy(sy_data_t **self_p) {
+    if (!self_p || !*self_p) return;
+    sy_data_t *d = *self_p;
+    for (int i = 0; i < d->n_shards; i++) sy_shard_unmap(&d->shards[i]);
+    for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) free(d->slots[s].perm);
+    free(d->scratch);
+    free(d->shards);
+    free(d->win_start);
+    free(d);
+    *self_p = NULL;
+}
+
+uint64_t sy_data_windows(const sy_data_t *d) { return d->n_windows; }
+int sy_data_shards(const sy_data_t *d) { return d->n_shards; }
+int sy_data_seq_len(const sy_data_t *d) { return d->seq_len; }
+
+const char *sy_data_shard_path(const sy_data_t *d, int i) {
+    if (i < 0 || i >= d->n_shards) return NULL;
+    return d->shards[i].path;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Sample order                                                                                */
+
+uint64_t sy_data_sample_index(int64_t step, int M, int b, int m, int j) {
+    return (uint64_t)step * (uint64_t)M * (uint64_t)b + (uint64_t)m * (uint64_t)b + (uint64_t)j;
+}
+
+/* The slot holding the permutation of (seed, epoch), computing it into the least recently used
+ * slot if neither holds it. */
+static const sy_perm_slot_t *sy_data_perm(sy_data_t *d, uint64_t seed, uint64_t epoch) {
+    sy_perm_slot_t *victim = NULL;
+    for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) {
+        sy_perm_slot_t *sl = &d->slots[s];
+        if (sl->valid && sl->seed == seed && sl->epoch == epoch) {
+            sl->last_use = ++d->use_clock;
+            return sl;
+        }
+        /* an empty slot has last_use 0, so it is taken first */
+        if (!victim || sl->last_use < victim->last_use) victim = sl;
+    }
+    /* PINNED (data.h): Fisher–Yates from the top with sy_rng_below. */
+    uint64_t N = d->n_windows;
+    sy_rng_t r = sy_rng_key(seed, SY_DATA_PERM_TAG, epoch, 0, 0);
+    if (d->perm_wide) {
+        uint64_t *p = victim->perm;
+        for (uint64_t i = 0; i < N; i++) p[i] = i;
+        for (uint64_t i = N - 1; i >= 1; i--) {
+            uint64_t k = sy_rng_below(&r, i + 1), t = p[i];
+            p[i] = p[k];
+            p[k] = t;
+        }
+    } else {
+        uint32_t *p = victim->perm;
+        for (uint64_t i = 0; i < N; i++) p[i] = (uint32_t)i;
+        for (uint64_t i = N - 1; i >= 1; i--) {
+            uint64_t k = sy_rng_below(&r, i + 1);
+            uint32_t t = p[i];
+            p[i] = p[k];
+            p[k] = t;
+        }
+    }
+    victim->valid = 1;
+    victim->seed = seed;
+    victim->epoch = epoch;
+    victim->last_use = ++d->use_clock;
+    return victim;
+}
+
+uint64_t sy_data_window_of(sy_data_t *d, uint64_t seed, uint64_t idx) {
+    uint64_t N = d->n_windows;
+    const sy_perm_slot_t *sl = sy_data_perm(d, seed, idx / N);
+    uint64_t i = idx % N;
+    return d->perm_wide ? ((const uint64_t *)sl->perm)[i] : ((const uint32_t *)sl->perm)[i];
+}
+
+/* Copies window w (T+1 tokens) to dst. */
+static sy_status sy_data_copy_window(sy_data_t *d, uint64_t w, int32_t *dst) {
+    int lo = 0, hi = d->n_shards - 1; /* the shard s with win_start[s] <= w < win_start[s+1] */
+    while (lo < hi) {
+        int mid = lo + (hi - lo + 1) / 2;
+        if (d->win_start[mid] <= w)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    while (d->win_start[lo + 1] <= w) lo++; /* skip shards with no windows */
+    sy_shard_t *sh = &d->shards[lo];
+    uint64_t first = (w - d->win_start[lo]) * (uint64_t)d->seq_len;
+    const uint16_t *src = sh->tok ? sh->tok + first : d->scratch;
+    if (!sh->tok) {
+        if (sh->checked_gen != d->batch_gen) {
+            SY_CHECK(sy_shard_same(sh));
+            sh->checked_gen = d->batch_gen;
+        }
+        size_t len = ((size_t)d->seq_len + 1) * sizeof(uint16_t);
+        SY_CHECK(sy_pread_all(sh->fd, d->scratch, len, SY_SHARD_HEADER_BYTES + (off_t)(first * 2), sh->path));
+        int64_t bad = sy_first_bad_token(d->scratch, d->seq_len + 1, d->vocab_size);
+        if (bad <= d->seq_len)
+            return sy_err_set(SY_EIO, "%s: token %u at index %" PRIu64 " >= vocab_size %d: the file changed since it "
+                              "was opened", sh->path, (unsigned)d->scratch[bad], first + (uint64_t)bad, d->vocab_size);
+    }
+    for (int t = 0; t <= d->seq_len; t++) dst[t] = src[t];
+    return SY_OK;
+}
+
+sy_status sy_data_train_batch(sy_data_t *d, uint64_t seed, int64_t step, int M, int b, int m,
+                              int32_t *tokens) {
+    if (!d || !tokens) return sy_err_set(SY_EINVAL, "sy_data_train_batch: NULL argument");
+    if (step < 0 || M < 1 || b < 1 || m < 0 || m >= M)
+        return sy_err_set(SY_EINVAL,
+                          "sy_data_train_batch: bad position step=%" PRId64 " M=%d b=%d m=%d",
+                          step, M, b, m);
+    size_t row = (size_t)d->seq_len + 1;
+    d->batch_gen++;
+    for (int j = 0; j < b; j++) {
+        uint64_t w = sy_data_window_of(d, seed, sy_data_sample_index(step, M, b, m, j));
+        SY_CHECK(sy_data_copy_window(d, w, tokens + (size_t)j * row));
+    }
+    return SY_OK;
+}
+
+sy_status sy_data_eval_batch(sy_data_t *d, uint64_t first_window, int b, int32_t *tokens) {
+    if (!d || !tokens) return sy_err_set(SY_EINVAL, "sy_data_eval_batch: NULL argument");
+    if (b < 1) return sy_err_set(SY_EINVAL, "sy_data_eval_batch: b=%d < 1", b);
+    size_t row = (size_t)d->seq_len + 1;
+    uint64_t N = d->n_windows, w0 = first_window % N;
+    d->batch_gen++;
+    for (int j = 0; j < b; j++)
+        SY_CHECK(sy_data_copy_window(d, (w0 + (uint64_t)j) % N, tokens + (size_t)j * row));
+    return SY_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Writing                                                                                     */
+
+static sy_status sy_write_all(int fd, const void *buf, size_t len, const char *path) {
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t k = write(fd, p, len);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return sy_err_set(SY_EIO, "%s: write: %s", path, strerror(errno));
+        }
+        p += k;
+        len -= (size_t)k;
+    }
+    return SY_OK;
+}
+
+sy_status sy_data_write_shard(const char *path, const uint16_t *tokens, uint64_t count) {
+    sy_status st = SY_OK;
+    if (!path || (!tokens && count > 0))
+        return sy_err_set(SY_EINVAL, "sy_data_write_shard: NULL argument");
+    if (count > INT32_MAX)
+        return sy_err_set(SY_EINVAL, "%s: %" PRIu64 " tokens exceed a shard's int32 count",
+                          path, count);
+    size_t plen = strlen(path);
+    char *tmp = malloc(plen + 16), *dirbuf = strdup(path);
+    int fd = -1, dfd = -1;
+    if (!tmp || !dirbuf) {
+        st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+        goto done;
+    }
+    SY_CHECK_GOTO(sy_fs_check_replaceable(path), st, done); /* never a device, FIFO or symlink */
+    snprintf(tmp, plen + 16, "%s.tmp.XXXXXX", path); /* same directory: rename is atomic */
+    fd = mkstemp(tmp);
+    if (fd < 0) {
+        st = sy_err_set(SY_EIO, "%s: cannot create temporary file: %s", path, strerror(errno));
+        tmp[0] = 0;
+        goto done;
+    }
+    int32_t hdr[SY_SHARD_HEADER_INTS] = {0};
+    hdr[0] = SY_SHARD_MAGIC;
+    hdr[1] = SY_SHARD_VERSION;
+    hdr[2] = (int32_t)count;
+    SY_CHECK_GOTO(sy_write_all(fd, hdr, sizeof hdr, tmp), st, done);
+    SY_CHECK_GOTO(sy_write_all(fd, tokens, (size_t)count * sizeof *tokens, tmp), st, done);
+    if (fchmod(fd, 0644) != 0 || fsync(fd) != 0) {
+        st = sy_err_set(SY_EIO, "%s: fsync: %s", tmp, strerror(errno));
+        goto done;
+    }
+    if (close(fd) != 0) {
+        fd = -1;
+        st = sy_err_set(SY_EIO, "%s: close: %s", tmp, strerror(errno));
+        goto done;
+    }
+    fd = -1;
+    SY_CHECK_GOTO(sy_fs_check_replaceable(path), st, done);
+    if (rename(tmp, path) != 0) {
+        st = sy_err_set(SY_EIO, "%s: rename from %s: %s", path, tmp, strerror(errno));
+        goto done;
+    }
+    tmp[0] = 0; /* nothing left to remove */
+    dfd = open(dirname(dirbuf), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0 || fsync(dfd) != 0)
+        st = sy_err_set(SY_EIO, "%s: fsync of its directory: %s", path, strerror(errno));
+done:
+    if (fd >= 0) close(fd);
+    if (dfd >= 0) close(dfd);
+    if (tmp && tmp[0]) unlink(tmp);
+    free(tmp);
+    free(dirbuf);
+    return st;
+}
+
+sy_status sy_data_shard_count(const char *path, int vocab_size, uint64_t *count) {
+    if (!path || !count) return sy_err_set(SY_EINVAL, "sy_data_shard_count: NULL argument");
+    sy_shard_t sh;
+    SY_CHECK(sy_shard_map(path, vocab_size, &sh, 0));
+    *count = sh.count;
+    sy_shard_unmap(&sh);
+    return SY_OK;
+}
+
+sy_status sy_data_read_shard(const char *path, int vocab_size, void **mem, const uint16_t **tokens,
+                             uint64_t *count) {
+    if (!path || !mem || !tokens || !count)
+        return sy_err_set(SY_EINVAL, "sy_data_read_shard: NULL argument");
+    sy_shard_t sh;
+    SY_CHECK(sy_shard_map(path, vocab_size, &sh, 1));
+    *mem = sh.map; /* the caller owns it now */
+    *tokens = sh.tok;
+    *count = sh.count;
+    sh.map = NULL;
+    sh.heap = 0;
+    sy_shard_unmap(&sh);
+    return SY_OK;
+}

@@ -1,0 +1,64 @@
+/* Memory estimate and bound of a run; see memplan.h. */
+#include "model/memplan.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define GIB (1024.0 * 1024.0 * 1024.0)
+
+sy_memplan sy_memplan_estimate(const sy_config_t *cfg) {
+    const double V = cfg->model.vocab_size, T = cfg->model.seq_len, D = cfg->model.d_model,
+                 F = cfg->model.d_ff, E = cfg->model.n_experts, H = cfg->model.n_heads,
+                 B = cfg->train.micro_batch_seqs, N = B * T;
+    const int L = cfg->model.n_layers, S = cfg->model.switch_every;
+    double P = V * D + T * D + D, act = 0.0;
+    for (int l = 0; l < L; l++) {
+        bool sw = S > 0 && cfg->model.n_experts >= 1 && l % S == S - 1;
+        P += 2 * D + 4 * D * D + (sw ? E * D + E * 2 * D * F : 2 * D * F);
+        /* x_in, ln1, qkv(3), atty, x_mid, ln2 (N·D each), attention B·H·T², the FFN or Switch
+         * buffers (dispatch/combine copies of N·D, the expert hidden N·F twice, router N·E) */
+        act += N * D * 8 + B * H * T * T + 4 * N + (sw ? N * D * 4 + N * F * 2 + N * E * 3 : N * F * 2);
+    }
+    act += N * V + N * D * 10 + N * F * 2; /* logits, head and backward scratch */
+    sy_memplan m;
+    m.params = P;
+    /* params 4 + grads 4 + fp64 accumulator 8 + AdamW m, v 8 (+ bf16 work copy 4, + async
+     * snapshot of params and moments 12) bytes per parameter */
+    double per = 24.0 + (cfg->train.precision == SY_PREC_BF16 ? 4.0 : 0.0) + (cfg->checkpoint.async ? 12.0 : 0.0);
+    m.state_bytes = P * per;
+    m.act_bytes = act * 4.0;
+    m.total_bytes = m.state_bytes + m.act_bytes;
+    return m;
+}
+
+uint64_t sy_memplan_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[256];
+    unsigned long long avail = 0, total = 0, v;
+    while (fgets(line, sizeof line, f)) {
+        if (sscanf(line, "MemAvailable: %llu kB", &v) == 1) avail = v;
+        else if (sscanf(line, "MemTotal: %llu kB", &v) == 1) total = v;
+    }
+    fclose(f);
+    return (uint64_t)(avail ? avail : total) * 1024u;
+}
+
+sy_status sy_memplan_check(const sy_config_t *cfg, int copies) {
+    sy_memplan m = sy_memplan_estimate(cfg);
+    double need = m.total_bytes * (copies > 0 ? copies : 1);
+    double bound = cfg->train.max_memory_gb * GIB;
+    const char *source = "train.max_memory_gb";
+    if (bound <= 0) {
+        bound = (double)sy_memplan_available();
+        source = "the memory available on this machine (MemAvailable)";
+        if (bound <= 0) return SY_OK; /* unknown: no bound to check against */
+    }
+    if (need <= bound) return SY_OK;
+    char n[64] = "";
+    if (copies > 1) snprintf(n, sizeof n, " x %d workers", copies);
+    return sy_err_set(SY_EINVAL, "the model needs about %.2f GiB%s (%.3g parameters: %.2f GiB of weights, gradients "
+                      "and optimizer state, %.2f GiB of activations per process), more than %s (%.2f GiB); make "
+                      "the model or micro-batch smaller, or raise the bound with --set train.max_memory_gb=N",
+                      need / GIB, n, m.params, m.state_bytes / GIB, m.act_bytes / GIB, source, bound / GIB);
+}

@@ -1,0 +1,544 @@
+/* The Switch Transformer LM (model spec §1-4): parameter table, initialisation, and the
+ * forward/backward of one micro-batch through the backend ops. */
+#include "model/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/rng.h"
+#include "model/switch.h"
+#include "model/switch_ep.h"
+
+/* Indices into the parameter table for one block. */
+typedef struct {
+    int ln1, qkv, proj, ln2;
+    int fc, fproj;       /* dense MLP, -1 in Switch layers */
+    int router;          /* Switch layers, -1 in dense */
+    int *ex_fc, *ex_proj;/* [E] expert tensors, Switch layers */
+    int sw_index;        /* index among Switch layers, -1 in dense */
+} block_ids;
+
+/* Saved activations of one block for one micro-batch. */
+typedef struct {
+    float *x_in;        /* [N,D] residual input */
+    float *ln1, *ln1_mean, *ln1_rstd;
+    float *qkv;         /* [N,3D] */
+    float *att;         /* [B,H,T,T] */
+    float *atty;        /* [N,D] */
+    float *x_mid;       /* [N,D] residual after attention */
+    float *ln2, *ln2_mean, *ln2_rstd;
+    float *fc_pre, *fc_act; /* [N,F] dense MLP */
+    sy_switch_t *sw;    /* Switch layer state */
+} block_acts;
+
+struct sy_model {
+    sy_model_dims d;
+    sy_backend_t *be;
+    int n_params, n_switch;
+    sy_param_t *params_tab;
+    size_t numel, dense_numel;
+    float *params, *grads;
+    float *work;        /* weights the ops read: params (fp32) or a bf16-rounded copy */
+    block_ids *blk;
+    block_acts *act;
+    int wte, wpe, lnf;
+    sy_expert_weights *ex; /* [E] scratch for the current Switch layer */
+    int32_t *inp, *tgt;    /* [N] */
+    float *x_out, *lnf_y, *lnf_mean, *lnf_rstd, *logits; /* x_out [N,D], logits [N,V] */
+    float *dx, *dtmp, *dln, *dqkv, *datty, *dfc_act, *dfc_pre, *tmp; /* backward scratch */
+    int32_t *counts;       /* [n_switch, E] */
+    double *acc;           /* fp64 gradient accumulator (micro-batch contributions are added) */
+    bool acc_dirty;        /* acc holds contributions not yet rounded into grads */
+    bool *gdirect;         /* [n_params] dense GEMM weight whose gradient goes straight into
+                            * acc (matmul_bwd_acc64), not through the fp32 grads buffer */
+    sy_ep_t *ep;           /* expert parallelism (NULL: every expert local) */
+    int ep_rank;
+};
+
+static int add_param(sy_model_t *m, int cap, const char *name, int ndim, int64_t d0, int64_t d1,
+                     int layer, int expert, bool router) {
+    if (m->n_params >= cap) return -1;
+    sy_param_t *p = &m->params_tab[m->n_params];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    snprintf(p->m_name, sizeof p->m_name, "m.%s", name);
+    snprintf(p->v_name, sizeof p->v_name, "v.%s", name);
+    p->ndim = ndim;
+    p->shape[0] = d0;
+    p->shape[1] = ndim > 1 ? d1 : 1;
+    p->numel = (size_t)d0 * (ndim > 1 ? (size_t)d1 : 1);
+    p->offset = m->numel;
+    p->layer = layer;
+    p->expert = expert;
+    p->decay = ndim == 2;
+    p->router = router;
+    p->lowp = ndim == 2 && !router;
+    m->numel += p->numel;
+    return m->n_params++;
+}
+
+sy_model_dims sy_model_dims_from_config(const sy_config_t *c) {
+    return (sy_model_dims){
+        .V = c->model.vocab_size, .T = c->model.seq_len, .D = c->model.d_model,
+        .L = c->model.n_layers, .H = c->model.n_heads, .F = c->model.d_ff,
+        .E = c->model.n_experts, .S = c->model.switch_every, .B = c->train.micro_batch_seqs,
+        .capacity_factor = c->model.capacity_factor,
+        .eval_capacity_factor = c->model.eval_capacity_factor,
+        .aux_coef = c->model.aux_loss_coef, .z_coef = c->model.z_loss_coef,
+        .jitter = c->model.router_jitter, .expert_dropout = c->model.expert_dropout,
+        .init_scale = c->model.init_scale};
+}
+
+bool sy_model_is_switch(const sy_model_t *m, int l) {
+    return m->d.S > 0 && m->d.E >= 1 && (l % m->d.S) == m->d.S - 1;
+}
+
+#define MALLOC_ACT(ptr, n)                                                   \
+    do {                                                                     \
+        (ptr) = be->alloc(be, (size_t)(n) * sizeof(*(ptr)));                 \
+        if (!(ptr)) goto oom;                                                \
+    } while (0)
+
+sy_status sy_model_new(const sy_model_dims *dims, sy_backend_t *be, sy_model_t **out) {
+    sy_model_t *m = calloc(1, sizeof *m);
+    if (!m) return sy_err_set(SY_ENOMEM, "model: out of memory");
+    m->d = *dims;
+    m->be = be;
+    const int V = dims->V, T = dims->T, D = dims->D, L = dims->L, H = dims->H, F = dims->F,
+              E = dims->E, B = dims->B;
+    const size_t N = (size_t)B * T;
+    char name[SY_NAME_MAX];
+
+    int cap = 3 + L * (6 + 2 * E);
+    m->params_tab = calloc((size_t)cap, sizeof(sy_param_t));
+    m->blk = calloc((size_t)L, sizeof(block_ids));
+    m->act = calloc((size_t)L, sizeof(block_acts));
+    m->ex = calloc((size_t)E, sizeof(sy_expert_weights));
+    if (!m->params_tab || !m->blk || !m->act || !m->ex) goto oom;
+
+    /* dense tensors, spec §7 order */
+    m->wte = add_param(m, cap, "wte", 2, V, D, -1, -1, false);
+    m->wpe = add_param(m, cap, "wpe", 2, T, D, -1, -1, false);
+    for (int l = 0; l < L; l++) {
+        block_ids *b = &m->blk[l];
+        snprintf(name, sizeof name, "blocks.%d.ln1.weight", l);
+        b->ln1 = add_param(m, cap, name, 1, D, 1, l, -1, false);
+        snprintf(name, sizeof name, "blocks.%d.attn.qkv.weight", l);
+        b->qkv = add_param(m, cap, name, 2, 3 * D, D, l, -1, false);
+        snprintf(name, sizeof name, "blocks.%d.attn.proj.weight", l);
+        b->proj = add_param(m, cap, name, 2, D, D, l, -1, false);
+        snprintf(name, sizeof name, "blocks.%d.ln2.weight", l);
+        b->ln2 = add_param(m, cap, name, 1, D, 1, l, -1, false);
+        b->fc = b->fproj = b->router = b->sw_index = -1;
+        if (sy_model_is_switch(m, l)) {
+            snprintf(name, sizeof name, "blocks.%d.moe.router.weight", l);
+            b->router = add_param(m, cap, name, 2, E, D, l, -1, true);
+            b->sw_index = m->n_switch++;
+            b->ex_fc = calloc((size_t)E, sizeof(int));
+            b->ex_proj = calloc((size_t)E, sizeof(int));
+            if (!b->ex_fc || !b->ex_proj) goto oom;
+        } else {
+            snprintf(name, sizeof name, "blocks.%d.mlp.fc.weight", l);
+            b->fc = add_param(m, cap, name, 2, F, D, l, -1, false);
+            snprintf(name, sizeof name, "blocks.%d.mlp.proj.weight", l);
+            b->fproj = add_param(m, cap, name, 2, D, F, l, -1, false);
+        }
+    }
+    m->lnf = add_param(m, cap, "ln_f.weight", 1, D, 1, -1, -1, false);
+    m->dense_numel = m->numel;
+    /* qkv, proj, fc, fproj: one GEMM each writes their gradient (wte also gets the embedding's,
+     * the router and LayerNorms are not GEMM weights of matmul_bwd) */
+    m->gdirect = calloc((size_t)cap, sizeof(bool));
+    if (!m->gdirect) goto oom;
+    for (int l = 0; l < L; l++) {
+        const block_ids *b = &m->blk[l];
+        m->gdirect[b->qkv] = m->gdirect[b->proj] = true;
+        if (b->fc >= 0) m->gdirect[b->fc] = m->gdirect[b->fproj] = true;
+    }
+    /* expert tensors, grouped by expert so each expert file is one contiguous range */
+    for (int e = 0; e < E; e++) {
+        for (int l = 0; l < L; l++) {
+            block_ids *b = &m->blk[l];
+            if (b->sw_index < 0) continue;
+            snprintf(name, sizeof name, "blocks.%d.moe.experts.%d.fc.weight", l, e);
+            b->ex_fc[e] = add_param(m, cap, name, 2, F, D, l, e, false);
+            snprintf(name, sizeof name, "blocks.%d.moe.experts.%d.proj.weight", l, e);
+            b->ex_proj[e] = add_param(m, cap, name, 2, D, F, l, e, false);
+        }
+    }
+
+    MALLOC_ACT(m->params, m->numel);
+    MALLOC_ACT(m->grads, m->numel);
+    MALLOC_ACT(m->acc, m->numel);
+    if (be->bf16) {
+        MALLOC_ACT(m->work, m->numel);
+    } else {
+        m->work = m->params;
+    }
+
+    for (int l = 0; l < L; l++) {
+        block_acts *a = &m->act[l];
+        MALLOC_ACT(a->x_in, N * D);
+        MALLOC_ACT(a->ln1, N * D);
+        MALLOC_ACT(a->ln1_mean, N);
+        MALLOC_ACT(a->ln1_rstd, N);
+        MALLOC_ACT(a->qkv, N * 3 * D);
+        MALLOC_ACT(a->att, (size_t)B * H * T * T);
+        MALLOC_ACT(a->atty, N * D);
+        MALLOC_ACT(a->x_mid, N * D);
+        MALLOC_ACT(a->ln2, N * D);
+        MALLOC_ACT(a->ln2_mean, N);
+        MALLOC_ACT(a->ln2_rstd, N);
+        if (m->blk[l].sw_index >= 0) {
+            if (sy_switch_new(be, (int)N, D, F, E, &a->sw) != SY_OK) goto oom;
+        } else {
+            MALLOC_ACT(a->fc_pre, N * F);
+            MALLOC_ACT(a->fc_act, N * F);
+        }
+    }
+    MALLOC_ACT(m->inp, N);
+    MALLOC_ACT(m->tgt, N);
+    MALLOC_ACT(m->x_out, N * D);
+    MALLOC_ACT(m->lnf_y, N * D);
+    MALLOC_ACT(m->lnf_mean, N);
+    MALLOC_ACT(m->lnf_rstd, N);
+    MALLOC_ACT(m->logits, N * V);
+    MALLOC_ACT(m->dx, N * D);
+    MALLOC_ACT(m->dtmp, N * D);
+    MALLOC_ACT(m->dln, N * D);
+    MALLOC_ACT(m->tmp, N * D);
+    MALLOC_ACT(m->dqkv, N * 3 * D);
+    MALLOC_ACT(m->datty, N * D);
+    MALLOC_ACT(m->dfc_act, N * F);
+    MALLOC_ACT(m->dfc_pre, N * F);
+    MALLOC_ACT(m->counts, (size_t)(m->n_switch ? m->n_switch : 1) * E);
+    *out = m;
+    return SY_OK;
+oom:
+    sy_model_destroy(&m);
+    return sy_err_set(SY_ENOMEM, "model: out of memory allocating parameters and activations");
+}
+
+void sy_model_destroy(sy_model_t **self_p) {
+    if (!self_p || !*self_p) return;
+    sy_model_t *m = *self_p;
+    sy_backend_t *be = m->be;
+#define FREE(p) do { if (p) be->free(be, (p)); } while (0)
+    if (m->act) {
+        for (int l = 0; l < m->d.L; l++) {
+            block_acts *a = &m->act[l];
+            FREE(a->x_in); FREE(a->ln1); FREE(a->ln1_mean); FREE(a->ln1_rstd); FREE(a->qkv);
+            FREE(a->att); FREE(a->atty); FREE(a->x_mid); FREE(a->ln2); FREE(a->ln2_mean);
+            FREE(a->ln2_rstd); FREE(a->fc_pre); FREE(a->fc_act);
+            sy_switch_destroy(&a->sw);
+        }
+    }
+    if (m->blk)
+        for (int l = 0; l < m->d.L; l++) {
+            free(m->blk[l].ex_fc);
+            free(m->blk[l].ex_proj);
+        }
+    if (m->work != m->params) FREE(m->work);
+    FREE(m->params); FREE(m->grads); FREE(m->acc); FREE(m->inp); FREE(m->tgt); FREE(m->x_out); FREE(m->lnf_y);
+    FREE(m->lnf_mean); FREE(m->lnf_rstd); FREE(m->logits); FREE(m->dx); FREE(m->dtmp);
+    FREE(m->dln); FREE(m->tmp); FREE(m->dqkv); FREE(m->datty); FREE(m->dfc_act);
+    FREE(m->dfc_pre); FREE(m->counts);
+#undef FREE
+    free(m->params_tab);
+    free(m->gdirect);
+    free(m->blk);
+    free(m->act);
+    free(m->ex);
+    free(m);
+    *self_p = NULL;
+}
+
+const sy_model_dims *sy_model_get_dims(const sy_model_t *m) { return &m->d; }
+int sy_model_n_params(const sy_model_t *m) { return m->n_params; }
+const sy_param_t *sy_model_param(const sy_model_t *m, int i) { return &m->params_tab[i]; }
+size_t sy_model_numel(const sy_model_t *m) { return m->numel; }
+size_t sy_model_dense_numel(const sy_model_t *m) { return m->dense_numel; }
+float *sy_model_params(sy_model_t *m) { return m->params; }
+float *sy_model_grads(sy_model_t *m) {
+    if (m->acc_dirty) {
+        const size_t n = m->numel;
+        float *g = m->grads;
+        const double *a = m->acc;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) g[i] = (float)a[i];
+        m->acc_dirty = false;
+    }
+    return m->grads;
+}
+
+double *sy_model_grad_acc(sy_model_t *m) { return m->acc; }
+int sy_model_n_switch(const sy_model_t *m) { return m->n_switch; }
+const int32_t *sy_model_expert_counts(const sy_model_t *m) { return m->counts; }
+
+int sy_model_find(const sy_model_t *m, const char *name) {
+    for (int i = 0; i < m->n_params; i++)
+        if (!strcmp(m->params_tab[i].name, name)) return i;
+    return -1;
+}
+
+sy_tensor_ref sy_model_ref(const sy_model_t *m, int i, float *base, const char *name) {
+    const sy_param_t *p = &m->params_tab[i];
+    sy_tensor_ref r = {.name = name ? name : p->name, .ndim = p->ndim, .data = base + p->offset};
+    r.shape[0] = p->shape[0];
+    if (p->ndim > 1) r.shape[1] = p->shape[1];
+    return r;
+}
+
+void sy_model_init(sy_model_t *m, uint64_t seed) {
+    for (int i = 0; i < m->n_params; i++) {
+        const sy_param_t *p = &m->params_tab[i];
+        float *w = m->params + p->offset;
+        if (p->ndim == 1) { /* LayerNorm weights */
+            for (size_t k = 0; k < p->numel; k++) w[k] = 1.0f;
+            continue;
+        }
+        double sigma = (i == m->wte || i == m->wpe) ? 0.02
+                                                    : sqrt(m->d.init_scale / (double)p->shape[1]);
+        sy_rng_t r = sy_rng_key(seed, p->name, 0, 0, 0);
+        for (size_t k = 0; k < p->numel; k++) {
+            double x;
+            do {
+                x = sy_rng_normal(&r);
+            } while (fabs(x) > 2.0); /* truncated at 2σ: redraw */
+            w[k] = (float)(sigma * x);
+        }
+    }
+    sy_model_weights_changed(m);
+}
+
+void sy_model_weights_changed(sy_model_t *m) {
+    if (m->work == m->params) return;
+    memcpy(m->work, m->params, m->numel * sizeof(float));
+    for (int i = 0; i < m->n_params; i++) {
+        const sy_param_t *p = &m->params_tab[i];
+        if (p->lowp) m->be->round_bf16(m->be, m->work + p->offset, p->numel);
+    }
+}
+
+void sy_model_zero_grads(sy_model_t *m) {
+    memset(m->grads, 0, m->numel * sizeof(float));
+    memset(m->acc, 0, m->numel * sizeof(double));
+    m->acc_dirty = false;
+}
+
+#define W(i) (m->work + m->params_tab[(i)].offset)
+#define G(i) (m->grads + m->params_tab[(i)].offset)
+#define A(i) (m->acc + m->params_tab[(i)].offset)
+
+static void set_experts(sy_model_t *m, const block_ids *b) {
+    for (int e = 0; e < m->d.E; e++) {
+        m->ex[e].W1 = W(b->ex_fc[e]);
+        m->ex[e].W2 = W(b->ex_proj[e]);
+        m->ex[e].dW1 = G(b->ex_fc[e]);
+        m->ex[e].dW2 = G(b->ex_proj[e]);
+        m->ex[e].acc1 = m->acc + m->params_tab[b->ex_fc[e]].offset;
+        m->ex[e].acc2 = m->acc + m->params_tab[b->ex_proj[e]].offset;
+    }
+}
+
+/* Forward through the blocks and the final LayerNorm and LM head; leaves logits in m->logits.
+ * Returns the summed aux_group and z_group over Switch layers (uncoefficiented). */
+static sy_status forward(sy_model_t *m, const int32_t *tokens, bool train, sy_draw_key key,
+                         double *aux_sum, double *z_sum, int64_t *routed, int64_t *dropped) {
+    sy_backend_t *be = m->be;
+    const sy_model_dims *d = &m->d;
+    const int T = d->T, D = d->D, F = d->F, B = d->B, H = d->H, V = d->V;
+    const int N = B * T;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            m->inp[b * T + t] = tokens[(size_t)b * (T + 1) + t];
+            m->tgt[b * T + t] = tokens[(size_t)b * (T + 1) + t + 1];
+        }
+    *aux_sum = *z_sum = 0.0;
+    *routed = *dropped = 0;
+    be->embed_fwd(be, m->act[0].x_in, m->inp, W(m->wte), W(m->wpe), N, T, D);
+    for (int l = 0; l < d->L; l++) {
+        block_acts *a = &m->act[l];
+        const block_ids *bi = &m->blk[l];
+        float *x_next = l + 1 < d->L ? m->act[l + 1].x_in : m->x_out;
+        be->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, a->x_in, W(bi->ln1), N, D);
+        be->matmul_fwd(be, a->qkv, a->ln1, W(bi->qkv), N, D, 3 * D);
+        be->attention_fwd(be, a->atty, a->att, a->qkv, B, T, D, H);
+        be->matmul_fwd(be, m->tmp, a->atty, W(bi->proj), N, D, D);
+        memcpy(a->x_mid, a->x_in, sizeof(float) * (size_t)N * D);
+        be->add_inplace(be, a->x_mid, m->tmp, (size_t)N * D);
+        be->layernorm_fwd(be, a->ln2, a->ln2_mean, a->ln2_rstd, a->x_mid, W(bi->ln2), N, D);
+        if (bi->sw_index < 0) {
+            be->matmul_fwd(be, a->fc_pre, a->ln2, W(bi->fc), N, D, F);
+            be->gelu_fwd(be, a->fc_act, a->fc_pre, (size_t)N * F);
+            be->matmul_fwd(be, m->tmp, a->fc_act, W(bi->fproj), N, F, D);
+        } else {
+            sy_switch_key k = {key.seed, key.step, key.micro, l};
+            double cf = train ? d->capacity_factor : d->eval_capacity_factor;
+            sy_switch_route(a->sw, a->ln2, m->params + m->params_tab[bi->router].offset, cf,
+                            train ? d->jitter : 0.0, k);
+            sy_switch_dispatch(a->sw, a->ln2);
+            set_experts(m, bi);
+            double p_drop = train ? d->expert_dropout : 0.0;
+            if (m->ep) {
+                sy_switch_key kr = k;
+                kr.micro = key.micro - m->ep_rank; /* the round's first micro-batch */
+                SY_CHECK(sy_ep_forward(m->ep, a->sw, bi->sw_index, m->ex, p_drop, kr));
+            } else {
+                sy_switch_experts(a->sw, m->ex, 0, d->E, p_drop, k);
+            }
+            sy_switch_combine(a->sw, m->tmp);
+            sy_switch_info info = sy_switch_get_info(a->sw);
+            *aux_sum += info.aux_group;
+            *z_sum += info.z_group;
+            *routed += info.G;
+            *dropped += info.G - info.n_kept;
+            memcpy(m->counts + (size_t)bi->sw_index * d->E, info.counts,
+                   sizeof(int32_t) * d->E);
+        }
+        memcpy(x_next, a->x_mid, sizeof(float) * (size_t)N * D);
+        be->add_inplace(be, x_next, m->tmp, (size_t)N * D);
+    }
+    be->layernorm_fwd(be, m->lnf_y, m->lnf_mean, m->lnf_rstd, m->x_out, W(m->lnf), N, D);
+    /* logits stay fp32 for the cross-entropy (spec §4) */
+    bool bf = be->bf16;
+    be->bf16 = false;
+    be->matmul_fwd(be, m->logits, m->lnf_y, W(m->wte), N, D, V);
+    be->bf16 = bf;
+    return SY_OK;
+}
+
+/* This micro-batch's shares of the global loss terms (sy_losses). */
+static void set_losses(sy_losses *out, const sy_model_dims *d, int N, int n_micro, double ce_sum,
+                       double aux_sum, double z_sum, int64_t routed, int64_t dropped) {
+    out->ce = ce_sum / N / n_micro;
+    out->aux = d->aux_coef * aux_sum / n_micro;
+    out->z = d->z_coef * z_sum / n_micro;
+    out->tokens = N;
+    out->routed = routed;
+    out->dropped = dropped;
+}
+
+static sy_status check_tokens(const sy_model_t *m, const int32_t *tokens) {
+    size_t n = (size_t)m->d.B * (m->d.T + 1);
+    for (size_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->d.V)
+            return sy_err_set(SY_EINVAL, "token %d at position %zu is outside the vocabulary [0, %d)",
+                              tokens[i], i, m->d.V);
+    return SY_OK;
+}
+
+sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy_draw_key key,
+                           sy_losses *out) {
+    SY_CHECK(check_tokens(m, tokens));
+    sy_backend_t *be = m->be;
+    const sy_model_dims *d = &m->d;
+    const int T = d->T, D = d->D, F = d->F, B = d->B, H = d->H, V = d->V, E = d->E;
+    const int N = B * T;
+    double aux_sum, z_sum;
+    int64_t routed, dropped;
+    SY_CHECK(forward(m, tokens, true, key, &aux_sum, &z_sum, &routed, &dropped));
+    /* This micro-batch's dense gradients are computed in fp32 and added to the fp64
+     * accumulator: the GEMM weights' straight from the GEMM (matmul_bwd_acc64), the others
+     * through the (zeroed) fp32 grads buffer; expert gradients take the first route inside the
+     * Switch layer. So the sum over micro-batches is the same however they are spread over
+     * workers. */
+    for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++)
+        if (!m->gdirect[i]) memset(G(i), 0, m->params_tab[i].numel * sizeof(float));
+
+    /* L_ce is the mean over all target tokens of the global batch. */
+    float ce_scale = 1.0f / ((float)N * (float)n_micro);
+    double ce_sum = be->xent_fwd_bwd(be, m->logits, m->logits, m->tgt, N, V, ce_scale);
+    set_losses(out, d, N, n_micro, ce_sum, aux_sum, z_sum, routed, dropped);
+
+    /* LM head (tied) and final LayerNorm. */
+    be->matmul_bwd(be, m->dln, G(m->wte), m->logits, m->lnf_y, W(m->wte), N, D, V, false);
+    memset(m->dx, 0, sizeof(float) * (size_t)N * D);
+    be->layernorm_bwd(be, m->dx, G(m->lnf), m->dln, m->x_out, W(m->lnf), m->lnf_mean,
+                      m->lnf_rstd, N, D);
+    float aux_scale = (float)(d->aux_coef * E / ((double)N * n_micro));
+    float z_scale = (float)(d->z_coef * 2.0 / ((double)N * n_micro));
+    for (int l = d->L - 1; l >= 0; l--) {
+        block_acts *a = &m->act[l];
+        const block_ids *bi = &m->blk[l];
+        /* FFN: dx is the gradient of the block output = of the FFN output */
+        if (bi->sw_index < 0) {
+            be->matmul_bwd_acc64(be, m->dfc_act, G(bi->fproj), A(bi->fproj), m->dx, a->fc_act,
+                                 W(bi->fproj), N, F, D);
+            be->gelu_bwd(be, m->dfc_pre, m->dfc_act, a->fc_pre, (size_t)N * F);
+            be->matmul_bwd_acc64(be, m->dln, G(bi->fc), A(bi->fc), m->dfc_pre, a->ln2, W(bi->fc),
+                                 N, D, F);
+        } else {
+            set_experts(m, bi);
+            sy_switch_combine_bwd(a->sw, m->dx);
+            if (m->ep)
+                SY_CHECK(sy_ep_backward(m->ep, a->sw, bi->sw_index, m->ex));
+            else
+                sy_switch_experts_bwd(a->sw, m->ex, 0, E);
+            sy_switch_dispatch_bwd(a->sw, m->dln);
+            sy_switch_route_bwd(a->sw, a->ln2, m->params + m->params_tab[bi->router].offset,
+                                G(bi->router), m->dln, aux_scale, z_scale);
+        }
+        be->layernorm_bwd(be, m->dx, G(bi->ln2), m->dln, a->x_mid, W(bi->ln2), a->ln2_mean,
+                          a->ln2_rstd, N, D);
+        /* attention */
+        be->matmul_bwd_acc64(be, m->datty, G(bi->proj), A(bi->proj), m->dx, a->atty,
+                             W(bi->proj), N, D, D);
+        be->attention_bwd(be, m->dqkv, m->datty, a->att, a->qkv, B, T, D, H);
+        be->matmul_bwd_acc64(be, m->dln, G(bi->qkv), A(bi->qkv), m->dqkv, a->ln1, W(bi->qkv),
+                             N, D, 3 * D);
+        be->layernorm_bwd(be, m->dx, G(bi->ln1), m->dln, a->x_in, W(bi->ln1), a->ln1_mean,
+                          a->ln1_rstd, N, D);
+    }
+    be->embed_bwd(be, G(m->wte), G(m->wpe), m->dx, m->inp, N, T, D);
+    for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++) {
+        if (m->gdirect[i]) continue;
+        const size_t n = m->params_tab[i].numel;
+        const float *g = G(i);
+        double *acc = A(i);
+#pragma omp parallel for schedule(static) if (n > 4096)
+        for (size_t k = 0; k < n; k++) acc[k] += g[k];
+    }
+    m->acc_dirty = true;
+    return SY_OK;
+}
+
+sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micro,
+                                sy_losses *out) {
+    SY_CHECK(check_tokens(m, tokens));
+    const sy_model_dims *d = &m->d;
+    const int N = d->B * d->T;
+    double aux_sum, z_sum;
+    int64_t routed, dropped;
+    sy_draw_key key = {0, 0, 0};
+    if (m->ep) return sy_err_set(SY_EINVAL, "evaluation runs with every expert local");
+    SY_CHECK(forward(m, tokens, false, key, &aux_sum, &z_sum, &routed, &dropped));
+    double ce_sum = m->be->xent_fwd(m->be, m->logits, m->tgt, N, d->V);
+    set_losses(out, d, N, n_micro, ce_sum, aux_sum, z_sum, routed, dropped);
+    return SY_OK;
+}
+
+void sy_model_set_ep(sy_model_t *m, sy_ep_t *ep, int rank) {
+    m->ep = ep;
+    m->ep_rank = rank;
+}
+
+sy_status sy_model_serve_idle(sy_model_t *m, sy_draw_key key) {
+    if (!m->ep) return SY_OK;
+    m->acc_dirty = true;
+    for (int l = 0; l < m->d.L; l++) {
+        const block_ids *bi = &m->blk[l];
+        if (bi->sw_index < 0) continue;
+        set_experts(m, bi);
+        sy_switch_key k = {key.seed, key.step, key.micro, l};
+        SY_CHECK(sy_ep_forward(m->ep, NULL, bi->sw_index, m->ex, m->d.expert_dropout, k));
+    }
+    for (int l = m->d.L - 1; l >= 0; l--) {
+        const block_ids *bi = &m->blk[l];
+        if (bi->sw_index < 0) continue;
+        set_experts(m, bi);
+        SY_CHECK(sy_ep_backward(m->ep, NULL, bi->sw_index, m->ex));
+    }
+    return SY_OK;
+}

@@ -1,0 +1,115 @@
+#include "model/optim.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct sy_adamw {
+    sy_model_t *model;
+    float *m, *v;
+    double beta1, beta2, eps, wd;
+    int64_t t;
+};
+
+sy_status sy_adamw_new(sy_model_t *model, const sy_config_t *cfg, sy_adamw_t **out) {
+    sy_adamw_t *o = calloc(1, sizeof *o);
+    if (!o) return sy_err_set(SY_ENOMEM, "optimizer: out of memory");
+    size_t n = sy_model_numel(model);
+    o->m = calloc(n, sizeof(float));
+    o->v = calloc(n, sizeof(float));
+    if (!o->m || !o->v) {
+        sy_adamw_destroy(&o);
+        return sy_err_set(SY_ENOMEM, "optimizer: out of memory for %zu moments", n);
+    }
+    o->model = model;
+    o->beta1 = cfg->train.beta1;
+    o->beta2 = cfg->train.beta2;
+    o->eps = cfg->train.eps;
+    o->wd = cfg->train.weight_decay;
+    *out = o;
+    return SY_OK;
+}
+
+void sy_adamw_destroy(sy_adamw_t **self_p) {
+    if (!self_p || !*self_p) return;
+    free((*self_p)->m);
+    free((*self_p)->v);
+    free(*self_p);
+    *self_p = NULL;
+}
+
+float *sy_adamw_m(sy_adamw_t *o) { return o->m; }
+float *sy_adamw_v(sy_adamw_t *o) { return o->v; }
+int64_t sy_adamw_t_count(const sy_adamw_t *o) { return o->t; }
+void sy_adamw_set_t_count(sy_adamw_t *o, int64_t t) { o->t = t; }
+
+double sy_lr_at(const sy_config_t *cfg, int64_t s) {
+    double lr = cfg->train.lr, lr_min = cfg->train.lr_min;
+    int64_t warm = cfg->train.warmup_steps, total = cfg->run.steps;
+    if (s < warm) return lr * (double)(s + 1) / (double)warm;
+    int64_t span = total - warm > 1 ? total - warm : 1;
+    double progress = (double)(s - warm) / (double)span;
+    if (progress > 1.0) progress = 1.0;
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + cos(M_PI * progress));
+}
+
+double sy_grad_sqnorm(const float *g, size_t n) {
+    /* fixed-size chunks summed in order: the result does not depend on the thread count */
+    enum { CHUNK = 4096 };
+    size_t nchunks = (n + CHUNK - 1) / CHUNK;
+    double total = 0.0;
+    double *part = malloc(sizeof(double) * (nchunks ? nchunks : 1));
+    if (!part) {
+        for (size_t i = 0; i < n; i++) total += (double)g[i] * g[i];
+        return total;
+    }
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nchunks; c++) {
+        size_t lo = c * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;
+        double s = 0.0;
+        for (size_t i = lo; i < hi; i++) s += (double)g[i] * g[i];
+        part[c] = s;
+    }
+    for (size_t c = 0; c < nchunks; c++) total += part[c];
+    free(part);
+    return total;
+}
+
+double sy_clip_grads(float *g, size_t n, double norm, double max_norm) {
+    if (max_norm <= 0.0) return 1.0;
+    double coef = max_norm / (norm + 1e-6);
+    if (coef >= 1.0) return 1.0;
+    float c = (float)coef;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) g[i] *= c;
+    return coef;
+}
+
+void sy_adamw_step(sy_adamw_t *o, double lr) { sy_adamw_step_owned(o, lr, NULL); }
+
+void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts) {
+    sy_model_t *model = o->model;
+    float *p = sy_model_params(model), *g = sy_model_grads(model);
+    o->t++;
+    const double bc1 = 1.0 - pow(o->beta1, (double)o->t);
+    const double bc2 = 1.0 - pow(o->beta2, (double)o->t);
+    const float step_size = (float)(lr / bc1);
+    const float inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
+    const float b1 = (float)o->beta1, b2 = (float)o->beta2, eps = (float)o->eps;
+    for (int i = 0; i < sy_model_n_params(model); i++) {
+        const sy_param_t *pi = sy_model_param(model, i);
+        if (experts && pi->expert >= 0 && !experts[pi->expert]) continue;
+        const float decay = pi->decay ? (float)(1.0 - lr * o->wd) : 1.0f;
+        float *pp = p + pi->offset, *gg = g + pi->offset;
+        float *mm = o->m + pi->offset, *vv = o->v + pi->offset;
+#pragma omp parallel for schedule(static)
+        for (size_t k = 0; k < pi->numel; k++) {
+            float gk = gg[k];
+            pp[k] *= decay;
+            mm[k] = b1 * mm[k] + (1.0f - b1) * gk;
+            vv[k] = b2 * vv[k] + (1.0f - b2) * gk * gk;
+            pp[k] -= step_size * mm[k] / (sqrtf(vv[k]) * inv_sqrt_bc2 + eps);
+        }
+    }
+    sy_model_weights_changed(model);
+}

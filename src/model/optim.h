@@ -1,0 +1,48 @@
+/* AdamW with fp32 master weights (model spec §5), global-norm gradient clipping, and the
+ * learning-rate schedule.
+ *
+ * Update, PINNED to torch.optim.AdamW (decoupled decay, bias-corrected):
+ *   p ← p·(1 − lr·wd)            (wd only on tensors with decay: 2-D)
+ *   m ← β1·m + (1−β1)·g ;  v ← β2·v + (1−β2)·g²
+ *   p ← p − (lr / (1−β1^t)) · m / (sqrt(v)/sqrt(1−β2^t) + eps)
+ * Clipping, PINNED to torch.nn.utils.clip_grad_norm_: g ← g · min(1, max_norm/(‖g‖ + 1e-6)).
+ * Schedule, PINNED: for 0-based step s, lr(s) = lr·(s+1)/warmup while s < warmup, then
+ * lr_min + ½(lr − lr_min)(1 + cos(π·(s − warmup)/max(1, steps − warmup))).
+ *
+ * The optimizer works on ranges of the model's parameter table, so a worker that owns a subset
+ * of the experts updates only what it owns. Thread: the training thread. */
+#ifndef SY_OPTIM_H
+#define SY_OPTIM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/config.h"
+#include "model/model.h"
+#include "base/status.h"
+
+typedef struct sy_adamw sy_adamw_t;
+
+sy_status sy_adamw_new(sy_model_t *model, const sy_config_t *cfg, sy_adamw_t **out);
+void sy_adamw_destroy(sy_adamw_t **self_p);
+
+float *sy_adamw_m(sy_adamw_t *o); /* first moments, same layout as the parameters */
+float *sy_adamw_v(sy_adamw_t *o);
+int64_t sy_adamw_t_count(const sy_adamw_t *o); /* steps taken so far (t) */
+void sy_adamw_set_t_count(sy_adamw_t *o, int64_t t);
+
+double sy_lr_at(const sy_config_t *cfg, int64_t step0);
+
+/* Σ g² over the whole gradient buffer, in fp64 (deterministic order). */
+double sy_grad_sqnorm(const float *g, size_t n);
+/* Scales the gradient in place; returns the clip coefficient applied (1 if none). */
+double sy_clip_grads(float *g, size_t n, double norm, double max_norm);
+
+/* One AdamW step over every parameter of the model at learning rate lr. */
+void sy_adamw_step(sy_adamw_t *o, double lr);
+/* The same over the dense parameters and the experts e with experts[e] (NULL: all): a rank
+ * updates only the experts it owns. The step count advances once per call. */
+void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts);
+
+#endif

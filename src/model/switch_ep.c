@@ -1,0 +1,328 @@
+#include "model/switch_ep.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "switch_internal.h"
+
+/* Owner-side state of one Switch layer for the current round. */
+typedef struct {
+    int n_rows;           /* rows received in all */
+    float dropout;        /* expert dropout used in the forward (the backward applies its mask) */
+    int32_t *recv_rows;   /* [world] rows received from each source */
+    int32_t *src_cnt;     /* [n_mine, world] rows of each of my experts from each source */
+    int32_t *off;         /* [n_mine+1] first local row of each of my experts */
+    int32_t *tok, *micro; /* [R] token index and micro-batch of each local row */
+    int32_t *src_row;     /* [R] index of the local row in the concatenated received rows */
+    float *xe, *he, *ge, *mask, *ye; /* [R, D] / [R, F] */
+} served_layer;
+
+struct sy_ep {
+    sy_backend_t *be;
+    sy_comm_t *comm;
+    int rank, world, E, D, F, G, n_layers;
+    int *q_off;           /* [world+1] each rank's experts: q_exp[q_off[q] .. q_off[q+1]) */
+    int *q_exp;           /* [E] experts grouped by owner rank, ascending within a rank */
+    const int *mine;      /* my experts (into q_exp) */
+    int nm;
+    int R;                /* max rows an owner can receive: world·G */
+    served_layer *layers;
+    /* exchange scratch */
+    char *send, *recv;
+    size_t send_cap, recv_cap;
+    size_t *send_bytes, *recv_bytes;
+    int32_t *recv_row0;   /* [world] first row (in concatenated received order) per source */
+    float *rows_in;       /* [R, D] received rows, concatenated in source order */
+    float *rows_out;      /* [R, D] */
+    float *dge, *dhe;     /* [R, F] */
+};
+
+#define EP_ALLOC(ptr, n)                                                      \
+    do {                                                                      \
+        (ptr) = calloc((size_t)(n), sizeof(*(ptr)));                          \
+        if (!(ptr)) goto oom;                                                 \
+    } while (0)
+
+sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, int E, int D,
+                    int F, int G, int n_layers, sy_ep_t **out) {
+    sy_ep_t *ep = calloc(1, sizeof *ep);
+    if (!ep) return sy_err_set(SY_ENOMEM, "expert parallelism: out of memory");
+    ep->be = be;
+    ep->comm = comm;
+    ep->rank = sy_comm_rank(comm);
+    ep->world = sy_comm_world(comm);
+    ep->E = E, ep->D = D, ep->F = F, ep->G = G, ep->n_layers = n_layers;
+    const int W = ep->world;
+    EP_ALLOC(ep->q_off, W + 1);
+    EP_ALLOC(ep->q_exp, E);
+    for (int e = 0; e < E; e++) {
+        if (owner[e] >= (uint32_t)W) {
+            sy_ep_destroy(&ep);
+            return sy_err_set(SY_EINVAL, "expert placement: expert %d on rank %u of a world of %d", e,
+                              owner[e], W);
+        }
+        ep->q_off[owner[e] + 1]++;
+    }
+    for (int q = 0; q < W; q++) ep->q_off[q + 1] += ep->q_off[q];
+    {
+        int fill[W];
+        for (int q = 0; q < W; q++) fill[q] = ep->q_off[q];
+        for (int e = 0; e < E; e++) ep->q_exp[fill[owner[e]]++] = e;
+    }
+    ep->mine = ep->q_exp + ep->q_off[ep->rank];
+    ep->nm = ep->q_off[ep->rank + 1] - ep->q_off[ep->rank];
+    ep->R = W * G;
+    const int nm = ep->nm;
+    EP_ALLOC(ep->layers, n_layers);
+    for (int l = 0; l < n_layers; l++) {
+        served_layer *s = &ep->layers[l];
+        EP_ALLOC(s->off, nm + 1);
+        EP_ALLOC(s->tok, ep->R);
+        EP_ALLOC(s->micro, ep->R);
+        EP_ALLOC(s->src_row, ep->R);
+        EP_ALLOC(s->recv_rows, W);
+        EP_ALLOC(s->src_cnt, (size_t)(nm > 0 ? nm : 1) * W);
+        if (nm > 0) {
+            EP_ALLOC(s->xe, (size_t)ep->R * D);
+            EP_ALLOC(s->ye, (size_t)ep->R * D);
+            EP_ALLOC(s->he, (size_t)ep->R * F);
+            EP_ALLOC(s->ge, (size_t)ep->R * F);
+            EP_ALLOC(s->mask, (size_t)ep->R * F);
+        }
+    }
+    /* forward chunks from one rank: its ≤ G rows in all, plus per-expert counts and tokens */
+    ep->send_cap = sizeof(int32_t) * ((size_t)E + G) + sizeof(float) * (size_t)G * D;
+    ep->recv_cap = (size_t)W * ep->send_cap;
+    EP_ALLOC(ep->send, ep->send_cap);
+    EP_ALLOC(ep->recv, ep->recv_cap);
+    EP_ALLOC(ep->send_bytes, W);
+    EP_ALLOC(ep->recv_bytes, W);
+    EP_ALLOC(ep->recv_row0, W);
+    EP_ALLOC(ep->rows_in, (size_t)ep->R * D);
+    EP_ALLOC(ep->rows_out, (size_t)ep->R * D);
+    if (nm > 0) {
+        EP_ALLOC(ep->dge, (size_t)ep->R * F);
+        EP_ALLOC(ep->dhe, (size_t)ep->R * F);
+    }
+    *out = ep;
+    return SY_OK;
+oom:
+    sy_ep_destroy(&ep);
+    return sy_err_set(SY_ENOMEM, "expert parallelism: out of memory (world %d, G %d)", W, G);
+}
+
+void sy_ep_destroy(sy_ep_t **self_p) {
+    if (!self_p || !*self_p) return;
+    sy_ep_t *ep = *self_p;
+    if (ep->layers)
+        for (int l = 0; l < ep->n_layers; l++) {
+            served_layer *s = &ep->layers[l];
+            free(s->off), free(s->tok), free(s->micro), free(s->src_row), free(s->recv_rows),
+                free(s->src_cnt);
+            free(s->xe), free(s->ye), free(s->he), free(s->ge), free(s->mask);
+        }
+    free(ep->layers), free(ep->q_off), free(ep->q_exp);
+    free(ep->send), free(ep->recv), free(ep->send_bytes), free(ep->recv_bytes);
+    free(ep->recv_row0), free(ep->rows_in), free(ep->rows_out);
+    free(ep->dge), free(ep->dhe);
+    free(ep);
+    *self_p = NULL;
+}
+
+int sy_ep_n_owned(const sy_ep_t *ep) { return ep->nm; }
+const int *sy_ep_owned(const sy_ep_t *ep) { return ep->mine; }
+
+/* Rows this rank routed to owner q's experts (0 without a micro-batch). */
+static int rows_to(const sy_ep_t *ep, const sy_switch_t *sw, int q) {
+    if (!sw) return 0;
+    int n = 0;
+    for (int k = ep->q_off[q]; k < ep->q_off[q + 1]; k++) n += sw->kept[ep->q_exp[k]];
+    return n;
+}
+
+/* Packs rows (expert-major dispatch order in `rows`, [G, D]) for each owner, in the owner's
+ * expert order, into ep->send; with_header adds the per-expert counts and token indices. */
+static void pack_rows(sy_ep_t *ep, const sy_switch_t *sw, const float *rows, bool with_header) {
+    const int D = ep->D;
+    char *p = ep->send;
+    for (int q = 0; q < ep->world; q++) {
+        char *start = p;
+        int nq = ep->q_off[q + 1] - ep->q_off[q];
+        if (sw && nq > 0) {
+            const int *ex = ep->q_exp + ep->q_off[q];
+            if (with_header) {
+                for (int k = 0; k < nq; k++) {
+                    int32_t c = sw->kept[ex[k]];
+                    memcpy(p, &c, sizeof c);
+                    p += sizeof c;
+                }
+                for (int k = 0; k < nq; k++) {
+                    size_t n = (size_t)sw->kept[ex[k]];
+                    memcpy(p, sw->order + sw->offsets[ex[k]], sizeof(int32_t) * n);
+                    p += sizeof(int32_t) * n;
+                }
+            }
+            for (int k = 0; k < nq; k++) {
+                size_t n = (size_t)sw->kept[ex[k]] * D;
+                memcpy(p, rows + (size_t)sw->offsets[ex[k]] * D, sizeof(float) * n);
+                p += sizeof(float) * n;
+            }
+        }
+        ep->send_bytes[q] = (size_t)(p - start);
+    }
+}
+
+/* Scatters rows returned by the owners (each in its expert order) into dispatch order. */
+static sy_status unpack_rows(sy_ep_t *ep, const sy_switch_t *sw, const float *in, float *rows,
+                             const char *what) {
+    const int D = ep->D;
+    for (int q = 0; q < ep->world; q++) {
+        size_t want = sizeof(float) * (size_t)rows_to(ep, sw, q) * D;
+        if (ep->recv_bytes[q] != want)
+            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d returned %zu bytes of %s, expected %zu",
+                              q, ep->recv_bytes[q], what, want);
+    }
+    if (!sw) return SY_OK;
+    for (int q = 0; q < ep->world; q++)
+        for (int k = ep->q_off[q]; k < ep->q_off[q + 1]; k++) {
+            int e = ep->q_exp[k];
+            size_t n = (size_t)sw->kept[e] * D;
+            memcpy(rows + (size_t)sw->offsets[e] * D, in, sizeof(float) * n);
+            in += n;
+        }
+    return SY_OK;
+}
+
+sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_weights *ex,
+                        double dropout, sy_switch_key key) {
+    const int W = ep->world, D = ep->D, F = ep->F, nm = ep->nm;
+    served_layer *s = &ep->layers[sl];
+    if (sw) sw->dropout = (float)dropout;
+    pack_rows(ep, sw, sw ? sw->xe : NULL, true);
+    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->recv, ep->recv_cap,
+                               ep->recv_bytes));
+
+    /* Parse every source's chunk: counts per my expert, tokens, rows. */
+    const char *p = ep->recv;
+    int total = 0;
+    int32_t counts[W][nm > 0 ? nm : 1];
+    const int32_t *toks[W];
+    const float *rows[W];
+    for (int src = 0; src < W; src++) {
+        size_t nb = ep->recv_bytes[src];
+        s->recv_rows[src] = 0;
+        ep->recv_row0[src] = total;
+        for (int i = 0; i < nm; i++) counts[src][i] = 0;
+        toks[src] = NULL, rows[src] = NULL;
+        if (nb == 0) continue;
+        if (nm == 0 || nb < sizeof(int32_t) * (size_t)nm)
+            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes to a rank owning %d experts", src, nb, nm);
+        memcpy(counts[src], p, sizeof(int32_t) * (size_t)nm);
+        int n = 0;
+        for (int i = 0; i < nm; i++) {
+            if (counts[src][i] < 0 || counts[src][i] > ep->G)
+                return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent a bad row count", src);
+            n += counts[src][i];
+        }
+        size_t want = sizeof(int32_t) * ((size_t)nm + n) + sizeof(float) * (size_t)n * D;
+        if (nb != want || total + n > ep->R)
+            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes, expected %zu", src, nb, want);
+        toks[src] = (const int32_t *)(p + sizeof(int32_t) * nm);
+        rows[src] = (const float *)(p + sizeof(int32_t) * ((size_t)nm + n));
+        s->recv_rows[src] = n;
+        total += n;
+        p += nb;
+    }
+    s->n_rows = total;
+    s->dropout = (float)dropout;
+
+    /* Local expert-major order: expert i's rows from source 0, then 1, ... */
+    int li = 0;
+    for (int i = 0; i < nm; i++) {
+        s->off[i] = li;
+        for (int src = 0; src < W; src++) {
+            s->src_cnt[i * W + src] = counts[src][i];
+            int before = 0;
+            for (int k = 0; k < i; k++) before += counts[src][k];
+            for (int r = 0; r < counts[src][i]; r++, li++) {
+                int srow = before + r;
+                memcpy(s->xe + (size_t)li * D, rows[src] + (size_t)srow * D, sizeof(float) * D);
+                s->tok[li] = toks[src][srow];
+                s->micro[li] = key.micro + src;
+                s->src_row[li] = ep->recv_row0[src] + srow;
+            }
+        }
+    }
+    s->off[nm] = li;
+
+    /* One chunk per (expert, source): the GEMM shapes of the single-process layer. */
+    if (nm > 0) {
+        sy_expert_rows c[nm * W];
+        for (int i = 0; i < nm; i++) {
+            int r0 = s->off[i];
+            for (int src = 0; src < W; src++) {
+                const int n = s->src_cnt[i * W + src];
+                c[i * W + src] = (sy_expert_rows){
+                    .w = &ex[ep->mine[i]], .n = n, .xe = s->xe + (size_t)r0 * D,
+                    .he = s->he + (size_t)r0 * F, .ge = s->ge + (size_t)r0 * F,
+                    .mask = s->mask + (size_t)r0 * F, .ye = s->ye + (size_t)r0 * D,
+                    .tok = s->tok + r0, .micro = s->micro + r0};
+                r0 += n;
+            }
+        }
+        sy_experts_fwd(ep->be, c, nm * W, D, F, dropout, key);
+    }
+
+    /* Reply: outputs back to each source in the order it sent them. */
+    for (int r = 0; r < total; r++)
+        memcpy(ep->rows_out + (size_t)s->src_row[r] * D, s->ye + (size_t)r * D, sizeof(float) * D);
+    for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)s->recv_rows[src] * D;
+    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->rows_out, ep->send_bytes, ep->rows_in,
+                               sizeof(float) * (size_t)ep->R * D, ep->recv_bytes));
+    return unpack_rows(ep, sw, ep->rows_in, sw ? sw->ye : NULL, "outputs");
+}
+
+sy_status sy_ep_backward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_weights *ex) {
+    const int W = ep->world, D = ep->D, F = ep->F, nm = ep->nm;
+    served_layer *s = &ep->layers[sl];
+    /* Output gradients (g·dy) to the owners, in each owner's expert order. */
+    pack_rows(ep, sw, sw ? sw->dye : NULL, false);
+    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->rows_in,
+                               sizeof(float) * (size_t)ep->R * D, ep->recv_bytes));
+    for (int src = 0; src < W; src++)
+        if (ep->recv_bytes[src] != sizeof(float) * (size_t)s->recv_rows[src] * D)
+            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes of gradients, expected %zu",
+                              src, ep->recv_bytes[src], sizeof(float) * (size_t)s->recv_rows[src] * D);
+    /* Into local expert-major order (rows_out as dye_local), backward, and back. */
+    float *dye = ep->rows_out;
+    for (int r = 0; r < s->n_rows; r++)
+        memcpy(dye + (size_t)r * D, ep->rows_in + (size_t)s->src_row[r] * D, sizeof(float) * D);
+    /* One chunk per (expert, source): with fp64 accumulators, the same accumulation sequence
+     * (micro-batch order) as the single-process layer: one grouped call per source, sources in
+     * order, so each expert adds source 0, then 1, ... dxe goes into ye's slot. */
+    if (nm > 0) {
+        sy_expert_grad_rows c[nm];
+        int r0[nm];
+        for (int i = 0; i < nm; i++) r0[i] = s->off[i];
+        for (int src = 0; src < W; src++) {
+            for (int i = 0; i < nm; i++) {
+                const int n = s->src_cnt[i * W + src];
+                const size_t r = (size_t)r0[i];
+                c[i] = (sy_expert_grad_rows){
+                    .w = &ex[ep->mine[i]], .n = n, .dye = dye + r * D, .xe = s->xe + r * D,
+                    .he = s->he + r * F, .ge = s->ge + r * F,
+                    .mask = s->dropout > 0.0f ? s->mask + r * F : NULL, .dge = ep->dge + r * F,
+                    .dhe = ep->dhe + r * F, .dxe = s->ye + r * D};
+                r0[i] += n;
+            }
+            sy_experts_bwd(ep->be, c, nm, D, F);
+        }
+    }
+    float *dxe_local = ep->rows_in; /* the received gradients are consumed: reuse */
+    for (int r = 0; r < s->n_rows; r++)
+        memcpy(dxe_local + (size_t)s->src_row[r] * D, s->ye + (size_t)r * D, sizeof(float) * D);
+    for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)s->recv_rows[src] * D;
+    SY_CHECK(sy_comm_alltoallv(ep->comm, dxe_local, ep->send_bytes, ep->recv,
+                               ep->recv_cap, ep->recv_bytes));
+    return unpack_rows(ep, sw, (const float *)ep->recv, sw ? sw->dxe : NULL, "input gradients");
+}

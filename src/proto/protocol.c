@@ -1,0 +1,227 @@
+#include "proto/protocol.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+static const char *const DROP_NAMES[SY_DROP__COUNT] = {
+    [SY_DROP_NONE] = "none",
+    [SY_DROP_OVERSIZE] = "oversize",
+    [SY_DROP_PARSE] = "parse",
+    [SY_DROP_VERSION] = "version",
+    [SY_DROP_RUN_ID] = "run_id",
+    [SY_DROP_INCARNATION] = "incarnation",
+    [SY_DROP_STALE_GENERATION] = "stale_generation",
+    [SY_DROP_UNKNOWN_WORKER] = "unknown_worker",
+    [SY_DROP_UNKNOWN_MESSAGE] = "unknown_message",
+    [SY_DROP_UNEXPECTED] = "unexpected",
+    [SY_DROP_INVALID] = "invalid",
+    [SY_DROP_BAD_FRAME] = "bad_frame",
+    [SY_DROP_AUTH] = "auth",
+};
+
+const char *sy_proto_drop_name(sy_proto_drop reason) {
+    if ((int)reason < 0 || reason >= SY_DROP__COUNT) return "unknown";
+    return DROP_NAMES[reason];
+}
+
+const char *sy_proto_body_name(Sy__Envelope__BodyCase body) {
+    switch (body) {
+    case SY__ENVELOPE__BODY_HELLO: return "hello";
+    case SY__ENVELOPE__BODY_HEARTBEAT: return "heartbeat";
+    case SY__ENVELOPE__BODY_STEP_DONE: return "step_done";
+    case SY__ENVELOPE__BODY_CHECKPOINT_PART: return "checkpoint_part";
+    case SY__ENVELOPE__BODY_FAULT: return "fault";
+    case SY__ENVELOPE__BODY_WELCOME: return "welcome";
+    case SY__ENVELOPE__BODY_ASSIGN: return "assign";
+    case SY__ENVELOPE__BODY_ABORT: return "abort";
+    case SY__ENVELOPE__BODY_STOP: return "stop";
+    case SY__ENVELOPE__BODY_CHECKPOINT_NOW: return "checkpoint_now";
+    default: return "none";
+    }
+}
+
+void sy_proto_init(Sy__Envelope *env, const char *run_id, uint64_t incarnation,
+                   uint64_t generation) {
+    sy__envelope__init(env);
+    env->version = SY_PROTO_VERSION;
+    env->run_id = (char *)(run_id ? run_id : "");
+    env->incarnation = incarnation;
+    env->generation = generation;
+}
+
+sy_status sy_proto_pack(const Sy__Envelope *env, void **buf, size_t *len) {
+    *buf = NULL;
+    *len = 0;
+    size_t n = sy__envelope__get_packed_size(env);
+    if (n > SY_PROTO_MAX_FRAME)
+        return sy_err_set(SY_EINVAL, "envelope (%s) is %zu bytes, over the %zu-byte frame limit",
+                          sy_proto_body_name(env->body_case), n, SY_PROTO_MAX_FRAME);
+    uint8_t *b = malloc(n ? n : 1);
+    if (!b) return sy_err_set(SY_ENOMEM, "out of memory packing a %zu-byte envelope", n);
+    size_t w = sy__envelope__pack(env, b);
+    if (w != n) {
+        free(b);
+        return sy_err_set(SY_EINTERNAL, "envelope packed to %zu bytes, expected %zu", w, n);
+    }
+    *buf = b;
+    *len = n;
+    return SY_OK;
+}
+
+/* Checks of a body that need no receiver state: the receiver indexes arrays with these values.
+ * Sets the message and returns false when the body is invalid. */
+static bool body_valid(const Sy__Envelope *env) {
+    if (env->body_case == SY__ENVELOPE__BODY_ASSIGN) {
+        const Sy__Assign *as = env->assign;
+        if (as->world < 1 || as->world > INT32_MAX || as->rank >= as->world || as->n_peers != as->world) {
+            sy_err_set(SY_EFORMAT, "assign: rank %u of world %u with %zu peers", as->rank, as->world, as->n_peers);
+            return false;
+        }
+        for (size_t e = 0; e < as->n_placement; e++)
+            if (as->placement[e] >= as->world) {
+                sy_err_set(SY_EFORMAT, "assign: placement[%zu] = rank %u, outside a world of %u", e,
+                           as->placement[e], as->world);
+                return false;
+            }
+    }
+    return true;
+}
+
+sy_proto_drop sy_proto_unpack(const void *buf, size_t len, Sy__Envelope **out) {
+    *out = NULL;
+    if (len > SY_PROTO_MAX_FRAME) {
+        sy_err_set(SY_EFORMAT, "frame of %zu bytes is over the %zu-byte limit", len,
+                   SY_PROTO_MAX_FRAME);
+        return SY_DROP_OVERSIZE;
+    }
+    Sy__Envelope *env = sy__envelope__unpack(NULL, len, buf);
+    if (!env) {
+        sy_err_set(SY_EFORMAT, "frame of %zu bytes is not a valid sy.Envelope", len);
+        return SY_DROP_PARSE;
+    }
+    if (env->version != SY_PROTO_VERSION) {
+        sy_err_set(SY_EFORMAT, "envelope version %u, expected %d", env->version, SY_PROTO_VERSION);
+        sy__envelope__free_unpacked(env, NULL);
+        return SY_DROP_VERSION;
+    }
+    if (!body_valid(env)) {
+        sy__envelope__free_unpacked(env, NULL);
+        return SY_DROP_INVALID;
+    }
+    *out = env;
+    return SY_DROP_NONE;
+}
+
+void sy_proto_free(Sy__Envelope *env) {
+    if (env) sy__envelope__free_unpacked(env, NULL);
+}
+
+static void free_buf(void *data, void *hint) {
+    (void)hint;
+    free(data);
+}
+
+sy_status sy_proto_send(void *zsock, const void *routing_id, size_t routing_len,
+                        const Sy__Envelope *env) {
+    void *buf;
+    size_t len;
+    SY_CHECK(sy_proto_pack(env, &buf, &len));
+    if (routing_id) {
+        if (zmq_send(zsock, routing_id, routing_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
+            int e = errno;
+            free(buf);
+            return sy_err_set(SY_EIO, "send %s: routing frame: %s",
+                              sy_proto_body_name(env->body_case), zmq_strerror(e));
+        }
+    }
+    zmq_msg_t m;
+    if (zmq_msg_init_data(&m, buf, len, free_buf, NULL) != 0) {
+        free(buf);
+        return sy_err_set(SY_ENOMEM, "zmq_msg_init_data: %s", zmq_strerror(errno));
+    }
+    if (zmq_msg_send(&m, zsock, ZMQ_DONTWAIT) < 0) {
+        int e = errno;
+        zmq_msg_close(&m);
+        return sy_err_set(SY_EIO, "send %s: %s", sy_proto_body_name(env->body_case),
+                          zmq_strerror(e));
+    }
+    return SY_OK;
+}
+
+void sy_placement_range(int E, int W, int rank, int *first, int *count) {
+    if (E < 1 || W < 1 || rank < 0 || rank >= W) {
+        *first = 0;
+        *count = 0;
+        return;
+    }
+    int base = E / W, extra = E % W;
+    *count = base + (rank < extra ? 1 : 0);
+    *first = rank * base + (rank < extra ? rank : extra);
+}
+
+sy_status sy_placement_balanced(int E, int W, uint32_t *owner) {
+    if (E < 1 || W < 1)
+        return sy_err_set(SY_EINVAL, "placement: need E >= 1 and W >= 1 (E = %d, W = %d)", E, W);
+    for (int r = 0; r < W; r++) {
+        int first, count;
+        sy_placement_range(E, W, r, &first, &count);
+        for (int e = first; e < first + count; e++) owner[e] = (uint32_t)r;
+    }
+    return SY_OK;
+}
+
+sy_status sy_placement_sticky(int E, int W, const int *prev, uint32_t *owner) {
+    if (E < 1 || W < 1) return sy_err_set(SY_EINVAL, "placement: %d experts over %d ranks", E, W);
+    int held_before[W], cap[W], held[W], order[W];
+    for (int r = 0; r < W; r++) held_before[r] = 0, held[r] = 0, order[r] = r;
+    for (int e = 0; e < E; e++)
+        if (prev && prev[e] >= 0 && prev[e] < W) held_before[prev[e]]++;
+    /* the E mod W extra slots go to the ranks that held the most (ties: lower rank) */
+    for (int i = 1; i < W; i++)
+        for (int j = i; j > 0 && held_before[order[j]] > held_before[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    for (int r = 0; r < W; r++) cap[r] = E / W;
+    for (int i = 0; i < E % W; i++) cap[order[i]]++;
+    /* survivors keep what fits, the rest goes to the lowest ranks with room */
+    for (int e = 0; e < E; e++) {
+        int r = prev ? prev[e] : -1;
+        if (r >= 0 && r < W && held[r] < cap[r]) {
+            owner[e] = (uint32_t)r;
+            held[r]++;
+        } else {
+            owner[e] = UINT32_MAX;
+        }
+    }
+    for (int e = 0, r = 0; e < E; e++) {
+        if (owner[e] != UINT32_MAX) continue;
+        while (held[r] >= cap[r]) r++;
+        owner[e] = (uint32_t)r;
+        held[r]++;
+    }
+    return SY_OK;
+}
+
+bool sy_proto_monitor_event(void *mon, uint16_t *event, uint32_t *value) {
+    zmq_msg_t ev, addr;
+    zmq_msg_init(&ev);
+    if (zmq_msg_recv(&ev, mon, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&ev);
+        return false;
+    }
+    zmq_msg_init(&addr);
+    if (zmq_msg_more(&ev)) zmq_msg_recv(&addr, mon, 0);
+    *event = 0;
+    *value = 0;
+    if (zmq_msg_size(&ev) >= 6) { /* uint16 event id, uint32 value (native byte order) */
+        memcpy(event, zmq_msg_data(&ev), 2);
+        memcpy(value, (const char *)zmq_msg_data(&ev) + 2, 4);
+    }
+    zmq_msg_close(&ev);
+    zmq_msg_close(&addr);
+    return true;
+}

@@ -1,0 +1,94 @@
+/* The control-plane wire format shared by the coordinator and the worker (docs/protocol.md):
+ * one sy.Envelope (src/proto/switchyard.proto) per ZeroMQ frame.
+ *
+ * This module packs and unpacks envelopes with the checks every receiver applies (size limit,
+ * parse, protocol version), names the reasons a message is dropped (the labels of
+ * /metrics' switchyard_dropped_messages_total), sends an envelope on a socket, and computes the
+ * balanced expert placement. It holds no state and depends only on libzmq and protobuf-c.
+ *
+ * Ownership: sy_proto_pack's buffer is malloc'ed for the caller (free()); an unpacked envelope
+ * is freed with sy_proto_free(). Thread: any. */
+#ifndef SY_PROTOCOL_H
+#define SY_PROTOCOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/status.h"
+#include "proto/switchyard.pb-c.h"
+
+/* Must equal the version comment of src/proto/switchyard.proto. */
+#define SY_PROTO_VERSION 2
+/* Frames larger than this are dropped unparsed (counted as "oversize"). */
+#define SY_PROTO_MAX_FRAME ((size_t)16 << 20)
+/* Transport guard (ZMQ_MAXMSGSIZE): libzmq disconnects a peer sending a larger frame before it
+ * is ever buffered whole. Above SY_PROTO_MAX_FRAME so that moderately oversize frames still
+ * reach the receiver and are counted. */
+#define SY_PROTO_TRANSPORT_MAX ((int64_t)64 << 20)
+
+/* Why a received message was dropped. SY_DROP_NONE (0) means accepted. */
+typedef enum {
+    SY_DROP_NONE = 0,
+    SY_DROP_OVERSIZE,         /* frame > SY_PROTO_MAX_FRAME */
+    SY_DROP_PARSE,            /* not a valid sy.Envelope (garbage, truncated) */
+    SY_DROP_VERSION,          /* envelope.version != SY_PROTO_VERSION */
+    SY_DROP_RUN_ID,           /* another run's message */
+    SY_DROP_INCARNATION,      /* stamped with another coordinator incarnation */
+    SY_DROP_STALE_GENERATION, /* a result (StepDone, CheckpointPart, Fault) of another generation */
+    SY_DROP_UNKNOWN_WORKER,   /* from a sender that has not registered (Hello) */
+    SY_DROP_UNKNOWN_MESSAGE,  /* no body, or a body this side never receives */
+    SY_DROP_UNEXPECTED,       /* a valid message the receiver's state does not expect */
+    SY_DROP_INVALID,          /* well-formed but with invalid contents (bad field values) */
+    SY_DROP_BAD_FRAME,        /* wrong number of ZeroMQ frames, empty frame, identity mismatch */
+    SY_DROP_AUTH,             /* names a registered worker but fails its proof (session secret,
+                               * CURVE public key): an impostor or a stale process */
+    SY_DROP__COUNT
+} sy_proto_drop;
+
+/* Label of a reason ("oversize", "parse", ...); "unknown" out of range. */
+const char *sy_proto_drop_name(sy_proto_drop reason);
+/* Name of a body case ("hello", "step_done", ...; "none" when unset). */
+const char *sy_proto_body_name(Sy__Envelope__BodyCase body);
+
+/* Initialises the whole of env (sy__envelope__init: the body is cleared too) with version,
+ * run id (borrowed, not copied), incarnation and generation. Call it first, then set body_case
+ * and the body pointer. */
+void sy_proto_init(Sy__Envelope *env, const char *run_id, uint64_t incarnation,
+                   uint64_t generation);
+
+/* Serialises env into a malloc'ed buffer. SY_EINVAL if it would exceed SY_PROTO_MAX_FRAME. */
+sy_status sy_proto_pack(const Sy__Envelope *env, void **buf, size_t *len);
+
+/* Parses one frame. Returns SY_DROP_NONE and sets *out (free with sy_proto_free), or a drop
+ * reason (oversize, parse, version; invalid for an Assign whose rank, peers or placement do
+ * not fit its world) with *out = NULL and a message in sy_err_msg(). Run id, incarnation,
+ * generation and the rest of the body are the caller's to check: they depend on its state. */
+sy_proto_drop sy_proto_unpack(const void *buf, size_t len, Sy__Envelope **out);
+void sy_proto_free(Sy__Envelope *env);
+
+/* Packs env and sends it on a ZeroMQ socket without blocking (ZMQ_DONTWAIT): when routing_id
+ * is not NULL (ROUTER side) a routing frame of routing_len bytes goes first. SY_EIO when the
+ * peer is unreachable or the queue is full (message not sent), SY_EINVAL if it cannot be
+ * packed. */
+sy_status sy_proto_send(void *zsock, const void *routing_id, size_t routing_len,
+                        const Sy__Envelope *env);
+
+/* Takes one event from a ZeroMQ socket monitor (zmq_socket_monitor's PAIR), without waiting:
+ * true with *event / *value set, false when none is queued. The address frame is consumed. */
+bool sy_proto_monitor_event(void *mon, uint16_t *event, uint32_t *value);
+
+/* Balanced expert placement: owner[e] = rank of expert e, e in [0, E). Ranks own contiguous
+ * ranges; each owns E/W experts and the first E mod W ranks one more. W > E leaves the last
+ * ranks without experts. SY_EINVAL if E < 1 or W < 1. */
+sy_status sy_placement_balanced(int E, int W, uint32_t *owner);
+/* Placement that moves as few experts as possible (system spec §3, issue 5): prev[e] is the
+ * NEW rank of expert e's previous owner, or -1 if that worker is gone (prev NULL: none). Every
+ * rank gets E/W experts and E mod W ranks one more (those that held the most); each survivor
+ * keeps its experts up to that count; the others go, in expert order, to the lowest ranks with
+ * room. With no previous owners it equals sy_placement_balanced. */
+sy_status sy_placement_sticky(int E, int W, const int *prev, uint32_t *owner);
+/* First expert and count owned by `rank` under the balanced placement (no array needed). */
+void sy_placement_range(int E, int W, int rank, int *first, int *count);
+
+#endif

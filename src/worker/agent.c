@@ -1,0 +1,1200 @@
+#include "worker/agent.h"
+#include "base/clock.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/sysinfo.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "backend/backend.h"
+#include "storage/ckpt.h"
+#include "comm/comm.h"
+#include "base/config.h"
+#include "backend/cpu_setup.h"
+#include "proto/curve.h"
+#include "data/data.h"
+#include "worker/dist_step.h"
+#include "base/log.h"
+#include "model/memplan.h"
+#include "model/model.h"
+#include "model/model_ckpt.h"
+#include "model/optim.h"
+#include "proto/protocol.h"
+#include "storage/store.h"
+#include "storage/store_s3.h"
+#include "model/switch_ep.h"
+
+#define SY_AGENT_VERSION "0.1.0"
+#define SY_AGENT_DEFAULT_HB_MS 500
+#define SY_AGENT_DEFAULT_COORD_TIMEOUT_MS 6000
+/* While not registered: a "still trying" line after this long, then at doubling intervals up
+ * to LINK_WAIT_LOG_MAX_MS apart. */
+#define LINK_WAIT_LOG_FIRST_MS 2000.0
+#define LINK_WAIT_LOG_MAX_MS 60000.0
+/* After SIGTERM/SIGINT the process ends within this, whatever it is doing (a step, a
+ * collective, an allocation that OpenBLAS retries): the watchdog thread exits it. */
+#define STOP_GRACE_MS 1000
+
+enum { ST_IDLE = 0, ST_TRAINING, ST_RESTORING, ST_SAVING };
+static const char *state_names[] = {"idle", "training", "restoring", "saving"};
+
+static volatile sig_atomic_t g_stop = 0;
+static void on_signal(int sig) {
+    (void)sig;
+    g_stop = 1;
+}
+
+/* The stop watchdog: once a signal has asked us to stop, the main thread has STOP_GRACE_MS to
+ * wind down (it checks between steps and every 100 ms when idle); if it is stuck in something
+ * long (a step of a big model, a collective, an allocation OpenBLAS keeps retrying), the
+ * process ends here. Signal handlers only set the flag (no async-unsafe work there). */
+static _Atomic int g_main_done = 0;
+static void *stop_watchdog(void *arg) {
+    (void)arg;
+    while (!g_stop && !atomic_load(&g_main_done)) usleep(50 * 1000);
+    for (int waited = 0; waited < STOP_GRACE_MS && !atomic_load(&g_main_done); waited += 50) usleep(50 * 1000);
+    if (atomic_load(&g_main_done)) return NULL;
+    sy_error("asked to stop (SIGTERM/SIGINT) but still busy after %d ms: exiting now", STOP_GRACE_MS);
+    fflush(stdout);
+    fflush(stderr);
+    _exit(1);
+}
+
+/* This rank's state at one of its checkpoints: parameters, AdamW moments (full buffers; only
+ * dense and the experts it owned are meaningful), the optimizer step count. */
+typedef struct {
+    float *p, *m, *v;
+    bool *owned;
+    int64_t t, step; /* step -1: empty */
+} snapshot;
+
+typedef struct {
+    const sy_agent_opts *opts;
+    char id[128], host[128], inproc[64];
+    void *zctx;
+    void *pair_main;               /* main side of the inproc pair */
+    pthread_t link;
+    bool link_started;
+    /* shared with the link thread */
+    pthread_mutex_t mu;
+    char run_id[128];              /* under mu */
+    uint64_t incarnation;          /* under mu */
+    uint8_t session[64];           /* under mu: our registration's secret (Welcome.session), echoed */
+    size_t session_len;            /* on every message (docs/protocol.md "Identities") */
+    sy_comm_t *comm;               /* under mu: aborted by the link thread */
+    _Atomic uint64_t generation;
+    _Atomic uint64_t gen_inc;      /* incarnation of the coordinator that assigned `generation`:
+                                    * a generation is named by the pair (a restarted coordinator
+                                    * counts generations from 1 again) */
+    _Atomic int64_t step;
+    _Atomic int state;
+    _Atomic unsigned state_seq;    /* bumped on every state change: the link thread reports it */
+    _Atomic int hb_ms;
+    _Atomic int coord_timeout_ms;  /* silence after which the coordinator is presumed gone */
+    _Atomic int link_stop;
+    _Atomic int refused;           /* the link thread gave up: the coordinator refuses us */
+    _Atomic int link_failed;       /* the link thread gave up: no coordinator (--connect-timeout) */
+    bool curve;                    /* CURVE keys given (immutable once the link thread runs) */
+    sy_curve_key key;              /* this worker's key pair */
+    char server_public[SY_CURVE_Z85_LEN + 1];
+    /* main thread only */
+    sy_dataplane_t *dp;
+    sy_config_t cfg;
+    bool have_cfg;
+    sy_backend_t *be;
+    sy_model_t *model;
+    sy_model_dims dims;
+    sy_adamw_t *opt;
+    sy_data_t *data;
+    sy_store_t *store;
+    sy_ep_t *ep;
+    bool *owned;
+    int32_t *tokens, *counts;
+    int rank, world;
+    /* the in-memory copy of this rank's state at its last written checkpoint */
+    snapshot snap[2];              /* two: the newest may not get committed (a failure during its
+                                    * upload); the restore point is then usually the other one */
+    int up_slot;                   /* the snapshot being uploaded */
+    char restore_note[128];
+    /* the checkpoint uploader thread: writes this rank's files from the snapshot while training
+     * goes on (checkpoint.async); at most one upload in flight */
+    pthread_t up_th;
+    bool up_started, up_quit, up_busy, up_done;
+    pthread_mutex_t up_mu;
+    pthread_cond_t up_cv;
+    int64_t up_step;
+    uint64_t up_gen, up_inc;
+    int up_rank;
+    char up_run[256];   /* the run name, copied: the config may be replaced meanwhile */
+    sy_status up_st;
+    char up_err[512];
+    json_t *up_files;
+    bool fatal;                    /* a failure that a retry cannot fix (out of memory) */
+    char fatal_msg[512];
+    void *pending;                 /* a frame received while training, handled next */
+    size_t pending_len;
+} agent_t;
+
+
+/* ---- link thread --------------------------------------------------------------------------- */
+
+/* Stamps the envelope header; the body (already set) is kept. */
+static void stamp(Sy__Envelope *env, const char *run_id, uint64_t incarnation, uint64_t generation) {
+    env->version = SY_PROTO_VERSION;
+    env->run_id = (char *)run_id;
+    env->incarnation = incarnation;
+    env->generation = generation;
+}
+
+static void link_send(agent_t *a, void *dealer, Sy__Envelope *env) {
+    pthread_mutex_lock(&a->mu);
+    /* A generation of an earlier coordinator is no generation of this one. */
+    uint64_t gen = atomic_load(&a->gen_inc) == a->incarnation ? atomic_load(&a->generation) : 0;
+    stamp(env, a->run_id, a->incarnation, gen);
+    env->session.data = a->session;
+    env->session.len = a->session_len;
+    sy_status st = sy_proto_send(dealer, NULL, 0, env);
+    pthread_mutex_unlock(&a->mu);
+    if (st != SY_OK) sy_debug("send to coordinator failed: %s", sy_err_msg());
+}
+
+/* One event of the DEALER's monitor: a failed handshake is logged (each kind once, with what
+ * to check). A refused key (ZAP) or a CURVE/plaintext mismatch ends the worker at once: libzmq
+ * does not reconnect after such a protocol error, so the worker would otherwise hang silently.
+ * Other failures (the coordinator closed the connection mid-handshake: a wrong server key, or
+ * a crash) end it after SY_AGENT_HANDSHAKE_MAX_FAILS in a row without a success in between. */
+static void link_monitor_event(agent_t *a, void *mon, int *fails, unsigned *logged) {
+    uint16_t event;
+    uint32_t value;
+    if (!sy_proto_monitor_event(mon, &event, &value)) return;
+    if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+        if (*fails) sy_info("handshake with the coordinator succeeded after %d failure(s)", *fails);
+        *fails = 0;
+        return;
+    }
+    const char *coord = a->opts->coordinator;
+    unsigned kind = 0;
+    char msg[512];
+    if (event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
+        kind = 1;
+        snprintf(msg, sizeof msg,
+                 "the coordinator %s refused our CURVE key %s (ZAP status %u): is it listed in the "
+                 "coordinator's cluster.curve_authorized_keys?",
+                 coord, a->key.public_z85, value);
+    } else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL && value == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH) {
+        kind = 2;
+        if (a->curve)
+            snprintf(msg, sizeof msg,
+                     "the coordinator %s does not use CURVE (its cluster.curve_server_key is empty) but this "
+                     "worker was given --curve-key",
+                     coord);
+        else
+            snprintf(msg, sizeof msg,
+                     "the coordinator %s requires CURVE (cluster.curve_server_key is set): start the worker with "
+                     "--curve-server-public FILE --curve-key FILE",
+                     coord);
+    } else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) {
+        kind = 3;
+        snprintf(msg, sizeof msg, "handshake with the coordinator %s failed: protocol error 0x%x", coord, value);
+    } else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) {
+        kind = 4;
+        /* a plaintext peer of a CURVE server sees this or a mechanism mismatch (kind 2): which
+         * one depends on which side reads the other's greeting first */
+        if (a->curve)
+            snprintf(msg, sizeof msg,
+                     "the coordinator %s closed the connection during the CURVE handshake: is "
+                     "--curve-server-public the coordinator's public key (cluster.curve_server_key)?",
+                     coord);
+        else
+            snprintf(msg, sizeof msg,
+                     "the coordinator %s closed the connection during the ZeroMQ handshake: if it requires CURVE "
+                     "(cluster.curve_server_key is set), start the worker with --curve-server-public FILE "
+                     "--curve-key FILE",
+                     coord);
+    } else {
+        return;
+    }
+    (*fails)++;
+    bool final = kind == 1 || kind == 2 || *fails >= SY_AGENT_HANDSHAKE_MAX_FAILS;
+    if (!(*logged & (1u << kind))) {
+        *logged |= 1u << kind;
+        sy_error("%s", msg);
+    }
+    if (final && !atomic_load(&a->refused)) {
+        sy_error("giving up: %d handshake(s) with the coordinator %s failed in a row; exiting", *fails, coord);
+        atomic_store(&a->refused, 1);
+    }
+}
+
+/* Opens the DEALER to the coordinator (routing id "ID/NONCE", CURVE keys when given) and its
+ * handshake monitor (*mon NULL when none). `n` numbers the sockets of this process: the link
+ * thread opens a fresh one whenever the coordinator has been silent (see link_main). NULL (and
+ * link_failed set) when no socket can be made. */
+static void *link_open(agent_t *a, unsigned n, void **mon) {
+    void *dealer = zmq_socket(a->zctx, ZMQ_DEALER);
+    *mon = NULL;
+    if (!dealer) {
+        sy_error("cannot create the coordinator socket: %s", zmq_strerror(errno));
+        atomic_store(&a->link_failed, 1);
+        return NULL;
+    }
+    int linger = 0;
+    int64_t maxmsg = SY_PROTO_TRANSPORT_MAX;
+    zmq_setsockopt(dealer, ZMQ_LINGER, &linger, sizeof linger);
+    /* routing id "ID/NONCE": a fresh random nonce per socket, so that no other peer can take
+     * over our route by connecting with our id (the coordinator has ROUTER_HANDOVER on, so a
+     * reconnect of this very socket takes its route back at once) */
+    char rid[sizeof a->id + 20];
+    uint64_t nonce = 0;
+    if (getrandom(&nonce, sizeof nonce, 0) != (ssize_t)sizeof nonce)
+        nonce = (uint64_t)(sy_mono_s() * 1e9) ^ ((uint64_t)getpid() << 32) ^ n;
+    snprintf(rid, sizeof rid, "%s/%016llx", a->id, (unsigned long long)nonce);
+    zmq_setsockopt(dealer, ZMQ_ROUTING_ID, rid, strlen(rid));
+    zmq_setsockopt(dealer, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
+    if (a->curve &&
+        (zmq_setsockopt(dealer, ZMQ_CURVE_SERVERKEY, a->server_public, SY_CURVE_Z85_LEN + 1) != 0 ||
+         zmq_setsockopt(dealer, ZMQ_CURVE_PUBLICKEY, a->key.public_z85, SY_CURVE_Z85_LEN + 1) != 0 ||
+         zmq_setsockopt(dealer, ZMQ_CURVE_SECRETKEY, a->key.secret_z85, SY_CURVE_Z85_LEN + 1) != 0)) {
+        sy_error("cannot set the CURVE keys on the coordinator socket: %s", zmq_strerror(errno));
+        atomic_store(&a->refused, 1);
+    }
+    /* Handshake failures show only in the socket monitor: libzmq reconnects after a dropped
+     * connection but never after a refusal, which would otherwise look like silence. */
+    char mon_ep[80];
+    snprintf(mon_ep, sizeof mon_ep, "inproc://sy-agent-monitor-%p-%u", (void *)a, n);
+    if (zmq_socket_monitor(dealer, mon_ep,
+                           ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) == 0) {
+        *mon = zmq_socket(a->zctx, ZMQ_PAIR);
+        zmq_setsockopt(*mon, ZMQ_LINGER, &linger, sizeof linger);
+        if (zmq_connect(*mon, mon_ep) != 0) {
+            zmq_close(*mon);
+            *mon = NULL;
+        }
+    }
+    if (!*mon) sy_warn("no socket monitor: a refused connection will show only as silence");
+    /* the endpoint was validated at start (sy_endpoint_check): a failure here is unexpected */
+    if (zmq_connect(dealer, a->opts->coordinator) != 0) {
+        sy_error("cannot connect to coordinator %s: %s", a->opts->coordinator, zmq_strerror(errno));
+        atomic_store(&a->link_failed, 1);
+    }
+    return dealer;
+}
+
+static void link_close(void **dealer, void **mon) {
+    if (*mon && *dealer) {
+        zmq_socket_monitor(*dealer, NULL, 0);
+        zmq_close(*mon);
+        *mon = NULL;
+    }
+    if (*dealer) zmq_close(*dealer);
+    *dealer = NULL;
+}
+
+static void *link_main(void *arg) {
+    agent_t *a = arg;
+    void *pair = zmq_socket(a->zctx, ZMQ_PAIR);
+    int linger = 0;
+    zmq_setsockopt(pair, ZMQ_LINGER, &linger, sizeof linger);
+    unsigned nsock = 0;
+    void *mon = NULL;
+    void *dealer = link_open(a, nsock++, &mon);
+    int hs_fails = 0;
+    unsigned hs_logged = 0;
+    zmq_connect(pair, a->inproc);
+
+    bool welcomed = false;
+    double last_hello = -1e18, last_hb = -1e18, last_rx = (sy_mono_s() * 1e3);
+    double unwelcomed_since = -1, next_wait_log = LINK_WAIT_LOG_FIRST_MS, wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
+    unsigned last_seq = 0;
+    bool stopped = false; /* got Stop: no more Hello or heartbeats */
+    while (dealer && !atomic_load(&a->link_stop)) {
+        zmq_pollitem_t items[] = {{dealer, 0, ZMQ_POLLIN, 0}, {pair, 0, ZMQ_POLLIN, 0}, {mon, 0, ZMQ_POLLIN, 0}};
+        zmq_poll(items, mon ? 3 : 2, 50);
+        if (mon && (items[2].revents & ZMQ_POLLIN)) link_monitor_event(a, mon, &hs_fails, &hs_logged);
+        if (items[0].revents & ZMQ_POLLIN) {
+            zmq_msg_t msg;
+            zmq_msg_init(&msg);
+            if (zmq_msg_recv(&msg, dealer, ZMQ_DONTWAIT) >= 0) {
+                last_rx = (sy_mono_s() * 1e3);
+                Sy__Envelope *env = NULL;
+                sy_proto_drop why = sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env);
+                bool forward = false;
+                if (why != SY_DROP_NONE) {
+                    sy_warn("dropped a message from the coordinator (%s): %s", sy_proto_drop_name(why), sy_err_msg());
+                } else if (env->body_case == SY__ENVELOPE__BODY_WELCOME && env->welcome->reregister) {
+                    /* The coordinator does not count us as registered (it forgot us, or was
+                     * restarted): leave any generation and send Hello now. */
+                    pthread_mutex_lock(&a->mu);
+                    bool fresh = a->incarnation != env->incarnation;
+                    a->incarnation = env->incarnation;
+                    snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
+                    /* a collective in flight would wait for peers that leave their generation
+                     * too: end it now (peers get their own Welcome within a heartbeat) */
+                    if (a->comm) sy_comm_abort(a->comm);
+                    pthread_mutex_unlock(&a->mu);
+                    if (welcomed || fresh)
+                        sy_info("coordinator %s does not count us as registered: registering again", a->opts->coordinator);
+                    welcomed = false;
+                    last_hello = -1e18;
+                    forward = true;
+                } else if (env->body_case == SY__ENVELOPE__BODY_WELCOME) {
+                    const ProtobufCBinaryData *ses = &env->welcome->session;
+                    pthread_mutex_lock(&a->mu);
+                    bool fresh = a->incarnation != env->incarnation;
+                    bool had_session = a->session_len > 0;
+                    bool new_session = ses->len != a->session_len || (ses->len && memcmp(ses->data, a->session, ses->len));
+                    a->incarnation = env->incarnation;
+                    snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
+                    if (ses->len <= sizeof a->session) {
+                        memcpy(a->session, ses->data, ses->len);
+                        a->session_len = ses->len;
+                    }
+                    /* a new registration ends the generation we were in (below): a collective
+                     * in flight would wait for peers that leave it too, so end it now */
+                    if ((fresh || (new_session && had_session)) && a->comm) sy_comm_abort(a->comm);
+                    pthread_mutex_unlock(&a->mu);
+                    if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
+                    /* a new registration (new incarnation, or the same coordinator took us back
+                     * as a newcomer) ends whatever generation we were in */
+                    forward = fresh || (new_session && had_session);
+                    if (!fresh && new_session && had_session)
+                        sy_info("coordinator %s registered us anew: leaving the current generation", a->opts->coordinator);
+                    if (fresh && welcomed) {
+                        /* a new coordinator (restarted) greets us: it does not know us yet */
+                        sy_info("coordinator %s has a new incarnation %016llx: registering again",
+                                a->opts->coordinator, (unsigned long long)env->incarnation);
+                        welcomed = false;
+                        last_hello = -1e18;
+                    } else {
+                        if (!welcomed)
+                            sy_info("registered with coordinator %s (run %s, incarnation %016llx)",
+                                    a->opts->coordinator, env->run_id, (unsigned long long)env->incarnation);
+                        welcomed = true;
+                    }
+                } else {
+                    pthread_mutex_lock(&a->mu);
+                    bool ours = env->incarnation == a->incarnation && welcomed &&
+                                (!env->run_id || !strcmp(env->run_id, a->run_id));
+                    if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT &&
+                        env->generation == atomic_load(&a->generation) && a->comm)
+                        sy_comm_abort(a->comm);
+                    /* Stop ends whatever is in flight too (a drained worker must not wait out a
+                     * collective its peers have left), and this process never registers again. */
+                    if (ours && env->body_case == SY__ENVELOPE__BODY_STOP) {
+                        if (a->comm) sy_comm_abort(a->comm);
+                        stopped = true;
+                    }
+                    pthread_mutex_unlock(&a->mu);
+                    if (!ours) sy_debug("dropped a %s of another coordinator incarnation", sy_proto_body_name(env->body_case));
+                    forward = ours;
+                }
+                if (forward) zmq_send(pair, zmq_msg_data(&msg), zmq_msg_size(&msg), ZMQ_DONTWAIT);
+                sy_proto_free(env);
+            }
+            zmq_msg_close(&msg);
+        }
+        if (items[1].revents & ZMQ_POLLIN) {
+            zmq_msg_t msg;
+            zmq_msg_init(&msg);
+            if (zmq_msg_recv(&msg, pair, ZMQ_DONTWAIT) >= 0) {
+                /* main's envelopes are packed without run id, and with the incarnation of the
+                 * coordinator that assigned their generation (0: none): stamp and resend. One
+                 * about a generation of an earlier incarnation keeps that incarnation, so the
+                 * restarted coordinator drops it instead of taking it for its own generation. */
+                Sy__Envelope *env = NULL;
+                if (sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env) == SY_DROP_NONE) {
+                    char *own = env->run_id;
+                    pthread_mutex_lock(&a->mu);
+                    env->run_id = a->run_id; /* borrowed for the send below */
+                    if (!env->incarnation) env->incarnation = a->incarnation;
+                    env->session.data = a->session;
+                    env->session.len = a->session_len;
+                    sy_proto_send(dealer, NULL, 0, env);
+                    env->session.data = NULL;
+                    env->session.len = 0;
+                    env->run_id = own;
+                    pthread_mutex_unlock(&a->mu);
+                    sy_proto_free(env);
+                }
+            }
+            zmq_msg_close(&msg);
+        }
+        double t = (sy_mono_s() * 1e3);
+        int hb = atomic_load(&a->hb_ms);
+        /* The coordinator re-sends Welcome as a keepalive (docs/protocol.md); silence means it
+         * is gone or was restarted: register again (a new incarnation answers). */
+        if (stopped) continue;
+        if (welcomed && t - last_rx > atomic_load(&a->coord_timeout_ms)) {
+            /* A fresh socket too: the old connection may be deaf in a way libzmq never reports
+             * (a peer that took over our routing id at a coordinator with ROUTER_HANDOVER, a
+             * half-open TCP connection), and a Hello sent into it would never arrive. */
+            sy_warn("no word from the coordinator for %.0f ms: reconnecting and registering again", t - last_rx);
+            link_close(&dealer, &mon);
+            if (!(dealer = link_open(a, nsock++, &mon))) break;
+            hs_fails = 0;
+            welcomed = false;
+            last_rx = t;
+            unwelcomed_since = t;
+            next_wait_log = wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
+        }
+        if (welcomed) {
+            unwelcomed_since = -1;
+        } else {
+            if (unwelcomed_since < 0) unwelcomed_since = t, next_wait_log = wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
+            double waited = t - unwelcomed_since;
+            int limit_s = a->opts->connect_timeout_s;
+            if (limit_s > 0 && waited >= limit_s * 1e3) {
+                sy_error("no answer from the coordinator %s for %d s (--connect-timeout): giving up",
+                         a->opts->coordinator, limit_s);
+                atomic_store(&a->link_failed, 1);
+                break;
+            }
+            if (waited >= next_wait_log) {
+                char limit[64] = "no time limit";
+                if (limit_s > 0) snprintf(limit, sizeof limit, "giving up after %d s, --connect-timeout", limit_s);
+                sy_warn("no answer from the coordinator %s for %.0f s: still trying (is it running and reachable at "
+                        "that address? %s)",
+                        a->opts->coordinator, waited / 1e3, limit);
+                next_wait_log = waited + wait_log_ivl;
+                wait_log_ivl = wait_log_ivl * 2 > LINK_WAIT_LOG_MAX_MS ? LINK_WAIT_LOG_MAX_MS : wait_log_ivl * 2;
+            }
+        }
+        if (!welcomed && t - last_hello >= hb) {
+            Sy__Envelope env;
+            Sy__Hello hello = SY__HELLO__INIT;
+            struct sysinfo si;
+            hello.worker_id = a->id;
+            hello.host = a->host;
+            hello.pid = (uint32_t)getpid();
+            hello.backend = (char *)(a->opts->backend ? a->opts->backend : "cpu");
+            hello.devices = 1;
+            hello.memory_bytes = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : 0;
+            hello.version = SY_AGENT_VERSION;
+            hello.auth_token = "";
+            hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
+            sy__envelope__init(&env);
+            env.body_case = SY__ENVELOPE__BODY_HELLO;
+            env.hello = &hello;
+            link_send(a, dealer, &env);
+            last_hello = t;
+        }
+        /* a heartbeat at once on a change of state (the coordinator times recovery phases) */
+        unsigned seq_now = atomic_load(&a->state_seq);
+        if (welcomed && (t - last_hb >= hb || seq_now != last_seq)) {
+            last_seq = seq_now;
+            Sy__Envelope env;
+            Sy__Heartbeat h = SY__HEARTBEAT__INIT;
+            h.step = (uint64_t)atomic_load(&a->step);
+            h.state = (char *)state_names[atomic_load(&a->state)];
+            sy__envelope__init(&env);
+            env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
+            env.heartbeat = &h;
+            link_send(a, dealer, &env);
+            last_hb = t;
+        }
+    }
+    link_close(&dealer, &mon);
+    zmq_close(pair);
+    return NULL;
+}
+
+/* ---- main thread ---------------------------------------------------------------------------- */
+
+static void set_state(agent_t *a, int st) {
+    if (atomic_exchange(&a->state, st) != st) atomic_fetch_add(&a->state_seq, 1u);
+}
+
+/* Sends an envelope to the coordinator through the link thread. */
+static void agent_send_gen(agent_t *a, Sy__Envelope *env, uint64_t inc, uint64_t gen) {
+    stamp(env, "", inc, gen);
+    void *buf = NULL;
+    size_t len = 0;
+    if (sy_proto_pack(env, &buf, &len) == SY_OK) zmq_send(a->pair_main, buf, len, 0);
+    free(buf);
+}
+
+static void agent_send(agent_t *a, Sy__Envelope *env) {
+    stamp(env, "", atomic_load(&a->gen_inc), atomic_load(&a->generation));
+    void *buf = NULL;
+    size_t len = 0;
+    if (sy_proto_pack(env, &buf, &len) == SY_OK) zmq_send(a->pair_main, buf, len, 0);
+    free(buf);
+}
+
+static void send_fault_gen(agent_t *a, const char *kind, const char *detail, int peer, int64_t step,
+                           uint64_t inc, uint64_t gen) {
+    Sy__Envelope env;
+    Sy__Fault f = SY__FAULT__INIT;
+    f.kind = (char *)kind;
+    f.detail = (char *)detail;
+    f.peer_rank = peer;
+    f.step = (uint64_t)(step > 0 ? step : 0);
+    sy__envelope__init(&env);
+    env.body_case = SY__ENVELOPE__BODY_FAULT;
+    env.fault = &f;
+    agent_send_gen(a, &env, inc, gen);
+}
+
+static void send_fault(agent_t *a, const char *kind, const char *detail, int peer, int64_t step) {
+    send_fault_gen(a, kind, detail, peer, step, atomic_load(&a->gen_inc), atomic_load(&a->generation));
+}
+
+/* Receives one message from the link thread within timeout_ms (0: don't wait). */
+static Sy__Envelope *agent_recv(agent_t *a, int timeout_ms) {
+    if (a->pending) {
+        Sy__Envelope *env = NULL;
+        sy_proto_unpack(a->pending, a->pending_len, &env);
+        free(a->pending);
+        a->pending = NULL;
+        return env;
+    }
+    zmq_pollitem_t it = {a->pair_main, 0, ZMQ_POLLIN, 0};
+    if (zmq_poll(&it, 1, timeout_ms) <= 0) return NULL;
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    Sy__Envelope *env = NULL;
+    if (zmq_msg_recv(&msg, a->pair_main, ZMQ_DONTWAIT) >= 0)
+        sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env);
+    zmq_msg_close(&msg);
+    return env;
+}
+
+static void stash(agent_t *a, const Sy__Envelope *env) {
+    free(a->pending);
+    a->pending_len = sy__envelope__get_packed_size(env);
+    a->pending = malloc(a->pending_len);
+    if (a->pending) sy__envelope__pack(env, a->pending);
+}
+
+static void snapshot_drop(agent_t *a);
+
+static void close_generation(agent_t *a) {
+    if (a->model) sy_model_set_ep(a->model, NULL, 0);
+    sy_ep_destroy(&a->ep);
+    pthread_mutex_lock(&a->mu);
+    sy_comm_destroy(&a->comm);
+    pthread_mutex_unlock(&a->mu);
+}
+
+static bool dims_equal(const sy_model_dims *x, const sy_model_dims *y) {
+    return x->V == y->V && x->T == y->T && x->D == y->D && x->L == y->L && x->H == y->H &&
+           x->F == y->F && x->E == y->E && x->S == y->S && x->B == y->B &&
+           x->capacity_factor == y->capacity_factor &&
+           x->eval_capacity_factor == y->eval_capacity_factor && x->aux_coef == y->aux_coef &&
+           x->z_coef == y->z_coef && x->jitter == y->jitter &&
+           x->expert_dropout == y->expert_dropout && x->init_scale == y->init_scale;
+}
+
+/* Builds (or keeps) the model, optimizer, data and store for the Assign's config. */
+static void upload_collect(agent_t *a, bool block);
+
+static sy_status setup(agent_t *a, const char *config_json) {
+    upload_collect(a, false);
+    json_error_t jerr;
+    json_t *j = json_loads(config_json ? config_json : "", 0, &jerr);
+    if (!j) return sy_err_set(SY_EINVAL, "Assign: config is not JSON: %s", jerr.text);
+    sy_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    sy_status st = sy_config_defaults(&cfg);
+    if (st == SY_OK) st = sy_config_from_json(&cfg, j);
+    json_decref(j);
+    if (st == SY_OK && a->opts->threads > 0) cfg.train.threads = a->opts->threads;
+    int cores = sy_cpu_count();
+    if (st == SY_OK && cfg.train.threads > cores) {
+        /* the run's config is written for every machine of the cluster: cap it at ours */
+        sy_warn("train.threads %d is more than the %d core(s) this worker may use: using %d", cfg.train.threads,
+                cores, cores);
+        cfg.train.threads = cores;
+    }
+    if (st == SY_OK) st = sy_config_validate(&cfg);
+    if (st != SY_OK) {
+        sy_config_free(&cfg);
+        return sy_err_prefix(st, "Assign: config");
+    }
+    if (a->have_cfg) sy_config_free(&a->cfg);
+    a->cfg = cfg;
+    a->have_cfg = true;
+
+    sy_model_dims d = sy_model_dims_from_config(&a->cfg);
+    bool bf16 = a->cfg.train.precision == SY_PREC_BF16;
+    bool rebuild = !a->model || !dims_equal(&d, &a->dims) || a->be->bf16 != bf16;
+    bool new_store = !a->store || strcmp(sy_store_url(a->store), a->cfg.checkpoint.store) != 0;
+    /* the uploader reads the model's table, the store and the snapshot: let it finish first
+     * when they are about to go (a recovery with the same model does not wait for it) */
+    if (rebuild || new_store) upload_collect(a, true);
+    if (rebuild) {
+        snapshot_drop(a);
+        sy_adamw_destroy(&a->opt);
+        sy_model_destroy(&a->model);
+        sy_backend_destroy(&a->be);
+        free(a->tokens), free(a->counts), free(a->owned);
+        a->tokens = NULL, a->counts = NULL, a->owned = NULL;
+        /* a config too big for this machine is a clear error, not the OOM killer (memplan.h) */
+        SY_CHECK(sy_memplan_check(&a->cfg, 1));
+        SY_CHECK(sy_backend_cpu_new(a->cfg.train.threads, bf16, &a->be));
+        SY_CHECK(sy_model_new(&d, a->be, &a->model));
+        a->dims = d;
+        a->tokens = malloc(sizeof(int32_t) * (size_t)d.B * (d.T + 1));
+        a->counts = calloc((size_t)(sy_model_n_switch(a->model) + 1) * d.E, sizeof(int32_t));
+        a->owned = calloc((size_t)d.E, sizeof(bool));
+        if (!a->tokens || !a->counts || !a->owned) return sy_err_set(SY_ENOMEM, "out of memory");
+    }
+    sy_adamw_destroy(&a->opt);
+    SY_CHECK(sy_adamw_new(a->model, &a->cfg, &a->opt));
+    sy_data_destroy(&a->data);
+    SY_CHECK(sy_data_open((const char *const *)a->cfg.data.train.items, a->cfg.data.train.n,
+                          a->cfg.model.vocab_size, a->cfg.model.seq_len, &a->data));
+    if (new_store) {
+        sy_store_destroy(&a->store);
+        SY_CHECK(sy_store_open_config(&a->cfg, &a->store));
+    }
+    return SY_OK;
+}
+
+typedef enum { RUN_DONE, RUN_ABORTED, RUN_FAILED, RUN_STOP, RUN_NEXT } run_end;
+
+/* "0-2,5" style list of the experts set in mask. */
+static void experts_string(char *buf, size_t cap, const bool *mask, int E) {
+    size_t n = 0;
+    buf[0] = 0;
+    for (int e = 0; e < E && n + 16 < cap; e++) {
+        if (!mask[e]) continue;
+        int f = e;
+        while (e + 1 < E && mask[e + 1]) e++;
+        n += (size_t)snprintf(buf + n, cap - n, "%s%d", n ? "," : "", f);
+        if (e > f) n += (size_t)snprintf(buf + n, cap - n, "-%d", e);
+    }
+    if (!buf[0]) snprintf(buf, cap, "none");
+}
+
+/* Keeps this rank's state of a checkpoint it wrote (system spec §3: a survivor restores from
+ * its in-memory copy where it holds one and fetches from the store only what it newly owns). */
+static void snapshot_drop(agent_t *a) {
+    for (int k = 0; k < 2; k++) {
+        snapshot *sn = &a->snap[k];
+        free(sn->p), free(sn->m), free(sn->v), free(sn->owned);
+        memset(sn, 0, sizeof *sn);
+        sn->step = -1;
+    }
+}
+
+/* Copies the live state into the older snapshot slot (never the one an upload reads: callers
+ * collect the upload first). Returns the slot, or -1 without memory. */
+static int snapshot_take(agent_t *a, int64_t step) {
+    size_t n = sy_model_numel(a->model);
+    const int E = a->dims.E;
+    int k = a->snap[0].step <= a->snap[1].step ? 0 : 1;
+    snapshot *sn = &a->snap[k];
+    if (!sn->p) {
+        sn->p = malloc(sizeof(float) * n);
+        sn->m = malloc(sizeof(float) * n);
+        sn->v = malloc(sizeof(float) * n);
+        sn->owned = calloc((size_t)E, sizeof(bool));
+        if (!sn->p || !sn->m || !sn->v || !sn->owned) {
+            free(sn->p), free(sn->m), free(sn->v), free(sn->owned);
+            memset(sn, 0, sizeof *sn);
+            sn->step = -1;
+            sy_err_set(SY_ENOMEM, "no memory for the in-memory checkpoint copy");
+            return -1;
+        }
+    }
+    memcpy(sn->p, sy_model_params(a->model), sizeof(float) * n);
+    memcpy(sn->m, sy_adamw_m(a->opt), sizeof(float) * n);
+    memcpy(sn->v, sy_adamw_v(a->opt), sizeof(float) * n);
+    memcpy(sn->owned, a->owned, sizeof(bool) * (size_t)E);
+    sn->t = sy_adamw_t_count(a->opt);
+    sn->step = step;
+    return k;
+}
+
+/* Copies parameter p of a snapshot (params and moments) into the live buffers. */
+static void snapshot_copy_param(agent_t *a, const snapshot *sn, const sy_param_t *p) {
+    memcpy(sy_model_params(a->model) + p->offset, sn->p + p->offset, sizeof(float) * p->numel);
+    memcpy(sy_adamw_m(a->opt) + p->offset, sn->m + p->offset, sizeof(float) * p->numel);
+    memcpy(sy_adamw_v(a->opt) + p->offset, sn->v + p->offset, sizeof(float) * p->numel);
+}
+
+/* Loads checkpoint `step` for the experts this rank owns now: from the in-memory copy what it
+ * has (dense + experts it owned when it wrote that checkpoint), the rest from the store. */
+static sy_status restore(agent_t *a, int64_t step) {
+    const int E = a->dims.E;
+    const snapshot *sn = a->snap[0].step == step && a->snap[0].p   ? &a->snap[0]
+                         : a->snap[1].step == step && a->snap[1].p ? &a->snap[1]
+                                                                   : NULL;
+    if (!sn) {
+        SY_CHECK(sy_model_ckpt_load(a->store, a->cfg.run.name, step, a->model, a->opt, a->owned));
+        snprintf(a->restore_note, sizeof a->restore_note, "from the store");
+        return SY_OK;
+    }
+    bool need[E > 0 ? E : 1];
+    int from_mem = 0, from_store = 0;
+    for (int e = 0; e < E; e++) {
+        need[e] = a->owned[e] && !sn->owned[e];
+        from_store += need[e];
+        from_mem += a->owned[e] && sn->owned[e];
+    }
+    if (from_store > 0)
+        SY_CHECK(sy_model_ckpt_load_experts(a->store, a->cfg.run.name, step, a->model, a->opt, need));
+    for (int i = 0; i < sy_model_n_params(a->model); i++) {
+        const sy_param_t *p = sy_model_param(a->model, i);
+        if (p->expert < 0 || (a->owned[p->expert] && sn->owned[p->expert])) snapshot_copy_param(a, sn, p);
+    }
+    sy_adamw_set_t_count(a->opt, sn->t);
+    sy_model_weights_changed(a->model);
+    snprintf(a->restore_note, sizeof a->restore_note, "dense and %d expert(s) from memory, %d from the store",
+             from_mem, from_store);
+    return SY_OK;
+}
+
+/* Writes this rank's checkpoint files of `step` from the snapshot buffers (rank 0: dense +
+ * owned experts; others: owned experts). *files: the JSON list for CheckpointPart (NULL when
+ * the step is already committed). Runs on the uploader thread. */
+static sy_status write_part(agent_t *a, int rank, int64_t step, json_t **files) {
+    sy_model_ckpt_plan plan;
+    *files = NULL;
+    const snapshot *sn = &a->snap[a->up_slot];
+    SY_CHECK(sy_model_ckpt_plan_new(a->model, sn->p, sn->m, sn->v, sn->owned, &plan));
+    int skip = rank == 0 ? 0 : 2; /* the dense files come first in the plan */
+    sy_status st = SY_OK;
+    if (plan.n - skip > 0)
+        st = sy_ckpt_write_part(a->store, a->up_run, step, plan.groups + skip, plan.n - skip, files);
+    else
+        *files = json_array(); /* a rank without experts still reports its (empty) part */
+    sy_model_ckpt_plan_free(&plan);
+    if (st == SY_EEXIST) { /* already committed (a re-run after a recovery): nothing to add */
+        json_decref(*files);
+        *files = NULL;
+        return SY_OK;
+    }
+    return st;
+}
+
+static void *uploader_main(void *arg) {
+    agent_t *a = arg;
+    pthread_mutex_lock(&a->up_mu);
+    for (;;) {
+        while (!a->up_quit && !(a->up_busy && !a->up_done)) pthread_cond_wait(&a->up_cv, &a->up_mu);
+        if (a->up_quit) break;
+        int64_t step = a->up_step;
+        int rank = a->up_rank;
+        pthread_mutex_unlock(&a->up_mu);
+        json_t *files = NULL;
+        sy_status st = write_part(a, rank, step, &files);
+        pthread_mutex_lock(&a->up_mu);
+        a->up_st = st;
+        snprintf(a->up_err, sizeof a->up_err, "%s", st == SY_OK ? "" : sy_err_msg());
+        a->up_files = files;
+        a->up_done = true;
+        pthread_cond_broadcast(&a->up_cv);
+    }
+    pthread_mutex_unlock(&a->up_mu);
+    return NULL;
+}
+
+/* Sends CheckpointPart(step) stamped with the generation that wrote it. */
+static void send_part(agent_t *a, uint64_t inc, uint64_t gen, int64_t step, json_t *files) {
+    size_t n = json_array_size(files);
+    Sy__ObjectInfo *objs = calloc(n ? n : 1, sizeof *objs);
+    Sy__ObjectInfo **ptrs = calloc(n ? n : 1, sizeof *ptrs);
+    for (size_t i = 0; i < n && objs && ptrs; i++) {
+        json_t *f = json_array_get(files, i);
+        sy__object_info__init(&objs[i]);
+        objs[i].name = (char *)json_string_value(json_object_get(f, "name"));
+        objs[i].size = (uint64_t)json_integer_value(json_object_get(f, "size"));
+        objs[i].sha256 = (char *)json_string_value(json_object_get(f, "sha256"));
+        ptrs[i] = &objs[i];
+    }
+    Sy__Envelope env;
+    Sy__CheckpointPart cp = SY__CHECKPOINT_PART__INIT;
+    cp.step = (uint64_t)step;
+    cp.n_objects = objs && ptrs ? n : 0;
+    cp.objects = ptrs;
+    sy__envelope__init(&env);
+    env.body_case = SY__ENVELOPE__BODY_CHECKPOINT_PART;
+    env.checkpoint_part = &cp;
+    agent_send_gen(a, &env, inc, gen);
+    free(objs);
+    free(ptrs);
+}
+
+/* Takes the result of a finished upload (waits for one in flight when `block`) and reports it:
+ * CheckpointPart, or Fault(storage) so the coordinator never commits a partial checkpoint. */
+static void upload_collect(agent_t *a, bool block) {
+    if (!a->up_started) return;
+    pthread_mutex_lock(&a->up_mu);
+    if (a->up_busy && !a->up_done && block)
+        while (!a->up_done) pthread_cond_wait(&a->up_cv, &a->up_mu);
+    bool have = a->up_busy && a->up_done;
+    int64_t step = a->up_step;
+    uint64_t gen = a->up_gen, inc = a->up_inc;
+    sy_status st = a->up_st;
+    char err[512];
+    snprintf(err, sizeof err, "%s", a->up_err);
+    json_t *files = a->up_files;
+    if (have) {
+        a->up_busy = a->up_done = false;
+        a->up_files = NULL;
+    }
+    pthread_mutex_unlock(&a->up_mu);
+    if (!have) return;
+    if (st == SY_OK && files) {
+        send_part(a, inc, gen, step, files);
+    } else if (st != SY_OK) {
+        char detail[700];
+        snprintf(detail, sizeof detail, "checkpoint step %lld: %s", (long long)step, err);
+        sy_error("%s", detail);
+        send_fault_gen(a, "storage", detail, -1, step, inc, gen);
+    }
+    json_decref(files);
+}
+
+/* Checkpoint `step`: copy the state into the snapshot (the training stall), then write the files
+ * in the background (checkpoint.async) or right away. */
+static bool upload_busy(agent_t *a) {
+    if (!a->up_started) return false;
+    pthread_mutex_lock(&a->up_mu);
+    bool b = a->up_busy;
+    pthread_mutex_unlock(&a->up_mu);
+    return b;
+}
+
+static sy_status save_checkpoint(agent_t *a, int64_t step) {
+    set_state(a, ST_SAVING);
+    upload_collect(a, false);
+    if (upload_busy(a) && a->cfg.checkpoint.on_busy == SY_ONBUSY_SKIP) {
+        sy_warn("checkpoint step %lld skipped: the previous upload is still in flight (checkpoint.on_busy skip)",
+                (long long)step);
+        return SY_OK;
+    }
+    upload_collect(a, true); /* at most one in flight; a snapshot is about to change */
+    int slot = snapshot_take(a, step);
+    if (slot < 0) return SY_ENOMEM;
+    if (!a->up_started) {
+        if (pthread_create(&a->up_th, NULL, uploader_main, a) != 0)
+            return sy_err_set(SY_EINTERNAL, "cannot start the checkpoint uploader thread");
+        a->up_started = true;
+    }
+    pthread_mutex_lock(&a->up_mu);
+    snprintf(a->up_run, sizeof a->up_run, "%s", a->cfg.run.name);
+    a->up_slot = slot;
+    a->up_step = step;
+    a->up_gen = atomic_load(&a->generation);
+    a->up_inc = atomic_load(&a->gen_inc);
+    a->up_rank = a->rank;
+    a->up_busy = true;
+    a->up_done = false;
+    pthread_cond_broadcast(&a->up_cv);
+    pthread_mutex_unlock(&a->up_mu);
+    if (!a->cfg.checkpoint.async) upload_collect(a, true);
+    return SY_OK;
+}
+
+static void send_step_done(agent_t *a, int64_t step, const sy_step_result *r, double ms) {
+    const int nsw = sy_model_n_switch(a->model), E = a->dims.E;
+    Sy__LayerCounts *lc = calloc((size_t)(nsw ? nsw : 1), sizeof *lc);
+    Sy__LayerCounts **lcp = calloc((size_t)(nsw ? nsw : 1), sizeof *lcp);
+    uint32_t *vals = calloc((size_t)(nsw ? nsw : 1) * E, sizeof *vals);
+    for (int l = 0; l < nsw; l++) {
+        sy__layer_counts__init(&lc[l]);
+        for (int e = 0; e < E; e++) vals[l * E + e] = (uint32_t)r->counts[l * E + e];
+        lc[l].n_counts = (size_t)E;
+        lc[l].counts = vals + (size_t)l * E;
+        lcp[l] = &lc[l];
+    }
+    Sy__Envelope env;
+    Sy__StepDone sd = SY__STEP_DONE__INIT;
+    sd.step = (uint64_t)step;
+    sd.ce = r->ce, sd.aux = r->aux, sd.z = r->z;
+    sd.tokens = (uint64_t)r->tokens;
+    sd.n_expert_counts = (size_t)nsw;
+    sd.expert_counts = lcp;
+    sd.dropped = (uint64_t)r->dropped;
+    sd.routed = (uint64_t)r->routed;
+    sd.step_ms = ms;
+    sd.grad_norm = r->grad_norm;
+    sd.lr = r->lr;
+    sd.micro_batches = (uint32_t)r->micro_batches;
+    sy__envelope__init(&env);
+    env.body_case = SY__ENVELOPE__BODY_STEP_DONE;
+    env.step_done = &sd;
+    agent_send(a, &env);
+    free(lc), free(lcp), free(vals);
+}
+
+/* Executes one Assign. */
+static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
+    const Sy__Assign *as = env->assign;
+    uint64_t gen = env->generation;
+    close_generation(a);
+    atomic_store(&a->gen_inc, env->incarnation);
+    atomic_store(&a->generation, gen);
+    set_state(a, ST_RESTORING);
+    a->rank = (int)as->rank;
+    a->world = (int)as->world;
+    char detail[1024];
+    sy_status st;
+    if (a->world < 1 || a->rank >= a->world || (int)as->n_peers != a->world) {
+        snprintf(detail, sizeof detail, "Assign: rank %d of world %d with %zu peers", a->rank, a->world, as->n_peers);
+        send_fault(a, "internal", detail, -1, 0);
+        return RUN_FAILED;
+    }
+    st = setup(a, as->config_json);
+    if (st == SY_ENOMEM) {
+        /* the next Assign of this config would fail the same way: report it and leave */
+        a->fatal = true;
+        snprintf(a->fatal_msg, sizeof a->fatal_msg, "%s", sy_err_msg());
+    }
+    if (st != SY_OK) goto fail;
+    atomic_store(&a->coord_timeout_ms, 2 * a->cfg.cluster.failure_timeout_ms);
+    const int E = a->dims.E;
+    if ((int)as->n_placement != E) {
+        sy_err_set(SY_EINVAL, "Assign: placement has %zu entries for %d experts", as->n_placement, E);
+        goto fail;
+    }
+    for (int e = 0; e < E; e++) a->owned[e] = (int)as->placement[e] == a->rank;
+    pthread_mutex_lock(&a->mu);
+    st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+                               a->cfg.cluster.data_timeout_ms, &a->comm);
+    pthread_mutex_unlock(&a->mu);
+    if (st != SY_OK) goto fail;
+    if (a->world > 1 && sy_model_n_switch(a->model) > 0) {
+        if (sy_ep_new(a->be, a->comm, as->placement, E, a->dims.D, a->dims.F, a->dims.B * a->dims.T,
+                      sy_model_n_switch(a->model), &a->ep) != SY_OK)
+            goto fail;
+        sy_model_set_ep(a->model, a->ep, a->rank);
+    }
+    char owned_s[256];
+    experts_string(owned_s, sizeof owned_s, a->owned, E);
+    if (as->restore_step >= 0) {
+        if (restore(a, as->restore_step) != SY_OK) goto fail;
+        sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s",
+                (unsigned long long)gen, a->rank, a->world, (long long)as->restore_step,
+                a->restore_note, owned_s);
+    } else {
+        sy_model_init(a->model, a->cfg.run.seed);
+        sy_info("generation %llu: rank %d/%d, fresh start, experts %s", (unsigned long long)gen,
+                a->rank, a->world, owned_s);
+    }
+    atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
+
+    sy_dist_ctx ctx = {.cfg = &a->cfg, .model = a->model, .opt = a->opt, .data = a->data,
+                       .comm = a->comm, .owned = a->owned, .tokens = a->tokens};
+    int64_t ckpt_now = -1;
+    for (int64_t step = (int64_t)as->start_step; step <= (int64_t)as->end_step; step++) {
+        /* control messages between steps */
+        Sy__Envelope *m;
+        while ((m = agent_recv(a, 0)) != NULL) {
+            run_end r = RUN_DONE;
+            bool leave = false;
+            switch (m->body_case) {
+            case SY__ENVELOPE__BODY_ABORT:
+                if (m->generation == gen) r = RUN_ABORTED, leave = true;
+                break;
+            case SY__ENVELOPE__BODY_STOP: r = RUN_STOP, leave = true; break;
+            case SY__ENVELOPE__BODY_ASSIGN:
+            case SY__ENVELOPE__BODY_WELCOME:
+                stash(a, m);
+                r = RUN_NEXT, leave = true;
+                break;
+            case SY__ENVELOPE__BODY_CHECKPOINT_NOW:
+                ckpt_now = (int64_t)m->checkpoint_now->step;
+                break;
+            default: break;
+            }
+            sy_proto_free(m);
+            if (leave) {
+                close_generation(a);
+                set_state(a, ST_IDLE);
+                return r;
+            }
+        }
+        if (g_stop || atomic_load(&a->link_failed)) return RUN_STOP;
+        upload_collect(a, false);
+        set_state(a, ST_TRAINING);
+        a->counts[0] = 0;
+        sy_step_result res = {.counts = a->counts};
+        double t0 = (sy_mono_s() * 1e3);
+        st = sy_dist_step(&ctx, step, &res);
+        if (st != SY_OK) {
+            if (st == SY_EABORTED) {
+                sy_info("generation %llu aborted during step %lld", (unsigned long long)gen, (long long)step);
+                close_generation(a);
+                set_state(a, ST_IDLE);
+                return RUN_ABORTED;
+            }
+            sy_error("step %lld failed: %s", (long long)step, sy_err_msg());
+            send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(), -1, step);
+            close_generation(a);
+            set_state(a, ST_IDLE);
+            return RUN_FAILED;
+        }
+        send_step_done(a, step, &res, (sy_mono_s() * 1e3) - t0);
+        atomic_store(&a->step, step);
+        bool due = (a->cfg.checkpoint.every > 0 && step % a->cfg.checkpoint.every == 0) ||
+                   step == (int64_t)as->end_step || step == ckpt_now;
+        if (due && save_checkpoint(a, step) != SY_OK) {
+            snprintf(detail, sizeof detail, "checkpoint step %lld: %s", (long long)step, sy_err_msg());
+            sy_error("%s", detail);
+            send_fault(a, "storage", detail, -1, step);
+        }
+    }
+    set_state(a, ST_IDLE);
+    return RUN_DONE;
+fail:
+    snprintf(detail, sizeof detail, "%s", sy_err_msg());
+    sy_error("generation %llu: %s", (unsigned long long)gen, detail);
+    send_fault(a, "internal", detail, -1, 0);
+    close_generation(a);
+    set_state(a, ST_IDLE);
+    return RUN_FAILED;
+}
+
+int sy_agent_run(const sy_agent_opts *opts) {
+    agent_t a;
+    memset(&a, 0, sizeof a);
+    a.opts = opts;
+    a.snap[0].step = a.snap[1].step = -1;
+    int rc = 1;
+    gethostname(a.host, sizeof a.host - 1);
+    if (opts->id) snprintf(a.id, sizeof a.id, "%s", opts->id);
+    else if (snprintf(a.id, sizeof a.id, "%.100s-%d", a.host, (int)getpid()) < 0) a.id[0] = 0;
+    char role[160];
+    if (snprintf(role, sizeof role, "worker %s", a.id) >= (int)sizeof role) role[sizeof role - 1] = 0;
+    sy_log_set_role(role);
+    pthread_mutex_init(&a.mu, NULL);
+    pthread_mutex_init(&a.up_mu, NULL);
+    pthread_cond_init(&a.up_cv, NULL);
+    atomic_store(&a.hb_ms, SY_AGENT_DEFAULT_HB_MS);
+    atomic_store(&a.coord_timeout_ms, SY_AGENT_DEFAULT_COORD_TIMEOUT_MS);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    pthread_t wd;
+    if (pthread_create(&wd, NULL, stop_watchdog, NULL) == 0) pthread_detach(wd);
+    else sy_warn("cannot start the stop watchdog thread: SIGTERM waits for the current step");
+
+    if (!opts->curve_key != !opts->curve_server_public) {
+        sy_error("--curve-key and --curve-server-public go together");
+        rc = 2;
+        goto out;
+    }
+    if (opts->curve_key) {
+        sy_curve_key server;
+        if (sy_curve_available("--curve-key") != SY_OK ||
+            sy_curve_load_key(opts->curve_key, true, &a.key) != SY_OK) {
+            sy_error("--curve-key: %s", sy_err_msg());
+            rc = 2;
+            goto out;
+        }
+        if (sy_curve_load_key(opts->curve_server_public, false, &server) != SY_OK) {
+            sy_error("--curve-server-public: %s", sy_err_msg());
+            rc = 2;
+            goto out;
+        }
+        memcpy(a.server_public, server.public_z85, sizeof a.server_public);
+        a.curve = true;
+        sy_info("control plane: CURVE, our public key %s, coordinator's %s", a.key.public_z85, a.server_public);
+    }
+    if (sy_dataplane_new(opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
+        sy_error("data plane: %s", sy_err_msg());
+        goto out;
+    }
+    a.zctx = zmq_ctx_new();
+    a.pair_main = zmq_socket(a.zctx, ZMQ_PAIR);
+    snprintf(a.inproc, sizeof a.inproc, "inproc://sy-agent-%p", (void *)&a);
+    int linger = 0;
+    zmq_setsockopt(a.pair_main, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_bind(a.pair_main, a.inproc);
+    if (pthread_create(&a.link, NULL, link_main, &a) != 0) {
+        sy_error("cannot start the link thread");
+        goto out;
+    }
+    a.link_started = true;
+    sy_info("data plane at %s; connecting to %s", sy_dataplane_endpoint(a.dp), opts->coordinator);
+
+    while (!g_stop && !atomic_load(&a.refused) && !atomic_load(&a.link_failed)) {
+        Sy__Envelope *m = agent_recv(&a, 100);
+        upload_collect(&a, false); /* a part finished after the last step is reported here */
+        if (!m) continue;
+        run_end r = RUN_DONE;
+        switch (m->body_case) {
+        case SY__ENVELOPE__BODY_ASSIGN: r = run_assign(&a, m); break;
+        case SY__ENVELOPE__BODY_STOP: r = RUN_STOP; break;
+        default: break;
+        }
+        if (r == RUN_STOP) {
+            sy_info("stop: %s", m->body_case == SY__ENVELOPE__BODY_STOP && m->stop->reason ? m->stop->reason : "asked to stop");
+            sy_proto_free(m);
+            rc = atomic_load(&a.link_failed) ? 1 : 0;
+            goto out;
+        }
+        if (r == RUN_FAILED && a.fatal) {
+            sy_error("cannot go on: %s; exiting", a.fatal_msg);
+            sy_proto_free(m);
+            rc = 1;
+            goto out;
+        }
+        sy_proto_free(m);
+    }
+    /* else SIGINT/SIGTERM: a clean exit */
+    rc = atomic_load(&a.refused) ? SY_AGENT_EXIT_REFUSED : atomic_load(&a.link_failed) ? 1 : 0;
+out:; /* a label takes a statement, not a declaration (C11) */
+    bool abandoned = false;
+    if (a.up_started) {
+        upload_collect(&a, false);
+        /* An upload still in flight at exit belongs to a checkpoint the run no longer needs
+         * (the coordinator stops workers only after the last commit): leave it as debris
+         * rather than wait out the store's retries. */
+        abandoned = upload_busy(&a);
+        if (abandoned) sy_warn("exiting with a checkpoint upload in flight (left as uncommitted debris)");
+        pthread_mutex_lock(&a.up_mu);
+        a.up_quit = true;
+        pthread_cond_broadcast(&a.up_cv);
+        pthread_mutex_unlock(&a.up_mu);
+        if (!abandoned) pthread_join(a.up_th, NULL);
+    }
+    if (a.link_started) {
+        atomic_store(&a.link_stop, 1);
+        pthread_join(a.link, NULL);
+    }
+    close_generation(&a);
+    free(a.pending);
+    sy_curve_key_wipe(&a.key);
+    if (abandoned) {
+        /* The uploader thread still reads the model, the store and the snapshot, and may sit in
+         * a store request: end the process here, without freeing them and without the atexit
+         * handlers of libraries that thread is inside (OpenSSL, libcurl). */
+        fflush(stdout);
+        fflush(stderr);
+        _exit(rc);
+    }
+    snapshot_drop(&a);
+    if (a.pair_main) zmq_close(a.pair_main);
+    if (a.zctx) zmq_ctx_term(a.zctx);
+    sy_dataplane_destroy(&a.dp);
+    sy_adamw_destroy(&a.opt);
+    sy_model_destroy(&a.model);
+    sy_backend_destroy(&a.be);
+    sy_data_destroy(&a.data);
+    sy_store_destroy(&a.store);
+    if (a.have_cfg) sy_config_free(&a.cfg);
+    free(a.tokens), free(a.counts), free(a.owned);
+    pthread_mutex_destroy(&a.mu);
+    pthread_mutex_destroy(&a.up_mu);
+    pthread_cond_destroy(&a.up_cv);
+    atomic_store(&g_main_done, 1);
+    return rc;
+}
