@@ -1,5 +1,6 @@
 /* The Switch Transformer LM (model spec §1-4): parameter table, initialisation, and the
- * forward/backward of one micro-batch through the backend ops. */
+ * forward/backward of one micro-batch through the backend ops, one block at a time (each
+ * block's forward beside its backward; sy_model_fwd_bwd at the end strings them together). */
 #include "model/model.h"
 
 #include <math.h>
@@ -330,6 +331,8 @@ void sy_model_zero_grads(sy_model_t *m) {
 #define W(i) (m->work + m->params_tab[(i)].offset)
 #define G(i) (m->grads + m->params_tab[(i)].offset)
 #define A(i) (m->acc + m->params_tab[(i)].offset)
+/* fp32 master weights: the router reads these in every precision (spec §4) */
+#define P(i) (m->params + m->params_tab[(i)].offset)
 
 static void set_experts(sy_model_t *m, const block_ids *b) {
     for (int e = 0; e < m->d.E; e++) {
@@ -337,87 +340,277 @@ static void set_experts(sy_model_t *m, const block_ids *b) {
         m->ex[e].W2 = W(b->ex_proj[e]);
         m->ex[e].dW1 = G(b->ex_fc[e]);
         m->ex[e].dW2 = G(b->ex_proj[e]);
-        m->ex[e].acc1 = m->acc + m->params_tab[b->ex_fc[e]].offset;
-        m->ex[e].acc2 = m->acc + m->params_tab[b->ex_proj[e]].offset;
+        m->ex[e].acc1 = A(b->ex_fc[e]);
+        m->ex[e].acc2 = A(b->ex_proj[e]);
     }
 }
 
-/* Forward through the blocks and the final LayerNorm and LM head; leaves logits in m->logits.
- * Returns the summed aux_group and z_group over Switch layers (uncoefficiented). */
-static sy_status forward(sy_model_t *m, const int32_t *tokens, bool train, sy_draw_key key,
-                         double *aux_sum, double *z_sum, int64_t *routed, int64_t *dropped) {
-    sy_backend_t *be = m->be;
-    const sy_model_dims *d = &m->d;
-    const int T = d->T, D = d->D, F = d->F, B = d->B, H = d->H, V = d->V;
-    const int N = B * T;
+/* Routing results of one forward, summed over the Switch layers. */
+typedef struct {
+    double aux, z;           /* Σ aux_group, Σ z_group (uncoefficiented) */
+    int64_t routed, dropped; /* tokens routed, of which dropped by capacity */
+} route_sums;
+
+/* The blocks of the model, each a forward and its backward side by side (spec §1-2), for the
+ * N = B·T tokens of one micro-batch. A forward saves what its backward reads (in m->act[l] or
+ * the model) and writes its output; a backward reads the gradient of its output from m->dx
+ * [N,D] and leaves there the gradient of its input. Weight gradients of the GEMM weights and
+ * experts go straight into the fp64 accumulator A() (matmul_bwd_acc64); those of the
+ * LayerNorms, router and embeddings into the fp32 grads G(), which fwd_bwd zeroes before the
+ * backward and adds into A() after it. Scratch: m->tmp [N,D] a sublayer's branch output,
+ * m->dln [N,D] the gradient of a LayerNorm output. */
+
+/* residual: out [N,D] = x + y. Its backward is the identity: dx passes through, and each
+ * sublayer's LayerNorm backward adds the branch's gradient into it (layernorm_bwd: dx +=). */
+static void residual_forward(sy_backend_t *be, float *out, const float *x, const float *y,
+                             size_t n) {
+    memcpy(out, x, sizeof(float) * n);
+    be->add_inplace(be, out, y, n);
+}
+
+/* ---- embedding ---- */
+
+/* tokens [B,T+1] windows → inp [N] (positions 0..T-1), tgt [N] (positions 1..T) */
+static void split_tokens(sy_model_t *m, const int32_t *tokens) {
+    const int T = m->d.T, B = m->d.B;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             m->inp[b * T + t] = tokens[(size_t)b * (T + 1) + t];
             m->tgt[b * T + t] = tokens[(size_t)b * (T + 1) + t + 1];
         }
-    *aux_sum = *z_sum = 0.0;
-    *routed = *dropped = 0;
-    be->embed_fwd(be, m->act[0].x_in, m->inp, W(m->wte), W(m->wpe), N, T, D);
-    for (int l = 0; l < d->L; l++) {
-        block_acts *a = &m->act[l];
-        const block_ids *bi = &m->blk[l];
-        float *x_next = l + 1 < d->L ? m->act[l + 1].x_in : m->x_out;
-        be->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, a->x_in, W(bi->ln1), N, D);
-        be->matmul_fwd(be, a->qkv, a->ln1, W(bi->qkv), N, D, 3 * D);
-        be->attention_fwd(be, a->atty, a->att, a->qkv, B, T, D, H);
-        be->matmul_fwd(be, m->tmp, a->atty, W(bi->proj), N, D, D);
-        memcpy(a->x_mid, a->x_in, sizeof(float) * (size_t)N * D);
-        be->add_inplace(be, a->x_mid, m->tmp, (size_t)N * D);
-        be->layernorm_fwd(be, a->ln2, a->ln2_mean, a->ln2_rstd, a->x_mid, W(bi->ln2), N, D);
-        if (bi->sw_index < 0) {
-            be->matmul_fwd(be, a->fc_pre, a->ln2, W(bi->fc), N, D, F);
-            be->gelu_fwd(be, a->fc_act, a->fc_pre, (size_t)N * F);
-            be->matmul_fwd(be, m->tmp, a->fc_act, W(bi->fproj), N, F, D);
-        } else {
-            sy_switch_key k = {key.seed, key.step, key.micro, l};
-            double cf = train ? d->capacity_factor : d->eval_capacity_factor;
-            sy_switch_route(a->sw, a->ln2, m->params + m->params_tab[bi->router].offset, cf,
-                            train ? d->jitter : 0.0, k);
-            sy_switch_dispatch(a->sw, a->ln2);
-            set_experts(m, bi);
-            double p_drop = train ? d->expert_dropout : 0.0;
-            if (m->ep) {
-                sy_switch_key kr = k;
-                kr.micro = key.micro - m->ep_rank; /* the round's first micro-batch */
-                SY_CHECK(sy_ep_forward(m->ep, a->sw, bi->sw_index, m->ex, p_drop, kr));
-            } else {
-                sy_switch_experts(a->sw, m->ex, 0, d->E, p_drop, k);
-            }
-            sy_switch_combine(a->sw, m->tmp);
-            sy_switch_info info = sy_switch_get_info(a->sw);
-            *aux_sum += info.aux_group;
-            *z_sum += info.z_group;
-            *routed += info.G;
-            *dropped += info.G - info.n_kept;
-            memcpy(m->counts + (size_t)bi->sw_index * d->E, info.counts,
-                   sizeof(int32_t) * d->E);
-        }
-        memcpy(x_next, a->x_mid, sizeof(float) * (size_t)N * D);
-        be->add_inplace(be, x_next, m->tmp, (size_t)N * D);
+}
+
+/* x [N,D] = wte[inp] + wpe[t] */
+static void embed_forward(sy_model_t *m, float *x) {
+    const int T = m->d.T, D = m->d.D, N = m->d.B * T;
+    m->be->embed_fwd(m->be, x, m->inp, W(m->wte), W(m->wpe), N, T, D);
+}
+
+/* dx [N,D] → dwte [V,D] += (on top of the LM head's share), dwpe [T,D] += (grads) */
+static void embed_backward(sy_model_t *m) {
+    const int T = m->d.T, D = m->d.D, N = m->d.B * T;
+    m->be->embed_bwd(m->be, G(m->wte), G(m->wpe), m->dx, m->inp, N, T, D);
+}
+
+/* ---- attention sublayer of block l: x_mid = x_in + proj(attention(qkv(ln1(x_in)))) ---- */
+
+/* x_in [N,D] → x_mid [N,D]; saves ln1 [N,D] (+ mean, rstd [N]), qkv [N,3D], att [B,H,T,T],
+ * atty [N,D] */
+static void attn_forward(sy_model_t *m, int l) {
+    sy_backend_t *be = m->be;
+    const int T = m->d.T, D = m->d.D, B = m->d.B, H = m->d.H, N = B * T;
+    block_acts *a = &m->act[l];
+    const block_ids *bi = &m->blk[l];
+    be->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, a->x_in, W(bi->ln1), N, D);
+    be->matmul_fwd(be, a->qkv, a->ln1, W(bi->qkv), N, D, 3 * D);
+    be->attention_fwd(be, a->atty, a->att, a->qkv, B, T, D, H);
+    be->matmul_fwd(be, m->tmp, a->atty, W(bi->proj), N, D, D);
+    residual_forward(be, a->x_mid, a->x_in, m->tmp, (size_t)N * D);
+}
+
+/* dx [N,D]: d x_mid in, d x_in out. dWproj [D,D] and dWqkv [3D,D] into the accumulator,
+ * dln1 [D] into grads. */
+static void attn_backward(sy_model_t *m, int l) {
+    sy_backend_t *be = m->be;
+    const int T = m->d.T, D = m->d.D, B = m->d.B, H = m->d.H, N = B * T;
+    block_acts *a = &m->act[l];
+    const block_ids *bi = &m->blk[l];
+    be->matmul_bwd_acc64(be, m->datty, G(bi->proj), A(bi->proj), m->dx, a->atty, W(bi->proj),
+                         N, D, D);                                      /* datty [N,D] */
+    be->attention_bwd(be, m->dqkv, m->datty, a->att, a->qkv, B, T, D, H); /* dqkv [N,3D] */
+    be->matmul_bwd_acc64(be, m->dln, G(bi->qkv), A(bi->qkv), m->dqkv, a->ln1, W(bi->qkv), N, D,
+                         3 * D);                                        /* dln [N,D] */
+    be->layernorm_bwd(be, m->dx, G(bi->ln1), m->dln, a->x_in, W(bi->ln1), a->ln1_mean,
+                      a->ln1_rstd, N, D);
+}
+
+/* ---- dense FFN sublayer of block l: out = x_mid + fproj(gelu(fc(ln2(x_mid)))) ---- */
+
+/* x_mid [N,D] → out [N,D]; saves ln2 [N,D] (+ mean, rstd [N]), fc_pre, fc_act [N,F] */
+static void mlp_forward(sy_model_t *m, int l, float *out) {
+    sy_backend_t *be = m->be;
+    const int D = m->d.D, F = m->d.F, N = m->d.B * m->d.T;
+    block_acts *a = &m->act[l];
+    const block_ids *bi = &m->blk[l];
+    be->layernorm_fwd(be, a->ln2, a->ln2_mean, a->ln2_rstd, a->x_mid, W(bi->ln2), N, D);
+    be->matmul_fwd(be, a->fc_pre, a->ln2, W(bi->fc), N, D, F);
+    be->gelu_fwd(be, a->fc_act, a->fc_pre, (size_t)N * F);
+    be->matmul_fwd(be, m->tmp, a->fc_act, W(bi->fproj), N, F, D);
+    residual_forward(be, out, a->x_mid, m->tmp, (size_t)N * D);
+}
+
+/* dx [N,D]: d out in, d x_mid out. dWfproj [D,F] and dWfc [F,D] into the accumulator,
+ * dln2 [D] into grads. */
+static void mlp_backward(sy_model_t *m, int l) {
+    sy_backend_t *be = m->be;
+    const int D = m->d.D, F = m->d.F, N = m->d.B * m->d.T;
+    block_acts *a = &m->act[l];
+    const block_ids *bi = &m->blk[l];
+    be->matmul_bwd_acc64(be, m->dfc_act, G(bi->fproj), A(bi->fproj), m->dx, a->fc_act,
+                         W(bi->fproj), N, F, D);                        /* dfc_act [N,F] */
+    be->gelu_bwd(be, m->dfc_pre, m->dfc_act, a->fc_pre, (size_t)N * F); /* dfc_pre [N,F] */
+    be->matmul_bwd_acc64(be, m->dln, G(bi->fc), A(bi->fc), m->dfc_pre, a->ln2, W(bi->fc), N, D,
+                         F);                                            /* dln [N,D] */
+    be->layernorm_bwd(be, m->dx, G(bi->ln2), m->dln, a->x_mid, W(bi->ln2), a->ln2_mean,
+                      a->ln2_rstd, N, D);
+}
+
+/* ---- Switch sublayer of block l: out = x_mid + switch(ln2(x_mid)) (switch.h) ---- */
+
+/* x_mid [N,D] → out [N,D]; one routing group of N tokens. Saves ln2 [N,D] (+ mean, rstd [N])
+ * and the layer's routing and expert rows in a->sw; adds its aux/z terms and token counts to
+ * sums, its per-expert counts [E] to m->counts. With expert parallelism the experts run on
+ * their owners (sy_ep_forward), else all here. */
+static sy_status switch_forward(sy_model_t *m, int l, float *out, bool train, sy_draw_key key,
+                                route_sums *sums) {
+    sy_backend_t *be = m->be;
+    const sy_model_dims *d = &m->d;
+    const int D = d->D, N = d->B * d->T;
+    block_acts *a = &m->act[l];
+    const block_ids *bi = &m->blk[l];
+    be->layernorm_fwd(be, a->ln2, a->ln2_mean, a->ln2_rstd, a->x_mid, W(bi->ln2), N, D);
+    sy_switch_key k = {key.seed, key.step, key.micro, l};
+    double cf = train ? d->capacity_factor : d->eval_capacity_factor;
+    sy_switch_route(a->sw, a->ln2, P(bi->router), cf, train ? d->jitter : 0.0, k);
+    sy_switch_dispatch(a->sw, a->ln2);
+    set_experts(m, bi);
+    double p_drop = train ? d->expert_dropout : 0.0;
+    if (m->ep) {
+        sy_switch_key kr = k;
+        kr.micro = key.micro - m->ep_rank; /* the round's first micro-batch */
+        SY_CHECK(sy_ep_forward(m->ep, a->sw, bi->sw_index, m->ex, p_drop, kr));
+    } else {
+        sy_switch_experts(a->sw, m->ex, 0, d->E, p_drop, k);
     }
+    sy_switch_combine(a->sw, m->tmp);
+    sy_switch_info info = sy_switch_get_info(a->sw);
+    sums->aux += info.aux_group;
+    sums->z += info.z_group;
+    sums->routed += info.G;
+    sums->dropped += info.G - info.n_kept;
+    memcpy(m->counts + (size_t)bi->sw_index * d->E, info.counts, sizeof(int32_t) * d->E);
+    residual_forward(be, out, a->x_mid, m->tmp, (size_t)N * D);
+    return SY_OK;
+}
+
+/* dx [N,D]: d out in, d x_mid out. Expert gradients [F,D], [D,F] into the accumulator (on
+ * their owners under expert parallelism), dWrouter [E,D] and dln2 [D] into grads. The router's aux and z
+ * losses enter here with this micro-batch's share of their coefficients. */
+static sy_status switch_backward(sy_model_t *m, int l, int n_micro) {
+    sy_backend_t *be = m->be;
+    const sy_model_dims *d = &m->d;
+    const int D = d->D, E = d->E, N = d->B * d->T;
+    block_acts *a = &m->act[l];
+    const block_ids *bi = &m->blk[l];
+    float aux_scale = (float)(d->aux_coef * E / ((double)N * n_micro));
+    float z_scale = (float)(d->z_coef * 2.0 / ((double)N * n_micro));
+    set_experts(m, bi);
+    sy_switch_combine_bwd(a->sw, m->dx);
+    if (m->ep)
+        SY_CHECK(sy_ep_backward(m->ep, a->sw, bi->sw_index, m->ex));
+    else
+        sy_switch_experts_bwd(a->sw, m->ex, 0, E);
+    sy_switch_dispatch_bwd(a->sw, m->dln);                              /* dln [N,D] */
+    sy_switch_route_bwd(a->sw, a->ln2, P(bi->router), G(bi->router), m->dln, aux_scale,
+                        z_scale);                                       /* dln += router's */
+    be->layernorm_bwd(be, m->dx, G(bi->ln2), m->dln, a->x_mid, W(bi->ln2), a->ln2_mean,
+                      a->ln2_rstd, N, D);
+    return SY_OK;
+}
+
+/* ---- final LayerNorm and LM head (tied to wte): logits = ln_f(x_out) · wteᵀ ---- */
+
+/* x_out [N,D] → logits [N,V]; saves lnf_y [N,D] (+ mean, rstd [N]). The logits stay fp32 for
+ * the cross-entropy (spec §4). */
+static void head_forward(sy_model_t *m) {
+    sy_backend_t *be = m->be;
+    const int D = m->d.D, V = m->d.V, N = m->d.B * m->d.T;
     be->layernorm_fwd(be, m->lnf_y, m->lnf_mean, m->lnf_rstd, m->x_out, W(m->lnf), N, D);
-    /* logits stay fp32 for the cross-entropy (spec §4) */
     bool bf = be->bf16;
     be->bf16 = false;
     be->matmul_fwd(be, m->logits, m->lnf_y, W(m->wte), N, D, V);
     be->bf16 = bf;
+}
+
+/* dlogits [N,V] (in m->logits, from the cross-entropy) → dx [N,D] = d x_out (overwritten);
+ * dwte [V,D] +=, dln_f [D] (grads). */
+static void head_backward(sy_model_t *m) {
+    sy_backend_t *be = m->be;
+    const int D = m->d.D, V = m->d.V, N = m->d.B * m->d.T;
+    be->matmul_bwd(be, m->dln, G(m->wte), m->logits, m->lnf_y, W(m->wte), N, D, V, false);
+    memset(m->dx, 0, sizeof(float) * (size_t)N * D);
+    be->layernorm_bwd(be, m->dx, G(m->lnf), m->dln, m->x_out, W(m->lnf), m->lnf_mean,
+                      m->lnf_rstd, N, D);
+}
+
+/* ---- the whole model ---- */
+
+/* tokens [B,T+1] → logits [N,V] in m->logits, every block's activations saved; sums over the
+ * Switch layers in *sums. */
+static sy_status forward(sy_model_t *m, const int32_t *tokens, bool train, sy_draw_key key,
+                         route_sums *sums) {
+    const int L = m->d.L;
+    split_tokens(m, tokens);
+    *sums = (route_sums){0.0, 0.0, 0, 0};
+    embed_forward(m, m->act[0].x_in);
+    for (int l = 0; l < L; l++) {
+        float *x_next = l + 1 < L ? m->act[l + 1].x_in : m->x_out;
+        attn_forward(m, l);
+        if (m->blk[l].sw_index < 0)
+            mlp_forward(m, l, x_next);
+        else
+            SY_CHECK(switch_forward(m, l, x_next, train, key, sums));
+    }
+    head_forward(m);
     return SY_OK;
+}
+
+/* dlogits [N,V] in m->logits → every weight's gradient of this micro-batch; the blocks in
+ * reverse, m->dx carrying the gradient of the residual stream. */
+static sy_status backward(sy_model_t *m, int n_micro) {
+    head_backward(m);
+    for (int l = m->d.L - 1; l >= 0; l--) {
+        if (m->blk[l].sw_index < 0)
+            mlp_backward(m, l);
+        else
+            SY_CHECK(switch_backward(m, l, n_micro));
+        attn_backward(m, l);
+    }
+    embed_backward(m);
+    return SY_OK;
+}
+
+/* This micro-batch's dense gradients are computed in fp32 and added to the fp64 accumulator:
+ * the GEMM weights' straight from the GEMM (matmul_bwd_acc64), the others through the fp32
+ * grads buffer, zeroed before the backward (dense_grads_clear) and added after it
+ * (dense_grads_accumulate); expert gradients take the first route inside the Switch layer. So
+ * the sum over micro-batches is the same however they are spread over workers. */
+static void dense_grads_clear(sy_model_t *m) {
+    for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++)
+        if (!m->gdirect[i]) memset(G(i), 0, m->params_tab[i].numel * sizeof(float));
+}
+
+static void dense_grads_accumulate(sy_model_t *m) {
+    for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++) {
+        if (m->gdirect[i]) continue;
+        const size_t n = m->params_tab[i].numel;
+        const float *g = G(i);
+        double *acc = A(i);
+#pragma omp parallel for schedule(static) if (n > 4096)
+        for (size_t k = 0; k < n; k++) acc[k] += g[k];
+    }
+    m->acc_dirty = true;
 }
 
 /* This micro-batch's shares of the global loss terms (sy_losses). */
 static void set_losses(sy_losses *out, const sy_model_dims *d, int N, int n_micro, double ce_sum,
-                       double aux_sum, double z_sum, int64_t routed, int64_t dropped) {
+                       const route_sums *sums) {
     out->ce = ce_sum / N / n_micro;
-    out->aux = d->aux_coef * aux_sum / n_micro;
-    out->z = d->z_coef * z_sum / n_micro;
+    out->aux = d->aux_coef * sums->aux / n_micro;
+    out->z = d->z_coef * sums->z / n_micro;
     out->tokens = N;
-    out->routed = routed;
-    out->dropped = dropped;
+    out->routed = sums->routed;
+    out->dropped = sums->dropped;
 }
 
 static sy_status check_tokens(const sy_model_t *m, const int32_t *tokens) {
@@ -433,74 +626,16 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
                            sy_losses *out) {
     SY_CHECK(check_tokens(m, tokens));
     sy_backend_t *be = m->be;
-    const sy_model_dims *d = &m->d;
-    const int T = d->T, D = d->D, F = d->F, B = d->B, H = d->H, V = d->V, E = d->E;
-    const int N = B * T;
-    double aux_sum, z_sum;
-    int64_t routed, dropped;
-    SY_CHECK(forward(m, tokens, true, key, &aux_sum, &z_sum, &routed, &dropped));
-    /* This micro-batch's dense gradients are computed in fp32 and added to the fp64
-     * accumulator: the GEMM weights' straight from the GEMM (matmul_bwd_acc64), the others
-     * through the (zeroed) fp32 grads buffer; expert gradients take the first route inside the
-     * Switch layer. So the sum over micro-batches is the same however they are spread over
-     * workers. */
-    for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++)
-        if (!m->gdirect[i]) memset(G(i), 0, m->params_tab[i].numel * sizeof(float));
-
-    /* L_ce is the mean over all target tokens of the global batch. */
+    const int N = m->d.B * m->d.T, V = m->d.V;
+    route_sums sums;
+    SY_CHECK(forward(m, tokens, true, key, &sums));
+    dense_grads_clear(m);
+    /* L_ce is the mean over all target tokens of the global batch; dlogits overwrite logits. */
     float ce_scale = 1.0f / ((float)N * (float)n_micro);
     double ce_sum = be->xent_fwd_bwd(be, m->logits, m->logits, m->tgt, N, V, ce_scale);
-    set_losses(out, d, N, n_micro, ce_sum, aux_sum, z_sum, routed, dropped);
-
-    /* LM head (tied) and final LayerNorm. */
-    be->matmul_bwd(be, m->dln, G(m->wte), m->logits, m->lnf_y, W(m->wte), N, D, V, false);
-    memset(m->dx, 0, sizeof(float) * (size_t)N * D);
-    be->layernorm_bwd(be, m->dx, G(m->lnf), m->dln, m->x_out, W(m->lnf), m->lnf_mean,
-                      m->lnf_rstd, N, D);
-    float aux_scale = (float)(d->aux_coef * E / ((double)N * n_micro));
-    float z_scale = (float)(d->z_coef * 2.0 / ((double)N * n_micro));
-    for (int l = d->L - 1; l >= 0; l--) {
-        block_acts *a = &m->act[l];
-        const block_ids *bi = &m->blk[l];
-        /* FFN: dx is the gradient of the block output = of the FFN output */
-        if (bi->sw_index < 0) {
-            be->matmul_bwd_acc64(be, m->dfc_act, G(bi->fproj), A(bi->fproj), m->dx, a->fc_act,
-                                 W(bi->fproj), N, F, D);
-            be->gelu_bwd(be, m->dfc_pre, m->dfc_act, a->fc_pre, (size_t)N * F);
-            be->matmul_bwd_acc64(be, m->dln, G(bi->fc), A(bi->fc), m->dfc_pre, a->ln2, W(bi->fc),
-                                 N, D, F);
-        } else {
-            set_experts(m, bi);
-            sy_switch_combine_bwd(a->sw, m->dx);
-            if (m->ep)
-                SY_CHECK(sy_ep_backward(m->ep, a->sw, bi->sw_index, m->ex));
-            else
-                sy_switch_experts_bwd(a->sw, m->ex, 0, E);
-            sy_switch_dispatch_bwd(a->sw, m->dln);
-            sy_switch_route_bwd(a->sw, a->ln2, m->params + m->params_tab[bi->router].offset,
-                                G(bi->router), m->dln, aux_scale, z_scale);
-        }
-        be->layernorm_bwd(be, m->dx, G(bi->ln2), m->dln, a->x_mid, W(bi->ln2), a->ln2_mean,
-                          a->ln2_rstd, N, D);
-        /* attention */
-        be->matmul_bwd_acc64(be, m->datty, G(bi->proj), A(bi->proj), m->dx, a->atty,
-                             W(bi->proj), N, D, D);
-        be->attention_bwd(be, m->dqkv, m->datty, a->att, a->qkv, B, T, D, H);
-        be->matmul_bwd_acc64(be, m->dln, G(bi->qkv), A(bi->qkv), m->dqkv, a->ln1, W(bi->qkv),
-                             N, D, 3 * D);
-        be->layernorm_bwd(be, m->dx, G(bi->ln1), m->dln, a->x_in, W(bi->ln1), a->ln1_mean,
-                          a->ln1_rstd, N, D);
-    }
-    be->embed_bwd(be, G(m->wte), G(m->wpe), m->dx, m->inp, N, T, D);
-    for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++) {
-        if (m->gdirect[i]) continue;
-        const size_t n = m->params_tab[i].numel;
-        const float *g = G(i);
-        double *acc = A(i);
-#pragma omp parallel for schedule(static) if (n > 4096)
-        for (size_t k = 0; k < n; k++) acc[k] += g[k];
-    }
-    m->acc_dirty = true;
+    set_losses(out, &m->d, N, n_micro, ce_sum, &sums);
+    SY_CHECK(backward(m, n_micro));
+    dense_grads_accumulate(m);
     return SY_OK;
 }
 
@@ -509,13 +644,12 @@ sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micr
     SY_CHECK(check_tokens(m, tokens));
     const sy_model_dims *d = &m->d;
     const int N = d->B * d->T;
-    double aux_sum, z_sum;
-    int64_t routed, dropped;
+    route_sums sums;
     sy_draw_key key = {0, 0, 0};
     if (m->ep) return sy_err_set(SY_EINVAL, "evaluation runs with every expert local");
-    SY_CHECK(forward(m, tokens, false, key, &aux_sum, &z_sum, &routed, &dropped));
+    SY_CHECK(forward(m, tokens, false, key, &sums));
     double ce_sum = m->be->xent_fwd(m->be, m->logits, m->tgt, N, d->V);
-    set_losses(out, d, N, n_micro, ce_sum, aux_sum, z_sum, routed, dropped);
+    set_losses(out, d, N, n_micro, ce_sum, &sums);
     return SY_OK;
 }
 

@@ -1,3 +1,6 @@
+/* The Switch layer (model spec §2): each step's forward beside its backward, in the order the
+ * forward runs them (route, dispatch, experts, combine); the steps and their contracts are in
+ * switch.h. */
 #include "model/switch.h"
 
 #include <math.h>
@@ -6,8 +9,6 @@
 
 #include "base/rng.h"
 #include "switch_internal.h"
-
-
 
 #define ALLOC(ptr, n)                                                        \
     do {                                                                     \
@@ -72,6 +73,8 @@ int sy_switch_capacity(int G, int E, double capacity_factor) {
     if (c > (double)G) c = (double)G;
     return (int)c;
 }
+
+/* ---- route: router logits, top-1, capacity, aux and z losses, dispatch plan ---- */
 
 /* The router GEMMs stay fp32 whatever the precision (spec §4): switch rounding off around them. */
 static void router_matmul_fwd(sy_backend_t *be, float *y, const float *x, const float *W, int N,
@@ -151,9 +154,39 @@ void sy_switch_route(sy_switch_t *sw, const float *h, const float *Wr, double ca
     sw->z_group = z / G;
 }
 
+void sy_switch_route_bwd(sy_switch_t *sw, const float *h, const float *Wr, float *dWr, float *dh,
+                         float aux_scale, float z_scale) {
+    sy_backend_t *be = sw->be;
+    const int G = sw->G, D = sw->D, E = sw->E;
+    be->router_bwd(be, sw->dlogits, sw->probs, sw->expert, sw->gamma, sw->lse, sw->f, aux_scale,
+                   z_scale, G, E);
+    const float *x = sw->jitter ? sw->xr : h;
+    router_matmul_bwd(be, sw->dxr, dWr, sw->dlogits, x, Wr, G, D, E);
+    /* dh += u ⊙ dxr (fp32 router path; the sum lands in the activation-gradient precision) */
+    for (int t = 0; t < G; t++) {
+        float *d = dh + (size_t)t * D;
+        const float *g = sw->dxr + (size_t)t * D;
+        const float *u = sw->u + (size_t)t * D;
+        if (sw->jitter)
+            for (int i = 0; i < D; i++) d[i] += u[i] * g[i];
+        else
+            for (int i = 0; i < D; i++) d[i] += g[i];
+    }
+    be->round_bf16(be, dh, (size_t)G * D);
+}
+
+/* ---- dispatch: gather kept tokens into expert-major rows ---- */
+
 void sy_switch_dispatch(sy_switch_t *sw, const float *h) {
     sw->be->gather_rows(sw->be, sw->xe, h, sw->order, sw->n_kept, sw->D);
 }
+
+void sy_switch_dispatch_bwd(sy_switch_t *sw, float *dh) {
+    memset(dh, 0, sizeof(float) * (size_t)sw->G * sw->D);
+    sw->be->scatter_add_rows(sw->be, dh, sw->dxe, sw->order, sw->n_kept, sw->D);
+}
+
+/* ---- experts: each expert's MLP over its rows ---- */
 
 /* Chunks per grouped call (bounded stack arrays; a larger nc runs in slices, same numbers). */
 #define SY_EXPERT_GROUP 64
@@ -237,20 +270,6 @@ void sy_switch_experts(sy_switch_t *sw, const sy_expert_weights *ex, int e0, int
     sy_experts_fwd(sw->be, c, e1 - e0, D, F, dropout, key);
 }
 
-void sy_switch_combine(sy_switch_t *sw, float *out) {
-    memset(out, 0, sizeof(float) * (size_t)sw->G * sw->D);
-    sw->be->scatter_rows_scaled(sw->be, out, sw->ye, sw->order, sw->gk, sw->n_kept, sw->D);
-}
-
-void sy_switch_combine_bwd(sy_switch_t *sw, const float *dout) {
-    /* γ_t = ⟨dy_t, Expert(h_t)⟩ per kept token; expert-output grad = g_t · dy_t */
-    float *dot = sw->dlogits; /* [n_kept] scratch; dlogits is recomputed in route_bwd */
-    sw->be->gather_dot_scale(sw->be, dot, sw->dye, dout, sw->ye, sw->order, sw->gk, sw->n_kept,
-                             sw->D);
-    memset(sw->gamma, 0, sizeof(float) * sw->G);
-    for (int i = 0; i < sw->n_kept; i++) sw->gamma[sw->order[i]] = dot[i];
-}
-
 void sy_switch_experts_bwd(sy_switch_t *sw, const sy_expert_weights *ex, int e0, int e1) {
     const int D = sw->D, F = sw->F;
     if (e1 <= e0) return;
@@ -268,30 +287,20 @@ void sy_switch_experts_bwd(sy_switch_t *sw, const sy_expert_weights *ex, int e0,
     sy_experts_bwd(sw->be, c, e1 - e0, D, F);
 }
 
-void sy_switch_dispatch_bwd(sy_switch_t *sw, float *dh) {
-    memset(dh, 0, sizeof(float) * (size_t)sw->G * sw->D);
-    sw->be->scatter_add_rows(sw->be, dh, sw->dxe, sw->order, sw->n_kept, sw->D);
+/* ---- combine: y_t = g_t · Expert(h_t), dropped tokens 0 ---- */
+
+void sy_switch_combine(sy_switch_t *sw, float *out) {
+    memset(out, 0, sizeof(float) * (size_t)sw->G * sw->D);
+    sw->be->scatter_rows_scaled(sw->be, out, sw->ye, sw->order, sw->gk, sw->n_kept, sw->D);
 }
 
-void sy_switch_route_bwd(sy_switch_t *sw, const float *h, const float *Wr, float *dWr, float *dh,
-                         float aux_scale, float z_scale) {
-    sy_backend_t *be = sw->be;
-    const int G = sw->G, D = sw->D, E = sw->E;
-    be->router_bwd(be, sw->dlogits, sw->probs, sw->expert, sw->gamma, sw->lse, sw->f, aux_scale,
-                   z_scale, G, E);
-    const float *x = sw->jitter ? sw->xr : h;
-    router_matmul_bwd(be, sw->dxr, dWr, sw->dlogits, x, Wr, G, D, E);
-    /* dh += u ⊙ dxr (fp32 router path; the sum lands in the activation-gradient precision) */
-    for (int t = 0; t < G; t++) {
-        float *d = dh + (size_t)t * D;
-        const float *g = sw->dxr + (size_t)t * D;
-        const float *u = sw->u + (size_t)t * D;
-        if (sw->jitter)
-            for (int i = 0; i < D; i++) d[i] += u[i] * g[i];
-        else
-            for (int i = 0; i < D; i++) d[i] += g[i];
-    }
-    be->round_bf16(be, dh, (size_t)G * D);
+void sy_switch_combine_bwd(sy_switch_t *sw, const float *dout) {
+    /* γ_t = ⟨dy_t, Expert(h_t)⟩ per kept token; expert-output grad = g_t · dy_t */
+    float *dot = sw->dlogits; /* [n_kept] scratch; dlogits is recomputed in route_bwd */
+    sw->be->gather_dot_scale(sw->be, dot, sw->dye, dout, sw->ye, sw->order, sw->gk, sw->n_kept,
+                             sw->D);
+    memset(sw->gamma, 0, sizeof(float) * sw->G);
+    for (int i = 0; i < sw->n_kept; i++) sw->gamma[sw->order[i]] = dot[i];
 }
 
 sy_switch_info sy_switch_get_info(const sy_switch_t *sw) {
