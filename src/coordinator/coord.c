@@ -21,6 +21,7 @@
 
 #include "base/fsutil.h"
 #include "base/log.h"
+#include "base/zmq_check.h"
 #include "coordinator/committer.h"
 #include "coordinator/http.h"
 #include "coordinator/zap.h"
@@ -134,7 +135,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     c->zctx = zmq_ctx_new();
     c->sock = c->zctx ? zmq_socket(c->zctx, ZMQ_ROUTER) : NULL;
     if (!c->sock) {
-        s = sy_err_set(SY_EIO, "zmq socket: %s", zmq_strerror(errno));
+        s = sy_err_zmq(SY_EIO, errno, "zmq socket");
         goto fail;
     }
     if (cfg->cluster.curve_server_key && cfg->cluster.curve_server_key[0]) SY_CHECK_GOTO(curve_setup(c), s, fail);
@@ -177,7 +178,7 @@ sy_status sy_coord_run(sy_coord_t *c, volatile sig_atomic_t *stop_flag, sy_coord
         if (c->mon) i_mon = n, it[n++] = (zmq_pollitem_t){c->mon, 0, ZMQ_POLLIN, 0};
         int rc = zmq_poll(it, n, wait);
         if (rc < 0 && errno != EINTR) {
-            s = sy_err_set(SY_EIO, "zmq_poll: %s", zmq_strerror(errno));
+            s = sy_err_zmq(SY_EIO, errno, "zmq_poll");
             break;
         }
         if (rc > 0 && (it[0].revents & ZMQ_POLLIN)) SY_CHECK_GOTO(drain_socket(c), s, out);
@@ -250,7 +251,7 @@ static sy_status drain_socket(sy_coord_t *c) {
                 for (int k = 0; k < n; k++) zmq_msg_close(&parts[k]);
                 if (e == EAGAIN) return SY_OK;
                 if (e == EINTR) return SY_OK;
-                return sy_err_set(SY_EIO, "control socket receive: %s", zmq_strerror(e));
+                return sy_err_zmq(SY_EIO, e, "control socket receive");
             }
             more = zmq_msg_more(&m);
             if (n < 3) parts[n++] = m;
@@ -595,8 +596,7 @@ static sy_status bind_socket(sy_coord_t *c, const char *bind) {
     zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(c->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     if (c->zap) SY_CHECK(curve_server(c));
-    if (zmq_bind(c->sock, ep) != 0)
-        return sy_err_set(SY_EIO, "cannot bind the control socket at %s: %s", ep, zmq_strerror(errno));
+    SY_CHECK_ZMQ(zmq_bind(c->sock, ep), "cannot bind the control socket at %s", ep);
     /* A worker process that dies closes its TCP connection: the monitor reports the disconnect
      * at once, well before heartbeat silence would (issue 5: detection in seconds). */
     char mon_ep[64];
@@ -626,8 +626,7 @@ static sy_status curve_server(sy_coord_t *c) {
     if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVER, &one, sizeof one) != 0 ||
         zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, key.secret_z85, SY_CURVE_Z85_LEN + 1) != 0 ||
         zmq_setsockopt(c->sock, ZMQ_ZAP_DOMAIN, ZAP_DOMAIN, strlen(ZAP_DOMAIN)) != 0)
-        s = sy_err_set(SY_EIO, "cluster.curve_server_key: cannot make the control socket a CURVE server: %s",
-                       zmq_strerror(errno));
+        s = sy_err_zmq(SY_EIO, errno, "cluster.curve_server_key: cannot make the control socket a CURVE server");
     if (s == SY_OK)
         sy_info("control plane: CURVE on, server public key %s, %d authorized worker key(s) from %s", key.public_z85,
                 sy_zap_authorized(c->zap), c->cfg.cluster.curve_authorized_keys);

@@ -5,6 +5,8 @@
 #include <string.h>
 #include <zmq.h>
 
+#include "base/zmq_check.h"
+
 static const char *const DROP_NAMES[SY_DROP__COUNT] = {
     [SY_DROP_NONE] = "none",
     [SY_DROP_OVERSIZE] = "oversize",
@@ -132,20 +134,18 @@ sy_status sy_proto_send(void *zsock, const void *routing_id, size_t routing_len,
         if (zmq_send(zsock, routing_id, routing_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
             int e = errno;
             free(buf);
-            return sy_err_set(SY_EIO, "send %s: routing frame: %s",
-                              sy_proto_body_name(env->body_case), zmq_strerror(e));
+            return sy_err_zmq(SY_EIO, e, "send %s: routing frame", sy_proto_body_name(env->body_case));
         }
     }
     zmq_msg_t m;
     if (zmq_msg_init_data(&m, buf, len, free_buf, NULL) != 0) {
         free(buf);
-        return sy_err_set(SY_ENOMEM, "zmq_msg_init_data: %s", zmq_strerror(errno));
+        return sy_err_zmq(SY_ENOMEM, errno, "zmq_msg_init_data");
     }
     if (zmq_msg_send(&m, zsock, ZMQ_DONTWAIT) < 0) {
         int e = errno;
         zmq_msg_close(&m);
-        return sy_err_set(SY_EIO, "send %s: %s", sy_proto_body_name(env->body_case),
-                          zmq_strerror(e));
+        return sy_err_zmq(SY_EIO, e, "send %s", sy_proto_body_name(env->body_case));
     }
     return SY_OK;
 }

@@ -25,6 +25,7 @@
 #include "data/data.h"
 #include "worker/dist_step.h"
 #include "base/log.h"
+#include "base/zmq_check.h"
 #include "model/memplan.h"
 #include "model/model.h"
 #include "model/model_ckpt.h"
@@ -244,7 +245,8 @@ static void *link_open(agent_t *a, unsigned n, void **mon) {
     void *dealer = zmq_socket(a->zctx, ZMQ_DEALER);
     *mon = NULL;
     if (!dealer) {
-        sy_error("cannot create the coordinator socket: %s", zmq_strerror(errno));
+        sy_err_zmq(SY_EIO, errno, "cannot create the coordinator socket");
+        sy_error("%s", sy_err_msg());
         atomic_store(&a->link_failed, 1);
         return NULL;
     }
@@ -265,7 +267,8 @@ static void *link_open(agent_t *a, unsigned n, void **mon) {
         (zmq_setsockopt(dealer, ZMQ_CURVE_SERVERKEY, a->server_public, SY_CURVE_Z85_LEN + 1) != 0 ||
          zmq_setsockopt(dealer, ZMQ_CURVE_PUBLICKEY, a->key.public_z85, SY_CURVE_Z85_LEN + 1) != 0 ||
          zmq_setsockopt(dealer, ZMQ_CURVE_SECRETKEY, a->key.secret_z85, SY_CURVE_Z85_LEN + 1) != 0)) {
-        sy_error("cannot set the CURVE keys on the coordinator socket: %s", zmq_strerror(errno));
+        sy_err_zmq(SY_EIO, errno, "cannot set the CURVE keys on the coordinator socket");
+        sy_error("%s", sy_err_msg());
         atomic_store(&a->refused, 1);
     }
     /* Handshake failures show only in the socket monitor: libzmq reconnects after a dropped
@@ -285,7 +288,8 @@ static void *link_open(agent_t *a, unsigned n, void **mon) {
     if (!*mon) sy_warn("no socket monitor: a refused connection will show only as silence");
     /* the endpoint was validated at start (sy_endpoint_check): a failure here is unexpected */
     if (zmq_connect(dealer, a->opts->coordinator) != 0) {
-        sy_error("cannot connect to coordinator %s: %s", a->opts->coordinator, zmq_strerror(errno));
+        sy_err_zmq(SY_EIO, errno, "cannot connect to coordinator %s", a->opts->coordinator);
+        sy_error("%s", sy_err_msg());
         atomic_store(&a->link_failed, 1);
     }
     return dealer;
