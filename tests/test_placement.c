@@ -1,4 +1,4 @@
-/* Expert placement (src/proto/protocol.h): balanced ranges at start; after a change of
+/* Expert placement (src/proto/placement.h): balanced ranges at start; after a change of
  * membership, survivors keep their experts and as few experts as possible move, with every rank
  * holding E/W or E/W + 1. */
 #include <setjmp.h>
@@ -9,7 +9,7 @@
 
 #include <string.h>
 
-#include "proto/protocol.h"
+#include "proto/placement.h"
 
 static void check_balanced(const uint32_t *owner, int E, int W) {
     int cnt[64] = {0};

@@ -26,7 +26,7 @@
 
 #include "backend/backend.h"
 #include "comm/comm.h"
-#include "proto/protocol.h"
+#include "proto/placement.h"
 #include "base/rng.h"
 #include "model/switch.h"
 #include "model/switch_ep.h"

@@ -85,6 +85,7 @@
 #include <zmq.h>
 
 #include "base/log.h"
+#include "base/zmq_check.h"
 
 #define SY_COMM_MAGIC 0x50445953u   /* "SYDP" in little-endian memory */
 #define SY_COMM_SEQ_MAX 0xfffffff0u       /* rounds per generation (the header has 32 bits) */
@@ -176,9 +177,7 @@ static void rank_list_add(char *buf, size_t cap, int r) {
 }
 
 
-static sy_status zmq_fail(const char *what) {
-    return sy_err_set(SY_EIO, "data plane: %s: %s", what, zmq_strerror(zmq_errno()));
-}
+static sy_status zmq_fail(const char *what) { return sy_err_zmq(SY_EIO, zmq_errno(), "data plane: %s", what); }
 
 static uint64_t nchunks_of(uint64_t total) {
     return total == 0 ? 1 : (total + SY_COMM_CHUNK - 1) / SY_COMM_CHUNK;
@@ -242,10 +241,7 @@ sy_status sy_dataplane_new(const char *bind_addr, sy_dataplane_t **out) {
         st = zmq_fail("PULL socket options");
         goto fail;
     }
-    if (zmq_bind(dp->pull, bind_addr) != 0) {
-        st = sy_err_set(SY_EIO, "data plane: bind '%s': %s", bind_addr, zmq_strerror(zmq_errno()));
-        goto fail;
-    }
+    SY_CHECK_ZMQ_GOTO(zmq_bind(dp->pull, bind_addr), st, fail, "data plane: bind '%s'", bind_addr);
     size_t len = sizeof dp->endpoint;
     if (zmq_getsockopt(dp->pull, ZMQ_LAST_ENDPOINT, dp->endpoint, &len) != 0) {
         st = zmq_fail("ZMQ_LAST_ENDPOINT");
@@ -379,8 +375,7 @@ sy_status sy_comm_new(sy_dataplane_t *dp, uint64_t generation, int rank, int wor
             goto fail;
         }
         if (zmq_connect(s, endpoints[r]) != 0) {
-            st = sy_err_set(SY_EINVAL, "comm: connect to rank %d at '%s': %s", r, endpoints[r],
-                            zmq_strerror(zmq_errno()));
+            st = sy_err_zmq(SY_EINVAL, zmq_errno(), "comm: connect to rank %d at '%s'", r, endpoints[r]);
             goto fail;
         }
     }
@@ -533,8 +528,8 @@ static sy_status send_frames(sy_comm_t *c, int dst, const sy_hdr *h, const void 
             continue;
         }
         if (zmq_errno() != EAGAIN)
-            return sy_err_set(SY_EIO, "comm: %s #%llu: send to rank %d: %s", op_name(h->op),
-                              (unsigned long long)h->seq, dst, zmq_strerror(zmq_errno()));
+            return sy_err_zmq(SY_EIO, zmq_errno(), "comm: %s #%llu: send to rank %d", op_name(h->op),
+                              (unsigned long long)h->seq, dst);
         /* SNDHWM is 0, so this is unusual; wait for room, bounded and abortable. */
         if (atomic_load(&c->aborted))
             return sy_err_set(SY_EABORTED, "comm: %s #%llu aborted while sending to rank %d", op_name(h->op),

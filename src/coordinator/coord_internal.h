@@ -1,7 +1,12 @@
-/* The coordinator's state, shared by its two source files: coord.c (the reactor: workers,
- * generations, steps, checkpoints, recovery) and coord_status.c (the /v1/status JSON and the
- * Prometheus text built from that state). Private to coordinator/: nothing else includes it.
- * Thread: the reactor's only. */
+/* The coordinator's state and the functions its concerns share. One reactor (single thread),
+ * one file per concern, all over this struct:
+ *   coord.c          the reactor: life cycle, zmq_poll loop and cron, message intake and
+ *                    dispatch, HTTP requests, events.jsonl, drop counters
+ *   coord_members.c  registration, liveness, generations (Assign), recovery, the run's end
+ *   coord_steps.c    StepDone aggregation into metrics.jsonl
+ *   coord_ckpt.c     CheckpointPart assembly, commits through the committer thread
+ *   coord_status.c   the /v1/status JSON and the Prometheus text built from the state
+ * Private to coordinator/: nothing else includes it. Thread: the reactor's only. */
 #ifndef SY_COORD_INTERNAL_H
 #define SY_COORD_INTERNAL_H
 
@@ -173,6 +178,53 @@ struct sy_coord {
 /* A JSON number, or null when not finite (jansson refuses NaN and inf). */
 static inline json_t *jnum(double v) { return isfinite(v) ? json_real(v) : json_null(); }
 
+/* ---- coord.c: the reactor ---- */
+/* Counts a dropped message by reason and logs it (rate-limited per reason). */
+void sy_coord_drop(sy_coord_t *c, sy_proto_drop why, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Appends {"time", "event", ...fields} to events.jsonl and the recent list; steals fields. */
+void sy_coord_event(sy_coord_t *c, const char *name, json_t *fields);
+
+/* ---- coord_members.c: registration, liveness, generations ---- */
+static inline bool sy_coord_live(const worker *w) { return w->state != W_LOST && w->state != W_STOPPED; }
+/* Hello: registers a worker (or refreshes its registration) and answers Welcome. */
+void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy__Envelope *env);
+/* Index in c->w of the worker with this id / named by this routing id, or -1. */
+int sy_coord_find_worker(sy_coord_t *c, const char *id);
+int sy_coord_find_sender(sy_coord_t *c, const uint8_t *rid, size_t rid_len);
+/* The message proves it comes from registration w (session secret; CURVE key when on). */
+bool sy_coord_proves(const sy_coord_t *c, const worker *w, const Sy__Envelope *env);
+/* Welcome with reregister set: the sender is not registered and must send Hello. */
+void sy_coord_send_reregister(sy_coord_t *c, const uint8_t *rid, size_t rid_len);
+/* A proven message from w: refreshes its liveness; a lost worker comes back as a spare. */
+void sy_coord_heard_from(sy_coord_t *c, worker *w);
+void sy_coord_on_heartbeat(sy_coord_t *c, worker *w, const Sy__Envelope *env);
+void sy_coord_on_fault(sy_coord_t *c, worker *w, const Sy__Fault *f);
+/* Worker i is lost (silent, disconnected, reported): Abort; a member starts a recovery. */
+void sy_coord_worker_lost(sy_coord_t *c, int i, const char *reason);
+/* Opens generation g+1 over the idle live workers; closes the open one (members to idle). */
+void sy_coord_open_generation(sy_coord_t *c);
+void sy_coord_close_generation(sy_coord_t *c, const char *why);
+/* A member is gone (or the generation is broken): abort it and plan a new one. */
+void sy_coord_begin_recovery(sy_coord_t *c, const char *reason, const char *lost_id);
+/* Ends the run: Stop to every live worker, the final state and event. */
+void sy_coord_finish(sy_coord_t *c, rstate final, const char *why);
+/* Frees the steps and checkpoints in flight (a generation ends, or the coordinator). */
+void sy_coord_clear_pending(sy_coord_t *c);
+void sy_coord_send(sy_coord_t *c, worker *w, Sy__Envelope *env);
+void sy_coord_send_welcome(sy_coord_t *c, worker *w);
+void sy_coord_send_stop(sy_coord_t *c, worker *w, const char *reason);
+
+/* ---- coord_steps.c ---- */
+void sy_coord_on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd);
+
+/* ---- coord_ckpt.c ---- */
+void sy_coord_on_checkpoint_part(sy_coord_t *c, worker *w, const Sy__CheckpointPart *cp);
+/* Takes the committer's results (its fd is readable) and acts on each. */
+void sy_coord_drain_commits(sy_coord_t *c);
+/* Finishes the run once every step is done and the final checkpoint reads back as this run's. */
+void sy_coord_maybe_finish(sy_coord_t *c);
+
+/* ---- coord_status.c ---- */
 /* The /v1/status snapshot (a new reference) and the /metrics text (malloc'ed), from c's state. */
 json_t *sy_coord_status_json(sy_coord_t *c);
 char *sy_coord_metrics_text(sy_coord_t *c);

@@ -10,6 +10,7 @@
 #include <zmq.h>
 
 #include "base/log.h"
+#include "base/zmq_check.h"
 
 #define ZAP_ENDPOINT "inproc://zeromq.zap.01"
 /* Frames of a request we keep (RFC 27: 6 + credentials; CURVE has one credential). */
@@ -53,13 +54,13 @@ sy_status sy_zap_new(void *zctx, const char *domain, sy_curve_keyset_t **keys, c
     int linger = 0;
     if (!z->sock) {
         sy_zap_destroy(&z);
-        return sy_err_set(SY_EIO, "ZAP handler socket: %s", zmq_strerror(errno));
+        return sy_err_zmq(SY_EIO, errno, "ZAP handler socket");
     }
     zmq_setsockopt(z->sock, ZMQ_LINGER, &linger, sizeof linger);
     if (zmq_bind(z->sock, ZAP_ENDPOINT) != 0) {
         int e = errno;
         sy_zap_destroy(&z);
-        return sy_err_set(SY_EIO, "cannot bind the ZAP handler at %s: %s", ZAP_ENDPOINT, zmq_strerror(e));
+        return sy_err_zmq(SY_EIO, e, "cannot bind the ZAP handler at %s", ZAP_ENDPOINT);
     }
     *out = z;
     return SY_OK;

@@ -9,6 +9,8 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "base/zmq_check.h"
+
 /* Longest line read from a key file; a longer one is malformed. */
 #define KEY_LINE_MAX 512
 /* Largest key file read (a key file is ~150 bytes; an authorized-keys file one line a key). */
@@ -230,8 +232,7 @@ sy_status sy_curve_keygen(const char *prefix, char *key_path, char *pub_path, si
     if (lstat(kp, &st) == 0) return sy_err_set(SY_EEXIST, "%s exists already: not overwriting it", kp);
     if (lstat(pp, &st) == 0) return sy_err_set(SY_EEXIST, "%s exists already: not overwriting it", pp);
     char pub[SY_CURVE_Z85_LEN + 1], sec[SY_CURVE_Z85_LEN + 1];
-    if (zmq_curve_keypair(pub, sec) != 0)
-        return sy_err_set(SY_EIO, "zmq_curve_keypair: %s", zmq_strerror(errno));
+    SY_CHECK_ZMQ(zmq_curve_keypair(pub, sec), "zmq_curve_keypair");
     char text[512];
     snprintf(text, sizeof text,
              "# switchyard CURVE key pair (switchyard keygen). Keep it secret: mode 0600.\n"

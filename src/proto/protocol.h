@@ -3,8 +3,9 @@
  *
  * This module packs and unpacks envelopes with the checks every receiver applies (size limit,
  * parse, protocol version), names the reasons a message is dropped (the labels of
- * /metrics' switchyard_dropped_messages_total), sends an envelope on a socket, and computes the
- * balanced expert placement. It holds no state and depends only on libzmq and protobuf-c.
+ * /metrics' switchyard_dropped_messages_total), and sends an envelope on a socket. Expert
+ * placement (which rank owns which expert, carried in Assign) is proto/placement.h. It holds
+ * no state and depends only on libzmq and protobuf-c.
  *
  * Ownership: sy_proto_pack's buffer is malloc'ed for the caller (free()); an unpacked envelope
  * is freed with sy_proto_free(). Thread: any. */
@@ -77,18 +78,5 @@ sy_status sy_proto_send(void *zsock, const void *routing_id, size_t routing_len,
 /* Takes one event from a ZeroMQ socket monitor (zmq_socket_monitor's PAIR), without waiting:
  * true with *event / *value set, false when none is queued. The address frame is consumed. */
 bool sy_proto_monitor_event(void *mon, uint16_t *event, uint32_t *value);
-
-/* Balanced expert placement: owner[e] = rank of expert e, e in [0, E). Ranks own contiguous
- * ranges; each owns E/W experts and the first E mod W ranks one more. W > E leaves the last
- * ranks without experts. SY_EINVAL if E < 1 or W < 1. */
-sy_status sy_placement_balanced(int E, int W, uint32_t *owner);
-/* Placement that moves as few experts as possible (system spec §3, issue 5): prev[e] is the
- * NEW rank of expert e's previous owner, or -1 if that worker is gone (prev NULL: none). Every
- * rank gets E/W experts and E mod W ranks one more (those that held the most); each survivor
- * keeps its experts up to that count; the others go, in expert order, to the lowest ranks with
- * room. With no previous owners it equals sy_placement_balanced. */
-sy_status sy_placement_sticky(int E, int W, const int *prev, uint32_t *owner);
-/* First expert and count owned by `rank` under the balanced placement (no array needed). */
-void sy_placement_range(int E, int W, int rank, int *first, int *count);
 
 #endif

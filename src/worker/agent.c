@@ -25,6 +25,7 @@
 #include "data/data.h"
 #include "worker/dist_step.h"
 #include "base/log.h"
+#include "base/zmq_check.h"
 #include "model/memplan.h"
 #include "model/model.h"
 #include "model/model_ckpt.h"
@@ -244,7 +245,8 @@ static void *link_open(agent_t *a, unsigned n, void **mon) {
     void *dealer = zmq_socket(a->zctx, ZMQ_DEALER);
     *mon = NULL;
     if (!dealer) {
-        sy_error("cannot create the coordinator socket: %s", zmq_strerror(errno));
+        sy_err_zmq(SY_EIO, errno, "cannot create the coordinator socket");
+        sy_error("%s", sy_err_msg());
         atomic_store(&a->link_failed, 1);
         return NULL;
     }
@@ -265,7 +267,8 @@ static void *link_open(agent_t *a, unsigned n, void **mon) {
         (zmq_setsockopt(dealer, ZMQ_CURVE_SERVERKEY, a->server_public, SY_CURVE_Z85_LEN + 1) != 0 ||
          zmq_setsockopt(dealer, ZMQ_CURVE_PUBLICKEY, a->key.public_z85, SY_CURVE_Z85_LEN + 1) != 0 ||
          zmq_setsockopt(dealer, ZMQ_CURVE_SECRETKEY, a->key.secret_z85, SY_CURVE_Z85_LEN + 1) != 0)) {
-        sy_error("cannot set the CURVE keys on the coordinator socket: %s", zmq_strerror(errno));
+        sy_err_zmq(SY_EIO, errno, "cannot set the CURVE keys on the coordinator socket");
+        sy_error("%s", sy_err_msg());
         atomic_store(&a->refused, 1);
     }
     /* Handshake failures show only in the socket monitor: libzmq reconnects after a dropped
@@ -285,7 +288,8 @@ static void *link_open(agent_t *a, unsigned n, void **mon) {
     if (!*mon) sy_warn("no socket monitor: a refused connection will show only as silence");
     /* the endpoint was validated at start (sy_endpoint_check): a failure here is unexpected */
     if (zmq_connect(dealer, a->opts->coordinator) != 0) {
-        sy_error("cannot connect to coordinator %s: %s", a->opts->coordinator, zmq_strerror(errno));
+        sy_err_zmq(SY_EIO, errno, "cannot connect to coordinator %s", a->opts->coordinator);
+        sy_error("%s", sy_err_msg());
         atomic_store(&a->link_failed, 1);
     }
     return dealer;
@@ -301,212 +305,286 @@ static void link_close(void **dealer, void **mon) {
     *dealer = NULL;
 }
 
-static void *link_main(void *arg) {
-    agent_t *a = arg;
-    void *pair = zmq_socket(a->zctx, ZMQ_PAIR);
-    int linger = 0;
-    zmq_setsockopt(pair, ZMQ_LINGER, &linger, sizeof linger);
-    unsigned nsock = 0;
-    void *mon = NULL;
-    void *dealer = link_open(a, nsock++, &mon);
-    int hs_fails = 0;
-    unsigned hs_logged = 0;
-    zmq_connect(pair, a->inproc);
+/* The link thread's own state: nothing else reads it. */
+typedef struct {
+    agent_t *a;
+    void *pair;               /* link side of the inproc pair to the main thread */
+    void *dealer, *mon;       /* the socket to the coordinator and its handshake monitor */
+    unsigned nsock;           /* sockets opened so far (link_open numbers them) */
+    int hs_fails;             /* handshakes failed in a row (link_monitor_event) */
+    unsigned hs_logged;
+    bool welcomed;            /* registered with the current coordinator */
+    bool stopped;             /* got Stop: no more Hello or heartbeats */
+    double last_hello, last_hb, last_rx; /* mono ms */
+    double unwelcomed_since, next_wait_log, wait_log_ivl; /* mono ms / ms, -1: welcomed */
+    unsigned last_seq;        /* a->state_seq last reported */
+} link_t;
 
-    bool welcomed = false;
-    double last_hello = -1e18, last_hb = -1e18, last_rx = (sy_mono_s() * 1e3);
-    double unwelcomed_since = -1, next_wait_log = LINK_WAIT_LOG_FIRST_MS, wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
-    unsigned last_seq = 0;
-    bool stopped = false; /* got Stop: no more Hello or heartbeats */
-    while (dealer && !atomic_load(&a->link_stop)) {
-        zmq_pollitem_t items[] = {{dealer, 0, ZMQ_POLLIN, 0}, {pair, 0, ZMQ_POLLIN, 0}, {mon, 0, ZMQ_POLLIN, 0}};
-        zmq_poll(items, mon ? 3 : 2, 50);
-        if (mon && (items[2].revents & ZMQ_POLLIN)) link_monitor_event(a, mon, &hs_fails, &hs_logged);
-        if (items[0].revents & ZMQ_POLLIN) {
-            zmq_msg_t msg;
-            zmq_msg_init(&msg);
-            if (zmq_msg_recv(&msg, dealer, ZMQ_DONTWAIT) >= 0) {
-                last_rx = (sy_mono_s() * 1e3);
-                Sy__Envelope *env = NULL;
-                sy_proto_drop why = sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env);
-                bool forward = false;
-                if (why != SY_DROP_NONE) {
-                    sy_warn("dropped a message from the coordinator (%s): %s", sy_proto_drop_name(why), sy_err_msg());
-                } else if (env->body_case == SY__ENVELOPE__BODY_WELCOME && env->welcome->reregister) {
-                    /* The coordinator does not count us as registered (it forgot us, or was
-                     * restarted): leave any generation and send Hello now. */
-                    pthread_mutex_lock(&a->mu);
-                    bool fresh = a->incarnation != env->incarnation;
-                    a->incarnation = env->incarnation;
-                    snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
-                    /* a collective in flight would wait for peers that leave their generation
-                     * too: end it now (peers get their own Welcome within a heartbeat) */
-                    if (a->comm) sy_comm_abort(a->comm);
-                    pthread_mutex_unlock(&a->mu);
-                    if (welcomed || fresh)
-                        sy_info("coordinator %s does not count us as registered: registering again", a->opts->coordinator);
-                    welcomed = false;
-                    last_hello = -1e18;
-                    forward = true;
-                } else if (env->body_case == SY__ENVELOPE__BODY_WELCOME) {
-                    const ProtobufCBinaryData *ses = &env->welcome->session;
-                    pthread_mutex_lock(&a->mu);
-                    bool fresh = a->incarnation != env->incarnation;
-                    bool had_session = a->session_len > 0;
-                    bool new_session = ses->len != a->session_len || (ses->len && memcmp(ses->data, a->session, ses->len));
-                    a->incarnation = env->incarnation;
-                    snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
-                    if (ses->len <= sizeof a->session) {
-                        memcpy(a->session, ses->data, ses->len);
-                        a->session_len = ses->len;
-                    }
-                    /* a new registration ends the generation we were in (below): a collective
-                     * in flight would wait for peers that leave it too, so end it now */
-                    if ((fresh || (new_session && had_session)) && a->comm) sy_comm_abort(a->comm);
-                    pthread_mutex_unlock(&a->mu);
-                    if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
-                    /* a new registration (new incarnation, or the same coordinator took us back
-                     * as a newcomer) ends whatever generation we were in */
-                    forward = fresh || (new_session && had_session);
-                    if (!fresh && new_session && had_session)
-                        sy_info("coordinator %s registered us anew: leaving the current generation", a->opts->coordinator);
-                    if (fresh && welcomed) {
-                        /* a new coordinator (restarted) greets us: it does not know us yet */
-                        sy_info("coordinator %s has a new incarnation %016llx: registering again",
-                                a->opts->coordinator, (unsigned long long)env->incarnation);
-                        welcomed = false;
-                        last_hello = -1e18;
-                    } else {
-                        if (!welcomed)
-                            sy_info("registered with coordinator %s (run %s, incarnation %016llx)",
-                                    a->opts->coordinator, env->run_id, (unsigned long long)env->incarnation);
-                        welcomed = true;
-                    }
-                } else {
-                    pthread_mutex_lock(&a->mu);
-                    bool ours = env->incarnation == a->incarnation && welcomed &&
-                                (!env->run_id || !strcmp(env->run_id, a->run_id));
-                    if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT &&
-                        env->generation == atomic_load(&a->generation) && a->comm)
-                        sy_comm_abort(a->comm);
-                    /* Stop ends whatever is in flight too (a drained worker must not wait out a
-                     * collective its peers have left), and this process never registers again. */
-                    if (ours && env->body_case == SY__ENVELOPE__BODY_STOP) {
-                        if (a->comm) sy_comm_abort(a->comm);
-                        stopped = true;
-                    }
-                    pthread_mutex_unlock(&a->mu);
-                    if (!ours) sy_debug("dropped a %s of another coordinator incarnation", sy_proto_body_name(env->body_case));
-                    forward = ours;
-                }
-                if (forward) zmq_send(pair, zmq_msg_data(&msg), zmq_msg_size(&msg), ZMQ_DONTWAIT);
-                sy_proto_free(env);
-            }
-            zmq_msg_close(&msg);
-        }
-        if (items[1].revents & ZMQ_POLLIN) {
-            zmq_msg_t msg;
-            zmq_msg_init(&msg);
-            if (zmq_msg_recv(&msg, pair, ZMQ_DONTWAIT) >= 0) {
-                /* main's envelopes are packed without run id, and with the incarnation of the
-                 * coordinator that assigned their generation (0: none): stamp and resend. One
-                 * about a generation of an earlier incarnation keeps that incarnation, so the
-                 * restarted coordinator drops it instead of taking it for its own generation. */
-                Sy__Envelope *env = NULL;
-                if (sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env) == SY_DROP_NONE) {
-                    char *own = env->run_id;
-                    pthread_mutex_lock(&a->mu);
-                    env->run_id = a->run_id; /* borrowed for the send below */
-                    if (!env->incarnation) env->incarnation = a->incarnation;
-                    env->session.data = a->session;
-                    env->session.len = a->session_len;
-                    sy_proto_send(dealer, NULL, 0, env);
-                    env->session.data = NULL;
-                    env->session.len = 0;
-                    env->run_id = own;
-                    pthread_mutex_unlock(&a->mu);
-                    sy_proto_free(env);
-                }
-            }
-            zmq_msg_close(&msg);
-        }
+static void link_from_coordinator(link_t *l);
+static bool link_on_reregister(link_t *l, const Sy__Envelope *env);
+static bool link_on_welcome(link_t *l, const Sy__Envelope *env);
+static bool link_on_order(link_t *l, const Sy__Envelope *env);
+static void link_from_main(link_t *l);
+static bool link_reconnect_if_silent(link_t *l, double t);
+static bool link_wait_for_welcome(link_t *l, double t);
+static void link_hello(link_t *l, double t, int hb);
+static void link_heartbeat(link_t *l, double t, int hb);
+
+/* The link thread: relays between the coordinator (DEALER) and the main thread (inproc PAIR),
+ * registers (Hello until Welcome), sends heartbeats, and reconnects when the coordinator falls
+ * silent. It ends on link_stop, or when it gives up (a->refused, a->link_failed). */
+static void *link_main(void *arg) {
+    link_t l = {.a = arg};
+    agent_t *a = l.a;
+    l.pair = zmq_socket(a->zctx, ZMQ_PAIR);
+    int linger = 0;
+    zmq_setsockopt(l.pair, ZMQ_LINGER, &linger, sizeof linger);
+    l.dealer = link_open(a, l.nsock++, &l.mon);
+    zmq_connect(l.pair, a->inproc);
+
+    l.last_hello = -1e18, l.last_hb = -1e18, l.last_rx = (sy_mono_s() * 1e3);
+    l.unwelcomed_since = -1, l.next_wait_log = LINK_WAIT_LOG_FIRST_MS, l.wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
+    while (l.dealer && !atomic_load(&a->link_stop)) {
+        zmq_pollitem_t items[] = {{l.dealer, 0, ZMQ_POLLIN, 0}, {l.pair, 0, ZMQ_POLLIN, 0}, {l.mon, 0, ZMQ_POLLIN, 0}};
+        zmq_poll(items, l.mon ? 3 : 2, 50);
+        if (l.mon && (items[2].revents & ZMQ_POLLIN)) link_monitor_event(a, l.mon, &l.hs_fails, &l.hs_logged);
+        if (items[0].revents & ZMQ_POLLIN) link_from_coordinator(&l);
+        if (items[1].revents & ZMQ_POLLIN) link_from_main(&l);
         double t = (sy_mono_s() * 1e3);
         int hb = atomic_load(&a->hb_ms);
-        /* The coordinator re-sends Welcome as a keepalive (docs/protocol.md); silence means it
-         * is gone or was restarted: register again (a new incarnation answers). */
-        if (stopped) continue;
-        if (welcomed && t - last_rx > atomic_load(&a->coord_timeout_ms)) {
-            /* A fresh socket too: the old connection may be deaf in a way libzmq never reports
-             * (a peer that took over our routing id at a coordinator with ROUTER_HANDOVER, a
-             * half-open TCP connection), and a Hello sent into it would never arrive. */
-            sy_warn("no word from the coordinator for %.0f ms: reconnecting and registering again", t - last_rx);
-            link_close(&dealer, &mon);
-            if (!(dealer = link_open(a, nsock++, &mon))) break;
-            hs_fails = 0;
-            welcomed = false;
-            last_rx = t;
-            unwelcomed_since = t;
-            next_wait_log = wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
-        }
-        if (welcomed) {
-            unwelcomed_since = -1;
-        } else {
-            if (unwelcomed_since < 0) unwelcomed_since = t, next_wait_log = wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
-            double waited = t - unwelcomed_since;
-            int limit_s = a->opts->connect_timeout_s;
-            if (limit_s > 0 && waited >= limit_s * 1e3) {
-                sy_error("no answer from the coordinator %s for %d s (--connect-timeout): giving up",
-                         a->opts->coordinator, limit_s);
-                atomic_store(&a->link_failed, 1);
-                break;
-            }
-            if (waited >= next_wait_log) {
-                char limit[64] = "no time limit";
-                if (limit_s > 0) snprintf(limit, sizeof limit, "giving up after %d s, --connect-timeout", limit_s);
-                sy_warn("no answer from the coordinator %s for %.0f s: still trying (is it running and reachable at "
-                        "that address? %s)",
-                        a->opts->coordinator, waited / 1e3, limit);
-                next_wait_log = waited + wait_log_ivl;
-                wait_log_ivl = wait_log_ivl * 2 > LINK_WAIT_LOG_MAX_MS ? LINK_WAIT_LOG_MAX_MS : wait_log_ivl * 2;
-            }
-        }
-        if (!welcomed && t - last_hello >= hb) {
-            Sy__Envelope env;
-            Sy__Hello hello = SY__HELLO__INIT;
-            struct sysinfo si;
-            hello.worker_id = a->id;
-            hello.host = a->host;
-            hello.pid = (uint32_t)getpid();
-            hello.backend = (char *)(a->opts->backend ? a->opts->backend : "cpu");
-            hello.devices = 1;
-            hello.memory_bytes = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : 0;
-            hello.version = SY_AGENT_VERSION;
-            hello.auth_token = "";
-            hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
-            sy__envelope__init(&env);
-            env.body_case = SY__ENVELOPE__BODY_HELLO;
-            env.hello = &hello;
-            link_send(a, dealer, &env);
-            last_hello = t;
-        }
-        /* a heartbeat at once on a change of state (the coordinator times recovery phases) */
-        unsigned seq_now = atomic_load(&a->state_seq);
-        if (welcomed && (t - last_hb >= hb || seq_now != last_seq)) {
-            last_seq = seq_now;
-            Sy__Envelope env;
-            Sy__Heartbeat h = SY__HEARTBEAT__INIT;
-            h.step = (uint64_t)atomic_load(&a->step);
-            h.state = (char *)state_names[atomic_load(&a->state)];
-            sy__envelope__init(&env);
-            env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
-            env.heartbeat = &h;
-            link_send(a, dealer, &env);
-            last_hb = t;
+        if (l.stopped) continue;
+        if (!link_reconnect_if_silent(&l, t) || !link_wait_for_welcome(&l, t)) break;
+        link_hello(&l, t, hb);
+        link_heartbeat(&l, t, hb);
+    }
+    link_close(&l.dealer, &l.mon);
+    zmq_close(l.pair);
+    return NULL;
+}
+
+/* One message from the coordinator: Welcome is the link's business (registration); other
+ * messages of our coordinator go to the main thread, and so does a Welcome that ends our
+ * generation. */
+static void link_from_coordinator(link_t *l) {
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    if (zmq_msg_recv(&msg, l->dealer, ZMQ_DONTWAIT) >= 0) {
+        l->last_rx = (sy_mono_s() * 1e3);
+        Sy__Envelope *env = NULL;
+        sy_proto_drop why = sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env);
+        bool forward = false;
+        if (why != SY_DROP_NONE)
+            sy_warn("dropped a message from the coordinator (%s): %s", sy_proto_drop_name(why), sy_err_msg());
+        else if (env->body_case == SY__ENVELOPE__BODY_WELCOME && env->welcome->reregister)
+            forward = link_on_reregister(l, env);
+        else if (env->body_case == SY__ENVELOPE__BODY_WELCOME)
+            forward = link_on_welcome(l, env);
+        else
+            forward = link_on_order(l, env);
+        if (forward) zmq_send(l->pair, zmq_msg_data(&msg), zmq_msg_size(&msg), ZMQ_DONTWAIT);
+        sy_proto_free(env);
+    }
+    zmq_msg_close(&msg);
+}
+
+/* The coordinator does not count us as registered (it forgot us, or was restarted): leave any
+ * generation and send Hello now. Forwarded. */
+static bool link_on_reregister(link_t *l, const Sy__Envelope *env) {
+    agent_t *a = l->a;
+    pthread_mutex_lock(&a->mu);
+    bool fresh = a->incarnation != env->incarnation;
+    a->incarnation = env->incarnation;
+    snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
+    /* a collective in flight would wait for peers that leave their generation
+     * too: end it now (peers get their own Welcome within a heartbeat) */
+    if (a->comm) sy_comm_abort(a->comm);
+    pthread_mutex_unlock(&a->mu);
+    if (l->welcomed || fresh)
+        sy_info("coordinator %s does not count us as registered: registering again", a->opts->coordinator);
+    l->welcomed = false;
+    l->last_hello = -1e18;
+    return true;
+}
+
+/* Welcome (also the coordinator's keepalive): our session secret, the run id, the heartbeat
+ * period. True (forward to main) when it is a new registration, which ends our generation. */
+static bool link_on_welcome(link_t *l, const Sy__Envelope *env) {
+    agent_t *a = l->a;
+    const ProtobufCBinaryData *ses = &env->welcome->session;
+    pthread_mutex_lock(&a->mu);
+    bool fresh = a->incarnation != env->incarnation;
+    bool had_session = a->session_len > 0;
+    bool new_session = ses->len != a->session_len || (ses->len && memcmp(ses->data, a->session, ses->len));
+    a->incarnation = env->incarnation;
+    snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
+    if (ses->len <= sizeof a->session) {
+        memcpy(a->session, ses->data, ses->len);
+        a->session_len = ses->len;
+    }
+    /* a new registration ends the generation we were in (below): a collective
+     * in flight would wait for peers that leave it too, so end it now */
+    if ((fresh || (new_session && had_session)) && a->comm) sy_comm_abort(a->comm);
+    pthread_mutex_unlock(&a->mu);
+    if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
+    /* a new registration (new incarnation, or the same coordinator took us back
+     * as a newcomer) ends whatever generation we were in */
+    bool forward = fresh || (new_session && had_session);
+    if (!fresh && new_session && had_session)
+        sy_info("coordinator %s registered us anew: leaving the current generation", a->opts->coordinator);
+    if (fresh && l->welcomed) {
+        /* a new coordinator (restarted) greets us: it does not know us yet */
+        sy_info("coordinator %s has a new incarnation %016llx: registering again",
+                a->opts->coordinator, (unsigned long long)env->incarnation);
+        l->welcomed = false;
+        l->last_hello = -1e18;
+    } else {
+        if (!l->welcomed)
+            sy_info("registered with coordinator %s (run %s, incarnation %016llx)",
+                    a->opts->coordinator, env->run_id, (unsigned long long)env->incarnation);
+        l->welcomed = true;
+    }
+    return forward;
+}
+
+/* Any other message (Assign, Abort, Stop, CheckpointNow): forwarded when it is of our
+ * coordinator and run; Abort of our generation and Stop end a collective in flight at once. */
+static bool link_on_order(link_t *l, const Sy__Envelope *env) {
+    agent_t *a = l->a;
+    pthread_mutex_lock(&a->mu);
+    bool ours = env->incarnation == a->incarnation && l->welcomed &&
+                (!env->run_id || !strcmp(env->run_id, a->run_id));
+    if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT &&
+        env->generation == atomic_load(&a->generation) && a->comm)
+        sy_comm_abort(a->comm);
+    /* Stop ends whatever is in flight too (a drained worker must not wait out a
+     * collective its peers have left), and this process never registers again. */
+    if (ours && env->body_case == SY__ENVELOPE__BODY_STOP) {
+        if (a->comm) sy_comm_abort(a->comm);
+        l->stopped = true;
+    }
+    pthread_mutex_unlock(&a->mu);
+    if (!ours) sy_debug("dropped a %s of another coordinator incarnation", sy_proto_body_name(env->body_case));
+    return ours;
+}
+
+/* One envelope from the main thread, sent on to the coordinator. */
+static void link_from_main(link_t *l) {
+    agent_t *a = l->a;
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    if (zmq_msg_recv(&msg, l->pair, ZMQ_DONTWAIT) >= 0) {
+        /* main's envelopes are packed without run id, and with the incarnation of the
+         * coordinator that assigned their generation (0: none): stamp and resend. One
+         * about a generation of an earlier incarnation keeps that incarnation, so the
+         * restarted coordinator drops it instead of taking it for its own generation. */
+        Sy__Envelope *env = NULL;
+        if (sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env) == SY_DROP_NONE) {
+            char *own = env->run_id;
+            pthread_mutex_lock(&a->mu);
+            env->run_id = a->run_id; /* borrowed for the send below */
+            if (!env->incarnation) env->incarnation = a->incarnation;
+            env->session.data = a->session;
+            env->session.len = a->session_len;
+            sy_proto_send(l->dealer, NULL, 0, env);
+            env->session.data = NULL;
+            env->session.len = 0;
+            env->run_id = own;
+            pthread_mutex_unlock(&a->mu);
+            sy_proto_free(env);
         }
     }
-    link_close(&dealer, &mon);
-    zmq_close(pair);
-    return NULL;
+    zmq_msg_close(&msg);
+}
+
+/* The coordinator re-sends Welcome as a keepalive (docs/protocol.md); silence means it is gone
+ * or was restarted: register again (a new incarnation answers), on a fresh socket. False when
+ * no socket can be opened (the link gives up). */
+static bool link_reconnect_if_silent(link_t *l, double t) {
+    agent_t *a = l->a;
+    if (!l->welcomed || t - l->last_rx <= atomic_load(&a->coord_timeout_ms)) return true;
+    /* A fresh socket too: the old connection may be deaf in a way libzmq never reports
+     * (a peer that took over our routing id at a coordinator with ROUTER_HANDOVER, a
+     * half-open TCP connection), and a Hello sent into it would never arrive. */
+    sy_warn("no word from the coordinator for %.0f ms: reconnecting and registering again", t - l->last_rx);
+    link_close(&l->dealer, &l->mon);
+    if (!(l->dealer = link_open(a, l->nsock++, &l->mon))) return false;
+    l->hs_fails = 0;
+    l->welcomed = false;
+    l->last_rx = t;
+    l->unwelcomed_since = t;
+    l->next_wait_log = l->wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
+    return true;
+}
+
+/* Not registered yet: logs the wait (at growing intervals) and gives up after
+ * --connect-timeout (false, a->link_failed set). */
+static bool link_wait_for_welcome(link_t *l, double t) {
+    agent_t *a = l->a;
+    if (l->welcomed) {
+        l->unwelcomed_since = -1;
+        return true;
+    }
+    if (l->unwelcomed_since < 0)
+        l->unwelcomed_since = t, l->next_wait_log = l->wait_log_ivl = LINK_WAIT_LOG_FIRST_MS;
+    double waited = t - l->unwelcomed_since;
+    int limit_s = a->opts->connect_timeout_s;
+    if (limit_s > 0 && waited >= limit_s * 1e3) {
+        sy_error("no answer from the coordinator %s for %d s (--connect-timeout): giving up",
+                 a->opts->coordinator, limit_s);
+        atomic_store(&a->link_failed, 1);
+        return false;
+    }
+    if (waited >= l->next_wait_log) {
+        char limit[64] = "no time limit";
+        if (limit_s > 0) snprintf(limit, sizeof limit, "giving up after %d s, --connect-timeout", limit_s);
+        sy_warn("no answer from the coordinator %s for %.0f s: still trying (is it running and reachable at "
+                "that address? %s)",
+                a->opts->coordinator, waited / 1e3, limit);
+        l->next_wait_log = waited + l->wait_log_ivl;
+        l->wait_log_ivl = l->wait_log_ivl * 2 > LINK_WAIT_LOG_MAX_MS ? LINK_WAIT_LOG_MAX_MS : l->wait_log_ivl * 2;
+    }
+    return true;
+}
+
+/* Hello every heartbeat period until Welcome. */
+static void link_hello(link_t *l, double t, int hb) {
+    agent_t *a = l->a;
+    if (l->welcomed || t - l->last_hello < hb) return;
+    Sy__Envelope env;
+    Sy__Hello hello = SY__HELLO__INIT;
+    struct sysinfo si;
+    hello.worker_id = a->id;
+    hello.host = a->host;
+    hello.pid = (uint32_t)getpid();
+    hello.backend = (char *)(a->opts->backend ? a->opts->backend : "cpu");
+    hello.devices = 1;
+    hello.memory_bytes = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : 0;
+    hello.version = SY_AGENT_VERSION;
+    hello.auth_token = "";
+    hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
+    sy__envelope__init(&env);
+    env.body_case = SY__ENVELOPE__BODY_HELLO;
+    env.hello = &hello;
+    link_send(a, l->dealer, &env);
+    l->last_hello = t;
+}
+
+/* Heartbeat every period once registered, and at once on a change of state (the coordinator
+ * times recovery phases). */
+static void link_heartbeat(link_t *l, double t, int hb) {
+    agent_t *a = l->a;
+    unsigned seq_now = atomic_load(&a->state_seq);
+    if (!l->welcomed || (t - l->last_hb < hb && seq_now == l->last_seq)) return;
+    l->last_seq = seq_now;
+    Sy__Envelope env;
+    Sy__Heartbeat h = SY__HEARTBEAT__INIT;
+    h.step = (uint64_t)atomic_load(&a->step);
+    h.state = (char *)state_names[atomic_load(&a->state)];
+    sy__envelope__init(&env);
+    env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
+    env.heartbeat = &h;
+    link_send(a, l->dealer, &env);
+    l->last_hb = t;
 }
 
 /* ---- main thread ---------------------------------------------------------------------------- */
