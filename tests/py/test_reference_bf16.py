@@ -35,6 +35,13 @@ Discrimination, checked every run: the fp32 run, and the reference with each cla
 points switched off (bf16 weight copies; activations; activation gradients), must each break at
 least one check in each case. Measured: no weight / no activation rounding move the step-1 loss
 by 1.6e-5 / 2.4e-6 (dense), no gradient rounding moves the ln_f.weight gradient by 9e-4 / 1.1e-3.
+The readings tests/reference/bf16.py chose where §4 is silent were tried the other way round
+(measured once, not re-run here): the test tells apart, in both cases, (a) wpe read in fp32
+(step-1 loss 5e-6), the embedding gather of an fp32 wte (9e-6), (b) P rounded to bf16 before
+P·V (4e-6), (c) dlogits rounded (ln_f.weight gradient 9e-4), and in the Switch case (e) the
+combine output left unrounded (7e-6); switchyard agrees with the chosen readings. It cannot
+resolve (d), whether the router's dz·W_r is rounded before it joins the expert path's gradient
+(below the cascade's noise), nor (f) bf16 copies of the LayerNorm weights over 3 steps.
 
 Env: SY_BUILD (build dir), SY_SRC (source dir). Exit status non-zero on any failure.
 """
