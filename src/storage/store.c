@@ -1,7 +1,7 @@
 /* Object store front end (key checks, sorting, dispatch) and the local-directory backend. */
 #include "storage/store.h"
 #include "base/fsutil.h"
-#include "storage/store_s3.h"
+#include "store_backends_internal.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -586,11 +586,9 @@ static sy_status local_open_store(const char *dir, const char *url, sy_store_t *
     return sy_store_wrap(&local_ops, ls, url, out);
 }
 
-sy_status sy_store_open(const char *url, sy_store_t **out) {
-    if (!out) return sy_err_set(SY_EINVAL, "store open: no output pointer");
-    *out = NULL;
-    if (!url || !url[0]) return sy_err_set(SY_EINVAL, "store: empty URL");
-    if (!strncmp(url, "s3://", 5)) return sy_store_s3_open(url, NULL, out);
+/* file:///abs/path or a plain path; the local backend reads nothing from a config. */
+static sy_status local_open_url(const char *url, const sy_config_t *cfg, sy_store_t **out) {
+    (void)cfg;
     if (!strncmp(url, "file://", 7)) {
         const char *p = url + 7;
         if (!strncmp(p, "localhost/", 10)) p += 9;
@@ -598,7 +596,7 @@ sy_status sy_store_open(const char *url, sy_store_t **out) {
             return sy_err_set(SY_EINVAL, "store %s: file URLs must be file:///absolute/path", url);
         return local_open_store(p, url, out);
     }
-    if (strstr(url, "://"))
-        return sy_err_set(SY_EINVAL, "store %s: unknown URL scheme (expected file://, s3:// or a path)", url);
     return local_open_store(url, url, out);
 }
+
+const sy_store_backend sy_store_local_backend = {.scheme = "file://", .open = local_open_url};

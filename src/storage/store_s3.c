@@ -2,6 +2,7 @@
  * storage notes for the libcurl 7.88 rules followed here). */
 #include "storage/store_s3.h"
 #include "base/clock.h"
+#include "store_backends_internal.h"
 #include "store_s3_internal.h"
 
 #include <curl/curl.h>
@@ -1110,10 +1111,9 @@ sy_status sy_store_s3_open(const char *url, const sy_s3_options *opts, sy_store_
     return sy_store_wrap(&s3_ops, s, url, out);
 }
 
-sy_status sy_store_open_config(const sy_config_t *cfg, sy_store_t **out) {
-    if (!cfg) return sy_err_set(SY_EINVAL, "store open: no config");
-    const char *url = cfg->checkpoint.store;
-    if (!url || strncmp(url, "s3://", 5)) return sy_store_open(url, out);
+/* The opener's entry (store_open.c): cfg, when given, supplies the checkpoint.s3_* fields. */
+static sy_status s3_open_url(const char *url, const sy_config_t *cfg, sy_store_t **out) {
+    if (!cfg) return sy_store_s3_open(url, NULL, out);
     sy_s3_options o;
     sy_s3_options_default(&o);
     o.endpoint = cfg->checkpoint.s3_endpoint;
@@ -1128,3 +1128,5 @@ sy_status sy_store_open_config(const sy_config_t *cfg, sy_store_t **out) {
     if (o.timeout_ms < 1000) o.backoff_base_ms = o.timeout_ms / 10;
     return sy_store_s3_open(url, &o, out);
 }
+
+const sy_store_backend sy_store_s3_backend = {.scheme = "s3://", .open = s3_open_url};
