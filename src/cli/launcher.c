@@ -36,6 +36,7 @@
 #include "model/memplan.h"
 #include "storage/store.h"
 #include "storage/store_s3.h"
+#include "storage/curl_check.h"
 
 #define SY_LAUNCH_READY_TIMEOUT_MS 30000
 #define SY_LAUNCH_GRACE_MS 10000
@@ -505,7 +506,7 @@ static void report_lost(lctx *L, const char *id, pid_t pid) {
     CURLcode rc = curl_easy_perform(h);
     long code = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
-    if (rc != CURLE_OK) note(L, "could not report worker %s to the coordinator: %s", id, curl_easy_strerror(rc));
+    if (sy_curl_check(rc, NULL, "could not report worker %s to the coordinator", id) != SY_OK) note(L, "%s", sy_err_msg());
     else if (code != 202 && !L->quiet) note(L, "the coordinator answered %ld to the report of worker %s", code, id);
     curl_slist_free_all(hdr);
     curl_easy_cleanup(h);
