@@ -183,63 +183,15 @@ sy_status sy_st_serialize(const sy_tensor_ref *tensors, int n, sy_st_dtype dtype
     return SY_OK;
 }
 
-/* Writes all of buf to fd; errno-translated. */
-static sy_status write_all(int fd, const void *buf, size_t len, const char *what) {
-    const uint8_t *p = buf;
-    while (len > 0) {
-        ssize_t w = write(fd, p, len);
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0) return sy_err_set(SY_EIO, "%s: write: %s", what, strerror(errno));
-        p += w;
-        len -= (size_t)w;
-    }
-    return SY_OK;
-}
-
 sy_status sy_st_write_file(const char *path, const sy_tensor_ref *tensors, int n,
                            sy_st_dtype dtype) {
-    sy_status st;
     void *buf = NULL;
     size_t len = 0;
-    char *tmp = NULL;
-    int fd = -1;
     if (!path || !path[0]) return sy_err_set(SY_EINVAL, "safetensors: no output path");
     SY_CHECK(sy_fs_check_replaceable(path)); /* a device, FIFO or symlink at path stays as it is */
-    st = sy_st_serialize(tensors, n, dtype, &buf, &len);
+    sy_status st = sy_st_serialize(tensors, n, dtype, &buf, &len);
     if (st != SY_OK) return sy_err_prefix(st, "%s", path);
-    size_t tl = strlen(path) + 48;
-    tmp = malloc(tl);
-    if (!tmp) {
-        st = sy_err_set(SY_ENOMEM, "%s: temp name", path);
-        goto out;
-    }
-    static unsigned long counter;
-    snprintf(tmp, tl, "%s.tmp.%ld.%lu", path, (long)getpid(), __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED));
-    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        st = sy_err_set(SY_EIO, "%s: open: %s", tmp, strerror(errno));
-        goto out;
-    }
-    SY_CHECK_GOTO(write_all(fd, buf, len, tmp), st, out);
-    if (fsync(fd) != 0) {
-        st = sy_err_set(SY_EIO, "%s: fsync: %s", tmp, strerror(errno));
-        goto out;
-    }
-    if (close(fd) != 0) {
-        fd = -1;
-        st = sy_err_set(SY_EIO, "%s: close: %s", tmp, strerror(errno));
-        goto out;
-    }
-    fd = -1;
-    SY_CHECK_GOTO(sy_fs_check_replaceable(path), st, out); /* again: it may have appeared meanwhile */
-    if (rename(tmp, path) != 0) {
-        st = sy_err_set(SY_EIO, "%s: rename from %s: %s", path, tmp, strerror(errno));
-        goto out;
-    }
-out:
-    if (fd >= 0) close(fd);
-    if (st != SY_OK && tmp) unlink(tmp);
-    free(tmp);
+    st = sy_fs_write_atomic(path, buf, len, 0644, 0);
     free(buf);
     return st;
 }

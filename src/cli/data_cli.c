@@ -338,6 +338,254 @@ static int sy_opt_is(const char *a, const char *name) {
     return strncmp(a, name, nl) == 0 && (a[nl] == 0 || a[nl] == '=');
 }
 
+/* What the command line asks for. */
+typedef struct {
+    sy_strvec_t inputs;
+    const char *out_dir;
+    double val_fraction;
+    unsigned long long shard_tokens;
+    long vocab_size;
+    int vocab_given;
+} sy_prep_opts_t;
+
+/* Pass 1's result: the usable files in order and what they hold. */
+typedef struct {
+    sy_prep_list_t list;
+    int n_text, n_shard, n_skipped;
+    uint64_t total, text_bytes; /* tokens in all; text: bytes read (separators not counted) */
+    uint64_t n_train, n_val;
+} sy_prep_plan_t;
+
+#define SY_PREP_RUN (-1) /* sy_prep_parse: go on (any other value is the exit code) */
+
+/* --input PATH... (or --input=PATH): one or more paths up to the next option. */
+static sy_status sy_prep_parse_inputs(int argc, char **argv, int *i, sy_strvec_t *inputs, int *bad) {
+    const char *a = argv[*i];
+    if (a[7] == '=') return sy_strvec_push(inputs, a + 8);
+    int got = 0;
+    while (*i + 1 < argc && strncmp(argv[*i + 1], "-", 1) != 0) {
+        SY_CHECK(sy_strvec_push(inputs, argv[++*i]));
+        got++;
+    }
+    if (!got) {
+        fprintf(stderr, "data prepare: --input needs at least one path\n");
+        *bad = 1;
+    }
+    return SY_OK;
+}
+
+/* Parses argv[1..] into o. SY_PREP_RUN, or the exit code after printing help (0), a usage error
+ * (2) or an out-of-memory error (1). */
+static int sy_prep_parse(int argc, char **argv, sy_prep_opts_t *o) {
+    int bad = 0;
+    for (int i = 1; i < argc && !bad; i++) {
+        const char *a = argv[i], *v;
+        char *end = NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            sy_prep_usage(stdout);
+            return 0;
+        } else if (sy_opt_is(a, "--input")) {
+            if (sy_prep_parse_inputs(argc, argv, &i, &o->inputs, &bad) != SY_OK) {
+                sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+                fprintf(stderr, "data prepare: error: %s\n", sy_err_msg());
+                return 1;
+            }
+        } else if (sy_opt_is(a, "--out")) {
+            o->out_dir = sy_opt_value(argc, argv, &i, "--out", &bad);
+        } else if (sy_opt_is(a, "--val-fraction")) {
+            if (!(v = sy_opt_value(argc, argv, &i, "--val-fraction", &bad))) break;
+            errno = 0;
+            o->val_fraction = strtod(v, &end);
+            if (errno || end == v || *end || !(o->val_fraction >= 0.0) ||
+                o->val_fraction > SY_PREP_VAL_FRACTION_MAX) {
+                fprintf(stderr, "data prepare: --val-fraction '%s' is not a number in [0, %.1f]\n",
+                        v, SY_PREP_VAL_FRACTION_MAX);
+                bad = 1;
+            }
+        } else if (sy_opt_is(a, "--shard-tokens")) {
+            if (!(v = sy_opt_value(argc, argv, &i, "--shard-tokens", &bad))) break;
+            errno = 0;
+            o->shard_tokens = strtoull(v, &end, 10);
+            if (errno || end == v || *end || v[0] == '-' || o->shard_tokens < 2 ||
+                o->shard_tokens > INT32_MAX) {
+                fprintf(stderr, "data prepare: --shard-tokens '%s' is not an integer in [2, %d]\n",
+                        v, INT32_MAX);
+                bad = 1;
+            }
+        } else if (sy_opt_is(a, "--vocab-size")) {
+            if (!(v = sy_opt_value(argc, argv, &i, "--vocab-size", &bad))) break;
+            errno = 0;
+            o->vocab_size = strtol(v, &end, 10);
+            o->vocab_given = 1;
+            if (errno || end == v || *end || o->vocab_size < 1 || o->vocab_size > 65536) {
+                fprintf(stderr, "data prepare: --vocab-size '%s' is not an integer in [1, 65536]\n",
+                        v);
+                bad = 1;
+            }
+        } else {
+            fprintf(stderr, "data prepare: unknown option '%s' (see --help)\n", a);
+            bad = 1;
+        }
+    }
+    if (!bad && o->inputs.n == 0) {
+        fprintf(stderr, "data prepare: --input is required (see --help)\n");
+        bad = 1;
+    }
+    if (!bad && (!o->out_dir || !o->out_dir[0])) {
+        fprintf(stderr, "data prepare: --out is required (see --help)\n");
+        bad = 1;
+    }
+    return bad ? 2 : SY_PREP_RUN;
+}
+
+/* The input files: in the order given, each directory's files in sorted path order. */
+static sy_status sy_prep_collect(const sy_strvec_t *inputs, sy_strvec_t *files) {
+    sy_devino_set_t dirs_seen = {0};
+    sy_status st = SY_OK;
+    for (int i = 0; i < inputs->n && st == SY_OK; i++) {
+        struct stat sb;
+        if (stat(inputs->v[i], &sb) != 0) {
+            st = sy_err_set(SY_ENOTFOUND, "%s: input not found: %s", inputs->v[i],
+                            strerror(errno));
+        } else if (S_ISDIR(sb.st_mode)) {
+            sy_strvec_t found = {0};
+            int oom = 0;
+            sy_devino_seen(&dirs_seen, &sb, &oom);
+            st = oom ? sy_err_set(SY_ENOMEM, "data prepare: out of memory")
+                     : sy_walk_dir(inputs->v[i], &dirs_seen, &found);
+            if (st == SY_OK && found.n > 1) qsort(found.v, (size_t)found.n, sizeof *found.v,
+                                                  sy_str_cmp);
+            for (int j = 0; st == SY_OK && j < found.n; j++) st = sy_strvec_push(files, found.v[j]);
+            sy_strvec_free(&found);
+        } else if (S_ISREG(sb.st_mode)) {
+            st = sy_strvec_push(files, inputs->v[i]);
+        } else {
+            st = sy_err_set(SY_EINVAL, "%s: input is neither a file nor a directory",
+                            inputs->v[i]);
+        }
+    }
+    free(dirs_seen.v);
+    return st;
+}
+
+/* Adds a classified file to the plan (kind 1 text, 2 shard); refuses a mix of both. */
+static sy_status sy_prep_plan_add(sy_prep_plan_t *p, const char *path, int kind, sy_prep_file_t f,
+                                  const char **a_text, const char **a_shard) {
+    if (kind == 1) {
+        p->n_text++;
+        if (!*a_text) *a_text = path;
+        p->text_bytes += f.tokens - (uint64_t)f.add_newline;
+    } else {
+        p->n_shard++;
+        if (!*a_shard) *a_shard = path;
+    }
+    if (p->n_text && p->n_shard)
+        return sy_err_set(SY_EINVAL,
+                          "inputs mix text (%s) and llm.c token shards (%s); prepare them "
+                          "separately",
+                          *a_text, *a_shard);
+    sy_prep_list_t *l = &p->list;
+    if (l->n == l->cap) {
+        int nc = l->cap ? l->cap * 2 : 64;
+        sy_prep_file_t *nv = realloc(l->v, (size_t)nc * sizeof *nv);
+        if (!nv) return sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+        l->v = nv;
+        l->cap = nc;
+    }
+    if (!(f.path = strdup(path))) return sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+    l->v[l->n++] = f;
+    p->total += f.tokens;
+    return SY_OK;
+}
+
+/* Pass 1: classifies every file and counts its tokens, so the split point is known before
+ * anything is written. Skips strfile indexes (*.dat), second names of one file, binaries and
+ * empty files. */
+static sy_status sy_prep_classify_all(const sy_strvec_t *files, int vocab_size, sy_prep_plan_t *p) {
+    sy_devino_set_t files_seen = {0};
+    const char *a_text = NULL, *a_shard = NULL;
+    sy_status st = SY_OK;
+    for (int i = 0; i < files->n && st == SY_OK; i++) {
+        const char *path = files->v[i];
+        struct stat sb;
+        int oom = 0, kind = 0;
+        if (sy_ends_with(path, ".dat")) { /* strfile(1) index of a fortune file */
+            p->n_skipped++;
+            continue;
+        }
+        if (stat(path, &sb) != 0) {
+            st = sy_err_set(SY_EIO, "%s: stat: %s", path, strerror(errno));
+            break;
+        }
+        if (sy_devino_seen(&files_seen, &sb, &oom)) { /* e.g. fortune's foo.u8 -> foo */
+            p->n_skipped++;
+            continue;
+        }
+        if (oom) {
+            st = sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+            break;
+        }
+        sy_prep_file_t f = {0};
+        st = sy_prep_classify(path, vocab_size, &kind, &f);
+        if (st == SY_OK && kind == 0)
+            p->n_skipped++;
+        else if (st == SY_OK)
+            st = sy_prep_plan_add(p, path, kind, f, &a_text, &a_shard);
+    }
+    free(files_seen.v);
+    return st;
+}
+
+/* The train/validation split of the plan's tokens, with the checks that need the totals. */
+static sy_status sy_prep_split(sy_prep_plan_t *p, const sy_prep_opts_t *o) {
+    if (p->list.n == 0)
+        return sy_err_set(SY_EINVAL, "data prepare: no usable input files (%d skipped)", p->n_skipped);
+    if (p->n_text && o->vocab_given && o->vocab_size < SY_PREP_BYTE_VOCAB)
+        return sy_err_set(SY_EINVAL, "data prepare: --vocab-size %ld < 256 cannot hold byte-level "
+                          "tokens", o->vocab_size);
+    p->n_val = (uint64_t)((double)p->total * o->val_fraction); /* floor */
+    p->n_train = p->total - p->n_val;
+    if (p->n_train < 2)
+        return sy_err_set(SY_EINVAL,
+                          "data prepare: only %" PRIu64 " train tokens (of %" PRIu64
+                          "); need at least 2",
+                          p->n_train, p->total);
+    return SY_OK;
+}
+
+/* Pass 2: streams every file's tokens into the shards of --out, then removes stale shards. */
+static sy_status sy_prep_write(const sy_prep_plan_t *p, const sy_prep_opts_t *o, sy_sink_t *sink) {
+    if (sy_mkdir_p(o->out_dir) != SY_OK) return sy_err_prefix(SY_EIO, "--out %s", o->out_dir);
+    sink->out_dir = o->out_dir;
+    sink->shard_tokens = o->shard_tokens;
+    sink->n_train = p->n_train;
+    uint64_t biggest = p->n_train > p->n_val ? p->n_train : p->n_val;
+    if (!(sink->buf = malloc((size_t)(biggest < o->shard_tokens ? biggest : o->shard_tokens) *
+                             sizeof *sink->buf)))
+        return sy_err_set(SY_ENOMEM, "data prepare: out of memory");
+    if (biggest < o->shard_tokens) sink->shard_tokens = biggest; /* same shards, smaller buffer */
+    for (int i = 0; i < p->list.n; i++) {
+        if (p->n_shard)
+            SY_CHECK(sy_prep_emit_shard(sink, &p->list.v[i], (int)o->vocab_size));
+        else
+            SY_CHECK(sy_prep_emit_text(sink, &p->list.v[i]));
+    }
+    SY_CHECK(sy_sink_flush(sink));
+    sy_prep_remove_stale(o->out_dir, "train", sink->n_train_shards);
+    sy_prep_remove_stale(o->out_dir, "val", sink->n_val_shards);
+    return SY_OK;
+}
+
+static void sy_prep_report(const sy_prep_plan_t *p, const sy_prep_opts_t *o, const sy_sink_t *sink) {
+    printf("data prepare: %d %s file(s) (%d skipped), %" PRIu64 " %s -> %s\n", p->list.n,
+           p->n_shard ? "llm.c shard" : "text", p->n_skipped, p->n_shard ? p->total : p->text_bytes,
+           p->n_shard ? "tokens" : "bytes", o->out_dir);
+    printf("data prepare: train %" PRIu64 " tokens in %d shard(s), val %" PRIu64
+           " tokens in %d shard(s), vocab %s\n",
+           p->n_train, sink->n_train_shards, p->n_val, sink->n_val_shards,
+           p->n_shard ? "as the input shards" : "256 (byte-level)");
+}
+
 int sy_data_cli(int argc, char **argv) {
     if (argc < 1 || strcmp(argv[0], "prepare") != 0) {
         if (argc >= 1 && (!strcmp(argv[0], "-h") || !strcmp(argv[0], "--help"))) {
@@ -349,233 +597,25 @@ int sy_data_cli(int argc, char **argv) {
         sy_prep_usage(stderr);
         return 2;
     }
-    sy_strvec_t inputs = {0}, files = {0};
-    sy_prep_list_t list = {0};
-    sy_devino_set_t dirs_seen = {0}, files_seen = {0};
+    sy_prep_opts_t opts = {.val_fraction = SY_PREP_VAL_FRACTION, .shard_tokens = SY_PREP_SHARD_TOKENS,
+                           .vocab_size = SY_PREP_VOCAB_DEFAULT};
+    sy_strvec_t files = {0};
+    sy_prep_plan_t plan = {0};
     sy_sink_t sink = {0};
-    const char *out_dir = NULL;
-    double val_fraction = SY_PREP_VAL_FRACTION;
-    unsigned long long shard_tokens = SY_PREP_SHARD_TOKENS;
-    long vocab_size = SY_PREP_VOCAB_DEFAULT;
-    int vocab_given = 0, rc = 1, bad = 0;
-    sy_status st = SY_OK;
-
-    /* ---- options */
-    for (int i = 1; i < argc && !bad; i++) {
-        const char *a = argv[i], *v;
-        char *end = NULL;
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            sy_prep_usage(stdout);
-            rc = 0;
-            goto done;
-        } else if (sy_opt_is(a, "--input")) {
-            if (a[7] == '=') {
-                if (sy_strvec_push(&inputs, a + 8) != SY_OK) goto oom;
-                continue;
-            }
-            int got = 0;
-            while (i + 1 < argc && strncmp(argv[i + 1], "-", 1) != 0) {
-                if (sy_strvec_push(&inputs, argv[++i]) != SY_OK) goto oom;
-                got++;
-            }
-            if (!got) {
-                fprintf(stderr, "data prepare: --input needs at least one path\n");
-                bad = 1;
-            }
-        } else if (sy_opt_is(a, "--out")) {
-            out_dir = sy_opt_value(argc, argv, &i, "--out", &bad);
-        } else if (sy_opt_is(a, "--val-fraction")) {
-            if (!(v = sy_opt_value(argc, argv, &i, "--val-fraction", &bad))) break;
-            errno = 0;
-            val_fraction = strtod(v, &end);
-            if (errno || end == v || *end || !(val_fraction >= 0.0) ||
-                val_fraction > SY_PREP_VAL_FRACTION_MAX) {
-                fprintf(stderr, "data prepare: --val-fraction '%s' is not a number in [0, %.1f]\n",
-                        v, SY_PREP_VAL_FRACTION_MAX);
-                bad = 1;
-            }
-        } else if (sy_opt_is(a, "--shard-tokens")) {
-            if (!(v = sy_opt_value(argc, argv, &i, "--shard-tokens", &bad))) break;
-            errno = 0;
-            shard_tokens = strtoull(v, &end, 10);
-            if (errno || end == v || *end || v[0] == '-' || shard_tokens < 2 ||
-                shard_tokens > INT32_MAX) {
-                fprintf(stderr, "data prepare: --shard-tokens '%s' is not an integer in [2, %d]\n",
-                        v, INT32_MAX);
-                bad = 1;
-            }
-        } else if (sy_opt_is(a, "--vocab-size")) {
-            if (!(v = sy_opt_value(argc, argv, &i, "--vocab-size", &bad))) break;
-            errno = 0;
-            vocab_size = strtol(v, &end, 10);
-            vocab_given = 1;
-            if (errno || end == v || *end || vocab_size < 1 || vocab_size > 65536) {
-                fprintf(stderr, "data prepare: --vocab-size '%s' is not an integer in [1, 65536]\n",
-                        v);
-                bad = 1;
-            }
-        } else {
-            fprintf(stderr, "data prepare: unknown option '%s' (see --help)\n", a);
-            bad = 1;
-        }
+    int rc = sy_prep_parse(argc, argv, &opts);
+    if (rc == SY_PREP_RUN) {
+        sy_status st = sy_prep_collect(&opts.inputs, &files);
+        if (st == SY_OK) st = sy_prep_classify_all(&files, (int)opts.vocab_size, &plan);
+        if (st == SY_OK) st = sy_prep_split(&plan, &opts);
+        if (st == SY_OK) st = sy_prep_write(&plan, &opts, &sink);
+        if (st == SY_OK) sy_prep_report(&plan, &opts, &sink);
+        else fprintf(stderr, "data prepare: error: %s\n", sy_err_msg());
+        rc = st == SY_OK ? 0 : 1;
     }
-    if (!bad && inputs.n == 0) {
-        fprintf(stderr, "data prepare: --input is required (see --help)\n");
-        bad = 1;
-    }
-    if (!bad && (!out_dir || !out_dir[0])) {
-        fprintf(stderr, "data prepare: --out is required (see --help)\n");
-        bad = 1;
-    }
-    if (bad) {
-        rc = 2;
-        goto done;
-    }
-
-    /* ---- collect input files: given order; each directory's files in sorted path order */
-    for (int i = 0; i < inputs.n; i++) {
-        struct stat sb;
-        if (stat(inputs.v[i], &sb) != 0) {
-            st = sy_err_set(SY_ENOTFOUND, "%s: input not found: %s", inputs.v[i],
-                            strerror(errno));
-            goto fail;
-        }
-        if (S_ISDIR(sb.st_mode)) {
-            sy_strvec_t found = {0};
-            int oom = 0;
-            sy_devino_seen(&dirs_seen, &sb, &oom);
-            st = oom ? sy_err_set(SY_ENOMEM, "data prepare: out of memory")
-                     : sy_walk_dir(inputs.v[i], &dirs_seen, &found);
-            if (st == SY_OK && found.n > 1) qsort(found.v, (size_t)found.n, sizeof *found.v,
-                                                  sy_str_cmp);
-            for (int j = 0; st == SY_OK && j < found.n; j++) st = sy_strvec_push(&files, found.v[j]);
-            sy_strvec_free(&found);
-            if (st != SY_OK) goto fail;
-        } else if (S_ISREG(sb.st_mode)) {
-            SY_CHECK_GOTO(sy_strvec_push(&files, inputs.v[i]), st, fail);
-        } else {
-            st = sy_err_set(SY_EINVAL, "%s: input is neither a file nor a directory",
-                            inputs.v[i]);
-            goto fail;
-        }
-    }
-
-    /* ---- classify: pass 1 counts tokens so the split point is known before writing */
-    int n_text = 0, n_shard = 0, n_skipped = 0;
-    const char *a_text = NULL, *a_shard = NULL;
-    uint64_t total = 0, text_bytes = 0;
-    for (int i = 0; i < files.n; i++) {
-        const char *p = files.v[i];
-        struct stat sb;
-        int oom = 0, kind = 0;
-        if (sy_ends_with(p, ".dat")) { /* strfile(1) index of a fortune file */
-            n_skipped++;
-            continue;
-        }
-        if (stat(p, &sb) != 0) {
-            st = sy_err_set(SY_EIO, "%s: stat: %s", p, strerror(errno));
-            goto fail;
-        }
-        if (sy_devino_seen(&files_seen, &sb, &oom)) { /* e.g. fortune's foo.u8 -> foo */
-            n_skipped++;
-            continue;
-        }
-        if (oom) goto oom;
-        sy_prep_file_t f = {0};
-        SY_CHECK_GOTO(sy_prep_classify(p, (int)vocab_size, &kind, &f), st, fail);
-        if (kind == 0) {
-            n_skipped++;
-            continue;
-        }
-        if (kind == 1) {
-            n_text++;
-            if (!a_text) a_text = p;
-            text_bytes += f.tokens - (uint64_t)f.add_newline;
-        } else {
-            n_shard++;
-            if (!a_shard) a_shard = p;
-        }
-        if (n_text && n_shard) {
-            st = sy_err_set(SY_EINVAL,
-                            "inputs mix text (%s) and llm.c token shards (%s); prepare them "
-                            "separately",
-                            a_text, a_shard);
-            goto fail;
-        }
-        if (list.n == list.cap) {
-            int nc = list.cap ? list.cap * 2 : 64;
-            sy_prep_file_t *nv = realloc(list.v, (size_t)nc * sizeof *nv);
-            if (!nv) goto oom;
-            list.v = nv;
-            list.cap = nc;
-        }
-        if (!(f.path = strdup(p))) goto oom;
-        list.v[list.n++] = f;
-        total += f.tokens;
-    }
-    if (list.n == 0) {
-        st = sy_err_set(SY_EINVAL, "data prepare: no usable input files (%d skipped)", n_skipped);
-        goto fail;
-    }
-    if (n_text && vocab_given && vocab_size < SY_PREP_BYTE_VOCAB) {
-        st = sy_err_set(SY_EINVAL, "data prepare: --vocab-size %ld < 256 cannot hold byte-level "
-                        "tokens", vocab_size);
-        goto fail;
-    }
-    uint64_t n_val = (uint64_t)((double)total * val_fraction); /* floor */
-    uint64_t n_train = total - n_val;
-    if (n_train < 2) {
-        st = sy_err_set(SY_EINVAL,
-                        "data prepare: only %" PRIu64 " train tokens (of %" PRIu64
-                        "); need at least 2",
-                        n_train, total);
-        goto fail;
-    }
-
-    /* ---- pass 2: stream tokens into shards */
-    if (sy_mkdir_p(out_dir) != SY_OK) {
-        st = sy_err_prefix(SY_EIO, "--out %s", out_dir);
-        goto fail;
-    }
-    sink.out_dir = out_dir;
-    sink.shard_tokens = shard_tokens;
-    sink.n_train = n_train;
-    uint64_t biggest = n_train > n_val ? n_train : n_val;
-    if (!(sink.buf = malloc((size_t)(biggest < shard_tokens ? biggest : shard_tokens) *
-                            sizeof *sink.buf)))
-        goto oom;
-    if (biggest < shard_tokens) sink.shard_tokens = biggest; /* same shards, smaller buffer */
-    for (int i = 0; i < list.n; i++) {
-        if (n_shard)
-            SY_CHECK_GOTO(sy_prep_emit_shard(&sink, &list.v[i], (int)vocab_size), st, fail);
-        else
-            SY_CHECK_GOTO(sy_prep_emit_text(&sink, &list.v[i]), st, fail);
-    }
-    SY_CHECK_GOTO(sy_sink_flush(&sink), st, fail);
-    sy_prep_remove_stale(out_dir, "train", sink.n_train_shards);
-    sy_prep_remove_stale(out_dir, "val", sink.n_val_shards);
-
-    printf("data prepare: %d %s file(s) (%d skipped), %" PRIu64 " %s -> %s\n", list.n,
-           n_shard ? "llm.c shard" : "text", n_skipped, n_shard ? total : text_bytes,
-           n_shard ? "tokens" : "bytes", out_dir);
-    printf("data prepare: train %" PRIu64 " tokens in %d shard(s), val %" PRIu64
-           " tokens in %d shard(s), vocab %s\n",
-           n_train, sink.n_train_shards, n_val, sink.n_val_shards,
-           n_shard ? "as the input shards" : "256 (byte-level)");
-    rc = 0;
-    goto done;
-oom:
-    st = sy_err_set(SY_ENOMEM, "data prepare: out of memory");
-fail:
-    fprintf(stderr, "data prepare: error: %s\n", sy_err_msg());
-    rc = 1;
-done:
-    sy_strvec_free(&inputs);
+    sy_strvec_free(&opts.inputs);
     sy_strvec_free(&files);
-    for (int i = 0; i < list.n; i++) free(list.v[i].path);
-    free(list.v);
-    free(dirs_seen.v);
-    free(files_seen.v);
+    for (int i = 0; i < plan.list.n; i++) free(plan.list.v[i].path);
+    free(plan.list.v);
     free(sink.buf);
     return rc;
 }

@@ -36,6 +36,7 @@
 #include "model/memplan.h"
 #include "storage/store.h"
 #include "storage/store_s3.h"
+#include "storage/curl_check.h"
 
 #define SY_LAUNCH_READY_TIMEOUT_MS 30000
 #define SY_LAUNCH_GRACE_MS 10000
@@ -275,6 +276,7 @@ typedef struct {
     /* chaos */
     FILE *chaos_f;
     uint64_t rng;
+    bool curl_ready; /* curl_global_init done: cleaned up at the end */
 } lctx;
 
 static void note(lctx *L, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -505,7 +507,7 @@ static void report_lost(lctx *L, const char *id, pid_t pid) {
     CURLcode rc = curl_easy_perform(h);
     long code = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
-    if (rc != CURLE_OK) note(L, "could not report worker %s to the coordinator: %s", id, curl_easy_strerror(rc));
+    if (sy_curl_check(rc, NULL, "could not report worker %s to the coordinator", id) != SY_OK) note(L, "%s", sy_err_msg());
     else if (code != 202 && !L->quiet) note(L, "the coordinator answered %ld to the report of worker %s", code, id);
     curl_slist_free_all(hdr);
     curl_easy_cleanup(h);
@@ -564,10 +566,85 @@ static void chaos_fire(lctx *L, const ch_item *it, int64_t step, bool *coord_kil
     free(cand);
 }
 
-/* ---------------------------------------------------------------------------------------- */
-/* The command                                                                               */
+#define RUN_GO (-1) /* a step's "go on" (any other value is the exit code) */
 
-int sy_run_cli(int argc, char **argv) {
+/* What the command line asks for. */
+typedef struct {
+    int n_workers, threads; /* threads 0: the cores shared among the workers */
+    bool quiet, have_seed, resume, overwrite;
+    uint64_t seed;
+    char **sets; /* the --set values (pointers into argv) */
+    int n_sets;
+    char *chaos_text; /* the --chaos specs joined with ',' (NULL: none) */
+    ch_spec *chaos;
+    const char *config_path;
+} run_opts;
+
+/* An integer option in [lo, hi]; false if it is not one. */
+static bool opt_int(const char *s, long lo, long hi, int *out) {
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (!*s || *end || v < lo || v > hi) return false;
+    *out = (int)v;
+    return true;
+}
+
+/* Appends one --chaos SPEC to the joined text; false when out of memory. */
+static bool chaos_text_add(run_opts *o, const char *spec) {
+    size_t have = o->chaos_text ? strlen(o->chaos_text) : 0;
+    char *n = realloc(o->chaos_text, have + strlen(spec) + 2);
+    if (!n) return false;
+    if (have) n[have++] = ',';
+    strcpy(n + have, spec);
+    o->chaos_text = n;
+    return true;
+}
+
+/* One option of getopt_long; RUN_GO or the exit code. */
+static int run_option(int c, run_opts *o) {
+    switch (c) {
+    case 'w':
+        if (!opt_int(optarg, 1, 256, &o->n_workers)) {
+            fprintf(stderr, "switchyard run: --workers %s: expected an integer in [1, 256]\n", optarg);
+            return 2;
+        }
+        return RUN_GO;
+    case 't': {
+        int cores = sy_cpu_count();
+        if (!opt_int(optarg, 1, cores, &o->threads)) {
+            fprintf(stderr,
+                    "switchyard run: --threads %s: expected an integer from 1 to %d (the cores this process may "
+                    "use; each worker gets this many)\n",
+                    optarg, cores);
+            return 2;
+        }
+        return RUN_GO;
+    }
+    case 'c': return chaos_text_add(o, optarg) ? RUN_GO : 2;
+    case 'S': {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(optarg, &end, 10);
+        if (!*optarg || *end || errno || optarg[0] == '-') {
+            fprintf(stderr, "switchyard run: --chaos-seed %s: expected a non-negative integer\n", optarg);
+            return 2;
+        }
+        o->seed = v;
+        o->have_seed = true;
+        return RUN_GO;
+    }
+    case 's': o->sets[o->n_sets++] = optarg; return RUN_GO;
+    case 'q': o->quiet = true; return RUN_GO;
+    case 'r': o->resume = true; return RUN_GO;
+    case 'O': o->overwrite = true; return RUN_GO;
+    case 'h': usage(stdout); return 0;
+    default: usage(stderr); return 2;
+    }
+}
+
+/* The options and the one CONFIG argument, then the chaos spec. RUN_GO, or the exit code (0
+ * after --help, 2 for a usage error, 1 when out of memory before anything was parsed). */
+static int run_parse(int argc, char **argv, run_opts *o) {
     static const struct option longopts[] = {{"workers", required_argument, 0, 'w'},
                                              {"set", required_argument, 0, 's'},
                                              {"threads", required_argument, 0, 't'},
@@ -578,234 +655,200 @@ int sy_run_cli(int argc, char **argv) {
                                              {"overwrite", no_argument, 0, 'O'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
-    int n_workers = 2, threads = 0, c, rc = 2;
-    bool quiet = false, have_seed = false, resume = false, overwrite = false;
-    uint64_t seed = 0;
-    char **sets = calloc((size_t)argc + 1, sizeof(char *));
-    int n_sets = 0;
-    char *chaos_text = NULL;
-    ch_spec *chaos = NULL;
-    sy_config_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    lctx L;
-    memset(&L, 0, sizeof L);
-    L.coord = -1;
-    L.coord_fd = -1;
-    bool curl_ready = false;
-    if (!sets) return 1;
+    if (!(o->sets = calloc((size_t)argc + 1, sizeof(char *)))) return 1;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'w': {
-            char *end;
-            long v = strtol(optarg, &end, 10);
-            if (*end || v < 1 || v > 256) {
-                fprintf(stderr, "switchyard run: --workers %s: expected an integer in [1, 256]\n", optarg);
-                goto out;
-            }
-            n_workers = (int)v;
-            break;
-        }
-        case 't': {
-            char *end;
-            long v = strtol(optarg, &end, 10);
-            int cores = sy_cpu_count();
-            if (!*optarg || *end || v < 1 || v > cores) {
-                fprintf(stderr,
-                        "switchyard run: --threads %s: expected an integer from 1 to %d (the cores this process may "
-                        "use; each worker gets this many)\n",
-                        optarg, cores);
-                goto out;
-            }
-            threads = (int)v;
-            break;
-        }
-        case 'c': {
-            size_t have = chaos_text ? strlen(chaos_text) : 0;
-            char *n = realloc(chaos_text, have + strlen(optarg) + 2);
-            if (!n) goto out;
-            if (have) n[have++] = ',';
-            strcpy(n + have, optarg);
-            chaos_text = n;
-            break;
-        }
-        case 'S': {
-            char *end;
-            errno = 0;
-            unsigned long long v = strtoull(optarg, &end, 10);
-            if (!*optarg || *end || errno || optarg[0] == '-') {
-                fprintf(stderr, "switchyard run: --chaos-seed %s: expected a non-negative integer\n", optarg);
-                goto out;
-            }
-            seed = v;
-            have_seed = true;
-            break;
-        }
-        case 's': sets[n_sets++] = optarg; break;
-        case 'q': quiet = true; break;
-        case 'r': resume = true; break;
-        case 'O': overwrite = true; break;
-        case 'h': usage(stdout); rc = 0; goto out;
-        default: usage(stderr); goto out;
-        }
-    }
-    if (resume && overwrite) {
+    int c, rc;
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1)
+        if ((rc = run_option(c, o)) != RUN_GO) return rc;
+    if (o->resume && o->overwrite) {
         fprintf(stderr, "switchyard run: --resume and --overwrite exclude each other\n");
-        goto out;
+        return 2;
     }
     if (optind != argc - 1) {
         fprintf(stderr, "switchyard run: expected exactly one CONFIG file\n");
         usage(stderr);
-        goto out;
+        return 2;
     }
-    if (chaos_text) {
-        chaos = calloc(1, sizeof *chaos);
-        if (!chaos) goto out;
-        chaos->respawn_delay_s = SY_CHAOS_DEFAULT_RESPAWN_DELAY_S;
-        chaos->restart_delay_s = SY_CHAOS_DEFAULT_RESTART_DELAY_S;
-        chaos->cont_after_s = -1;
-        if (chaos_parse(chaos_text, chaos) != SY_OK) {
+    o->config_path = argv[optind];
+    if (o->chaos_text) {
+        if (!(o->chaos = calloc(1, sizeof *o->chaos))) return 2;
+        o->chaos->respawn_delay_s = SY_CHAOS_DEFAULT_RESPAWN_DELAY_S;
+        o->chaos->restart_delay_s = SY_CHAOS_DEFAULT_RESTART_DELAY_S;
+        o->chaos->cont_after_s = -1;
+        if (chaos_parse(o->chaos_text, o->chaos) != SY_OK) {
             fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
-            goto out;
+            return 2;
         }
     }
-    const char *config_path = argv[optind];
-    if (sy_config_defaults(&cfg) != SY_OK || sy_config_load(&cfg, config_path) != SY_OK) goto cfg_fail;
-    for (int i = 0; i < n_sets; i++)
-        if (sy_config_set(&cfg, sets[i]) != SY_OK) goto cfg_fail;
-    if (sy_config_validate_from(&cfg, config_path, sets, n_sets) != SY_OK) goto cfg_fail;
-    if (sy_memplan_check(&cfg, n_workers) != SY_OK) {
-        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
-        rc = 1;
-        goto out;
-    }
-    {
-        /* The workers of a local cluster read the same files: check the data here, so that a
-         * wrong path is one clear error instead of a run that fails in every generation. Local
-         * shards are validated in full (mapping is cheap); s3:// ones only listed (each worker
-         * downloads and validates them itself). */
-        bool remote = false;
-        for (int i = 0; i < cfg.data.train.n; i++) remote |= sy_data_is_s3(cfg.data.train.items[i]);
-        sy_data_t *d = NULL;
-        sy_status ds = remote ? sy_data_check_patterns((const char *const *)cfg.data.train.items, cfg.data.train.n)
-                              : sy_data_open((const char *const *)cfg.data.train.items, cfg.data.train.n,
-                                             cfg.model.vocab_size, cfg.model.seq_len, &d);
-        if (ds != SY_OK) {
-            fprintf(stderr, "switchyard run: data.train: %s\n", sy_err_msg());
-            rc = 1;
-            goto out;
-        }
-        sy_data_destroy(&d);
-    }
-    if (check_curve(&cfg) != SY_OK) {
-        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
-        goto out;
-    }
-    if (n_workers < cfg.cluster.min_workers) {
-        fprintf(stderr, "switchyard run: --workers %d is below cluster.min_workers = %d\n", n_workers,
-                cfg.cluster.min_workers);
-        goto out;
-    }
-    if (threads == 0) {
-        int cores = sy_cpu_count(); /* what its workers may use (affinity), as they check */
-        threads = cores / n_workers;
-        if (threads < 1) threads = 1;
-    }
-    rc = 1;
-    sy_log_set_role("run");
+    return RUN_GO;
+}
 
-    /* binaries next to this one */
-    char self[PATH_MAX], dir[PATH_MAX], coord_bin[PATH_MAX + 32], worker_bin[PATH_MAX + 32];
+/* The workers of a local cluster read the same files: the data is checked here, so that a wrong
+ * path is one clear error instead of a run that fails in every generation. Local shards are
+ * validated in full (mapping is cheap); s3:// ones only listed (each worker downloads and
+ * validates them itself). */
+static sy_status check_train_data(const sy_config_t *cfg) {
+    bool remote = false;
+    for (int i = 0; i < cfg->data.train.n; i++) remote |= sy_data_is_s3(cfg->data.train.items[i]);
+    sy_data_t *d = NULL;
+    sy_status ds = remote ? sy_data_check_patterns((const char *const *)cfg->data.train.items, cfg->data.train.n)
+                          : sy_data_open((const char *const *)cfg->data.train.items, cfg->data.train.n,
+                                         cfg->model.vocab_size, cfg->model.seq_len, &d);
+    sy_data_destroy(&d);
+    return ds;
+}
+
+/* The config (file, then --set, then validation) and what must hold before any process starts:
+ * the memory plan, the training data, the CURVE keys, enough workers. Also settles --threads.
+ * RUN_GO or the exit code (2 for a bad config, 1 for a plan or data that cannot work). */
+static int run_configure(run_opts *o, sy_config_t *cfg) {
+    if (sy_config_defaults(cfg) != SY_OK || sy_config_load(cfg, o->config_path) != SY_OK) goto cfg_fail;
+    for (int i = 0; i < o->n_sets; i++)
+        if (sy_config_set(cfg, o->sets[i]) != SY_OK) goto cfg_fail;
+    if (sy_config_validate_from(cfg, o->config_path, o->sets, o->n_sets) != SY_OK) goto cfg_fail;
+    if (sy_memplan_check(cfg, o->n_workers) != SY_OK) {
+        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+        return 1;
+    }
+    if (check_train_data(cfg) != SY_OK) {
+        fprintf(stderr, "switchyard run: data.train: %s\n", sy_err_msg());
+        return 1;
+    }
+    if (check_curve(cfg) != SY_OK) {
+        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+        return 2;
+    }
+    if (o->n_workers < cfg->cluster.min_workers) {
+        fprintf(stderr, "switchyard run: --workers %d is below cluster.min_workers = %d\n", o->n_workers,
+                cfg->cluster.min_workers);
+        return 2;
+    }
+    if (o->threads == 0) {
+        int cores = sy_cpu_count(); /* what its workers may use (affinity), as they check */
+        o->threads = cores / o->n_workers;
+        if (o->threads < 1) o->threads = 1;
+    }
+    return RUN_GO;
+cfg_fail:
+    fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+    return 2;
+}
+
+/* switchyard-coordinator and switchyard-worker, next to this executable. */
+static bool find_binaries(char *coord_bin, size_t cn, char *worker_bin, size_t wn) {
+    char self[PATH_MAX], dir[PATH_MAX];
     ssize_t sl = readlink("/proc/self/exe", self, sizeof self - 1);
     if (sl <= 0) {
         fprintf(stderr, "switchyard run: cannot find my own executable\n");
-        goto out;
+        return false;
     }
     self[sl] = 0;
     snprintf(dir, sizeof dir, "%s", self);
-    snprintf(coord_bin, sizeof coord_bin, "%s/switchyard-coordinator", dirname(dir));
+    snprintf(coord_bin, cn, "%s/switchyard-coordinator", dirname(dir));
     snprintf(dir, sizeof dir, "%s", self);
-    snprintf(worker_bin, sizeof worker_bin, "%s/switchyard-worker", dirname(dir));
+    snprintf(worker_bin, wn, "%s/switchyard-worker", dirname(dir));
     if (access(coord_bin, X_OK) != 0 || access(worker_bin, X_OK) != 0) {
         fprintf(stderr, "switchyard run: %s and %s must be installed next to switchyard\n", coord_bin, worker_bin);
-        goto out;
+        return false;
     }
-    L.coord_bin = coord_bin;
-    L.worker_bin = worker_bin;
-    L.config_path = config_path;
-    L.sets = sets;
-    L.n_sets = n_sets;
-    L.quiet = quiet;
-    L.tty = isatty(STDERR_FILENO);
-    L.threads = threads;
-    if (cfg.cluster.curve_server_key[0]) {
-        L.curve_pub = cfg.cluster.curve_server_public;
-        L.curve_key = cfg.cluster.curve_worker_key;
-    }
-    char metrics_path[PATH_MAX + 64];
-    snprintf(L.logdir, sizeof L.logdir, "%s/logs", cfg.run.state_dir);
-    if (sy_mkdir_p(L.logdir) != SY_OK) {
-        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
-        goto out;
-    }
-    snprintf(metrics_path, sizeof metrics_path, "%s/metrics.jsonl", cfg.run.state_dir);
-    snprintf(L.coord_log, sizeof L.coord_log, "%s/coordinator.log", L.logdir);
+    return true;
+}
 
-    /* The token of the mutating endpoints: the user's, or a fresh random one. */
-    if (cfg.status.token && cfg.status.token[0]) {
-        snprintf(L.token, sizeof L.token, "%s", cfg.status.token);
-    } else {
-        uint8_t rb[16];
-        if (getrandom(rb, sizeof rb, 0) != (ssize_t)sizeof rb) {
-            uint64_t s = (uint64_t)(sy_wall_s() * 1e9) ^ ((uint64_t)getpid() << 32);
-            for (size_t i = 0; i < sizeof rb; i++) rb[i] = (uint8_t)rng_next(&s);
-        }
-        for (size_t i = 0; i < sizeof rb; i++) snprintf(L.token + 2 * i, 3, "%02x", rb[i]);
-        snprintf(L.token_set, sizeof L.token_set, "status.token=%s", L.token);
+/* The token of the mutating endpoints: the user's, or a fresh random one passed to the
+ * coordinator with --set. */
+static void make_token(lctx *L, const sy_config_t *cfg) {
+    if (cfg->status.token && cfg->status.token[0]) {
+        snprintf(L->token, sizeof L->token, "%s", cfg->status.token);
+        return;
     }
+    uint8_t rb[16];
+    if (getrandom(rb, sizeof rb, 0) != (ssize_t)sizeof rb) {
+        uint64_t s = (uint64_t)(sy_wall_s() * 1e9) ^ ((uint64_t)getpid() << 32);
+        for (size_t i = 0; i < sizeof rb; i++) rb[i] = (uint8_t)rng_next(&s);
+    }
+    for (size_t i = 0; i < sizeof rb; i++) snprintf(L->token + 2 * i, 3, "%02x", rb[i]);
+    snprintf(L->token_set, sizeof L->token_set, "status.token=%s", L->token);
+}
+
+/* A fresh run: refused if the store holds committed checkpoints of this run name (they would be
+ * continued by the coordinator, or mixed with this run's); --overwrite moves them aside first.
+ * The coordinator then claims the run for itself (ckpt_run.h). */
+static bool claim_fresh_run(const sy_config_t *cfg, bool overwrite) {
+    sy_store_t *st = NULL;
+    char writer[SY_RUN_WRITER_HEX + 1];
+    sy_status ss = sy_store_open_config(cfg, &st);
+    if (ss == SY_OK)
+        ss = sy_run_claim(st, cfg->run.name, overwrite ? SY_RUN_OVERWRITE : SY_RUN_FRESH, writer, NULL, 0);
+    sy_store_destroy(&st);
+    if (ss != SY_OK) fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+    return ss == SY_OK;
+}
+
+/* Opens RUN.state_dir/chaos.jsonl and records the spec and the seed (drawn unless given). */
+static bool chaos_log_start(lctx *L, run_opts *o, const sy_config_t *cfg) {
+    char cpath[PATH_MAX + 64];
+    snprintf(cpath, sizeof cpath, "%s/chaos.jsonl", cfg->run.state_dir);
+    if (!(L->chaos_f = sy_fs_fopen_regular(cpath, 0))) {
+        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+        return false;
+    }
+    if (!o->have_seed && getrandom(&o->seed, sizeof o->seed, 0) != (ssize_t)sizeof o->seed)
+        o->seed = (uint64_t)(sy_wall_s() * 1e6) ^ (uint64_t)getpid();
+    L->rng = o->seed;
+    char sd[24];
+    snprintf(sd, sizeof sd, "%" PRIu64, o->seed); /* a string: JSON readers may not hold 64 bits */
+    json_t *e = json_pack("{s:s, s:s, s:s, s:f}", "event", "chaos_start", "spec", o->chaos_text, "seed", sd, "time",
+                          sy_wall_s());
+    char *line = e ? json_dumps(e, JSON_COMPACT) : NULL;
+    if (line) fprintf(L->chaos_f, "%s\n", line);
+    fflush(L->chaos_f);
+    free(line);
+    json_decref(e);
+    fprintf(stderr, "switchyard run: chaos '%s', seed %" PRIu64 "\n", o->chaos_text, o->seed);
+    return true;
+}
+
+/* Paths that live as long as the command (lctx points into them). */
+typedef struct {
+    char coord_bin[PATH_MAX + 32], worker_bin[PATH_MAX + 32];
+    char metrics[PATH_MAX + 64]; /* RUN.state_dir/metrics.jsonl */
+} run_paths;
+
+/* Everything before the first process: the launcher context (binaries, logs, flags), the status
+ * token, libcurl, the run's claim and the chaos log. False (message printed) on failure. */
+static bool run_prepare(lctx *L, run_opts *o, const sy_config_t *cfg, run_paths *p) {
+    if (!find_binaries(p->coord_bin, sizeof p->coord_bin, p->worker_bin, sizeof p->worker_bin)) return false;
+    L->coord_bin = p->coord_bin;
+    L->worker_bin = p->worker_bin;
+    L->config_path = o->config_path;
+    L->sets = o->sets;
+    L->n_sets = o->n_sets;
+    L->quiet = o->quiet;
+    L->tty = isatty(STDERR_FILENO);
+    L->threads = o->threads;
+    if (cfg->cluster.curve_server_key[0]) {
+        L->curve_pub = cfg->cluster.curve_server_public;
+        L->curve_key = cfg->cluster.curve_worker_key;
+    }
+    snprintf(L->logdir, sizeof L->logdir, "%s/logs", cfg->run.state_dir);
+    if (sy_mkdir_p(L->logdir) != SY_OK) {
+        fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+        return false;
+    }
+    snprintf(p->metrics, sizeof p->metrics, "%s/metrics.jsonl", cfg->run.state_dir);
+    snprintf(L->coord_log, sizeof L->coord_log, "%s/coordinator.log", L->logdir);
+    make_token(L, cfg);
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         fprintf(stderr, "switchyard run: cannot initialise libcurl\n");
-        goto out;
+        return false;
     }
-    curl_ready = true;
-    if (!resume) {
-        /* A fresh run: refused if the store holds committed checkpoints of this run name (they
-         * would be continued by the coordinator, or mixed with this run's); --overwrite moves
-         * them aside first. The coordinator then claims the run for itself (ckpt_run.h). */
-        sy_store_t *st = NULL;
-        char writer[SY_RUN_WRITER_HEX + 1];
-        sy_status ss = sy_store_open_config(&cfg, &st);
-        if (ss == SY_OK)
-            ss = sy_run_claim(st, cfg.run.name, overwrite ? SY_RUN_OVERWRITE : SY_RUN_FRESH, writer, NULL, 0);
-        sy_store_destroy(&st);
-        if (ss != SY_OK) {
-            fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
-            rc = 1;
-            goto out;
-        }
-    }
-    if (chaos) {
-        char cpath[PATH_MAX + 64];
-        snprintf(cpath, sizeof cpath, "%s/chaos.jsonl", cfg.run.state_dir);
-        if (!(L.chaos_f = sy_fs_fopen_regular(cpath, 0))) {
-            fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
-            goto out;
-        }
-        if (!have_seed && getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
-            seed = (uint64_t)(sy_wall_s() * 1e6) ^ (uint64_t)getpid();
-        L.rng = seed;
-        char sd[24];
-        snprintf(sd, sizeof sd, "%" PRIu64, seed); /* a string: JSON readers may not hold 64 bits */
-        json_t *e = json_pack("{s:s, s:s, s:s, s:f}", "event", "chaos_start", "spec", chaos_text, "seed", sd, "time",
-                              sy_wall_s());
-        char *line = e ? json_dumps(e, JSON_COMPACT) : NULL;
-        if (line) fprintf(L.chaos_f, "%s\n", line);
-        fflush(L.chaos_f);
-        free(line);
-        json_decref(e);
-        fprintf(stderr, "switchyard run: chaos '%s', seed %" PRIu64 "\n", chaos_text, seed);
-    }
+    L->curl_ready = true;
+    if (!o->resume && !claim_fresh_run(cfg, o->overwrite)) return false;
+    if (o->chaos && !chaos_log_start(L, o, cfg)) return false;
+    return true;
+}
 
+static void install_signals(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = l_on_signal;
@@ -816,266 +859,346 @@ int sy_run_cli(int argc, char **argv) {
     sc.sa_handler = l_on_child;
     sc.sa_flags = SA_NOCLDSTOP; /* no SA_RESTART: an exit cuts the tick's sleep short */
     sigaction(SIGCHLD, &sc, NULL);
+}
 
-    /* coordinator */
-    if (!start_coordinator(&L, n_workers, false)) {
+/* The coordinator, then the workers. False (message printed) if one did not start. */
+static bool start_cluster(lctx *L, int n_workers) {
+    if (!start_coordinator(L, n_workers, false)) {
         fprintf(stderr, "switchyard run: the coordinator did not start\n");
-        print_tail(L.coord_log, 20);
-        goto stop_all;
+        print_tail(L->coord_log, 20);
+        return false;
     }
-    if (!quiet)
-        fprintf(stderr, "switchyard run: coordinator at %s, status %s; %d workers; logs in %s\n", L.bind,
-                L.status, n_workers, L.logdir);
-
+    if (!L->quiet)
+        fprintf(stderr, "switchyard run: coordinator at %s, status %s; %d workers; logs in %s\n", L->bind,
+                L->status, n_workers, L->logdir);
     for (int i = 0; i < n_workers; i++) {
-        int k = add_worker(&L);
-        if (k < 0 || !spawn_worker(&L, k)) {
+        int k = add_worker(L);
+        if (k < 0 || !spawn_worker(L, k)) {
             fprintf(stderr, "switchyard run: cannot start worker %d\n", i);
-            goto stop_all;
+            return false;
         }
     }
+    return true;
+}
 
-    /* progress until the coordinator exits (a chaos kill of it restarts it instead) */
-    long moff = 0;
-    int coord_status = -1;
-    int64_t last_step = 0, first_step = -1, shown_step = 0;
-    double first_t = 0, loss = NAN, tps = 0;
-    int world = 0, gen = 0;
-    double stop_sent = 0, restart_at = 0, all_gone_at = 0;
-    bool coord_killed = false, gave_up = false;
-    for (;;) {
+/* ---------------------------------------------------------------------------------------- */
+/* Supervision: one tick every SY_LAUNCH_TICK_MS until the coordinator exits                 */
+
+typedef struct {
+    ch_spec *chaos;       /* NULL: no chaos */
+    const char *metrics_path;
+    int64_t steps;        /* run.steps, for the ETA */
+    long moff;            /* bytes of metrics.jsonl already read */
+    int coord_status;     /* waitpid status of the coordinator; -1: none (it could not be restarted) */
+    int64_t last_step, first_step, shown_step;
+    double first_t, loss, tps;
+    int world, gen;
+    double stop_sent, restart_at, all_gone_at; /* launcher clock; 0: not yet / none */
+    bool coord_killed, gave_up;
+} run_state;
+
+/* The coordinator's exit: ends the run, unless the chaos killed it (then it is restarted after
+ * restart_delay_s on the same ports). False when supervision ends. */
+static bool tick_coordinator(lctx *L, run_state *S) {
+    int st;
+    double now = sy_mono_s();
+    if (L->coord > 0 && waitpid(L->coord, &st, WNOHANG) == L->coord) {
+        L->coord = -1;
+        if (S->coord_killed && !l_interrupted && S->stop_sent == 0) {
+            S->coord_killed = false;
+            S->restart_at = now + (S->chaos ? S->chaos->restart_delay_s : 0);
+        } else {
+            S->coord_status = st;
+            return false;
+        }
+    }
+    if (S->restart_at > 0 && now >= S->restart_at) {
+        S->restart_at = 0;
+        int expect = live_workers(L, false);
+        if (!start_coordinator(L, expect > 0 ? expect : 1, true)) {
+            note(L, "the coordinator could not be restarted");
+            if (L->coord > 0) {
+                kill(L->coord, SIGKILL);
+                waitpid(L->coord, NULL, 0);
+                L->coord = -1;
+            }
+            S->coord_status = -1;
+            return false;
+        }
+        chaos_event(L, "restart-coordinator", "coordinator", L->coord, S->last_step);
+    }
+    return true;
+}
+
+/* Workers that exited: reported to the coordinator at once (unless the run is stopping), and
+ * scheduled for respawn when the chaos asks for it. */
+static void reap_workers(lctx *L, run_state *S) {
+    for (int i = 0; i < L->nw; i++) {
+        wproc *w = &L->w[i];
         int st;
-        double now = sy_mono_s();
-        if (L.coord > 0 && waitpid(L.coord, &st, WNOHANG) == L.coord) {
-            L.coord = -1;
-            if (coord_killed && !l_interrupted && stop_sent == 0) {
-                coord_killed = false;
-                restart_at = now + (chaos ? chaos->restart_delay_s : 0);
-            } else {
-                coord_status = st;
-                break;
-            }
+        if (w->pid <= 0 || waitpid(w->pid, &st, WNOHANG) != w->pid) continue;
+        pid_t was = w->pid;
+        w->pid = -1;
+        w->stopped = false;
+        w->cont_at = 0;
+        bool clean = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+        if (!L->quiet || !clean)
+            note(L, "worker %s exited (%s %d)", w->id, WIFEXITED(st) ? "status" : "signal",
+                 WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+        if (!clean && S->stop_sent == 0) {
+            report_lost(L, w->id, was);
+            if (S->chaos && S->chaos->respawn != RESPAWN_NONE) w->respawn_at = sy_mono_s() + S->chaos->respawn_delay_s;
         }
-        if (restart_at > 0 && now >= restart_at) {
-            restart_at = 0;
-            int expect = live_workers(&L, false);
-            if (!start_coordinator(&L, expect > 0 ? expect : 1, true)) {
-                note(&L, "the coordinator could not be restarted");
-                if (L.coord > 0) {
-                    kill(L.coord, SIGKILL);
-                    waitpid(L.coord, NULL, 0);
-                    L.coord = -1;
-                }
-                coord_status = -1;
-                break;
-            }
-            chaos_event(&L, "restart-coordinator", "coordinator", L.coord, last_step);
-        }
-        if (l_interrupted && L.coord <= 0) break; /* Ctrl-C while the coordinator is down */
-        /* workers: exits are reported to the coordinator at once */
-        for (int i = 0; i < L.nw; i++) {
-            wproc *w = &L.w[i];
-            if (w->pid <= 0 || waitpid(w->pid, &st, WNOHANG) != w->pid) continue;
-            pid_t was = w->pid;
-            w->pid = -1;
+        /* After a clean exit (Stop) the coordinator is expected to end on its own; after a
+         * crash it gets a moment to record the losses before it is stopped. */
+        if (live_workers(L, true) == 0) S->all_gone_at = sy_mono_s() + (clean ? SY_LAUNCH_GRACE_MS / 1e3 : 1.0);
+    }
+}
+
+/* Chaos follow-ups that are due: SIGCONT to stopped workers, respawns (same slot or a new one). */
+static void revive_workers(lctx *L, run_state *S, double now) {
+    for (int i = 0; i < L->nw && S->stop_sent == 0; i++) {
+        wproc *w = &L->w[i];
+        if (w->stopped && w->cont_at > 0 && now >= w->cont_at && w->pid > 0) {
+            kill(w->pid, SIGCONT);
             w->stopped = false;
             w->cont_at = 0;
-            bool clean = WIFEXITED(st) && WEXITSTATUS(st) == 0;
-            if (!quiet || !clean)
-                note(&L, "worker %s exited (%s %d)", w->id, WIFEXITED(st) ? "status" : "signal",
-                     WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
-            if (!clean && stop_sent == 0) {
-                report_lost(&L, w->id, was);
-                if (chaos && chaos->respawn != RESPAWN_NONE) w->respawn_at = sy_mono_s() + chaos->respawn_delay_s;
-            }
-            /* After a clean exit (Stop) the coordinator is expected to end on its own; after a
-             * crash it gets a moment to record the losses before it is stopped. */
-            if (live_workers(&L, true) == 0) all_gone_at = sy_mono_s() + (clean ? SY_LAUNCH_GRACE_MS / 1e3 : 1.0);
+            chaos_event(L, "cont-worker", w->id, w->pid, S->last_step);
         }
-        now = sy_mono_s();
-        for (int i = 0; i < L.nw && stop_sent == 0; i++) {
-            wproc *w = &L.w[i];
-            if (w->stopped && w->cont_at > 0 && now >= w->cont_at && w->pid > 0) {
-                kill(w->pid, SIGCONT);
-                w->stopped = false;
-                w->cont_at = 0;
-                chaos_event(&L, "cont-worker", w->id, w->pid, last_step);
+        if (w->respawn_at > 0 && now >= w->respawn_at) {
+            w->respawn_at = 0;
+            int k = i;
+            if (S->chaos->respawn == RESPAWN_NEW) {
+                k = add_worker(L); /* may move L->w */
+                if (k < 0) continue;
+                w = &L->w[i];
             }
-            if (w->respawn_at > 0 && now >= w->respawn_at) {
-                w->respawn_at = 0;
-                int k = i;
-                if (chaos->respawn == RESPAWN_NEW) {
-                    k = add_worker(&L); /* may move L.w */
-                    if (k < 0) continue;
-                    w = &L.w[i];
-                }
-                if (spawn_worker(&L, k)) {
-                    all_gone_at = 0;
-                    chaos_event(&L, "respawn-worker", L.w[k].id, L.w[k].pid, last_step);
-                }
+            if (spawn_worker(L, k)) {
+                S->all_gone_at = 0;
+                chaos_event(L, "respawn-worker", L->w[k].id, L->w[k].pid, S->last_step);
             }
         }
-        /* every worker gone and none coming back: the run cannot go on */
-        if (all_gone_at > 0 && live_workers(&L, true) > 0) all_gone_at = 0;
-        if (all_gone_at > 0 && now >= all_gone_at && stop_sent == 0) {
-            bool pending = false;
-            for (int i = 0; i < L.nw; i++) pending |= L.w[i].respawn_at > 0;
-            if (!pending) {
-                note(&L, "every worker has exited and none will be respawned: stopping the coordinator");
-                gave_up = true;
-                if (L.coord > 0) kill(L.coord, SIGTERM);
-                stop_sent = now;
-                restart_at = 0;
-                if (L.coord <= 0) break;
-            }
+    }
+}
+
+/* Every worker gone and none coming back: the run cannot go on, the coordinator is stopped.
+ * False when supervision ends (no coordinator left to wait for). */
+static bool give_up_if_all_gone(lctx *L, run_state *S, double now) {
+    if (S->all_gone_at > 0 && live_workers(L, true) > 0) S->all_gone_at = 0;
+    if (!(S->all_gone_at > 0 && now >= S->all_gone_at && S->stop_sent == 0)) return true;
+    bool pending = false;
+    for (int i = 0; i < L->nw; i++) pending |= L->w[i].respawn_at > 0;
+    if (pending) return true;
+    note(L, "every worker has exited and none will be respawned: stopping the coordinator");
+    S->gave_up = true;
+    if (L->coord > 0) kill(L->coord, SIGTERM);
+    S->stop_sent = now;
+    S->restart_at = 0;
+    return L->coord > 0;
+}
+
+/* Ctrl-C (or SIGTERM): the coordinator is asked to stop, then killed after the grace period. */
+static void handle_stop(lctx *L, run_state *S) {
+    if (l_interrupted && S->stop_sent == 0) {
+        if (!L->quiet) note(L, "stopping...");
+        if (L->coord > 0) kill(L->coord, SIGTERM);
+        S->stop_sent = sy_mono_s();
+    }
+    if (S->stop_sent > 0 && L->coord > 0 && (sy_mono_s() - S->stop_sent) * 1e3 > SY_LAUNCH_GRACE_MS)
+        kill(L->coord, SIGKILL);
+}
+
+/* New complete lines of metrics.jsonl: the latest step, loss, throughput, world and generation. */
+static void read_metrics(run_state *S) {
+    FILE *mf = fopen(S->metrics_path, "r");
+    if (!mf) return;
+    struct stat sb;
+    if (fstat(fileno(mf), &sb) == 0 && sb.st_size < S->moff) S->moff = 0; /* a fresh coordinator truncated it */
+    fseek(mf, S->moff, SEEK_SET);
+    char *ml = NULL;
+    size_t mcap = 0;
+    ssize_t n;
+    while ((n = getline(&ml, &mcap, mf)) > 0) {
+        if (ml[n - 1] != '\n') break; /* partial line: read it next time */
+        S->moff += n;
+        json_t *j = json_loads(ml, 0, NULL);
+        if (!j) continue;
+        S->last_step = json_integer_value(json_object_get(j, "step"));
+        S->loss = json_number_value(json_object_get(j, "loss"));
+        S->tps = json_number_value(json_object_get(j, "tokens_per_s"));
+        S->world = (int)json_integer_value(json_object_get(j, "world"));
+        S->gen = (int)json_integer_value(json_object_get(j, "generation"));
+        if (S->first_step < 0) S->first_step = S->last_step, S->first_t = sy_mono_s();
+        json_decref(j);
+    }
+    free(ml);
+    fclose(mf);
+}
+
+/* Fires the chaos items that are due (once the first step is in, never while stopping). */
+static void run_chaos(lctx *L, run_state *S) {
+    ch_spec *chaos = S->chaos;
+    if (!chaos || S->first_step < 0 || S->stop_sent != 0) return;
+    double now = sy_mono_s();
+    for (int k = 0; k < chaos->n; k++) {
+        ch_item *it = &chaos->items[k];
+        if (it->done) continue;
+        if (it->action == CH_KILL_COORD && (L->coord <= 0 || S->restart_at > 0)) continue;
+        if (it->trigger != TR_STEP && it->next_s == 0) it->next_s = S->first_t + it->period_s;
+        bool due = it->trigger == TR_STEP ? S->last_step >= it->step : now >= it->next_s;
+        if (!due) continue;
+        chaos_fire(L, it, S->last_step, &S->coord_killed);
+        if (it->trigger == TR_EVERY) {
+            while (it->next_s <= now) it->next_s += it->period_s;
+        } else {
+            it->done = true;
         }
-        if (l_interrupted && stop_sent == 0) {
-            if (!quiet) note(&L, "stopping...");
-            if (L.coord > 0) kill(L.coord, SIGTERM);
-            stop_sent = sy_mono_s();
-        }
-        if (stop_sent > 0 && L.coord > 0 && (sy_mono_s() - stop_sent) * 1e3 > SY_LAUNCH_GRACE_MS) kill(L.coord, SIGKILL);
-        /* new metrics lines */
-        FILE *mf = fopen(metrics_path, "r");
-        if (mf) {
-            struct stat sb;
-            if (fstat(fileno(mf), &sb) == 0 && sb.st_size < moff) moff = 0; /* a fresh coordinator truncated it */
-            fseek(mf, moff, SEEK_SET);
-            char *ml = NULL;
-            size_t mcap = 0;
-            ssize_t n;
-            while ((n = getline(&ml, &mcap, mf)) > 0) {
-                if (ml[n - 1] != '\n') break; /* partial line: read it next time */
-                moff += n;
-                json_t *j = json_loads(ml, 0, NULL);
-                if (!j) continue;
-                last_step = json_integer_value(json_object_get(j, "step"));
-                loss = json_number_value(json_object_get(j, "loss"));
-                tps = json_number_value(json_object_get(j, "tokens_per_s"));
-                world = (int)json_integer_value(json_object_get(j, "world"));
-                gen = (int)json_integer_value(json_object_get(j, "generation"));
-                if (first_step < 0) first_step = last_step, first_t = sy_mono_s();
-                json_decref(j);
-            }
-            free(ml);
-            fclose(mf);
-        }
-        /* chaos */
-        if (chaos && first_step >= 0 && stop_sent == 0) {
-            now = sy_mono_s();
-            for (int k = 0; k < chaos->n; k++) {
-                ch_item *it = &chaos->items[k];
-                if (it->done) continue;
-                if (it->action == CH_KILL_COORD && (L.coord <= 0 || restart_at > 0)) continue;
-                if (it->trigger != TR_STEP && it->next_s == 0) it->next_s = first_t + it->period_s;
-                bool due = it->trigger == TR_STEP ? last_step >= it->step : now >= it->next_s;
-                if (!due) continue;
-                chaos_fire(&L, it, last_step, &coord_killed);
-                if (it->trigger == TR_EVERY) {
-                    while (it->next_s <= now) it->next_s += it->period_s;
-                } else {
-                    it->done = true;
-                }
-                if (it->action == CH_STOP_WORKER && chaos->cont_after_s >= 0)
-                    for (int i = 0; i < L.nw; i++)
-                        if (L.w[i].stopped && L.w[i].cont_at == 0) L.w[i].cont_at = now + chaos->cont_after_s;
-            }
-        }
-        if (!quiet && last_step > 0 && last_step != shown_step) {
-            shown_step = last_step;
-            char eta[32];
-            double el = sy_mono_s() - first_t;
-            double rate = last_step > first_step ? (last_step - first_step) / el : 0;
-            sy_log_fmt_duration(eta, sizeof eta, rate > 0 ? (cfg.run.steps - last_step) / rate : NAN);
-            fprintf(stderr, "%sstep %lld/%lld | loss %.4f | %.1fk tok/s | workers %d | gen %d | ETA %s%s",
-                    L.tty ? "\r" : "", (long long)last_step, (long long)cfg.run.steps, loss, tps / 1e3,
-                    world, gen, eta, L.tty ? "\033[K" : "\n");
-            L.line_open = L.tty;
-        }
+        if (it->action == CH_STOP_WORKER && chaos->cont_after_s >= 0)
+            for (int i = 0; i < L->nw; i++)
+                if (L->w[i].stopped && L->w[i].cont_at == 0) L->w[i].cont_at = now + chaos->cont_after_s;
+    }
+}
+
+/* The progress line, rewritten in place on a terminal. */
+static void show_progress(lctx *L, run_state *S) {
+    if (L->quiet || S->last_step <= 0 || S->last_step == S->shown_step) return;
+    S->shown_step = S->last_step;
+    char eta[32];
+    double el = sy_mono_s() - S->first_t;
+    double rate = S->last_step > S->first_step ? (S->last_step - S->first_step) / el : 0;
+    sy_log_fmt_duration(eta, sizeof eta, rate > 0 ? (S->steps - S->last_step) / rate : NAN);
+    fprintf(stderr, "%sstep %lld/%lld | loss %.4f | %.1fk tok/s | workers %d | gen %d | ETA %s%s",
+            L->tty ? "\r" : "", (long long)S->last_step, (long long)S->steps, S->loss, S->tps / 1e3, S->world,
+            S->gen, eta, L->tty ? "\033[K" : "\n");
+    L->line_open = L->tty;
+}
+
+/* Progress until the coordinator exits (a chaos kill of it restarts it instead). */
+static void supervise(lctx *L, run_state *S) {
+    for (;;) {
+        if (!tick_coordinator(L, S)) break;
+        if (l_interrupted && L->coord <= 0) break; /* Ctrl-C while the coordinator is down */
+        reap_workers(L, S);
+        double now = sy_mono_s();
+        revive_workers(L, S, now);
+        if (!give_up_if_all_gone(L, S, now)) break;
+        handle_stop(L, S);
+        read_metrics(S);
+        run_chaos(L, S);
+        show_progress(L, S);
         usleep(SY_LAUNCH_TICK_MS * 1000); /* cut short by SIGCHLD */
     }
-    if (L.line_open) fputc('\n', stderr);
-    L.line_open = false;
-    bool coord_ok = coord_status != -1 && WIFEXITED(coord_status) && WEXITSTATUS(coord_status) == 0;
-    rc = coord_ok && !l_interrupted && !gave_up ? 0 : 1;
-    if (rc == 0) {
-        /* "completed" only once the final checkpoint reads back from the store */
-        sy_store_t *st = NULL;
-        sy_status vs = sy_store_open_config(&cfg, &st);
-        if (vs == SY_OK) vs = sy_run_verify_checkpoint(st, cfg.run.name, cfg.run.steps, NULL);
-        sy_store_destroy(&st);
-        if (vs != SY_OK) {
-            fprintf(stderr, "switchyard run: the coordinator reported success, but %s\n", sy_err_msg());
-            rc = 1;
-            goto stop_all;
-        }
-    }
-    if (rc != 0) {
-        if (coord_status == -1)
+    if (L->line_open) fputc('\n', stderr);
+    L->line_open = false;
+}
+
+/* The exit code once supervision ended: 0 only if the coordinator exited 0, nobody interrupted
+ * or gave up, and the final checkpoint reads back from the store ("completed" means that). */
+static int run_outcome(lctx *L, const run_state *S, const sy_config_t *cfg) {
+    int cs = S->coord_status;
+    bool coord_ok = cs != -1 && WIFEXITED(cs) && WEXITSTATUS(cs) == 0;
+    if (!coord_ok || l_interrupted || S->gave_up) {
+        if (cs == -1)
             fprintf(stderr, "switchyard run: the run %s\n", l_interrupted ? "was interrupted" : "failed");
         else
             fprintf(stderr, "switchyard run: the run %s (coordinator %s %d)\n",
-                    l_interrupted ? "was interrupted" : "failed",
-                    WIFEXITED(coord_status) ? "exit status" : "signal",
-                    WIFEXITED(coord_status) ? WEXITSTATUS(coord_status) : WTERMSIG(coord_status));
-        if (!l_interrupted) print_tail(L.coord_log, 20);
-    } else if (!quiet) {
-        fprintf(stderr, "switchyard run: run %s completed %lld steps; metrics in %s\n", cfg.run.name,
-                (long long)cfg.run.steps, metrics_path);
+                    l_interrupted ? "was interrupted" : "failed", WIFEXITED(cs) ? "exit status" : "signal",
+                    WIFEXITED(cs) ? WEXITSTATUS(cs) : WTERMSIG(cs));
+        if (!l_interrupted) print_tail(L->coord_log, 20);
+        return 1;
     }
+    sy_store_t *st = NULL;
+    sy_status vs = sy_store_open_config(cfg, &st);
+    if (vs == SY_OK) vs = sy_run_verify_checkpoint(st, cfg->run.name, cfg->run.steps, NULL);
+    sy_store_destroy(&st);
+    if (vs != SY_OK) {
+        fprintf(stderr, "switchyard run: the coordinator reported success, but %s\n", sy_err_msg());
+        return 1;
+    }
+    if (!L->quiet)
+        fprintf(stderr, "switchyard run: run %s completed %lld steps; metrics in %s\n", cfg->run.name,
+                (long long)cfg->run.steps, S->metrics_path);
+    return 0;
+}
 
-stop_all:
-    /* workers exit on the coordinator's Stop; give them a grace period, then make sure */
-    if (L.coord > 0) {
-        kill(L.coord, SIGTERM);
+/* Stops whatever still runs: the coordinator (SIGTERM, SIGKILL after the grace period), then the
+ * workers, which exit on the coordinator's Stop: a grace period, SIGTERM after 2 s, SIGKILL. */
+static void stop_all(lctx *L) {
+    if (L->coord > 0) {
+        kill(L->coord, SIGTERM);
         double ts = sy_mono_s();
-        while (waitpid(L.coord, NULL, WNOHANG) != L.coord) {
+        while (waitpid(L->coord, NULL, WNOHANG) != L->coord) {
             if ((sy_mono_s() - ts) * 1e3 > SY_LAUNCH_GRACE_MS) {
-                kill(L.coord, SIGKILL);
-                waitpid(L.coord, NULL, 0);
+                kill(L->coord, SIGKILL);
+                waitpid(L->coord, NULL, 0);
                 break;
             }
             usleep(50 * 1000);
         }
-        L.coord = -1;
+        L->coord = -1;
     }
-    if (L.w) {
-        double ts = sy_mono_s();
-        bool any = true, termed = false;
-        while (any && (sy_mono_s() - ts) * 1e3 < SY_LAUNCH_GRACE_MS) {
-            any = false;
-            for (int i = 0; i < L.nw; i++) {
-                if (L.w[i].pid <= 0) continue;
-                if (waitpid(L.w[i].pid, NULL, WNOHANG) == L.w[i].pid) L.w[i].pid = -1;
-                else any = true;
-            }
-            if (any && !termed && (sy_mono_s() - ts) > 2.0) {
-                termed = true;
-                for (int i = 0; i < L.nw; i++)
-                    if (L.w[i].pid > 0) {
-                        kill(L.w[i].pid, SIGTERM);
-                        if (L.w[i].stopped) kill(L.w[i].pid, SIGCONT);
-                    }
-            }
-            if (any) usleep(50 * 1000);
+    if (!L->w) return;
+    double ts = sy_mono_s();
+    bool any = true, termed = false;
+    while (any && (sy_mono_s() - ts) * 1e3 < SY_LAUNCH_GRACE_MS) {
+        any = false;
+        for (int i = 0; i < L->nw; i++) {
+            if (L->w[i].pid <= 0) continue;
+            if (waitpid(L->w[i].pid, NULL, WNOHANG) == L->w[i].pid) L->w[i].pid = -1;
+            else any = true;
         }
-        for (int i = 0; i < L.nw; i++)
-            if (L.w[i].pid > 0) {
-                kill(L.w[i].pid, SIGKILL);
-                waitpid(L.w[i].pid, NULL, 0);
-            }
+        if (any && !termed && (sy_mono_s() - ts) > 2.0) {
+            termed = true;
+            for (int i = 0; i < L->nw; i++)
+                if (L->w[i].pid > 0) {
+                    kill(L->w[i].pid, SIGTERM);
+                    if (L->w[i].stopped) kill(L->w[i].pid, SIGCONT);
+                }
+        }
+        if (any) usleep(50 * 1000);
     }
-    goto out;
-cfg_fail:
-    fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
-out:
+    for (int i = 0; i < L->nw; i++)
+        if (L->w[i].pid > 0) {
+            kill(L->w[i].pid, SIGKILL);
+            waitpid(L->w[i].pid, NULL, 0);
+        }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The command                                                                               */
+
+int sy_run_cli(int argc, char **argv) {
+    run_opts o = {.n_workers = 2};
+    sy_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    lctx L;
+    memset(&L, 0, sizeof L);
+    L.coord = -1;
+    L.coord_fd = -1;
+    run_paths paths;
+    int rc = run_parse(argc, argv, &o);
+    if (rc == RUN_GO) rc = run_configure(&o, &cfg);
+    if (rc == RUN_GO) {
+        rc = 1;
+        sy_log_set_role("run");
+        if (run_prepare(&L, &o, &cfg, &paths)) {
+            install_signals();
+            if (start_cluster(&L, o.n_workers)) {
+                run_state S = {.chaos = o.chaos, .metrics_path = paths.metrics, .steps = cfg.run.steps,
+                               .coord_status = -1, .first_step = -1, .loss = NAN};
+                supervise(&L, &S);
+                rc = run_outcome(&L, &S, &cfg);
+            }
+            stop_all(&L);
+        }
+    }
     if (L.coord_fd >= 0) close(L.coord_fd);
     if (L.chaos_f) fclose(L.chaos_f);
-    if (curl_ready) curl_global_cleanup();
+    if (L.curl_ready) curl_global_cleanup();
     free(L.w);
-    free(chaos);
-    free(chaos_text);
-    free(sets);
+    free(o.chaos);
+    free(o.chaos_text);
+    free(o.sets);
     sy_config_free(&cfg);
     return rc;
 }

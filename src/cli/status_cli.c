@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "storage/curl_check.h"
+
 #define DEFAULT_URL "http://127.0.0.1:8080"
 /* Whole request bound (s) and largest response accepted (bytes). */
 #define TIMEOUT_S 5L
@@ -119,8 +121,8 @@ int sy_status_cli(int argc, char **argv) {
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, err);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
     CURLcode rc = curl_easy_perform(c);
-    if (rc != CURLE_OK) {
-        fprintf(stderr, "switchyard status: cannot reach %s: %s\n", full, err[0] ? err : curl_easy_strerror(rc));
+    if (rc != CURLE_OK) { /* printed whole: the URL may be longer than a status message */
+        fprintf(stderr, "switchyard status: cannot reach %s: %s\n", full, sy_curl_why(rc, err));
         goto out;
     }
     curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &http);

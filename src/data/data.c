@@ -10,7 +10,6 @@
 #include <fcntl.h>
 #include <glob.h>
 #include <inttypes.h>
-#include <libgen.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -528,73 +527,22 @@ sy_status sy_data_eval_batch(sy_data_t *d, uint64_t first_window, int b, int32_t
 /* ------------------------------------------------------------------------------------------ */
 /* Writing                                                                                     */
 
-static sy_status sy_write_all(int fd, const void *buf, size_t len, const char *path) {
-    const char *p = buf;
-    while (len > 0) {
-        ssize_t k = write(fd, p, len);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            return sy_err_set(SY_EIO, "%s: write: %s", path, strerror(errno));
-        }
-        p += k;
-        len -= (size_t)k;
-    }
-    return SY_OK;
-}
-
 sy_status sy_data_write_shard(const char *path, const uint16_t *tokens, uint64_t count) {
-    sy_status st = SY_OK;
     if (!path || (!tokens && count > 0))
         return sy_err_set(SY_EINVAL, "sy_data_write_shard: NULL argument");
     if (count > INT32_MAX)
         return sy_err_set(SY_EINVAL, "%s: %" PRIu64 " tokens exceed a shard's int32 count",
                           path, count);
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 16), *dirbuf = strdup(path);
-    int fd = -1, dfd = -1;
-    if (!tmp || !dirbuf) {
-        st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
-        goto done;
-    }
-    SY_CHECK_GOTO(sy_fs_check_replaceable(path), st, done); /* never a device, FIFO or symlink */
-    snprintf(tmp, plen + 16, "%s.tmp.XXXXXX", path); /* same directory: rename is atomic */
-    fd = mkstemp(tmp);
-    if (fd < 0) {
-        st = sy_err_set(SY_EIO, "%s: cannot create temporary file: %s", path, strerror(errno));
-        tmp[0] = 0;
-        goto done;
-    }
     int32_t hdr[SY_SHARD_HEADER_INTS] = {0};
     hdr[0] = SY_SHARD_MAGIC;
     hdr[1] = SY_SHARD_VERSION;
     hdr[2] = (int32_t)count;
-    SY_CHECK_GOTO(sy_write_all(fd, hdr, sizeof hdr, tmp), st, done);
-    SY_CHECK_GOTO(sy_write_all(fd, tokens, (size_t)count * sizeof *tokens, tmp), st, done);
-    if (fchmod(fd, 0644) != 0 || fsync(fd) != 0) {
-        st = sy_err_set(SY_EIO, "%s: fsync: %s", tmp, strerror(errno));
-        goto done;
-    }
-    if (close(fd) != 0) {
-        fd = -1;
-        st = sy_err_set(SY_EIO, "%s: close: %s", tmp, strerror(errno));
-        goto done;
-    }
-    fd = -1;
-    SY_CHECK_GOTO(sy_fs_check_replaceable(path), st, done);
-    if (rename(tmp, path) != 0) {
-        st = sy_err_set(SY_EIO, "%s: rename from %s: %s", path, tmp, strerror(errno));
-        goto done;
-    }
-    tmp[0] = 0; /* nothing left to remove */
-    dfd = open(dirname(dirbuf), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0 || fsync(dfd) != 0)
-        st = sy_err_set(SY_EIO, "%s: fsync of its directory: %s", path, strerror(errno));
-done:
-    if (fd >= 0) close(fd);
-    if (dfd >= 0) close(dfd);
-    if (tmp && tmp[0]) unlink(tmp);
-    free(tmp);
-    free(dirbuf);
+    sy_fs_atomic w;
+    sy_status st = sy_fs_atomic_open(&w, path, NULL, 0644, SY_FS_EXACT_MODE);
+    if (st == SY_OK) st = sy_fs_atomic_write(&w, hdr, sizeof hdr);
+    if (st == SY_OK) st = sy_fs_atomic_write(&w, tokens, (size_t)count * sizeof *tokens);
+    if (st == SY_OK) st = sy_fs_atomic_commit(&w);
+    sy_fs_atomic_close(&w);
     return st;
 }
 

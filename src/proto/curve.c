@@ -1,4 +1,5 @@
 #include "proto/curve.h"
+#include "base/fsutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -199,26 +200,9 @@ void sy_curve_key_wipe(sy_curve_key *key) {
 
 /* ---- writing ------------------------------------------------------------------------------ */
 
+/* A new key file: never replaces anything at path, and has exactly `mode` whatever the umask. */
 static sy_status write_new(const char *path, mode_t mode, const char *text) {
-    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
-    if (fd < 0) {
-        int e = errno;
-        if (e == EEXIST) return sy_err_set(SY_EEXIST, "%s exists already: not overwriting it", path);
-        return sy_err_set(SY_EIO, "cannot create %s: %s", path, strerror(e));
-    }
-    sy_status s = SY_OK;
-    size_t len = strlen(text), done = 0;
-    if (fchmod(fd, mode) != 0) s = sy_err_set(SY_EIO, "chmod %s: %s", path, strerror(errno));
-    while (s == SY_OK && done < len) {
-        ssize_t w = write(fd, text + done, len - done);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) s = sy_err_set(SY_EIO, "cannot write %s: %s", path, strerror(errno));
-        else done += (size_t)w;
-    }
-    if (s == SY_OK && fsync(fd) != 0) s = sy_err_set(SY_EIO, "cannot write %s: %s", path, strerror(errno));
-    if (close(fd) != 0 && s == SY_OK) s = sy_err_set(SY_EIO, "cannot write %s: %s", path, strerror(errno));
-    if (s != SY_OK) unlink(path);
-    return s;
+    return sy_fs_write_atomic(path, text, strlen(text), mode, SY_FS_NO_REPLACE | SY_FS_EXACT_MODE);
 }
 
 sy_status sy_curve_keygen(const char *prefix, char *key_path, char *pub_path, size_t n) {

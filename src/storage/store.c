@@ -1,7 +1,7 @@
 /* Object store front end (key checks, sorting, dispatch) and the local-directory backend. */
 #include "storage/store.h"
 #include "base/fsutil.h"
-#include "storage/store_s3.h"
+#include "store_backends_internal.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -313,19 +313,16 @@ static sy_status write_parts(int fd, const sy_store_part *parts, size_t n, const
     return SY_OK;
 }
 
-/* Commits tmp as path without replacing an existing file. */
-static int link_noreplace(const char *tmp, const char *path) {
-    if (link(tmp, path) == 0) return 0;
-    if (errno != EPERM && errno != EOPNOTSUPP && errno != ENOSYS) return -1;
-    return renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RENAME_NOREPLACE); /* filesystems without hard links */
-}
-
+/* Writes the object through a temp file in its folder (sy_fs_atomic: fsync, rename or link
+ * without replacing, folder fsync). The temp name starts with '.' and holds '#', which is not a
+ * key character, so temp files never show up in list. The folders are made first; an open that
+ * finds its folder gone (a concurrent delete removed an empty parent) makes them again. */
 static sy_status local_putv(void *impl, const char *key, const sy_store_part *parts, size_t n, int if_absent,
                             const sy_store_tap *tap) {
     local_store *ls = impl;
     sy_status st = SY_OK;
+    sy_fs_atomic w = {.fd = -1};
     char *path = path_join(ls->root, key), *tmp = NULL;
-    int fd = -1;
     if (!path || !(tmp = malloc(strlen(path) + 64))) {
         st = sy_err_set(SY_ENOMEM, "store put %s", key);
         goto out;
@@ -333,54 +330,24 @@ static sy_status local_putv(void *impl, const char *key, const sy_store_part *pa
     char *slash = strrchr(path, '/');
     size_t dlen = (size_t)(slash - path);
     unsigned long ctr = __atomic_fetch_add(&tmp_counter, 1, __ATOMIC_RELAXED);
-    /* '#' is not a key character, so temp files never show up in list. */
     snprintf(tmp, strlen(path) + 64, "%.*s/.%s#tmp.%ld.%lu", (int)dlen, path, slash + 1, (long)getpid(), ctr);
-    for (int attempt = 0; fd < 0; attempt++) {
+    int flags = SY_FS_DIR_SYNC_BEST_EFFORT | (if_absent ? SY_FS_NO_REPLACE : 0);
+    for (int attempt = 0;; attempt++) {
         *slash = 0;
         st = mkdir_p(path, strlen(ls->root));
         *slash = '/';
         if (st != SY_OK) goto out;
-        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (fd < 0 && (errno != ENOENT || attempt + 1 >= PUT_RETRIES)) {
-            st = sy_err_set(SY_EIO, "store put %s: open %s: %s", key, tmp, strerror(errno));
-            goto out;
-        }
+        st = sy_fs_atomic_open(&w, path, tmp, 0644, flags);
+        if (st == SY_OK || w.err != ENOENT || attempt + 1 >= PUT_RETRIES) break;
     }
-    st = write_parts(fd, parts, n, tap, tmp);
-    if (st != SY_OK) {
-        sy_err_prefix(st, "store put %s", key);
+    if (st == SY_OK) st = write_parts(w.fd, parts, n, tap, tmp);
+    if (st == SY_OK && (st = sy_fs_atomic_commit(&w)) == SY_EEXIST) {
+        sy_err_set(SY_EEXIST, "store put_if_absent %s: object exists", key);
         goto out;
     }
-    if (fsync(fd) != 0) {
-        st = sy_err_set(SY_EIO, "store put %s: fsync: %s", key, strerror(errno));
-        goto out;
-    }
-    int rc = close(fd);
-    fd = -1;
-    if (rc != 0) {
-        st = sy_err_set(SY_EIO, "store put %s: close: %s", key, strerror(errno));
-        goto out;
-    }
-    if (if_absent) {
-        if (link_noreplace(tmp, path) != 0) {
-            st = errno == EEXIST ? sy_err_set(SY_EEXIST, "store put_if_absent %s: object exists", key)
-                                 : sy_err_set(SY_EIO, "store put_if_absent %s: link: %s", key, strerror(errno));
-            goto out;
-        }
-        unlink(tmp); /* no-op when renameat2 moved it */
-    } else if ((st = sy_fs_check_replaceable(path)) != SY_OK) {
-        sy_err_prefix(st, "store put %s", key);
-        goto out;
-    } else if (rename(tmp, path) != 0) {
-        st = sy_err_set(SY_EIO, "store put %s: rename: %s", key, strerror(errno));
-        goto out;
-    }
-    *slash = 0;
-    fsync_dir(path);
-    *slash = '/';
+    if (st != SY_OK) sy_err_prefix(st, "store put %s", key);
 out:
-    if (fd >= 0) close(fd);
-    if (st != SY_OK && tmp) unlink(tmp);
+    sy_fs_atomic_close(&w);
     free(tmp);
     free(path);
     return st;
@@ -619,11 +586,9 @@ static sy_status local_open_store(const char *dir, const char *url, sy_store_t *
     return sy_store_wrap(&local_ops, ls, url, out);
 }
 
-sy_status sy_store_open(const char *url, sy_store_t **out) {
-    if (!out) return sy_err_set(SY_EINVAL, "store open: no output pointer");
-    *out = NULL;
-    if (!url || !url[0]) return sy_err_set(SY_EINVAL, "store: empty URL");
-    if (!strncmp(url, "s3://", 5)) return sy_store_s3_open(url, NULL, out);
+/* file:///abs/path or a plain path; the local backend reads nothing from a config. */
+static sy_status local_open_url(const char *url, const sy_config_t *cfg, sy_store_t **out) {
+    (void)cfg;
     if (!strncmp(url, "file://", 7)) {
         const char *p = url + 7;
         if (!strncmp(p, "localhost/", 10)) p += 9;
@@ -631,7 +596,7 @@ sy_status sy_store_open(const char *url, sy_store_t **out) {
             return sy_err_set(SY_EINVAL, "store %s: file URLs must be file:///absolute/path", url);
         return local_open_store(p, url, out);
     }
-    if (strstr(url, "://"))
-        return sy_err_set(SY_EINVAL, "store %s: unknown URL scheme (expected file://, s3:// or a path)", url);
     return local_open_store(url, url, out);
 }
+
+const sy_store_backend sy_store_local_backend = {.scheme = "file://", .open = local_open_url};

@@ -2,7 +2,10 @@
  *
  * URLs: `file:///abs/path` or a plain relative/absolute path is a local directory (created if
  * missing); `s3://bucket/prefix` is the S3 backend (store_s3.h: libcurl SigV4; credentials from the AWS_*
- * variables; sy_store_open_config also applies the checkpoint.s3_* config fields).
+ * variables; sy_store_open_config also applies the checkpoint.s3_* config fields). Both openers
+ * live in store_open.c, the one place that maps a URL scheme to its backend; the backends
+ * (the local one here in store.c, store_s3.c) build on the front end and know nothing of each
+ * other.
  *
  * Keys are '/'-separated relative names made of [A-Za-z0-9._/-] only, with no empty, "." or
  * ".." component and no leading or trailing '/'; anything else is SY_EINVAL. Prefixes for list
@@ -24,11 +27,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "base/config.h"
 #include "base/status.h"
 
 typedef struct sy_store sy_store_t;
 
+/* Opens the store at `url` with the backend's defaults (S3: the AWS_* variables). */
 sy_status sy_store_open(const char *url, sy_store_t **out);
+/* Opens cfg->checkpoint.store, applying the checkpoint.s3_* fields to an s3:// URL. */
+sy_status sy_store_open_config(const sy_config_t *cfg, sy_store_t **out);
 void sy_store_destroy(sy_store_t **self_p);
 /* The URL the store was opened with (for messages). */
 const char *sy_store_url(const sy_store_t *self);
@@ -83,7 +90,7 @@ sy_status sy_store_delete_prefix(sy_store_t *self, const char *prefix);
 /* 1 if `key` is a valid object key (see above), else 0. */
 int sy_store_key_valid(const char *key);
 
-/* ---- Backend interface: for store backends only (store.c's local one, a future store_s3.c).
+/* ---- Backend interface: for store backends only (store.c's local one, store_s3.c, test doubles).
  * Keys and prefixes are validated before a backend sees them. list returns unsorted keys
  * (the front end sorts); delete of a missing key returns SY_OK. */
 typedef struct {

@@ -2,6 +2,8 @@
  * storage notes for the libcurl 7.88 rules followed here). */
 #include "storage/store_s3.h"
 #include "base/clock.h"
+#include "storage/curl_check.h"
+#include "store_backends_internal.h"
 #include "store_s3_internal.h"
 
 #include <curl/curl.h>
@@ -364,19 +366,9 @@ static int retryable_code(const char *code) {
     return 0;
 }
 
-/* Runs one attempt; describes a failure in why. */
-static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_status *st) {
-    outcome oc = OUT_FINAL;
-    char *url = object_url(s, r->key, r->query);
-    CURL *h = pool_get(s);
-    struct curl_slist *hl = NULL, *t;
-    char tok[4096];
-    int hl_ok = 1;
-    if (!url || !h) {
-        *st = SY_ENOMEM;
-        snprintf(why, whyn, "out of memory");
-        goto out;
-    }
+/* Clears what one attempt fills in (status, lengths, buffers' fill, idle clock); remembers
+ * whether an earlier attempt's outcome was unknown. */
+static void attempt_reset(const s3_store *s, s3_req *r) {
     r->amb_before = r->ambiguous;
     r->status = 0;
     r->clen = -1;
@@ -391,11 +383,18 @@ static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_s
     r->last_change = (uint64_t)sy_mono_ms();
     r->timeout_ms = s->o.timeout_ms;
     r->timed_out = 0;
+}
 
+/* The request's headers: the payload hash SigV4 needs, the session token, the body's content
+ * type and the operation's own (r->hdr). NULL when out of memory. */
+static struct curl_slist *attempt_headers(const s3_store *s, const s3_req *r) {
+    struct curl_slist *hl = NULL, *t;
+    char tok[4096];
+    int ok = 1;
 #define ADDH(str)                                      \
     do {                                               \
         t = curl_slist_append(hl, (str));              \
-        if (!t) hl_ok = 0; else hl = t;                \
+        if (!t) ok = 0; else hl = t;                   \
     } while (0)
     ADDH("x-amz-content-sha256: UNSIGNED-PAYLOAD");
     if (s->token) {
@@ -408,12 +407,16 @@ static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_s
     }
     for (int i = 0; i < 4 && r->hdr[i]; i++) ADDH(r->hdr[i]);
 #undef ADDH
-    if (!hl_ok) {
-        *st = SY_ENOMEM;
-        snprintf(why, whyn, "out of memory");
-        goto out;
+    if (!ok) {
+        curl_slist_free_all(hl);
+        return NULL;
     }
+    return hl;
+}
 
+/* Sets every option of one attempt on h: signing, bounds (connect and idle timeouts), the
+ * callbacks that fill r, and the method with its body. */
+static void attempt_setopt(s3_store *s, s3_req *r, CURL *h, const char *url, struct curl_slist *hl) {
     curl_easy_reset(h); /* keeps the live connection */
     curl_easy_setopt(h, CURLOPT_URL, url);
     curl_easy_setopt(h, CURLOPT_SHARE, s->share);
@@ -448,82 +451,101 @@ static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_s
     } else if (strcmp(r->method, "GET")) {
         curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, r->method);
     }
+}
 
-    CURLcode cc = curl_easy_perform(h);
-    r->attempts++;
-    if (cc != CURLE_OK) {
-        int connect_fail = cc == CURLE_COULDNT_CONNECT || cc == CURLE_COULDNT_RESOLVE_HOST;
-        if (!connect_fail) r->ambiguous = 1;
-        if (r->overflow) {
-            *st = SY_ECORRUPT;
-            snprintf(why, whyn, "server sent more than the %zu bytes expected", r->out_cap);
-        } else if (r->timed_out || cc == CURLE_OPERATION_TIMEDOUT) {
-            *st = SY_ETIMEOUT;
-            snprintf(why, whyn, "no progress for %d ms (timeout)", s->o.timeout_ms);
-        } else if (cc == CURLE_PARTIAL_FILE ||
-                   (r->status >= 200 && r->status < 300 && r->clen >= 0 && (int64_t)r->len < r->clen)) {
-            *st = SY_ECORRUPT;
-            snprintf(why, whyn, "truncated body (%zu of %" PRId64 " bytes): %s", r->len, r->clen,
-                     curl_easy_strerror(cc));
-        } else if (cc == CURLE_OUT_OF_MEMORY || (cc == CURLE_WRITE_ERROR && !r->overflow)) {
-            *st = SY_ENOMEM;
-            if (r->clen >= 0)
-                snprintf(why, whyn, "out of memory receiving the body (the server announced Content-Length %" PRId64
-                         " bytes)", r->clen);
-            else
-                snprintf(why, whyn, "out of memory receiving the body");
-            goto out;
-        } else if (cc == CURLE_URL_MALFORMAT || cc == CURLE_UNSUPPORTED_PROTOCOL) {
-            *st = SY_EINVAL;
-            snprintf(why, whyn, "%s (%s)", curl_easy_strerror(cc), url);
-            goto out;
-        } else {
-            *st = SY_EIO;
-            snprintf(why, whyn, "%s (%s)", curl_easy_strerror(cc), url);
-        }
-        oc = OUT_RETRY;
-        goto out;
+/* A transfer curl could not finish: curl's code translated (curl_check.h), then refined by what
+ * the callbacks saw (an overflow, the idle timeout, a short body, a refused buffer). Out of
+ * memory and a bad URL are final, the rest is retried. */
+static outcome transport_failure(const s3_store *s, s3_req *r, CURLcode cc, const char *url, char *why, size_t whyn,
+                                 sy_status *st) {
+    if (cc != CURLE_COULDNT_CONNECT && cc != CURLE_COULDNT_RESOLVE_HOST) r->ambiguous = 1; /* it may have arrived */
+    int short_body = r->status >= 200 && r->status < 300 && r->clen >= 0 && (int64_t)r->len < r->clen;
+    *st = sy_curl_status(cc);
+    if (r->overflow) {
+        *st = SY_ECORRUPT;
+        snprintf(why, whyn, "server sent more than the %zu bytes expected", r->out_cap);
+    } else if (r->timed_out || *st == SY_ETIMEOUT) {
+        *st = SY_ETIMEOUT;
+        snprintf(why, whyn, "no progress for %d ms (timeout)", s->o.timeout_ms);
+    } else if (*st == SY_ECORRUPT || short_body) {
+        *st = SY_ECORRUPT;
+        snprintf(why, whyn, "truncated body (%zu of %" PRId64 " bytes): %s", r->len, r->clen,
+                 curl_easy_strerror(cc));
+    } else if (*st == SY_ENOMEM || cc == CURLE_WRITE_ERROR) { /* on_write refused to grow the buffer */
+        *st = SY_ENOMEM;
+        if (r->clen >= 0)
+            snprintf(why, whyn, "out of memory receiving the body (the server announced Content-Length %" PRId64
+                     " bytes)", r->clen);
+        else
+            snprintf(why, whyn, "out of memory receiving the body");
+        return OUT_FINAL;
+    } else {
+        snprintf(why, whyn, "%s (%s)", curl_easy_strerror(cc), url);
+        if (*st == SY_EINVAL) return OUT_FINAL; /* a malformed URL or an unsupported scheme */
     }
+    return OUT_RETRY;
+}
 
+/* A 2xx reply: accepted only with the whole body (exactly Content-Length, the range asked for,
+ * the buffer's size) and without an <Error> in it (CompleteMultipartUpload answers 200 so). */
+static outcome success_reply(s3_req *r, char *why, size_t whyn, sy_status *st) {
+    int64_t got = (int64_t)r->len;
+    int is_head = !strcmp(r->method, "HEAD");
+    if (!is_head && (r->out || r->want_body) && r->clen >= 0 && got != r->clen) {
+        r->ambiguous = 1;
+        *st = SY_ECORRUPT;
+        snprintf(why, whyn, "truncated body (%" PRId64 " of %" PRId64 " bytes)", got, r->clen);
+        return OUT_RETRY;
+    }
+    if (r->range_end && r->total >= 0 && r->range_end > (uint64_t)r->total) {
+        *st = SY_EINVAL; /* S3 clamps a range that runs past the end */
+        snprintf(why, whyn, "the object has %" PRId64 " bytes", r->total);
+        return OUT_FINAL;
+    }
+    if (!is_head && r->out && r->len != r->out_cap) {
+        *st = SY_ECORRUPT;
+        snprintf(why, whyn, "got %zu bytes, expected %zu", r->len, r->out_cap);
+        return OUT_RETRY;
+    }
+    if (r->want_body && r->buf && memmem(r->buf, r->len, "<Error>", 7)) {
+        char *c = sy_s3_xml_tag(r->buf, r->len, "Code", NULL), *m = sy_s3_xml_tag(r->buf, r->len, "Message", NULL);
+        snprintf(why, whyn, "%ld %s%s%s", r->status, c ? c : "Error", m ? ": " : "", m ? m : "");
+        *st = SY_EREMOTE;
+        outcome oc = retryable_code(c) ? OUT_RETRY : OUT_FINAL;
+        r->ambiguous = 1;
+        free(c);
+        free(m);
+        return oc;
+    }
+    *st = SY_OK;
+    return OUT_OK;
+}
+
+/* Adds to why what a refused request (400, 403) most likely needs fixed, from S3's error code
+ * `c` (may be NULL); a missing bucket becomes SY_ENOTFOUND. */
+static void refused_hint(const s3_store *s, const s3_req *r, const char *c, char *why, size_t whyn, sy_status *st) {
+    size_t l = strlen(why);
+    if (!c && !strcmp(r->method, "HEAD"))
+        snprintf(why + l, whyn - l, " (a HEAD reply has no error code: check AWS_ACCESS_KEY_ID, "
+                                    "AWS_SECRET_ACCESS_KEY, AWS_REGION and permissions)");
+    if (c && (!strcmp(c, "SignatureDoesNotMatch") || !strcmp(c, "IncompleteSignature")))
+        snprintf(why + l, whyn - l, " (check AWS_SECRET_ACCESS_KEY and AWS_REGION)");
+    else if (c && !strcmp(c, "InvalidAccessKeyId"))
+        snprintf(why + l, whyn - l, " (check AWS_ACCESS_KEY_ID)");
+    else if (c && (!strcmp(c, "ExpiredToken") || !strcmp(c, "InvalidToken")))
+        snprintf(why + l, whyn - l, " (check AWS_SESSION_TOKEN)");
+    else if (c && !strcmp(c, "AccessDenied"))
+        snprintf(why + l, whyn - l, " (the credentials lack permission on bucket %s)", s->bucket);
+    else if (c && !strcmp(c, "NoSuchBucket"))
+        *st = SY_ENOTFOUND;
+}
+
+/* A reply other than 2xx: "HTTP <code> <S3 code>: <message>". 5xx, 429, throttling codes and a
+ * 409 on a conditional write are retried; the rest are final (404 SY_ENOTFOUND, 412 SY_EEXIST,
+ * 416 SY_EINVAL, else SY_EREMOTE). */
+static outcome error_reply(const s3_store *s, s3_req *r, char *why, size_t whyn, sy_status *st) {
     long code = r->status;
-    if (code >= 200 && code < 300) {
-        /* Integrity: the body must be exactly Content-Length (and the expected range). */
-        int64_t got = (int64_t)r->len;
-        int is_head = !strcmp(r->method, "HEAD");
-        if (!is_head && (r->out || r->want_body) && r->clen >= 0 && got != r->clen) {
-            r->ambiguous = 1;
-            *st = SY_ECORRUPT;
-            snprintf(why, whyn, "truncated body (%" PRId64 " of %" PRId64 " bytes)", got, r->clen);
-            oc = OUT_RETRY;
-            goto out;
-        }
-        if (r->range_end && r->total >= 0 && r->range_end > (uint64_t)r->total) {
-            *st = SY_EINVAL; /* S3 clamps a range that runs past the end */
-            snprintf(why, whyn, "the object has %" PRId64 " bytes", r->total);
-            oc = OUT_FINAL;
-            goto out;
-        }
-        if (!is_head && r->out && r->len != r->out_cap) {
-            *st = SY_ECORRUPT;
-            snprintf(why, whyn, "got %zu bytes, expected %zu", r->len, r->out_cap);
-            oc = OUT_RETRY;
-            goto out;
-        }
-        /* A 200 can carry an <Error> (CompleteMultipartUpload). */
-        if (r->want_body && r->buf && memmem(r->buf, r->len, "<Error>", 7)) {
-            char *c = sy_s3_xml_tag(r->buf, r->len, "Code", NULL), *m = sy_s3_xml_tag(r->buf, r->len, "Message", NULL);
-            snprintf(why, whyn, "%ld %s%s%s", code, c ? c : "Error", m ? ": " : "", m ? m : "");
-            *st = SY_EREMOTE;
-            oc = retryable_code(c) ? OUT_RETRY : OUT_FINAL;
-            r->ambiguous = 1;
-            free(c);
-            free(m);
-            goto out;
-        }
-        *st = SY_OK;
-        oc = OUT_OK;
-        goto out;
-    }
+    outcome oc = OUT_FINAL;
     r->ambiguous = 1;
     char *c = sy_s3_xml_tag(r->err, r->err_len, "Code", NULL), *m = sy_s3_xml_tag(r->err, r->err_len, "Message", NULL);
     snprintf(why, whyn, "HTTP %ld%s%s%s%s", code, c ? " " : "", c ? c : "", m ? ": " : "", m ? m : "");
@@ -534,28 +556,41 @@ static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_s
     } else {
         *st = code == 404 ? SY_ENOTFOUND : code == 412 ? SY_EEXIST : code == 416 ? SY_EINVAL : SY_EREMOTE;
         if (code == 403 || code == 400) {
-            size_t l = strlen(why);
-            if (!c && !strcmp(r->method, "HEAD"))
-                snprintf(why + l, whyn - l, " (a HEAD reply has no error code: check AWS_ACCESS_KEY_ID, "
-                                            "AWS_SECRET_ACCESS_KEY, AWS_REGION and permissions)");
-            if (c && (!strcmp(c, "SignatureDoesNotMatch") || !strcmp(c, "IncompleteSignature")))
-                snprintf(why + l, whyn - l, " (check AWS_SECRET_ACCESS_KEY and AWS_REGION)");
-            else if (c && !strcmp(c, "InvalidAccessKeyId"))
-                snprintf(why + l, whyn - l, " (check AWS_ACCESS_KEY_ID)");
-            else if (c && (!strcmp(c, "ExpiredToken") || !strcmp(c, "InvalidToken")))
-                snprintf(why + l, whyn - l, " (check AWS_SESSION_TOKEN)");
-            else if (c && !strcmp(c, "AccessDenied"))
-                snprintf(why + l, whyn - l, " (the credentials lack permission on bucket %s)", s->bucket);
-            else if (c && !strcmp(c, "NoSuchBucket"))
-                *st = SY_ENOTFOUND;
+            refused_hint(s, r, c, why, whyn, st);
         } else if (c && !strcmp(c, "NoSuchBucket")) {
             size_t l = strlen(why);
             snprintf(why + l, whyn - l, " (bucket %s)", s->bucket);
         }
-        oc = OUT_FINAL;
     }
     free(c);
     free(m);
+    return oc;
+}
+
+/* Runs one attempt; describes a failure in why. */
+static outcome attempt_once(s3_store *s, s3_req *r, char *why, size_t whyn, sy_status *st) {
+    outcome oc = OUT_FINAL;
+    char *url = object_url(s, r->key, r->query);
+    CURL *h = pool_get(s);
+    struct curl_slist *hl = NULL;
+    if (url && h) {
+        attempt_reset(s, r);
+        hl = attempt_headers(s, r);
+    }
+    if (!hl) {
+        *st = SY_ENOMEM;
+        snprintf(why, whyn, "out of memory");
+        goto out;
+    }
+    attempt_setopt(s, r, h, url, hl);
+    CURLcode cc = curl_easy_perform(h);
+    r->attempts++;
+    if (cc != CURLE_OK)
+        oc = transport_failure(s, r, cc, url, why, whyn, st);
+    else if (r->status >= 200 && r->status < 300)
+        oc = success_reply(r, why, whyn, st);
+    else
+        oc = error_reply(s, r, why, whyn, st);
 out:
     curl_slist_free_all(hl);
     if (h) pool_put(s, h);
@@ -1110,10 +1145,9 @@ sy_status sy_store_s3_open(const char *url, const sy_s3_options *opts, sy_store_
     return sy_store_wrap(&s3_ops, s, url, out);
 }
 
-sy_status sy_store_open_config(const sy_config_t *cfg, sy_store_t **out) {
-    if (!cfg) return sy_err_set(SY_EINVAL, "store open: no config");
-    const char *url = cfg->checkpoint.store;
-    if (!url || strncmp(url, "s3://", 5)) return sy_store_open(url, out);
+/* The opener's entry (store_open.c): cfg, when given, supplies the checkpoint.s3_* fields. */
+static sy_status s3_open_url(const char *url, const sy_config_t *cfg, sy_store_t **out) {
+    if (!cfg) return sy_store_s3_open(url, NULL, out);
     sy_s3_options o;
     sy_s3_options_default(&o);
     o.endpoint = cfg->checkpoint.s3_endpoint;
@@ -1128,3 +1162,5 @@ sy_status sy_store_open_config(const sy_config_t *cfg, sy_store_t **out) {
     if (o.timeout_ms < 1000) o.backoff_base_ms = o.timeout_ms / 10;
     return sy_store_s3_open(url, &o, out);
 }
+
+const sy_store_backend sy_store_s3_backend = {.scheme = "s3://", .open = s3_open_url};

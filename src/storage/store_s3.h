@@ -52,11 +52,9 @@ typedef struct {
 void sy_s3_options_default(sy_s3_options *o);
 
 /* Opens `s3://bucket/prefix` with options (NULL: defaults). Missing credentials are SY_EINVAL
- * naming the variable. Nothing is sent to the server here. */
+ * naming the variable. Nothing is sent to the server here. sy_store_open and
+ * sy_store_open_config (store.h) come here for s3:// URLs; call this one directly only to pass
+ * options no config holds (tests, tools). */
 sy_status sy_store_s3_open(const char *url, const sy_s3_options *opts, sy_store_t **out);
-
-/* Opens cfg->checkpoint.store, applying the checkpoint.s3_* fields to an s3:// URL (any other
- * URL: sy_store_open). */
-sy_status sy_store_open_config(const sy_config_t *cfg, sy_store_t **out);
 
 #endif
