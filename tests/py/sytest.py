@@ -4,7 +4,7 @@ SY_SRC in the environment; see tests/CMakeLists.txt).
 - Paths: BUILD, SRC, the binaries SY (`switchyard`), COORD, WORKER, tool(name) for a helper
   program of tests/tools/, and CFG (configs/tiny.yaml).
 - check(cond, msg): prints "ok: msg" or "FAIL: msg", records failures in `failures` (the same
-  list as check.failures) and returns cond; a test exits with exit_code() (1 if anything failed).
+  list as check.failures) and returns cond.
 - metrics(tmp, name) / metric_lines(tmp, name): a run's RUN.state_dir = tmp/state-<name>
   metrics.jsonl, by step (the last line of a step wins: re-runs after a restore append) or as
   the list of lines; jsonl(path) reads any such file.
@@ -12,7 +12,8 @@ SY_SRC in the environment; see tests/CMakeLists.txt).
 - Popen(...) and run(...): the protected spawn, the same arguments as subprocess.Popen and
   subprocess.run. Every process a test starts goes through them, so none outlives the test:
     * the child gets PR_SET_PDEATHSIG = SIGKILL (it dies when the test process dies, even by
-      SIGKILL, e.g. a ctest time-out);
+      SIGKILL, e.g. a ctest time-out; the signal follows the thread that started the child, so
+      start processes from the main thread);
     * it leads a process group of its own, which run() kills on a time-out or an error;
     * every child, and every process it starts, carries this test's SY_TEST_SPAWN mark in its
       environment;
@@ -62,11 +63,6 @@ class Checker:
 
 check = Checker()
 failures = check.failures
-
-
-def exit_code():
-    """1 if a check failed, else 0."""
-    return 1 if failures else 0
 
 
 # -- run outputs ----------------------------------------------------------------------------------
@@ -205,10 +201,10 @@ def _on_signal(sig, frame):
 
 
 def _start_reaper():
-    """A process outside the test's tree that waits for the test process to end, however it ends
-    (also SIGKILL, where no exit handler runs), then kills what still carries the mark. It holds
-    the read end of a pipe whose only write end this process keeps open (not inherited by
-    children): end of file means the test is gone."""
+    """A process in a session of its own, without the mark, that waits for the test process to
+    end however it ends (also SIGKILL, where no exit handler runs), then kills what still carries
+    the mark. It holds the read end of a pipe whose only write end this process keeps open (not
+    inherited by children): end of file means the test is gone."""
     r, w = os.pipe()
     env = {k: v for k, v in os.environ.items() if k != MARK}
     code = inspect.getsource(kill_marked) + ("import sys, time\n"
