@@ -24,7 +24,7 @@
 #include "storage/store.h"
 
 #define SY_TESTDIR_PREFIX "/tmp/sy-ckpt-test-"
-#include "sy_testdir.h"
+#include "sy_test.h"
 
 static sy_store_t *open_store(void) {
     char url[300];
@@ -244,7 +244,7 @@ typedef struct {
     char files[2 + 2 * E][40];
 } toy;
 
-static void fill(float *p, size_t n, uint32_t seed) {
+static void fill_seeded(float *p, size_t n, uint32_t seed) {
     uint32_t x = seed * 2654435761u + 1;
     for (size_t i = 0; i < n; i++) {
         x = x * 1664525u + 1013904223u;
@@ -255,16 +255,16 @@ static void fill(float *p, size_t n, uint32_t seed) {
 static void toy_init(toy *t, uint32_t seed) {
     memset(t, 0, sizeof *t);
     if (seed) {
-        fill(t->embed, 8 * D, seed + 1);
-        fill(t->norm, D, seed + 2);
-        fill(&t->fc[0][0][0], sizeof t->fc / 4, seed + 3);
-        fill(&t->proj[0][0][0], sizeof t->proj / 4, seed + 4);
-        fill(t->m_embed, 8 * D, seed + 5);
-        fill(t->v_embed, 8 * D, seed + 6);
-        fill(t->m_norm, D, seed + 7);
-        fill(t->v_norm, D, seed + 8);
-        fill(&t->m_fc[0][0][0], sizeof t->m_fc / 4, seed + 9);
-        fill(&t->v_fc[0][0][0], sizeof t->v_fc / 4, seed + 10);
+        fill_seeded(t->embed, 8 * D, seed + 1);
+        fill_seeded(t->norm, D, seed + 2);
+        fill_seeded(&t->fc[0][0][0], sizeof t->fc / 4, seed + 3);
+        fill_seeded(&t->proj[0][0][0], sizeof t->proj / 4, seed + 4);
+        fill_seeded(t->m_embed, 8 * D, seed + 5);
+        fill_seeded(t->v_embed, 8 * D, seed + 6);
+        fill_seeded(t->m_norm, D, seed + 7);
+        fill_seeded(t->v_norm, D, seed + 8);
+        fill_seeded(&t->m_fc[0][0][0], sizeof t->m_fc / 4, seed + 9);
+        fill_seeded(&t->v_fc[0][0][0], sizeof t->v_fc / 4, seed + 10);
     }
     t->dense[0] = (sy_tensor_ref){"embed.weight", 2, {8, D}, t->embed};
     t->dense[1] = (sy_tensor_ref){"norm.weight", 1, {D}, t->norm};
@@ -400,8 +400,8 @@ typedef struct {
 } pv_data;
 
 static size_t make_parts(pv_data *d, sy_store_part *parts, unsigned char **want, uint32_t seed) {
-    fill(d->big1, sizeof d->big1 / 4, seed);
-    fill(d->big2, sizeof d->big2 / 4, seed + 1);
+    fill_seeded(d->big1, sizeof d->big1 / 4, seed);
+    fill_seeded(d->big2, sizeof d->big2 / 4, seed + 1);
     for (int i = 0; i < 3; i++) d->head[i] = (unsigned char)(seed + (uint32_t)i);
     for (int i = 0; i < PV_TINY; i++)
         for (int k = 0; k < 5; k++) d->tiny[i][k] = (unsigned char)(seed * 31u + (uint32_t)(i * 5 + k));
@@ -533,7 +533,7 @@ static void write_part_checks(sy_store_t *s, const char *run) {
     toy *t = malloc(sizeof *t);
     toy_init(t, 5);
     static float big[(1 << 20) + 3], scalar = 2.5f, none[1];
-    fill(big, sizeof big / 4, 77);
+    fill_seeded(big, sizeof big / 4, 77);
     sy_tensor_ref extra_t[4] = {{"big", 2, {(1 << 20) + 3, 1}, big},
                                 {"empty", 2, {0, 7}, none},
                                 {"scalar", 0, {0}, &scalar},

@@ -28,7 +28,7 @@
 #include "storage/store.h"
 
 #define SY_TESTDIR_PREFIX "/tmp/sy-ckpt-async-"
-#include "sy_testdir.h"
+#include "sy_test.h"
 
 /* ---------------------------------------------------------------- a controllable store */
 
@@ -130,7 +130,7 @@ typedef struct {
     sy_adamw_t *opt;
 } small_model;
 
-static void fill(float *x, size_t n, uint64_t seed) {
+static void fill_seeded(float *x, size_t n, uint64_t seed) {
     uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
     for (size_t i = 0; i < n; i++) {
         s ^= s << 13, s ^= s >> 7, s ^= s << 17;
@@ -151,9 +151,9 @@ static void small_new(small_model *sm, uint64_t seed) {
     assert_int_equal(sy_model_new(&d, sm->be, &sm->m), SY_OK);
     assert_int_equal(sy_adamw_new(sm->m, &sm->cfg, &sm->opt), SY_OK);
     size_t n = sy_model_numel(sm->m);
-    fill(sy_model_params(sm->m), n, seed);
-    fill(sy_adamw_m(sm->opt), n, seed + 1);
-    fill(sy_adamw_v(sm->opt), n, seed + 2);
+    fill_seeded(sy_model_params(sm->m), n, seed);
+    fill_seeded(sy_adamw_m(sm->opt), n, seed + 1);
+    fill_seeded(sy_adamw_v(sm->opt), n, seed + 2);
     sy_adamw_set_t_count(sm->opt, (int64_t)(seed % 1000) + 3);
 }
 
@@ -272,9 +272,9 @@ static void test_snapshot_semantics(void **state) {
     assert_int_equal(sy_ckpt_saver_snapshot(sv, &sstep, &sp, NULL, NULL, NULL), SY_ENOTFOUND);
     assert_int_equal(sy_ckpt_saver_submit(sv, 3, sm.m, sm.opt, NULL, NULL), SY_OK);
     /* training goes on: the live state changes while the upload runs */
-    fill(sy_model_params(sm.m), want.n, 77);
-    fill(sy_adamw_m(sm.opt), want.n, 78);
-    fill(sy_adamw_v(sm.opt), want.n, 79);
+    fill_seeded(sy_model_params(sm.m), want.n, 77);
+    fill_seeded(sy_adamw_m(sm.opt), want.n, 78);
+    fill_seeded(sy_adamw_v(sm.opt), want.n, 79);
     sy_adamw_set_t_count(sm.opt, 12345);
     const float *sm_, *sv_;
     int64_t st_t;
@@ -419,7 +419,7 @@ static void test_retention(void **state) {
     assert_int_equal(sy_ckpt_saver_new(st, "run", 2, SY_ONBUSY_WAIT, &sv), SY_OK);
     state_copy last = {0};
     for (int64_t step = 10; step <= 50; step += 10) {
-        fill(sy_model_params(sm.m), sy_model_numel(sm.m), (uint64_t)step);
+        fill_seeded(sy_model_params(sm.m), sy_model_numel(sm.m), (uint64_t)step);
         if (step == 50) last = copy_state(&sm);
         assert_int_equal(sy_ckpt_saver_submit(sv, step, sm.m, sm.opt, NULL, NULL), SY_OK);
     }

@@ -21,7 +21,7 @@
 #include "storage/store.h"
 
 #define SY_TESTDIR_PREFIX "/tmp/sy-ckptrun-test-"
-#include "sy_testdir.h"
+#include "sy_test.h"
 
 #define RUN "r"
 

@@ -24,7 +24,7 @@
 #define RUN "crun"
 
 #define SY_TESTDIR_PREFIX "/tmp/sy-committer-test-"
-#include "sy_testdir.h"
+#include "sy_test.h"
 
 static sy_store_t *open_store(const char *sub) {
     char url[300];

@@ -15,25 +15,13 @@
 
 #include "base/config.h"
 
-static char g_tmpdir[256];
-
-static int group_setup(void **state) {
-    (void)state;
-    snprintf(g_tmpdir, sizeof g_tmpdir, "/tmp/sy_test_config_XXXXXX");
-    return mkdtemp(g_tmpdir) ? 0 : -1;
-}
-
-static int group_teardown(void **state) {
-    (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
-}
+#define SY_TESTDIR_PREFIX "/tmp/sy_test_config_"
+#include "sy_test.h" /* setup_dir / teardown_dir around the group; tmpdir */
 
 /* Writes text to <tmpdir>/<name> and returns the path (static buffer). */
 static const char *write_yaml(const char *name, const char *text) {
     static char path[512];
-    snprintf(path, sizeof path, "%s/%s", g_tmpdir, name);
+    snprintf(path, sizeof path, "%s/%s", tmpdir, name);
     FILE *fp = fopen(path, "w");
     assert_non_null(fp);
     assert_int_equal(fputs(text, fp) >= 0, 1);
@@ -332,7 +320,7 @@ static void test_load_missing_file(void **state) {
     sy_config_t c;
     assert_int_equal(sy_config_defaults(&c), SY_OK);
     char path[512];
-    snprintf(path, sizeof path, "%s/no-such.yaml", g_tmpdir);
+    snprintf(path, sizeof path, "%s/no-such.yaml", tmpdir);
     assert_int_equal(sy_config_load(&c, path), SY_ENOTFOUND);
     assert_msg_has("no-such.yaml");
     expect_tiny_values(&c);
@@ -748,5 +736,5 @@ int main(void) {
         cmocka_unit_test(test_copy_free),
         cmocka_unit_test(test_doc_markdown),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
 }

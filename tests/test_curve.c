@@ -15,24 +15,12 @@
 
 #include "proto/curve.h"
 
-static char g_tmpdir[256];
-
-static int group_setup(void **state) {
-    (void)state;
-    snprintf(g_tmpdir, sizeof g_tmpdir, "/tmp/sy_test_curve_XXXXXX");
-    return mkdtemp(g_tmpdir) ? 0 : -1;
-}
-
-static int group_teardown(void **state) {
-    (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
-}
+#define SY_TESTDIR_PREFIX "/tmp/sy_test_curve_"
+#include "sy_test.h" /* setup_dir / teardown_dir around the group; tmpdir */
 
 static const char *tmp_path(const char *name) {
     static char path[512];
-    snprintf(path, sizeof path, "%s/%s", g_tmpdir, name);
+    snprintf(path, sizeof path, "%s/%s", tmpdir, name);
     return path;
 }
 
@@ -251,5 +239,5 @@ int main(void) {
         cmocka_unit_test(test_authorized_keys),
         cmocka_unit_test(test_z85_ok),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
 }

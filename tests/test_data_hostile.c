@@ -22,7 +22,7 @@
 #include "base/safetensors.h"
 
 #define SY_TESTDIR_PREFIX "/tmp/sy-data-hostile-"
-#include "sy_testdir.h"
+#include "sy_test.h"
 
 #define T 16
 #define NTOK 4096

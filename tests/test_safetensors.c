@@ -289,7 +289,7 @@ static void test_roundtrip_bf16(void **state) {
 }
 
 #define SY_TESTDIR_PREFIX "/tmp/sy-st-test-"
-#include "sy_testdir.h"
+#include "sy_test.h"
 
 static void test_write_read_file(void **state) {
     (void)state;

@@ -5,7 +5,6 @@ kill, and watches the run through RUN.state_dir/events.jsonl, metrics.jsonl and 
 
 Every process a Cluster starts is SIGKILLed (after SIGCONT) by Cluster.close(); use it in a
 `finally` block or as a context manager."""
-import ctypes
 import json
 import os
 import random
@@ -16,32 +15,10 @@ import time
 import urllib.error
 import urllib.request
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-COORD = os.path.join(BUILD, "switchyard-coordinator")
-WORKER = os.path.join(BUILD, "switchyard-worker")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
+import sytest
+from sytest import SY, COORD, WORKER, CFG
+
 TOL = 0.0  # exact: the CPU math is thread- and W-invariant bit for bit (docs/architecture.md)
-
-
-def _die_with_parent():
-    """preexec_fn: SIGKILL this child when the test process dies (e.g. killed by a ctest time-out)."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-class Checker:
-    def __init__(self):
-        self.failures = []
-
-    def __call__(self, cond, msg):
-        print(("ok: " if cond else "FAIL: ") + msg, flush=True)
-        if not cond:
-            self.failures.append(msg)
-        return cond
 
 
 def free_port():
@@ -61,8 +38,8 @@ def prepare_data(tmp):
     with open(f"{tmp}/text/c.txt", "w") as f:
         for _ in range(6000):
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 14))) + ".\n")
-    r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
-                       capture_output=True, text=True, timeout=120)
+    r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
+                   capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise RuntimeError("data prepare failed: " + r.stderr[-1000:])
 
@@ -115,7 +92,7 @@ def reference(tmp, steps, every):
     """One `switchyard train` process over the same data and seed: step → loss."""
     s = settings(tmp, "reference", steps, every)
     t = time.time()
-    r = subprocess.run([SY, "train", CFG, "--quiet"] + set_args(s), capture_output=True, text=True, timeout=600)
+    r = sytest.run([SY, "train", CFG, "--quiet"] + set_args(s), capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError("reference run failed: " + r.stderr[-2000:])
     ref = read_metrics(f"{tmp}/state-reference/metrics.jsonl")
@@ -165,7 +142,7 @@ class Cluster:
                                                     "--status-addr", "127.0.0.1:0"]
             if expect:
                 cmd += ["--expect-workers", str(expect)]
-            p = subprocess.Popen(cmd, stdout=outf, stderr=log, env=self.env, preexec_fn=_die_with_parent)
+            p = sytest.Popen(cmd, stdout=outf, stderr=log, env=self.env)
             self.all_procs.append(p)
             deadline = time.time() + timeout
             while time.time() < deadline and p.poll() is None:
@@ -190,9 +167,8 @@ class Cluster:
         self.files.append(log)
         e = dict(self.env)
         e.update(env or {})
-        p = subprocess.Popen([WORKER, "--coordinator", f"tcp://127.0.0.1:{self.port}", "--id", wid,
-                              "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=e,
-                             preexec_fn=_die_with_parent)
+        p = sytest.Popen([WORKER, "--coordinator", f"tcp://127.0.0.1:{self.port}", "--id", wid,
+                          "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=e)
         self.workers[wid] = p
         self.all_procs.append(p)
         return p

@@ -16,6 +16,8 @@ import subprocess
 import time
 import urllib.request
 
+import sytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -26,8 +28,8 @@ def find_moto():
         if c and os.path.exists(c):
             return [c]
     for py in ["/root/.pyenv/shims/python3", shutil.which("python3")]:
-        if py and os.path.exists(py) and subprocess.run([py, "-c", "import moto.server"],
-                                                        capture_output=True).returncode == 0:
+        if py and os.path.exists(py) and sytest.run([py, "-c", "import moto.server"],
+                                                    capture_output=True).returncode == 0:
             return [py, "-m", "moto.server"]
     return None
 
@@ -63,8 +65,8 @@ class Moto:
         for _ in range(10):
             port = free_port()
             out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-            self.proc = subprocess.Popen(self.cmd + ["-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = sytest.Popen(self.cmd + ["-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
             self.port = port
             self.endpoint = "http://127.0.0.1:%d" % port
             deadline = time.time() + 30
@@ -118,7 +120,7 @@ class Moto:
         cmd = ["curl", "-sS", "-X", method, "--aws-sigv4", "aws:amz:us-east-1:s3",
                "--user", "%s:%s" % (self.key_id, self.secret), "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
                "-w", "\n%{http_code}", *extra, (endpoint or self.endpoint) + path]
-        r = subprocess.run(cmd, capture_output=True, timeout=600)
+        r = sytest.run(cmd, capture_output=True, timeout=600)
         body, _, code = r.stdout.rpartition(b"\n")
         if check and (r.returncode != 0 or not code.startswith(b"2")):
             raise RuntimeError("curl %s %s: rc %d, HTTP %s: %s %s" % (method, path, r.returncode, code,

@@ -23,24 +23,15 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
+import sytest
+from sytest import SY, CFG, check, failures, jsonl, metrics
+
 STEPS = 40
 FAILURE_TIMEOUT_S = 3.0  # cluster.failure_timeout_ms default
-failures = []
-
-
-def check(cond, msg):
-    print(("ok: " if cond else "FAIL: ") + msg, flush=True)
-    if not cond:
-        failures.append(msg)
 
 
 def sets(tmp, name, extra=()):
@@ -52,24 +43,6 @@ def sets(tmp, name, extra=()):
     for k, v in s.items():
         out += ["--set", f"{k}={v}"]
     return out
-
-
-def jsonl(path):
-    out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    out.append(json.loads(line))
-    return out
-
-
-def metrics(tmp, name):
-    by_step = {}
-    for m in jsonl(f"{tmp}/state-{name}/metrics.jsonl"):
-        by_step[m["step"]] = m  # the last line of a step wins
-    return by_step
 
 
 def events(tmp, name):
@@ -89,8 +62,8 @@ def dump_logs(tmp, name):
 
 def run_chaos(tmp, name, spec, workers=3, extra=(), timeout=300, expect_ok=True):
     t = time.time()
-    r = subprocess.run([SY, "run", CFG, "--workers", str(workers), "--quiet", "--chaos", spec, "--chaos-seed", "7"]
-                       + sets(tmp, name, extra), capture_output=True, text=True, timeout=timeout)
+    r = sytest.run([SY, "run", CFG, "--workers", str(workers), "--quiet", "--chaos", spec, "--chaos-seed", "7"]
+                   + sets(tmp, name, extra), capture_output=True, text=True, timeout=timeout)
     print(f"   run --chaos {spec}: {time.time() - t:.1f} s, exit {r.returncode}", flush=True)
     if (r.returncode != 0) == expect_ok:
         print(r.stderr[-3000:])
@@ -131,7 +104,7 @@ def wait_for(pred, timeout):
 
 
 def ours_left(tmp):
-    out = subprocess.run(["pgrep", "-f", "switchyard-(worker|coordinator)"], capture_output=True, text=True).stdout
+    out = sytest.run(["pgrep", "-f", "switchyard-(worker|coordinator)"], capture_output=True, text=True).stdout
     left = []
     for pid in out.split():
         try:
@@ -145,9 +118,9 @@ def ours_left(tmp):
 
 def test_kill_worker(tmp, ref):
     name, token = "kill", "chaos-test-token"
-    p = subprocess.Popen([SY, "run", CFG, "--workers", "3", "--quiet", "--chaos", "kill-worker@step=12",
-                          "--chaos-seed", "7"] + sets(tmp, name, {"status.token": token}),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = sytest.Popen([SY, "run", CFG, "--workers", "3", "--quiet", "--chaos", "kill-worker@step=12",
+                      "--chaos-seed", "7"] + sets(tmp, name, {"status.token": token}),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     # the endpoint's refusals, while the run is young
     ev = wait_for(lambda: [e for e in events(tmp, name) if e["event"] == "coordinator_started"], 30)
@@ -244,8 +217,8 @@ STOP_STEPS = 150  # long enough that the run is still going when the stopped wor
 def test_stop_worker(tmp, ref):
     name = "stop"
     # its own fault-free reference: the schedule depends on run.steps
-    rr = subprocess.run([SY, "train", CFG, "--quiet"] + sets(tmp, "stop-ref", {"run.steps": str(STOP_STEPS), "train.threads": "2"}),
-                        capture_output=True, text=True, timeout=600)
+    rr = sytest.run([SY, "train", CFG, "--quiet"] + sets(tmp, "stop-ref", {"run.steps": str(STOP_STEPS), "train.threads": "2"}),
+                    capture_output=True, text=True, timeout=600)
     check(rr.returncode == 0, f"(c) fault-free reference of {STOP_STEPS} steps")
     ref = metrics(tmp, "stop-ref")
     r = run_chaos(tmp, name, "stop-worker@step=10,cont-after=6s", extra={"run.steps": str(STOP_STEPS)})
@@ -304,17 +277,17 @@ def test_bad_specs(tmp):
     for spec in ["explode@step=3", "kill-worker@step=0", "kill-worker", "kill-worker@every=0s",
                  "stop-worker@step=3,cont-after=soon", "kill-workers=0@step=3", "respawn=maybe",
                  "kill-worker@when=3", ""]:
-        r = subprocess.run([SY, "run", CFG, "--workers", "2", "--chaos", spec] + sets(tmp, "bad"),
-                           capture_output=True, text=True, timeout=30)
+        r = sytest.run([SY, "run", CFG, "--workers", "2", "--chaos", spec] + sets(tmp, "bad"),
+                       capture_output=True, text=True, timeout=30)
         check(r.returncode == 2 and "--chaos" in r.stderr,
               f"(e) --chaos '{spec}' refused with exit 2 ({r.returncode}: {r.stderr.strip()[:120]})")
-    r = subprocess.run([SY, "run", "--help"], capture_output=True, text=True)
+    r = sytest.run([SY, "run", "--help"], capture_output=True, text=True)
     check(r.returncode == 0 and "kill-coordinator" in r.stdout and "cont-after" in r.stdout,
           "(e) run --help documents the chaos grammar")
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-chaos-")
+    tmp = sytest.make_tmp("sy-chaos-")
     t_all = time.time()
     rnd = random.Random(11)
     os.makedirs(f"{tmp}/text")
@@ -323,13 +296,13 @@ def main():
     with open(f"{tmp}/text/c.txt", "w") as f:
         for _ in range(6000):
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 14))) + ".\n")
-    r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
-                       capture_output=True, text=True)
+    r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
+                   capture_output=True, text=True)
     check(r.returncode == 0, "data prepared")
 
     test_bad_specs(tmp)
 
-    r = subprocess.run([SY, "train", CFG, "--quiet"] + sets(tmp, "ref"), capture_output=True, text=True, timeout=600)
+    r = sytest.run([SY, "train", CFG, "--quiet"] + sets(tmp, "ref"), capture_output=True, text=True, timeout=600)
     check(r.returncode == 0, f"fault-free reference run ({r.stderr[-300:]})")
     ref = metrics(tmp, "ref")
     check(sorted(ref) == list(range(1, STEPS + 1)), f"reference has {STEPS} steps")

@@ -17,33 +17,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
+import sytest
+from sytest import SRC, SY, CFG, check, failures, metric_lines
 sys.path.insert(0, os.path.join(SRC, "tests", "reference"))
 import safetensors_io  # noqa: E402
 
-failures = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg)
-    else:
-        print("ok:", msg)
 
 
 def run(args, env=None, **kw):
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([SY] + args, capture_output=True, text=True, timeout=600, env=e, **kw)
+    return sytest.run([SY] + args, capture_output=True, text=True, timeout=600, env=e, **kw)
 
 
 def make_data(tmp):
@@ -67,11 +55,6 @@ def small(tmp, name, store, steps=10, every=5, extra=()):
             "--set", "train.micro_batch_seqs=4", "--set", f"run.steps={steps}",
             "--set", "train.warmup_steps=5", "--set", f"checkpoint.every={every}",
             "--set", "checkpoint.async=true", "--set", "checkpoint.keep_last=3", "--quiet"] + list(extra)
-
-
-def metrics(tmp, name):
-    with open(f"{tmp}/state-{name}/metrics.jsonl") as f:
-        return [json.loads(l) for l in f]
 
 
 def ls_steps(store_run, env=None):
@@ -118,8 +101,8 @@ def kill_resume_check(store_url, tmp, name, env=None, delay_ms=60, every=5, step
     slow = dict(os.environ)
     slow.update(env)
     slow["SY_CKPT_TEST_DELAY_MS"] = str(delay_ms)
-    p = subprocess.Popen([SY, "train", CFG] + small(tmp, killed, store_url, steps=steps, every=every),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=slow)
+    p = sytest.Popen([SY, "train", CFG] + small(tmp, killed, store_url, steps=steps, every=every),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=slow)
     target = None
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
@@ -145,7 +128,7 @@ def kill_resume_check(store_url, tmp, name, env=None, delay_ms=60, every=5, step
     r = run(["train", CFG] + small(tmp, killed, store_url, steps=steps, every=every) + ["--resume"], env=env)
     check(r.returncode == 0 and f"resumed from checkpoint step {target[0]}" in r.stderr,
           f"[{store_url}] resume starts from the last committed step {target[0]} ({r.stderr[-400:]})")
-    a, b = metrics(tmp, straight), metrics(tmp, killed)
+    a, b = metric_lines(tmp, straight), metric_lines(tmp, killed)
     check([m["step"] for m in b] == list(range(1, steps + 1)), f"[{store_url}] resumed run logged every step once")
     same = len(a) == len(b) and all(x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"]
                                     for x, y in zip(a, b))
@@ -155,7 +138,7 @@ def kill_resume_check(store_url, tmp, name, env=None, delay_ms=60, every=5, step
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-ckptcli-")
+    tmp = sytest.make_tmp("sy-ckptcli-")
     make_data(tmp)
     store = f"{tmp}/store"
     sr = f"{store}/run"
@@ -163,7 +146,7 @@ def main():
     # --- an async run: 10 steps, checkpoints at 5 and 10 ------------------------------------
     r = run(["train", CFG] + small(tmp, "run", store))
     check(r.returncode == 0, f"async training run succeeds ({r.stderr[-300:]})")
-    m = metrics(tmp, "run")
+    m = metric_lines(tmp, "run")
     check([x["step"] for x in m] == list(range(1, 11)), "10 metric lines")
     check(all("ckpt_stall_ms" in x for x in m), "every metrics line has ckpt_stall_ms")
     check(m[4]["ckpt_stall_ms"] > 0 and m[9]["ckpt_stall_ms"] > 0 and m[2]["ckpt_stall_ms"] == 0,
@@ -289,7 +272,7 @@ def main():
     # --- SIGKILL during an async upload (file store) --------------------------------------------
     kill_resume_check(f"{tmp}/kstore", tmp, "k")
 
-    shutil.rmtree(tmp, ignore_errors=True)
+    sytest.remove_tmp(tmp)
     print(f"{len(failures)} failed")
     return 1 if failures else 0
 

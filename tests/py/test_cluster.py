@@ -12,20 +12,10 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
-failures = []
-
-
-def check(cond, msg):
-    print(("ok: " if cond else "FAIL: ") + msg, flush=True)
-    if not cond:
-        failures.append(msg)
+import sytest
+from sytest import SY, CFG, check, failures, metrics
 
 
 def sets(tmp, name, steps=30, extra=()):
@@ -39,19 +29,10 @@ def sets(tmp, name, steps=30, extra=()):
     return out
 
 
-def metrics(tmp, name):
-    by_step = {}
-    with open(f"{tmp}/state-{name}/metrics.jsonl") as f:
-        for line in f:
-            m = json.loads(line)
-            by_step[m["step"]] = m  # the last line of a step wins (re-runs after a restore)
-    return by_step
-
-
 def run_cluster(tmp, name, workers, steps=30, extra=(), timeout=600, resume=False):
     t = time.time()
-    r = subprocess.run([SY, "run", CFG, "--workers", str(workers), "--quiet"] + (["--resume"] if resume else []) + sets(tmp, name, steps, extra),
-                       capture_output=True, text=True, timeout=timeout)
+    r = sytest.run([SY, "run", CFG, "--workers", str(workers), "--quiet"] + (["--resume"] if resume else []) + sets(tmp, name, steps, extra),
+                   capture_output=True, text=True, timeout=timeout)
     print(f"   run --workers {workers}: {time.time() - t:.1f} s, exit {r.returncode}", flush=True)
     if r.returncode != 0:
         print(r.stderr[-3000:])
@@ -62,7 +43,7 @@ def run_cluster(tmp, name, workers, steps=30, extra=(), timeout=600, resume=Fals
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-cluster-")
+    tmp = sytest.make_tmp("sy-cluster-")
     rnd = random.Random(11)
     os.makedirs(f"{tmp}/text")
     words = ["mixture", "of", "experts", "routes", "each", "token", "to", "one", "feed", "forward",
@@ -70,13 +51,13 @@ def main():
     with open(f"{tmp}/text/c.txt", "w") as f:
         for _ in range(6000):
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 14))) + ".\n")
-    r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
-                       capture_output=True, text=True)
+    r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
+                   capture_output=True, text=True)
     check(r.returncode == 0, "data prepared")
 
     # reference: one process
-    r = subprocess.run([SY, "train", CFG, "--quiet"] + sets(tmp, "single", extra={"train.threads": "2"}),
-                       capture_output=True, text=True, timeout=600)
+    r = sytest.run([SY, "train", CFG, "--quiet"] + sets(tmp, "single", extra={"train.threads": "2"}),
+                   capture_output=True, text=True, timeout=600)
     check(r.returncode == 0, f"single-process run ({r.stderr[-300:]})")
     ref = metrics(tmp, "single")
     check(sorted(ref) == list(range(1, 31)), "single-process run has 30 steps")
@@ -109,8 +90,8 @@ def main():
         check(worst == 0.0, f"steps 21..30 after the change of world size equal the single process exactly (worst {worst:.2e})")
 
     # Ctrl-C: the launcher stops the coordinator and workers and exits non-zero
-    p = subprocess.Popen([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "interrupt", steps=100000),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = sytest.Popen([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "interrupt", steps=100000),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(6)
     p.send_signal(signal.SIGINT)
     try:
@@ -119,9 +100,9 @@ def main():
     except subprocess.TimeoutExpired:
         p.kill()
         check(False, "Ctrl-C: the launcher stopped within 30 s")
-    left = subprocess.run(["pgrep", "-f", f"{tmp}/state-interrupt"], capture_output=True, text=True).stdout.split()
+    left = sytest.run(["pgrep", "-f", f"{tmp}/state-interrupt"], capture_output=True, text=True).stdout.split()
     time.sleep(1)
-    left = [x for x in subprocess.run(["pgrep", "-f", "switchyard-(worker|coordinator)"], capture_output=True, text=True).stdout.split()]
+    left = [x for x in sytest.run(["pgrep", "-f", "switchyard-(worker|coordinator)"], capture_output=True, text=True).stdout.split()]
     # only processes of this test would match the interrupt run's ports; check none of ours survive
     ours = []
     for pid in left:
@@ -133,13 +114,13 @@ def main():
             pass
     check(not ours, f"Ctrl-C: no coordinator or worker left running ({ours})")
 
-    r = subprocess.run([SY, "run", CFG, "--workers", "2", "--set", f"data.train={tmp}/nowhere/train_*.bin"],
-                       capture_output=True, text=True, timeout=60)
+    r = sytest.run([SY, "run", CFG, "--workers", "2", "--set", f"data.train={tmp}/nowhere/train_*.bin"],
+                   capture_output=True, text=True, timeout=60)
     check(r.returncode == 1 and "data.train" in r.stderr and "nowhere" in r.stderr,
           f"missing data refused before any process starts ({r.stderr.strip()[-160:]})")
-    r = subprocess.run([SY, "run", CFG, "--workers", "0"], capture_output=True, text=True)
+    r = sytest.run([SY, "run", CFG, "--workers", "0"], capture_output=True, text=True)
     check(r.returncode == 2 and "--workers" in r.stderr, "--workers 0 refused")
-    r = subprocess.run([SY, "run", "--help"], capture_output=True, text=True)
+    r = sytest.run([SY, "run", "--help"], capture_output=True, text=True)
     check(r.returncode == 0 and "usage" in r.stdout, "run --help")
 
     print(f"{len(failures)} failed")

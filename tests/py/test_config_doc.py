@@ -8,8 +8,9 @@ meaning changes, regenerate the page:
 """
 import difflib
 import os
-import subprocess
 import sys
+
+import sytest
 
 
 def main():
@@ -19,7 +20,7 @@ def main():
     page = os.path.join(src, "docs", "configuration.md")
     regen = f"{tool} > {page}"
 
-    out = subprocess.run([tool], capture_output=True, timeout=60)
+    out = sytest.run([tool], capture_output=True, timeout=60)
     if out.returncode != 0:
         print(f"FAIL: {tool} exited {out.returncode}: {out.stderr.decode(errors='replace')}")
         return 1

@@ -19,28 +19,19 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-BUILD = os.environ.get("SY_BUILD", "build")
-COORD = os.path.join(BUILD, "switchyard-coordinator")
-FAKE = os.path.join(BUILD, "tests", "sy_fakeworker")
-STATUSCLI = os.path.join(BUILD, "tests", "sy_statuscli")
+import sytest
+from sytest import COORD, check, failures
+
+FAKE = sytest.tool("sy_fakeworker")
+STATUSCLI = sytest.tool("sy_statuscli")
 TOKEN = "s3cret-token"
-failures = []
 procs = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg)
-    else:
-        print("ok:", msg)
 
 
 def write_cfg(tmp, name, **over):
@@ -61,8 +52,8 @@ def write_cfg(tmp, name, **over):
 
 
 def start_coord(cfg, *extra, env=None):
-    p = subprocess.Popen([COORD, cfg, "--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0"] + list(extra),
-                         stdout=subprocess.PIPE, stderr=open(cfg + ".log", "w"), text=True, env=env)
+    p = sytest.Popen([COORD, cfg, "--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0"] + list(extra),
+                     stdout=subprocess.PIPE, stderr=open(cfg + ".log", "w"), text=True, env=env)
     procs.append(p)
     r, _, _ = select.select([p.stdout], [], [], 10)
     line = p.stdout.readline() if r else ""
@@ -71,8 +62,8 @@ def start_coord(cfg, *extra, env=None):
 
 
 def fake(ep, run, wid, *args, out=None):
-    p = subprocess.Popen([FAKE, "--coordinator", ep, "--run", run, "--id", wid] + list(args),
-                         stdout=out or subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    p = sytest.Popen([FAKE, "--coordinator", ep, "--run", run, "--id", wid] + list(args),
+                     stdout=out or subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     procs.append(p)
     return p
 
@@ -174,10 +165,10 @@ def test_run_and_hostile(tmp):
     check(http("POST", base + "/v1/workers/nobody/drain", token=TOKEN)[0] == 404, "drain of an unknown worker: 404")
     c, b, _ = http("POST", base + "/v1/checkpoint", token=TOKEN)
     check(c == 202, f"POST /v1/checkpoint with the token: 202 ({c} {b.strip()})")
-    r = subprocess.run([STATUSCLI, "--url", base], capture_output=True, text=True, timeout=10)
+    r = sytest.run([STATUSCLI, "--url", base], capture_output=True, text=True, timeout=10)
     check(r.returncode == 0 and f"run {run}:" in r.stdout and "w0" in r.stdout and "w1" in r.stdout and "RANK" in r.stdout,
           f"`switchyard status` prints the run and the worker table ({r.stdout[:120]!r} {r.stderr[:200]})")
-    r = subprocess.run([STATUSCLI, "--url", base, "--json"], capture_output=True, text=True, timeout=10)
+    r = sytest.run([STATUSCLI, "--url", base, "--json"], capture_output=True, text=True, timeout=10)
     check(r.returncode == 0 and json.loads(r.stdout)["run"] == run, "`switchyard status --json` prints the JSON")
 
     try:
@@ -331,9 +322,9 @@ def test_stop_and_refusals(tmp):
     coord.send_signal(signal.SIGTERM)
     coord.wait(timeout=10)
 
-    r = subprocess.run([COORD, cfg, "--set", "cluster.min_workers=0"], capture_output=True, text=True, timeout=10)
+    r = sytest.run([COORD, cfg, "--set", "cluster.min_workers=0"], capture_output=True, text=True, timeout=10)
     check(r.returncode == 2 and "cluster.min_workers" in r.stderr, f"a bad config is refused naming the field ({r.stderr.strip()})")
-    r = subprocess.run([COORD, "--help"], capture_output=True, text=True, timeout=10)
+    r = sytest.run([COORD, "--help"], capture_output=True, text=True, timeout=10)
     check(r.returncode == 0 and "--status-addr" in r.stdout, "--help")
 
 
@@ -381,7 +372,7 @@ def test_drain_and_grow(tmp):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-coord-")
+    tmp = sytest.make_tmp("sy-coord-")
     t0 = time.time()
     try:
         test_run_and_hostile(tmp)

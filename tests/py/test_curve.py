@@ -18,25 +18,14 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-WORKER = os.path.join(BUILD, "switchyard-worker")
-COORD = os.path.join(BUILD, "switchyard-coordinator")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
+import sytest
+from sytest import SY, COORD, WORKER, CFG, check, failures, metrics
+
 STEPS = 24
 REFUSE_BOUND_S = 15  # a refused worker must exit within this
-failures = []
-
-
-def check(cond, msg):
-    print(("ok: " if cond else "FAIL: ") + msg, flush=True)
-    if not cond:
-        failures.append(msg)
 
 
 def sets(tmp, name, extra=()):
@@ -50,11 +39,6 @@ def sets(tmp, name, extra=()):
     for k, v in s.items():
         out += ["--set", f"{k}={v}"]
     return out
-
-
-def metrics(tmp, name):
-    with open(f"{tmp}/state-{name}/metrics.jsonl") as f:
-        return {m["step"]: m for m in map(json.loads, f)}
 
 
 def dump_logs(tmp, name):
@@ -73,7 +57,7 @@ def read(path):
 
 
 def keygen(path):
-    return subprocess.run([SY, "keygen", path], capture_output=True, text=True, timeout=30)
+    return sytest.run([SY, "keygen", path], capture_output=True, text=True, timeout=30)
 
 
 def pubkey(path):
@@ -115,7 +99,7 @@ def zmtp_probe(endpoint):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-curve-")
+    tmp = sytest.make_tmp("sy-curve-")
     t_start = time.time()
     rnd = random.Random(7)
     os.makedirs(f"{tmp}/text")
@@ -123,8 +107,8 @@ def main():
     with open(f"{tmp}/text/c.txt", "w") as f:
         for _ in range(3000):
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 12))) + ".\n")
-    r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
-                       capture_output=True, text=True, timeout=120)
+    r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
+                   capture_output=True, text=True, timeout=120)
     check(r.returncode == 0, "data prepared")
 
     # --- keygen ----------------------------------------------------------------------------
@@ -149,25 +133,25 @@ def main():
              "cluster.curve_authorized_keys": f"{keys}/authorized"}
 
     # --- the launcher refuses bad key setups before starting anything -------------------
-    r = subprocess.run([SY, "run", CFG, "--workers", "2", "--quiet"] +
-                       sets(tmp, "badkey", {**curve, "cluster.curve_worker_key": f"{keys}/rogue.key"}),
-                       capture_output=True, text=True, timeout=60)
+    r = sytest.run([SY, "run", CFG, "--workers", "2", "--quiet"] +
+                   sets(tmp, "badkey", {**curve, "cluster.curve_worker_key": f"{keys}/rogue.key"}),
+                   capture_output=True, text=True, timeout=60)
     check(r.returncode != 0 and "cluster.curve_worker_key" in r.stderr and "not listed" in r.stderr,
           f"run: a worker key not in the authorized list is refused up front ({r.stderr.strip()[-200:]})")
-    r = subprocess.run([SY, "run", CFG, "--workers", "2", "--quiet"] +
-                       sets(tmp, "nopub", {**curve, "cluster.curve_server_public": ""}),
-                       capture_output=True, text=True, timeout=60)
+    r = sytest.run([SY, "run", CFG, "--workers", "2", "--quiet"] +
+                   sets(tmp, "nopub", {**curve, "cluster.curve_server_public": ""}),
+                   capture_output=True, text=True, timeout=60)
     check(r.returncode != 0 and "cluster.curve_server_public" in r.stderr,
           f"run: CURVE without cluster.curve_server_public is refused ({r.stderr.strip()[-200:]})")
-    r = subprocess.run([SY, "config", "show", CFG, "--set", f"cluster.curve_server_key={keys}/coord.key"],
-                       capture_output=True, text=True, timeout=60)
+    r = sytest.run([SY, "config", "show", CFG, "--set", f"cluster.curve_server_key={keys}/coord.key"],
+                   capture_output=True, text=True, timeout=60)
     check(r.returncode != 0 and "cluster.curve_authorized_keys" in r.stderr,
           f"config: a server key without authorized keys is refused ({r.stderr.strip()[-200:]})")
 
     # --- 1. reference run without CURVE -------------------------------------------------------
     t = time.time()
-    r = subprocess.run([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "plain"),
-                       capture_output=True, text=True, timeout=300)
+    r = sytest.run([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "plain"),
+                   capture_output=True, text=True, timeout=300)
     print(f"   plaintext run: {time.time() - t:.1f} s", flush=True)
     check(r.returncode == 0, "plaintext run completes")
     if r.returncode != 0:
@@ -176,8 +160,8 @@ def main():
 
     # --- 1. the same run with CURVE: `switchyard run` hands the keys to its workers --------
     t = time.time()
-    r = subprocess.run([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "curve", curve),
-                       capture_output=True, text=True, timeout=300)
+    r = sytest.run([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "curve", curve),
+                   capture_output=True, text=True, timeout=300)
     print(f"   CURVE run: {time.time() - t:.1f} s", flush=True)
     check(r.returncode == 0, f"CURVE run completes (exit {r.returncode})")
     clog = read(f"{tmp}/state-curve/logs/coordinator.log")
@@ -199,9 +183,9 @@ def main():
     name = "knock"
     os.makedirs(f"{tmp}/state-{name}", exist_ok=True)
     clog_path = f"{tmp}/state-{name}/coordinator.log"
-    coord = subprocess.Popen([COORD, CFG, "--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0"] +
-                             sets(tmp, name, {**curve, "cluster.min_workers": "2"}),
-                             stdout=subprocess.PIPE, stderr=open(clog_path, "w"), text=True)
+    coord = sytest.Popen([COORD, CFG, "--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0"] +
+                         sets(tmp, name, {**curve, "cluster.min_workers": "2"}),
+                         stdout=subprocess.PIPE, stderr=open(clog_path, "w"), text=True)
     ready = coord.stdout.readline()
     m = re.match(r"coordinator ready bind=(\S+) status=(\S+)", ready)
     check(m is not None, f"the CURVE coordinator is up ({ready.strip()})")
@@ -212,8 +196,8 @@ def main():
         wflags = ["--curve-server-public", f"{keys}/coord.pub", "--curve-key", f"{keys}/worker.key"]
 
         def worker(wid, flags, **kw):
-            return subprocess.Popen([WORKER, "--coordinator", ep, "--id", wid, "--threads", "1"] + flags,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+            return sytest.Popen([WORKER, "--coordinator", ep, "--id", wid, "--threads", "1"] + flags,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
         good.append(worker("good0", wflags))
         # 4. socket level: the greeting demands CURVE; a NULL-mechanism peer gets nothing

@@ -11,13 +11,14 @@ import glob
 import os
 import random
 import struct
-import subprocess
 import sys
 import tempfile
 
-BUILD = os.environ.get("SY_BUILD", "build")
-DATAORDER = os.path.join(BUILD, "tests", "sy_dataorder")
-DATAPREP = os.path.join(BUILD, "tests", "sy_dataprep")
+import sytest
+from sytest import SY
+
+DATAORDER = sytest.tool("sy_dataorder")
+DATAPREP = sytest.tool("sy_dataprep")
 MASK = (1 << 64) - 1
 MAGIC = 20240520
 
@@ -108,7 +109,7 @@ def expected_order(shards, seed, T, M, b, steps):
 
 
 def run(cmd):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return sytest.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 def check_order(tmp):
@@ -292,7 +293,7 @@ def check_prepare(tmp):
         assert opt in r.stdout, (opt, r.stdout)
 
     # The real CLI, when the lead's dispatcher is there.
-    sy = os.path.join(BUILD, "switchyard")
+    sy = SY
     if os.path.exists(sy):
         h = run([sy, "data", "prepare", "--help"])
         if h.returncode == 0 and "--shard-tokens" in h.stdout:

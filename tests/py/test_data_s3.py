@@ -10,27 +10,16 @@ import glob
 import json
 import os
 import random
-import shutil
-import subprocess
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from s3util import Moto  # noqa: E402
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
+import sytest
+from sytest import SY, CFG, check, failures, metrics, tool
+
 BUCKET = "sy-data"
-failures = []
-
-
-def check(cond, msg):
-    print(("ok: " if cond else "FAIL: ") + msg, flush=True)
-    if not cond:
-        failures.append(msg)
 
 
 def sets(tmp, name, train, val, steps=12):
@@ -43,13 +32,9 @@ def sets(tmp, name, train, val, steps=12):
     return out
 
 
-def metrics(tmp, name):
-    by = {}
-    with open(f"{tmp}/state-{name}/metrics.jsonl") as f:
-        for line in f:
-            m = json.loads(line)
-            by[m["step"]] = m["loss"]
-    return by
+def losses(tmp, name):
+    """step → loss (the last line of a step)."""
+    return {s: m["loss"] for s, m in metrics(tmp, name).items()}
 
 
 def same(a, b):
@@ -61,15 +46,15 @@ def same(a, b):
 
 
 def evaluate(tmp, name, data, env=None):
-    r = subprocess.run([SY, "eval", "--checkpoint", f"{tmp}/store/{name}", "--data", data, "--batches", "4"],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = sytest.run([SY, "eval", "--checkpoint", f"{tmp}/store/{name}", "--data", data, "--batches", "4"],
+                   capture_output=True, text=True, timeout=600, env=env)
     if r.returncode != 0:
         return None, r.stderr[-300:]
     return json.loads(r.stdout.strip().splitlines()[-1]), ""
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-data-s3-")
+    tmp = sytest.make_tmp("sy-data-s3-")
     moto = Moto(auth=True, log=os.path.join(tmp, "moto.log"))
     try:
         rnd = random.Random(3)
@@ -78,8 +63,8 @@ def main():
         with open(f"{tmp}/text/c.txt", "w") as f:
             for _ in range(4000):
                 f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 12))) + ".\n")
-        r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data",
-                            "--shard-tokens", "20000"], capture_output=True, text=True)
+        r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data",
+                        "--shard-tokens", "20000"], capture_output=True, text=True)
         check(r.returncode == 0, f"data prepared ({r.stderr[-300:]})")
         shards = sorted(os.path.basename(p) for p in glob.glob(f"{tmp}/data/*.bin"))
         check(sum(s.startswith("train_") for s in shards) >= 2, f"several train shards ({shards})")
@@ -88,8 +73,8 @@ def main():
         env = moto.env()
 
         def put(path, key):  # the store's own client (tests/tools/sy_storecli.c)
-            r = subprocess.run([os.path.join(BUILD, "tests", "sy_storecli"), f"s3://{BUCKET}", "put", path, key],
-                               capture_output=True, text=True, env=env, timeout=120)
+            r = sytest.run([tool("sy_storecli"), f"s3://{BUCKET}", "put", path, key],
+                           capture_output=True, text=True, env=env, timeout=120)
             if r.returncode != 0:
                 raise RuntimeError(f"put {key}: {r.stderr}")
         for s in shards:
@@ -99,14 +84,14 @@ def main():
         local = (f"{tmp}/data/train_*.bin", f"{tmp}/data/val_*.bin")
         remote = (f"s3://{BUCKET}/corpus/v1/train_*.bin", f"s3://{BUCKET}/corpus/v1/val_*.bin")
 
-        r = subprocess.run([SY, "train", CFG, "--quiet"] + sets(tmp, "local", *local), capture_output=True,
-                           text=True, timeout=600)
+        r = sytest.run([SY, "train", CFG, "--quiet"] + sets(tmp, "local", *local), capture_output=True,
+                       text=True, timeout=600)
         check(r.returncode == 0, f"local run ({r.stderr[-300:]})")
-        r = subprocess.run([SY, "train", CFG, "--quiet"] + sets(tmp, "s3", *remote), capture_output=True,
-                           text=True, timeout=600, env=env)
+        r = sytest.run([SY, "train", CFG, "--quiet"] + sets(tmp, "s3", *remote), capture_output=True,
+                       text=True, timeout=600, env=env)
         check(r.returncode == 0, f"train with s3:// data ({r.stderr[-500:]})")
         if r.returncode == 0:
-            a, b = metrics(tmp, "local"), metrics(tmp, "s3")
+            a, b = losses(tmp, "local"), losses(tmp, "s3")
             ok, why = same(a, b)
             check(ok and len(a) == 12, f"train: s3:// data gives the local run's losses exactly ({len(a)} steps) {why}")
             e1, err1 = evaluate(tmp, "local", local[1])
@@ -114,18 +99,18 @@ def main():
             check(e1 is not None and e2 is not None and e1["loss"] == e2["loss"] and e1["tokens"] == e2["tokens"],
                   f"eval over s3:// validation shards equals eval over the local ones ({e1}, {e2}) {err1}{err2}")
 
-        r = subprocess.run([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "s3run", *remote),
-                           capture_output=True, text=True, timeout=600, env=env)
+        r = sytest.run([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "s3run", *remote),
+                       capture_output=True, text=True, timeout=600, env=env)
         check(r.returncode == 0, f"switchyard run --workers 2 with s3:// data ({r.stderr[-500:]})")
         if r.returncode == 0:
-            a, b = metrics(tmp, "local"), metrics(tmp, "s3run")
+            a, b = losses(tmp, "local"), losses(tmp, "s3run")
             ok, why = same(a, b)
             check(ok, f"run --workers 2: s3:// data gives the single-process local losses exactly {why}")
 
         def refused(label, train, want, e=env, cmd="train"):
             args = [SY, cmd, CFG, "--quiet"] + (["--workers", "1"] if cmd == "run" else []) + \
                 sets(tmp, "bad", train, "")
-            r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=e)
+            r = sytest.run(args, capture_output=True, text=True, timeout=120, env=e)
             check(r.returncode != 0 and all(w in r.stderr for w in want),
                   f"{label}: refused naming {want} (exit {r.returncode}: {r.stderr.strip()[-300:]})")
 
@@ -150,7 +135,7 @@ def main():
     finally:
         moto.stop()
         if not failures:
-            shutil.rmtree(tmp, ignore_errors=True)
+            sytest.remove_tmp(tmp)
     print(f"{len(failures)} failed")
     sys.exit(1 if failures else 0)
 

@@ -25,24 +25,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
-BUILD = os.path.abspath(os.environ.get("SY_BUILD", "build"))
-SRC = os.path.abspath(os.environ.get("SY_SRC", "."))
+import sytest
+from sytest import BUILD, SRC, SY, check, failures
+
 DEPLOY = os.path.join(SRC, "deploy")
 FAKE_SLURM = os.path.join(SRC, "tests", "deploy", "fake-slurm")
-SY = os.path.join(BUILD, "switchyard")
-TINY = os.path.join(SRC, "configs", "tiny.yaml")
+TINY = sytest.CFG
 MARK = "SY_DEPLOY_TEST"  # every process a check starts carries it in its environment
-failures = []
-
-
-def check(cond, msg):
-    print(("ok: " if cond else "FAIL: ") + msg, flush=True)
-    if not cond:
-        failures.append(msg)
-    return cond
 
 
 # --- what the build offers ---------------------------------------------------------------------
@@ -58,7 +49,7 @@ HELP = {}
 def help_flags(binary):
     """The --long-flags a binary's --help names (its usage text is the contract)."""
     if binary not in HELP:
-        r = subprocess.run([os.path.join(BUILD, binary), "--help"], capture_output=True, text=True, timeout=10)
+        r = sytest.run([os.path.join(BUILD, binary), "--help"], capture_output=True, text=True, timeout=10)
         HELP[binary] = set(re.findall(r"(--[a-z][a-z-]*)", r.stdout + r.stderr))
     return HELP[binary]
 
@@ -113,8 +104,8 @@ def make_corpus(tmp):
     with open(f"{tmp}/text/c.txt", "w") as f:
         for _ in range(3000):
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 14))) + ".\n")
-    r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
-                       capture_output=True, text=True, timeout=60)
+    r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
+                   capture_output=True, text=True, timeout=60)
     check(r.returncode == 0, "corpus prepared")
 
 
@@ -225,8 +216,8 @@ def check_systemd(tmp):
             check(argv[1:2] == ["/etc/switchyard/run.yaml"], f"systemd: {name}: the config is /etc/switchyard/run.yaml")
     if "coordinator" in parsed:
         u = parsed["coordinator"]
-        helptext = subprocess.run([os.path.join(BUILD, "switchyard-coordinator"), "--help"], capture_output=True,
-                                  text=True).stdout
+        helptext = sytest.run([os.path.join(BUILD, "switchyard-coordinator"), "--help"], capture_output=True,
+                              text=True).stdout
         check("3 stopped early" in helptext and "2 bad usage" in helptext
               and unit_get(u, "Service", "SuccessExitStatus") == ["3"]
               and set(" ".join(unit_get(u, "Service", "RestartPreventExitStatus")).split()) == {"2", "3"},
@@ -244,9 +235,9 @@ def check_systemd(tmp):
         for path in units.values():
             text = open(path).read().replace("/usr/local/bin/", BUILD + "/")
             open(os.path.join(vd, os.path.basename(path)), "w").write(text)
-        r = subprocess.run([sa, "verify", os.path.join(vd, "switchyard-coordinator.service"),
-                            os.path.join(vd, "switchyard-worker@w0.service")], capture_output=True, text=True,
-                           timeout=60, cwd=vd)
+        r = sytest.run([sa, "verify", os.path.join(vd, "switchyard-coordinator.service"),
+                        os.path.join(vd, "switchyard-worker@w0.service")], capture_output=True, text=True,
+                       timeout=60, cwd=vd)
         noise = [ln for ln in (r.stdout + r.stderr).splitlines() if "switchyard" in ln]
         check(r.returncode == 0 and not noise, "systemd: `systemd-analyze verify` accepts both units"
               + (f" ({noise})" if noise else ""))
@@ -279,8 +270,8 @@ def check_systemd(tmp):
     tag = tmp + "/systemd"
     base = dict(os.environ, **{MARK: tag})
     cenv = unit_env(parsed["coordinator"], env_files("coordinator"))
-    coord = subprocess.Popen(argv_of("coordinator", cenv), cwd=wd, env=dict(base, **cenv), stdout=subprocess.PIPE,
-                             stderr=open(os.path.join(tmp, "systemd-coord.log"), "w"), text=True)
+    coord = sytest.Popen(argv_of("coordinator", cenv), cwd=wd, env=dict(base, **cenv), stdout=subprocess.PIPE,
+                         stderr=open(os.path.join(tmp, "systemd-coord.log"), "w"), text=True)
     ready = coord.stdout.readline()
     m = re.search(r"bind=(tcp://\S+)", ready)
     workers = []
@@ -289,8 +280,8 @@ def check_systemd(tmp):
             with open(os.path.join(etc, f"worker-{wid}.env"), "w") as f:
                 f.write(f"SY_COORDINATOR={m.group(1)}\nSY_WORKER_ARGS=--threads 1\n")
             wenv = unit_env(parsed["worker"], env_files("worker", wid))
-            workers.append(subprocess.Popen(argv_of("worker", wenv, wid), cwd=wd, env=dict(base, **wenv),
-                                            stderr=open(os.path.join(tmp, f"systemd-{wid}.log"), "w")))
+            workers.append(sytest.Popen(argv_of("worker", wenv, wid), cwd=wd, env=dict(base, **wenv),
+                                        stderr=open(os.path.join(tmp, f"systemd-{wid}.log"), "w")))
     try:
         rc = coord.wait(timeout=60)
         wrc = [w.wait(timeout=20) for w in workers]
@@ -304,8 +295,8 @@ def check_systemd(tmp):
     check(os.path.exists(os.path.join(wd, "checkpoints/sd/ckpt/step-000000006/MANIFEST.json")),
           "systemd: a relative checkpoint.store lands under /var/lib/switchyard (StateDirectory)")
     # SIGTERM (KillSignal) stops it with exit 3, which the unit counts as success
-    coord = subprocess.Popen(argv_of("coordinator", cenv), cwd=wd, env=dict(base, **cenv), stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
+    coord = sytest.Popen(argv_of("coordinator", cenv), cwd=wd, env=dict(base, **cenv), stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
     coord.stdout.readline()
     t = time.time()
     coord.send_signal(signal.SIGTERM)
@@ -328,8 +319,8 @@ def sbatch(tmp, tag, args, env=None, wait=True):
               "FAKE_SLURM_LOG": f"{tmp}/fake-slurm.log", "SY_STOP_GRACE": "10"})
     e.update(env or {})
     log = open(f"{tmp}/sbatch-{len(glob.glob(tmp + '/sbatch-*'))}.log", "w")
-    p = subprocess.Popen(["bash", os.path.join(DEPLOY, "slurm", "switchyard.sbatch"), TINY] + args, env=e,
-                         cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+    p = sytest.Popen(["bash", os.path.join(DEPLOY, "slurm", "switchyard.sbatch"), TINY] + args, env=e,
+                     cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
     p.logname = log.name
     if wait:
         try:
@@ -366,7 +357,7 @@ def check_slurm(tmp):
     sc = shutil.which("shellcheck")
     if sc:
         files = [script] + [os.path.join(FAKE_SLURM, f) for f in ("srun", "scontrol")]
-        r = subprocess.run([sc, "-s", "bash", "-S", "warning"] + files, capture_output=True, text=True, timeout=60)
+        r = sytest.run([sc, "-s", "bash", "-S", "warning"] + files, capture_output=True, text=True, timeout=60)
         check(r.returncode == 0, f"slurm: shellcheck -S warning is clean {r.stdout[-800:]}")
     flags_known("switchyard-coordinator", ["--bind", "--status-addr", "--expect-workers", "--set"],
                 "slurm: the coordinator's flags")
@@ -568,7 +559,7 @@ def check_k8s(tmp):
           f"k8s: the coordinator reads the ConfigMap's run.yaml where it is mounted ({ccmd[1]})")
     cf = os.path.join(tmp, "k8s-run.yaml")
     open(cf, "w").write(cfgtext)
-    r = subprocess.run([SY, "config", "show", cf], capture_output=True, text=True, timeout=30)
+    r = sytest.run([SY, "config", "show", cf], capture_output=True, text=True, timeout=30)
     if not check(r.returncode == 0, f"k8s: `switchyard config show` accepts the ConfigMap's config {r.stderr.strip()}"):
         return
     cfg = json.loads(r.stdout)
@@ -588,7 +579,7 @@ def check_k8s(tmp):
 
     kubectl = shutil.which("kubectl")
     if kubectl:
-        r = subprocess.run([kubectl, "kustomize", d], capture_output=True, text=True, timeout=60)
+        r = sytest.run([kubectl, "kustomize", d], capture_output=True, text=True, timeout=60)
         kinds = sorted(re.findall(r"^kind: (\w+)", r.stdout, re.M))
         check(r.returncode == 0 and kinds == ["ConfigMap", "Deployment", "Service", "Service", "StatefulSet"],
               f"k8s: `kubectl kustomize deploy/k8s` builds {kinds} {r.stderr.strip()[-300:]}")
@@ -646,27 +637,27 @@ def check_container(tmp):
     if shutil.which("readelf") and shutil.which("dpkg"):
         need = set()
         for b in sorted(copied):
-            r = subprocess.run(["readelf", "-d", os.path.join(BUILD, b)], capture_output=True, text=True)
+            r = sytest.run(["readelf", "-d", os.path.join(BUILD, b)], capture_output=True, text=True)
             need |= set(re.findall(r"\(NEEDED\).*\[(.*)\]", r.stdout))
         # a sanitizer build (SY_SANITIZE=ON) links the sanitizer runtimes; the image never does
         need = {lib for lib in need if not re.match(r"lib(a|ub|t|l)san\.so", lib)}
         ldd = {}
         for b in sorted(copied):
-            for m in re.finditer(r"^\s*(\S+) => (\S+)", subprocess.run(["ldd", os.path.join(BUILD, b)],
+            for m in re.finditer(r"^\s*(\S+) => (\S+)", sytest.run(["ldd", os.path.join(BUILD, b)],
                                  capture_output=True, text=True).stdout, re.M):
                 ldd[m.group(1)] = m.group(2)
         lack = []
         for lib in sorted(need):
             path = ldd.get(lib)
-            r = subprocess.run(["dpkg", "-S", os.path.realpath(path) if path else lib], capture_output=True, text=True)
+            r = sytest.run(["dpkg", "-S", os.path.realpath(path) if path else lib], capture_output=True, text=True)
             if r.returncode != 0 and path:
-                r = subprocess.run(["dpkg", "-S", path], capture_output=True, text=True)
+                r = sytest.run(["dpkg", "-S", path], capture_output=True, text=True)
             pkg = r.stdout.split(":", 1)[0] if r.returncode == 0 else None
             if pkg != "libc6" and pkg not in run_pkgs:
                 lack.append(f"{lib} ({pkg})")
         check(not lack, f"container: the runtime stage installs the package of each of the {len(need)} libraries "
               f"the binaries load {lack or ''}")
-        r = subprocess.run(["dpkg-query", "-W", "-f=${Package}\\n"] + sorted(run_pkgs), capture_output=True, text=True)
+        r = sytest.run(["dpkg-query", "-W", "-f=${Package}\\n"] + sorted(run_pkgs), capture_output=True, text=True)
         check(r.returncode == 0, "container: every runtime package exists in Debian 12 (installed here by install-deps.sh)"
               + (f" {r.stderr.strip()}" if r.returncode else ""))
     else:
@@ -689,7 +680,7 @@ def check_docs():
 
 def main():
     t0 = time.time()
-    tmp = tempfile.mkdtemp(prefix="sy-deploy-")
+    tmp = sytest.make_tmp("sy-deploy-")
     try:
         make_corpus(tmp)
         for part in (check_systemd, check_slurm, check_k8s, check_container):
@@ -704,7 +695,7 @@ def main():
             kill_marked(tmp + f"/slurm{i}")
     print(f"{len(failures)} failed ({time.time() - t0:.1f} s)")
     if not failures:
-        shutil.rmtree(tmp, ignore_errors=True)
+        sytest.remove_tmp(tmp)
     else:
         print(f"files kept in {tmp}")
     sys.exit(1 if failures else 0)

@@ -10,17 +10,16 @@ close to it (bf16 weights: within 2%)."""
 import glob
 import json
 import os
-import shutil
 import struct
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_ckpt_cli import CFG, check, failures, make_data, run, small  # noqa: E402
+from test_ckpt_cli import make_data, run, small  # noqa: E402
+import sytest  # noqa: E402
+from sytest import SRC, CFG, check, failures  # noqa: E402
 
-SRC = os.environ.get("SY_SRC", ".")
 sys.path.insert(0, os.path.join(SRC, "tests", "reference"))
 import safetensors_io  # noqa: E402
 from model import RefConfig, SwitchLM  # noqa: E402
@@ -61,7 +60,7 @@ def ref_eval(model, cfg, wins, n_batches):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-exporteval-")
+    tmp = sytest.make_tmp("sy-exporteval-")
     make_data(tmp)
     store = f"{tmp}/store"
     # a capacity factor low enough that eval drops tokens too (eval must use its own factor)
@@ -113,7 +112,7 @@ def main():
         l16 = ref_eval(m16, cfg, wins, N)
         check(abs(l16 - ref) / ref < 0.02, f"the bf16 export gives a close loss ({l16:.5f} vs {ref:.5f})")
 
-    shutil.rmtree(tmp, ignore_errors=True)
+    sytest.remove_tmp(tmp)
     print(f"{len(failures)} failed")
     return 1 if failures else 0
 

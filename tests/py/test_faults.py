@@ -17,19 +17,18 @@ Scenarios (40 steps, checkpoint every 5, heartbeat 250 ms, failure timeout 2 s):
 Detection and recovery times are printed ("timing:" lines).
 Usage: test_faults.py [SCENARIO ...]   (default: all)"""
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import faultutil as fu  # noqa: E402
+import sytest  # noqa: E402
+from sytest import check  # noqa: E402
 
 STEPS, EVERY = 40, 5
 HB_MS, FAIL_MS = 250, 2000
 TOKEN = "s3cr3t-drain-token"
-check = fu.Checker()
 CURRENT = []  # the clusters of the running scenario (their logs are printed if it fails)
 
 
@@ -343,7 +342,7 @@ SCENARIOS = {"1": scenario_kill_one, "2": scenario_kill_two, "3": scenario_kill_
 
 def main():
     which = sys.argv[1:] or sorted(SCENARIOS)
-    tmp = tempfile.mkdtemp(prefix="sy-faults-")
+    tmp = sytest.make_tmp("sy-faults-")
     print(f"temp dir {tmp}", flush=True)
     t0 = time.time()
     fu.prepare_data(tmp)
@@ -367,7 +366,7 @@ def main():
     for f in check.failures:
         print("  FAILED:", f[:300])
     if not check.failures:
-        shutil.rmtree(tmp, ignore_errors=True)
+        sytest.remove_tmp(tmp)
     sys.exit(1 if check.failures else 0)
 
 

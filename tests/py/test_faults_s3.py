@@ -9,9 +9,7 @@ every S3 request of the coordinator and the workers going through tests/s3_fault
 modest fault rate (503 SlowDown, connection resets, truncated replies, short stalls).
 Usage: test_faults_s3.py [direct|proxy ...]   (default: both)"""
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 
@@ -19,13 +17,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import faultutil as fu  # noqa: E402
+import sytest  # noqa: E402
+from sytest import check  # noqa: E402
 from s3util import Moto  # noqa: E402
 from s3_fault_proxy import FaultProxy  # noqa: E402
 
 STEPS, EVERY, KILL_AT = 30, 5, 12
 HB_MS, FAIL_MS = 250, 2000
 BUCKET = "sy-faults"
-check = fu.Checker()
 
 
 def s3_settings(tmp, name):
@@ -110,7 +109,7 @@ def kill_run(tmp, name, env, ref, moto, label, proxy=None):
 
 def main():
     which = sys.argv[1:] or ["direct", "proxy"]
-    tmp = tempfile.mkdtemp(prefix="sy-faults-s3-")
+    tmp = sytest.make_tmp("sy-faults-s3-")
     print(f"temp dir {tmp}", flush=True)
     t0 = time.time()
     moto = Moto(auth=True, log=os.path.join(tmp, "moto.log"))
@@ -152,7 +151,7 @@ def main():
     for f in check.failures:
         print("  FAILED:", f[:300])
     if not check.failures:
-        shutil.rmtree(tmp, ignore_errors=True)
+        sytest.remove_tmp(tmp)
     sys.exit(1 if check.failures else 0)
 
 

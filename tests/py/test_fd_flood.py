@@ -14,17 +14,16 @@ reset ("New connection socket descriptor (1030) is not less than FD_SETSIZE").
 import json
 import os
 import resource
-import shutil
 import socket
 import sys
-import tempfile
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import faultutil as fu  # noqa: E402
+import sytest  # noqa: E402
+from sytest import check  # noqa: E402
 
-check = fu.Checker()
 N = 1100
 PER_ADDR = 50
 
@@ -64,7 +63,7 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4 * N and hard > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8 * N), hard))
-    tmp = tempfile.mkdtemp(prefix="sy-fdflood-")
+    tmp = sytest.make_tmp("sy-fdflood-")
     fu.prepare_data(tmp)
     s = fu.settings(tmp, "fdf", 40, 20, extra={
         "model.n_layers": "2", "model.d_model": "64", "model.d_ff": "128", "model.seq_len": "64",
@@ -141,7 +140,7 @@ def main():
     if check.failures:
         print(f"{len(check.failures)} failure(s); files kept in {tmp}")
         sys.exit(1)
-    shutil.rmtree(tmp, ignore_errors=True)
+    sytest.remove_tmp(tmp)
     print("all ok")
 
 

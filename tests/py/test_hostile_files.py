@@ -22,26 +22,14 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
-failures = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg, flush=True)
-    else:
-        print("ok:", msg, flush=True)
+import sytest
+from sytest import BUILD, SY, CFG, check, failures
 
 
 def run(args, timeout=600, **kw):
-    return subprocess.run([SY] + args, capture_output=True, text=True, timeout=timeout, **kw)
+    return sytest.run([SY] + args, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def small(tmp, name, steps=20, every=10, data=None, extra=()):
@@ -81,7 +69,7 @@ def wait_for(path, timeout):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-hostile-")
+    tmp = sytest.make_tmp("sy-hostile-")
     os.makedirs(f"{tmp}/text")
     words = ["switch", "expert", "router", "token", "capacity", "the", "a", "of", "loss", "layer"]
     with open(f"{tmp}/text/corpus.txt", "w") as f:
@@ -115,8 +103,8 @@ def main():
     check(r.returncode == 2 and "exclude" in r.stderr, "--resume with --overwrite is a usage error")
 
     # --- #4: two trainers of one run at once -------------------------------------------------
-    a = subprocess.Popen([SY, "train", CFG] + small(tmp, "two", steps=100000, every=2),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    a = sytest.Popen([SY, "train", CFG] + small(tmp, "two", steps=100000, every=2),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # any committed step: a fast trainer's retention (keep_last) can delete step 2 between polls
     ok = wait_for(f"{tmp}/store/two/ckpt/step-*/MANIFEST.json", 120)
     check(ok, "trainer A committed its first checkpoint")
@@ -134,8 +122,8 @@ def main():
           f"trainer A fails loudly at its next checkpoint instead of keeping on ({a.returncode}: {err.strip()[-300:]})")
 
     # a coordinator is fenced off the same way: its run fails instead of committing over the new owner
-    c = subprocess.Popen([SY, "run", CFG, "--workers", "1", "--threads", "1"] + small(tmp, "cfence", steps=100000, every=2),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    c = sytest.Popen([SY, "run", CFG, "--workers", "1", "--threads", "1"] + small(tmp, "cfence", steps=100000, every=2),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ok = wait_for(f"{tmp}/store/cfence/ckpt/step-*/MANIFEST.json", 120)
     check(ok, "the cluster run committed its first checkpoint")
     r = run(["train", CFG] + small(tmp, "cfence", steps=100000, every=2) + ["--resume", "--stop-after", "4"])
@@ -187,8 +175,8 @@ def main():
     # --- #3: a shard truncated while training -------------------------------------------------
     os.makedirs(f"{tmp}/trunc")
     shutil.copy(glob.glob(f"{tmp}/data/train_*.bin")[0], f"{tmp}/trunc/train_000000.bin")
-    p = subprocess.Popen([SY, "train", CFG] + small(tmp, "trunc", steps=100000, every=0, data=f"{tmp}/trunc"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = sytest.Popen([SY, "train", CFG] + small(tmp, "trunc", steps=100000, every=0, data=f"{tmp}/trunc"),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(f"{tmp}/state-trunc/metrics.jsonl", 60)
     time.sleep(1.0)
     os.truncate(f"{tmp}/trunc/train_000000.bin", 2048)
@@ -203,9 +191,9 @@ def main():
     # the same under `switchyard run`: the workers fail naming the file (they died of SIGBUS)
     os.makedirs(f"{tmp}/trunc2")
     shutil.copy(glob.glob(f"{tmp}/data/train_*.bin")[0], f"{tmp}/trunc2/train_000000.bin")
-    p = subprocess.Popen([SY, "run", CFG, "--workers", "2", "--threads", "1"]
-                         + small(tmp, "trunc2", steps=100000, every=0, data=f"{tmp}/trunc2"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = sytest.Popen([SY, "run", CFG, "--workers", "2", "--threads", "1"]
+                     + small(tmp, "trunc2", steps=100000, every=0, data=f"{tmp}/trunc2"),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(f"{tmp}/state-trunc2/metrics.jsonl", 120)
     time.sleep(1.0)
     os.truncate(f"{tmp}/trunc2/train_000000.bin", 2048)
@@ -250,7 +238,7 @@ def main():
     bad = f"{tmp}/bad.yaml"
     with open(bad, "w") as f:
         f.write(open(CFG).read().replace("d_model: 128", "d_model: 0"))
-    r = subprocess.run([os.path.join(BUILD, "switchyard-coordinator"), bad], capture_output=True, text=True, timeout=60)
+    r = sytest.run([os.path.join(BUILD, "switchyard-coordinator"), bad], capture_output=True, text=True, timeout=60)
     check(r.returncode == 2 and "bad.yaml" in r.stderr, f"a bad YAML value is reported against the file ({r.stderr.strip()})")
 
     # --- #4 with `switchyard run` ---------------------------------------------------------------
@@ -269,7 +257,7 @@ def main():
     r = run(rargs + ["--overwrite"], timeout=300)
     check(r.returncode == 0 and glob.glob(f"{tmp}/store/rdup.replaced-*"), f"`switchyard run --overwrite` ({r.stderr[-300:]})")
 
-    shutil.rmtree(tmp, ignore_errors=True)
+    sytest.remove_tmp(tmp)
     print(f"{len(failures)} failed")
     sys.exit(1 if failures else 0)
 

@@ -10,31 +10,18 @@ Skips (exit 77) when moto_server is not installed."""
 import glob
 import http.server
 import os
-import shutil
 import socketserver
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from s3util import Moto, find_moto  # noqa: E402
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
+import sytest
+from sytest import SY, CFG, check, failures
+
 BUCKET = "hostile"
-failures = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg, flush=True)
-    else:
-        print("ok:", msg, flush=True)
 
 
 class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -101,20 +88,20 @@ def small(tmp, name, store, steps=6, every=3):
 
 
 def sy(args, env, timeout=300):
-    return subprocess.run([SY] + args, env=env, capture_output=True, text=True, timeout=timeout)
+    return sytest.run([SY] + args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def main():
     if not find_moto():
         print("moto_server not installed: skipping")
         return 77
-    tmp = tempfile.mkdtemp(prefix="sy-hostile-s3-")
+    tmp = sytest.make_tmp("sy-hostile-s3-")
     os.makedirs(f"{tmp}/text")
     with open(f"{tmp}/text/c.txt", "w") as f:
         for i in range(2000):
             f.write(" ".join(["switch", "expert", "router", "token", "loss"][(i + k) % 5] for k in range(3 + i % 7)) + ".\n")
-    r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
-                       capture_output=True, text=True, timeout=120)
+    r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
+                   capture_output=True, text=True, timeout=120)
     check(r.returncode == 0, "data prepare")
     store = f"s3://{BUCKET}/runs"
     moto = Moto(auth=True, log=os.path.join(tmp, "moto.log"))
@@ -155,7 +142,7 @@ def main():
         check(r.returncode == 1 and "completed" not in r.stderr, f"[{mode}] `switchyard run` fails ({r.stderr.strip()[-200:]})")
         srv.shutdown()
 
-    shutil.rmtree(tmp, ignore_errors=True)
+    sytest.remove_tmp(tmp)
     print(f"{len(failures)} failed")
     return 1 if failures else 0
 

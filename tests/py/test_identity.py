@@ -21,29 +21,29 @@
    as "auth", no worker_joined), while the restarted w0 with k0 is taken back.
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
+
+import sytest
+from sytest import check
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import faultutil as fu  # noqa: E402
 
-SPOOF = os.path.join(fu.BUILD, "tests", "sy_spoof")
+SPOOF = sytest.tool("sy_spoof")
 FAILURE_TIMEOUT_S = 3.0  # cluster.failure_timeout_ms default
 HEARTBEAT_S = 0.5        # cluster.heartbeat_ms default
 REJOIN_BOUND_S = FAILURE_TIMEOUT_S + 2 * HEARTBEAT_S + 1.0
-check = fu.Checker()
 
 
 def spoof(ep, wid, mode, run="idt", **kw):
     cmd = [SPOOF, "--coordinator", ep, "--id", wid, "--mode", mode, "--run", run]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    return sytest.run(cmd, capture_output=True, text=True, timeout=30)
 
 
 def drops(c):
@@ -66,7 +66,7 @@ def curve_binding(tmp):
     keys = f"{tmp}/keys"
     os.makedirs(keys, exist_ok=True)
     for k in ["coord", "k0", "k1"]:
-        r = subprocess.run([fu.SY, "keygen", f"{keys}/{k}"], capture_output=True, text=True, timeout=30)
+        r = sytest.run([fu.SY, "keygen", f"{keys}/{k}"], capture_output=True, text=True, timeout=30)
         check(r.returncode == 0, f"keygen {k}")
     with open(f"{keys}/authorized", "w") as f:
         f.write(open(f"{keys}/k0.pub").read() + open(f"{keys}/k1.pub").read())
@@ -80,9 +80,9 @@ def curve_binding(tmp):
     def worker(wid, key):
         log = open(f"{c.logs}/{wid}-{key}-{len(c.all_procs)}.log", "w")
         c.files.append(log)
-        p = subprocess.Popen([fu.WORKER, "--coordinator", f"tcp://127.0.0.1:{c.port}", "--id", wid, "--threads", "1",
-                              "--curve-server-public", f"{keys}/coord.pub", "--curve-key", f"{keys}/{key}.key"],
-                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=fu._die_with_parent)
+        p = sytest.Popen([fu.WORKER, "--coordinator", f"tcp://127.0.0.1:{c.port}", "--id", wid, "--threads", "1",
+                          "--curve-server-public", f"{keys}/coord.pub", "--curve-key", f"{keys}/{key}.key"],
+                         stdout=log, stderr=subprocess.STDOUT)
         c.workers[wid] = p
         c.all_procs.append(p)
         return p
@@ -118,7 +118,7 @@ def curve_binding(tmp):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-identity-")
+    tmp = sytest.make_tmp("sy-identity-")
     fu.prepare_data(tmp)
     s = fu.settings(tmp, "idt", 200000, 50, extra={
         "model.n_layers": "2", "model.d_model": "64", "model.d_ff": "128", "model.seq_len": "64",
@@ -217,7 +217,7 @@ def main():
     if check.failures:
         print(f"{len(check.failures)} failure(s); files kept in {tmp}")
         sys.exit(1)
-    shutil.rmtree(tmp, ignore_errors=True)
+    sytest.remove_tmp(tmp)
     print("all ok")
 
 

@@ -27,8 +27,9 @@ import sys
 import tempfile
 import time
 
-SRC = os.environ.get("SY_SRC", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-BUILD = os.environ.get("SY_BUILD", os.path.join(SRC, "build"))
+import sytest
+from sytest import BUILD, SRC
+
 sys.path.insert(0, os.path.join(SRC, "tests"))
 
 import torch  # noqa: E402
@@ -36,10 +37,10 @@ import torch  # noqa: E402
 from reference.model import RefConfig, SwitchLM, lr_at, make_optimizer, train_steps  # noqa: E402
 from reference import safetensors_io as st  # noqa: E402
 
-REFDUMP = os.path.join(BUILD, "tests", "sy_refdump")
-DATAPREP = os.path.join(BUILD, "tests", "sy_dataprep")
-SWITCHYARD = os.path.join(BUILD, "switchyard")
-CONFIG = os.path.join(SRC, "configs", "tiny.yaml")
+REFDUMP = sytest.tool("sy_refdump")
+DATAPREP = sytest.tool("sy_dataprep")
+SWITCHYARD = sytest.SY
+CONFIG = sytest.CFG
 K = 3
 
 TOL_LOSS = 1e-5      # relative, per step: loss, ce, lr, grad norm
@@ -69,7 +70,7 @@ def rel_scalar(a, b, floor=1e-30):
 
 
 def run(cmd, **kw):
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, **kw)
+    r = sytest.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, **kw)
     if r.returncode != 0:
         raise RuntimeError("command failed (exit %d): %s\n%s" % (r.returncode, " ".join(cmd), r.stdout))
     return r.stdout

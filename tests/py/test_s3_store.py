@@ -8,16 +8,14 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-CLI = os.path.join(BUILD, "tests", "sy_storecli")
-SY = os.path.join(BUILD, "switchyard")
+import sytest
+from sytest import SRC, SY, check, failures
+
+CLI = sytest.tool("sy_storecli")
 sys.path.insert(0, os.path.join(SRC, "tests", "py"))
 sys.path.insert(0, os.path.join(SRC, "tests"))
 from s3util import Moto  # noqa: E402
@@ -28,15 +26,6 @@ URL = "s3://%s/t" % BUCKET
 MIB = 1024 * 1024
 FAST = ["--backoff-ms", "10", "--backoff-cap-ms", "200"]
 MP = ["--multipart-mb", "5", "--part-mb", "5", "--parallel", "3"]
-failures = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg, flush=True)
-    else:
-        print("ok:", msg, flush=True)
 
 
 class Ctx:
@@ -48,7 +37,7 @@ def cli(c, *args, endpoint=None, env=None, opts=(), timeout=120):
     if endpoint:
         e = dict(e, AWS_ENDPOINT_URL=endpoint)
     t = time.time()
-    r = subprocess.run([CLI, *opts, *args], env=e, capture_output=True, timeout=timeout)
+    r = sytest.run([CLI, *opts, *args], env=e, capture_output=True, timeout=timeout)
     r.elapsed = time.time() - t
     r.err = r.stderr.decode(errors="replace")
     r.out = r.stdout.decode(errors="replace")
@@ -67,7 +56,7 @@ def read(path):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-s3-")
+    tmp = sytest.make_tmp("sy-s3-")
     c = Ctx()
     moto = Moto(auth=True, log=os.path.join(tmp, "moto.log"))
     proxy = None
@@ -89,7 +78,7 @@ def main():
         if proxy:
             proxy.stop()
         moto.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        sytest.remove_tmp(tmp)
     print(f"{len(failures)} failed")
     sys.exit(1 if failures else 0)
 
@@ -369,8 +358,8 @@ def train(c):
     with open(f"{tmp}/text/corpus.txt", "w") as f:
         for _ in range(2000):
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 12))) + ".\n")
-    r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
-                       capture_output=True, text=True, timeout=120)
+    r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
+                   capture_output=True, text=True, timeout=120)
     check(r.returncode == 0, f"data prepare ({r.stderr.strip()[-200:]})")
 
     def args(name, store):
@@ -388,10 +377,10 @@ def train(c):
 
     store = f"s3://{BUCKET}/runs"
     t = time.time()
-    r = subprocess.run([SY] + args("straight", f"{tmp}/local"), capture_output=True, text=True, timeout=300)
+    r = sytest.run([SY] + args("straight", f"{tmp}/local"), capture_output=True, text=True, timeout=300)
     check(r.returncode == 0, f"reference run, local store ({time.time() - t:.1f} s) {r.stderr[-200:]}")
     # killed with SIGKILL while it runs, after the step-10 checkpoint committed
-    p = subprocess.Popen([SY] + args("split", store), env=c.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = sytest.Popen([SY] + args("split", store), env=c.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
         if cli(c, store, "ckpt-latest", "split").out.strip() == "10":
@@ -404,8 +393,8 @@ def train(c):
     check(got10 or p.returncode == 0, f"run on s3 killed (rc {p.returncode}) with step 10 committed ({r.out.strip()})")
     if not got10:  # the run finished before the kill: resume equality below still holds
         pass
-    r = subprocess.run([SY] + args("split", store) + ["--resume"], env=c.env, capture_output=True, text=True,
-                       timeout=300)
+    r = sytest.run([SY] + args("split", store) + ["--resume"], env=c.env, capture_output=True, text=True,
+                   timeout=300)
     check(r.returncode == 0 and ("resumed from checkpoint step" in r.stderr or "already complete" in r.stderr),
           f"resume from the s3 store ({r.stderr.strip()[-200:]})")
     a, b = losses("straight"), losses("split")

@@ -9,15 +9,15 @@ torch tensors and reads them back through the C reader (sy_stwrite --read).
 import json
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import unittest
 
 import torch
 
-BUILD = os.environ.get("SY_BUILD", "build")
-TOOL = os.path.join(BUILD, "tests", "sy_stwrite")
+import sytest
+
+TOOL = sytest.tool("sy_stwrite")
 
 DTYPES = {"F32": (torch.float32, 4), "BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2)}
 
@@ -107,7 +107,7 @@ class SafetensorsTorch(unittest.TestCase):
 
     def write(self, kind):
         path = os.path.join(self.dir.name, f"{kind}.safetensors")
-        subprocess.run([TOOL, path, kind], check=True)
+        sytest.run([TOOL, path, kind], check=True)
         return path
 
     def check_file(self, kind, want_dtype):
@@ -140,7 +140,7 @@ class SafetensorsTorch(unittest.TestCase):
         self.assertEqual(t["b.bias"][1].item(), 1 + 2**-6)
 
     def read_c(self, path):
-        r = subprocess.run([TOOL, "--read", path], capture_output=True, text=True)
+        r = sytest.run([TOOL, "--read", path], capture_output=True, text=True)
         return r.returncode, r.stdout, r.stderr
 
     def test_c_reads_torch_files(self):

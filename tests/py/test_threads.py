@@ -12,25 +12,16 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
+import sytest
+from sytest import SY, CFG, check, failures
+
 TIMING = {"tokens_per_s", "step_ms", "time", "ckpt_stall_ms", "ckpt_upload_ms"}
-failures = []
-
-
-def check(cond, msg):
-    print(("ok: " if cond else "FAIL: ") + msg)
-    if not cond:
-        failures.append(msg)
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-threads-")
+    tmp = sytest.make_tmp("sy-threads-")
     rnd = random.Random(11)
     words = ["switch", "expert", "router", "token", "capacity", "the", "a", "of", "loss",
              "layer", "gradient", "batch", "worker", "shard", "fault", "checkpoint"]
@@ -38,8 +29,8 @@ def main():
     with open(f"{tmp}/text/corpus.txt", "w") as f:
         for _ in range(4000):
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 12))) + ".\n")
-    r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
-                       capture_output=True, text=True, timeout=300)
+    r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
+                   capture_output=True, text=True, timeout=300)
     check(r.returncode == 0, f"data prepare ({r.stderr.strip()[-200:]})")
 
     runs = {}
@@ -50,7 +41,7 @@ def main():
                 "--set", f"run.name={name}", "--set", f"run.state_dir={tmp}/state-{name}",
                 "--set", f"checkpoint.store={tmp}/store", "--set", "run.steps=8",
                 "--set", "train.warmup_steps=2", "--set", "checkpoint.every=0"]
-        r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        r = sytest.run(args, capture_output=True, text=True, timeout=600)
         check(r.returncode == 0, f"train with {th} thread(s) ({r.stderr.strip()[-300:]})")
         with open(f"{tmp}/state-{name}/metrics.jsonl") as f:
             runs[th] = [{k: v for k, v in json.loads(l).items() if k not in TIMING} for l in f]
@@ -75,11 +66,11 @@ def main():
         env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
         if env_set:
             env[env_set] = want.split("=", 1)[1]
-        p = subprocess.Popen([SY, "train", CFG, "--quiet", "--set", f"data.train={tmp}/data/train_*.bin",
-                              "--set", f"data.val={tmp}/data/val_*.bin", "--set", "run.name=env",
-                              "--set", f"run.state_dir={tmp}/state-env", "--set", f"checkpoint.store={tmp}/store-env",
-                              "--set", "run.steps=1000", "--set", "checkpoint.every=0"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = sytest.Popen([SY, "train", CFG, "--quiet", "--set", f"data.train={tmp}/data/train_*.bin",
+                          "--set", f"data.val={tmp}/data/val_*.bin", "--set", "run.name=env",
+                          "--set", f"run.state_dir={tmp}/state-env", "--set", f"checkpoint.store={tmp}/store-env",
+                          "--set", "run.steps=1000", "--set", "checkpoint.every=0"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         environ = b""
         for _ in range(100):
             time.sleep(0.05)

@@ -5,27 +5,14 @@ import glob
 import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
-failures = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg)
-    else:
-        print("ok:", msg)
+import sytest
+from sytest import SY, CFG, check, failures, metric_lines
 
 
 def run(args, **kw):
-    return subprocess.run([SY] + args, capture_output=True, text=True, timeout=600, **kw)
+    return sytest.run([SY] + args, capture_output=True, text=True, timeout=600, **kw)
 
 
 def small(tmp, name):
@@ -37,13 +24,8 @@ def small(tmp, name):
             "--set", "train.warmup_steps=5", "--set", "checkpoint.every=10", "--quiet"]
 
 
-def metrics(tmp, name):
-    with open(f"{tmp}/state-{name}/metrics.jsonl") as f:
-        return [json.loads(l) for l in f]
-
-
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-train-")
+    tmp = sytest.make_tmp("sy-train-")
     rnd = random.Random(5)
     words = ["switch", "expert", "router", "token", "capacity", "the", "a", "of", "loss", "layer",
              "gradient", "batch", "worker", "shard", "fault", "checkpoint"]
@@ -59,14 +41,14 @@ def main():
     check(r.returncode == 0, f"20 straight steps run ({r.stderr[-300:]})")
     r = run(["train", CFG] + small(tmp, "split") + ["--stop-after", "10"])
     check(r.returncode == 0, f"first 10 steps run ({r.stderr[-300:]})")
-    first = metrics(tmp, "split")
+    first = metric_lines(tmp, "split")
     check(len(first) == 10, f"stop-after 10 wrote 10 metric lines (got {len(first)})")
     check(os.path.exists(f"{tmp}/store/split/ckpt/step-000000010/MANIFEST.json"),
           "checkpoint at step 10 committed with its manifest")
     r = run(["train", CFG] + small(tmp, "split") + ["--resume"])
     check(r.returncode == 0 and "resumed from checkpoint step 10" in r.stderr,
           f"resume picks up step 10 ({r.stderr[-300:]})")
-    a, b = metrics(tmp, "straight"), metrics(tmp, "split")
+    a, b = metric_lines(tmp, "straight"), metric_lines(tmp, "split")
     check([m["step"] for m in a] == list(range(1, 21)), "straight run logged steps 1..20")
     check([m["step"] for m in b] == list(range(1, 21)), "split run logged steps 1..20 once each")
     same = all(x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"] for x, y in zip(a, b))

@@ -15,25 +15,25 @@
    a failed buffer allocation for ever.
 """
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
+
+import sytest
+from sytest import check
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import faultutil as fu  # noqa: E402
 
-check = fu.Checker()
 NPROC = len(os.sched_getaffinity(0))
 
 
 def run(cmd, timeout=10, **kw):
     t = time.time()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=fu._die_with_parent, **kw)
+        r = sytest.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
         return r.returncode, r.stdout + r.stderr, time.time() - t
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
@@ -53,7 +53,7 @@ def term_within(p, bound):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-args-")
+    tmp = sytest.make_tmp("sy-args-")
     W = fu.WORKER
 
     # --- 1. bad arguments ----------------------------------------------------------------------
@@ -91,8 +91,8 @@ def main():
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
     port = srv.getsockname()[1]
-    p = subprocess.Popen([W, "--coordinator", f"tcp://127.0.0.1:{port}", "--id", "mute"], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, preexec_fn=fu._die_with_parent)
+    p = sytest.Popen([W, "--coordinator", f"tcp://127.0.0.1:{port}", "--id", "mute"], stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT)
     time.sleep(1.5)
     rc, dt = term_within(p, 2)
     check(rc is not None and dt <= 2.0, f"SIGTERM ends a worker whose coordinator never answers in {dt:.2f} s (exit {rc})")
@@ -120,9 +120,8 @@ def main():
         c.start_coordinator(expect=1)
         log = f"{tmp}/nomem-worker.log"
         with open(log, "w") as lf:
-            p = subprocess.Popen(["/bin/sh", "-c", f"ulimit -v 1500000; exec {W} --coordinator tcp://127.0.0.1:{c.port} "
-                                  f"--id m0 --threads 1 --connect-timeout 30"], stdout=lf, stderr=subprocess.STDOUT,
-                                 preexec_fn=fu._die_with_parent)
+            p = sytest.Popen(["/bin/sh", "-c", f"ulimit -v 1500000; exec {W} --coordinator tcp://127.0.0.1:{c.port} "
+                              f"--id m0 --threads 1 --connect-timeout 30"], stdout=lf, stderr=subprocess.STDOUT)
             try:
                 rc = p.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -154,7 +153,7 @@ def main():
     if check.failures:
         print(f"{len(check.failures)} failure(s); files kept in {tmp}")
         sys.exit(1)
-    shutil.rmtree(tmp, ignore_errors=True)
+    sytest.remove_tmp(tmp)
     print("all ok")
 
 

@@ -20,18 +20,8 @@
 #include "model/model.h"
 #include "model/switch.h"
 
-static uint64_t g_rs = 0xbf16bf16ULL;
-static double urand(void) { /* splitmix64, independent of src/base/rng */
-    uint64_t z = (g_rs += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    return (double)(z >> 11) * 0x1.0p-53;
-}
-static float frand(double lo, double hi) { return (float)(lo + (hi - lo) * urand()); }
-static void fill(float *x, size_t n, double lo, double hi) {
-    for (size_t i = 0; i < n; i++) x[i] = frand(lo, hi);
-}
+#define SY_TEST_SEED 0xbf16bf16ULL
+#include "sy_test.h"
 
 static float f_of(uint32_t u) {
     float f;

@@ -16,22 +16,11 @@
 
 #include "backend/backend.h"
 
+#define SY_TEST_SEED 0x5eed1234abcdULL
+#include "sy_test.h"
+
 /* ---------------------------------------------------------------- test helpers */
 
-static uint64_t g_rs = 0x5eed1234abcdULL;
-
-static double urand(void) { /* splitmix64, independent of src/base/rng */
-    uint64_t z = (g_rs += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    return (double)(z >> 11) * 0x1.0p-53;
-}
-
-static float frand(double lo, double hi) { return (float)(lo + (hi - lo) * urand()); }
-static void fill(float *x, size_t n, double lo, double hi) {
-    for (size_t i = 0; i < n; i++) x[i] = frand(lo, hi);
-}
 static void to_d(double *d, const float *f, size_t n) {
     for (size_t i = 0; i < n; i++) d[i] = f[i];
 }
@@ -49,23 +38,6 @@ static double *dalloc(size_t n) {
     return p;
 }
 static void ffree(void *p) { g_be->free(g_be, p); }
-
-/* Elementwise |got - want| <= atol + rtol·|want|; prints the first few misses. */
-static void check_close(const char *what, const float *got, const double *want, size_t n,
-                        double atol, double rtol) {
-    int bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        double err = fabs((double)got[i] - want[i]);
-        if (!(err <= atol + rtol * fabs(want[i]))) {
-            if (bad < 5)
-                fprintf(stderr, "%s[%zu]: got %.9g want %.9g (err %.3g)\n", what, i,
-                        (double)got[i], want[i], err);
-            bad++;
-        }
-    }
-    if (bad) fprintf(stderr, "%s: %d of %zu entries off\n", what, bad, n);
-    assert_int_equal(bad, 0);
-}
 
 /* Central finite differences of f over x[0..n): g[i] = (f(x+h e_i) - f(x-h e_i)) / 2h. */
 typedef double (*obj_fn)(void *ctx);

@@ -22,14 +22,8 @@
 #include "base/config.h"
 #include "model/model.h"
 
-static uint64_t g_rs = 0x6d0de1ULL;
-static double urand(void) { /* splitmix64, independent of src/base/rng */
-    uint64_t z = (g_rs += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    return (double)(z >> 11) * 0x1.0p-53;
-}
+#define SY_TEST_SEED 0x6d0de1ULL
+#include "sy_test.h"
 
 static sy_backend_t *g_be;
 static int g_verbose;
