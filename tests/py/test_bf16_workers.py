@@ -7,26 +7,15 @@ gives exactly the same loss at every step (the fp64 values metrics.jsonl records
 order whatever the world size, so nothing may change with W.
 Also checks that bf16 ran (the bf16 losses differ from an fp32 run's), so the equality is not
 two fp32 runs agreeing."""
-import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
-SY = os.path.join(BUILD, "switchyard")
-CFG = os.path.join(SRC, "configs", "tiny.yaml")
+import sytest
+from sytest import SY, CFG, check, failures, metrics
+
 STEPS = 20
-failures = []
-
-
-def check(cond, msg):
-    print(("ok: " if cond else "FAIL: ") + msg, flush=True)
-    if not cond:
-        failures.append(msg)
 
 
 def sets(tmp, name, precision="bf16", threads=1):
@@ -39,18 +28,9 @@ def sets(tmp, name, precision="bf16", threads=1):
     return out
 
 
-def metrics(tmp, name):
-    by_step = {}
-    with open(f"{tmp}/state-{name}/metrics.jsonl") as f:
-        for line in f:
-            m = json.loads(line)
-            by_step[m["step"]] = m
-    return by_step
-
-
 def launch(tmp, name, args):
     t = time.time()
-    r = subprocess.run([SY] + args, capture_output=True, text=True, timeout=800)
+    r = sytest.run([SY] + args, capture_output=True, text=True, timeout=800)
     print(f"   {' '.join(args[:4])}: {time.time() - t:.1f} s, exit {r.returncode}", flush=True)
     if r.returncode != 0:
         print(r.stderr[-3000:])
@@ -70,7 +50,7 @@ def compare(ref, got, what):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sy-bf16w-")
+    tmp = sytest.make_tmp("sy-bf16w-")
     rnd = random.Random(12)
     os.makedirs(f"{tmp}/text")
     words = ["mixture", "of", "experts", "routes", "each", "token", "to", "one", "feed", "forward",
@@ -78,7 +58,7 @@ def main():
     with open(f"{tmp}/text/c.txt", "w") as f:
         for _ in range(3000):
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 14))) + ".\n")
-    r = subprocess.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
+    r = sytest.run([SY, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"],
                        capture_output=True, text=True)
     check(r.returncode == 0, "data prepared")
 

@@ -13,12 +13,10 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
-import tempfile
 
-BUILD = os.environ.get("SY_BUILD", "build")
-SRC = os.environ.get("SY_SRC", ".")
+import sytest
+from sytest import BUILD, SRC, check, failures
 
 # layer -> the layers it builds on directly (CMakeLists.txt sy_layer DEPS)
 DEPS = {
@@ -33,15 +31,6 @@ DEPS = {
     "coordinator": ["proto", "storage"],
     "cli": ["worker"],
 }
-failures = []
-
-
-def check(cond, msg):
-    print(("ok: " if cond else "FAIL: ") + msg)
-    if not cond:
-        failures.append(msg)
-
-
 def closure(layer):
     seen, todo = set(), [layer]
     while todo:
@@ -56,7 +45,7 @@ def compile_probe(args, directory, tmp, line):
     probe = os.path.join(tmp, "probe.c")
     with open(probe, "w") as f:
         f.write(line + "\nint sy_probe;\n")
-    r = subprocess.run(args + ["-fsyntax-only", probe], cwd=directory, capture_output=True, text=True)
+    r = sytest.run(args + ["-fsyntax-only", probe], cwd=directory, capture_output=True, text=True)
     return r.returncode, r.stderr
 
 
@@ -100,7 +89,7 @@ def main():
             public[layer] = f"{layer}/{pub[0]}"
     check(len(private) > 0, f"private headers exist to probe: {private}")
 
-    tmp = tempfile.mkdtemp(prefix="sy-layering-")
+    tmp = sytest.make_tmp("sy-layering-")
     for layer in layers:
         args, directory = command_for(entries, layer)
         check(args is not None, f"{layer}: a compile command for one of its files")
@@ -137,6 +126,7 @@ def main():
     check(not bad, "every #include in src/ names its layer and runs downwards" +
           ("" if not bad else ":\n  " + "\n  ".join(bad)))
 
+    sytest.remove_tmp(tmp)
     if failures:
         print(f"{len(failures)} failure(s)")
         return 1

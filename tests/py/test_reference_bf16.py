@@ -54,8 +54,9 @@ import sys
 import tempfile
 import time
 
-SRC = os.environ.get("SY_SRC", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-BUILD = os.environ.get("SY_BUILD", os.path.join(SRC, "build"))
+import sytest  # noqa: E402
+from sytest import BUILD, SRC  # noqa: E402
+
 sys.path.insert(0, os.path.join(SRC, "tests"))
 
 import torch  # noqa: E402
@@ -97,7 +98,7 @@ def rel_scalar(a, b, floor=1e-30):
 
 
 def run(cmd):
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    r = sytest.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
     if r.returncode != 0:
         raise RuntimeError("command failed (exit %d): %s\n%s" % (r.returncode, " ".join(cmd), r.stdout))
     return r.stdout
