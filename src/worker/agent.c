@@ -92,7 +92,8 @@ typedef struct {
     uint64_t incarnation;          /* under mu */
     uint8_t session[64];           /* under mu: our registration's secret (Welcome.session), echoed */
     size_t session_len;            /* on every message (docs/protocol.md "Identities") */
-    sy_comm_t *comm;               /* under mu: aborted by the link thread */
+    sy_comm_t *comm;               /* under mu: the link thread may sy_comm_abort it (sets a
+                                    * flag only; the main thread tears the collective down) */
     _Atomic uint64_t generation;
     _Atomic uint64_t gen_inc;      /* incarnation of the coordinator that assigned `generation`:
                                     * a generation is named by the pair (a restarted coordinator
@@ -1186,7 +1187,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
         a.curve = true;
         sy_info("control plane: CURVE, our public key %s, coordinator's %s", a.key.public_z85, a.server_public);
     }
-    if (sy_dataplane_new(opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
+    if (sy_dataplane_new(opts->comm ? opts->comm : "tcp", opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
         sy_error("data plane: %s", sy_err_msg());
         goto out;
     }
