@@ -1,4 +1,6 @@
-/* The `tcp` data plane (comm.h): collectives over a ZeroMQ PUSH/PULL mesh.
+/* The `tcp` data plane (comm.h): collectives over a ZeroMQ PUSH/PULL mesh, behind the ops
+ * table sy_comm_tcp_ops (comm_internal.h; comm.c does argument checks, world 1, the abort flag
+ * and the failed state). Buffers are read and written by the CPU (host memory).
  *
  * Sockets. A sy_dataplane_t owns a zmq context and one PULL socket bound at bind_addr for the
  * whole process (RCVHWM 0 so a fast sender is never refused; ZMQ_MAXMSGSIZE caps a frame at one
@@ -14,8 +16,8 @@
  * most SY_COMM_CHUNK = 1 MiB, which keeps zmq's receive allocations in the reused heap rather
  * than one mmap per message, and lets the receiver copy chunk k while chunk k+1 is on the
  * wire; 256 KiB..4 MiB measured within noise, 1 MiB best). A stream of 0 bytes is one empty
- * chunk, so every round exchanges at least one message per expected pair and a receiver always
- * learns the size. Header fields are host byte order (all workers of a
+ * chunk, so every round exchanges at least one message per expected pair. The receiver knows
+ * every size in advance (comm.h) and checks the header's total against it. Header fields are host byte order (all workers of a
  * cluster share an architecture). Every collective is one or two rounds; each round takes the
  * next sequence number, so the pair (generation, seq) names a round uniquely.
  *
@@ -43,7 +45,7 @@
  * buffers at once (all-reduce relies on it between its two rounds, as it overwrites the blocks
  * it sent). Received payloads are copied once, from zmq's message into their final place (or
  * into the all-reduce scratch); nothing else is copied. Buffers reused across collectives: the
- * stash, the held-message list, the all-reduce scratch.
+ * stash, the all-reduce scratch.
  *
  * Closing. A communicator destroyed after successful collectives closes its PUSH sockets with
  * LINGER = timeout_ms: bytes still in zmq's batches, which a slower peer may need to finish the
@@ -53,11 +55,13 @@
  * Failure. A collective that fails (timeout, abort, protocol error, bad argument from a peer)
  * leaves the communicator failed: its PUSH sockets are closed with LINGER 0, which makes zmq
  * drop queued messages and release the caller's buffers (we wait for that, bounded), and every
- * later collective returns the same status at once (SY_EABORTED once aborted). The generation is over; the owner destroys
- * the communicator and waits for the next generation. Bad arguments detected before anything
- * was sent (SY_EINVAL from our own caller) do not fail the communicator, nor does an
- * alltoallv whose recv_cap is too small: that round still completes with every peer (the data
- * that does not fit is discarded, recv_bytes gives the sizes) and returns SY_EINVAL.
+ * later collective returns the same status at once (SY_EABORTED once aborted). The generation
+ * is over; the owner destroys the communicator and waits for the next generation. Bad arguments
+ * from our own caller (SY_EINVAL, found by comm.c before anything is sent) do not fail it.
+ *
+ * Abort. sy_comm_abort() (any thread) only sets the flag in comm.c's struct; the thread in the
+ * collective sees it within one slice (SY_COMM_SLICE_MS = 20 ms, under SY_COMM_ABORT_MS) and
+ * returns SY_EABORTED; the socket teardown (tcp_fail) then runs on that same thread.
  *
  * All-reduce. n elements are split in W contiguous blocks (sizes n/W or n/W + 1, in order).
  * Round 1 (reduce-scatter): rank q receives block q of every rank and sums them in rank order
@@ -68,8 +72,7 @@
  * Memory: the stash is not capped (a broadcast root may legitimately run many rounds ahead);
  * frames are capped at one chunk (ZMQ_MAXMSGSIZE) so a stranger cannot send one huge frame.
  *
- * One communicator per data plane at a time. world == 1 needs no data plane (dp may be NULL).
- * sy_comm_abort() may race a collective, not sy_comm_destroy(). */
+ * One communicator per data plane at a time. */
 #include "comm/comm.h"
 #include "comm_internal.h"
 #include "base/clock.h"

@@ -36,6 +36,7 @@ struct sy_ep {
     int32_t *recv_row0;   /* [world] first row (in concatenated received order) per source */
     float *dye;           /* [R, D] received output gradients in local expert-major order */
     float *dge, *dhe;     /* [R, F] */
+    sy_ep_stats stats;
 };
 
 #define EP_ALLOC(ptr, n)                                                      \
@@ -133,6 +134,15 @@ void sy_ep_destroy(sy_ep_t **self_p) {
 int sy_ep_n_owned(const sy_ep_t *ep) { return ep->nm; }
 const int *sy_ep_owned(const sy_ep_t *ep) { return ep->mine; }
 
+sy_ep_stats sy_ep_get_stats(const sy_ep_t *ep) { return ep->stats; }
+
+/* One all-to-all of the exchange, counting what leaves this rank (our own chunk stays). */
+static sy_status exchange(sy_ep_t *ep, uint64_t *counter) {
+    for (int q = 0; q < ep->world; q++)
+        if (q != ep->rank) *counter += ep->send_bytes[q];
+    return sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->recv, ep->recv_bytes);
+}
+
 /* Rows this rank routed to owner q's experts (0 without a micro-batch). */
 static int rows_to(const sy_ep_t *ep, const sy_switch_t *sw, int q) {
     if (!sw) return 0;
@@ -218,7 +228,7 @@ static sy_status return_rows(sy_ep_t *ep, const served_layer *s, const float *ro
         put_rows(ep, ep->send + (size_t)s->src_row[r] * D * ep->es, rows + (size_t)r * D, (size_t)D);
     for (int src = 0; src < ep->world; src++) ep->send_bytes[src] = row_bytes(ep, s->recv_rows[src], false);
     expect_returned_rows(ep, sw);
-    return sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->recv, ep->recv_bytes);
+    return exchange(ep, &ep->stats.row_bytes);
 }
 
 sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_weights *ex,
@@ -238,7 +248,7 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
             ep->recv_bytes[q] = sizeof(int32_t) * (size_t)nm;
         }
     }
-    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->recv, ep->recv_bytes));
+    SY_CHECK(exchange(ep, &ep->stats.meta_bytes));
     int32_t counts[W][nm > 0 ? nm : 1];
     int total = 0;
     for (int src = 0; src < W; src++) {
@@ -260,7 +270,12 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     /* 2. Tokens and rows, sizes known from the counts: int32 token of each row, then the rows. */
     pack_rows(ep, sw, sw ? sw->xe : NULL, true);
     for (int src = 0; src < W; src++) ep->recv_bytes[src] = row_bytes(ep, s->recv_rows[src], true);
-    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->recv, ep->recv_bytes));
+    SY_CHECK(exchange(ep, &ep->stats.row_bytes));
+    for (int q = 0; q < W; q++) /* the token indices are bookkeeping, not rows */
+        if (q != ep->rank) {
+            ep->stats.row_bytes -= sizeof(int32_t) * (size_t)rows_to(ep, sw, q);
+            ep->stats.meta_bytes += sizeof(int32_t) * (size_t)rows_to(ep, sw, q);
+        }
     const char *toks[W], *rows[W];
     {
         const char *p = ep->recv;
@@ -323,7 +338,7 @@ sy_status sy_ep_backward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_w
      * from the forward's counts. */
     pack_rows(ep, sw, sw ? sw->dye : NULL, false);
     for (int src = 0; src < W; src++) ep->recv_bytes[src] = row_bytes(ep, s->recv_rows[src], false);
-    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->recv, ep->recv_bytes));
+    SY_CHECK(exchange(ep, &ep->stats.row_bytes));
     /* Into local expert-major order, backward, and back. */
     float *dye = ep->dye;
     for (int r = 0; r < s->n_rows; r++)

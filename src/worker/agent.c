@@ -659,6 +659,15 @@ static void stash(agent_t *a, const Sy__Envelope *env) {
 static void snapshot_drop(agent_t *a);
 
 static void close_generation(agent_t *a) {
+    if (a->comm && a->world > 1) {
+        sy_comm_stats cs = sy_comm_get_stats(a->comm);
+        sy_ep_stats es = a->ep ? sy_ep_get_stats(a->ep) : (sy_ep_stats){0, 0};
+        sy_info("generation %llu: data plane sent %llu bytes in %llu collectives; expert exchange %llu bytes of "
+                "rows (%s), %llu of counts and tokens",
+                (unsigned long long)atomic_load(&a->generation), (unsigned long long)cs.bytes_sent,
+                (unsigned long long)cs.collectives, (unsigned long long)es.row_bytes,
+                a->be && a->be->bf16 ? "bf16" : "fp32", (unsigned long long)es.meta_bytes);
+    }
     if (a->model) sy_model_set_ep(a->model, NULL, 0);
     sy_ep_destroy(&a->ep);
     pthread_mutex_lock(&a->mu);
