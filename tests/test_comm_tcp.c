@@ -73,7 +73,7 @@ static bool write_full(int fd, const void *buf, size_t n) {
 static void child_main(int rank, int world, int up, int down, scenario_fn fn) {
     sy_dataplane_t *dp = NULL;
     char mine[EP_LEN] = {0};
-    if (sy_dataplane_new("tcp://127.0.0.1:*", &dp) != SY_OK) {
+    if (sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &dp) != SY_OK) {
         fprintf(stderr, "rank %d: dataplane: %s\n", rank, sy_err_msg());
         _exit(90);
     }
@@ -193,14 +193,13 @@ static uint8_t a2a_byte(int src, int dst, int it, size_t i) {
 static int do_a2a(sy_comm_t *c, int rank, int world, int it, size_t (*size)(int, int, int, size_t), size_t maxb) {
     size_t sb[MAX_W] = {0}, rb[MAX_W] = {0}, stot = 0, rtot = 0;
     for (int d = 0; d < world; d++) stot += sb[d] = size(rank, d, it, maxb);
-    for (int s = 0; s < world; s++) rtot += size(s, rank, it, maxb);
+    for (int s = 0; s < world; s++) rtot += rb[s] = size(s, rank, it, maxb);
     uint8_t *send = calloc(stot + 1, 1), *recv = malloc(rtot + 1);
     CK(send && recv, "alloc");
     size_t o = 0;
     for (int d = 0; d < world; d++)
         for (size_t i = 0; i < sb[d]; i++) send[o++] = a2a_byte(rank, d, it, i);
-    memset(rb, 0xff, sizeof rb);
-    sy_status st = sy_comm_alltoallv(c, send, sb, recv, rtot, rb);
+    sy_status st = sy_comm_alltoallv(c, send, sb, recv, rb);
     CK(st == SY_OK, "alltoallv it %d: %s", it, sy_strerror(st));
     o = 0;
     for (int s = 0; s < world; s++) {
@@ -294,10 +293,8 @@ static int sc_basic(int rank, int world, sy_dataplane_t *dp, const char *const *
     RUN(do_a2a(c, rank, world, 1, big_uneven, 0));
     /* all chunks empty */
     {
-        size_t sb[MAX_W] = {0}, rb[MAX_W];
-        char dummy;
-        CK(sy_comm_alltoallv(c, &dummy, sb, &dummy, 0, rb) == SY_OK, "empty alltoallv");
-        for (int r = 0; r < world; r++) CK(rb[r] == 0, "empty rb[%d]", r);
+        size_t sb[MAX_W] = {0}, rb[MAX_W] = {0};
+        CK(sy_comm_alltoallv(c, NULL, sb, NULL, rb) == SY_OK, "empty alltoallv");
     }
     size_t ns[] = {0, 1, 3, 1000, 1000003};
     for (size_t k = 0; k < sizeof ns / sizeof ns[0]; k++) {
@@ -311,22 +308,6 @@ static int sc_basic(int rank, int world, sy_dataplane_t *dp, const char *const *
     sy_comm_stats s = sy_comm_get_stats(c);
     CK(s.collectives == 3 + 2 * 5 + 3 + 3, "collectives %llu", (unsigned long long)s.collectives);
     if (world > 1) CK(s.bytes_sent > 0 && s.bytes_received > 0, "byte counters");
-    /* recv_cap too small: EINVAL naming the sender that does not fit; the round still completes
-     * on every rank, so the communicator stays usable */
-    if (world > 1) {
-        size_t sb[MAX_W], rb[MAX_W];
-        for (int r = 0; r < world; r++) sb[r] = 100;
-        char send[MAX_W * 100], recv[MAX_W * 100];
-        memset(send, 1, sizeof send);
-        sy_status st = sy_comm_alltoallv(c, send, sb, recv, (size_t)world * 100 - 1, rb);
-        CK(st == SY_EINVAL, "overflow gives %s", sy_strerror(st));
-        char want[64];
-        snprintf(want, sizeof want, "from rank %d", world - 1);
-        CK(strstr(sy_err_msg(), want) != NULL, "overflow message names the last sender");
-        for (int r = 0; r < world; r++) CK(rb[r] == 100, "sizes still reported");
-        CK(sy_comm_barrier(c) == SY_OK, "usable after a local overflow");
-        RUN(do_a2a(c, rank, world, 2, a2a_size, 5000));
-    }
     sy_comm_destroy(&c);
     sy_comm_destroy(&c); /* safe twice */
     CK(c == NULL, "destroy nulls");
@@ -393,10 +374,10 @@ static int sc_dead_exit(int rank, int world, sy_dataplane_t *dp, const char *con
     sy_comm_t *c = NULL;
     CK(sy_comm_new(dp, 1, rank, world, eps, DEAD_TIMEOUT_MS, &c) == SY_OK, "comm_new");
     usleep(100000);
-    size_t sb[3] = {1000, 1000, 1000}, rb[3];
+    size_t sb[3] = {1000, 1000, 1000}, rb[3] = {1000, 1000, 1000};
     static char send[3000], recv[3000];
     int64_t t0 = now_ms();
-    sy_status st = sy_comm_alltoallv(c, send, sb, recv, sizeof recv, rb);
+    sy_status st = sy_comm_alltoallv(c, send, sb, recv, rb);
     RUN(expect_timeout(rank, st, t0, "alltoallv"));
     /* failed: the next call fails at once */
     t0 = now_ms();
@@ -440,12 +421,12 @@ static int sc_dead_stop(int rank, int world, sy_dataplane_t *dp, const char *con
     CK(sy_comm_new(dp, 2, rank, world, eps, DEAD_TIMEOUT_MS, &c) == SY_OK, "comm_new");
     usleep(50000);
     size_t big = (size_t)8 << 20;
-    size_t sb[3] = {big, big, big}, rb[3];
+    size_t sb[3] = {big, big, big}, rb[3] = {big, big, big};
     char *send = malloc(3 * big), *recv = malloc(3 * big);
     CK(send && recv, "alloc");
     memset(send, rank + 1, 3 * big);
     int64_t t0 = now_ms();
-    sy_status st = sy_comm_alltoallv(c, send, sb, recv, 3 * big, rb);
+    sy_status st = sy_comm_alltoallv(c, send, sb, recv, rb);
     RUN(expect_timeout(rank, st, t0, "alltoallv"));
     sy_comm_destroy(&c);
     /* zmq released our buffer: scribbling over it and freeing it must be safe now */
@@ -522,14 +503,14 @@ static int sc_stale(int rank, int world, sy_dataplane_t *dp, const char *const *
     if (rank == 0) {
         usleep(200000); /* the others are in generation 2 by now */
         size_t sb[MAX_W], rb[MAX_W], tot = 0;
-        for (int d = 0; d < world; d++) tot += sb[d] = stale_size(0, d, 3, 0);
+        for (int d = 0; d < world; d++) tot += sb[d] = rb[d] = stale_size(0, d, 3, 0);
         char *junk = malloc(tot), *recv = malloc(tot * MAX_W);
         memset(junk, 0xee, tot);
         sy_comm_destroy(&c);
         CK(sy_comm_new(dp, 1, rank, world, eps, 300, &c) == SY_OK, "comm_new g1 again");
         /* rounds 1..3 of generation 1 again, the peers never answer: times out */
         for (int k = 0; k < 4; k++) {
-            sy_status st = sy_comm_alltoallv(c, junk, sb, recv, tot * MAX_W, rb);
+            sy_status st = sy_comm_alltoallv(c, junk, sb, recv, rb);
             if (st != SY_OK) {
                 CK(st == SY_ETIMEOUT, "stale alltoallv gave %s", sy_strerror(st));
                 break;
@@ -554,9 +535,9 @@ static void test_stale_generation(void **s) { (void)s; expect_all_ok(3, sc_stale
 static void test_bad_args(void **s) {
     (void)s;
     sy_dataplane_t *dp = NULL;
-    assert_int_equal(sy_dataplane_new("tcp://nonsense:xyz", &dp), SY_EIO);
+    assert_int_equal(sy_dataplane_new("tcp", "tcp://nonsense:xyz", &dp), SY_EIO);
     assert_null(dp);
-    assert_int_equal(sy_dataplane_new("tcp://127.0.0.1:*", &dp), SY_OK);
+    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &dp), SY_OK);
     assert_non_null(strstr(sy_dataplane_endpoint(dp), "tcp://127.0.0.1:"));
     const char *eps[2] = {sy_dataplane_endpoint(dp), "tcp://127.0.0.1:1"};
     sy_comm_t *c = NULL;

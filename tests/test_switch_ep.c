@@ -2,7 +2,9 @@
  * Switch layer: outputs, input gradients, router gradients and every expert's weight gradients,
  * with tokens dropped by capacity, for W = 2, 3, 4 and E = 8 (so W = 3 is an uneven placement),
  * including a round where some ranks have no micro-batch and only serve their experts, and a
- * scattered (non-contiguous) placement such as a recovery leaves.
+ * scattered (non-contiguous) placement such as a recovery leaves. In bf16 mode (the backend's
+ * bf16 flag) the rows cross the wire as bf16 and the results still match to 1e-6: the wire
+ * conversion must be exact for the bf16-rounded activations (a lossy one errs by ~1e-3).
  *
  * Every child builds the same inputs from a fixed seed, computes the reference on its own (all
  * experts local, every micro-batch of the round), then runs its micro-batch through the
@@ -70,10 +72,11 @@ static double rel(const float *a, const float *b, size_t n) {
 /* Child: micro-batches 0..M-1 of one round (M ≤ world: ranks ≥ M are idle). Returns 0 if every
  * comparison holds. */
 static int g_scattered; /* placement: 0 balanced contiguous ranges, 1 round-robin (e % W) */
+static bool g_bf16;     /* backend in bf16 mode: bf16 rows on the wire */
 
 static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_LEN]) {
     sy_backend_t *be = NULL;
-    sy_backend_cpu_new(1, false, &be);
+    sy_backend_cpu_new(1, g_bf16, &be);
     static weights ref, dist;
     weights_init(&ref);
     weights_init(&dist);
@@ -81,6 +84,8 @@ static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_L
     for (int m = 0; m < M; m++) {
         fill(h[m], G * D, 100 + m, "h", 1.0f);
         fill(dout[m], G * D, 200 + m, "dout", 1.0f);
+        be->round_bf16(be, h[m], G * D); /* activations are bf16 in bf16 mode */
+        be->round_bf16(be, dout[m], G * D);
     }
     const float aux_scale = 0.01f * E / (G * M), z_scale = 0.001f * 2 / (G * M);
     int dropped = 0;
@@ -194,7 +199,7 @@ static void run_world(int world, int M) {
         assert_true(pid[r] >= 0);
         if (pid[r] == 0) {
             sy_dataplane_t *dp = NULL;
-            if (sy_dataplane_new("tcp://127.0.0.1:*", &dp) != SY_OK) _exit(90);
+            if (sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &dp) != SY_OK) _exit(90);
             char eps[MAXW][EP_LEN];
             memset(eps, 0, sizeof eps);
             snprintf(eps[r], EP_LEN, "%s", sy_dataplane_endpoint(dp));
@@ -246,6 +251,13 @@ static void test_w3_scattered(void **s) {
     run_world(4, 3);
     g_scattered = 0;
 }
+static void test_bf16_wire(void **s) {
+    (void)s;
+    g_bf16 = true;
+    run_world(3, 3);
+    run_world(4, 2);
+    g_bf16 = false;
+}
 
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
@@ -255,6 +267,7 @@ int main(void) {
         cmocka_unit_test(test_w4),
         cmocka_unit_test(test_w4_idle_ranks),
         cmocka_unit_test(test_w3_scattered),
+        cmocka_unit_test(test_bf16_wire),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -89,6 +89,9 @@ static const char *const PRECISION_NAMES[] = {"fp32", "bf16", NULL};
 static const char *const ONBUSY_NAMES[] = {"wait", "skip", NULL};
 static const char *const S3_ADDRESSING_NAMES[] = {"auto", "path", "virtual", NULL};
 static const char *const BACKEND_NAMES[] = {"cpu", "cuda", NULL};
+/* Data planes a worker process can use (comm.h has the implementations; "threads" runs ranks as
+ * threads of one process, so it is for tests, not workers). */
+static const char *const COMM_NAMES[] = {"tcp", NULL};
 
 /* Largest token id a shard can hold (uint16 tokens). */
 #define SY_MAX_VOCAB 65536
@@ -223,6 +226,9 @@ static const field FIELDS[] = {
         MEANS("Bound on one data-plane exchange (all-to-all, all-reduce) (ms).")),
     FLD(cluster, backend, FT_STRING, "cpu", .names = BACKEND_NAMES,
         MEANS("Compute backend of the workers.")),
+    FLD(cluster, comm, FT_STRING, "tcp", .names = COMM_NAMES,
+        MEANS("Data plane between the workers (all-to-all, all-reduce): `tcp`, a ZeroMQ mesh "
+              "(`nccl` comes with the CUDA backend).")),
     FLD(cluster, curve_server_key, FT_STRING, "",
         CHECK(chk_curve_on, "set when another `cluster.curve_*` field is set"),
         MEANS("CurveZMQ on the control plane: the coordinator's key pair, a `.key` file of "

@@ -91,6 +91,7 @@ typedef struct {
         int failure_timeout_ms;
         int data_timeout_ms;
         char *backend;        /* "cpu" */
+        char *comm;           /* data plane: "tcp" (src/comm/comm.h) */
         /* CurveZMQ on the control plane (src/proto/curve.h); "" = off */
         char *curve_server_key;      /* the coordinator's .key file */
         char *curve_server_public;   /* its .pub file, for the workers `switchyard run` starts */

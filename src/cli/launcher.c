@@ -266,6 +266,7 @@ typedef struct {
     bool line_open;      /* a progress line without its newline is on the terminal */
     int threads;
     const char *curve_pub, *curve_key; /* the workers' CURVE flags (NULL: plaintext) */
+    const char *comm;                  /* the workers' data plane (cluster.comm) */
     /* coordinator */
     pid_t coord;
     int coord_fd;
@@ -416,7 +417,7 @@ static bool spawn_worker(lctx *L, int k) {
     char th[16], path[PATH_MAX + 64];
     snprintf(th, sizeof th, "%d", L->threads);
     char *wargv[] = {(char *)L->worker_bin, "--coordinator", L->bind, "--id", w->id, "--threads", th,
-                     L->curve_key ? "--curve-server-public" : NULL, (char *)L->curve_pub, "--curve-key",
+                     "--comm", (char *)L->comm, L->curve_key ? "--curve-server-public" : NULL, (char *)L->curve_pub, "--curve-key",
                      (char *)L->curve_key, NULL};
     snprintf(path, sizeof path, "%s/worker-%d.log", L->logdir, w->log_index);
     w->pid = spawn(wargv, path, -1);
@@ -826,6 +827,7 @@ static bool run_prepare(lctx *L, run_opts *o, const sy_config_t *cfg, run_paths 
     L->quiet = o->quiet;
     L->tty = isatty(STDERR_FILENO);
     L->threads = o->threads;
+    L->comm = cfg->cluster.comm;
     if (cfg->cluster.curve_server_key[0]) {
         L->curve_pub = cfg->cluster.curve_server_public;
         L->curve_key = cfg->cluster.curve_worker_key;

@@ -1,21 +1,43 @@
 /* The data plane (system spec §4): collectives between the workers of one generation.
  *
- * Interface (device-agnostic; a GPU worker will plug in an NCCL implementation of the same
- * table): all-to-all-v (the Switch dispatch and combine), all-reduce-sum (dense gradients,
- * norms), broadcast, barrier, abort. Every wait has a deadline: a missing or dead peer becomes
- * SY_ETIMEOUT (message names the peer rank and the operation) or SY_EABORTED, never a hang.
+ * One interface, several implementations chosen at run time by name (sy_dataplane_new's
+ * `kind`), each behind an ops table (comm_internal.h) so that they link side by side:
+ *   "tcp"      (comm_tcp.c) a ZeroMQ PUSH/PULL mesh between worker processes: the CPU workers'
+ *              data plane (development, CI, tests).
+ *   "threads"  (comm_threads.c) ranks are threads of one process exchanging through shared
+ *              memory: tests and tools only (a worker is a process, so `switchyard run` cannot
+ *              use it). Same semantics and the same rank-order reductions, so results are
+ *              bit-identical to tcp.
+ *   "nccl"     (next issue) GPU workers.
+ * Collectives: all-to-all-v (the Switch dispatch and combine), all-reduce-sum (dense gradients,
+ * norms), broadcast, barrier; plus abort. Every wait has a deadline: a missing or dead peer
+ * becomes SY_ETIMEOUT (message names the peer rank and the operation) or SY_EABORTED, never a
+ * hang.
  *
- * The `tcp` implementation (comm_tcp.c) is a ZeroMQ mesh: each worker owns one sy_dataplane_t
- * for its whole life (a socket bound at startup, whose endpoint it reports to the coordinator
- * in Hello); per generation it opens a sy_comm_t over the peers' endpoints. Every message is
- * tagged with (generation, sequence number of the collective, source rank); messages of another
- * generation are dropped, so stale traffic from an aborted generation can never be mistaken for
- * current data.
+ * Lifecycle. Each worker owns one sy_dataplane_t for its whole life (for tcp a socket bound at
+ * startup, whose endpoint it reports to the coordinator in Hello); per generation it opens a
+ * sy_comm_t over the peers' endpoints. Traffic is tagged with (generation, sequence number of
+ * the collective, source rank); traffic of another generation is dropped, so stale data from an
+ * aborted generation can never be mistaken for current data. One communicator per data plane at
+ * a time. world == 1 needs no data plane (dp may be NULL) and no implementation.
  *
- * Results are identical on every rank and do not depend on timing: all-reduce sums in rank order
- * 0..W-1 (each rank reduces one chunk in that fixed order, then the chunks are all-gathered).
+ * Results are identical on every rank, do not depend on timing nor on the implementation:
+ * all-reduce sums in rank order 0..W-1 (s = x_0; s += x_1; ...; elementwise, each element by one
+ * fixed formula).
  *
- * Thread: one thread drives a sy_comm_t; sy_comm_abort() may be called from any thread. */
+ * Buffers. The buffers given to collectives may be device memory for a device implementation
+ * (nccl). The tcp and threads implementations read and write them with the CPU: they stage
+ * through host memory, so a device backend must hand them host-visible buffers (pinned or
+ * managed) until its nccl data plane exists. The caller may reuse or free its buffers as soon as
+ * a collective returns.
+ *
+ * Threads. One thread (the training thread) drives a sy_comm_t: every function here except
+ * sy_comm_abort() is called from it only. sy_comm_abort() may be called from any thread at any
+ * time while the communicator exists: it only sets a flag. The driving thread notices the flag
+ * within SY_COMM_ABORT_MS (between wait slices), tears the collective down itself and returns
+ * SY_EABORTED; so does every later collective. (NCCL forbids tearing down a communicator from
+ * another thread while a collective runs: this keeps all teardown on the driving thread.)
+ * sy_comm_destroy() must not race sy_comm_abort(): the owner of the pointer serializes them. */
 #ifndef SY_COMM_H
 #define SY_COMM_H
 
@@ -24,13 +46,22 @@
 
 #include "base/status.h"
 
+/* Abort (and a peer's failure seen by the threads implementation) is noticed within this. */
+#define SY_COMM_ABORT_MS 50
+
 typedef struct sy_dataplane sy_dataplane_t;
 typedef struct sy_comm sy_comm_t;
 
-/* Binds the data-plane socket. bind_addr: "tcp://127.0.0.1:*" style (port * = any free port).
- * The bound endpoint (with the real port) is returned by sy_dataplane_endpoint(). */
-sy_status sy_dataplane_new(const char *bind_addr, sy_dataplane_t **out);
+/* The implementation names, NULL-terminated ("tcp", "threads"); `kind` of sy_dataplane_new. */
+extern const char *const sy_comm_kinds[];
+
+/* Opens this process's (or, for "threads", this thread's) data plane of implementation `kind`.
+ * bind_addr: tcp: "tcp://127.0.0.1:*" style (port * = any free port); threads: ignored (NULL
+ * is fine). The endpoint the peers connect to is sy_dataplane_endpoint(). An unknown kind is
+ * SY_EINVAL naming the known ones. */
+sy_status sy_dataplane_new(const char *kind, const char *bind_addr, sy_dataplane_t **out);
 void sy_dataplane_destroy(sy_dataplane_t **self_p);
+const char *sy_dataplane_kind(const sy_dataplane_t *dp);
 const char *sy_dataplane_endpoint(const sy_dataplane_t *dp);
 /* Messages the data plane dropped: of an older generation than the communicator open when they
  * were read, or not well-formed data-plane messages. */
@@ -38,21 +69,23 @@ uint64_t sy_dataplane_dropped(const sy_dataplane_t *dp);
 
 /* Opens the communicator of one generation: this process is `rank` of `world`; endpoints[r] is
  * rank r's data-plane endpoint (endpoints[rank] is ours). timeout_ms bounds every wait.
- * Does not wait for peers (connections are made lazily by ZeroMQ); the first collective does. */
+ * Does not wait for peers; the first collective does. */
 sy_status sy_comm_new(sy_dataplane_t *dp, uint64_t generation, int rank, int world,
                       const char *const *endpoints, int timeout_ms, sy_comm_t **out);
-/* Closes the generation's sockets; pending incoming messages of this generation are dropped. */
+/* Closes the generation; pending incoming traffic of this generation is dropped. */
 void sy_comm_destroy(sy_comm_t **self_p);
 
 int sy_comm_rank(const sy_comm_t *c);
 int sy_comm_world(const sy_comm_t *c);
 
-/* All-to-all-v over bytes. send holds world chunks back to back, chunk r (send_bytes[r] bytes)
- * goes to rank r (the chunk for ourselves is copied locally). On return recv holds the chunks
- * received from ranks 0..world-1 back to back, recv_bytes[r] giving each size; recv_cap is the
- * capacity of recv (SY_EINVAL naming the sender if it would overflow). */
+/* All-to-all-v over bytes, all sizes known before it starts (as NCCL needs). send holds world
+ * chunks back to back, chunk r (send_bytes[r] bytes) goes to rank r (our own is copied
+ * locally). recv receives the chunks of ranks 0..world-1 back to back, recv_bytes[r] bytes from
+ * rank r; the caller knows them (from the route plan's counts, or from a first exchange of
+ * sizes). send and recv must not overlap. A peer that sends another size than expected fails
+ * the collective (SY_EFORMAT naming the rank and both sizes). */
 sy_status sy_comm_alltoallv(sy_comm_t *c, const void *send, const size_t *send_bytes, void *recv,
-                            size_t recv_cap, size_t *recv_bytes);
+                            const size_t *recv_bytes);
 
 /* In-place sum over ranks, identical result on every rank (fixed rank-order reduction). */
 sy_status sy_comm_allreduce_f32(sy_comm_t *c, float *buf, size_t n);
@@ -62,11 +95,13 @@ sy_status sy_comm_allreduce_f64(sy_comm_t *c, double *buf, size_t n);
 sy_status sy_comm_broadcast(sy_comm_t *c, void *buf, size_t bytes, int root);
 sy_status sy_comm_barrier(sy_comm_t *c);
 
-/* Makes every pending and future wait of this communicator return SY_EABORTED promptly
- * (within ~50 ms). Thread-safe; idempotent. */
+/* Sets the abort flag, nothing else: the pending and every future collective of this
+ * communicator returns SY_EABORTED, the pending one within SY_COMM_ABORT_MS. Any thread;
+ * idempotent; async-signal-safe. */
 void sy_comm_abort(sy_comm_t *c);
 
-/* Counters for benchmarks and status: bytes sent/received, collectives run. */
+/* Counters for benchmarks and status: payload bytes sent to / received from other ranks (our
+ * own chunk of an all-to-all is not counted), collectives run. */
 typedef struct {
     uint64_t bytes_sent, bytes_received, collectives;
 } sy_comm_stats;

@@ -1,4 +1,6 @@
-/* The `tcp` data plane (comm.h): collectives over a ZeroMQ PUSH/PULL mesh.
+/* The `tcp` data plane (comm.h): collectives over a ZeroMQ PUSH/PULL mesh, behind the ops
+ * table sy_comm_tcp_ops (comm_internal.h; comm.c does argument checks, world 1, the abort flag
+ * and the failed state). Buffers are read and written by the CPU (host memory).
  *
  * Sockets. A sy_dataplane_t owns a zmq context and one PULL socket bound at bind_addr for the
  * whole process (RCVHWM 0 so a fast sender is never refused; ZMQ_MAXMSGSIZE caps a frame at one
@@ -14,8 +16,8 @@
  * most SY_COMM_CHUNK = 1 MiB, which keeps zmq's receive allocations in the reused heap rather
  * than one mmap per message, and lets the receiver copy chunk k while chunk k+1 is on the
  * wire; 256 KiB..4 MiB measured within noise, 1 MiB best). A stream of 0 bytes is one empty
- * chunk, so every round exchanges at least one message per expected pair and a receiver always
- * learns the size. Header fields are host byte order (all workers of a
+ * chunk, so every round exchanges at least one message per expected pair. The receiver knows
+ * every size in advance (comm.h) and checks the header's total against it. Header fields are host byte order (all workers of a
  * cluster share an architecture). Every collective is one or two rounds; each round takes the
  * next sequence number, so the pair (generation, seq) names a round uniquely.
  *
@@ -43,7 +45,7 @@
  * buffers at once (all-reduce relies on it between its two rounds, as it overwrites the blocks
  * it sent). Received payloads are copied once, from zmq's message into their final place (or
  * into the all-reduce scratch); nothing else is copied. Buffers reused across collectives: the
- * stash, the held-message list, the all-reduce scratch.
+ * stash, the all-reduce scratch.
  *
  * Closing. A communicator destroyed after successful collectives closes its PUSH sockets with
  * LINGER = timeout_ms: bytes still in zmq's batches, which a slower peer may need to finish the
@@ -53,11 +55,13 @@
  * Failure. A collective that fails (timeout, abort, protocol error, bad argument from a peer)
  * leaves the communicator failed: its PUSH sockets are closed with LINGER 0, which makes zmq
  * drop queued messages and release the caller's buffers (we wait for that, bounded), and every
- * later collective returns the same status at once (SY_EABORTED once aborted). The generation is over; the owner destroys
- * the communicator and waits for the next generation. Bad arguments detected before anything
- * was sent (SY_EINVAL from our own caller) do not fail the communicator, nor does an
- * alltoallv whose recv_cap is too small: that round still completes with every peer (the data
- * that does not fit is discarded, recv_bytes gives the sizes) and returns SY_EINVAL.
+ * later collective returns the same status at once (SY_EABORTED once aborted). The generation
+ * is over; the owner destroys the communicator and waits for the next generation. Bad arguments
+ * from our own caller (SY_EINVAL, found by comm.c before anything is sent) do not fail it.
+ *
+ * Abort. sy_comm_abort() (any thread) only sets the flag in comm.c's struct; the thread in the
+ * collective sees it within one slice (SY_COMM_SLICE_MS = 20 ms, under SY_COMM_ABORT_MS) and
+ * returns SY_EABORTED; the socket teardown (tcp_fail) then runs on that same thread.
  *
  * All-reduce. n elements are split in W contiguous blocks (sizes n/W or n/W + 1, in order).
  * Round 1 (reduce-scatter): rank q receives block q of every rank and sums them in rank order
@@ -68,9 +72,9 @@
  * Memory: the stash is not capped (a broadcast root may legitimately run many rounds ahead);
  * frames are capped at one chunk (ZMQ_MAXMSGSIZE) so a stranger cannot send one huge frame.
  *
- * One communicator per data plane at a time. world == 1 needs no data plane (dp may be NULL).
- * sy_comm_abort() may race a collective, not sy_comm_destroy(). */
+ * One communicator per data plane at a time. */
 #include "comm/comm.h"
+#include "comm_internal.h"
 #include "base/clock.h"
 
 #include <errno.h>
@@ -132,13 +136,16 @@ typedef struct {
     size_t n, cap;
 } sy_msgvec;
 
-struct sy_dataplane {
+typedef struct tcp_comm tcp_comm;
+
+typedef struct {
+    sy_dataplane_t base;       /* first: comm.c's view */
     void *ctx, *pull;
     char endpoint[SY_COMM_EP_MAX];
     sy_msgvec stash;           /* messages of later rounds or generations, arrival order */
     uint64_t dropped;          /* stale-generation or malformed messages */
-    sy_comm_t *active;
-};
+    tcp_comm *active;
+} tcp_dp;
 
 /* zmq's free function needs both the per-peer counter and the eventfd; the hint points at a
  * per-peer slot holding both. */
@@ -147,25 +154,20 @@ typedef struct {
     int efd;
 } sy_peer_slot;
 
-struct sy_comm {
-    sy_dataplane_t *dp;
-    uint64_t gen, seq;
-    int rank, world, timeout_ms;
+struct tcp_comm {
+    sy_comm_t b;               /* first: comm.c's view (rank, world, gen, abort flag, stats) */
+    tcp_dp *dp;                /* NULL once the data plane was destroyed */
+    uint64_t seq;
     void **push;               /* [world], NULL for ourselves */
     sy_peer_slot *slots;       /* [world] zero-copy sends not yet released by zmq, per peer */
-    atomic_int aborted;
     int efd;                   /* eventfd: a zero-copy send was released */
-    sy_status failed;          /* SY_OK until a collective fails */
-    char fail_msg[256];
     bool leak;                 /* zmq may still hold a pointer into us: never free */
-    sy_msgvec held;            /* alltoallv: chunks whose destination offset is not known yet */
     void *scratch;             /* all-reduce receive blocks */
     size_t scratch_cap;
     /* per-round receive bookkeeping, [world] each */
     uint64_t *r_total;
     uint32_t *r_next;
     uint8_t *r_expect, *r_done;
-    sy_comm_stats stats;
 };
 
 /* ---------------------------------------------------------------- small helpers */
@@ -217,11 +219,10 @@ static void msgvec_free(sy_msgvec *mv) {
 
 /* ---------------------------------------------------------------- data plane */
 
-sy_status sy_dataplane_new(const char *bind_addr, sy_dataplane_t **out) {
+static sy_status tcp_dp_new(const char *bind_addr, sy_dataplane_t **out) {
     sy_status st = SY_OK;
-    if (!bind_addr || !out) return sy_err_set(SY_EINVAL, "data plane: NULL bind address or out");
-    *out = NULL;
-    sy_dataplane_t *dp = calloc(1, sizeof *dp);
+    if (!bind_addr) return sy_err_set(SY_EINVAL, "data plane: tcp needs a bind address (tcp://host:port)");
+    tcp_dp *dp = calloc(1, sizeof *dp);
     if (!dp) return sy_err_set(SY_ENOMEM, "data plane: allocation");
     dp->ctx = zmq_ctx_new();
     if (!dp->ctx) {
@@ -247,7 +248,7 @@ sy_status sy_dataplane_new(const char *bind_addr, sy_dataplane_t **out) {
         st = zmq_fail("ZMQ_LAST_ENDPOINT");
         goto fail;
     }
-    *out = dp;
+    *out = &dp->base;
     return SY_OK;
 fail:
     if (dp->pull) zmq_close(dp->pull);
@@ -256,11 +257,10 @@ fail:
     return st;
 }
 
-static void comm_close_sockets(sy_comm_t *c, int linger_ms);
+static void comm_close_sockets(tcp_comm *c, int linger_ms);
 
-void sy_dataplane_destroy(sy_dataplane_t **self_p) {
-    if (!self_p || !*self_p) return;
-    sy_dataplane_t *dp = *self_p;
+static void tcp_dp_destroy(sy_dataplane_t *base) {
+    tcp_dp *dp = (tcp_dp *)base;
     /* A communicator still open would keep zmq_ctx_term waiting for its sockets. */
     if (dp->active) {
         comm_close_sockets(dp->active, 0);
@@ -270,12 +270,11 @@ void sy_dataplane_destroy(sy_dataplane_t **self_p) {
     zmq_close(dp->pull);
     zmq_ctx_term(dp->ctx);
     free(dp);
-    *self_p = NULL;
 }
 
-const char *sy_dataplane_endpoint(const sy_dataplane_t *dp) { return dp ? dp->endpoint : ""; }
+static const char *tcp_dp_endpoint(const sy_dataplane_t *dp) { return ((const tcp_dp *)dp)->endpoint; }
 
-uint64_t sy_dataplane_dropped(const sy_dataplane_t *dp) { return dp ? dp->dropped : 0; }
+static uint64_t tcp_dp_dropped(const sy_dataplane_t *dp) { return ((const tcp_dp *)dp)->dropped; }
 
 /* ---------------------------------------------------------------- communicator lifecycle */
 
@@ -292,15 +291,15 @@ static void zc_free(void *data, void *hint) {
     }
 }
 
-static long outstanding_total(const sy_comm_t *c) {
+static long outstanding_total(const tcp_comm *c) {
     long t = 0;
-    for (int r = 0; r < c->world; r++) t += atomic_load(&c->slots[r].count);
+    for (int r = 0; r < c->b.world; r++) t += atomic_load(&c->slots[r].count);
     return t;
 }
 
-static void comm_close_sockets(sy_comm_t *c, int linger_ms) {
+static void comm_close_sockets(tcp_comm *c, int linger_ms) {
     if (!c->push) return;
-    for (int r = 0; r < c->world; r++) {
+    for (int r = 0; r < c->b.world; r++) {
         if (!c->push[r]) continue;
         zmq_setsockopt(c->push[r], ZMQ_LINGER, &linger_ms, sizeof linger_ms);
         zmq_close(c->push[r]);
@@ -308,37 +307,20 @@ static void comm_close_sockets(sy_comm_t *c, int linger_ms) {
     }
 }
 
-sy_status sy_comm_new(sy_dataplane_t *dp, uint64_t generation, int rank, int world,
-                      const char *const *endpoints, int timeout_ms, sy_comm_t **out) {
+/* comm.c checked the arguments (world > 1, endpoints present) and fills in c->b afterwards. */
+static sy_status tcp_comm_new(sy_dataplane_t *base, uint64_t generation, int rank, int world,
+                              const char *const *endpoints, int timeout_ms, sy_comm_t **out) {
+    (void)timeout_ms;
+    tcp_dp *dp = (tcp_dp *)base;
     sy_status st = SY_OK;
-    if (!out) return sy_err_set(SY_EINVAL, "comm: NULL out");
-    *out = NULL;
-    if (world < 1 || world > 65535 || rank < 0 || rank >= world)
-        return sy_err_set(SY_EINVAL, "comm: rank %d of world %d is not valid", rank, world);
-    if (timeout_ms <= 0) return sy_err_set(SY_EINVAL, "comm: timeout_ms %d must be > 0", timeout_ms);
-    if (world > 1) {
-        if (!dp) return sy_err_set(SY_EINVAL, "comm: world %d needs a data plane", world);
-        if (dp->active)
-            return sy_err_set(SY_EINVAL, "comm: the data plane already has the communicator of generation %llu open",
-                              (unsigned long long)dp->active->gen);
-        if (!endpoints) return sy_err_set(SY_EINVAL, "comm: NULL endpoints");
-        for (int r = 0; r < world; r++)
-            if (r != rank && (!endpoints[r] || !endpoints[r][0]))
-                return sy_err_set(SY_EINVAL, "comm: endpoint of rank %d is empty", r);
-    }
-    sy_comm_t *c = calloc(1, sizeof *c);
+    if (dp->active)
+        return sy_err_set(SY_EINVAL, "comm: the data plane already has the communicator of generation %llu open",
+                          (unsigned long long)dp->active->b.gen);
+    tcp_comm *c = calloc(1, sizeof *c);
     if (!c) return sy_err_set(SY_ENOMEM, "comm: allocation");
-    c->dp = world > 1 ? dp : NULL;
-    c->gen = generation;
-    c->rank = rank;
-    c->world = world;
-    c->timeout_ms = timeout_ms;
+    c->dp = dp;
+    c->b.world = world; /* comm_close_sockets on the failure path below reads it */
     c->efd = -1;
-    atomic_init(&c->aborted, 0);
-    if (world == 1) {
-        *out = c;
-        return SY_OK;
-    }
     size_t W = (size_t)world;
     c->push = calloc(W, sizeof *c->push);
     c->slots = calloc(W, sizeof *c->slots);
@@ -392,7 +374,7 @@ sy_status sy_comm_new(sy_dataplane_t *dp, uint64_t generation, int rank, int wor
     }
     dp->stash.n = keep;
     dp->active = c;
-    *out = c;
+    *out = &c->b;
     return SY_OK;
 fail:
     comm_close_sockets(c, 0);
@@ -408,7 +390,7 @@ fail:
 }
 
 /* Waits (bounded) until zmq released every zero-copy send. Returns false if it did not. */
-static bool wait_released(sy_comm_t *c, int bound_ms) {
+static bool wait_released(tcp_comm *c, int bound_ms) {
     int64_t end = sy_mono_ms() + bound_ms;
     while (outstanding_total(c) > 0) {
         int64_t left = end - sy_mono_ms();
@@ -422,20 +404,17 @@ static bool wait_released(sy_comm_t *c, int bound_ms) {
     return true;
 }
 
-void sy_comm_destroy(sy_comm_t **self_p) {
-    if (!self_p || !*self_p) return;
-    sy_comm_t *c = *self_p;
-    *self_p = NULL;
-    comm_close_sockets(c, c->failed == SY_OK ? c->timeout_ms : 0);
-    if (c->world > 1 && !c->leak && !wait_released(c, SY_COMM_RELEASE_MS)) c->leak = true;
-    msgvec_free(&c->held);
-    sy_dataplane_t *dp = c->dp;
+static void tcp_comm_destroy(sy_comm_t *base) {
+    tcp_comm *c = (tcp_comm *)base;
+    comm_close_sockets(c, c->b.failed == SY_OK ? c->b.timeout_ms : 0);
+    if (!c->leak && !wait_released(c, SY_COMM_RELEASE_MS)) c->leak = true;
+    tcp_dp *dp = c->dp;
     if (dp) {
         /* Pending messages of this generation are dropped; later generations stay stashed. */
         size_t keep = 0;
         for (size_t i = 0; i < dp->stash.n; i++) {
             sy_stashed *e = &dp->stash.v[i];
-            if (e->h.gen <= c->gen) {
+            if (e->h.gen <= c->b.gen) {
                 zmq_msg_close(&e->body);
                 dp->dropped++;
             } else {
@@ -454,7 +433,7 @@ void sy_comm_destroy(sy_comm_t **self_p) {
     if (c->leak) {
         /* zmq's I/O thread may still call zc_free with a pointer into the slots: keep them. */
         sy_error("comm: zmq did not release generation %llu's send buffers within %d ms; leaking its counters",
-                 (unsigned long long)c->gen, SY_COMM_RELEASE_MS);
+                 (unsigned long long)c->b.gen, SY_COMM_RELEASE_MS);
         return;
     }
     if (c->efd >= 0) close(c->efd);
@@ -462,49 +441,25 @@ void sy_comm_destroy(sy_comm_t **self_p) {
     free(c);
 }
 
-int sy_comm_rank(const sy_comm_t *c) { return c ? c->rank : -1; }
-int sy_comm_world(const sy_comm_t *c) { return c ? c->world : 0; }
-
-void sy_comm_abort(sy_comm_t *c) {
-    if (c) atomic_store(&c->aborted, 1);
-}
-
-sy_comm_stats sy_comm_get_stats(const sy_comm_t *c) {
-    sy_comm_stats z = {0, 0, 0};
-    return c ? c->stats : z;
-}
-
 /* ---------------------------------------------------------------- failure */
 
-/* Marks the communicator failed with the current error: closes the send sockets so zmq drops
- * whatever is queued and releases the caller's buffers, waits for that (bounded). */
-static sy_status comm_fail(sy_comm_t *c, sy_status st) {
-    c->failed = st;
-    snprintf(c->fail_msg, sizeof c->fail_msg, "%s", sy_err_msg());
+/* After a failure or abort (comm.c recorded it): closes the send sockets so zmq drops whatever
+ * is queued and releases the caller's buffers, waits for that (bounded). */
+static void tcp_fail(sy_comm_t *base) {
+    tcp_comm *c = (tcp_comm *)base;
     comm_close_sockets(c, 0);
-    if (c->world > 1 && !wait_released(c, SY_COMM_RELEASE_MS)) c->leak = true;
-    msgvec_clear(&c->held);
-    return st;
+    if (!wait_released(c, SY_COMM_RELEASE_MS)) c->leak = true;
 }
 
-/* Entry check of every collective. Abort wins over an earlier failure. */
-static sy_status comm_enter(sy_comm_t *c, const char *what) {
-    if (!c) return sy_err_set(SY_EINVAL, "comm: %s on a NULL communicator", what);
-    if (atomic_load(&c->aborted)) {
-        sy_err_set(SY_EABORTED, "comm: %s: communicator of generation %llu was aborted", what,
-                   (unsigned long long)c->gen);
-        return c->failed == SY_OK && c->world > 1 ? comm_fail(c, SY_EABORTED) : SY_EABORTED;
-    }
-    if (c->failed != SY_OK)
-        return sy_err_set(c->failed, "comm: %s: communicator failed earlier (%s); destroy it", what, c->fail_msg);
-    if (c->world > 1 && !c->dp)
-        return sy_err_set(SY_EINVAL, "comm: %s: its data plane was destroyed", what);
+/* Entry check of every collective op (comm.c did the generic ones). */
+static sy_status comm_enter(tcp_comm *c, const char *what) {
+    if (!c->dp) return sy_err_set(SY_EINVAL, "comm: %s: its data plane was destroyed", what);
     return SY_OK;
 }
 
 /* ---------------------------------------------------------------- sending */
 
-static sy_status send_frames(sy_comm_t *c, int dst, const sy_hdr *h, const void *data, size_t len) {
+static sy_status send_frames(tcp_comm *c, int dst, const sy_hdr *h, const void *data, size_t len) {
     void *s = c->push[dst];
     int64_t last = sy_mono_ms();
     for (int part = 0; part < 2;) {
@@ -531,13 +486,13 @@ static sy_status send_frames(sy_comm_t *c, int dst, const sy_hdr *h, const void 
             return sy_err_zmq(SY_EIO, zmq_errno(), "comm: %s #%llu: send to rank %d", op_name(h->op),
                               (unsigned long long)h->seq, dst);
         /* SNDHWM is 0, so this is unusual; wait for room, bounded and abortable. */
-        if (atomic_load(&c->aborted))
+        if (sy_comm_aborted(&c->b))
             return sy_err_set(SY_EABORTED, "comm: %s #%llu aborted while sending to rank %d", op_name(h->op),
                               (unsigned long long)h->seq, dst);
-        if (sy_mono_ms() - last > c->timeout_ms)
+        if (sy_mono_ms() - last > c->b.timeout_ms)
             return sy_err_set(SY_ETIMEOUT, "comm: %s #%llu (generation %llu): rank %d did not accept data within %d ms",
-                              op_name(h->op), (unsigned long long)h->seq, (unsigned long long)c->gen, dst,
-                              c->timeout_ms);
+                              op_name(h->op), (unsigned long long)h->seq, (unsigned long long)c->b.gen, dst,
+                              c->b.timeout_ms);
         zmq_pollitem_t it = {.socket = s, .events = ZMQ_POLLOUT};
         zmq_poll(&it, 1, SY_COMM_SLICE_MS);
     }
@@ -545,9 +500,9 @@ static sy_status send_frames(sy_comm_t *c, int dst, const sy_hdr *h, const void 
 }
 
 /* Sends `len` bytes at `data` to rank dst as the stream of round `seq`. */
-static sy_status send_stream(sy_comm_t *c, int op, int dst, const void *data, size_t len) {
+static sy_status send_stream(tcp_comm *c, int op, int dst, const void *data, size_t len) {
     sy_hdr h = {.magic = SY_COMM_MAGIC, .version = SY_COMM_VERSION, .op = (uint8_t)op,
-                .src = (uint16_t)c->rank, .seq = (uint32_t)c->seq, .gen = c->gen, .total = len};
+                .src = (uint16_t)c->b.rank, .seq = (uint32_t)c->seq, .gen = c->b.gen, .total = len};
     uint64_t nch = nchunks_of(len);
     const char *p = data;
     for (uint64_t k = 0; k < nch; k++) {
@@ -555,31 +510,31 @@ static sy_status send_stream(sy_comm_t *c, int op, int dst, const void *data, si
         size_t l = chunk_len(len, k);
         SY_CHECK(send_frames(c, dst, &h, p + k * SY_COMM_CHUNK, l));
     }
-    c->stats.bytes_sent += len;
+    c->b.stats.bytes_sent += len;
     return SY_OK;
 }
 
 /* Waits until zmq released all zero-copy sends (the bytes are in the kernel), with the same
  * progress deadline as receiving. */
-static sy_status wait_sends(sy_comm_t *c, int op) {
+static sy_status wait_sends(tcp_comm *c, int op) {
     int64_t last = sy_mono_ms();
     long prev = outstanding_total(c);
     while (prev > 0) {
-        if (atomic_load(&c->aborted))
+        if (sy_comm_aborted(&c->b))
             return sy_err_set(SY_EABORTED, "comm: %s #%llu (generation %llu) aborted", op_name(op),
-                              (unsigned long long)c->seq, (unsigned long long)c->gen);
+                              (unsigned long long)c->seq, (unsigned long long)c->b.gen);
         int64_t t = sy_mono_ms();
-        if (t - last >= c->timeout_ms) {
+        if (t - last >= c->b.timeout_ms) {
             char who[200] = "";
-            for (int r = 0; r < c->world; r++)
+            for (int r = 0; r < c->b.world; r++)
                 if (atomic_load(&c->slots[r].count) > 0) rank_list_add(who, sizeof who, r);
             return sy_err_set(SY_ETIMEOUT,
                               "comm: %s #%llu (generation %llu): data to rank(s) %s not taken within %d ms",
-                              op_name(op), (unsigned long long)c->seq, (unsigned long long)c->gen, who,
-                              c->timeout_ms);
+                              op_name(op), (unsigned long long)c->seq, (unsigned long long)c->b.gen, who,
+                              c->b.timeout_ms);
         }
         zmq_pollitem_t it = {.socket = NULL, .fd = c->efd, .events = ZMQ_POLLIN};
-        long left = (long)(last + c->timeout_ms - t);
+        long left = (long)(last + c->b.timeout_ms - t);
         zmq_poll(&it, 1, left < SY_COMM_SLICE_MS ? left : SY_COMM_SLICE_MS);
         uint64_t v;
         ssize_t rd = read(c->efd, &v, sizeof v);
@@ -595,15 +550,15 @@ static sy_status wait_sends(sy_comm_t *c, int op) {
 
 /* Handler of one message of the current round (already validated). It may move the body away
  * (zmq_msg_move) to keep it; otherwise the engine closes it. */
-typedef sy_status (*round_fn)(sy_comm_t *c, void *ctx, const sy_hdr *h, zmq_msg_t *body);
+typedef sy_status (*round_fn)(tcp_comm *c, void *ctx, const sy_hdr *h, zmq_msg_t *body);
 
 /* Starts the next round: a fresh sequence number and empty stream bookkeeping. */
-static sy_status round_begin(sy_comm_t *c, int op) {
+static sy_status round_begin(tcp_comm *c, int op) {
     if (c->seq >= SY_COMM_SEQ_MAX)
         return sy_err_set(SY_EINVAL, "comm: %s: generation %llu used all its %u rounds; open a new generation",
-                          op_name(op), (unsigned long long)c->gen, SY_COMM_SEQ_MAX);
+                          op_name(op), (unsigned long long)c->b.gen, SY_COMM_SEQ_MAX);
     c->seq++;
-    for (int r = 0; r < c->world; r++) {
+    for (int r = 0; r < c->b.world; r++) {
         c->r_total[r] = 0;
         c->r_next[r] = 0;
         c->r_expect[r] = 0;
@@ -614,12 +569,12 @@ static sy_status round_begin(sy_comm_t *c, int op) {
 
 /* Validates a message of the current round against the stream bookkeeping and hands it on.
  * *progress is set when it was accepted. */
-static sy_status round_accept(sy_comm_t *c, int op, const sy_hdr *h, zmq_msg_t *body, round_fn fn, void *ctx,
+static sy_status round_accept(tcp_comm *c, int op, const sy_hdr *h, zmq_msg_t *body, round_fn fn, void *ctx,
                               int *remaining) {
     int src = (int)h->src;
     if (h->op != op)
         return sy_err_set(SY_EFORMAT, "comm: round #%llu (generation %llu): rank %d is in %s while rank %d runs %s",
-                          (unsigned long long)c->seq, (unsigned long long)c->gen, src, op_name(h->op), c->rank,
+                          (unsigned long long)c->seq, (unsigned long long)c->b.gen, src, op_name(h->op), c->b.rank,
                           op_name(op));
     if (!c->r_expect[src] || c->r_done[src])
         return sy_err_set(SY_EFORMAT, "comm: %s #%llu: unexpected message from rank %d", op_name(op),
@@ -632,7 +587,7 @@ static sy_status round_accept(sy_comm_t *c, int op, const sy_hdr *h, zmq_msg_t *
                           (unsigned long long)h->total, c->r_next[src]);
     c->r_total[src] = h->total;
     c->r_next[src]++;
-    c->stats.bytes_received += zmq_msg_size(body);
+    c->b.stats.bytes_received += zmq_msg_size(body);
     if (c->r_next[src] == nchunks_of(h->total)) {
         c->r_done[src] = 1;
         (*remaining)--;
@@ -641,7 +596,7 @@ static sy_status round_accept(sy_comm_t *c, int op, const sy_hdr *h, zmq_msg_t *
 }
 
 /* Reads one raw message from the PULL socket (non-blocking). 1: got one, 0: nothing, <0 error. */
-static int read_raw(sy_dataplane_t *dp, sy_hdr *h, zmq_msg_t *body, bool *valid) {
+static int read_raw(tcp_dp *dp, sy_hdr *h, zmq_msg_t *body, bool *valid) {
     zmq_msg_t hm;
     zmq_msg_init(&hm);
     if (zmq_msg_recv(&hm, dp->pull, ZMQ_DONTWAIT) < 0) {
@@ -668,18 +623,18 @@ static int read_raw(sy_dataplane_t *dp, sy_hdr *h, zmq_msg_t *body, bool *valid)
 /* Runs the receive side of the current round: every rank with expect[r] set sends one stream.
  * Stashed messages of this round are replayed first (arrival order), then the socket is read
  * until every stream is complete. */
-static sy_status round_recv(sy_comm_t *c, int op, round_fn fn, void *ctx) {
+static sy_status round_recv(tcp_comm *c, int op, round_fn fn, void *ctx) {
     sy_status st = SY_OK;
-    sy_dataplane_t *dp = c->dp;
+    tcp_dp *dp = c->dp;
     int remaining = 0;
-    for (int r = 0; r < c->world; r++) remaining += c->r_expect[r] && !c->r_done[r];
+    for (int r = 0; r < c->b.world; r++) remaining += c->r_expect[r] && !c->r_done[r];
 
     /* Replay the stash. */
     size_t keep = 0;
     for (size_t i = 0; i < dp->stash.n; i++) {
         sy_stashed *e = &dp->stash.v[i];
-        if (e->h.gen == c->gen && e->h.seq == c->seq && st == SY_OK) {
-            if (e->h.src < (uint32_t)c->world && (int)e->h.src != c->rank)
+        if (e->h.gen == c->b.gen && e->h.seq == c->seq && st == SY_OK) {
+            if (e->h.src < (uint32_t)c->b.world && (int)e->h.src != c->b.rank)
                 st = round_accept(c, op, &e->h, &e->body, fn, ctx, &remaining);
             else
                 dp->dropped++;
@@ -695,9 +650,9 @@ static sy_status round_recv(sy_comm_t *c, int op, round_fn fn, void *ctx) {
     zmq_msg_init(&body);
     int64_t last = sy_mono_ms();
     while (remaining > 0) {
-        if (atomic_load(&c->aborted)) {
+        if (sy_comm_aborted(&c->b)) {
             st = sy_err_set(SY_EABORTED, "comm: %s #%llu (generation %llu) aborted", op_name(op),
-                            (unsigned long long)c->seq, (unsigned long long)c->gen);
+                            (unsigned long long)c->seq, (unsigned long long)c->b.gen);
             break;
         }
         sy_hdr h;
@@ -709,17 +664,17 @@ static sy_status round_recv(sy_comm_t *c, int op, round_fn fn, void *ctx) {
         }
         if (got == 0) {
             int64_t t = sy_mono_ms();
-            if (t - last >= c->timeout_ms) {
+            if (t - last >= c->b.timeout_ms) {
                 char who[200] = "";
-                for (int r = 0; r < c->world; r++)
+                for (int r = 0; r < c->b.world; r++)
                     if (c->r_expect[r] && !c->r_done[r]) rank_list_add(who, sizeof who, r);
                 st = sy_err_set(SY_ETIMEOUT,
                                 "comm: %s #%llu (generation %llu): no data from rank(s) %s within %d ms",
-                                op_name(op), (unsigned long long)c->seq, (unsigned long long)c->gen, who,
-                                c->timeout_ms);
+                                op_name(op), (unsigned long long)c->seq, (unsigned long long)c->b.gen, who,
+                                c->b.timeout_ms);
                 break;
             }
-            long left = (long)(last + c->timeout_ms - t);
+            long left = (long)(last + c->b.timeout_ms - t);
             zmq_pollitem_t it = {.socket = dp->pull, .events = ZMQ_POLLIN};
             if (zmq_poll(&it, 1, left < SY_COMM_SLICE_MS ? left : SY_COMM_SLICE_MS) < 0 && zmq_errno() != EINTR) {
                 st = zmq_fail("poll");
@@ -729,16 +684,16 @@ static sy_status round_recv(sy_comm_t *c, int op, round_fn fn, void *ctx) {
         }
         /* Sources are checked against this world only for this generation: a later one may
          * have another world size. */
-        if (!valid || h.gen < c->gen || (h.gen == c->gen && h.seq < c->seq)) {
+        if (!valid || h.gen < c->b.gen || (h.gen == c->b.gen && h.seq < c->seq)) {
             dp->dropped++;
             continue;
         }
-        if (h.gen > c->gen || h.seq > c->seq) {
+        if (h.gen > c->b.gen || h.seq > c->seq) {
             st = msgvec_push(&dp->stash, &h, &body);
             if (st != SY_OK) break;
             continue;
         }
-        if (h.src >= (uint32_t)c->world || (int)h.src == c->rank) {
+        if (h.src >= (uint32_t)c->b.world || (int)h.src == c->b.rank) {
             dp->dropped++;
             continue;
         }
@@ -752,137 +707,53 @@ static sy_status round_recv(sy_comm_t *c, int op, round_fn fn, void *ctx) {
 
 /* ---------------------------------------------------------------- all-to-all-v */
 
-/* recv is filled back to back in rank order, but the sizes arrive in any order: the offset of
- * source r is known once the sizes of ranks 0..r-1 are (a size arrives with a stream's chunk 0).
- * Chunks whose offset is not known yet are held (the zmq message itself, no copy). */
+/* Every size is known before the round starts: each chunk goes straight to its place. */
 typedef struct {
-    const char *send;
-    const size_t *send_bytes;
-    const size_t *send_off;
     char *recv;
-    size_t recv_cap;
-    size_t *offset;   /* [world + 1]: offset in recv of each source's chunk, valid for r < known */
-    int known;
-    bool self_done;
-    bool overflow;    /* recv_cap too small: the round completes, nothing more is placed */
-    char overflow_msg[200];
+    const size_t *recv_bytes;
+    const size_t *recv_off;
 } a2a_ctx;
 
-static bool a2a_size_known(const sy_comm_t *c, int r) { return r == c->rank || c->r_next[r] > 0; }
-static size_t a2a_size(const sy_comm_t *c, const a2a_ctx *a, int r) {
-    return r == c->rank ? a->send_bytes[r] : (size_t)c->r_total[r];
-}
-
-static void a2a_place(a2a_ctx *a, const sy_hdr *h, zmq_msg_t *body) {
-    size_t len = zmq_msg_size(body);
-    if (len) memcpy(a->recv + a->offset[h->src] + (size_t)h->chunk * SY_COMM_CHUNK, zmq_msg_data(body), len);
-}
-
-/* Extends the known offsets as far as the known sizes allow (checking recv_cap), then places
- * the held chunks and our own chunk that became placeable. Ranks r < known - 1 have their
- * offset and their size (checked against recv_cap). */
-static void a2a_advance(sy_comm_t *c, a2a_ctx *a) {
-    while (!a->overflow && a->known <= c->world && a2a_size_known(c, a->known - 1)) {
-        int r = a->known - 1;
-        size_t sz = a2a_size(c, a, r);
-        if (sz > a->recv_cap - a->offset[r]) {
-            /* Our caller's mistake, not the peers': finish the round (so they complete theirs),
-             * discard the data, report SY_EINVAL at the end. */
-            snprintf(a->overflow_msg, sizeof a->overflow_msg,
-                     "alltoallv #%llu: %zu bytes from rank %d at offset %zu overflow recv_cap %zu",
-                     (unsigned long long)c->seq, sz, r, a->offset[r], a->recv_cap);
-            a->overflow = true;
-            msgvec_clear(&c->held);
-            return;
-        }
-        a->offset[r + 1] = a->offset[r] + sz;
-        a->known++;
-    }
-    if (a->overflow) return;
-    size_t keep = 0;
-    for (size_t i = 0; i < c->held.n; i++) {
-        sy_stashed *e = &c->held.v[i];
-        if ((int)e->h.src < a->known - 1) {
-            a2a_place(a, &e->h, &e->body);
-            zmq_msg_close(&e->body);
-        } else {
-            c->held.v[keep++] = *e;
-        }
-    }
-    c->held.n = keep;
-    if (!a->self_done && c->rank < a->known - 1) {
-        size_t sz = a->send_bytes[c->rank];
-        if (sz) memcpy(a->recv + a->offset[c->rank], a->send + a->send_off[c->rank], sz);
-        a->self_done = true;
-    }
-}
-
-static sy_status a2a_on_msg(sy_comm_t *c, void *ctx, const sy_hdr *h, zmq_msg_t *body) {
+static sy_status a2a_on_msg(tcp_comm *c, void *ctx, const sy_hdr *h, zmq_msg_t *body) {
     a2a_ctx *a = ctx;
-    if (h->chunk == 0) a2a_advance(c, a); /* a new size is known */
-    if (a->overflow) return SY_OK;        /* discarded */
-    if ((int)h->src < a->known - 1) {
-        a2a_place(a, h, body);
-        return SY_OK;
-    }
-    return msgvec_push(&c->held, h, body);
+    if (h->total != a->recv_bytes[h->src])
+        return sy_err_set(SY_EFORMAT, "comm: alltoallv #%llu: rank %u sends %llu bytes, rank %d expects %zu",
+                          (unsigned long long)c->seq, h->src, (unsigned long long)h->total, c->b.rank,
+                          a->recv_bytes[h->src]);
+    size_t len = zmq_msg_size(body);
+    if (len) memcpy(a->recv + a->recv_off[h->src] + (size_t)h->chunk * SY_COMM_CHUNK, zmq_msg_data(body), len);
+    return SY_OK;
 }
 
-sy_status sy_comm_alltoallv(sy_comm_t *c, const void *send, const size_t *send_bytes, void *recv,
-                            size_t recv_cap, size_t *recv_bytes) {
+static sy_status tcp_alltoallv(sy_comm_t *base, const void *send, const size_t *send_bytes, void *recv,
+                               const size_t *recv_bytes) {
+    tcp_comm *c = (tcp_comm *)base;
     SY_CHECK(comm_enter(c, "alltoallv"));
-    if (!send_bytes || !recv_bytes) return sy_err_set(SY_EINVAL, "comm: alltoallv: NULL send_bytes or recv_bytes");
-    size_t send_total = 0;
-    for (int r = 0; r < c->world; r++) send_total += send_bytes[r];
-    if ((send_total && !send) || (recv_cap && !recv))
-        return sy_err_set(SY_EINVAL, "comm: alltoallv: NULL buffer for %zu bytes to send / %zu of capacity",
-                          send_total, recv_cap);
-    if (c->world == 1) {
-        if (send_bytes[0] > recv_cap)
-            return sy_err_set(SY_EINVAL, "comm: alltoallv: %zu bytes from rank 0 overflow recv_cap %zu", send_bytes[0],
-                              recv_cap);
-        if (send_bytes[0]) memmove(recv, send, send_bytes[0]);
-        recv_bytes[0] = send_bytes[0];
-        c->stats.collectives++;
-        return SY_OK;
-    }
     enum { STACK_W = 64 };
-    size_t stack[2 * (STACK_W + 1)];
-    size_t W = (size_t)c->world;
-    size_t *offset = W <= STACK_W ? stack : malloc(2 * (W + 1) * sizeof *offset);
-    if (!offset) return sy_err_set(SY_ENOMEM, "comm: alltoallv offsets for world %zu", W);
-    size_t *send_off = offset + W + 1;
-    size_t acc = 0;
+    size_t stack[2 * STACK_W];
+    size_t W = (size_t)c->b.world;
+    size_t *send_off = W <= STACK_W ? stack : malloc(2 * W * sizeof *send_off);
+    if (!send_off) return sy_err_set(SY_ENOMEM, "comm: alltoallv offsets for world %zu", W);
+    size_t *recv_off = send_off + W;
+    size_t so = 0, ro = 0;
     for (size_t r = 0; r < W; r++) {
-        send_off[r] = acc;
-        acc += send_bytes[r];
+        send_off[r] = so, recv_off[r] = ro;
+        so += send_bytes[r], ro += recv_bytes[r];
     }
-    offset[0] = 0;
-    a2a_ctx a = {.send = send, .send_bytes = send_bytes, .send_off = send_off, .recv = recv, .recv_cap = recv_cap,
-                 .offset = offset, .known = 1};
+    const char *s = send;
+    a2a_ctx a = {.recv = recv, .recv_bytes = recv_bytes, .recv_off = recv_off};
     sy_status st = round_begin(c, OP_A2A);
-    if (st != SY_OK) goto out;
     /* Send to rank+1, rank+2, ... so the ranks do not all start on the same receiver. */
-    for (int k = 1; k < c->world && st == SY_OK; k++) {
-        int dst = (c->rank + k) % c->world;
-        st = send_stream(c, OP_A2A, dst, a.send + send_off[dst], send_bytes[dst]);
+    for (int k = 1; k < c->b.world && st == SY_OK; k++) {
+        int dst = (c->b.rank + k) % c->b.world;
+        st = send_stream(c, OP_A2A, dst, s + send_off[dst], send_bytes[dst]);
     }
-    for (int r = 0; r < c->world; r++) c->r_expect[r] = r != c->rank;
-    if (st == SY_OK) a2a_advance(c, &a);
+    if (st == SY_OK && send_bytes[c->b.rank])
+        memcpy(a.recv + recv_off[c->b.rank], s + send_off[c->b.rank], send_bytes[c->b.rank]);
+    for (int r = 0; r < c->b.world; r++) c->r_expect[r] = r != c->b.rank;
     if (st == SY_OK) st = round_recv(c, OP_A2A, a2a_on_msg, &a);
-    if (st == SY_OK && !a.overflow && (c->held.n || !a.self_done || a.known != c->world + 1))
-        st = sy_err_set(SY_EINTERNAL, "comm: alltoallv #%llu: %zu chunks left unplaced", (unsigned long long)c->seq,
-                        c->held.n);
     if (st == SY_OK) st = wait_sends(c, OP_A2A);
-    if (st == SY_OK) {
-        for (int r = 0; r < c->world; r++) recv_bytes[r] = a2a_size(c, &a, r);
-        c->stats.collectives++;
-        if (a.overflow) st = sy_err_set(SY_EINVAL, "comm: %s", a.overflow_msg);
-    } else {
-        comm_fail(c, st);
-    }
-out:
-    if (offset != stack) free(offset);
+    if (send_off != stack) free(send_off);
     return st;
 }
 
@@ -898,7 +769,7 @@ typedef struct {
     const size_t *block_len;
 } ar_ctx;
 
-static sy_status ar_on_msg(sy_comm_t *c, void *ctx, const sy_hdr *h, zmq_msg_t *body) {
+static sy_status ar_on_msg(tcp_comm *c, void *ctx, const sy_hdr *h, zmq_msg_t *body) {
     ar_ctx *a = ctx;
     int src = (int)h->src;
     size_t want = a->by_slot ? a->want : a->block_len[src];
@@ -948,15 +819,10 @@ static size_t block_lo(size_t n, int world, int q) {
     return (size_t)q * base + ((size_t)q < extra ? (size_t)q : extra);
 }
 
-static sy_status allreduce(sy_comm_t *c, void *buf, size_t n, size_t esz,
+static sy_status allreduce(tcp_comm *c, void *buf, size_t n, size_t esz,
                            void (*sum)(void *, const void *const *, int, size_t)) {
     SY_CHECK(comm_enter(c, "allreduce"));
-    if (n && !buf) return sy_err_set(SY_EINVAL, "comm: allreduce: NULL buffer for %zu elements", n);
-    if (c->world == 1) {
-        c->stats.collectives++;
-        return SY_OK;
-    }
-    int W = c->world, me = c->rank;
+    int W = c->b.world, me = c->b.rank;
     sy_status st = SY_OK;
     size_t stack_off[65], stack_len[65];
     size_t *boff = W <= 64 ? stack_off : malloc((size_t)W * sizeof *boff);
@@ -994,14 +860,14 @@ static sy_status allreduce(sy_comm_t *c, void *buf, size_t n, size_t esz,
     if (st == SY_OK) st = round_recv(c, OP_RS, ar_on_msg, &rs);
     /* Our sent blocks are overwritten by the all-gather: they must have left first. */
     if (st == SY_OK) st = wait_sends(c, OP_RS);
-    if (st != SY_OK) goto fail;
+    if (st != SY_OK) goto out;
     for (int r = 0; r < W; r++)
         in[r] = r == me ? (const void *)(b + boff[me])
                         : (const void *)((char *)c->scratch + (size_t)(r < me ? r : r - 1) * blen[me]);
     sum(b + boff[me], in, W, blen[me] / esz);
     /* Round 2: all-gather. */
     st = round_begin(c, OP_AG);
-    if (st != SY_OK) goto fail;
+    if (st != SY_OK) goto out;
     for (int k = 1; k < W && st == SY_OK; k++) {
         int dst = (me + k) % W;
         st = send_stream(c, OP_AG, dst, b + boff[me], blen[me]);
@@ -1010,11 +876,6 @@ static sy_status allreduce(sy_comm_t *c, void *buf, size_t n, size_t esz,
     ar_ctx ag = {.dst_base = b, .rank = me, .by_slot = false, .block_off = boff, .block_len = blen};
     if (st == SY_OK) st = round_recv(c, OP_AG, ar_on_msg, &ag);
     if (st == SY_OK) st = wait_sends(c, OP_AG);
-    if (st != SY_OK) goto fail;
-    c->stats.collectives++;
-    goto out;
-fail:
-    comm_fail(c, st);
 out:
     if (boff != stack_off) free(boff);
     if (blen != stack_len) free(blen);
@@ -1022,11 +883,10 @@ out:
     return st;
 }
 
-sy_status sy_comm_allreduce_f32(sy_comm_t *c, float *buf, size_t n) {
-    return allreduce(c, buf, n, sizeof(float), sum_f32);
-}
-sy_status sy_comm_allreduce_f64(sy_comm_t *c, double *buf, size_t n) {
-    return allreduce(c, buf, n, sizeof(double), sum_f64);
+static sy_status tcp_allreduce(sy_comm_t *base, void *buf, size_t n, sy_comm_dtype dt) {
+    tcp_comm *c = (tcp_comm *)base;
+    return dt == SY_COMM_F32 ? allreduce(c, buf, n, sizeof(float), sum_f32)
+                             : allreduce(c, buf, n, sizeof(double), sum_f64);
 }
 
 /* ---------------------------------------------------------------- broadcast, barrier */
@@ -1036,7 +896,7 @@ typedef struct {
     size_t bytes;
 } bc_ctx;
 
-static sy_status bc_on_msg(sy_comm_t *c, void *ctx, const sy_hdr *h, zmq_msg_t *body) {
+static sy_status bc_on_msg(tcp_comm *c, void *ctx, const sy_hdr *h, zmq_msg_t *body) {
     bc_ctx *a = ctx;
     if (h->total != a->bytes)
         return sy_err_set(SY_EINVAL, "comm: broadcast #%llu: root %u sent %llu bytes, this rank expects %zu",
@@ -1046,32 +906,24 @@ static sy_status bc_on_msg(sy_comm_t *c, void *ctx, const sy_hdr *h, zmq_msg_t *
     return SY_OK;
 }
 
-sy_status sy_comm_broadcast(sy_comm_t *c, void *buf, size_t bytes, int root) {
+static sy_status tcp_broadcast(sy_comm_t *base, void *buf, size_t bytes, int root) {
+    tcp_comm *c = (tcp_comm *)base;
     SY_CHECK(comm_enter(c, "broadcast"));
-    if (root < 0 || root >= c->world)
-        return sy_err_set(SY_EINVAL, "comm: broadcast: root %d not in world %d", root, c->world);
-    if (bytes && !buf) return sy_err_set(SY_EINVAL, "comm: broadcast: NULL buffer for %zu bytes", bytes);
-    if (c->world == 1) {
-        c->stats.collectives++;
-        return SY_OK;
-    }
     sy_status st = round_begin(c, OP_BCAST);
     if (st != SY_OK) return st;
-    if (c->rank == root) {
-        for (int k = 1; k < c->world && st == SY_OK; k++)
-            st = send_stream(c, OP_BCAST, (root + k) % c->world, buf, bytes);
+    if (c->b.rank == root) {
+        for (int k = 1; k < c->b.world && st == SY_OK; k++)
+            st = send_stream(c, OP_BCAST, (root + k) % c->b.world, buf, bytes);
         if (st == SY_OK) st = wait_sends(c, OP_BCAST);
     } else {
         c->r_expect[root] = 1;
         bc_ctx a = {.buf = buf, .bytes = bytes};
         st = round_recv(c, OP_BCAST, bc_on_msg, &a);
     }
-    if (st != SY_OK) return comm_fail(c, st);
-    c->stats.collectives++;
-    return SY_OK;
+    return st;
 }
 
-static sy_status barrier_on_msg(sy_comm_t *c, void *ctx, const sy_hdr *h, zmq_msg_t *body) {
+static sy_status barrier_on_msg(tcp_comm *c, void *ctx, const sy_hdr *h, zmq_msg_t *body) {
     (void)ctx, (void)body;
     if (h->total != 0)
         return sy_err_set(SY_EFORMAT, "comm: barrier #%llu: rank %u sent %llu bytes", (unsigned long long)c->seq,
@@ -1080,20 +932,30 @@ static sy_status barrier_on_msg(sy_comm_t *c, void *ctx, const sy_hdr *h, zmq_ms
     return SY_OK;
 }
 
-sy_status sy_comm_barrier(sy_comm_t *c) {
+static sy_status tcp_barrier(sy_comm_t *base) {
+    tcp_comm *c = (tcp_comm *)base;
     SY_CHECK(comm_enter(c, "barrier"));
-    if (c->world == 1) {
-        c->stats.collectives++;
-        return SY_OK;
-    }
     sy_status st = round_begin(c, OP_BARRIER);
     if (st != SY_OK) return st;
-    for (int k = 1; k < c->world && st == SY_OK; k++)
-        st = send_stream(c, OP_BARRIER, (c->rank + k) % c->world, NULL, 0);
-    for (int r = 0; r < c->world; r++) c->r_expect[r] = r != c->rank;
+    for (int k = 1; k < c->b.world && st == SY_OK; k++)
+        st = send_stream(c, OP_BARRIER, (c->b.rank + k) % c->b.world, NULL, 0);
+    for (int r = 0; r < c->b.world; r++) c->r_expect[r] = r != c->b.rank;
     if (st == SY_OK) st = round_recv(c, OP_BARRIER, barrier_on_msg, NULL);
     if (st == SY_OK) st = wait_sends(c, OP_BARRIER);
-    if (st != SY_OK) return comm_fail(c, st);
-    c->stats.collectives++;
-    return SY_OK;
+    return st;
 }
+
+const sy_comm_ops sy_comm_tcp_ops = {
+    .name = "tcp",
+    .dp_new = tcp_dp_new,
+    .dp_destroy = tcp_dp_destroy,
+    .dp_endpoint = tcp_dp_endpoint,
+    .dp_dropped = tcp_dp_dropped,
+    .comm_new = tcp_comm_new,
+    .comm_destroy = tcp_comm_destroy,
+    .fail = tcp_fail,
+    .alltoallv = tcp_alltoallv,
+    .allreduce = tcp_allreduce,
+    .broadcast = tcp_broadcast,
+    .barrier = tcp_barrier,
+};

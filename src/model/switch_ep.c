@@ -3,6 +3,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/bf16.h"
+
 #include "switch_internal.h"
 
 /* Owner-side state of one Switch layer for the current round. */
@@ -27,14 +29,14 @@ struct sy_ep {
     int nm;
     int R;                /* max rows an owner can receive: world·G */
     served_layer *layers;
+    size_t es;            /* bytes per row element on the wire: 2 (bf16 mode) or 4 (fp32) */
     /* exchange scratch */
-    char *send, *recv;
-    size_t send_cap, recv_cap;
+    char *send, *recv;    /* wire buffers, [cap] bytes each */
     size_t *send_bytes, *recv_bytes;
     int32_t *recv_row0;   /* [world] first row (in concatenated received order) per source */
-    float *rows_in;       /* [R, D] received rows, concatenated in source order */
-    float *rows_out;      /* [R, D] */
+    float *dye;           /* [R, D] received output gradients in local expert-major order */
     float *dge, *dhe;     /* [R, F] */
+    sy_ep_stats stats;
 };
 
 #define EP_ALLOC(ptr, n)                                                      \
@@ -49,6 +51,7 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
     if (!ep) return sy_err_set(SY_ENOMEM, "expert parallelism: out of memory");
     ep->be = be;
     ep->comm = comm;
+    ep->es = be->bf16 ? sizeof(uint16_t) : sizeof(float);
     ep->rank = sy_comm_rank(comm);
     ep->world = sy_comm_world(comm);
     ep->E = E, ep->D = D, ep->F = F, ep->G = G, ep->n_layers = n_layers;
@@ -90,16 +93,15 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
             EP_ALLOC(s->mask, (size_t)ep->R * F);
         }
     }
-    /* forward chunks from one rank: its ≤ G rows in all, plus per-expert counts and tokens */
-    ep->send_cap = sizeof(int32_t) * ((size_t)E + G) + sizeof(float) * (size_t)G * D;
-    ep->recv_cap = (size_t)W * ep->send_cap;
-    EP_ALLOC(ep->send, ep->send_cap);
-    EP_ALLOC(ep->recv, ep->recv_cap);
+    /* Wire buffers: the largest exchange either way is the counts (E int32 per rank), or ≤ R
+     * rows with their tokens (an owner receives, and returns, at most R = W·G rows). */
+    size_t cap = sizeof(int32_t) * (size_t)W * E + (sizeof(int32_t) + sizeof(float) * (size_t)D) * ep->R;
+    EP_ALLOC(ep->send, cap);
+    EP_ALLOC(ep->recv, cap);
     EP_ALLOC(ep->send_bytes, W);
     EP_ALLOC(ep->recv_bytes, W);
     EP_ALLOC(ep->recv_row0, W);
-    EP_ALLOC(ep->rows_in, (size_t)ep->R * D);
-    EP_ALLOC(ep->rows_out, (size_t)ep->R * D);
+    EP_ALLOC(ep->dye, (size_t)ep->R * D);
     if (nm > 0) {
         EP_ALLOC(ep->dge, (size_t)ep->R * F);
         EP_ALLOC(ep->dhe, (size_t)ep->R * F);
@@ -123,7 +125,7 @@ void sy_ep_destroy(sy_ep_t **self_p) {
         }
     free(ep->layers), free(ep->q_off), free(ep->q_exp);
     free(ep->send), free(ep->recv), free(ep->send_bytes), free(ep->recv_bytes);
-    free(ep->recv_row0), free(ep->rows_in), free(ep->rows_out);
+    free(ep->recv_row0), free(ep->dye);
     free(ep->dge), free(ep->dhe);
     free(ep);
     *self_p = NULL;
@@ -131,6 +133,15 @@ void sy_ep_destroy(sy_ep_t **self_p) {
 
 int sy_ep_n_owned(const sy_ep_t *ep) { return ep->nm; }
 const int *sy_ep_owned(const sy_ep_t *ep) { return ep->mine; }
+
+sy_ep_stats sy_ep_get_stats(const sy_ep_t *ep) { return ep->stats; }
+
+/* One all-to-all of the exchange, counting what leaves this rank (our own chunk stays). */
+static sy_status exchange(sy_ep_t *ep, uint64_t *counter) {
+    for (int q = 0; q < ep->world; q++)
+        if (q != ep->rank) *counter += ep->send_bytes[q];
+    return sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->recv, ep->recv_bytes);
+}
 
 /* Rows this rank routed to owner q's experts (0 without a micro-batch). */
 static int rows_to(const sy_ep_t *ep, const sy_switch_t *sw, int q) {
@@ -140,9 +151,30 @@ static int rows_to(const sy_ep_t *ep, const sy_switch_t *sw, int q) {
     return n;
 }
 
+/* n row elements onto the wire at p: bf16 in bf16 mode (RNE; exact, since these values are
+ * bf16-rounded already, model spec §4), else fp32. Returns the bytes written. */
+static size_t put_rows(const sy_ep_t *ep, char *p, const float *x, size_t n) {
+    if (ep->es == sizeof(float)) {
+        memcpy(p, x, sizeof(float) * n);
+    } else {
+        uint16_t *h = (uint16_t *)(void *)p; /* 2-aligned: every wire offset is even */
+        for (size_t i = 0; i < n; i++) h[i] = sy_f32_to_bf16(x[i]);
+    }
+    return ep->es * n;
+}
+
+static void get_rows(const sy_ep_t *ep, float *x, const char *p, size_t n) {
+    if (ep->es == sizeof(float)) {
+        memcpy(x, p, sizeof(float) * n);
+    } else {
+        const uint16_t *h = (const uint16_t *)(const void *)p;
+        for (size_t i = 0; i < n; i++) x[i] = sy_bf16_to_f32(h[i]);
+    }
+}
+
 /* Packs rows (expert-major dispatch order in `rows`, [G, D]) for each owner, in the owner's
- * expert order, into ep->send; with_header adds the per-expert counts and token indices. */
-static void pack_rows(sy_ep_t *ep, const sy_switch_t *sw, const float *rows, bool with_header) {
+ * expert order, into ep->send; with_tokens puts each row's token index first. */
+static void pack_rows(sy_ep_t *ep, const sy_switch_t *sw, const float *rows, bool with_tokens) {
     const int D = ep->D;
     char *p = ep->send;
     for (int q = 0; q < ep->world; q++) {
@@ -150,47 +182,53 @@ static void pack_rows(sy_ep_t *ep, const sy_switch_t *sw, const float *rows, boo
         int nq = ep->q_off[q + 1] - ep->q_off[q];
         if (sw && nq > 0) {
             const int *ex = ep->q_exp + ep->q_off[q];
-            if (with_header) {
-                for (int k = 0; k < nq; k++) {
-                    int32_t c = sw->kept[ex[k]];
-                    memcpy(p, &c, sizeof c);
-                    p += sizeof c;
-                }
+            if (with_tokens)
                 for (int k = 0; k < nq; k++) {
                     size_t n = (size_t)sw->kept[ex[k]];
                     memcpy(p, sw->order + sw->offsets[ex[k]], sizeof(int32_t) * n);
                     p += sizeof(int32_t) * n;
                 }
-            }
-            for (int k = 0; k < nq; k++) {
-                size_t n = (size_t)sw->kept[ex[k]] * D;
-                memcpy(p, rows + (size_t)sw->offsets[ex[k]] * D, sizeof(float) * n);
-                p += sizeof(float) * n;
-            }
+            for (int k = 0; k < nq; k++)
+                p += put_rows(ep, p, rows + (size_t)sw->offsets[ex[k]] * D, (size_t)sw->kept[ex[k]] * D);
         }
         ep->send_bytes[q] = (size_t)(p - start);
     }
 }
 
-/* Scatters rows returned by the owners (each in its expert order) into dispatch order. */
-static sy_status unpack_rows(sy_ep_t *ep, const sy_switch_t *sw, const float *in, float *rows,
-                             const char *what) {
+/* Wire bytes of n rows (and their tokens). */
+static size_t row_bytes(const sy_ep_t *ep, int n, bool with_tokens) {
+    return (size_t)n * (ep->es * (size_t)ep->D + (with_tokens ? sizeof(int32_t) : 0));
+}
+
+/* Expects from every owner q the rows this rank sent it (rows_to), as rows_to tells. */
+static void expect_returned_rows(sy_ep_t *ep, const sy_switch_t *sw) {
+    for (int q = 0; q < ep->world; q++) ep->recv_bytes[q] = row_bytes(ep, rows_to(ep, sw, q), false);
+}
+
+/* Scatters rows returned by the owners (each in its expert order, in ep->recv) into dispatch
+ * order. */
+static void unpack_rows(sy_ep_t *ep, const sy_switch_t *sw, float *rows) {
+    if (!sw) return;
     const int D = ep->D;
-    for (int q = 0; q < ep->world; q++) {
-        size_t want = sizeof(float) * (size_t)rows_to(ep, sw, q) * D;
-        if (ep->recv_bytes[q] != want)
-            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d returned %zu bytes of %s, expected %zu",
-                              q, ep->recv_bytes[q], what, want);
-    }
-    if (!sw) return SY_OK;
+    const char *in = ep->recv;
     for (int q = 0; q < ep->world; q++)
         for (int k = ep->q_off[q]; k < ep->q_off[q + 1]; k++) {
             int e = ep->q_exp[k];
             size_t n = (size_t)sw->kept[e] * D;
-            memcpy(rows + (size_t)sw->offsets[e] * D, in, sizeof(float) * n);
-            in += n;
+            get_rows(ep, rows + (size_t)sw->offsets[e] * D, in, n);
+            in += ep->es * n;
         }
-    return SY_OK;
+}
+
+/* Owner side: the rows of the served layer (local order, [n_rows, D]) back to their sources,
+ * each source's rows in the order it sent them. */
+static sy_status return_rows(sy_ep_t *ep, const served_layer *s, const float *rows, const sy_switch_t *sw) {
+    const int D = ep->D;
+    for (int r = 0; r < s->n_rows; r++)
+        put_rows(ep, ep->send + (size_t)s->src_row[r] * D * ep->es, rows + (size_t)r * D, (size_t)D);
+    for (int src = 0; src < ep->world; src++) ep->send_bytes[src] = row_bytes(ep, s->recv_rows[src], false);
+    expect_returned_rows(ep, sw);
+    return exchange(ep, &ep->stats.row_bytes);
 }
 
 sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_weights *ex,
@@ -198,43 +236,55 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     const int W = ep->world, D = ep->D, F = ep->F, nm = ep->nm;
     served_layer *s = &ep->layers[sl];
     if (sw) sw->dropout = (float)dropout;
-    pack_rows(ep, sw, sw ? sw->xe : NULL, true);
-    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->recv, ep->recv_cap,
-                               ep->recv_bytes));
 
-    /* Parse every source's chunk: counts per my expert, tokens, rows. */
-    const char *p = ep->recv;
-    int total = 0;
+    /* 1. Counts: to each owner, the rows for each of its experts (zeros without a micro-batch);
+     * from each source, one count per expert of mine. Fixed sizes. */
+    {
+        int32_t *p = (int32_t *)(void *)ep->send;
+        for (int q = 0; q < W; q++) {
+            int nq = ep->q_off[q + 1] - ep->q_off[q];
+            for (int k = 0; k < nq; k++) *p++ = sw ? sw->kept[ep->q_exp[ep->q_off[q] + k]] : 0;
+            ep->send_bytes[q] = sizeof(int32_t) * (size_t)nq;
+            ep->recv_bytes[q] = sizeof(int32_t) * (size_t)nm;
+        }
+    }
+    SY_CHECK(exchange(ep, &ep->stats.meta_bytes));
     int32_t counts[W][nm > 0 ? nm : 1];
-    const int32_t *toks[W];
-    const float *rows[W];
+    int total = 0;
     for (int src = 0; src < W; src++) {
-        size_t nb = ep->recv_bytes[src];
-        s->recv_rows[src] = 0;
-        ep->recv_row0[src] = total;
-        for (int i = 0; i < nm; i++) counts[src][i] = 0;
-        toks[src] = NULL, rows[src] = NULL;
-        if (nb == 0) continue;
-        if (nm == 0 || nb < sizeof(int32_t) * (size_t)nm)
-            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes to a rank owning %d experts", src, nb, nm);
-        memcpy(counts[src], p, sizeof(int32_t) * (size_t)nm);
+        memcpy(counts[src], ep->recv + sizeof(int32_t) * (size_t)nm * src, sizeof(int32_t) * (size_t)nm);
         int n = 0;
         for (int i = 0; i < nm; i++) {
             if (counts[src][i] < 0 || counts[src][i] > ep->G)
-                return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent a bad row count", src);
+                return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent a bad row count %d", src, counts[src][i]);
             n += counts[src][i];
         }
-        size_t want = sizeof(int32_t) * ((size_t)nm + n) + sizeof(float) * (size_t)n * D;
-        if (nb != want || total + n > ep->R)
-            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes, expected %zu", src, nb, want);
-        toks[src] = (const int32_t *)(p + sizeof(int32_t) * nm);
-        rows[src] = (const float *)(p + sizeof(int32_t) * ((size_t)nm + n));
         s->recv_rows[src] = n;
+        ep->recv_row0[src] = total;
         total += n;
-        p += nb;
     }
+    if (total > ep->R) return sy_err_set(SY_EREMOTE, "expert exchange: %d rows announced, at most %d fit", total, ep->R);
     s->n_rows = total;
     s->dropout = (float)dropout;
+
+    /* 2. Tokens and rows, sizes known from the counts: int32 token of each row, then the rows. */
+    pack_rows(ep, sw, sw ? sw->xe : NULL, true);
+    for (int src = 0; src < W; src++) ep->recv_bytes[src] = row_bytes(ep, s->recv_rows[src], true);
+    SY_CHECK(exchange(ep, &ep->stats.row_bytes));
+    for (int q = 0; q < W; q++) /* the token indices are bookkeeping, not rows */
+        if (q != ep->rank) {
+            ep->stats.row_bytes -= sizeof(int32_t) * (size_t)rows_to(ep, sw, q);
+            ep->stats.meta_bytes += sizeof(int32_t) * (size_t)rows_to(ep, sw, q);
+        }
+    const char *toks[W], *rows[W];
+    {
+        const char *p = ep->recv;
+        for (int src = 0; src < W; src++) {
+            toks[src] = p;
+            rows[src] = p + sizeof(int32_t) * (size_t)s->recv_rows[src];
+            p += ep->recv_bytes[src];
+        }
+    }
 
     /* Local expert-major order: expert i's rows from source 0, then 1, ... */
     int li = 0;
@@ -246,8 +296,10 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
             for (int k = 0; k < i; k++) before += counts[src][k];
             for (int r = 0; r < counts[src][i]; r++, li++) {
                 int srow = before + r;
-                memcpy(s->xe + (size_t)li * D, rows[src] + (size_t)srow * D, sizeof(float) * D);
-                s->tok[li] = toks[src][srow];
+                get_rows(ep, s->xe + (size_t)li * D, rows[src] + (size_t)srow * D * ep->es, (size_t)D);
+                memcpy(&s->tok[li], toks[src] + sizeof(int32_t) * (size_t)srow, sizeof(int32_t));
+                if (s->tok[li] < 0 || s->tok[li] >= ep->G)
+                    return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent token index %d", src, s->tok[li]);
                 s->micro[li] = key.micro + src;
                 s->src_row[li] = ep->recv_row0[src] + srow;
             }
@@ -273,30 +325,24 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
         sy_experts_fwd(ep->be, c, nm * W, D, F, dropout, key);
     }
 
-    /* Reply: outputs back to each source in the order it sent them. */
-    for (int r = 0; r < total; r++)
-        memcpy(ep->rows_out + (size_t)s->src_row[r] * D, s->ye + (size_t)r * D, sizeof(float) * D);
-    for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)s->recv_rows[src] * D;
-    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->rows_out, ep->send_bytes, ep->rows_in,
-                               sizeof(float) * (size_t)ep->R * D, ep->recv_bytes));
-    return unpack_rows(ep, sw, ep->rows_in, sw ? sw->ye : NULL, "outputs");
+    /* 3. Reply: outputs back to each source in the order it sent them. */
+    SY_CHECK(return_rows(ep, s, s->ye, sw));
+    unpack_rows(ep, sw, sw ? sw->ye : NULL);
+    return SY_OK;
 }
 
 sy_status sy_ep_backward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_weights *ex) {
     const int W = ep->world, D = ep->D, F = ep->F, nm = ep->nm;
     served_layer *s = &ep->layers[sl];
-    /* Output gradients (g·dy) to the owners, in each owner's expert order. */
+    /* Output gradients (g·dy) to the owners, in each owner's expert order; every size is known
+     * from the forward's counts. */
     pack_rows(ep, sw, sw ? sw->dye : NULL, false);
-    SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send, ep->send_bytes, ep->rows_in,
-                               sizeof(float) * (size_t)ep->R * D, ep->recv_bytes));
-    for (int src = 0; src < W; src++)
-        if (ep->recv_bytes[src] != sizeof(float) * (size_t)s->recv_rows[src] * D)
-            return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent %zu bytes of gradients, expected %zu",
-                              src, ep->recv_bytes[src], sizeof(float) * (size_t)s->recv_rows[src] * D);
-    /* Into local expert-major order (rows_out as dye_local), backward, and back. */
-    float *dye = ep->rows_out;
+    for (int src = 0; src < W; src++) ep->recv_bytes[src] = row_bytes(ep, s->recv_rows[src], false);
+    SY_CHECK(exchange(ep, &ep->stats.row_bytes));
+    /* Into local expert-major order, backward, and back. */
+    float *dye = ep->dye;
     for (int r = 0; r < s->n_rows; r++)
-        memcpy(dye + (size_t)r * D, ep->rows_in + (size_t)s->src_row[r] * D, sizeof(float) * D);
+        get_rows(ep, dye + (size_t)r * D, ep->recv + (size_t)s->src_row[r] * D * ep->es, (size_t)D);
     /* One chunk per (expert, source): with fp64 accumulators, the same accumulation sequence
      * (micro-batch order) as the single-process layer: one grouped call per source, sources in
      * order, so each expert adds source 0, then 1, ... dxe goes into ye's slot. */
@@ -318,11 +364,7 @@ sy_status sy_ep_backward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_w
             sy_experts_bwd(ep->be, c, nm, D, F);
         }
     }
-    float *dxe_local = ep->rows_in; /* the received gradients are consumed: reuse */
-    for (int r = 0; r < s->n_rows; r++)
-        memcpy(dxe_local + (size_t)s->src_row[r] * D, s->ye + (size_t)r * D, sizeof(float) * D);
-    for (int src = 0; src < W; src++) ep->send_bytes[src] = sizeof(float) * (size_t)s->recv_rows[src] * D;
-    SY_CHECK(sy_comm_alltoallv(ep->comm, dxe_local, ep->send_bytes, ep->recv,
-                               ep->recv_cap, ep->recv_bytes));
-    return unpack_rows(ep, sw, (const float *)ep->recv, sw ? sw->dxe : NULL, "input gradients");
+    SY_CHECK(return_rows(ep, s, s->ye, sw));
+    unpack_rows(ep, sw, sw ? sw->dxe : NULL);
+    return SY_OK;
 }

@@ -7,10 +7,15 @@
  * sy_switch_dispatch_bwd). A rank without a micro-batch in the round passes sw = NULL: it sends
  * nothing but still receives, serves its experts and answers (spec §5: idle ranks serve).
  *
- * Wire format of a forward chunk from rank p to owner q: int32 rows per expert of q (q's
- * experts in index order), int32 token index of each row, then the rows (fp32 [rows, D]).
- * The reply carries the expert outputs in the same row order. The backward sends the output
- * gradients (g·dy) the same way and gets the input gradients back. Any placement works (a
+ * Exchanges, all-to-alls whose every size is known before they start (comm.h): the forward
+ * first sends each owner q one int32 per expert of q (rows routed to it, in q's expert order;
+ * zeros from an idle rank), a fixed size; then to q the int32 token index of each of those rows
+ * followed by the rows [rows, D], sizes known from the counts. The reply carries the expert
+ * outputs back in the same row order. The backward sends the output gradients (g·dy) the same
+ * way and gets the input gradients back; its sizes are the forward's. Rows are fp32, or bf16
+ * (2 bytes, RNE via base/bf16.h) when the backend is in bf16 mode: every row that crosses
+ * (dispatched inputs, expert outputs, their gradients) is already bf16-rounded there (model
+ * spec §4), so the conversion is exact and halves the bytes. Any placement works (a
  * recovery keeps survivors' experts where they are, so ranks may own scattered experts); rows
  * travel in each owner's expert order and are put back in dispatch order on return.
  *
@@ -34,6 +39,13 @@ typedef struct sy_ep sy_ep_t;
 sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, int E, int D,
                     int F, int G, int n_layers, sy_ep_t **out);
 void sy_ep_destroy(sy_ep_t **self_p);
+
+/* Bytes this rank sent to other ranks in the exchanges since sy_ep_new: rows (inputs, outputs
+ * and their gradients; bf16 or fp32) and bookkeeping (counts, token indices; int32). */
+typedef struct {
+    uint64_t row_bytes, meta_bytes;
+} sy_ep_stats;
+sy_ep_stats sy_ep_get_stats(const sy_ep_t *ep);
 
 /* The experts this rank owns (ascending), and how many. */
 int sy_ep_n_owned(const sy_ep_t *ep);

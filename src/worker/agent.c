@@ -92,7 +92,8 @@ typedef struct {
     uint64_t incarnation;          /* under mu */
     uint8_t session[64];           /* under mu: our registration's secret (Welcome.session), echoed */
     size_t session_len;            /* on every message (docs/protocol.md "Identities") */
-    sy_comm_t *comm;               /* under mu: aborted by the link thread */
+    sy_comm_t *comm;               /* under mu: the link thread may sy_comm_abort it (sets a
+                                    * flag only; the main thread tears the collective down) */
     _Atomic uint64_t generation;
     _Atomic uint64_t gen_inc;      /* incarnation of the coordinator that assigned `generation`:
                                     * a generation is named by the pair (a restarted coordinator
@@ -658,6 +659,15 @@ static void stash(agent_t *a, const Sy__Envelope *env) {
 static void snapshot_drop(agent_t *a);
 
 static void close_generation(agent_t *a) {
+    if (a->comm && a->world > 1) {
+        sy_comm_stats cs = sy_comm_get_stats(a->comm);
+        sy_ep_stats es = a->ep ? sy_ep_get_stats(a->ep) : (sy_ep_stats){0, 0};
+        sy_info("generation %llu: data plane sent %llu bytes in %llu collectives; expert exchange %llu bytes of "
+                "rows (%s), %llu of counts and tokens",
+                (unsigned long long)atomic_load(&a->generation), (unsigned long long)cs.bytes_sent,
+                (unsigned long long)cs.collectives, (unsigned long long)es.row_bytes,
+                a->be && a->be->bf16 ? "bf16" : "fp32", (unsigned long long)es.meta_bytes);
+    }
     if (a->model) sy_model_set_ep(a->model, NULL, 0);
     sy_ep_destroy(&a->ep);
     pthread_mutex_lock(&a->mu);
@@ -1186,7 +1196,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
         a.curve = true;
         sy_info("control plane: CURVE, our public key %s, coordinator's %s", a.key.public_z85, a.server_public);
     }
-    if (sy_dataplane_new(opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
+    if (sy_dataplane_new(opts->comm ? opts->comm : "tcp", opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
         sy_error("data plane: %s", sy_err_msg());
         goto out;
     }

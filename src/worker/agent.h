@@ -15,6 +15,7 @@ typedef struct {
     const char *id;          /* worker id; NULL: HOST-PID */
     const char *data_bind;   /* data-plane bind address, e.g. tcp://127.0.0.1:* */
     const char *backend;     /* "cpu" */
+    const char *comm;        /* data-plane implementation (comm.h sy_comm_kinds); NULL: "tcp" */
     int threads;             /* 0: the config's train.threads (either is capped at the cores) */
     int connect_timeout_s;   /* give up (exit 1) after this long without a Welcome; 0: never */
     /* CurveZMQ on the control plane (src/proto/curve.h): both set, or both NULL (plaintext) */

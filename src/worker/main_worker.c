@@ -21,6 +21,7 @@ static void usage(FILE *f) {
             "  --id ID             worker identity (default HOST-PID); a restarted worker may\n"
             "                      reuse its id\n"
             "  --backend NAME      compute backend: cpu (default)\n"
+            "  --comm NAME         data plane: tcp (default; the run config's cluster.comm)\n"
             "  --data-bind ADDR    data-plane bind address (default tcp://127.0.0.1:*, * = any port)\n"
             "  --threads N         compute threads, 1 to the number of cores this process may\n"
             "                      use (nproc) (default: the run config's train.threads, capped\n"
@@ -53,6 +54,7 @@ int main(int argc, char **argv) {
                                              {"id", required_argument, 0, 'i'},
                                              {"backend", required_argument, 0, 'b'},
                                              {"data-bind", required_argument, 0, 'd'},
+                                             {"comm", required_argument, 0, 'C'},
                                              {"threads", required_argument, 0, 't'},
                                              {"curve-server-public", required_argument, 0, 'P'},
                                              {"curve-key", required_argument, 0, 'K'},
@@ -68,6 +70,7 @@ int main(int argc, char **argv) {
         case 'i': o.id = optarg; break;
         case 'b': o.backend = optarg; break;
         case 'd': o.data_bind = optarg; break;
+        case 'C': o.comm = optarg; break;
         case 'P': o.curve_server_public = optarg; break;
         case 'K': o.curve_key = optarg; break;
         case 't': {
@@ -113,6 +116,12 @@ int main(int argc, char **argv) {
     }
     if (!o.curve_key != !o.curve_server_public) {
         fprintf(stderr, "switchyard-worker: --curve-key and --curve-server-public go together\n");
+        return 2;
+    }
+    if (o.comm && strcmp(o.comm, "tcp") != 0) {
+        /* "threads" (comm.h) runs ranks as threads of one process: no use between workers */
+        fprintf(stderr, "switchyard-worker: --comm %s: only 'tcp' is built for worker processes in this version\n",
+                o.comm);
         return 2;
     }
     if (strcmp(o.backend, "cpu") != 0) {

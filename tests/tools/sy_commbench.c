@@ -76,7 +76,7 @@ static int child(int rank, int W, size_t pair, int iters, int up, int down) {
     sy_comm_t *c = NULL;
     void *rctx = NULL, *pull = NULL, *push[MAX_W] = {0};
     int rc = 1;
-    if (sy_dataplane_new("tcp://127.0.0.1:*", &dp) != SY_OK) {
+    if (sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &dp) != SY_OK) {
         fprintf(stderr, "rank %d: %s\n", rank, sy_err_msg());
         return 1;
     }
@@ -107,7 +107,7 @@ static int child(int rank, int W, size_t pair, int iters, int up, int down) {
         if (zmq_connect(push[r], all[r].raw) != 0) goto out;
     }
     size_t sb[MAX_W], rb[MAX_W];
-    for (int r = 0; r < W; r++) sb[r] = r == rank ? 0 : pair;
+    for (int r = 0; r < W; r++) sb[r] = rb[r] = r == rank ? 0 : pair;
     char *send = malloc(pair * (size_t)W), *recv = malloc(pair * (size_t)W);
     if (!send || !recv) goto out;
     for (size_t i = 0; i < pair * (size_t)W; i++) send[i] = (char)(i * 31 + (size_t)rank);
@@ -116,7 +116,7 @@ static int child(int rank, int W, size_t pair, int iters, int up, int down) {
     for (int it = 0; it < WARMUP + iters; it++) {
         if (sy_comm_barrier(c) != SY_OK) goto fail;
         double t0 = now_s();
-        if (sy_comm_alltoallv(c, send, sb, recv, pair * (size_t)W, rb) != SY_OK) goto fail;
+        if (sy_comm_alltoallv(c, send, sb, recv, rb) != SY_OK) goto fail;
         double t1 = now_s();
         if (sy_comm_barrier(c) != SY_OK) goto fail;
         double t2 = now_s();

@@ -1,0 +1,172 @@
+/* The generic half of the data plane (comm.h): picks the implementation by name, checks
+ * arguments, runs world 1 itself, keeps the abort flag and the failed state, and calls the
+ * implementation's ops (comm_internal.h) for the rest. */
+#include "comm/comm.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm_internal.h"
+
+static const sy_comm_ops *const KINDS[] = {&sy_comm_tcp_ops, &sy_comm_threads_ops};
+#define N_KINDS (sizeof KINDS / sizeof KINDS[0])
+
+const char *const sy_comm_kinds[] = {"tcp", "threads", NULL};
+
+/* ---------------------------------------------------------------- data plane */
+
+sy_status sy_dataplane_new(const char *kind, const char *bind_addr, sy_dataplane_t **out) {
+    if (!out) return sy_err_set(SY_EINVAL, "data plane: NULL out");
+    *out = NULL;
+    for (size_t i = 0; i < N_KINDS; i++) {
+        if (kind && !strcmp(kind, KINDS[i]->name)) {
+            SY_CHECK(KINDS[i]->dp_new(bind_addr, out));
+            (*out)->ops = KINDS[i];
+            return SY_OK;
+        }
+    }
+    return sy_err_set(SY_EINVAL, "data plane: unknown kind '%s' (known: tcp, threads)", kind ? kind : "(null)");
+}
+
+void sy_dataplane_destroy(sy_dataplane_t **self_p) {
+    if (!self_p || !*self_p) return;
+    sy_dataplane_t *dp = *self_p;
+    *self_p = NULL;
+    dp->ops->dp_destroy(dp);
+}
+
+const char *sy_dataplane_kind(const sy_dataplane_t *dp) { return dp ? dp->ops->name : ""; }
+const char *sy_dataplane_endpoint(const sy_dataplane_t *dp) { return dp ? dp->ops->dp_endpoint(dp) : ""; }
+uint64_t sy_dataplane_dropped(const sy_dataplane_t *dp) { return dp ? dp->ops->dp_dropped(dp) : 0; }
+
+/* ---------------------------------------------------------------- communicator */
+
+sy_status sy_comm_new(sy_dataplane_t *dp, uint64_t generation, int rank, int world,
+                      const char *const *endpoints, int timeout_ms, sy_comm_t **out) {
+    if (!out) return sy_err_set(SY_EINVAL, "comm: NULL out");
+    *out = NULL;
+    if (world < 1 || world > 65535 || rank < 0 || rank >= world)
+        return sy_err_set(SY_EINVAL, "comm: rank %d of world %d is not valid", rank, world);
+    if (timeout_ms <= 0) return sy_err_set(SY_EINVAL, "comm: timeout_ms %d must be > 0", timeout_ms);
+    sy_comm_t *c = NULL;
+    if (world == 1) {
+        c = calloc(1, sizeof *c);
+        if (!c) return sy_err_set(SY_ENOMEM, "comm: allocation");
+    } else {
+        if (!dp) return sy_err_set(SY_EINVAL, "comm: world %d needs a data plane", world);
+        if (!endpoints) return sy_err_set(SY_EINVAL, "comm: NULL endpoints");
+        for (int r = 0; r < world; r++)
+            if (r != rank && (!endpoints[r] || !endpoints[r][0]))
+                return sy_err_set(SY_EINVAL, "comm: endpoint of rank %d is empty", r);
+        SY_CHECK(dp->ops->comm_new(dp, generation, rank, world, endpoints, timeout_ms, &c));
+        c->ops = dp->ops;
+    }
+    c->gen = generation;
+    c->rank = rank;
+    c->world = world;
+    c->timeout_ms = timeout_ms;
+    c->failed = SY_OK;
+    atomic_init(&c->aborted, 0);
+    *out = c;
+    return SY_OK;
+}
+
+void sy_comm_destroy(sy_comm_t **self_p) {
+    if (!self_p || !*self_p) return;
+    sy_comm_t *c = *self_p;
+    *self_p = NULL;
+    if (c->ops)
+        c->ops->comm_destroy(c);
+    else
+        free(c);
+}
+
+int sy_comm_rank(const sy_comm_t *c) { return c ? c->rank : -1; }
+int sy_comm_world(const sy_comm_t *c) { return c ? c->world : 0; }
+
+void sy_comm_abort(sy_comm_t *c) {
+    if (c) atomic_store(&c->aborted, 1);
+}
+
+sy_comm_stats sy_comm_get_stats(const sy_comm_t *c) {
+    sy_comm_stats z = {0, 0, 0};
+    return c ? c->stats : z;
+}
+
+/* Records a collective's failure and lets the implementation drop what is in flight. */
+static sy_status comm_fail(sy_comm_t *c, sy_status st) {
+    c->failed = st;
+    snprintf(c->fail_msg, sizeof c->fail_msg, "%s", sy_err_msg());
+    if (c->ops) c->ops->fail(c);
+    return st;
+}
+
+/* Entry check of every collective. Abort wins over an earlier failure. */
+static sy_status comm_enter(sy_comm_t *c, const char *what) {
+    if (!c) return sy_err_set(SY_EINVAL, "comm: %s on a NULL communicator", what);
+    if (sy_comm_aborted(c)) {
+        sy_err_set(SY_EABORTED, "comm: %s: communicator of generation %llu was aborted", what,
+                   (unsigned long long)c->gen);
+        return c->failed == SY_OK ? comm_fail(c, SY_EABORTED) : SY_EABORTED;
+    }
+    if (c->failed != SY_OK)
+        return sy_err_set(c->failed, "comm: %s: communicator failed earlier (%s); destroy it", what, c->fail_msg);
+    return SY_OK;
+}
+
+/* The result of an implementation's collective. */
+static sy_status comm_done(sy_comm_t *c, sy_status st) {
+    if (st != SY_OK) return comm_fail(c, st);
+    c->stats.collectives++;
+    return SY_OK;
+}
+
+sy_status sy_comm_alltoallv(sy_comm_t *c, const void *send, const size_t *send_bytes, void *recv,
+                            const size_t *recv_bytes) {
+    SY_CHECK(comm_enter(c, "alltoallv"));
+    if (!send_bytes || !recv_bytes) return sy_err_set(SY_EINVAL, "comm: alltoallv: NULL send_bytes or recv_bytes");
+    size_t send_total = 0, recv_total = 0;
+    for (int r = 0; r < c->world; r++) send_total += send_bytes[r], recv_total += recv_bytes[r];
+    if ((send_total && !send) || (recv_total && !recv))
+        return sy_err_set(SY_EINVAL, "comm: alltoallv: NULL buffer for %zu bytes to send / %zu to receive",
+                          send_total, recv_total);
+    if (send_bytes[c->rank] != recv_bytes[c->rank])
+        return sy_err_set(SY_EINVAL, "comm: alltoallv: rank %d sends itself %zu bytes but expects %zu", c->rank,
+                          send_bytes[c->rank], recv_bytes[c->rank]);
+    if (send_total && recv_total) {
+        const char *s = send, *r = recv;
+        if (s < r + recv_total && r < s + send_total)
+            return sy_err_set(SY_EINVAL, "comm: alltoallv: send and recv buffers overlap");
+    }
+    if (c->world == 1) {
+        if (send_bytes[0]) memcpy(recv, send, send_bytes[0]);
+        return comm_done(c, SY_OK);
+    }
+    return comm_done(c, c->ops->alltoallv(c, send, send_bytes, recv, recv_bytes));
+}
+
+static sy_status allreduce(sy_comm_t *c, void *buf, size_t n, sy_comm_dtype dt) {
+    SY_CHECK(comm_enter(c, "allreduce"));
+    if (n && !buf) return sy_err_set(SY_EINVAL, "comm: allreduce: NULL buffer for %zu elements", n);
+    if (c->world == 1) return comm_done(c, SY_OK);
+    return comm_done(c, c->ops->allreduce(c, buf, n, dt));
+}
+
+sy_status sy_comm_allreduce_f32(sy_comm_t *c, float *buf, size_t n) { return allreduce(c, buf, n, SY_COMM_F32); }
+sy_status sy_comm_allreduce_f64(sy_comm_t *c, double *buf, size_t n) { return allreduce(c, buf, n, SY_COMM_F64); }
+
+sy_status sy_comm_broadcast(sy_comm_t *c, void *buf, size_t bytes, int root) {
+    SY_CHECK(comm_enter(c, "broadcast"));
+    if (root < 0 || root >= c->world)
+        return sy_err_set(SY_EINVAL, "comm: broadcast: root %d not in world %d", root, c->world);
+    if (bytes && !buf) return sy_err_set(SY_EINVAL, "comm: broadcast: NULL buffer for %zu bytes", bytes);
+    if (c->world == 1) return comm_done(c, SY_OK);
+    return comm_done(c, c->ops->broadcast(c, buf, bytes, root));
+}
+
+sy_status sy_comm_barrier(sy_comm_t *c) {
+    SY_CHECK(comm_enter(c, "barrier"));
+    if (c->world == 1) return comm_done(c, SY_OK);
+    return comm_done(c, c->ops->barrier(c));
+}
