@@ -349,8 +349,8 @@ static sy_status bench_step(const opts_t *o, sy_backend_t *be) {
             dropped += l.dropped;
         }
         float *g = sy_model_grads(m);
-        double norm = sqrt(sy_grad_sqnorm(g, numel));
-        sy_clip_grads(g, numel, norm, cfg.train.grad_clip);
+        double norm = sqrt(sy_grad_sqnorm(sy_model_backend(m), g, numel));
+        sy_clip_grads(sy_model_backend(m), g, numel, norm, cfg.train.grad_clip);
         sy_adamw_step(opt, sy_lr_at(&cfg, s0));
         double dt = now_s() - t0;
         if (it >= 0) t[it] = dt;
