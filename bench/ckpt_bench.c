@@ -26,12 +26,14 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static void fill(float *x, size_t n, uint64_t seed) {
+/* Fills the backend buffer x [n] through the host buffer tmp [n]. */
+static void fill(sy_backend_t *be, float *x, float *tmp, size_t n, uint64_t seed) {
     uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
     for (size_t i = 0; i < n; i++) {
         s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        x[i] = (float)((double)(s >> 11) / 9007199254740992.0 - 0.5);
+        tmp[i] = (float)((double)(s >> 11) / 9007199254740992.0 - 0.5);
     }
+    be->upload(be, x, tmp, n * sizeof(float));
 }
 
 int main(int argc, char **argv) {
@@ -75,9 +77,15 @@ int main(int argc, char **argv) {
         sy_adamw_new(m, &cfg, &opt) != SY_OK || sy_store_open(store_url, &st) != SY_OK)
         goto fail;
     size_t n = sy_model_numel(m);
-    fill(sy_model_params(m), n, 1);
-    fill(sy_adamw_m(opt), n, 2);
-    fill(sy_adamw_v(opt), n, 3);
+    float *tmp = malloc(n * sizeof(float) + 1);
+    if (!tmp) {
+        sy_err_set(SY_ENOMEM, "out of memory");
+        goto fail;
+    }
+    fill(be, sy_model_params(m), tmp, n, 1);
+    fill(be, sy_adamw_m(opt), tmp, n, 2);
+    fill(be, sy_adamw_v(opt), tmp, n, 3);
+    free(tmp);
     sy_adamw_set_t_count(opt, 1);
 
     double best_save = 1e30, best_load = 1e30, best_stall = 1e30, best_upload = 1e30;

@@ -281,7 +281,15 @@ static sy_status dump_model(const opts_t *o, const sy_config_t *cfg, sy_model_t 
     if (rc != 0) return sy_err_set(SY_EIO, "cannot write %s", path);
     snprintf(path, sizeof path, "%s.params", o->dump);
     if (!(f = fopen(path, "wb"))) return sy_err_set(SY_EIO, "cannot create %s", path);
-    s = write_floats(f, path, sy_model_params(m), sy_model_numel(m));
+    float *host = malloc(sy_model_numel(m) * sizeof(float) + 1); /* the masters, downloaded */
+    if (host) {
+        sy_backend_t *be = sy_model_backend(m);
+        be->download(be, host, sy_model_params(m), sy_model_numel(m) * sizeof(float));
+        s = write_floats(f, path, host, sy_model_numel(m));
+        free(host);
+    } else {
+        s = sy_err_set(SY_ENOMEM, "out of memory");
+    }
     if (fclose(f) != 0 && s == SY_OK) s = sy_err_set(SY_EIO, "cannot write %s", path);
     if (s != SY_OK) return s;
 
@@ -349,8 +357,8 @@ static sy_status bench_step(const opts_t *o, sy_backend_t *be) {
             dropped += l.dropped;
         }
         float *g = sy_model_grads(m);
-        double norm = sqrt(sy_grad_sqnorm(g, numel));
-        sy_clip_grads(g, numel, norm, cfg.train.grad_clip);
+        double norm = sqrt(sy_grad_sqnorm(sy_model_backend(m), g, numel));
+        sy_clip_grads(sy_model_backend(m), g, numel, norm, cfg.train.grad_clip);
         sy_adamw_step(opt, sy_lr_at(&cfg, s0));
         double dt = now_s() - t0;
         if (it >= 0) t[it] = dt;

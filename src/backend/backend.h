@@ -3,6 +3,12 @@
  * table, so a CUDA backend slots in by providing another table. The CPU backend (backend_cpu.c)
  * uses OpenBLAS for GEMMs and OpenMP for the rest.
  *
+ * Buffers: every pointer an op takes is a BACKEND BUFFER (from alloc(), or an offset into one):
+ * typed (float *, double *, int32_t *) so shapes and units read as before, but for a device
+ * backend it points into device memory. Code outside a backend never reads or writes through
+ * it; host memory crosses only by upload/download (the "host <-> backend traffic" section).
+ * Pointer arithmetic on a backend buffer (base + offset) is fine.
+ *
  * Conventions: row-major; N = tokens in the call; shapes in comments. Weight gradients are
  * ACCUMULATED (+=) so micro-batches add up; activation gradients are overwritten unless the op
  * says "+=". All buffers come from alloc() and stay the caller's.
@@ -27,7 +33,39 @@ struct sy_backend {
 
     void *(*alloc)(sy_backend_t *be, size_t bytes); /* zeroed; NULL on failure */
     void (*free)(sy_backend_t *be, void *p);
-    void (*round_bf16)(sy_backend_t *be, float *x, size_t n); /* in place, if be->bf16 */
+
+    /* ---- host <-> backend traffic: the only way host memory and backend buffers meet ----
+     * dst/src named *_host are ordinary host memory; the others are backend buffers. upload and
+     * download return when the host buffer may be reused / read (they order after every op
+     * issued before them); copy and zero are ordered like any other op. sync waits for every op
+     * issued so far (a no-op on the CPU). */
+    void (*upload)(sy_backend_t *be, void *dst, const void *src_host, size_t bytes);
+    void (*download)(sy_backend_t *be, void *dst_host, const void *src, size_t bytes);
+    void (*copy)(sy_backend_t *be, void *dst, const void *src, size_t bytes);
+    void (*zero)(sy_backend_t *be, void *p, size_t bytes);
+    void (*sync)(sy_backend_t *be);
+
+    /* ---- the parameter / gradient / optimizer path (model spec §5) ----
+     * fp64 gradient accumulation: acc[n] += g[n] (each fp32 value widened, then added) */
+    void (*acc_add_f32)(sy_backend_t *be, double *acc, const float *g, size_t n);
+    /* g[n] = (float)acc[n] (round to nearest) */
+    void (*acc_to_f32)(sy_backend_t *be, float *g, const double *acc, size_t n);
+    /* out[0] += Σ x² in fp64 (backend buffer of one double). The order is fixed: chunks of
+     * 4096 elements, each summed in order, the chunk sums added in order; the result does not
+     * depend on the thread count, and a device backend must sum in this same order. */
+    void (*sumsq_add)(sy_backend_t *be, double *out, const float *x, size_t n);
+    /* x[n] *= c (gradient clipping) */
+    void (*scale)(sy_backend_t *be, float *x, size_t n, float c);
+    /* One AdamW update (optim.h, PINNED to torch.optim.AdamW) of n elements, all fp32:
+     *   p *= decay; m = b1·m + (1−b1)·g; v = b2·v + (1−b2)·g·g;
+     *   p −= step_size · m / (sqrt(v) · inv_sqrt_bc2 + eps)
+     * evaluated in exactly this order, in fp32, without contraction into FMAs. */
+    void (*adamw)(sy_backend_t *be, float *p, const float *g, float *m, float *v, size_t n,
+                  float decay, float b1, float b2, float step_size, float inv_sqrt_bc2,
+                  float eps);
+    /* x[n] rounded to bf16 (RNE) in place, if be->bf16 (working weights after a step; ops that
+     * write activations round by themselves) */
+    void (*round_bf16)(sy_backend_t *be, float *x, size_t n);
 
     /* x[N,D] = wte[tok] + wpe[t mod T] */
     void (*embed_fwd)(sy_backend_t *be, float *x, const int32_t *tok, const float *wte,

@@ -12,6 +12,7 @@
 #include "base/bf16.h"
 #include "backend/cpu_math.h"
 #include "backend/gemm_cpu.h"
+#include "backend_cpu_internal.h"
 
 #define SY_LN_EPS 1e-5f
 #define SY_GELU_C 0.7978845608028654f /* sqrt(2/pi) */
@@ -557,6 +558,7 @@ sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
     b->alloc = cpu_alloc;
     b->free = cpu_free;
     b->round_bf16 = cpu_round_bf16;
+    sy_cpu_step_install(b);
     b->embed_fwd = cpu_embed_fwd;
     b->embed_bwd = cpu_embed_bwd;
     b->matmul_fwd = cpu_matmul_fwd;

@@ -305,6 +305,7 @@ static int cmd_export(int argc, char **argv) {
     sy_backend_t *be = NULL;
     sy_model_t *model = NULL;
     sy_tensor_ref *refs = NULL;
+    float *host = NULL; /* the parameters, downloaded */
     size_t n = 0;
     char run[URL_MAX];
     int64_t want, step;
@@ -359,7 +360,13 @@ static int cmd_export(int argc, char **argv) {
         sy_err_set(SY_ENOMEM, "out of memory");
         goto fail;
     }
-    for (int i = 0; i < np; i++) refs[i] = sy_model_ref(model, i, sy_model_params(model), sy_model_param(model, i)->name);
+    host = malloc(sy_model_numel(model) * sizeof(float) + 1);
+    if (!host) {
+        sy_err_set(SY_ENOMEM, "out of memory");
+        goto fail;
+    }
+    be->download(be, host, sy_model_params(model), sy_model_numel(model) * sizeof(float));
+    for (int i = 0; i < np; i++) refs[i] = sy_model_ref(model, i, host, sy_model_param(model, i)->name);
     if (sy_st_write_file(outp, refs, np, dtype) != SY_OK) goto fail;
     printf("exported run %s step %lld: %d tensors, %zu parameters, %s -> %s\n", run, (long long)step, np,
            sy_model_numel(model), dtype == SY_ST_BF16 ? "bf16" : "fp32", outp);
@@ -369,6 +376,7 @@ fail:
     fprintf(stderr, "switchyard ckpt export: %s\n", sy_err_msg());
 out:
     free(refs);
+    free(host);
     sy_model_destroy(&model);
     sy_backend_destroy(&be);
     json_decref(man);

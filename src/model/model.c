@@ -46,10 +46,13 @@ struct sy_model {
     block_acts *act;
     int wte, wpe, lnf;
     sy_expert_weights *ex; /* [E] scratch for the current Switch layer */
-    int32_t *inp, *tgt;    /* [N] */
+    int32_t *inp, *tgt;    /* [N] each, one backend buffer [2N]: tgt = inp + N */
+    int32_t *tok_host;     /* [2N] host staging of inp, tgt (one upload per micro-batch) */
+    float *init_host;      /* [INIT_CHUNK] host staging of sy_model_init */
     float *x_out, *lnf_y, *lnf_mean, *lnf_rstd, *logits; /* x_out [N,D], logits [N,V] */
     float *dx, *dtmp, *dln, *dqkv, *datty, *dfc_act, *dfc_pre, *tmp; /* backward scratch */
-    int32_t *counts;       /* [n_switch, E] */
+    int32_t *counts;       /* [n_switch, E] host: downloaded from each Switch layer's route */
+    double *gstats;        /* [1+E] backend: dense Σg², then each expert's (sy_model_grad_sqnorms) */
     double *acc;           /* fp64 gradient accumulator (micro-batch contributions are added) */
     bool acc_dirty;        /* acc holds contributions not yet rounded into grads */
     bool *gdirect;         /* [n_params] dense GEMM weight whose gradient goes straight into
@@ -94,6 +97,8 @@ sy_model_dims sy_model_dims_from_config(const sy_config_t *c) {
 bool sy_model_is_switch(const sy_model_t *m, int l) {
     return m->d.S > 0 && m->d.E >= 1 && (l % m->d.S) == m->d.S - 1;
 }
+
+#define INIT_CHUNK ((size_t)1 << 16) /* floats generated on the host per upload in init */
 
 #define MALLOC_ACT(ptr, n)                                                   \
     do {                                                                     \
@@ -198,8 +203,8 @@ sy_status sy_model_new(const sy_model_dims *dims, sy_backend_t *be, sy_model_t *
             MALLOC_ACT(a->fc_act, N * F);
         }
     }
-    MALLOC_ACT(m->inp, N);
-    MALLOC_ACT(m->tgt, N);
+    MALLOC_ACT(m->inp, 2 * N);
+    m->tgt = m->inp + N;
     MALLOC_ACT(m->x_out, N * D);
     MALLOC_ACT(m->lnf_y, N * D);
     MALLOC_ACT(m->lnf_mean, N);
@@ -213,7 +218,11 @@ sy_status sy_model_new(const sy_model_dims *dims, sy_backend_t *be, sy_model_t *
     MALLOC_ACT(m->datty, N * D);
     MALLOC_ACT(m->dfc_act, N * F);
     MALLOC_ACT(m->dfc_pre, N * F);
-    MALLOC_ACT(m->counts, (size_t)(m->n_switch ? m->n_switch : 1) * E);
+    MALLOC_ACT(m->gstats, (size_t)E + 1);
+    m->counts = calloc((size_t)(m->n_switch ? m->n_switch : 1) * E, sizeof(int32_t));
+    m->tok_host = malloc(2 * N * sizeof(int32_t));
+    m->init_host = malloc(INIT_CHUNK * sizeof(float));
+    if (!m->counts || !m->tok_host || !m->init_host) goto oom;
     *out = m;
     return SY_OK;
 oom:
@@ -241,11 +250,14 @@ void sy_model_destroy(sy_model_t **self_p) {
             free(m->blk[l].ex_proj);
         }
     if (m->work != m->params) FREE(m->work);
-    FREE(m->params); FREE(m->grads); FREE(m->acc); FREE(m->inp); FREE(m->tgt); FREE(m->x_out); FREE(m->lnf_y);
+    FREE(m->params); FREE(m->grads); FREE(m->acc); FREE(m->inp); FREE(m->x_out); FREE(m->lnf_y);
     FREE(m->lnf_mean); FREE(m->lnf_rstd); FREE(m->logits); FREE(m->dx); FREE(m->dtmp);
     FREE(m->dln); FREE(m->tmp); FREE(m->dqkv); FREE(m->datty); FREE(m->dfc_act);
-    FREE(m->dfc_pre); FREE(m->counts);
+    FREE(m->dfc_pre); FREE(m->gstats);
 #undef FREE
+    free(m->counts);
+    free(m->tok_host);
+    free(m->init_host);
     free(m->params_tab);
     free(m->gdirect);
     free(m->blk);
@@ -261,16 +273,27 @@ const sy_param_t *sy_model_param(const sy_model_t *m, int i) { return &m->params
 size_t sy_model_numel(const sy_model_t *m) { return m->numel; }
 size_t sy_model_dense_numel(const sy_model_t *m) { return m->dense_numel; }
 float *sy_model_params(sy_model_t *m) { return m->params; }
+sy_backend_t *sy_model_backend(const sy_model_t *m) { return m->be; }
 float *sy_model_grads(sy_model_t *m) {
     if (m->acc_dirty) {
-        const size_t n = m->numel;
-        float *g = m->grads;
-        const double *a = m->acc;
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < n; i++) g[i] = (float)a[i];
+        m->be->acc_to_f32(m->be, m->grads, m->acc, m->numel);
         m->acc_dirty = false;
     }
     return m->grads;
+}
+
+void sy_model_grad_sqnorms(sy_model_t *m, const bool *owned, double *sq) {
+    sy_backend_t *be = m->be;
+    const float *g = sy_model_grads(m);
+    const int E = m->d.E;
+    be->zero(be, m->gstats, sizeof(double) * ((size_t)E + 1));
+    be->sumsq_add(be, m->gstats, g, m->dense_numel);
+    for (int i = 0; i < m->n_params; i++) {
+        const sy_param_t *p = &m->params_tab[i];
+        if (p->expert < 0 || (owned && !owned[p->expert])) continue;
+        be->sumsq_add(be, m->gstats + 1 + p->expert, g + p->offset, p->numel);
+    }
+    be->download(be, sq, m->gstats, sizeof(double) * ((size_t)E + 1));
 }
 
 double *sy_model_grad_acc(sy_model_t *m) { return m->acc; }
@@ -291,23 +314,28 @@ sy_tensor_ref sy_model_ref(const sy_model_t *m, int i, float *base, const char *
     return r;
 }
 
+/* Generated on the host, INIT_CHUNK floats at a time, each chunk uploaded into the masters. */
 void sy_model_init(sy_model_t *m, uint64_t seed) {
+    float *w = m->init_host;
     for (int i = 0; i < m->n_params; i++) {
         const sy_param_t *p = &m->params_tab[i];
-        float *w = m->params + p->offset;
-        if (p->ndim == 1) { /* LayerNorm weights */
-            for (size_t k = 0; k < p->numel; k++) w[k] = 1.0f;
-            continue;
-        }
         double sigma = (i == m->wte || i == m->wpe) ? 0.02
                                                     : sqrt(m->d.init_scale / (double)p->shape[1]);
         sy_rng_t r = sy_rng_key(seed, p->name, 0, 0, 0);
-        for (size_t k = 0; k < p->numel; k++) {
-            double x;
-            do {
-                x = sy_rng_normal(&r);
-            } while (fabs(x) > 2.0); /* truncated at 2σ: redraw */
-            w[k] = (float)(sigma * x);
+        for (size_t k0 = 0; k0 < p->numel; k0 += INIT_CHUNK) {
+            size_t n = p->numel - k0 < INIT_CHUNK ? p->numel - k0 : INIT_CHUNK;
+            for (size_t k = 0; k < n; k++) {
+                if (p->ndim == 1) { /* LayerNorm weights */
+                    w[k] = 1.0f;
+                    continue;
+                }
+                double x;
+                do {
+                    x = sy_rng_normal(&r);
+                } while (fabs(x) > 2.0); /* truncated at 2σ: redraw */
+                w[k] = (float)(sigma * x);
+            }
+            m->be->upload(m->be, m->params + p->offset + k0, w, n * sizeof(float));
         }
     }
     sy_model_weights_changed(m);
@@ -315,7 +343,7 @@ void sy_model_init(sy_model_t *m, uint64_t seed) {
 
 void sy_model_weights_changed(sy_model_t *m) {
     if (m->work == m->params) return;
-    memcpy(m->work, m->params, m->numel * sizeof(float));
+    m->be->copy(m->be, m->work, m->params, m->numel * sizeof(float));
     for (int i = 0; i < m->n_params; i++) {
         const sy_param_t *p = &m->params_tab[i];
         if (p->lowp) m->be->round_bf16(m->be, m->work + p->offset, p->numel);
@@ -323,8 +351,8 @@ void sy_model_weights_changed(sy_model_t *m) {
 }
 
 void sy_model_zero_grads(sy_model_t *m) {
-    memset(m->grads, 0, m->numel * sizeof(float));
-    memset(m->acc, 0, m->numel * sizeof(double));
+    m->be->zero(m->be, m->grads, m->numel * sizeof(float));
+    m->be->zero(m->be, m->acc, m->numel * sizeof(double));
     m->acc_dirty = false;
 }
 
@@ -364,20 +392,23 @@ typedef struct {
  * sublayer's LayerNorm backward adds the branch's gradient into it (layernorm_bwd: dx +=). */
 static void residual_forward(sy_backend_t *be, float *out, const float *x, const float *y,
                              size_t n) {
-    memcpy(out, x, sizeof(float) * n);
+    be->copy(be, out, x, sizeof(float) * n);
     be->add_inplace(be, out, y, n);
 }
 
 /* ---- embedding ---- */
 
-/* tokens [B,T+1] windows → inp [N] (positions 0..T-1), tgt [N] (positions 1..T) */
+/* tokens [B,T+1] windows (host) → inp [N] (positions 0..T-1), tgt [N] (positions 1..T), split
+ * on the host and uploaded in one piece (inp and tgt are one backend buffer) */
 static void split_tokens(sy_model_t *m, const int32_t *tokens) {
-    const int T = m->d.T, B = m->d.B;
+    const int T = m->d.T, B = m->d.B, N = B * T;
+    int32_t *inp = m->tok_host, *tgt = m->tok_host + N;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
-            m->inp[b * T + t] = tokens[(size_t)b * (T + 1) + t];
-            m->tgt[b * T + t] = tokens[(size_t)b * (T + 1) + t + 1];
+            inp[b * T + t] = tokens[(size_t)b * (T + 1) + t];
+            tgt[b * T + t] = tokens[(size_t)b * (T + 1) + t + 1];
         }
+    m->be->upload(m->be, m->inp, m->tok_host, 2 * (size_t)N * sizeof(int32_t));
 }
 
 /* x [N,D] = wte[inp] + wpe[t] */
@@ -488,7 +519,7 @@ static sy_status switch_forward(sy_model_t *m, int l, float *out, bool train, sy
     sums->z += info.z_group;
     sums->routed += info.G;
     sums->dropped += info.G - info.n_kept;
-    memcpy(m->counts + (size_t)bi->sw_index * d->E, info.counts, sizeof(int32_t) * d->E);
+    be->download(be, m->counts + (size_t)bi->sw_index * d->E, info.counts, sizeof(int32_t) * d->E);
     residual_forward(be, out, a->x_mid, m->tmp, (size_t)N * D);
     return SY_OK;
 }
@@ -538,7 +569,7 @@ static void head_backward(sy_model_t *m) {
     sy_backend_t *be = m->be;
     const int D = m->d.D, V = m->d.V, N = m->d.B * m->d.T;
     be->matmul_bwd(be, m->dln, G(m->wte), m->logits, m->lnf_y, W(m->wte), N, D, V, false);
-    memset(m->dx, 0, sizeof(float) * (size_t)N * D);
+    be->zero(be, m->dx, sizeof(float) * (size_t)N * D);
     be->layernorm_bwd(be, m->dx, G(m->lnf), m->dln, m->x_out, W(m->lnf), m->lnf_mean,
                       m->lnf_rstd, N, D);
 }
@@ -587,17 +618,13 @@ static sy_status backward(sy_model_t *m, int n_micro) {
  * the sum over micro-batches is the same however they are spread over workers. */
 static void dense_grads_clear(sy_model_t *m) {
     for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++)
-        if (!m->gdirect[i]) memset(G(i), 0, m->params_tab[i].numel * sizeof(float));
+        if (!m->gdirect[i]) m->be->zero(m->be, G(i), m->params_tab[i].numel * sizeof(float));
 }
 
 static void dense_grads_accumulate(sy_model_t *m) {
     for (int i = 0; i < m->n_params && m->params_tab[i].offset < m->dense_numel; i++) {
         if (m->gdirect[i]) continue;
-        const size_t n = m->params_tab[i].numel;
-        const float *g = G(i);
-        double *acc = A(i);
-#pragma omp parallel for schedule(static) if (n > 4096)
-        for (size_t k = 0; k < n; k++) acc[k] += g[k];
+        m->be->acc_add_f32(m->be, A(i), G(i), m->params_tab[i].numel);
     }
     m->acc_dirty = true;
 }

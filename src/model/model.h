@@ -11,6 +11,12 @@
  * micro-batches and ACCUMULATES gradients of L = L_ce + aux + z as defined in spec §2 (CE mean
  * over all target tokens of the global batch, aux/z mean over groups).
  *
+ * Memory: parameters, gradients, the fp64 accumulator and activations are BACKEND buffers
+ * (backend.h): the pointers sy_model_params/grads/grad_acc return may be device memory, never to
+ * be read or written on the host; host copies go through the backend's upload/download (with
+ * sy_model_backend). Tokens come in from the host and are uploaded here; per-step statistics
+ * (losses, expert counts, gradient norms) come back as host values.
+ *
  * Thread: one thread drives a model. Ownership: the model owns its buffers and borrows the
  * backend (which must outlive it). */
 #ifndef SY_MODEL_H
@@ -73,14 +79,23 @@ const sy_param_t *sy_model_param(const sy_model_t *m, int i);
 int sy_model_find(const sy_model_t *m, const char *name);
 size_t sy_model_numel(const sy_model_t *m);     /* all parameters */
 size_t sy_model_dense_numel(const sy_model_t *m);
+sy_backend_t *sy_model_backend(const sy_model_t *m);
+/* The fp32 master weights (backend buffer). */
 float *sy_model_params(sy_model_t *m);
-/* The accumulated gradients (fp32). Micro-batch contributions are summed in an fp64
+/* The accumulated gradients (fp32, backend buffer). Micro-batch contributions are summed in an fp64
  * accumulator (sy_model_grad_acc) and rounded into this buffer on the first call after they
  * change; the caller may then modify it (clipping) until the next fwd_bwd. */
 float *sy_model_grads(sy_model_t *m);
-/* The fp64 accumulator (same layout), for the all-reduce of dense gradients before rounding. */
+/* The fp64 accumulator (same layout, backend buffer), for the all-reduce of dense gradients
+ * before rounding. */
 double *sy_model_grad_acc(sy_model_t *m);
-/* A tensor view of parameter i in `base` (params, grads or an optimizer moment buffer). */
+/* Σ g² (fp64) of the rounded gradients (sy_model_grads), downloaded in one piece into the host
+ * array sq [1+E]: sq[0] over the dense parameters, sq[1+e] over expert e when owned[e] (owned
+ * NULL: every expert; others 0), each summed in the fixed order of backend sumsq_add (expert e's
+ * tensors in parameter-table order). */
+void sy_model_grad_sqnorms(sy_model_t *m, const bool *owned, double *sq);
+/* A tensor view of parameter i in `base`: a HOST buffer laid out like the parameters (a
+ * download of params, grads or an optimizer moment buffer). */
 sy_tensor_ref sy_model_ref(const sy_model_t *m, int i, float *base, const char *name);
 /* Number of Switch layers and whether block l is one. */
 int sy_model_n_switch(const sy_model_t *m);
@@ -119,7 +134,7 @@ void sy_model_set_ep(sy_model_t *m, struct sy_ep *ep, int rank);
  * first micro-batch index (round·world). */
 sy_status sy_model_serve_idle(sy_model_t *m, sy_draw_key key);
 
-/* Per-expert routed-token counts of the last forward (before capacity): [n_switch, E]. */
+/* Per-expert routed-token counts of the last forward (before capacity): [n_switch, E], host. */
 const int32_t *sy_model_expert_counts(const sy_model_t *m);
 
 #endif

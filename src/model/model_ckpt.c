@@ -123,10 +123,45 @@ sy_status sy_model_ckpt_save_from(sy_store_t *st, const char *run, int64_t step,
     return s;
 }
 
+/* Host staging of the model state for a save or load: params, and moments when with_optim. */
+typedef struct {
+    float *p, *m, *v;
+} host_state;
+
+static void host_state_free(host_state *h) {
+    free(h->p), free(h->m), free(h->v);
+    memset(h, 0, sizeof *h);
+}
+
+static sy_status host_state_alloc(host_state *h, size_t n, bool with_optim) {
+    memset(h, 0, sizeof *h);
+    h->p = malloc(n * sizeof(float) + 1);
+    if (with_optim) {
+        h->m = malloc(n * sizeof(float) + 1);
+        h->v = malloc(n * sizeof(float) + 1);
+    }
+    if (!h->p || (with_optim && (!h->m || !h->v))) {
+        host_state_free(h);
+        return sy_err_set(SY_ENOMEM, "checkpoint: out of memory for a host copy of %zu parameters", n);
+    }
+    return SY_OK;
+}
+
 sy_status sy_model_ckpt_save(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
                              sy_adamw_t *opt, const json_t *extra) {
-    return sy_model_ckpt_save_from(st, run, step, m, sy_model_params(m), opt ? sy_adamw_m(opt) : NULL,
-                                   opt ? sy_adamw_v(opt) : NULL, opt ? sy_adamw_t_count(opt) : 0, extra);
+    sy_backend_t *be = sy_model_backend(m);
+    const size_t n = sy_model_numel(m), bytes = n * sizeof(float);
+    host_state h;
+    SY_CHECK(host_state_alloc(&h, n, opt != NULL));
+    be->download(be, h.p, sy_model_params(m), bytes);
+    if (opt) {
+        be->download(be, h.m, sy_adamw_m(opt), bytes);
+        be->download(be, h.v, sy_adamw_v(opt), bytes);
+    }
+    sy_status s = sy_model_ckpt_save_from(st, run, step, m, h.p, h.m, h.v,
+                                          opt ? sy_adamw_t_count(opt) : 0, extra);
+    host_state_free(&h);
+    return s;
 }
 
 typedef struct {
@@ -139,24 +174,46 @@ static sy_status load_one(void *ctx_, const sy_ckpt_group *g) {
     return sy_ckpt_load_group_m(c->st, c->manifest, g);
 }
 
+/* Uploads the tensors a load read into the host staging h (those of the selected files). */
+static void upload_loaded(sy_model_t *m, sy_adamw_t *opt, const host_state *h, bool with_dense,
+                          const bool *experts) {
+    sy_backend_t *be = sy_model_backend(m);
+    for (int i = 0; i < sy_model_n_params(m); i++) {
+        const sy_param_t *p = sy_model_param(m, i);
+        if (p->expert < 0 ? !with_dense : experts && !experts[p->expert]) continue;
+        const size_t bytes = p->numel * sizeof(float);
+        be->upload(be, sy_model_params(m) + p->offset, h->p + p->offset, bytes);
+        if (!opt) continue;
+        be->upload(be, sy_adamw_m(opt) + p->offset, h->m + p->offset, bytes);
+        be->upload(be, sy_adamw_v(opt) + p->offset, h->v + p->offset, bytes);
+    }
+}
+
+/* Files are read into host staging, then the tensors they hold are uploaded: a load that fails
+ * leaves the model as it was. */
 static sy_status load_sel(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
                           sy_adamw_t *opt, bool with_dense, const bool *experts) {
     json_t *man = NULL;
-    SY_CHECK(sy_ckpt_read_manifest(st, run, step, &man));
-    load_ctx c = {st, man};
-    sy_status s = for_groups_sel(m, sy_model_params(m), opt ? sy_adamw_m(opt) : NULL,
-                                 opt ? sy_adamw_v(opt) : NULL, with_dense, experts, load_one, &c);
-    if (s == SY_OK && opt) {
-        json_t *t = json_object_get(man, "optimizer_step");
-        if (!json_is_integer(t)) {
-            s = sy_err_set(SY_ECORRUPT, "checkpoint step %lld of run %s: manifest has no optimizer_step",
-                           (long long)step, run);
-        } else {
-            sy_adamw_set_t_count(opt, json_integer_value(t));
-        }
+    host_state h;
+    SY_CHECK(host_state_alloc(&h, sy_model_numel(m), opt != NULL));
+    sy_status s = sy_ckpt_read_manifest(st, run, step, &man);
+    if (s != SY_OK) {
+        host_state_free(&h);
+        return s;
     }
+    load_ctx c = {st, man};
+    s = for_groups_sel(m, h.p, h.m, h.v, with_dense, experts, load_one, &c);
+    json_t *t = opt ? json_object_get(man, "optimizer_step") : NULL;
+    if (s == SY_OK && opt && !json_is_integer(t))
+        s = sy_err_set(SY_ECORRUPT, "checkpoint step %lld of run %s: manifest has no optimizer_step",
+                       (long long)step, run);
+    if (s == SY_OK) {
+        upload_loaded(m, opt, &h, with_dense, experts);
+        if (opt) sy_adamw_set_t_count(opt, json_integer_value(t));
+        sy_model_weights_changed(m);
+    }
+    host_state_free(&h);
     json_decref(man);
-    if (s == SY_OK) sy_model_weights_changed(m);
     return s;
 }
 

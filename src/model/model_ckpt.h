@@ -14,12 +14,13 @@
 #include "storage/store.h"
 
 /* Saves the whole model (and optimizer moments when opt != NULL) as checkpoint `step`, with
- * the optimizer step count and `extra` (may be NULL) in the manifest. */
+ * the optimizer step count and `extra` (may be NULL) in the manifest. The state is downloaded
+ * into host buffers allocated for the call. */
 sy_status sy_model_ckpt_save(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
                              sy_adamw_t *opt, const json_t *extra);
 
-/* The checkpoint files of a model as sy_ckpt_group views over ANY buffers laid out like the
- * model's parameter buffer (the live model, or a host snapshot): dense.safetensors,
+/* The checkpoint files of a model as sy_ckpt_group views over ANY HOST buffers laid out like
+ * the model's parameter buffer (a host snapshot; never the live model's backend buffers): dense.safetensors,
  * dense.optim.safetensors, then per expert expert-NNNN(.optim).safetensors. The plan owns copies
  * of the file and tensor names (valid after the model is gone); the buffers stay the caller's. */
 #define SY_MODEL_CKPT_FILE_MAX 64
@@ -42,13 +43,14 @@ void sy_model_ckpt_plan_free(sy_model_ckpt_plan *p);
 /* A copy of `extra` (NULL: {}) with "optimizer_step": t_count added; NULL if out of memory. */
 json_t *sy_model_ckpt_extra(const json_t *extra, int64_t t_count);
 
-/* sy_model_ckpt_save() from arbitrary buffers laid out like the model's (e.g. a snapshot). */
+/* sy_model_ckpt_save() from host buffers laid out like the model's (e.g. a snapshot). */
 sy_status sy_model_ckpt_save_from(sy_store_t *st, const char *run, int64_t step, const sy_model_t *m,
                                   float *params, float *mom1, float *mom2, int64_t t_count,
                                   const json_t *extra);
 
 /* Loads dense tensors and the experts e with experts[e] true (all when experts == NULL), and
- * their moments when opt != NULL (then also the optimizer step count). */
+ * their moments when opt != NULL (then also the optimizer step count). The files are read into
+ * host buffers allocated for the call, then uploaded; on an error the model is unchanged. */
 sy_status sy_model_ckpt_load(sy_store_t *st, const char *run, int64_t step, sy_model_t *m,
                              sy_adamw_t *opt, const bool *experts);
 /* The same without the dense files: only the experts e with experts[e] (a survivor fetches

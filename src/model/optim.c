@@ -6,7 +6,8 @@
 
 struct sy_adamw {
     sy_model_t *model;
-    float *m, *v;
+    sy_backend_t *be;
+    float *m, *v; /* backend buffers */
     double beta1, beta2, eps, wd;
     int64_t t;
 };
@@ -15,8 +16,9 @@ sy_status sy_adamw_new(sy_model_t *model, const sy_config_t *cfg, sy_adamw_t **o
     sy_adamw_t *o = calloc(1, sizeof *o);
     if (!o) return sy_err_set(SY_ENOMEM, "optimizer: out of memory");
     size_t n = sy_model_numel(model);
-    o->m = calloc(n, sizeof(float));
-    o->v = calloc(n, sizeof(float));
+    o->be = sy_model_backend(model);
+    o->m = o->be->alloc(o->be, n * sizeof(float)); /* zeroed */
+    o->v = o->be->alloc(o->be, n * sizeof(float));
     if (!o->m || !o->v) {
         sy_adamw_destroy(&o);
         return sy_err_set(SY_ENOMEM, "optimizer: out of memory for %zu moments", n);
@@ -32,9 +34,10 @@ sy_status sy_adamw_new(sy_model_t *model, const sy_config_t *cfg, sy_adamw_t **o
 
 void sy_adamw_destroy(sy_adamw_t **self_p) {
     if (!self_p || !*self_p) return;
-    free((*self_p)->m);
-    free((*self_p)->v);
-    free(*self_p);
+    sy_adamw_t *o = *self_p;
+    if (o->m) o->be->free(o->be, o->m);
+    if (o->v) o->be->free(o->be, o->v);
+    free(o);
     *self_p = NULL;
 }
 
@@ -53,35 +56,28 @@ double sy_lr_at(const sy_config_t *cfg, int64_t s) {
     return lr_min + 0.5 * (lr - lr_min) * (1.0 + cos(M_PI * progress));
 }
 
-double sy_grad_sqnorm(const float *g, size_t n) {
-    /* fixed-size chunks summed in order: the result does not depend on the thread count */
-    enum { CHUNK = 4096 };
-    size_t nchunks = (n + CHUNK - 1) / CHUNK;
+double sy_grad_sqnorm(sy_backend_t *be, const float *g, size_t n) {
     double total = 0.0;
-    double *part = malloc(sizeof(double) * (nchunks ? nchunks : 1));
-    if (!part) {
-        for (size_t i = 0; i < n; i++) total += (double)g[i] * g[i];
+    double *acc = be->alloc(be, sizeof(double)); /* zeroed */
+    if (!acc) { /* no backend memory for one scalar: take the gradient to the host */
+        float *h = malloc(n * sizeof(float));
+        if (!h) return NAN;
+        be->download(be, h, g, n * sizeof(float));
+        for (size_t i = 0; i < n; i++) total += (double)h[i] * h[i];
+        free(h);
         return total;
     }
-#pragma omp parallel for schedule(static)
-    for (size_t c = 0; c < nchunks; c++) {
-        size_t lo = c * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;
-        double s = 0.0;
-        for (size_t i = lo; i < hi; i++) s += (double)g[i] * g[i];
-        part[c] = s;
-    }
-    for (size_t c = 0; c < nchunks; c++) total += part[c];
-    free(part);
+    be->sumsq_add(be, acc, g, n);
+    be->download(be, &total, acc, sizeof(double));
+    be->free(be, acc);
     return total;
 }
 
-double sy_clip_grads(float *g, size_t n, double norm, double max_norm) {
+double sy_clip_grads(sy_backend_t *be, float *g, size_t n, double norm, double max_norm) {
     if (max_norm <= 0.0) return 1.0;
     double coef = max_norm / (norm + 1e-6);
     if (coef >= 1.0) return 1.0;
-    float c = (float)coef;
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) g[i] *= c;
+    be->scale(be, g, n, (float)coef);
     return coef;
 }
 
@@ -100,16 +96,8 @@ void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts) {
         const sy_param_t *pi = sy_model_param(model, i);
         if (experts && pi->expert >= 0 && !experts[pi->expert]) continue;
         const float decay = pi->decay ? (float)(1.0 - lr * o->wd) : 1.0f;
-        float *pp = p + pi->offset, *gg = g + pi->offset;
-        float *mm = o->m + pi->offset, *vv = o->v + pi->offset;
-#pragma omp parallel for schedule(static)
-        for (size_t k = 0; k < pi->numel; k++) {
-            float gk = gg[k];
-            pp[k] *= decay;
-            mm[k] = b1 * mm[k] + (1.0f - b1) * gk;
-            vv[k] = b2 * vv[k] + (1.0f - b2) * gk * gk;
-            pp[k] -= step_size * mm[k] / (sqrtf(vv[k]) * inv_sqrt_bc2 + eps);
-        }
+        o->be->adamw(o->be, p + pi->offset, g + pi->offset, o->m + pi->offset,
+                     o->v + pi->offset, pi->numel, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
     }
     sy_model_weights_changed(model);
 }

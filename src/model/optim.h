@@ -10,7 +10,9 @@
  * lr_min + ½(lr − lr_min)(1 + cos(π·(s − warmup)/max(1, steps − warmup))).
  *
  * The optimizer works on ranges of the model's parameter table, so a worker that owns a subset
- * of the experts updates only what it owns. Thread: the training thread. */
+ * of the experts updates only what it owns. The moments live in the model's backend (backend
+ * buffers, like the parameters); every per-element step is a backend op. Thread: the training
+ * thread. */
 #ifndef SY_OPTIM_H
 #define SY_OPTIM_H
 
@@ -27,17 +29,21 @@ typedef struct sy_adamw sy_adamw_t;
 sy_status sy_adamw_new(sy_model_t *model, const sy_config_t *cfg, sy_adamw_t **out);
 void sy_adamw_destroy(sy_adamw_t **self_p);
 
-float *sy_adamw_m(sy_adamw_t *o); /* first moments, same layout as the parameters */
+/* First / second moments, same layout as the parameters: backend buffers of the model's backend
+ * (host copies by its upload/download). */
+float *sy_adamw_m(sy_adamw_t *o);
 float *sy_adamw_v(sy_adamw_t *o);
 int64_t sy_adamw_t_count(const sy_adamw_t *o); /* steps taken so far (t) */
 void sy_adamw_set_t_count(sy_adamw_t *o, int64_t t);
 
 double sy_lr_at(const sy_config_t *cfg, int64_t step0);
 
-/* Σ g² over the whole gradient buffer, in fp64 (deterministic order). */
-double sy_grad_sqnorm(const float *g, size_t n);
-/* Scales the gradient in place; returns the clip coefficient applied (1 if none). */
-double sy_clip_grads(float *g, size_t n, double norm, double max_norm);
+/* Σ g² over the backend buffer g [n], in fp64 (backend sumsq_add's fixed order), downloaded.
+ * For tools and tests; the training step uses sy_model_grad_sqnorms. */
+double sy_grad_sqnorm(sy_backend_t *be, const float *g, size_t n);
+/* Scales the gradient (backend buffer) in place; returns the clip coefficient applied (1 if
+ * none). */
+double sy_clip_grads(sy_backend_t *be, float *g, size_t n, double norm, double max_norm);
 
 /* One AdamW step over every parameter of the model at learning rate lr. */
 void sy_adamw_step(sy_adamw_t *o, double lr);

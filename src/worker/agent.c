@@ -797,20 +797,23 @@ static int snapshot_take(agent_t *a, int64_t step) {
             return -1;
         }
     }
-    memcpy(sn->p, sy_model_params(a->model), sizeof(float) * n);
-    memcpy(sn->m, sy_adamw_m(a->opt), sizeof(float) * n);
-    memcpy(sn->v, sy_adamw_v(a->opt), sizeof(float) * n);
+    sy_backend_t *be = sy_model_backend(a->model); /* the live state is backend memory */
+    be->download(be, sn->p, sy_model_params(a->model), sizeof(float) * n);
+    be->download(be, sn->m, sy_adamw_m(a->opt), sizeof(float) * n);
+    be->download(be, sn->v, sy_adamw_v(a->opt), sizeof(float) * n);
     memcpy(sn->owned, a->owned, sizeof(bool) * (size_t)E);
     sn->t = sy_adamw_t_count(a->opt);
     sn->step = step;
     return k;
 }
 
-/* Copies parameter p of a snapshot (params and moments) into the live buffers. */
+/* Uploads parameter p of a snapshot (params and moments) into the live (backend) buffers. */
 static void snapshot_copy_param(agent_t *a, const snapshot *sn, const sy_param_t *p) {
-    memcpy(sy_model_params(a->model) + p->offset, sn->p + p->offset, sizeof(float) * p->numel);
-    memcpy(sy_adamw_m(a->opt) + p->offset, sn->m + p->offset, sizeof(float) * p->numel);
-    memcpy(sy_adamw_v(a->opt) + p->offset, sn->v + p->offset, sizeof(float) * p->numel);
+    sy_backend_t *be = sy_model_backend(a->model);
+    const size_t bytes = sizeof(float) * p->numel;
+    be->upload(be, sy_model_params(a->model) + p->offset, sn->p + p->offset, bytes);
+    be->upload(be, sy_adamw_m(a->opt) + p->offset, sn->m + p->offset, bytes);
+    be->upload(be, sy_adamw_v(a->opt) + p->offset, sn->v + p->offset, bytes);
 }
 
 /* Loads checkpoint `step` for the experts this rank owns now: from the in-memory copy what it

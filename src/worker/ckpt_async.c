@@ -14,7 +14,6 @@
 #include "model/model_ckpt.h"
 
 #define MSG_MAX 1024
-#define COPY_CHUNK ((size_t)1 << 20) /* floats per parallel memcpy chunk */
 
 struct sy_ckpt_saver {
     sy_store_t *store;
@@ -244,15 +243,6 @@ sy_status sy_ckpt_saver_prepare(sy_ckpt_saver_t *s, const sy_model_t *model, con
     return prepare_idle(s, model, opt);
 }
 
-static void par_copy(float *dst, const float *src, size_t n) {
-    long nchunks = (long)((n + COPY_CHUNK - 1) / COPY_CHUNK);
-#pragma omp parallel for schedule(static)
-    for (long c = 0; c < nchunks; c++) {
-        size_t off = (size_t)c * COPY_CHUNK, len = n - off < COPY_CHUNK ? n - off : COPY_CHUNK;
-        memcpy(dst + off, src + off, len * sizeof(float));
-    }
-}
-
 /* Takes the not-yet-returned background error (under mu). */
 static sy_status take_pending_locked(sy_ckpt_saver_t *s, char *msg, size_t cap) {
     sy_status rc = s->pending_err;
@@ -294,10 +284,12 @@ sy_status sy_ckpt_saver_submit(sy_ckpt_saver_t *s, int64_t step, sy_model_t *mod
         if (!ex) rc = sy_err_set(SY_ENOMEM, "checkpoint saver: out of memory");
     }
     if (rc == SY_OK) {
-        par_copy(s->params, sy_model_params(model), s->numel);
+        /* the backend's download (parallel chunked copies on the CPU) */
+        sy_backend_t *be = sy_model_backend(model);
+        be->download(be, s->params, sy_model_params(model), s->numel * sizeof(float));
         if (opt) {
-            par_copy(s->m, sy_adamw_m(opt), s->numel);
-            par_copy(s->v, sy_adamw_v(opt), s->numel);
+            be->download(be, s->m, sy_adamw_m(opt), s->numel * sizeof(float));
+            be->download(be, s->v, sy_adamw_v(opt), s->numel * sizeof(float));
         }
         pthread_mutex_lock(&s->mu);
         s->snap_step = step;

@@ -3,17 +3,6 @@
 #include <math.h>
 #include <string.h>
 
-/* Σ g² per expert (fp64) for the owned experts (others 0), in a fixed order per expert. */
-static void expert_sqnorms(const sy_model_t *m, const float *g, const bool *owned, double *sq) {
-    const int E = sy_model_get_dims(m)->E;
-    for (int e = 0; e < E; e++) sq[e] = 0.0;
-    for (int i = 0; i < sy_model_n_params(m); i++) {
-        const sy_param_t *p = sy_model_param(m, i);
-        if (p->expert < 0 || (owned && !owned[p->expert])) continue;
-        sq[p->expert] += sy_grad_sqnorm(g + p->offset, p->numel);
-    }
-}
-
 sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
     const sy_config_t *cfg = c->cfg;
     sy_model_t *m = c->model;
@@ -52,17 +41,24 @@ sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
     }
 
     /* Dense gradients: the fp64 partial sums of every rank, summed in rank order, then rounded
-     * once; expert gradients stay with their owners. */
+     * once; expert gradients stay with their owners.
+     * NOTE: this hands comm a BACKEND buffer (the fp64 accumulator). The tcp comm reads it as
+     * host memory, which holds for the CPU backend only; a device backend must stage it through
+     * host memory (download, all-reduce, upload) or use a comm that takes device buffers
+     * (NCCL). The comm layer owns that change. */
     const size_t dense = sy_model_dense_numel(m);
     if (c->comm && W > 1) SY_CHECK(sy_comm_allreduce_f64(c->comm, sy_model_grad_acc(m), dense));
-    float *g = sy_model_grads(m);
-    double esq[E > 0 ? E : 1];
-    expert_sqnorms(m, g, c->owned, esq);
-    if (c->comm && W > 1) SY_CHECK(sy_comm_allreduce_f64(c->comm, esq, (size_t)E));
-    double sq = sy_grad_sqnorm(g, dense);
-    for (int e = 0; e < E; e++) sq += esq[e];
-    out->grad_norm = sqrt(sq);
-    sy_clip_grads(g, sy_model_numel(m), out->grad_norm, cfg->train.grad_clip);
+    /* The norm pieces come back to the host in one download: sq[0] dense, sq[1+e] expert e
+     * (owned; 0 elsewhere). The expert ones are summed over owners by an all-reduce of host
+     * scalars. */
+    double sq[E + 1];
+    sy_model_grad_sqnorms(m, c->owned, sq);
+    if (c->comm && W > 1) SY_CHECK(sy_comm_allreduce_f64(c->comm, sq + 1, (size_t)E));
+    double total = sq[0];
+    for (int e = 0; e < E; e++) total += sq[1 + e];
+    out->grad_norm = sqrt(total);
+    sy_clip_grads(sy_model_backend(m), sy_model_grads(m), sy_model_numel(m), out->grad_norm,
+                  cfg->train.grad_clip);
     out->lr = sy_lr_at(cfg, s0);
     sy_adamw_step_owned(c->opt, out->lr, c->owned);
     return SY_OK;

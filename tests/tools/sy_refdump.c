@@ -37,16 +37,23 @@ static int write_file(const char *dir, const char *name, const void *buf, size_t
     return 0;
 }
 
-static int dump_tensors(const char *dir, const char *name, sy_model_t *m, float *base) {
+/* base: a backend buffer laid out like the parameters (params or grads), downloaded first */
+static int dump_tensors(const char *dir, const char *name, sy_model_t *m, const float *base) {
     int n = sy_model_n_params(m);
     sy_tensor_ref *refs = calloc((size_t)n, sizeof *refs);
-    for (int i = 0; i < n; i++) refs[i] = sy_model_ref(m, i, base, NULL);
+    float *host = malloc(sy_model_numel(m) * sizeof(float) + 1);
     void *buf = NULL;
     size_t len = 0;
     int rc = -1;
-    if (sy_st_serialize(refs, n, SY_ST_F32, &buf, &len) == SY_OK) rc = write_file(dir, name, buf, len);
-    else fprintf(stderr, "sy_refdump: %s\n", sy_err_msg());
+    if (refs && host) {
+        sy_backend_t *be = sy_model_backend(m);
+        be->download(be, host, base, sy_model_numel(m) * sizeof(float));
+        for (int i = 0; i < n; i++) refs[i] = sy_model_ref(m, i, host, NULL);
+        if (sy_st_serialize(refs, n, SY_ST_F32, &buf, &len) == SY_OK) rc = write_file(dir, name, buf, len);
+        else fprintf(stderr, "sy_refdump: %s\n", sy_err_msg());
+    }
     free(buf);
+    free(host);
     free(refs);
     return rc;
 }
@@ -130,8 +137,8 @@ int main(int argc, char **argv) {
             ce += l.ce, aux += l.aux, z += l.z, dropped += l.dropped;
         }
         if (s == 0 && dump_tensors(out, "grads1.safetensors", m, sy_model_grads(m))) return 1;
-        double norm = sqrt(sy_grad_sqnorm(sy_model_grads(m), numel));
-        sy_clip_grads(sy_model_grads(m), numel, norm, cfg.train.grad_clip);
+        double norm = sqrt(sy_grad_sqnorm(be, sy_model_grads(m), numel));
+        sy_clip_grads(be, sy_model_grads(m), numel, norm, cfg.train.grad_clip);
         double lr = sy_lr_at(&cfg, s);
         sy_adamw_step(opt, lr);
         json_array_append_new(losses, json_pack("{s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:I}", "step", s + 1,

@@ -1,0 +1,122 @@
+/* CPU backend, part two: host <-> backend traffic (backend buffers are host memory here, so
+ * these are copies) and the per-element ops of the parameter path (fp64 gradient accumulation,
+ * sums of squares for the global norm, clipping, AdamW; the bf16 re-rounding of working weights
+ * is round_bf16 in backend_cpu.c).
+ * Each op does the same floating-point operations in the same order as the host loops it
+ * replaced (model.c, optim.c), so results are bit-identical whatever the thread count. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "backend_cpu_internal.h"
+
+#define COPY_CHUNK ((size_t)4 << 20) /* bytes per parallel memcpy piece */
+#define SUMSQ_CHUNK 4096             /* elements per partial sum: fixes the summation order */
+
+/* ---- host <-> backend traffic ---- */
+
+/* memcpy in COPY_CHUNK pieces, in parallel when there is more than one */
+static void par_memcpy(void *dst, const void *src, size_t bytes) {
+    long nchunks = (long)((bytes + COPY_CHUNK - 1) / COPY_CHUNK);
+    if (nchunks <= 1) {
+        if (bytes) memcpy(dst, src, bytes);
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < nchunks; c++) {
+        size_t off = (size_t)c * COPY_CHUNK, len = bytes - off < COPY_CHUNK ? bytes - off : COPY_CHUNK;
+        memcpy((char *)dst + off, (const char *)src + off, len);
+    }
+}
+
+static void cpu_upload(sy_backend_t *be, void *dst, const void *src_host, size_t bytes) {
+    (void)be;
+    par_memcpy(dst, src_host, bytes);
+}
+
+static void cpu_download(sy_backend_t *be, void *dst_host, const void *src, size_t bytes) {
+    (void)be;
+    par_memcpy(dst_host, src, bytes);
+}
+
+static void cpu_copy(sy_backend_t *be, void *dst, const void *src, size_t bytes) {
+    (void)be;
+    par_memcpy(dst, src, bytes);
+}
+
+static void cpu_zero(sy_backend_t *be, void *p, size_t bytes) {
+    (void)be;
+    if (bytes) memset(p, 0, bytes);
+}
+
+static void cpu_sync(sy_backend_t *be) { (void)be; }
+
+/* ---- the parameter / gradient / optimizer path ---- */
+
+static void cpu_acc_add_f32(sy_backend_t *be, double *acc, const float *g, size_t n) {
+    (void)be;
+#pragma omp parallel for schedule(static) if (n > 4096)
+    for (size_t k = 0; k < n; k++) acc[k] += g[k];
+}
+
+static void cpu_acc_to_f32(sy_backend_t *be, float *g, const double *acc, size_t n) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) g[i] = (float)acc[i];
+}
+
+static void cpu_sumsq_add(sy_backend_t *be, double *out, const float *g, size_t n) {
+    (void)be;
+    size_t nchunks = (n + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
+    double total = 0.0;
+    double *part = malloc(sizeof(double) * (nchunks ? nchunks : 1));
+    if (!part) {
+        for (size_t i = 0; i < n; i++) total += (double)g[i] * g[i];
+        out[0] += total;
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nchunks; c++) {
+        size_t lo = c * SUMSQ_CHUNK, hi = lo + SUMSQ_CHUNK < n ? lo + SUMSQ_CHUNK : n;
+        double s = 0.0;
+        for (size_t i = lo; i < hi; i++) s += (double)g[i] * g[i];
+        part[c] = s;
+    }
+    for (size_t c = 0; c < nchunks; c++) total += part[c];
+    free(part);
+    out[0] += total;
+}
+
+static void cpu_scale(sy_backend_t *be, float *g, size_t n, float c) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) g[i] *= c;
+}
+
+static void cpu_adamw(sy_backend_t *be, float *pp, const float *gg, float *mm, float *vv, size_t n,
+                      float decay, float b1, float b2, float step_size, float inv_sqrt_bc2,
+                      float eps) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (size_t k = 0; k < n; k++) {
+        float gk = gg[k];
+        pp[k] *= decay;
+        mm[k] = b1 * mm[k] + (1.0f - b1) * gk;
+        vv[k] = b2 * vv[k] + (1.0f - b2) * gk * gk;
+        pp[k] -= step_size * mm[k] / (sqrtf(vv[k]) * inv_sqrt_bc2 + eps);
+    }
+}
+
+void sy_cpu_step_install(sy_backend_t *b) {
+    b->upload = cpu_upload;
+    b->download = cpu_download;
+    b->copy = cpu_copy;
+    b->zero = cpu_zero;
+    b->sync = cpu_sync;
+    b->acc_add_f32 = cpu_acc_add_f32;
+    b->acc_to_f32 = cpu_acc_to_f32;
+    b->sumsq_add = cpu_sumsq_add;
+    b->scale = cpu_scale;
+    b->adamw = cpu_adamw;
+}
