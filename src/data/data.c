@@ -535,10 +535,14 @@ void sy_data_get_stats(sy_data_t *d, sy_data_stats *out) {
 void sy_data_destroy(sy_data_t **self_p) {
     if (!self_p || !*self_p) return;
     sy_data_t *d = *self_p;
+    uint64_t served = 0, waited = 0;
+    if (d->prefetch) sy_prefetch_counts(d->prefetch, &served, &waited);
     sy_prefetch_destroy(&d->prefetch); /* first: its thread reads the shards */
     if (d->header_bytes) {
         sy_data_stats s;
         sy_data_get_stats(d, &s);
+        s.prefetched = served;
+        s.prefetch_waits = waited;
         sy_info("data: fetched %" PRIu64 " bytes in %" PRIu64 " range reads (+%" PRIu64 " header bytes) for %" PRIu64
                 " bytes of windows; cache: %" PRIu64 " hits, %" PRIu64 " misses, %" PRIu64 " rejected; prefetch: %"
                 PRIu64 " micro-batches, %" PRIu64 " waited",

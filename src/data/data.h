@@ -88,7 +88,8 @@ int sy_data_seq_len(const sy_data_t *d);            /* T */
  * s·M·b + m·b + j. Exposed for tests and for the data position in manifests. */
 uint64_t sy_data_sample_index(int64_t step, int M, int b, int m, int j);
 
-/* Window id (into 0..N-1) of the sample with global index `idx` for this seed. */
+/* Window id (into 0..N-1) of the sample with global index `idx` for this seed. Thread: any (the
+ * permutation cache is locked; the prefetch thread uses it too). */
 uint64_t sy_data_window_of(sy_data_t *d, uint64_t seed, uint64_t idx);
 
 /* Training batch: writes b rows of T+1 tokens (int32) for micro-batch m of step s, row j =
