@@ -696,8 +696,10 @@ static sy_status read_range(sy_data_t *d, range_t *r, const win_ref *refs, uint1
     sy_status st = SY_OK;
     if (sh->remote) {
         st = sy_data_s3_read_pinned(sh->store, sh->path, sh->key, &sh->pin, off, bytes, buf);
-        d->fetched_bytes += bytes;
-        d->requests++;
+        if (st == SY_OK) {
+            d->fetched_bytes += bytes;
+            d->requests++;
+        }
     } else {
         st = sy_shard_same(sh);
         if (st == SY_OK) st = sy_pread_all(sh->fd, buf, bytes, (off_t)off, sh->path);
