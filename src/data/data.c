@@ -348,7 +348,7 @@ void sy_data_options_from_config(const sy_config_t *cfg, sy_data_options *o) {
     o->prefetch_steps = cfg->data.prefetch_steps;
     o->fetch_threads = cfg->data.fetch_threads;
     o->cache_dir = cfg->data.cache_dir && cfg->data.cache_dir[0] ? cfg->data.cache_dir : NULL;
-    o->cache_bytes = (uint64_t)(cfg->data.cache_gb * 1073741824.0);
+    o->cache_bytes = (uint64_t)(cfg->data.cache_gb * (double)(1ull << 30)); /* GiB */
 }
 
 sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
@@ -709,7 +709,7 @@ static sy_status read_range(sy_data_t *d, range_t *r, const win_ref *refs, uint1
         st = sy_window_check(d, sh, src, refs[k].first);
         if (st != SY_OK) break;
         memcpy(out + refs[k].row * row, src, row * sizeof *src);
-        if (sh->remote && d->cache && (k == r->a || refs[k].first != refs[k - 1].first))
+        if (sh->remote && d->cache && sh->pin.etag[0] && (k == r->a || refs[k].first != refs[k - 1].first))
             sy_data_cache_put(d->cache, sh->path, sh->pin.etag, SY_SHARD_HEADER_BYTES + refs[k].first * 2,
                               row * sizeof *src, src);
     }
@@ -743,7 +743,7 @@ sy_status sy_data_read_windows(sy_data_t *d, const uint64_t *wins, size_t n, uin
             memcpy(dst, sh->tok + first, row * sizeof *dst);
             continue;
         }
-        if (sh->remote && d->cache &&
+        if (sh->remote && d->cache && sh->pin.etag[0] && /* no ETag, no key that tells versions apart */
             sy_data_cache_get(d->cache, sh->path, sh->pin.etag, SY_SHARD_HEADER_BYTES + first * 2,
                               row * sizeof *dst, dst)) {
             SY_CHECK_GOTO(sy_window_check(d, sh, dst, first), st, done);

@@ -14,7 +14,7 @@
  * s3:// shards (data_s3.h) are streamed by default: open reads each header only (one ranged GET
  * per shard, in parallel, pinning the object's size and ETag), and a batch reads just its windows
  * by ranged GETs, coalesced per shard (windows that touch share one read; gaps are never read),
- * through the optional on-disk cache (data_cache.h), checking every token < vocab as it
+ * through the optional on-disk cache (data_cache.h; only objects served with an ETag), checking every token < vocab as it
  * arrives. With data.stream = false they are read whole into memory and validated at open.
  * Opening fails with a message naming the file or URL. A shard that is truncated, rewritten,
  * replaced or removed while in use makes the next batch that reads it an error naming it
@@ -66,7 +66,9 @@ typedef struct {
 } sy_data_stats;
 
 /* Expands globs in `patterns` (in order; each glob's matches sorted; s3:// patterns as in
- * data_s3.h), maps or reads and validates every shard. Fails if no shard matches or if the shards hold no full window. */
+ * data_s3.h) and opens every shard: local ones validated whole, streamed s3:// ones by their
+ * headers (read in parallel), others read whole and validated. Fails if no shard matches or if
+ * the shards hold no full window. */
 sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
                        sy_data_t **out);
 /* The same with options (sy_data_open: the defaults without prefetching). */

@@ -19,6 +19,9 @@
  * deletes the least recently used entries down to 90 % of max_bytes. Several processes sharing
  * the folder may overshoot between their walks by the bytes they wrote since.
  *
+ * Test hook: with SY_DATA_CACHE_TEST_CRASH=N in the environment, the process sends itself SIGKILL
+ * half-way through writing its N-th entry (tests of a writer killed mid-entry).
+ *
  * Errors of the cache (a full disk, a read-only folder) never fail a read: a put that fails is
  * counted and dropped (logged once), a get that fails is a miss.
  *
