@@ -7,11 +7,16 @@ and on moto_server, trained on by `switchyard train` (the tiny model, one worker
   s3 stream      ranged GETs of the windows used, prefetch_steps ahead, no cache
   s3 cold cache  the same with an empty data.cache_dir
   s3 warm cache  the same steps again with that cache
+  local again    the first run repeated: how much the machine's load drifted meanwhile
 
 For each: time to the first step (launch to its line in metrics.jsonl), steady-state step time
-(median step_ms of steps 6..), bytes fetched by ranges / header bytes / bytes of windows used
+(median step_ms of steps 6..), how many micro-batches had to wait for the prefetcher, bytes fetched by ranges / header bytes / bytes of windows used
 (the reader's counters, logged at close), and the peak resident memory of the process
-(/usr/bin/time %M). Not part of the test suite. Bytes and memory are exact; times depend on the
+(/usr/bin/time %M). Not part of the test suite.
+
+moto answers a ranged GET by reading the whole object (cost grows with the object's size, unlike
+S3's), so streamed step times on moto depend on --shard-mb: with big shards the prefetcher
+cannot keep up on a loaded machine. Bytes and memory are exact; times depend on the
 machine's load (moto on loopback, shared CPUs): compare them only within one invocation.
 
 Usage: /usr/bin/python3 bench/data_stream_bench.py [--build build] [--gb 2] [--shard-mb 128]
@@ -35,7 +40,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "py"))
 from s3util import Moto  # noqa: E402
 
 STATS = re.compile(r"data: fetched (\d+) bytes in (\d+) range reads \(\+(\d+) header bytes\) for (\d+) bytes of "
-                   r"windows; cache: (\d+) hits, (\d+) misses")
+                   r"windows; cache: (\d+) hits, (\d+) misses, (\d+) rejected; prefetch: (\d+) micro-batches, "
+                   r"(\d+) waited")
 
 
 def make_corpus(d, gb, shard_mb, seed=1):
@@ -78,10 +84,11 @@ def train(sy, cfg, tmp, name, data, steps, env, extra=()):
     rss_kb, wall = re.search(r"SYBENCH (\d+) ([\d.]+)", err).groups()
     ms = [json.loads(line)["step_ms"] for line in open(f"{state}/metrics.jsonl")]
     m = STATS.search(err)
-    fetched, reads, header, used, hits = (int(m.group(i)) for i in (1, 2, 3, 4, 5)) if m else (0, 0, 0, 0, 0)
+    fetched, reads, header, used, hits, served, waited = (
+        (int(m.group(i)) for i in (1, 2, 3, 4, 5, 8, 9)) if m else (0,) * 7)
     return {"name": name, "first_s": first, "step_ms": statistics.median(ms[5:] or ms), "wall_s": float(wall),
             "rss_mib": int(rss_kb) / 1024, "fetched": fetched, "reads": reads, "header": header, "used": used,
-            "hits": hits}
+            "hits": hits, "prefetched": served, "waited": waited}
 
 
 def main():
@@ -118,7 +125,8 @@ def main():
                 ("s3 whole", remote, (("data.stream", "false"),)),
                 ("s3 stream", remote, ()),
                 ("s3 cold cache", remote, (("data.cache_dir", cache),)),
-                ("s3 warm cache", remote, (("data.cache_dir", cache),))]
+                ("s3 warm cache", remote, (("data.cache_dir", cache),)),
+                ("local again", f"{tmp}/data/train_*.bin", ())]  # drift of the machine over the runs
         rows = []
         for name, data, extra in runs:
             r = train(sy, cfg, tmp, name.replace(" ", "-"), data, a.steps, env, extra)
@@ -126,12 +134,14 @@ def main():
             print(json.dumps(r), flush=True)
         print()
         print(f"| run ({a.steps} steps, tiny model, 1 worker) | first step s | step ms (median) | peak RSS MiB | "
-              f"fetched by ranges | header bytes | window bytes used | fetched / used | cache hits |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              f"fetched by ranges | header bytes | window bytes used | fetched / used | cache hits | "
+              f"micro-batches waited for data |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = f"{r['fetched'] / r['used']:.3f}" if r["used"] else "-"
             print(f"| {r['name']} | {r['first_s']:.2f} | {r['step_ms']:.1f} | {r['rss_mib']:.0f} | {r['fetched']} | "
-                  f"{r['header']} | {r['used']} | {ratio} | {r['hits']} |")
+                  f"{r['header']} | {r['used']} | {ratio} | {r['hits']} | "
+                  f"{str(r['waited']) + ' of ' + str(r['prefetched']) if r['used'] else '-'} |")
     finally:
         moto.stop()
         if not a.keep:
