@@ -44,10 +44,16 @@ struct sy_data_cache {
     uint64_t tmp_counter;
     long crash_at;        /* test hook: 0 off */
     int warned;
+    /* eviction runs on its own thread, so a walk of a big cache never delays a read */
+    pthread_t evictor;
+    int evictor_started;
+    pthread_cond_t evict_cv;
+    int evict_due, stopping;
     sy_data_cache_stats st;
 };
 
 static void put_failed(sy_data_cache_t *c, const char *what, const char *path, int e);
+static void *evictor_main(void *arg);
 
 static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
     const unsigned char *b = p;
@@ -174,6 +180,7 @@ sy_status sy_data_cache_open(const char *dir, uint64_t max_bytes, sy_data_cache_
     sy_data_cache_t *c = calloc(1, sizeof *c);
     if (!c) return sy_err_set(SY_ENOMEM, "data cache: out of memory");
     pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->evict_cv, NULL);
     c->max_bytes = max_bytes;
     size_t l = strlen(dir) + sizeof CACHE_SUBDIR + 8;
     c->root = malloc(l);
@@ -192,6 +199,11 @@ sy_status sy_data_cache_open(const char *dir, uint64_t max_bytes, sy_data_cache_
     const char *crash = getenv(CACHE_TEST_CRASH_ENV);
     c->crash_at = crash ? strtol(crash, NULL, 10) : 0;
     c->approx = walk_and_trim(c, 0, NULL);
+    if (pthread_create(&c->evictor, NULL, evictor_main, c) != 0) {
+        sy_data_cache_destroy(&c);
+        return sy_err_set(SY_EIO, "data cache: cannot start the eviction thread");
+    }
+    c->evictor_started = 1;
     *out = c;
     return SY_OK;
 }
@@ -199,6 +211,14 @@ sy_status sy_data_cache_open(const char *dir, uint64_t max_bytes, sy_data_cache_
 void sy_data_cache_destroy(sy_data_cache_t **self_p) {
     if (!self_p || !*self_p) return;
     sy_data_cache_t *c = *self_p;
+    if (c->evictor_started) {
+        pthread_mutex_lock(&c->lock);
+        c->stopping = 1;
+        pthread_cond_signal(&c->evict_cv);
+        pthread_mutex_unlock(&c->lock);
+        pthread_join(c->evictor, NULL);
+    }
+    pthread_cond_destroy(&c->evict_cv);
     pthread_mutex_destroy(&c->lock);
     free(c->root);
     free(c->tmpdir);
@@ -273,12 +293,8 @@ static void put_failed(sy_data_cache_t *c, const char *what, const char *path, i
     if (first) sy_warn("data cache: %s %s: %s (entries that cannot be written are skipped)", what, path, strerror(e));
 }
 
-/* Evicts when this process's estimate passed the bound; one process at a time (flock). */
-static void maybe_evict(sy_data_cache_t *c) {
-    pthread_mutex_lock(&c->lock);
-    int over = c->approx > c->max_bytes;
-    pthread_mutex_unlock(&c->lock);
-    if (!over) return;
+/* Trims the folder to CACHE_LOW_WATER of the bound; one process at a time (flock). */
+static void evict(sy_data_cache_t *c) {
     char lockpath[PATH_MAX];
     if (snprintf(lockpath, sizeof lockpath, "%s/evict.lock", c->root) >= (int)sizeof lockpath) return;
     int fd = open(lockpath, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -297,6 +313,28 @@ static void maybe_evict(sy_data_cache_t *c) {
         pthread_mutex_unlock(&c->lock);
     }
     close(fd);
+}
+
+static void *evictor_main(void *arg) {
+    sy_data_cache_t *c = arg;
+    pthread_mutex_lock(&c->lock);
+    for (;;) {
+        while (!c->stopping && !c->evict_due) pthread_cond_wait(&c->evict_cv, &c->lock);
+        if (c->stopping) break;
+        pthread_mutex_unlock(&c->lock);
+        evict(c);
+        pthread_mutex_lock(&c->lock);
+        c->evict_due = 0;
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+void sy_data_cache_trim(sy_data_cache_t *c) {
+    pthread_mutex_lock(&c->lock);
+    int over = c->approx > c->max_bytes;
+    pthread_mutex_unlock(&c->lock);
+    if (over) evict(c);
 }
 
 void sy_data_cache_put(sy_data_cache_t *c, const char *url, const char *etag, uint64_t off, size_t len,
@@ -350,8 +388,11 @@ void sy_data_cache_put(sy_data_cache_t *c, const char *url, const char *etag, ui
     pthread_mutex_lock(&c->lock);
     c->st.bytes_written += len;
     c->approx += sizeof h + len;
+    if (c->approx > c->max_bytes && !c->evict_due) {
+        c->evict_due = 1;
+        pthread_cond_signal(&c->evict_cv);
+    }
     pthread_mutex_unlock(&c->lock);
-    maybe_evict(c);
 }
 
 void sy_data_cache_get_stats(sy_data_cache_t *c, sy_data_cache_stats *out) {

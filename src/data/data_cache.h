@@ -14,9 +14,10 @@
  * trusts and which a later open or eviction removes (its pid is gone).
  *
  * Bound: the bytes of entry files, kept at about max_bytes: a hit sets the entry's mtime (LRU
- * clock); when this process's estimate of the total passes max_bytes it takes the folder's
- * eviction lock (flock, non-blocking: another process evicting is enough), walks the tree and
- * deletes the least recently used entries down to 90 % of max_bytes. Several processes sharing
+ * clock); when this process's estimate of the total passes max_bytes its eviction thread takes
+ * the folder's eviction lock (flock, non-blocking: another process evicting is enough), walks
+ * the tree and deletes the least recently used entries down to 90 % of max_bytes (a walk of a
+ * big cache never delays a read). Several processes sharing
  * the folder may overshoot between their walks by the bytes they wrote since.
  *
  * Test hook: with SY_DATA_CACHE_TEST_CRASH=N in the environment, the process sends itself SIGKILL
@@ -54,6 +55,10 @@ int sy_data_cache_get(sy_data_cache_t *c, const char *url, const char *etag, uin
 /* Stores an entry (replacing an equal one); may evict. Failures are counted, not returned. */
 void sy_data_cache_put(sy_data_cache_t *c, const char *url, const char *etag, uint64_t off, size_t len,
                        const void *buf);
+
+/* Trims now, on the caller's thread, if the estimate is past the bound (tests; the eviction
+ * thread does this by itself). */
+void sy_data_cache_trim(sy_data_cache_t *c);
 
 void sy_data_cache_get_stats(sy_data_cache_t *c, sy_data_cache_stats *out);
 /* The estimate of the bytes the folder's entries take (for tests and logs). */
