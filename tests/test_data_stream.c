@@ -1,4 +1,5 @@
-/* The streaming reader's parts that need no S3 server: the on-disk range cache (hits, keys,
+/* The streaming reader's parts that need no S3 server: the store's pinned range read (local
+ * backend), the on-disk range cache (hits, keys,
  * torn and foreign entries, a dead writer's tmp file, the LRU bound) and the prefetcher (the
  * same tokens as reading in the step, for every rank of several worlds, across plan changes and
  * a step going back as after a restore). The S3 side is tests/py/test_data_stream.py. */
@@ -23,6 +24,7 @@
 
 #include "data/data.h"
 #include "data/data_cache.h"
+#include "storage/store.h"
 
 #define URL "s3://bucket/corpus/train_000001.bin"
 #define ETAG "\"0123456789abcdef\""
@@ -160,6 +162,34 @@ static void test_cache_lru_bound(void **state) {
     sy_data_cache_destroy(&c);
 }
 
+/* ------------------------------------------------------------------ store pin */
+
+/* sy_store_get_range_obj on the local backend: the size and a tag from the same read; a rewrite
+ * (same size, other bytes) changes the tag, as a new ETag does on S3. */
+static void test_store_range_obj_local(void **state) {
+    (void)state;
+    sy_store_t *st = NULL;
+    assert_int_equal(sy_store_open(tmpdir, &st), SY_OK);
+    uint8_t a[300], b[16];
+    fill(a, sizeof a, 5);
+    assert_int_equal(sy_store_put(st, "x/obj", a, sizeof a), SY_OK);
+    sy_store_obj o1, o2;
+    assert_int_equal(sy_store_get_range_obj(st, "x/obj", 10, sizeof b, b, &o1), SY_OK);
+    assert_memory_equal(b, a + 10, sizeof b);
+    assert_int_equal(o1.size, sizeof a);
+    assert_true(o1.etag[0]);
+    struct timespec ts = {0, 5000000};
+    nanosleep(&ts, NULL);
+    fill(a, sizeof a, 6);
+    assert_int_equal(sy_store_put(st, "x/obj", a, sizeof a), SY_OK);
+    assert_int_equal(sy_store_get_range_obj(st, "x/obj", 10, sizeof b, b, &o2), SY_OK);
+    assert_int_equal(o2.size, sizeof a);
+    assert_string_not_equal(o1.etag, o2.etag);
+    assert_int_equal(sy_store_get_range_obj(st, "x/obj", 290, sizeof b, b, &o2), SY_EINVAL); /* past the end */
+    assert_int_equal(sy_store_get_range_obj(st, "x/none", 0, sizeof b, b, &o2), SY_ENOTFOUND);
+    sy_store_destroy(&st);
+}
+
 /* ------------------------------------------------------------------ prefetcher */
 
 #define T 16
@@ -278,6 +308,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_cache_rejects_torn_and_corrupt, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_cache_dead_writer, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_cache_lru_bound, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_store_range_obj_local, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_prefetch_same_tokens, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_prefetch_truncated_shard, setup_dir, teardown_dir),
     };

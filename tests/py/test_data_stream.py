@@ -13,8 +13,8 @@ A moto_server (SigV4 checked) holds the train shards of a prepared corpus. Check
   with a torn and a corrupt entry planted as well, a rerun on that cache rejects them and gives the
   reference losses;
 - faults: range GETs through tests/s3_fault_proxy.py (503, resets, truncated bodies) are retried
-  and the losses do not change; shards truncated in S3 mid-run stop the run with an error naming
-  the s3:// URL."""
+  and the losses do not change; shards truncated in S3, or removed, mid-run stop the run with an
+  error naming the s3:// URL."""
 import glob
 import json
 import os
@@ -232,30 +232,42 @@ def main():
             differs = any(ref2[s] != ref[s] for s in steps)
             check(ok and differs, f"new ETags: the run trains on the new tokens, not the cached old ones {why}")
 
-        # shards truncated in S3 mid-run: a clean error naming the object
-        p = subprocess.Popen([SY, "train", CFG] + sets(tmp, "trunc", remote, 300), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
-        t0 = time.time()
-        while time.time() - t0 < 120 and p.poll() is None:
+        def mid_run(name, damage, want):
+            """Starts a long run, damages every shard in S3 after its second step: a clean error naming one."""
+            p = subprocess.Popen([SY, "train", CFG] + sets(tmp, name, remote, 300), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env)
+            t0 = time.time()
+            while time.time() - t0 < 120 and p.poll() is None:
+                try:
+                    if len(open(f"{tmp}/state-{name}/metrics.jsonl").readlines()) >= 2:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.2)
+            for s in shards:
+                damage(s)
             try:
-                if len(open(f"{tmp}/state-trunc/metrics.jsonl").readlines()) >= 2:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        for s in shards:
+                out, err = p.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            check(p.returncode not in (0, None) and f"s3://{BUCKET}/corpus/train_" in err and want in err
+                  and "Segmentation" not in err,
+                  f"{name}: exit {p.returncode} naming the object ({err.strip()[-400:]})")
+
+        def truncate(s):
             raw = open(f"{tmp}/data2/{s}", "rb").read()
             with open(f"{tmp}/short.bin", "wb") as f:
                 f.write(raw[:len(raw) // 3])
             put(f"{tmp}/short.bin", f"corpus/{s}")
-        try:
-            out, err = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-        check(p.returncode not in (0, None) and f"s3://{BUCKET}/corpus/train_" in err and "changed while in use" in err
-              and "Segmentation" not in err,
-              f"shards truncated mid-run: exit {p.returncode} naming the object ({err.strip()[-400:]})")
+
+        def remove(s):
+            subprocess.run([os.path.join(BUILD, "tests", "sy_storecli"), f"s3://{BUCKET}", "rm", f"corpus/{s}"],
+                           capture_output=True, env=env, timeout=60, check=True)
+        mid_run("truncated", truncate, "changed while in use")
+        for s in shards:  # whole again, then gone mid-run
+            put(f"{tmp}/data2/{s}", f"corpus/{s}")
+        mid_run("removed", remove, "disappeared while in use")
     finally:
         if proxy:
             proxy.stop()
