@@ -38,11 +38,12 @@
 /* ------------------------------------------------------------------------------------------ */
 /* Shard mapping and validation                                                                */
 
-/* A shard is either in memory (heap: s3:// objects, and `data prepare`'s inputs) or read with
- * pread from an open descriptor (local training and eval shards). Local shards are not
- * memory-mapped: a file truncated under a mapping kills the process with SIGBUS on the next
- * read of a lost page; pread returns a short count instead, which is an error naming the file.
- * Before the first read of a shard in each batch its identity (inode, size, mtime) is checked
+/* A shard is in memory (heap: s3:// objects with data.stream=false, and `data prepare`'s
+ * inputs), read with pread from an open descriptor (local training and eval shards), or remote
+ * (streamed s3:// objects, read by ranged GETs checked against the pin taken at open). Local
+ * shards are not memory-mapped: a file truncated under a mapping kills the process with SIGBUS
+ * on the next read of a lost page; pread returns a short count instead, which is an error naming
+ * the file. Before every read of a local shard its identity (inode, size, mtime) is checked
  * against the file opened, so a truncated, rewritten or replaced shard stops training with a
  * clear error instead of feeding it other tokens. */
 typedef struct {
