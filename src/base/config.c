@@ -185,6 +185,19 @@ static const field FIELDS[] = {
         MEANS("Training shards: paths or globs, local or s3://, in order.")),
     FLD(data, val, FT_STRLIST, "data/fortunes/val_*.bin",
         RESUME_FREE, MEANS("Validation shards (empty: no validation).")),
+    FLD(data, stream, FT_BOOL, "true", RESUME_FREE,
+        MEANS("s3:// shards: read only the windows each worker trains on, by ranged GETs (start-up "
+              "reads each shard's header only); false: every worker reads every shard whole into memory "
+              "at start.")),
+    FLD(data, prefetch_steps, FT_INT, "2", .rule = R_MIN | R_RESUME, .lo = (0),
+        MEANS("Steps whose windows a worker reads ahead on its prefetch thread (0: read in the step).")),
+    FLD(data, fetch_threads, FT_INT, "8", .rule = R_MIN | R_MAX | R_RESUME, .lo = (1), .hi = (64),
+        MEANS("Range reads a worker keeps in flight at once.")),
+    FLD(data, cache_dir, FT_STRING, "", RESUME_FREE,
+        MEANS("Local folder caching the ranges read from s3:// shards, keyed by object ETag, shared safely "
+              "by the workers of a host (empty: no cache).")),
+    FLD(data, cache_gb, FT_DOUBLE, "10", .rule = R_MIN | R_MIN_EXCL | R_RESUME, .lo = (0),
+        MEANS("Bound of `data.cache_dir` (GiB); least recently used ranges are evicted past it.")),
 
     FLD(checkpoint, store, FT_STRING, "checkpoints", .rule = R_NONEMPTY,
         MEANS("Checkpoint store: file:///abs/path, a relative path, or s3://bucket/prefix.")),

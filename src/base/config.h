@@ -67,6 +67,11 @@ typedef struct {
     struct {
         sy_strlist train;     /* shard paths or globs, in order */
         sy_strlist val;
+        bool stream;          /* s3:// shards: ranged reads of the windows used (else whole at start) */
+        int prefetch_steps;   /* steps read ahead on the prefetch thread; 0 = none */
+        int fetch_threads;    /* range reads in flight at once */
+        char *cache_dir;      /* on-disk cache of fetched ranges; "" = none */
+        double cache_gb;      /* its bound (GiB) */
     } data;
     struct {
         char *store;          /* file:///abs, relative path, or s3://bucket/prefix */

@@ -151,8 +151,10 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     sy_model_dims dims = sy_model_dims_from_config(cfg);
     SY_CHECK_GOTO(sy_model_new(&dims, t.be, &t.model), s, done);
     SY_CHECK_GOTO(sy_adamw_new(t.model, cfg, &t.opt), s, done);
-    SY_CHECK_GOTO(sy_data_open((const char *const *)cfg->data.train.items, cfg->data.train.n,
-                               cfg->model.vocab_size, T, &t.data), s, done);
+    sy_data_options dopts;
+    sy_data_options_from_config(cfg, &dopts);
+    SY_CHECK_GOTO(sy_data_open_with((const char *const *)cfg->data.train.items, cfg->data.train.n,
+                                    cfg->model.vocab_size, T, &dopts, &t.data), s, done);
     if (cfg->data.val.n > 0) { /* a validation pattern that matches nothing is a mistake, not "no validation" */
         s = sy_data_check_patterns((const char *const *)cfg->data.val.items, cfg->data.val.n);
         if (s != SY_OK) {

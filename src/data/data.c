@@ -11,6 +11,8 @@
 #include <glob.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +20,12 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "data/data_cache.h"
+#include "data/data_crew.h"
+#include "data_internal.h"
+#include "data/data_prefetch.h"
 #include "data/data_s3.h"
+#include "base/log.h"
 #include "base/rng.h"
 #include "storage/store.h"
 
@@ -31,15 +38,20 @@
 /* ------------------------------------------------------------------------------------------ */
 /* Shard mapping and validation                                                                */
 
-/* A shard is either in memory (heap: s3:// objects, and `data prepare`'s inputs) or read with
- * pread from an open descriptor (local training and eval shards). Local shards are not
- * memory-mapped: a file truncated under a mapping kills the process with SIGBUS on the next
- * read of a lost page; pread returns a short count instead, which is an error naming the file.
- * Before the first read of a shard in each batch its identity (inode, size, mtime) is checked
+/* A shard is in memory (heap: s3:// objects with data.stream=false, and `data prepare`'s
+ * inputs), read with pread from an open descriptor (local training and eval shards), or remote
+ * (streamed s3:// objects, read by ranged GETs checked against the pin taken at open). Local
+ * shards are not memory-mapped: a file truncated under a mapping kills the process with SIGBUS
+ * on the next read of a lost page; pread returns a short count instead, which is an error naming
+ * the file. Before every read of a local shard its identity (inode, size, mtime) is checked
  * against the file opened, so a truncated, rewritten or replaced shard stops training with a
  * clear error instead of feeding it other tokens. */
 typedef struct {
     char *path;
+    int remote;           /* an s3:// object read by ranges (streaming) */
+    sy_store_t *store;    /* remote: its bucket's store (owned by sy_data's stores) */
+    const char *key;      /* remote: the object key (points into path) */
+    sy_store_obj pin;     /* remote: size and ETag when opened */
     void *map;            /* heap shards: the whole file (malloc'ed); NULL for fd shards */
     int heap;             /* in memory */
     size_t map_len;       /* file size in bytes */
@@ -49,7 +61,6 @@ typedef struct {
     dev_t dev;            /* fd shards: identity when opened */
     ino_t ino;
     struct timespec mtime;
-    uint64_t checked_gen; /* the batch in which the identity was last checked */
 } sy_shard_t;
 
 typedef struct {
@@ -69,9 +80,15 @@ struct sy_data {
     int vocab_size;
     int perm_wide; /* perm entries are uint64_t */
     uint64_t use_clock;
-    uint64_t batch_gen;  /* counts batch calls (identity checks once per shard per batch) */
-    uint16_t *scratch;   /* one window read from an fd shard: seq_len + 1 tokens */
+    pthread_mutex_t perm_lock; /* the slots: the trainer's and the prefetcher's threads */
     sy_perm_slot_t slots[SY_DATA_PERM_SLOTS];
+    sy_data_options opts;
+    sy_data_s3_stores_t *stores;
+    sy_data_cache_t *cache;      /* NULL: no data.cache_dir */
+    sy_crew_t *crew;
+    sy_prefetch_t *prefetch;     /* NULL: prefetch_steps 0 */
+    /* counters (sy_data_stats) */
+    _Atomic uint64_t header_bytes, fetched_bytes, requests, used_bytes;
 };
 
 static void sy_shard_unmap(sy_shard_t *sh) {
@@ -149,6 +166,24 @@ static sy_status sy_pread_all(int fd, void *buf, size_t len, off_t off, const ch
 /* Opens `path` (or reads an s3:// object into memory) and checks it: header, size, every token
  * < vocab. `whole`: keep the whole file in memory (sh->tok valid); else keep the descriptor
  * and read windows with pread (sy_shard_read). On success fills *sh (takes a copy of the path). */
+/* Streaming open of an s3:// shard: its header only, by one ranged GET that pins the object. */
+static sy_status sy_shard_open_remote(const char *path, sy_data_s3_stores_t *stores, sy_shard_t *sh,
+                                      _Atomic uint64_t *header_bytes) {
+    sy_store_t *store = NULL;
+    const char *key = NULL;
+    int32_t hdr[SY_SHARD_HEADER_INTS];
+    SY_CHECK(sy_data_s3_stores_get(stores, path, &store, &key));
+    SY_CHECK(sy_data_s3_read_head(store, path, key, hdr, sizeof hdr, &sh->pin));
+    *header_bytes += sizeof hdr;
+    sh->map_len = (size_t)sh->pin.size;
+    SY_CHECK(sy_shard_check_header(path, hdr, sh));
+    if (!(sh->path = strdup(path))) return sy_err_set(SY_ENOMEM, "%s: out of memory", path);
+    sh->remote = 1;
+    sh->store = store;
+    sh->key = sh->path + (key - path);
+    return SY_OK;
+}
+
 static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh, int whole) {
     sy_status st = SY_OK;
     memset(sh, 0, sizeof *sh);
@@ -299,19 +334,102 @@ done:
     return st;
 }
 
+void sy_data_options_default(sy_data_options *o) {
+    memset(o, 0, sizeof *o);
+    o->stream = 1;
+    o->prefetch_steps = SY_DATA_DEFAULT_PREFETCH;
+    o->fetch_threads = SY_DATA_DEFAULT_FETCH_THREADS;
+    o->cache_dir = NULL;
+    o->cache_bytes = 0;
+}
+
+void sy_data_options_from_config(const sy_config_t *cfg, sy_data_options *o) {
+    sy_data_options_default(o);
+    o->stream = cfg->data.stream;
+    o->prefetch_steps = cfg->data.prefetch_steps;
+    o->fetch_threads = cfg->data.fetch_threads;
+    o->cache_dir = cfg->data.cache_dir && cfg->data.cache_dir[0] ? cfg->data.cache_dir : NULL;
+    o->cache_bytes = (uint64_t)(cfg->data.cache_gb * (double)(1ull << 30)); /* GiB */
+}
+
 sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
                        sy_data_t **out) {
+    sy_data_options o;
+    sy_data_options_default(&o);
+    o.prefetch_steps = 0; /* no plan without a trainer: reads on the caller's thread */
+    return sy_data_open_with(patterns, n_patterns, vocab_size, seq_len, &o, out);
+}
+
+/* The remote shards' headers, read in parallel on the crew. */
+typedef struct {
+    sy_data_t *d;
+    char **paths;
+    sy_status *st;
+    char (*msg)[512];
+} open_job;
+
+static void open_remote_one(void *arg, size_t i) {
+    open_job *j = arg;
+    sy_shard_t *sh = &j->d->shards[i];
+    if (!sh->remote) return; /* opened before the crew ran, or not remote */
+    memset(sh, 0, sizeof *sh);
+    sh->fd = -1;
+    j->st[i] = sy_shard_open_remote(j->paths[i], j->d->stores, sh, &j->d->header_bytes);
+    if (j->st[i] != SY_OK) snprintf(j->msg[i], sizeof j->msg[i], "%s", sy_err_msg());
+}
+
+/* Opens every shard: local ones (and whole s3:// ones) in order on this thread, streaming s3://
+ * ones by their headers on the crew. On failure the message of the first shard that failed. */
+static sy_status open_shards(sy_data_t *d, char **paths, int n_paths) {
+    sy_status st = SY_OK;
+    sy_status *sts = calloc((size_t)n_paths, sizeof *sts);
+    char (*msg)[512] = calloc((size_t)n_paths, sizeof *msg);
+    if (!sts || !msg) {
+        st = sy_err_set(SY_ENOMEM, "data: out of memory for %d shards", n_paths);
+        goto done;
+    }
+    for (int i = 0; i < n_paths; i++) {
+        sy_shard_t *sh = &d->shards[i];
+        if (d->opts.stream && sy_data_is_s3(paths[i])) {
+            sy_store_t *store;
+            const char *key;
+            SY_CHECK_GOTO(sy_data_s3_stores_get(d->stores, paths[i], &store, &key), st, done);
+            sh->remote = 1; /* opened below */
+            sh->fd = -1;
+        } else {
+            SY_CHECK_GOTO(sy_shard_map(paths[i], d->vocab_size, sh, 0), st, done);
+        }
+        d->n_shards = i + 1;
+    }
+    open_job j = {d, paths, sts, msg};
+    sy_crew_run(d->crew, open_remote_one, &j, (size_t)n_paths);
+    for (int i = 0; i < n_paths; i++)
+        if (sts[i] != SY_OK) {
+            st = sy_err_set(sts[i], "%s", msg[i]);
+            break;
+        }
+done:
+    free(sts);
+    free(msg);
+    return st;
+}
+
+sy_status sy_data_open_with(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
+                            const sy_data_options *opts, sy_data_t **out) {
     sy_status st = SY_OK;
     char **paths = NULL;
     int n_paths = 0, cap = 0;
     sy_data_t *d = NULL;
-    if (!out) return sy_err_set(SY_EINVAL, "sy_data_open: out is NULL");
+    if (!out || !opts) return sy_err_set(SY_EINVAL, "sy_data_open: NULL argument");
     *out = NULL;
     if (!patterns || n_patterns <= 0)
         return sy_err_set(SY_EINVAL, "data: no shard patterns given");
     if (vocab_size < 1 || vocab_size > 65536)
         return sy_err_set(SY_EINVAL, "data: vocab_size %d outside [1, 65536]", vocab_size);
     if (seq_len < 1) return sy_err_set(SY_EINVAL, "data: seq_len %d < 1", seq_len);
+    if (opts->prefetch_steps < 0 || opts->fetch_threads < 1)
+        return sy_err_set(SY_EINVAL, "data: prefetch_steps %d < 0 or fetch_threads %d < 1", opts->prefetch_steps,
+                          opts->fetch_threads);
 
     for (int i = 0; i < n_patterns; i++) {
         if (!patterns[i] || !patterns[i][0]) {
@@ -325,6 +443,9 @@ sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_si
         st = sy_err_set(SY_ENOMEM, "data: out of memory");
         goto fail;
     }
+    pthread_mutex_init(&d->perm_lock, NULL);
+    d->opts = *opts;
+    d->opts.cache_dir = NULL; /* not kept: the cache holds its own copy */
     d->seq_len = seq_len;
     d->vocab_size = vocab_size;
     d->shards = calloc((size_t)n_paths, sizeof *d->shards);
@@ -333,20 +454,21 @@ sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_si
         st = sy_err_set(SY_ENOMEM, "data: out of memory for %d shards", n_paths);
         goto fail;
     }
+    SY_CHECK_GOTO(sy_data_s3_stores_new(&d->stores), st, fail);
+    SY_CHECK_GOTO(sy_crew_new(opts->fetch_threads, &d->crew), st, fail);
+    int any_remote = 0;
+    for (int i = 0; i < n_paths; i++) any_remote |= opts->stream && sy_data_is_s3(paths[i]);
+    if (any_remote && opts->cache_dir)
+        SY_CHECK_GOTO(sy_data_cache_open(opts->cache_dir, opts->cache_bytes, &d->cache), st, fail);
+    SY_CHECK_GOTO(open_shards(d, paths, n_paths), st, fail);
     uint64_t longest = 0;
     for (int i = 0; i < n_paths; i++) {
-        SY_CHECK_GOTO(sy_shard_map(paths[i], vocab_size, &d->shards[i], 0), st, fail);
-        d->n_shards = i + 1;
         uint64_t c = d->shards[i].count, T = (uint64_t)seq_len;
         uint64_t w = c >= T + 1 ? (c - 1) / T : 0;
         d->win_start[i + 1] = d->win_start[i] + w;
         if (c > longest) longest = c;
     }
     d->n_windows = d->win_start[n_paths];
-    if (!(d->scratch = malloc(((size_t)seq_len + 1) * sizeof *d->scratch))) {
-        st = sy_err_set(SY_ENOMEM, "data: out of memory");
-        goto fail;
-    }
     if (d->n_windows == 0) {
         st = sy_err_set(SY_EINVAL,
                         "data: %d shard(s) (first %s) hold no window of seq_len+1 = %d tokens "
@@ -368,6 +490,7 @@ sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_si
             goto fail;
         }
     }
+    if (opts->prefetch_steps > 0) SY_CHECK_GOTO(sy_prefetch_new(d, opts->prefetch_steps, &d->prefetch), st, fail);
     *out = d;
     d = NULL;
 fail:
@@ -391,12 +514,48 @@ sy_status sy_data_check_patterns(const char *const *patterns, int n_patterns) {
     return st;
 }
 
+void sy_data_get_stats(sy_data_t *d, sy_data_stats *out) {
+    memset(out, 0, sizeof *out);
+    out->header_bytes = d->header_bytes;
+    out->fetched_bytes = d->fetched_bytes;
+    out->requests = d->requests;
+    out->used_bytes = d->used_bytes;
+    if (d->cache) {
+        sy_data_cache_stats cs;
+        sy_data_cache_get_stats(d->cache, &cs);
+        out->cache_hits = cs.hits;
+        out->cache_misses = cs.misses;
+        out->cache_bytes_read = cs.bytes_read;
+        out->cache_bytes_written = cs.bytes_written;
+        out->cache_rejected = cs.rejected;
+        out->cache_evicted = cs.evicted;
+    }
+    if (d->prefetch) sy_prefetch_counts(d->prefetch, &out->prefetched, &out->prefetch_waits);
+}
+
 void sy_data_destroy(sy_data_t **self_p) {
     if (!self_p || !*self_p) return;
     sy_data_t *d = *self_p;
+    uint64_t served = 0, waited = 0;
+    if (d->prefetch) sy_prefetch_counts(d->prefetch, &served, &waited);
+    sy_prefetch_destroy(&d->prefetch); /* first: its thread reads the shards */
+    if (d->header_bytes) {
+        sy_data_stats s;
+        sy_data_get_stats(d, &s);
+        s.prefetched = served;
+        s.prefetch_waits = waited;
+        sy_info("data: fetched %" PRIu64 " bytes in %" PRIu64 " range reads (+%" PRIu64 " header bytes) for %" PRIu64
+                " bytes of windows; cache: %" PRIu64 " hits, %" PRIu64 " misses, %" PRIu64 " rejected; prefetch: %"
+                PRIu64 " micro-batches, %" PRIu64 " waited",
+                s.fetched_bytes, s.requests, s.header_bytes, s.used_bytes, s.cache_hits, s.cache_misses,
+                s.cache_rejected, s.prefetched, s.prefetch_waits);
+    }
+    sy_crew_destroy(&d->crew);
     for (int i = 0; i < d->n_shards; i++) sy_shard_unmap(&d->shards[i]);
     for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) free(d->slots[s].perm);
-    free(d->scratch);
+    sy_data_cache_destroy(&d->cache);
+    sy_data_s3_stores_destroy(&d->stores);
+    pthread_mutex_destroy(&d->perm_lock);
     free(d->shards);
     free(d->win_start);
     free(d);
@@ -462,13 +621,19 @@ static const sy_perm_slot_t *sy_data_perm(sy_data_t *d, uint64_t seed, uint64_t 
 
 uint64_t sy_data_window_of(sy_data_t *d, uint64_t seed, uint64_t idx) {
     uint64_t N = d->n_windows;
+    pthread_mutex_lock(&d->perm_lock);
     const sy_perm_slot_t *sl = sy_data_perm(d, seed, idx / N);
     uint64_t i = idx % N;
-    return d->perm_wide ? ((const uint64_t *)sl->perm)[i] : ((const uint32_t *)sl->perm)[i];
+    uint64_t w = d->perm_wide ? ((const uint64_t *)sl->perm)[i] : ((const uint32_t *)sl->perm)[i];
+    pthread_mutex_unlock(&d->perm_lock);
+    return w;
 }
 
-/* Copies window w (T+1 tokens) to dst. */
-static sy_status sy_data_copy_window(sy_data_t *d, uint64_t w, int32_t *dst) {
+/* ------------------------------------------------------------------------------------------ */
+/* Reading windows                                                                             */
+
+/* The shard holding window w, and the index of its first token in that shard. */
+static int sy_data_shard_of(const sy_data_t *d, uint64_t w, uint64_t *first) {
     int lo = 0, hi = d->n_shards - 1; /* the shard s with win_start[s] <= w < win_start[s+1] */
     while (lo < hi) {
         int mid = lo + (hi - lo + 1) / 2;
@@ -478,22 +643,155 @@ static sy_status sy_data_copy_window(sy_data_t *d, uint64_t w, int32_t *dst) {
             hi = mid - 1;
     }
     while (d->win_start[lo + 1] <= w) lo++; /* skip shards with no windows */
-    sy_shard_t *sh = &d->shards[lo];
-    uint64_t first = (w - d->win_start[lo]) * (uint64_t)d->seq_len;
-    const uint16_t *src = sh->tok ? sh->tok + first : d->scratch;
-    if (!sh->tok) {
-        if (sh->checked_gen != d->batch_gen) {
-            SY_CHECK(sy_shard_same(sh));
-            sh->checked_gen = d->batch_gen;
+    *first = (w - d->win_start[lo]) * (uint64_t)d->seq_len;
+    return lo;
+}
+
+/* A window still to read: its shard, first token and row in the output. */
+typedef struct {
+    int shard;
+    uint64_t first;
+    size_t row;
+} win_ref;
+
+/* One read: tokens [first, end) of a shard, serving refs [a, b). */
+typedef struct {
+    int shard;
+    uint64_t first, end;
+    size_t a, b;
+    sy_status st;
+    char msg[512];
+} range_t;
+
+typedef struct {
+    sy_data_t *d;
+    const win_ref *refs;
+    range_t *ranges;
+    uint16_t *out;
+} read_job;
+
+static int ref_order(const void *x, const void *y) {
+    const win_ref *a = x, *b = y;
+    if (a->shard != b->shard) return a->shard < b->shard ? -1 : 1;
+    if (a->first != b->first) return a->first < b->first ? -1 : 1;
+    return a->row < b->row ? -1 : a->row > b->row;
+}
+
+/* Checks a window's tokens; the message names the shard. */
+static sy_status sy_window_check(const sy_data_t *d, const sy_shard_t *sh, const uint16_t *tok, uint64_t first) {
+    int64_t bad = sy_first_bad_token(tok, d->seq_len + 1, d->vocab_size);
+    if (bad > d->seq_len) return SY_OK;
+    if (sh->remote)
+        return sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRIu64 " >= vocab_size %d", sh->path,
+                          (unsigned)tok[bad], first + (uint64_t)bad, d->vocab_size);
+    return sy_err_set(SY_EIO, "%s: token %u at index %" PRIu64 " >= vocab_size %d: the file changed since it "
+                      "was opened", sh->path, (unsigned)tok[bad], first + (uint64_t)bad, d->vocab_size);
+}
+
+static sy_status read_range(sy_data_t *d, range_t *r, const win_ref *refs, uint16_t *out) {
+    sy_shard_t *sh = &d->shards[r->shard];
+    size_t row = (size_t)d->seq_len + 1, bytes = (size_t)(r->end - r->first) * sizeof(uint16_t);
+    uint64_t off = SY_SHARD_HEADER_BYTES + r->first * sizeof(uint16_t);
+    uint16_t *buf = malloc(bytes);
+    if (!buf) return sy_err_set(SY_ENOMEM, "%s: out of memory for %zu bytes", sh->path, bytes);
+    sy_status st = SY_OK;
+    if (sh->remote) {
+        st = sy_data_s3_read_pinned(sh->store, sh->path, sh->key, &sh->pin, off, bytes, buf);
+        if (st == SY_OK) {
+            d->fetched_bytes += bytes;
+            d->requests++;
         }
-        size_t len = ((size_t)d->seq_len + 1) * sizeof(uint16_t);
-        SY_CHECK(sy_pread_all(sh->fd, d->scratch, len, SY_SHARD_HEADER_BYTES + (off_t)(first * 2), sh->path));
-        int64_t bad = sy_first_bad_token(d->scratch, d->seq_len + 1, d->vocab_size);
-        if (bad <= d->seq_len)
-            return sy_err_set(SY_EIO, "%s: token %u at index %" PRIu64 " >= vocab_size %d: the file changed since it "
-                              "was opened", sh->path, (unsigned)d->scratch[bad], first + (uint64_t)bad, d->vocab_size);
+    } else {
+        st = sy_shard_same(sh);
+        if (st == SY_OK) st = sy_pread_all(sh->fd, buf, bytes, (off_t)off, sh->path);
     }
-    for (int t = 0; t <= d->seq_len; t++) dst[t] = src[t];
+    for (size_t k = r->a; k < r->b && st == SY_OK; k++) {
+        const uint16_t *src = buf + (refs[k].first - r->first);
+        st = sy_window_check(d, sh, src, refs[k].first);
+        if (st != SY_OK) break;
+        memcpy(out + refs[k].row * row, src, row * sizeof *src);
+        if (sh->remote && d->cache && sh->pin.etag[0] && (k == r->a || refs[k].first != refs[k - 1].first))
+            sy_data_cache_put(d->cache, sh->path, sh->pin.etag, SY_SHARD_HEADER_BYTES + refs[k].first * 2,
+                              row * sizeof *src, src);
+    }
+    free(buf);
+    return st;
+}
+
+static void read_range_job(void *arg, size_t i) {
+    read_job *j = arg;
+    range_t *r = &j->ranges[i];
+    r->st = read_range(j->d, r, j->refs, j->out);
+    if (r->st != SY_OK) snprintf(r->msg, sizeof r->msg, "%s", sy_err_msg());
+}
+
+sy_status sy_data_read_windows(sy_data_t *d, const uint64_t *wins, size_t n, uint16_t *out) {
+    size_t row = (size_t)d->seq_len + 1, n_refs = 0, n_ranges = 0;
+    sy_status st = SY_OK;
+    if (n == 0) return SY_OK;
+    win_ref *refs = malloc(n * sizeof *refs);
+    range_t *ranges = malloc(n * sizeof *ranges);
+    if (!refs || !ranges) {
+        st = sy_err_set(SY_ENOMEM, "data: out of memory for %zu windows", n);
+        goto done;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint64_t first;
+        int s = sy_data_shard_of(d, wins[i], &first);
+        const sy_shard_t *sh = &d->shards[s];
+        uint16_t *dst = out + i * row;
+        if (sh->tok) { /* in memory, checked at open */
+            memcpy(dst, sh->tok + first, row * sizeof *dst);
+            continue;
+        }
+        if (sh->remote && d->cache && sh->pin.etag[0] && /* no ETag, no key that tells versions apart */
+            sy_data_cache_get(d->cache, sh->path, sh->pin.etag, SY_SHARD_HEADER_BYTES + first * 2,
+                              row * sizeof *dst, dst)) {
+            SY_CHECK_GOTO(sy_window_check(d, sh, dst, first), st, done);
+            continue;
+        }
+        refs[n_refs++] = (win_ref){s, first, i};
+    }
+    /* Coalesce per shard: windows that overlap or touch (window k ends where k+1 starts) share
+     * one read; a gap is never read. */
+    qsort(refs, n_refs, sizeof *refs, ref_order);
+    for (size_t k = 0; k < n_refs; k++) {
+        range_t *r = n_ranges ? &ranges[n_ranges - 1] : NULL;
+        if (r && r->shard == refs[k].shard && refs[k].first <= r->end) {
+            if (refs[k].first + row > r->end) r->end = refs[k].first + row;
+            r->b = k + 1;
+        } else {
+            ranges[n_ranges++] = (range_t){.shard = refs[k].shard, .first = refs[k].first,
+                                           .end = refs[k].first + row, .a = k, .b = k + 1};
+        }
+    }
+    read_job j = {d, refs, ranges, out};
+    sy_crew_run(d->crew, read_range_job, &j, n_ranges);
+    for (size_t k = 0; k < n_ranges; k++)
+        if (ranges[k].st != SY_OK) {
+            st = sy_err_set(ranges[k].st, "%s", ranges[k].msg);
+            break;
+        }
+done:
+    free(refs);
+    free(ranges);
+    return st;
+}
+
+/* Copies n windows (uint16, as read) into rows of int32 tokens. */
+static void widen(const uint16_t *src, size_t count, int32_t *dst) {
+    for (size_t i = 0; i < count; i++) dst[i] = src[i];
+}
+
+sy_status sy_data_plan(sy_data_t *d, uint64_t seed, int64_t step, int64_t end_step, int M, int b, int rank,
+                       int world) {
+    if (!d) return sy_err_set(SY_EINVAL, "sy_data_plan: NULL argument");
+    if (step < 0 || M < 1 || b < 1 || world < 1 || rank < 0 || rank >= world)
+        return sy_err_set(SY_EINVAL, "sy_data_plan: bad plan step=%" PRId64 " M=%d b=%d rank=%d world=%d", step, M,
+                          b, rank, world);
+    if (!d->prefetch) return SY_OK;
+    sy_prefetch_plan_t pl = {.seed = seed, .end_step = end_step, .M = M, .b = b, .rank = rank, .world = world};
+    sy_prefetch_plan(d->prefetch, &pl, step);
     return SY_OK;
 }
 
@@ -505,12 +803,22 @@ sy_status sy_data_train_batch(sy_data_t *d, uint64_t seed, int64_t step, int M, 
                           "sy_data_train_batch: bad position step=%" PRId64 " M=%d b=%d m=%d",
                           step, M, b, m);
     size_t row = (size_t)d->seq_len + 1;
-    d->batch_gen++;
-    for (int j = 0; j < b; j++) {
-        uint64_t w = sy_data_window_of(d, seed, sy_data_sample_index(step, M, b, m, j));
-        SY_CHECK(sy_data_copy_window(d, w, tokens + (size_t)j * row));
+    sy_status st = SY_OK;
+    if (!d->prefetch || !sy_prefetch_take(d->prefetch, seed, step, M, b, m, tokens, &st)) {
+        uint64_t *wins = malloc((size_t)b * sizeof *wins);
+        uint16_t *tok = malloc((size_t)b * row * sizeof *tok);
+        if (!wins || !tok) {
+            st = sy_err_set(SY_ENOMEM, "data: out of memory for a micro-batch");
+        } else {
+            for (int j = 0; j < b; j++) wins[j] = sy_data_window_of(d, seed, sy_data_sample_index(step, M, b, m, j));
+            st = sy_data_read_windows(d, wins, (size_t)b, tok);
+            if (st == SY_OK) widen(tok, (size_t)b * row, tokens);
+        }
+        free(wins);
+        free(tok);
     }
-    return SY_OK;
+    if (st == SY_OK) d->used_bytes += (uint64_t)b * row * sizeof(uint16_t);
+    return st;
 }
 
 sy_status sy_data_eval_batch(sy_data_t *d, uint64_t first_window, int b, int32_t *tokens) {
@@ -518,10 +826,22 @@ sy_status sy_data_eval_batch(sy_data_t *d, uint64_t first_window, int b, int32_t
     if (b < 1) return sy_err_set(SY_EINVAL, "sy_data_eval_batch: b=%d < 1", b);
     size_t row = (size_t)d->seq_len + 1;
     uint64_t N = d->n_windows, w0 = first_window % N;
-    d->batch_gen++;
-    for (int j = 0; j < b; j++)
-        SY_CHECK(sy_data_copy_window(d, (w0 + (uint64_t)j) % N, tokens + (size_t)j * row));
-    return SY_OK;
+    uint64_t *wins = malloc((size_t)b * sizeof *wins);
+    uint16_t *tok = malloc((size_t)b * row * sizeof *tok);
+    sy_status st = SY_OK;
+    if (!wins || !tok) {
+        st = sy_err_set(SY_ENOMEM, "data: out of memory for an eval batch");
+    } else {
+        for (int j = 0; j < b; j++) wins[j] = (w0 + (uint64_t)j) % N;
+        st = sy_data_read_windows(d, wins, (size_t)b, tok);
+        if (st == SY_OK) {
+            widen(tok, (size_t)b * row, tokens);
+            d->used_bytes += (uint64_t)b * row * sizeof(uint16_t);
+        }
+    }
+    free(wins);
+    free(tok);
+    return st;
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -10,18 +10,31 @@
  * perm = [0, 1, ..., N-1]; for i = N-1 down to 1: k = sy_rng_below(&r, i+1), swap perm[i], perm[k].
  *
  * Local shards are read with pread (not memory-mapped: a shard truncated under a mapping would
- * kill the process with SIGBUS); s3:// entries (data_s3.h) are listed and read whole into
- * memory. Opening validates every shard (header, size, every token < vocab) and fails with a
- * message naming the file or URL. A local shard that is truncated, rewritten or replaced while
- * in use makes the next batch an error naming the file (SY_EIO), never a crash or other tokens.
+ * kill the process with SIGBUS) and validated at open (header, size, every token < vocab).
+ * s3:// shards (data_s3.h) are streamed by default: open reads each header only (one ranged GET
+ * per shard, in parallel, pinning the object's size and ETag), and a batch reads just its windows
+ * by ranged GETs, coalesced per shard (windows that touch share one read; gaps are never read),
+ * through the optional on-disk cache (data_cache.h; only objects served with an ETag), checking every token < vocab as it
+ * arrives. With data.stream = false they are read whole into memory and validated at open.
+ * Opening fails with a message naming the file or URL. A shard that is truncated, rewritten,
+ * replaced or removed while in use makes the next batch that reads it an error naming it
+ * (SY_EIO), never a crash or other tokens.
  *
- * Ownership: sy_data_t owns its buffers and descriptors; sy_data_destroy() frees them. Thread: one thread at a time
- * per sy_data_t (the permutation cache is mutable). */
+ * Reading ahead: sy_data_plan tells the reader which micro-batches this process will ask for
+ * (the step, M, b, rank and world fix them, model spec §6); a prefetch thread then reads up to
+ * `prefetch_steps` steps ahead (data_prefetch.h), so a step finds its windows in memory. A batch
+ * outside the plan is read on the caller's thread. The tokens of a batch never depend on how
+ * they were read.
+ *
+ * Ownership: sy_data_t owns its buffers, descriptors, stores and threads; sy_data_destroy() stops
+ * and frees them (and logs the read counters when remote shards were read). Thread: one caller
+ * thread at a time per sy_data_t; its own threads (prefetch, fetch crew) are internal. */
 #ifndef SY_DATA_H
 #define SY_DATA_H
 
 #include <stdint.h>
 
+#include "base/config.h"
 #include "base/status.h"
 
 #define SY_SHARD_MAGIC 20240520
@@ -30,10 +43,37 @@
 
 typedef struct sy_data sy_data_t;
 
+/* How shards are read (the data.* config fields; equal defaults). */
+#define SY_DATA_DEFAULT_PREFETCH 2
+#define SY_DATA_DEFAULT_FETCH_THREADS 8
+typedef struct {
+    int stream;           /* s3:// shards: read by ranges (1) or whole at open (0) */
+    int prefetch_steps;   /* steps read ahead on the prefetch thread (0: none) */
+    int fetch_threads;    /* reads in flight at once (>= 1) */
+    const char *cache_dir;/* on-disk cache of remote ranges (NULL: none); copied at open */
+    uint64_t cache_bytes; /* its bound */
+} sy_data_options;
+
+void sy_data_options_default(sy_data_options *o);
+void sy_data_options_from_config(const sy_config_t *cfg, sy_data_options *o);
+
+/* What the reader did (counters since open). used_bytes: bytes of the windows handed out in
+ * batches; fetched_bytes: bytes read from object storage by ranges (headers apart). */
+typedef struct {
+    uint64_t header_bytes, fetched_bytes, requests, used_bytes;
+    uint64_t cache_hits, cache_misses, cache_bytes_read, cache_bytes_written, cache_rejected, cache_evicted;
+    uint64_t prefetched, prefetch_waits; /* micro-batches served by the prefetcher; of them, waited for */
+} sy_data_stats;
+
 /* Expands globs in `patterns` (in order; each glob's matches sorted; s3:// patterns as in
- * data_s3.h), maps or reads and validates every shard. Fails if no shard matches or if the shards hold no full window. */
+ * data_s3.h) and opens every shard: local ones validated whole, streamed s3:// ones by their
+ * headers (read in parallel), others read whole and validated. Fails if no shard matches or if
+ * the shards hold no full window. */
 sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
                        sy_data_t **out);
+/* The same with options (sy_data_open: the defaults without prefetching). */
+sy_status sy_data_open_with(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
+                            const sy_data_options *opts, sy_data_t **out);
 void sy_data_destroy(sy_data_t **self_p);
 
 /* Expands `patterns` as sy_data_open does (globs; s3:// listings) without reading any shard:
@@ -50,13 +90,22 @@ int sy_data_seq_len(const sy_data_t *d);            /* T */
  * s·M·b + m·b + j. Exposed for tests and for the data position in manifests. */
 uint64_t sy_data_sample_index(int64_t step, int M, int b, int m, int j);
 
-/* Window id (into 0..N-1) of the sample with global index `idx` for this seed. */
+/* Window id (into 0..N-1) of the sample with global index `idx` for this seed. Thread: any (the
+ * permutation cache is locked; the prefetch thread uses it too). */
 uint64_t sy_data_window_of(sy_data_t *d, uint64_t seed, uint64_t idx);
 
 /* Training batch: writes b rows of T+1 tokens (int32) for micro-batch m of step s, row j =
  * window of sample index sy_data_sample_index(s, M, b, m, j). */
 sy_status sy_data_train_batch(sy_data_t *d, uint64_t seed, int64_t step, int M, int b, int m,
                               int32_t *tokens /* [b, T+1] */);
+
+/* The caller is about to train `step` as rank `rank` of `world` (micro-batches m with
+ * m % world == rank, M per step, b sequences each) and will stop before end_step: the prefetcher
+ * (if any) reads ahead from here. Call it before every step; an unchanged plan costs a lock. */
+sy_status sy_data_plan(sy_data_t *d, uint64_t seed, int64_t step, int64_t end_step, int M, int b, int rank,
+                       int world);
+
+void sy_data_get_stats(sy_data_t *d, sy_data_stats *out);
 
 /* Evaluation batch: windows first_window .. first_window+b-1 in order, no shuffle (wrapping
  * modulo N). */

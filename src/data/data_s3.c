@@ -1,6 +1,7 @@
 #include "data/data_s3.h"
 
 #include <fnmatch.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,4 +89,86 @@ sy_status sy_data_s3_fetch(const char *url, void **buf, size_t *len) {
     else if (s != SY_OK) s = sy_err_prefix(s, "%s", url);
     sy_store_destroy(&st);
     return s;
+}
+
+/* ---------------------------------------------------------------- streaming reads */
+
+#define STORES_MAX_BUCKETS 64
+
+struct sy_data_s3_stores {
+    int n;
+    char *url[STORES_MAX_BUCKETS]; /* "s3://BUCKET" */
+    sy_store_t *store[STORES_MAX_BUCKETS];
+};
+
+sy_status sy_data_s3_stores_new(sy_data_s3_stores_t **out) {
+    *out = calloc(1, sizeof **out);
+    return *out ? SY_OK : sy_err_set(SY_ENOMEM, "data: out of memory");
+}
+
+void sy_data_s3_stores_destroy(sy_data_s3_stores_t **self_p) {
+    if (!self_p || !*self_p) return;
+    sy_data_s3_stores_t *s = *self_p;
+    for (int i = 0; i < s->n; i++) {
+        free(s->url[i]);
+        sy_store_destroy(&s->store[i]);
+    }
+    free(s);
+    *self_p = NULL;
+}
+
+sy_status sy_data_s3_stores_get(sy_data_s3_stores_t *s, const char *url, sy_store_t **store, const char **key) {
+    char store_url[URL_MAX];
+    SY_CHECK(split(url, store_url, sizeof store_url, key));
+    for (int i = 0; i < s->n; i++)
+        if (!strcmp(s->url[i], store_url)) {
+            *store = s->store[i];
+            return SY_OK;
+        }
+    if (s->n == STORES_MAX_BUCKETS)
+        return sy_err_set(SY_EINVAL, "%s: training data from more than %d buckets", url, STORES_MAX_BUCKETS);
+    sy_store_t *st = NULL;
+    sy_status rc = sy_store_open(store_url, &st);
+    if (rc != SY_OK) return sy_err_prefix(rc, "%s", url);
+    if (!(s->url[s->n] = strdup(store_url))) {
+        sy_store_destroy(&st);
+        return sy_err_set(SY_ENOMEM, "data: out of memory");
+    }
+    s->store[s->n++] = st;
+    *store = st;
+    return SY_OK;
+}
+
+sy_status sy_data_s3_read_head(sy_store_t *store, const char *url, const char *key, void *buf, size_t len,
+                               sy_store_obj *obj) {
+    sy_status s = sy_store_get_range_obj(store, key, 0, len, buf, obj);
+    if (s == SY_OK) return SY_OK;
+    if (s == SY_ENOTFOUND) return sy_err_set(SY_ENOTFOUND, "%s: data shard not found", url);
+    if (s == SY_EINVAL) { /* shorter than the header */
+        uint64_t size = 0;
+        if (sy_store_head(store, key, &size) == SY_OK)
+            return sy_err_set(SY_EFORMAT, "%s: file has %" PRIu64 " bytes, shorter than the %zu-byte header", url, size,
+                              len);
+    }
+    return sy_err_prefix(s, "%s", url);
+}
+
+sy_status sy_data_s3_read_pinned(sy_store_t *store, const char *url, const char *key, const sy_store_obj *pin,
+                                 uint64_t off, size_t len, void *buf) {
+    sy_store_obj now;
+    sy_status s = sy_store_get_range_obj(store, key, off, len, buf, &now);
+    if (s == SY_ENOTFOUND)
+        return sy_err_set(SY_EIO, "%s: the data shard disappeared while in use; stopping instead of training on "
+                          "other data (restore the object, then resume)", url);
+    if (s == SY_EINVAL)
+        return sy_err_set(SY_EIO, "%s changed while in use: bytes [%" PRIu64 ", +%zu) are past its end now, it had %"
+                          PRIu64 " bytes when opened (truncated); stopping instead of reading other tokens (restore "
+                          "the object, then resume)", url, off, len, pin->size);
+    if (s != SY_OK) return sy_err_prefix(s, "%s", url);
+    if (now.size != pin->size || strcmp(now.etag, pin->etag) != 0)
+        return sy_err_set(SY_EIO, "%s changed while in use: %" PRIu64 " bytes and ETag %s now, %" PRIu64 " bytes and "
+                          "ETag %s when opened%s; stopping instead of reading other tokens (restore the object, then "
+                          "resume)", url, now.size, now.etag[0] ? now.etag : "(none)", pin->size,
+                          pin->etag[0] ? pin->etag : "(none)", now.size < pin->size ? " (truncated)" : " (rewritten)");
+    return SY_OK;
 }

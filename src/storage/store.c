@@ -155,6 +155,16 @@ sy_status sy_store_get_range(sy_store_t *self, const char *key, uint64_t offset,
     return self->ops->get_range(self->impl, key, offset, len, buf);
 }
 
+sy_status sy_store_get_range_obj(sy_store_t *self, const char *key, uint64_t offset, size_t len, void *buf,
+                                 sy_store_obj *obj) {
+    SY_CHECK(check_key(self, key));
+    if ((!buf && len) || !obj) return sy_err_set(SY_EINVAL, "store get %s: no buffer", key);
+    memset(obj, 0, sizeof *obj);
+    if (self->ops->get_range_obj && len > 0) return self->ops->get_range_obj(self->impl, key, offset, len, buf, obj);
+    SY_CHECK(self->ops->head(self->impl, key, &obj->size));
+    return self->ops->get_range(self->impl, key, offset, len, buf);
+}
+
 sy_status sy_store_head(sy_store_t *self, const char *key, uint64_t *size) {
     SY_CHECK(check_key(self, key));
     uint64_t dummy;
@@ -424,6 +434,29 @@ static sy_status local_get_range(void *impl, const char *key, uint64_t offset, s
     return st;
 }
 
+static sy_status local_get_range_obj(void *impl, const char *key, uint64_t offset, size_t len, void *buf,
+                                     sy_store_obj *obj) {
+    int fd = -1;
+    uint64_t size = 0;
+    SY_CHECK(local_open(impl, key, &fd, &size));
+    sy_status st = SY_OK;
+    struct stat sb;
+    if (fstat(fd, &sb) != 0)
+        st = sy_err_set(SY_EIO, "store object %s: fstat: %s", key, strerror(errno));
+    else if (offset > size || len > size - offset)
+        st = sy_err_set(SY_EINVAL, "store object %s: range [%" PRIu64 ", +%zu) past its end (%" PRIu64 " bytes)", key,
+                        offset, len, size);
+    else
+        st = pread_all(fd, buf, len, offset, key);
+    if (st == SY_OK) {
+        obj->size = size;
+        snprintf(obj->etag, sizeof obj->etag, "%llx-%llx-%llx.%09ld", (unsigned long long)sb.st_ino,
+                 (unsigned long long)size, (unsigned long long)sb.st_mtim.tv_sec, (long)sb.st_mtim.tv_nsec);
+    }
+    close(fd);
+    return st;
+}
+
 static sy_status local_head(void *impl, const char *key, uint64_t *size) {
     local_store *ls = impl;
     char *path = path_join(ls->root, key);
@@ -563,6 +596,7 @@ static const sy_store_ops local_ops = {
     .put = local_put,
     .get = local_get,
     .get_range = local_get_range,
+    .get_range_obj = local_get_range_obj,
     .head = local_head,
     .list = local_list,
     .del = local_del,

@@ -76,6 +76,19 @@ sy_status sy_store_putv(sy_store_t *self, const char *key, const sy_store_part *
 sy_status sy_store_get(sy_store_t *self, const char *key, void **buf, size_t *len);
 /* Reads bytes [offset, offset + len) of an object into buf; SY_EINVAL if past its end. */
 sy_status sy_store_get_range(sy_store_t *self, const char *key, uint64_t offset, size_t len, void *buf);
+/* What a read saw of an object: its size and a tag that changes whenever its bytes may have
+ * (S3: the ETag the server sent with the bytes; local: inode, size and mtime). Two reads with
+ * equal tags read the same object; an empty tag means the backend has none. */
+#define SY_STORE_ETAG_MAX 256
+typedef struct {
+    uint64_t size;
+    char etag[SY_STORE_ETAG_MAX];
+} sy_store_obj;
+
+/* sy_store_get_range that also fills *obj from the same reply (one request on S3), so a caller
+ * can pin an object at its first read and notice when a later read sees another one. */
+sy_status sy_store_get_range_obj(sy_store_t *self, const char *key, uint64_t offset, size_t len, void *buf,
+                                 sy_store_obj *obj);
 /* Size of an object; SY_ENOTFOUND if missing. */
 sy_status sy_store_head(sy_store_t *self, const char *key, uint64_t *size);
 /* Every key starting with `prefix` ("" = all), sorted by byte order (strcmp). *keys is
@@ -107,6 +120,9 @@ typedef struct {
      * before writing it, and stores nothing if the tap fails. */
     sy_status (*putv)(void *impl, const char *key, const sy_store_part *parts, size_t n, int if_absent,
                       const sy_store_tap *tap);
+    /* Optional (NULL: the front end asks head for the size and leaves the tag empty). len > 0. */
+    sy_status (*get_range_obj)(void *impl, const char *key, uint64_t offset, size_t len, void *buf,
+                               sy_store_obj *obj);
 } sy_store_ops;
 
 /* Wraps a backend into a store (takes ownership of impl: ops->destroy runs on failure too). */

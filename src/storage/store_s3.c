@@ -650,15 +650,10 @@ static sy_status s3_get(void *impl, const char *key, void **buf, size_t *len) {
     return SY_OK;
 }
 
-static sy_status s3_get_range(void *impl, const char *key, uint64_t offset, size_t len, void *buf) {
-    if (len == 0) {
-        uint64_t size;
-        SY_CHECK(s3_head(impl, key, &size));
-        if (offset > size)
-            return sy_err_set(SY_EINVAL, "s3 get %s: range [%" PRIu64 ", +0) past its end (%" PRIu64 " bytes)", key,
-                              offset, size);
-        return SY_OK;
-    }
+/* One ranged GET (len > 0); *obj gets the object's size (Content-Range) and ETag from the same
+ * reply, so they describe exactly the bytes delivered. */
+static sy_status s3_get_range_obj(void *impl, const char *key, uint64_t offset, size_t len, void *buf,
+                                  sy_store_obj *obj) {
     char range[96];
     snprintf(range, sizeof range, "Range: bytes=%" PRIu64 "-%" PRIu64, offset, offset + (uint64_t)len - 1);
     s3_req r = {.method = "GET", .key = key, .hdr = {range}, .out = buf, .out_cap = len,
@@ -673,8 +668,27 @@ static sy_status s3_get_range(void *impl, const char *key, uint64_t offset, size
         /* A server ignoring Range sends 200 and the whole object: accept only an exact fit. */
         if (!(offset == 0 && r.clen == (int64_t)len))
             return sy_err_set(SY_EREMOTE, "s3 get %s: range request answered %ld without a range", key, r.status);
+        r.total = r.clen;
+    }
+    if (st == SY_OK && obj) {
+        if (r.total < 0)
+            return sy_err_set(SY_EREMOTE, "s3 get %s: a range reply without the object's size (Content-Range)", key);
+        obj->size = (uint64_t)r.total;
+        snprintf(obj->etag, sizeof obj->etag, "%s", r.etag);
     }
     return st;
+}
+
+static sy_status s3_get_range(void *impl, const char *key, uint64_t offset, size_t len, void *buf) {
+    if (len == 0) {
+        uint64_t size;
+        SY_CHECK(s3_head(impl, key, &size));
+        if (offset > size)
+            return sy_err_set(SY_EINVAL, "s3 get %s: range [%" PRIu64 ", +0) past its end (%" PRIu64 " bytes)", key,
+                              offset, size);
+        return SY_OK;
+    }
+    return s3_get_range_obj(impl, key, offset, len, buf, NULL);
 }
 
 /* A 412 after an attempt whose outcome is unknown may be our own earlier write: it is ours
@@ -1032,6 +1046,7 @@ static const sy_store_ops s3_ops = {
     .put = s3_put,
     .get = s3_get,
     .get_range = s3_get_range,
+    .get_range_obj = s3_get_range_obj,
     .head = s3_head,
     .list = s3_list,
     .del = s3_del,

@@ -741,8 +741,10 @@ static sy_status setup(agent_t *a, const char *config_json) {
     sy_adamw_destroy(&a->opt);
     SY_CHECK(sy_adamw_new(a->model, &a->cfg, &a->opt));
     sy_data_destroy(&a->data);
-    SY_CHECK(sy_data_open((const char *const *)a->cfg.data.train.items, a->cfg.data.train.n,
-                          a->cfg.model.vocab_size, a->cfg.model.seq_len, &a->data));
+    sy_data_options dopts;
+    sy_data_options_from_config(&a->cfg, &dopts);
+    SY_CHECK(sy_data_open_with((const char *const *)a->cfg.data.train.items, a->cfg.data.train.n,
+                               a->cfg.model.vocab_size, a->cfg.model.seq_len, &dopts, &a->data));
     if (new_store) {
         sy_store_destroy(&a->store);
         SY_CHECK(sy_store_open_config(&a->cfg, &a->store));

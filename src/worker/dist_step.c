@@ -18,6 +18,8 @@ sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
     out->micro_batches = 0;
     if (counts) memset(counts, 0, sizeof(int32_t) * (size_t)nsw * E);
 
+    /* this rank's micro-batches of this step and the next ones: the prefetcher reads ahead */
+    SY_CHECK(sy_data_plan(c->data, cfg->run.seed, s0, cfg->run.steps, M, b, rank, W));
     sy_model_zero_grads(m);
     const int rounds = (M + W - 1) / W;
     for (int k = 0; k < rounds; k++) {
