@@ -66,8 +66,8 @@ void sy_switch_destroy(sy_switch_t **self_p) {
     sy_switch_t *sw = *self_p;
     sy_backend_t *be = sw->be;
     void *bufs[] = {sw->logits, sw->probs, sw->dlogits, sw->gate, sw->lse, sw->gamma, sw->expert,
-                    sw->u, sw->xr, sw->dxr, sw->plan, sw->order, sw->slot, sw->gk, sw->f, sw->xe, sw->ye, sw->dye, sw->dxe, sw->he, sw->ge, sw->mask, sw->dge,
-                    sw->dhe};
+                    sw->u, sw->xr, sw->dxr, sw->plan, sw->order, sw->slot, sw->gk, sw->f,
+                    sw->xe, sw->ye, sw->dye, sw->dxe, sw->he, sw->ge, sw->mask, sw->dge, sw->dhe};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->free(be, bufs[i]);
     free(sw->plan_host);
