@@ -15,6 +15,8 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "base/bf16.h"
+#include "base/rng.h"
 
 #define SY_TEST_SEED 0x5eed1234abcdULL
 #include "sy_test.h"
@@ -689,6 +691,114 @@ static void test_router_bwd(void **state) {
     ffree(z), ffree(p), ffree(gate), ffree(lse), ffree(gamma), ffree(f), ffree(dz), ffree(ex);
 }
 
+/* ---------------------------------------------------------------- Switch route plan */
+
+/* route_plan against the capacity rule written directly (the first C tokens of each expert, in
+ * token order, keep a slot), route_gamma against the slot map, route_stats against the fp64
+ * sums in the order backend.h names (so equal exactly), jitter_fwd and dropout_mask against
+ * draws made here from the same keys, wire_put/wire_get against base/bf16.h. */
+static void test_route_plan(void **state) {
+    (void)state;
+    enum { G = 13, E = 4, C = 3 };
+    const int32_t ex_h[G] = {2, 0, 2, 2, 1, 2, 0, 3, 2, 0, 0, 0, 1}; /* 2 and 0 overflow */
+    int32_t *ex = g_be->alloc(g_be, sizeof ex_h), *counts = g_be->alloc(g_be, E * 4),
+            *kept = g_be->alloc(g_be, E * 4), *offsets = g_be->alloc(g_be, (E + 1) * 4),
+            *order = g_be->alloc(g_be, G * 4), *slot = g_be->alloc(g_be, G * 4);
+    float *gate = falloc(G), *gk = falloc(G), *dot = falloc(G), *gamma = falloc(G);
+    float *probs = falloc(G * E), *lse = falloc(G), *f = falloc(E);
+    double *stats = g_be->alloc(g_be, 2 * sizeof(double));
+    memcpy(ex, ex_h, sizeof ex_h);
+    fill(gate, G, 0, 1);
+    fill(dot, G, -1, 1);
+    fill(probs, G * E, 0, 1);
+    fill(lse, G, 0, 3);
+    g_be->route_plan(g_be, counts, kept, offsets, order, slot, gk, ex, gate, G, E, C);
+    int cnt[E] = {0}, off[E + 1] = {0}, n_kept = 0;
+    for (int t = 0; t < G; t++) cnt[ex_h[t]]++;
+    for (int e = 0; e < E; e++) {
+        assert_int_equal(counts[e], cnt[e]);
+        assert_int_equal(kept[e], cnt[e] < C ? cnt[e] : C);
+        off[e + 1] = off[e] + kept[e];
+        assert_int_equal(offsets[e + 1], off[e + 1]);
+    }
+    assert_int_equal(offsets[0], 0);
+    for (int e = 0; e < E; e++) {
+        int pos = 0;
+        for (int t = 0; t < G; t++) {
+            if (ex_h[t] != e) continue;
+            if (pos < C) {
+                assert_int_equal(slot[t], off[e] + pos);
+                assert_int_equal(order[off[e] + pos], t);
+                assert_true(gk[off[e] + pos] == gate[t]);
+                n_kept++;
+            } else {
+                assert_int_equal(slot[t], -1);
+            }
+            pos++;
+        }
+    }
+    assert_int_equal(n_kept, off[E]);
+    g_be->route_gamma(g_be, gamma, dot, slot, G);
+    for (int t = 0; t < G; t++) assert_true(gamma[t] == (slot[t] >= 0 ? dot[slot[t]] : 0.0f));
+    g_be->route_stats(g_be, stats, f, probs, lse, counts, G, E);
+    double aux = 0.0, z = 0.0;
+    for (int e = 0; e < E; e++) {
+        double P = 0.0;
+        for (int t = 0; t < G; t++) P += probs[t * E + e];
+        assert_true(f[e] == (float)((double)cnt[e] / G));
+        aux += ((double)cnt[e] / G) * (P / G);
+    }
+    for (int t = 0; t < G; t++) z += (double)lse[t] * lse[t];
+    assert_true(stats[0] == E * aux);
+    assert_true(stats[1] == z / G);
+    ffree(ex), ffree(counts), ffree(kept), ffree(offsets), ffree(order), ffree(slot);
+    ffree(gate), ffree(gk), ffree(dot), ffree(gamma), ffree(probs), ffree(lse), ffree(f);
+    ffree(stats);
+}
+
+static void test_route_draws_and_wire(void **state) {
+    (void)state;
+    enum { G = 5, D = 6, F = 7, N = 3 };
+    const float eps = 0.01f;
+    float *h = falloc(G * D), *u = falloc(G * D), *xr = falloc(G * D), *mask = falloc(N * F);
+    float *back = falloc(G * D);
+    int32_t *tok = g_be->alloc(g_be, N * 4), *micro = g_be->alloc(g_be, N * 4);
+    uint16_t *wire = g_be->alloc(g_be, G * D * sizeof(uint16_t));
+    fill(h, G * D, -2, 2);
+    g_be->jitter_fwd(g_be, u, xr, h, G, D, eps, 77, 5, 2, 3);
+    for (int t = 0; t < G; t++) {
+        sy_rng_t r = sy_rng_key(77, "router.jitter", 5, 2, (3ull << 32) | (uint64_t)t);
+        for (int i = 0; i < D; i++) {
+            float want = 1.0f - eps + 2.0f * eps * sy_rng_uniform(&r);
+            assert_true(u[t * D + i] == want);
+            assert_true(xr[t * D + i] == h[t * D + i] * want);
+        }
+    }
+    const int32_t tok_h[N] = {4, 0, 9}, micro_h[N] = {1, 3, 2};
+    memcpy(tok, tok_h, sizeof tok_h);
+    memcpy(micro, micro_h, sizeof micro_h);
+    const float keep = 0.75f, inv = 1.0f / keep;
+    for (int with_micro = 0; with_micro < 2; with_micro++) {
+        g_be->dropout_mask(g_be, mask, tok, with_micro ? micro : NULL, N, F, keep, inv, 77, 5, 6, 3);
+        for (int i = 0; i < N; i++) {
+            sy_rng_t r = sy_rng_key(77, "expert.dropout", 5, (uint64_t)(with_micro ? micro_h[i] : 6),
+                                    (3ull << 32) | (uint64_t)tok_h[i]);
+            for (int j = 0; j < F; j++)
+                assert_true(mask[i * F + j] == (sy_rng_uniform(&r) < keep ? inv : 0.0f));
+        }
+    }
+    g_be->wire_put(g_be, wire, h, G * D, 2);
+    g_be->wire_get(g_be, back, wire, G * D, 2);
+    for (int i = 0; i < G * D; i++) {
+        assert_int_equal(wire[i], sy_f32_to_bf16(h[i]));
+        assert_true(back[i] == sy_round_bf16(h[i]));
+    }
+    g_be->wire_put(g_be, back, h, G * D, 4);
+    assert_memory_equal(back, h, sizeof(float) * G * D);
+    assert_ptr_equal(g_be->host_view(g_be, h), h); /* the CPU backend's memory is host memory */
+    ffree(h), ffree(u), ffree(xr), ffree(mask), ffree(back), ffree(tok), ffree(micro), ffree(wire);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_embed),
@@ -702,6 +812,8 @@ int main(void) {
         cmocka_unit_test(test_gather_scatter),
         cmocka_unit_test(test_router_fwd),
         cmocka_unit_test(test_router_bwd),
+        cmocka_unit_test(test_route_plan),
+        cmocka_unit_test(test_route_draws_and_wire),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

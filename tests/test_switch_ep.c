@@ -5,6 +5,8 @@
  * scattered (non-contiguous) placement such as a recovery leaves. In bf16 mode (the backend's
  * bf16 flag) the rows cross the wire as bf16 and the results still match to 1e-6: the wire
  * conversion must be exact for the bf16-rounded activations (a lossy one errs by ~1e-3).
+ * A backend without a host view (host_view NULL, as a device backend) stages the exchange
+ * through host buffers and gets the same results.
  *
  * Every child builds the same inputs from a fixed seed, computes the reference on its own (all
  * experts local, every micro-batch of the round), then runs its micro-batch through the
@@ -73,10 +75,18 @@ static double rel(const float *a, const float *b, size_t n) {
  * comparison holds. */
 static int g_scattered; /* placement: 0 balanced contiguous ranges, 1 round-robin (e % W) */
 static bool g_bf16;     /* backend in bf16 mode: bf16 rows on the wire */
+static bool g_staged;   /* backend without a host view: the exchange stages through host buffers */
+
+/* host_view of a device backend: backend memory is not host-accessible */
+static void *no_host_view(sy_backend_t *be, void *p) {
+    (void)be, (void)p;
+    return NULL;
+}
 
 static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_LEN]) {
     sy_backend_t *be = NULL;
     sy_backend_cpu_new(1, g_bf16, &be);
+    if (g_staged) be->host_view = no_host_view;
     static weights ref, dist;
     weights_init(&ref);
     weights_init(&dist);
@@ -258,6 +268,18 @@ static void test_bf16_wire(void **s) {
     run_world(4, 2);
     g_bf16 = false;
 }
+/* The staging path a device backend takes (download, all-to-all of host buffers, upload). */
+static void test_staged_wire(void **s) {
+    (void)s;
+    g_staged = true;
+    run_world(3, 3);
+    g_bf16 = true;
+    g_scattered = 1;
+    run_world(4, 2);
+    g_scattered = 0;
+    g_bf16 = false;
+    g_staged = false;
+}
 
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
@@ -268,6 +290,7 @@ int main(void) {
         cmocka_unit_test(test_w4_idle_ranks),
         cmocka_unit_test(test_w3_scattered),
         cmocka_unit_test(test_bf16_wire),
+        cmocka_unit_test(test_staged_wire),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -44,6 +44,12 @@ struct sy_backend {
     void (*copy)(sy_backend_t *be, void *dst, const void *src, size_t bytes);
     void (*zero)(sy_backend_t *be, void *p, size_t bytes);
     void (*sync)(sy_backend_t *be);
+    /* A host-accessible pointer to backend memory p (same bytes, valid while p is), or NULL when
+     * the backend's memory is not host-accessible (a device backend). Where the host must hand a
+     * backend buffer to host code (the data plane reads host memory), it uses this view when
+     * non-NULL, else stages through download/upload. Reads and writes through the view are
+     * ordered by sync() like a download/upload. The CPU backend returns p itself. */
+    void *(*host_view)(sy_backend_t *be, void *p);
 
     /* ---- the parameter / gradient / optimizer path (model spec §5) ----
      * fp64 gradient accumulation: acc[n] += g[n] (each fp32 value widened, then added) */
@@ -157,6 +163,54 @@ struct sy_backend {
                        const float *f, float aux_scale, float z_scale, int N, int E);
     /* x *= mask (elementwise), n elements */
     void (*mul_inplace)(sy_backend_t *be, float *x, const float *mask, size_t n);
+
+    /* ---- Switch layer: route plan (model spec §2, §3) ----
+     * Everything the route computes per token or per expert, so that only the small per-layer
+     * results (route_plan's counts/kept/offsets and route_stats' sums) cross to the host, in one
+     * download. Integer results are exact in any implementation; the floating-point ones name
+     * their operation order, which a device backend must keep (no atomics on floats). */
+
+    /* Router jitter (spec §3): for each token t < G, u[t,:] ~ U[1-eps, 1+eps] drawn in order
+     * i = 0..D-1 from sy_rng_key(seed, "router.jitter", step, micro, layer<<32 | t) as
+     * u = 1 - eps + 2·eps·uniform (fp32, left to right), and xr[t,:] = h[t,:]·u[t,:]. */
+    void (*jitter_fwd)(sy_backend_t *be, float *u, float *xr, const float *h, int G, int D,
+                       float eps, uint64_t seed, int64_t step, int micro, int layer);
+    /* The router-input gradient: dh[n] += u[n]·g[n], or dh[n] += g[n] when u is NULL (fp32,
+     * never rounded: the caller rounds dh afterwards). */
+    void (*jitter_bwd)(sy_backend_t *be, float *dh, const float *g, const float *u, size_t n);
+    /* Capacity and the dispatch plan (spec §2 step 3) from expert[G] and gate[G]:
+     *   pos[t]     = #{s < t : expert[s] = expert[t]} (exclusive prefix count in token order)
+     *   counts[e]  = tokens routed to e (before capacity); kept[e] = min(counts[e], C)
+     *   offsets[e] = Σ_{e' < e} kept[e'] (E+1 entries); token t is kept iff pos[t] < C
+     *   slot[t]    = offsets[expert[t]] + pos[t] if kept, else -1
+     *   order[slot[t]] = t, gk[slot[t]] = gate[t] for kept t (expert-major, token order within)
+     * Integer scans only: exact whatever the implementation. */
+    void (*route_plan)(sy_backend_t *be, int32_t *counts, int32_t *kept, int32_t *offsets,
+                       int32_t *order, int32_t *slot, float *gk, const int32_t *expert,
+                       const float *gate, int G, int E, int C);
+    /* Load-balancing statistics (spec §2 steps 4-5), fp64, in this order: for e = 0..E-1:
+     * P_e = Σ_{t=0..G-1} probs[t,e] (in t order), f_e = counts[e]/G, aux += f_e·(P_e/G);
+     * z = Σ_t lse[t]² in t order. Writes stats[0] = E·aux, stats[1] = z/G (a backend buffer of
+     * two doubles) and f[e] = (float)f_e. */
+    void (*route_stats)(sy_backend_t *be, double *stats, float *f, const float *probs,
+                        const float *lse, const int32_t *counts, int G, int E);
+    /* The combine backward's per-token gate gradient: gamma[t] = slot[t] ≥ 0 ? dot[slot[t]] : 0
+     * for t < G. */
+    void (*route_gamma)(sy_backend_t *be, float *gamma, const float *dot, const int32_t *slot,
+                        int G);
+    /* Expert dropout mask (spec §3): row i < n of mask[n,F] is drawn in order j = 0..F-1 from
+     * sy_rng_key(seed, "expert.dropout", step, micro ? micro[i] : micro0, layer<<32 | tok[i]):
+     * mask = uniform < keep ? inv : 0. tok[n] and micro[n] (or NULL) are backend buffers. */
+    void (*dropout_mask)(sy_backend_t *be, float *mask, const int32_t *tok,
+                         const int32_t *micro, int n, int F, float keep, float inv,
+                         uint64_t seed, int64_t step, int micro0, int layer);
+
+    /* ---- expert parallelism: rows on the wire ----
+     * wire_put: n fp32 values of src onto the wire at dst: bf16 (RNE) when es = 2, a copy when
+     * es = 4. wire_get: the inverse (bf16 widened exactly). dst/src are backend buffers; wire
+     * offsets are even, so bf16 elements are aligned. */
+    void (*wire_put)(sy_backend_t *be, void *dst, const float *src, size_t n, int es);
+    void (*wire_get)(sy_backend_t *be, float *dst, const void *src, size_t n, int es);
 
     void (*destroy)(sy_backend_t *be);
 };

@@ -559,6 +559,7 @@ sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
     b->free = cpu_free;
     b->round_bf16 = cpu_round_bf16;
     sy_cpu_step_install(b);
+    sy_cpu_route_install(b);
     b->embed_fwd = cpu_embed_fwd;
     b->embed_bwd = cpu_embed_bwd;
     b->matmul_fwd = cpu_matmul_fwd;

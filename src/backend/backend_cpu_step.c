@@ -52,6 +52,12 @@ static void cpu_zero(sy_backend_t *be, void *p, size_t bytes) {
 
 static void cpu_sync(sy_backend_t *be) { (void)be; }
 
+/* backend buffers are host memory */
+static void *cpu_host_view(sy_backend_t *be, void *p) {
+    (void)be;
+    return p;
+}
+
 /* ---- the parameter / gradient / optimizer path ---- */
 
 static void cpu_acc_add_f32(sy_backend_t *be, double *acc, const float *g, size_t n) {
@@ -114,6 +120,7 @@ void sy_cpu_step_install(sy_backend_t *b) {
     b->copy = cpu_copy;
     b->zero = cpu_zero;
     b->sync = cpu_sync;
+    b->host_view = cpu_host_view;
     b->acc_add_f32 = cpu_acc_add_f32;
     b->acc_to_f32 = cpu_acc_to_f32;
     b->sumsq_add = cpu_sumsq_add;

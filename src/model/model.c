@@ -519,7 +519,7 @@ static sy_status switch_forward(sy_model_t *m, int l, float *out, bool train, sy
     sums->z += info.z_group;
     sums->routed += info.G;
     sums->dropped += info.G - info.n_kept;
-    be->download(be, m->counts + (size_t)bi->sw_index * d->E, info.counts, sizeof(int32_t) * d->E);
+    memcpy(m->counts + (size_t)bi->sw_index * d->E, info.counts, sizeof(int32_t) * d->E);
     residual_forward(be, out, a->x_mid, m->tmp, (size_t)N * D);
     return SY_OK;
 }

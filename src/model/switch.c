@@ -5,9 +5,7 @@
 
 #include <math.h>
 #include <stdlib.h>
-#include <string.h>
 
-#include "base/rng.h"
 #include "switch_internal.h"
 
 #define ALLOC(ptr, n)                                                        \
@@ -31,10 +29,20 @@ sy_status sy_switch_new(sy_backend_t *be, int G, int D, int F, int E, sy_switch_
     ALLOC(sw->u, (size_t)G * D);
     ALLOC(sw->xr, (size_t)G * D);
     ALLOC(sw->dxr, (size_t)G * D);
-    ALLOC(sw->counts, E);
-    ALLOC(sw->kept, E);
-    ALLOC(sw->offsets, E + 1);
+    /* the plan block: stats [2] doubles first (8-aligned), then counts, kept, offsets */
+    sw->plan_bytes = 2 * sizeof(double) + sizeof(int32_t) * (3 * (size_t)E + 1);
+    sw->plan = be->alloc(be, sw->plan_bytes);
+    sw->plan_host = calloc(1, sw->plan_bytes);
+    if (!sw->plan || !sw->plan_host) goto oom;
+    sw->stats = sw->plan;
+    sw->counts = (int32_t *)(void *)(sw->stats + 2);
+    sw->kept = sw->counts + E;
+    sw->offsets = sw->kept + E;
+    sw->h_counts = (const int32_t *)(const void *)((const double *)sw->plan_host + 2);
+    sw->h_kept = sw->h_counts + E;
+    sw->h_offsets = sw->h_kept + E;
     ALLOC(sw->order, G);
+    ALLOC(sw->slot, G);
     ALLOC(sw->gk, G);
     ALLOC(sw->f, E);
     ALLOC(sw->xe, (size_t)G * D);
@@ -58,11 +66,11 @@ void sy_switch_destroy(sy_switch_t **self_p) {
     sy_switch_t *sw = *self_p;
     sy_backend_t *be = sw->be;
     void *bufs[] = {sw->logits, sw->probs, sw->dlogits, sw->gate, sw->lse, sw->gamma, sw->expert,
-                    sw->u, sw->xr, sw->dxr, sw->counts, sw->kept, sw->offsets, sw->order, sw->gk,
-                    sw->f, sw->xe, sw->ye, sw->dye, sw->dxe, sw->he, sw->ge, sw->mask, sw->dge,
-                    sw->dhe};
+                    sw->u, sw->xr, sw->dxr, sw->plan, sw->order, sw->slot, sw->gk, sw->f,
+                    sw->xe, sw->ye, sw->dye, sw->dxe, sw->he, sw->ge, sw->mask, sw->dge, sw->dhe};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->free(be, bufs[i]);
+    free(sw->plan_host);
     free(sw);
     *self_p = NULL;
 }
@@ -100,58 +108,25 @@ void sy_switch_route(sy_switch_t *sw, const float *h, const float *Wr, double ca
     const float *x = h;
     sw->jitter = jitter_eps > 0.0;
     if (sw->jitter) {
-        float eps = (float)jitter_eps;
-        for (int t = 0; t < G; t++) {
-            sy_rng_t r = sy_rng_key(key.seed, "router.jitter", (uint64_t)key.step,
-                                    (uint64_t)key.micro, ((uint64_t)key.layer << 32) | (uint64_t)t);
-            float *u = sw->u + (size_t)t * D;
-            float *xr = sw->xr + (size_t)t * D;
-            const float *hr = h + (size_t)t * D;
-            for (int i = 0; i < D; i++) {
-                u[i] = 1.0f - eps + 2.0f * eps * sy_rng_uniform(&r);
-                xr[i] = hr[i] * u[i];
-            }
-        }
+        be->jitter_fwd(be, sw->u, sw->xr, h, G, D, (float)jitter_eps, key.seed, key.step,
+                       key.micro, key.layer);
         x = sw->xr;
     }
     router_matmul_fwd(be, sw->logits, x, Wr, G, D, E);
     be->router_fwd(be, sw->probs, sw->expert, sw->gate, sw->lse, sw->logits, G, E);
 
-    /* Capacity and in-order drops: earlier tokens of the group win a slot. */
+    /* Capacity and in-order drops (earlier tokens of the group win a slot), the dispatch plan,
+     * and the aux loss E·Σ f_i P_i (f counted before capacity) and z-loss mean lse², fp64. */
     sw->C = sy_switch_capacity(G, E, capacity_factor);
-    memset(sw->counts, 0, sizeof(int32_t) * E);
-    memset(sw->kept, 0, sizeof(int32_t) * E);
-    for (int t = 0; t < G; t++) {
-        int e = sw->expert[t];
-        if (sw->counts[e] < sw->C) sw->kept[e]++;
-        sw->counts[e]++;
-    }
-    sw->offsets[0] = 0;
-    for (int e = 0; e < E; e++) sw->offsets[e + 1] = sw->offsets[e] + sw->kept[e];
-    sw->n_kept = sw->offsets[E];
-    /* fill order: expert-major, token order within an expert */
-    int32_t fill[E];
-    for (int e = 0; e < E; e++) fill[e] = sw->offsets[e];
-    for (int t = 0; t < G; t++) {
-        int e = sw->expert[t];
-        if (fill[e] < sw->offsets[e + 1]) {
-            sw->order[fill[e]] = t;
-            sw->gk[fill[e]] = sw->gate[t];
-            fill[e]++;
-        }
-    }
-
-    /* Aux loss E·Σ f_i P_i with f counted before capacity; z-loss mean lse². fp64 sums. */
-    double aux = 0.0, z = 0.0;
-    for (int e = 0; e < E; e++) {
-        double P = 0.0;
-        for (int t = 0; t < G; t++) P += sw->probs[(size_t)t * E + e];
-        sw->f[e] = (float)((double)sw->counts[e] / G);
-        aux += ((double)sw->counts[e] / G) * (P / G);
-    }
-    for (int t = 0; t < G; t++) z += (double)sw->lse[t] * sw->lse[t];
-    sw->aux_group = E * aux;
-    sw->z_group = z / G;
+    be->route_plan(be, sw->counts, sw->kept, sw->offsets, sw->order, sw->slot, sw->gk, sw->expert,
+                   sw->gate, G, E, sw->C);
+    be->route_stats(be, sw->stats, sw->f, sw->probs, sw->lse, sw->counts, G, E);
+    /* The per-layer results the host needs (sizes, metrics): one download. */
+    be->download(be, sw->plan_host, sw->plan, sw->plan_bytes);
+    const double *st = sw->plan_host;
+    sw->aux_group = st[0];
+    sw->z_group = st[1];
+    sw->n_kept = sw->h_offsets[E];
 }
 
 void sy_switch_route_bwd(sy_switch_t *sw, const float *h, const float *Wr, float *dWr, float *dh,
@@ -163,15 +138,7 @@ void sy_switch_route_bwd(sy_switch_t *sw, const float *h, const float *Wr, float
     const float *x = sw->jitter ? sw->xr : h;
     router_matmul_bwd(be, sw->dxr, dWr, sw->dlogits, x, Wr, G, D, E);
     /* dh += u ⊙ dxr (fp32 router path; the sum lands in the activation-gradient precision) */
-    for (int t = 0; t < G; t++) {
-        float *d = dh + (size_t)t * D;
-        const float *g = sw->dxr + (size_t)t * D;
-        const float *u = sw->u + (size_t)t * D;
-        if (sw->jitter)
-            for (int i = 0; i < D; i++) d[i] += u[i] * g[i];
-        else
-            for (int i = 0; i < D; i++) d[i] += g[i];
-    }
+    be->jitter_bwd(be, dh, sw->dxr, sw->jitter ? sw->u : NULL, (size_t)G * D);
     be->round_bf16(be, dh, (size_t)G * D);
 }
 
@@ -182,7 +149,7 @@ void sy_switch_dispatch(sy_switch_t *sw, const float *h) {
 }
 
 void sy_switch_dispatch_bwd(sy_switch_t *sw, float *dh) {
-    memset(dh, 0, sizeof(float) * (size_t)sw->G * sw->D);
+    sw->be->zero(sw->be, dh, sizeof(float) * (size_t)sw->G * sw->D);
     sw->be->scatter_add_rows(sw->be, dh, sw->dxe, sw->order, sw->n_kept, sw->D);
 }
 
@@ -190,17 +157,6 @@ void sy_switch_dispatch_bwd(sy_switch_t *sw, float *dh) {
 
 /* Chunks per grouped call (bounded stack arrays; a larger nc runs in slices, same numbers). */
 #define SY_EXPERT_GROUP 64
-
-static void expert_dropout_mask(const sy_expert_rows *c, int F, double dropout, sy_switch_key key) {
-    float keep = 1.0f - (float)dropout, inv = 1.0f / keep;
-    for (int i = 0; i < c->n; i++) {
-        sy_rng_t r = sy_rng_key(key.seed, "expert.dropout", (uint64_t)key.step,
-                                (uint64_t)(c->micro ? c->micro[i] : key.micro),
-                                ((uint64_t)key.layer << 32) | (uint64_t)c->tok[i]);
-        float *mk = c->mask + (size_t)i * F;
-        for (int j = 0; j < F; j++) mk[j] = sy_rng_uniform(&r) < keep ? inv : 0.0f;
-    }
-}
 
 void sy_experts_fwd(sy_backend_t *be, const sy_expert_rows *c, int nc, int D, int F,
                     double dropout, sy_switch_key key) {
@@ -216,7 +172,9 @@ void sy_experts_fwd(sy_backend_t *be, const sy_expert_rows *c, int nc, int D, in
             if (ck[i].n == 0) continue;
             be->gelu_fwd(be, ck[i].ge, ck[i].he, (size_t)ck[i].n * F);
             if (dropout > 0.0) {
-                expert_dropout_mask(&ck[i], F, dropout, key);
+                float keep = 1.0f - (float)dropout, inv = 1.0f / keep;
+                be->dropout_mask(be, ck[i].mask, ck[i].tok, ck[i].micro, ck[i].n, F, keep, inv,
+                                 key.seed, key.step, key.micro, key.layer);
                 be->mul_inplace(be, ck[i].ge, ck[i].mask, (size_t)ck[i].n * F);
             }
         }
@@ -260,8 +218,8 @@ void sy_switch_experts(sy_switch_t *sw, const sy_expert_weights *ex, int e0, int
     if (e1 <= e0) return;
     sy_expert_rows c[e1 - e0];
     for (int e = e0; e < e1; e++) {
-        const int r0 = sw->offsets[e];
-        c[e - e0] = (sy_expert_rows){.w = &ex[e], .n = sw->offsets[e + 1] - r0,
+        const int r0 = sw->h_offsets[e];
+        c[e - e0] = (sy_expert_rows){.w = &ex[e], .n = sw->h_offsets[e + 1] - r0,
                                      .xe = sw->xe + (size_t)r0 * D, .he = sw->he + (size_t)r0 * F,
                                      .ge = sw->ge + (size_t)r0 * F,
                                      .mask = sw->mask + (size_t)r0 * F,
@@ -275,9 +233,9 @@ void sy_switch_experts_bwd(sy_switch_t *sw, const sy_expert_weights *ex, int e0,
     if (e1 <= e0) return;
     sy_expert_grad_rows c[e1 - e0];
     for (int e = e0; e < e1; e++) {
-        const int r0 = sw->offsets[e];
+        const int r0 = sw->h_offsets[e];
         c[e - e0] = (sy_expert_grad_rows){
-            .w = &ex[e], .n = sw->offsets[e + 1] - r0, .dye = sw->dye + (size_t)r0 * D,
+            .w = &ex[e], .n = sw->h_offsets[e + 1] - r0, .dye = sw->dye + (size_t)r0 * D,
             .xe = sw->xe + (size_t)r0 * D, .he = sw->he + (size_t)r0 * F,
             .ge = sw->ge + (size_t)r0 * F,
             .mask = sw->dropout > 0.0f ? sw->mask + (size_t)r0 * F : NULL,
@@ -290,7 +248,7 @@ void sy_switch_experts_bwd(sy_switch_t *sw, const sy_expert_weights *ex, int e0,
 /* ---- combine: y_t = g_t · Expert(h_t), dropped tokens 0 ---- */
 
 void sy_switch_combine(sy_switch_t *sw, float *out) {
-    memset(out, 0, sizeof(float) * (size_t)sw->G * sw->D);
+    sw->be->zero(sw->be, out, sizeof(float) * (size_t)sw->G * sw->D);
     sw->be->scatter_rows_scaled(sw->be, out, sw->ye, sw->order, sw->gk, sw->n_kept, sw->D);
 }
 
@@ -299,14 +257,13 @@ void sy_switch_combine_bwd(sy_switch_t *sw, const float *dout) {
     float *dot = sw->dlogits; /* [n_kept] scratch; dlogits is recomputed in route_bwd */
     sw->be->gather_dot_scale(sw->be, dot, sw->dye, dout, sw->ye, sw->order, sw->gk, sw->n_kept,
                              sw->D);
-    memset(sw->gamma, 0, sizeof(float) * sw->G);
-    for (int i = 0; i < sw->n_kept; i++) sw->gamma[sw->order[i]] = dot[i];
+    sw->be->route_gamma(sw->be, sw->gamma, dot, sw->slot, sw->G);
 }
 
 sy_switch_info sy_switch_get_info(const sy_switch_t *sw) {
     return (sy_switch_info){.G = sw->G, .E = sw->E, .C = sw->C, .n_kept = sw->n_kept,
                             .aux_group = sw->aux_group, .z_group = sw->z_group,
-                            .counts = sw->counts, .kept = sw->kept, .expert = sw->expert,
+                            .counts = sw->h_counts, .kept = sw->h_kept, .expert = sw->expert,
                             .gate = sw->gate, .probs = sw->probs, .order = sw->order,
-                            .offsets = sw->offsets};
+                            .offsets = sw->h_offsets};
 }

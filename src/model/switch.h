@@ -95,19 +95,21 @@ typedef struct {
 } sy_expert_grad_rows;
 void sy_experts_bwd(sy_backend_t *be, const sy_expert_grad_rows *c, int nc, int D, int F);
 
-/* Results of the last route. */
+/* Results of the last route. counts, kept and offsets are HOST memory (downloaded once per
+ * route, valid until the next route of this layer); expert, gate, probs and order are BACKEND
+ * buffers (backend.h: read them through download). */
 typedef struct {
     int G, E, C;
     int n_kept;
     double aux_group; /* E · Σ f_i P_i */
     double z_group;   /* (1/G) Σ lse² */
-    const int32_t *counts;   /* [E] tokens routed to each expert, before capacity */
-    const int32_t *kept;     /* [E] tokens kept per expert */
-    const int32_t *expert;   /* [G] chosen expert per token */
-    const float *gate;       /* [G] */
-    const float *probs;      /* [G,E] */
-    const int32_t *order;    /* [n_kept] token index of each dispatch row, expert-major */
-    const int32_t *offsets;  /* [E+1] first dispatch row of each expert */
+    const int32_t *counts;   /* host [E] tokens routed to each expert, before capacity */
+    const int32_t *kept;     /* host [E] tokens kept per expert */
+    const int32_t *expert;   /* backend [G] chosen expert per token */
+    const float *gate;       /* backend [G] */
+    const float *probs;      /* backend [G,E] */
+    const int32_t *order;    /* backend [n_kept] token index of each dispatch row, expert-major */
+    const int32_t *offsets;  /* host [E+1] first dispatch row of each expert */
 } sy_switch_info;
 
 sy_switch_info sy_switch_get_info(const sy_switch_t *sw);

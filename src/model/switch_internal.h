@@ -21,8 +21,16 @@ struct sy_switch {
     float *u;     /* [G, D] jitter multipliers (when jitter) */
     float *xr;    /* [G, D] router input h ⊙ u (when jitter) */
     float *dxr;   /* [G, D] */
-    /* dispatch plan */
-    int32_t *counts, *kept, *offsets, *order;
+    /* dispatch plan (backend buffers). counts [E], kept [E], offsets [E+1] and stats [2]
+     * (aux_group, z_group) live in one block, `plan`, so the host gets them in one download into
+     * `plan_host`, mirrored by h_counts, h_kept, h_offsets (host memory). */
+    void *plan, *plan_host;
+    size_t plan_bytes;
+    double *stats;
+    int32_t *counts, *kept, *offsets;
+    const int32_t *h_counts, *h_kept, *h_offsets;
+    int32_t *order; /* [G] token of each dispatch row (first n_kept used) */
+    int32_t *slot;  /* [G] dispatch row of each token, -1 when dropped */
     float *gk;    /* [G] gate of each dispatch row */
     float *f;     /* [E] */
     /* expert rows, [G, D] / [G, F] (at most G kept rows) */

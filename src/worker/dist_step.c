@@ -1,7 +1,28 @@
 #include "worker/dist_step.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* All-reduce of the first n values of the fp64 gradient accumulator, a backend buffer: the comm
+ * reads host memory, so through the backend's host view when it has one (the CPU backend: no
+ * copy), else staged through a host buffer (download, all-reduce, upload). */
+static sy_status allreduce_grad_acc(sy_model_t *m, sy_comm_t *comm, size_t n) {
+    sy_backend_t *be = sy_model_backend(m);
+    double *acc = sy_model_grad_acc(m);
+    double *view = be->host_view(be, acc);
+    if (view) {
+        be->sync(be);
+        return sy_comm_allreduce_f64(comm, view, n);
+    }
+    double *host = malloc(sizeof(double) * (n ? n : 1));
+    if (!host) return sy_err_set(SY_ENOMEM, "gradient all-reduce: out of memory (%zu values)", n);
+    be->download(be, host, acc, sizeof(double) * n);
+    sy_status st = sy_comm_allreduce_f64(comm, host, n);
+    if (st == SY_OK) be->upload(be, acc, host, sizeof(double) * n);
+    free(host);
+    return st;
+}
 
 sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
     const sy_config_t *cfg = c->cfg;
@@ -43,13 +64,9 @@ sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
     }
 
     /* Dense gradients: the fp64 partial sums of every rank, summed in rank order, then rounded
-     * once; expert gradients stay with their owners.
-     * NOTE: this hands comm a BACKEND buffer (the fp64 accumulator). The tcp comm reads it as
-     * host memory, which holds for the CPU backend only; a device backend must stage it through
-     * host memory (download, all-reduce, upload) or use a comm that takes device buffers
-     * (NCCL). The comm layer owns that change. */
+     * once; expert gradients stay with their owners. */
     const size_t dense = sy_model_dense_numel(m);
-    if (c->comm && W > 1) SY_CHECK(sy_comm_allreduce_f64(c->comm, sy_model_grad_acc(m), dense));
+    if (c->comm && W > 1) SY_CHECK(allreduce_grad_acc(m, c->comm, dense));
     /* The norm pieces come back to the host in one download: sq[0] dense, sq[1+e] expert e
      * (owned; 0 elsewhere). The expert ones are summed over owners by an all-reduce of host
      * scalars. */
