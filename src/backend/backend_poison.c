@@ -189,6 +189,43 @@ static void p_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_t 
     IN(be)->mul_inplace(IN(be), U(x), U(mask), n);
 }
 
+/* ---- route plan and wire -------------------------------------------------------------- */
+
+static void *p_host_view(sy_backend_t *be, void *p) {
+    (void)be, (void)p;
+    return NULL; /* as a device backend: callers stage through download / upload */
+}
+static void p_jitter_fwd(sy_backend_t *be, float *u, float *xr, const float *h, int G, int D, float eps,
+                         uint64_t seed, int64_t step, int micro, int layer) {
+    IN(be)->jitter_fwd(IN(be), U(u), U(xr), U(h), G, D, eps, seed, step, micro, layer);
+}
+static void p_jitter_bwd(sy_backend_t *be, float *dh, const float *g, const float *u, size_t n) {
+    IN(be)->jitter_bwd(IN(be), U(dh), U(g), U(u), n);
+}
+static void p_route_plan(sy_backend_t *be, int32_t *counts, int32_t *kept, int32_t *offsets, int32_t *order,
+                         int32_t *slot, float *gk, const int32_t *expert, const float *gate, int G, int E,
+                         int C) {
+    IN(be)->route_plan(IN(be), U(counts), U(kept), U(offsets), U(order), U(slot), U(gk), U(expert), U(gate), G,
+                       E, C);
+}
+static void p_route_stats(sy_backend_t *be, double *stats, float *f, const float *probs, const float *lse,
+                          const int32_t *counts, int G, int E) {
+    IN(be)->route_stats(IN(be), U(stats), U(f), U(probs), U(lse), U(counts), G, E);
+}
+static void p_route_gamma(sy_backend_t *be, float *gamma, const float *dot, const int32_t *slot, int G) {
+    IN(be)->route_gamma(IN(be), U(gamma), U(dot), U(slot), G);
+}
+static void p_dropout_mask(sy_backend_t *be, float *mask, const int32_t *tok, const int32_t *micro, int n,
+                           int F, float keep, float inv, uint64_t seed, int64_t step, int micro0, int layer) {
+    IN(be)->dropout_mask(IN(be), U(mask), U(tok), U(micro), n, F, keep, inv, seed, step, micro0, layer);
+}
+static void p_wire_put(sy_backend_t *be, void *dst, const float *src, size_t n, int es) {
+    IN(be)->wire_put(IN(be), U(dst), U(src), n, es);
+}
+static void p_wire_get(sy_backend_t *be, float *dst, const void *src, size_t n, int es) {
+    IN(be)->wire_get(IN(be), U(dst), U(src), n, es);
+}
+
 static void p_destroy(sy_backend_t *be) {
     poison_be *pb = (poison_be *)be;
     sy_backend_destroy(&pb->in);
@@ -219,6 +256,10 @@ sy_status sy_backend_poison_wrap(sy_backend_t *inner, sy_backend_t **out) {
     b->gather_rows = p_gather_rows, b->scatter_rows_scaled = p_scatter_rows_scaled;
     b->scatter_add_rows = p_scatter_add_rows, b->gather_dot_scale = p_gather_dot_scale;
     b->router_fwd = p_router_fwd, b->router_bwd = p_router_bwd, b->mul_inplace = p_mul_inplace;
+    b->host_view = p_host_view;
+    b->jitter_fwd = p_jitter_fwd, b->jitter_bwd = p_jitter_bwd;
+    b->route_plan = p_route_plan, b->route_stats = p_route_stats, b->route_gamma = p_route_gamma;
+    b->dropout_mask = p_dropout_mask, b->wire_put = p_wire_put, b->wire_get = p_wire_get;
     b->destroy = p_destroy;
     /* Every op the wrapped backend has must be wrapped: the slots from alloc to destroy are all
      * function pointers. */
