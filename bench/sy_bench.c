@@ -130,8 +130,11 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     const int G = o->G, D = o->D, F = o->F, E = o->E;
     sy_status s = SY_OK;
     sy_switch_t *sw = NULL;
-    float *h = NULL, *Wr = NULL, *dWr = NULL, *out = NULL, *dout = NULL, *dh = NULL;
-    float *W1 = NULL, *W2 = NULL, *dW1 = NULL, *dW2 = NULL;
+    /* inputs are made in host arrays (h, Wr, W1, W2, dout) and uploaded into backend buffers
+     * (names ending in b); outputs are downloaded into host arrays for the checksum */
+    float *h = NULL, *Wr = NULL, *dout = NULL, *W1 = NULL, *W2 = NULL, *outh = NULL, *dhh = NULL;
+    float *hb = NULL, *Wrb = NULL, *dWr = NULL, *out = NULL, *doutb = NULL, *dh = NULL;
+    float *W1b = NULL, *W2b = NULL, *dW1 = NULL, *dW2 = NULL;
     double *acc1 = NULL, *acc2 = NULL;
     sy_expert_weights *ex = NULL;
     double *tf = calloc((size_t)o->iters, sizeof(double));
@@ -141,23 +144,31 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
 
     SY_CHECK_GOTO(sy_switch_new(be, G, D, F, E, &sw), s, done);
     const size_t gd = (size_t)G * D, fd = (size_t)F * D;
-    h = be->alloc(be, sizeof(float) * gd);
-    dout = be->alloc(be, sizeof(float) * gd);
+    h = malloc(sizeof(float) * gd);
+    dout = malloc(sizeof(float) * gd);
+    outh = malloc(sizeof(float) * gd);
+    dhh = malloc(sizeof(float) * gd);
+    Wr = malloc(sizeof(float) * (size_t)E * D);
+    W1 = malloc(sizeof(float) * fd * E);
+    W2 = malloc(sizeof(float) * fd * E);
+    hb = be->alloc(be, sizeof(float) * gd);
+    doutb = be->alloc(be, sizeof(float) * gd);
     out = be->alloc(be, sizeof(float) * gd);
     dh = be->alloc(be, sizeof(float) * gd);
-    Wr = be->alloc(be, sizeof(float) * (size_t)E * D);
+    Wrb = be->alloc(be, sizeof(float) * (size_t)E * D);
     dWr = be->alloc(be, sizeof(float) * (size_t)E * D);
-    W1 = be->alloc(be, sizeof(float) * fd * E);
-    W2 = be->alloc(be, sizeof(float) * fd * E);
+    W1b = be->alloc(be, sizeof(float) * fd * E);
+    W2b = be->alloc(be, sizeof(float) * fd * E);
     dW1 = be->alloc(be, sizeof(float) * fd * E);
     dW2 = be->alloc(be, sizeof(float) * fd * E);
     /* fp64 gradient accumulators: training always sums expert weight gradients across
      * micro-batches in fp64 (model.c), so the benchmark runs that path too */
-    acc1 = calloc(fd * E, sizeof(double));
-    acc2 = calloc(fd * E, sizeof(double));
+    acc1 = be->alloc(be, sizeof(double) * fd * E);
+    acc2 = be->alloc(be, sizeof(double) * fd * E);
     ex = calloc((size_t)E, sizeof *ex);
-    if (!h || !dout || !out || !dh || !Wr || !dWr || !W1 || !W2 || !dW1 || !dW2 || !acc1 ||
-        !acc2 || !ex || !tf || !tb || !tt) {
+    if (!h || !dout || !outh || !dhh || !Wr || !W1 || !W2 || !hb || !doutb || !out || !dh ||
+        !Wrb || !dWr || !W1b || !W2b || !dW1 || !dW2 || !acc1 || !acc2 || !ex || !tf || !tb ||
+        !tt) {
         s = sy_err_set(SY_ENOMEM, "switch bench: out of memory (G=%d D=%d F=%d E=%d)", G, D, F, E);
         goto done;
     }
@@ -187,8 +198,13 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
                 Wr[(size_t)e * D + i] += (float)(o->skew * (E > 1 ? (double)e / (E - 1) : 0.0) * u[i] / u2);
         free(u);
     }
+    be->upload(be, hb, h, sizeof(float) * gd);
+    be->upload(be, Wrb, Wr, sizeof(float) * (size_t)E * D);
+    be->upload(be, W1b, W1, sizeof(float) * fd * E);
+    be->upload(be, W2b, W2, sizeof(float) * fd * E);
+    be->upload(be, doutb, dout, sizeof(float) * gd);
     for (int e = 0; e < E; e++)
-        ex[e] = (sy_expert_weights){W1 + fd * e, W2 + fd * e, dW1 + fd * e, dW2 + fd * e,
+        ex[e] = (sy_expert_weights){W1b + fd * e, W2b + fd * e, dW1 + fd * e, dW2 + fd * e,
                                     acc1 + fd * e, acc2 + fd * e};
 
     if (o->dump) {
@@ -215,15 +231,15 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     sy_switch_key key = {o->seed, 0, 0, 0};
     for (int it = -o->warmup; it < o->iters; it++) {
         double t0 = now_s();
-        sy_switch_route(sw, h, Wr, o->cf, 0.0, key);
-        sy_switch_dispatch(sw, h);
+        sy_switch_route(sw, hb, Wrb, o->cf, 0.0, key);
+        sy_switch_dispatch(sw, hb);
         sy_switch_experts(sw, ex, 0, E, 0.0, key);
         sy_switch_combine(sw, out);
         double t1 = now_s();
-        sy_switch_combine_bwd(sw, dout);
+        sy_switch_combine_bwd(sw, doutb);
         sy_switch_experts_bwd(sw, ex, 0, E);
         sy_switch_dispatch_bwd(sw, dh);
-        sy_switch_route_bwd(sw, h, Wr, dWr, dh, aux_scale, z_scale);
+        sy_switch_route_bwd(sw, hb, Wrb, dWr, dh, aux_scale, z_scale);
         double t2 = now_s();
         if (it >= 0) {
             tf[it] = t1 - t0;
@@ -234,8 +250,10 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     sy_switch_info info = sy_switch_get_info(sw);
     /* A checksum over the outputs, so the work cannot be skipped and the two sides can be
      * compared loosely: Σ out·dout (= the main-loss part of the objective). */
+    be->download(be, outh, out, sizeof(float) * gd);
+    be->download(be, dhh, dh, sizeof(float) * gd);
     double obj = 0.0, dh2 = 0.0;
-    for (size_t i = 0; i < gd; i++) obj += (double)out[i] * dout[i], dh2 += (double)dh[i] * dh[i];
+    for (size_t i = 0; i < gd; i++) obj += (double)outh[i] * dout[i], dh2 += (double)dhh[i] * dhh[i];
     double fwd = median(tf, o->iters) * 1e3, bwd = median(tb, o->iters) * 1e3,
            tot = median(tt, o->iters) * 1e3, min_ms = tt[0] * 1e3;
     double flop_fwd = 2.0 * info.n_kept * D * F * 2 + 2.0 * G * D * E;
@@ -255,11 +273,11 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
 done:
     if (f) fclose(f);
     sy_switch_destroy(&sw);
-    float *bufs[] = {h, Wr, dWr, out, dout, dh, W1, W2, dW1, dW2};
+    void *bufs[] = {hb, Wrb, dWr, out, doutb, dh, W1b, W2b, dW1, dW2, acc1, acc2};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->free(be, bufs[i]);
-    free(acc1);
-    free(acc2);
+    void *host[] = {h, Wr, dout, W1, W2, outh, dhh};
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) free(host[i]);
     free(ex);
     free(tf);
     free(tb);

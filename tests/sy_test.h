@@ -12,7 +12,14 @@
  * Temporary folders: setup_dir / teardown_dir as a cmocka setup and teardown (per test or per
  * group) make a fresh folder named SY_TESTDIR_PREFIX + "XXXXXX" (default "/tmp/sy-test-"),
  * whose path is in `tmpdir` meanwhile, and remove it with everything in it. sy_test_rmtree(path)
- * removes a folder tree without a shell. */
+ * removes a folder tree without a shell.
+ *
+ * Backend buffers (when backend/backend.h is included first): a test treats what be->alloc()
+ * returns as device memory, as a test of a GPU backend must (SY_BACKEND_POISON=1 makes any host
+ * access crash): it prepares inputs in host arrays, uploads them, runs ops and downloads the
+ * outputs to check them. sy_test_upload_new(be, host, bytes) allocates a buffer and uploads
+ * `host` into it (host NULL: zeroed); sy_test_download(be, host, buf, bytes) downloads into a
+ * host array; sy_test_download_new(be, buf, bytes) into a new malloc'ed one (the caller frees). */
 #ifndef SY_TEST_H
 #define SY_TEST_H
 
@@ -63,6 +70,26 @@ static inline void check_close(const char *what, const float *got, const double 
     if (bad) fprintf(stderr, "%s: %d of %zu entries off\n", what, bad, n);
     assert_int_equal(bad, 0);
 }
+
+/* ---------------------------------------------------------------- backend buffers */
+
+#ifdef SY_BACKEND_H
+static inline void *sy_test_upload_new(sy_backend_t *be, const void *host, size_t bytes) {
+    void *buf = be->alloc(be, bytes ? bytes : 1);
+    assert_non_null(buf);
+    if (host && bytes) be->upload(be, buf, host, bytes);
+    return buf;
+}
+static inline void sy_test_download(sy_backend_t *be, void *host, const void *buf, size_t bytes) {
+    be->download(be, host, buf, bytes);
+}
+static inline void *sy_test_download_new(sy_backend_t *be, const void *buf, size_t bytes) {
+    void *host = malloc(bytes ? bytes : 1);
+    assert_non_null(host);
+    be->download(be, host, buf, bytes);
+    return host;
+}
+#endif
 
 /* ---------------------------------------------------------------- temporary folders */
 

@@ -29,17 +29,61 @@ static void to_d(double *d, const float *f, size_t n) {
 
 static sy_backend_t *g_be;
 
-static float *falloc(size_t n) {
-    float *p = g_be->alloc(g_be, n * sizeof(float));
-    assert_non_null(p);
+/* Every array an op sees is a host array with a backend twin, as a test of a device backend
+ * needs: falloc/ialloc make both (zeroed); the test fills and checks the host array, up(x)
+ * uploads it into its twin and returns the twin (an op argument: inputs, and outputs whose old
+ * contents matter or are garbage on purpose), dn(x) downloads the twin after the op. */
+typedef struct {
+    void *host, *buf;
+    size_t bytes;
+} twin_t;
+enum { MAX_TWINS = 32 };
+static twin_t g_tw[MAX_TWINS];
+
+static twin_t *twin_of(const void *host) {
+    for (int i = 0; i < MAX_TWINS; i++)
+        if (g_tw[i].host && g_tw[i].host == host) return &g_tw[i];
+    fail_msg("%p is not the start of a twinned host array", host);
+    return NULL;
+}
+static void *twin_new(size_t bytes) {
+    for (int i = 0; i < MAX_TWINS; i++)
+        if (!g_tw[i].host) {
+            g_tw[i].host = calloc(1, bytes);
+            assert_non_null(g_tw[i].host);
+            g_tw[i].buf = sy_test_upload_new(g_be, NULL, bytes);
+            g_tw[i].bytes = bytes;
+            return g_tw[i].host;
+        }
+    fail_msg("more than %d twinned arrays", MAX_TWINS);
+    return NULL;
+}
+static float *falloc(size_t n) { return twin_new(n * sizeof(float)); }
+static int32_t *ialloc(const int32_t *init, size_t n) {
+    int32_t *p = twin_new(n * sizeof(int32_t));
+    if (init) memcpy(p, init, n * sizeof(int32_t));
     return p;
+}
+static void *up(const void *host) {
+    twin_t *t = twin_of(host);
+    g_be->upload(g_be, t->buf, host, t->bytes);
+    return t->buf;
+}
+static void dn(void *host) {
+    twin_t *t = twin_of(host);
+    sy_test_download(g_be, host, t->buf, t->bytes);
 }
 static double *dalloc(size_t n) {
     double *p = calloc(n ? n : 1, sizeof(double));
     assert_non_null(p);
     return p;
 }
-static void ffree(void *p) { g_be->free(g_be, p); }
+static void ffree(void *host) {
+    twin_t *t = twin_of(host);
+    g_be->free(g_be, t->buf);
+    free(t->host);
+    *t = (twin_t){0};
+}
 
 /* Central finite differences of f over x[0..n): g[i] = (f(x+h e_i) - f(x-h e_i)) / 2h. */
 typedef double (*obj_fn)(void *ctx);
@@ -87,12 +131,14 @@ static double embed_obj(void *p) {
 static void test_embed(void **state) {
     (void)state;
     enum { N = 10, T = 4, D = 5, V = 7 };
-    int32_t tok[N] = {3, 0, 6, 3, 3, 1, 6, 2, 0, 5}; /* repeats: rows hit several times */
+    const int32_t tok_v[N] = {3, 0, 6, 3, 3, 1, 6, 2, 0, 5}; /* repeats: rows hit several times */
+    int32_t *tok = ialloc(tok_v, N);
     float *wte = falloc(V * D), *wpe = falloc(T * D), *x = falloc(N * D);
     float *dwte = falloc(V * D), *dwpe = falloc(T * D), *dx = falloc(N * D);
     fill(wte, V * D, -1, 1);
     fill(wpe, T * D, -1, 1);
-    g_be->embed_fwd(g_be, x, tok, wte, wpe, N, T, D);
+    g_be->embed_fwd(g_be, up(x), up(tok), up(wte), up(wpe), N, T, D);
+    dn(x);
     double want[N * D];
     for (int n = 0; n < N; n++)
         for (int i = 0; i < D; i++)
@@ -106,7 +152,8 @@ static void test_embed(void **state) {
     double dwte0[V * D], dwpe0[T * D];
     to_d(dwte0, dwte, V * D);
     to_d(dwpe0, dwpe, T * D);
-    g_be->embed_bwd(g_be, dwte, dwpe, dx, tok, N, T, D);
+    g_be->embed_bwd(g_be, up(dwte), up(dwpe), up(dx), up(tok), N, T, D);
+    dn(dwte), dn(dwpe);
     double *Wte = dalloc(V * D), *Wpe = dalloc(T * D), *R = dalloc(N * D);
     to_d(Wte, wte, V * D);
     to_d(Wpe, wpe, T * D);
@@ -120,7 +167,7 @@ static void test_embed(void **state) {
     check_close("embed dwte", dwte, gte, V * D, 1e-5, 1e-5);
     check_close("embed dwpe", dwpe, gpe, T * D, 1e-5, 1e-5);
     free(Wte), free(Wpe), free(R);
-    ffree(wte), ffree(wpe), ffree(x), ffree(dwte), ffree(dwpe), ffree(dx);
+    ffree(wte), ffree(wpe), ffree(x), ffree(dwte), ffree(dwpe), ffree(dx), ffree(tok);
 }
 
 /* ---------------------------------------------------------------- matmul */
@@ -155,7 +202,8 @@ static void test_matmul(void **state) {
     float *dy = falloc(N * OUT), *dx = falloc(N * IN), *dW = falloc(OUT * IN);
     fill(x, N * IN, -1, 1);
     fill(W, OUT * IN, -1, 1);
-    g_be->matmul_fwd(g_be, y, x, W, N, IN, OUT);
+    g_be->matmul_fwd(g_be, up(y), up(x), up(W), N, IN, OUT);
+    dn(y);
     double X[N * IN], Wd[OUT * IN], Y[N * OUT], R[N * OUT];
     to_d(X, x, N * IN);
     to_d(Wd, W, OUT * IN);
@@ -174,7 +222,8 @@ static void test_matmul(void **state) {
     fill(dW, OUT * IN, -1, 1);
     double dW0[OUT * IN], want[OUT * IN > N * IN ? OUT * IN : N * IN];
     to_d(dW0, dW, OUT * IN);
-    g_be->matmul_bwd(g_be, dx, dW, dy, x, W, N, IN, OUT, false);
+    g_be->matmul_bwd(g_be, up(dx), up(dW), up(dy), up(x), up(W), N, IN, OUT, false);
+    dn(dx), dn(dW);
     check_close("matmul dx (overwrite)", dx, gx, N * IN, 1e-5, 1e-5);
     for (int i = 0; i < OUT * IN; i++) want[i] = dW0[i] + gW[i];
     check_close("matmul dW (+=)", dW, want, OUT * IN, 1e-5, 1e-5);
@@ -183,12 +232,14 @@ static void test_matmul(void **state) {
     double dx0[N * IN];
     fill(dx, N * IN, -1, 1);
     to_d(dx0, dx, N * IN);
-    g_be->matmul_bwd(g_be, dx, dW, dy, x, W, N, IN, OUT, true);
+    g_be->matmul_bwd(g_be, up(dx), up(dW), up(dy), up(x), up(W), N, IN, OUT, true);
+    dn(dx), dn(dW);
     for (int i = 0; i < N * IN; i++) want[i] = dx0[i] + gx[i];
     check_close("matmul dx (+=)", dx, want, N * IN, 1e-5, 1e-5);
     for (int i = 0; i < OUT * IN; i++) want[i] = dW0[i] + 2.0 * gW[i];
     check_close("matmul dW (second +=)", dW, want, OUT * IN, 1e-5, 1e-5);
-    g_be->matmul_bwd(g_be, NULL, dW, dy, x, W, N, IN, OUT, false);
+    g_be->matmul_bwd(g_be, NULL, up(dW), up(dy), up(x), up(W), N, IN, OUT, false);
+    dn(dW);
     for (int i = 0; i < OUT * IN; i++) want[i] = dW0[i] + 3.0 * gW[i];
     check_close("matmul dW (dx NULL)", dW, want, OUT * IN, 1e-5, 1e-5);
     ffree(x), ffree(W), ffree(y), ffree(dy), ffree(dx), ffree(dW);
@@ -238,7 +289,8 @@ static void test_layernorm(void **state) {
     /* row 1 has a large offset: the mean must be subtracted */
     for (int i = 0; i < D; i++) x[D + i] = frand(-1, 1) + 7.0f;
     fill(w, D, 0.5, 1.5);
-    g_be->layernorm_fwd(g_be, y, mean, rstd, x, w, N, D);
+    g_be->layernorm_fwd(g_be, up(y), up(mean), up(rstd), up(x), up(w), N, D);
+    dn(y), dn(mean), dn(rstd);
     double X[N * D], Wd[D], Y[N * D], M[N], RS[N];
     to_d(X, x, N * D);
     to_d(Wd, w, D);
@@ -256,7 +308,8 @@ static void test_layernorm(void **state) {
     to_d(R, dy, N * D);
     to_d(dx0, dx, N * D);
     to_d(dw0, dw, D);
-    g_be->layernorm_bwd(g_be, dx, dw, dy, x, w, mean, rstd, N, D);
+    g_be->layernorm_bwd(g_be, up(dx), up(dw), up(dy), up(x), up(w), up(mean), up(rstd), N, D);
+    dn(dx), dn(dw);
     ln_ctx c = {N, D, X, Wd, R};
     fd_grad(ln_obj, &c, X, N * D, FD_H, gx);
     fd_grad(ln_obj, &c, Wd, D, FD_H, gw);
@@ -322,7 +375,8 @@ static void test_attention(void **state) {
           *dqkv = falloc(NQ);
     fill(qkv, NQ, -1.5, 1.5);
     fill(att, NA, 5, 6); /* garbage: the op must write every entry, zeros above the diagonal */
-    g_be->attention_fwd(g_be, out, att, qkv, B, T, D, H);
+    g_be->attention_fwd(g_be, up(out), up(att), up(qkv), B, T, D, H);
+    dn(out), dn(att);
     double Q[NQ], O[NO], A[NA], R[NO], g[NQ];
     to_d(Q, qkv, NQ);
     att_ref(O, A, Q, B, T, D, H);
@@ -332,7 +386,8 @@ static void test_attention(void **state) {
     fill(dout, NO, -1, 1);
     fill(dqkv, NQ, 50, 60); /* overwritten */
     to_d(R, dout, NO);
-    g_be->attention_bwd(g_be, dqkv, dout, att, qkv, B, T, D, H);
+    g_be->attention_bwd(g_be, up(dqkv), up(dout), up(att), up(qkv), B, T, D, H);
+    dn(dqkv);
     att_ctx c = {B, T, D, H, Q, R};
     fd_grad(att_obj, &c, Q, NQ, FD_H, g);
     check_close("attention dqkv", dqkv, g, NQ, 1e-5, 1e-4);
@@ -347,13 +402,15 @@ static void test_attention_causal(void **state) {
     float *qkv = falloc(NQ), *q2 = falloc(NQ), *o1 = falloc(NO), *o2 = falloc(NO),
           *att = falloc(B * H * T * T);
     fill(qkv, NQ, -1.5, 1.5);
-    g_be->attention_fwd(g_be, o1, att, qkv, B, T, D, H);
+    g_be->attention_fwd(g_be, up(o1), up(att), up(qkv), B, T, D, H);
+    dn(o1);
     for (int t0 = 0; t0 < T; t0++) {
         /* change q, k, v of every token after t0 in sequence 0 */
         memcpy(q2, qkv, NQ * sizeof(float));
         for (int t = t0 + 1; t < T; t++)
             for (int i = 0; i < C3; i++) q2[t * C3 + i] += frand(0.5, 1.5);
-        g_be->attention_fwd(g_be, o2, att, q2, B, T, D, H);
+        g_be->attention_fwd(g_be, up(o2), up(att), up(q2), B, T, D, H);
+        dn(o2);
         assert_memory_equal(o1, o2, (size_t)(t0 + 1) * D * sizeof(float)); /* rows 0..t0 */
         assert_memory_equal(o1 + T * D, o2 + T * D, (size_t)T * D * sizeof(float)); /* seq 1 */
         if (t0 + 1 < T) { /* row t0+1 sees its own k, v: it must change */
@@ -365,7 +422,8 @@ static void test_attention_causal(void **state) {
         if (t0 > 0) {
             memcpy(q2, qkv, NQ * sizeof(float));
             for (int i = D; i < C3; i++) q2[t0 * C3 + i] += 1.0f;
-            g_be->attention_fwd(g_be, o2, att, q2, B, T, D, H);
+            g_be->attention_fwd(g_be, up(o2), up(att), up(q2), B, T, D, H);
+            dn(o2);
             assert_memory_equal(o1, o2, (size_t)t0 * D * sizeof(float));
             double diff = 0.0;
             for (int i = 0; i < D; i++) diff += fabs(o1[t0 * D + i] - o2[t0 * D + i]);
@@ -399,7 +457,8 @@ static void test_gelu(void **state) {
     float *x = falloc(N), *y = falloc(N), *dy = falloc(N), *dx = falloc(N);
     for (int i = 0; i < 41; i++) x[i] = -5.0f + 0.25f * (float)i;
     fill(x + 41, N - 41, -4, 4);
-    g_be->gelu_fwd(g_be, y, x, N);
+    g_be->gelu_fwd(g_be, up(y), up(x), N);
+    dn(y);
     double X[N], Y[N], R[N], g[N], erf_gap = 0.0;
     to_d(X, x, N);
     for (int i = 0; i < N; i++) {
@@ -413,7 +472,8 @@ static void test_gelu(void **state) {
 
     fill(dy, N, -1, 1);
     to_d(R, dy, N);
-    g_be->gelu_bwd(g_be, dx, dy, x, N);
+    g_be->gelu_bwd(g_be, up(dx), up(dy), up(x), N);
+    dn(dx);
     gelu_ctx c = {N, X, R};
     fd_grad(gelu_obj, &c, X, N, FD_H, g);
     check_close("gelu dx", dx, g, N, 1e-6, 1e-5);
@@ -431,14 +491,17 @@ static void test_add_mul_round(void **state) {
     fill(m, N, -2, 2);
     double want[N];
     for (int i = 0; i < N; i++) want[i] = (double)y[i] + (double)x[i];
-    g_be->add_inplace(g_be, y, x, N);
+    g_be->add_inplace(g_be, up(y), up(x), N);
+    dn(y);
     check_close("add y", y, want, N, 0, 1e-7);
     for (int i = 0; i < N; i++) want[i] = (double)y[i] * (double)m[i];
-    g_be->mul_inplace(g_be, y, m, N);
+    g_be->mul_inplace(g_be, up(y), up(m), N);
+    dn(y);
     check_close("mul y", y, want, N, 0, 1e-7);
     float before[N];
     memcpy(before, y, sizeof before);
-    g_be->round_bf16(g_be, y, N); /* fp32 backend: no-op */
+    g_be->round_bf16(g_be, up(y), N); /* fp32 backend: no-op */
+    dn(y);
     assert_memory_equal(before, y, sizeof before);
     ffree(y), ffree(x), ffree(m);
 }
@@ -471,7 +534,8 @@ static double xent_obj(void *p) {
 static void test_xent(void **state) {
     (void)state;
     enum { N = 6, V = 7 };
-    int32_t tgt[N] = {0, 6, 3, 3, 1, 5};
+    const int32_t tgt_v[N] = {0, 6, 3, 3, 1, 5};
+    int32_t *tgt = ialloc(tgt_v, N);
     float *l = falloc(N * V), *d = falloc(N * V), *l2 = falloc(N * V);
     fill(l, N * V, -3, 3);
     for (int v = 0; v < V; v++) l[5 * V + v] += 100.0f; /* large logits: must not overflow */
@@ -479,10 +543,11 @@ static void test_xent(void **state) {
     double Ld[N * V], g[N * V];
     to_d(Ld, l, N * V);
     double want = xent_ref(Ld, tgt, N, V);
-    double got = g_be->xent_fwd_bwd(g_be, d, l, tgt, N, V, scale);
+    double got = g_be->xent_fwd_bwd(g_be, up(d), up(l), up(tgt), N, V, scale);
+    dn(d);
     assert_true(isfinite(got));
     assert_true(fabs(got - want) < 1e-5 * (1.0 + fabs(want)));
-    double got2 = g_be->xent_fwd(g_be, l, tgt, N, V);
+    double got2 = g_be->xent_fwd(g_be, up(l), up(tgt), N, V);
     assert_true(fabs(got2 - want) < 1e-5 * (1.0 + fabs(want)));
 
     xent_ctx c = {N, V, tgt, Ld, scale};
@@ -491,10 +556,12 @@ static void test_xent(void **state) {
 
     /* in place over the logits */
     memcpy(l2, l, N * V * sizeof(float));
-    double got3 = g_be->xent_fwd_bwd(g_be, l2, l2, tgt, N, V, scale);
+    float *l2_buf = up(l2);
+    double got3 = g_be->xent_fwd_bwd(g_be, l2_buf, l2_buf, up(tgt), N, V, scale);
+    dn(l2);
     assert_true(fabs(got3 - want) < 1e-5 * (1.0 + fabs(want)));
     check_close("xent dlogits in place", l2, g, N * V, 1e-6, 1e-5);
-    ffree(l), ffree(d), ffree(l2);
+    ffree(l), ffree(d), ffree(l2), ffree(tgt);
 }
 
 /* ---------------------------------------------------------------- gather / scatter */
@@ -527,14 +594,16 @@ static double gather_obj(void *p) {
 static void test_gather_scatter(void **state) {
     (void)state;
     enum { ROWS = 9, n = 5, D = 6 };
-    int32_t idx[n] = {7, 2, 0, 5, 3}; /* distinct, as in the Switch dispatch */
+    const int32_t idx_v[n] = {7, 2, 0, 5, 3}; /* distinct, as in the Switch dispatch */
+    int32_t *idx = ialloc(idx_v, n);
     float *src = falloc(ROWS * D), *dst = falloc(ROWS * D), *rows = falloc(n * D),
           *scale = falloc(n), *dot = falloc(n), *out = falloc(n * D);
     fill(src, ROWS * D, -2, 2);
     fill(scale, n, 0.1, 0.9);
 
     /* gather: dst[i] = src[idx[i]] exactly */
-    g_be->gather_rows(g_be, rows, src, idx, n, D);
+    g_be->gather_rows(g_be, up(rows), up(src), up(idx), n, D);
+    dn(rows);
     for (int i = 0; i < n; i++)
         assert_memory_equal(rows + i * D, src + idx[i] * D, D * sizeof(float));
 
@@ -542,7 +611,8 @@ static void test_gather_scatter(void **state) {
     fill(dst, ROWS * D, 10, 11);
     float keep[ROWS * D];
     memcpy(keep, dst, sizeof keep);
-    g_be->scatter_rows_scaled(g_be, dst, rows, idx, scale, n, D);
+    g_be->scatter_rows_scaled(g_be, up(dst), up(rows), up(idx), up(scale), n, D);
+    dn(dst);
     for (int r = 0; r < ROWS; r++) {
         int i = -1;
         for (int j = 0; j < n; j++)
@@ -556,7 +626,8 @@ static void test_gather_scatter(void **state) {
     /* scatter_add_rows: dst[idx[i]] += src[i] */
     fill(dst, ROWS * D, -1, 1);
     memcpy(keep, dst, sizeof keep);
-    g_be->scatter_add_rows(g_be, dst, rows, idx, n, D);
+    g_be->scatter_add_rows(g_be, up(dst), up(rows), up(idx), n, D);
+    dn(dst);
     double want[ROWS * D];
     to_d(want, keep, ROWS * D);
     for (int i = 0; i < n; i++)
@@ -567,7 +638,8 @@ static void test_gather_scatter(void **state) {
      * out = dL/dsrc, dot = dL/dscale */
     float *r = falloc(ROWS * D);
     fill(r, ROWS * D, -1, 1);
-    g_be->gather_dot_scale(g_be, dot, out, r, rows, idx, scale, n, D);
+    g_be->gather_dot_scale(g_be, up(dot), up(out), up(r), up(rows), up(idx), up(scale), n, D);
+    dn(dot), dn(out);
     double S[n * D], SC[n], R[ROWS * D], gsrc[n * D], gsc[n];
     to_d(S, rows, n * D);
     to_d(SC, scale, n);
@@ -584,7 +656,8 @@ static void test_gather_scatter(void **state) {
     /* scatter_add_rows into zeros is the backward of gather_rows */
     float *g = falloc(ROWS * D), *rr = falloc(n * D);
     fill(rr, n * D, -1, 1);
-    g_be->scatter_add_rows(g_be, g, rr, idx, n, D);
+    g_be->scatter_add_rows(g_be, up(g), up(rr), up(idx), n, D);
+    dn(g);
     double Src[ROWS * D], RR[n * D], gg[ROWS * D];
     to_d(Src, src, ROWS * D);
     to_d(RR, rr, n * D);
@@ -592,7 +665,7 @@ static void test_gather_scatter(void **state) {
     fd_grad(gather_obj, &c2, Src, ROWS * D, FD_H, gg);
     check_close("gather backward", g, gg, ROWS * D, 1e-6, 1e-6);
     ffree(src), ffree(dst), ffree(rows), ffree(scale), ffree(dot), ffree(out), ffree(r), ffree(g),
-        ffree(rr);
+        ffree(rr), ffree(idx);
 }
 
 /* ---------------------------------------------------------------- router */
@@ -609,14 +682,15 @@ static void test_router_fwd(void **state) {
     (void)state;
     enum { N = 9, E = 5 };
     float *z = falloc(N * E), *p = falloc(N * E), *gate = falloc(N), *lse = falloc(N);
-    int32_t *ex = g_be->alloc(g_be, N * sizeof(int32_t));
+    int32_t *ex = ialloc(NULL, N);
     fill(z, N * E, -3, 3);
     /* ties → lowest index */
     const float ties[4][E] = {{1, 3, 3, 0, -1}, {2, 2, 2, 2, 2}, {0, 5, 1, 5, 5}, {-1, -2, 4, 0, 4}};
     const int tie_want[4] = {1, 0, 1, 2};
     for (int r = 0; r < 4; r++) memcpy(z + r * E, ties[r], sizeof ties[r]);
     for (int i = 0; i < E; i++) z[4 * E + i] = 100.0f + (float)i * 0.5f; /* no overflow */
-    g_be->router_fwd(g_be, p, ex, gate, lse, z, N, E);
+    g_be->router_fwd(g_be, up(p), up(ex), up(gate), up(lse), up(z), N, E);
+    dn(p), dn(ex), dn(gate), dn(lse);
     for (int r = 0; r < 4; r++) assert_int_equal(ex[r], tie_want[r]);
     for (int n = 0; n < N; n++) {
         double Z[E], P[E], L;
@@ -663,10 +737,11 @@ static void test_router_bwd(void **state) {
     enum { N = 8, E = 5 };
     float *z = falloc(N * E), *p = falloc(N * E), *gate = falloc(N), *lse = falloc(N),
           *gamma = falloc(N), *f = falloc(E), *dz = falloc(N * E);
-    int32_t *ex = g_be->alloc(g_be, N * sizeof(int32_t));
+    int32_t *ex = ialloc(NULL, N);
     fill(z, N * E, -2, 2);
     for (int i = 0; i < E; i++) z[i] += 1.5f; /* lse clearly non-zero */
-    g_be->router_fwd(g_be, p, ex, gate, lse, z, N, E);
+    g_be->router_fwd(g_be, up(p), up(ex), up(gate), up(lse), up(z), N, E);
+    dn(p), dn(ex), dn(gate), dn(lse);
     fill(gamma, N, -1, 1);
     gamma[2] = gamma[5] = 0.0f; /* dropped tokens */
     const float fv[E] = {0.5f, 0.25f, 0.125f, 0.125f, 0.0f};
@@ -674,10 +749,12 @@ static void test_router_bwd(void **state) {
     /* each term alone, then all together */
     const float cases[4][3] = {{1, 0, 0}, {0, 0.3f, 0}, {0, 0, 0.2f}, {1, 0.3f, 0.2f}};
     for (int k = 0; k < 4; k++) {
-        float gm[N];
+        float *gm = falloc(N);
         for (int t = 0; t < N; t++) gm[t] = gamma[t] * cases[k][0];
         fill(dz, N * E, 50, 60); /* overwritten */
-        g_be->router_bwd(g_be, dz, p, ex, gm, lse, f, cases[k][1], cases[k][2], N, E);
+        g_be->router_bwd(g_be, up(dz), up(p), up(ex), up(gm), up(lse), up(f), cases[k][1],
+                         cases[k][2], N, E);
+        dn(dz);
         double Z[N * E], GM[N], F[E], g[N * E];
         to_d(Z, z, N * E);
         to_d(GM, gm, N);
@@ -687,6 +764,7 @@ static void test_router_bwd(void **state) {
         char what[64];
         snprintf(what, sizeof what, "router_bwd case %d dlogits", k);
         check_close(what, dz, g, N * E, 1e-6, 1e-5);
+        ffree(gm);
     }
     ffree(z), ffree(p), ffree(gate), ffree(lse), ffree(gamma), ffree(f), ffree(dz), ffree(ex);
 }

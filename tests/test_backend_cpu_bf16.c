@@ -135,6 +135,26 @@ static int teardown(void **state) {
     return 0;
 }
 
+/* Op arguments: UP(be, a) uploads the host array a (its sizeof) into a new buffer of be, freed
+ * at the end of the test by free_bufs(); DN(be, a, buf) downloads buf into the host array a. */
+enum { MAX_BUFS = 128 };
+static struct {
+    sy_backend_t *be;
+    void *buf;
+} g_bufs[MAX_BUFS];
+static int g_nbufs;
+static void *up_(sy_backend_t *be, const void *host, size_t bytes) {
+    assert_true(g_nbufs < MAX_BUFS);
+    void *buf = sy_test_upload_new(be, host, bytes);
+    g_bufs[g_nbufs].be = be, g_bufs[g_nbufs].buf = buf, g_nbufs++;
+    return buf;
+}
+static void free_bufs(void) {
+    while (g_nbufs > 0) g_nbufs--, g_bufs[g_nbufs].be->free(g_bufs[g_nbufs].be, g_bufs[g_nbufs].buf);
+}
+#define UP(be, a) up_((be), (a), sizeof(a))
+#define DN(be, a, buf) sy_test_download((be), (a), (buf), sizeof(a))
+
 static void round_all(float *x, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] = sy_round_bf16(x[i]);
 }
@@ -174,18 +194,25 @@ static void test_ops_round(void **state) {
     fill(W, F * D, -0.5, 0.5);
     round_all(x, N * D), round_all(w, D), round_all(W, F * D); /* bf16 inputs */
 
-    g_fp->matmul_fwd(g_fp, y1, x, W, N, D, F);
-    g_bf->matmul_fwd(g_bf, y2, x, W, N, D, F);
+    float *b1, *b2, *b3, *b4, *b5, *b6;
+    g_fp->matmul_fwd(g_fp, b1 = UP(g_fp, y1), UP(g_fp, x), UP(g_fp, W), N, D, F);
+    g_bf->matmul_fwd(g_bf, b2 = UP(g_bf, y2), UP(g_bf, x), UP(g_bf, W), N, D, F);
+    DN(g_fp, y1, b1), DN(g_bf, y2, b2);
     assert_rounded_of("matmul", y2, y1, N * F);
     assert_true(n_not_bf16(y1, N * F) > 0); /* there was something to round */
 
-    g_fp->gelu_fwd(g_fp, y1, y2, N * F);
+    g_fp->gelu_fwd(g_fp, b1 = UP(g_fp, y1), UP(g_fp, y2), N * F);
     float g2[N * F];
-    g_bf->gelu_fwd(g_bf, g2, y2, N * F);
+    g_bf->gelu_fwd(g_bf, b2 = UP(g_bf, g2), UP(g_bf, y2), N * F);
+    DN(g_fp, y1, b1), DN(g_bf, g2, b2);
     assert_rounded_of("gelu", g2, y1, N * F);
 
-    g_fp->layernorm_fwd(g_fp, y1, m1, r1, x, w, N, D);
-    g_bf->layernorm_fwd(g_bf, y2, m2, r2, x, w, N, D);
+    g_fp->layernorm_fwd(g_fp, b1 = UP(g_fp, y1), b2 = UP(g_fp, m1), b3 = UP(g_fp, r1), UP(g_fp, x),
+                        UP(g_fp, w), N, D);
+    g_bf->layernorm_fwd(g_bf, b4 = UP(g_bf, y2), b5 = UP(g_bf, m2), b6 = UP(g_bf, r2), UP(g_bf, x),
+                        UP(g_bf, w), N, D);
+    DN(g_fp, y1, b1), DN(g_fp, m1, b2), DN(g_fp, r1, b3);
+    DN(g_bf, y2, b4), DN(g_bf, m2, b5), DN(g_bf, r2, b6);
     assert_rounded_of("layernorm", y2, y1, N * D);
     assert_memory_equal(m1, m2, sizeof m1); /* statistics stay fp32 */
     assert_memory_equal(r1, r2, sizeof r1);
@@ -195,8 +222,9 @@ static void test_ops_round(void **state) {
     float qkv[N * 3 * D], o1[N * D], o2[N * D], a1[B * H * T * T], a2[B * H * T * T];
     fill(qkv, N * 3 * D, -1.5, 1.5);
     round_all(qkv, N * 3 * D);
-    g_fp->attention_fwd(g_fp, o1, a1, qkv, B, T, D, H);
-    g_bf->attention_fwd(g_bf, o2, a2, qkv, B, T, D, H);
+    g_fp->attention_fwd(g_fp, b1 = UP(g_fp, o1), b2 = UP(g_fp, a1), UP(g_fp, qkv), B, T, D, H);
+    g_bf->attention_fwd(g_bf, b3 = UP(g_bf, o2), b4 = UP(g_bf, a2), UP(g_bf, qkv), B, T, D, H);
+    DN(g_fp, o1, b1), DN(g_fp, a1, b2), DN(g_bf, o2, b3), DN(g_bf, a2, b4);
     assert_rounded_of("attention out", o2, o1, N * D);
     assert_memory_equal(a1, a2, sizeof a1);
     assert_true(n_not_bf16(a2, B * H * T * T) > 0);
@@ -207,32 +235,43 @@ static void test_ops_round(void **state) {
     float wte[V * D], wpe[T * D];
     fill(wte, V * D, -0.1, 0.1), fill(wpe, T * D, -0.1, 0.1);
     round_all(wte, V * D), round_all(wpe, T * D);
-    g_fp->embed_fwd(g_fp, o1, tok, wte, wpe, N, T, D);
-    g_bf->embed_fwd(g_bf, o2, tok, wte, wpe, N, T, D);
+    g_fp->embed_fwd(g_fp, b1 = UP(g_fp, o1), UP(g_fp, tok), UP(g_fp, wte), UP(g_fp, wpe), N, T, D);
+    g_bf->embed_fwd(g_bf, b2 = UP(g_bf, o2), UP(g_bf, tok), UP(g_bf, wte), UP(g_bf, wpe), N, T, D);
+    DN(g_fp, o1, b1), DN(g_bf, o2, b2);
     assert_rounded_of("embed", o2, o1, N * D);
     memcpy(o1, x, sizeof o1), memcpy(o2, x, sizeof o2);
-    g_fp->add_inplace(g_fp, o1, qkv, N * D);
-    g_bf->add_inplace(g_bf, o2, qkv, N * D);
+    g_fp->add_inplace(g_fp, b1 = UP(g_fp, o1), UP(g_fp, qkv), N * D);
+    g_bf->add_inplace(g_bf, b2 = UP(g_bf, o2), UP(g_bf, qkv), N * D);
+    DN(g_fp, o1, b1), DN(g_bf, o2, b2);
     assert_rounded_of("add", o2, o1, N * D);
 
     /* activation gradients are rounded too */
     float dy[N * F], dx[N * D], dW[F * D] = {0}, dg[N * F];
     fill(dy, N * F, -1, 1);
     round_all(dy, N * F);
-    g_bf->matmul_bwd(g_bf, dx, dW, dy, x, W, N, D, F, false);
+    g_bf->matmul_bwd(g_bf, b1 = UP(g_bf, dx), b2 = UP(g_bf, dW), UP(g_bf, dy), UP(g_bf, x),
+                     UP(g_bf, W), N, D, F, false);
+    DN(g_bf, dx, b1), DN(g_bf, dW, b2);
     assert_all_bf16("matmul dx", dx, N * D);
     assert_true(n_not_bf16(dW, F * D) > 0); /* weight gradients stay fp32 */
-    g_bf->matmul_bwd(g_bf, dx, dW, dy, x, W, N, D, F, true);
+    g_bf->matmul_bwd(g_bf, b1 = UP(g_bf, dx), b2 = UP(g_bf, dW), UP(g_bf, dy), UP(g_bf, x),
+                     UP(g_bf, W), N, D, F, true);
+    DN(g_bf, dx, b1), DN(g_bf, dW, b2);
     assert_all_bf16("matmul dx (+=)", dx, N * D);
-    g_bf->gelu_bwd(g_bf, dg, dy, y2, N * F);
+    g_bf->gelu_bwd(g_bf, b1 = UP(g_bf, dg), UP(g_bf, dy), UP(g_bf, y2), N * F);
+    DN(g_bf, dg, b1);
     assert_all_bf16("gelu dx", dg, N * F);
     float dln[N * D] = {0}, dw[D] = {0}, dyd[N * D];
     fill(dyd, N * D, -1, 1);
     round_all(dyd, N * D);
-    g_bf->layernorm_bwd(g_bf, dln, dw, dyd, x, w, m2, r2, N, D);
+    g_bf->layernorm_bwd(g_bf, b1 = UP(g_bf, dln), b2 = UP(g_bf, dw), UP(g_bf, dyd), UP(g_bf, x),
+                        UP(g_bf, w), UP(g_bf, m2), UP(g_bf, r2), N, D);
+    DN(g_bf, dln, b1), DN(g_bf, dw, b2);
     assert_all_bf16("layernorm dx", dln, N * D);
     float dqkv[N * 3 * D];
-    g_bf->attention_bwd(g_bf, dqkv, dyd, a2, qkv, B, T, D, H);
+    g_bf->attention_bwd(g_bf, b1 = UP(g_bf, dqkv), UP(g_bf, dyd), UP(g_bf, a2), UP(g_bf, qkv), B,
+                        T, D, H);
+    DN(g_bf, dqkv, b1);
     assert_all_bf16("attention dqkv", dqkv, N * 3 * D);
 
     /* the router never rounds */
@@ -240,9 +279,13 @@ static void test_ops_round(void **state) {
     float z[N * E], p[N * E], gate[N], lse[N];
     int32_t ex[N];
     fill(z, N * E, -3, 3);
-    g_bf->router_fwd(g_bf, p, ex, gate, lse, z, N, E);
+    int32_t *bex;
+    g_bf->router_fwd(g_bf, b1 = UP(g_bf, p), bex = UP(g_bf, ex), b2 = UP(g_bf, gate),
+                     b3 = UP(g_bf, lse), UP(g_bf, z), N, E);
+    DN(g_bf, p, b1), DN(g_bf, ex, bex), DN(g_bf, gate, b2), DN(g_bf, lse, b3);
     assert_true(n_not_bf16(p, N * E) > N);
     assert_true(n_not_bf16(gate, N) > 0);
+    free_bufs();
 }
 
 /* ---------------------------------------------------------------- Switch layer in bf16 mode */
@@ -252,27 +295,33 @@ static void test_switch_bf16(void **state) {
     enum { G = 16, D = 8, F = 8, E = 4 };
     sy_switch_t *sw = NULL;
     assert_int_equal(sy_switch_new(g_bf, G, D, F, E, &sw), SY_OK);
-    float *h = g_bf->alloc(g_bf, sizeof(float) * G * D), *Wr = g_bf->alloc(g_bf, 4 * E * D);
-    float *W1 = g_bf->alloc(g_bf, 4 * E * F * D), *W2 = g_bf->alloc(g_bf, 4 * E * D * F);
-    float *dW1 = g_bf->alloc(g_bf, 4 * E * F * D), *dW2 = g_bf->alloc(g_bf, 4 * E * D * F);
-    float *dWr = g_bf->alloc(g_bf, 4 * E * D), *out = g_bf->alloc(g_bf, 4 * G * D);
-    float *dout = g_bf->alloc(g_bf, 4 * G * D), *dh = g_bf->alloc(g_bf, 4 * G * D);
+    /* host arrays; the layer gets uploaded copies (names with b) */
+    static float h[G * D], Wr[E * D], W1[E * F * D], W2[E * D * F], dWr[E * D], out[G * D],
+        dout[G * D], dh[G * D];
+    static float dW1[E * F * D], dW2[E * D * F];
+    static float probs[G * E], gate[G];
+    static int32_t expert[G];
     fill(h, G * D, -2, 2);
     round_all(h, G * D); /* the LN output is a bf16 activation */
     fill(Wr, E * D, -0.6, 0.6); /* fp32 router weight, not bf16-representable */
     assert_true(n_not_bf16(Wr, E * D) > E * D / 2);
     fill(W1, E * F * D, -0.5, 0.5), fill(W2, E * D * F, -0.5, 0.5);
     round_all(W1, E * F * D), round_all(W2, E * D * F); /* the bf16 working copy */
+    float *hb = UP(g_bf, h), *Wrb = UP(g_bf, Wr), *W1b = UP(g_bf, W1), *W2b = UP(g_bf, W2);
+    float *dW1b = UP(g_bf, dW1), *dW2b = UP(g_bf, dW2), *dWrb = UP(g_bf, dWr);
+    float *outb = UP(g_bf, out), *doutb = UP(g_bf, dout), *dhb = UP(g_bf, dh);
     sy_expert_weights ex[E];
     for (int e = 0; e < E; e++)
-        ex[e] = (sy_expert_weights){W1 + e * F * D, W2 + e * D * F, dW1 + e * F * D,
-                                    dW2 + e * D * F, NULL, NULL};
+        ex[e] = (sy_expert_weights){W1b + e * F * D, W2b + e * D * F, dW1b + e * F * D,
+                                    dW2b + e * D * F, NULL, NULL};
     sy_switch_key key = {1, 0, 0, 1};
-    sy_switch_route(sw, h, Wr, 1.25, 0.0, key);
-    sy_switch_dispatch(sw, h);
+    sy_switch_route(sw, hb, Wrb, 1.25, 0.0, key);
+    sy_switch_dispatch(sw, hb);
     sy_switch_experts(sw, ex, 0, E, 0.0, key);
-    sy_switch_combine(sw, out);
+    sy_switch_combine(sw, outb);
+    DN(g_bf, out, outb);
     sy_switch_info inf = sy_switch_get_info(sw);
+    DN(g_bf, probs, inf.probs), DN(g_bf, gate, inf.gate), DN(g_bf, expert, inf.expert);
 
     /* router: fp64 softmax of fp32 logits h·W_rᵀ */
     double maxdiff_bf = 0.0;
@@ -288,12 +337,12 @@ static void test_switch_bf16(void **state) {
         int best = 0;
         for (int e = 0; e < E; e++) {
             double p = exp(z[e] - mx) / s, pb = exp(zb[e] - mxb) / sb;
-            assert_true(fabs(inf.probs[t * E + e] - p) < 1e-6);
+            assert_true(fabs(probs[t * E + e] - p) < 1e-6);
             maxdiff_bf = fmax(maxdiff_bf, fabs(pb - p));
             if (z[e] > z[best]) best = e;
         }
-        assert_int_equal(inf.expert[t], best);
-        assert_true(fabs(inf.gate[t] - exp(z[best] - mx) / s) < 1e-6);
+        assert_int_equal(expert[t], best);
+        assert_true(fabs(gate[t] - exp(z[best] - mx) / s) < 1e-6);
     }
     assert_true(maxdiff_bf > 1e-4); /* the 1e-6 check would catch bf16 logits */
 
@@ -302,15 +351,16 @@ static void test_switch_bf16(void **state) {
     assert_true(inf.n_kept > 0);
     fill(dout, G * D, -1, 1);
     round_all(dout, G * D);
-    sy_switch_combine_bwd(sw, dout);
+    g_bf->upload(g_bf, doutb, dout, sizeof dout);
+    sy_switch_combine_bwd(sw, doutb);
     sy_switch_experts_bwd(sw, ex, 0, E);
-    sy_switch_dispatch_bwd(sw, dh);
-    sy_switch_route_bwd(sw, h, Wr, dWr, dh, 0.01f * E / G, 0.001f * 2 / G);
+    sy_switch_dispatch_bwd(sw, dhb);
+    sy_switch_route_bwd(sw, hb, Wrb, dWrb, dhb, 0.01f * E / G, 0.001f * 2 / G);
+    DN(g_bf, dh, dhb), DN(g_bf, dWr, dWrb);
     assert_all_bf16("switch dh", dh, G * D);
     assert_true(n_not_bf16(dWr, E * D) > 0); /* the router gradient is fp32 */
 
-    float *bufs[] = {h, Wr, W1, W2, dW1, dW2, dWr, out, dout, dh};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) g_bf->free(g_bf, bufs[i]);
+    free_bufs();
     sy_switch_destroy(&sw);
 }
 
@@ -336,7 +386,10 @@ static void test_model_bf16_loss(void **state) {
     assert_int_equal(sy_model_new(&d, g_bf, &mb), SY_OK);
     sy_model_init(mf, 99);
     sy_model_init(mb, 99);
-    assert_memory_equal(sy_model_params(mf), sy_model_params(mb), sy_model_numel(mf) * 4);
+    const size_t P = sy_model_numel(mf), bytes = P * sizeof(float);
+    float *pf = sy_test_download_new(g_fp, sy_model_params(mf), bytes);
+    float *pb = sy_test_download_new(g_bf, sy_model_params(mb), bytes);
+    assert_memory_equal(pf, pb, bytes);
     int32_t tok[4 * 9];
     for (int i = 0; i < 4 * 9; i++) tok[i] = (int32_t)(urand() * d.V);
     sy_draw_key key = {99, 0, 0};
@@ -355,9 +408,10 @@ static void test_model_bf16_loss(void **state) {
     assert_int_equal(sy_model_forward_eval(mb, tok, 1, &lb), SY_OK);
     assert_true(fabs(lb.ce - lf.ce) < 2e-2 && lb.ce != lf.ce);
     /* the bf16 gradient points the same way as the fp32 one */
-    const float *gf = sy_model_grads(mf), *gb = sy_model_grads(mb);
+    float *gf = sy_test_download_new(g_fp, sy_model_grads(mf), bytes);
+    float *gb = sy_test_download_new(g_bf, sy_model_grads(mb), bytes);
     double dot = 0, nf = 0, nb = 0;
-    for (size_t i = 0; i < sy_model_numel(mf); i++) {
+    for (size_t i = 0; i < P; i++) {
         dot += (double)gf[i] * gb[i];
         nf += (double)gf[i] * gf[i];
         nb += (double)gb[i] * gb[i];
@@ -369,8 +423,11 @@ static void test_model_bf16_loss(void **state) {
     sy_model_t *mc = NULL;
     assert_int_equal(sy_model_new(&d, g_fp, &mc), SY_OK);
     sy_model_init(mc, 99);
-    assert_memory_equal(sy_model_params(mc), sy_model_params(mb), sy_model_numel(mc) * 4);
-    assert_true(n_not_bf16(sy_model_params(mb), sy_model_numel(mb)) > 0);
+    float *pc = sy_test_download_new(g_fp, sy_model_params(mc), bytes);
+    sy_test_download(g_bf, pb, sy_model_params(mb), bytes);
+    assert_memory_equal(pc, pb, bytes);
+    assert_true(n_not_bf16(pb, P) > 0);
+    free(pf), free(pb), free(pc), free(gf), free(gb);
     sy_model_destroy(&mc);
     sy_model_destroy(&mf);
     sy_model_destroy(&mb);

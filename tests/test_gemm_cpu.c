@@ -19,16 +19,17 @@
 #include "backend/backend.h"
 #include "backend/cpu_setup.h"
 #include "backend/gemm_cpu.h"
+#include "sy_test.h"
 
 static uint64_t g_rs = 0x9e3779b97f4a7c15ULL;
-static float frand(void) { /* xorshift64*, uniform in [-1, 1) */
+static float xs_rand(void) { /* xorshift64*, uniform in [-1, 1) */
     g_rs ^= g_rs >> 12, g_rs ^= g_rs << 25, g_rs ^= g_rs >> 27;
     return (float)((double)((g_rs * 0x2545F4914F6CDD1DULL) >> 11) * 0x1.0p-52 - 1.0);
 }
 static float *rnd(size_t n) {
     float *p = malloc(sizeof(float) * (n ? n : 1));
     assert_non_null(p);
-    for (size_t i = 0; i < n; i++) p[i] = frand();
+    for (size_t i = 0; i < n; i++) p[i] = xs_rand();
     return p;
 }
 
@@ -123,35 +124,43 @@ static void test_backend_ops_threads(void **state) {
     int32_t *tg = malloc(sizeof(int32_t) * N);
     assert_non_null(tg);
     for (int i = 0; i < N; i++) tg[i] = (i * 37) % V;
+    const size_t ny = sizeof(float) * (size_t)N * out, ndx = sizeof(float) * (size_t)N * in,
+                 ndW = sizeof(float) * (size_t)out * in, ndl = sizeof(float) * (size_t)N * V;
     for (int bf = 0; bf < 2; bf++) {
-        float *y1 = NULL, *dx1 = NULL, *dW1 = NULL, *dl1 = NULL;
+        /* outputs downloaded to host: [0] with 1 thread, [1] with th threads */
+        float *y[2], *dx[2], *dW[2], *dl[2];
+        for (int k = 0; k < 2; k++) {
+            y[k] = malloc(ny), dx[k] = malloc(ndx), dW[k] = malloc(ndW), dl[k] = malloc(ndl);
+            assert_true(y[k] && dx[k] && dW[k] && dl[k]);
+        }
         double xe1 = 0.0;
         for (int th = 1; th <= 4; th++) {
             sy_backend_t *be = NULL;
             assert_int_equal(sy_backend_cpu_new(th, bf, &be), SY_OK);
-            float *y = be->alloc(be, sizeof(float) * (size_t)N * out);
-            float *dx = be->alloc(be, sizeof(float) * (size_t)N * in);
-            float *dW = be->alloc(be, sizeof(float) * (size_t)out * in);
-            float *dl = be->alloc(be, sizeof(float) * (size_t)N * V);
-            assert_true(y && dx && dW && dl);
-            be->matmul_fwd(be, y, x, W, N, in, out);
-            be->matmul_bwd(be, dx, dW, dy, x, W, N, in, out, false);
-            be->matmul_bwd(be, dx, dW, dy, x, W, N, in, out, true); /* += on both */
-            double xe = be->xent_fwd_bwd(be, dl, lg, tg, N, V, 1.0f / N);
+            float *bx = sy_test_upload_new(be, x, ndx), *bW = sy_test_upload_new(be, W, ndW);
+            float *bdy = sy_test_upload_new(be, dy, ny), *blg = sy_test_upload_new(be, lg, ndl);
+            int32_t *btg = sy_test_upload_new(be, tg, sizeof(int32_t) * N);
+            float *by = sy_test_upload_new(be, NULL, ny), *bdx = sy_test_upload_new(be, NULL, ndx);
+            float *bdW = sy_test_upload_new(be, NULL, ndW), *bdl = sy_test_upload_new(be, NULL, ndl);
+            be->matmul_fwd(be, by, bx, bW, N, in, out);
+            be->matmul_bwd(be, bdx, bdW, bdy, bx, bW, N, in, out, false);
+            be->matmul_bwd(be, bdx, bdW, bdy, bx, bW, N, in, out, true); /* += on both */
+            double xe = be->xent_fwd_bwd(be, bdl, blg, btg, N, V, 1.0f / N);
+            const int k = th > 1;
+            sy_test_download(be, y[k], by, ny), sy_test_download(be, dx[k], bdx, ndx);
+            sy_test_download(be, dW[k], bdW, ndW), sy_test_download(be, dl[k], bdl, ndl);
+            void *bufs[] = {bx, bW, bdy, blg, btg, by, bdx, bdW, bdl};
+            for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(be, bufs[i]);
+            sy_backend_destroy(&be);
             if (th == 1) {
-                y1 = y, dx1 = dx, dW1 = dW, dl1 = dl, xe1 = xe;
-                sy_backend_destroy(&be);
+                xe1 = xe;
                 continue;
             }
-            if (memcmp(y, y1, sizeof(float) * (size_t)N * out) ||
-                memcmp(dx, dx1, sizeof(float) * (size_t)N * in) ||
-                memcmp(dW, dW1, sizeof(float) * (size_t)out * in) ||
-                memcmp(dl, dl1, sizeof(float) * (size_t)N * V) || xe != xe1)
+            if (memcmp(y[1], y[0], ny) || memcmp(dx[1], dx[0], ndx) || memcmp(dW[1], dW[0], ndW) ||
+                memcmp(dl[1], dl[0], ndl) || xe != xe1)
                 fail_msg("backend ops (bf16=%d) with %d threads differ from 1 thread", bf, th);
-            be->free(be, y), be->free(be, dx), be->free(be, dW), be->free(be, dl);
-            sy_backend_destroy(&be);
         }
-        free(y1), free(dx1), free(dW1), free(dl1); /* cpu_alloc is posix_memalign */
+        for (int k = 0; k < 2; k++) free(y[k]), free(dx[k]), free(dW[k]), free(dl[k]);
     }
     free(x), free(W), free(dy), free(lg), free(tg);
 }

@@ -70,7 +70,14 @@ typedef struct {
     int32_t counts[64];
     int64_t dropped;
     int n_counts;
+    float *theta;   /* the model's parameters (backend buffer) */
+    float *theta_h; /* their host copy, which the checks perturb and push() uploads */
 } lctx;
+
+/* Uploads n entries of the host copy from w on into the model's parameters. */
+static void push(const lctx *c, const float *w, size_t n) {
+    g_be->upload(g_be, c->theta + (w - c->theta_h), w, n * sizeof(float));
+}
 
 static double total_loss(lctx *c) {
     sy_losses l;
@@ -95,17 +102,20 @@ static int same_routing(const routing *a, const routing *b, int n) {
     return a->dropped == b->dropped && !memcmp(a->counts, b->counts, sizeof(int32_t) * n);
 }
 
-/* Central difference of the total loss in entry *w with step h; NAN when the perturbation
- * changed a routing decision. */
+/* Central difference of the total loss in entry *w (of the host copy) with step h; NAN when
+ * the perturbation changed a routing decision. */
 static double fd_entry(lctx *c, const routing *base, float *w, double h) {
     float s = *w, wp = (float)(s + h), wm = (float)(s - h);
     *w = wp;
+    push(c, w, 1);
     double lp = total_loss(c);
     routing rp = routing_of(c);
     *w = wm;
+    push(c, w, 1);
     double lm = total_loss(c);
     routing rm = routing_of(c);
     *w = s;
+    push(c, w, 1);
     if (!same_routing(&rp, base, c->n_counts) || !same_routing(&rm, base, c->n_counts))
         return NAN;
     return (lp - lm) / ((double)wp - (double)wm);
@@ -123,7 +133,7 @@ static void test_grad_every_tensor(void **state) {
     assert_int_equal(sy_model_n_switch(m), 1);
     assert_true(sy_model_is_switch(m, 1) && !sy_model_is_switch(m, 0));
     int32_t tok[2 * 7];
-    lctx c = {m, tok, {42, 0, 0}, {0}, 0, sy_model_n_switch(m) * d.E};
+    lctx c = {m, tok, {42, 0, 0}, {0}, 0, sy_model_n_switch(m) * d.E, NULL, NULL};
 
     /* a seed and batch where capacity drops tokens (deterministic search) */
     uint64_t seed = 1;
@@ -135,11 +145,13 @@ static void test_grad_every_tensor(void **state) {
         if (c.dropped >= 2) break;
     }
     size_t P = sy_model_numel(m);
-    float *theta = sy_model_params(m);
+    c.theta = sy_model_params(m);
+    c.theta_h = sy_test_download_new(g_be, c.theta, P * sizeof(float));
+    float *theta = c.theta_h;
     float *g = malloc(P * sizeof(float));
     sy_model_zero_grads(m);
     double L0 = total_loss(&c);
-    memcpy(g, sy_model_grads(m), P * sizeof(float));
+    sy_test_download(g_be, g, sy_model_grads(m), P * sizeof(float));
     routing base = routing_of(&c);
     if (g_verbose) fprintf(stderr, "seed %llu loss %.6f dropped %lld\n",
                            (unsigned long long)seed, L0, (long long)c.dropped);
@@ -188,18 +200,21 @@ static void test_grad_every_tensor(void **state) {
         }
         double num = 0.0;
         for (size_t k = 0; k < p->numel; k++) w[k] = (float)(save[k] + hv * v[k]);
+        push(&c, w, p->numel);
         double lp = total_loss(&c);
         routing rp = routing_of(&c);
         for (size_t k = 0; k < p->numel; k++) {
             num += ((double)w[k] - save[k]) * gw[k];
         }
         for (size_t k = 0; k < p->numel; k++) w[k] = (float)(save[k] - hv * v[k]);
+        push(&c, w, p->numel);
         double lm = total_loss(&c);
         routing rm = routing_of(&c);
         for (size_t k = 0; k < p->numel; k++) {
             num -= ((double)w[k] - save[k]) * gw[k];
         }
         memcpy(w, save, p->numel * sizeof(float));
+        push(&c, w, p->numel);
         /* (lp - lm) ≈ ⟨g, Δθ₊ - Δθ₋⟩ with the rounded steps */
         double fd_dir = lp - lm, an_dir = num;
         if (same_routing(&rp, &base, c.n_counts) && same_routing(&rm, &base, c.n_counts)) {
@@ -227,7 +242,7 @@ static void test_grad_every_tensor(void **state) {
     if (n_bad) fprintf(stderr, "%d gradient entries off\n", n_bad);
     assert_int_equal(n_bad, 0);
     assert_true(n_checked * 10 >= (n_checked + n_skipped) * 9);
-    free(g);
+    free(g), free(c.theta_h);
     sy_model_destroy(&m);
 }
 
@@ -247,14 +262,14 @@ static void test_accumulation(void **state) {
     float *gA = malloc(P * 4), *gB = malloc(P * 4), *acc = malloc(P * 4);
     sy_model_zero_grads(m);
     assert_int_equal(sy_model_fwd_bwd(m, A, 1, ka, &la), SY_OK);
-    memcpy(gA, sy_model_grads(m), P * 4);
+    sy_test_download(g_be, gA, sy_model_grads(m), P * 4);
     sy_model_zero_grads(m);
     assert_int_equal(sy_model_fwd_bwd(m, B, 1, kb, &lb), SY_OK);
-    memcpy(gB, sy_model_grads(m), P * 4);
+    sy_test_download(g_be, gB, sy_model_grads(m), P * 4);
     sy_model_zero_grads(m);
     assert_int_equal(sy_model_fwd_bwd(m, A, 2, ka, &la2), SY_OK);
     assert_int_equal(sy_model_fwd_bwd(m, B, 2, kb, &lb2), SY_OK); /* accumulates */
-    memcpy(acc, sy_model_grads(m), P * 4);
+    sy_test_download(g_be, acc, sy_model_grads(m), P * 4);
     int bad = 0;
     double gmax = 0.0;
     for (size_t i = 0; i < P; i++) {
@@ -318,12 +333,15 @@ static void test_init_pure(void **state) {
     assert_int_equal(sy_model_new(&d, g_be, &b), SY_OK);
     sy_model_init(a, 1234);
     sy_model_init(b, 1234);
-    assert_memory_equal(sy_model_params(a), sy_model_params(b), sy_model_numel(a) * 4);
+    const size_t bytes = sy_model_numel(a) * 4;
+    float *pa = sy_test_download_new(g_be, sy_model_params(a), bytes);
+    float *pb = sy_test_download_new(g_be, sy_model_params(b), bytes);
+    assert_memory_equal(pa, pb, bytes);
     sy_model_init(b, 1235);
+    sy_test_download(g_be, pb, sy_model_params(b), bytes);
     int ia = sy_model_find(a, "wte");
     const sy_param_t *p = sy_model_param(a, ia);
-    assert_memory_not_equal(sy_model_params(a) + p->offset, sy_model_params(b) + p->offset,
-                            p->numel * 4);
+    assert_memory_not_equal(pa + p->offset, pb + p->offset, p->numel * 4);
 
     /* a model with another depth and expert count: same-named tensors are identical */
     sy_model_dims d2 = d;
@@ -331,6 +349,7 @@ static void test_init_pure(void **state) {
     d2.E = 2;
     assert_int_equal(sy_model_new(&d2, g_be, &c), SY_OK);
     sy_model_init(c, 1234);
+    float *pc = sy_test_download_new(g_be, sy_model_params(c), sy_model_numel(c) * 4);
     const char *names[] = {"wte", "wpe", "blocks.0.attn.qkv.weight", "blocks.1.attn.proj.weight",
                            "blocks.1.moe.experts.1.fc.weight", "blocks.0.mlp.proj.weight",
                            "ln_f.weight"};
@@ -339,14 +358,13 @@ static void test_init_pure(void **state) {
         assert_true(i1 >= 0 && i2 >= 0);
         const sy_param_t *p1 = sy_model_param(a, i1), *p2 = sy_model_param(c, i2);
         assert_int_equal(p1->numel, p2->numel);
-        assert_memory_equal(sy_model_params(a) + p1->offset, sy_model_params(c) + p2->offset,
-                            p1->numel * 4);
+        assert_memory_equal(pa + p1->offset, pc + p2->offset, p1->numel * 4);
     }
     /* different names draw different values */
     const sy_param_t *q0 = sy_model_param(a, sy_model_find(a, "blocks.1.moe.experts.0.fc.weight"));
     const sy_param_t *q1 = sy_model_param(a, sy_model_find(a, "blocks.1.moe.experts.1.fc.weight"));
-    assert_memory_not_equal(sy_model_params(a) + q0->offset, sy_model_params(a) + q1->offset,
-                            q0->numel * 4);
+    assert_memory_not_equal(pa + q0->offset, pa + q1->offset, q0->numel * 4);
+    free(pa), free(pb), free(pc);
     sy_model_destroy(&a);
     sy_model_destroy(&b);
     sy_model_destroy(&c);
@@ -366,7 +384,7 @@ static void test_init_stats(void **state) {
     sy_model_t *m = NULL;
     assert_int_equal(sy_model_new(&d, g_be, &m), SY_OK);
     sy_model_init(m, 77);
-    const float *w0 = sy_model_params(m);
+    float *w0 = sy_test_download_new(g_be, sy_model_params(m), sy_model_numel(m) * 4);
     const double ts = trunc_std();
     int n_lin = 0, n_ln = 0;
     for (int i = 0; i < sy_model_n_params(m); i++) {
@@ -400,6 +418,7 @@ static void test_init_stats(void **state) {
     }
     assert_true(n_ln == 2 * d.L + 1);
     assert_true(n_lin > 8);
+    free(w0);
     sy_model_destroy(&m);
 }
 
