@@ -779,18 +779,18 @@ static void test_route_plan(void **state) {
     (void)state;
     enum { G = 13, E = 4, C = 3 };
     const int32_t ex_h[G] = {2, 0, 2, 2, 1, 2, 0, 3, 2, 0, 0, 0, 1}; /* 2 and 0 overflow */
-    int32_t *ex = g_be->alloc(g_be, sizeof ex_h), *counts = g_be->alloc(g_be, E * 4),
-            *kept = g_be->alloc(g_be, E * 4), *offsets = g_be->alloc(g_be, (E + 1) * 4),
-            *order = g_be->alloc(g_be, G * 4), *slot = g_be->alloc(g_be, G * 4);
+    int32_t *ex = ialloc(ex_h, G), *counts = ialloc(NULL, E), *kept = ialloc(NULL, E),
+            *offsets = ialloc(NULL, E + 1), *order = ialloc(NULL, G), *slot = ialloc(NULL, G);
     float *gate = falloc(G), *gk = falloc(G), *dot = falloc(G), *gamma = falloc(G);
     float *probs = falloc(G * E), *lse = falloc(G), *f = falloc(E);
-    double *stats = g_be->alloc(g_be, 2 * sizeof(double));
-    memcpy(ex, ex_h, sizeof ex_h);
+    double *stats = twin_new(2 * sizeof(double));
     fill(gate, G, 0, 1);
     fill(dot, G, -1, 1);
     fill(probs, G * E, 0, 1);
     fill(lse, G, 0, 3);
-    g_be->route_plan(g_be, counts, kept, offsets, order, slot, gk, ex, gate, G, E, C);
+    g_be->route_plan(g_be, up(counts), up(kept), up(offsets), up(order), up(slot), up(gk), up(ex),
+                     up(gate), G, E, C);
+    dn(counts), dn(kept), dn(offsets), dn(order), dn(slot), dn(gk);
     int cnt[E] = {0}, off[E + 1] = {0}, n_kept = 0;
     for (int t = 0; t < G; t++) cnt[ex_h[t]]++;
     for (int e = 0; e < E; e++) {
@@ -816,9 +816,11 @@ static void test_route_plan(void **state) {
         }
     }
     assert_int_equal(n_kept, off[E]);
-    g_be->route_gamma(g_be, gamma, dot, slot, G);
+    g_be->route_gamma(g_be, up(gamma), up(dot), up(slot), G);
+    dn(gamma);
     for (int t = 0; t < G; t++) assert_true(gamma[t] == (slot[t] >= 0 ? dot[slot[t]] : 0.0f));
-    g_be->route_stats(g_be, stats, f, probs, lse, counts, G, E);
+    g_be->route_stats(g_be, up(stats), up(f), up(probs), up(lse), up(counts), G, E);
+    dn(stats), dn(f);
     double aux = 0.0, z = 0.0;
     for (int e = 0; e < E; e++) {
         double P = 0.0;
@@ -840,10 +842,12 @@ static void test_route_draws_and_wire(void **state) {
     const float eps = 0.01f;
     float *h = falloc(G * D), *u = falloc(G * D), *xr = falloc(G * D), *mask = falloc(N * F);
     float *back = falloc(G * D);
-    int32_t *tok = g_be->alloc(g_be, N * 4), *micro = g_be->alloc(g_be, N * 4);
-    uint16_t *wire = g_be->alloc(g_be, G * D * sizeof(uint16_t));
+    const int32_t tok_h[N] = {4, 0, 9}, micro_h[N] = {1, 3, 2};
+    int32_t *tok = ialloc(tok_h, N), *micro = ialloc(micro_h, N);
+    uint16_t *wire = twin_new(G * D * sizeof(uint16_t));
     fill(h, G * D, -2, 2);
-    g_be->jitter_fwd(g_be, u, xr, h, G, D, eps, 77, 5, 2, 3);
+    g_be->jitter_fwd(g_be, up(u), up(xr), up(h), G, D, eps, 77, 5, 2, 3);
+    dn(u), dn(xr);
     for (int t = 0; t < G; t++) {
         sy_rng_t r = sy_rng_key(77, "router.jitter", 5, 2, (3ull << 32) | (uint64_t)t);
         for (int i = 0; i < D; i++) {
@@ -852,12 +856,11 @@ static void test_route_draws_and_wire(void **state) {
             assert_true(xr[t * D + i] == h[t * D + i] * want);
         }
     }
-    const int32_t tok_h[N] = {4, 0, 9}, micro_h[N] = {1, 3, 2};
-    memcpy(tok, tok_h, sizeof tok_h);
-    memcpy(micro, micro_h, sizeof micro_h);
     const float keep = 0.75f, inv = 1.0f / keep;
     for (int with_micro = 0; with_micro < 2; with_micro++) {
-        g_be->dropout_mask(g_be, mask, tok, with_micro ? micro : NULL, N, F, keep, inv, 77, 5, 6, 3);
+        g_be->dropout_mask(g_be, up(mask), up(tok), with_micro ? up(micro) : NULL, N, F, keep, inv,
+                           77, 5, 6, 3);
+        dn(mask);
         for (int i = 0; i < N; i++) {
             sy_rng_t r = sy_rng_key(77, "expert.dropout", 5, (uint64_t)(with_micro ? micro_h[i] : 6),
                                     (3ull << 32) | (uint64_t)tok_h[i]);
@@ -865,15 +868,21 @@ static void test_route_draws_and_wire(void **state) {
                 assert_true(mask[i * F + j] == (sy_rng_uniform(&r) < keep ? inv : 0.0f));
         }
     }
-    g_be->wire_put(g_be, wire, h, G * D, 2);
-    g_be->wire_get(g_be, back, wire, G * D, 2);
+    g_be->wire_put(g_be, up(wire), up(h), G * D, 2);
+    dn(wire);
+    g_be->wire_get(g_be, up(back), up(wire), G * D, 2);
+    dn(back);
     for (int i = 0; i < G * D; i++) {
         assert_int_equal(wire[i], sy_f32_to_bf16(h[i]));
         assert_true(back[i] == sy_round_bf16(h[i]));
     }
-    g_be->wire_put(g_be, back, h, G * D, 4);
+    g_be->wire_put(g_be, up(back), up(h), G * D, 4);
+    dn(back);
     assert_memory_equal(back, h, sizeof(float) * G * D);
-    assert_ptr_equal(g_be->host_view(g_be, h), h); /* the CPU backend's memory is host memory */
+    /* the CPU backend's memory is host memory; the poisoned variant's is not */
+    float *hb = up(h);
+    if (strcmp(g_be->name, "cpu-poison")) assert_ptr_equal(g_be->host_view(g_be, hb), hb);
+    else assert_null(g_be->host_view(g_be, hb));
     ffree(h), ffree(u), ffree(xr), ffree(mask), ffree(back), ffree(tok), ffree(micro), ffree(wire);
 }
 
