@@ -21,6 +21,7 @@
 #include "coordinator/committer.h"
 #include "base/config.h"
 #include "coordinator/coord.h"
+#include "coordinator/history.h"
 #include "coordinator/http.h"
 #include "proto/protocol.h"
 #include "storage/store.h"
@@ -159,6 +160,9 @@ struct sy_coord {
     int64_t load_step;
     struct { int64_t step; double loss; } hist[LOSS_HISTORY];
     int nhist;
+    sy_history_t *history;   /* the dashboard's series (/v1/history) */
+    uint64_t history_published; /* its version last published */
+    int64_t history_published_at;
     double *ms_by_step; /* step time of the kept run of each step (goodput) */
     int64_t ms_cap;
     double useful_ms;

@@ -102,11 +102,18 @@ static void step_complete(sy_coord_t *c, agg *a) {
     c->hist[c->nhist].loss = loss;
     c->nhist++;
     record_step_ms(c, a->step, a->step_ms);
+    double now_s = sy_wall_s();
+    sy_history_add(c->history,
+                   &(sy_history_step){.step = a->step, .time = now_s, .loss = loss, .ce = a->ce, .aux = a->aux,
+                                      .z = a->z, .lr = a->lr, .grad_norm = a->grad_norm, .tokens_per_s = tps,
+                                      .dropped_frac = dfrac, .step_ms = a->step_ms, .world = c->world,
+                                      .generation = c->gen},
+                   a->counts_ok ? a->counts : NULL);
     json_t *j = json_pack("{s:I, s:o, s:o, s:o, s:o, s:o, s:o, s:f, s:f, s:i, s:I, s:f, s:f}", "step",
                           (json_int_t)a->step, "loss", jnum(loss), "ce", jnum(a->ce), "aux", jnum(a->aux), "z",
                           jnum(a->z), "lr", jnum(a->lr), "grad_norm", jnum(a->grad_norm), "tokens_per_s", tps,
                           "dropped_frac", dfrac, "world", c->world, "generation", (json_int_t)c->gen, "step_ms",
-                          a->step_ms, "time", sy_wall_s());
+                          a->step_ms, "time", now_s);
     char *line = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (line && c->metrics_f) {
         fprintf(c->metrics_f, "%s\n", line);
