@@ -4,6 +4,8 @@ Selenium). The checks read the RENDERED page, not the HTML source:
   - the loss chart (a dygraphs chart) holds one point per step of metrics.jsonl up to the step it
     shows (the steps replayed after a recovery replace the lost ones: metrics.jsonl's distinct
     steps), and its steps are exactly those;
+  - every chart (loss, tokens/s, drop rate, learning rate, gradient norm, imbalance) has points,
+    and moving the mouse over the loss chart shows the step and its values in the legend;
   - the worker table lists both live workers, with their ranks and owned experts;
   - the expert-load heat map has layers × experts cells;
   - after `kill -9` of one worker the table shows it lost, the events list the loss and the
@@ -16,6 +18,7 @@ tests/CMakeLists.txt sets SKIP_RETURN_CODE), never passing silently."""
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,6 +83,15 @@ class Browser:
 
     def js(self, script, *args):
         return http("POST", self.url + "/execute/sync", {"script": script, "args": list(args)})["value"]
+
+    def hover(self, css):
+        """Moves the mouse to the middle of the first element matching css."""
+        x, y = self.js("var r = document.querySelector(arguments[0]).getBoundingClientRect();"
+                       "return [Math.round(r.left + r.width / 2), Math.round(r.top + r.height / 2)];", css)
+        http("POST", self.url + "/actions", {"actions": [{
+            "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+            "actions": [{"type": "pointerMove", "duration": 0, "origin": "viewport", "x": x - 5, "y": y},
+                        {"type": "pointerMove", "duration": 100, "origin": "viewport", "x": x, "y": y}]}]})
 
     def logs(self):
         return http("POST", self.url + "/se/log", {"type": "browser"})["value"]
@@ -181,6 +193,12 @@ def main():
               f"each live worker's owned experts are listed ({[w['cells'][5] for w in live.values()]})")
         check(p["layers"] > 0 and p["cells"] == p["layers"] * p["experts"],
               f"the heat map has layers × experts = {p['layers']} × {p['experts']} cells ({p['cells']})")
+        def hovered():
+            browser.hover("#c-loss")
+            t = browser.js("return document.getElementById('l-loss').textContent")
+            return t if re.search(r"\d+:.*loss:\s*\d+\.\d+", t) else None
+        legend = wait(hovered, 10, "hover values")
+        check(legend is not None, f"hovering the loss chart shows the step and its values ({legend!r})")
         logs = browser.logs()
         errs = [entry for entry in logs if entry.get("level") == "SEVERE"]
         check(not errs, f"no errors in the browser console ({errs[:3]})")
