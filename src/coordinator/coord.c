@@ -125,6 +125,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     char path[4200];
     const char *mode = c->latest_ckpt >= 0 ? "a" : "w"; /* a fresh run starts fresh logs */
     snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.state_dir);
+    if (mode[0] == 'a') sy_coord_history_reload(c, path);
     if (!(c->metrics_f = sy_fs_fopen_regular(path, mode[0] == 'a'))) {
         s = SY_EIO;
         goto fail;

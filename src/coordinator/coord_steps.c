@@ -160,6 +160,37 @@ static void step_complete(sy_coord_t *c, agg *a) {
     sy_coord_maybe_finish(c);
 }
 
+void sy_coord_history_reload(sy_coord_t *c, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return; /* no file yet: nothing to show */
+    char *line = NULL;
+    size_t cap = 0;
+    int n = 0, bad = 0;
+    while (getline(&line, &cap, f) > 0) {
+        json_t *j = json_loads(line, 0, NULL);
+        json_t *st = json_object_get(j, "step");
+        if (!json_is_integer(st) || json_integer_value(st) < 1) { /* a torn last line, or not ours */
+            bad += j != NULL || line[0] != '\n';
+            json_decref(j);
+            continue;
+        }
+#define NUM(k) (json_is_number(json_object_get(j, k)) ? json_number_value(json_object_get(j, k)) : NAN)
+        sy_history_step h = {.step = json_integer_value(st), .time = NUM("time"), .loss = NUM("loss"),
+                             .ce = NUM("ce"), .aux = NUM("aux"), .z = NUM("z"), .lr = NUM("lr"),
+                             .grad_norm = NUM("grad_norm"), .tokens_per_s = NUM("tokens_per_s"),
+                             .dropped_frac = NUM("dropped_frac"), .step_ms = NUM("step_ms"),
+                             .world = (int)json_integer_value(json_object_get(j, "world")),
+                             .generation = (uint64_t)json_integer_value(json_object_get(j, "generation"))};
+#undef NUM
+        sy_history_add(c->history, &h, NULL); /* expert counts are not in metrics.jsonl */
+        n++;
+        json_decref(j);
+    }
+    free(line);
+    fclose(f);
+    if (n || bad) sy_info("history: %d step(s) of %s for the dashboard%s", n, path, bad ? " (unreadable lines skipped)" : "");
+}
+
 static void record_step_ms(sy_coord_t *c, int64_t step, double ms) {
     if (step > GOODPUT_MAX_STEPS) return;
     if (step >= c->ms_cap) {
