@@ -17,6 +17,10 @@ PKGS=(
   python3 python3-torch python3-numpy python3-prometheus-client python3-yaml
   # deployment file checks (tests/py/test_deploy.py; systemd-analyze and kubectl are used when present)
   shellcheck
+  # the dashboard's charting library, built into the coordinator (CMakeLists.txt embeds it)
+  libjs-dygraphs
+  # the dashboard's browser test (tests/py/test_dashboard.py; skipped without them)
+  chromium chromium-driver
   # default corpus
   fortunes fortunes-min
   # tools the tests drive

@@ -11,6 +11,7 @@
 #include "cli/data_cli.h"
 #include "cli/keygen_cli.h"
 #include "cli/launcher.h"
+#include "cli/sample_cli.h"
 #include "base/log.h"
 #include "cli/status_cli.h"
 #include "cli/train.h"
@@ -27,6 +28,7 @@ static void usage(FILE *f) {
             "  run CONFIG --workers N [--set k=v]    a local cluster: coordinator + N workers\n"
             "  train CONFIG [--set k=v] [--resume]   train in this process, all experts local\n"
             "  eval --checkpoint DIR --data SHARDS   mean cross-entropy of a checkpoint\n"
+            "  sample --checkpoint DIR --prompt TEXT text from a checkpoint (temperature, top-k, seed)\n"
             "  data prepare --input F... --out DIR   tokenize text (bytes) into llm.c shards\n"
             "  ckpt ls|show|export STORE/RUN[@STEP] list, verify, export checkpoints\n"
             "  status [--url URL] [--json]           a running cluster's status (coordinator HTTP)\n"
@@ -102,6 +104,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "train")) return sy_train_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "run")) return sy_run_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return sy_eval_cli(argc - 1, argv + 1);
+    if (!strcmp(cmd, "sample")) return sy_sample_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "config")) return config_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "ckpt")) return sy_ckpt_cli(argc - 1, argv + 1);
     if (!strcmp(cmd, "status")) return sy_status_cli(argc - 1, argv + 1);

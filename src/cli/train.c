@@ -442,8 +442,7 @@ static void eval_usage(FILE *f) {
             "  -h, --help         this help\n");
 }
 
-/* Splits DIR into store, run and step (-1: latest). */
-static sy_status parse_ckpt_dir(const char *dir, char *store, char *run, int64_t *step) {
+sy_status sy_cli_ckpt_dir_parse(const char *dir, char *store, char *run, int64_t *step) {
     char buf[4096];
     snprintf(buf, sizeof buf, "%s", dir);
     size_t n = strlen(buf);
@@ -531,7 +530,7 @@ int sy_eval_cli(int argc, char **argv) {
     char store_url[4096], run[256];
     int64_t step;
     rc = 1;
-    if (parse_ckpt_dir(ckdir, store_url, run, &step) != SY_OK) goto fail;
+    if (sy_cli_ckpt_dir_parse(ckdir, store_url, run, &step) != SY_OK) goto fail;
     if (sy_store_open(store_url, &store) != SY_OK) goto fail;
     if (step < 0 && sy_ckpt_latest(store, run, &step) != SY_OK) {
         sy_err_prefix(SY_ENOTFOUND, "no committed checkpoint in %s", ckdir);

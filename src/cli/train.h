@@ -6,6 +6,7 @@
 #define SY_TRAIN_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "base/config.h"
 #include "base/status.h"
@@ -24,5 +25,9 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts);
  * Return a process exit code. */
 int sy_train_cli(int argc, char **argv);
 int sy_eval_cli(int argc, char **argv);
+
+/* Splits a --checkpoint DIR (STORE/RUN/ckpt/step-NNNNNNNNN, or STORE/RUN: its latest committed
+ * checkpoint) into store (a buffer of 4096 bytes), run (256) and step (-1: the latest). */
+sy_status sy_cli_ckpt_dir_parse(const char *dir, char *store, char *run, int64_t *step);
 
 #endif

@@ -40,6 +40,8 @@
 #define SETTLE_MAX_MS 1000
 /* Status snapshot republished at least this often (heartbeat ages move). */
 #define PUBLISH_MS 250
+/* The run history (/v1/history) is republished at most this often. */
+#define HISTORY_PUBLISH_MS 1000
 /* Rate limit of drop warnings: one line per reason per this many ms. */
 #define DROP_LOG_MS 2000
 /* Socket linger at close (ms): lets the final Stops leave. */
@@ -92,6 +94,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
         s = sy_err_set(SY_ENOMEM, "out of memory");
         goto fail;
     }
+    SY_CHECK_GOTO(sy_history_new(c->n_switch, c->E, &c->history), s, fail);
     while (c->incarnation == 0)
         if (getrandom(&c->incarnation, sizeof c->incarnation, 0) != (ssize_t)sizeof c->incarnation)
             c->incarnation = (uint64_t)sy_wall_s() * 2654435761u ^ (uint64_t)getpid();
@@ -122,6 +125,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     char path[4200];
     const char *mode = c->latest_ckpt >= 0 ? "a" : "w"; /* a fresh run starts fresh logs */
     snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.state_dir);
+    if (mode[0] == 'a') sy_coord_history_reload(c, path);
     if (!(c->metrics_f = sy_fs_fopen_regular(path, mode[0] == 'a'))) {
         s = SY_EIO;
         goto fail;
@@ -227,6 +231,7 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     free(c->members);
     free(c->placement);
     free(c->load);
+    sy_history_destroy(&c->history);
     free(c->ms_by_step);
     free(c->w);
     sy_config_free(&c->cfg);
@@ -515,6 +520,17 @@ static void publish(sy_coord_t *c) {
     json_decref(j);
     sy_http_publish(c->http, s, sy_coord_metrics_text(c));
     c->last_publish = sy_mono_ms();
+    /* the history is the large document: rebuilt only when it changed, at most every
+     * HISTORY_PUBLISH_MS (the periodic publish catches up with the last steps) */
+    uint64_t hv = sy_history_version(c->history);
+    if (hv != c->history_published && (c->last_publish - c->history_published_at >= HISTORY_PUBLISH_MS || c->done)) {
+        char *h = sy_history_json(c->history);
+        if (h) {
+            sy_http_publish_history(c->http, h);
+            c->history_published = hv;
+            c->history_published_at = c->last_publish;
+        }
+    }
     c->dirty = false;
 }
 

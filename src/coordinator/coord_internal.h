@@ -21,6 +21,7 @@
 #include "coordinator/committer.h"
 #include "base/config.h"
 #include "coordinator/coord.h"
+#include "coordinator/history.h"
 #include "coordinator/http.h"
 #include "proto/protocol.h"
 #include "storage/store.h"
@@ -159,6 +160,9 @@ struct sy_coord {
     int64_t load_step;
     struct { int64_t step; double loss; } hist[LOSS_HISTORY];
     int nhist;
+    sy_history_t *history;   /* the dashboard's series (/v1/history) */
+    uint64_t history_published; /* its version last published */
+    int64_t history_published_at;
     double *ms_by_step; /* step time of the kept run of each step (goodput) */
     int64_t ms_cap;
     double useful_ms;
@@ -181,6 +185,10 @@ static inline json_t *jnum(double v) { return isfinite(v) ? json_real(v) : json_
 /* ---- coord.c: the reactor ---- */
 /* Counts a dropped message by reason and logs it (rate-limited per reason). */
 void sy_coord_drop(sy_coord_t *c, sy_proto_drop why, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* A restarted coordinator (continuing a run): the steps metrics.jsonl already holds go into the
+ * dashboard's history (without expert loads), so its charts start where the run did. A missing
+ * file is no error; unreadable lines are skipped (and counted in one log line). */
+void sy_coord_history_reload(sy_coord_t *c, const char *path);
 /* Appends {"time", "event", ...fields} to events.jsonl and the recent list; steals fields. */
 void sy_coord_event(sy_coord_t *c, const char *name, json_t *fields);
 

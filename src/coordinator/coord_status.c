@@ -136,6 +136,9 @@ char *sy_coord_metrics_text(sy_coord_t *c) {
     prom_gauge(&b, "switchyard_ce", "Cross-entropy of the last step.", have ? c->ce : NAN);
     prom_gauge(&b, "switchyard_aux", "Load-balancing loss (weighted) of the last step.", have ? c->aux : NAN);
     prom_gauge(&b, "switchyard_z", "Router z-loss (weighted) of the last step.", have ? c->z : NAN);
+    prom_gauge(&b, "switchyard_learning_rate", "Learning rate of the last step.", have ? c->lr : NAN);
+    prom_gauge(&b, "switchyard_grad_norm", "Global gradient norm (before clipping) of the last step.",
+               have ? c->grad_norm : NAN);
     prom_gauge(&b, "switchyard_tokens_per_second", "Training throughput of the last step.", c->tps);
     prom_gauge(&b, "switchyard_generation", "Current generation.", (double)c->gen);
     prom_gauge(&b, "switchyard_world", "Workers in the current generation.", (double)(c->gen_open ? c->world : 0));

@@ -102,11 +102,18 @@ static void step_complete(sy_coord_t *c, agg *a) {
     c->hist[c->nhist].loss = loss;
     c->nhist++;
     record_step_ms(c, a->step, a->step_ms);
+    double now_s = sy_wall_s();
+    sy_history_add(c->history,
+                   &(sy_history_step){.step = a->step, .time = now_s, .loss = loss, .ce = a->ce, .aux = a->aux,
+                                      .z = a->z, .lr = a->lr, .grad_norm = a->grad_norm, .tokens_per_s = tps,
+                                      .dropped_frac = dfrac, .step_ms = a->step_ms, .world = c->world,
+                                      .generation = c->gen},
+                   a->counts_ok ? a->counts : NULL);
     json_t *j = json_pack("{s:I, s:o, s:o, s:o, s:o, s:o, s:o, s:f, s:f, s:i, s:I, s:f, s:f}", "step",
                           (json_int_t)a->step, "loss", jnum(loss), "ce", jnum(a->ce), "aux", jnum(a->aux), "z",
                           jnum(a->z), "lr", jnum(a->lr), "grad_norm", jnum(a->grad_norm), "tokens_per_s", tps,
                           "dropped_frac", dfrac, "world", c->world, "generation", (json_int_t)c->gen, "step_ms",
-                          a->step_ms, "time", sy_wall_s());
+                          a->step_ms, "time", now_s);
     char *line = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (line && c->metrics_f) {
         fprintf(c->metrics_f, "%s\n", line);
@@ -151,6 +158,37 @@ static void step_complete(sy_coord_t *c, agg *a) {
         return;
     }
     sy_coord_maybe_finish(c);
+}
+
+void sy_coord_history_reload(sy_coord_t *c, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return; /* no file yet: nothing to show */
+    char *line = NULL;
+    size_t cap = 0;
+    int n = 0, bad = 0;
+    while (getline(&line, &cap, f) > 0) {
+        json_t *j = json_loads(line, 0, NULL);
+        json_t *st = json_object_get(j, "step");
+        if (!json_is_integer(st) || json_integer_value(st) < 1) { /* a torn last line, or not ours */
+            bad += j != NULL || line[0] != '\n';
+            json_decref(j);
+            continue;
+        }
+#define NUM(k) (json_is_number(json_object_get(j, k)) ? json_number_value(json_object_get(j, k)) : NAN)
+        sy_history_step h = {.step = json_integer_value(st), .time = NUM("time"), .loss = NUM("loss"),
+                             .ce = NUM("ce"), .aux = NUM("aux"), .z = NUM("z"), .lr = NUM("lr"),
+                             .grad_norm = NUM("grad_norm"), .tokens_per_s = NUM("tokens_per_s"),
+                             .dropped_frac = NUM("dropped_frac"), .step_ms = NUM("step_ms"),
+                             .world = (int)json_integer_value(json_object_get(j, "world")),
+                             .generation = (uint64_t)json_integer_value(json_object_get(j, "generation"))};
+#undef NUM
+        sy_history_add(c->history, &h, NULL); /* expert counts are not in metrics.jsonl */
+        n++;
+        json_decref(j);
+    }
+    free(line);
+    fclose(f);
+    if (n || bad) sy_info("history: %d step(s) of %s for the dashboard%s", n, path, bad ? " (unreadable lines skipped)" : "");
 }
 
 static void record_step_ms(sy_coord_t *c, int64_t step, double ms) {

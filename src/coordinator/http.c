@@ -16,6 +16,7 @@
 
 #include "base/clock.h"
 #include "base/log.h"
+#include "assets_internal.h"
 
 /* Requests the reactor has not drained yet; more are refused with 503. */
 #define SY_HTTP_QUEUE 64
@@ -45,6 +46,7 @@ struct sy_http {
     pthread_mutex_t mu;
     char *status_json;
     char *metrics_text;
+    char *history_json;
     sy_http_cmd q[SY_HTTP_QUEUE];
     int q_head, q_len;
 };
@@ -53,51 +55,25 @@ typedef struct {
     size_t body;
 } req_state;
 
-static const char DASHBOARD[] =
-    "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>switchyard</title><style>"
-    "body{font:14px system-ui,sans-serif;margin:20px;background:#fafafa;color:#222}"
-    "h1{font-size:20px;margin:0 0 8px}h2{font-size:15px;margin:18px 0 6px}"
-    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-    ".kv span{margin-right:18px}.lost{color:#b00}#events{font:12px monospace;white-space:pre;"
-    "max-height:240px;overflow:auto;background:#fff;border:1px solid #ccc;padding:6px}"
-    "svg{background:#fff;border:1px solid #ccc}</style></head><body>"
-    "<h1>switchyard <span id=\"run\"></span></h1><div class=\"kv\" id=\"kv\"></div>"
-    "<h2>Loss</h2><svg id=\"loss\" width=\"640\" height=\"220\"></svg>"
-    "<h2>Expert load (tokens per expert, last step)</h2><svg id=\"heat\" width=\"640\" height=\"40\"></svg>"
-    "<h2>Workers</h2><table id=\"workers\"></table>"
-    "<h2>Events</h2><div id=\"events\"></div>"
-    "<script>\n"
-    "function esc(s){return String(s).replace(/[&<>\"]/g,function(c){return{'&':'&amp;','<':'&lt;','>':'&gt;','\"':'&quot;'}[c]})}\n"
-    "function fmt(x,d){return (x===null||x===undefined)?'-':(typeof x==='number'?x.toFixed(d):esc(x))}\n"
-    "function loss(s){var p=s.recent_loss||[],g=document.getElementById('loss'),W=640,H=220,m=30;"
-    "if(!p.length){g.innerHTML='';return}var xs=p.map(function(q){return q.step}),ys=p.map(function(q){return q.loss});"
-    "var x0=Math.min.apply(null,xs),x1=Math.max.apply(null,xs),y0=Math.min.apply(null,ys),y1=Math.max.apply(null,ys);"
-    "if(x1===x0)x1=x0+1;if(y1===y0)y1=y0+1e-9;var pts=p.map(function(q){return (m+(q.step-x0)/(x1-x0)*(W-2*m)).toFixed(1)+','+"
-    "(H-m-(q.loss-y0)/(y1-y0)*(H-2*m)).toFixed(1)}).join(' ');"
-    "g.innerHTML='<polyline fill=\"none\" stroke=\"#1565c0\" stroke-width=\"1.5\" points=\"'+pts+'\"/>'+"
-    "'<text x=\"4\" y=\"14\" font-size=\"11\">'+y1.toFixed(4)+'</text><text x=\"4\" y=\"'+(H-4)+'\" font-size=\"11\">'+y0.toFixed(4)+"
-    "' (steps '+x0+'..'+x1+')</text>'}\n"
-    "function heat(s){var L=(s.expert_load&&s.expert_load.layers)||[],g=document.getElementById('heat');"
-    "if(!L.length){g.innerHTML='';return}var E=L[0].length,cw=Math.max(8,Math.floor(560/E)),ch=18,h='';"
-    "g.setAttribute('height',L.length*ch+20);g.setAttribute('width',E*cw+70);"
-    "L.forEach(function(row,l){var mx=Math.max.apply(null,row)||1;row.forEach(function(v,e){var a=(v/mx);"
-    "h+='<rect x=\"'+(60+e*cw)+'\" y=\"'+(l*ch)+'\" width=\"'+(cw-1)+'\" height=\"'+(ch-1)+'\" fill=\"rgba(198,40,40,'+a.toFixed(3)+')\">'+"
-    "'<title>layer '+l+' expert '+e+': '+v+'</title></rect>'});h+='<text x=\"2\" y=\"'+(l*ch+13)+'\" font-size=\"11\">layer '+l+'</text>'});"
-    "g.innerHTML=h}\n"
-    "function tick(){fetch('/v1/status').then(function(r){return r.json()}).then(function(s){"
-    "document.getElementById('run').textContent=s.run+' ('+s.state+')';"
-    "document.getElementById('kv').innerHTML=['step '+s.step+'/'+s.total_steps,'loss '+fmt(s.loss,4),"
-    "'tokens/s '+fmt(s.tokens_per_second,0),'generation '+s.generation,'world '+s.world,"
-    "'dropped '+fmt(100*(s.dropped_fraction||0),2)+'%','checkpoint '+(s.latest_checkpoint?s.latest_checkpoint.step:'-'),"
-    "'recoveries '+(s.recoveries||[]).length,'goodput '+fmt(s.goodput,3)].map(function(t){return '<span>'+esc(t)+'</span>'}).join('');"
-    "loss(s);heat(s);var t='<tr><th>id</th><th>host</th><th>pid</th><th>rank</th><th>state</th><th>heartbeat age (ms)</th><th>step</th><th>step ms</th></tr>';"
-    "(s.workers||[]).forEach(function(w){t+='<tr class=\"'+esc(w.state)+'\"><td>'+esc(w.id)+'</td><td>'+esc(w.host)+'</td><td>'+w.pid+'</td><td>'+"
-    "(w.rank<0?'-':w.rank)+'</td><td>'+esc(w.state)+'</td><td>'+w.last_heartbeat_ms+'</td><td>'+w.step+'</td><td>'+fmt(w.step_ms,1)+'</td></tr>'});"
-    "document.getElementById('workers').innerHTML=t;document.getElementById('events').textContent="
-    "(s.events||[]).slice().reverse().map(function(e){return JSON.stringify(e)}).join('\\n')"
-    "}).catch(function(){document.getElementById('run').textContent='(coordinator unreachable)'})}\n"
-    "tick();setInterval(tick,2000);\n"
-    "</script></body></html>\n";
+/* The static files (assets_internal.h): path, bytes, length, content type. */
+typedef struct {
+    const char *path;
+    const unsigned char *bytes;
+    const size_t *len;
+    const char *ctype;
+} asset;
+
+static const asset ASSETS[] = {
+    {"/", sy_asset_dashboard_html, &sy_asset_dashboard_html_len, "text/html; charset=utf-8"},
+    {"/dygraph.min.js", sy_asset_dygraph_js, &sy_asset_dygraph_js_len, "text/javascript; charset=utf-8"},
+    {"/dygraph.min.css", sy_asset_dygraph_css, &sy_asset_dygraph_css_len, "text/css; charset=utf-8"},
+};
+
+static const asset *find_asset(const char *url) {
+    for (size_t i = 0; i < sizeof ASSETS / sizeof ASSETS[0]; i++)
+        if (!strcmp(url, ASSETS[i].path)) return &ASSETS[i];
+    return NULL;
+}
 
 static enum MHD_Result reply(struct MHD_Connection *conn, unsigned code, const char *ctype,
                              char *body_owned) {
@@ -110,6 +86,18 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned code, const c
     MHD_add_response_header(r, "Content-Type", ctype);
     MHD_add_response_header(r, "Cache-Control", "no-store");
     enum MHD_Result ret = MHD_queue_response(conn, code, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+/* A built-in file, served from the binary's own bytes (never freed, never copied). */
+static enum MHD_Result reply_static(struct MHD_Connection *conn, const asset *as) {
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(*as->len, (void *)(uintptr_t)as->bytes, MHD_RESPMEM_PERSISTENT);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, "Content-Type", as->ctype);
+    MHD_add_response_header(r, "Cache-Control", "no-cache");
+    enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_OK, r);
     MHD_destroy_response(r);
     return ret;
 }
@@ -131,10 +119,11 @@ static enum MHD_Result reply_json(struct MHD_Connection *conn, unsigned code, co
     return reply(conn, code, "application/json", s);
 }
 
+/* A copy of a published document: 0 the status, 1 the metrics, 2 the history. */
 static char *published(sy_http_t *h, int which) {
     pthread_mutex_lock(&h->mu);
-    const char *src = which ? h->metrics_text : h->status_json;
-    char *s = strdup(src ? src : (which ? "" : "{}"));
+    const char *src = which == 1 ? h->metrics_text : which == 2 ? h->history_json : h->status_json;
+    char *s = strdup(src ? src : (which == 1 ? "" : "{}"));
     pthread_mutex_unlock(&h->mu);
     return s;
 }
@@ -281,18 +270,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return reply_json(conn, MHD_HTTP_CONTENT_TOO_LARGE, "error", "request body too large");
     const int get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
     const int post = !strcmp(method, "POST");
-    const int known_get = !strcmp(url, "/") || !strcmp(url, "/v1/status") || !strcmp(url, "/metrics");
-    if (known_get) {
+    const asset *as = find_asset(url);
+    const int doc = !strcmp(url, "/metrics") ? 1 : !strcmp(url, "/v1/history") ? 2 : !strcmp(url, "/v1/status") ? 0 : -1;
+    if (as || doc >= 0) {
         if (!get) return reply_json(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "error", "use GET");
-        if (!strcmp(url, "/")) {
-            char *s = strdup(DASHBOARD);
-            return s ? reply(conn, MHD_HTTP_OK, "text/html; charset=utf-8", s) : MHD_NO;
-        }
-        int metrics = !strcmp(url, "/metrics");
-        char *s = published(h, metrics);
+        if (as) return reply_static(conn, as);
+        char *s = published(h, doc);
         if (!s) return MHD_NO;
         return reply(conn, MHD_HTTP_OK,
-                     metrics ? "text/plain; version=0.0.4; charset=utf-8" : "application/json", s);
+                     doc == 1 ? "text/plain; version=0.0.4; charset=utf-8" : "application/json", s);
     }
     if (post) return handle_post(h, conn, url);
     if (!strncmp(url, "/v1/", 4) && get &&
@@ -406,6 +392,14 @@ void sy_http_publish(sy_http_t *self, char *status_json, char *metrics_text) {
     pthread_mutex_unlock(&self->mu);
 }
 
+void sy_http_publish_history(sy_http_t *self, char *history_json) {
+    if (!history_json) return;
+    pthread_mutex_lock(&self->mu);
+    free(self->history_json);
+    self->history_json = history_json;
+    pthread_mutex_unlock(&self->mu);
+}
+
 int sy_http_next_cmd(sy_http_t *self, sy_http_cmd *out) {
     int got = 0;
     pthread_mutex_lock(&self->mu);
@@ -425,6 +419,7 @@ void sy_http_destroy(sy_http_t **self_p) {
     if (h->d) MHD_stop_daemon(h->d);
     free(h->status_json);
     free(h->metrics_text);
+    free(h->history_json);
     free(h->token);
     pthread_mutex_destroy(&h->mu);
     free(h);

@@ -1,7 +1,9 @@
 /* The coordinator's HTTP status server (system spec §6), on libmicrohttpd's own thread.
  *
- *   GET  /            self-refreshing HTML dashboard (inline JS and SVG, no external assets)
+ *   GET  /            self-refreshing HTML dashboard (src/coordinator/dashboard.html, built into
+ *                     the binary with /dygraph.min.js and /dygraph.min.css: no external assets)
  *   GET  /v1/status   the status JSON the reactor last published
+ *   GET  /v1/history  the run history the reactor last published (coordinator/history.h)
  *   GET  /metrics     the Prometheus text the reactor last published
  *   POST /v1/checkpoint, /v1/workers/{id}/drain, /v1/stop,
  *        /v1/workers/{id}/lost[?pid=N]  (the launcher: that worker's process exited; with pid,
@@ -45,6 +47,8 @@ int sy_http_port(const sy_http_t *self);
 /* Replaces the published documents (takes ownership of both malloc'ed strings; NULL keeps the
  * current one). */
 void sy_http_publish(sy_http_t *self, char *status_json, char *metrics_text);
+/* Replaces the published history document (takes ownership; NULL keeps the current one). */
+void sy_http_publish_history(sy_http_t *self, char *history_json);
 /* Dequeues the oldest pending request into *out: 1 if there was one, else 0. */
 int sy_http_next_cmd(sy_http_t *self, sy_http_cmd *out);
 /* Stops the server thread and frees everything; *self_p = NULL. Safe on NULL. */

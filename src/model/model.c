@@ -680,6 +680,14 @@ sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micr
     return SY_OK;
 }
 
+sy_status sy_model_logits(sy_model_t *m, int row0, int n, float *out) {
+    const int N = m->d.B * m->d.T, V = m->d.V;
+    if (row0 < 0 || n < 0 || row0 > N - n)
+        return sy_err_set(SY_EINVAL, "logits rows [%d, %d) outside [0, %d)", row0, row0 + n, N);
+    m->be->download(m->be, out, m->logits + (size_t)row0 * (size_t)V, sizeof(float) * (size_t)n * (size_t)V);
+    return SY_OK;
+}
+
 void sy_model_set_ep(sy_model_t *m, sy_ep_t *ep, int rank) {
     m->ep = ep;
     m->ep_rank = rank;

@@ -124,6 +124,12 @@ sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy
 sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micro,
                                 sy_losses *out);
 
+/* Downloads rows [row0, row0 + n) of the logits [B*T, V] of the last forward (row = sequence ·
+ * T + position; the logit of token v for the NEXT token after that position) into the host
+ * array out [n, V]. Valid after sy_model_forward_eval, until the next forward or fwd_bwd (which
+ * overwrites them with their gradient). For sampling (`switchyard sample`). */
+sy_status sy_model_logits(sy_model_t *m, int row0, int n, float *out);
+
 /* Expert parallelism: with an ep context (switch_ep.h) the Switch layers exchange tokens with
  * the experts' owners; this rank computes only the experts it owns (the others' gradients stay
  * 0 here). rank = this rank in the ep's communicator. NULL: all experts local. */
