@@ -3,7 +3,9 @@
  * renormalised, aux and z losses), the §2 invariants, and the backward against central finite
  * differences of L = Σ r ⊙ out + aux_coef·aux_group + z_coef·z_group (one group, n_groups = 1).
  * Jitter and expert dropout are pure functions of the key, so finite differences of the layer
- * itself (fp32 forward, fp64 accumulation of L) reproduce them. */
+ * itself (fp32 forward, fp64 accumulation of L) reproduce them.
+ * The layer's buffers are treated as device memory (inputs uploaded, results and the backend
+ * fields of sy_switch_info downloaded), so the file passes with SY_BACKEND_POISON=1 too. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -118,12 +120,24 @@ static void ref_switch(const ref_in *in, ref_out *o) {
 
 /* ---------------------------------------------------------------- the layer under test */
 
+/* The test works on host arrays (h, Wr, W1, W2, dout: inputs it sets; out, dh, dWr, dW1, dW2:
+ * results it reads) and treats the backend buffers in L->b as device memory: layer_fwd and
+ * layer_bwd upload the inputs before the layer runs and download its results after, and
+ * layer_info downloads the backend fields of sy_switch_info into host copies. */
+typedef struct {
+    float *h, *Wr, *dWr, *out, *dout, *dh;
+    float *W1, *W2, *dW1, *dW2; /* E consecutive [F,D] / [D,F] blocks */
+} layer_bufs;
+
 typedef struct {
     int G, D, F, E;
     sy_switch_t *sw;
-    float *h, *Wr, *dWr, *out, *dout, *dh;
-    float *W1, *W2, *dW1, *dW2; /* E consecutive [F,D] / [D,F] blocks */
-    sy_expert_weights ex[EMAX];
+    float *h, *Wr, *dWr, *out, *dout, *dh; /* host */
+    float *W1, *W2, *dW1, *dW2;             /* host, E consecutive [F,D] / [D,F] blocks */
+    layer_bufs b;                           /* backend copies */
+    sy_expert_weights ex[EMAX];             /* over the backend copies */
+    int32_t inf_expert[256], inf_order[256];
+    float inf_gate[256], inf_probs[256 * EMAX];
 } layer;
 
 static float *falloc(size_t n) {
@@ -131,51 +145,98 @@ static float *falloc(size_t n) {
     assert_non_null(p);
     return p;
 }
+static float *halloc(size_t n) {
+    float *p = calloc(n, sizeof(float));
+    assert_non_null(p);
+    return p;
+}
 
 static void layer_new(layer *L, int G, int D, int F, int E) {
     memset(L, 0, sizeof *L);
     L->G = G, L->D = D, L->F = F, L->E = E;
+    assert_true(G <= 256 && E <= EMAX);
     assert_int_equal(sy_switch_new(g_be, G, D, F, E, &L->sw), SY_OK);
-    L->h = falloc((size_t)G * D);
-    L->Wr = falloc((size_t)E * D);
-    L->dWr = falloc((size_t)E * D);
-    L->out = falloc((size_t)G * D);
-    L->dout = falloc((size_t)G * D);
-    L->dh = falloc((size_t)G * D);
-    L->W1 = falloc((size_t)E * F * D);
-    L->W2 = falloc((size_t)E * D * F);
-    L->dW1 = falloc((size_t)E * F * D);
-    L->dW2 = falloc((size_t)E * D * F);
+    const size_t n[10] = {(size_t)G * D, (size_t)E * D, (size_t)E * D, (size_t)G * D,
+                          (size_t)G * D, (size_t)G * D, (size_t)E * F * D, (size_t)E * D * F,
+                          (size_t)E * F * D, (size_t)E * D * F};
+    float **host[10] = {&L->h, &L->Wr, &L->dWr, &L->out, &L->dout, &L->dh,
+                        &L->W1, &L->W2, &L->dW1, &L->dW2};
+    float **dev[10] = {&L->b.h, &L->b.Wr, &L->b.dWr, &L->b.out, &L->b.dout, &L->b.dh,
+                       &L->b.W1, &L->b.W2, &L->b.dW1, &L->b.dW2};
+    for (int i = 0; i < 10; i++) *host[i] = halloc(n[i]), *dev[i] = falloc(n[i]);
     for (int e = 0; e < E; e++)
-        L->ex[e] = (sy_expert_weights){L->W1 + (size_t)e * F * D, L->W2 + (size_t)e * D * F,
-                                       L->dW1 + (size_t)e * F * D, L->dW2 + (size_t)e * D * F, NULL, NULL};
+        L->ex[e] = (sy_expert_weights){L->b.W1 + (size_t)e * F * D, L->b.W2 + (size_t)e * D * F,
+                                       L->b.dW1 + (size_t)e * F * D, L->b.dW2 + (size_t)e * D * F,
+                                       NULL, NULL};
 }
 
 static void layer_free(layer *L) {
     sy_switch_destroy(&L->sw);
-    float *b[] = {L->h, L->Wr, L->dWr, L->out, L->dout, L->dh, L->W1, L->W2, L->dW1, L->dW2};
-    for (size_t i = 0; i < sizeof b / sizeof b[0]; i++) g_be->free(g_be, b[i]);
+    float *h[] = {L->h, L->Wr, L->dWr, L->out, L->dout, L->dh, L->W1, L->W2, L->dW1, L->dW2};
+    float *b[] = {L->b.h, L->b.Wr, L->b.dWr, L->b.out, L->b.dout,
+                  L->b.dh, L->b.W1, L->b.W2, L->b.dW1, L->b.dW2};
+    for (size_t i = 0; i < sizeof b / sizeof b[0]; i++) free(h[i]), g_be->free(g_be, b[i]);
+}
+
+static void up(float *dev, const float *host, size_t n) {
+    g_be->upload(g_be, dev, host, n * sizeof(float));
+}
+static void down(float *host, const float *dev, size_t n) {
+    sy_test_download(g_be, host, dev, n * sizeof(float));
+}
+
+/* The forward's inputs, host -> backend. */
+static void layer_upload(layer *L) {
+    const size_t GD = (size_t)L->G * L->D, ED = (size_t)L->E * L->D, EFD = ED * L->F;
+    up(L->b.h, L->h, GD), up(L->b.Wr, L->Wr, ED), up(L->b.W1, L->W1, EFD), up(L->b.W2, L->W2, EFD);
+}
+
+/* sy_switch_get_info with expert, gate, probs and order downloaded into L (valid until the next
+ * layer_info): the host fields are the layer's own. */
+static sy_switch_info layer_info(layer *L) {
+    sy_switch_info inf = sy_switch_get_info(L->sw);
+    down(L->inf_gate, inf.gate, (size_t)inf.G);
+    down(L->inf_probs, inf.probs, (size_t)inf.G * inf.E);
+    sy_test_download(g_be, L->inf_expert, inf.expert, sizeof(int32_t) * inf.G);
+    sy_test_download(g_be, L->inf_order, inf.order, sizeof(int32_t) * inf.n_kept);
+    inf.expert = L->inf_expert, inf.gate = L->inf_gate, inf.probs = L->inf_probs;
+    inf.order = L->inf_order;
+    return inf;
 }
 
 static void layer_fwd(layer *L, double cf, double jitter, double dropout, sy_switch_key key) {
-    sy_switch_route(L->sw, L->h, L->Wr, cf, jitter, key);
-    sy_switch_dispatch(L->sw, L->h);
+    layer_upload(L);
+    sy_switch_route(L->sw, L->b.h, L->b.Wr, cf, jitter, key);
+    sy_switch_dispatch(L->sw, L->b.h);
     sy_switch_experts(L->sw, L->ex, 0, L->E, dropout, key);
-    sy_switch_combine(L->sw, L->out);
+    sy_switch_combine(L->sw, L->b.out);
+    down(L->out, L->b.out, (size_t)L->G * L->D);
 }
 
+/* Runs on the forward state of the last layer_fwd (whose inputs are still on the backend). */
 static void layer_bwd(layer *L, double aux_coef, double z_coef) {
-    float aux_scale = (float)(aux_coef * L->E / L->G), z_scale = (float)(z_coef * 2.0 / L->G);
-    sy_switch_combine_bwd(L->sw, L->dout);
-    sy_switch_experts_bwd(L->sw, L->ex, 0, L->E);
-    sy_switch_dispatch_bwd(L->sw, L->dh);
-    sy_switch_route_bwd(L->sw, L->h, L->Wr, L->dWr, L->dh, aux_scale, z_scale);
+    const int G = L->G, D = L->D, F = L->F, E = L->E;
+    float aux_scale = (float)(aux_coef * E / G), z_scale = (float)(z_coef * 2.0 / G);
+    up(L->b.dout, L->dout, (size_t)G * D);
+    sy_switch_combine_bwd(L->sw, L->b.dout);
+    sy_switch_experts_bwd(L->sw, L->ex, 0, E);
+    sy_switch_dispatch_bwd(L->sw, L->b.dh);
+    sy_switch_route_bwd(L->sw, L->b.h, L->b.Wr, L->b.dWr, L->b.dh, aux_scale, z_scale);
+    down(L->dh, L->b.dh, (size_t)G * D);
+    down(L->dWr, L->b.dWr, (size_t)E * D);
+    down(L->dW1, L->b.dW1, (size_t)E * F * D);
+    down(L->dW2, L->b.dW2, (size_t)E * D * F);
 }
 
+/* Weight gradients accumulate on the backend: zero both copies. */
 static void zero_grads(layer *L) {
-    memset(L->dWr, 0, sizeof(float) * L->E * L->D);
-    memset(L->dW1, 0, sizeof(float) * L->E * L->F * L->D);
-    memset(L->dW2, 0, sizeof(float) * L->E * L->D * L->F);
+    const size_t ED = (size_t)L->E * L->D, EFD = ED * L->F;
+    g_be->zero(g_be, L->b.dWr, sizeof(float) * ED);
+    g_be->zero(g_be, L->b.dW1, sizeof(float) * EFD);
+    g_be->zero(g_be, L->b.dW2, sizeof(float) * EFD);
+    memset(L->dWr, 0, sizeof(float) * ED);
+    memset(L->dW1, 0, sizeof(float) * EFD);
+    memset(L->dW2, 0, sizeof(float) * EFD);
 }
 
 /* fp64 copies of the layer's inputs, for the reference */
@@ -236,7 +297,7 @@ static void ref_fd(ref_ctx *c, double *x, size_t n, double *g) {
 static void check_forward(layer *L, ref_ctx *c) {
     const int G = L->G, D = L->D, E = L->E;
     ref_loss(c);
-    sy_switch_info inf = sy_switch_get_info(L->sw);
+    sy_switch_info inf = layer_info(L);
     assert_int_equal(inf.C, c->o.C);
     for (int t = 0; t < G; t++) assert_int_equal(inf.expert[t], c->o.expert[t]);
     for (int e = 0; e < E; e++) assert_int_equal(inf.counts[e], c->o.counts[e]);
@@ -311,7 +372,7 @@ static void test_inorder_drops(void **state) {
 
     /* cf 1.0: C = max(4, ceil(12/3)) = 4: expert 0 keeps tokens 0, 2, 3, 5 */
     layer_fwd(&L, 1.0, 0.0, 0.0, key);
-    sy_switch_info inf = sy_switch_get_info(L.sw);
+    sy_switch_info inf = layer_info(&L);
     assert_int_equal(inf.C, 4);
     const int32_t counts[E] = {9, 2, 1}, kept[E] = {4, 2, 1}, offsets[E + 1] = {0, 4, 6, 7};
     const int32_t order[7] = {0, 2, 3, 5, 1, 7, 4};
@@ -336,7 +397,7 @@ static void test_inorder_drops(void **state) {
 
     /* cf 2.0: C = 8: expert 0 keeps its first 8 (0 2 3 5 6 8 9 10), drops 11 */
     layer_fwd(&L, 2.0, 0.0, 0.0, key);
-    inf = sy_switch_get_info(L.sw);
+    inf = layer_info(&L);
     assert_int_equal(inf.C, 8);
     const int32_t order2[11] = {0, 2, 3, 5, 6, 8, 9, 10, 1, 7, 4};
     assert_int_equal(inf.n_kept, 11);
@@ -382,7 +443,7 @@ static void test_forward_vs_reference(void **state) {
         ref_ctx_new(&c, &L, cf);
         check_forward(&L, &c);
         if (k == 0) { /* the case is meant to drop tokens and use several experts */
-            sy_switch_info inf = sy_switch_get_info(L.sw);
+            sy_switch_info inf = layer_info(&L);
             assert_true(inf.n_kept < G);
             int used = 0;
             for (int e = 0; e < E; e++) used += inf.kept[e] > 0;
@@ -404,28 +465,34 @@ static void test_e1_is_dense(void **state) {
     random_layer(&L, 0);
     sy_switch_key key = {1, 0, 0, 0};
     layer_fwd(&L, 1.0, 0.0, 0.0, key);
-    sy_switch_info inf = sy_switch_get_info(L.sw);
+    sy_switch_info inf = layer_info(&L);
     assert_int_equal(inf.C, G);
     assert_int_equal(inf.n_kept, G);
     assert_true(inf.aux_group == 1.0);
 
     float *a = falloc(G * F), *g = falloc(G * F), *y = falloc(G * D);
-    g_be->matmul_fwd(g_be, a, L.h, L.W1, G, D, F);
+    g_be->matmul_fwd(g_be, a, L.b.h, L.b.W1, G, D, F);
     g_be->gelu_fwd(g_be, g, a, G * F);
-    g_be->matmul_fwd(g_be, y, g, L.W2, G, F, D);
-    assert_memory_equal(L.out, y, sizeof(float) * G * D);
+    g_be->matmul_fwd(g_be, y, g, L.b.W2, G, F, D);
+    float *hy = sy_test_download_new(g_be, y, sizeof(float) * G * D);
+    assert_memory_equal(L.out, hy, sizeof(float) * G * D);
 
     /* backward with z_coef = 0: the router path contributes nothing (p = 1) */
     zero_grads(&L);
     layer_bwd(&L, 0.5, 0.0);
     float *dg = falloc(G * F), *da = falloc(G * F), *dx = falloc(G * D), *dW1 = falloc(F * D),
           *dW2 = falloc(D * F);
-    g_be->matmul_bwd(g_be, dg, dW2, L.dout, g, L.W2, G, F, D, false);
+    g_be->matmul_bwd(g_be, dg, dW2, L.b.dout, g, L.b.W2, G, F, D, false);
     g_be->gelu_bwd(g_be, da, dg, a, G * F);
-    g_be->matmul_bwd(g_be, dx, dW1, da, L.h, L.W1, G, D, F, false);
-    for (int i = 0; i < G * D; i++) assert_true(fabsf(L.dh[i] - dx[i]) <= 1e-7f * (1 + fabsf(dx[i])));
-    assert_memory_equal(L.dW1, dW1, sizeof(float) * F * D);
-    assert_memory_equal(L.dW2, dW2, sizeof(float) * D * F);
+    g_be->matmul_bwd(g_be, dx, dW1, da, L.b.h, L.b.W1, G, D, F, false);
+    float *hdx = sy_test_download_new(g_be, dx, sizeof(float) * G * D),
+          *hdW1 = sy_test_download_new(g_be, dW1, sizeof(float) * F * D),
+          *hdW2 = sy_test_download_new(g_be, dW2, sizeof(float) * D * F);
+    for (int i = 0; i < G * D; i++)
+        assert_true(fabsf(L.dh[i] - hdx[i]) <= 1e-7f * (1 + fabsf(hdx[i])));
+    assert_memory_equal(L.dW1, hdW1, sizeof(float) * F * D);
+    assert_memory_equal(L.dW2, hdW2, sizeof(float) * D * F);
+    free(hy), free(hdx), free(hdW1), free(hdW2);
     for (int i = 0; i < D; i++) assert_true(fabsf(L.dWr[i]) < 1e-7f);
     g_be->free(g_be, a), g_be->free(g_be, g), g_be->free(g_be, y), g_be->free(g_be, dg);
     g_be->free(g_be, da), g_be->free(g_be, dx), g_be->free(g_be, dW1), g_be->free(g_be, dW2);
@@ -443,7 +510,7 @@ static void test_wr_zero(void **state) {
         memset(L.Wr, 0, sizeof(float) * E * D);
         sy_switch_key key = {1, 0, 0, 0};
         layer_fwd(&L, 1.25, 0.0, 0.0, key);
-        sy_switch_info inf = sy_switch_get_info(L.sw);
+        sy_switch_info inf = layer_info(&L);
         int C = E == 4 ? 4 : 5; /* ceil(15/4) = 4; ceil(15/3) = 5 */
         assert_int_equal(inf.C, C);
         assert_int_equal(inf.counts[0], G);
@@ -483,7 +550,7 @@ static void test_backward_fd(void **state) {
     random_layer(&L, 1);
     sy_switch_key key = {1, 0, 0, 0};
     layer_fwd(&L, 1.0, 0.0, 0.0, key);
-    sy_switch_info inf = sy_switch_get_info(L.sw);
+    sy_switch_info inf = layer_info(&L);
     assert_true(inf.n_kept < G); /* drops happen */
     zero_grads(&L);
     fill(L.dh, G * D, 50, 60); /* overwritten */
@@ -530,7 +597,7 @@ typedef struct {
 static double impl_loss(impl_ctx *c, int32_t *expert_out) {
     layer *L = c->L;
     layer_fwd(L, c->cf, c->jitter, c->dropout, c->key);
-    sy_switch_info inf = sy_switch_get_info(L->sw);
+    sy_switch_info inf = layer_info(L);
     double s = 0.0;
     for (int i = 0; i < L->G * L->D; i++) s += (double)L->dout[i] * L->out[i];
     if (expert_out) memcpy(expert_out, inf.expert, sizeof(int32_t) * L->G);
@@ -597,11 +664,11 @@ static void test_jitter(void **state) {
     sy_switch_key key = {7, 3, 1, 1};
     layer_fwd(&L, 1.0, 0.0, 0.0, key);
     float p0[G * E], p1[G * E], p2[G * E];
-    memcpy(p0, sy_switch_get_info(L.sw).probs, sizeof p0);
+    memcpy(p0, layer_info(&L).probs, sizeof p0);
     layer_fwd(&L, 1.0, 0.1, 0.0, key);
-    memcpy(p1, sy_switch_get_info(L.sw).probs, sizeof p1);
+    memcpy(p1, layer_info(&L).probs, sizeof p1);
     layer_fwd(&L, 1.0, 0.1, 0.0, key);
-    memcpy(p2, sy_switch_get_info(L.sw).probs, sizeof p2);
+    memcpy(p2, layer_info(&L).probs, sizeof p2);
     assert_memory_equal(p1, p2, sizeof p1); /* a pure function of the key */
     double diff = 0.0;
     for (int i = 0; i < G * E; i++) diff = fmax(diff, fabs(p0[i] - p1[i]));
@@ -609,11 +676,11 @@ static void test_jitter(void **state) {
     sy_switch_key key2 = key;
     key2.step = 4;
     layer_fwd(&L, 1.0, 0.1, 0.0, key2);
-    assert_memory_not_equal(p1, sy_switch_get_info(L.sw).probs, sizeof p1);
+    assert_memory_not_equal(p1, layer_info(&L).probs, sizeof p1);
 
     impl_ctx c = {&L, 1.0, 0.1, 0.0, 0.7, 0.3, key};
     layer_fwd(&L, 1.0, 0.1, 0.0, key);
-    assert_true(sy_switch_get_info(L.sw).n_kept < G);
+    assert_true(layer_info(&L).n_kept < G);
     fd_all(&c);
     layer_free(&L);
 }
@@ -631,8 +698,9 @@ static void test_jitter_distribution(void **state) {
     for (int t = 0; t < G; t++) L.h[t * D + t % D] = 2.0f; /* tokens t and t+D identical */
     sy_switch_key key = {3, 9, 0, 2};
     const double eps = 0.1;
-    sy_switch_route(L.sw, L.h, L.Wr, 1.0, eps, key);
-    sy_switch_info inf = sy_switch_get_info(L.sw);
+    layer_upload(&L);
+    sy_switch_route(L.sw, L.b.h, L.b.Wr, 1.0, eps, key);
+    sy_switch_info inf = layer_info(&L);
     double umin = 2, umax = 0, usum = 0;
     double u[G];
     for (int t = 0; t < G; t++) {
@@ -689,7 +757,7 @@ static void test_dropout(void **state) {
     for (int i = 0; i < D; i++) L.h[i] = frand(-0.1, 0.1);
     L.h[2] += 3.0f;
     layer_fwd(&L, 1.0, 0.0, p, key);
-    sy_switch_info inf = sy_switch_get_info(L.sw);
+    sy_switch_info inf = layer_info(&L);
     assert_int_equal(inf.expert[0], 2);
     int compared = 0;
     for (int t = 1; t < G; t++) {
@@ -752,11 +820,14 @@ static void test_expert_subsets(void **state) {
     layer_fwd(&L, 1.25, 0.0, 0.0, key);
     float all[G * D];
     memcpy(all, L.out, sizeof all);
-    sy_switch_route(L.sw, L.h, L.Wr, 1.25, 0.0, key);
-    sy_switch_dispatch(L.sw, L.h);
+    sy_switch_route(L.sw, L.b.h, L.b.Wr, 1.25, 0.0, key);
+    sy_switch_dispatch(L.sw, L.b.h);
     sy_switch_experts(L.sw, L.ex, 2, 3, 0.0, key);
     sy_switch_experts(L.sw, L.ex, 0, 2, 0.0, key);
-    sy_switch_combine(L.sw, L.out);
+    memset(L.out, 0xff, sizeof all); /* NaN: every entry must be written again */
+    up(L.b.out, L.out, (size_t)G * D);
+    sy_switch_combine(L.sw, L.b.out);
+    down(L.out, L.b.out, (size_t)G * D);
     assert_memory_equal(all, L.out, sizeof all);
     layer_free(&L);
 }

@@ -6,7 +6,9 @@
  * bf16 flag) the rows cross the wire as bf16 and the results still match to 1e-6: the wire
  * conversion must be exact for the bf16-rounded activations (a lossy one errs by ~1e-3).
  * A backend without a host view (host_view NULL, as a device backend) stages the exchange
- * through host buffers and gets the same results.
+ * through host buffers and gets the same results. Inputs, weights and results live in backend
+ * buffers (uploaded and downloaded as device memory), so the file passes with
+ * SY_BACKEND_POISON=1 too.
  *
  * Every child builds the same inputs from a fixed seed, computes the reference on its own (all
  * experts local, every micro-batch of the round), then runs its micro-batch through the
@@ -46,8 +48,7 @@ static void fill(float *x, size_t n, uint64_t seed, const char *tag, float scale
 typedef struct {
     float Wr[E * D], dWr[E * D];
     float W1[E][F * D], W2[E][D * F], dW1[E][F * D], dW2[E][D * F];
-    sy_expert_weights ex[E];
-} weights;
+} weights; /* host */
 
 static void weights_init(weights *w) {
     memset(w, 0, sizeof *w);
@@ -58,7 +59,53 @@ static void weights_init(weights *w) {
         fill(w->W1[e], F * D, 7, t, 0.3f);
         snprintf(t, sizeof t, "W2.%d", e);
         fill(w->W2[e], D * F, 7, t, 0.3f);
-        w->ex[e] = (sy_expert_weights){w->W1[e], w->W2[e], w->dW1[e], w->dW2[e], NULL, NULL};
+    }
+}
+
+/* Backend copies of a weights set (the test treats backend memory as device memory: it uploads
+ * the host inputs and downloads the gradients to compare them). */
+typedef struct {
+    float *Wr, *dWr, *W1[E], *W2[E], *dW1[E], *dW2[E];
+    sy_expert_weights ex[E];
+} dev_weights;
+
+static float *upload_new(sy_backend_t *be, const float *host, size_t n) {
+    float *p = be->alloc(be, n * sizeof(float));
+    if (p && host) be->upload(be, p, host, n * sizeof(float));
+    return p;
+}
+
+/* 0, or -1 when an allocation failed. Gradients start at 0 (alloc() zeroes). */
+static int dev_weights_new(sy_backend_t *be, const weights *w, dev_weights *d) {
+    memset(d, 0, sizeof *d);
+    d->Wr = upload_new(be, w->Wr, E * D);
+    d->dWr = upload_new(be, NULL, E * D);
+    int ok = d->Wr && d->dWr;
+    for (int e = 0; e < E; e++) {
+        d->W1[e] = upload_new(be, w->W1[e], F * D);
+        d->W2[e] = upload_new(be, w->W2[e], D * F);
+        d->dW1[e] = upload_new(be, NULL, F * D);
+        d->dW2[e] = upload_new(be, NULL, D * F);
+        ok = ok && d->W1[e] && d->W2[e] && d->dW1[e] && d->dW2[e];
+        d->ex[e] = (sy_expert_weights){d->W1[e], d->W2[e], d->dW1[e], d->dW2[e], NULL, NULL};
+    }
+    return ok ? 0 : -1;
+}
+
+/* The gradients, backend -> w. */
+static void dev_weights_download(sy_backend_t *be, weights *w, const dev_weights *d) {
+    be->download(be, w->dWr, d->dWr, sizeof w->dWr);
+    for (int e = 0; e < E; e++) {
+        be->download(be, w->dW1[e], d->dW1[e], sizeof w->dW1[e]);
+        be->download(be, w->dW2[e], d->dW2[e], sizeof w->dW2[e]);
+    }
+}
+
+static void dev_weights_free(sy_backend_t *be, dev_weights *d) {
+    be->free(be, d->Wr), be->free(be, d->dWr);
+    for (int e = 0; e < E; e++) {
+        be->free(be, d->W1[e]), be->free(be, d->W2[e]);
+        be->free(be, d->dW1[e]), be->free(be, d->dW2[e]);
     }
 }
 
@@ -90,10 +137,17 @@ static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_L
     static weights ref, dist;
     weights_init(&ref);
     weights_init(&dist);
-    float h[MAXW][G * D], dout[MAXW][G * D], out_ref[MAXW][G * D], dh_ref[MAXW][G * D];
+    static dev_weights dref, ddist;
+    if (dev_weights_new(be, &ref, &dref) || dev_weights_new(be, &dist, &ddist)) return 16;
+    float out_ref[MAXW][G * D], dh_ref[MAXW][G * D], hbuf[G * D];
+    float *h[MAXW], *dout[MAXW], *bout = upload_new(be, NULL, G * D), *bdh = upload_new(be, NULL, G * D);
+    if (!bout || !bdh) return 16;
     for (int m = 0; m < M; m++) {
-        fill(h[m], G * D, 100 + m, "h", 1.0f);
-        fill(dout[m], G * D, 200 + m, "dout", 1.0f);
+        fill(hbuf, G * D, 100 + m, "h", 1.0f);
+        h[m] = upload_new(be, hbuf, G * D);
+        fill(hbuf, G * D, 200 + m, "dout", 1.0f);
+        dout[m] = upload_new(be, hbuf, G * D);
+        if (!h[m] || !dout[m]) return 16;
         be->round_bf16(be, h[m], G * D); /* activations are bf16 in bf16 mode */
         be->round_bf16(be, dout[m], G * D);
     }
@@ -104,17 +158,20 @@ static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_L
         sy_switch_t *sw = NULL;
         sy_switch_new(be, G, D, F, E, &sw);
         sy_switch_key key = {1, 0, m, 0};
-        sy_switch_route(sw, h[m], ref.Wr, CF, 0.0, key);
+        sy_switch_route(sw, h[m], dref.Wr, CF, 0.0, key);
         dropped += G - sy_switch_get_info(sw).n_kept;
         sy_switch_dispatch(sw, h[m]);
-        sy_switch_experts(sw, ref.ex, 0, E, 0.0, key);
-        sy_switch_combine(sw, out_ref[m]);
+        sy_switch_experts(sw, dref.ex, 0, E, 0.0, key);
+        sy_switch_combine(sw, bout);
         sy_switch_combine_bwd(sw, dout[m]);
-        sy_switch_experts_bwd(sw, ref.ex, 0, E);
-        sy_switch_dispatch_bwd(sw, dh_ref[m]);
-        sy_switch_route_bwd(sw, h[m], ref.Wr, ref.dWr, dh_ref[m], aux_scale, z_scale);
+        sy_switch_experts_bwd(sw, dref.ex, 0, E);
+        sy_switch_dispatch_bwd(sw, bdh);
+        sy_switch_route_bwd(sw, h[m], dref.Wr, dref.dWr, bdh, aux_scale, z_scale);
+        be->download(be, out_ref[m], bout, sizeof out_ref[m]);
+        be->download(be, dh_ref[m], bdh, sizeof dh_ref[m]);
         sy_switch_destroy(&sw);
     }
+    dev_weights_download(be, &ref, &dref);
     if (dropped == 0) {
         fprintf(stderr, "rank %d: no token dropped: the test would not test drops\n", rank);
         return 10;
@@ -142,31 +199,34 @@ static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_L
     float out[G * D], dh[G * D];
     sy_switch_key key = {1, 0, rank, 0}, round_key = {1, 0, 0, 0};
     if (active) {
-        sy_switch_route(sw, h[rank], dist.Wr, CF, 0.0, key);
+        sy_switch_route(sw, h[rank], ddist.Wr, CF, 0.0, key);
         sy_switch_dispatch(sw, h[rank]);
     }
-    if (sy_ep_forward(ep, active ? sw : NULL, 0, dist.ex, 0.0, round_key) != SY_OK) {
+    if (sy_ep_forward(ep, active ? sw : NULL, 0, ddist.ex, 0.0, round_key) != SY_OK) {
         fprintf(stderr, "rank %d: ep forward: %s\n", rank, sy_err_msg());
         return 13;
     }
     if (active) {
-        sy_switch_combine(sw, out);
+        sy_switch_combine(sw, bout);
+        be->download(be, out, bout, sizeof out);
         sy_switch_combine_bwd(sw, dout[rank]);
     }
-    if (sy_ep_backward(ep, active ? sw : NULL, 0, dist.ex) != SY_OK) {
+    if (sy_ep_backward(ep, active ? sw : NULL, 0, ddist.ex) != SY_OK) {
         fprintf(stderr, "rank %d: ep backward: %s\n", rank, sy_err_msg());
         return 14;
     }
     int bad = 0;
     if (active) {
-        sy_switch_dispatch_bwd(sw, dh);
-        sy_switch_route_bwd(sw, h[rank], dist.Wr, dist.dWr, dh, aux_scale, z_scale);
+        sy_switch_dispatch_bwd(sw, bdh);
+        sy_switch_route_bwd(sw, h[rank], ddist.Wr, ddist.dWr, bdh, aux_scale, z_scale);
+        be->download(be, dh, bdh, sizeof dh);
         double eo = rel(out, out_ref[rank], G * D), ed = rel(dh, dh_ref[rank], G * D);
         if (eo > 1e-6 || ed > 1e-6) {
             fprintf(stderr, "rank %d: output rel err %.3g, input grad rel err %.3g\n", rank, eo, ed);
             bad = 20;
         }
     }
+    dev_weights_download(be, &dist, &ddist);
     /* router gradient: sum over ranks must equal the reference */
     if (sy_comm_allreduce_f32(comm, dist.dWr, E * D) != SY_OK) return 15;
     double er = rel(dist.dWr, ref.dWr, E * D);
@@ -193,6 +253,9 @@ static int child(int rank, int world, int M, sy_dataplane_t *dp, char eps[][EP_L
     }
     sy_switch_destroy(&sw);
     sy_ep_destroy(&ep);
+    for (int m = 0; m < M; m++) be->free(be, h[m]), be->free(be, dout[m]);
+    be->free(be, bout), be->free(be, bdh);
+    dev_weights_free(be, &dref), dev_weights_free(be, &ddist);
     sy_comm_destroy(&comm);
     sy_backend_destroy(&be);
     return bad;
