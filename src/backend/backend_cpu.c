@@ -535,7 +535,7 @@ static void cpu_destroy(sy_backend_t *be) {
     free(be);
 }
 
-sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
+sy_status sy_backend_cpu_new_plain(int threads, bool bf16, sy_backend_t **out) {
     cpu_backend_t *c = calloc(1, sizeof *c);
     if (!c) return sy_err_set(SY_ENOMEM, "cpu backend: out of memory");
     if (threads > 0) {
@@ -584,10 +584,26 @@ sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
     b->router_bwd = cpu_router_bwd;
     b->mul_inplace = cpu_mul_inplace;
     b->destroy = cpu_destroy;
-    const char *poison = getenv("SY_BACKEND_POISON");
-    if (poison && poison[0] == '1') return sy_backend_poison_wrap(b, out); /* backend_poison.c */
     *out = b;
     return SY_OK;
+}
+
+sy_status sy_backend_poison_maybe(sy_backend_t *inner, sy_backend_t **out) {
+    const char *poison = getenv("SY_BACKEND_POISON");
+    if (poison && poison[0] == '1') return sy_backend_poison_wrap(inner, out); /* backend_poison.c */
+    *out = inner;
+    return SY_OK;
+}
+
+sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
+    /* SY_BACKEND=emu runs any program or test that asks for the CPU backend on the emulation
+     * backend instead (as SY_BACKEND_POISON does for the poisoned variant): the existing suites
+     * then exercise the shared kernel bodies unedited. */
+    const char *sel = getenv("SY_BACKEND");
+    if (sel && strcmp(sel, "emu") == 0) return sy_backend_emu_new_threads(threads, bf16, out);
+    sy_backend_t *b = NULL;
+    SY_CHECK(sy_backend_cpu_new_plain(threads, bf16, &b));
+    return sy_backend_poison_maybe(b, out);
 }
 
 void sy_backend_destroy(sy_backend_t **self_p) {
