@@ -3,12 +3,15 @@
  * Each op does the same floating-point operations in the same order as the host loops it
  * replaced (switch.c, switch_ep.c), so results are bit-identical whatever the thread count:
  * the random draws are keyed per token / row, the sums run serially in the order backend.h
- * names. */
+ * names. The per-element ops call the shared kernel bodies (kernels/); the draws (one key per
+ * row, then draws in order) and the capacity scan (one pass over the tokens) keep their serial
+ * loops, which the bodies' per-element draws and per-expert scans reproduce exactly. */
 #include <string.h>
 
 #include "backend/backend.h"
+#include "backend/kernels/k_elementwise.h"
+#include "backend/kernels/k_route.h"
 #include "backend_cpu_internal.h"
-#include "base/bf16.h"
 #include "base/rng.h"
 
 #define ROWS_PAR 64 /* rows below which the keyed draws run on one thread */
@@ -33,9 +36,9 @@ static void cpu_jitter_fwd(sy_backend_t *be, float *u, float *xr, const float *h
 static void cpu_jitter_bwd(sy_backend_t *be, float *dh, const float *g, const float *u, size_t n) {
     (void)be;
     if (u)
-        for (size_t i = 0; i < n; i++) dh[i] += u[i] * g[i];
+        for (size_t i = 0; i < n; i++) sy_k_jitter_bwd(i, dh, g, u);
     else
-        for (size_t i = 0; i < n; i++) dh[i] += g[i];
+        for (size_t i = 0; i < n; i++) sy_k_jitter_bwd(i, dh, g, NULL);
 }
 
 /* Serial scans in token order (a device backend runs them as an integer scan per expert). */
@@ -85,7 +88,7 @@ static void cpu_route_stats(sy_backend_t *be, double *stats, float *f, const flo
 static void cpu_route_gamma(sy_backend_t *be, float *gamma, const float *dot, const int32_t *slot,
                             int G) {
     (void)be;
-    for (int t = 0; t < G; t++) gamma[t] = slot[t] >= 0 ? dot[slot[t]] : 0.0f;
+    for (int t = 0; t < G; t++) sy_k_route_gamma(t, gamma, dot, slot);
 }
 
 static void cpu_dropout_mask(sy_backend_t *be, float *mask, const int32_t *tok,
@@ -107,8 +110,7 @@ static void cpu_wire_put(sy_backend_t *be, void *dst, const float *src, size_t n
     if (es == (int)sizeof(float)) {
         if (n) memcpy(dst, src, sizeof(float) * n);
     } else {
-        uint16_t *h = dst;
-        for (size_t i = 0; i < n; i++) h[i] = sy_f32_to_bf16(src[i]);
+        for (size_t i = 0; i < n; i++) sy_k_wire_put(i, dst, src, 2);
     }
 }
 
@@ -117,8 +119,7 @@ static void cpu_wire_get(sy_backend_t *be, float *dst, const void *src, size_t n
     if (es == (int)sizeof(float)) {
         if (n) memcpy(dst, src, sizeof(float) * n);
     } else {
-        const uint16_t *h = src;
-        for (size_t i = 0; i < n; i++) dst[i] = sy_bf16_to_f32(h[i]);
+        for (size_t i = 0; i < n; i++) sy_k_wire_get(i, dst, src, 2);
     }
 }
 
