@@ -142,7 +142,8 @@ static void test_helpers_match_host_twins(void **state) {
     /* draw i of a keyed row = the (i+1)-th sy_rng_uniform after sy_rng_key */
     const char *tags[] = {"router.jitter", "expert.dropout"};
     for (int k = 0; k < 50; k++) {
-        uint64_t seed = (uint64_t)(urand() * 1e18), a = k, b = 3 * k + 1, c = ((uint64_t)k << 32) | 7;
+        uint64_t seed = (uint64_t)(urand() * 1e18), a = k, b = 3 * k + 1;
+        uint64_t c = ((uint64_t)k << 32) | 7;
         const char *tag = tags[k & 1];
         sy_rng_t r = sy_rng_key(seed, tag, a, b, c);
         uint64_t key = sy_k_rng_key(seed, sy_fnv1a64(tag), a, b, c);
@@ -152,8 +153,8 @@ static void test_helpers_match_host_twins(void **state) {
             assert_memory_equal(&x, &y, 4);
         }
     }
-    fprintf(stderr, "helpers: %zu bf16 patterns, 65536 widenings, 200000 expf/tanhf, 15000 draws equal\n",
-            checked);
+    fprintf(stderr, "helpers: %zu bf16 patterns, 65536 widenings, 200000 expf/tanhf, "
+                    "15000 draws equal\n", checked);
 }
 
 /* ---------------------------------------------------------------- every op */
@@ -291,7 +292,8 @@ static void run_ops(sy_backend_t *be, const op_inputs *in, results *r) {
     res_add(r, be, "router_bwd", drl, FB(N * E));
 
     /* route plan */
-    int32_t *counts = up(be, NULL, IB(E)), *kept = up(be, NULL, IB(E)), *offs = up(be, NULL, IB(E + 1));
+    int32_t *counts = up(be, NULL, IB(E)), *kept = up(be, NULL, IB(E));
+    int32_t *offs = up(be, NULL, IB(E + 1));
     int32_t *order = up(be, NULL, IB(N)), *slot = up(be, NULL, IB(N));
     float *gk = up(be, NULL, FB(N));
     be->route_plan(be, counts, kept, offs, order, slot, gk, expert, gate, N, E, C);
@@ -358,16 +360,17 @@ static void run_ops(sy_backend_t *be, const op_inputs *in, results *r) {
     res_add(r, be, "adamw v", v, FB(NS));
 
     /* GEMMs (the CPU backend's in both: checks the delegation) */
-    float *W = up(be, in->big, FB(F * D)), *hy = up(be, NULL, FB(N * F)), *dW = up(be, NULL, FB(F * D));
+    float *W = up(be, in->big, FB(F * D)), *hy = up(be, NULL, FB(N * F));
+    float *dW = up(be, NULL, FB(F * D));
     be->matmul_fwd(be, hy, x, W, N, D, F);
     res_add(r, be, "matmul_fwd", hy, FB(N * F));
     be->matmul_bwd(be, y, dW, hy, x, W, N, D, F, true);
     res_add(r, be, "matmul_bwd dx", y, FB(ND));
     res_add(r, be, "matmul_bwd dW", dW, FB(F * D));
 
-    void *bufs[] = {x, x2, w, tok, tgt, perm, micro, y, y2, y3, mean, rstd, sc, wte, wpe, dw, lg, dl,
-                    dot, rl, probs, expert, gate, lse, fe, drl, counts, kept, offs, order, slot, gk,
-                    stats, f, gamma, u, mask, wire, acc, sq, g, p, m, v, W, hy, dW};
+    void *bufs[] = {x, x2, w, tok, tgt, perm, micro, y, y2, y3, mean, rstd, sc, wte, wpe, dw, lg,
+                    dl, dot, rl, probs, expert, gate, lse, fe, drl, counts, kept, offs, order,
+                    slot, gk, stats, f, gamma, u, mask, wire, acc, sq, g, p, m, v, W, hy, dW};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(be, bufs[i]);
 }
 
@@ -405,14 +408,17 @@ enum { SG = 48, SD = 16, SF = 32, SE = 4 };
 static void switch_run(sy_backend_t *be, uint64_t seed, results *r) {
     g_sy_test_rs = seed; /* the same inputs on each backend */
     float *h = frand_host((size_t)SG * SD, -1, 1), *Wr = frand_host((size_t)SE * SD, -0.5, 0.5);
-    float *W1 = frand_host((size_t)SE * SF * SD, -0.3, 0.3), *W2 = frand_host((size_t)SE * SD * SF, -0.3, 0.3);
+    float *W1 = frand_host((size_t)SE * SF * SD, -0.3, 0.3);
+    float *W2 = frand_host((size_t)SE * SD * SF, -0.3, 0.3);
     float *dout = frand_host((size_t)SG * SD, -1, 1);
     for (size_t i = 0; i < (size_t)SG * SD; i++) h[i] = sy_round_bf16(h[i]);
     sy_switch_t *sw = NULL;
     assert_int_equal(sy_switch_new(be, SG, SD, SF, SE, &sw), SY_OK);
-    float *bh = up(be, h, FB(SG * SD)), *bWr = up(be, Wr, FB(SE * SD)), *bW1 = up(be, W1, FB(SE * SF * SD));
+    float *bh = up(be, h, FB(SG * SD)), *bWr = up(be, Wr, FB(SE * SD));
+    float *bW1 = up(be, W1, FB(SE * SF * SD));
     float *bW2 = up(be, W2, FB(SE * SD * SF)), *bdout = up(be, dout, FB(SG * SD));
-    float *out = up(be, NULL, FB(SG * SD)), *dh = up(be, NULL, FB(SG * SD)), *dWr = up(be, NULL, FB(SE * SD));
+    float *out = up(be, NULL, FB(SG * SD)), *dh = up(be, NULL, FB(SG * SD));
+    float *dWr = up(be, NULL, FB(SE * SD));
     float *dW1 = up(be, NULL, FB(SE * SF * SD)), *dW2 = up(be, NULL, FB(SE * SD * SF));
     double *acc1 = up(be, NULL, DB(SE * SF * SD)), *acc2 = up(be, NULL, DB(SE * SD * SF));
     sy_expert_weights ex[SE];
@@ -493,7 +499,8 @@ static void model_run(sy_backend_t *be, bool bf16, results *r) {
     for (int step = 0; step < 2; step++) {
         sy_model_zero_grads(m);
         for (int k = 0; k < 2; k++)
-            assert_int_equal(sy_model_fwd_bwd(m, tok[k], 2, (sy_draw_key){4242, step, k}, &l[k]), SY_OK);
+            assert_int_equal(sy_model_fwd_bwd(m, tok[k], 2, (sy_draw_key){4242, step, k}, &l[k]),
+                             SY_OK);
         const size_t n = sy_model_numel(m);
         double norm = sqrt(sy_grad_sqnorm(be, sy_model_grads(m), n));
         sy_clip_grads(be, sy_model_grads(m), n, norm, 0.5);

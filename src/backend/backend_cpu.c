@@ -21,7 +21,6 @@
 #include "backend/kernels/k_rows.h"
 #include "backend_cpu_internal.h"
 
-
 typedef struct {
     sy_backend_t base;
     int threads;
@@ -204,8 +203,8 @@ static void cpu_layernorm_bwd(sy_backend_t *be, float *dx, float *dw, const floa
     cpu_round_bf16(be, dx, (size_t)N * D);
     /* dw[i] += Σ_n dy·xhat, each column summed over rows in row order (so the thread count
      * does not matter); columns in blocks of LN_COLS so each row's slice is one contiguous,
-     * vectorisable read instead of a strided walk per column (sy_k_layernorm_bwd_dw_col is the same
-     * sum, one column per call). */
+     * vectorisable read instead of a strided walk per column (sy_k_layernorm_bwd_dw_col is
+     * the same sum, one column per call). */
     enum { LN_COLS = 32 };
     const int nb = (D + LN_COLS - 1) / LN_COLS;
 #pragma omp parallel for schedule(static)
@@ -358,7 +357,8 @@ static double xent_sum(float *dlogits, const float *logits, const int32_t *targe
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < k; i++) {
             const size_t r0 = (size_t)n0 * V; /* the block's first row */
-            sy_k_xent_row(i, rl, dlogits ? dlogits + r0 : NULL, logits + r0, targets + n0, V, scale);
+            sy_k_xent_row(i, rl, dlogits ? dlogits + r0 : NULL, logits + r0, targets + n0, V,
+                          scale);
         }
         for (int i = 0; i < k; i++) total += rl[i];
     }

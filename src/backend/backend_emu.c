@@ -144,7 +144,8 @@ static void emu_adamw(sy_backend_t *be, float *p, const float *g, float *m, floa
                       float decay, float b1, float b2, float step_size, float inv_sqrt_bc2,
                       float eps) {
     (void)be;
-    SY_EMU_LAUNCH(n, i, sy_k_adamw((size_t)i, p, g, m, v, decay, b1, b2, step_size, inv_sqrt_bc2, eps));
+    SY_EMU_LAUNCH(n, i,
+                  sy_k_adamw((size_t)i, p, g, m, v, decay, b1, b2, step_size, inv_sqrt_bc2, eps));
 }
 
 static void emu_round_bf16(sy_backend_t *be, float *x, size_t n) {
@@ -367,7 +368,8 @@ sy_status sy_backend_emu_new(bool bf16, sy_backend_t **out) {
 
 sy_status sy_backend_new_from_env(int threads, bool bf16, sy_backend_t **out) {
     const char *name = getenv("SY_BACKEND");
-    if (!name || !name[0] || strcmp(name, "cpu") == 0) return sy_backend_cpu_new(threads, bf16, out);
+    if (!name || !name[0] || strcmp(name, "cpu") == 0)
+        return sy_backend_cpu_new(threads, bf16, out);
     if (strcmp(name, "emu") == 0) return sy_backend_emu_new_threads(threads, bf16, out);
     return sy_err_set(SY_EINVAL, "SY_BACKEND=%s: unknown backend (cpu or emu)", name);
 }

@@ -24,7 +24,8 @@ SY_HD float sy_k_gelu(float v) {
 SY_HD float sy_k_gelu_grad(float v) {
     float th = sy_k_tanhf(SY_K_GELU_C * (v + SY_K_GELU_A * v * v * v));
     float sech2 = 1.0f - th * th;
-    return 0.5f * (1.0f + th) + 0.5f * v * sech2 * SY_K_GELU_C * (1.0f + 3.0f * SY_K_GELU_A * v * v);
+    return 0.5f * (1.0f + th) +
+           0.5f * v * sech2 * SY_K_GELU_C * (1.0f + 3.0f * SY_K_GELU_A * v * v);
 }
 
 /* y[i] = gelu(x[i]) */

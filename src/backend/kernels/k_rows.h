@@ -37,7 +37,8 @@ SY_HD void sy_k_layernorm_fwd_row(int n, float *y, float *mean, float *rstd, con
     rstd[n] = r;
 }
 
-/* Row n of the input gradient: dx += rstd·(dy·w − mean(dy·w) − x̂·mean(dy·w·x̂)), rounded */
+/* Row n of the input gradient, rounded:
+ * dx += rstd·(dy·w − mean(dy·w) − x̂·mean(dy·w·x̂)) */
 SY_HD void sy_k_layernorm_bwd_dx_row(int n, float *dx, const float *dy, const float *x,
                                      const float *w, const float *mean, const float *rstd,
                                      int D, bool bf16) {
