@@ -217,6 +217,17 @@ struct sy_backend {
 
 /* The CPU backend. threads = 0: all cores. Also selects OpenBLAS kernels (see cpu_setup.h). */
 sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out);
+/* The CPU emulation backend (backend_emu.c): the shared host/device kernel bodies
+ * (kernels/ headers) run in host loops over a CUDA grid's index space; GEMMs and attention are the
+ * CPU backend's. For testing the device kernels' logic without a device; all cores. */
+sy_status sy_backend_emu_new(bool bf16, sy_backend_t **out);
+/* The backend named by the environment variable SY_BACKEND: "cpu" (or unset / empty) ->
+ * sy_backend_cpu_new(threads, bf16), "emu" -> the emulation backend on `threads` threads;
+ * anything else is SY_EINVAL. Either honours SY_BACKEND_POISON=1. For tests and tools that
+ * run one suite against several backends. (sy_backend_cpu_new itself also returns the
+ * emulation backend when SY_BACKEND=emu, so that suites written for the CPU backend run on it
+ * unedited, as SY_BACKEND_POISON=1 does for the poisoned variant.) */
+sy_status sy_backend_new_from_env(int threads, bool bf16, sy_backend_t **out);
 void sy_backend_destroy(sy_backend_t **self_p);
 
 #endif

@@ -1,6 +1,11 @@
 /* CPU backend: OpenBLAS sgemm for the linear layers, OpenMP loops for everything else.
  * Reductions that decide the result (LayerNorm statistics, softmax sums, cross-entropy) are
- * accumulated in fp32 per row in a fixed order, so results do not depend on the thread count. */
+ * accumulated in fp32 per row in a fixed order, so results do not depend on the thread count.
+ * Where its loop is no faster than a per-element / per-row loop, an op calls the shared kernel
+ * body (kernels/, the code the emulation and CUDA backends run) with bf16 = false and rounds
+ * in a separate pass; where its own loop is faster (row memcpy, column blocks, per-row draws)
+ * it keeps it, and the body computes the same numbers in the same order
+ * (tests/test_backend_emu.c checks that bit for bit). */
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
@@ -8,15 +13,14 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "base/log.h"
 #include "backend/cpu_setup.h"
 #include "base/bf16.h"
 #include "backend/cpu_math.h"
 #include "backend/gemm_cpu.h"
+#include "backend/kernels/k_elementwise.h"
+#include "backend/kernels/k_rows.h"
 #include "backend_cpu_internal.h"
-
-#define SY_LN_EPS 1e-5f
-#define SY_GELU_C 0.7978845608028654f /* sqrt(2/pi) */
-#define SY_GELU_A 0.044715f
 
 typedef struct {
     sy_backend_t base;
@@ -65,7 +69,7 @@ static void cpu_free(sy_backend_t *be, void *p) {
 static void cpu_round_bf16(sy_backend_t *be, float *x, size_t n) {
     if (!be->bf16) return;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) x[i] = sy_round_bf16(x[i]);
+    for (size_t i = 0; i < n; i++) sy_k_round(i, x);
 }
 
 static void cpu_embed_fwd(sy_backend_t *be, float *x, const int32_t *tok, const float *wte,
@@ -85,13 +89,7 @@ static void cpu_embed_bwd(sy_backend_t *be, float *dwte, float *dwpe, const floa
     /* Parallel over the embedding dimension so that rows hit by several tokens are summed in
      * token order, whatever the thread count. */
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < D; i++) {
-        for (int n = 0; n < N; n++) {
-            float g = dx[(size_t)n * D + i];
-            dwte[(size_t)tok[n] * D + i] += g;
-            dwpe[(size_t)(n % T) * D + i] += g;
-        }
-    }
+    for (int i = 0; i < D; i++) sy_k_embed_bwd_col((size_t)i, dwte, dwpe, dx, tok, N, T, D);
 }
 
 static void cpu_matmul_fwd(sy_backend_t *be, float *y, const float *x, const float *W, int N,
@@ -193,23 +191,7 @@ static void cpu_matmul_bwd_group(sy_backend_t *be, float *const *dx, float *cons
 static void cpu_layernorm_fwd(sy_backend_t *be, float *y, float *mean, float *rstd,
                               const float *x, const float *w, int N, int D) {
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *xr = x + (size_t)n * D;
-        float *yr = y + (size_t)n * D;
-        float m = 0.0f;
-        for (int i = 0; i < D; i++) m += xr[i];
-        m /= (float)D;
-        float v = 0.0f;
-        for (int i = 0; i < D; i++) {
-            float d = xr[i] - m;
-            v += d * d;
-        }
-        v /= (float)D;
-        float r = 1.0f / sqrtf(v + SY_LN_EPS);
-        for (int i = 0; i < D; i++) yr[i] = (xr[i] - m) * r * w[i];
-        mean[n] = m;
-        rstd[n] = r;
-    }
+    for (int n = 0; n < N; n++) sy_k_layernorm_fwd_row(n, y, mean, rstd, x, w, D, false);
     cpu_round_bf16(be, y, (size_t)N * D);
 }
 
@@ -218,27 +200,12 @@ static void cpu_layernorm_bwd(sy_backend_t *be, float *dx, float *dw, const floa
                               const float *rstd, int N, int D) {
     /* dx: per row. dw: reduced over rows; done per column block in row order for determinism. */
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *xr = x + (size_t)n * D, *dyr = dy + (size_t)n * D;
-        float *dxr = dx + (size_t)n * D;
-        float m = mean[n], r = rstd[n];
-        float s1 = 0.0f, s2 = 0.0f; /* mean of dy·w, mean of dy·w·xhat */
-        for (int i = 0; i < D; i++) {
-            float dn = dyr[i] * w[i];
-            s1 += dn;
-            s2 += dn * (xr[i] - m) * r;
-        }
-        s1 /= (float)D;
-        s2 /= (float)D;
-        for (int i = 0; i < D; i++) {
-            float xh = (xr[i] - m) * r;
-            dxr[i] += r * (dyr[i] * w[i] - s1 - xh * s2);
-        }
-    }
+    for (int n = 0; n < N; n++) sy_k_layernorm_bwd_dx_row(n, dx, dy, x, w, mean, rstd, D, false);
     cpu_round_bf16(be, dx, (size_t)N * D);
     /* dw[i] += Σ_n dy·xhat, each column summed over rows in row order (so the thread count
      * does not matter); columns in blocks of LN_COLS so each row's slice is one contiguous,
-     * vectorisable read instead of a strided walk per column. */
+     * vectorisable read instead of a strided walk per column (sy_k_layernorm_bwd_dw_col is
+     * the same sum, one column per call). */
     enum { LN_COLS = 32 };
     const int nb = (D + LN_COLS - 1) / LN_COLS;
 #pragma omp parallel for schedule(static)
@@ -347,22 +314,13 @@ static void cpu_attention_bwd(sy_backend_t *be, float *dqkv, const float *dout, 
 
 SY_CLONES static void gelu_fwd_range(float *y, const float *x, size_t lo, size_t hi) {
 #pragma omp simd
-    for (size_t i = lo; i < hi; i++) {
-        float v = x[i];
-        y[i] = 0.5f * v * (1.0f + sy_tanhf(SY_GELU_C * (v + SY_GELU_A * v * v * v)));
-    }
+    for (size_t i = lo; i < hi; i++) y[i] = sy_k_gelu(x[i]);
 }
 
 SY_CLONES static void gelu_bwd_range(float *dx, const float *dy, const float *x, size_t lo,
                                      size_t hi) {
 #pragma omp simd
-    for (size_t i = lo; i < hi; i++) {
-        float v = x[i];
-        float th = sy_tanhf(SY_GELU_C * (v + SY_GELU_A * v * v * v));
-        float sech2 = 1.0f - th * th;
-        float g = 0.5f * (1.0f + th) + 0.5f * v * sech2 * SY_GELU_C * (1.0f + 3.0f * SY_GELU_A * v * v);
-        dx[i] = dy[i] * g;
-    }
+    for (size_t i = lo; i < hi; i++) dx[i] = dy[i] * sy_k_gelu_grad(x[i]);
 }
 
 #define SY_CHUNK 16384
@@ -385,24 +343,8 @@ static void cpu_gelu_bwd(sy_backend_t *be, float *dx, const float *dy, const flo
 
 static void cpu_add_inplace(sy_backend_t *be, float *y, const float *x, size_t n) {
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) y[i] += x[i];
+    for (size_t i = 0; i < n; i++) sy_k_add(i, y, x, false);
     cpu_round_bf16(be, y, n);
-}
-
-/* Cross-entropy of one row (max-subtracted, fp32 sums in a fixed order); writes the scaled
- * softmax-minus-onehot gradient when d != NULL. */
-static double xent_row(const float *l, int target, int V, float *d, float scale) {
-    float mx = -INFINITY;
-    for (int v = 0; v < V; v++) mx = l[v] > mx ? l[v] : mx;
-    float sum = 0.0f;
-    for (int v = 0; v < V; v++) sum += expf(l[v] - mx);
-    const double loss = (double)(mx + logf(sum) - l[target]); /* before d may overwrite l */
-    if (d) {
-        float inv = 1.0f / sum;
-        for (int v = 0; v < V; v++) d[v] = expf(l[v] - mx) * inv * scale;
-        d[target] -= scale;
-    }
-    return loss;
 }
 
 /* Σ_t loss_t: each block of rows in parallel into a per-row array, then summed in row order,
@@ -415,8 +357,9 @@ static double xent_sum(float *dlogits, const float *logits, const int32_t *targe
         const int k = N - n0 < ROWS ? N - n0 : ROWS;
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < k; i++) {
-            const size_t n = (size_t)(n0 + i);
-            rl[i] = xent_row(logits + n * V, targets[n], V, dlogits ? dlogits + n * V : NULL, scale);
+            const size_t r0 = (size_t)n0 * V; /* the block's first row */
+            sy_k_xent_row(i, rl, dlogits ? dlogits + r0 : NULL, logits + r0, targets + n0, V,
+                          scale);
         }
         for (int i = 0; i < k; i++) total += rl[i];
     }
@@ -467,43 +410,16 @@ static void cpu_scatter_add_rows(sy_backend_t *be, float *dst, const float *src,
 static void cpu_gather_dot_scale(sy_backend_t *be, float *dot, float *out, const float *a,
                                  const float *b, const int32_t *idx, const float *scale, int n,
                                  int D) {
+    const bool bf = be->bf16;
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++) {
-        const float *ar = a + (size_t)idx[i] * D, *br = b + (size_t)i * D;
-        float *o = out + (size_t)i * D;
-        float acc = 0.0f, g = scale[i];
-        for (int k = 0; k < D; k++) {
-            acc += ar[k] * br[k];
-            o[k] = be->bf16 ? sy_round_bf16(g * ar[k]) : g * ar[k];
-        }
-        dot[i] = acc;
-    }
+    for (int i = 0; i < n; i++) sy_k_gather_dot_scale_row(i, dot, out, a, b, idx, scale, D, bf);
 }
 
 static void cpu_router_fwd(sy_backend_t *be, float *probs, int32_t *expert, float *gate,
                            float *lse, const float *logits, int N, int E) {
     (void)be;
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *z = logits + (size_t)n * E;
-        float *p = probs + (size_t)n * E;
-        float mx = -INFINITY;
-        for (int i = 0; i < E; i++) mx = z[i] > mx ? z[i] : mx;
-        float sum = 0.0f;
-        for (int i = 0; i < E; i++) {
-            p[i] = expf(z[i] - mx);
-            sum += p[i];
-        }
-        float inv = 1.0f / sum;
-        int best = 0;
-        for (int i = 0; i < E; i++) {
-            p[i] *= inv;
-            if (p[i] > p[best]) best = i;
-        }
-        expert[n] = best;
-        gate[n] = p[best];
-        lse[n] = mx + logf(sum);
-    }
+    for (int n = 0; n < N; n++) sy_k_router_fwd_row(n, probs, expert, gate, lse, logits, E);
 }
 
 static void cpu_router_bwd(sy_backend_t *be, float *dlogits, const float *probs,
@@ -511,23 +427,14 @@ static void cpu_router_bwd(sy_backend_t *be, float *dlogits, const float *probs,
                            const float *f, float aux_scale, float z_scale, int N, int E) {
     (void)be;
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *p = probs + (size_t)n * E;
-        float *dz = dlogits + (size_t)n * E;
-        float dot = 0.0f;
-        for (int i = 0; i < E; i++) {
-            float dp = aux_scale * f[i] + (i == expert[n] ? gamma[n] : 0.0f);
-            dz[i] = dp;
-            dot += p[i] * dp;
-        }
-        for (int i = 0; i < E; i++) dz[i] = p[i] * (dz[i] - dot) + z_scale * lse[n] * p[i];
-    }
+    for (int n = 0; n < N; n++)
+        sy_k_router_bwd_row(n, dlogits, probs, expert, gamma, lse, f, aux_scale, z_scale, E);
 }
 
 static void cpu_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_t n) {
     (void)be;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) x[i] *= mask[i];
+    for (size_t i = 0; i < n; i++) sy_k_mul(i, x, mask);
 }
 
 static void cpu_destroy(sy_backend_t *be) {
@@ -535,7 +442,7 @@ static void cpu_destroy(sy_backend_t *be) {
     free(be);
 }
 
-sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
+sy_status sy_backend_cpu_new_plain(int threads, bool bf16, sy_backend_t **out) {
     cpu_backend_t *c = calloc(1, sizeof *c);
     if (!c) return sy_err_set(SY_ENOMEM, "cpu backend: out of memory");
     if (threads > 0) {
@@ -584,10 +491,34 @@ sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
     b->router_bwd = cpu_router_bwd;
     b->mul_inplace = cpu_mul_inplace;
     b->destroy = cpu_destroy;
-    const char *poison = getenv("SY_BACKEND_POISON");
-    if (poison && poison[0] == '1') return sy_backend_poison_wrap(b, out); /* backend_poison.c */
     *out = b;
     return SY_OK;
+}
+
+sy_status sy_backend_poison_maybe(sy_backend_t *inner, sy_backend_t **out) {
+    const char *poison = getenv("SY_BACKEND_POISON");
+    if (poison && poison[0] == '1') {
+        sy_warn("SY_BACKEND_POISON=1: the poisoned-handle test backend (every host access of backend "
+                "memory faults); not for production runs");
+        return sy_backend_poison_wrap(inner, out); /* backend_poison.c */
+    }
+    *out = inner;
+    return SY_OK;
+}
+
+sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
+    /* SY_BACKEND=emu runs any program or test that asks for the CPU backend on the emulation
+     * backend instead (as SY_BACKEND_POISON does for the poisoned variant): the existing suites
+     * then exercise the shared kernel bodies unedited. */
+    const char *sel = getenv("SY_BACKEND");
+    if (sel && strcmp(sel, "emu") == 0) {
+        sy_warn("SY_BACKEND=emu: the emulation test backend (the GPU kernel bodies in host loops); not "
+                "for production runs");
+        return sy_backend_emu_new_threads(threads, bf16, out);
+    }
+    sy_backend_t *b = NULL;
+    SY_CHECK(sy_backend_cpu_new_plain(threads, bf16, &b));
+    return sy_backend_poison_maybe(b, out);
 }
 
 void sy_backend_destroy(sy_backend_t **self_p) {

@@ -15,4 +15,15 @@ void sy_cpu_route_install(sy_backend_t *b);
  * `inner` has no wrapper. */
 sy_status sy_backend_poison_wrap(sy_backend_t *inner, sy_backend_t **out);
 
+/* backend_cpu.c: *out = the poisoned variant of `inner` when SY_BACKEND_POISON=1 is set in
+ * the environment, else inner itself (ownership passes either way). */
+sy_status sy_backend_poison_maybe(sy_backend_t *inner, sy_backend_t **out);
+
+/* backend_cpu.c: the CPU backend itself, never poisoned (the emulation backend builds on it). */
+sy_status sy_backend_cpu_new_plain(int threads, bool bf16, sy_backend_t **out);
+
+/* backend_emu.c: sy_backend_emu_new with the thread count of sy_backend_cpu_new (0: all cores;
+ * its OpenMP loops and the wrapped CPU backend's GEMMs use that many). */
+sy_status sy_backend_emu_new_threads(int threads, bool bf16, sy_backend_t **out);
+
 #endif

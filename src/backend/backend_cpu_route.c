@@ -3,12 +3,16 @@
  * Each op does the same floating-point operations in the same order as the host loops it
  * replaced (switch.c, switch_ep.c), so results are bit-identical whatever the thread count:
  * the random draws are keyed per token / row, the sums run serially in the order backend.h
- * names. */
+ * names. The per-element ops call the shared kernel bodies (kernels/); the draws (one key per
+ * row, then draws in order) and the capacity scan (one pass over the tokens) keep their serial
+ * loops, which the bodies' per-element draws and per-expert scans reproduce exactly. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend/backend.h"
+#include "backend/kernels/k_elementwise.h"
+#include "backend/kernels/k_route.h"
 #include "backend_cpu_internal.h"
-#include "base/bf16.h"
 #include "base/rng.h"
 
 #define ROWS_PAR 64 /* rows below which the keyed draws run on one thread */
@@ -33,12 +37,13 @@ static void cpu_jitter_fwd(sy_backend_t *be, float *u, float *xr, const float *h
 static void cpu_jitter_bwd(sy_backend_t *be, float *dh, const float *g, const float *u, size_t n) {
     (void)be;
     if (u)
-        for (size_t i = 0; i < n; i++) dh[i] += u[i] * g[i];
+        for (size_t i = 0; i < n; i++) sy_k_jitter_bwd(i, dh, g, u);
     else
-        for (size_t i = 0; i < n; i++) dh[i] += g[i];
+        for (size_t i = 0; i < n; i++) sy_k_jitter_bwd(i, dh, g, NULL);
 }
 
-/* Serial scans in token order (a device backend runs them as an integer scan per expert). */
+/* Serial scans in token order: one pass for the positions (sy_k_route_count, which the
+ * emulation runs, is one pass per expert: the same integers), then the shared bodies. */
 static void cpu_route_plan(sy_backend_t *be, int32_t *counts, int32_t *kept, int32_t *offsets,
                            int32_t *order, int32_t *slot, float *gk, const int32_t *expert,
                            const float *gate, int G, int E, int C) {
@@ -49,43 +54,25 @@ static void cpu_route_plan(sy_backend_t *be, int32_t *counts, int32_t *kept, int
         slot[t] = counts[e]; /* pos[t], made a slot below */
         counts[e]++;
     }
-    offsets[0] = 0;
-    for (int e = 0; e < E; e++) {
-        kept[e] = counts[e] < C ? counts[e] : C;
-        offsets[e + 1] = offsets[e] + kept[e];
-    }
-    for (int t = 0; t < G; t++) {
-        int e = expert[t];
-        if (slot[t] < C) {
-            int s = offsets[e] + slot[t];
-            slot[t] = s;
-            order[s] = t;
-            gk[s] = gate[t];
-        } else {
-            slot[t] = -1;
-        }
-    }
+    sy_k_route_offsets(0, kept, offsets, counts, E, C);
+    for (int t = 0; t < G; t++) sy_k_route_slot(t, order, slot, gk, expert, gate, offsets, C);
 }
 
 static void cpu_route_stats(sy_backend_t *be, double *stats, float *f, const float *probs,
                             const float *lse, const int32_t *counts, int G, int E) {
     (void)be;
-    double aux = 0.0, z = 0.0;
-    for (int e = 0; e < E; e++) {
-        double P = 0.0;
-        for (int t = 0; t < G; t++) P += probs[(size_t)t * E + e];
-        f[e] = (float)((double)counts[e] / G);
-        aux += ((double)counts[e] / G) * (P / G);
-    }
-    for (int t = 0; t < G; t++) z += (double)lse[t] * lse[t];
-    stats[0] = E * aux;
-    stats[1] = z / G;
+    enum { E_STACK = 256 };
+    double P_stack[E_STACK], *P = E <= E_STACK ? P_stack : malloc(sizeof(double) * (size_t)E);
+    if (!P) abort(); /* E > 256 experts and no memory for E doubles */
+    for (int e = 0; e < E; e++) sy_k_route_prob_sum(e, P, probs, G, E);
+    sy_k_route_stats_sum(0, stats, f, P, lse, counts, G, E);
+    if (P != P_stack) free(P);
 }
 
 static void cpu_route_gamma(sy_backend_t *be, float *gamma, const float *dot, const int32_t *slot,
                             int G) {
     (void)be;
-    for (int t = 0; t < G; t++) gamma[t] = slot[t] >= 0 ? dot[slot[t]] : 0.0f;
+    for (int t = 0; t < G; t++) sy_k_route_gamma(t, gamma, dot, slot);
 }
 
 static void cpu_dropout_mask(sy_backend_t *be, float *mask, const int32_t *tok,
@@ -107,8 +94,7 @@ static void cpu_wire_put(sy_backend_t *be, void *dst, const float *src, size_t n
     if (es == (int)sizeof(float)) {
         if (n) memcpy(dst, src, sizeof(float) * n);
     } else {
-        uint16_t *h = dst;
-        for (size_t i = 0; i < n; i++) h[i] = sy_f32_to_bf16(src[i]);
+        for (size_t i = 0; i < n; i++) sy_k_wire_put(i, dst, src, 2);
     }
 }
 
@@ -117,8 +103,7 @@ static void cpu_wire_get(sy_backend_t *be, float *dst, const void *src, size_t n
     if (es == (int)sizeof(float)) {
         if (n) memcpy(dst, src, sizeof(float) * n);
     } else {
-        const uint16_t *h = src;
-        for (size_t i = 0; i < n; i++) dst[i] = sy_bf16_to_f32(h[i]);
+        for (size_t i = 0; i < n; i++) sy_k_wire_get(i, dst, src, 2);
     }
 }
 

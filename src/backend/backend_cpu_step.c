@@ -3,16 +3,20 @@
  * sums of squares for the global norm, clipping, AdamW; the bf16 re-rounding of working weights
  * is round_bf16 in backend_cpu.c).
  * Each op does the same floating-point operations in the same order as the host loops it
- * replaced (model.c, optim.c), so results are bit-identical whatever the thread count. */
+ * replaced (model.c, optim.c), so results are bit-identical whatever the thread count. The
+ * per-element work is the shared kernel bodies' (kernels/), the code the emulation and CUDA
+ * backends run. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend/backend.h"
+#include "backend/kernels/k_elementwise.h"
+#include "backend/kernels/k_route.h"
 #include "backend_cpu_internal.h"
 
 #define COPY_CHUNK ((size_t)4 << 20) /* bytes per parallel memcpy piece */
-#define SUMSQ_CHUNK 4096             /* elements per partial sum: fixes the summation order */
+#define SUMSQ_CHUNK SY_K_SUMSQ_CHUNK /* elements per partial sum: fixes the summation order */
 
 /* ---- host <-> backend traffic ---- */
 
@@ -63,13 +67,13 @@ static void *cpu_host_view(sy_backend_t *be, void *p) {
 static void cpu_acc_add_f32(sy_backend_t *be, double *acc, const float *g, size_t n) {
     (void)be;
 #pragma omp parallel for schedule(static) if (n > 4096)
-    for (size_t k = 0; k < n; k++) acc[k] += g[k];
+    for (size_t k = 0; k < n; k++) sy_k_acc_add_f32(k, acc, g);
 }
 
 static void cpu_acc_to_f32(sy_backend_t *be, float *g, const double *acc, size_t n) {
     (void)be;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) g[i] = (float)acc[i];
+    for (size_t i = 0; i < n; i++) sy_k_acc_to_f32(i, g, acc);
 }
 
 static void cpu_sumsq_add(sy_backend_t *be, double *out, const float *g, size_t n) {
@@ -83,12 +87,7 @@ static void cpu_sumsq_add(sy_backend_t *be, double *out, const float *g, size_t 
         return;
     }
 #pragma omp parallel for schedule(static)
-    for (size_t c = 0; c < nchunks; c++) {
-        size_t lo = c * SUMSQ_CHUNK, hi = lo + SUMSQ_CHUNK < n ? lo + SUMSQ_CHUNK : n;
-        double s = 0.0;
-        for (size_t i = lo; i < hi; i++) s += (double)g[i] * g[i];
-        part[c] = s;
-    }
+    for (size_t c = 0; c < nchunks; c++) sy_k_sumsq_chunk(c, part, g, n);
     for (size_t c = 0; c < nchunks; c++) total += part[c];
     free(part);
     out[0] += total;
@@ -97,7 +96,7 @@ static void cpu_sumsq_add(sy_backend_t *be, double *out, const float *g, size_t 
 static void cpu_scale(sy_backend_t *be, float *g, size_t n, float c) {
     (void)be;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) g[i] *= c;
+    for (size_t i = 0; i < n; i++) sy_k_scale(i, g, c);
 }
 
 static void cpu_adamw(sy_backend_t *be, float *pp, const float *gg, float *mm, float *vv, size_t n,
@@ -105,13 +104,8 @@ static void cpu_adamw(sy_backend_t *be, float *pp, const float *gg, float *mm, f
                       float eps) {
     (void)be;
 #pragma omp parallel for schedule(static)
-    for (size_t k = 0; k < n; k++) {
-        float gk = gg[k];
-        pp[k] *= decay;
-        mm[k] = b1 * mm[k] + (1.0f - b1) * gk;
-        vv[k] = b2 * vv[k] + (1.0f - b2) * gk * gk;
-        pp[k] -= step_size * mm[k] / (sqrtf(vv[k]) * inv_sqrt_bc2 + eps);
-    }
+    for (size_t k = 0; k < n; k++)
+        sy_k_adamw(k, pp, gg, mm, vv, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
 }
 
 void sy_cpu_step_install(sy_backend_t *b) {
