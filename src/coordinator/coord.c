@@ -603,8 +603,12 @@ static sy_status bind_socket(sy_coord_t *c, const char *bind) {
      * route over at once, even before its old connection is known to be dead. Membership never
      * follows a routing id (issue 16): switchyard-worker's routing ids carry a random nonce
      * per socket, and every message must carry its registration's session secret. ZMTP
-     * heartbeats close dead connections within failure_timeout_ms. */
-    int hb_ivl = c->cfg.cluster.heartbeat_ms, hb_ttl = c->cfg.cluster.failure_timeout_ms;
+     * heartbeats close dead (half-open) connections within failure_timeout_ms + heartbeat_ms:
+     * one heartbeat later than the reactor's own silence check, so a live but silent worker
+     * (stopped, starved) is always declared lost for its silence, never by a race between the
+     * two clocks on a loaded machine. */
+    int hb_ivl = c->cfg.cluster.heartbeat_ms,
+        hb_ttl = c->cfg.cluster.failure_timeout_ms + c->cfg.cluster.heartbeat_ms;
     zmq_setsockopt(c->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
     zmq_setsockopt(c->sock, ZMQ_ROUTER_HANDOVER, &one, sizeof one);
     zmq_setsockopt(c->sock, ZMQ_HEARTBEAT_IVL, &hb_ivl, sizeof hb_ivl);
