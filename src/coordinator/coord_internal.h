@@ -63,6 +63,8 @@ typedef struct {
     int64_t last_keepalive;
     bool restored; /* reported "training" in the open generation (recovery phase timing) */
     int accused;   /* peer faults naming it while it answers on the control plane, since the last progress */
+    bool quarantined; /* excluded as unreachable on the data plane: back as a spare, but kept out of
+                       * new generations until the run progresses (issue 13 (d)) */
     int fd;        /* socket its last message came from (ZMQ_SRCFD), -1 unknown */
     /* Proof of identity (docs/protocol.md "Identities"): the secret this registration was given
      * in Welcome, which every later message must echo; with CURVE on, the public key (Z85) the

@@ -265,6 +265,9 @@ static void exclude_if_accused(sy_coord_t *c, int named) {
              "though it answers on the control plane", c->w[pick].accused, c->accusations);
     c->accusations = 0;
     for (int i = 0; i < c->nw; i++) c->w[i].accused = 0;
+    /* it answers heartbeats, so it is back as a spare at once: without the quarantine the
+     * recovery this starts would take it straight back in */
+    c->w[pick].quarantined = true;
     sy_coord_worker_lost(c, pick, why);
 }
 
@@ -318,7 +321,10 @@ void sy_coord_open_generation(sy_coord_t *c) {
     int n = 0;
     if (!cand) return;
     for (int i = 0; i < c->nw; i++)
-        if (c->w[i].state == W_IDLE) cand[n++] = i;
+        if (c->w[i].state == W_IDLE && !c->w[i].quarantined) cand[n++] = i;
+    if (n < c->cfg.cluster.min_workers) /* better a quarantined worker than no run */
+        for (int i = 0; i < c->nw; i++)
+            if (c->w[i].state == W_IDLE && c->w[i].quarantined) cand[n++] = i;
     qsort_r(cand, (size_t)n, sizeof(int), cmp_seq, c->w);
     if (n > c->cfg.cluster.max_workers) n = c->cfg.cluster.max_workers;
     if (n < c->cfg.cluster.min_workers) { /* e.g. everyone drained: wait for workers */

@@ -166,6 +166,13 @@ class Net:
             _ip("bridge", "link", "set", "dev", self.nodes[n][1], "isolated", "off")
             self.isolated.discard(n)
 
+    def heal_all(self):
+        """Every link up, no isolated pair (between scenarios, whatever the last one left)."""
+        for node, (_, veth, _) in self.nodes.items():
+            _ip("bridge", "link", "set", "dev", veth, "isolated", "off", check=False)
+            _ip("ip", "link", "set", veth, "up")
+        self.isolated.clear()
+
     def close(self):
         if self._closed:
             return
