@@ -419,6 +419,10 @@ static void handshake_failed(sy_coord_t *c, uint16_t event, uint32_t value) {
 
 static void cron(sy_coord_t *c) {
     int64_t now = sy_mono_ms();
+    /* Every heartbeat_ms (at most failure_timeout_ms / 3): a worker that misses
+     * SY_AGENT_PAUSE_HEARTBEATS (src/worker/agent.c) of them stops stepping (issue 13 (c): the coordinator cut off). */
+    int64_t keepalive_ms = c->cfg.cluster.heartbeat_ms;
+    if (keepalive_ms > c->cfg.cluster.failure_timeout_ms / 3) keepalive_ms = c->cfg.cluster.failure_timeout_ms / 3;
     sy_http_cmd cmd;
     while (!c->done && sy_http_next_cmd(c->http, &cmd)) on_request(c, &cmd);
     for (int i = 0; i < c->nw && !c->done; i++) {
@@ -429,7 +433,7 @@ static void cron(sy_coord_t *c) {
             snprintf(why, sizeof why, "no message for %" PRId64 " ms (failure_timeout_ms %d)", now - w->last_seen,
                      c->cfg.cluster.failure_timeout_ms);
             sy_coord_worker_lost(c, i, why);
-        } else if (now - w->last_keepalive > c->cfg.cluster.failure_timeout_ms / 3) {
+        } else if (now - w->last_keepalive > keepalive_ms) {
             sy_coord_send_welcome(c, w); /* keepalive: workers re-register after failure_timeout_ms of silence */
         }
     }

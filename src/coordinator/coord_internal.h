@@ -63,6 +63,9 @@ typedef struct {
     char activity[16];
     int64_t last_keepalive;
     bool restored; /* reported "training" in the open generation (recovery phase timing) */
+    int accused;   /* peer faults naming it while it answers on the control plane, since the last progress */
+    bool quarantined; /* excluded as unreachable on the data plane: back as a spare, but kept out of
+                       * new generations until the run progresses (issue 13 (d)) */
     int fd;        /* socket its last message came from (ZMQ_SRCFD), -1 unknown */
     /* Proof of identity (docs/protocol.md "Identities"): the secret this registration was given
      * in Welcome, which every later message must echo; with CURVE on, the public key (Z85) the
@@ -152,6 +155,7 @@ struct sy_coord {
     int64_t step;          /* last aggregated step */
     int64_t furthest;      /* furthest step ever aggregated */
     int fruitless;
+    int accusations; /* peer faults naming a rank alive on the control plane, since the last progress */
     int64_t latest_ckpt;   /* -1: none */
     double latest_ckpt_time, ckpt_seconds;
     double loss, ce, aux, z, tps, dropped_frac, lr, grad_norm;

@@ -25,6 +25,9 @@
 #define TABLE_SLACK 16
 /* A Fault's accused peer is excluded only if silent for this many heartbeats too. */
 #define SUSPECT_HEARTBEATS 2
+/* Peer faults, in recoveries without progress, naming ranks that still answer on the control
+ * plane before the most accused one is excluded (a data-plane-only partition, issue 13 (d)). */
+#define ACCUSATIONS_TO_EXCLUDE 2
 
 static bool rid_names(const uint8_t *rid, size_t rid_len, char *id, size_t cap);
 static bool printable(const char *s, size_t max);
@@ -243,6 +246,31 @@ void sy_coord_on_heartbeat(sy_coord_t *c, worker *w, const Sy__Envelope *env) {
     }
 }
 
+/* Issue 13 (d), an asymmetric partition: two workers that cannot reach each other's data plane
+ * but both answer heartbeats. Every generation over them times out (data_timeout_ms) and the
+ * faults never name a silent rank, so without this the coordinator re-opened the same membership
+ * until the run failed. After ACCUSATIONS_TO_EXCLUDE such faults without progress, the most
+ * accused live member (ties: the one named last) is excluded; it keeps heartbeating and comes back
+ * as a spare. Bound: ACCUSATIONS_TO_EXCLUDE x (data_timeout_ms + a restore). */
+static void exclude_if_accused(sy_coord_t *c, int named) {
+    c->w[named].accused++;
+    if (++c->accusations < ACCUSATIONS_TO_EXCLUDE) return;
+    int pick = named;
+    for (int r = 0; r < c->world; r++) {
+        int i = c->members[r];
+        if (i >= 0 && sy_coord_live(&c->w[i]) && c->w[i].accused > c->w[pick].accused) pick = i;
+    }
+    char why[200];
+    snprintf(why, sizeof why, "unreachable on the data plane: named in %d of %d peer faults in a row, "
+             "though it answers on the control plane", c->w[pick].accused, c->accusations);
+    c->accusations = 0;
+    for (int i = 0; i < c->nw; i++) c->w[i].accused = 0;
+    /* it answers heartbeats, so it is back as a spare at once: without the quarantine the
+     * recovery this starts would take it straight back in */
+    c->w[pick].quarantined = true;
+    sy_coord_worker_lost(c, pick, why);
+}
+
 void sy_coord_on_fault(sy_coord_t *c, worker *w, const Sy__Fault *f) {
     char why[300];
     snprintf(why, sizeof why, "fault from %s (rank %d): %s%s%s", w->id, w->rank, f->kind ? f->kind : "?",
@@ -256,6 +284,8 @@ void sy_coord_on_fault(sy_coord_t *c, worker *w, const Sy__Fault *f) {
         int pi = c->members[f->peer_rank];
         if (pi >= 0 && sy_mono_ms() - c->w[pi].last_seen > (int64_t)SUSPECT_HEARTBEATS * c->cfg.cluster.heartbeat_ms)
             sy_coord_worker_lost(c, pi, "named by a peer's fault and silent");
+        else if (pi >= 0)
+            exclude_if_accused(c, pi);
     }
     sy_coord_begin_recovery(c, why, NULL);
 }
@@ -291,7 +321,10 @@ void sy_coord_open_generation(sy_coord_t *c) {
     int n = 0;
     if (!cand) return;
     for (int i = 0; i < c->nw; i++)
-        if (c->w[i].state == W_IDLE) cand[n++] = i;
+        if (c->w[i].state == W_IDLE && !c->w[i].quarantined) cand[n++] = i;
+    if (n < c->cfg.cluster.min_workers) /* better a quarantined worker than no run */
+        for (int i = 0; i < c->nw; i++)
+            if (c->w[i].state == W_IDLE && c->w[i].quarantined) cand[n++] = i;
     qsort_r(cand, (size_t)n, sizeof(int), cmp_seq, c->w);
     if (n > c->cfg.cluster.max_workers) n = c->cfg.cluster.max_workers;
     if (n < c->cfg.cluster.min_workers) { /* e.g. everyone drained: wait for workers */

@@ -148,6 +148,8 @@ static void step_complete(sy_coord_t *c, agg *a) {
     if (a->step > c->furthest) {
         c->furthest = a->step;
         c->fruitless = 0;
+        c->accusations = 0;
+        for (int i = 0; i < c->nw; i++) c->w[i].accused = 0, c->w[i].quarantined = false;
     }
     c->dirty = true;
     if (!isfinite(loss)) {

@@ -37,6 +37,11 @@
 
 #define SY_AGENT_VERSION "0.1.0"
 #define SY_AGENT_DEFAULT_HB_MS 500
+/* Issue 13 (c): a worker stops stepping when the coordinator, which sends a keepalive every
+ * heartbeat_ms (at most failure_timeout_ms / 3), has been silent for this many heartbeats (at most
+ * failure_timeout_ms); it checks again every SY_AGENT_PAUSE_POLL_MS. */
+#define SY_AGENT_PAUSE_HEARTBEATS 3
+#define SY_AGENT_PAUSE_POLL_MS 50
 #define SY_AGENT_DEFAULT_COORD_TIMEOUT_MS 6000
 /* While not registered: a "still trying" line after this long, then at doubling intervals up
  * to LINK_WAIT_LOG_MAX_MS apart. */
@@ -103,6 +108,7 @@ typedef struct {
     _Atomic unsigned state_seq;    /* bumped on every state change: the link thread reports it */
     _Atomic int hb_ms;
     _Atomic int coord_timeout_ms;  /* silence after which the coordinator is presumed gone */
+    _Atomic int64_t heard_ms;      /* mono ms of the last message received from the coordinator */
     _Atomic int link_stop;
     _Atomic int refused;           /* the link thread gave up: the coordinator refuses us */
     _Atomic int link_failed;       /* the link thread gave up: no coordinator (--connect-timeout) */
@@ -371,6 +377,7 @@ static void link_from_coordinator(link_t *l) {
     zmq_msg_init(&msg);
     if (zmq_msg_recv(&msg, l->dealer, ZMQ_DONTWAIT) >= 0) {
         l->last_rx = (sy_mono_s() * 1e3);
+        atomic_store(&l->a->heard_ms, (int64_t)l->last_rx);
         Sy__Envelope *env = NULL;
         sy_proto_drop why = sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env);
         bool forward = false;
@@ -623,6 +630,17 @@ static void send_fault_gen(agent_t *a, const char *kind, const char *detail, int
     env.body_case = SY__ENVELOPE__BODY_FAULT;
     env.fault = &f;
     agent_send_gen(a, &env, inc, gen);
+}
+
+/* The first rank a timed-out collective heard nothing from, from the data plane's message
+ * ("... no data from rank(s) 2, 0 within N ms"), -1 if none: the Fault names it so that the
+ * coordinator can tell who is unreachable when nobody is silent (issue 13 (d)). */
+static int first_missing_rank(const char *msg) {
+    const char *p = strstr(msg, "no data from rank(s) ");
+    if (!p) return -1;
+    char *end;
+    long r = strtol(p + strlen("no data from rank(s) "), &end, 10);
+    return end != p + strlen("no data from rank(s) ") && r >= 0 && r < INT32_MAX ? (int)r : -1;
 }
 
 static void send_fault(agent_t *a, const char *kind, const char *detail, int peer, int64_t step) {
@@ -1087,6 +1105,8 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     for (int64_t step = (int64_t)as->start_step; step <= (int64_t)as->end_step; step++) {
         /* control messages between steps */
         Sy__Envelope *m;
+        bool paused = false;
+    between_steps:
         while ((m = agent_recv(a, 0)) != NULL) {
             run_end r = RUN_DONE;
             bool leave = false;
@@ -1113,6 +1133,27 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             }
         }
         if (g_stop || atomic_load(&a->link_failed)) return RUN_STOP;
+        /* Issue 13 (c), the coordinator cut off: its keepalives stop, and after
+         * failure_timeout_ms it declares us lost, so steps taken meanwhile are thrown away (their
+         * StepDone queue up for a coordinator that moved on). Stop stepping after
+         * SY_AGENT_PAUSE_HEARTBEATS missed keepalives, until it speaks again (a message goes
+         * through the loop above) or the link thread registers anew (its Welcome ends this
+         * generation). */
+        int64_t silent = (int64_t)(sy_mono_s() * 1e3) - atomic_load(&a->heard_ms);
+        int64_t pause_ms = (int64_t)SY_AGENT_PAUSE_HEARTBEATS * a->cfg.cluster.heartbeat_ms;
+        if (pause_ms > a->cfg.cluster.failure_timeout_ms) pause_ms = a->cfg.cluster.failure_timeout_ms;
+        if (silent > pause_ms) {
+            if (!paused)
+                sy_warn("no word from the coordinator for %lld ms: pausing before step %lld",
+                        (long long)silent, (long long)step);
+            paused = true;
+            if ((m = agent_recv(a, SY_AGENT_PAUSE_POLL_MS)) != NULL) {
+                stash(a, m);
+                sy_proto_free(m);
+            }
+            goto between_steps;
+        }
+        if (paused) sy_info("the coordinator is heard again: resuming at step %lld", (long long)step);
         upload_collect(a, false);
         set_state(a, ST_TRAINING);
         a->counts[0] = 0;
@@ -1127,7 +1168,8 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                 return RUN_ABORTED;
             }
             sy_error("step %lld failed: %s", (long long)step, sy_err_msg());
-            send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(), -1, step);
+            send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(),
+                       st == SY_ETIMEOUT ? first_missing_rank(sy_err_msg()) : -1, step);
             close_generation(a);
             set_state(a, ST_IDLE);
             return RUN_FAILED;
@@ -1170,6 +1212,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
     pthread_cond_init(&a.up_cv, NULL);
     atomic_store(&a.hb_ms, SY_AGENT_DEFAULT_HB_MS);
     atomic_store(&a.coord_timeout_ms, SY_AGENT_DEFAULT_COORD_TIMEOUT_MS);
+    atomic_store(&a.heard_ms, (int64_t)(sy_mono_s() * 1e3));
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
