@@ -39,6 +39,8 @@
 /* Bytes of a registration's session secret (random, from getrandom). */
 #define SY_SESSION_LEN 16
 
+#define SY_COORD_GEN_MAX ((uint64_t)1 << 62) /* larger Hello.last_generation values are ignored */
+
 typedef enum { W_IDLE = 0, W_ACTIVE, W_DRAINING, W_LOST, W_STOPPED, W__COUNT } wstate;
 extern const char *const sy_coord_wstate[W__COUNT]; /* names, for events and status */
 
@@ -138,6 +140,8 @@ struct sy_coord {
     rstate state;
     bool gen_open;
     uint64_t gen;
+    uint64_t gen_floor; /* highest generation a registering worker last ran in (any incarnation):
+                         * new generations are numbered above it (coord_members.c) */
     int world;
     int *members;        /* worker index by rank */
     uint32_t *placement; /* [E] */

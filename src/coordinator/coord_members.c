@@ -131,6 +131,11 @@ void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     new_session(w);
     snprintf(w->key, sizeof w->key, "%s", c->src_key);
     c->last_join = now;
+    /* Number our generations above any this worker ran in under an earlier incarnation: the
+     * data plane orders traffic by generation number, and an old incarnation's generation 1
+     * must never look like a later round of ours (a restarted coordinator starts again at 1).
+     * Values near the top of the range are ignored (no wrap-around from a hostile Hello). */
+    if (h->last_generation > c->gen_floor && h->last_generation < SY_COORD_GEN_MAX) c->gen_floor = h->last_generation;
     sy_coord_send_welcome(c, w);
     sy_coord_event(c, "worker_joined", json_pack("{s:s, s:s, s:i, s:s, s:s}", "worker", w->id, "host", w->host, "pid",
                                                  (int)w->pid, "backend", w->backend, "data_endpoint", w->data_ep));
@@ -349,7 +354,7 @@ void sy_coord_open_generation(sy_coord_t *c) {
                 if (cand[r] == old_w) prev[e] = r;
         }
     }
-    c->gen++;
+    c->gen = (c->gen > c->gen_floor ? c->gen : c->gen_floor) + 1;
     c->world = n;
     memcpy(c->members, cand, sizeof(int) * (size_t)n);
     free(cand);

@@ -570,6 +570,7 @@ static void link_hello(link_t *l, double t, int hb) {
     hello.version = SY_AGENT_VERSION;
     hello.auth_token = "";
     hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
+    hello.last_generation = atomic_load(&a->generation); /* whatever incarnation assigned it */
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_HELLO;
     env.hello = &hello;
