@@ -41,6 +41,16 @@
 
 static uint64_t g_sy_test_rs = SY_TEST_SEED;
 
+/* Keyed values without a stream (each a pure function of its arguments): the splitmix64
+ * finalizer, and a hash of three keys (the data-plane tests' chunk sizes and payloads). */
+static inline uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+static inline uint64_t h3(uint64_t a, uint64_t b, uint64_t c) { return mix(mix(mix(a) ^ b) ^ c); }
+
 static inline double urand(void) { /* splitmix64 */
     uint64_t z = (g_sy_test_rs += 0x9E3779B97F4A7C15ULL);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;

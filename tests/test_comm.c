@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "comm/comm.h"
+#include "sy_test.h"
 
 #define MAX_W 4
 #define EP_LEN 256
@@ -109,13 +110,6 @@ static void run_world(const char *kind, int world, scenario_fn fn) {
 
 /* ---------------------------------------------------------------- generators */
 
-static uint64_t mix(uint64_t x) { /* splitmix64 finalizer */
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-static uint64_t h3(uint64_t a, uint64_t b, uint64_t c) { return mix(mix(mix(a) ^ b) ^ c); }
 
 static size_t a2a_size(int src, int dst, int it) {
     uint64_t h = h3((uint64_t)src, (uint64_t)dst * 7919 + 1, (uint64_t)it);

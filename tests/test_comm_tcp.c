@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "comm/comm.h"
+#include "sy_test.h"
 
 #define EP_LEN 256
 #define MAX_W 8
@@ -171,13 +172,6 @@ static void expect_all_ok(int world, scenario_fn fn, unsigned victims) {
 
 /* ---------------------------------------------------------------- generators */
 
-static uint64_t mix(uint64_t x) { /* splitmix64 finalizer */
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-static uint64_t h3(uint64_t a, uint64_t b, uint64_t c) { return mix(mix(mix(a) ^ b) ^ c); }
 
 /* alltoallv chunk size from src to dst in iteration it: uneven, a third of them empty. */
 static size_t a2a_size(int src, int dst, int it, size_t maxb) {
