@@ -30,7 +30,8 @@
 #include "storage/store.h"
 
 #define SY_SHARD_HEADER_BYTES (SY_SHARD_HEADER_INTS * 4)
-#define SY_DATA_PERM_TAG "data.perm"
+#define SY_DATA_PERM_TAG "data.perm"   /* fisher-yates */
+#define SY_DATA_ORDER_TAG "data.order" /* feistel */
 #define SY_DATA_PERM_SLOTS 2 /* a batch can straddle one epoch boundary */
 
 #define SY_DATA_READ_CHUNK (1u << 20) /* validation reads of fd shards */
@@ -350,6 +351,7 @@ void sy_data_options_from_config(const sy_config_t *cfg, sy_data_options *o) {
     o->fetch_threads = cfg->data.fetch_threads;
     o->cache_dir = cfg->data.cache_dir && cfg->data.cache_dir[0] ? cfg->data.cache_dir : NULL;
     o->cache_bytes = (uint64_t)(cfg->data.cache_gb * (double)(1ull << 30)); /* GiB */
+    o->order = cfg->data.order;
 }
 
 sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
@@ -482,7 +484,7 @@ sy_status sy_data_open_with(const char *const *patterns, int n_patterns, int voc
         st = sy_err_set(SY_ENOMEM, "data: %" PRIu64 " windows is too many", d->n_windows);
         goto fail;
     }
-    for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) {
+    for (int s = 0; s < SY_DATA_PERM_SLOTS && opts->order == SY_ORDER_FISHER_YATES; s++) {
         d->slots[s].perm = malloc((size_t)d->n_windows * esz);
         if (!d->slots[s].perm) {
             st = sy_err_set(SY_ENOMEM, "data: out of memory for a permutation of %" PRIu64
@@ -619,8 +621,41 @@ static const sy_perm_slot_t *sy_data_perm(sy_data_t *d, uint64_t seed, uint64_t 
     return victim;
 }
 
+/* PINNED (data.h): the keyed Feistel permutation of [0, N) for (seed, epoch). */
+void sy_data_feistel_key(sy_feistel_t *f, uint64_t N, uint64_t seed, uint64_t epoch) {
+    int h = 1;
+    while (h < 32 && (UINT64_C(1) << (2 * h)) < N) h++; /* the smallest 4^h >= N */
+    f->N = N;
+    f->half = h;
+    sy_rng_t r = sy_rng_key(seed, SY_DATA_ORDER_TAG, epoch, 0, 0);
+    for (int j = 0; j < SY_FEISTEL_ROUNDS; j++) f->key[j] = sy_rng_next(&r);
+}
+
+static uint64_t sy_feistel_rounds(const sy_feistel_t *f, uint64_t x) {
+    const int h = f->half;
+    const uint64_t mask = (UINT64_C(1) << h) - 1;
+    uint64_t L = x >> h, R = x & mask;
+    for (int j = 0; j < SY_FEISTEL_ROUNDS; j++) {
+        uint64_t t = L ^ (sy_mix64(R ^ f->key[j]) & mask);
+        L = R;
+        R = t;
+    }
+    return (L << h) | R;
+}
+
+uint64_t sy_data_feistel(const sy_feistel_t *f, uint64_t i) {
+    uint64_t x = sy_feistel_rounds(f, i);
+    while (x >= f->N) x = sy_feistel_rounds(f, x); /* cycle walking: stays a bijection of [0, N) */
+    return x;
+}
+
 uint64_t sy_data_window_of(sy_data_t *d, uint64_t seed, uint64_t idx) {
     uint64_t N = d->n_windows;
+    if (d->opts.order == SY_ORDER_FEISTEL) {
+        sy_feistel_t f;
+        sy_data_feistel_key(&f, N, seed, idx / N);
+        return sy_data_feistel(&f, idx % N);
+    }
     pthread_mutex_lock(&d->perm_lock);
     const sy_perm_slot_t *sl = sy_data_perm(d, seed, idx / N);
     uint64_t i = idx % N;

@@ -3,11 +3,19 @@
  * A shard is llm.c's format: 256 int32 header ([0] = 20240520 magic, [1] = 1 version,
  * [2] = token count), then uint16 tokens. A sample is a window of T+1 tokens starting at k·T in
  * a shard (k = 0 .. floor((count-1)/T)-1); the window index space is the concatenation of the
- * shards in the given order, N windows in all. Epoch ep visits windows in the Fisher–Yates
- * permutation drawn from (seed, ep) with the PRNG of rng.h. Sequence j of micro-batch m of step
- * s is window perm[(s·M·b + m·b + j) mod N] in epoch floor((s·M·b + m·b + j)/N).
- * The permutation of epoch ep, PINNED: r = sy_rng_key(seed, "data.perm", ep, 0, 0);
- * perm = [0, 1, ..., N-1]; for i = N-1 down to 1: k = sy_rng_below(&r, i+1), swap perm[i], perm[k].
+ * shards in the given order, N windows in all. Epoch ep visits windows in a permutation perm of
+ * [0, N) keyed by (seed, ep) (data.order). Sequence j of micro-batch m of step s is window
+ * perm[(s·M·b + m·b + j) mod N] in epoch floor((s·M·b + m·b + j)/N).
+ * The permutations, PINNED (model spec §6):
+ *   feistel (the default): h = the smallest integer >= 1 with 4^h >= N, mask = 2^h - 1;
+ *     r = sy_rng_key(seed, "data.order", ep, 0, 0); k_j = sy_rng_next(&r) for j = 0..5 in order;
+ *     F(x): L = x >> h, R = x & mask; for j = 0..5: (L, R) = (R, L ^ (sy_mix64(R ^ k_j) & mask));
+ *     F(x) = L << h | R (a bijection of [0, 4^h)); perm[i] = F(i), then F again while >= N
+ *     (cycle walking: a bijection of [0, N); fewer than 4 rounds of F per sample on average).
+ *     Computed per sample: no memory, no start-up cost, whatever N.
+ *   fisher-yates (runs whose config predates data.order): r = sy_rng_key(seed, "data.perm", ep,
+ *     0, 0); perm = [0, 1, ..., N-1]; for i = N-1 down to 1: k = sy_rng_below(&r, i+1), swap
+ *     perm[i], perm[k]. Two epochs' tables are kept (4 bytes a window each while N < 2^32).
  *
  * Local shards are read with pread (not memory-mapped: a shard truncated under a mapping would
  * kill the process with SIGBUS) and validated at open (header, size, every token < vocab).
@@ -52,6 +60,7 @@ typedef struct {
     int fetch_threads;    /* reads in flight at once (>= 1) */
     const char *cache_dir;/* on-disk cache of remote ranges (NULL: none); copied at open */
     uint64_t cache_bytes; /* its bound */
+    int order;            /* sy_data_order (config.h); default SY_ORDER_FEISTEL */
 } sy_data_options;
 
 void sy_data_options_default(sy_data_options *o);
@@ -93,6 +102,16 @@ uint64_t sy_data_sample_index(int64_t step, int M, int b, int m, int j);
 /* Window id (into 0..N-1) of the sample with global index `idx` for this seed. Thread: any (the
  * permutation cache is locked; the prefetch thread uses it too). */
 uint64_t sy_data_window_of(sy_data_t *d, uint64_t seed, uint64_t idx);
+
+/* The feistel permutation of [0, N) for (seed, epoch) (the PINNED recipe above), for tests and
+ * tools: sy_data_feistel_key once per epoch, then sy_data_feistel(&f, i) = perm[i]. */
+#define SY_FEISTEL_ROUNDS 6
+typedef struct {
+    uint64_t N, key[SY_FEISTEL_ROUNDS];
+    int half; /* h */
+} sy_feistel_t;
+void sy_data_feistel_key(sy_feistel_t *f, uint64_t N, uint64_t seed, uint64_t epoch);
+uint64_t sy_data_feistel(const sy_feistel_t *f, uint64_t i);
 
 /* Training batch: writes b rows of T+1 tokens (int32) for micro-batch m of step s, row j =
  * window of sample index sy_data_sample_index(s, M, b, m, j). */
