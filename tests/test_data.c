@@ -285,9 +285,24 @@ static void test_rejects_bad_shards(void **state) {
     expect_open_fails(write_raw(f, "neg.bin", &s, sizeof s), 256, "negative");
     s.hdr[2] = N;
     expect_open_fails(write_raw(f, "hdr.bin", &s, 100), 256, "header");
-    s.tok[13] = 256; /* the first token out of range */
-    expect_open_fails(write_raw(f, "vocab.bin", &s, sizeof s), 256,
-                      "token 256 at index 13 >= vocab_size 256");
+    s.tok[13] = 256; /* the first token out of range: open checks header and size only, the
+                      * batch that reads the window fails, and sy_data_validate finds it up front */
+    const char *pb[] = {write_raw(f, "vocab.bin", &s, sizeof s)};
+    assert_int_equal(sy_data_open(pb, 1, 256, 4, &d), SY_OK);
+    int32_t rows[2 * 5];
+    assert_int_equal(sy_data_eval_batch(d, 0, 2, rows), SY_OK); /* windows 0, 1: tokens 0..8 */
+    assert_int_equal(sy_data_eval_batch(d, 2, 2, rows), SY_EFORMAT); /* window 3: tokens 12..16 */
+    assert_non_null(strstr(sy_err_msg(), pb[0]));
+    assert_non_null(strstr(sy_err_msg(), "token 256 at index 13 >= vocab_size 256"));
+    sy_data_destroy(&d);
+    sy_data_check_counts cc;
+    assert_int_equal(sy_data_validate(pb, 1, 256, 4, NULL, NULL, &cc), SY_EFORMAT);
+    assert_non_null(strstr(sy_err_msg(), "token 256 at index 13 >= vocab_size 256"));
+    s.tok[13] = 13;
+    const char *pg[] = {write_raw(f, "good.bin", &s, sizeof s)}; /* (write_raw's buffer is static) */
+    assert_int_equal(sy_data_validate(pg, 1, 256, 4, NULL, NULL, &cc), SY_OK);
+    assert_true(cc.shards == 1 && cc.tokens == N && cc.windows == (N - 1) / 4);
+    s.tok[13] = 256;
     /* same file is fine with a larger vocabulary */
     const char *pv[] = {write_raw(f, "vocab2.bin", &s, sizeof s)};
     assert_int_equal(sy_data_open(pv, 1, 257, 4, &d), SY_OK);

@@ -18,8 +18,11 @@
  *     perm[i], perm[k]. Two epochs' tables are kept (4 bytes a window each while N < 2^32).
  *
  * Local shards are read with pread (not memory-mapped: a shard truncated under a mapping would
- * kill the process with SIGBUS) and validated at open (header, size, every token < vocab).
- * s3:// shards (data_s3.h) are streamed by default: open reads each header only (one ranged GET
+ * kill the process with SIGBUS); open checks each one's header and size only, so opening (and
+ * re-opening at every new generation) costs a few reads per shard whatever the corpus size, and
+ * every window's tokens are checked (< vocab) as it is read: a bad token is an error naming the
+ * shard and the token's index at the batch that reads it (SY_EFORMAT). sy_data_validate checks
+ * everything up front (`switchyard data check`). s3:// shards (data_s3.h) are streamed by default: open reads each header only (one ranged GET
  * per shard, in parallel, pinning the object's size and ETag), and a batch reads just its windows
  * by ranged GETs, coalesced per shard (windows that touch share one read; gaps are never read),
  * through the optional on-disk cache (data_cache.h; only objects served with an ETag), checking every token < vocab as it
@@ -75,8 +78,8 @@ typedef struct {
 } sy_data_stats;
 
 /* Expands globs in `patterns` (in order; each glob's matches sorted; s3:// patterns as in
- * data_s3.h) and opens every shard: local ones validated whole, streamed s3:// ones by their
- * headers (read in parallel), others read whole and validated. Fails if no shard matches or if
+ * data_s3.h) and opens every shard: local ones by their header and size, streamed s3:// ones by
+ * their headers (read in parallel), others read whole and validated. Fails if no shard matches or if
  * the shards hold no full window. */
 sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
                        sy_data_t **out);
@@ -134,9 +137,20 @@ sy_status sy_data_eval_batch(sy_data_t *d, uint64_t first_window, int b,
 /* Writes one shard file (header + tokens) atomically (temp file, fsync, rename). */
 sy_status sy_data_write_shard(const char *path, const uint16_t *tokens, uint64_t count);
 
-/* One shard opened and validated like a training shard (header, size, every token < vocab_size),
- * then closed: its token count. */
+/* One shard opened and validated whole (header, size, every token < vocab_size), then closed:
+ * its token count. */
 sy_status sy_data_shard_count(const char *path, int vocab_size, uint64_t *count);
+
+/* Every shard of `patterns` (expanded as sy_data_open does) validated whole, one at a time
+ * (s3:// objects are read whole, one at a time): header, size, every token < vocab_size. Counts
+ * the shards, tokens and windows of seq_len + 1 tokens; `each` (or NULL) is called after each
+ * shard that passes. Stops at the first bad shard with the error naming it. */
+typedef struct {
+    uint64_t shards, tokens, windows;
+} sy_data_check_counts;
+sy_status sy_data_validate(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
+                           void (*each)(const char *path, uint64_t tokens, void *arg), void *arg,
+                           sy_data_check_counts *counts);
 
 /* One whole shard read into memory and validated: *mem (malloc'ed; the caller frees it) holds the
  * file, *tokens points at its *count tokens inside *mem. */
