@@ -1,6 +1,6 @@
 /* The CUDA backend's entry points in a build without CUDA (no nvcc at configure time, or
  * -DSY_CUDA=OFF): a clear error instead of a link failure. CMakeLists.txt compiles this file
- * instead of src/backend/cuda/*.cu. */
+ * instead of the .cu files of src/backend/cuda. */
 #include <stdio.h>
 
 #include "backend/backend.h"
