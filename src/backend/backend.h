@@ -242,6 +242,10 @@ sy_status sy_backend_cuda_new(int device, bool bf16, sy_backend_t **out);
 int sy_backend_cuda_devices(char *why, size_t why_len);
 /* true when this build contains the CUDA backend */
 bool sy_backend_cuda_built(void);
+/* The device's dense bf16 GEMM rate (for benchmarks): C[M,N] (fp32) = A[M,K]·B[K,N] in bf16
+ * with fp32 accumulation, plain cuBLAS (cublasGemmEx, the backend's settings), median of
+ * `iters` timed runs after 3 warm-ups; TFLOP/s, or a negative value with the error set. */
+double sy_backend_cuda_gemm_tflops(int device, int M, int N, int K, int iters);
 void sy_backend_destroy(sy_backend_t **self_p);
 
 #endif

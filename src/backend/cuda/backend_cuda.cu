@@ -829,3 +829,48 @@ extern "C" sy_status sy_backend_cuda_new(int device, bool bf16, sy_backend_t **o
     *out = b;
     return SY_OK;
 }
+
+extern "C" double sy_backend_cuda_gemm_tflops(int device, int M, int N, int K, int iters) {
+    sy_backend_t *be = nullptr;
+    if (sy_backend_cuda_new(device, true, &be) != SY_OK) return -1.0;
+    cuda_be *c = CB(be);
+    const char *op = "gemm_tflops";
+    uint16_t *A = nullptr, *B = nullptr;
+    float *C = nullptr;
+    CK(op, cudaMalloc((void **)&A, sizeof(uint16_t) * (size_t)M * K));
+    CK(op, cudaMalloc((void **)&B, sizeof(uint16_t) * (size_t)K * N));
+    CK(op, cudaMalloc((void **)&C, sizeof(float) * (size_t)M * N));
+    CK(op, cudaMemsetAsync(A, 0x3f, sizeof(uint16_t) * (size_t)M * K, c->stream)); // ~0.75
+    CK(op, cudaMemsetAsync(B, 0x3f, sizeof(uint16_t) * (size_t)K * N, c->stream));
+    cudaEvent_t e0, e1;
+    CK(op, cudaEventCreate(&e0));
+    CK(op, cudaEventCreate(&e1));
+    if (iters < 1) iters = 1;
+    float *ms = static_cast<float *>(calloc((size_t)iters, sizeof(float)));
+    for (int it = -3; it < iters; it++) {
+        CK(op, cudaEventRecord(e0, c->stream));
+        gemm1(c, op, false, false, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, true);
+        CK(op, cudaEventRecord(e1, c->stream));
+        CK(op, cudaEventSynchronize(e1));
+        if (it >= 0 && ms) CK(op, cudaEventElapsedTime(&ms[it], e0, e1));
+    }
+    double med = 0.0;
+    if (ms) {
+        // median by insertion sort (iters is small)
+        for (int i = 1; i < iters; i++)
+            for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
+                float t = ms[j];
+                ms[j] = ms[j - 1];
+                ms[j - 1] = t;
+            }
+        med = ms[iters / 2];
+        free(ms);
+    }
+    (void)cudaEventDestroy(e0);
+    (void)cudaEventDestroy(e1);
+    CK(op, cudaFree(A));
+    CK(op, cudaFree(B));
+    CK(op, cudaFree(C));
+    sy_backend_destroy(&be);
+    return med > 0 ? 2.0 * M * N * (double)K / (med * 1e-3) / 1e12 : -1.0;
+}

@@ -22,3 +22,9 @@ int sy_backend_cuda_devices(char *why, size_t why_len) {
 }
 
 bool sy_backend_cuda_built(void) { return false; }
+
+double sy_backend_cuda_gemm_tflops(int device, int M, int N, int K, int iters) {
+    (void)M, (void)N, (void)K, (void)iters;
+    sy_err_set(SY_EINVAL, "cuda backend (device %d): %s", device, SY_NO_CUDA_MSG);
+    return -1.0;
+}
