@@ -735,7 +735,7 @@ static void test_gemm_vs_f64(void **state) {
     gemm_vs_f64(true, 80, 3072, 768); /* an expert's second GEMM at E = 64 */
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     char why[256];
     const char *standin = getenv("SY_CUDA_TEST_STANDIN");
     g_standin = standin && strcmp(standin, "emu") == 0;
@@ -747,6 +747,7 @@ int main(void) {
     const char *dev = getenv("SY_CUDA_DEVICE");
     g_device = dev && dev[0] ? atoi(dev) : 0;
     unsetenv("SY_BACKEND"); /* the CPU side must be the CPU backend */
+    if (argc > 1) cmocka_set_test_filter(argv[1]); /* e.g. "test_ops*" (device_check.sh) */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gemm_vs_f64),
         cmocka_unit_test(test_ops_fp32),

@@ -33,6 +33,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,14 +41,30 @@
 
 extern "C" {
 #include "backend/backend.h"
-#include "base/log.h"
-#include "base/rng.h"
 #include "base/status.h"
+#include "cuda_module_internal.h"
 }
 
 #include "kernel_bodies.cuh"
 
 namespace {
+
+// The host's logging (cuda_module_internal.h): this module links nothing of the project.
+const sy_cuda_host_api *g_host;
+
+__attribute__((format(printf, 2, 3))) void hlog(int level, const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (g_host && g_host->log)
+        g_host->log(level, buf);
+    else
+        fprintf(stderr, "%s\n", buf);
+}
+
+enum { LOG_INFO = 1, LOG_WARN = 2, LOG_ERROR = 3 };
 
 const int kThreads = 256;                      // threads per block of the 1-D launches
 const size_t kCublasWorkspace = (size_t)32 << 20; // fixed cuBLAS workspace (bytes)
@@ -73,7 +90,7 @@ struct cuda_be {
 cuda_be *CB(sy_backend_t *be) { return reinterpret_cast<cuda_be *>(be); }
 
 [[noreturn]] void cuda_die(const char *op, const char *what, const char *msg) {
-    sy_error("cuda backend: %s: %s: %s; exiting with status %d (a CUDA error leaves the context "
+    hlog(LOG_ERROR, "cuda backend: %s: %s: %s; exiting with status %d (a CUDA error leaves the context "
              "unusable: the launcher or scheduler restarts this process)",
              op, what, msg, SY_CUDA_EXIT);
     fflush(stderr);
@@ -229,7 +246,7 @@ void *cu_alloc(sy_backend_t *be, size_t bytes) {
     cudaError_t e = cudaMalloc(&p, sz);
     if (e == cudaErrorMemoryAllocation) {
         (void)cudaGetLastError(); // out of memory is not sticky: clear it, report NULL
-        sy_error("cuda backend: alloc of %zu bytes on device %d: %s", bytes, c->device,
+        hlog(LOG_ERROR, "cuda backend: alloc of %zu bytes on device %d: %s", bytes, c->device,
                  cudaGetErrorString(e));
         return nullptr;
     }
@@ -710,7 +727,7 @@ void cu_destroy(sy_backend_t *be) {
         CK("destroy", cudaStreamSynchronize(c->stream));
     }
     if (inexact)
-        sy_warn("cuda backend (device %d): some bf16 GEMM input was not a bf16 value and was "
+        hlog(LOG_WARN, "cuda backend (device %d): some bf16 GEMM input was not a bf16 value and was "
                 "rounded (RNE) on the way in; the CPU emulation multiplies such inputs in fp32 "
                 "(expert dropout's scaled activations are one: docs/architecture.md \"cuda\")",
                 c->device);
@@ -742,11 +759,7 @@ void install(sy_backend_t *b) {
     b->destroy = cu_destroy;
 }
 
-} // namespace
-
-extern "C" bool sy_backend_cuda_built(void) { return true; }
-
-extern "C" int sy_backend_cuda_devices(char *why, size_t why_len) {
+int mod_devices(char *why, size_t why_len) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) {
@@ -763,32 +776,46 @@ extern "C" int sy_backend_cuda_devices(char *why, size_t why_len) {
     return n;
 }
 
-// On failure before the table exists: undo, return SY_ENOTFOUND / SY_ENOMEM with the reason.
+// An error before the table exists: message into err, the status returned.
+__attribute__((format(printf, 4, 5))) int fail(char *err, size_t err_len, int st, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    if (err && err_len) vsnprintf(err, err_len, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
 #define NEW_CK(call, st)                                                                        \
     do {                                                                                        \
         cudaError_t e_ = (call);                                                                \
         if (e_ != cudaSuccess) {                                                                \
             (void)cudaGetLastError();                                                           \
             release(c);                                                                         \
-            return sy_err_set((st), "cuda backend (device %d): %s: %s", device, #call,          \
-                              cudaGetErrorString(e_));                                          \
+            return fail(err, err_len, (st), "cuda backend (device %d): %s: %s", device, #call,  \
+                        cudaGetErrorString(e_));                                                \
         }                                                                                       \
     } while (0)
 
-extern "C" sy_status sy_backend_cuda_new(int device, bool bf16, sy_backend_t **out) {
+int mod_backend_new(const sy_cuda_host_api *host, int device, bool bf16, sy_backend_t **out,
+                    char *err, size_t err_len) {
     *out = nullptr;
+    if (!host || host->abi != SY_CUDA_MODULE_ABI)
+        return fail(err, err_len, SY_EINTERNAL, "cuda backend module: ABI mismatch with the host (module %d)",
+                    SY_CUDA_MODULE_ABI);
+    g_host = host;
     char why[256];
-    const int n = sy_backend_cuda_devices(why, sizeof why);
+    const int n = mod_devices(why, sizeof why);
     if (n <= 0)
-        return sy_err_set(SY_ENOTFOUND, "cuda backend: device %d not available: %s", device, why);
-    if (device < 0 || device >= n)
-        return sy_err_set(SY_ENOTFOUND,
-                          "cuda backend: device %d not present: %d CUDA device(s) visible "
-                          "(0..%d; CUDA_VISIBLE_DEVICES=%s)",
-                          device, n, n - 1,
-                          getenv("CUDA_VISIBLE_DEVICES") ? getenv("CUDA_VISIBLE_DEVICES") : "unset");
+        return fail(err, err_len, SY_ENOTFOUND, "cuda backend: device %d not available: %s", device, why);
+    if (device < 0 || device >= n) {
+        const char *vis = getenv("CUDA_VISIBLE_DEVICES");
+        return fail(err, err_len, SY_ENOTFOUND,
+                    "cuda backend: device %d not present: %d CUDA device(s) visible (0..%d; "
+                    "CUDA_VISIBLE_DEVICES=%s)",
+                    device, n, n - 1, vis ? vis : "unset");
+    }
     cuda_be *c = static_cast<cuda_be *>(calloc(1, sizeof *c));
-    if (!c) return sy_err_set(SY_ENOMEM, "cuda backend: out of memory");
+    if (!c) return fail(err, err_len, SY_ENOMEM, "cuda backend: out of memory");
     c->device = device;
     NEW_CK(cudaSetDevice(device), SY_ENOTFOUND);
     NEW_CK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), SY_ENOTFOUND);
@@ -796,8 +823,8 @@ extern "C" sy_status sy_backend_cuda_new(int device, bool bf16, sy_backend_t **o
     if (bs != CUBLAS_STATUS_SUCCESS) {
         c->blas = nullptr;
         release(c);
-        return sy_err_set(SY_ENOTFOUND, "cuda backend (device %d): cublasCreate: %s", device,
-                          blas_str(bs));
+        return fail(err, err_len, SY_ENOTFOUND, "cuda backend (device %d): cublasCreate: %s", device,
+                    blas_str(bs));
     }
     NEW_CK(cudaMalloc(&c->blas_ws, kCublasWorkspace), SY_ENOMEM);
     NEW_CK(cudaMalloc((void **)&c->inexact, sizeof(int)), SY_ENOMEM);
@@ -809,30 +836,31 @@ extern "C" sy_status sy_backend_cuda_new(int device, bool bf16, sy_backend_t **o
     const cublasStatus_t s5 = cublasSetPointerMode(c->blas, CUBLAS_POINTER_MODE_HOST);
     if (s1 || s2 || s3 || s4 || s5) {
         release(c);
-        return sy_err_set(SY_ENOTFOUND, "cuda backend (device %d): configuring cuBLAS failed (%s)",
-                          device, blas_str(s1 ? s1 : s2 ? s2 : s3 ? s3 : s4 ? s4 : s5));
+        return fail(err, err_len, SY_ENOTFOUND, "cuda backend (device %d): configuring cuBLAS failed (%s)",
+                    device, blas_str(s1 ? s1 : s2 ? s2 : s3 ? s3 : s4 ? s4 : s5));
     }
     NEW_CK(cudaStreamSynchronize(c->stream), SY_ENOTFOUND);
     const char *sync_env = getenv("SY_CUDA_SYNC");
     c->sync_each = sync_env && sync_env[0] == '1';
-    c->tag_jitter = sy_fnv1a64("router.jitter");
-    c->tag_dropout = sy_fnv1a64("expert.dropout");
+    c->tag_jitter = host->tag_jitter;
+    c->tag_dropout = host->tag_dropout;
     sy_backend_t *b = &c->base;
     b->name = "cuda";
     b->bf16 = bf16;
     install(b);
     cudaDeviceProp prop;
     if (cudaGetDeviceProperties(&prop, device) == cudaSuccess)
-        sy_info("cuda backend: device %d (%s, sm_%d%d, %.1f GiB), %s", device, prop.name,
-                prop.major, prop.minor, (double)prop.totalGlobalMem / (1u << 30),
-                bf16 ? "bf16 GEMMs" : "fp32 GEMMs");
+        hlog(LOG_INFO, "cuda backend: device %d (%s, sm_%d%d, %.1f GiB), %s%s", device, prop.name,
+             prop.major, prop.minor, (double)prop.totalGlobalMem / (1u << 30),
+             bf16 ? "bf16 GEMMs" : "fp32 GEMMs", c->sync_each ? ", SY_CUDA_SYNC=1" : "");
     *out = b;
     return SY_OK;
 }
 
-extern "C" double sy_backend_cuda_gemm_tflops(int device, int M, int N, int K, int iters) {
+double mod_gemm_tflops(const sy_cuda_host_api *host, int device, int M, int N, int K, int iters,
+                       char *err, size_t err_len) {
     sy_backend_t *be = nullptr;
-    if (sy_backend_cuda_new(device, true, &be) != SY_OK) return -1.0;
+    if (mod_backend_new(host, device, true, &be, err, err_len) != SY_OK) return -1.0;
     cuda_be *c = CB(be);
     const char *op = "gemm_tflops";
     uint16_t *A = nullptr, *B = nullptr;
@@ -856,8 +884,7 @@ extern "C" double sy_backend_cuda_gemm_tflops(int device, int M, int N, int K, i
     }
     double med = 0.0;
     if (ms) {
-        // median by insertion sort (iters is small)
-        for (int i = 1; i < iters; i++)
+        for (int i = 1; i < iters; i++) // median by insertion sort (iters is small)
             for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
                 float t = ms[j];
                 ms[j] = ms[j - 1];
@@ -871,6 +898,18 @@ extern "C" double sy_backend_cuda_gemm_tflops(int device, int M, int N, int K, i
     CK(op, cudaFree(A));
     CK(op, cudaFree(B));
     CK(op, cudaFree(C));
-    sy_backend_destroy(&be);
-    return med > 0 ? 2.0 * M * N * (double)K / (med * 1e-3) / 1e12 : -1.0;
+    be->destroy(be);
+    if (!(med > 0)) {
+        fail(err, err_len, SY_EINTERNAL, "cuda backend: gemm_tflops: no time measured");
+        return -1.0;
+    }
+    return 2.0 * M * N * (double)K / (med * 1e-3) / 1e12;
+}
+
+const sy_cuda_module_api kModule = {SY_CUDA_MODULE_ABI, mod_devices, mod_backend_new, mod_gemm_tflops};
+
+} // namespace
+
+extern "C" __attribute__((visibility("default"))) const sy_cuda_module_api *sy_cuda_module(void) {
+    return &kModule;
 }
