@@ -253,6 +253,7 @@ typedef struct {
     bool stopped;       /* SIGSTOPped by the chaos */
     double cont_at;     /* launcher clock of its SIGCONT (0: none) */
     double respawn_at;  /* launcher clock of its respawn (0: none) */
+    int device;         /* its CUDA device (cluster.backend: cuda) */
 } wproc;
 
 typedef struct {
@@ -418,8 +419,9 @@ static bool spawn_worker(lctx *L, int k) {
     wproc *w = &L->w[k];
     char th[16], dev[16], path[PATH_MAX + 64];
     snprintf(th, sizeof th, "%d", L->threads);
-    /* one GPU per worker: worker table entry k (respawns reuse their entry) on device k */
-    snprintf(dev, sizeof dev, "%d", k);
+    /* one GPU per worker: the first workers get devices 0..n-1; a respawn under a new id
+     * inherits the device of the worker it replaces */
+    snprintf(dev, sizeof dev, "%d", w->device);
     char *wargv[] = {(char *)L->worker_bin, "--coordinator", L->bind, "--id", w->id, "--threads", th,
                      "--comm", (char *)L->comm, "--backend", L->cuda ? "cuda" : "cpu", "--device", dev,
                      L->curve_key ? "--curve-server-public" : NULL, (char *)L->curve_pub, "--curve-key",
@@ -445,6 +447,7 @@ static int add_worker(lctx *L) {
     w->pid = -1;
     w->log_index = L->next_index++;
     snprintf(w->id, sizeof w->id, "w%d", w->log_index);
+    w->device = L->nw; /* the initial workers: device k for worker k */
     return L->nw++;
 }
 
@@ -999,6 +1002,7 @@ static void revive_workers(lctx *L, run_state *S, double now) {
                 k = add_worker(L); /* may move L->w */
                 if (k < 0) continue;
                 w = &L->w[i];
+                L->w[k].device = w->device; /* its replacement runs on its GPU */
             }
             if (spawn_worker(L, k)) {
                 S->all_gone_at = 0;
