@@ -2,7 +2,8 @@
 # The GPU check of the CUDA backend: one call on a machine with an NVIDIA GPU (same Debian +
 # CUDA toolkit image as the build machine), at most about 5 minutes. Builds what it needs from
 # this checkout (reusing build/ if it was carried along), then runs, each part under its own
-# time limit, continuing after a failure:
+# time limit and all within SY_CHECK_BUDGET seconds (default 540), continuing after a failure
+# (in this order of importance; the list below is by topic):
 #   1. versions: nvidia-smi, nvcc, the NCCL and cuBLAS libraries
 #   2. test_backend_cuda: every op against the CPU backend in fp32 and bf16, a Switch layer and
 #      two model steps, bitwise repeatability, GEMMs against fp64 (tests/test_backend_cuda.c)
@@ -12,7 +13,7 @@
 #      the losses printed side by side, and the largest relative difference
 #   6. the benchmark: the dense bf16 cuBLAS GEMM rate, then the Switch layer forward+backward
 #      at d_model 768, d_ff 3072, 4096 tokens, E = 8 and 64, bf16, as TFLOP/s and as a
-#      fraction of that rate
+#      fraction of that rate; fp32 at E = 8; a ~100 M-parameter model step (bench/gpu_step.yaml)
 # SY_CHECK_BACKEND=cpu runs part 5 with the CPU backend in the GPU's place (a dry run of the
 # script on a machine without a GPU). Every result goes into one file: $OUT/gpu_check.txt when OUT is set, else build/gpu_check.txt.
 # The summary at the end lists each part as PASS / FAIL / TIMEOUT. Exit status: 0 when every
@@ -29,12 +30,20 @@ export ROOT BUILD
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; RES=$OUT/gpu_check.txt; else mkdir -p "$BUILD"; RES=$BUILD/gpu_check.txt; fi
 : > "$RES"
 T0=$(date +%s)
+BUDGET=${SY_CHECK_BUDGET:-540} # seconds for everything (a device call may run 600)
 SUMMARY=()
 
 log() { echo "$*" | tee -a "$RES"; }
 # part NAME LIMIT_S CMD...: runs CMD with a time limit, output into the results file
 part() {
     local name=$1 limit=$2; shift 2
+    # the whole script keeps within BUDGET seconds: a part gets at most what is left
+    local left=$(( BUDGET - ($(date +%s) - T0) - 5 ))
+    if [ $left -lt 15 ]; then
+        log ""; log "=== $name: SKIP (no time left of the ${BUDGET}s budget) ==="
+        SUMMARY+=("SKIP(no time)  $name"); return
+    fi
+    [ $limit -gt $left ] && limit=$left
     log ""
     log "=== $name (limit ${limit}s) $(date -u +%H:%M:%S) ==="
     local t=$(date +%s)
@@ -137,26 +146,30 @@ bench() {
     done
     "$BUILD/bench/sy_bench" switch --backend cuda --precision fp32 --tokens 4096 --d-model 768 \
         --d-ff 3072 --experts 8 --iters 5 --warmup 1 | tail -2 || fail=1
+    # a ~100 M-parameter model step (bench/gpu_step.yaml), bf16
+    "$BUILD/bench/sy_bench" step --backend cuda --precision bf16 --config "$ROOT/bench/gpu_step.yaml" \
+        --iters 5 --warmup 1 | tail -4 || fail=1
     return $fail
 }
 
-part "versions" 30 versions
+# most important first: a part that does not fit the budget is skipped, named in the summary
+part "versions" 20 versions
 part "build" 240 build
-part "test_backend_cuda (ops, Switch layer, model, repeatability, GEMM vs fp64)" 180 \
+part "test_backend_cuda (ops, Switch layer, model, repeatability, GEMM vs fp64)" 150 \
     env SY_CUDA_DEVICE=0 "$BUILD/tests/test_backend_cuda"
+part "tiny LM 20 steps: cluster.backend cuda vs cpu, bf16" 120 tiny_lm
+part "bench: cuBLAS bf16 rate, Switch layer E=8/64, ~100M model step" 120 bench
+part "test_cuda_nodev (bad device numbers fail cleanly)" 20 "$BUILD/tests/test_cuda_nodev"
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$CS" ]; then
-    part "compute-sanitizer memcheck (ops fp32+bf16)" 150 \
+    part "compute-sanitizer memcheck (ops fp32+bf16)" 120 \
         "$CS" --tool memcheck --error-exitcode 9 "$BUILD/tests/test_backend_cuda" "test_ops*"
-    part "compute-sanitizer racecheck (ops fp32)" 90 \
+    part "compute-sanitizer racecheck (ops fp32)" 60 \
         "$CS" --tool racecheck --error-exitcode 9 "$BUILD/tests/test_backend_cuda" test_ops_fp32
 else
     log "compute-sanitizer not found (not in this CUDA toolkit image: apt-get install cuda-sanitizer-13-0 adds it)"
     SUMMARY+=("SKIP  compute-sanitizer (not installed)")
 fi
-part "test_cuda_nodev (bad device numbers fail cleanly)" 30 "$BUILD/tests/test_cuda_nodev"
-part "tiny LM 20 steps: cluster.backend cuda vs cpu, bf16" 240 tiny_lm
-part "bench: cuBLAS bf16 rate, Switch layer E=8/64" 180 bench
 
 log ""
 log "=== summary ($(( $(date +%s) - T0 ))s in all) ==="

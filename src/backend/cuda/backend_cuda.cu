@@ -1,5 +1,7 @@
 // The CUDA backend: sy_backend_t (backend.h) over device memory, on one CUDA device and one
-// stream.
+// stream. Built as the module libsy_backend_cuda.so (cuda_module_internal.h: it links nothing
+// of the project; cuda_loader.c loads it). COMPILED, NEVER YET RUN ON A GPU: tests/gpu/
+// device_check.sh is the first check to run on one.
 //
 //   GEMMs        cuBLAS (cublasGemmEx / cublasGemmStridedBatchedEx), row-major through the
 //                usual transpose trick. bf16 mode: A and B converted to bf16 scratch (exact for
