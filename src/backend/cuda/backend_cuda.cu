@@ -86,6 +86,7 @@ struct cuda_be {
     double *f64;
     size_t f64_n;
     int *inexact; // device flag: a bf16 GEMM input was not a bf16 value
+    bool fast16bf; // SY_CUDA_GEMM=fast16bf: fp32 inputs, CUBLAS_COMPUTE_32F_FAST_16BF
     uint64_t tag_jitter, tag_dropout;
 };
 
@@ -198,15 +199,27 @@ __global__ void g_softmax_bwd(size_t R, float *dp, const float *p, int T, float 
 
 // ---- GEMMs ----
 
+// GEMM input modes: fp32 without TF32; bf16 (uint16) arrays with fp32 accumulation; fp32
+// arrays that hold bf16 values, multiplied by cuBLAS in bf16 with fp32 accumulation
+// (CUBLAS_COMPUTE_32F_FAST_16BF: its down-conversion is exact for bf16 values, whatever its
+// rounding; SY_CUDA_GEMM=fast16bf selects it for the bf16 GEMMs, to be measured against the
+// explicit conversion, which stays the default until a GPU run has compared them).
+enum { G_F32 = 0, G_BF16 = 1, G_FAST = 2 };
+
+// The mode of this backend's bf16 GEMMs
+int bfm(const cuda_be *c) { return c->fast16bf ? G_FAST : G_BF16; }
+
 // Row-major C[M,N] = alpha · op(A)[M,K] · op(B)[K,N] + beta · C (A stored [K,M] when ta, B
-// stored [N,K] when tb), as column-major Cᵀ = op(B)ᵀ · op(A)ᵀ. bf16: A and B are bf16 (uint16)
-// device arrays and the accumulation is fp32; else fp32 without TF32. batch > 1: strided.
+// stored [N,K] when tb), as column-major Cᵀ = op(B)ᵀ · op(A)ᵀ, inputs of `mode`, fp32 output.
+// batch > 1: strided.
 void gemm(cuda_be *c, const char *op, bool ta, bool tb, int M, int N, int K, float alpha,
           const void *A, int lda, long long sA, const void *B, int ldb, long long sB, float beta,
-          float *C, int ldc, long long sC, int batch, bool bf16) {
+          float *C, int ldc, long long sC, int batch, int mode) {
     if (M <= 0 || N <= 0 || batch <= 0) return;
-    const cudaDataType_t t = bf16 ? CUDA_R_16BF : CUDA_R_32F;
-    const cublasComputeType_t ct = bf16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_PEDANTIC;
+    const cudaDataType_t t = mode == G_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cublasComputeType_t ct = mode == G_BF16   ? CUBLAS_COMPUTE_32F
+                                   : mode == G_FAST ? CUBLAS_COMPUTE_32F_FAST_16BF
+                                                    : CUBLAS_COMPUTE_32F_PEDANTIC;
     const cublasOperation_t opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
     if (batch == 1)
@@ -221,12 +234,14 @@ void gemm(cuda_be *c, const char *op, bool ta, bool tb, int M, int N, int K, flo
 // A single (unbatched) row-major GEMM.
 void gemm1(cuda_be *c, const char *op, bool ta, bool tb, int M, int N, int K, float alpha,
            const void *A, int lda, const void *B, int ldb, float beta, float *C, int ldc,
-           bool bf16) {
-    gemm(c, op, ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1, bf16);
+           int mode) {
+    gemm(c, op, ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1, mode);
 }
 
-// bf16 copy of n floats into scratch slot A or B
-uint16_t *to_bf16(cuda_be *c, const char *op, const float *src, size_t n, bool slotA) {
+// The input of a bf16 GEMM: a bf16 copy of n floats in scratch slot A or B, or (fast16bf) the
+// fp32 array itself
+const void *to_bf16(cuda_be *c, const char *op, const float *src, size_t n, bool slotA) {
+    if (c->fast16bf) return src;
     uint16_t *dst = slotA ? grow(c, &c->bfA, &c->bfA_n, n, op) : grow(c, &c->bfB, &c->bfB_n, n, op);
     LAUNCH(c, n, g_to_bf16, n, dst, src, c->inexact);
     return dst;
@@ -376,12 +391,12 @@ void cu_matmul_fwd(sy_backend_t *be, float *y, const float *x, const float *W, i
     cuda_be *c = CB(be);
     if (N <= 0) return;
     if (be->bf16) {
-        const uint16_t *xb = to_bf16(c, "matmul_fwd", x, (size_t)N * in, true);
-        const uint16_t *wb = to_bf16(c, "matmul_fwd", W, (size_t)out * in, false);
-        gemm1(c, "matmul_fwd", false, true, N, out, in, 1.0f, xb, in, wb, in, 0.0f, y, out, true);
+        const void *xb = to_bf16(c, "matmul_fwd", x, (size_t)N * in, true);
+        const void *wb = to_bf16(c, "matmul_fwd", W, (size_t)out * in, false);
+        gemm1(c, "matmul_fwd", false, true, N, out, in, 1.0f, xb, in, wb, in, 0.0f, y, out, bfm(c));
         round_if(c, y, (size_t)N * out, true);
     } else {
-        gemm1(c, "matmul_fwd", false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out, false);
+        gemm1(c, "matmul_fwd", false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out, G_F32);
     }
     done(c, "matmul_fwd");
 }
@@ -398,16 +413,16 @@ void cu_matmul_bwd(sy_backend_t *be, float *dx, float *dW, const float *dy, cons
         if (accumulate_dx && be->bf16) {
             // dx = round(dx + round(dy · W)): the product is rounded before the add
             float *t = grow(c, &c->tmp, &c->tmp_n, nx, op);
-            gemm1(c, op, false, false, N, in, out, 1.0f, dy, out, W, in, 0.0f, t, in, false);
+            gemm1(c, op, false, false, N, in, out, 1.0f, dy, out, W, in, 0.0f, t, in, G_F32);
             LAUNCH(c, nx, sy_g_round, nx, t);
             LAUNCH(c, nx, sy_g_add, nx, dx, t, true);
         } else {
             gemm1(c, op, false, false, N, in, out, 1.0f, dy, out, W, in,
-                  accumulate_dx ? 1.0f : 0.0f, dx, in, false);
+                  accumulate_dx ? 1.0f : 0.0f, dx, in, G_F32);
             round_if(c, dx, nx, be->bf16);
         }
     }
-    gemm1(c, op, true, false, out, in, N, 1.0f, dy, out, x, in, 1.0f, dW, in, false);
+    gemm1(c, op, true, false, out, in, N, 1.0f, dy, out, x, in, 1.0f, dW, in, G_F32);
     done(c, op);
 }
 
@@ -417,16 +432,16 @@ void acc64_one(cuda_be *c, bool bf16, float *dx, float *dW, double *dW64, const 
     const char *op = "matmul_bwd_acc64";
     if (N <= 0) return;
     if (bf16) {
-        const uint16_t *dyb = to_bf16(c, op, dy, (size_t)N * out, true);
-        const uint16_t *wb = to_bf16(c, op, W, (size_t)out * in, false);
-        gemm1(c, op, false, false, N, in, out, 1.0f, dyb, out, wb, in, 0.0f, dx, in, true);
+        const void *dyb = to_bf16(c, op, dy, (size_t)N * out, true);
+        const void *wb = to_bf16(c, op, W, (size_t)out * in, false);
+        gemm1(c, op, false, false, N, in, out, 1.0f, dyb, out, wb, in, 0.0f, dx, in, bfm(c));
         round_if(c, dx, (size_t)N * in, true);
         // slot B is free again once the dx GEMM is enqueued (one stream)
-        const uint16_t *xb = to_bf16(c, op, x, (size_t)N * in, false);
-        gemm1(c, op, true, false, out, in, N, 1.0f, dyb, out, xb, in, 0.0f, dW, in, true);
+        const void *xb = to_bf16(c, op, x, (size_t)N * in, false);
+        gemm1(c, op, true, false, out, in, N, 1.0f, dyb, out, xb, in, 0.0f, dW, in, bfm(c));
     } else {
-        gemm1(c, op, false, false, N, in, out, 1.0f, dy, out, W, in, 0.0f, dx, in, false);
-        gemm1(c, op, true, false, out, in, N, 1.0f, dy, out, x, in, 0.0f, dW, in, false);
+        gemm1(c, op, false, false, N, in, out, 1.0f, dy, out, W, in, 0.0f, dx, in, G_F32);
+        gemm1(c, op, true, false, out, in, N, 1.0f, dy, out, x, in, 0.0f, dW, in, G_F32);
     }
     const size_t nw = (size_t)out * in;
     LAUNCH(c, nw, sy_g_acc_add_f32, nw, dW64, dW);
@@ -455,12 +470,12 @@ void cu_matmul_bwd_group(sy_backend_t *be, float *const *dx, float *const *dW,
         else if (be->bf16) {
             // matmul_bwd with accumulate_dx false, the bf16 GEMMs of the expert path
             const char *op = "matmul_bwd_group";
-            const uint16_t *dyb = to_bf16(c, op, dy[i], (size_t)N[i] * out, true);
-            const uint16_t *wb = to_bf16(c, op, W[i], (size_t)out * in, false);
-            gemm1(c, op, false, false, N[i], in, out, 1.0f, dyb, out, wb, in, 0.0f, dx[i], in, true);
+            const void *dyb = to_bf16(c, op, dy[i], (size_t)N[i] * out, true);
+            const void *wb = to_bf16(c, op, W[i], (size_t)out * in, false);
+            gemm1(c, op, false, false, N[i], in, out, 1.0f, dyb, out, wb, in, 0.0f, dx[i], in, bfm(c));
             round_if(c, dx[i], (size_t)N[i] * in, true);
-            const uint16_t *xb = to_bf16(c, op, x[i], (size_t)N[i] * in, false);
-            gemm1(c, op, true, false, out, in, N[i], 1.0f, dyb, out, xb, in, 1.0f, dW[i], in, true);
+            const void *xb = to_bf16(c, op, x[i], (size_t)N[i] * in, false);
+            gemm1(c, op, true, false, out, in, N[i], 1.0f, dyb, out, xb, in, 1.0f, dW[i], in, bfm(c));
         } else {
             cu_matmul_bwd(be, dx[i], dW[i], dy[i], x[i], W[i], N[i], in, out, false);
         }
@@ -497,7 +512,7 @@ void cu_attention_fwd(sy_backend_t *be, float *out, float *att, const float *qkv
     for (int b = 0; b < B; b++) {
         const float *q = qkv + (size_t)b * T * C3, *k = q + D;
         float *a = att + (size_t)b * H * TT;
-        gemm(c, op, false, true, T, T, hd, scale, q, C3, hd, k, C3, hd, 0.0f, a, T, TT, H, false);
+        gemm(c, op, false, true, T, T, hd, scale, q, C3, hd, k, C3, hd, 0.0f, a, T, TT, H, G_F32);
     }
     const size_t R = (size_t)B * H * T;
     LAUNCH(c, R, g_causal_softmax, R, att, T);
@@ -505,7 +520,7 @@ void cu_attention_fwd(sy_backend_t *be, float *out, float *att, const float *qkv
         const float *v = qkv + (size_t)b * T * C3 + 2 * D;
         const float *a = att + (size_t)b * H * TT;
         gemm(c, op, false, false, T, hd, T, 1.0f, a, T, TT, v, C3, hd, 0.0f,
-             out + (size_t)b * T * D, D, hd, H, false);
+             out + (size_t)b * T * D, D, hd, H, G_F32);
     }
     round_if(c, out, (size_t)B * T * D, be->bf16);
     done(c, op);
@@ -526,13 +541,13 @@ void cu_attention_bwd(sy_backend_t *be, float *dqkv, const float *dout, const fl
         const float *dO = dout + (size_t)b * T * D;
         const float *p = att + (size_t)b * H * TT;
         // dP = dO vᵀ ; dv = Pᵀ dO
-        gemm(c, op, false, true, T, T, hd, 1.0f, dO, D, hd, v, C3, hd, 0.0f, dp, T, TT, H, false);
-        gemm(c, op, true, false, T, hd, T, 1.0f, p, T, TT, dO, D, hd, 0.0f, dv, C3, hd, H, false);
+        gemm(c, op, false, true, T, T, hd, 1.0f, dO, D, hd, v, C3, hd, 0.0f, dp, T, TT, H, G_F32);
+        gemm(c, op, true, false, T, hd, T, 1.0f, p, T, TT, dO, D, hd, 0.0f, dv, C3, hd, H, G_F32);
         const size_t R = (size_t)H * T;
         LAUNCH(c, R, g_softmax_bwd, R, dp, p, T, scale);
         // dq = dS k ; dk = dSᵀ q
-        gemm(c, op, false, false, T, hd, T, 1.0f, dp, T, TT, k, C3, hd, 0.0f, dq, C3, hd, H, false);
-        gemm(c, op, true, false, T, hd, T, 1.0f, dp, T, TT, q, C3, hd, 0.0f, dk, C3, hd, H, false);
+        gemm(c, op, false, false, T, hd, T, 1.0f, dp, T, TT, k, C3, hd, 0.0f, dq, C3, hd, H, G_F32);
+        gemm(c, op, true, false, T, hd, T, 1.0f, dp, T, TT, q, C3, hd, 0.0f, dk, C3, hd, H, G_F32);
     }
     round_if(c, dqkv, (size_t)B * T * C3, be->bf16);
     done(c, op);
@@ -844,6 +859,8 @@ int mod_backend_new(const sy_cuda_host_api *host, int device, bool bf16, sy_back
     NEW_CK(cudaStreamSynchronize(c->stream), SY_ENOTFOUND);
     const char *sync_env = getenv("SY_CUDA_SYNC");
     c->sync_each = sync_env && sync_env[0] == '1';
+    const char *gemm_env = getenv("SY_CUDA_GEMM");
+    c->fast16bf = gemm_env && strcmp(gemm_env, "fast16bf") == 0;
     c->tag_jitter = host->tag_jitter;
     c->tag_dropout = host->tag_dropout;
     sy_backend_t *b = &c->base;
@@ -854,7 +871,8 @@ int mod_backend_new(const sy_cuda_host_api *host, int device, bool bf16, sy_back
     if (cudaGetDeviceProperties(&prop, device) == cudaSuccess)
         hlog(LOG_INFO, "cuda backend: device %d (%s, sm_%d%d, %.1f GiB), %s%s", device, prop.name,
              prop.major, prop.minor, (double)prop.totalGlobalMem / (1u << 30),
-             bf16 ? "bf16 GEMMs" : "fp32 GEMMs", c->sync_each ? ", SY_CUDA_SYNC=1" : "");
+             !bf16 ? "fp32 GEMMs" : c->fast16bf ? "bf16 GEMMs (SY_CUDA_GEMM=fast16bf)" : "bf16 GEMMs",
+             c->sync_each ? ", SY_CUDA_SYNC=1" : "");
     *out = b;
     return SY_OK;
 }
@@ -879,7 +897,7 @@ double mod_gemm_tflops(const sy_cuda_host_api *host, int device, int M, int N, i
     float *ms = static_cast<float *>(calloc((size_t)iters, sizeof(float)));
     for (int it = -3; it < iters; it++) {
         CK(op, cudaEventRecord(e0, c->stream));
-        gemm1(c, op, false, false, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, true);
+        gemm1(c, op, false, false, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, G_BF16);
         CK(op, cudaEventRecord(e1, c->stream));
         CK(op, cudaEventSynchronize(e1));
         if (it >= 0 && ms) CK(op, cudaEventElapsedTime(&ms[it], e0, e1));
