@@ -132,6 +132,27 @@ sys.exit(0 if len(steps) >= 20 and worst <= 2e-2 else 1)
 EOF
 }
 
+# test_backend_cuda one test at a time (a CUDA error exits the process: one failure must not
+# hide the others); a test that dies of a CUDA error (exit 70) is rerun with SY_CUDA_SYNC=1 so
+# that the log names the op that failed
+gpu_tests() {
+    local t rc fail=0
+    for t in test_gemm_vs_f64 test_ops_fp32 test_ops_bf16 test_switch_fp32 test_switch_bf16 \
+             test_model_fp32 test_model_bf16; do
+        echo "--- $t"
+        SY_CUDA_DEVICE=0 timeout 60 "$BUILD/tests/test_backend_cuda" "$t"
+        rc=$?
+        if [ $rc -eq 70 ]; then
+            echo "--- $t died of a CUDA error: again with SY_CUDA_SYNC=1 (every op checked)"
+            SY_CUDA_SYNC=1 SY_CUDA_DEVICE=0 timeout 60 "$BUILD/tests/test_backend_cuda" "$t" 2>&1 | tail -20
+        fi
+        [ $rc -eq 77 ] && return 77
+        [ $rc -ne 0 ] && fail=1
+        echo "--- $t: rc=$rc"
+    done
+    return $fail
+}
+
 bench() {
     set -o pipefail
     local rate fail=0
@@ -159,8 +180,7 @@ bench() {
 # most important first: a part that does not fit the budget is skipped, named in the summary
 part "versions" 20 versions
 part "build" 240 build
-part "test_backend_cuda (ops, Switch layer, model, repeatability, GEMM vs fp64)" 150 \
-    env SY_CUDA_DEVICE=0 "$BUILD/tests/test_backend_cuda"
+part "test_backend_cuda (ops, Switch layer, model, repeatability, GEMM vs fp64)" 180 gpu_tests
 part "tiny LM 20 steps: cluster.backend cuda vs cpu, bf16" 120 tiny_lm
 part "bench: cuBLAS bf16 rate, Switch layer E=8/64, ~100M model step" 120 bench
 part "test_backend_cuda ops with SY_CUDA_GEMM=fast16bf" 60 \
