@@ -87,6 +87,9 @@ struct cuda_be {
     size_t f64_n;
     int *inexact; // device flag: a bf16 GEMM input was not a bf16 value
     bool fast16bf; // SY_CUDA_GEMM=fast16bf: fp32 inputs, CUBLAS_COMPUTE_32F_FAST_16BF
+    bool grouped;  // the grouped expert GEMMs (SY_CUDA_GROUPED=0: one GEMM per expert)
+    void **ptrs;   // device pointer arrays of the grouped GEMMs
+    size_t ptrs_n;
     uint64_t tag_jitter, tag_dropout;
 };
 
@@ -454,8 +457,233 @@ void cu_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double *dW64, c
     done(c, "matmul_bwd_acc64");
 }
 
+// ---- grouped expert GEMMs (SY_CUDA_GROUPED, default on) ----
+// The grouped forms in a constant number of launches whatever the number of experts: one
+// segmented conversion kernel for all inputs, one cublasGemmGroupedBatchedEx per GEMM kind (each
+// problem its own group of one: its own m), one segmented rounding / fp64-accumulation kernel.
+// Every problem computes what the single call computes (same inputs, same cuBLAS arithmetic
+// per problem; cuBLAS may pick another kernel for a grouped call than for the single one, so
+// results are compared with tolerances, test_backend_cuda "group *"). If cuBLAS reports the
+// grouped call unsupported, the backend logs it once and uses the per-problem loop from then on.
+
+const int kMaxSeg = 128; // segments per segmented launch (64 experts x 2 inputs)
+
+struct Segs {
+    int n;
+    int kind; // 0: dst(u16) = bf16(src) and the inexact flag; 1: dst(f32) = round(dst); 2: dst(f64) += src(f32)
+    size_t start[kMaxSeg + 1];
+    const float *src[kMaxSeg];
+    void *dst[kMaxSeg];
+};
+
+__global__ void g_segs(Segs s, int *inexact) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= s.start[s.n]) return;
+    int lo = 0, hi = s.n - 1; // the segment: start[lo] <= i < start[lo + 1]
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (s.start[mid] <= i) lo = mid;
+        else hi = mid - 1;
+    }
+    const size_t k = i - s.start[lo];
+    if (s.kind == 0) {
+        const float v = s.src[lo][k];
+        const uint16_t h = sy_k_f32_to_bf16(v);
+        static_cast<uint16_t *>(s.dst[lo])[k] = h;
+        if (sy_k_bf16_to_f32(h) != v && v == v) *inexact = 1;
+    } else if (s.kind == 1) {
+        float *d = static_cast<float *>(s.dst[lo]);
+        d[k] = sy_k_round_bf16(d[k]);
+    } else {
+        static_cast<double *>(s.dst[lo])[k] += s.src[lo][k];
+    }
+}
+
+// Collects segments and launches them (flushing when full).
+struct SegRun {
+    cuda_be *c;
+    Segs s;
+    SegRun(cuda_be *cc, int kind) : c(cc) {
+        memset(&s, 0, sizeof s);
+        s.kind = kind;
+    }
+    void add(const float *src, void *dst, size_t len) {
+        if (!len) return;
+        if (s.n == kMaxSeg) flush();
+        s.src[s.n] = src;
+        s.dst[s.n] = dst;
+        s.start[s.n + 1] = s.start[s.n] + len;
+        s.n++;
+    }
+    void flush() {
+        if (s.n) g_segs<<<blocks(s.start[s.n]), kThreads, 0, c->stream>>>(s, c->inexact);
+        s.n = 0;
+        s.start[0] = 0;
+    }
+};
+
+// One row-major problem (gemm()'s arguments)
+struct Prob {
+    bool ta, tb;
+    int M, N, K;
+    const void *A;
+    int lda;
+    const void *B;
+    int ldb;
+    float beta;
+    float *C;
+    int ldc;
+};
+
+// n problems with alpha 1: grouped when possible, else one gemm1 each
+void gemm_group(cuda_be *c, const char *op, const Prob *p, int n, int mode) {
+    if (n <= 0) return;
+    if (!c->grouped || n == 1) {
+        for (int i = 0; i < n; i++)
+            gemm1(c, op, p[i].ta, p[i].tb, p[i].M, p[i].N, p[i].K, 1.0f, p[i].A, p[i].lda, p[i].B,
+                  p[i].ldb, p[i].beta, p[i].C, p[i].ldc, mode);
+        return;
+    }
+    // column-major Cᵀ = op(B)ᵀ op(A)ᵀ per problem, as gemm() does
+    cublasOperation_t ta[kMaxSeg], tb[kMaxSeg];
+    int m[kMaxSeg], nn[kMaxSeg], k[kMaxSeg], lda[kMaxSeg], ldb[kMaxSeg], ldc[kMaxSeg], gs[kMaxSeg];
+    float alpha[kMaxSeg], beta[kMaxSeg];
+    const void *ptr[3 * kMaxSeg];
+    for (int i = 0; i < n; i++) {
+        ta[i] = p[i].tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+        tb[i] = p[i].ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+        m[i] = p[i].N, nn[i] = p[i].M, k[i] = p[i].K;
+        lda[i] = p[i].ldb, ldb[i] = p[i].lda, ldc[i] = p[i].ldc;
+        alpha[i] = 1.0f, beta[i] = p[i].beta, gs[i] = 1;
+        ptr[i] = p[i].B, ptr[n + i] = p[i].A, ptr[2 * n + i] = p[i].C;
+    }
+    void **dptr = reinterpret_cast<void **>(grow(c, &c->ptrs, &c->ptrs_n, (size_t)3 * n, op));
+    CK(op, cudaMemcpyAsync(dptr, ptr, sizeof(void *) * 3 * (size_t)n, cudaMemcpyHostToDevice, c->stream));
+    const cudaDataType_t t = mode == G_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cublasComputeType_t ct = mode == G_BF16   ? CUBLAS_COMPUTE_32F
+                                   : mode == G_FAST ? CUBLAS_COMPUTE_32F_FAST_16BF
+                                                    : CUBLAS_COMPUTE_32F_PEDANTIC;
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+        c->blas, ta, tb, m, nn, k, alpha, (const void *const *)dptr, t, lda,
+        (const void *const *)(dptr + n), t, ldb, beta, dptr + 2 * n, CUDA_R_32F, ldc, n, gs, ct);
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
+        hlog(LOG_WARN, "cuda backend: %s: cublasGemmGroupedBatchedEx: %s for these types; using one "
+             "GEMM per expert from now on", op, blas_str(st));
+        c->grouped = false;
+        gemm_group(c, op, p, n, mode);
+        return;
+    }
+    ckb(st, op, "cublasGemmGroupedBatchedEx");
+}
+
+// The grouped forward: he = xe·W1ᵀ for every expert with rows, in a few launches
+void group_fwd(cuda_be *c, bool bf16, float *const *y, const float *const *x,
+               const float *const *W, const int *N, int n, int in, int out) {
+    const char *op = "matmul_fwd_group";
+    Prob p[kMaxSeg / 2];
+    int idx[kMaxSeg / 2], na = 0;
+    size_t nx = 0;
+    for (int i = 0; i < n; i++)
+        if (N[i] > 0) idx[na++] = i, nx += (size_t)N[i] * in;
+    if (!na) return;
+    const size_t nw = (size_t)out * in;
+    const void *xb[kMaxSeg / 2], *wb[kMaxSeg / 2];
+    if (bf16 && !c->fast16bf) {
+        uint16_t *A = grow(c, &c->bfA, &c->bfA_n, nx, op);
+        uint16_t *B = grow(c, &c->bfB, &c->bfB_n, nw * na, op);
+        SegRun cv(c, 0);
+        size_t off = 0;
+        for (int j = 0; j < na; j++) {
+            const int i = idx[j];
+            cv.add(x[i], A + off, (size_t)N[i] * in);
+            cv.add(W[i], B + nw * j, nw);
+            xb[j] = A + off, wb[j] = B + nw * j;
+            off += (size_t)N[i] * in;
+        }
+        cv.flush();
+    } else {
+        for (int j = 0; j < na; j++) xb[j] = x[idx[j]], wb[j] = W[idx[j]];
+    }
+    for (int j = 0; j < na; j++) {
+        const int i = idx[j];
+        p[j] = Prob{false, true, N[i], out, in, xb[j], in, wb[j], in, 0.0f, y[i], out};
+    }
+    gemm_group(c, op, p, na, bf16 ? bfm(c) : G_F32);
+    if (bf16) {
+        SegRun rd(c, 1);
+        for (int j = 0; j < na; j++) rd.add(nullptr, y[idx[j]], (size_t)N[idx[j]] * out);
+        rd.flush();
+    }
+}
+
+// The grouped backward (dW64[i] set: acc64; NULL: matmul_bwd with accumulate_dx false)
+void group_bwd(cuda_be *c, bool bf16, float *const *dx, float *const *dW, double *const *dW64,
+               const float *const *dy, const float *const *x, const float *const *W, const int *N,
+               int n, int in, int out) {
+    const char *op = "matmul_bwd_group";
+    Prob p[kMaxSeg / 2];
+    int idx[kMaxSeg / 2], na = 0;
+    size_t nrows = 0;
+    for (int i = 0; i < n; i++)
+        if (N[i] > 0) idx[na++] = i, nrows += (size_t)N[i];
+    if (!na) return;
+    const size_t nw = (size_t)out * in;
+    const void *dyb[kMaxSeg / 2], *xb[kMaxSeg / 2], *wb[kMaxSeg / 2];
+    if (bf16 && !c->fast16bf) {
+        uint16_t *A = grow(c, &c->bfA, &c->bfA_n, nrows * (size_t)(out + in), op);
+        uint16_t *B = grow(c, &c->bfB, &c->bfB_n, nw * na, op);
+        SegRun cv(c, 0);
+        size_t off = 0;
+        for (int j = 0; j < na; j++) {
+            const int i = idx[j];
+            dyb[j] = A + off;
+            cv.add(dy[i], A + off, (size_t)N[i] * out);
+            off += (size_t)N[i] * out;
+            xb[j] = A + off;
+            cv.add(x[i], A + off, (size_t)N[i] * in);
+            off += (size_t)N[i] * in;
+            wb[j] = B + nw * j;
+            cv.add(W[i], B + nw * j, nw);
+        }
+        cv.flush();
+    } else {
+        for (int j = 0; j < na; j++) dyb[j] = dy[idx[j]], xb[j] = x[idx[j]], wb[j] = W[idx[j]];
+    }
+    const int mode = bf16 ? bfm(c) : G_F32;
+    // dx = dy · W
+    for (int j = 0; j < na; j++) {
+        const int i = idx[j];
+        p[j] = Prob{false, false, N[i], in, out, dyb[j], out, wb[j], in, 0.0f, dx[i], in};
+    }
+    gemm_group(c, op, p, na, mode);
+    if (bf16) {
+        SegRun rd(c, 1);
+        for (int j = 0; j < na; j++) rd.add(nullptr, dx[idx[j]], (size_t)N[idx[j]] * in);
+        rd.flush();
+    }
+    // dW = dyᵀ · x: fp32 scratch (acc64) or += (matmul_bwd)
+    for (int j = 0; j < na; j++) {
+        const int i = idx[j];
+        const bool acc = dW64 && dW64[i];
+        p[j] = Prob{true, false, out, in, N[i], dyb[j], out, xb[j], in, acc ? 0.0f : 1.0f, dW[i], in};
+    }
+    gemm_group(c, op, p, na, mode);
+    SegRun ac(c, 2);
+    for (int j = 0; j < na; j++)
+        if (dW64 && dW64[idx[j]]) ac.add(dW[idx[j]], dW64[idx[j]], nw);
+    ac.flush();
+}
+
 void cu_matmul_fwd_group(sy_backend_t *be, float *const *y, const float *const *x,
                          const float *const *W, const int *N, int n, int in, int out) {
+    cuda_be *c = CB(be);
+    if (c->grouped) {
+        for (int i0 = 0; i0 < n; i0 += kMaxSeg / 2) // slices of 64 problems (same results)
+            group_fwd(c, be->bf16, y + i0, x + i0, W + i0, N + i0,
+                      n - i0 < kMaxSeg / 2 ? n - i0 : kMaxSeg / 2, in, out);
+        done(c, "matmul_fwd_group");
+        return;
+    }
     for (int i = 0; i < n; i++) cu_matmul_fwd(be, y[i], x[i], W[i], N[i], in, out);
 }
 
@@ -463,6 +691,13 @@ void cu_matmul_bwd_group(sy_backend_t *be, float *const *dx, float *const *dW,
                          double *const *dW64, const float *const *dy, const float *const *x,
                          const float *const *W, const int *N, int n, int in, int out) {
     cuda_be *c = CB(be);
+    if (c->grouped) {
+        for (int i0 = 0; i0 < n; i0 += kMaxSeg / 2)
+            group_bwd(c, be->bf16, dx + i0, dW + i0, dW64 ? dW64 + i0 : nullptr, dy + i0, x + i0,
+                      W + i0, N + i0, n - i0 < kMaxSeg / 2 ? n - i0 : kMaxSeg / 2, in, out);
+        done(c, "matmul_bwd_group");
+        return;
+    }
     for (int i = 0; i < n; i++) {
         if (N[i] <= 0) continue;
         if (dW64 && dW64[i])
@@ -726,7 +961,7 @@ void cu_wire_get(sy_backend_t *be, float *dst, const void *src, size_t n, int es
 
 void release(cuda_be *c) {
     if (c->stream) (void)cudaStreamSynchronize(c->stream);
-    void *bufs[] = {c->bfA, c->bfB, c->tmp, c->f64, c->inexact, c->blas_ws};
+    void *bufs[] = {c->bfA, c->bfB, c->tmp, c->f64, c->inexact, c->blas_ws, c->ptrs};
     for (void *p : bufs)
         if (p) (void)cudaFree(p);
     if (c->blas) (void)cublasDestroy(c->blas);
@@ -861,6 +1096,8 @@ int mod_backend_new(const sy_cuda_host_api *host, int device, bool bf16, sy_back
     c->sync_each = sync_env && sync_env[0] == '1';
     const char *gemm_env = getenv("SY_CUDA_GEMM");
     c->fast16bf = gemm_env && strcmp(gemm_env, "fast16bf") == 0;
+    const char *grouped_env = getenv("SY_CUDA_GROUPED");
+    c->grouped = !(grouped_env && grouped_env[0] == '0');
     c->tag_jitter = host->tag_jitter;
     c->tag_dropout = host->tag_dropout;
     sy_backend_t *b = &c->base;
@@ -869,10 +1106,10 @@ int mod_backend_new(const sy_cuda_host_api *host, int device, bool bf16, sy_back
     install(b);
     cudaDeviceProp prop;
     if (cudaGetDeviceProperties(&prop, device) == cudaSuccess)
-        hlog(LOG_INFO, "cuda backend: device %d (%s, sm_%d%d, %.1f GiB), %s%s", device, prop.name,
+        hlog(LOG_INFO, "cuda backend: device %d (%s, sm_%d%d, %.1f GiB), %s%s%s", device, prop.name,
              prop.major, prop.minor, (double)prop.totalGlobalMem / (1u << 30),
              !bf16 ? "fp32 GEMMs" : c->fast16bf ? "bf16 GEMMs (SY_CUDA_GEMM=fast16bf)" : "bf16 GEMMs",
-             c->sync_each ? ", SY_CUDA_SYNC=1" : "");
+             c->sync_each ? ", SY_CUDA_SYNC=1" : "", c->grouped ? "" : ", SY_CUDA_GROUPED=0");
     *out = b;
     return SY_OK;
 }
