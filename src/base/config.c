@@ -245,7 +245,9 @@ static const field FIELDS[] = {
     FLD(cluster, data_timeout_ms, FT_INT, "10000", GE(1),
         MEANS("Bound on one data-plane exchange (all-to-all, all-reduce) (ms).")),
     FLD(cluster, backend, FT_STRING, "cpu", .names = BACKEND_NAMES,
-        MEANS("Compute backend of the workers.")),
+        MEANS("Compute backend of the workers: `cpu`, or `cuda` (one GPU per worker: `switchyard run` "
+              "gives worker k device k; `switchyard train` uses `SY_CUDA_DEVICE`, default 0; compiled, "
+              "never yet run on a GPU).")),
     FLD(cluster, comm, FT_STRING, "tcp", .names = COMM_NAMES,
         MEANS("Data plane between the workers (all-to-all, all-reduce): `tcp`, a ZeroMQ mesh "
               "(`nccl` comes with the CUDA backend).")),

@@ -31,6 +31,7 @@
 #include "data/data.h"
 #include "data/data_s3.h"
 #include "base/fsutil.h"
+#include "backend/backend.h"
 #include "backend/cpu_setup.h"
 #include "base/log.h"
 #include "model/memplan.h"
@@ -252,6 +253,7 @@ typedef struct {
     bool stopped;       /* SIGSTOPped by the chaos */
     double cont_at;     /* launcher clock of its SIGCONT (0: none) */
     double respawn_at;  /* launcher clock of its respawn (0: none) */
+    int device;         /* its CUDA device (cluster.backend: cuda) */
 } wproc;
 
 typedef struct {
@@ -267,6 +269,7 @@ typedef struct {
     int threads;
     const char *curve_pub, *curve_key; /* the workers' CURVE flags (NULL: plaintext) */
     const char *comm;                  /* the workers' data plane (cluster.comm) */
+    bool cuda;                         /* cluster.backend: cuda: worker k gets --device k */
     /* coordinator */
     pid_t coord;
     int coord_fd;
@@ -414,10 +417,14 @@ static int live_workers(const lctx *L, bool count_stopped) {
 
 static bool spawn_worker(lctx *L, int k) {
     wproc *w = &L->w[k];
-    char th[16], path[PATH_MAX + 64];
+    char th[16], dev[16], path[PATH_MAX + 64];
     snprintf(th, sizeof th, "%d", L->threads);
+    /* one GPU per worker: the first workers get devices 0..n-1; a respawn under a new id
+     * inherits the device of the worker it replaces */
+    snprintf(dev, sizeof dev, "%d", w->device);
     char *wargv[] = {(char *)L->worker_bin, "--coordinator", L->bind, "--id", w->id, "--threads", th,
-                     "--comm", (char *)L->comm, L->curve_key ? "--curve-server-public" : NULL, (char *)L->curve_pub, "--curve-key",
+                     "--comm", (char *)L->comm, "--backend", L->cuda ? "cuda" : "cpu", "--device", dev,
+                     L->curve_key ? "--curve-server-public" : NULL, (char *)L->curve_pub, "--curve-key",
                      (char *)L->curve_key, NULL};
     snprintf(path, sizeof path, "%s/worker-%d.log", L->logdir, w->log_index);
     w->pid = spawn(wargv, path, -1);
@@ -440,6 +447,7 @@ static int add_worker(lctx *L) {
     w->pid = -1;
     w->log_index = L->next_index++;
     snprintf(w->id, sizeof w->id, "w%d", w->log_index);
+    w->device = L->nw; /* the initial workers: device k for worker k */
     return L->nw++;
 }
 
@@ -707,6 +715,25 @@ static int run_configure(run_opts *o, sy_config_t *cfg) {
     for (int i = 0; i < o->n_sets; i++)
         if (sy_config_set(cfg, o->sets[i]) != SY_OK) goto cfg_fail;
     if (sy_config_validate_from(cfg, o->config_path, o->sets, o->n_sets) != SY_OK) goto cfg_fail;
+    if (strcmp(cfg->cluster.backend, "cuda") == 0) {
+        /* one GPU per worker process, device k for worker k */
+        char why[256];
+        int ngpu = sy_backend_cuda_devices(why, sizeof why);
+        if (ngpu <= 0) {
+            fprintf(stderr,
+                    "switchyard run: cluster.backend is cuda but no CUDA device can be used here: %s; run on a "
+                    "machine with NVIDIA GPUs, or set cluster.backend: cpu (--set cluster.backend=cpu)\n",
+                    why);
+            return 1;
+        }
+        if (o->n_workers > ngpu) {
+            fprintf(stderr,
+                    "switchyard run: --workers %d but only %d CUDA device(s) are visible (each worker needs its "
+                    "own GPU): use --workers %d or fewer\n",
+                    o->n_workers, ngpu, ngpu);
+            return 2;
+        }
+    }
     if (sy_memplan_check(cfg, o->n_workers) != SY_OK) {
         fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
         return 1;
@@ -828,6 +855,7 @@ static bool run_prepare(lctx *L, run_opts *o, const sy_config_t *cfg, run_paths 
     L->tty = isatty(STDERR_FILENO);
     L->threads = o->threads;
     L->comm = cfg->cluster.comm;
+    L->cuda = strcmp(cfg->cluster.backend, "cuda") == 0;
     if (cfg->cluster.curve_server_key[0]) {
         L->curve_pub = cfg->cluster.curve_server_public;
         L->curve_key = cfg->cluster.curve_worker_key;
@@ -974,6 +1002,7 @@ static void revive_workers(lctx *L, run_state *S, double now) {
                 k = add_worker(L); /* may move L->w */
                 if (k < 0) continue;
                 w = &L->w[i];
+                L->w[k].device = w->device; /* its replacement runs on its GPU */
             }
             if (spawn_worker(L, k)) {
                 S->all_gone_at = 0;

@@ -564,7 +564,7 @@ static void link_hello(link_t *l, double t, int hb) {
     hello.worker_id = a->id;
     hello.host = a->host;
     hello.pid = (uint32_t)getpid();
-    hello.backend = (char *)(a->opts->backend ? a->opts->backend : "cpu");
+    hello.backend = (char *)(a->opts->backend ? a->opts->backend : "config");
     hello.devices = 1;
     hello.memory_bytes = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : 0;
     hello.version = SY_AGENT_VERSION;
@@ -749,7 +749,14 @@ static sy_status setup(agent_t *a, const char *config_json) {
         a->tokens = NULL, a->counts = NULL, a->owned = NULL;
         /* a config too big for this machine is a clear error, not the OOM killer (memplan.h) */
         SY_CHECK(sy_memplan_check(&a->cfg, 1));
-        SY_CHECK(sy_backend_cpu_new(a->cfg.train.threads, bf16, &a->be));
+        const char *bk = a->opts->backend ? a->opts->backend : a->cfg.cluster.backend;
+        if (bk && strcmp(bk, "cuda") == 0) {
+            sy_status st = sy_backend_cuda_new(a->opts->device, bf16, &a->be);
+            if (st != SY_OK)
+                return sy_err_prefix(st, "%s", a->opts->backend ? "--backend cuda" : "cluster.backend: cuda");
+        } else {
+            SY_CHECK(sy_backend_cpu_new(a->cfg.train.threads, bf16, &a->be));
+        }
         SY_CHECK(sy_model_new(&d, a->be, &a->model));
         a->dims = d;
         a->tokens = malloc(sizeof(int32_t) * (size_t)d.B * (d.T + 1));

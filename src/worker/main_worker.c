@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "worker/agent.h"
+#include "backend/backend.h"
 #include "backend/cpu_setup.h"
 #include "base/endpoint.h"
 #include "base/log.h"
@@ -20,7 +21,9 @@ static void usage(FILE *f) {
             "  --coordinator URL   the coordinator's control endpoint (cluster.bind), required\n"
             "  --id ID             worker identity (default HOST-PID); a restarted worker may\n"
             "                      reuse its id\n"
-            "  --backend NAME      compute backend: cpu (default)\n"
+            "  --backend NAME      compute backend: cpu or cuda (default: the run config's\n"
+            "                      cluster.backend)\n"
+            "  --device N          CUDA device of the cuda backend (default 0)\n"
             "  --comm NAME         data plane: tcp (default; the run config's cluster.comm)\n"
             "  --data-bind ADDR    data-plane bind address (default tcp://127.0.0.1:*, * = any port)\n"
             "  --threads N         compute threads, 1 to the number of cores this process may\n"
@@ -53,6 +56,7 @@ int main(int argc, char **argv) {
     static const struct option longopts[] = {{"coordinator", required_argument, 0, 'c'},
                                              {"id", required_argument, 0, 'i'},
                                              {"backend", required_argument, 0, 'b'},
+                                             {"device", required_argument, 0, 'D'},
                                              {"data-bind", required_argument, 0, 'd'},
                                              {"comm", required_argument, 0, 'C'},
                                              {"threads", required_argument, 0, 't'},
@@ -61,7 +65,7 @@ int main(int argc, char **argv) {
                                              {"connect-timeout", required_argument, 0, 'T'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
-    sy_agent_opts o = {.backend = "cpu", .connect_timeout_s = SY_AGENT_CONNECT_TIMEOUT_S};
+    sy_agent_opts o = {.backend = NULL, .connect_timeout_s = SY_AGENT_CONNECT_TIMEOUT_S};
     int cores = sy_cpu_count();
     int c;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
@@ -69,6 +73,16 @@ int main(int argc, char **argv) {
         case 'c': o.coordinator = optarg; break;
         case 'i': o.id = optarg; break;
         case 'b': o.backend = optarg; break;
+        case 'D': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (!*optarg || *end || v < 0 || v > 1023) {
+                fprintf(stderr, "switchyard-worker: --device %s: expected a CUDA device number >= 0\n", optarg);
+                return 2;
+            }
+            o.device = (int)v;
+            break;
+        }
         case 'd': o.data_bind = optarg; break;
         case 'C': o.comm = optarg; break;
         case 'P': o.curve_server_public = optarg; break;
@@ -124,9 +138,19 @@ int main(int argc, char **argv) {
                 o.comm);
         return 2;
     }
-    if (strcmp(o.backend, "cpu") != 0) {
-        fprintf(stderr, "switchyard-worker: --backend %s: only 'cpu' is built in this version\n", o.backend);
+    if (o.backend && strcmp(o.backend, "cpu") != 0 && strcmp(o.backend, "cuda") != 0) {
+        fprintf(stderr, "switchyard-worker: --backend %s: expected cpu or cuda\n", o.backend);
         return 2;
+    }
+    if (o.backend && strcmp(o.backend, "cuda") == 0) {
+        /* fail now, clearly, rather than at the first generation */
+        char why[256];
+        int n = sy_backend_cuda_devices(why, sizeof why);
+        if (n <= 0 || o.device >= n) {
+            fprintf(stderr, "switchyard-worker: --backend cuda --device %d: %s%s\n", o.device,
+                    n <= 0 ? "no usable CUDA device: " : "no such device: ", why);
+            return 2;
+        }
     }
     return sy_agent_run(&o);
 }
