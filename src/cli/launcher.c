@@ -86,9 +86,15 @@ static void usage(FILE *f) {
             "  -h, --help                  this help\n"
             "\n"
             "A worker process that exits is reported to the coordinator at once (POST\n"
-            "/v1/workers/ID/lost with status.token; the launcher makes a random token when the\n"
-            "config sets none). When every worker has exited and none will be respawned, the\n"
-            "launcher stops the coordinator and exits 1.\n"
+            "/v1/workers/ID/lost with the status token: status.token, status.token_file or\n"
+            "$SY_STATUS_TOKEN, else a random one). When every worker has exited and none will be\n"
+            "respawned, the launcher stops the coordinator and exits 1.\n"
+            "\n"
+            "Security: the control plane uses CurveZMQ with per-run keys (unless the config has\n"
+            "its own cluster.curve_* keys, or cluster.insecure: true), made in a private folder\n"
+            "$TMPDIR/switchyard-run-XXXXXX (mode 0700) that also holds the token file the\n"
+            "coordinator reads; no secret is on a command line. The folder is removed when the\n"
+            "command ends, also after an error, Ctrl-C or SIGTERM.\n"
             "\n"
             "Chaos SPEC: comma-separated items, ACTION@TRIGGER or OPTION.\n"
             "  ACTION   kill-worker | kill-workers=N    SIGKILL 1 / N random running workers\n"
@@ -938,6 +944,7 @@ static void install_signals(void) {
     sa.sa_handler = l_on_signal;
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL); /* a closed terminal stops the run cleanly (and removes its keys) */
     struct sigaction sc;
     memset(&sc, 0, sizeof sc);
     sc.sa_handler = l_on_child;
