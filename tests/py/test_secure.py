@@ -7,8 +7,10 @@
    --data-bind is off-loopback without --curve-key (exit 2; --insecure: it trains, and its
    generation lines carry the warning). An off-loopback status server without a token is warned
    about.
-2. Token files: mode 0644 refused (exit 2, "chmod 600"), status.token and status.token_file
-   together refused, a 0600 file is the token (POST without it 401, with it 202).
+2. Token files: mode 0644 refused (exit 2, "chmod 600") by the coordinator, `switchyard run` and
+   `switchyard status`; status.token and status.token_file together refused; a 0600 file is the
+   token (POST without it 401, with it 202); `switchyard status` sends the token of --token-file,
+   else of SY_STATUS_TOKEN, else none (a header-recording HTTP server).
 3. `switchyard run --workers 2` (token from SY_STATUS_TOKEN, so the test knows it): while the run
    is live, no process it started has the token or a secret key (Z85 text of the per-run .key
    files) in /proc/PID/cmdline or /proc/PID/environ; the per-run folder is 0700 with 0600 files;
@@ -165,7 +167,40 @@ def token_files(tmp):
                    capture_output=True, text=True, timeout=60)
     check(r.returncode != 0 and "too open" in r.stderr, f"switchyard run refuses the 0644 token file too "
           f"({r.stderr.strip()[-160:]})")
+    r = sytest.run([SY, "status", "--url", "http://127.0.0.1:9", "--token-file", tf], capture_output=True, text=True,
+                   timeout=30)
+    check(r.returncode == 2 and "too open" in r.stderr, f"switchyard status refuses the 0644 token file too "
+          f"({r.stderr.strip()[-160:]})")
     os.chmod(tf, 0o600)
+    # switchyard status sends the file's (else SY_STATUS_TOKEN's) token: a server that records headers
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    import threading
+    seen = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            body = b"{}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    srv = HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}"
+    r1 = sytest.run([SY, "status", "--json", "--url", url, "--token-file", tf], capture_output=True, text=True, timeout=30)
+    r2 = sytest.run([SY, "status", "--json", "--url", url], capture_output=True, text=True, timeout=30,
+                    env=dict(os.environ, SY_STATUS_TOKEN="env-token-9"))
+    env_no = {k: v for k, v in os.environ.items() if k != "SY_STATUS_TOKEN"}
+    r3 = sytest.run([SY, "status", "--json", "--url", url], capture_output=True, text=True, timeout=30, env=env_no)
+    srv.shutdown()
+    check([r1.returncode, r2.returncode, r3.returncode] == [0, 0, 0]
+          and seen == ["Bearer file-token-0123", "Bearer env-token-9", None],
+          f"switchyard status sends the token of --token-file, else of SY_STATUS_TOKEN, else none ({seen})")
     coord, m = start_coord(["--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0"] +
                            sets(tmp, "tok", {"status.token_file": tf}))
     if check(m is not None, "a coordinator with a 0600 token file starts"):
