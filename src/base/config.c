@@ -108,6 +108,7 @@ static bool chk_workers(const sy_config_t *c, char *why, size_t n);
 static bool chk_failure(const sy_config_t *c, char *why, size_t n);
 static bool chk_curve_on(const sy_config_t *c, char *why, size_t n);
 static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n);
+static bool chk_token_file(const sy_config_t *c, char *why, size_t n);
 static bool chk_resume_allow(const sy_config_t *c, char *why, size_t n);
 
 #define FLD(sec, fld, ty, dflt, ...)                                                       \
@@ -265,12 +266,21 @@ static const field FIELDS[] = {
         CHECK(chk_curve_auth, "set when `cluster.curve_server_key` is set"),
         MEANS("File of the worker public keys the coordinator accepts, one a line ('#' "
               "comments); any other key is refused (ZAP).")),
+    FLD(cluster, insecure, FT_BOOL, "false",
+        MEANS("Allow listeners reachable from other machines without CurveZMQ: a coordinator whose "
+              "`cluster.bind` is not a loopback address, or a worker whose data plane is not, refuses to "
+              "start without CURVE keys unless this is true (then every `generation_opened` log line "
+              "carries a warning). `switchyard run` makes per-run keys unless this is true.")),
 
     FLD(status, addr, FT_STRING, "127.0.0.1:8080", .rule = R_NONEMPTY,
         MEANS("host:port of the HTTP status server.")),
     FLD(status, token, FT_STRING, "", .rule = R_SECRET,
         MEANS("Bearer token for the mutating endpoints (empty: none set); never written to "
-              "JSON.")),
+              "JSON. Prefer `token_file` or the environment variable `SY_STATUS_TOKEN`: a `--set` "
+              "shows it to every local user (ps).")),
+    FLD(status, token_file, FT_STRING, "", CHECK(chk_token_file, "not set together with `status.token`"),
+        MEANS("File holding the bearer token, one line, mode 0600 (refused when group or others may read "
+              "it) (empty: `status.token`, else `SY_STATUS_TOKEN` from the environment).")),
 };
 #define N_FIELDS ((int)(sizeof FIELDS / sizeof FIELDS[0]))
 
@@ -356,6 +366,12 @@ static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n) {
 /* Small helpers                                                                            */
 
 static const field *find_field(const char *section, size_t section_len, const char *name);
+
+static bool chk_token_file(const sy_config_t *c, char *why, size_t n) {
+    if (!has_text(c->status.token_file) || !has_text(c->status.token)) return true;
+    snprintf(why, n, "status.token is set too: give the token one way (the file, preferably)");
+    return false;
+}
 
 static bool chk_resume_allow(const sy_config_t *c, char *why, size_t n) {
     for (int k = 0; k < c->run.resume_allow.n; k++) {

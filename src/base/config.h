@@ -105,10 +105,12 @@ typedef struct {
         char *curve_server_public;   /* its .pub file, for the workers `switchyard run` starts */
         char *curve_worker_key;      /* the .key file of those workers */
         char *curve_authorized_keys; /* worker public keys the coordinator accepts */
+        bool insecure;               /* allow off-loopback listeners without CURVE (warned) */
     } cluster;
     struct {
         char *addr;           /* host:port of the HTTP status server */
         char *token;          /* bearer token for mutating endpoints; "" = none set */
+        char *token_file;     /* file holding the token (mode 0600); "" = none */
     } status;
 } sy_config_t;
 

@@ -412,11 +412,15 @@ void sy_coord_open_generation(sy_coord_t *c) {
     json_t *pl = json_array();
     for (int e = 0; e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
     c->state = (c->nrec && c->rec[c->nrec - 1].duration_ms < 0) ? R_RECOVERING : R_RUNNING;
-    sy_coord_event(c, "generation_opened",
-                   json_pack("{s:I, s:i, s:o, s:I, s:I, s:I, s:o}", "generation", (json_int_t)c->gen, "world", n,
-                             "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
-                             "start_step", (json_int_t)c->start_step, "end_step", (json_int_t)c->end_step,
-                             "placement", pl));
+    json_t *ev = json_pack("{s:I, s:i, s:o, s:I, s:I, s:I, s:o}", "generation", (json_int_t)c->gen, "world", n,
+                           "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
+                           "start_step", (json_int_t)c->start_step, "end_step", (json_int_t)c->end_step,
+                           "placement", pl);
+    if (c->cfg.cluster.insecure && ev) /* issue 12 #1: every line that starts a generation says so */
+        json_object_set_new(ev, "warning",
+                            json_string("INSECURE: cluster.insecure is true: listeners reachable from other "
+                                        "machines may run without CurveZMQ authentication"));
+    sy_coord_event(c, "generation_opened", ev);
 }
 
 static int cmp_seq(const void *a, const void *b, void *ctx) {

@@ -81,7 +81,8 @@ json_t *sy_coord_status_json(sy_coord_t *c) {
         json_object_set_new(dm, sy_proto_drop_name((sy_proto_drop)k), json_integer((json_int_t)c->drops[k]));
     json_object_set_new(j, "dropped_messages", dm);
     json_object_set_new(j, "security",
-                        json_pack("{s:b, s:i, s:I, s:I, s:I}", "curve", c->zap != NULL, "authorized_keys",
+                        json_pack("{s:b, s:b, s:i, s:I, s:I, s:I}", "curve", c->zap != NULL, "insecure",
+                                  c->cfg.cluster.insecure, "authorized_keys",
                                   sy_zap_authorized(c->zap), "accepted", (json_int_t)sy_zap_accepted(c->zap),
                                   "refused_keys", (json_int_t)sy_zap_refused(c->zap), "failed_handshakes",
                                   (json_int_t)c->hs_failed));

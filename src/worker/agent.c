@@ -568,6 +568,9 @@ static void link_hello(link_t *l, double t, int hb) {
     hello.devices = 1;
     hello.memory_bytes = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : 0;
     hello.version = SY_AGENT_VERSION;
+    /* Reserved, always empty, ignored by the coordinator: a worker proves who it is with its
+     * CURVE key (ZAP checks it against cluster.curve_authorized_keys; docs/security.md), never
+     * with a shared token that every worker host would hold. */
     hello.auth_token = "";
     hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
     hello.last_generation = atomic_load(&a->generation); /* whatever incarnation assigned it */
@@ -781,6 +784,11 @@ static sy_status setup(agent_t *a, const char *config_json) {
 typedef enum { RUN_DONE, RUN_ABORTED, RUN_FAILED, RUN_STOP, RUN_NEXT } run_end;
 
 /* "0-2,5" style list of the experts set in mask. */
+/* The warning every generation's log line carries when the worker runs --insecure (issue 12). */
+static const char *insecure_note(const agent_t *a) {
+    return a->opts->insecure && !a->curve ? " [INSECURE: --insecure, no CurveZMQ key]" : "";
+}
+
 static void experts_string(char *buf, size_t cap, const bool *mask, int E) {
     size_t n = 0;
     buf[0] = 0;
@@ -1097,13 +1105,13 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     experts_string(owned_s, sizeof owned_s, a->owned, E);
     if (as->restore_step >= 0) {
         if (restore(a, as->restore_step) != SY_OK) goto fail;
-        sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s",
+        sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s%s",
                 (unsigned long long)gen, a->rank, a->world, (long long)as->restore_step,
-                a->restore_note, owned_s);
+                a->restore_note, owned_s, insecure_note(a));
     } else {
         sy_model_init(a->model, a->cfg.run.seed);
-        sy_info("generation %llu: rank %d/%d, fresh start, experts %s", (unsigned long long)gen,
-                a->rank, a->world, owned_s);
+        sy_info("generation %llu: rank %d/%d, fresh start, experts %s%s", (unsigned long long)gen,
+                a->rank, a->world, owned_s, insecure_note(a));
     }
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
 

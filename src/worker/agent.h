@@ -10,6 +10,8 @@
 #ifndef SY_AGENT_H
 #define SY_AGENT_H
 
+#include <stdbool.h>
+
 typedef struct {
     const char *coordinator; /* tcp://host:port */
     const char *id;          /* worker id; NULL: HOST-PID */
@@ -22,6 +24,7 @@ typedef struct {
     /* CurveZMQ on the control plane (src/proto/curve.h): both set, or both NULL (plaintext) */
     const char *curve_server_public; /* the coordinator's .pub (or .key: public half only) */
     const char *curve_key;           /* this worker's .key file (mode 0600) */
+    bool insecure; /* --insecure: an off-loopback data plane without CURVE; warned every generation */
 } sy_agent_opts;
 
 /* Exit code when the coordinator refuses the connection: our CURVE key is not authorized, or

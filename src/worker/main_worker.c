@@ -37,6 +37,9 @@ static void usage(FILE *f) {
             "                      `switchyard keygen`); needs --curve-key\n"
             "  --curve-key FILE    CurveZMQ: this worker's key pair (a .key file, mode 0600); its\n"
             "                      public key must be in the coordinator's cluster.curve_authorized_keys\n"
+            "  --insecure          allow a --data-bind address reachable from other machines without\n"
+            "                      --curve-key (refused otherwise, exit 2); every generation's log\n"
+            "                      line then carries a warning (the run config's cluster.insecure)\n"
             "  -h, --help          this help\n"
             "\n"
             "\n"
@@ -63,6 +66,7 @@ int main(int argc, char **argv) {
                                              {"curve-server-public", required_argument, 0, 'P'},
                                              {"curve-key", required_argument, 0, 'K'},
                                              {"connect-timeout", required_argument, 0, 'T'},
+                                             {"insecure", no_argument, 0, 'I'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
     sy_agent_opts o = {.backend = NULL, .connect_timeout_s = SY_AGENT_CONNECT_TIMEOUT_S};
@@ -87,6 +91,7 @@ int main(int argc, char **argv) {
         case 'C': o.comm = optarg; break;
         case 'P': o.curve_server_public = optarg; break;
         case 'K': o.curve_key = optarg; break;
+        case 'I': o.insecure = true; break;
         case 't': {
             char *end;
             long v = strtol(optarg, &end, 10);
@@ -131,6 +136,20 @@ int main(int argc, char **argv) {
     if (!o.curve_key != !o.curve_server_public) {
         fprintf(stderr, "switchyard-worker: --curve-key and --curve-server-public go together\n");
         return 2;
+    }
+    /* issue 12 #1: a data plane other machines can reach is authenticated, or explicitly not */
+    if (o.data_bind && !o.curve_key && !sy_endpoint_is_loopback(o.data_bind)) {
+        if (!o.insecure) {
+            fprintf(stderr,
+                    "switchyard-worker: --data-bind %s: reachable from other machines, and no CurveZMQ key is "
+                    "given: anyone who reaches it could send rows to this worker. Give --curve-key FILE and "
+                    "--curve-server-public FILE (switchyard keygen; docs/deployment.md), or bind a loopback "
+                    "address, or pass --insecure to run unauthenticated\n",
+                    o.data_bind);
+            return 2;
+        }
+        sy_warn("INSECURE: --insecure: the data plane on %s is reachable from other machines without CurveZMQ",
+                o.data_bind);
     }
     if (o.comm && strcmp(o.comm, "tcp") != 0) {
         /* "threads" (comm.h) runs ranks as threads of one process: no use between workers */
