@@ -161,7 +161,8 @@ struct sy_backend {
     void (*router_bwd)(sy_backend_t *be, float *dlogits, const float *probs,
                        const int32_t *expert, const float *gamma, const float *lse,
                        const float *f, float aux_scale, float z_scale, int N, int E);
-    /* x *= mask (elementwise), n elements */
+    /* x *= mask (elementwise), n elements; rounded to bf16 in bf16 mode (expert dropout writes
+     * an activation or an activation gradient) */
     void (*mul_inplace)(sy_backend_t *be, float *x, const float *mask, size_t n);
 
     /* ---- Switch layer: route plan (model spec §2, §3) ----

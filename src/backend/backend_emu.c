@@ -197,8 +197,8 @@ static void emu_add_inplace(sy_backend_t *be, float *y, const float *x, size_t n
 }
 
 static void emu_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_t n) {
-    (void)be;
-    SY_EMU_LAUNCH(n, i, sy_k_mul((size_t)i, x, mask));
+    const bool bf = be->bf16;
+    SY_EMU_LAUNCH(n, i, sy_k_mul((size_t)i, x, mask, bf));
 }
 
 /* per-row losses, then their sum in row order (one thread) */

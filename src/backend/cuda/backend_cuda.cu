@@ -808,7 +808,7 @@ void cu_add_inplace(sy_backend_t *be, float *y, const float *x, size_t n) {
 
 void cu_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_t n) {
     cuda_be *c = CB(be);
-    LAUNCH(c, n, sy_g_mul, n, x, mask);
+    LAUNCH(c, n, sy_g_mul, n, x, mask, be->bf16);
     done(c, "mul_inplace");
 }
 

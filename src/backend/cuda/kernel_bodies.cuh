@@ -28,8 +28,8 @@ __global__ void sy_g_gelu_bwd(size_t n, float *dx, const float *dy, const float 
 __global__ void sy_g_add(size_t n, float *y, const float *x, bool bf16) {
     SY_GRID_1D(n, sy_k_add(i, y, x, bf16));
 }
-__global__ void sy_g_mul(size_t n, float *x, const float *mask) {
-    SY_GRID_1D(n, sy_k_mul(i, x, mask));
+__global__ void sy_g_mul(size_t n, float *x, const float *mask, bool bf16) {
+    SY_GRID_1D(n, sy_k_mul(i, x, mask, bf16));
 }
 __global__ void sy_g_scale(size_t n, float *x, float c) {
     SY_GRID_1D(n, sy_k_scale(i, x, c));
