@@ -1075,9 +1075,19 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         goto fail;
     }
     for (int e = 0; e < E; e++) a->owned[e] = (int)as->placement[e] == a->rank;
+    if (a->curve && as->n_peer_keys != (size_t)a->world) {
+        /* a CURVE data plane admits only the members' keys: without them no peer could connect */
+        sy_err_set(SY_EINVAL, "Assign: %zu data-plane keys for a world of %d (CURVE data plane)", as->n_peer_keys,
+                   a->world);
+        goto fail;
+    }
     pthread_mutex_lock(&a->mu);
-    st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
-                               a->cfg.cluster.data_timeout_ms, &a->comm);
+    if (a->curve)
+        st = sy_comm_new_curve(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+                               (const char *const *)as->peer_keys, a->cfg.cluster.data_timeout_ms, &a->comm);
+    else
+        st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+                         a->cfg.cluster.data_timeout_ms, &a->comm);
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) goto fail;
     if (a->world > 1 && sy_model_n_switch(a->model) > 0) {
@@ -1245,7 +1255,12 @@ int sy_agent_run(const sy_agent_opts *opts) {
         a.curve = true;
         sy_info("control plane: CURVE, our public key %s, coordinator's %s", a.key.public_z85, a.server_public);
     }
-    if (sy_dataplane_new(opts->comm ? opts->comm : "tcp", opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
+    /* With a CURVE key the data plane is CURVE too (docs/security.md "Data plane"): the PULL
+     * socket is a server with our key pair and admits only the generation's members' keys. */
+    const char *dp_kind = opts->comm ? opts->comm : "tcp";
+    const char *dp_bind = opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*";
+    if ((a.curve ? sy_dataplane_new_curve(dp_kind, dp_bind, a.key.public_z85, a.key.secret_z85, &a.dp)
+                 : sy_dataplane_new(dp_kind, dp_bind, &a.dp)) != SY_OK) {
         sy_error("data plane: %s", sy_err_msg());
         goto out;
     }
@@ -1260,7 +1275,8 @@ int sy_agent_run(const sy_agent_opts *opts) {
         goto out;
     }
     a.link_started = true;
-    sy_info("data plane at %s; connecting to %s", sy_dataplane_endpoint(a.dp), opts->coordinator);
+    sy_info("data plane at %s (%s); connecting to %s", sy_dataplane_endpoint(a.dp),
+            a.curve ? "CURVE" : "plaintext", opts->coordinator);
 
     while (!g_stop && !atomic_load(&a.refused) && !atomic_load(&a.link_failed)) {
         Sy__Envelope *m = agent_recv(&a, 100);
