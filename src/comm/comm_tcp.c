@@ -144,7 +144,7 @@ typedef struct {
     void *ctx, *pull;
     char endpoint[SY_COMM_EP_MAX];
     sy_msgvec stash;           /* messages of later rounds or generations, arrival order */
-    uint64_t dropped;          /* stale-generation or malformed messages */
+    _Atomic uint64_t dropped;  /* stale-generation or malformed messages (read by other threads) */
     tcp_comm *active;
     /* CURVE (sy_dataplane_new_curve): our key pair and the ZAP handler; curve false: plaintext */
     bool curve;
@@ -299,7 +299,7 @@ static void tcp_dp_destroy(sy_dataplane_t *base) {
 
 static const char *tcp_dp_endpoint(const sy_dataplane_t *dp) { return ((const tcp_dp *)dp)->endpoint; }
 
-static uint64_t tcp_dp_dropped(const sy_dataplane_t *dp) { return ((const tcp_dp *)dp)->dropped; }
+static uint64_t tcp_dp_dropped(const sy_dataplane_t *dp) { return atomic_load(&((tcp_dp *)dp)->dropped); }
 static uint64_t tcp_dp_refused(const sy_dataplane_t *dp) { return sy_dp_zap_refused(((const tcp_dp *)dp)->zap); }
 
 /* ---------------------------------------------------------------- communicator lifecycle */

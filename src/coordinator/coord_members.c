@@ -231,6 +231,8 @@ void sy_coord_heard_from(sy_coord_t *c, worker *w) {
 void sy_coord_on_heartbeat(sy_coord_t *c, worker *w, const Sy__Envelope *env) {
     const Sy__Heartbeat *hb = env->heartbeat;
     snprintf(w->activity, sizeof w->activity, "%s", hb->state && printable(hb->state, 16) ? hb->state : "?");
+    w->dp_dropped = hb->dataplane_dropped;
+    w->dp_refused = hb->dataplane_refused;
     bool busy = !strcmp(w->activity, "training") || !strcmp(w->activity, "restoring");
     if (busy && env->generation != 0 && (w->rank < 0 || !c->gen_open || env->generation != c->gen)) {
         /* It works in a generation it is not (or no longer) a member of: it missed the Abort. */

@@ -589,6 +589,8 @@ static void link_heartbeat(link_t *l, double t, int hb) {
     Sy__Heartbeat h = SY__HEARTBEAT__INIT;
     h.step = (uint64_t)atomic_load(&a->step);
     h.state = (char *)state_names[atomic_load(&a->state)];
+    h.dataplane_dropped = sy_dataplane_dropped(a->dp);
+    h.dataplane_refused = sy_dataplane_refused(a->dp);
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &h;
