@@ -70,6 +70,16 @@ sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_c
 sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
                              int n_groups, json_t **files_out);
 
+/* The same, with every object named "<tag>.<file>" instead of "<file>", and each entry of
+ * *files_out carrying that name as "object" (the manifest keeps "name" as the logical file name
+ * loaders ask for). Writers of a distributed save tag with sy_ckpt_part_tag(generation, rank),
+ * so that a writer of a stale generation only ever writes objects no newer commit lists, and
+ * never overwrites an object another writer (or generation) wrote. */
+sy_status sy_ckpt_write_part_tagged(sy_store_t *st, const char *run, int64_t step, const char *tag,
+                                    const sy_ckpt_group *groups, int n_groups, json_t **files_out);
+/* "g<generation>-r<rank>" into buf. */
+sy_status sy_ckpt_part_tag(char *buf, size_t cap, uint64_t generation, int rank);
+
 /* Commits checkpoint `step`: checks that every object listed in `files` (an array of
  * {name, size, sha256} as returned by sy_ckpt_write_part, possibly concatenated from several
  * writers; names unique) exists in the store with its size, then writes MANIFEST.json listing

@@ -882,7 +882,15 @@ static sy_status write_part(agent_t *a, int rank, int64_t step, json_t **files) 
     int skip = rank == 0 ? 0 : 2; /* the dense files come first in the plan */
     sy_status st = SY_OK;
     if (plan.n - skip > 0)
-        st = sy_ckpt_write_part(a->store, a->up_run, step, plan.groups + skip, plan.n - skip, files);
+    {
+        /* objects named for the generation and rank that write them (docs/security.md "Stale
+         * workers"): this writer, if it turns out stale, can only add objects no commit of a
+         * newer generation lists */
+        char tag[64];
+        st = sy_ckpt_part_tag(tag, sizeof tag, a->up_gen, rank);
+        if (st == SY_OK)
+            st = sy_ckpt_write_part_tagged(a->store, a->up_run, step, tag, plan.groups + skip, plan.n - skip, files);
+    }
     else
         *files = json_array(); /* a rank without experts still reports its (empty) part */
     sy_model_ckpt_plan_free(&plan);
@@ -927,6 +935,7 @@ static void send_part(agent_t *a, uint64_t inc, uint64_t gen, int64_t step, json
         objs[i].name = (char *)json_string_value(json_object_get(f, "name"));
         objs[i].size = (uint64_t)json_integer_value(json_object_get(f, "size"));
         objs[i].sha256 = (char *)json_string_value(json_object_get(f, "sha256"));
+        objs[i].object = (char *)json_string_value(json_object_get(f, "object"));
         ptrs[i] = &objs[i];
     }
     Sy__Envelope env;
