@@ -42,6 +42,8 @@ def snapshot_file(root):
     out = {}
     for d, _, fs in os.walk(root):
         for f in fs:
+            if "#tmp" in f:  # the file store's temporary file of a write in progress
+                continue
             p = os.path.join(d, f)
             try:  # retention may delete old checkpoints while we read
                 with open(p, "rb") as fh:
@@ -51,6 +53,10 @@ def snapshot_file(root):
                 continue
             out[os.path.relpath(p, root)] = (st.st_size, h, st.st_mtime_ns)
     return out
+
+
+def keys_file(root):
+    return [os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs]
 
 
 def snapshot_s3(moto, prefix):
@@ -78,8 +84,41 @@ def manifests(get, snap, run):
     for k in snap:
         m = re.match(rf"{re.escape(run)}/ckpt/step-(\d+)/MANIFEST\.json$", k)
         if m:
-            out[int(m.group(1))] = json.loads(get(k))
+            try:  # retention may delete old checkpoints while we read
+                out[int(m.group(1))] = json.loads(get(k))
+            except (OSError, RuntimeError, ValueError):
+                pass
     return out
+
+
+def stop_mid_write(keys, run, gen, rank, nparts, pid, timeout=30):
+    """Polls the store's keys and SIGSTOPs pid as soon as a step folder without a manifest holds
+    some but not all of the part objects of (gen, rank): the worker is stopped in the middle of
+    writing its part. Returns (step, objects seen) or (None, 0) when it never caught one (then it
+    stops the worker anyway)."""
+    deadline = time.time() + timeout
+    pat = re.compile(rf"{re.escape(run)}/ckpt/step-(\d+)/(.*)$")
+    done = set()
+    while time.time() < deadline:
+        steps = {}
+        for k in keys():
+            m = pat.match(k)
+            if m:
+                steps.setdefault(int(m.group(1)), []).append(m.group(2))
+        for st, names in steps.items():
+            mine = [n for n in names if n.startswith(f"g{gen}-r{rank}.") and n.endswith(".safetensors")]
+            if st not in done and "MANIFEST.json" not in names and 0 < len(mine) < nparts:
+                os.kill(pid, signal.SIGSTOP)
+                # a write already handed to the store may still land: count again once settled
+                time.sleep(0.5)
+                n = len([k for k in keys() if f"/step-{st:09d}/g{gen}-r{rank}." in k and k.endswith(".safetensors")])
+                if n < nparts:
+                    return st, n
+                os.kill(pid, signal.SIGCONT)  # it had finished that part: try the next save
+                done.add(st)
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGSTOP)
+    return None, 0
 
 
 def stale_drops(c):
@@ -89,12 +128,12 @@ def stale_drops(c):
     return int(m.group(1)) if m else -1
 
 
-def one(tmp, label, store, env, ref, get, snap, moto=None):
+def one(tmp, label, store, env, ref, get, snap, keys, catch_s):
     name = f"stale-{label}"
     s = fu.settings(tmp, name, STEPS, EVERY, store=store,
                     extra={"cluster.heartbeat_ms": str(HB_MS), "cluster.failure_timeout_ms": str(FAIL_MS),
                            "cluster.data_timeout_ms": "3000", "checkpoint.s3_addressing": "path",
-                           "cluster.min_workers": "2"})
+                           "cluster.min_workers": "2", "checkpoint.keep_last": "1000"})
     c = fu.Cluster(tmp, name, s, env=env)
     ok = False
     t0 = time.time()
@@ -102,10 +141,15 @@ def one(tmp, label, store, env, ref, get, snap, moto=None):
         c.start_coordinator(expect=3)
         for k in range(3):
             c.start_worker(f"w{k}")
-        c.wait_step(6, timeout=120)
-        os.kill(c.workers["w2"].pid, signal.SIGSTOP)
+        c.wait_step(4, timeout=120)
+        g1 = [e for e in c.events() if e["event"] == "generation_opened"][-1]
+        g_old, rank = g1["generation"], g1["workers"].index("w2")
+        nparts = 2 * sum(1 for r in g1["placement"] if r == rank) + (2 if rank == 0 else 0)
+        caught, seen = stop_mid_write(keys, name, g_old, rank, nparts, c.workers["w2"].pid,
+                                      timeout=catch_s)
+        print(f"   {label}: w2 (rank {rank}) stopped " + (f"while writing its part of step {caught} ({seen} of "
+              f"{nparts} objects written)" if caught else "(not caught mid-write)"), flush=True)
         n0 = len(c.events())
-        g_old = c.status()["generation"]
         lost = c.wait_event("worker_lost", timeout=30, after=n0, where=lambda e: e["worker"] == "w2")
         gen = c.wait_event("generation_opened", timeout=30, after=n0)
         g_new = gen["generation"]
@@ -126,11 +170,18 @@ def one(tmp, label, store, env, ref, get, snap, moto=None):
         check(tagged, f"{label}: every committed manifest lists only objects tagged with its own generation")
         drops0 = stale_drops(c)
         os.kill(c.workers["w2"].pid, signal.SIGCONT)
-        time.sleep(4)  # the stale worker's in-flight work lands (uploads, reports)
+        # the stale worker's in-flight work lands (uploads, reports): its part, when caught mid-write
+        t_resume = time.time()
+        while caught and time.time() - t_resume < 15:
+            if len([k for k in keys() if f"/step-{caught:09d}/g{g_old}-r{rank}." in k and "#tmp" not in k]) >= nparts:
+                break
+            time.sleep(0.1)
+        time.sleep(max(0.0, 3 - (time.time() - t_resume)))
+        print(f"   {label}: waited {time.time() - t_resume:.1f} s after the resume", flush=True)
         after = snap()
         changed = [k for k in before if k in after and before[k] != after[k]]
-        gone = [k for k in before if k not in after and not any(k.startswith(f"{name}/ckpt/step-{st:09d}/")
-                                                                    for st in mans if st < max(mans))]
+        gone = [k for k in before if k not in after]
+        check(not gone, f"{label}: no object disappeared ({gone[:4]})")
         check(not changed, f"{label}: no object of the store changed after the stale worker resumed ({changed[:4]})")
         new = sorted(k for k in after if k not in before)
         stale_new = [k for k in new if re.search(rf"/g{g_old}-r\d+\.", k)]
@@ -138,11 +189,19 @@ def one(tmp, label, store, env, ref, get, snap, moto=None):
                   for f in m["files"]}
         check(not (set(stale_new) & listed), f"{label}: no object of generation {g_old} written after the resume is "
                                              f"in a manifest ({len(stale_new)} such objects written)")
+        if caught:
+            mine = [k for k in stale_new if f"/step-{caught:09d}/g{g_old}-r{rank}." in k]
+            check(len(mine) >= 1,
+                  f"{label}: the stale worker finished writing its part of step {caught} after the resume "
+                  f"({len(mine)} objects), into names no manifest lists")
         print(f"   {label}: objects written by the stale worker after SIGCONT: {stale_new[:6]}"
-              f"{' ...' if len(stale_new) > 6 else ''}; removed by retention meanwhile: {len(gone)}", flush=True)
+              f"{' ...' if len(stale_new) > 6 else ''}", flush=True)
         drops1 = stale_drops(c)
         print(f"   {label}: stale_generation drops: {drops0} before the resume, {drops1} after", flush=True)
-        check(drops1 >= drops0 >= 0, f"{label}: the coordinator counts stale-generation messages ({drops1})")
+        # caught mid-write, the stale worker reports its finished part (CheckpointPart of the old
+        # generation) after the resume: dropped and counted
+        check(drops1 > drops0 if caught else drops1 >= drops0 >= 0,
+              f"{label}: the coordinator drops and counts the stale worker's messages ({drops0} -> {drops1})")
         rc = c.finish(timeout=120)
         ok = check(rc == 0, f"{label}: the run finishes (exit {rc})")
         got = c.metrics()
@@ -172,7 +231,7 @@ def main():
     store = f"{tmp}/fstore"
     os.makedirs(store)
     one(tmp, "file", store, None, ref, lambda k: open(os.path.join(store, k), "rb").read(),
-        lambda: snapshot_file(store))
+        lambda: snapshot_file(store), lambda: keys_file(store), 20)
     sys.path.insert(0, HERE)
     from s3util import Moto, find_moto
     if not find_moto():
@@ -182,7 +241,7 @@ def main():
     with moto:
         moto.make_bucket(BUCKET)
         one(tmp, "s3", f"s3://{BUCKET}/ck", moto.env(), ref,
-            lambda k: moto.curl("GET", f"/{BUCKET}/ck/{k}")[1], lambda: snapshot_s3(moto, "ck/"), moto)
+            lambda k: moto.curl("GET", f"/{BUCKET}/ck/{k}")[1], lambda: snapshot_s3(moto, "ck/"), lambda: snapshot_s3(moto, "ck/").keys(), 6)
     if failures:
         print(f"{len(failures)} FAILED")
         sys.exit(1)
