@@ -69,7 +69,7 @@ uint64_t sy_dataplane_dropped(const sy_dataplane_t *dp);
 
 /* CurveZMQ (tcp only; docs/security.md "Data plane"). Same as sy_dataplane_new, but the PULL
  * socket is a CURVE server with this process's key pair (Z85 text, 40 characters each) and a
- * ZAP handler (comm_zap.h) admits only the public keys of the open generation's members (set by
+ * ZAP handler (comm_zap_internal.h) admits only the public keys of the open generation's members (set by
  * sy_comm_new_curve); every other client's handshake is refused and counted
  * (sy_dataplane_refused) before any of its messages is read. "threads" has no wire: SY_EINVAL. */
 sy_status sy_dataplane_new_curve(const char *kind, const char *bind_addr, const char *public_z85,

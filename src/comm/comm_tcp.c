@@ -90,7 +90,7 @@
 
 #include "base/log.h"
 #include "base/zmq_check.h"
-#include "comm_zap.h"
+#include "comm_zap_internal.h"
 
 #define SY_COMM_MAGIC 0x50445953u   /* "SYDP" in little-endian memory */
 #define SY_COMM_SEQ_MAX 0xfffffff0u       /* rounds per generation (the header has 32 bits) */

@@ -1,7 +1,7 @@
-/* The data plane's ZAP handler (comm_zap.h). A ROUTER socket rather than the usual REP, so that
+/* The data plane's ZAP handler (comm_zap_internal.h). A ROUTER socket rather than the usual REP, so that
  * requests of keys not (yet) authorized can be held while later ones are answered: libzmq's ZAP
  * client sends the REQ-style envelope (an empty delimiter frame after our routing id). */
-#include "comm_zap.h"
+#include "comm_zap_internal.h"
 
 #include <errno.h>
 #include <inttypes.h>

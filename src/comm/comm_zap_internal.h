@@ -14,8 +14,8 @@
  * messages reaches the PULL socket.
  *
  * Thread: sy_dp_zap_authorize and the counters from any thread; start/stop from the owner. */
-#ifndef SY_COMM_ZAP_H
-#define SY_COMM_ZAP_H
+#ifndef SY_COMM_ZAP_INTERNAL_H
+#define SY_COMM_ZAP_INTERNAL_H
 
 #include <stdint.h>
 
