@@ -72,6 +72,14 @@
  * Memory: the stash is not capped (a broadcast root may legitimately run many rounds ahead);
  * frames are capped at one chunk (ZMQ_MAXMSGSIZE) so a stranger cannot send one huge frame.
  *
+ * CURVE (sy_dataplane_new_curve; docs/protocol.md "Security"). The PULL socket is a CURVE server
+ * with this process's key pair and a ZAP domain; the ZAP handler (comm_zap.c, its own thread and
+ * socket in this context) admits the keys sy_comm_new_curve authorizes: the open generation's
+ * members. Every PUSH is a CURVE client with our pair and its peer's public key. A refused
+ * stranger's messages never reach the PULL socket; an admitted connection's messages carry its
+ * key as ZeroMQ User-Id, and one whose key is not its header's source rank's is dropped and
+ * counted (sender_ok). The rest of the protocol is unchanged.
+ *
  * One communicator per data plane at a time. */
 #include "comm/comm.h"
 #include "comm_internal.h"
