@@ -12,7 +12,7 @@
  *   plain_forgery: without CURVE, a forged well-formed row of the current round IS taken as rank
  *     0's data: the result is wrong (the risk cluster.insecure accepts); malformed frames are
  *     dropped and counted, and the next results are exact.
- *   api: the argument checks. */
+ *   api: the argument checks; a generation of one admits only its own member's key. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -242,6 +242,14 @@ static void test_api(void **state) {
     assert_int_equal(sy_comm_new_curve(plain, 1, 1, 2, eps, keys, 100, &c), SY_EINVAL); /* no CURVE */
     assert_int_equal(sy_comm_new_curve(dp, 1, 0, 2, eps, bad, 100, &c), SY_EINVAL);
     assert_int_equal(sy_comm_new_curve(dp, 1, 0, 2, eps, keys, 100, &c), SY_OK);
+    sy_comm_destroy(&c);
+    /* a generation of one: rank 1's key of the previous generation is no longer admitted (held
+     * for the hold time, 100 ms here, then refused) */
+    assert_int_equal(sy_comm_new_curve(dp, 2, 0, 1, eps, keys, 100, &c), SY_OK);
+    stranger x = stranger_send(sy_dataplane_endpoint(dp), pub[0], pub[1], sec[1], 1, false);
+    for (int i = 0; i < 60 && sy_dataplane_refused(dp) == 0; i++) usleep(50 * 1000);
+    assert_int_equal(sy_dataplane_refused(dp), 1);
+    stranger_close(&x);
     sy_comm_destroy(&c);
     sy_dataplane_destroy(&dp);
     sy_dataplane_destroy(&plain);

@@ -88,6 +88,9 @@ sy_status sy_comm_new_curve(sy_dataplane_t *dp, uint64_t generation, int rank, i
     if (timeout_ms <= 0) return sy_err_set(SY_EINVAL, "comm: timeout_ms %d must be > 0", timeout_ms);
     sy_comm_t *c = NULL;
     if (world == 1) {
+        /* no peers, but a CURVE data plane still admits only this generation's member (us) */
+        if (dp && dp->curve && peer_keys && z85_ok(peer_keys[0]) && dp->ops->dp_authorize)
+            SY_CHECK(dp->ops->dp_authorize(dp, peer_keys, 1, timeout_ms));
         c = calloc(1, sizeof *c);
         if (!c) return sy_err_set(SY_ENOMEM, "comm: allocation");
     } else {

@@ -33,6 +33,8 @@ typedef struct sy_comm_ops {
     const char *(*dp_endpoint)(const sy_dataplane_t *dp);
     uint64_t (*dp_dropped)(const sy_dataplane_t *dp);
     uint64_t (*dp_refused)(const sy_dataplane_t *dp); /* NULL: never refuses */
+    /* CURVE: admit exactly these n keys (Z85) from now on; NULL without CURVE */
+    sy_status (*dp_authorize)(sy_dataplane_t *dp, const char *const *keys, int n, int hold_ms);
     /* world > 1, arguments checked; the base fields are filled in by comm.c afterwards. */
     /* peer_keys: NULL (plaintext) or world Z85 keys, checked by comm.c (valid Z85, dp CURVE). */
     sy_status (*comm_new)(sy_dataplane_t *dp, uint64_t gen, int rank, int world,

@@ -310,6 +310,17 @@ static const char *tcp_dp_endpoint(const sy_dataplane_t *dp) { return ((const tc
 static uint64_t tcp_dp_dropped(const sy_dataplane_t *dp) { return atomic_load(&((tcp_dp *)dp)->dropped); }
 static uint64_t tcp_dp_refused(const sy_dataplane_t *dp) { return sy_dp_zap_refused(((const tcp_dp *)dp)->zap); }
 
+static sy_status tcp_dp_authorize(sy_dataplane_t *base, const char *const *keys, int n, int hold_ms) {
+    tcp_dp *dp = (tcp_dp *)base;
+    if (!dp->zap) return sy_err_set(SY_EINVAL, "data plane: not CURVE");
+    uint8_t(*raw)[32] = calloc((size_t)(n > 0 ? n : 1), sizeof *raw);
+    if (!raw) return sy_err_set(SY_ENOMEM, "data plane: keys of world %d", n);
+    for (int r = 0; r < n; r++) zmq_z85_decode(raw[r], keys[r]);
+    sy_status st = sy_dp_zap_authorize(dp->zap, (const uint8_t(*)[32])raw, n, hold_ms);
+    free(raw);
+    return st;
+}
+
 /* ---------------------------------------------------------------- communicator lifecycle */
 
 /* zmq's free function for our zero-copy payloads, called by its I/O thread once the frame is
@@ -369,17 +380,8 @@ static sy_status tcp_comm_new(sy_dataplane_t *base, uint64_t generation, int ran
         goto fail;
     }
     if (peer_keys) { /* admit exactly this generation's members from now on */
-        uint8_t(*raw)[32] = calloc(W, sizeof *raw);
-        if (!raw) {
-            st = sy_err_set(SY_ENOMEM, "comm: keys of world %d", world);
-            goto fail;
-        }
-        for (int r = 0; r < world; r++) {
-            snprintf(c->keys[r], sizeof c->keys[r], "%s", peer_keys[r]);
-            zmq_z85_decode(raw[r], c->keys[r]);
-        }
-        st = sy_dp_zap_authorize(dp->zap, (const uint8_t(*)[32])raw, world, timeout_ms);
-        free(raw);
+        for (int r = 0; r < world; r++) snprintf(c->keys[r], sizeof c->keys[r], "%s", peer_keys[r]);
+        st = tcp_dp_authorize(base, peer_keys, world, timeout_ms);
         if (st != SY_OK) goto fail;
     }
     c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -1019,6 +1021,7 @@ const sy_comm_ops sy_comm_tcp_ops = {
     .dp_endpoint = tcp_dp_endpoint,
     .dp_dropped = tcp_dp_dropped,
     .dp_refused = tcp_dp_refused,
+    .dp_authorize = tcp_dp_authorize,
     .comm_new = tcp_comm_new,
     .comm_destroy = tcp_comm_destroy,
     .fail = tcp_fail,
