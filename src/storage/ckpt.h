@@ -4,6 +4,9 @@
  *   dense.safetensors, dense.optim.safetensors      non-expert params / their moments (m.<name>, v.<name>)
  *   expert-%04d.safetensors, expert-%04d.optim.safetensors   one expert index, every layer
  *   MANIFEST.json                                   written LAST with put_if_absent: the commit point
+ * A distributed save (sy_ckpt_write_part_tagged) stores each file as the object
+ * "g<generation>-r<rank>.<file>"; its manifest entry keeps "name" = <file> and adds "object"
+ * (docs/fault-tolerance.md "Stale workers"). Loaders ask by name and read the object.
  * A step folder without a MANIFEST.json is debris of an unfinished save and does not exist as a
  * checkpoint. The module is layout-agnostic beyond that: the caller names the files and the
  * tensors in each (sy_ckpt_file_dense() etc. give the standard names), so a restore can load
@@ -87,7 +90,10 @@ sy_status sy_ckpt_part_tag(char *buf, size_t cap, uint64_t generation, int rank)
  * put_if_absent. SY_EEXIST if the step is already committed (by this or another writer). With a
  * "writer" in extra, the existing commit is judged as by sy_ckpt_prepare_step, the run's lock is
  * checked again just before the manifest is written, and a step committed by another writer
- * between that check and the put is SY_ECONFLICT. */
+ * between that check and the put is SY_ECONFLICT. Entries may carry "object" (the tagged object
+ * that holds the file; names and objects unique); when some do and `extra` has an integer
+ * "generation" G, every object must start with "gG-" (SY_EINVAL naming it otherwise): a commit
+ * of generation G takes no part of a stale writer. */
 sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const json_t *files,
                          const json_t *extra);
 
