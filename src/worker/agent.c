@@ -592,6 +592,8 @@ static void link_heartbeat(link_t *l, double t, int hb) {
     Sy__Heartbeat h = SY__HEARTBEAT__INIT;
     h.step = (uint64_t)atomic_load(&a->step);
     h.state = (char *)state_names[atomic_load(&a->state)];
+    h.dataplane_dropped = sy_dataplane_dropped(a->dp);
+    h.dataplane_refused = sy_dataplane_refused(a->dp);
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &h;
@@ -895,7 +897,15 @@ static sy_status write_part(agent_t *a, int rank, int64_t step, json_t **files) 
     int skip = rank == 0 ? 0 : 2; /* the dense files come first in the plan */
     sy_status st = SY_OK;
     if (plan.n - skip > 0)
-        st = sy_ckpt_write_part(a->store, a->up_run, step, plan.groups + skip, plan.n - skip, files);
+    {
+        /* objects named for the generation and rank that write them (docs/security.md "Stale
+         * workers"): this writer, if it turns out stale, can only add objects no commit of a
+         * newer generation lists */
+        char tag[64];
+        st = sy_ckpt_part_tag(tag, sizeof tag, a->up_gen, rank);
+        if (st == SY_OK)
+            st = sy_ckpt_write_part_tagged(a->store, a->up_run, step, tag, plan.groups + skip, plan.n - skip, files);
+    }
     else
         *files = json_array(); /* a rank without experts still reports its (empty) part */
     sy_model_ckpt_plan_free(&plan);
@@ -940,6 +950,7 @@ static void send_part(agent_t *a, uint64_t inc, uint64_t gen, int64_t step, json
         objs[i].name = (char *)json_string_value(json_object_get(f, "name"));
         objs[i].size = (uint64_t)json_integer_value(json_object_get(f, "size"));
         objs[i].sha256 = (char *)json_string_value(json_object_get(f, "sha256"));
+        objs[i].object = (char *)json_string_value(json_object_get(f, "object"));
         ptrs[i] = &objs[i];
     }
     Sy__Envelope env;
@@ -1090,9 +1101,19 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         goto fail;
     }
     for (int e = 0; e < E; e++) a->owned[e] = (int)as->placement[e] == a->rank;
+    if (a->curve && as->n_peer_keys != (size_t)a->world) {
+        /* a CURVE data plane admits only the members' keys: without them no peer could connect */
+        sy_err_set(SY_EINVAL, "Assign: %zu data-plane keys for a world of %d (CURVE data plane)", as->n_peer_keys,
+                   a->world);
+        goto fail;
+    }
     pthread_mutex_lock(&a->mu);
-    st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
-                               a->cfg.cluster.data_timeout_ms, &a->comm);
+    if (a->curve)
+        st = sy_comm_new_curve(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+                               (const char *const *)as->peer_keys, a->cfg.cluster.data_timeout_ms, &a->comm);
+    else
+        st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+                         a->cfg.cluster.data_timeout_ms, &a->comm);
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) goto fail;
     if (a->world > 1 && sy_model_n_switch(a->model) > 0) {
@@ -1260,7 +1281,12 @@ int sy_agent_run(const sy_agent_opts *opts) {
         a.curve = true;
         sy_info("control plane: CURVE, our public key %s, coordinator's %s", a.key.public_z85, a.server_public);
     }
-    if (sy_dataplane_new(opts->comm ? opts->comm : "tcp", opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
+    /* With a CURVE key the data plane is CURVE too (docs/security.md "Data plane"): the PULL
+     * socket is a server with our key pair and admits only the generation's members' keys. */
+    const char *dp_kind = opts->comm ? opts->comm : "tcp";
+    const char *dp_bind = opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*";
+    if ((a.curve ? sy_dataplane_new_curve(dp_kind, dp_bind, a.key.public_z85, a.key.secret_z85, &a.dp)
+                 : sy_dataplane_new(dp_kind, dp_bind, &a.dp)) != SY_OK) {
         sy_error("data plane: %s", sy_err_msg());
         goto out;
     }
@@ -1275,7 +1301,8 @@ int sy_agent_run(const sy_agent_opts *opts) {
         goto out;
     }
     a.link_started = true;
-    sy_info("data plane at %s; connecting to %s", sy_dataplane_endpoint(a.dp), opts->coordinator);
+    sy_info("data plane at %s (%s); connecting to %s", sy_dataplane_endpoint(a.dp),
+            a.curve ? "CURVE" : "plaintext", opts->coordinator);
 
     while (!g_stop && !atomic_load(&a.refused) && !atomic_load(&a.link_failed)) {
         Sy__Envelope *m = agent_recv(&a, 100);
