@@ -1,0 +1,102 @@
+"""The load generator (tests/tools/sy_loadgen.c, docs/scale.md) against the real
+switchyard-coordinator, small enough for every test run: 50 simulated workers, 128 experts.
+Checks the protocol-level behaviour, never timings:
+  - every simulated worker is welcomed and generation 1 reaches all 50 (the coordinator finds
+    each sender by id: no message is dropped as `unknown_worker`, which a broken worker-table
+    index would cause);
+  - one member killed (its socket closed) → generation 2 over the 49 survivors reaches all of
+    them, and the placement moved only the dead worker's experts (sy_placement_sticky);
+  - steps are recorded in generation 2 and checkpoints (tiny real objects written by the
+    simulated workers) are committed;
+  - the coordinator stops on POST /v1/stop (exit 3)."""
+import json
+import os
+import select
+import subprocess
+import sys
+import urllib.request
+
+import sytest
+from sytest import COORD, check, failures
+
+LOADGEN = sytest.tool("sy_loadgen")
+N, E = 50, 128
+
+
+def main():
+    tmp = sytest.make_tmp("sy-loadgen-")
+    cfg = f"{tmp}/lg.yaml"
+    with open(cfg, "w") as f:
+        f.write(f"""run:
+  name: lgsmoke
+  steps: 100000
+  state_dir: {tmp}/state
+  log_every: 100000
+model:
+  n_experts: {E}
+  n_layers: 4
+  switch_every: 2
+checkpoint:
+  store: {tmp}/store
+  every: 5
+  keep_last: 2
+cluster:
+  min_workers: 10
+  max_workers: {N + 10}
+status:
+  token: t
+""")
+    coord = sytest.Popen([COORD, cfg, "--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0",
+                          "--expect-workers", str(N)], stdout=subprocess.PIPE, stderr=open(f"{tmp}/coord.log", "w"),
+                         text=True)
+    r, _, _ = select.select([coord.stdout], [], [], 10)
+    line = coord.stdout.readline() if r else ""
+    check(line.startswith("coordinator ready"), f"coordinator ready: {line.strip()}")
+    if failures:
+        sys.exit(1)
+    fields = dict(kv.split("=", 1) for kv in line.split()[2:])
+    report = f"{tmp}/report.json"
+    lg = sytest.run([LOADGEN, "--coordinator", fields["bind"], "--workers", str(N), "--step-ms", "100",
+                     "--duration", "8", "--event", "2:kill:1", "--report", report],
+                    stderr=open(f"{tmp}/loadgen.log", "w"), timeout=60)
+    check(lg.returncode == 0, f"sy_loadgen exit 0 (every event happened; got {lg.returncode})")
+    rep = json.load(open(report))
+    with urllib.request.urlopen(fields["status"] + "/v1/status", timeout=10) as resp:
+        st = json.loads(resp.read())
+    check(rep["workers_welcomed"] == N, f"all {N} simulated workers welcomed ({rep['workers_welcomed']})")
+    gens = rep["generations"]
+    check(len(gens) >= 2, f"two generations at least ({len(gens)})")
+    if len(gens) >= 2:
+        g1, g2 = gens[0], gens[1]
+        check(g1["world"] == N and g1["received"] == N, f"generation 1 reached all {N} ({g1['received']}/{g1['world']})")
+        check(g2["world"] == N - 1 and g2["received"] == N - 1,
+              f"after the kill, generation 2 reached all {N - 1} survivors ({g2['received']}/{g2['world']})")
+        check(g2["experts_of_departed"] > 0 and g2["experts_moved"] == g2["experts_of_departed"],
+              f"only the dead worker's experts moved ({g2['experts_moved']} moved, it held {g2['experts_of_departed']})")
+        check(g2["experts_per_rank_max"] - g2["experts_per_rank_min"] <= 1,
+              f"placement balanced after the loss (max {g2['experts_per_rank_max']}, min {g2['experts_per_rank_min']})")
+        lines = [json.loads(x) for x in open(f"{tmp}/state/metrics.jsonl")]
+        check(any(m["generation"] == g2["generation"] and m["world"] == N - 1 for m in lines),
+              "steps recorded in generation 2 over 49 workers")
+    check(st["dropped_messages"]["unknown_worker"] == 0,
+          f"no message dropped as unknown_worker ({st['dropped_messages']['unknown_worker']})")
+    events = [json.loads(x) for x in open(f"{tmp}/state/events.jsonl")]
+    commits = [e for e in events if e["event"] == "checkpoint_committed"]
+    check(len(commits) >= 1 and rep["checkpoint"]["errors"] == 0,
+          f"checkpoints committed ({len(commits)}), no write errors ({rep['checkpoint']['errors']})")
+    lost = [e for e in events if e["event"] == "worker_lost" and e.get("state") == "active"]
+    check(len(lost) >= 1 and lost[0]["worker"] in rep["events"][0]["ids"],
+          f"the killed worker was declared lost ({[e['worker'] for e in lost][:3]})")
+    req = urllib.request.Request(fields["status"] + "/v1/stop", method="POST", data=b"",
+                                 headers={"Authorization": "Bearer t"})
+    urllib.request.urlopen(req, timeout=10).read()
+    check(coord.wait(timeout=30) == 3, "coordinator stopped (exit 3)")
+    if not failures:
+        sytest.remove_tmp(tmp)
+    else:
+        print(f"kept {tmp}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
