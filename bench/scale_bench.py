@@ -116,6 +116,7 @@ def main():
     ap.add_argument("--kill", action="store_true")
     ap.add_argument("--failure-ms", type=int, default=3000, help="cluster.failure_timeout_ms (raise it where the "
                     "machine is too loaded for the simulated workers to keep their heartbeats)")
+    ap.add_argument("--heartbeat-ms", type=int, default=500, help="cluster.heartbeat_ms")
     ap.add_argument("--coord", default=None, help="the switchyard-coordinator binary (default: the build's)")
     ap.add_argument("--io-threads", type=int, default=1)
     ap.add_argument("--procs", type=int, default=1, help="load generator processes (file descriptors: ~2 per worker)")
@@ -155,6 +156,7 @@ cluster:
   min_workers: {max(1, N // 2)}
   max_workers: {N}
   failure_timeout_ms: {a.failure_ms}
+  heartbeat_ms: {a.heartbeat_ms}
 status:
   token: t
 """)
@@ -167,7 +169,7 @@ status:
     line = coord.stdout.readline()
     fields = dict(kv.split("=", 1) for kv in line.split()[2:])
     ep, base = fields["bind"], fields["status"]
-    res = {"coordinator": a.coord or "build", "workers": N, "experts": a.experts, "switch_layers": a.switch_layers, "step_ms": a.step_ms,
+    res = {"coordinator": a.coord or "build", "workers": N, "experts": a.experts, "switch_layers": a.switch_layers, "step_ms": a.step_ms, "heartbeat_ms": a.heartbeat_ms, "failure_timeout_ms": a.failure_ms,
            "counts": a.counts, "store": a.store, "loadavg_before": loadavg()}
     cpu0 = cpu_s(coord.pid)
     res["coord_rss_idle_kib"] = mem_kib(coord.pid, "VmRSS")

@@ -6,7 +6,8 @@
 The real switchyard-coordinator with --workers simulated workers (tests/tools/sy_loadgen): every
 rank writes its experts' two files (tiny real safetensors) per checkpoint, rank 0 the dense two,
 and sends CheckpointPart; the coordinator commits MANIFEST.json (which HEADs every object) and
-applies retention (checkpoint.keep_last 1). After --commits commits it prints one JSON object:
+applies retention (checkpoint.keep_last 1). Checkpoints are asked for one at a time (POST
+/v1/checkpoint), so a commit never competes with the next checkpoint's uploads. After --commits commits it prints one JSON object:
 the commit times from events.jsonl (commit_ms: the commit alone; seconds: first part to the
 commit event, retention included), the manifest's size, and the listing of the run's objects by
 the store's own client (sy_storecli ls, which pages with continuation tokens) and by an
@@ -79,7 +80,7 @@ model:
   switch_every: 2
 checkpoint:
   store: {store}
-  every: 10
+  every: 100000000
   keep_last: 1
 cluster:
   min_workers: {a.workers}
@@ -96,15 +97,24 @@ status:
                            str(a.workers), "--step-ms", "300", "--counts", "none", "--duration", "600",
                            "--ckpt-threads", "8", "--report", f"{tmp}/report.json"],
                           stderr=open(f"{tmp}/loadgen.log", "w"), env=env)
+    # one checkpoint at a time (POST /v1/checkpoint: CheckpointNow), so commits never overlap uploads
     commits = []
     deadline = time.time() + 900
-    while time.time() < deadline and len(commits) < a.commits:
-        time.sleep(1)
+
+    def committed():
         try:
-            commits = [json.loads(x) for x in open(f"{tmp}/state/events.jsonl")
-                       if '"checkpoint_committed"' in x]
+            return [json.loads(x) for x in open(f"{tmp}/state/events.jsonl") if '"checkpoint_committed"' in x]
         except FileNotFoundError:
-            pass
+            return []
+    time.sleep(3)
+    while time.time() < deadline and len(commits) < a.commits:
+        req = urllib.request.Request(fields["status"] + "/v1/checkpoint", method="POST", data=b"",
+                                     headers={"Authorization": "Bearer t"})
+        urllib.request.urlopen(req, timeout=30).read()
+        n = len(commits)
+        while time.time() < deadline and len(commits) == n:
+            time.sleep(1)
+            commits = committed()
     time.sleep(1)
     lg.terminate()
     lg.wait(timeout=60)

@@ -16,7 +16,7 @@
  * --counts none); at checkpoint steps (checkpoint.every, the last step, a CheckpointNow step)
  * it writes tiny real files with sy_ckpt_write_part into the run's store (rank 0: dense +
  * dense.optim; every rank: its experts' two files) on a writer thread, then sends
- * CheckpointPart. Abort stops the steps; Stop ends the simulated worker.
+ * CheckpointPart (a checkpoint step waits for the previous upload: checkpoint.on_busy wait). Abort stops the steps; Stop ends the simulated worker.
  *
  * Events (seconds after the first generation reached all its members): kill:K closes K member
  * sockets (a dead process: the coordinator sees the TCP close), stop:K makes K members silent
@@ -630,10 +630,11 @@ static void tick(void) {
         }
         if (s->state == S_UP && t - s->last_heard > RELOGIN_MS && t - s->last_hello > RELOGIN_MS) send_hello(i);
         if (s->state == S_UP && t - s->last_hb >= hb_ms) send_heartbeat(i);
-        if (s->state == S_UP && s->active && s->cur <= s->end && t >= s->next_step) {
+        bool ckpt = (every > 0 && s->cur % every == 0) || s->cur == s->end || s->cur == s->forced;
+        /* checkpoint.on_busy wait: a checkpoint step waits for the previous upload */
+        if (s->state == S_UP && s->active && s->cur <= s->end && t >= s->next_step && !(ckpt && s->writing)) {
             send_step_done(i);
-            if (((every > 0 && s->cur % every == 0) || s->cur == s->end || s->cur == s->forced) && !s->writing)
-                queue_part(i);
+            if (ckpt) queue_part(i);
             s->cur++;
             s->next_step += step_ms;
             if (s->next_step < t) s->next_step = t + step_ms;
