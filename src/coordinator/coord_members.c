@@ -107,13 +107,13 @@ void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
             return;
         }
         if (c->nw == c->capw) {
-            int nc = c->capw ? 2 * c->capw : 16;
+            int oc = c->capw, nc = oc ? 2 * oc : 16;
             worker *nw = realloc(c->w, sizeof(worker) * (size_t)nc);
             if (!nw) return;
             c->w = nw;
             c->capw = nc;
             if (!index_rebuild(c)) {
-                c->capw = nc / 2 ? nc / 2 : 0; /* keep the index's load factor: refuse instead */
+                c->capw = oc; /* the index covers only the old capacity: refuse instead */
                 sy_coord_drop(c, SY_DROP_UNEXPECTED, "Hello from '%s': out of memory", id);
                 return;
             }

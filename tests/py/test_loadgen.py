@@ -8,7 +8,11 @@ Checks the protocol-level behaviour, never timings:
     them, and the placement moved only the dead worker's experts (sy_placement_sticky);
   - steps are recorded in generation 2 and checkpoints (tiny real objects written by the
     simulated workers) are committed;
-  - the coordinator stops on POST /v1/stop (exit 3)."""
+  - the coordinator stops on POST /v1/stop (exit 3);
+  - a full worker table (max_workers 2: 4 x 2 + 16 = 24 entries) forgets lost entries to take
+    newcomers: 20 workers, 5 members killed one by one, 10 added → the table holds 24, one
+    newcomer is refused ("table full"), and no message of a remaining worker is dropped as
+    `unknown_worker` (the id index is rebuilt when entries move)."""
 import json
 import os
 import select
@@ -21,6 +25,62 @@ from sytest import COORD, check, failures
 
 LOADGEN = sytest.tool("sy_loadgen")
 N, E = 50, 128
+
+
+def start(tmp, name, extra_yaml, expect):
+    cfg = f"{tmp}/{name}.yaml"
+    with open(cfg, "w") as f:
+        f.write(f"""run:
+  name: {name}
+  steps: 100000
+  state_dir: {tmp}/state-{name}
+  log_every: 100000
+checkpoint:
+  store: {tmp}/store
+  every: 5
+  keep_last: 2
+status:
+  token: t
+""" + extra_yaml)
+    coord = sytest.Popen([COORD, cfg, "--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0"]
+                         + (["--expect-workers", str(expect)] if expect else []), stdout=subprocess.PIPE,
+                         stderr=open(f"{tmp}/{name}.log", "w"), text=True)
+    r, _, _ = select.select([coord.stdout], [], [], 10)
+    line = coord.stdout.readline() if r else ""
+    check(line.startswith("coordinator ready"), f"coordinator {name} ready: {line.strip()}")
+    if failures:
+        sys.exit(1)
+    return coord, dict(kv.split("=", 1) for kv in line.split()[2:])
+
+
+def get_status(fields):
+    with urllib.request.urlopen(fields["status"] + "/v1/status", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def stop(coord, fields):
+    req = urllib.request.Request(fields["status"] + "/v1/stop", method="POST", data=b"",
+                                 headers={"Authorization": "Bearer t"})
+    urllib.request.urlopen(req, timeout=10).read()
+    check(coord.wait(timeout=30) == 3, "coordinator stopped (exit 3)")
+
+
+def table_full(tmp):
+    coord, fields = start(tmp, "full", "cluster:\n  min_workers: 1\n  max_workers: 2\n", 0)
+    report = f"{tmp}/full.json"
+    ev = sum([["--event", f"{k}:kill:1"] for k in range(1, 6)], []) + ["--event", "6:add:10"]
+    lg = sytest.run([LOADGEN, "--coordinator", fields["bind"], "--workers", "20", "--step-ms", "100",
+                     "--duration", "8", "--report", report] + ev, stderr=open(f"{tmp}/full-loadgen.log", "w"),
+                    timeout=60)
+    check(lg.returncode == 0, f"sy_loadgen exit 0 (got {lg.returncode})")
+    rep, st = json.load(open(report)), get_status(fields)
+    check(len(st["workers"]) == 24, f"the table holds 4 x 2 + 16 = 24 workers ({len(st['workers'])})")
+    check(rep["workers_welcomed"] == 29, f"29 of 30 welcomed: one newcomer refused, table full "
+          f"({rep['workers_welcomed']}, dropped as unexpected: {st['dropped_messages']['unexpected']})")
+    check(st["dropped_messages"]["unknown_worker"] == 0 and st["dropped_messages"]["auth"] == 0,
+          f"after the table compacted, every worker is still found by id (unknown_worker "
+          f"{st['dropped_messages']['unknown_worker']}, auth {st['dropped_messages']['auth']})")
+    stop(coord, fields)
 
 
 def main():
@@ -91,6 +151,7 @@ status:
                                  headers={"Authorization": "Bearer t"})
     urllib.request.urlopen(req, timeout=10).read()
     check(coord.wait(timeout=30) == 3, "coordinator stopped (exit 3)")
+    table_full(tmp)
     if not failures:
         sytest.remove_tmp(tmp)
     else:

@@ -141,6 +141,8 @@ static pthread_mutex_t jq_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t jq_cv = PTHREAD_COND_INITIALIZER;
 static job *jq_head, *jq_tail, *done_head;
 static bool jq_quit;
+static pthread_t writers[32];
+static int n_writers;
 
 static int64_t now_ms(void) {
     struct timespec ts;
@@ -291,7 +293,7 @@ static void *writer_main(void *arg) {
         pthread_mutex_lock(&jq_mu);
         while (!jq_head && !jq_quit) pthread_cond_wait(&jq_cv, &jq_mu);
         job *j = jq_head;
-        if (!j) {
+        if (!j || jq_quit) { /* quitting: pending uploads are dropped */
             pthread_mutex_unlock(&jq_mu);
             break;
         }
@@ -406,8 +408,8 @@ static int take_config(const char *json) {
         }
         counts_pattern[(size_t)l * E] += (uint32_t)left;
     }
-    static pthread_t th[32];
-    for (int k = 0; k < ckpt_threads && k < 32; k++) pthread_create(&th[k], NULL, writer_main, NULL);
+    for (int k = 0; k < ckpt_threads && k < 32; k++)
+        if (pthread_create(&writers[n_writers], NULL, writer_main, NULL) == 0) n_writers++;
     return 0;
 }
 
@@ -855,6 +857,7 @@ int main(int argc, char **argv) {
     jq_quit = true;
     pthread_cond_broadcast(&jq_cv);
     pthread_mutex_unlock(&jq_mu);
+    for (int k = 0; k < n_writers; k++) pthread_join(writers[k], NULL); /* before exit() tears down */
     for (int i = 0; i < nsims; i++)
         if (sims[i].sock) zmq_close(sims[i].sock);
     zmq_ctx_term(ctx);
