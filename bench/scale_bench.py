@@ -9,7 +9,8 @@ One run: writes a config, starts the coordinator (--expect-workers N), starts th
 generator, waits until generation 1 reached every worker, measures the coordinator over
 --steady-s seconds of steady state (CPU seconds from /proc/PID/stat, RSS from /proc/PID/status,
 /v1/status and /metrics sizes and latencies), then (with --kill) closes one member's socket and
-waits for the next generation to reach all survivors. Prints one JSON object (and appends it to
+waits for the next generation to reach all survivors. The steady window starts 2 s after the
+first step is recorded (every member then had its Assign). Prints one JSON object (and appends it to
 --out): the load generator's report digested, the coordinator's numbers, /proc/loadavg before and
 after. Needs a build folder (SY_BUILD, default ./build).
 """
@@ -174,7 +175,7 @@ status:
     cpu0 = cpu_s(coord.pid)
     res["coord_rss_idle_kib"] = mem_kib(coord.pid, "VmRSS")
     t_start = time.time()
-    events = ["%g:kill:1" % (a.steady_s + 2)] if a.kill else []
+    events = ["%g:kill:1" % (a.steady_s + 3 + a.step_ms / 1000)] if a.kill else []
     duration = a.steady_s + (10 if a.kill else 3)
     P = a.procs
     lgs = []
@@ -191,14 +192,15 @@ status:
     while time.time() - t_start < 600 and lg.poll() is None:
         try:
             st = json.loads(get(base + "/v1/status")[0])
-            if st.get("generation", 0) >= 1 and st.get("world") == N:
+            # a step recorded: every member had its Assign (the Assign flood is over)
+            if st.get("generation", 0) >= 1 and st.get("world") == N and st.get("step", 0) >= 1:
                 t_gen = time.time()
                 break
         except Exception:
             pass
         time.sleep(0.2)
     res["coord_cpu_s_to_first_generation"] = round(cpu_s(coord.pid) - cpu0, 2)
-    time.sleep(2)  # the Assign burst passes
+    time.sleep(2)
     c1, w1 = cpu_s(coord.pid), time.time()
     sizes, lat = {"status": [], "metrics": []}, {"status": [], "metrics": []}
     while time.time() - w1 < a.steady_s and lg.poll() is None:
