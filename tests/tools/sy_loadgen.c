@@ -572,7 +572,7 @@ static int add_sim(void) {
     return i;
 }
 
-/* Up to k members of the newest complete generation, from the middle ranks. */
+/* Up to k members of the newest generation held by this process, from the middle rank on. */
 /* A simulated worker that no longer reads: its ZMQ_FD leaves the epoll set (it would stay
  * readable, and the loop would spin). */
 static void unwatch(int i) {
@@ -584,8 +584,8 @@ static void unwatch(int i) {
 static int pick_members(int k, int *out) {
     int n = 0;
     genrec *g = ngens ? &gens[ngens - 1] : NULL;
-    for (int r = g ? g->world / 2 : 0; g && g->member && n < k && r < g->world; r++) {
-        int i = g->member[r];
+    for (int q = 0; g && g->member && n < k && q < g->world; q++) {
+        int i = g->member[(g->world / 2 + q) % g->world]; /* from the middle rank on, wrapping */
         if (i >= 0 && sims[i].state == S_UP && sims[i].active && sims[i].gen == g->gen) out[n++] = i;
     }
     return n;
