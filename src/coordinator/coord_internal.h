@@ -62,6 +62,7 @@ typedef struct {
     uint64_t seq; /* join order */
     int64_t step;
     double step_ms;
+    uint64_t dp_dropped, dp_refused; /* its data plane's counters (last Heartbeat) */
     char activity[16];
     int64_t last_keepalive;
     bool restored; /* reported "training" in the open generation (recovery phase timing) */

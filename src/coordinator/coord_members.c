@@ -277,6 +277,8 @@ void sy_coord_heard_from(sy_coord_t *c, worker *w) {
 void sy_coord_on_heartbeat(sy_coord_t *c, worker *w, const Sy__Envelope *env) {
     const Sy__Heartbeat *hb = env->heartbeat;
     snprintf(w->activity, sizeof w->activity, "%s", hb->state && printable(hb->state, 16) ? hb->state : "?");
+    w->dp_dropped = hb->dataplane_dropped;
+    w->dp_refused = hb->dataplane_refused;
     bool busy = !strcmp(w->activity, "training") || !strcmp(w->activity, "restoring");
     if (busy && env->generation != 0 && (w->rank < 0 || !c->gen_open || env->generation != c->gen)) {
         /* It works in a generation it is not (or no longer) a member of: it missed the Abort. */
@@ -438,6 +440,9 @@ void sy_coord_open_generation(sy_coord_t *c) {
 
     char **peers = calloc((size_t)n, sizeof(char *));
     for (int r = 0; r < n && peers; r++) peers[r] = c->w[c->members[r]].data_ep;
+    /* With CURVE on the control plane every member proved a key: the data plane admits those. */
+    char **keys = c->zap ? calloc((size_t)n, sizeof(char *)) : NULL;
+    for (int r = 0; r < n && keys; r++) keys[r] = c->w[c->members[r]].key;
     for (int r = 0; r < n; r++) {
         worker *w = &c->w[c->members[r]];
         w->rank = r;
@@ -454,20 +459,27 @@ void sy_coord_open_generation(sy_coord_t *c) {
         as.restore_step = c->restore_step;
         as.start_step = (uint64_t)c->start_step;
         as.end_step = (uint64_t)c->end_step;
+        as.n_peer_keys = keys ? (size_t)n : 0;
+        as.peer_keys = keys;
         as.config_json = c->config_json;
         env.body_case = SY__ENVELOPE__BODY_ASSIGN;
         env.assign = &as;
         sy_coord_send(c, w, &env);
     }
     free(peers);
+    free(keys);
     json_t *pl = json_array();
     for (int e = 0; e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
     c->state = (c->nrec && c->rec[c->nrec - 1].duration_ms < 0) ? R_RECOVERING : R_RUNNING;
-    sy_coord_event(c, "generation_opened",
-                   json_pack("{s:I, s:i, s:o, s:I, s:I, s:I, s:o}", "generation", (json_int_t)c->gen, "world", n,
-                             "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
-                             "start_step", (json_int_t)c->start_step, "end_step", (json_int_t)c->end_step,
-                             "placement", pl));
+    json_t *ev = json_pack("{s:I, s:i, s:o, s:I, s:I, s:I, s:o}", "generation", (json_int_t)c->gen, "world", n,
+                           "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
+                           "start_step", (json_int_t)c->start_step, "end_step", (json_int_t)c->end_step,
+                           "placement", pl);
+    if (c->cfg.cluster.insecure && ev) /* issue 12 #1: every line that starts a generation says so */
+        json_object_set_new(ev, "warning",
+                            json_string("INSECURE: cluster.insecure is true: listeners reachable from other "
+                                        "machines may run without CurveZMQ authentication"));
+    sy_coord_event(c, "generation_opened", ev);
 }
 
 static int cmp_seq(const void *a, const void *b, void *ctx) {

@@ -14,7 +14,7 @@
  * StepDone with plausible values (per-rank loss shares, --tokens tokens, per-layer per-expert
  * counts that sum to the tokens: the full n_switch x E array a real worker sends, or none with
  * --counts none); at checkpoint steps (checkpoint.every, the last step, a CheckpointNow step)
- * it writes tiny real files with sy_ckpt_write_part into the run's store (rank 0: dense +
+ * it writes tiny real files with sy_ckpt_write_part_tagged into the run's store (rank 0: dense +
  * dense.optim; every rank: its experts' two files) on a writer thread, then sends
  * CheckpointPart (a checkpoint step waits for the previous upload: checkpoint.on_busy wait). Abort stops the steps; Stop ends the simulated worker.
  *
@@ -261,6 +261,7 @@ static void send_part(int i, const job *j) {
         objs[k].name = (char *)json_string_value(json_object_get(f, "name"));
         objs[k].size = (uint64_t)json_integer_value(json_object_get(f, "size"));
         objs[k].sha256 = (char *)json_string_value(json_object_get(f, "sha256"));
+        objs[k].object = (char *)json_string_value(json_object_get(f, "object"));
         op[k] = &objs[k];
     }
     Sy__Envelope env;
@@ -318,7 +319,9 @@ static void *writer_main(void *arg) {
                 ng++;
             }
         }
-        if (!st || sy_ckpt_write_part(st, run_id, j->step, groups, ng, &j->files) != SY_OK)
+        char tag[64]; /* objects are "g<generation>-r<rank>.<file>" (stale writers are fenced off) */
+        if (!st || sy_ckpt_part_tag(tag, sizeof tag, j->gen, j->rank) != SY_OK ||
+            sy_ckpt_write_part_tagged(st, run_id, j->step, tag, groups, ng, &j->files) != SY_OK)
             snprintf(j->err, sizeof j->err, "%s", st ? sy_err_msg() : "no store");
         free(names), free(vals), free(refs), free(groups);
         pthread_mutex_lock(&jq_mu);
