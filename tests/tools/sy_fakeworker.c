@@ -318,6 +318,9 @@ static int run_normal(void) {
             if (take_assign(&a, env) == 0) next_step = now_ms() + step_ms;
             break;
         case SY__ENVELOPE__BODY_ABORT:
+            /* an Abort of an older generation is stale (docs/protocol.md): the coordinator answers
+             * a heartbeat of generation g sent before our Assign(g+1) arrived with Abort(g) */
+            if (a.active && env->generation < a.gen) break;
             if (a.active) fprintf(stderr, "fakeworker %s: abort (%s)\n", wid, env->abort->reason);
             a.active = 0;
             break;
