@@ -1,10 +1,11 @@
 """The load generator (tests/tools/sy_loadgen.c, docs/scale.md) against the real
-switchyard-coordinator, small enough for every test run: 50 simulated workers, 128 experts.
+switchyard-coordinator, small enough for every test run: 1,000 simulated workers, 2,048 experts
+in each of 2 Switch layers (about 10 s).
 Checks the protocol-level behaviour, never timings:
-  - every simulated worker is welcomed and generation 1 reaches all 50 (the coordinator finds
+  - every simulated worker is welcomed and generation 1 reaches all 1,000 (the coordinator finds
     each sender by id: no message is dropped as `unknown_worker`, which a broken worker-table
     index would cause);
-  - one member killed (its socket closed) → generation 2 over the 49 survivors reaches all of
+  - one member killed (its socket closed) → generation 2 over the 999 survivors reaches all of
     them, and the placement moved only the dead worker's experts (sy_placement_sticky);
   - steps are recorded in generation 2 and checkpoints (tiny real objects written by the
     simulated workers) are committed;
@@ -24,7 +25,7 @@ import sytest
 from sytest import COORD, check, failures
 
 LOADGEN = sytest.tool("sy_loadgen")
-N, E = 50, 128
+N, E = 1000, 2048
 
 
 def start(tmp, name, extra_yaml, expect):
@@ -117,7 +118,7 @@ status:
     fields = dict(kv.split("=", 1) for kv in line.split()[2:])
     report = f"{tmp}/report.json"
     lg = sytest.run([LOADGEN, "--coordinator", fields["bind"], "--workers", str(N), "--step-ms", "100",
-                     "--duration", "8", "--event", "2:kill:1", "--report", report],
+                     "--duration", "20", "--event", "2:kill:1", "--report", report],
                     stderr=open(f"{tmp}/loadgen.log", "w"), timeout=60)
     check(lg.returncode == 0, f"sy_loadgen exit 0 (every event happened; got {lg.returncode})")
     rep = json.load(open(report))
@@ -137,7 +138,7 @@ status:
               f"placement balanced after the loss (max {g2['experts_per_rank_max']}, min {g2['experts_per_rank_min']})")
         lines = [json.loads(x) for x in open(f"{tmp}/state/metrics.jsonl")]
         check(any(m["generation"] == g2["generation"] and m["world"] == N - 1 for m in lines),
-              "steps recorded in generation 2 over 49 workers")
+              f"steps recorded in generation 2 over {N - 1} workers")
     check(st["dropped_messages"]["unknown_worker"] == 0,
           f"no message dropped as unknown_worker ({st['dropped_messages']['unknown_worker']})")
     events = [json.loads(x) for x in open(f"{tmp}/state/events.jsonl")]
