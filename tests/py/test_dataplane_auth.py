@@ -26,7 +26,7 @@ import sytest  # noqa: E402
 import faultutil as fu  # noqa: E402
 from sytest import SY, check, failures  # noqa: E402
 
-STEPS, EVERY = 30, 10
+STEPS, EVERY = 60, 20  # long enough that the run is still going when the counters are read
 FORGE = sytest.tool("sy_dpforge")
 
 
@@ -72,7 +72,8 @@ def one(tmp, label, ref, curve):
         eps = {w["id"]: w["data_endpoint"] for w in st["workers"]}
         forgers = []
         for wid, ep in sorted(eps.items()):
-            cmd = [FORGE, "--endpoint", ep, "--seqs", "200", "--hold-ms", "7000"]
+            # CURVE: held long enough for the worker's ZAP to hold, then refuse, the stranger
+            cmd = [FORGE, "--endpoint", ep, "--seqs", "200", "--hold-ms", "7000" if curve else "1500"]
             if curve:
                 cmd += ["--gen-from", "1", "--gen-to", str(gen + 2), "--server-key", pubkey(f"{tmp}/keys/worker.pub")]
             else:
@@ -91,7 +92,11 @@ def one(tmp, label, ref, curve):
         got = {}
         deadline = time.time() + 15
         while time.time() < deadline:
-            st = c.status()
+            try:
+                st = c.status()
+            except OSError as e:  # the run ended meanwhile: the counters are gone with it
+                check(False, f"{label}: the run was still going when the counters were read ({e})")
+                break
             got = {w["id"]: w.get("dataplane", {}).get(key, -1) for w in st["workers"]}
             if all(v >= want for v in got.values()) or st.get("state") == "finished":
                 break
