@@ -32,11 +32,17 @@ static size_t on_data(char *p, size_t sz, size_t n, void *ud) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: switchyard status [--url URL] [--json]\n"
+    fprintf(f, "usage: switchyard status [--url URL] [--cacert FILE] [--json]\n"
                "\n"
                "Prints the state of a run from its coordinator's status server.\n"
-               "  --url URL   the coordinator's status address (default " DEFAULT_URL ")\n"
-               "  --json      print the raw /v1/status JSON\n");
+               "  --url URL       the coordinator's status address (default " DEFAULT_URL ");\n"
+               "                  https://... when the server has status.tls_cert\n"
+               "  --cacert FILE   PEM CA certificate(s) to verify an https server with (for a\n"
+               "                  self-signed server, its certificate; default: the system's CAs)\n"
+               "  --json          print the raw /v1/status JSON\n"
+               "\n"
+               "Environment: SY_STATUS_TOKEN, when set, is sent as 'Authorization: Bearer' (needed\n"
+               "when the server has status.auth_get: true).\n");
 }
 
 static double num(const json_t *o, const char *k) {
@@ -78,7 +84,7 @@ static void print_table(const json_t *s) {
 }
 
 int sy_status_cli(int argc, char **argv) {
-    const char *url = DEFAULT_URL;
+    const char *url = DEFAULT_URL, *cacert = NULL;
     int as_json = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
@@ -88,6 +94,8 @@ int sy_status_cli(int argc, char **argv) {
             as_json = 1;
         } else if (!strcmp(argv[i], "--url") && i + 1 < argc) {
             url = argv[++i];
+        } else if (!strcmp(argv[i], "--cacert") && i + 1 < argc) {
+            cacert = argv[++i];
         } else {
             fprintf(stderr, "switchyard status: unknown argument '%s'\n", argv[i]);
             usage(stderr);
@@ -106,6 +114,8 @@ int sy_status_cli(int argc, char **argv) {
     int code = 1;
     body b = {0};
     long http = 0;
+    struct curl_slist *hdr = NULL;
+    char auth[1100] = "";
     curl_global_init(CURL_GLOBAL_DEFAULT);
     CURL *c = curl_easy_init();
     if (!c) {
@@ -120,6 +130,21 @@ int sy_status_cli(int argc, char **argv) {
     curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, TIMEOUT_S);
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, err);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (cacert) curl_easy_setopt(c, CURLOPT_CAINFO, cacert);
+    const char *token = getenv("SY_STATUS_TOKEN");
+    if (token && token[0]) {
+        if (strlen(token) > 1000 || strpbrk(token, "\r\n")) {
+            fprintf(stderr, "switchyard status: SY_STATUS_TOKEN: not a valid token (over 1000 bytes or a line break)\n");
+            goto out;
+        }
+        snprintf(auth, sizeof auth, "Authorization: Bearer %s", token);
+        if (!(hdr = curl_slist_append(NULL, auth))) {
+            fprintf(stderr, "switchyard status: out of memory\n");
+            goto out;
+        }
+        curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
+    }
     CURLcode rc = curl_easy_perform(c);
     if (rc != CURLE_OK) { /* printed whole: the URL may be longer than a status message */
         fprintf(stderr, "switchyard status: cannot reach %s: %s\n", full, sy_curl_why(rc, err));
@@ -127,7 +152,9 @@ int sy_status_cli(int argc, char **argv) {
     }
     curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &http);
     if (http != 200) {
-        fprintf(stderr, "switchyard status: %s answered HTTP %ld: %.200s\n", full, http, b.buf ? b.buf : "");
+        while (b.len && (b.buf[b.len - 1] == '\n' || b.buf[b.len - 1] == '\r')) b.buf[--b.len] = 0;
+        fprintf(stderr, "switchyard status: %s answered HTTP %ld: %.200s%s\n", full, http, b.buf ? b.buf : "",
+                http == 401 && !hdr ? " (the server needs its token: set SY_STATUS_TOKEN)" : "");
         goto out;
     }
     json_error_t je;
@@ -147,6 +174,8 @@ int sy_status_cli(int argc, char **argv) {
     code = 0;
 out:
     if (c) curl_easy_cleanup(c);
+    curl_slist_free_all(hdr);
+    explicit_bzero(auth, sizeof auth);
     curl_global_cleanup();
     free(b.buf);
     return code;

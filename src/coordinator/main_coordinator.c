@@ -37,7 +37,7 @@ static void usage(FILE *f) {
             "the POST endpoints (keeps it out of ps and of config files).\n"
             "\n"
             "Once bound it prints one line on stdout:\n"
-            "  coordinator ready bind=tcp://HOST:PORT status=http://HOST:PORT\n"
+            "  coordinator ready bind=tcp://HOST:PORT status=http://HOST:PORT (https:// with status.tls_cert)\n"
             "Exit status: 0 the run finished, 1 error or failed run, 3 stopped early (signal or\n"
             "POST /v1/stop), 2 bad usage or config.\n");
 }
