@@ -22,6 +22,10 @@ slow or flooding client from stalling it. A coordinator with no workers serves /
    10 s idle timeout while the trickling ones are kept.
 4. A request with 100 kB of headers is refused (431/413) or closed, a POST with a 200 kB body
    gets 413, and /v1/status answers 200 afterwards.
+5. `switchyard run --workers 2` with HTTPS + auth_get and chaos (kill -9 of a worker, then of
+   the coordinator): the run finishes (exit 0); the launcher's lost-worker report reached the
+   coordinator over HTTPS (verified against status.tls_ca = the certificate; the coordinator
+   log names it) and no report failed; the restarted coordinator serves HTTPS on the same port.
 The per-address limit (256) is above the 200 + 1 connections from 127.0.0.1, so the test's own
 GETs are not refused by it."""
 import json
@@ -35,6 +39,8 @@ import time
 import urllib.error
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import faultutil as fu
 import sytest
 from sytest import COORD, SY, CFG, check, failures
 
@@ -315,6 +321,35 @@ def test_slowloris(tmp, cert, key):
         p.wait()
 
 
+def test_launcher(tmp, cert, key):
+    print("--- 5. switchyard run over HTTPS: the launcher's reports, a coordinator restart")
+    fu.prepare_data(tmp)
+    name = "launch"
+    s = fu.settings(tmp, name, 60, 5, extra={
+        "cluster.heartbeat_ms": "250", "cluster.failure_timeout_ms": "3000", "status.token": TOKEN,
+        "status.auth_get": "true", "status.tls_cert": cert, "status.tls_key": key, "status.tls_ca": cert})
+    log = f"{tmp}/run-{name}.log"
+    with open(log, "w") as f:
+        r = sytest.run([SY, "run", CFG, "--workers", "2", "--chaos", "kill-worker@step=15",
+                        "--chaos", "kill-coordinator@step=35"] + fu.set_args(s),
+                       stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    out = open(log).read()
+    clog = open(f"{tmp}/state-{name}/logs/coordinator.log").read()
+    ms = fu.read_metrics(f"{tmp}/state-{name}/metrics.jsonl")
+    check(r.returncode == 0 and max(ms, default=0) == 60,
+          f"the run finishes with both faults (exit {r.returncode}, last step {max(ms, default=0)})"
+          + (f"\n{out[-1500:]}" if r.returncode else ""))
+    check(" status https://127.0.0.1:" in out, "switchyard run prints an https status URL")
+    reported = "reported by the launcher" in clog or "lost report for" in clog
+    check(reported and "could not report" not in out,
+          f"the launcher's lost-worker report reached the coordinator over HTTPS (in its log: {reported}; "
+          f"failed reports: {out.count('could not report')})")
+    starts = [e for e in fu.read_lines(f"{tmp}/state-{name}/events.jsonl") if e["event"] == "coordinator_started"]
+    check(len(starts) >= 2 and all(e["status"] == starts[0]["status"] and e["status"].startswith("https://")
+                                   for e in starts),
+          f"the restarted coordinator serves HTTPS on the same address ({[e['status'] for e in starts]})")
+
+
 def main():
     tmp = sytest.make_tmp("sy-hard-")
     try:
@@ -322,6 +357,7 @@ def main():
         test_https(tmp, cert, key)
         test_bad_settings(tmp, cert, key)
         test_slowloris(tmp, cert, key)
+        test_launcher(tmp, cert, key)
     finally:
         for p in procs:
             if p.poll() is None:
