@@ -6,7 +6,8 @@ slow or flooding client from stalling it. A coordinator with no workers serves /
    status.auth_get: `curl --cacert CERT` with the bearer token gets 200 and the status JSON;
    without the token 401 (with WWW-Authenticate), with a wrong one 403; GET / (the dashboard)
    answers 200 without it; curl without --cacert fails certificate verification; plain http://
-   to the TLS port gets no HTTP answer; `switchyard status --url https://... --cacert CERT` with
+   to the TLS port gets no HTTP answer; `openssl s_client` completes TLS 1.2 and 1.3 handshakes
+   and fails with TLS 1.1; `switchyard status --url https://... --cacert CERT` with
    SY_STATUS_TOKEN prints the table (exit 0), and exits 1 naming SY_STATUS_TOKEN without it and
    failing verification without --cacert. POST /v1/stop over HTTPS with the token stops the
    coordinator (exit 3).
@@ -141,6 +142,14 @@ def test_https(tmp, cert, key):
           f"plain http:// to the TLS port gets no HTTP answer (curl exit {r.returncode}, code {r.stdout!r})")
     code, _, _ = get(url + "/v1/status", ctx, TOKEN)
     check(code == 200, f"the server answers after the plain-HTTP attempt ({code})")
+    hostport = url[len("https://"):]
+    proto = {}
+    for v in ("tls1_1", "tls1_2", "tls1_3"):
+        r = sytest.run(["openssl", "s_client", "-connect", hostport, "-" + v, "-cipher", "DEFAULT@SECLEVEL=0"],
+                       input=b"", capture_output=True, timeout=30)
+        proto[v] = r.returncode == 0 and b"Cipher is (NONE)" not in r.stdout
+    check(proto == {"tls1_1": False, "tls1_2": True, "tls1_3": True},
+          f"TLS 1.2 and 1.3 handshakes succeed, TLS 1.1 is refused (openssl s_client: {proto})")
 
     env = dict(os.environ, SY_STATUS_TOKEN=TOKEN)
     r = sytest.run([SY, "status", "--url", url, "--cacert", cert], capture_output=True, text=True, timeout=30, env=env)
