@@ -545,6 +545,14 @@ sy_status sy_http_start(const char *addr, const sy_http_opts *opts, sy_http_t **
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
     h->port = info ? info->port : (int)port;
+    if ((ntohl(sin.sin_addr.s_addr) >> 24) != 127) { /* reachable from other machines */
+        if (!h->auth_get)
+            sy_warn("status server on %s: GET /v1/status, /v1/history and /metrics are open to anyone who "
+                    "reaches it (set status.auth_get: true and status.token)", addr);
+        if (!h->tls)
+            sy_warn("status server on %s: plain HTTP, the bearer token and the run's data cross the network "
+                    "unencrypted (set status.tls_cert and status.tls_key)", addr);
+    }
     *out = h;
     return SY_OK;
 }

@@ -14,7 +14,7 @@ slow or flooding client from stalling it. A coordinator with no workers serves /
 2. Bad TLS settings are refused at start (exit != 0) with a message naming the file and the
    fault: a key file readable by others (0644), a missing key file, a certificate file that is
    not PEM, a key that is not the certificate's, tls_cert without tls_key; and auth_get without
-   a token.
+   a token. On 0.0.0.0 without auth_get and TLS it starts with a warning naming both settings.
 3. Slowloris, on the plain and on the HTTPS server: 200 half-open connections from 127.0.0.1
    (plain: silent / a partial request line / headers trickled one byte a second; HTTPS: silent,
    a partial ClientHello record, a finished handshake then trickled headers) are all held by
@@ -199,6 +199,19 @@ def test_bad_settings(tmp, cert, key):
         ("tls_cert without tls_key", [f"status.tls_cert={cert}"], ["status.tls_key", "status.tls_cert"]),
         ("auth_get without a token", ["status.auth_get=true"], ["status.auth_get", "status.token"]),
     ]
+    # off loopback without auth_get or TLS: it starts, with a warning naming each missing setting
+    p = sytest.Popen([COORD, CFG, "--set", f"run.state_dir={tmp}/state-open", "--set", f"checkpoint.store={tmp}/store",
+                      "--bind", "tcp://127.0.0.1:0", "--status-addr", "0.0.0.0:0"],
+                     stdout=subprocess.PIPE, stderr=open(f"{tmp}/open.err", "w"), text=True)
+    procs.append(p)
+    r, _, _ = select.select([p.stdout], [], [], 15)
+    ready = p.stdout.readline() if r else ""
+    p.kill()
+    p.wait()
+    err = open(f"{tmp}/open.err").read()
+    check("coordinator ready" in ready and "status.auth_get: true" in err and "status.tls_cert and status.tls_key" in err,
+          f"status server on 0.0.0.0 without auth_get and TLS: starts and warns about both "
+          f"({[ln for ln in err.splitlines() if 'status server on' in ln]})")
     for i, (what, sets, words) in enumerate(cases):
         p, url, err = start_coord(tmp, f"bad{i}", *sets)
         if url is not None:
