@@ -21,6 +21,8 @@ PKGS=(
   libjs-dygraphs
   # the dashboard's browser test (tests/py/test_dashboard.py; skipped without them)
   chromium chromium-driver
+  # a real one-node Slurm cluster for tests/py/test_slurm.py (skipped without them)
+  slurm-wlm munge
   # default corpus
   fortunes fortunes-min
   # tools the tests drive (openssl: the self-signed certificate of tests/py/test_status_hardening.py)

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/secret.h"
 #include "storage/curl_check.h"
 
 #define DEFAULT_URL "http://127.0.0.1:8080"
@@ -32,17 +33,17 @@ static size_t on_data(char *p, size_t sz, size_t n, void *ud) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: switchyard status [--url URL] [--cacert FILE] [--json]\n"
+    fprintf(f, "usage: switchyard status [--url URL] [--cacert FILE] [--json] [--token-file FILE]\n"
                "\n"
                "Prints the state of a run from its coordinator's status server.\n"
-               "  --url URL       the coordinator's status address (default " DEFAULT_URL ");\n"
-               "                  https://... when the server has status.tls_cert\n"
-               "  --cacert FILE   PEM CA certificate(s) to verify an https server with (for a\n"
-               "                  self-signed server, its certificate; default: the system's CAs)\n"
-               "  --json          print the raw /v1/status JSON\n"
-               "\n"
-               "Environment: SY_STATUS_TOKEN, when set, is sent as 'Authorization: Bearer' (needed\n"
-               "when the server has status.auth_get: true).\n");
+               "  --url URL          the coordinator's status address (default " DEFAULT_URL ");\n"
+               "                     https://... when the server has status.tls_cert\n"
+               "  --cacert FILE      PEM CA certificate(s) to verify an https server with (for a\n"
+               "                     self-signed server, its certificate; default: the system's CAs)\n"
+               "  --json             print the raw /v1/status JSON\n"
+               "  --token-file FILE  send the bearer token of FILE (one line, mode 0600), for a\n"
+               "                     server that asks for it on GET too (status.auth_get); else\n"
+               "                     $" SY_STATUS_TOKEN_ENV " when set. Never give a token as an argument: ps shows it.\n");
 }
 
 static double num(const json_t *o, const char *k) {
@@ -84,7 +85,7 @@ static void print_table(const json_t *s) {
 }
 
 int sy_status_cli(int argc, char **argv) {
-    const char *url = DEFAULT_URL, *cacert = NULL;
+    const char *url = DEFAULT_URL, *cacert = NULL, *token_file = NULL;
     int as_json = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
@@ -96,6 +97,8 @@ int sy_status_cli(int argc, char **argv) {
             url = argv[++i];
         } else if (!strcmp(argv[i], "--cacert") && i + 1 < argc) {
             cacert = argv[++i];
+        } else if (!strcmp(argv[i], "--token-file") && i + 1 < argc) {
+            token_file = argv[++i];
         } else {
             fprintf(stderr, "switchyard status: unknown argument '%s'\n", argv[i]);
             usage(stderr);
@@ -111,11 +114,17 @@ int sy_status_cli(int argc, char **argv) {
     }
     snprintf(full, sizeof full, "%.*s/v1/status", (int)n, url);
 
+    char token[SY_SECRET_MAX + 1], auth[SY_SECRET_MAX + 32];
+    if (sy_secret_status_token(NULL, token_file, token, sizeof token) != SY_OK) {
+        fprintf(stderr, "switchyard status: %s\n", sy_err_msg());
+        return 2;
+    }
+    snprintf(auth, sizeof auth, "Authorization: Bearer %s", token);
+    explicit_bzero(token, sizeof token);
+    struct curl_slist *hdr = NULL;
     int code = 1;
     body b = {0};
     long http = 0;
-    struct curl_slist *hdr = NULL;
-    char auth[1100] = "";
     curl_global_init(CURL_GLOBAL_DEFAULT);
     CURL *c = curl_easy_init();
     if (!c) {
@@ -132,13 +141,7 @@ int sy_status_cli(int argc, char **argv) {
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
     if (cacert) curl_easy_setopt(c, CURLOPT_CAINFO, cacert);
-    const char *token = getenv("SY_STATUS_TOKEN");
-    if (token && token[0]) {
-        if (strlen(token) > 1000 || strpbrk(token, "\r\n")) {
-            fprintf(stderr, "switchyard status: SY_STATUS_TOKEN: not a valid token (over 1000 bytes or a line break)\n");
-            goto out;
-        }
-        snprintf(auth, sizeof auth, "Authorization: Bearer %s", token);
+    if (auth[22]) { /* a token: "Authorization: Bearer " is 22 characters */
         if (!(hdr = curl_slist_append(NULL, auth))) {
             fprintf(stderr, "switchyard status: out of memory\n");
             goto out;
@@ -154,7 +157,7 @@ int sy_status_cli(int argc, char **argv) {
     if (http != 200) {
         while (b.len && (b.buf[b.len - 1] == '\n' || b.buf[b.len - 1] == '\r')) b.buf[--b.len] = 0;
         fprintf(stderr, "switchyard status: %s answered HTTP %ld: %.200s%s\n", full, http, b.buf ? b.buf : "",
-                http == 401 && !hdr ? " (the server needs its token: set SY_STATUS_TOKEN)" : "");
+                http == 401 && !hdr ? " (the server needs its token: --token-file FILE or SY_STATUS_TOKEN)" : "");
         goto out;
     }
     json_error_t je;
@@ -173,8 +176,8 @@ int sy_status_cli(int argc, char **argv) {
     json_decref(s);
     code = 0;
 out:
-    if (c) curl_easy_cleanup(c);
     curl_slist_free_all(hdr);
+    if (c) curl_easy_cleanup(c);
     explicit_bzero(auth, sizeof auth);
     curl_global_cleanup();
     free(b.buf);
