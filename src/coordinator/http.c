@@ -156,8 +156,8 @@ static int token_equal(const char *a, const char *b) {
  * auth_get on never meets an empty token: sy_http_start refuses that.) */
 static unsigned check_auth(sy_http_t *h, struct MHD_Connection *conn, const char **why) {
     if (!h->token || !h->token[0]) {
-        *why = "mutating endpoints are disabled: set status.token in the config (or --set "
-               "status.token=...) and send it as 'Authorization: Bearer <token>'";
+        *why = "mutating endpoints are disabled: give the coordinator a token (status.token_file, a 0600 "
+               "file, or SY_STATUS_TOKEN in its environment) and send it as 'Authorization: Bearer <token>'";
         return MHD_HTTP_FORBIDDEN;
     }
     const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
