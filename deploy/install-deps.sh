@@ -25,8 +25,8 @@ PKGS=(
   slurm-wlm munge
   # default corpus
   fortunes fortunes-min
-  # tools the tests drive
-  curl procps
+  # tools the tests drive (openssl: the self-signed certificate of tests/py/test_status_hardening.py)
+  curl procps openssl
 )
 
 # moto_server (the S3 server of the tests) is a Python package, not a Debian one: use the pyenv

@@ -110,6 +110,7 @@ static bool chk_curve_on(const sy_config_t *c, char *why, size_t n);
 static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n);
 static bool chk_token_file(const sy_config_t *c, char *why, size_t n);
 static bool chk_resume_allow(const sy_config_t *c, char *why, size_t n);
+static bool chk_tls_pair(const sy_config_t *c, char *why, size_t n);
 
 #define FLD(sec, fld, ty, dflt, ...)                                                       \
     {.section = #sec, .name = #fld, .type = (ty), .offset = offsetof(sy_config_t, sec.fld), \
@@ -281,6 +282,20 @@ static const field FIELDS[] = {
     FLD(status, token_file, FT_STRING, "", CHECK(chk_token_file, "not set together with `status.token`"),
         MEANS("File holding the bearer token, one line, mode 0600 (refused when group or others may read "
               "it) (empty: `status.token`, else `SY_STATUS_TOKEN` from the environment).")),
+    FLD(status, auth_get, FT_BOOL, "false",
+        MEANS("Require the token (`Authorization: Bearer`) for GET of the run's data too "
+              "(`/v1/status`, `/v1/history`, `/metrics`); needs `status.token`. The dashboard "
+              "page itself stays open and is opened as `/#token=TOKEN`.")),
+    FLD(status, tls_cert, FT_STRING, "",
+        MEANS("PEM certificate (chain) file: with `tls_key` the status server speaks HTTPS only "
+              "(TLS 1.2/1.3) (empty: plain HTTP).")),
+    FLD(status, tls_key, FT_STRING, "",
+        CHECK(chk_tls_pair, "set exactly when `status.tls_cert` is set"),
+        MEANS("PEM private key file of `tls_cert`, unencrypted, accessible by its owner only "
+              "(mode 0600 or 0400; refused otherwise).")),
+    FLD(status, tls_ca, FT_STRING, "",
+        MEANS("CA certificate file that `switchyard run` verifies its coordinator's HTTPS server "
+              "with (empty: `tls_cert` itself, a self-signed certificate).")),
 };
 #define N_FIELDS ((int)(sizeof FIELDS / sizeof FIELDS[0]))
 
@@ -353,6 +368,13 @@ static bool chk_curve_on(const sy_config_t *c, char *why, size_t n) {
                                                               : NULL;
     if (!other) return true;
     snprintf(why, n, "must be set when %s is set (CURVE is on only with the coordinator's key)", other);
+    return false;
+}
+
+static bool chk_tls_pair(const sy_config_t *c, char *why, size_t n) {
+    if (has_text(c->status.tls_cert) == has_text(c->status.tls_key)) return true;
+    snprintf(why, n, has_text(c->status.tls_cert) ? "must be set when status.tls_cert is set (HTTPS needs both)"
+                                                  : "is set but status.tls_cert is not (HTTPS needs both)");
     return false;
 }
 

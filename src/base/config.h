@@ -111,6 +111,10 @@ typedef struct {
         char *addr;           /* host:port of the HTTP status server */
         char *token;          /* bearer token for mutating endpoints; "" = none set */
         char *token_file;     /* file holding the token (mode 0600); "" = none */
+        bool auth_get;        /* GET of the run's data needs the token too */
+        char *tls_cert;       /* PEM certificate file: HTTPS with tls_key ("" = plain HTTP) */
+        char *tls_key;        /* PEM private key file (0600) */
+        char *tls_ca;         /* CA file the launcher verifies the server with ("" = tls_cert) */
     } status;
 } sy_config_t;
 

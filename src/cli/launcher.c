@@ -271,6 +271,7 @@ typedef struct {
     char **sets;
     int n_sets;
     char token[SY_SECRET_MAX + 1]; /* the status token (POST /v1/workers/ID/lost) */
+    const char *tls_ca; /* CA file of the coordinator's HTTPS server (NULL: plain HTTP) */
     /* The run's 0700 folder (removed at the end): the token file, and per-run CURVE keys when
      * the config has none and does not say cluster.insecure. "" until made. */
     char secdir[PATH_MAX];
@@ -391,6 +392,7 @@ static bool start_coordinator(lctx *L, int expect, bool restart) {
     if (restart) {
         const char *s = L->status;
         if (!strncmp(s, "http://", 7)) s += 7;
+        else if (!strncmp(s, "https://", 8)) s += 8;
         snprintf(status_addr, sizeof status_addr, "%s", s);
         cargv[ca++] = L->bind;
         cargv[ca++] = "--status-addr";
@@ -527,6 +529,11 @@ static void report_lost(lctx *L, const char *id, pid_t pid) {
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)SY_LAUNCH_REPORT_TIMEOUT_MS);
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, discard);
+    if (L->tls_ca) { /* its own coordinator on loopback: the certificate is checked against the
+                      * CA, not against the name (issued for the server's public name) */
+        curl_easy_setopt(h, CURLOPT_CAINFO, L->tls_ca);
+        curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 0L);
+    }
     CURLcode rc = curl_easy_perform(h);
     long code = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
@@ -884,6 +891,8 @@ static bool run_prepare(lctx *L, run_opts *o, const sy_config_t *cfg, run_paths 
     snprintf(p->metrics, sizeof p->metrics, "%s/metrics.jsonl", cfg->run.state_dir);
     snprintf(L->coord_log, sizeof L->coord_log, "%s/coordinator.log", L->logdir);
     if (!make_token(L, cfg)) return false;
+    if (cfg->status.tls_cert && cfg->status.tls_cert[0])
+        L->tls_ca = cfg->status.tls_ca && cfg->status.tls_ca[0] ? cfg->status.tls_ca : cfg->status.tls_cert;
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         fprintf(stderr, "switchyard run: cannot initialise libcurl\n");
         return false;

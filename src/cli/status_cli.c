@@ -33,14 +33,17 @@ static size_t on_data(char *p, size_t sz, size_t n, void *ud) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: switchyard status [--url URL] [--json] [--token-file FILE]\n"
+    fprintf(f, "usage: switchyard status [--url URL] [--cacert FILE] [--json] [--token-file FILE]\n"
                "\n"
                "Prints the state of a run from its coordinator's status server.\n"
-               "  --url URL          the coordinator's status address (default " DEFAULT_URL ")\n"
+               "  --url URL          the coordinator's status address (default " DEFAULT_URL ");\n"
+               "                     https://... when the server has status.tls_cert\n"
+               "  --cacert FILE      PEM CA certificate(s) to verify an https server with (for a\n"
+               "                     self-signed server, its certificate; default: the system's CAs)\n"
                "  --json             print the raw /v1/status JSON\n"
                "  --token-file FILE  send the bearer token of FILE (one line, mode 0600), for a\n"
-               "                     server that asks for it on GET too; else $" SY_STATUS_TOKEN_ENV "\n"
-               "                     when set. Never give a token as an argument: ps shows it.\n");
+               "                     server that asks for it on GET too (status.auth_get); else\n"
+               "                     $" SY_STATUS_TOKEN_ENV " when set. Never give a token as an argument: ps shows it.\n");
 }
 
 static double num(const json_t *o, const char *k) {
@@ -82,7 +85,7 @@ static void print_table(const json_t *s) {
 }
 
 int sy_status_cli(int argc, char **argv) {
-    const char *url = DEFAULT_URL, *token_file = NULL;
+    const char *url = DEFAULT_URL, *cacert = NULL, *token_file = NULL;
     int as_json = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
@@ -92,6 +95,8 @@ int sy_status_cli(int argc, char **argv) {
             as_json = 1;
         } else if (!strcmp(argv[i], "--url") && i + 1 < argc) {
             url = argv[++i];
+        } else if (!strcmp(argv[i], "--cacert") && i + 1 < argc) {
+            cacert = argv[++i];
         } else if (!strcmp(argv[i], "--token-file") && i + 1 < argc) {
             token_file = argv[++i];
         } else {
@@ -134,8 +139,13 @@ int sy_status_cli(int argc, char **argv) {
     curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, TIMEOUT_S);
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, err);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (cacert) curl_easy_setopt(c, CURLOPT_CAINFO, cacert);
     if (auth[22]) { /* a token: "Authorization: Bearer " is 22 characters */
-        hdr = curl_slist_append(NULL, auth);
+        if (!(hdr = curl_slist_append(NULL, auth))) {
+            fprintf(stderr, "switchyard status: out of memory\n");
+            goto out;
+        }
         curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
     }
     CURLcode rc = curl_easy_perform(c);
@@ -145,7 +155,9 @@ int sy_status_cli(int argc, char **argv) {
     }
     curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &http);
     if (http != 200) {
-        fprintf(stderr, "switchyard status: %s answered HTTP %ld: %.200s\n", full, http, b.buf ? b.buf : "");
+        while (b.len && (b.buf[b.len - 1] == '\n' || b.buf[b.len - 1] == '\r')) b.buf[--b.len] = 0;
+        fprintf(stderr, "switchyard status: %s answered HTTP %ld: %.200s%s\n", full, http, b.buf ? b.buf : "",
+                http == 401 && !hdr ? " (the server needs its token: --token-file FILE or SY_STATUS_TOKEN)" : "");
         goto out;
     }
     json_error_t je;
@@ -164,9 +176,9 @@ int sy_status_cli(int argc, char **argv) {
     json_decref(s);
     code = 0;
 out:
-    explicit_bzero(auth, sizeof auth);
     curl_slist_free_all(hdr);
     if (c) curl_easy_cleanup(c);
+    explicit_bzero(auth, sizeof auth);
     curl_global_cleanup();
     free(b.buf);
     return code;

@@ -147,11 +147,14 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     if (cfg->cluster.curve_server_key && cfg->cluster.curve_server_key[0]) SY_CHECK_GOTO(curve_setup(c), s, fail);
     SY_CHECK_GOTO(bind_socket(c, opts && opts->bind ? opts->bind : cfg->cluster.bind), s, fail);
     const char *saddr = opts && opts->status_addr ? opts->status_addr : cfg->status.addr;
-    SY_CHECK_GOTO(sy_http_start(saddr, cfg->status.token, &c->http), s, fail);
+    const sy_http_opts hopts = {.token = cfg->status.token, .auth_get = cfg->status.auth_get,
+                                .tls_cert = cfg->status.tls_cert, .tls_key = cfg->status.tls_key};
+    SY_CHECK_GOTO(sy_http_start(saddr, &hopts, &c->http), s, fail);
     char host[256];
     const char *colon = strrchr(saddr, ':');
     snprintf(host, sizeof host, "%.*s", (int)(colon - saddr), saddr);
-    snprintf(c->status_url, sizeof c->status_url, "http://%s:%d", host, sy_http_port(c->http));
+    snprintf(c->status_url, sizeof c->status_url, "%s://%s:%d", sy_http_tls(c->http) ? "https" : "http", host,
+             sy_http_port(c->http));
     c->settle_from = sy_mono_ms();
     char inc[24];
     snprintf(inc, sizeof inc, "%016" PRIx64, c->incarnation);

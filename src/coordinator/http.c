@@ -2,10 +2,14 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -13,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "base/clock.h"
 #include "base/log.h"
@@ -36,13 +42,22 @@
 #define SY_HTTP_FD_RESERVE 256
 /* libmicrohttpd messages are logged at most once per this many ms. */
 #define SY_HTTP_LOG_MS 5000
+/* Largest certificate or key file read. */
+#define SY_HTTP_PEM_MAX (1 << 20)
+/* TLS 1.2 and 1.3 only (GnuTLS priority string). */
+#define SY_HTTP_TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
 
 struct sy_http {
     int64_t log_last;            /* under mu: the last libmicrohttpd message logged (mono ms) */
     unsigned long log_skipped;   /* under mu: messages since, not logged */
+    char last_msg[256];          /* under mu: the last libmicrohttpd message (start errors) */
     struct MHD_Daemon *d;
     int port;
     char *token;
+    bool auth_get;
+    bool tls;
+    char *cert_pem, *key_pem;    /* NUL-terminated file contents, kept while the daemon runs */
+    size_t key_len;
     pthread_mutex_t mu;
     char *status_json;
     char *metrics_text;
@@ -85,6 +100,7 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned code, const c
     }
     MHD_add_response_header(r, "Content-Type", ctype);
     MHD_add_response_header(r, "Cache-Control", "no-store");
+    if (code == MHD_HTTP_UNAUTHORIZED) MHD_add_response_header(r, "WWW-Authenticate", "Bearer realm=\"switchyard\"");
     enum MHD_Result ret = MHD_queue_response(conn, code, r);
     MHD_destroy_response(r);
     return ret;
@@ -136,11 +152,12 @@ static int token_equal(const char *a, const char *b) {
     return diff == 0;
 }
 
-/* 0 when authorised; otherwise the HTTP code of the refusal and its message. */
+/* 0 when authorised; otherwise the HTTP code of the refusal and its message. (A GET with
+ * auth_get on never meets an empty token: sy_http_start refuses that.) */
 static unsigned check_auth(sy_http_t *h, struct MHD_Connection *conn, const char **why) {
     if (!h->token || !h->token[0]) {
-        *why = "mutating endpoints are disabled: set status.token in the config (or --set "
-               "status.token=...) and send it as 'Authorization: Bearer <token>'";
+        *why = "mutating endpoints are disabled: give the coordinator a token (status.token_file, a 0600 "
+               "file, or SY_STATUS_TOKEN in its environment) and send it as 'Authorization: Bearer <token>'";
         return MHD_HTTP_FORBIDDEN;
     }
     const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
@@ -275,6 +292,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (as || doc >= 0) {
         if (!get) return reply_json(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "error", "use GET");
         if (as) return reply_static(conn, as);
+        if (h->auth_get) { /* the run's data; the built-in files above hold none */
+            const char *why = NULL;
+            unsigned code = check_auth(h, conn, &why);
+            if (code) return reply_json(conn, code, "error", why);
+        }
         char *s = published(h, doc);
         if (!s) return MHD_NO;
         return reply(conn, MHD_HTTP_OK,
@@ -303,7 +325,12 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
     sy_http_t *h = cls;
     int64_t now = sy_mono_ms();
     unsigned long skipped = 0;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = 0;
     pthread_mutex_lock(&h->mu);
+    snprintf(h->last_msg, sizeof h->last_msg, "%s", msg);
     bool quiet = h->log_last && now - h->log_last < SY_HTTP_LOG_MS;
     if (quiet) {
         h->log_skipped++;
@@ -315,15 +342,132 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
     pthread_mutex_unlock(&h->mu);
     if (quiet) return;
     if (skipped) sy_warn("http: %lu more message(s) not shown", skipped);
-    char msg[512];
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    size_t n = strlen(msg);
-    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = 0;
     sy_warn("http: %s", msg);
 }
 
-sy_status sy_http_start(const char *addr, const char *token, sy_http_t **out) {
+/* Reads a whole PEM file (NUL-terminated) into *out. `what` names the option in errors;
+ * secret: refused unless only its owner can access it. */
+static sy_status read_pem(const char *what, const char *path, bool secret, char **out, size_t *len) {
     *out = NULL;
+    *len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) return sy_err_set(SY_EIO, "%s '%s': cannot open: %s", what, path, strerror(errno));
+    struct stat st;
+    sy_status s = SY_OK;
+    if (fstat(fd, &st) != 0) {
+        s = sy_err_set(SY_EIO, "%s '%s': %s", what, path, strerror(errno));
+    } else if (!S_ISREG(st.st_mode)) {
+        s = sy_err_set(SY_EINVAL, "%s '%s': not a regular file", what, path);
+    } else if (secret && (st.st_mode & 077)) {
+        s = sy_err_set(SY_EINVAL,
+                       "%s '%s': permissions %04o are too open: a private key file must be accessible "
+                       "by its owner only (chmod 600 %s)",
+                       what, path, (unsigned)(st.st_mode & 07777), path);
+    } else if (st.st_size <= 0 || st.st_size > SY_HTTP_PEM_MAX) {
+        s = sy_err_set(SY_EFORMAT, "%s '%s': %lld bytes; expected a PEM file of 1 byte to %d bytes", what,
+                       path, (long long)st.st_size, SY_HTTP_PEM_MAX);
+    }
+    char *buf = s == SY_OK ? malloc((size_t)st.st_size + 1) : NULL;
+    if (s == SY_OK && !buf) s = sy_err_set(SY_ENOMEM, "out of memory");
+    size_t got = 0;
+    while (s == SY_OK && got < (size_t)st.st_size) {
+        ssize_t r = read(fd, buf + got, (size_t)st.st_size - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            s = sy_err_set(SY_EIO, "%s '%s': read: %s", what, path, r < 0 ? strerror(errno) : "file shrank");
+            break;
+        }
+        got += (size_t)r;
+    }
+    close(fd);
+    if (s != SY_OK) {
+        if (buf) explicit_bzero(buf, (size_t)st.st_size + 1);
+        free(buf);
+        return s;
+    }
+    buf[got] = 0;
+    *out = buf;
+    *len = got;
+    return SY_OK;
+}
+
+/* OpenSSL asks for the passphrase of an encrypted key: there is none (refused). */
+static int no_passphrase(char *buf, int size, int rwflag, void *u) {
+    (void)buf;
+    (void)size;
+    (void)rwflag;
+    (void)u;
+    return -1;
+}
+
+/* Checks what GnuTLS will be given, so that errors name the file at fault (libmicrohttpd only
+ * says that the certificate/key setup failed): a PEM certificate, an unencrypted PEM private key,
+ * and that the key belongs to the certificate. An expired certificate is only warned about. */
+static sy_status check_tls_files(const sy_http_opts *o, const char *cert, size_t cert_len, const char *key,
+                                 size_t key_len) {
+    sy_status s = SY_OK;
+    X509 *x = NULL;
+    EVP_PKEY *pk = NULL;
+    BIO *b = BIO_new_mem_buf(cert, (int)cert_len);
+    x = b ? PEM_read_bio_X509(b, NULL, no_passphrase, NULL) : NULL;
+    BIO_free(b);
+    if (!x) {
+        s = sy_err_set(SY_EFORMAT, "status.tls_cert '%s': no PEM certificate in it (expected '-----BEGIN CERTIFICATE-----')",
+                       o->tls_cert);
+        goto out;
+    }
+    b = BIO_new_mem_buf(key, (int)key_len);
+    pk = b ? PEM_read_bio_PrivateKey(b, NULL, no_passphrase, NULL) : NULL;
+    BIO_free(b);
+    if (!pk) {
+        s = sy_err_set(SY_EFORMAT,
+                       "status.tls_key '%s': no unencrypted PEM private key in it (expected '-----BEGIN "
+                       "PRIVATE KEY-----' or '-----BEGIN RSA/EC PRIVATE KEY-----'; an encrypted key is "
+                       "not supported)",
+                       o->tls_key);
+        goto out;
+    }
+    if (X509_check_private_key(x, pk) != 1) {
+        s = sy_err_set(SY_EINVAL, "status.tls_key '%s' is not the private key of the certificate in status.tls_cert '%s'",
+                       o->tls_key, o->tls_cert);
+        goto out;
+    }
+    if (X509_cmp_current_time(X509_get0_notAfter(x)) < 0)
+        sy_warn("status.tls_cert '%s': the certificate has expired; clients will refuse it", o->tls_cert);
+out:
+    ERR_clear_error();
+    EVP_PKEY_free(pk);
+    X509_free(x);
+    return s;
+}
+
+static void free_http(sy_http_t *h) {
+    free(h->status_json);
+    free(h->metrics_text);
+    free(h->history_json);
+    if (h->token) explicit_bzero(h->token, strlen(h->token));
+    free(h->token);
+    free(h->cert_pem);
+    if (h->key_pem) explicit_bzero(h->key_pem, h->key_len);
+    free(h->key_pem);
+    pthread_mutex_destroy(&h->mu);
+    free(h);
+}
+
+sy_status sy_http_start(const char *addr, const sy_http_opts *opts, sy_http_t **out) {
+    *out = NULL;
+    static const sy_http_opts none = {0};
+    const sy_http_opts *o = opts ? opts : &none;
+    const bool has_cert = o->tls_cert && o->tls_cert[0], has_key = o->tls_key && o->tls_key[0];
+    if (has_cert != has_key)
+        return sy_err_set(SY_EINVAL, "status.tls_cert and status.tls_key go together: %s is set, %s is not",
+                          has_cert ? "status.tls_cert" : "status.tls_key", has_cert ? "status.tls_key" : "status.tls_cert");
+    if (o->auth_get && !(o->token && o->token[0]))
+        return sy_err_set(SY_EINVAL, "status.auth_get is true but no status.token is set: GET requests "
+                                     "would need a token no one has");
+    if (has_cert && MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES)
+        return sy_err_set(SY_EINVAL, "status.tls_cert is set but this libmicrohttpd was built without TLS "
+                                     "(install one built with GnuTLS: Debian's libmicrohttpd12)");
     char host[256];
     const char *colon = addr ? strrchr(addr, ':') : NULL;
     if (!colon || colon == addr || (size_t)(colon - addr) >= sizeof host || !colon[1])
@@ -348,7 +492,28 @@ sy_status sy_http_start(const char *addr, const char *token, sy_http_t **out) {
     sy_http_t *h = calloc(1, sizeof *h);
     if (!h) return sy_err_set(SY_ENOMEM, "out of memory");
     pthread_mutex_init(&h->mu, NULL);
-    h->token = strdup(token ? token : "");
+    h->token = strdup(o->token ? o->token : "");
+    h->auth_get = o->auth_get;
+    if (!h->token) {
+        free_http(h);
+        return sy_err_set(SY_ENOMEM, "out of memory");
+    }
+    struct MHD_OptionItem tls_ops[4] = {{MHD_OPTION_END, 0, NULL}};
+    if (has_cert) {
+        size_t cert_len = 0;
+        sy_status s = read_pem("status.tls_cert", o->tls_cert, false, &h->cert_pem, &cert_len);
+        if (s == SY_OK) s = read_pem("status.tls_key", o->tls_key, true, &h->key_pem, &h->key_len);
+        if (s == SY_OK) s = check_tls_files(o, h->cert_pem, cert_len, h->key_pem, h->key_len);
+        if (s != SY_OK) {
+            free_http(h);
+            return s;
+        }
+        h->tls = true;
+        tls_ops[0] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, h->cert_pem};
+        tls_ops[1] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, h->key_pem};
+        tls_ops[2] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)SY_HTTP_TLS_PRIORITIES};
+        tls_ops[3] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
+    }
     /* epoll, not select (which fails for any descriptor >= 1024); never more connections than
      * the open-files limit leaves room for */
     unsigned max_conn = SY_HTTP_MAX_CONNECTIONS;
@@ -358,26 +523,43 @@ sy_status sy_http_start(const char *addr, const char *token, sy_http_t **out) {
         if (room < max_conn) max_conn = room > 1 ? (unsigned)room : 1;
     }
     unsigned per_ip = SY_HTTP_MAX_PER_IP < max_conn ? SY_HTTP_MAX_PER_IP : max_conn;
-    h->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG, (uint16_t)port,
+    h->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG |
+                                (h->tls ? MHD_USE_TLS : 0),
+                            (uint16_t)port,
                             NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h,
                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sin, MHD_OPTION_NOTIFY_COMPLETED,
                             on_done, h, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)SY_HTTP_CONN_TIMEOUT,
                             MHD_OPTION_CONNECTION_LIMIT, max_conn, MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_ip,
-                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)SY_HTTP_CONN_MEMORY, MHD_OPTION_END);
+                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)SY_HTTP_CONN_MEMORY, MHD_OPTION_ARRAY,
+                            tls_ops, MHD_OPTION_END);
     if (!h->d) {
-        free(h->token);
-        pthread_mutex_destroy(&h->mu);
-        free(h);
-        return sy_err_set(SY_EIO, "status server: cannot listen on %s (in use, or not a local address?)",
-                          addr);
+        char why[sizeof h->last_msg];
+        snprintf(why, sizeof why, "%s", h->last_msg);
+        const bool tls = h->tls;
+        free_http(h);
+        if (tls && why[0] && !strstr(why, "bind") && !strstr(why, "listen"))
+            return sy_err_set(SY_EINVAL, "status server on %s: TLS setup failed with status.tls_cert '%s' and "
+                                         "status.tls_key '%s': %s", addr, o->tls_cert, o->tls_key, why);
+        return sy_err_set(SY_EIO, "status server: cannot listen on %s (in use, or not a local address?)%s%s",
+                          addr, why[0] ? ": " : "", why);
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
     h->port = info ? info->port : (int)port;
+    if ((ntohl(sin.sin_addr.s_addr) >> 24) != 127) { /* reachable from other machines */
+        if (!h->auth_get)
+            sy_warn("status server on %s: GET /v1/status, /v1/history and /metrics are open to anyone who "
+                    "reaches it (set status.auth_get: true and status.token)", addr);
+        if (!h->tls)
+            sy_warn("status server on %s: plain HTTP, the bearer token and the run's data cross the network "
+                    "unencrypted (set status.tls_cert and status.tls_key)", addr);
+    }
     *out = h;
     return SY_OK;
 }
 
 int sy_http_port(const sy_http_t *self) { return self ? self->port : 0; }
+
+int sy_http_tls(const sy_http_t *self) { return self && self->tls; }
 
 void sy_http_publish(sy_http_t *self, char *status_json, char *metrics_text) {
     pthread_mutex_lock(&self->mu);
@@ -417,11 +599,6 @@ void sy_http_destroy(sy_http_t **self_p) {
     if (!self_p || !*self_p) return;
     sy_http_t *h = *self_p;
     if (h->d) MHD_stop_daemon(h->d);
-    free(h->status_json);
-    free(h->metrics_text);
-    free(h->history_json);
-    free(h->token);
-    pthread_mutex_destroy(&h->mu);
-    free(h);
+    free_http(h);
     *self_p = NULL;
 }

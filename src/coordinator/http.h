@@ -13,6 +13,16 @@
  *                     are queued for the reactor (202).
  * Anything else is 404 (unknown path) or 405 (known path, wrong method), with a JSON error.
  *
+ * With auth_get (status.auth_get), GET/HEAD of /v1/status, /v1/history and /metrics need the
+ * same header (401/403); the built-in files (/, /dygraph.min.*) hold no run data and stay open,
+ * so the dashboard loads and then sends the token (taken from its URL fragment, #token=...).
+ * With tls_cert and tls_key (PEM files; the key readable by its owner only) it serves HTTPS only
+ * (TLS 1.2 or 1.3, GnuTLS inside libmicrohttpd). Limits: at most SY_HTTP_MAX_CONNECTIONS
+ * connections (fewer when the open-files limit is lower), SY_HTTP_MAX_PER_IP from one address,
+ * SY_HTTP_CONN_MEMORY bytes for a request's line and headers (larger: 431/413) and a connection
+ * idle for SY_HTTP_CONN_TIMEOUT seconds is closed; the server thread polls with epoll and never
+ * blocks on one client, so slow or silent clients only cost a descriptor each.
+ *
  * The HTTP thread never touches reactor state: the reactor publishes whole documents with
  * sy_http_publish() (swapped in under a mutex) and drains requests with sy_http_next_cmd().
  *
@@ -20,6 +30,7 @@
 #ifndef SY_HTTP_H
 #define SY_HTTP_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "base/status.h"
@@ -39,11 +50,22 @@ typedef struct {
 
 typedef struct sy_http sy_http_t;
 
+typedef struct {
+    const char *token;    /* bearer token of the mutating endpoints ("" or NULL: none) */
+    bool auth_get;        /* the run data (GET /v1/status, /v1/history, /metrics) needs it too */
+    const char *tls_cert; /* PEM certificate (chain) file; with tls_key: HTTPS ("" or NULL: HTTP) */
+    const char *tls_key;  /* PEM private key file, unencrypted, mode 0600 or stricter */
+} sy_http_opts;
+
 /* Starts serving on addr ("host:port"; port 0 picks a free port; host an IPv4 address or
- * "localhost"). token: bearer token of the mutating endpoints ("" or NULL: none). */
-sy_status sy_http_start(const char *addr, const char *token, sy_http_t **out);
+ * "localhost"). opts NULL: plain HTTP, no token. Errors name the file or option at fault
+ * (auth_get without a token, one of tls_cert/tls_key without the other, a key file that others
+ * can read, a file that is not PEM, a key that does not belong to the certificate). */
+sy_status sy_http_start(const char *addr, const sy_http_opts *opts, sy_http_t **out);
 /* The port actually bound. */
 int sy_http_port(const sy_http_t *self);
+/* 1 when serving HTTPS. */
+int sy_http_tls(const sy_http_t *self);
 /* Replaces the published documents (takes ownership of both malloc'ed strings; NULL keeps the
  * current one). */
 void sy_http_publish(sy_http_t *self, char *status_json, char *metrics_text);

@@ -42,7 +42,7 @@ static void usage(FILE *f) {
             "true; without either the coordinator refuses to start (exit 2).\n"
             "\n"
             "Once bound it prints one line on stdout:\n"
-            "  coordinator ready bind=tcp://HOST:PORT status=http://HOST:PORT\n"
+            "  coordinator ready bind=tcp://HOST:PORT status=http://HOST:PORT (https:// with status.tls_cert)\n"
             "Exit status: 0 the run finished, 1 error or failed run, 3 stopped early (signal or\n"
             "POST /v1/stop), 2 bad usage or config.\n");
 }

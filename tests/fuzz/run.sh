@@ -31,9 +31,11 @@ for t in $TARGETS; do
   rm -rf "$merged" && mkdir -p "$merged"
   "$BIN/fuzz_$t" -set_cover_merge=1 -use_counters=0 -use_cmp=0 -rss_limit_mb=2048 -timeout=10 "$merged" "$corpus" "$scratch" >/dev/null 2>&1 || true
   if [ -n "$(ls "$merged")" ]; then
-    named=$(for f in "$corpus"/*; do basename "$f" | grep -Evq '^[0-9a-f]{40}$' && sha1sum < "$f" | cut -c1-40; done)
-    for f in "$corpus"/*; do basename "$f" | grep -Eq '^[0-9a-f]{40}$' && rm -f "$f"; done
-    for f in "$merged"/*; do echo "$named" | grep -q "$(basename "$f")" || cp "$f" "$corpus/"; done
+    # (if, not &&: under set -e a loop whose last test fails would end the script)
+    named=$(for f in "$corpus"/*; do
+              if basename "$f" | grep -Evq '^[0-9a-f]{40}$'; then sha1sum < "$f" | cut -c1-40; fi; done)
+    for f in "$corpus"/*; do if basename "$f" | grep -Eq '^[0-9a-f]{40}$'; then rm -f "$f"; fi; done
+    for f in "$merged"/*; do if ! echo "$named" | grep -q "$(basename "$f")"; then cp "$f" "$corpus/"; fi; done
   fi
   echo "fuzz_$t: corpus $(ls "$corpus" | wc -l) files"
 done

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -112,6 +113,15 @@ def compare(ref, got):
     return missing, worst
 
 
+def status_ssl(s):
+    """An ssl context trusting the status server's CA (settings status.tls_ca, else the
+    self-signed status.tls_cert), or None for plain HTTP."""
+    cert = s.get("status.tls_cert", "")
+    if not cert:
+        return None
+    return ssl.create_default_context(cafile=s.get("status.tls_ca") or cert)
+
+
 class Cluster:
     """One run's coordinator (restartable on the same port) and its workers."""
 
@@ -124,6 +134,10 @@ class Cluster:
         self.port = None
         self.coord = None
         self.status_url = None
+        # the status server's HTTPS CA (status.tls_cert / tls_ca) and GET token (status.auth_get)
+        self.ssl = status_ssl(s)
+        self.get_headers = ({"Authorization": f"Bearer {s.get('status.token', '')}"}
+                            if str(s.get("status.auth_get", "false")).lower() == "true" else {})
         self.workers = {}  # id → Popen (the latest process of that id)
         self.all_procs = []
         self.files = []
@@ -220,14 +234,15 @@ class Cluster:
         return lines[-1]["step"] if lines else 0
 
     def status(self):
-        with urllib.request.urlopen(self.status_url + "/v1/status", timeout=5) as r:
+        req = urllib.request.Request(self.status_url + "/v1/status", headers=self.get_headers)
+        with urllib.request.urlopen(req, timeout=5, context=self.ssl) as r:
             return json.loads(r.read())
 
     def post(self, path, token=None):
         req = urllib.request.Request(self.status_url + path, data=b"", method="POST",
                                      headers={"Authorization": f"Bearer {token}"} if token else {})
         try:
-            with urllib.request.urlopen(req, timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=5, context=self.ssl) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()

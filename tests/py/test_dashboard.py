@@ -12,6 +12,9 @@ Selenium). The checks read the RENDERED page, not the HTML source:
     recovery (newest first), and the loss chart carries a recovery marker (an annotation) at the
     first step of the new generation;
   - the browser console has no errors.
+The run has status.auth_get: true (the run's data needs the bearer token): the page is opened as
+/#token=TOKEN and sends the token on its fetches; without it /v1/status and /v1/history answer
+401 while the page itself loads.
 It saves a screenshot (PNG) in the test's folder (SY_DASHBOARD_PNG overrides the path; the one
 in the README is docs/dashboard.png). Without chromium and chromedriver it exits 77 (skipped;
 tests/CMakeLists.txt sets SKIP_RETURN_CODE), never passing silently."""
@@ -52,6 +55,15 @@ def http(method, url, body=None, timeout=30):
             return json.loads(r.read().decode() or "{}")
     except urllib.error.HTTPError as e:
         raise RuntimeError(f"{method} {url}: HTTP {e.code}: {e.read().decode()[:500]}")
+
+
+def code_of(url):
+    """The HTTP status of a plain GET (no token)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 class Browser:
@@ -160,7 +172,8 @@ def main():
     fu.prepare_data(tmp)
     name = "dash"
     s = fu.settings(tmp, name, 100000, 10, extra={
-        "cluster.heartbeat_ms": "250", "cluster.failure_timeout_ms": "3000", "status.token": TOKEN})
+        "cluster.heartbeat_ms": "250", "cluster.failure_timeout_ms": "3000", "status.token": TOKEN,
+        "status.auth_get": "true"})
     log = open(f"{tmp}/run.log", "w")
     run = sytest.Popen([SY, "run", CFG, "--workers", "2"] + fu.set_args(s), stdout=log, stderr=log)
     # "switchyard run: coordinator at tcp://..., status http://127.0.0.1:PORT; 2 workers; ..."
@@ -168,14 +181,24 @@ def main():
                               if " status http" in ln), None), 60, "the status address")
     mpath = f"{tmp}/state-{name}/metrics.jsonl"
     browser = None
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def get_json(path):
+        req = urllib.request.Request(base + path, headers=auth)
+        return json.loads(urllib.request.urlopen(req, timeout=2).read())
     try:
-        st = wait(lambda: (lambda j: j if j["world"] == 2 and j["step"] >= 3 else None)(
-            json.loads(urllib.request.urlopen(base + "/v1/status", timeout=2).read())), 120, "2 workers training")
+        st = wait(lambda: (lambda j: j if j["world"] == 2 and j["step"] >= 3 else None)(get_json("/v1/status")),
+                  120, "2 workers training")
         if not check(st is not None, "the run trains with 2 workers"):
             print(open(f"{tmp}/run.log").read()[-2000:])
             return 1
+        for path in ("/v1/status", "/v1/history"):
+            code = code_of(base + path)
+            check(code == 401, f"status.auth_get: GET {path} without the token answers 401 ({code})")
+        code = code_of(base + "/")
+        check(code == 200, f"status.auth_get: the page itself (GET /) stays open ({code})")
         browser = Browser(chromium, driver, tmp)
-        browser.get(base + "/")
+        browser.get(base + "/#token=" + TOKEN)
         p = wait(lambda: (lambda v: v if v and v["rows"] >= 5 and len(v["workers"]) == 2 else None)(browser.js(PAGE)),
                  60, "the page to render")
         if not check(p is not None, "the dashboard renders (loss chart, worker table)"):
