@@ -131,6 +131,7 @@ typedef struct {
     uint32_t *placement;           /* [E] of the current generation */
     int replicas;                  /* min(cluster.replicas, world - 1) */
     int64_t kill_at;               /* test hook SY_TEST_REPLICA_KILL: SIGKILL mid-exchange of this step */
+    uint64_t rep_inc;              /* the coordinator incarnation whose run the replicas are of */
     bool *owned;
     int32_t *tokens, *counts;
     int rank, world;
@@ -1151,6 +1152,10 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         goto fail;
     }
     for (int e = 0; e < E; e++) a->owned[e] = (int)as->placement[e] == a->rank;
+    if (a->rep_inc != env->incarnation) { /* states of another coordinator's run are not this run's */
+        sy_replica_forget(a->rep);
+        a->rep_inc = env->incarnation;
+    }
     memcpy(a->placement, as->placement, sizeof(uint32_t) * (size_t)E);
     a->replicas = a->cfg.cluster.replicas < a->world - 1 ? a->cfg.cluster.replicas : a->world - 1;
     bool from_replicas = as->restore_source && !strcmp(as->restore_source, "replicas");

@@ -98,6 +98,11 @@ void sy_replica_set_live(sy_replica_t *r, int64_t step, const bool *owned) {
 
 int64_t sy_replica_live_step(const sy_replica_t *r) { return r->live_step; }
 
+void sy_replica_forget(sy_replica_t *r) {
+    r->live_step = r->prev_step = -1;
+    r->slots[0].step = r->slots[1].step = -1;
+}
+
 void sy_replica_set_piece_hook(sy_replica_t *r, sy_replica_piece_fn fn, void *ctx) {
     r->piece_fn = fn;
     r->piece_ctx = ctx;
@@ -341,13 +346,13 @@ sy_status sy_replica_restore(sy_replica_t *r, sy_comm_t *comm, int rank, int wor
             lo += EB;
         }
     }
-    /* 2. From here the live state is being replaced. */
-    r->live_step = -1;
+    /* 2. Exchange (the live state is untouched until both collectives are through). */
     if (world > 1) {
         SY_CHECK(sy_comm_broadcast(comm, dense_buf, dense_bytes, dense_source));
         SY_CHECK(sy_comm_alltoallv(comm, sends, sb, recvs, rb));
     }
     /* 3. Write: dense, local experts, received experts (each sender's experts ascending). */
+    r->live_step = -1;
     r->be->upload(r->be, sy_model_params(r->model), dense_buf, db);
     r->be->upload(r->be, sy_adamw_m(r->opt), dense_buf + db, db);
     r->be->upload(r->be, sy_adamw_v(r->opt), dense_buf + 2 * db, db);

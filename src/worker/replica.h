@@ -65,6 +65,11 @@ void sy_replica_destroy(sy_replica_t **self_p);
 void sy_replica_set_live(sy_replica_t *r, int64_t step, const bool *owned);
 int64_t sy_replica_live_step(const sy_replica_t *r);
 
+/* Drops every state held (a new coordinator incarnation: its run may differ, e.g. a run length
+ * changed on --resume changes the learning-rate schedule, so an old state of step s is not its
+ * step s). */
+void sy_replica_forget(sy_replica_t *r);
+
 /* prev <- live (dense + the live experts). */
 sy_status sy_replica_keep(sy_replica_t *r);
 
