@@ -93,7 +93,7 @@ static bool plan_step(sy_coord_t *c, int n, int64_t s) {
     for (int r = 0; r < n && c->dense_source < 0; r++)
         if (holds(c, &c->w[c->members[r]], s, -1)) c->dense_source = r;
     if (c->dense_source < 0) return false;
-    for (int e = 0; e < c->E; e++) {
+    for (int e = 0; e < (c->n_switch > 0 ? c->E : 0); e++) { /* a dense model: no expert state */
         int own = (int)c->placement[e];
         c->expert_source[e] = -1;
         if (holds(c, &c->w[c->members[own]], s, e)) c->expert_source[e] = own;
@@ -101,6 +101,8 @@ static bool plan_step(sy_coord_t *c, int n, int64_t s) {
             if (holds(c, &c->w[c->members[r]], s, e)) c->expert_source[e] = r;
         if (c->expert_source[e] < 0) return false;
     }
+    if (c->n_switch <= 0)
+        for (int e = 0; e < c->E; e++) c->expert_source[e] = (int32_t)c->placement[e];
     return true;
 }
 

@@ -297,6 +297,10 @@ sy_status sy_replica_restore(sy_replica_t *r, sy_comm_t *comm, int rank, int wor
             return sy_err_set(SY_EINVAL, "replica restore: expert %d from rank %d to rank %d in a world of %d", e, src,
                               dst, world);
         wh[e] = 0;
+        if (EB == 0) { /* no Switch layer: experts have no state */
+            wh[e] = 'l';
+            continue;
+        }
         if (src == rank) {
             char where = wh[e] = find_expert(r, step, e);
             if (!where)
