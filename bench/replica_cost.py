@@ -58,8 +58,10 @@ def main():
     for m in jsonl(f"{state}/metrics.jsonl"):
         last[m["step"]] = m
     rp = replication(f"{state}/logs", last)
+    steady = [m["step_ms"] for k, m in last.items() if k > 1] or [m["step_ms"] for m in last.values()]
     print(f"# {' '.join(args.set) or 'tiny'}: {args.steps} steps, {args.workers} workers x {args.threads} thread(s), "
-          f"{time.time() - t0:.0f} s")
+          f"{time.time() - t0:.0f} s; mean step (steps 2..) {sum(steady) / len(steady):.0f} ms, "
+          f"median {sorted(steady)[len(steady) // 2]:.0f} ms")
     print(json.dumps(rp))
     if rp:
         print(f"{rp['bytes'] / 1e6:.2f} MB sent per worker per step; exchange {rp['exchange_ms']:.1f} ms + copy "

@@ -25,8 +25,10 @@ void sy_coord_holdings_clear(worker *w) { w->nheld = 0; }
 void sy_coord_on_holdings(sy_coord_t *c, worker *w, const Sy__Envelope *env) {
     const Sy__Holdings *h = env->holdings;
     if (env->generation != c->gen || env->generation == 0) {
-        sy_coord_drop(c, SY_DROP_STALE_GENERATION, "holdings from %s for generation %" PRIu64 " (current %" PRIu64 ")",
-                      w->id, env->generation, c->gen);
+        /* expected, not a drop: members also leave a generation closed for a membership change
+         * (Abort, then the next Assign), and their Holdings arrive after it opened */
+        sy_debug("holdings from %s for generation %" PRIu64 " (current %" PRIu64 "): not needed", w->id,
+                 env->generation, c->gen);
         return;
     }
     if (h->n_held > SY_COORD_MAX_HELD) {

@@ -1080,13 +1080,11 @@ static void replica_kill_hook(void *ctx, int64_t step, int round, int rounds) {
     raise(SIGKILL);
 }
 
-/* After step `step` (or a restore of it): its expert state to the buddies (replica.h), then the
+/* After a step (or a restore): the live state's experts to the buddies (replica.h), then the
  * copy of this step that lets this worker give it again after the next update. */
-static sy_status replicate(agent_t *a, uint64_t gen, int64_t step) {
-    (void)gen;
+static sy_status replicate(agent_t *a) {
     if (a->replicas <= 0 || a->world < 2) return SY_OK;
     SY_CHECK(sy_replica_exchange(a->rep, a->comm, a->placement, a->replicas));
-    (void)step;
     return sy_replica_keep(a->rep);
 }
 
@@ -1183,7 +1181,8 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                                 as->dense_source, as->expert_source, as->placement, a->restore_note,
                                 sizeof a->restore_note);
         if (st == SY_EABORTED) goto aborted;
-        if (st != SY_OK) goto fail;
+        if (st == SY_EINVAL) goto fail; /* a plan this worker cannot follow: Fault(internal) */
+        if (st != SY_OK) goto step_failed; /* the data plane: a peer's fault */
         sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s",
                 (unsigned long long)gen, a->rank, a->world, (long long)as->restore_step,
                 a->restore_note, owned_s);
@@ -1203,7 +1202,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
     /* The restored state goes to the buddies at once: under the new placement their replicas
      * of it may not exist yet, and the next failure may come before the first step ends. */
-    st = replicate(a, gen, as->restore_step > 0 ? as->restore_step : 0);
+    st = replicate(a);
     if (st == SY_EABORTED) goto aborted;
     if (st != SY_OK) goto step_failed;
 
@@ -1272,7 +1271,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
          * step's last act, after every collective); its replicas go out before StepDone, so a
          * step the coordinator records has a whole replica of every expert. */
         if (st == SY_OK) sy_replica_set_live(a->rep, step, a->owned);
-        if (st == SY_OK) st = replicate(a, gen, step);
+        if (st == SY_OK) st = replicate(a);
         if (st != SY_OK) {
             if (st == SY_EABORTED) {
                 sy_info("generation %llu aborted during step %lld", (unsigned long long)gen, (long long)step);
