@@ -11,8 +11,11 @@ and on moto_server, trained on by `switchyard train` (the tiny model, one worker
 
 For each: time to the first step (launch to its line in metrics.jsonl), steady-state step time
 (median step_ms of steps 6..), how many micro-batches had to wait for the prefetcher, bytes fetched by ranges / header bytes / bytes of windows used
-(the reader's counters, logged at close), and the peak resident memory of the process
-(/usr/bin/time %M). Not part of the test suite.
+(the reader's counters, logged at close), the peak resident memory of the process (VmHWM), and
+the CPU time of the reader's own threads (named sy-prefetch, sy-fetch, sy-cache-evict; sampled
+from /proc/PID/task every 50 ms) against the whole process's: the steady-state cost of
+streaming that a loaded machine cannot blur (a step that never waits for data pays only that
+CPU, and only where the cores are all busy). Not part of the test suite.
 
 moto answers a ranged GET by reading the whole object (cost grows with the object's size, unlike
 S3's), so streamed step times on moto depend on --shard-mb: with big shards the prefetcher
@@ -59,36 +62,79 @@ def make_corpus(d, gb, shard_mb, seed=1):
     return [f"{d}/train_{i:06d}.bin" for i in range(n)]
 
 
+DATA_THREADS = ("sy-prefetch", "sy-fetch", "sy-cache-evict")  # pthread names of src/data's threads
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid):
+    """(tid, thread name, user + system CPU seconds) of every thread of a live process."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            st = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except OSError:
+            continue
+        comm = st[st.index("(") + 1:st.rindex(")")]
+        f = st[st.rindex(")") + 2:].split()
+        out.append((int(tid), comm, (int(f[11]) + int(f[12])) / TICK))  # utime, stime
+    return out
+
+
+def vm_hwm_kb(pid):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def train(sy, cfg, tmp, name, data, steps, env, extra=()):
     state = f"{tmp}/state-{name}"
     sets = {"data.train": data, "data.val": "", "run.name": name, "run.state_dir": state,
             "checkpoint.store": f"{tmp}/store", "run.steps": str(steps), "checkpoint.every": "0",
             "train.threads": "2"}
     sets.update(dict(extra))
-    args = ["/usr/bin/time", "-f", "SYBENCH %M %e", sy, "train", cfg, "--quiet"]
+    args = [sy, "train", cfg, "--quiet"]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     t0 = time.time()
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    errf = open(f"{tmp}/{name}.err", "w+")
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=errf, text=True, env=env)
     first = None
-    while p.poll() is None and first is None:
-        try:
-            if os.path.getsize(f"{state}/metrics.jsonl") > 0:
-                first = time.time() - t0
-        except OSError:
-            pass
+    cpu = {}  # tid -> (thread name, CPU seconds), the last sample of each thread
+    rss_kb = 0
+    while p.poll() is None:
+        if first is None:
+            try:
+                if os.path.getsize(f"{state}/metrics.jsonl") > 0:
+                    first = time.time() - t0
+            except OSError:
+                pass
+        for tid, comm, sec in thread_cpu(p.pid):
+            cpu[tid] = (comm, sec)
+        rss_kb = max(rss_kb, vm_hwm_kb(p.pid))
         time.sleep(0.05)
-    out, err = p.communicate()
+    wall = time.time() - t0
+    errf.seek(0)
+    err = errf.read()
+    errf.close()
     if p.returncode != 0:
         raise RuntimeError(f"{name}: exit {p.returncode}: {err[-1500:]}")
-    rss_kb, wall = re.search(r"SYBENCH (\d+) ([\d.]+)", err).groups()
+    data_cpu = sum(sec for comm, sec in cpu.values() if comm.startswith(DATA_THREADS))
+    all_cpu = sum(sec for _, sec in cpu.values())
     ms = [json.loads(line)["step_ms"] for line in open(f"{state}/metrics.jsonl")]
     m = STATS.search(err)
     fetched, reads, header, used, hits, served, waited = (
         (int(m.group(i)) for i in (1, 2, 3, 4, 5, 8, 9)) if m else (0,) * 7)
-    return {"name": name, "first_s": first, "step_ms": statistics.median(ms[5:] or ms), "wall_s": float(wall),
+    return {"name": name, "first_s": first, "step_ms": statistics.median(ms[5:] or ms), "wall_s": wall,
             "rss_mib": int(rss_kb) / 1024, "fetched": fetched, "reads": reads, "header": header, "used": used,
-            "hits": hits, "prefetched": served, "waited": waited}
+            "hits": hits, "prefetched": served, "waited": waited, "data_cpu_s": data_cpu, "cpu_s": all_cpu}
 
 
 def main():
@@ -135,13 +181,14 @@ def main():
         print()
         print(f"| run ({a.steps} steps, tiny model, 1 worker) | first step s | step ms (median) | peak RSS MiB | "
               f"fetched by ranges | header bytes | window bytes used | fetched / used | cache hits | "
-              f"micro-batches waited for data |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              f"micro-batches waited for data | CPU s of the data threads / of the process |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = f"{r['fetched'] / r['used']:.3f}" if r["used"] else "-"
+            share = f"{r['data_cpu_s']:.2f} / {r['cpu_s']:.1f} ({100 * r['data_cpu_s'] / r['cpu_s']:.2f} %)" if r["cpu_s"] else "-"
             print(f"| {r['name']} | {r['first_s']:.2f} | {r['step_ms']:.1f} | {r['rss_mib']:.0f} | {r['fetched']} | "
                   f"{r['header']} | {r['used']} | {ratio} | {r['hits']} | "
-                  f"{str(r['waited']) + ' of ' + str(r['prefetched']) if r['used'] else '-'} |")
+                  f"{str(r['waited']) + ' of ' + str(r['prefetched']) if r['used'] else '-'} | {share} |")
     finally:
         moto.stop()
         if not a.keep:

@@ -15,6 +15,12 @@
  *       PREFIX.params (raw fp32, model layout), PREFIX.index (name offset numel per line),
  *       PREFIX.tokens (int32 [M, B, T+1]) and PREFIX.json (the config, sy_config_to_json).
  *
+ *   sy_bench cublas [--device N] [--iters N] [--tokens M] [--d-model K] [--d-ff N]
+ *       The CUDA device's dense bf16 cuBLAS GEMM rate, M x N x K (default 4096 x 3072 x 768):
+ *       the yardstick the GPU Switch-layer figures are a fraction of.
+ *   --backend cuda [--device N] [--precision bf16] (switch, step): run on the CUDA backend (bf16 GEMMs
+ *       with --bf16); timings then synchronise the device before each clock reading.
+ *
  * Every mode prints human-readable lines and one machine-readable line
  * "RESULT name=... key=value ...", which bench/run.sh parses. */
 #include <cblas.h>
@@ -45,6 +51,9 @@ typedef struct {
     uint64_t seed;
     const char *config;
     const char *dump;
+    const char *backend; /* "cpu" (default) or "cuda" */
+    int device;
+    bool bf16;
 } opts_t;
 
 static double now_s(void) {
@@ -235,11 +244,13 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
         sy_switch_dispatch(sw, hb);
         sy_switch_experts(sw, ex, 0, E, 0.0, key);
         sy_switch_combine(sw, out);
+        be->sync(be);
         double t1 = now_s();
         sy_switch_combine_bwd(sw, doutb);
         sy_switch_experts_bwd(sw, ex, 0, E);
         sy_switch_dispatch_bwd(sw, dh);
         sy_switch_route_bwd(sw, hb, Wrb, dWr, dh, aux_scale, z_scale);
+        be->sync(be);
         double t2 = now_s();
         if (it >= 0) {
             tf[it] = t1 - t0;
@@ -473,6 +484,15 @@ int main(int argc, char **argv) {
             o.seed = (uint64_t)sd;
         } else if (!strcmp(a, "--config")) o.config = v;
         else if (!strcmp(a, "--dump")) o.dump = v;
+        else if (!strcmp(a, "--backend")) o.backend = v;
+        else if (!strcmp(a, "--device")) rc = parse_int(a, v, 0, &o.device);
+        else if (!strcmp(a, "--precision")) {
+            if (strcmp(v, "bf16") && strcmp(v, "fp32")) {
+                fprintf(stderr, "sy_bench: --precision %s: expected bf16 or fp32\n", v);
+                return 2;
+            }
+            o.bf16 = !strcmp(v, "bf16");
+        }
         else {
             fprintf(stderr, "sy_bench: unknown option %s\n", a);
             usage(stderr);
@@ -482,8 +502,20 @@ int main(int argc, char **argv) {
     }
     if (o.router_std < 0) o.router_std = sqrt(0.1 / o.D);
 
+    if (!strcmp(o.mode, "cublas")) {
+        const int M = o.G == 2048 ? 4096 : o.G, N = o.F == 2048 ? 3072 : o.F, K = o.D == 512 ? 768 : o.D;
+        double tf = sy_backend_cuda_gemm_tflops(o.device, M, N, K, o.iters < 0 ? 20 : o.iters);
+        if (tf < 0) {
+            fprintf(stderr, "sy_bench: %s\n", sy_err_msg());
+            return 1;
+        }
+        printf("cublas bf16 GEMM %dx%dx%d (fp32 accumulate): %.1f TFLOP/s\n", M, N, K, tf);
+        printf("RESULT name=cublas_bf16 M=%d N=%d K=%d tflops=%.3f\n", M, N, K, tf);
+        return 0;
+    }
     sy_backend_t *be = NULL;
-    sy_status s = sy_backend_cpu_new(o.threads, false, &be);
+    sy_status s = o.backend && !strcmp(o.backend, "cuda") ? sy_backend_cuda_new(o.device, o.bf16, &be)
+                                                           : sy_backend_cpu_new(o.threads, o.bf16, &be);
     if (s != SY_OK) {
         fprintf(stderr, "sy_bench: %s\n", sy_err_msg());
         return 1;

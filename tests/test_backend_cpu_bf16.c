@@ -244,6 +244,15 @@ static void test_ops_round(void **state) {
     g_bf->add_inplace(g_bf, b2 = UP(g_bf, o2), UP(g_bf, qkv), N * D);
     DN(g_fp, o1, b1), DN(g_bf, o2, b2);
     assert_rounded_of("add", o2, o1, N * D);
+    /* the dropout multiply (mask values 0 or 1/keep, not bf16 numbers): rounded */
+    float mk[N * D];
+    for (int i = 0; i < N * D; i++) mk[i] = i % 3 ? 1.0f / 0.6f : 0.0f;
+    memcpy(o1, x, sizeof o1), memcpy(o2, x, sizeof o2);
+    g_fp->mul_inplace(g_fp, b1 = UP(g_fp, o1), UP(g_fp, mk), N * D);
+    g_bf->mul_inplace(g_bf, b2 = UP(g_bf, o2), UP(g_bf, mk), N * D);
+    DN(g_fp, o1, b1), DN(g_bf, o2, b2);
+    assert_rounded_of("mul (dropout)", o2, o1, N * D);
+    assert_true(n_not_bf16(o1, N * D) > 0); /* there was something to round */
 
     /* activation gradients are rounded too */
     float dy[N * F], dx[N * D], dW[F * D] = {0}, dg[N * F];

@@ -796,6 +796,63 @@ static void test_ckpt_retain(void **state) {
     sy_store_destroy(&s);
 }
 
+/* Tagged parts (sy_ckpt_write_part_tagged; docs/fault-tolerance.md "Stale workers"): objects are
+ * "<tag>.<file>", the manifest lists the file name and the object, loads go to the object; a
+ * commit whose manifest names generation G refuses an object of another generation, or an
+ * untagged one among tagged ones; a stale writer's later part of the same step lands beside the
+ * committed objects and changes none of them. */
+static void test_ckpt_tagged_parts(void **state) {
+    (void)state;
+    sy_store_t *s = open_store();
+    toy *t = malloc(sizeof *t), *old = malloc(sizeof *old), *got = malloc(sizeof *got);
+    toy_init(t, 21);
+    toy_init(old, 22);
+    toy_init(got, 0);
+    char tag[64];
+    assert_int_equal(sy_ckpt_part_tag(tag, sizeof tag, 3, 1), SY_OK);
+    assert_string_equal(tag, "g3-r1");
+    json_t *files = NULL, *stale = NULL;
+    assert_int_equal(sy_ckpt_write_part_tagged(s, "tg", 4, tag, t->groups, 2 + 2 * E, &files), SY_OK);
+    json_t *e0 = json_array_get(files, 0);
+    assert_string_equal(json_string_value(json_object_get(e0, "name")), t->groups[0].file);
+    char want[128], key[200];
+    snprintf(want, sizeof want, "g3-r1.%s", t->groups[0].file);
+    assert_string_equal(json_string_value(json_object_get(e0, "object")), want);
+    assert_int_equal(sy_ckpt_key(key, sizeof key, "tg", 4, t->groups[0].file), SY_OK);
+    uint64_t size = 0;
+    assert_int_equal(sy_store_head(s, key, &size), SY_ENOTFOUND); /* no untagged object */
+    /* generation 4 may not commit generation 3's objects */
+    json_t *ex4 = json_pack("{s:i}", "generation", 4), *ex3 = json_pack("{s:i}", "generation", 3);
+    assert_int_equal(sy_ckpt_commit(s, "tg", 4, files, ex4), SY_EINVAL);
+    assert_non_null(strstr(sy_err_msg(), "not written by generation 4"));
+    /* an untagged entry among tagged ones is refused too */
+    json_t *mixed = json_deep_copy(files);
+    json_object_del(json_array_get(mixed, 1), "object");
+    assert_int_equal(sy_ckpt_commit(s, "tg", 4, mixed, ex3), SY_EINVAL);
+    json_decref(mixed);
+    assert_int_equal(sy_ckpt_commit(s, "tg", 4, files, ex3), SY_OK);
+    /* a stale writer of generation 2 finishes its part of the same step afterwards */
+    assert_int_equal(sy_ckpt_part_tag(tag, sizeof tag, 2, 1), SY_OK);
+    assert_int_equal(sy_ckpt_write_part_tagged(s, "tg", 4, tag, old->groups, 2 + 2 * E, &stale), SY_EEXIST);
+    /* (refused up front: the step is committed; written anyway with a raw put it is debris) */
+    snprintf(want, sizeof want, "g2-r1.%s", t->groups[0].file);
+    assert_int_equal(sy_ckpt_key(key, sizeof key, "tg", 4, want), SY_OK);
+    assert_int_equal(sy_store_put(s, key, "stale", 5), SY_OK);
+    json_t *m = NULL;
+    assert_int_equal(sy_ckpt_read_manifest(s, "tg", 4, &m), SY_OK);
+    for (int i = 0; i < 2 + 2 * E; i++) assert_int_equal(sy_ckpt_verify_file(s, m, t->groups[i].file), SY_OK);
+    json_decref(m);
+    for (int i = 0; i < 2 + 2 * E; i++) assert_int_equal(sy_ckpt_load_group(s, "tg", 4, &got->groups[i]), SY_OK);
+    assert_memory_equal(got->embed, t->embed, sizeof t->embed);
+    assert_memory_equal(got->fc, t->fc, sizeof t->fc);
+    int64_t latest = -1;
+    assert_int_equal(sy_ckpt_latest(s, "tg", &latest), SY_OK);
+    assert_int_equal(latest, 4);
+    json_decref(ex3), json_decref(ex4), json_decref(files), json_decref(stale);
+    free(t), free(old), free(got);
+    sy_store_destroy(&s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_store_keys, setup_dir, teardown_dir),
@@ -803,6 +860,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_store_put_if_absent_race, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_store_putv, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_ckpt_write_part_bytes, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_ckpt_tagged_parts, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_ckpt_roundtrip, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_ckpt_debris_and_corruption, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_ckpt_retain, setup_dir, teardown_dir),

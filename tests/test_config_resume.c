@@ -63,6 +63,18 @@ static void test_resume_check(void **state) {
     /* a field the checkpoint did not record is not compared */
     json_object_del(json_object_get(j, "model"), "n_heads");
     assert_int_equal(sy_config_check_resume(&c, j, "ckpt X"), SY_OK);
+    /* ... except one whose older runs had a fixed value: a checkpoint written before data.order
+     * existed was shuffled by fisher-yates, so resuming it with the default feistel is refused
+     * with the fix named, and accepted with data.order=fisher-yates */
+    assert_int_equal(sy_config_set(&c, "model.n_heads=2"), SY_OK);
+    assert_int_equal(sy_config_check_resume(&c, j, "ckpt X"), SY_OK); /* recorded: feistel = feistel */
+    json_object_del(json_object_get(j, "data"), "order");
+    assert_int_equal(sy_config_check_resume(&c, j, "ckpt X"), SY_EINVAL);
+    assert_non_null(strstr(sy_err_msg(), "data.order is \"feistel\" here but \"fisher-yates\" in ckpt X"));
+    assert_non_null(strstr(sy_err_msg(), "predates the field"));
+    assert_non_null(strstr(sy_err_msg(), "--set data.order=fisher-yates"));
+    assert_int_equal(sy_config_set(&c, "data.order=fisher-yates"), SY_OK);
+    assert_int_equal(sy_config_check_resume(&c, j, "ckpt X"), SY_OK);
     /* a checkpoint without a config */
     assert_int_equal(sy_config_check_resume(&c, NULL, "ckpt X"), SY_ECORRUPT);
     sy_config_free(&c);

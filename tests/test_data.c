@@ -198,6 +198,40 @@ static void test_seeds_differ(void **state) {
     sy_data_destroy(&d);
 }
 
+/* The feistel order (data.h, PINNED) is a bijection of [0, N) for every N, and spreads: over
+ * many epochs each window lands at a given position about equally often. */
+static void test_feistel_bijection(void **state) {
+    (void)state;
+    static uint8_t seen[(1 << 20) + 1];
+    const uint64_t sizes[] = {1, 2, 3, 4, 5, 7, 16, 17, 255, 256, 257, 1000, 4097, 65535, 65536, 65537,
+                              (1 << 20) - 3, 1 << 20, (1 << 20) + 1};
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        uint64_t N = sizes[k];
+        sy_feistel_t f;
+        sy_data_feistel_key(&f, N, 0x1234 + k, k % 3);
+        memset(seen, 0, N);
+        for (uint64_t i = 0; i < N; i++) {
+            uint64_t w = sy_data_feistel(&f, i);
+            assert_true(w < N);
+            assert_int_equal(seen[w], 0);
+            seen[w] = 1;
+        }
+    }
+    /* position 0 of 8000 epochs of N = 8: each window about 1000 times (binomial sd ~30) */
+    int count[8] = {0};
+    for (uint64_t ep = 0; ep < 8000; ep++) {
+        sy_feistel_t f;
+        sy_data_feistel_key(&f, 8, 77, ep);
+        count[sy_data_feistel(&f, 0)]++;
+    }
+    for (int w = 0; w < 8; w++) assert_in_range(count[w], 850, 1150);
+    /* huge N: values stay in range and differ */
+    sy_feistel_t f;
+    sy_data_feistel_key(&f, UINT64_MAX, 5, 0);
+    assert_true(sy_data_feistel(&f, 0) != sy_data_feistel(&f, 1));
+    assert_true(sy_data_feistel(&f, UINT64_MAX - 1) < UINT64_MAX);
+}
+
 /* Writes `bytes` raw bytes to dir/name, returns the path (static buffer). */
 static const char *write_raw(fixture_t *f, const char *name, const void *bytes, size_t n) {
     static char path[160];
@@ -251,9 +285,24 @@ static void test_rejects_bad_shards(void **state) {
     expect_open_fails(write_raw(f, "neg.bin", &s, sizeof s), 256, "negative");
     s.hdr[2] = N;
     expect_open_fails(write_raw(f, "hdr.bin", &s, 100), 256, "header");
-    s.tok[13] = 256; /* the first token out of range */
-    expect_open_fails(write_raw(f, "vocab.bin", &s, sizeof s), 256,
-                      "token 256 at index 13 >= vocab_size 256");
+    s.tok[13] = 256; /* the first token out of range: open checks header and size only, the
+                      * batch that reads the window fails, and sy_data_validate finds it up front */
+    const char *pb[] = {write_raw(f, "vocab.bin", &s, sizeof s)};
+    assert_int_equal(sy_data_open(pb, 1, 256, 4, &d), SY_OK);
+    int32_t rows[2 * 5];
+    assert_int_equal(sy_data_eval_batch(d, 0, 2, rows), SY_OK); /* windows 0, 1: tokens 0..8 */
+    assert_int_equal(sy_data_eval_batch(d, 2, 2, rows), SY_EFORMAT); /* window 3: tokens 12..16 */
+    assert_non_null(strstr(sy_err_msg(), pb[0]));
+    assert_non_null(strstr(sy_err_msg(), "token 256 at index 13 >= vocab_size 256"));
+    sy_data_destroy(&d);
+    sy_data_check_counts cc;
+    assert_int_equal(sy_data_validate(pb, 1, 256, 4, NULL, NULL, &cc), SY_EFORMAT);
+    assert_non_null(strstr(sy_err_msg(), "token 256 at index 13 >= vocab_size 256"));
+    s.tok[13] = 13;
+    const char *pg[] = {write_raw(f, "good.bin", &s, sizeof s)}; /* (write_raw's buffer is static) */
+    assert_int_equal(sy_data_validate(pg, 1, 256, 4, NULL, NULL, &cc), SY_OK);
+    assert_true(cc.shards == 1 && cc.tokens == N && cc.windows == (N - 1) / 4);
+    s.tok[13] = 256;
     /* same file is fine with a larger vocabulary */
     const char *pv[] = {write_raw(f, "vocab2.bin", &s, sizeof s)};
     assert_int_equal(sy_data_open(pv, 1, 257, 4, &d), SY_OK);
@@ -341,6 +390,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_permutation_each_epoch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_order_pure_function, setup, teardown),
         cmocka_unit_test_setup_teardown(test_seeds_differ, setup, teardown),
+        cmocka_unit_test(test_feistel_bijection),
         cmocka_unit_test_setup_teardown(test_rejects_bad_shards, setup, teardown),
         cmocka_unit_test_setup_teardown(test_glob_sorted, setup, teardown),
         cmocka_unit_test_setup_teardown(test_check_patterns, setup, teardown),

@@ -161,7 +161,8 @@ struct sy_backend {
     void (*router_bwd)(sy_backend_t *be, float *dlogits, const float *probs,
                        const int32_t *expert, const float *gamma, const float *lse,
                        const float *f, float aux_scale, float z_scale, int N, int E);
-    /* x *= mask (elementwise), n elements */
+    /* x *= mask (elementwise), n elements; rounded to bf16 in bf16 mode (expert dropout writes
+     * an activation or an activation gradient) */
     void (*mul_inplace)(sy_backend_t *be, float *x, const float *mask, size_t n);
 
     /* ---- Switch layer: route plan (model spec §2, §3) ----
@@ -222,12 +223,30 @@ sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out);
  * CPU backend's. For testing the device kernels' logic without a device; all cores. */
 sy_status sy_backend_emu_new(bool bf16, sy_backend_t **out);
 /* The backend named by the environment variable SY_BACKEND: "cpu" (or unset / empty) ->
- * sy_backend_cpu_new(threads, bf16), "emu" -> the emulation backend on `threads` threads;
- * anything else is SY_EINVAL. Either honours SY_BACKEND_POISON=1. For tests and tools that
+ * sy_backend_cpu_new(threads, bf16), "emu" -> the emulation backend on `threads` threads,
+ * "cuda" -> sy_backend_cuda_new(SY_CUDA_DEVICE or 0, bf16); anything else is SY_EINVAL. Either honours SY_BACKEND_POISON=1. For tests and tools that
  * run one suite against several backends. (sy_backend_cpu_new itself also returns the
  * emulation backend when SY_BACKEND=emu, so that suites written for the CPU backend run on it
  * unedited, as SY_BACKEND_POISON=1 does for the poisoned variant.) */
 sy_status sy_backend_new_from_env(int threads, bool bf16, sy_backend_t **out);
+/* The CUDA backend (src/backend/cuda/backend_cuda.cu) on CUDA device `device`: cuBLAS GEMMs
+ * (bf16 inputs with fp32 accumulation when bf16, else fp32 without TF32), the kernel bodies of
+ * kernels/ as CUDA kernels, one stream. Fails fast (no hang) with SY_ENOTFOUND and a message
+ * naming the device and the reason when there is no driver or no such device; SY_EINVAL when
+ * the build has no CUDA (nvcc absent at configure time). After creation a CUDA error (they are
+ * sticky) is logged with the op and cudaGetErrorString and the process exits with status
+ * SY_CUDA_EXIT: the launcher or scheduler restarts it. docs/architecture.md "cuda". */
+#define SY_CUDA_EXIT 70
+sy_status sy_backend_cuda_new(int device, bool bf16, sy_backend_t **out);
+/* CUDA devices this process can use: >= 0, or -1 when the CUDA runtime cannot start (no
+ * driver) or the build has no CUDA; why (if not NULL) gets the reason. Never hangs. */
+int sy_backend_cuda_devices(char *why, size_t why_len);
+/* true when this build contains the CUDA backend */
+bool sy_backend_cuda_built(void);
+/* The device's dense bf16 GEMM rate (for benchmarks): C[M,N] (fp32) = A[M,K]·B[K,N] in bf16
+ * with fp32 accumulation, plain cuBLAS (cublasGemmEx, the backend's settings), median of
+ * `iters` timed runs after 3 warm-ups; TFLOP/s, or a negative value with the error set. */
+double sy_backend_cuda_gemm_tflops(int device, int M, int N, int K, int iters);
 void sy_backend_destroy(sy_backend_t **self_p);
 
 #endif

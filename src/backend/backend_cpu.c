@@ -432,9 +432,9 @@ static void cpu_router_bwd(sy_backend_t *be, float *dlogits, const float *probs,
 }
 
 static void cpu_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_t n) {
-    (void)be;
+    const bool bf = be->bf16;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) sy_k_mul(i, x, mask);
+    for (size_t i = 0; i < n; i++) sy_k_mul(i, x, mask, bf);
 }
 
 static void cpu_destroy(sy_backend_t *be) {

@@ -197,8 +197,8 @@ static void emu_add_inplace(sy_backend_t *be, float *y, const float *x, size_t n
 }
 
 static void emu_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_t n) {
-    (void)be;
-    SY_EMU_LAUNCH(n, i, sy_k_mul((size_t)i, x, mask));
+    const bool bf = be->bf16;
+    SY_EMU_LAUNCH(n, i, sy_k_mul((size_t)i, x, mask, bf));
 }
 
 /* per-row losses, then their sum in row order (one thread) */
@@ -371,5 +371,9 @@ sy_status sy_backend_new_from_env(int threads, bool bf16, sy_backend_t **out) {
     if (!name || !name[0] || strcmp(name, "cpu") == 0)
         return sy_backend_cpu_new(threads, bf16, out);
     if (strcmp(name, "emu") == 0) return sy_backend_emu_new_threads(threads, bf16, out);
-    return sy_err_set(SY_EINVAL, "SY_BACKEND=%s: unknown backend (cpu or emu)", name);
+    if (strcmp(name, "cuda") == 0) {
+        const char *dev = getenv("SY_CUDA_DEVICE");
+        return sy_backend_cuda_new(dev && dev[0] ? atoi(dev) : 0, bf16, out);
+    }
+    return sy_err_set(SY_EINVAL, "SY_BACKEND=%s: unknown backend (cpu, emu or cuda)", name);
 }

@@ -67,6 +67,8 @@ typedef struct {
     check_fn check;
     const char *check_rule;     /* the text of check, for the docs */
     const char *meaning;
+    const char *legacy;         /* the value of a run whose saved config predates the field (NULL:
+                                 * such a run may take any value) */
 } field;
 
 static const struct {
@@ -86,6 +88,7 @@ static const struct {
 #define N_SECTIONS ((int)(sizeof SECTIONS / sizeof SECTIONS[0]))
 
 static const char *const PRECISION_NAMES[] = {"fp32", "bf16", NULL};
+static const char *const ORDER_NAMES[] = {"feistel", "fisher-yates", NULL};
 static const char *const ONBUSY_NAMES[] = {"wait", "skip", NULL};
 static const char *const S3_ADDRESSING_NAMES[] = {"auto", "path", "virtual", NULL};
 static const char *const BACKEND_NAMES[] = {"cpu", "cuda", NULL};
@@ -105,6 +108,7 @@ static bool chk_workers(const sy_config_t *c, char *why, size_t n);
 static bool chk_failure(const sy_config_t *c, char *why, size_t n);
 static bool chk_curve_on(const sy_config_t *c, char *why, size_t n);
 static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n);
+static bool chk_token_file(const sy_config_t *c, char *why, size_t n);
 static bool chk_resume_allow(const sy_config_t *c, char *why, size_t n);
 
 #define FLD(sec, fld, ty, dflt, ...)                                                       \
@@ -198,6 +202,10 @@ static const field FIELDS[] = {
               "by the workers of a host (empty: no cache).")),
     FLD(data, cache_gb, FT_DOUBLE, "10", .rule = R_MIN | R_MIN_EXCL | R_RESUME, .lo = (0),
         MEANS("Bound of `data.cache_dir` (GiB); least recently used ranges are evicted past it.")),
+    FLD(data, order, FT_ENUM, "feistel", .names = ORDER_NAMES, .legacy = "fisher-yates",
+        MEANS("The permutation each epoch visits the windows in (model spec §6): `feistel`, a keyed "
+              "permutation computed per sample (no memory); `fisher-yates`, a shuffled table of all "
+              "windows (8 bytes per window per worker; the order of runs before this field existed).")),
 
     FLD(checkpoint, store, FT_STRING, "checkpoints", .rule = R_NONEMPTY,
         MEANS("Checkpoint store: file:///abs/path, a relative path, or s3://bucket/prefix.")),
@@ -244,7 +252,9 @@ static const field FIELDS[] = {
               "recovery restores the step that was running from them instead of the last "
               "checkpoint (docs/fault-tolerance.md). 0: off.")),
     FLD(cluster, backend, FT_STRING, "cpu", .names = BACKEND_NAMES,
-        MEANS("Compute backend of the workers.")),
+        MEANS("Compute backend of the workers: `cpu`, or `cuda` (one GPU per worker: `switchyard run` "
+              "gives worker k device k; `switchyard train` uses `SY_CUDA_DEVICE`, default 0; compiled, "
+              "never yet run on a GPU).")),
     FLD(cluster, comm, FT_STRING, "tcp", .names = COMM_NAMES,
         MEANS("Data plane between the workers (all-to-all, all-reduce): `tcp`, a ZeroMQ mesh "
               "(`nccl` comes with the CUDA backend).")),
@@ -262,12 +272,21 @@ static const field FIELDS[] = {
         CHECK(chk_curve_auth, "set when `cluster.curve_server_key` is set"),
         MEANS("File of the worker public keys the coordinator accepts, one a line ('#' "
               "comments); any other key is refused (ZAP).")),
+    FLD(cluster, insecure, FT_BOOL, "false",
+        MEANS("Allow listeners reachable from other machines without CurveZMQ: a coordinator whose "
+              "`cluster.bind` is not a loopback address, or a worker whose data plane is not, refuses to "
+              "start without CURVE keys unless this is true (then every `generation_opened` log line "
+              "carries a warning). `switchyard run` makes per-run keys unless this is true.")),
 
     FLD(status, addr, FT_STRING, "127.0.0.1:8080", .rule = R_NONEMPTY,
         MEANS("host:port of the HTTP status server.")),
     FLD(status, token, FT_STRING, "", .rule = R_SECRET,
         MEANS("Bearer token for the mutating endpoints (empty: none set); never written to "
-              "JSON.")),
+              "JSON. Prefer `token_file` or the environment variable `SY_STATUS_TOKEN`: a `--set` "
+              "shows it to every local user (ps).")),
+    FLD(status, token_file, FT_STRING, "", CHECK(chk_token_file, "not set together with `status.token`"),
+        MEANS("File holding the bearer token, one line, mode 0600 (refused when group or others may read "
+              "it) (empty: `status.token`, else `SY_STATUS_TOKEN` from the environment).")),
 };
 #define N_FIELDS ((int)(sizeof FIELDS / sizeof FIELDS[0]))
 
@@ -353,6 +372,12 @@ static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n) {
 /* Small helpers                                                                            */
 
 static const field *find_field(const char *section, size_t section_len, const char *name);
+
+static bool chk_token_file(const sy_config_t *c, char *why, size_t n) {
+    if (!has_text(c->status.token_file) || !has_text(c->status.token)) return true;
+    snprintf(why, n, "status.token is set too: give the token one way (the file, preferably)");
+    return false;
+}
 
 static bool chk_resume_allow(const sy_config_t *c, char *why, size_t n) {
     for (int k = 0; k < c->run.resume_allow.n; k++) {
@@ -1446,14 +1471,27 @@ sy_status sy_config_check_resume(const sy_config_t *cfg, const json_t *saved, co
         if (allowed) continue;
         const json_t *a = json_object_get(json_object_get(now, f->section), f->name),
                      *b = json_object_get(json_object_get(saved, f->section), f->name);
-        if (!b) continue; /* a field newer than the checkpoint: nothing to compare */
-        if (a && json_equal((json_t *)a, (json_t *)b)) continue;
+        json_t *legacy = NULL;
+        if (!b) { /* a field newer than the checkpoint: the value such runs had, if it matters */
+            if (!f->legacy) continue;
+            b = legacy = json_string(f->legacy);
+            if (!legacy) {
+                st = sy_err_set(SY_ENOMEM, "out of memory");
+                break;
+            }
+        }
+        if (a && json_equal((json_t *)a, (json_t *)b)) {
+            json_decref(legacy);
+            continue;
+        }
         char *av = a ? json_dumps(a, JSON_ENCODE_ANY | JSON_COMPACT) : NULL,
              *bv = json_dumps(b, JSON_ENCODE_ANY | JSON_COMPACT);
         st = sy_err_set(SY_EINVAL, "resume: %s is %.200s here but %.200s in %s; it changes the model or the data "
-                        "order, so the run would not continue the same training. Use the checkpoint's value, or allow "
-                        "the change with --set run.resume_allow=%s", full, av ? av : "(unset)", bv ? bv : "?", what,
-                        full);
+                        "order, so the run would not continue the same training%s. Use the checkpoint's value "
+                        "(--set %s=%s), or allow the change with --set run.resume_allow=%s", full, av ? av : "(unset)",
+                        bv ? bv : "?", what, legacy ? " (the checkpoint predates the field: its runs had that value)" : "",
+                        full, legacy ? f->legacy : (bv ? bv : "?"), full);
+        json_decref(legacy);
         free(av);
         free(bv);
     }
@@ -1506,6 +1544,7 @@ static void rule_text(const field *f, char *buf, size_t n) {
     if (f->check_rule) ADD("%s%s", used ? "; " : "", f->check_rule);
     if (!used) ADD("any");
     if (resume_free(f)) ADD("; may change on `--resume`");
+    if (f->legacy) ADD("; a checkpoint written before the field existed counts as `%s`", f->legacy);
 #undef ADD
 }
 

@@ -17,6 +17,8 @@
 typedef enum { SY_PREC_FP32 = 0, SY_PREC_BF16 = 1 } sy_precision;
 typedef enum { SY_ONBUSY_WAIT = 0, SY_ONBUSY_SKIP = 1 } sy_ckpt_onbusy;
 typedef enum { SY_S3_ADDR_AUTO = 0, SY_S3_ADDR_PATH = 1, SY_S3_ADDR_VIRTUAL = 2 } sy_s3_addressing;
+/* data.order (model spec §6): the permutation of each epoch */
+typedef enum { SY_ORDER_FEISTEL = 0, SY_ORDER_FISHER_YATES = 1 } sy_data_order;
 
 typedef struct {
     char **items;   /* owned strings */
@@ -72,6 +74,7 @@ typedef struct {
         int fetch_threads;    /* range reads in flight at once */
         char *cache_dir;      /* on-disk cache of fetched ranges; "" = none */
         double cache_gb;      /* its bound (GiB) */
+        int order;            /* sy_data_order */
     } data;
     struct {
         char *store;          /* file:///abs, relative path, or s3://bucket/prefix */
@@ -103,10 +106,12 @@ typedef struct {
         char *curve_server_public;   /* its .pub file, for the workers `switchyard run` starts */
         char *curve_worker_key;      /* the .key file of those workers */
         char *curve_authorized_keys; /* worker public keys the coordinator accepts */
+        bool insecure;               /* allow off-loopback listeners without CURVE (warned) */
     } cluster;
     struct {
         char *addr;           /* host:port of the HTTP status server */
         char *token;          /* bearer token for mutating endpoints; "" = none set */
+        char *token_file;     /* file holding the token (mode 0600); "" = none */
     } status;
 } sy_config_t;
 

@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 /* Longest endpoint accepted (ZeroMQ keeps them in fixed buffers of about this size). */
 #define EP_MAX_LEN 255
@@ -87,4 +88,39 @@ sy_status sy_endpoint_check(const char *ep, bool bind, const char *what) {
     }
     if (!dns_name(host, hn)) return bad(what, ep, "not a valid host name", bind);
     return SY_OK;
+}
+
+/* A host (no brackets) that is loopback: see sy_endpoint_is_loopback. */
+static bool host_is_loopback(const char *host) {
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (inet_pton(AF_INET, host, &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, host, &a6) == 1) {
+        if (IN6_IS_ADDR_LOOPBACK(&a6)) return true;
+        return IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127;
+    }
+    return !strcasecmp(host, "localhost") || !strcasecmp(host, "localhost.");
+}
+
+bool sy_endpoint_is_loopback(const char *addr) {
+    if (!addr) return false;
+    if (!strncmp(addr, "ipc://", 6)) return addr[6] != 0;
+    const char *hp = !strncmp(addr, "tcp://", 6) ? addr + 6 : addr;
+    if (strstr(hp, "://")) return false; /* another transport */
+    const char *colon = strrchr(hp, ':');
+    if (!colon || colon == hp) return false;
+    size_t hn = (size_t)(colon - hp);
+    char host[EP_MAX_LEN + 1];
+    if (hn > EP_MAX_LEN) return false;
+    memcpy(host, hp, hn);
+    host[hn] = 0;
+    if (host[0] == '[') {
+        if (hn < 3 || host[hn - 1] != ']') return false;
+        host[hn - 1] = 0;
+        struct in6_addr a6;
+        if (inet_pton(AF_INET6, host + 1, &a6) != 1) return false;
+        return host_is_loopback(host + 1);
+    }
+    if (strchr(host, ':')) return false; /* an IPv6 address without brackets: ambiguous */
+    return host_is_loopback(host);
 }

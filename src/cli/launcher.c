@@ -2,6 +2,7 @@
 #include "base/clock.h"
 
 #include <curl/curl.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -31,8 +32,10 @@
 #include "data/data.h"
 #include "data/data_s3.h"
 #include "base/fsutil.h"
+#include "backend/backend.h"
 #include "backend/cpu_setup.h"
 #include "base/log.h"
+#include "base/secret.h"
 #include "model/memplan.h"
 #include "storage/store.h"
 #include "storage/store_s3.h"
@@ -84,9 +87,15 @@ static void usage(FILE *f) {
             "  -h, --help                  this help\n"
             "\n"
             "A worker process that exits is reported to the coordinator at once (POST\n"
-            "/v1/workers/ID/lost with status.token; the launcher makes a random token when the\n"
-            "config sets none). When every worker has exited and none will be respawned, the\n"
-            "launcher stops the coordinator and exits 1.\n"
+            "/v1/workers/ID/lost with the status token: status.token, status.token_file or\n"
+            "$SY_STATUS_TOKEN, else a random one). When every worker has exited and none will be\n"
+            "respawned, the launcher stops the coordinator and exits 1.\n"
+            "\n"
+            "Security: the control plane uses CurveZMQ with per-run keys (unless the config has\n"
+            "its own cluster.curve_* keys, or cluster.insecure: true), made in a private folder\n"
+            "$TMPDIR/switchyard-run-XXXXXX (mode 0700) that also holds the token file the\n"
+            "coordinator reads; no secret is on a command line. The folder is removed when the\n"
+            "command ends, also after an error, Ctrl-C or SIGTERM.\n"
             "\n"
             "Chaos SPEC: comma-separated items, ACTION@TRIGGER or OPTION.\n"
             "  ACTION   kill-worker | kill-workers=N    SIGKILL 1 / N random running workers\n"
@@ -252,6 +261,7 @@ typedef struct {
     bool stopped;       /* SIGSTOPped by the chaos */
     double cont_at;     /* launcher clock of its SIGCONT (0: none) */
     double respawn_at;  /* launcher clock of its respawn (0: none) */
+    int device;         /* its CUDA device (cluster.backend: cuda) */
 } wproc;
 
 typedef struct {
@@ -260,13 +270,19 @@ typedef struct {
     char coord_log[PATH_MAX + 64];
     char **sets;
     int n_sets;
-    char token_set[128]; /* "status.token=..." when the launcher made the token, else "" */
-    char token[96];
+    char token[SY_SECRET_MAX + 1]; /* the status token (POST /v1/workers/ID/lost) */
+    /* The run's 0700 folder (removed at the end): the token file, and per-run CURVE keys when
+     * the config has none and does not say cluster.insecure. "" until made. */
+    char secdir[PATH_MAX];
+    char sec_sets[6][PATH_MAX + 48]; /* --set values for the coordinator: token file, keys */
+    int n_sec_sets;
+    char run_pub[PATH_MAX + 32], run_key[PATH_MAX + 32]; /* the per-run workers' CURVE flags */
     bool quiet, tty;
     bool line_open;      /* a progress line without its newline is on the terminal */
     int threads;
     const char *curve_pub, *curve_key; /* the workers' CURVE flags (NULL: plaintext) */
     const char *comm;                  /* the workers' data plane (cluster.comm) */
+    bool cuda;                         /* cluster.backend: cuda: worker k gets --device k */
     /* coordinator */
     pid_t coord;
     int coord_fd;
@@ -297,6 +313,7 @@ static pid_t spawn(char *const argv[], const char *log_path, int stdout_fd) {
     if (pid != 0) return pid;
     /* child */
     setpgid(0, 0); /* Ctrl-C goes to the launcher, which stops children in order */
+    unsetenv(SY_STATUS_TOKEN_ENV); /* the coordinator reads the run's token file instead */
     int fd = sy_fs_open_regular(log_path, 1); /* never a FIFO, device or symlink */
     if (fd >= 0) {
         dup2(fd, STDERR_FILENO);
@@ -361,7 +378,7 @@ static bool read_ready(lctx *L, int timeout_ms) {
 
 /* Starts the coordinator; `restart`: on the ports of the previous one. */
 static bool start_coordinator(lctx *L, int expect, bool restart) {
-    char **cargv = calloc((size_t)(2 * L->n_sets + 16), sizeof(char *));
+    char **cargv = calloc((size_t)(2 * L->n_sets + 2 * L->n_sec_sets + 16), sizeof(char *));
     if (!cargv) return false;
     char exp[16], status_addr[512];
     snprintf(exp, sizeof exp, "%d", expect);
@@ -369,7 +386,7 @@ static bool start_coordinator(lctx *L, int expect, bool restart) {
     cargv[ca++] = (char *)L->coord_bin;
     cargv[ca++] = (char *)L->config_path;
     for (int i = 0; i < L->n_sets; i++) cargv[ca++] = "--set", cargv[ca++] = L->sets[i];
-    if (L->token_set[0]) cargv[ca++] = "--set", cargv[ca++] = L->token_set;
+    for (int i = 0; i < L->n_sec_sets; i++) cargv[ca++] = "--set", cargv[ca++] = L->sec_sets[i];
     cargv[ca++] = "--bind";
     if (restart) {
         const char *s = L->status;
@@ -414,10 +431,14 @@ static int live_workers(const lctx *L, bool count_stopped) {
 
 static bool spawn_worker(lctx *L, int k) {
     wproc *w = &L->w[k];
-    char th[16], path[PATH_MAX + 64];
+    char th[16], dev[16], path[PATH_MAX + 64];
     snprintf(th, sizeof th, "%d", L->threads);
+    /* one GPU per worker: the first workers get devices 0..n-1; a respawn under a new id
+     * inherits the device of the worker it replaces */
+    snprintf(dev, sizeof dev, "%d", w->device);
     char *wargv[] = {(char *)L->worker_bin, "--coordinator", L->bind, "--id", w->id, "--threads", th,
-                     "--comm", (char *)L->comm, L->curve_key ? "--curve-server-public" : NULL, (char *)L->curve_pub, "--curve-key",
+                     "--comm", (char *)L->comm, "--backend", L->cuda ? "cuda" : "cpu", "--device", dev,
+                     L->curve_key ? "--curve-server-public" : NULL, (char *)L->curve_pub, "--curve-key",
                      (char *)L->curve_key, NULL};
     snprintf(path, sizeof path, "%s/worker-%d.log", L->logdir, w->log_index);
     w->pid = spawn(wargv, path, -1);
@@ -440,6 +461,7 @@ static int add_worker(lctx *L) {
     w->pid = -1;
     w->log_index = L->next_index++;
     snprintf(w->id, sizeof w->id, "w%d", w->log_index);
+    w->device = L->nw; /* the initial workers: device k for worker k */
     return L->nw++;
 }
 
@@ -707,6 +729,25 @@ static int run_configure(run_opts *o, sy_config_t *cfg) {
     for (int i = 0; i < o->n_sets; i++)
         if (sy_config_set(cfg, o->sets[i]) != SY_OK) goto cfg_fail;
     if (sy_config_validate_from(cfg, o->config_path, o->sets, o->n_sets) != SY_OK) goto cfg_fail;
+    if (strcmp(cfg->cluster.backend, "cuda") == 0) {
+        /* one GPU per worker process, device k for worker k */
+        char why[256];
+        int ngpu = sy_backend_cuda_devices(why, sizeof why);
+        if (ngpu <= 0) {
+            fprintf(stderr,
+                    "switchyard run: cluster.backend is cuda but no CUDA device can be used here: %s; run on a "
+                    "machine with NVIDIA GPUs, or set cluster.backend: cpu (--set cluster.backend=cpu)\n",
+                    why);
+            return 1;
+        }
+        if (o->n_workers > ngpu) {
+            fprintf(stderr,
+                    "switchyard run: --workers %d but only %d CUDA device(s) are visible (each worker needs its "
+                    "own GPU): use --workers %d or fewer\n",
+                    o->n_workers, ngpu, ngpu);
+            return 2;
+        }
+    }
     if (sy_memplan_check(cfg, o->n_workers) != SY_OK) {
         fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
         return 1;
@@ -755,20 +796,14 @@ static bool find_binaries(char *coord_bin, size_t cn, char *worker_bin, size_t w
     return true;
 }
 
-/* The token of the mutating endpoints: the user's, or a fresh random one passed to the
- * coordinator with --set. */
-static void make_token(lctx *L, const sy_config_t *cfg) {
-    if (cfg->status.token && cfg->status.token[0]) {
-        snprintf(L->token, sizeof L->token, "%s", cfg->status.token);
-        return;
-    }
-    uint8_t rb[16];
-    if (getrandom(rb, sizeof rb, 0) != (ssize_t)sizeof rb) {
-        uint64_t s = (uint64_t)(sy_wall_s() * 1e9) ^ ((uint64_t)getpid() << 32);
-        for (size_t i = 0; i < sizeof rb; i++) rb[i] = (uint8_t)rng_next(&s);
-    }
-    for (size_t i = 0; i < sizeof rb; i++) snprintf(L->token + 2 * i, 3, "%02x", rb[i]);
-    snprintf(L->token_set, sizeof L->token_set, "status.token=%s", L->token);
+/* The token of the mutating endpoints: the user's (status.token, status.token_file or
+ * SY_STATUS_TOKEN), or a fresh random one. It reaches the coordinator through a 0600 file in the
+ * run's 0700 folder (make_secrets), never its command line. False (message printed) on error. */
+static bool make_token(lctx *L, const sy_config_t *cfg) {
+    sy_status s = sy_secret_status_token(cfg->status.token, cfg->status.token_file, L->token, sizeof L->token);
+    if (s == SY_OK && !L->token[0]) s = sy_secret_random_hex(L->token, 16);
+    if (s != SY_OK) fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
+    return s == SY_OK;
 }
 
 /* A fresh run: refused if the store holds committed checkpoints of this run name (they would be
@@ -822,12 +857,21 @@ static bool run_prepare(lctx *L, run_opts *o, const sy_config_t *cfg, run_paths 
     L->coord_bin = p->coord_bin;
     L->worker_bin = p->worker_bin;
     L->config_path = o->config_path;
+    /* the token goes by file (make_secrets): the coordinator's command line never holds it */
     L->sets = o->sets;
-    L->n_sets = o->n_sets;
+    L->n_sets = 0;
+    for (int i = 0; i < o->n_sets; i++) {
+        if (!strncmp(o->sets[i], "status.token=", 13) && o->sets[i][13])
+            note(L, "warning: --set status.token=... is visible to every local user in this command line (ps); "
+                    "use status.token_file (mode 0600) or the environment variable " SY_STATUS_TOKEN_ENV);
+        if (strncmp(o->sets[i], "status.token=", 13) != 0 && strncmp(o->sets[i], "status.token_file=", 18) != 0)
+            o->sets[L->n_sets++] = o->sets[i];
+    }
     L->quiet = o->quiet;
     L->tty = isatty(STDERR_FILENO);
     L->threads = o->threads;
     L->comm = cfg->cluster.comm;
+    L->cuda = strcmp(cfg->cluster.backend, "cuda") == 0;
     if (cfg->cluster.curve_server_key[0]) {
         L->curve_pub = cfg->cluster.curve_server_public;
         L->curve_key = cfg->cluster.curve_worker_key;
@@ -839,7 +883,7 @@ static bool run_prepare(lctx *L, run_opts *o, const sy_config_t *cfg, run_paths 
     }
     snprintf(p->metrics, sizeof p->metrics, "%s/metrics.jsonl", cfg->run.state_dir);
     snprintf(L->coord_log, sizeof L->coord_log, "%s/coordinator.log", L->logdir);
-    make_token(L, cfg);
+    if (!make_token(L, cfg)) return false;
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         fprintf(stderr, "switchyard run: cannot initialise libcurl\n");
         return false;
@@ -850,12 +894,85 @@ static bool run_prepare(lctx *L, run_opts *o, const sy_config_t *cfg, run_paths 
     return true;
 }
 
+/* One more --set for the coordinator; false if it does not fit. */
+static bool sec_set(lctx *L, const char *field, const char *path) {
+    if (L->n_sec_sets == (int)(sizeof L->sec_sets / sizeof L->sec_sets[0])) return false;
+    size_t cap = sizeof L->sec_sets[0];
+    return (size_t)snprintf(L->sec_sets[L->n_sec_sets++], cap, "%s=%s", field, path) < cap;
+}
+
+/* The run's 0700 folder under $TMPDIR (else /tmp): the status token (status.token, 0600) and,
+ * unless the config has CURVE keys or says cluster.insecure, a per-run CurveZMQ set: the
+ * coordinator's and the workers' key pairs and the authorized-keys file, so that a local run
+ * is authenticated by default. Removed by remove_secrets at the end, however the run ends.
+ * False (message printed) on failure. */
+static bool make_secrets(lctx *L, const sy_config_t *cfg) {
+    const char *tmp = getenv("TMPDIR");
+    if (!tmp || !*tmp) tmp = "/tmp";
+    if ((size_t)snprintf(L->secdir, sizeof L->secdir, "%s/switchyard-run-XXXXXX", tmp) >= sizeof L->secdir - 64 ||
+        !mkdtemp(L->secdir)) { /* mkdtemp makes it 0700 */
+        fprintf(stderr, "switchyard run: cannot make a private folder under %s: %s\n", tmp, strerror(errno));
+        L->secdir[0] = 0;
+        return false;
+    }
+    char path[PATH_MAX + 32];
+    sy_status s = SY_OK;
+    snprintf(path, sizeof path, "%s/status.token", L->secdir);
+    s = sy_fs_write_atomic(path, L->token, strlen(L->token), 0600, SY_FS_NO_REPLACE | SY_FS_EXACT_MODE);
+    /* "status.token=" (empty) overrides a token in the YAML file: the file is the one source */
+    if (s == SY_OK && !(sec_set(L, "status.token", "") && sec_set(L, "status.token_file", path)))
+        s = sy_err_set(SY_EINVAL, "%s: path too long", L->secdir);
+    if (s == SY_OK && !cfg->cluster.insecure && !cfg->cluster.curve_server_key[0]) {
+        char ck[PATH_MAX + 32], cp[PATH_MAX + 32], wk[PATH_MAX + 32], wp[PATH_MAX + 32], ak[PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s/coordinator", L->secdir);
+        s = sy_curve_keygen(path, ck, cp, sizeof ck);
+        snprintf(path, sizeof path, "%s/worker", L->secdir);
+        if (s == SY_OK) s = sy_curve_keygen(path, wk, wp, sizeof wk);
+        sy_curve_key wpub;
+        if (s == SY_OK) s = sy_curve_load_key(wp, false, &wpub);
+        snprintf(ak, sizeof ak, "%s/authorized_workers", L->secdir);
+        if (s == SY_OK) {
+            char line[128];
+            int n = snprintf(line, sizeof line, "%s switchyard run: the workers of this run\n", wpub.public_z85);
+            s = sy_fs_write_atomic(ak, line, (size_t)n, 0600, SY_FS_NO_REPLACE | SY_FS_EXACT_MODE);
+        }
+        if (s == SY_OK && !(sec_set(L, "cluster.curve_server_key", ck) && sec_set(L, "cluster.curve_server_public", cp) &&
+                            sec_set(L, "cluster.curve_worker_key", wk) && sec_set(L, "cluster.curve_authorized_keys", ak)))
+            s = sy_err_set(SY_EINVAL, "%s: path too long", L->secdir);
+        if (s == SY_OK) {
+            snprintf(L->run_pub, sizeof L->run_pub, "%s", cp);
+            snprintf(L->run_key, sizeof L->run_key, "%s", wk);
+            L->curve_pub = L->run_pub;
+            L->curve_key = L->run_key;
+        }
+    }
+    if (s != SY_OK) fprintf(stderr, "switchyard run: per-run secrets in %s: %s\n", L->secdir, sy_err_msg());
+    return s == SY_OK;
+}
+
+/* Removes the run's private folder and everything in it (plain files only: the keys, the
+ * token, a temp file left by an interrupted write). */
+static void remove_secrets(lctx *L) {
+    if (!L->secdir[0]) return;
+    DIR *d = opendir(L->secdir);
+    if (d) {
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL)
+            if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) unlinkat(dirfd(d), e->d_name, 0);
+        closedir(d);
+    }
+    if (rmdir(L->secdir) != 0 && errno != ENOENT)
+        fprintf(stderr, "switchyard run: cannot remove %s: %s\n", L->secdir, strerror(errno));
+    L->secdir[0] = 0;
+}
+
 static void install_signals(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = l_on_signal;
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL); /* a closed terminal stops the run cleanly (and removes its keys) */
     struct sigaction sc;
     memset(&sc, 0, sizeof sc);
     sc.sa_handler = l_on_child;
@@ -974,6 +1091,7 @@ static void revive_workers(lctx *L, run_state *S, double now) {
                 k = add_worker(L); /* may move L->w */
                 if (k < 0) continue;
                 w = &L->w[i];
+                L->w[k].device = w->device; /* its replacement runs on its GPU */
             }
             if (spawn_worker(L, k)) {
                 S->all_gone_at = 0;
@@ -1185,7 +1303,7 @@ int sy_run_cli(int argc, char **argv) {
         sy_log_set_role("run");
         if (run_prepare(&L, &o, &cfg, &paths)) {
             install_signals();
-            if (start_cluster(&L, o.n_workers)) {
+            if (make_secrets(&L, &cfg) && start_cluster(&L, o.n_workers)) {
                 run_state S = {.chaos = o.chaos, .metrics_path = paths.metrics, .steps = cfg.run.steps,
                                .coord_status = -1, .first_step = -1, .loss = NAN};
                 supervise(&L, &S);
@@ -1194,6 +1312,8 @@ int sy_run_cli(int argc, char **argv) {
             stop_all(&L);
         }
     }
+    remove_secrets(&L);
+    explicit_bzero(L.token, sizeof L.token);
     if (L.coord_fd >= 0) close(L.coord_fd);
     if (L.chaos_f) fclose(L.chaos_f);
     if (L.curl_ready) curl_global_cleanup();

@@ -30,6 +30,7 @@ static void usage(FILE *f) {
             "  eval --checkpoint DIR --data SHARDS   mean cross-entropy of a checkpoint\n"
             "  sample --checkpoint DIR --prompt TEXT text from a checkpoint (temperature, top-k, seed)\n"
             "  data prepare --input F... --out DIR   tokenize text (bytes) into llm.c shards\n"
+            "  data check [CONFIG]                   validate every shard of data.train and data.val\n"
             "  ckpt ls|show|export STORE/RUN[@STEP] list, verify, export checkpoints\n"
             "  status [--url URL] [--json]           a running cluster's status (coordinator HTTP)\n"
             "  config doc                            print the configuration reference (Markdown)\n"
@@ -116,11 +117,12 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "data")) {
         if (argc < 3 || !strcmp(argv[2], "-h") || !strcmp(argv[2], "--help")) {
             printf("usage: switchyard data prepare --input FILE_OR_DIR... --out DIR [options]\n"
-                   "       (switchyard data prepare --help for the options)\n");
+                   "       switchyard data check [CONFIG] [--set section.field=value]...\n"
+                   "       (switchyard data prepare --help, switchyard data check --help)\n");
             return argc < 3 ? 2 : 0;
         }
-        if (strcmp(argv[2], "prepare")) {
-            fprintf(stderr, "switchyard data: unknown subcommand '%s' (prepare)\n", argv[2]);
+        if (strcmp(argv[2], "prepare") && strcmp(argv[2], "check")) {
+            fprintf(stderr, "switchyard data: unknown subcommand '%s' (prepare, check)\n", argv[2]);
             return 2;
         }
         return sy_data_cli(argc - 2, argv + 2);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/secret.h"
 #include "storage/curl_check.h"
 
 #define DEFAULT_URL "http://127.0.0.1:8080"
@@ -32,11 +33,14 @@ static size_t on_data(char *p, size_t sz, size_t n, void *ud) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: switchyard status [--url URL] [--json]\n"
+    fprintf(f, "usage: switchyard status [--url URL] [--json] [--token-file FILE]\n"
                "\n"
                "Prints the state of a run from its coordinator's status server.\n"
-               "  --url URL   the coordinator's status address (default " DEFAULT_URL ")\n"
-               "  --json      print the raw /v1/status JSON\n");
+               "  --url URL          the coordinator's status address (default " DEFAULT_URL ")\n"
+               "  --json             print the raw /v1/status JSON\n"
+               "  --token-file FILE  send the bearer token of FILE (one line, mode 0600), for a\n"
+               "                     server that asks for it on GET too; else $" SY_STATUS_TOKEN_ENV "\n"
+               "                     when set. Never give a token as an argument: ps shows it.\n");
 }
 
 static double num(const json_t *o, const char *k) {
@@ -78,7 +82,7 @@ static void print_table(const json_t *s) {
 }
 
 int sy_status_cli(int argc, char **argv) {
-    const char *url = DEFAULT_URL;
+    const char *url = DEFAULT_URL, *token_file = NULL;
     int as_json = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
@@ -88,6 +92,8 @@ int sy_status_cli(int argc, char **argv) {
             as_json = 1;
         } else if (!strcmp(argv[i], "--url") && i + 1 < argc) {
             url = argv[++i];
+        } else if (!strcmp(argv[i], "--token-file") && i + 1 < argc) {
+            token_file = argv[++i];
         } else {
             fprintf(stderr, "switchyard status: unknown argument '%s'\n", argv[i]);
             usage(stderr);
@@ -103,6 +109,14 @@ int sy_status_cli(int argc, char **argv) {
     }
     snprintf(full, sizeof full, "%.*s/v1/status", (int)n, url);
 
+    char token[SY_SECRET_MAX + 1], auth[SY_SECRET_MAX + 32];
+    if (sy_secret_status_token(NULL, token_file, token, sizeof token) != SY_OK) {
+        fprintf(stderr, "switchyard status: %s\n", sy_err_msg());
+        return 2;
+    }
+    snprintf(auth, sizeof auth, "Authorization: Bearer %s", token);
+    explicit_bzero(token, sizeof token);
+    struct curl_slist *hdr = NULL;
     int code = 1;
     body b = {0};
     long http = 0;
@@ -120,6 +134,10 @@ int sy_status_cli(int argc, char **argv) {
     curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, TIMEOUT_S);
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, err);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    if (auth[22]) { /* a token: "Authorization: Bearer " is 22 characters */
+        hdr = curl_slist_append(NULL, auth);
+        curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
+    }
     CURLcode rc = curl_easy_perform(c);
     if (rc != CURLE_OK) { /* printed whole: the URL may be longer than a status message */
         fprintf(stderr, "switchyard status: cannot reach %s: %s\n", full, sy_curl_why(rc, err));
@@ -146,6 +164,8 @@ int sy_status_cli(int argc, char **argv) {
     json_decref(s);
     code = 0;
 out:
+    explicit_bzero(auth, sizeof auth);
+    curl_slist_free_all(hdr);
     if (c) curl_easy_cleanup(c);
     curl_global_cleanup();
     free(b.buf);

@@ -146,8 +146,19 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
     /* before anything big is allocated: a config too large for this machine is an error now,
      * not the OOM killer later */
     SY_CHECK_GOTO(sy_memplan_check(cfg, 1), s, done);
-    SY_CHECK_GOTO(sy_backend_cpu_new(cfg->train.threads, cfg->train.precision == SY_PREC_BF16,
-                                     &t.be), s, done);
+    if (strcmp(cfg->cluster.backend, "cuda") == 0) {
+        /* single-process training on one GPU: SY_CUDA_DEVICE (default 0) */
+        const char *dev = getenv("SY_CUDA_DEVICE");
+        s = sy_backend_cuda_new(dev && dev[0] ? atoi(dev) : 0, cfg->train.precision == SY_PREC_BF16,
+                                &t.be);
+        if (s != SY_OK) {
+            sy_err_prefix(s, "cluster.backend is cuda (--set cluster.backend=cpu trains on the CPU)");
+            goto done;
+        }
+    } else {
+        SY_CHECK_GOTO(sy_backend_cpu_new(cfg->train.threads, cfg->train.precision == SY_PREC_BF16,
+                                         &t.be), s, done);
+    }
     sy_model_dims dims = sy_model_dims_from_config(cfg);
     SY_CHECK_GOTO(sy_model_new(&dims, t.be, &t.model), s, done);
     SY_CHECK_GOTO(sy_adamw_new(t.model, cfg, &t.opt), s, done);

@@ -6,6 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <zmq.h>
 
 #include "comm_internal.h"
 
@@ -16,13 +19,20 @@ const char *const sy_comm_kinds[] = {"tcp", "threads", NULL};
 
 /* ---------------------------------------------------------------- data plane */
 
-sy_status sy_dataplane_new(const char *kind, const char *bind_addr, sy_dataplane_t **out) {
+static bool z85_ok(const char *z85) {
+    uint8_t raw[32];
+    return z85 && strlen(z85) == 40 && zmq_z85_decode(raw, z85) != NULL;
+}
+
+static sy_status dp_open(const char *kind, const char *bind_addr, const char *pub, const char *sec,
+                         sy_dataplane_t **out) {
     if (!out) return sy_err_set(SY_EINVAL, "data plane: NULL out");
     *out = NULL;
     for (size_t i = 0; i < N_KINDS; i++) {
         if (kind && !strcmp(kind, KINDS[i]->name)) {
-            SY_CHECK(KINDS[i]->dp_new(bind_addr, out));
+            SY_CHECK(KINDS[i]->dp_new(bind_addr, pub, sec, out));
             (*out)->ops = KINDS[i];
+            (*out)->curve = pub != NULL;
             return SY_OK;
         }
     }
@@ -36,6 +46,23 @@ void sy_dataplane_destroy(sy_dataplane_t **self_p) {
     dp->ops->dp_destroy(dp);
 }
 
+sy_status sy_dataplane_new(const char *kind, const char *bind_addr, sy_dataplane_t **out) {
+    return dp_open(kind, bind_addr, NULL, NULL, out);
+}
+
+sy_status sy_dataplane_new_curve(const char *kind, const char *bind_addr, const char *public_z85,
+                                 const char *secret_z85, sy_dataplane_t **out) {
+    if (out) *out = NULL;
+    if (!z85_ok(public_z85) || !z85_ok(secret_z85))
+        return sy_err_set(SY_EINVAL, "data plane: a CURVE key pair is two keys of 40 Z85 characters");
+    return dp_open(kind, bind_addr, public_z85, secret_z85, out);
+}
+
+int sy_dataplane_is_curve(const sy_dataplane_t *dp) { return dp ? dp->curve : 0; }
+uint64_t sy_dataplane_refused(const sy_dataplane_t *dp) {
+    return dp && dp->ops->dp_refused ? dp->ops->dp_refused(dp) : 0;
+}
+
 const char *sy_dataplane_kind(const sy_dataplane_t *dp) { return dp ? dp->ops->name : ""; }
 const char *sy_dataplane_endpoint(const sy_dataplane_t *dp) { return dp ? dp->ops->dp_endpoint(dp) : ""; }
 uint64_t sy_dataplane_dropped(const sy_dataplane_t *dp) { return dp ? dp->ops->dp_dropped(dp) : 0; }
@@ -44,6 +71,16 @@ uint64_t sy_dataplane_dropped(const sy_dataplane_t *dp) { return dp ? dp->ops->d
 
 sy_status sy_comm_new(sy_dataplane_t *dp, uint64_t generation, int rank, int world,
                       const char *const *endpoints, int timeout_ms, sy_comm_t **out) {
+    if (dp && dp->curve) {
+        if (out) *out = NULL;
+        return sy_err_set(SY_EINVAL, "comm: a CURVE data plane needs the members' keys (sy_comm_new_curve)");
+    }
+    return sy_comm_new_curve(dp, generation, rank, world, endpoints, NULL, timeout_ms, out);
+}
+
+sy_status sy_comm_new_curve(sy_dataplane_t *dp, uint64_t generation, int rank, int world,
+                            const char *const *endpoints, const char *const *peer_keys, int timeout_ms,
+                            sy_comm_t **out) {
     if (!out) return sy_err_set(SY_EINVAL, "comm: NULL out");
     *out = NULL;
     if (world < 1 || world > 65535 || rank < 0 || rank >= world)
@@ -51,6 +88,9 @@ sy_status sy_comm_new(sy_dataplane_t *dp, uint64_t generation, int rank, int wor
     if (timeout_ms <= 0) return sy_err_set(SY_EINVAL, "comm: timeout_ms %d must be > 0", timeout_ms);
     sy_comm_t *c = NULL;
     if (world == 1) {
+        /* no peers, but a CURVE data plane still admits only this generation's member (us) */
+        if (dp && dp->curve && peer_keys && z85_ok(peer_keys[0]) && dp->ops->dp_authorize)
+            SY_CHECK(dp->ops->dp_authorize(dp, peer_keys, 1, timeout_ms));
         c = calloc(1, sizeof *c);
         if (!c) return sy_err_set(SY_ENOMEM, "comm: allocation");
     } else {
@@ -59,7 +99,14 @@ sy_status sy_comm_new(sy_dataplane_t *dp, uint64_t generation, int rank, int wor
         for (int r = 0; r < world; r++)
             if (r != rank && (!endpoints[r] || !endpoints[r][0]))
                 return sy_err_set(SY_EINVAL, "comm: endpoint of rank %d is empty", r);
-        SY_CHECK(dp->ops->comm_new(dp, generation, rank, world, endpoints, timeout_ms, &c));
+        if (peer_keys && !dp->curve)
+            return sy_err_set(SY_EINVAL, "comm: members' keys given for a data plane without CURVE");
+        if (!peer_keys && dp->curve)
+            return sy_err_set(SY_EINVAL, "comm: a CURVE data plane needs the members' keys");
+        for (int r = 0; peer_keys && r < world; r++)
+            if (!z85_ok(peer_keys[r]))
+                return sy_err_set(SY_EINVAL, "comm: the public key of rank %d is not 40 Z85 characters", r);
+        SY_CHECK(dp->ops->comm_new(dp, generation, rank, world, endpoints, peer_keys, timeout_ms, &c));
         c->ops = dp->ops;
     }
     c->gen = generation;

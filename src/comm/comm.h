@@ -67,11 +67,34 @@ const char *sy_dataplane_endpoint(const sy_dataplane_t *dp);
  * were read, or not well-formed data-plane messages. */
 uint64_t sy_dataplane_dropped(const sy_dataplane_t *dp);
 
+/* CurveZMQ (tcp only; docs/security.md "Data plane"). Same as sy_dataplane_new, but the PULL
+ * socket is a CURVE server with this process's key pair (Z85 text, 40 characters each) and a
+ * ZAP handler (comm_zap_internal.h) admits only the public keys of the open generation's members (set by
+ * sy_comm_new_curve); every other client's handshake is refused and counted
+ * (sy_dataplane_refused) before any of its messages is read. "threads" has no wire: SY_EINVAL. */
+sy_status sy_dataplane_new_curve(const char *kind, const char *bind_addr, const char *public_z85,
+                                 const char *secret_z85, sy_dataplane_t **out);
+/* True for a data plane made by sy_dataplane_new_curve. */
+int sy_dataplane_is_curve(const sy_dataplane_t *dp);
+/* CURVE handshakes the data plane refused (0 without CURVE). */
+uint64_t sy_dataplane_refused(const sy_dataplane_t *dp);
+
 /* Opens the communicator of one generation: this process is `rank` of `world`; endpoints[r] is
  * rank r's data-plane endpoint (endpoints[rank] is ours). timeout_ms bounds every wait.
  * Does not wait for peers; the first collective does. */
 sy_status sy_comm_new(sy_dataplane_t *dp, uint64_t generation, int rank, int world,
                       const char *const *endpoints, int timeout_ms, sy_comm_t **out);
+/* Same, on a CURVE data plane: peer_keys[r] is rank r's public key (Z85). The data plane then
+ * admits exactly these keys (the previous generation's are no longer admitted; connections
+ * already made stay, and their old-generation traffic is dropped as before); every PUSH socket
+ * is a CURVE client with our key pair and peer_keys[r] as the server's key; and a message whose
+ * connection's key is not peer_keys[src] of its header's source rank is dropped and counted
+ * (sy_dataplane_dropped), so a member cannot speak for another rank when keys differ. Keys may
+ * repeat (one pair for every worker of a run). SY_EINVAL when the data plane is not CURVE or a
+ * key is not 40 valid Z85 characters. */
+sy_status sy_comm_new_curve(sy_dataplane_t *dp, uint64_t generation, int rank, int world,
+                            const char *const *endpoints, const char *const *peer_keys, int timeout_ms,
+                            sy_comm_t **out);
 /* Closes the generation; pending incoming traffic of this generation is dropped. */
 void sy_comm_destroy(sy_comm_t **self_p);
 

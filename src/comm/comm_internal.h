@@ -25,14 +25,21 @@ typedef enum { SY_COMM_F32, SY_COMM_F64 } sy_comm_dtype;
 
 typedef struct sy_comm_ops {
     const char *name;
-    sy_status (*dp_new)(const char *bind_addr, sy_dataplane_t **out);
+    /* public_z85/secret_z85: NULL for plaintext, else both set (CURVE). */
+    sy_status (*dp_new)(const char *bind_addr, const char *public_z85, const char *secret_z85,
+                        sy_dataplane_t **out);
     /* Also detaches an open communicator (whose later collectives then fail). */
     void (*dp_destroy)(sy_dataplane_t *dp);
     const char *(*dp_endpoint)(const sy_dataplane_t *dp);
     uint64_t (*dp_dropped)(const sy_dataplane_t *dp);
+    uint64_t (*dp_refused)(const sy_dataplane_t *dp); /* NULL: never refuses */
+    /* CURVE: admit exactly these n keys (Z85) from now on; NULL without CURVE */
+    sy_status (*dp_authorize)(sy_dataplane_t *dp, const char *const *keys, int n, int hold_ms);
     /* world > 1, arguments checked; the base fields are filled in by comm.c afterwards. */
+    /* peer_keys: NULL (plaintext) or world Z85 keys, checked by comm.c (valid Z85, dp CURVE). */
     sy_status (*comm_new)(sy_dataplane_t *dp, uint64_t gen, int rank, int world,
-                          const char *const *endpoints, int timeout_ms, sy_comm_t **out);
+                          const char *const *endpoints, const char *const *peer_keys, int timeout_ms,
+                          sy_comm_t **out);
     void (*comm_destroy)(sy_comm_t *c);
     void (*fail)(sy_comm_t *c);
     sy_status (*alltoallv)(sy_comm_t *c, const void *send, const size_t *send_bytes, void *recv,
@@ -44,6 +51,7 @@ typedef struct sy_comm_ops {
 
 struct sy_dataplane {
     const sy_comm_ops *ops;
+    int curve;                 /* made by sy_dataplane_new_curve */
 };
 
 struct sy_comm {

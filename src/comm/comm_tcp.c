@@ -72,6 +72,14 @@
  * Memory: the stash is not capped (a broadcast root may legitimately run many rounds ahead);
  * frames are capped at one chunk (ZMQ_MAXMSGSIZE) so a stranger cannot send one huge frame.
  *
+ * CURVE (sy_dataplane_new_curve; docs/protocol.md "Security"). The PULL socket is a CURVE server
+ * with this process's key pair and a ZAP domain; the ZAP handler (comm_zap.c, its own thread and
+ * socket in this context) admits the keys sy_comm_new_curve authorizes: the open generation's
+ * members. Every PUSH is a CURVE client with our pair and its peer's public key. A refused
+ * stranger's messages never reach the PULL socket; an admitted connection's messages carry its
+ * key as ZeroMQ User-Id, and one whose key is not its header's source rank's is dropped and
+ * counted (sender_ok). The rest of the protocol is unchanged.
+ *
  * One communicator per data plane at a time. */
 #include "comm/comm.h"
 #include "comm_internal.h"
@@ -90,6 +98,7 @@
 
 #include "base/log.h"
 #include "base/zmq_check.h"
+#include "comm_zap_internal.h"
 
 #define SY_COMM_MAGIC 0x50445953u   /* "SYDP" in little-endian memory */
 #define SY_COMM_SEQ_MAX 0xfffffff0u       /* rounds per generation (the header has 32 bits) */
@@ -143,8 +152,12 @@ typedef struct {
     void *ctx, *pull;
     char endpoint[SY_COMM_EP_MAX];
     sy_msgvec stash;           /* messages of later rounds or generations, arrival order */
-    uint64_t dropped;          /* stale-generation or malformed messages */
+    _Atomic uint64_t dropped;  /* stale-generation or malformed messages (read by other threads) */
     tcp_comm *active;
+    /* CURVE (sy_dataplane_new_curve): our key pair and the ZAP handler; curve false: plaintext */
+    bool curve;
+    char pub[41], sec[41];
+    sy_dp_zap *zap;
 } tcp_dp;
 
 /* zmq's free function needs both the per-peer counter and the eventfd; the hint points at a
@@ -168,6 +181,7 @@ struct tcp_comm {
     uint64_t *r_total;
     uint32_t *r_next;
     uint8_t *r_expect, *r_done;
+    char (*keys)[41];          /* [world] members' public keys (Z85) on a CURVE data plane, else NULL */
 };
 
 /* ---------------------------------------------------------------- small helpers */
@@ -219,7 +233,8 @@ static void msgvec_free(sy_msgvec *mv) {
 
 /* ---------------------------------------------------------------- data plane */
 
-static sy_status tcp_dp_new(const char *bind_addr, sy_dataplane_t **out) {
+static sy_status tcp_dp_new(const char *bind_addr, const char *public_z85, const char *secret_z85,
+                             sy_dataplane_t **out) {
     sy_status st = SY_OK;
     if (!bind_addr) return sy_err_set(SY_EINVAL, "data plane: tcp needs a bind address (tcp://host:port)");
     tcp_dp *dp = calloc(1, sizeof *dp);
@@ -242,6 +257,20 @@ static sy_status tcp_dp_new(const char *bind_addr, sy_dataplane_t **out) {
         st = zmq_fail("PULL socket options");
         goto fail;
     }
+    if (public_z85) {
+        /* The ZAP handler must be bound before the first handshake can ask it. */
+        dp->curve = true;
+        snprintf(dp->pub, sizeof dp->pub, "%s", public_z85);
+        snprintf(dp->sec, sizeof dp->sec, "%s", secret_z85);
+        SY_CHECK_GOTO(sy_dp_zap_start(dp->ctx, &dp->zap), st, fail);
+        int one = 1;
+        if (zmq_setsockopt(dp->pull, ZMQ_CURVE_SERVER, &one, sizeof one) != 0 ||
+            zmq_setsockopt(dp->pull, ZMQ_CURVE_SECRETKEY, dp->sec, 41) != 0 ||
+            zmq_setsockopt(dp->pull, ZMQ_ZAP_DOMAIN, SY_DP_ZAP_DOMAIN, strlen(SY_DP_ZAP_DOMAIN)) != 0) {
+            st = zmq_fail("PULL socket CURVE options (is libzmq built with CURVE?)");
+            goto fail;
+        }
+    }
     SY_CHECK_ZMQ_GOTO(zmq_bind(dp->pull, bind_addr), st, fail, "data plane: bind '%s'", bind_addr);
     size_t len = sizeof dp->endpoint;
     if (zmq_getsockopt(dp->pull, ZMQ_LAST_ENDPOINT, dp->endpoint, &len) != 0) {
@@ -252,7 +281,9 @@ static sy_status tcp_dp_new(const char *bind_addr, sy_dataplane_t **out) {
     return SY_OK;
 fail:
     if (dp->pull) zmq_close(dp->pull);
+    sy_dp_zap_stop(&dp->zap);
     if (dp->ctx) zmq_ctx_term(dp->ctx);
+    memset(dp->sec, 0, sizeof dp->sec);
     free(dp);
     return st;
 }
@@ -268,13 +299,27 @@ static void tcp_dp_destroy(sy_dataplane_t *base) {
     }
     msgvec_free(&dp->stash);
     zmq_close(dp->pull);
+    sy_dp_zap_stop(&dp->zap);
     zmq_ctx_term(dp->ctx);
+    memset(dp->sec, 0, sizeof dp->sec);
     free(dp);
 }
 
 static const char *tcp_dp_endpoint(const sy_dataplane_t *dp) { return ((const tcp_dp *)dp)->endpoint; }
 
-static uint64_t tcp_dp_dropped(const sy_dataplane_t *dp) { return ((const tcp_dp *)dp)->dropped; }
+static uint64_t tcp_dp_dropped(const sy_dataplane_t *dp) { return atomic_load(&((tcp_dp *)dp)->dropped); }
+static uint64_t tcp_dp_refused(const sy_dataplane_t *dp) { return sy_dp_zap_refused(((const tcp_dp *)dp)->zap); }
+
+static sy_status tcp_dp_authorize(sy_dataplane_t *base, const char *const *keys, int n, int hold_ms) {
+    tcp_dp *dp = (tcp_dp *)base;
+    if (!dp->zap) return sy_err_set(SY_EINVAL, "data plane: not CURVE");
+    uint8_t(*raw)[32] = calloc((size_t)(n > 0 ? n : 1), sizeof *raw);
+    if (!raw) return sy_err_set(SY_ENOMEM, "data plane: keys of world %d", n);
+    for (int r = 0; r < n; r++) zmq_z85_decode(raw[r], keys[r]);
+    sy_status st = sy_dp_zap_authorize(dp->zap, (const uint8_t(*)[32])raw, n, hold_ms);
+    free(raw);
+    return st;
+}
 
 /* ---------------------------------------------------------------- communicator lifecycle */
 
@@ -309,8 +354,8 @@ static void comm_close_sockets(tcp_comm *c, int linger_ms) {
 
 /* comm.c checked the arguments (world > 1, endpoints present) and fills in c->b afterwards. */
 static sy_status tcp_comm_new(sy_dataplane_t *base, uint64_t generation, int rank, int world,
-                              const char *const *endpoints, int timeout_ms, sy_comm_t **out) {
-    (void)timeout_ms;
+                              const char *const *endpoints, const char *const *peer_keys, int timeout_ms,
+                              sy_comm_t **out) {
     tcp_dp *dp = (tcp_dp *)base;
     sy_status st = SY_OK;
     if (dp->active)
@@ -328,9 +373,16 @@ static sy_status tcp_comm_new(sy_dataplane_t *base, uint64_t generation, int ran
     c->r_next = calloc(W, sizeof *c->r_next);
     c->r_expect = calloc(W, 1);
     c->r_done = calloc(W, 1);
-    if (!c->push || !c->slots || !c->r_total || !c->r_next || !c->r_expect || !c->r_done) {
+    if (peer_keys) c->keys = calloc(W, sizeof *c->keys);
+    if (!c->push || !c->slots || !c->r_total || !c->r_next || !c->r_expect || !c->r_done ||
+        (peer_keys && !c->keys)) {
         st = sy_err_set(SY_ENOMEM, "comm: allocation for world %d", world);
         goto fail;
+    }
+    if (peer_keys) { /* admit exactly this generation's members from now on */
+        for (int r = 0; r < world; r++) snprintf(c->keys[r], sizeof c->keys[r], "%s", peer_keys[r]);
+        st = tcp_dp_authorize(base, peer_keys, world, timeout_ms);
+        if (st != SY_OK) goto fail;
     }
     c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (c->efd < 0) {
@@ -354,6 +406,12 @@ static sy_status tcp_comm_new(sy_dataplane_t *base, uint64_t generation, int ran
             zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero) != 0 ||
             zmq_setsockopt(s, ZMQ_IMMEDIATE, &zero, sizeof zero) != 0) {
             st = zmq_fail("PUSH socket options");
+            goto fail;
+        }
+        if (c->keys && (zmq_setsockopt(s, ZMQ_CURVE_SERVERKEY, c->keys[r], 41) != 0 ||
+                        zmq_setsockopt(s, ZMQ_CURVE_PUBLICKEY, dp->pub, 41) != 0 ||
+                        zmq_setsockopt(s, ZMQ_CURVE_SECRETKEY, dp->sec, 41) != 0)) {
+            st = zmq_fail("PUSH socket CURVE keys");
             goto fail;
         }
         if (zmq_connect(s, endpoints[r]) != 0) {
@@ -385,6 +443,7 @@ fail:
     free(c->r_next);
     free(c->r_expect);
     free(c->r_done);
+    free(c->keys);
     free(c);
     return st;
 }
@@ -430,6 +489,8 @@ static void tcp_comm_destroy(sy_comm_t *base) {
     free(c->r_expect);
     free(c->r_done);
     free(c->push);
+    free(c->keys);
+    c->keys = NULL;
     if (c->leak) {
         /* zmq's I/O thread may still call zc_free with a pointer into the slots: keep them. */
         sy_error("comm: zmq did not release generation %llu's send buffers within %d ms; leaking its counters",
@@ -595,6 +656,14 @@ static sy_status round_accept(tcp_comm *c, int op, const sy_hdr *h, zmq_msg_t *b
     return fn(c, ctx, h, body);
 }
 
+/* On a CURVE data plane, the connection a message came on must carry the key of the rank its
+ * header names (ZeroMQ attaches the ZAP handler's User-Id, the key in Z85, to every message). */
+static bool sender_ok(const tcp_comm *c, uint32_t src, zmq_msg_t *body) {
+    if (!c->keys) return true;
+    const char *uid = zmq_msg_gets(body, "User-Id");
+    return uid && !strcmp(uid, c->keys[src]);
+}
+
 /* Reads one raw message from the PULL socket (non-blocking). 1: got one, 0: nothing, <0 error. */
 static int read_raw(tcp_dp *dp, sy_hdr *h, zmq_msg_t *body, bool *valid) {
     zmq_msg_t hm;
@@ -634,7 +703,7 @@ static sy_status round_recv(tcp_comm *c, int op, round_fn fn, void *ctx) {
     for (size_t i = 0; i < dp->stash.n; i++) {
         sy_stashed *e = &dp->stash.v[i];
         if (e->h.gen == c->b.gen && e->h.seq == c->seq && st == SY_OK) {
-            if (e->h.src < (uint32_t)c->b.world && (int)e->h.src != c->b.rank)
+            if (e->h.src < (uint32_t)c->b.world && (int)e->h.src != c->b.rank && sender_ok(c, e->h.src, &e->body))
                 st = round_accept(c, op, &e->h, &e->body, fn, ctx, &remaining);
             else
                 dp->dropped++;
@@ -693,7 +762,7 @@ static sy_status round_recv(tcp_comm *c, int op, round_fn fn, void *ctx) {
             if (st != SY_OK) break;
             continue;
         }
-        if (h.src >= (uint32_t)c->b.world || (int)h.src == c->b.rank) {
+        if (h.src >= (uint32_t)c->b.world || (int)h.src == c->b.rank || !sender_ok(c, h.src, &body)) {
             dp->dropped++;
             continue;
         }
@@ -951,6 +1020,8 @@ const sy_comm_ops sy_comm_tcp_ops = {
     .dp_destroy = tcp_dp_destroy,
     .dp_endpoint = tcp_dp_endpoint,
     .dp_dropped = tcp_dp_dropped,
+    .dp_refused = tcp_dp_refused,
+    .dp_authorize = tcp_dp_authorize,
     .comm_new = tcp_comm_new,
     .comm_destroy = tcp_comm_destroy,
     .fail = tcp_fail,

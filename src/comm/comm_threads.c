@@ -89,7 +89,10 @@ static uint64_t g_next_id = 1;
 
 /* ---------------------------------------------------------------- data plane */
 
-static sy_status th_dp_new(const char *bind_addr, sy_dataplane_t **out) {
+static sy_status th_dp_new(const char *bind_addr, const char *public_z85, const char *secret_z85,
+                           sy_dataplane_t **out) {
+    (void)secret_z85;
+    if (public_z85) return sy_err_set(SY_EINVAL, "data plane: threads has no wire to authenticate (CURVE is tcp's)");
     (void)bind_addr;
     th_dp *dp = calloc(1, sizeof *dp);
     if (!dp) return sy_err_set(SY_ENOMEM, "data plane: allocation");
@@ -158,8 +161,10 @@ static void drop_old(th_dp *dp, uint64_t gen, bool inclusive) {
 /* ---------------------------------------------------------------- communicator */
 
 static sy_status th_comm_new(sy_dataplane_t *base, uint64_t gen, int rank, int world,
-                             const char *const *endpoints, int timeout_ms, sy_comm_t **out) {
+                             const char *const *endpoints, const char *const *peer_keys, int timeout_ms,
+                             sy_comm_t **out) {
     (void)timeout_ms;
+    (void)peer_keys; /* comm.c refuses keys for a data plane without CURVE */
     th_dp *dp = (th_dp *)base;
     if (dp->active)
         return sy_err_set(SY_EINVAL, "comm: the data plane already has the communicator of generation %llu open",

@@ -40,6 +40,8 @@
 #define SETTLE_MAX_MS 1000
 /* Status snapshot republished at least this often (heartbeat ages move). */
 #define PUBLISH_MS 250
+/* ... and, after a change, at once unless publishing would take more than 1/this of the reactor. */
+#define PUBLISH_SHARE 10
 /* The run history (/v1/history) is republished at most this often. */
 #define HISTORY_PUBLISH_MS 1000
 /* Rate limit of drop warnings: one line per reason per this many ms. */
@@ -236,6 +238,7 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     for (int i = 0; i < c->nw; i++) free(c->w[i].held_ex);
     free(c->expert_source);
     free(c->w);
+    free(c->wix);
     sy_config_free(&c->cfg);
     free(c);
     *self_p = NULL;
@@ -469,7 +472,12 @@ static void cron(sy_coord_t *c) {
             }
         }
     }
-    if (c->dirty || now - c->last_publish >= PUBLISH_MS) publish(c);
+    /* Publishing is O(registered workers) (the status JSON lists each: ~30 ms at 10,000), so a
+     * change republishes at once only if the reactor spent at most 1/PUBLISH_SHARE of the time
+     * since the last one publishing (issue 14: at every 50 ms cron tick during a registration
+     * storm it starved the message intake); with a few workers that is every tick, as before. */
+    int64_t since_pub = now - c->last_publish, paced = PUBLISH_SHARE * c->publish_cost_ms;
+    if ((c->dirty && since_pub >= paced) || since_pub >= (paced > PUBLISH_MS ? paced : PUBLISH_MS)) publish(c);
 }
 
 static void on_request(sy_coord_t *c, const sy_http_cmd *cmd) {
@@ -528,6 +536,7 @@ static void on_request(sy_coord_t *c, const sy_http_cmd *cmd) {
 }
 
 static void publish(sy_coord_t *c) {
+    int64_t t = sy_mono_ms();
     json_t *j = sy_coord_status_json(c);
     char *s = json_dumps(j, JSON_COMPACT);
     json_decref(j);
@@ -545,6 +554,7 @@ static void publish(sy_coord_t *c) {
         }
     }
     c->dirty = false;
+    c->publish_cost_ms = sy_mono_ms() - t;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -619,8 +629,14 @@ static sy_status bind_socket(sy_coord_t *c, const char *bind) {
      * heartbeats close dead (half-open) connections within failure_timeout_ms + heartbeat_ms:
      * one heartbeat later than the reactor's own silence check, so a live but silent worker
      * (stopped, starved) is always declared lost for its silence, never by a race between the
-     * two clocks on a loaded machine. */
-    int hb_ivl = c->cfg.cluster.heartbeat_ms,
+     * two clocks on a loaded machine. The PING interval is failure_timeout_ms, not heartbeat_ms
+     * (issue 14): libzmq cancels a connection's PONG timer with a linear search of all its
+     * I/O thread's timers (poller_base_t::cancel_timer, "we assume it is rarely used"), once
+     * per answered PING, so its cost is connections^2 / interval: at 10,000 workers and a
+     * 500 ms interval that alone is more than a core. A silent worker is still lost at
+     * failure_timeout_ms by the reactor's own check (cron); its dead connection is closed
+     * within 2 x failure_timeout_ms + heartbeat_ms. */
+    int hb_ivl = c->cfg.cluster.failure_timeout_ms,
         hb_ttl = c->cfg.cluster.failure_timeout_ms + c->cfg.cluster.heartbeat_ms;
     zmq_setsockopt(c->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
     zmq_setsockopt(c->sock, ZMQ_ROUTER_HANDOVER, &one, sizeof one);

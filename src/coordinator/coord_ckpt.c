@@ -44,6 +44,16 @@ void sy_coord_on_checkpoint_part(sy_coord_t *c, worker *w, const Sy__CheckpointP
         bool ok = nm && *nm && strlen(nm) < 128 && !strchr(nm, '/') && sy_store_key_valid(nm) && h &&
                   strlen(h) == 64 && strcmp(nm, SY_CKPT_MANIFEST) != 0 && o->size <= (uint64_t)INT64_MAX;
         for (const char *q = h; ok && *q; q++) ok = (*q >= '0' && *q <= '9') || (*q >= 'a' && *q <= 'f');
+        /* Fencing: the part's object must be named for this generation and the sender's rank,
+         * so the commit lists only objects this generation's members wrote. */
+        char want[200];
+        if (ok && snprintf(want, sizeof want, "g%" PRIu64 "-r%d.%s", c->gen, w->rank, nm) >= (int)sizeof want) ok = false;
+        if (ok && (!o->object || strcmp(o->object, want) != 0)) {
+            sy_coord_drop(c, SY_DROP_INVALID, "CheckpointPart from %s step %" PRId64 ": object '%s' of %s is not "
+                          "'%s' (written by another generation or rank?)", w->id, step, o->object ? o->object : "",
+                          nm, want);
+            return;
+        }
         if (!ok) {
             sy_coord_drop(c, SY_DROP_INVALID, "CheckpointPart from %s step %" PRId64 ": object %zu is not a valid "
                           "{name, size, sha256}", w->id, step, i);
@@ -81,8 +91,8 @@ void sy_coord_on_checkpoint_part(sy_coord_t *c, worker *w, const Sy__CheckpointP
             sy_warn("checkpoint step %" PRId64 ": %s listed %s again; keeping the first", step, w->id, o->name);
             continue;
         }
-        json_array_append_new(p->files, json_pack("{s:s, s:I, s:s}", "name", o->name, "size",
-                                                  (json_int_t)o->size, "sha256", o->sha256));
+        json_array_append_new(p->files, json_pack("{s:s, s:s, s:I, s:s}", "name", o->name, "object", o->object,
+                                                  "size", (json_int_t)o->size, "sha256", o->sha256));
     }
     p->seen[w->rank] = 1;
     if (++p->got == c->world) commit_part(c, k);

@@ -65,6 +65,7 @@ typedef struct {
     uint64_t seq; /* join order */
     int64_t step;
     double step_ms;
+    uint64_t dp_dropped, dp_refused; /* its data plane's counters (last Heartbeat) */
     char activity[16];
     int64_t last_keepalive;
     bool restored; /* reported "training" in the open generation (recovery phase timing) */
@@ -145,6 +146,10 @@ struct sy_coord {
 
     worker *w;
     int nw, capw;
+    int *wix;            /* open-addressing index of c->w by worker id: slot -> index, -1 empty
+                          * (coord_members.c; a message's sender is found in O(1), not O(nw)) */
+    int wix_cap;         /* slots: a power of two, at least 2 x capw */
+    int n_restored;      /* members of the open generation with `restored` set */
     uint64_t next_seq;
     int64_t last_join;
 
@@ -197,6 +202,7 @@ struct sy_coord {
     uint64_t drops[SY_DROP__COUNT];
     int64_t drop_logged[SY_DROP__COUNT];
     int64_t last_publish;
+    int64_t publish_cost_ms; /* how long the last publish took (it paces the next: coord.c cron) */
     bool dirty, done;
     sy_coord_outcome outcome;
 };

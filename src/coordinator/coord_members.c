@@ -32,6 +32,8 @@
 static bool rid_names(const uint8_t *rid, size_t rid_len, char *id, size_t cap);
 static bool printable(const char *s, size_t max);
 static void new_session(worker *w);
+static void index_put(sy_coord_t *c, int i);
+static bool index_rebuild(sy_coord_t *c);
 static int cmp_seq(const void *a, const void *b, void *ctx);
 static json_t *ids_of_members(sy_coord_t *c);
 static void send_abort(sy_coord_t *c, worker *w, const char *reason);
@@ -97,6 +99,7 @@ void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
                     break;
                 }
             /* Member indices may have moved. */
+            index_rebuild(c);
             for (int r = 0; r < c->world; r++) c->members[r] = -1;
             for (int j = 0; j < c->nw; j++)
                 if (c->gen_open && c->w[j].rank >= 0) c->members[c->w[j].rank] = j;
@@ -106,13 +109,20 @@ void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
             return;
         }
         if (c->nw == c->capw) {
-            int nc = c->capw ? 2 * c->capw : 16;
+            int oc = c->capw, nc = oc ? 2 * oc : 16;
             worker *nw = realloc(c->w, sizeof(worker) * (size_t)nc);
             if (!nw) return;
             c->w = nw;
             c->capw = nc;
+            if (!index_rebuild(c)) {
+                c->capw = oc; /* the index covers only the old capacity: refuse instead */
+                sy_coord_drop(c, SY_DROP_UNEXPECTED, "Hello from '%s': out of memory", id);
+                return;
+            }
         }
         i = c->nw++;
+        snprintf(c->w[i].id, sizeof c->w[i].id, "%s", id);
+        index_put(c, i);
     }
     worker *w = &c->w[i];
     memset(w, 0, sizeof *w);
@@ -150,9 +160,45 @@ int sy_coord_find_sender(sy_coord_t *c, const uint8_t *rid, size_t rid_len) {
     return rid_names(rid, rid_len, named, sizeof named) ? sy_coord_find_worker(c, named) : -1;
 }
 
+/* The worker table's id index (issue 14): every message names its sender by id, and a linear
+ * search made each message O(registered workers): 10,000 workers heartbeating twice a second
+ * were 2 x 10^8 string compares a second. Open addressing, linear probing, FNV-1a; rebuilt
+ * whenever c->w grows or its entries move, so it never holds a stale index. */
+static uint32_t id_hash(const char *id) {
+    uint32_t h = 2166136261u;
+    for (; *id; id++) h = (h ^ (uint8_t)*id) * 16777619u;
+    return h;
+}
+
+static void index_put(sy_coord_t *c, int i) {
+    uint32_t mask = (uint32_t)c->wix_cap - 1;
+    for (uint32_t k = id_hash(c->w[i].id) & mask;; k = (k + 1) & mask)
+        if (c->wix[k] < 0) {
+            c->wix[k] = i;
+            return;
+        }
+}
+
+/* Rebuilds the index for c->capw entries; false (index unchanged) when out of memory. */
+static bool index_rebuild(sy_coord_t *c) {
+    int cap = c->wix_cap ? c->wix_cap : 64;
+    while (cap < 2 * c->capw) cap *= 2;
+    if (cap != c->wix_cap) {
+        int *n = realloc(c->wix, sizeof(int) * (size_t)cap);
+        if (!n) return false;
+        c->wix = n;
+        c->wix_cap = cap;
+    }
+    for (int k = 0; k < c->wix_cap; k++) c->wix[k] = -1;
+    for (int i = 0; i < c->nw; i++) index_put(c, i);
+    return true;
+}
+
 int sy_coord_find_worker(sy_coord_t *c, const char *id) {
-    for (int i = 0; i < c->nw; i++)
-        if (!strcmp(c->w[i].id, id)) return i;
+    if (!c->wix) return -1;
+    uint32_t mask = (uint32_t)c->wix_cap - 1;
+    for (uint32_t k = id_hash(id) & mask; c->wix[k] >= 0; k = (k + 1) & mask)
+        if (!strcmp(c->w[c->wix[k]].id, id)) return c->wix[k];
     return -1;
 }
 
@@ -234,6 +280,8 @@ void sy_coord_heard_from(sy_coord_t *c, worker *w) {
 void sy_coord_on_heartbeat(sy_coord_t *c, worker *w, const Sy__Envelope *env) {
     const Sy__Heartbeat *hb = env->heartbeat;
     snprintf(w->activity, sizeof w->activity, "%s", hb->state && printable(hb->state, 16) ? hb->state : "?");
+    w->dp_dropped = hb->dataplane_dropped;
+    w->dp_refused = hb->dataplane_refused;
     bool busy = !strcmp(w->activity, "training") || !strcmp(w->activity, "restoring");
     if (busy && env->generation != 0 && (w->rank < 0 || !c->gen_open || env->generation != c->gen)) {
         /* It works in a generation it is not (or no longer) a member of: it missed the Abort. */
@@ -247,10 +295,8 @@ void sy_coord_on_heartbeat(sy_coord_t *c, worker *w, const Sy__Envelope *env) {
     }
     if (c->gen_open && env->generation == c->gen && w->rank >= 0 && !strcmp(w->activity, "training") &&
         !w->restored && c->nrec && c->rec[c->nrec - 1].duration_ms < 0) {
-        w->restored = true;
-        bool all = true;
-        for (int r = 0; r < c->world; r++) all = all && c->w[c->members[r]].restored;
-        if (all) c->rec[c->nrec - 1].restored = sy_mono_ms();
+        w->restored = true; /* counted, not searched: one heartbeat was O(world) */
+        if (++c->n_restored == c->world) c->rec[c->nrec - 1].restored = sy_mono_ms();
     }
 }
 
@@ -352,15 +398,21 @@ void sy_coord_open_generation(sy_coord_t *c) {
     }
     /* Survivors keep their experts (the fewest moves): prev[e] = new rank of e's old owner. */
     int *prev = calloc((size_t)c->E, sizeof(int));
-    if (prev) {
+    int *new_rank = malloc(sizeof(int) * (size_t)(c->nw ? c->nw : 1)); /* worker index -> rank in g+1 */
+    if (prev && new_rank) {
+        for (int i = 0; i < c->nw; i++) new_rank[i] = -1;
+        for (int r = 0; r < n; r++) new_rank[cand[r]] = r;
         for (int e = 0; e < c->E; e++) {
             prev[e] = -1;
             if (c->gen == 0 || c->prev_world <= 0 || c->placement[e] >= (uint32_t)c->prev_world) continue;
             int old_w = c->members[c->placement[e]];
-            for (int r = 0; r < n; r++)
-                if (cand[r] == old_w) prev[e] = r;
+            if (old_w >= 0 && old_w < c->nw) prev[e] = new_rank[old_w];
         }
+    } else {
+        free(prev); /* out of memory: a fresh balanced placement */
+        prev = NULL;
     }
+    free(new_rank);
     c->gen = (c->gen > c->gen_floor ? c->gen : c->gen_floor) + 1;
     c->world = n;
     memcpy(c->members, cand, sizeof(int) * (size_t)n);
@@ -386,6 +438,7 @@ void sy_coord_open_generation(sy_coord_t *c) {
         c->rec[c->nrec - 1].restored = 0;
     }
     for (int i = 0; i < c->nw; i++) c->w[i].restored = false;
+    c->n_restored = 0;
     if (!c->first_open) c->first_open = c->gen_opened_at;
     sy_coord_clear_pending(c);
 
@@ -402,6 +455,9 @@ void sy_coord_open_generation(sy_coord_t *c) {
 
     char **peers = calloc((size_t)n, sizeof(char *));
     for (int r = 0; r < n && peers; r++) peers[r] = c->w[c->members[r]].data_ep;
+    /* With CURVE on the control plane every member proved a key: the data plane admits those. */
+    char **keys = c->zap ? calloc((size_t)n, sizeof(char *)) : NULL;
+    for (int r = 0; r < n && keys; r++) keys[r] = c->w[c->members[r]].key;
     for (int r = 0; r < n; r++) {
         worker *w = &c->w[c->members[r]];
         w->rank = r;
@@ -418,6 +474,8 @@ void sy_coord_open_generation(sy_coord_t *c) {
         as.restore_step = c->restore_step;
         as.start_step = (uint64_t)c->start_step;
         as.end_step = (uint64_t)c->end_step;
+        as.n_peer_keys = keys ? (size_t)n : 0;
+        as.peer_keys = keys;
         as.config_json = c->config_json;
         as.restore_source = (char *)(c->restore_step >= 0 ? (c->from_replicas ? "replicas" : "checkpoint") : "");
         if (c->from_replicas) {
@@ -431,6 +489,7 @@ void sy_coord_open_generation(sy_coord_t *c) {
         sy_coord_send(c, w, &env);
     }
     free(peers);
+    free(keys);
     json_t *pl = json_array();
     for (int e = 0; e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
     c->state = (c->nrec && c->rec[c->nrec - 1].duration_ms < 0) ? R_RECOVERING : R_RUNNING;
@@ -438,11 +497,15 @@ void sy_coord_open_generation(sy_coord_t *c) {
     if (replicas < c->cfg.cluster.replicas && n > 1)
         sy_warn("cluster.replicas is %d but generation %" PRIu64 " has %d workers: each keeps %d replica(s) "
                 "(never one on the expert's owner)", c->cfg.cluster.replicas, c->gen, n, replicas);
-    sy_coord_event(c, "generation_opened",
-                   json_pack("{s:I, s:i, s:o, s:I, s:s, s:I, s:I, s:o, s:i}", "generation", (json_int_t)c->gen,
-                             "world", n, "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
-                             "restore_source", source, "start_step", (json_int_t)c->start_step, "end_step",
-                             (json_int_t)c->end_step, "placement", pl, "replicas", replicas));
+    json_t *ev = json_pack("{s:I, s:i, s:o, s:I, s:s, s:I, s:I, s:o, s:i}", "generation", (json_int_t)c->gen,
+                           "world", n, "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
+                           "restore_source", source, "start_step", (json_int_t)c->start_step, "end_step",
+                           (json_int_t)c->end_step, "placement", pl, "replicas", replicas);
+    if (c->cfg.cluster.insecure && ev) /* issue 12 #1: every line that starts a generation says so */
+        json_object_set_new(ev, "warning",
+                            json_string("INSECURE: cluster.insecure is true: listeners reachable from other "
+                                        "machines may run without CurveZMQ authentication"));
+    sy_coord_event(c, "generation_opened", ev);
 }
 
 static int cmp_seq(const void *a, const void *b, void *ctx) {

@@ -23,12 +23,13 @@ json_t *sy_coord_status_json(sy_coord_t *c) {
     json_t *ws = json_array();
     for (int i = 0; i < c->nw; i++) {
         const worker *w = &c->w[i];
-        json_array_append_new(ws, json_pack("{s:s, s:s, s:i, s:i, s:s, s:s, s:I, s:I, s:o, s:s, s:s}", "id", w->id,
-                                            "host", w->host, "pid", (int)w->pid, "rank", w->rank, "state",
-                                            sy_coord_wstate[w->state], "activity", w->activity, "last_heartbeat_ms",
-                                            (json_int_t)(now - w->last_seen), "step", (json_int_t)w->step,
-                                            "step_ms", jnum(w->step_ms), "backend", w->backend,
-                                            "data_endpoint", w->data_ep));
+        json_array_append_new(ws, json_pack("{s:s, s:s, s:i, s:i, s:s, s:s, s:I, s:I, s:o, s:s, s:s, s:{s:I, s:I}}",
+                                            "id", w->id, "host", w->host, "pid", (int)w->pid, "rank", w->rank,
+                                            "state", sy_coord_wstate[w->state], "activity", w->activity,
+                                            "last_heartbeat_ms", (json_int_t)(now - w->last_seen), "step",
+                                            (json_int_t)w->step, "step_ms", jnum(w->step_ms), "backend", w->backend,
+                                            "data_endpoint", w->data_ep, "dataplane", "dropped",
+                                            (json_int_t)w->dp_dropped, "refused", (json_int_t)w->dp_refused));
     }
     json_object_set_new(j, "workers", ws);
     json_t *pl = json_array();
@@ -82,7 +83,8 @@ json_t *sy_coord_status_json(sy_coord_t *c) {
         json_object_set_new(dm, sy_proto_drop_name((sy_proto_drop)k), json_integer((json_int_t)c->drops[k]));
     json_object_set_new(j, "dropped_messages", dm);
     json_object_set_new(j, "security",
-                        json_pack("{s:b, s:i, s:I, s:I, s:I}", "curve", c->zap != NULL, "authorized_keys",
+                        json_pack("{s:b, s:b, s:i, s:I, s:I, s:I}", "curve", c->zap != NULL, "insecure",
+                                  c->cfg.cluster.insecure, "authorized_keys",
                                   sy_zap_authorized(c->zap), "accepted", (json_int_t)sy_zap_accepted(c->zap),
                                   "refused_keys", (json_int_t)sy_zap_refused(c->zap), "failed_handshakes",
                                   (json_int_t)c->hs_failed));
@@ -116,6 +118,18 @@ static void sb_printf(sbuf *b, const char *fmt, ...) {
         b->buf = nb;
         b->cap = nc;
     }
+}
+
+/* A label value with '\\', '"' and newlines escaped (exposition format); cap >= 2 * strlen + 1. */
+static const char *prom_label(char *out, size_t cap, const char *v) {
+    size_t o = 0;
+    for (; *v && o + 3 < cap; v++) {
+        if (*v == '\\' || *v == '"') out[o++] = '\\', out[o++] = *v;
+        else if (*v == '\n') out[o++] = '\\', out[o++] = 'n';
+        else out[o++] = *v;
+    }
+    out[o] = 0;
+    return out;
 }
 
 static void prom_head(sbuf *b, const char *name, const char *type, const char *help) {
@@ -171,6 +185,17 @@ char *sy_coord_metrics_text(sy_coord_t *c) {
               "Control-plane connections refused: unlisted CURVE keys (ZAP) and failed handshakes.");
     sb_printf(&b, "switchyard_curve_refused_total{reason=\"key\"} %" PRIu64 "\n", sy_zap_refused(c->zap));
     sb_printf(&b, "switchyard_curve_refused_total{reason=\"handshake\"} %" PRIu64 "\n", c->hs_failed);
+    char lab[2 * ID_MAX + 1];
+    prom_head(&b, "switchyard_dataplane_dropped_total", "counter",
+              "Data-plane messages a worker dropped (older generation, malformed, or from another rank's key).");
+    for (int i = 0; i < c->nw; i++)
+        sb_printf(&b, "switchyard_dataplane_dropped_total{worker=\"%s\"} %" PRIu64 "\n",
+                  prom_label(lab, sizeof lab, c->w[i].id), c->w[i].dp_dropped);
+    prom_head(&b, "switchyard_dataplane_refused_total", "counter",
+              "CURVE handshakes a worker's data plane refused (a key not of the generation's members).");
+    for (int i = 0; i < c->nw; i++)
+        sb_printf(&b, "switchyard_dataplane_refused_total{worker=\"%s\"} %" PRIu64 "\n",
+                  prom_label(lab, sizeof lab, c->w[i].id), c->w[i].dp_refused);
     double elapsed = c->first_open ? (double)(sy_mono_ms() - c->first_open) : 0;
     double gp = elapsed > 0 ? c->useful_ms / elapsed : 0;
     prom_gauge(&b, "switchyard_goodput", "Step time of kept steps / wall time since the first generation.",

@@ -9,6 +9,7 @@
 #include "coordinator/coord.h"
 #include "base/endpoint.h"
 #include "base/log.h"
+#include "base/secret.h"
 
 static volatile sig_atomic_t g_stop;
 
@@ -33,8 +34,12 @@ static void usage(FILE *f) {
             "  --expect-workers N   open the first generation only once N workers have registered\n"
             "                       (or after 60 s): a launcher starting N workers at once uses it\n"
             "\n"
-            "Environment: SY_STATUS_TOKEN, when set and status.token is empty, is the bearer token of\n"
-            "the POST endpoints (keeps it out of ps and of config files).\n"
+            "Environment: SY_STATUS_TOKEN, when status.token and status.token_file are empty, is the\n"
+            "bearer token of the POST endpoints (keeps it out of ps and of config files).\n"
+            "\n"
+            "A control endpoint reachable from other machines (cluster.bind not a loopback address)\n"
+            "needs CurveZMQ keys (cluster.curve_server_key, switchyard keygen) or cluster.insecure:\n"
+            "true; without either the coordinator refuses to start (exit 2).\n"
             "\n"
             "Once bound it prints one line on stdout:\n"
             "  coordinator ready bind=tcp://HOST:PORT status=http://HOST:PORT\n"
@@ -52,6 +57,37 @@ static void raise_fd_limit(void) {
     rl.rlim_cur = rl.rlim_max;
     if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
         sy_debug("open files limit raised from %llu to %llu", (unsigned long long)was, (unsigned long long)rl.rlim_cur);
+}
+
+/* Nothing listens off-loopback unauthenticated (issue 12 #1, docs/security.md): a control
+ * endpoint other machines can reach needs CurveZMQ, unless cluster.insecure says otherwise (then
+ * a warning here and in every generation_opened line). The status server is read-only without
+ * a token (its POST endpoints are off), so an off-loopback one without a token is warned about,
+ * not refused: Prometheus and the dashboard read it. */
+static sy_status check_exposure(const sy_config_t *cfg, const char *bind_flag, const char *status_flag) {
+    const char *bind = bind_flag ? bind_flag : cfg->cluster.bind;
+    const char *bwhat = bind_flag ? "--bind" : "cluster.bind";
+    bool curve = cfg->cluster.curve_server_key && cfg->cluster.curve_server_key[0];
+    if (!curve && !sy_endpoint_is_loopback(bind)) {
+        if (!cfg->cluster.insecure)
+            return sy_err_set(SY_EINVAL,
+                              "%s = %s: reachable from other machines, and CurveZMQ is off: anyone who reaches it "
+                              "could join the run. Make keys (switchyard keygen KEYDIR/coordinator; switchyard "
+                              "keygen KEYDIR/worker; cat KEYDIR/worker.pub > KEYDIR/authorized_workers) and set "
+                              "cluster.curve_server_key and cluster.curve_authorized_keys (docs/deployment.md), "
+                              "or bind a loopback address (tcp://127.0.0.1:PORT), or set cluster.insecure: true "
+                              "to run unauthenticated",
+                              bwhat, bind);
+        sy_warn("INSECURE: cluster.insecure is true and %s = %s is reachable from other machines without "
+                "CurveZMQ: anyone who reaches it can join the run",
+                bwhat, bind);
+    }
+    const char *saddr = status_flag ? status_flag : cfg->status.addr;
+    if (!sy_endpoint_is_loopback(saddr) && !cfg->status.token[0])
+        sy_warn("the status server on %s is reachable from other machines: anyone who reaches it reads the "
+                "run's status and metrics (its POST endpoints stay off: no status.token)",
+                saddr);
+    return SY_OK;
 }
 
 int main(int argc, char **argv) {
@@ -130,22 +166,15 @@ int main(int argc, char **argv) {
             i++;
         }
     }
-    const char *env_token = getenv("SY_STATUS_TOKEN");
-    if (env_token && env_token[0] && !cfg.status.token[0]) {
-        char set[1100];
-        if (strlen(env_token) >= 1000 || (snprintf(set, sizeof set, "status.token=%s", env_token),
-                                          sy_config_set(&cfg, set) != SY_OK)) {
-            fprintf(stderr, "switchyard-coordinator: SY_STATUS_TOKEN: not a valid status.token (%s)\n",
-                    strlen(env_token) >= 1000 ? "too long" : sy_err_msg());
-            code = 2;
-            goto out;
-        }
-    }
     /* a bad value is reported against the --set that gave it, else against the YAML file */
     char **sets = calloc((size_t)argc, sizeof *sets);
     int n_sets = 0;
     for (int i = 1; sets && i + 1 < argc; i++)
         if (!strcmp(argv[i], "--set")) sets[n_sets++] = argv[++i];
+    for (int i = 0; i < n_sets; i++)
+        if (!strncmp(sets[i], "status.token=", 13) && sets[i][13])
+            sy_warn("status.token was given with --set: every local user can read it in this process's command "
+                    "line (ps); use status.token_file (mode 0600) or the environment variable " SY_STATUS_TOKEN_ENV);
     sy_status vs = sy_config_validate_from(&cfg, path, sets, n_sets);
     free(sets);
     if (vs != SY_OK) {
@@ -153,8 +182,25 @@ int main(int argc, char **argv) {
         code = 2;
         goto out;
     }
+    /* The token: status.token, else status.token_file (mode 0600), else SY_STATUS_TOKEN. */
+    if (!cfg.status.token[0]) {
+        char tok[SY_SECRET_MAX + 1], set[SY_SECRET_MAX + 32];
+        sy_status ts = sy_secret_status_token(NULL, cfg.status.token_file, tok, sizeof tok);
+        if (ts == SY_OK && tok[0]) {
+            snprintf(set, sizeof set, "status.token=%s", tok);
+            ts = sy_config_set(&cfg, set);
+            explicit_bzero(set, sizeof set);
+        }
+        explicit_bzero(tok, sizeof tok);
+        if (ts != SY_OK) {
+            fprintf(stderr, "switchyard-coordinator: %s\n", sy_err_msg());
+            code = 2;
+            goto out;
+        }
+    }
 
-    if (sy_endpoint_check(bind ? bind : cfg.cluster.bind, true, bind ? "--bind" : "cluster.bind") != SY_OK) {
+    if (sy_endpoint_check(bind ? bind : cfg.cluster.bind, true, bind ? "--bind" : "cluster.bind") != SY_OK ||
+        check_exposure(&cfg, bind, status_addr) != SY_OK) {
         fprintf(stderr, "switchyard-coordinator: %s\n", sy_err_msg());
         code = 2;
         goto out;

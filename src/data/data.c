@@ -30,7 +30,8 @@
 #include "storage/store.h"
 
 #define SY_SHARD_HEADER_BYTES (SY_SHARD_HEADER_INTS * 4)
-#define SY_DATA_PERM_TAG "data.perm"
+#define SY_DATA_PERM_TAG "data.perm"   /* fisher-yates */
+#define SY_DATA_ORDER_TAG "data.order" /* feistel */
 #define SY_DATA_PERM_SLOTS 2 /* a batch can straddle one epoch boundary */
 
 #define SY_DATA_READ_CHUNK (1u << 20) /* validation reads of fd shards */
@@ -184,7 +185,15 @@ static sy_status sy_shard_open_remote(const char *path, sy_data_s3_stores_t *sto
     return SY_OK;
 }
 
-static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh, int whole) {
+/* How sy_shard_map opens a local shard. */
+enum {
+    SY_SHARD_LAZY = 0,  /* descriptor kept; header and size checked (tokens: as windows are read) */
+    SY_SHARD_SCAN = 1,  /* descriptor kept; header, size and every token checked now */
+    SY_SHARD_WHOLE = 2, /* the whole file read into memory and checked (sh->tok valid) */
+};
+
+static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh, int mode) {
+    const int whole = mode == SY_SHARD_WHOLE;
     sy_status st = SY_OK;
     memset(sh, 0, sizeof *sh);
     sh->fd = -1;
@@ -229,13 +238,13 @@ static sy_status sy_shard_map(const char *path, int vocab_size, sy_shard_t *sh, 
     int32_t hdr[SY_SHARD_HEADER_INTS];
     SY_CHECK_GOTO(sy_pread_all(fd, hdr, sizeof hdr, 0, path), st, done);
     SY_CHECK_GOTO(sy_shard_check_header(path, hdr, sh), st, done);
-    /* every token < vocab, a chunk at a time */
+    /* every token < vocab, a chunk at a time (training reads check each window as it comes) */
     const size_t per = SY_DATA_READ_CHUNK / sizeof(uint16_t);
-    if (!(chunk = malloc(SY_DATA_READ_CHUNK))) {
+    if (mode == SY_SHARD_SCAN && !(chunk = malloc(SY_DATA_READ_CHUNK))) {
         st = sy_err_set(SY_ENOMEM, "%s: out of memory", path);
         goto done;
     }
-    for (uint64_t i = 0; i < sh->count; i += per) {
+    for (uint64_t i = 0; mode == SY_SHARD_SCAN && i < sh->count; i += per) {
         size_t k = sh->count - i < per ? (size_t)(sh->count - i) : per;
         SY_CHECK_GOTO(sy_pread_all(fd, chunk, k * sizeof(uint16_t), SY_SHARD_HEADER_BYTES + (off_t)(i * 2), path), st,
                       done);
@@ -350,6 +359,7 @@ void sy_data_options_from_config(const sy_config_t *cfg, sy_data_options *o) {
     o->fetch_threads = cfg->data.fetch_threads;
     o->cache_dir = cfg->data.cache_dir && cfg->data.cache_dir[0] ? cfg->data.cache_dir : NULL;
     o->cache_bytes = (uint64_t)(cfg->data.cache_gb * (double)(1ull << 30)); /* GiB */
+    o->order = cfg->data.order;
 }
 
 sy_status sy_data_open(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
@@ -397,7 +407,7 @@ static sy_status open_shards(sy_data_t *d, char **paths, int n_paths) {
             sh->remote = 1; /* opened below */
             sh->fd = -1;
         } else {
-            SY_CHECK_GOTO(sy_shard_map(paths[i], d->vocab_size, sh, 0), st, done);
+            SY_CHECK_GOTO(sy_shard_map(paths[i], d->vocab_size, sh, SY_SHARD_LAZY), st, done);
         }
         d->n_shards = i + 1;
     }
@@ -482,7 +492,7 @@ sy_status sy_data_open_with(const char *const *patterns, int n_patterns, int voc
         st = sy_err_set(SY_ENOMEM, "data: %" PRIu64 " windows is too many", d->n_windows);
         goto fail;
     }
-    for (int s = 0; s < SY_DATA_PERM_SLOTS; s++) {
+    for (int s = 0; s < SY_DATA_PERM_SLOTS && opts->order == SY_ORDER_FISHER_YATES; s++) {
         d->slots[s].perm = malloc((size_t)d->n_windows * esz);
         if (!d->slots[s].perm) {
             st = sy_err_set(SY_ENOMEM, "data: out of memory for a permutation of %" PRIu64
@@ -619,8 +629,41 @@ static const sy_perm_slot_t *sy_data_perm(sy_data_t *d, uint64_t seed, uint64_t 
     return victim;
 }
 
+/* PINNED (data.h): the keyed Feistel permutation of [0, N) for (seed, epoch). */
+void sy_data_feistel_key(sy_feistel_t *f, uint64_t N, uint64_t seed, uint64_t epoch) {
+    int h = 1;
+    while (h < 32 && (UINT64_C(1) << (2 * h)) < N) h++; /* the smallest 4^h >= N */
+    f->N = N;
+    f->half = h;
+    sy_rng_t r = sy_rng_key(seed, SY_DATA_ORDER_TAG, epoch, 0, 0);
+    for (int j = 0; j < SY_FEISTEL_ROUNDS; j++) f->key[j] = sy_rng_next(&r);
+}
+
+static uint64_t sy_feistel_rounds(const sy_feistel_t *f, uint64_t x) {
+    const int h = f->half;
+    const uint64_t mask = (UINT64_C(1) << h) - 1;
+    uint64_t L = x >> h, R = x & mask;
+    for (int j = 0; j < SY_FEISTEL_ROUNDS; j++) {
+        uint64_t t = L ^ (sy_mix64(R ^ f->key[j]) & mask);
+        L = R;
+        R = t;
+    }
+    return (L << h) | R;
+}
+
+uint64_t sy_data_feistel(const sy_feistel_t *f, uint64_t i) {
+    uint64_t x = sy_feistel_rounds(f, i);
+    while (x >= f->N) x = sy_feistel_rounds(f, x); /* cycle walking: stays a bijection of [0, N) */
+    return x;
+}
+
 uint64_t sy_data_window_of(sy_data_t *d, uint64_t seed, uint64_t idx) {
     uint64_t N = d->n_windows;
+    if (d->opts.order == SY_ORDER_FEISTEL) {
+        sy_feistel_t f;
+        sy_data_feistel_key(&f, N, seed, idx / N);
+        return sy_data_feistel(&f, idx % N);
+    }
     pthread_mutex_lock(&d->perm_lock);
     const sy_perm_slot_t *sl = sy_data_perm(d, seed, idx / N);
     uint64_t i = idx % N;
@@ -677,15 +720,14 @@ static int ref_order(const void *x, const void *y) {
     return a->row < b->row ? -1 : a->row > b->row;
 }
 
-/* Checks a window's tokens; the message names the shard. */
+/* Checks a window's tokens; the message names the shard. A shard's tokens are checked as its
+ * windows are read, local or remote (open checks header and size only), so a bad token is
+ * SY_EFORMAT here; a local file changed since open was caught before the read (sy_shard_same). */
 static sy_status sy_window_check(const sy_data_t *d, const sy_shard_t *sh, const uint16_t *tok, uint64_t first) {
     int64_t bad = sy_first_bad_token(tok, d->seq_len + 1, d->vocab_size);
     if (bad > d->seq_len) return SY_OK;
-    if (sh->remote)
-        return sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRIu64 " >= vocab_size %d", sh->path,
-                          (unsigned)tok[bad], first + (uint64_t)bad, d->vocab_size);
-    return sy_err_set(SY_EIO, "%s: token %u at index %" PRIu64 " >= vocab_size %d: the file changed since it "
-                      "was opened", sh->path, (unsigned)tok[bad], first + (uint64_t)bad, d->vocab_size);
+    return sy_err_set(SY_EFORMAT, "%s: token %u at index %" PRIu64 " >= vocab_size %d (check the shards with "
+                      "`switchyard data check`)", sh->path, (unsigned)tok[bad], first + (uint64_t)bad, d->vocab_size);
 }
 
 static sy_status read_range(sy_data_t *d, range_t *r, const win_ref *refs, uint16_t *out) {
@@ -869,10 +911,41 @@ sy_status sy_data_write_shard(const char *path, const uint16_t *tokens, uint64_t
 sy_status sy_data_shard_count(const char *path, int vocab_size, uint64_t *count) {
     if (!path || !count) return sy_err_set(SY_EINVAL, "sy_data_shard_count: NULL argument");
     sy_shard_t sh;
-    SY_CHECK(sy_shard_map(path, vocab_size, &sh, 0));
+    SY_CHECK(sy_shard_map(path, vocab_size, &sh, SY_SHARD_SCAN));
     *count = sh.count;
     sy_shard_unmap(&sh);
     return SY_OK;
+}
+
+sy_status sy_data_validate(const char *const *patterns, int n_patterns, int vocab_size, int seq_len,
+                           void (*each)(const char *path, uint64_t tokens, void *arg), void *arg,
+                           sy_data_check_counts *counts) {
+    if (!patterns || n_patterns <= 0 || !counts) return sy_err_set(SY_EINVAL, "data check: no shard patterns given");
+    if (vocab_size < 1 || vocab_size > 65536)
+        return sy_err_set(SY_EINVAL, "data: vocab_size %d outside [1, 65536]", vocab_size);
+    if (seq_len < 1) return sy_err_set(SY_EINVAL, "data: seq_len %d < 1", seq_len);
+    memset(counts, 0, sizeof *counts);
+    char **paths = NULL;
+    int n_paths = 0, cap = 0;
+    sy_status st = SY_OK;
+    for (int i = 0; i < n_patterns && st == SY_OK; i++) {
+        if (!patterns[i] || !patterns[i][0]) st = sy_err_set(SY_EINVAL, "data: shard pattern %d is empty", i);
+        else st = sy_expand_pattern(patterns[i], &paths, &n_paths, &cap);
+    }
+    for (int i = 0; i < n_paths && st == SY_OK; i++) {
+        sy_shard_t sh;
+        st = sy_shard_map(paths[i], vocab_size, &sh, sy_data_is_s3(paths[i]) ? SY_SHARD_WHOLE : SY_SHARD_SCAN);
+        if (st != SY_OK) break;
+        uint64_t c = sh.count, T = (uint64_t)seq_len;
+        counts->shards++;
+        counts->tokens += c;
+        counts->windows += c >= T + 1 ? (c - 1) / T : 0;
+        sy_shard_unmap(&sh);
+        if (each) each(paths[i], c, arg);
+    }
+    for (int i = 0; i < n_paths; i++) free(paths[i]);
+    free(paths);
+    return st;
 }
 
 sy_status sy_data_read_shard(const char *path, int vocab_size, void **mem, const uint16_t **tokens,
@@ -880,7 +953,7 @@ sy_status sy_data_read_shard(const char *path, int vocab_size, void **mem, const
     if (!path || !mem || !tokens || !count)
         return sy_err_set(SY_EINVAL, "sy_data_read_shard: NULL argument");
     sy_shard_t sh;
-    SY_CHECK(sy_shard_map(path, vocab_size, &sh, 1));
+    SY_CHECK(sy_shard_map(path, vocab_size, &sh, SY_SHARD_WHOLE));
     *mem = sh.map; /* the caller owns it now */
     *tokens = sh.tok;
     *count = sh.count;

@@ -317,6 +317,7 @@ static void evict(sy_data_cache_t *c) {
 
 static void *evictor_main(void *arg) {
     sy_data_cache_t *c = arg;
+    pthread_setname_np(pthread_self(), "sy-cache-evict"); /* named for profilers and bench/data_stream_bench.py */
     pthread_mutex_lock(&c->lock);
     for (;;) {
         while (!c->stopping && !c->evict_due) pthread_cond_wait(&c->evict_cv, &c->lock);

@@ -32,6 +32,7 @@ static void drain(sy_crew_t *c) {
 
 static void *helper(void *arg) {
     sy_crew_t *c = arg;
+    pthread_setname_np(pthread_self(), "sy-fetch"); /* named for profilers and bench/data_stream_bench.py */
     uint64_t seen = 0;
     pthread_mutex_lock(&c->lock);
     for (;;) {

@@ -83,6 +83,7 @@ static void fill(sy_prefetch_t *p, slot_t *sl, const sy_prefetch_plan_t *pl, int
 
 static void *prefetch_main(void *arg) {
     sy_prefetch_t *p = arg;
+    pthread_setname_np(pthread_self(), "sy-prefetch"); /* named for profilers and bench/data_stream_bench.py */
     pthread_mutex_lock(&p->lock);
     while (!p->stop) {
         int64_t s = next_to_fill(p);

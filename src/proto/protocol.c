@@ -82,6 +82,15 @@ static bool body_valid(const Sy__Envelope *env) {
             sy_err_set(SY_EFORMAT, "assign: rank %u of world %u with %zu peers", as->rank, as->world, as->n_peers);
             return false;
         }
+        if (as->n_peer_keys != 0 && as->n_peer_keys != as->world) {
+            sy_err_set(SY_EFORMAT, "assign: %zu peer keys for a world of %u", as->n_peer_keys, as->world);
+            return false;
+        }
+        for (size_t r = 0; r < as->n_peer_keys; r++)
+            if (!as->peer_keys[r] || strlen(as->peer_keys[r]) != 40) {
+                sy_err_set(SY_EFORMAT, "assign: peer_keys[%zu] is not a 40-character Z85 key", r);
+                return false;
+            }
         for (size_t e = 0; e < as->n_placement; e++)
             if (as->placement[e] >= as->world) {
                 sy_err_set(SY_EFORMAT, "assign: placement[%zu] = rank %u, outside a world of %u", e,

@@ -4,6 +4,7 @@
 #include <inttypes.h>
 #include <openssl/evp.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,6 +86,24 @@ static sy_status check_uncommitted(sy_store_t *st, const char *run, int64_t step
     return rc == SY_ENOTFOUND ? SY_OK : rc;
 }
 
+/* The object a manifest entry names: "object" when the writer tagged it, else "name". */
+static const char *ent_object(const json_t *e) {
+    const json_t *o = json_object_get(e, "object");
+    return json_is_string(o) ? json_string_value(o) : json_string_value(json_object_get(e, "name"));
+}
+
+/* An object name within a step folder: one valid key component, not the manifest's. */
+static int object_ok(const char *o) {
+    return o && *o && sy_store_key_valid(o) && !strchr(o, '/') && strcmp(o, SY_CKPT_MANIFEST) != 0 &&
+           strncmp(o, "MANIFEST", 8) != 0;
+}
+
+static sy_status object_name(char *buf, size_t cap, const char *tag, const char *file) {
+    int k = tag ? snprintf(buf, cap, "%s.%s", tag, file) : snprintf(buf, cap, "%s", file);
+    if (k < 0 || (size_t)k >= cap) return sy_err_set(SY_EINVAL, "checkpoint object name '%s' too long", file);
+    return SY_OK;
+}
+
 /* write_part's file writers: each takes the next group and puts it (hashing while it writes).
  * Several run at once so one file's hashing overlaps another's upload (and uploads overlap on
  * stores that allow it). */
@@ -96,6 +115,7 @@ typedef struct {
     int64_t step;
     const sy_ckpt_group *groups;
     int n;
+    const char *tag;   /* object names are "<tag>.<file>" (NULL: "<file>") */
     size_t *sizes;
     char (*shas)[SHA256_HEX + 1];
     pthread_mutex_t mu;
@@ -121,7 +141,9 @@ static sy_status write_one(writer_ctx *c, int i) {
     sy_store_part *parts = NULL;
     EVP_MD_CTX *md = NULL;
     sy_status rc;
-    SY_CHECK(sy_ckpt_key(key, sizeof key, c->run, c->step, g->file));
+    char obj[KEY_MAX];
+    SY_CHECK(object_name(obj, sizeof obj, c->tag, g->file));
+    SY_CHECK(sy_ckpt_key(key, sizeof key, c->run, c->step, obj));
     rc = sy_st_header(g->tensors, g->n, SY_ST_F32, &head, &head_len, &data_len);
     if (rc != SY_OK) return sy_err_prefix(rc, "checkpoint object %s", key);
     parts = malloc(((size_t)g->n + 1) * sizeof *parts);
@@ -183,6 +205,17 @@ static void *writer_main(void *arg) {
 
 sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
                              int n_groups, json_t **files_out) {
+    return sy_ckpt_write_part_tagged(st, run, step, NULL, groups, n_groups, files_out);
+}
+
+sy_status sy_ckpt_part_tag(char *buf, size_t cap, uint64_t generation, int rank) {
+    int k = snprintf(buf, cap, "g%" PRIu64 "-r%d", generation, rank);
+    if (k < 0 || (size_t)k >= cap || rank < 0) return sy_err_set(SY_EINVAL, "checkpoint part tag: bad arguments");
+    return SY_OK;
+}
+
+sy_status sy_ckpt_write_part_tagged(sy_store_t *st, const char *run, int64_t step, const char *tag,
+                                    const sy_ckpt_group *groups, int n_groups, json_t **files_out) {
     sy_status rc = SY_OK;
     json_t *files = NULL;
     char key[KEY_MAX];
@@ -191,7 +224,9 @@ sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, cons
     *files_out = NULL;
     SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
     for (int i = 0; i < n_groups; i++) {
-        SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, groups[i].file));
+        char obj[KEY_MAX];
+        SY_CHECK(object_name(obj, sizeof obj, tag, groups[i].file));
+        SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, obj));
         if (!strcmp(groups[i].file, SY_CKPT_MANIFEST))
             return sy_err_set(SY_EINVAL, "checkpoint save: file name '%s' is reserved", groups[i].file);
         for (int j = 0; j < i; j++)
@@ -201,7 +236,7 @@ sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, cons
     /* A committed step is never rewritten: its data files would change under its manifest. */
     SY_CHECK(check_uncommitted(st, run, step));
 
-    writer_ctx c = {.st = st, .run = run, .step = step, .groups = groups, .n = n_groups, .rc = SY_OK};
+    writer_ctx c = {.st = st, .run = run, .step = step, .groups = groups, .n = n_groups, .tag = tag, .rc = SY_OK};
     pthread_t th[WRITERS_MAX];
     int n_th = 0;
     c.sizes = calloc((size_t)n_groups + 1, sizeof *c.sizes);
@@ -222,12 +257,20 @@ sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, cons
         rc = sy_err_set(c.rc, "%s", c.msg);
         goto out;
     }
-    for (int i = 0; i < n_groups; i++)
-        if (json_array_append_new(files, json_pack("{s:s,s:I,s:s}", "name", groups[i].file, "size",
-                                                   (json_int_t)c.sizes[i], "sha256", c.shas[i]))) {
+    for (int i = 0; i < n_groups; i++) {
+        json_t *e = json_pack("{s:s,s:I,s:s}", "name", groups[i].file, "size", (json_int_t)c.sizes[i], "sha256",
+                              c.shas[i]);
+        char obj[KEY_MAX];
+        if (e && tag && (object_name(obj, sizeof obj, tag, groups[i].file) != SY_OK ||
+                         json_object_set_new(e, "object", json_string(obj)))) {
+            json_decref(e);
+            e = NULL;
+        }
+        if (!e || json_array_append_new(files, e)) {
             rc = sy_err_set(SY_ENOMEM, "checkpoint save: manifest");
             goto out;
         }
+    }
     *files_out = files;
     files = NULL;
 out:
@@ -250,6 +293,12 @@ sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const js
     SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, SY_CKPT_MANIFEST));
     SY_CHECK(check_extra(run, step, extra));
     SY_CHECK(sy_ckpt_prepare_step(st, run, step, extra));
+    /* A manifest that names its generation and lists tagged parts takes only that generation's. */
+    char gen_prefix[40] = "";
+    const json_t *gen = extra ? json_object_get(extra, "generation") : NULL;
+    bool tagged = false;
+    for (size_t i = 0; i < json_array_size(files); i++) tagged |= json_object_get(json_array_get(files, i), "object") != NULL;
+    if (tagged && json_is_integer(gen)) snprintf(gen_prefix, sizeof gen_prefix, "g%" JSON_INTEGER_FORMAT "-", json_integer_value(gen));
     list = json_array();
     if (!list) return sy_err_set(SY_ENOMEM, "checkpoint commit");
     for (size_t i = 0; i < json_array_size(files); i++) {
@@ -272,9 +321,33 @@ sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const js
                                 name);
                 goto out;
             }
+        /* The object that holds it: its name, or the writer's "object" (a part tagged with the
+         * generation and rank that wrote it, sy_ckpt_write_part_tagged). */
+        const json_t *o = json_object_get(e, "object");
+        if (o && (!json_is_string(o) || !object_ok(json_string_value(o)))) {
+            rc = sy_err_set(SY_EINVAL, "checkpoint commit %s step %" PRId64 ": files[%zu] has an invalid object name",
+                            run, step, i);
+            goto out;
+        }
+        const char *object = o ? json_string_value(o) : name;
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(ent_object(json_array_get(files, j)), object)) {
+                rc = sy_err_set(SY_EINVAL, "checkpoint commit %s step %" PRId64 ": object '%s' listed twice", run, step,
+                                object);
+                goto out;
+            }
+        /* Fencing: a commit of generation G takes only parts written by G (their objects are
+         * tagged "gG-r<rank>."), so a stale writer of an older generation, whose objects carry
+         * its own generation, can never have a part in it. */
+        if (gen_prefix[0] && strncmp(object, gen_prefix, strlen(gen_prefix)) != 0) {
+            rc = sy_err_set(SY_EINVAL, "checkpoint commit %s step %" PRId64 ": object '%s' was not written by "
+                            "generation %" JSON_INTEGER_FORMAT " (a stale writer's part?)", run, step, object,
+                            json_integer_value(json_object_get(extra, "generation")));
+            goto out;
+        }
         /* Every part must be durable (present, with its size) before the commit point. */
         uint64_t size = 0;
-        SY_CHECK_GOTO(sy_ckpt_key(key, sizeof key, run, step, name), rc, out);
+        SY_CHECK_GOTO(sy_ckpt_key(key, sizeof key, run, step, object), rc, out);
         rc = sy_store_head(st, key, &size);
         if (rc != SY_OK) {
             sy_err_prefix(rc, "checkpoint commit %s step %" PRId64 ": object %s", run, step, key);
@@ -285,8 +358,13 @@ sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const js
                             key, size, json_integer_value(z));
             goto out;
         }
-        if (json_array_append_new(list, json_pack("{s:s,s:I,s:s}", "name", name, "size", json_integer_value(z),
-                                                  "sha256", json_string_value(h)))) {
+        json_t *le = json_pack("{s:s,s:I,s:s}", "name", name, "size", json_integer_value(z), "sha256",
+                               json_string_value(h));
+        if (le && o && json_object_set(le, "object", (json_t *)o)) {
+            json_decref(le);
+            le = NULL;
+        }
+        if (!le || json_array_append_new(list, le)) {
             rc = sy_err_set(SY_ENOMEM, "checkpoint commit: manifest");
             goto out;
         }
@@ -374,7 +452,9 @@ static sy_status validate_manifest(const json_t *m, const char *key, const char 
     for (size_t i = 0; i < json_array_size(fl); i++) {
         const json_t *e = json_array_get(fl, i), *n = json_object_get(e, "name"), *z = json_object_get(e, "size"),
                      *h = json_object_get(e, "sha256");
-        if (!json_is_string(n) || !sy_store_key_valid(json_string_value(n)) || strchr(json_string_value(n), '/') ||
+        const json_t *o = json_object_get(e, "object");
+        if ((o && (!json_is_string(o) || !object_ok(json_string_value(o)))) ||
+            !json_is_string(n) || !sy_store_key_valid(json_string_value(n)) || strchr(json_string_value(n), '/') ||
             !json_is_integer(z) || json_integer_value(z) < 0 || !json_is_string(h) || !is_hex64(json_string_value(h)))
             return sy_err_set(SY_ECORRUPT, "checkpoint manifest %s: files[%zu] is not {name, size, sha256}", key, i);
         for (size_t j = 0; j < i; j++)
@@ -416,7 +496,7 @@ static sy_status check_files_present(sy_store_t *st, const json_t *m, const char
     for (size_t i = 0; i < json_array_size(fl); i++) {
         const json_t *e = json_array_get(fl, i);
         uint64_t size = 0;
-        SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, json_string_value(json_object_get(e, "name"))));
+        SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, ent_object(e)));
         SY_CHECK(sy_store_head(st, key, &size));
         if (size != (uint64_t)json_integer_value(json_object_get(e, "size")))
             return sy_err_set(SY_ECORRUPT, "checkpoint object %s: %" PRIu64 " bytes, manifest says %" JSON_INTEGER_FORMAT,
@@ -664,13 +744,13 @@ static sy_status fetch_verified(sy_store_t *st, const json_t *m, const char *fil
     int64_t step = json_integer_value(json_object_get(m, "step"));
     const json_t *fl = json_object_get(m, "files"), *ent = NULL;
     if (!run || !json_is_array(fl)) return sy_err_set(SY_EINVAL, "checkpoint load: not a manifest");
-    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, file));
     for (size_t i = 0; i < json_array_size(fl) && !ent; i++)
         if (!strcmp(json_string_value(json_object_get(json_array_get(fl, i), "name")), file))
             ent = json_array_get(fl, i);
     if (!ent)
         return sy_err_set(SY_ENOTFOUND, "checkpoint %s step %" PRId64 ": manifest lists no file '%s'", run, step,
                           file);
+    SY_CHECK(sy_ckpt_key(key, sizeof key, run, step, ent_object(ent)));
     SY_CHECK(sy_store_get(st, key, &buf, &len));
     json_int_t want = json_integer_value(json_object_get(ent, "size"));
     if ((uint64_t)len != (uint64_t)want) {

@@ -4,6 +4,9 @@
  *   dense.safetensors, dense.optim.safetensors      non-expert params / their moments (m.<name>, v.<name>)
  *   expert-%04d.safetensors, expert-%04d.optim.safetensors   one expert index, every layer
  *   MANIFEST.json                                   written LAST with put_if_absent: the commit point
+ * A distributed save (sy_ckpt_write_part_tagged) stores each file as the object
+ * "g<generation>-r<rank>.<file>"; its manifest entry keeps "name" = <file> and adds "object"
+ * (docs/fault-tolerance.md "Stale workers"). Loaders ask by name and read the object.
  * A step folder without a MANIFEST.json is debris of an unfinished save and does not exist as a
  * checkpoint. The module is layout-agnostic beyond that: the caller names the files and the
  * tensors in each (sy_ckpt_file_dense() etc. give the standard names), so a restore can load
@@ -70,6 +73,16 @@ sy_status sy_ckpt_save(sy_store_t *st, const char *run, int64_t step, const sy_c
 sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
                              int n_groups, json_t **files_out);
 
+/* The same, with every object named "<tag>.<file>" instead of "<file>", and each entry of
+ * *files_out carrying that name as "object" (the manifest keeps "name" as the logical file name
+ * loaders ask for). Writers of a distributed save tag with sy_ckpt_part_tag(generation, rank),
+ * so that a writer of a stale generation only ever writes objects no newer commit lists, and
+ * never overwrites an object another writer (or generation) wrote. */
+sy_status sy_ckpt_write_part_tagged(sy_store_t *st, const char *run, int64_t step, const char *tag,
+                                    const sy_ckpt_group *groups, int n_groups, json_t **files_out);
+/* "g<generation>-r<rank>" into buf. */
+sy_status sy_ckpt_part_tag(char *buf, size_t cap, uint64_t generation, int rank);
+
 /* Commits checkpoint `step`: checks that every object listed in `files` (an array of
  * {name, size, sha256} as returned by sy_ckpt_write_part, possibly concatenated from several
  * writers; names unique) exists in the store with its size, then writes MANIFEST.json listing
@@ -77,7 +90,10 @@ sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, cons
  * put_if_absent. SY_EEXIST if the step is already committed (by this or another writer). With a
  * "writer" in extra, the existing commit is judged as by sy_ckpt_prepare_step, the run's lock is
  * checked again just before the manifest is written, and a step committed by another writer
- * between that check and the put is SY_ECONFLICT. */
+ * between that check and the put is SY_ECONFLICT. Entries may carry "object" (the tagged object
+ * that holds the file; names and objects unique); when some do and `extra` has an integer
+ * "generation" G, every object must start with "gG-" (SY_EINVAL naming it otherwise): a commit
+ * of generation G takes no part of a stale writer. */
 sy_status sy_ckpt_commit(sy_store_t *st, const char *run, int64_t step, const json_t *files,
                          const json_t *extra);
 

@@ -570,10 +570,13 @@ static void link_hello(link_t *l, double t, int hb) {
     hello.worker_id = a->id;
     hello.host = a->host;
     hello.pid = (uint32_t)getpid();
-    hello.backend = (char *)(a->opts->backend ? a->opts->backend : "cpu");
+    hello.backend = (char *)(a->opts->backend ? a->opts->backend : "config");
     hello.devices = 1;
     hello.memory_bytes = sysinfo(&si) == 0 ? (uint64_t)si.totalram * si.mem_unit : 0;
     hello.version = SY_AGENT_VERSION;
+    /* Reserved, always empty, ignored by the coordinator: a worker proves who it is with its
+     * CURVE key (ZAP checks it against cluster.curve_authorized_keys; docs/security.md), never
+     * with a shared token that every worker host would hold. */
     hello.auth_token = "";
     hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
     hello.last_generation = atomic_load(&a->generation); /* whatever incarnation assigned it */
@@ -595,6 +598,8 @@ static void link_heartbeat(link_t *l, double t, int hb) {
     Sy__Heartbeat h = SY__HEARTBEAT__INIT;
     h.step = (uint64_t)atomic_load(&a->step);
     h.state = (char *)state_names[atomic_load(&a->state)];
+    h.dataplane_dropped = sy_dataplane_dropped(a->dp);
+    h.dataplane_refused = sy_dataplane_refused(a->dp);
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &h;
@@ -765,7 +770,14 @@ static sy_status setup(agent_t *a, const char *config_json) {
         a->tokens = NULL, a->counts = NULL, a->owned = NULL, a->placement = NULL;
         /* a config too big for this machine is a clear error, not the OOM killer (memplan.h) */
         SY_CHECK(sy_memplan_check(&a->cfg, 1));
-        SY_CHECK(sy_backend_cpu_new(a->cfg.train.threads, bf16, &a->be));
+        const char *bk = a->opts->backend ? a->opts->backend : a->cfg.cluster.backend;
+        if (bk && strcmp(bk, "cuda") == 0) {
+            sy_status st = sy_backend_cuda_new(a->opts->device, bf16, &a->be);
+            if (st != SY_OK)
+                return sy_err_prefix(st, "%s", a->opts->backend ? "--backend cuda" : "cluster.backend: cuda");
+        } else {
+            SY_CHECK(sy_backend_cpu_new(a->cfg.train.threads, bf16, &a->be));
+        }
         SY_CHECK(sy_model_new(&d, a->be, &a->model));
         a->dims = d;
         a->tokens = malloc(sizeof(int32_t) * (size_t)d.B * (d.T + 1));
@@ -797,6 +809,11 @@ static sy_status setup(agent_t *a, const char *config_json) {
 typedef enum { RUN_DONE, RUN_ABORTED, RUN_FAILED, RUN_STOP, RUN_NEXT } run_end;
 
 /* "0-2,5" style list of the experts set in mask. */
+/* The warning every generation's log line carries when the worker runs --insecure (issue 12). */
+static const char *insecure_note(const agent_t *a) {
+    return a->opts->insecure && !a->curve ? " [INSECURE: --insecure, no CurveZMQ key]" : "";
+}
+
 static void experts_string(char *buf, size_t cap, const bool *mask, int E) {
     size_t n = 0;
     buf[0] = 0;
@@ -904,7 +921,15 @@ static sy_status write_part(agent_t *a, int rank, int64_t step, json_t **files) 
     int skip = rank == 0 ? 0 : 2; /* the dense files come first in the plan */
     sy_status st = SY_OK;
     if (plan.n - skip > 0)
-        st = sy_ckpt_write_part(a->store, a->up_run, step, plan.groups + skip, plan.n - skip, files);
+    {
+        /* objects named for the generation and rank that write them (docs/security.md "Stale
+         * workers"): this writer, if it turns out stale, can only add objects no commit of a
+         * newer generation lists */
+        char tag[64];
+        st = sy_ckpt_part_tag(tag, sizeof tag, a->up_gen, rank);
+        if (st == SY_OK)
+            st = sy_ckpt_write_part_tagged(a->store, a->up_run, step, tag, plan.groups + skip, plan.n - skip, files);
+    }
     else
         *files = json_array(); /* a rank without experts still reports its (empty) part */
     sy_model_ckpt_plan_free(&plan);
@@ -949,6 +974,7 @@ static void send_part(agent_t *a, uint64_t inc, uint64_t gen, int64_t step, json
         objs[i].name = (char *)json_string_value(json_object_get(f, "name"));
         objs[i].size = (uint64_t)json_integer_value(json_object_get(f, "size"));
         objs[i].sha256 = (char *)json_string_value(json_object_get(f, "sha256"));
+        objs[i].object = (char *)json_string_value(json_object_get(f, "object"));
         ptrs[i] = &objs[i];
     }
     Sy__Envelope env;
@@ -1162,9 +1188,19 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                    "source %d", as->n_expert_source, E, as->dense_source);
         goto fail;
     }
+    if (a->curve && as->n_peer_keys != (size_t)a->world) {
+        /* a CURVE data plane admits only the members' keys: without them no peer could connect */
+        sy_err_set(SY_EINVAL, "Assign: %zu data-plane keys for a world of %d (CURVE data plane)", as->n_peer_keys,
+                   a->world);
+        goto fail;
+    }
     pthread_mutex_lock(&a->mu);
-    st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
-                               a->cfg.cluster.data_timeout_ms, &a->comm);
+    if (a->curve)
+        st = sy_comm_new_curve(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+                               (const char *const *)as->peer_keys, a->cfg.cluster.data_timeout_ms, &a->comm);
+    else
+        st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+                         a->cfg.cluster.data_timeout_ms, &a->comm);
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) goto fail;
     if (a->world > 1 && sy_model_n_switch(a->model) > 0) {
@@ -1183,21 +1219,21 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         if (st == SY_EABORTED) goto aborted;
         if (st == SY_EINVAL) goto fail; /* a plan this worker cannot follow: Fault(internal) */
         if (st != SY_OK) goto step_failed; /* the data plane: a peer's fault */
-        sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s",
+        sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s%s",
                 (unsigned long long)gen, a->rank, a->world, (long long)as->restore_step,
-                a->restore_note, owned_s);
+                a->restore_note, owned_s, insecure_note(a));
     } else if (as->restore_step >= 0) {
         if (restore(a, as->restore_step) != SY_OK) goto fail;
         sy_replica_set_live(a->rep, as->restore_step, a->owned);
-        sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s",
+        sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s%s",
                 (unsigned long long)gen, a->rank, a->world, (long long)as->restore_step,
-                a->restore_note, owned_s);
+                a->restore_note, owned_s, insecure_note(a));
     } else {
         sy_model_init(a->model, a->cfg.run.seed);
         sy_adamw_reset(a->opt); /* the optimizer outlives generations (setup) */
         sy_replica_set_live(a->rep, 0, a->owned);
-        sy_info("generation %llu: rank %d/%d, fresh start, experts %s", (unsigned long long)gen,
-                a->rank, a->world, owned_s);
+        sy_info("generation %llu: rank %d/%d, fresh start, experts %s%s", (unsigned long long)gen,
+                a->rank, a->world, owned_s, insecure_note(a));
     }
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
     /* The restored state goes to the buddies at once: under the new placement their replicas
@@ -1365,7 +1401,12 @@ int sy_agent_run(const sy_agent_opts *opts) {
         a.curve = true;
         sy_info("control plane: CURVE, our public key %s, coordinator's %s", a.key.public_z85, a.server_public);
     }
-    if (sy_dataplane_new(opts->comm ? opts->comm : "tcp", opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*", &a.dp) != SY_OK) {
+    /* With a CURVE key the data plane is CURVE too (docs/security.md "Data plane"): the PULL
+     * socket is a server with our key pair and admits only the generation's members' keys. */
+    const char *dp_kind = opts->comm ? opts->comm : "tcp";
+    const char *dp_bind = opts->data_bind ? opts->data_bind : "tcp://127.0.0.1:*";
+    if ((a.curve ? sy_dataplane_new_curve(dp_kind, dp_bind, a.key.public_z85, a.key.secret_z85, &a.dp)
+                 : sy_dataplane_new(dp_kind, dp_bind, &a.dp)) != SY_OK) {
         sy_error("data plane: %s", sy_err_msg());
         goto out;
     }
@@ -1380,7 +1421,8 @@ int sy_agent_run(const sy_agent_opts *opts) {
         goto out;
     }
     a.link_started = true;
-    sy_info("data plane at %s; connecting to %s", sy_dataplane_endpoint(a.dp), opts->coordinator);
+    sy_info("data plane at %s (%s); connecting to %s", sy_dataplane_endpoint(a.dp),
+            a.curve ? "CURVE" : "plaintext", opts->coordinator);
 
     while (!g_stop && !atomic_load(&a.refused) && !atomic_load(&a.link_failed)) {
         Sy__Envelope *m = agent_recv(&a, 100);

@@ -10,17 +10,21 @@
 #ifndef SY_AGENT_H
 #define SY_AGENT_H
 
+#include <stdbool.h>
+
 typedef struct {
     const char *coordinator; /* tcp://host:port */
     const char *id;          /* worker id; NULL: HOST-PID */
     const char *data_bind;   /* data-plane bind address, e.g. tcp://127.0.0.1:* */
-    const char *backend;     /* "cpu" */
+    const char *backend;     /* "cpu" or "cuda"; NULL: the run config's cluster.backend */
+    int device;              /* CUDA device of the cuda backend (0 by default) */
     const char *comm;        /* data-plane implementation (comm.h sy_comm_kinds); NULL: "tcp" */
     int threads;             /* 0: the config's train.threads (either is capped at the cores) */
     int connect_timeout_s;   /* give up (exit 1) after this long without a Welcome; 0: never */
     /* CurveZMQ on the control plane (src/proto/curve.h): both set, or both NULL (plaintext) */
     const char *curve_server_public; /* the coordinator's .pub (or .key: public half only) */
     const char *curve_key;           /* this worker's .key file (mode 0600) */
+    bool insecure; /* --insecure: an off-loopback data plane without CURVE; warned every generation */
 } sy_agent_opts;
 
 /* Exit code when the coordinator refuses the connection: our CURVE key is not authorized, or

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "worker/agent.h"
+#include "backend/backend.h"
 #include "backend/cpu_setup.h"
 #include "base/endpoint.h"
 #include "base/log.h"
@@ -20,7 +21,9 @@ static void usage(FILE *f) {
             "  --coordinator URL   the coordinator's control endpoint (cluster.bind), required\n"
             "  --id ID             worker identity (default HOST-PID); a restarted worker may\n"
             "                      reuse its id\n"
-            "  --backend NAME      compute backend: cpu (default)\n"
+            "  --backend NAME      compute backend: cpu or cuda (default: the run config's\n"
+            "                      cluster.backend)\n"
+            "  --device N          CUDA device of the cuda backend (default 0)\n"
             "  --comm NAME         data plane: tcp (default; the run config's cluster.comm)\n"
             "  --data-bind ADDR    data-plane bind address (default tcp://127.0.0.1:*, * = any port)\n"
             "  --threads N         compute threads, 1 to the number of cores this process may\n"
@@ -34,6 +37,9 @@ static void usage(FILE *f) {
             "                      `switchyard keygen`); needs --curve-key\n"
             "  --curve-key FILE    CurveZMQ: this worker's key pair (a .key file, mode 0600); its\n"
             "                      public key must be in the coordinator's cluster.curve_authorized_keys\n"
+            "  --insecure          allow a --data-bind address reachable from other machines without\n"
+            "                      --curve-key (refused otherwise, exit 2); every generation's log\n"
+            "                      line then carries a warning (the run config's cluster.insecure)\n"
             "  -h, --help          this help\n"
             "\n"
             "\n"
@@ -53,15 +59,17 @@ int main(int argc, char **argv) {
     static const struct option longopts[] = {{"coordinator", required_argument, 0, 'c'},
                                              {"id", required_argument, 0, 'i'},
                                              {"backend", required_argument, 0, 'b'},
+                                             {"device", required_argument, 0, 'D'},
                                              {"data-bind", required_argument, 0, 'd'},
                                              {"comm", required_argument, 0, 'C'},
                                              {"threads", required_argument, 0, 't'},
                                              {"curve-server-public", required_argument, 0, 'P'},
                                              {"curve-key", required_argument, 0, 'K'},
                                              {"connect-timeout", required_argument, 0, 'T'},
+                                             {"insecure", no_argument, 0, 'I'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
-    sy_agent_opts o = {.backend = "cpu", .connect_timeout_s = SY_AGENT_CONNECT_TIMEOUT_S};
+    sy_agent_opts o = {.backend = NULL, .connect_timeout_s = SY_AGENT_CONNECT_TIMEOUT_S};
     int cores = sy_cpu_count();
     int c;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
@@ -69,10 +77,21 @@ int main(int argc, char **argv) {
         case 'c': o.coordinator = optarg; break;
         case 'i': o.id = optarg; break;
         case 'b': o.backend = optarg; break;
+        case 'D': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (!*optarg || *end || v < 0 || v > 1023) {
+                fprintf(stderr, "switchyard-worker: --device %s: expected a CUDA device number >= 0\n", optarg);
+                return 2;
+            }
+            o.device = (int)v;
+            break;
+        }
         case 'd': o.data_bind = optarg; break;
         case 'C': o.comm = optarg; break;
         case 'P': o.curve_server_public = optarg; break;
         case 'K': o.curve_key = optarg; break;
+        case 'I': o.insecure = true; break;
         case 't': {
             char *end;
             long v = strtol(optarg, &end, 10);
@@ -118,15 +137,39 @@ int main(int argc, char **argv) {
         fprintf(stderr, "switchyard-worker: --curve-key and --curve-server-public go together\n");
         return 2;
     }
+    /* issue 12 #1: a data plane other machines can reach is authenticated, or explicitly not */
+    if (o.data_bind && !o.curve_key && !sy_endpoint_is_loopback(o.data_bind)) {
+        if (!o.insecure) {
+            fprintf(stderr,
+                    "switchyard-worker: --data-bind %s: reachable from other machines, and no CurveZMQ key is "
+                    "given: anyone who reaches it could send rows to this worker. Give --curve-key FILE and "
+                    "--curve-server-public FILE (switchyard keygen; docs/deployment.md), or bind a loopback "
+                    "address, or pass --insecure to run unauthenticated\n",
+                    o.data_bind);
+            return 2;
+        }
+        sy_warn("INSECURE: --insecure: the data plane on %s is reachable from other machines without CurveZMQ",
+                o.data_bind);
+    }
     if (o.comm && strcmp(o.comm, "tcp") != 0) {
         /* "threads" (comm.h) runs ranks as threads of one process: no use between workers */
         fprintf(stderr, "switchyard-worker: --comm %s: only 'tcp' is built for worker processes in this version\n",
                 o.comm);
         return 2;
     }
-    if (strcmp(o.backend, "cpu") != 0) {
-        fprintf(stderr, "switchyard-worker: --backend %s: only 'cpu' is built in this version\n", o.backend);
+    if (o.backend && strcmp(o.backend, "cpu") != 0 && strcmp(o.backend, "cuda") != 0) {
+        fprintf(stderr, "switchyard-worker: --backend %s: expected cpu or cuda\n", o.backend);
         return 2;
+    }
+    if (o.backend && strcmp(o.backend, "cuda") == 0) {
+        /* fail now, clearly, rather than at the first generation */
+        char why[256];
+        int n = sy_backend_cuda_devices(why, sizeof why);
+        if (n <= 0 || o.device >= n) {
+            fprintf(stderr, "switchyard-worker: --backend cuda --device %d: %s%s\n", o.device,
+                    n <= 0 ? "no usable CUDA device: " : "no such device: ", why);
+            return 2;
+        }
     }
     return sy_agent_run(&o);
 }

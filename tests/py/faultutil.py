@@ -160,7 +160,7 @@ class Cluster:
             # exited: most likely the port was taken meanwhile; try another
         raise RuntimeError("coordinator would not start:\n" + self.tail("coordinator.log"))
 
-    def start_worker(self, wid, env=None):
+    def start_worker(self, wid, env=None, args=()):
         n = self.nstart.get(wid, 0)
         self.nstart[wid] = n + 1
         log = open(f"{self.logs}/{wid}.{n}.log", "w")
@@ -168,7 +168,7 @@ class Cluster:
         e = dict(self.env)
         e.update(env or {})
         p = sytest.Popen([WORKER, "--coordinator", f"tcp://127.0.0.1:{self.port}", "--id", wid,
-                          "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=e)
+                          "--threads", "1"] + list(args), stdout=log, stderr=subprocess.STDOUT, env=e)
         self.workers[wid] = p
         self.all_procs.append(p)
         return p

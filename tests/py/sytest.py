@@ -88,12 +88,52 @@ def metrics(tmp, name):
 
 
 # -- temporary folders ----------------------------------------------------------------------------
+# Folders of make_tmp are removed when the test process ends without a failed check and without
+# an uncaught exception (a cluster test leaves hundreds of MB behind); a failing test keeps them
+# for a look, as does SY_KEEP_TMP=1.
+_tmps = []
+_crashed = []
+
+
 def make_tmp(prefix):
-    return tempfile.mkdtemp(prefix=prefix)
+    d = tempfile.mkdtemp(prefix=prefix)
+    _tmps.append(d)
+    return d
 
 
 def remove_tmp(tmp):
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _excepthook(tp, value, tb, _prev=sys.excepthook):
+    if not issubclass(tp, SystemExit):
+        _crashed.append(tp)
+    _prev(tp, value, tb)
+
+
+sys.excepthook = _excepthook
+
+
+_bad_exit = []
+_real_exit = sys.exit
+
+
+def _exit(code=0):
+    if code not in (0, None, 77):
+        _bad_exit.append(code)
+    _real_exit(code)
+
+
+sys.exit = _exit
+
+
+def _remove_tmps():
+    if check.failures or _crashed or _bad_exit or os.environ.get("SY_KEEP_TMP") == "1":
+        if _tmps:
+            print(f"(kept for a look: {' '.join(_tmps)})", flush=True)
+        return
+    for d in _tmps:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # -- protected spawn ------------------------------------------------------------------------------
@@ -219,6 +259,7 @@ def _start_reaper():
 
 
 _reaper_pipe = _start_reaper()
+atexit.register(_remove_tmps)  # runs after kill_all (atexit runs last-registered first)
 atexit.register(kill_all)
 for _sig in (signal.SIGTERM, signal.SIGHUP):
     signal.signal(_sig, _on_signal)

@@ -150,10 +150,12 @@ def main():
 
     # --- 1. reference run without CURVE -------------------------------------------------------
     t = time.time()
-    r = sytest.run([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "plain"),
+    # (switchyard run makes per-run keys by default: cluster.insecure turns CURVE off)
+    r = sytest.run([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "plain", {"cluster.insecure": "true"}),
                    capture_output=True, text=True, timeout=300)
     print(f"   plaintext run: {time.time() - t:.1f} s", flush=True)
     check(r.returncode == 0, "plaintext run completes")
+    check("CURVE on" not in read(f"{tmp}/state-plain/logs/coordinator.log"), "the plaintext run is plaintext")
     if r.returncode != 0:
         print(r.stderr[-2000:])
         dump_logs(tmp, "plain")

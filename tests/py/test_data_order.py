@@ -1,9 +1,10 @@
 """Sample order and `data prepare`, checked against an independent Python model (model spec §6).
 
-The PRNG of src/base/rng.h (SplitMix64, FNV-1a keys, rejection sampling) and the pinned
-Fisher-Yates permutation of src/data/data.h are re-implemented here from their documentation;
-tests/sy_dataorder must produce the same window ids and first tokens, including across epoch
-boundaries. tests/sy_dataprep (which runs sy_data_cli) must write shards whose tokens are the
+The PRNG of src/base/rng.h (SplitMix64, FNV-1a keys, rejection sampling) and both pinned
+permutations of src/data/data.h (data.order: the keyed Feistel network with cycle walking, the
+default, and the Fisher-Yates table of older runs) are re-implemented here from their
+documentation; tests/sy_dataorder must produce the same window ids and first tokens, in both
+orders, including across epoch boundaries. tests/sy_dataprep (which runs sy_data_cli) must write shards whose tokens are the
 concatenated input bytes, split at the documented point. Corrupt shards must be refused with the
 file named. Env: SY_BUILD (build dir).
 """
@@ -66,6 +67,29 @@ def perm(seed, epoch, n):
     return p
 
 
+def feistel(seed, epoch, n):
+    """perm[i] as a function (model spec §6, data.order = feistel)."""
+    h = 1
+    while h < 32 and (1 << (2 * h)) < n:
+        h += 1
+    mask = (1 << h) - 1
+    r = Rng(seed, "data.order", epoch)
+    keys = [r.next() for _ in range(6)]
+
+    def F(x):
+        L, R = x >> h, x & mask
+        for k in keys:
+            L, R = R, L ^ (mix64(R ^ k) & mask)
+        return (L << h) | R
+
+    def at(i):
+        x = F(i)
+        while x >= n:
+            x = F(x)
+        return x
+    return at
+
+
 # ---- shards ---------------------------------------------------------------------------------
 
 
@@ -86,7 +110,7 @@ def read_shard(path):
     return list(struct.unpack("<%dH" % hdr[2], data[1024:]))
 
 
-def expected_order(shards, seed, T, M, b, steps):
+def expected_order(shards, seed, T, M, b, steps, order="feistel"):
     """Lines 's m j window first_token' from spec §6, computed independently."""
     windows = []  # (shard tokens, start offset) in index order
     for toks in shards:
@@ -101,8 +125,8 @@ def expected_order(shards, seed, T, M, b, steps):
                 idx = s * M * b + m * b + j
                 ep = idx // n
                 if ep not in perms:
-                    perms[ep] = perm(seed, ep, n)
-                w = perms[ep][idx % n]
+                    perms[ep] = feistel(seed, ep, n) if order == "feistel" else perm(seed, ep, n).__getitem__
+                w = perms[ep](idx % n)
                 toks, off = windows[w]
                 out.append("%d %d %d %d %d" % (s, m, j, w, toks[off]))
     return out, n
@@ -136,20 +160,42 @@ def check_order(tmp):
         (42, 4, 2, 3, 5, [paths[3], paths[0]], [shards[3], shards[0]]),  # given order
         (99, 7, 4, 8, 30, [pbig] + paths, [big] + shards),  # N > 700, ~1.3 epochs
     ]
-    for seed, T, M, b, steps, args, toks in cases:
-        want, n = expected_order(toks, seed, T, M, b, steps)
-        r = run([DATAORDER, str(seed), str(T), str(M), str(b), str(steps)] + args)
-        assert r.returncode == 0, (seed, T, r.stderr)
-        got = r.stdout.split("\n")[:-1]
-        assert got == want, "order differs for seed=%d T=%d M=%d b=%d (N=%d): first diff %s" % (
-            seed, T, M, b, n, next((g, w) for g, w in zip(got + [""] * len(want), want) if g != w))
-    # Different seeds give different orders; a permutation per epoch.
-    a = run([DATAORDER, "1", "4", "1", "13", "1"] + paths).stdout.split("\n")[:-1]
-    c = run([DATAORDER, "2", "4", "1", "13", "1"] + paths).stdout.split("\n")[:-1]
-    wa = [int(x.split()[3]) for x in a]
-    assert sorted(wa) == list(range(13)), wa
-    assert wa != [int(x.split()[3]) for x in c]
-    print("order: %d cases ok" % len(cases))
+    for order, flag in (("feistel", []), ("feistel", ["--order", "feistel"]), ("fisher-yates", ["--order", "fisher-yates"])):
+        for seed, T, M, b, steps, args, toks in cases:
+            want, n = expected_order(toks, seed, T, M, b, steps, order)
+            r = run([DATAORDER] + flag + [str(seed), str(T), str(M), str(b), str(steps)] + args)
+            assert r.returncode == 0, (seed, T, r.stderr)
+            got = r.stdout.split("\n")[:-1]
+            assert got == want, "%s order differs for seed=%d T=%d M=%d b=%d (N=%d): first diff %s" % (
+                order, seed, T, M, b, n, next((g, w) for g, w in zip(got + [""] * len(want), want) if g != w))
+        # Different seeds give different orders; a permutation per epoch.
+        a = run([DATAORDER] + flag + ["1", "4", "1", "13", "1"] + paths).stdout.split("\n")[:-1]
+        c = run([DATAORDER] + flag + ["2", "4", "1", "13", "1"] + paths).stdout.split("\n")[:-1]
+        wa = [int(x.split()[3]) for x in a]
+        assert sorted(wa) == list(range(13)), wa
+        assert wa != [int(x.split()[3]) for x in c]
+        print("order %s %s: %d cases ok" % (order, " ".join(flag) or "(default)", len(cases)))
+    # the two orders differ (the default is not the old table under another name)
+    a = run([DATAORDER, "1", "4", "1", "13", "1"] + paths).stdout
+    c = run([DATAORDER, "--order", "fisher-yates", "1", "4", "1", "13", "1"] + paths).stdout
+    assert a != c
+    r = run([DATAORDER, "--order", "shuffle", "1", "4", "1", "13", "1"] + paths)
+    assert r.returncode == 2 and "shuffle" in r.stderr, r.stderr
+    # the feistel order at corpus sizes no test shard reaches (h up to 32), against the model
+    rnd = random.Random(3)
+    for n in [1, 2, 3, 4, 5, 17, 1 << 20, (1 << 32) - 1, 1 << 32, (1 << 32) + 1, 10**12 + 39, (1 << 64) - 1]:
+        seed, ep = rnd.randrange(1 << 64), rnd.randrange(4)
+        idx = sorted({rnd.randrange(n) for _ in range(20)} | {0, n - 1})
+        r = run([DATAORDER, "--feistel", str(seed), str(ep), str(n)] + [str(i) for i in idx])
+        f = feistel(seed, ep, n)
+        got = [int(x) for x in r.stdout.split()]
+        assert r.returncode == 0 and got == [f(i) for i in idx], (n, got[:4], [f(i) for i in idx][:4])
+        assert all(0 <= g < n for g in got) and len(set(got)) == len(got), (n, got)
+    # a bijection of [0, N) for every small N
+    for n in range(1, 70):
+        f = feistel(12345, 1, n)
+        assert sorted(f(i) for i in range(n)) == list(range(n)), n
+    print("feistel at N up to 2^64-1 ok")
 
 
 def check_open_errors(tmp):

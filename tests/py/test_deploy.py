@@ -222,6 +222,16 @@ def check_systemd(tmp):
               and unit_get(u, "Service", "SuccessExitStatus") == ["3"]
               and set(" ".join(unit_get(u, "Service", "RestartPreventExitStatus")).split()) == {"2", "3"},
               "systemd: coordinator: exit 3 (clean stop) counts as success, 2 and 3 are not restarted (as --help says)")
+    if len(parsed) == 2:
+        cx = unit_get(parsed["coordinator"], "Service", "ExecStart")[0]
+        wx = unit_get(parsed["worker"], "Service", "ExecStart")[0]
+        check("cluster.curve_server_key=/etc/switchyard/keys/coordinator.key" in cx
+              and "cluster.curve_authorized_keys=/etc/switchyard/keys/authorized_workers" in cx
+              and "--curve-server-public /etc/switchyard/keys/coordinator.pub" in wx
+              and "--curve-key /etc/switchyard/keys/worker.key" in wx
+              and cx.index("cluster.curve_server_key") < cx.index("$SY_COORDINATOR_ARGS"),
+              "systemd: both units use CurveZMQ key files of /etc/switchyard/keys (SY_COORDINATOR_ARGS can override)")
+        check(not any(re.search(r"token=|secret-key", x) for x in (cx, wx)), "systemd: no secret on an ExecStart line")
     if "worker" in parsed:
         ex = unit_get(parsed["worker"], "Service", "ExecStart")[0]
         check("--id %i" in ex and "-/etc/switchyard/worker-%i.env" in unit_get(parsed["worker"], "Service", "EnvironmentFile"),
@@ -250,6 +260,13 @@ def check_systemd(tmp):
     etc, wd = os.path.join(tmp, "etc"), os.path.join(tmp, "var-lib")
     os.makedirs(etc)
     os.makedirs(wd)
+    keys = os.path.join(etc, "keys")  # as docs/deployment.md makes them
+    os.makedirs(keys, mode=0o700)
+    for k in ("coordinator", "worker"):
+        r = sytest.run([SY, "keygen", os.path.join(keys, k)], capture_output=True, text=True, timeout=30)
+        check(r.returncode == 0, f"systemd: switchyard keygen {k} {r.stderr.strip()}")
+    with open(os.path.join(keys, "authorized_workers"), "w") as f:
+        f.write(open(os.path.join(keys, "worker.pub")).read())
     cfg = os.path.join(etc, "run.yaml")
     shutil.copy(TINY, cfg)
     with open(os.path.join(etc, "env"), "w") as f:
@@ -294,6 +311,10 @@ def check_systemd(tmp):
           f"(exit {rc}, workers {wrc})")
     check(os.path.exists(os.path.join(wd, "checkpoints/sd/ckpt/step-000000006/MANIFEST.json")),
           "systemd: a relative checkpoint.store lands under /var/lib/switchyard (StateDirectory)")
+    clog = tail(os.path.join(tmp, "systemd-coord.log"), 10 ** 6)
+    check("control plane: CURVE on" in clog and all("control plane: CURVE" in tail(os.path.join(tmp, f"systemd-{w}.log"),
+                                                                                   10 ** 6) for w in ("w0", "w1")),
+          "systemd: the run used CurveZMQ with the key files (coordinator and both workers say so)")
     # SIGTERM (KillSignal) stops it with exit 3, which the unit counts as success
     coord = sytest.Popen(argv_of("coordinator", cenv), cwd=wd, env=dict(base, **cenv), stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True)
@@ -361,7 +382,7 @@ def check_slurm(tmp):
         check(r.returncode == 0, f"slurm: shellcheck -S warning is clean {r.stdout[-800:]}")
     flags_known("switchyard-coordinator", ["--bind", "--status-addr", "--expect-workers", "--set"],
                 "slurm: the coordinator's flags")
-    used = set(re.findall(r"--(?:coordinator|id|data-bind|threads)\b", text))
+    used = set(re.findall(r"--(?:coordinator|id|data-bind|threads|curve-server-public|curve-key|insecure)\b", text))
     flags_known("switchyard-worker", sorted(used), "slurm: the worker's flags")
 
     # 1. a run: 2 nodes x 1 worker
@@ -384,6 +405,15 @@ def check_slurm(tmp):
     check(sorted((t_[2], t_[3], t_[5]) for t_ in tasks) == [("0", "0", "localhost"), ("1", "1", os.uname().nodename)],
           f"slurm: srun started one task on each of the 2 nodes ({tasks})")
     check(ok and not left, f"slurm: no process left behind ({left})")
+    out = tail(p.logname, 10 ** 6)
+    check("control plane: CURVE on" in out and "CurveZMQ: " + tmp + "/.switchyard-keys.4242" in out,
+          "slurm: the job made its own CurveZMQ keys in the submit directory and the coordinator used them")
+    check(not glob.glob(f"{tmp}/.switchyard-keys.*"), "slurm: the job's key folder is removed at the end")
+    check(all(x in text for x in ('keygen "$SY_KEYS/coordinator"', 'keygen "$SY_KEYS/worker"', "umask 077",
+                                  '--curve-key "$SY_KEYS/worker.key"', "-K -"))
+          and '-H "Authorization' not in text,
+          "slurm: the script generates keys (switchyard keygen, umask 077), gives the workers --curve-key, "
+          "and sends the token to curl on stdin")
 
     # 2. resubmitted with 2 workers per node and more steps: resumes from step 6 with world 4
     tag = tmp + "/slurm2"
@@ -576,6 +606,38 @@ def check_k8s(tmp):
           f"k8s: workers connect to the coordinator Service's control port ({arg(wcmd, '--coordinator')})")
     state_mount = [m for m in mounts.values() if cfg["run"]["state_dir"].startswith(m + "/")]
     check(bool(state_mount), f"k8s: run.state_dir {cfg['run']['state_dir']} is on a writable volume")
+
+    # CurveZMQ out of the box: the keys are files of the Secret switchyard-curve, copied 0600 by
+    # an init container into a volume the main container reads; each pod gets only its keys
+    curve = by.get(("Secret", "switchyard-curve"))
+    check(curve is not None and {"coordinator.key", "coordinator.pub", "worker.key", "authorized_workers"}
+          <= set(curve.get("stringData", {})), "k8s: secret.example.yaml shows the Secret switchyard-curve (4 key files)")
+
+    def key_volume(x, c, path):
+        """The Secret items behind `path` of container c, through an init container's copy."""
+        pod = x["spec"]["template"]["spec"]
+        vols_ = {v["name"]: v for v in pod.get("volumes", [])}
+        mnt = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"] + "/")]
+        if not mnt:
+            return None
+        for ic in pod.get("initContainers", []):
+            outs = [m for m in ic.get("volumeMounts", []) if m["name"] == mnt[0]["name"]]
+            ins = [vols_.get(m["name"], {}).get("secret", {}) for m in ic.get("volumeMounts", [])]
+            ins = [v for v in ins if v.get("secretName") == "switchyard-curve"]
+            if outs and ins and "chmod 600" in " ".join(ic.get("command", [])):
+                return {i["path"] for i in ins[0].get("items", [])}
+        return None
+
+    ck, ak = cfg["cluster"]["curve_server_key"], cfg["cluster"]["curve_authorized_keys"]
+    citems = key_volume(dep, conts["coordinator"], ck) if ck else None
+    check(citems == {os.path.basename(ck), os.path.basename(ak)},
+          f"k8s: the ConfigMap sets cluster.curve_server_key and curve_authorized_keys, files of the Secret copied "
+          f"0600 by the coordinator's init container ({ck}, {ak}: {citems})")
+    wk, wp = arg(wcmd, "--curve-key"), arg(wcmd, "--curve-server-public")
+    witems = key_volume(sts, conts["worker"], wk) if wk else None
+    check(wk and wp and witems == {os.path.basename(wk), os.path.basename(wp)},
+          f"k8s: workers get --curve-key and --curve-server-public, files of the Secret copied 0600 by their init "
+          f"container, and not the coordinator's secret key ({witems})")
 
     kubectl = shutil.which("kubectl")
     if kubectl:

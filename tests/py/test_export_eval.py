@@ -96,14 +96,16 @@ def main():
     if loaded:
         ref = ref_eval(model, cfg, wins, N)
         rel = abs(ref - ev["ce"]) / abs(ref)
-        check(rel < 1e-5, f"reference eval loss {ref:.8f} == switchyard eval {ev['ce']:.8f} (rel {rel:.2e})")
+        # fp32 compute against fp64: ~1e-9 measured; 1e-6 leaves room for other CPUs' kernels and
+        # is still below what the wrong capacity factor gives (checked next)
+        check(rel < 1e-6, f"reference eval loss {ref:.8f} == switchyard eval {ev['ce']:.8f} (rel {rel:.2e})")
         # the eval capacity factor matters here: the training factor gives another loss
         cfg_train = RefConfig.from_dict(man["config"])
         cfg_train.eval_capacity_factor = cfg.capacity_factor
         model.cfg = cfg_train
         alt = ref_eval(model, cfg_train, wins, N)
         model.cfg = cfg
-        check(abs(alt - ev["ce"]) / abs(alt) > 3e-5,
+        check(abs(alt - ev["ce"]) / abs(alt) > 2e-6,
               f"the comparison is sensitive to the capacity factor (training factor gives {alt:.8f})")
 
         t16, _ = safetensors_io.load_file(out16)

@@ -9,6 +9,7 @@ every S3 request of the coordinator and the workers going through tests/s3_fault
 modest fault rate (503 SlowDown, connection resets, truncated replies, short stalls).
 Usage: test_faults_s3.py [direct|proxy ...]   (default: both)"""
 import os
+import re
 import sys
 import time
 import traceback
@@ -59,7 +60,8 @@ def kill_run(tmp, name, env, ref, moto, label, proxy=None):
             want = {f"expert-{e:04d}" for e, r in enumerate(g1["placement"]) if r == rank}
             gets = {line.split()[1].split("?")[0].rsplit("/", 1)[-1] for line, _ in proxy.stats["log"]
                     if line.startswith("GET ") and "/ckpt/step-" in line}
-            got_objs = {g.split(".")[0] for g in gets if g.endswith(".safetensors")}
+            # objects are "g<generation>-r<rank>.<file>" (docs/fault-tolerance.md "Stale workers")
+            got_objs = {re.sub(r"^g\d+-r\d+\.", "", g).split(".")[0] for g in gets if g.endswith(".safetensors")}
             print(f"   {label}: checkpoint objects read during the recovery: {sorted(gets)}", flush=True)
             check(got_objs == want, f"{label}: the survivors read from the store exactly the killed worker's "
                                     f"experts {sorted(want)} (read {sorted(got_objs)})")

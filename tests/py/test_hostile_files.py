@@ -10,6 +10,9 @@
   values (run.resume_allow lets it through);
 - #3 a shard truncated while training stops the run with an error naming the file (it used
   to die of SIGBUS, exit 135);
+- a token >= vocab in a local shard: `switchyard data check` names shard and index; training
+  opens the shard (headers and sizes only) and stops at the batch that reads the token, naming
+  both, with the checkpoints committed before it intact;
 - #7 ckpt export --out refuses a device, a symlink and a FIFO;
 - #8 --set model.n_experts=100000 fails at start with the memory estimate;
 - a data.val pattern that matches nothing is an error; a bad --set value is reported against
@@ -205,6 +208,30 @@ def main():
     logs = "".join(open(f).read() for f in glob.glob(f"{tmp}/state-trunc2/logs/worker-*.log"))
     check(p.returncode == 1 and "train_000000.bin changed while in use" in logs and "signal" not in err,
           f"under `switchyard run` the workers report the truncated file and the run fails ({p.returncode}: {err.strip()[-200:]})")
+
+    # --- a token >= vocab in a local shard: open checks headers and sizes only (so a big corpus
+    # opens in a few reads per shard), the batch that reads the window stops the run naming the
+    # shard and the token's index, committed checkpoints stay; `data check` finds it up front
+    os.makedirs(f"{tmp}/badtok")
+    src = sorted(glob.glob(f"{tmp}/data/train_*.bin"))[0]
+    raw = bytearray(open(src, "rb").read())
+    n_tok = (len(raw) - 1024) // 2
+    at = (n_tok // 2 // 64) * 64 + 5  # inside window n_tok/2/64 only (seq_len 64); every epoch reads it
+    raw[1024 + 2 * at:1024 + 2 * at + 2] = (300).to_bytes(2, "little")
+    open(f"{tmp}/badtok/train_000000.bin", "wb").write(bytes(raw))
+    r = run(["data", "check", CFG] + small(tmp, "badtok", data=f"{tmp}/badtok")[:-1])
+    check(r.returncode == 1 and "train_000000.bin" in r.stderr and f"token 300 at index {at} >= vocab_size 256" in r.stderr,
+          f"`switchyard data check` names the shard and the bad token ({r.returncode}: {r.stderr.strip()[-300:]})")
+    r = run(["data", "check", CFG] + small(tmp, "badtok")[:-1])
+    check(r.returncode == 0 and "data.train: 1 shards" in r.stdout and "every token < 256" in r.stdout,
+          f"`switchyard data check` passes the good corpus ({r.returncode}: {r.stdout.strip()[-300:]} {r.stderr.strip()[-200:]})")
+    r = run(["train", CFG] + small(tmp, "badtok", steps=100000, every=2, data=f"{tmp}/badtok"), timeout=300)
+    committed = sorted(glob.glob(f"{tmp}/store/badtok/ckpt/step-*/MANIFEST.json"))
+    check(r.returncode == 1 and "train_000000.bin" in r.stderr and f"token 300 at index {at} >= vocab_size 256" in r.stderr,
+          f"training stops at the batch holding the bad token, naming shard and index ({r.returncode}: {r.stderr.strip()[-300:]})")
+    if committed:
+        v = run(["ckpt", "show", f"{tmp}/store/badtok"])
+        check(v.returncode == 0 and "verified" in v.stdout, f"the {len(committed)} checkpoint(s) committed before it verify")
 
     # --- #7: export refuses what is not a regular file ----------------------------------------
     os.symlink(f"{tmp}/target.safetensors", f"{tmp}/link")

@@ -114,7 +114,9 @@ def main():
               f"{step_before} step(s) done before)")
 
     # --- 4. allocation failure ------------------------------------------------------------------
-    huge = dict(big, **{"model.n_experts": "64", "model.n_layers": "8"})
+    # max_memory_gb: past the start-up estimate (which would refuse this config on a machine with
+    # less than ~20 GiB available), so that the allocation itself fails under ulimit -v
+    huge = dict(big, **{"model.n_experts": "64", "model.n_layers": "8", "train.max_memory_gb": "1000"})
     s = fu.settings(tmp, "nomem", 10, 0, extra=huge)
     with fu.Cluster(tmp, "nomem", s) as c:
         c.start_coordinator(expect=1)

@@ -15,8 +15,12 @@
  * outlives the exchange). The tcp data plane does more: 1 MiB chunks with headers, zero-copy
  * sends it waits for, and one copy of every received byte into the caller's recv buffer.
  *
+ * CURVE: the same all-to-all on a second tcp data plane per process with CurveZMQ
+ * (sy_dataplane_new_curve; one key pair for every rank, as `switchyard run` may hand out), timed in
+ * the same iterations, so the CURVE / plaintext ratio compares like with like.
+ *
  * Output: one human line, then "RESULT procs=W mb=M tcp_gbs=X raw_gbs=Y raw_zc_gbs=Z ratio=X/Y
- * ratio_zc=X/Z". */
+ * ratio_zc=X/Z curve_gbs=C curve_ratio=C/X". */
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
@@ -67,18 +71,24 @@ static bool write_full(int fd, const void *buf, size_t n) {
 }
 
 typedef struct {
-    char comm[EP_LEN], raw[EP_LEN];
+    char comm[EP_LEN], raw[EP_LEN], curve[EP_LEN];
 } endpoints;
+
+static char g_pub[41], g_sec[41]; /* the CURVE key pair, made before the fork */
 
 /* One rank: sets up both transports, runs the iterations, writes its times up the pipe. */
 static int child(int rank, int W, size_t pair, int iters, int up, int down) {
-    sy_dataplane_t *dp = NULL;
-    sy_comm_t *c = NULL;
+    sy_dataplane_t *dp = NULL, *dpc = NULL;
+    sy_comm_t *c = NULL, *cc = NULL;
     void *rctx = NULL, *pull = NULL, *push[MAX_W] = {0};
     int rc = 1;
     if (sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &dp) != SY_OK) {
         fprintf(stderr, "rank %d: %s\n", rank, sy_err_msg());
         return 1;
+    }
+    if (sy_dataplane_new_curve("tcp", "tcp://127.0.0.1:*", g_pub, g_sec, &dpc) != SY_OK) {
+        fprintf(stderr, "rank %d: %s\n", rank, sy_err_msg());
+        goto out;
     }
     rctx = zmq_ctx_new();
     pull = zmq_socket(rctx, ZMQ_PULL);
@@ -86,8 +96,9 @@ static int child(int rank, int W, size_t pair, int iters, int up, int down) {
     zmq_setsockopt(pull, ZMQ_RCVHWM, &zero, sizeof zero);
     zmq_setsockopt(pull, ZMQ_LINGER, &zero, sizeof zero);
     if (zmq_bind(pull, "tcp://127.0.0.1:*") != 0) goto out;
-    endpoints mine = {{0}, {0}};
+    endpoints mine = {{0}, {0}, {0}};
     snprintf(mine.comm, EP_LEN, "%s", sy_dataplane_endpoint(dp));
+    snprintf(mine.curve, EP_LEN, "%s", sy_dataplane_endpoint(dpc));
     size_t len = EP_LEN;
     zmq_getsockopt(pull, ZMQ_LAST_ENDPOINT, mine.raw, &len);
     if (!write_full(up, &mine, sizeof mine)) goto out;
@@ -96,6 +107,12 @@ static int child(int rank, int W, size_t pair, int iters, int up, int down) {
     const char *eps[MAX_W];
     for (int r = 0; r < W; r++) eps[r] = all[r].comm;
     if (sy_comm_new(dp, 1, rank, W, eps, 30000, &c) != SY_OK) {
+        fprintf(stderr, "rank %d: %s\n", rank, sy_err_msg());
+        goto out;
+    }
+    const char *ceps[MAX_W], *keys[MAX_W];
+    for (int r = 0; r < W; r++) ceps[r] = all[r].curve, keys[r] = g_pub;
+    if (sy_comm_new_curve(dpc, 1, rank, W, ceps, keys, 30000, &cc) != SY_OK) {
         fprintf(stderr, "rank %d: %s\n", rank, sy_err_msg());
         goto out;
     }
@@ -112,7 +129,7 @@ static int child(int rank, int W, size_t pair, int iters, int up, int down) {
     if (!send || !recv) goto out;
     for (size_t i = 0; i < pair * (size_t)W; i++) send[i] = (char)(i * 31 + (size_t)rank);
     memset(recv, 0, pair * (size_t)W);
-    static double t_tcp[MAX_IT], t_raw[MAX_IT], t_zc[MAX_IT];
+    static double t_tcp[MAX_IT], t_raw[MAX_IT], t_zc[MAX_IT], t_cv[MAX_IT];
     for (int it = 0; it < WARMUP + iters; it++) {
         if (sy_comm_barrier(c) != SY_OK) goto fail;
         double t0 = now_s();
@@ -146,7 +163,12 @@ static int child(int rank, int W, size_t pair, int iters, int up, int down) {
             zmq_msg_close(&m);
         }
         double t5 = now_s();
+        if (sy_comm_barrier(cc) != SY_OK) goto fail;
+        double t6 = now_s();
+        if (sy_comm_alltoallv(cc, send, sb, recv, rb) != SY_OK) goto fail;
+        double t7 = now_s();
         if (it >= WARMUP) {
+            t_cv[it - WARMUP] = t7 - t6;
             t_tcp[it - WARMUP] = t1 - t0;
             t_raw[it - WARMUP] = t3 - t2;
             t_zc[it - WARMUP] = t5 - t4;
@@ -171,7 +193,8 @@ static int child(int rank, int W, size_t pair, int iters, int up, int down) {
             }
     }
     size_t tb = sizeof(double) * (size_t)iters;
-    if (!write_full(up, t_tcp, tb) || !write_full(up, t_raw, tb) || !write_full(up, t_zc, tb))
+    if (!write_full(up, t_tcp, tb) || !write_full(up, t_raw, tb) || !write_full(up, t_zc, tb) ||
+        !write_full(up, t_cv, tb))
         goto out;
     rc = 0;
     free(send);
@@ -181,6 +204,8 @@ fail:
     fprintf(stderr, "rank %d: %s\n", rank, sy_err_msg());
 out:
     sy_comm_destroy(&c);
+    sy_comm_destroy(&cc);
+    sy_dataplane_destroy(&dpc);
     for (int r = 0; r < W; r++)
         if (push[r]) zmq_close(push[r]);
     if (pull) zmq_close(pull);
@@ -211,6 +236,10 @@ int main(int argc, char **argv) {
         return 2;
     }
     size_t pair = (size_t)(mb * 1048576.0) / (size_t)(W * (W - 1));
+    if (zmq_curve_keypair(g_pub, g_sec) != 0) {
+        fprintf(stderr, "sy_commbench: this libzmq has no CURVE\n");
+        return 1;
+    }
     double moved = (double)pair * W * (W - 1);
     pid_t pid[MAX_W];
     int up[MAX_W][2], down[MAX_W][2];
@@ -233,11 +262,12 @@ int main(int argc, char **argv) {
         if (!read_full(up[r][0], &all[r], sizeof all[r])) rc = 1;
     for (int r = 0; r < W && !rc; r++)
         if (!write_full(down[r][1], all, (size_t)W * sizeof all[0])) rc = 1;
-    static double tcp[MAX_W][MAX_IT], raw[MAX_W][MAX_IT], zc[MAX_W][MAX_IT];
+    static double tcp[MAX_W][MAX_IT], raw[MAX_W][MAX_IT], zc[MAX_W][MAX_IT], cv[MAX_W][MAX_IT];
     for (int r = 0; r < W && !rc; r++)
         if (!read_full(up[r][0], tcp[r], sizeof(double) * (size_t)iters) ||
             !read_full(up[r][0], raw[r], sizeof(double) * (size_t)iters) ||
-            !read_full(up[r][0], zc[r], sizeof(double) * (size_t)iters))
+            !read_full(up[r][0], zc[r], sizeof(double) * (size_t)iters) ||
+            !read_full(up[r][0], cv[r], sizeof(double) * (size_t)iters))
             rc = 1;
     for (int r = 0; r < W; r++) {
         int ws;
@@ -249,9 +279,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "sy_commbench: a rank failed\n");
         return 1;
     }
-    double mt[MAX_IT], mr[MAX_IT], mz[MAX_IT];
+    double mt[MAX_IT], mr[MAX_IT], mz[MAX_IT], mc[MAX_IT];
     for (int i = 0; i < iters; i++) {
-        mt[i] = mr[i] = mz[i] = 0;
+        mt[i] = mr[i] = mz[i] = mc[i] = 0;
+        for (int r = 0; r < W; r++)
+            if (cv[r][i] > mc[i]) mc[i] = cv[r][i];
         for (int r = 0; r < W; r++) {
             if (tcp[r][i] > mt[i]) mt[i] = tcp[r][i];
             if (raw[r][i] > mr[i]) mr[i] = raw[r][i];
@@ -261,14 +293,17 @@ int main(int argc, char **argv) {
     qsort(mt, (size_t)iters, sizeof *mt, cmp_d);
     qsort(mr, (size_t)iters, sizeof *mr, cmp_d);
     qsort(mz, (size_t)iters, sizeof *mz, cmp_d);
+    qsort(mc, (size_t)iters, sizeof *mc, cmp_d);
+    double gc = moved / mc[iters / 2] / 1e9;
     double tt = mt[iters / 2], tr = mr[iters / 2], tz = mz[iters / 2];
     double gt = moved / tt / 1e9, gr = moved / tr / 1e9, gz = moved / tz / 1e9;
     printf("procs=%d  %.1f MiB moved per all-to-all (%zu B per pair), median of %d: "
            "tcp data plane %.1f ms (%.2f GB/s); "
            "raw zmq PUSH/PULL zmq_send %.1f ms (%.2f GB/s), zero-copy send %.1f ms (%.2f GB/s); "
-           "ratio tcp/raw %.2f, tcp/raw-zero-copy %.2f\n",
-           W, moved / 1048576.0, pair, iters, tt * 1e3, gt, tr * 1e3, gr, tz * 1e3, gz, gt / gr, gt / gz);
-    printf("RESULT procs=%d mb=%.0f tcp_gbs=%.3f raw_gbs=%.3f raw_zc_gbs=%.3f ratio=%.3f ratio_zc=%.3f\n", W,
-           moved / 1048576.0, gt, gr, gz, gt / gr, gt / gz);
+           "ratio tcp/raw %.2f, tcp/raw-zero-copy %.2f; CURVE data plane %.1f ms (%.2f GB/s, %.2f of plaintext)\n",
+           W, moved / 1048576.0, pair, iters, tt * 1e3, gt, tr * 1e3, gr, tz * 1e3, gz, gt / gr, gt / gz,
+           mc[iters / 2] * 1e3, gc, gc / gt);
+    printf("RESULT procs=%d mb=%.0f tcp_gbs=%.3f raw_gbs=%.3f raw_zc_gbs=%.3f ratio=%.3f ratio_zc=%.3f curve_gbs=%.3f "
+           "curve_ratio=%.3f\n", W, moved / 1048576.0, gt, gr, gz, gt / gr, gt / gz, gc, gc / gt);
     return 0;
 }

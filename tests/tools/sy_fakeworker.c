@@ -223,7 +223,9 @@ static void checkpoint_part(assignment *a, int64_t step) {
         }
     }
     json_t *files = NULL;
-    sy_status s = sy_ckpt_write_part(a->store, a->run, step, groups, n, &files);
+    char tag[64];
+    sy_status s = sy_ckpt_part_tag(tag, sizeof tag, a->gen, a->rank);
+    if (s == SY_OK) s = sy_ckpt_write_part_tagged(a->store, a->run, step, tag, groups, n, &files);
     if (s != SY_OK) {
         fprintf(stderr, "fakeworker %s: checkpoint %lld: %s\n", wid, (long long)step, sy_err_msg());
         return;
@@ -237,6 +239,7 @@ static void checkpoint_part(assignment *a, int64_t step) {
         objs[i].name = (char *)json_string_value(json_object_get(f, "name"));
         objs[i].size = (uint64_t)json_integer_value(json_object_get(f, "size"));
         objs[i].sha256 = (char *)json_string_value(json_object_get(f, "sha256"));
+        objs[i].object = (char *)json_string_value(json_object_get(f, "object"));
         op[i] = &objs[i];
     }
     Sy__Envelope env;
@@ -315,6 +318,9 @@ static int run_normal(void) {
             if (take_assign(&a, env) == 0) next_step = now_ms() + step_ms;
             break;
         case SY__ENVELOPE__BODY_ABORT:
+            /* an Abort of an older generation is stale (docs/protocol.md): the coordinator answers
+             * a heartbeat of generation g sent before our Assign(g+1) arrived with Abort(g) */
+            if (a.active && env->generation < a.gen) break;
             if (a.active) fprintf(stderr, "fakeworker %s: abort (%s)\n", wid, env->abort->reason);
             a.active = 0;
             break;

@@ -104,9 +104,13 @@ int main(int argc, char **argv) {
     const int b = cfg.train.micro_batch_seqs, T = cfg.model.seq_len;
     const int M = cfg.train.global_batch_seqs / b;
     sy_model_dims dims = sy_model_dims_from_config(&cfg);
+    sy_data_options dopt;
+    sy_data_options_from_config(&cfg, &dopt); /* data.order as the run has it */
+    dopt.prefetch_steps = 0;
     if (sy_backend_cpu_new(cfg.train.threads, cfg.train.precision == SY_PREC_BF16, &be) != SY_OK ||
         sy_model_new(&dims, be, &m) != SY_OK || sy_adamw_new(m, &cfg, &opt) != SY_OK ||
-        sy_data_open((const char *const *)cfg.data.train.items, cfg.data.train.n, cfg.model.vocab_size, T, &d) != SY_OK) {
+        sy_data_open_with((const char *const *)cfg.data.train.items, cfg.data.train.n, cfg.model.vocab_size, T, &dopt,
+                          &d) != SY_OK) {
         fprintf(stderr, "sy_refdump: %s\n", sy_err_msg());
         return 1;
     }

@@ -43,8 +43,9 @@ SY_HD void sy_k_add(size_t i, float *y, const float *x, bool bf16) {
     y[i] = sy_k_act(y[i] + x[i], bf16);
 }
 
-/* x[i] *= mask[i] */
-SY_HD void sy_k_mul(size_t i, float *x, const float *mask) { x[i] *= mask[i]; }
+/* x[i] *= mask[i] (expert dropout: an activation, or an activation gradient, that the next
+ * GEMM reads, so rounded in bf16 mode like every activation an op writes, model spec §4) */
+SY_HD void sy_k_mul(size_t i, float *x, const float *mask, bool bf16) { x[i] = sy_k_act(x[i] * mask[i], bf16); }
 
 /* x[i] *= c (clipping) */
 SY_HD void sy_k_scale(size_t i, float *x, float c) { x[i] *= c; }

@@ -1,9 +1,9 @@
-// Device instantiation of the shared kernel bodies (backend/kernels/ headers): each body in a
-// trivial __global__ wrapper over the index space the emulation backend (backend_emu.c) loops
-// over, one grid thread per index. Built whenever nvcc is present, so a body that the device
-// cannot run fails the build here; nothing calls these yet (the CUDA backend of the next issue
-// launches them, or kernels built the same way). Compiled with --fmad=false (CMakeLists.txt):
-// the bodies' arithmetic is the host's.
+// Device instantiation of the shared kernel bodies (backend/kernels/ headers), included once by
+// backend_cuda.cu, which launches them: each body in a trivial __global__ wrapper over the index
+// space the emulation backend (backend_emu.c) loops over, one grid thread per index. Compiled
+// with --fmad=false (CMakeLists.txt): the bodies' arithmetic is the host's.
+#ifndef SY_KERNEL_BODIES_CUH
+#define SY_KERNEL_BODIES_CUH
 #include <stddef.h>
 #include <stdint.h>
 
@@ -28,8 +28,8 @@ __global__ void sy_g_gelu_bwd(size_t n, float *dx, const float *dy, const float 
 __global__ void sy_g_add(size_t n, float *y, const float *x, bool bf16) {
     SY_GRID_1D(n, sy_k_add(i, y, x, bf16));
 }
-__global__ void sy_g_mul(size_t n, float *x, const float *mask) {
-    SY_GRID_1D(n, sy_k_mul(i, x, mask));
+__global__ void sy_g_mul(size_t n, float *x, const float *mask, bool bf16) {
+    SY_GRID_1D(n, sy_k_mul(i, x, mask, bf16));
 }
 __global__ void sy_g_scale(size_t n, float *x, float c) {
     SY_GRID_1D(n, sy_k_scale(i, x, c));
@@ -151,3 +151,5 @@ __global__ void sy_g_sumsq_chunk(size_t nc, double *part, const float *x, size_t
 __global__ void sy_g_sum_f64(double *out, const double *v, size_t n) {
     SY_GRID_1D(1, sy_k_sum_f64(0, out, v, n));
 }
+
+#endif

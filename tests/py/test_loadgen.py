@@ -1,0 +1,164 @@
+"""The load generator (tests/tools/sy_loadgen.c, docs/scale.md) against the real
+switchyard-coordinator, small enough for every test run: 1,000 simulated workers, 2,048 experts
+in each of 2 Switch layers (about 10 s).
+Checks the protocol-level behaviour, never timings:
+  - every simulated worker is welcomed and generation 1 reaches all 1,000 (the coordinator finds
+    each sender by id: no message is dropped as `unknown_worker`, which a broken worker-table
+    index would cause);
+  - one member killed (its socket closed) → generation 2 over the 999 survivors reaches all of
+    them, and the placement moved only the dead worker's experts (sy_placement_sticky);
+  - steps are recorded in generation 2 and checkpoints (tiny real objects written by the
+    simulated workers) are committed;
+  - the coordinator stops on POST /v1/stop (exit 3);
+  - a full worker table (max_workers 2: 4 x 2 + 16 = 24 entries) forgets lost entries to take
+    newcomers: 20 workers, 5 members killed one by one, 10 added → the table holds 24, one
+    newcomer is refused ("table full"), and no message of a remaining worker is dropped as
+    `unknown_worker` (the id index is rebuilt when entries move)."""
+import json
+import os
+import select
+import subprocess
+import sys
+import urllib.request
+
+import sytest
+from sytest import COORD, check, failures
+
+LOADGEN = sytest.tool("sy_loadgen")
+N, E = 1000, 2048
+
+
+def start(tmp, name, extra_yaml, expect):
+    cfg = f"{tmp}/{name}.yaml"
+    with open(cfg, "w") as f:
+        f.write(f"""run:
+  name: {name}
+  steps: 100000
+  state_dir: {tmp}/state-{name}
+  log_every: 100000
+checkpoint:
+  store: {tmp}/store
+  every: 5
+  keep_last: 2
+status:
+  token: t
+""" + extra_yaml)
+    coord = sytest.Popen([COORD, cfg, "--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0"]
+                         + (["--expect-workers", str(expect)] if expect else []), stdout=subprocess.PIPE,
+                         stderr=open(f"{tmp}/{name}.log", "w"), text=True)
+    r, _, _ = select.select([coord.stdout], [], [], 10)
+    line = coord.stdout.readline() if r else ""
+    check(line.startswith("coordinator ready"), f"coordinator {name} ready: {line.strip()}")
+    if failures:
+        sys.exit(1)
+    return coord, dict(kv.split("=", 1) for kv in line.split()[2:])
+
+
+def get_status(fields):
+    with urllib.request.urlopen(fields["status"] + "/v1/status", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def stop(coord, fields):
+    req = urllib.request.Request(fields["status"] + "/v1/stop", method="POST", data=b"",
+                                 headers={"Authorization": "Bearer t"})
+    urllib.request.urlopen(req, timeout=10).read()
+    check(coord.wait(timeout=30) == 3, "coordinator stopped (exit 3)")
+
+
+def table_full(tmp):
+    coord, fields = start(tmp, "full", "cluster:\n  min_workers: 1\n  max_workers: 2\n", 0)
+    report = f"{tmp}/full.json"
+    ev = sum([["--event", f"{k}:kill:1"] for k in range(1, 6)], []) + ["--event", "6:add:10"]
+    lg = sytest.run([LOADGEN, "--coordinator", fields["bind"], "--workers", "20", "--step-ms", "100",
+                     "--duration", "8", "--report", report] + ev, stderr=open(f"{tmp}/full-loadgen.log", "w"),
+                    timeout=60)
+    check(lg.returncode == 0, f"sy_loadgen exit 0 (got {lg.returncode})")
+    rep, st = json.load(open(report)), get_status(fields)
+    check(len(st["workers"]) == 24, f"the table holds 4 x 2 + 16 = 24 workers ({len(st['workers'])})")
+    check(rep["workers_welcomed"] == 29, f"29 of 30 welcomed: one newcomer refused, table full "
+          f"({rep['workers_welcomed']}, dropped as unexpected: {st['dropped_messages']['unexpected']})")
+    check(st["dropped_messages"]["unknown_worker"] == 0 and st["dropped_messages"]["auth"] == 0,
+          f"after the table compacted, every worker is still found by id (unknown_worker "
+          f"{st['dropped_messages']['unknown_worker']}, auth {st['dropped_messages']['auth']})")
+    stop(coord, fields)
+
+
+def main():
+    tmp = sytest.make_tmp("sy-loadgen-")
+    cfg = f"{tmp}/lg.yaml"
+    with open(cfg, "w") as f:
+        f.write(f"""run:
+  name: lgsmoke
+  steps: 100000
+  state_dir: {tmp}/state
+  log_every: 100000
+model:
+  n_experts: {E}
+  n_layers: 4
+  switch_every: 2
+checkpoint:
+  store: {tmp}/store
+  every: 5
+  keep_last: 2
+cluster:
+  min_workers: 10
+  max_workers: {N + 10}
+status:
+  token: t
+""")
+    coord = sytest.Popen([COORD, cfg, "--bind", "tcp://127.0.0.1:0", "--status-addr", "127.0.0.1:0",
+                          "--expect-workers", str(N)], stdout=subprocess.PIPE, stderr=open(f"{tmp}/coord.log", "w"),
+                         text=True)
+    r, _, _ = select.select([coord.stdout], [], [], 10)
+    line = coord.stdout.readline() if r else ""
+    check(line.startswith("coordinator ready"), f"coordinator ready: {line.strip()}")
+    if failures:
+        sys.exit(1)
+    fields = dict(kv.split("=", 1) for kv in line.split()[2:])
+    report = f"{tmp}/report.json"
+    lg = sytest.run([LOADGEN, "--coordinator", fields["bind"], "--workers", str(N), "--step-ms", "100",
+                     "--duration", "20", "--event", "2:kill:1", "--report", report],
+                    stderr=open(f"{tmp}/loadgen.log", "w"), timeout=60)
+    check(lg.returncode == 0, f"sy_loadgen exit 0 (every event happened; got {lg.returncode})")
+    rep = json.load(open(report))
+    with urllib.request.urlopen(fields["status"] + "/v1/status", timeout=10) as resp:
+        st = json.loads(resp.read())
+    check(rep["workers_welcomed"] == N, f"all {N} simulated workers welcomed ({rep['workers_welcomed']})")
+    gens = rep["generations"]
+    check(len(gens) >= 2, f"two generations at least ({len(gens)})")
+    if len(gens) >= 2:
+        g1, g2 = gens[0], gens[1]
+        check(g1["world"] == N and g1["received"] == N, f"generation 1 reached all {N} ({g1['received']}/{g1['world']})")
+        check(g2["world"] == N - 1 and g2["received"] == N - 1,
+              f"after the kill, generation 2 reached all {N - 1} survivors ({g2['received']}/{g2['world']})")
+        check(g2["experts_of_departed"] > 0 and g2["experts_moved"] == g2["experts_of_departed"],
+              f"only the dead worker's experts moved ({g2['experts_moved']} moved, it held {g2['experts_of_departed']})")
+        check(g2["experts_per_rank_max"] - g2["experts_per_rank_min"] <= 1,
+              f"placement balanced after the loss (max {g2['experts_per_rank_max']}, min {g2['experts_per_rank_min']})")
+        lines = [json.loads(x) for x in open(f"{tmp}/state/metrics.jsonl")]
+        check(any(m["generation"] == g2["generation"] and m["world"] == N - 1 for m in lines),
+              f"steps recorded in generation 2 over {N - 1} workers")
+    check(st["dropped_messages"]["unknown_worker"] == 0,
+          f"no message dropped as unknown_worker ({st['dropped_messages']['unknown_worker']})")
+    events = [json.loads(x) for x in open(f"{tmp}/state/events.jsonl")]
+    commits = [e for e in events if e["event"] == "checkpoint_committed"]
+    check(len(commits) >= 1 and rep["checkpoint"]["errors"] == 0,
+          f"checkpoints committed ({len(commits)}), no write errors ({rep['checkpoint']['errors']})")
+    lost = [e for e in events if e["event"] == "worker_lost" and e.get("state") == "active"]
+    check(len(lost) >= 1 and lost[0]["worker"] in rep["events"][0]["ids"],
+          f"the killed worker was declared lost ({[e['worker'] for e in lost][:3]})")
+    req = urllib.request.Request(fields["status"] + "/v1/stop", method="POST", data=b"",
+                                 headers={"Authorization": "Bearer t"})
+    urllib.request.urlopen(req, timeout=10).read()
+    check(coord.wait(timeout=30) == 3, "coordinator stopped (exit 3)")
+    table_full(tmp)
+    if not failures:
+        sytest.remove_tmp(tmp)
+    else:
+        print(f"kept {tmp}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
