@@ -4,7 +4,7 @@ period (`switchyard run --chaos kill-worker@every=PERIOD,respawn=new`) against t
 faults, in one invocation, one run after the other; plus every recovery's phase times.
 
 usage: /usr/bin/python3 bench/goodput.py [--build DIR] [--steps N] [--workers W] [--every DUR]
-                                         [--ckpt-every N] [--seed S] [--keep]
+                                         [--ckpt-every N] [--seed S] [--replicas K] [--keep]
 defaults: build/, 1200 steps, 3 workers, 60s, checkpoint.every 50, chaos seed 1.
 
 Data: a synthetic corpus (the generator of tests/py/test_cluster.py), prepared with
@@ -25,7 +25,11 @@ Per recovery (from chaos.jsonl and events.jsonl):
                    it reports them; else the restore and the first step together)
   first step       to the first step of the new generation aggregated (restore_done)
   lost steps       steps re-run: the furthest step reached before the kill minus the restore step
-Prints a Markdown summary (the rows of docs/performance.md "## Fault tolerance (goodput)")."""
+                   (0 when the restore step is past it)
+  source           the restore's source (generation_opened restore_source: replicas | checkpoint)
+Per run, from the workers' logs (cluster.replicas > 0): the replica traffic and time per step
+(issue 18): bytes each worker sent, ms in the exchange and in the copy of the previous step, and
+their ratio to the mean step time of that run.Prints a Markdown summary (the rows of docs/performance.md "## Fault tolerance (goodput)")."""
 import argparse
 import json
 import os
@@ -80,6 +84,8 @@ def run(sy, cfg, tmp, name, args, chaos=None):
            "--set", f"run.state_dir={state}", "--set", f"checkpoint.store={tmp}/store",
            "--set", f"run.steps={args.steps}", "--set", f"checkpoint.every={args.ckpt_every}",
            "--set", "train.threads=1", "--set", "run.log_every=100000"]
+    if args.replicas is not None:
+        cmd += ["--set", f"cluster.replicas={args.replicas}"]
     if chaos:
         cmd += ["--chaos", chaos, "--chaos-seed", str(args.seed)]
     box, stop = {}, threading.Event()
@@ -118,13 +124,41 @@ def run(sy, cfg, tmp, name, args, chaos=None):
         before = [m["step"] for m in met if m["time"] <= k["time"]]
         rec = {"kill_lost": lo["time"] - k["time"], "reconfigure": g["time"] - lo["time"],
                "to_first_step": d["time"] - g["time"], "total": d["time"] - k["time"],
-               "lost_steps": (max(before) if before else 0) - g["restore_step"], "world": g["world"]}
+               "lost_steps": max(0, (max(before) if before else 0) - g["restore_step"]), "world": g["world"],
+               "source": g.get("restore_source", "checkpoint")}
         ph = d.get("phases_ms")
         if ph:
             rec["restore"] = ph["restore"] / 1e3
             rec["first_step"] = ph["first_step"] / 1e3
         out["recoveries"].append(rec)
+    out["lines"] = len(met)
+    out["replication"] = replication(f"{state}/logs", last)
     return out
+
+
+def replication(logdir, last):
+    """The last 'replicas (...)' line of each worker log (process totals) → per-step averages."""
+    pat = re.compile(r"replicas \((\d+) per worker\): (\d+) exchanges, (\d+) bytes sent, (\d+) received, "
+                     r"([0-9.]+) ms exchanging, ([0-9.]+) ms copying")
+    per = []
+    if os.path.isdir(logdir):
+        for f in sorted(os.listdir(logdir)):
+            if not f.startswith("worker-"):
+                continue
+            m = None
+            for line in open(os.path.join(logdir, f), errors="replace"):
+                m = pat.search(line) or m
+            if m and int(m.group(2)) > 0:
+                n = int(m.group(2))
+                per.append({"bytes": int(m.group(3)) / n, "exchange_ms": float(m.group(5)) / n,
+                            "keep_ms": float(m.group(6)) / n, "exchanges": n})
+    if not per or not last:
+        return None
+    step_ms = statistics.mean(m["step_ms"] for m in last.values())
+    ex = statistics.mean(p["exchange_ms"] for p in per)
+    kp = statistics.mean(p["keep_ms"] for p in per)
+    return {"bytes": statistics.mean(p["bytes"] for p in per), "exchange_ms": ex, "keep_ms": kp,
+            "step_ms": step_ms, "ratio": (ex + kp) / step_ms, "workers": len(per)}
 
 
 def main():
@@ -135,6 +169,7 @@ def main():
     ap.add_argument("--every", default="60s")
     ap.add_argument("--ckpt-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--replicas", type=int, default=None, help="cluster.replicas (default: the config's)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,17 +207,25 @@ def main():
     recs = hit["recoveries"]
     if recs:
         print()
-        print("| recovery | kill→lost ms | reconfigure ms | restore ms | first step ms | kill→first step ms | steps re-run | world after |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| recovery | kill→lost ms | reconfigure ms | restore ms | first step ms | kill→first step ms | steps re-run | world after | source |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for i, r in enumerate(recs, 1):
             rs = f"{r['restore'] * 1e3:.0f}" if "restore" in r else "-"
             fs = f"{r['first_step'] * 1e3:.0f}" if "first_step" in r else f"{r['to_first_step'] * 1e3:.0f} (with restore)"
             print(f"| {i} | {r['kill_lost'] * 1e3:.0f} | {r['reconfigure'] * 1e3:.0f} | {rs} | {fs} | "
-                  f"{r['total'] * 1e3:.0f} | {r['lost_steps']} | {r['world']} |")
+                  f"{r['total'] * 1e3:.0f} | {r['lost_steps']} | {r['world']} | {r['source']} |")
         med = lambda k: statistics.median(r[k] for r in recs) * 1e3
         print()
         print(f"median kill→lost {med('kill_lost'):.0f} ms, reconfigure {med('reconfigure'):.0f} ms, "
               f"generation opened→first step {med('to_first_step'):.0f} ms, kill→first step {med('total'):.0f} ms")
+    for r in (base, hit):
+        rp = r.get("replication")
+        if rp:
+            print(f"replication ({'no faults' if r is base else 'with faults'}, {rp['workers']} worker logs): "
+                  f"{rp['bytes'] / 1e6:.2f} MB sent per worker per step, {rp['exchange_ms']:.1f} ms exchange + "
+                  f"{rp['keep_ms']:.1f} ms copy of the previous step per step = {rp['ratio'] * 100:.2f} % of the "
+                  f"mean step ({rp['step_ms']:.0f} ms)")
+    print(f"metrics lines: {hit['lines']} for {hit['steps']} steps with faults ({hit['lines'] - hit['steps']} run twice)")
     print(f"goodput with faults / without: {hit['goodput'] / base['goodput']:.3f}; "
           f"wall time with faults / without: {hit['wall'] / base['wall']:.3f}")
     if args.keep:

@@ -246,6 +246,12 @@ static const field FIELDS[] = {
         MEANS("A worker silent this long is declared lost (ms).")),
     FLD(cluster, data_timeout_ms, FT_INT, "10000", GE(1),
         MEANS("Bound on one data-plane exchange (all-to-all, all-reduce) (ms).")),
+    FLD(cluster, replicas, FT_INT, "1", RANGE_CC(0, 16),
+        MEANS("Copies of each worker's expert state (fp32 weights, AdamW moments) that other "
+              "workers keep in memory, refreshed after every step: rank r's copy k is on rank "
+              "(r + k) mod W, never the owner, so a world of W keeps min(replicas, W - 1); a "
+              "recovery restores the step that was running from them instead of the last "
+              "checkpoint (docs/fault-tolerance.md). 0: off.")),
     FLD(cluster, backend, FT_STRING, "cpu", .names = BACKEND_NAMES,
         MEANS("Compute backend of the workers: `cpu`, or `cuda` (one GPU per worker: `switchyard run` "
               "gives worker k device k; `switchyard train` uses `SY_CUDA_DEVICE`, default 0; compiled, "

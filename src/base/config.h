@@ -98,6 +98,7 @@ typedef struct {
         int heartbeat_ms;
         int failure_timeout_ms;
         int data_timeout_ms;
+        int replicas;         /* copies of each worker's expert state kept by other workers (0: off) */
         char *backend;        /* "cpu" */
         char *comm;           /* data plane: "tcp" (src/comm/comm.h) */
         /* CurveZMQ on the control plane (src/proto/curve.h); "" = off */

@@ -238,6 +238,8 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     free(c->load);
     sy_history_destroy(&c->history);
     free(c->ms_by_step);
+    for (int i = 0; i < c->nw; i++) free(c->w[i].held_ex);
+    free(c->expert_source);
     free(c->w);
     free(c->wix);
     sy_config_free(&c->cfg);
@@ -308,6 +310,7 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     case SY__ENVELOPE__BODY_STEP_DONE:
     case SY__ENVELOPE__BODY_CHECKPOINT_PART:
     case SY__ENVELOPE__BODY_FAULT:
+    case SY__ENVELOPE__BODY_HOLDINGS:
         break;
     default:
         sy_coord_drop(c, SY_DROP_UNKNOWN_MESSAGE, "message body '%s' is not one a worker sends",
@@ -355,6 +358,10 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     sy_coord_heard_from(c, w);
     if (env->body_case == SY__ENVELOPE__BODY_HEARTBEAT) {
         sy_coord_on_heartbeat(c, w, env);
+        goto out;
+    }
+    if (env->body_case == SY__ENVELOPE__BODY_HOLDINGS) { /* sent after leaving a generation */
+        sy_coord_on_holdings(c, w, env);
         goto out;
     }
     /* Results must belong to the open generation, from one of its members. */
@@ -457,9 +464,11 @@ static void cron(sy_coord_t *c) {
             bool recovering = c->nrec > 0 && c->rec[c->nrec - 1].duration_ms < 0;
             /* A commit in flight decides the restore point: wait for its result. */
             bool committing = sy_committer_in_flight(c->committer) > 0;
+            /* The survivors' Holdings decide whether it restores from replicas (bounded wait). */
+            bool holdings = sy_coord_holdings_pending(c);
             /* Everyone the launcher started is in: no need to wait for stragglers. */
             bool all_expected = !c->opened_once && c->expect_workers > 0 && idle >= c->expect_workers;
-            if (!expecting && !committing &&
+            if (!expecting && !committing && !holdings &&
                 (since >= c->settle_ms || recovering || all_expected || idle >= c->cfg.cluster.max_workers)) {
                 c->opened_once = true;
                 sy_coord_open_generation(c);

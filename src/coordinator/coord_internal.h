@@ -39,6 +39,9 @@
 /* Bytes of a registration's session secret (random, from getrandom). */
 #define SY_SESSION_LEN 16
 
+/* States one worker's Holdings lists at most (its live state, its previous step, 2 replica slots). */
+#define SY_COORD_MAX_HELD 4
+
 #define SY_COORD_GEN_MAX ((uint64_t)1 << 62) /* larger Hello.last_generation values are ignored */
 
 typedef enum { W_IDLE = 0, W_ACTIVE, W_DRAINING, W_LOST, W_STOPPED, W__COUNT } wstate;
@@ -75,6 +78,13 @@ typedef struct {
      * id was first registered with, which every message of the id must come from. */
     uint8_t session[SY_SESSION_LEN];
     char key[48];
+    /* Its last Holdings (states in its memory, coord_replicas.c), for generation held_gen;
+     * nheld 0: none known (cleared when it joins a generation: its memory changes). */
+    uint64_t held_gen;
+    int nheld;
+    int64_t held_step[SY_COORD_MAX_HELD];
+    bool held_dense[SY_COORD_MAX_HELD];
+    uint8_t *held_ex; /* [SY_COORD_MAX_HELD * E]: expert e whole in entry k */
 } worker;
 
 typedef struct {
@@ -101,6 +111,7 @@ typedef struct {
     json_t *lost;        /* array of worker ids */
     int64_t detected;    /* mono ms */
     int64_t restore_step;
+    char restore_source[16]; /* "replicas" | "checkpoint" (of the generation that ended it) */
     double duration_ms;  /* < 0 while in progress */
     /* phases (mono ms; 0 = not reached): the lost worker last heard, the new generation opened,
      * every member restored (reported "training"), the first step of the new generation done */
@@ -151,6 +162,10 @@ struct sy_coord {
     int *members;        /* worker index by rank */
     uint32_t *placement; /* [E] */
     int64_t restore_step, start_step, end_step;
+    bool from_replicas;     /* the open generation restores restore_step from the members' replicas */
+    int32_t *expert_source; /* [E] its plan: the rank that sends expert e (Assign.expert_source) */
+    int dense_source;
+    bool replicas_failed;   /* a restore from replicas failed: the next generation uses the checkpoint */
     int64_t max_reported; /* highest StepDone step seen in this generation */
     int64_t gen_opened_at;
     int64_t first_open;   /* mono ms of the first generation (goodput clock) */
@@ -245,6 +260,18 @@ void sy_coord_on_checkpoint_part(sy_coord_t *c, worker *w, const Sy__CheckpointP
 void sy_coord_drain_commits(sy_coord_t *c);
 /* Finishes the run once every step is done and the final checkpoint reads back as this run's. */
 void sy_coord_maybe_finish(sy_coord_t *c);
+
+/* ---- coord_replicas.c: restores from the members' memory (docs/fault-tolerance.md) ---- */
+void sy_coord_on_holdings(sy_coord_t *c, worker *w, const Sy__Envelope *env);
+/* A recovery still waits for the Holdings of survivors of the closed generation (bounded). */
+bool sy_coord_holdings_pending(sy_coord_t *c);
+/* Plans a restore of the generation being opened (world n, members c->members, placement
+ * c->placement) from the members' Holdings: the newest step >= the latest checkpoint for which
+ * dense and every expert are held whole by some member. Sets c->restore_step, dense_source and
+ * expert_source; false when the replicas do not cover it (restore from the checkpoint). */
+bool sy_coord_plan_from_replicas(sy_coord_t *c, int n);
+/* Forget what the members of the new generation held (their memory is about to change). */
+void sy_coord_holdings_clear(worker *w);
 
 /* ---- coord_status.c ---- */
 /* The /v1/status snapshot (a new reference) and the /metrics text (malloc'ed), from c's state. */

@@ -87,11 +87,13 @@ void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
         sy_coord_send_stop(c, &c->w[i], "drained");
         return;
     }
+    uint8_t *held_ex = i >= 0 ? c->w[i].held_ex : NULL; /* an entry's buffer stays with it */
     if (i < 0) {
         int cap = c->cfg.cluster.max_workers * TABLE_FACTOR + TABLE_SLACK;
         if (c->nw >= cap) { /* forget the oldest lost/stopped entry */
             for (int j = 0; j < c->nw; j++)
                 if (!sy_coord_live(&c->w[j])) {
+                    free(c->w[j].held_ex);
                     memmove(&c->w[j], &c->w[j + 1], sizeof(worker) * (size_t)(c->nw - j - 1));
                     c->nw--;
                     break;
@@ -124,6 +126,7 @@ void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     }
     worker *w = &c->w[i];
     memset(w, 0, sizeof *w);
+    w->held_ex = held_ex;
     snprintf(w->id, sizeof w->id, "%s", id);
     memcpy(w->rid, rid, rid_len);
     w->rid_len = rid_len;
@@ -338,6 +341,10 @@ void sy_coord_on_fault(sy_coord_t *c, worker *w, const Sy__Fault *f) {
         else if (pi >= 0)
             exclude_if_accused(c, pi);
     }
+    /* A generation restoring from replicas that fails before its first step with an internal
+     * error (a plan that a member could not follow): the next one uses the checkpoint. */
+    if (c->from_replicas && c->max_reported < c->start_step && f->kind && !strcmp(f->kind, "internal"))
+        c->replicas_failed = true;
     sy_coord_begin_recovery(c, why, NULL);
 }
 
@@ -413,7 +420,15 @@ void sy_coord_open_generation(sy_coord_t *c) {
     sy_placement_sticky(c->E, n, prev, c->placement);
     free(prev);
     c->restore_step = c->latest_ckpt;
-    c->start_step = c->latest_ckpt >= 0 ? c->latest_ckpt + 1 : 1;
+    /* A recovery restores the newest step the members hold whole in memory when that is not
+     * older than the latest checkpoint (coord_replicas.c); else the checkpoint, as always. */
+    bool recovering = c->nrec && c->rec[c->nrec - 1].duration_ms < 0;
+    c->from_replicas = recovering && !c->replicas_failed && sy_coord_plan_from_replicas(c, n);
+    c->replicas_failed = false;
+    if (!c->from_replicas) c->restore_step = c->latest_ckpt;
+    const char *source = c->from_replicas ? "replicas" : c->restore_step >= 0 ? "checkpoint" : "init";
+    if (recovering) snprintf(c->rec[c->nrec - 1].restore_source, sizeof c->rec[c->nrec - 1].restore_source, "%s", source);
+    c->start_step = c->restore_step >= 0 ? c->restore_step + 1 : 1;
     c->end_step = c->cfg.run.steps;
     c->max_reported = c->start_step - 1;
     c->gen_open = true;
@@ -462,6 +477,13 @@ void sy_coord_open_generation(sy_coord_t *c) {
         as.n_peer_keys = keys ? (size_t)n : 0;
         as.peer_keys = keys;
         as.config_json = c->config_json;
+        as.restore_source = (char *)(c->restore_step >= 0 ? (c->from_replicas ? "replicas" : "checkpoint") : "");
+        if (c->from_replicas) {
+            as.dense_source = c->dense_source;
+            as.n_expert_source = (size_t)c->E;
+            as.expert_source = c->expert_source;
+        }
+        sy_coord_holdings_clear(w); /* its memory changes now */
         env.body_case = SY__ENVELOPE__BODY_ASSIGN;
         env.assign = &as;
         sy_coord_send(c, w, &env);
@@ -471,10 +493,14 @@ void sy_coord_open_generation(sy_coord_t *c) {
     json_t *pl = json_array();
     for (int e = 0; e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
     c->state = (c->nrec && c->rec[c->nrec - 1].duration_ms < 0) ? R_RECOVERING : R_RUNNING;
-    json_t *ev = json_pack("{s:I, s:i, s:o, s:I, s:I, s:I, s:o}", "generation", (json_int_t)c->gen, "world", n,
-                           "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
-                           "start_step", (json_int_t)c->start_step, "end_step", (json_int_t)c->end_step,
-                           "placement", pl);
+    int replicas = c->cfg.cluster.replicas < n - 1 ? c->cfg.cluster.replicas : n - 1;
+    if (replicas < c->cfg.cluster.replicas && n > 1)
+        sy_warn("cluster.replicas is %d but generation %" PRIu64 " has %d workers: each keeps %d replica(s) "
+                "(never one on the expert's owner)", c->cfg.cluster.replicas, c->gen, n, replicas);
+    json_t *ev = json_pack("{s:I, s:i, s:o, s:I, s:s, s:I, s:I, s:o, s:i}", "generation", (json_int_t)c->gen,
+                           "world", n, "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
+                           "restore_source", source, "start_step", (json_int_t)c->start_step, "end_step",
+                           (json_int_t)c->end_step, "placement", pl, "replicas", replicas);
     if (c->cfg.cluster.insecure && ev) /* issue 12 #1: every line that starts a generation says so */
         json_object_set_new(ev, "warning",
                             json_string("INSECURE: cluster.insecure is true: listeners reachable from other "

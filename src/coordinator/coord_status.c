@@ -70,9 +70,10 @@ json_t *sy_coord_status_json(sy_coord_t *c) {
                          ? json_pack("{s:f, s:f, s:f, s:f}", "detect", r->detect_ms, "reconfigure",
                                      r->reconfigure_ms, "restore", r->restore_ms, "first_step", r->first_step_ms)
                          : json_null();
-        json_array_append_new(rs, json_pack("{s:I, s:s, s:O, s:I, s:o, s:o}", "generation", (json_int_t)r->generation,
-                                            "reason", r->reason, "lost", r->lost, "restore_step",
-                                            (json_int_t)r->restore_step, "duration_ms",
+        json_array_append_new(rs, json_pack("{s:I, s:s, s:O, s:I, s:s, s:o, s:o}", "generation",
+                                            (json_int_t)r->generation, "reason", r->reason, "lost", r->lost,
+                                            "restore_step", (json_int_t)r->restore_step, "restore_source",
+                                            r->restore_source, "duration_ms",
                                             r->duration_ms >= 0 ? json_real(r->duration_ms) : json_null(),
                                             "phases_ms", ph));
     }

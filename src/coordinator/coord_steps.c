@@ -138,8 +138,9 @@ static void step_complete(sy_coord_t *c, agg *a) {
         r->restore_ms = r->opened ? (double)(restored - r->opened) : 0.0;
         r->first_step_ms = (double)(now - restored);
         sy_coord_event(c, "restore_done",
-                       json_pack("{s:I, s:I, s:I, s:f, s:{s:f, s:f, s:f, s:f}}", "generation", (json_int_t)c->gen,
-                                 "restore_step", (json_int_t)c->restore_step, "step", (json_int_t)a->step,
+                       json_pack("{s:I, s:I, s:s, s:I, s:f, s:{s:f, s:f, s:f, s:f}}", "generation",
+                                 (json_int_t)c->gen, "restore_step", (json_int_t)c->restore_step, "restore_source",
+                                 r->restore_source, "step", (json_int_t)a->step,
                                  "recovery_ms", r->duration_ms, "phases_ms", "detect", r->detect_ms,
                                  "reconfigure", r->reconfigure_ms, "restore", r->restore_ms, "first_step",
                                  r->first_step_ms));

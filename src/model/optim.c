@@ -24,12 +24,23 @@ sy_status sy_adamw_new(sy_model_t *model, const sy_config_t *cfg, sy_adamw_t **o
         return sy_err_set(SY_ENOMEM, "optimizer: out of memory for %zu moments", n);
     }
     o->model = model;
+    sy_adamw_configure(o, cfg);
+    *out = o;
+    return SY_OK;
+}
+
+void sy_adamw_reset(sy_adamw_t *o) {
+    size_t n = sy_model_numel(o->model);
+    o->be->zero(o->be, o->m, n * sizeof(float));
+    o->be->zero(o->be, o->v, n * sizeof(float));
+    o->t = 0;
+}
+
+void sy_adamw_configure(sy_adamw_t *o, const sy_config_t *cfg) {
     o->beta1 = cfg->train.beta1;
     o->beta2 = cfg->train.beta2;
     o->eps = cfg->train.eps;
     o->wd = cfg->train.weight_decay;
-    *out = o;
-    return SY_OK;
 }
 
 void sy_adamw_destroy(sy_adamw_t **self_p) {

@@ -28,6 +28,11 @@ typedef struct sy_adamw sy_adamw_t;
 
 sy_status sy_adamw_new(sy_model_t *model, const sy_config_t *cfg, sy_adamw_t **out);
 void sy_adamw_destroy(sy_adamw_t **self_p);
+/* Takes the hyperparameters (betas, eps, weight decay) of cfg; keeps the moments and the step
+ * count (a worker's next generation of the same model: its state may be a restore source). */
+void sy_adamw_configure(sy_adamw_t *o, const sy_config_t *cfg);
+/* Zero moments, step count 0: the state of a fresh initialisation. */
+void sy_adamw_reset(sy_adamw_t *o);
 
 /* First / second moments, same layout as the parameters: backend buffers of the model's backend
  * (host copies by its upload/download). */

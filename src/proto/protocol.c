@@ -35,6 +35,7 @@ const char *sy_proto_body_name(Sy__Envelope__BodyCase body) {
     case SY__ENVELOPE__BODY_STEP_DONE: return "step_done";
     case SY__ENVELOPE__BODY_CHECKPOINT_PART: return "checkpoint_part";
     case SY__ENVELOPE__BODY_FAULT: return "fault";
+    case SY__ENVELOPE__BODY_HOLDINGS: return "holdings";
     case SY__ENVELOPE__BODY_WELCOME: return "welcome";
     case SY__ENVELOPE__BODY_ASSIGN: return "assign";
     case SY__ENVELOPE__BODY_ABORT: return "abort";

@@ -34,6 +34,7 @@
 #include "storage/store.h"
 #include "storage/store_s3.h"
 #include "model/switch_ep.h"
+#include "worker/replica.h"
 
 #define SY_AGENT_VERSION "0.1.0"
 #define SY_AGENT_DEFAULT_HB_MS 500
@@ -126,6 +127,11 @@ typedef struct {
     sy_data_t *data;
     sy_store_t *store;
     sy_ep_t *ep;
+    sy_replica_t *rep;             /* peer replicas of expert state (replica.h) */
+    uint32_t *placement;           /* [E] of the current generation */
+    int replicas;                  /* min(cluster.replicas, world - 1) */
+    int64_t kill_at;               /* test hook SY_TEST_REPLICA_KILL: SIGKILL mid-exchange of this step */
+    uint64_t rep_inc;              /* the coordinator incarnation whose run the replicas are of */
     bool *owned;
     int32_t *tokens, *counts;
     int rank, world;
@@ -692,6 +698,13 @@ static void close_generation(agent_t *a) {
                 (unsigned long long)cs.collectives, (unsigned long long)es.row_bytes,
                 a->be && a->be->bf16 ? "bf16" : "fp32", (unsigned long long)es.meta_bytes);
     }
+    if (a->rep && a->comm && a->world > 1 && a->replicas > 0) {
+        sy_replica_stats rs = sy_replica_get_stats(a->rep);
+        sy_info("replicas (%d per worker): %llu exchanges, %llu bytes sent, %llu received, %.1f ms exchanging, "
+                "%.1f ms copying the previous step (totals of this process)", a->replicas,
+                (unsigned long long)rs.exchanges, (unsigned long long)rs.bytes_sent,
+                (unsigned long long)rs.bytes_received, rs.exchange_ms, rs.keep_ms);
+    }
     if (a->model) sy_model_set_ep(a->model, NULL, 0);
     sy_ep_destroy(&a->ep);
     pthread_mutex_lock(&a->mu);
@@ -710,6 +723,8 @@ static bool dims_equal(const sy_model_dims *x, const sy_model_dims *y) {
 
 /* Builds (or keeps) the model, optimizer, data and store for the Assign's config. */
 static void upload_collect(agent_t *a, bool block);
+
+static void replica_kill_hook(void *ctx, int64_t step, int round, int rounds);
 
 static sy_status setup(agent_t *a, const char *config_json) {
     upload_collect(a, false);
@@ -747,11 +762,12 @@ static sy_status setup(agent_t *a, const char *config_json) {
     if (rebuild || new_store) upload_collect(a, true);
     if (rebuild) {
         snapshot_drop(a);
+        sy_replica_destroy(&a->rep);
         sy_adamw_destroy(&a->opt);
         sy_model_destroy(&a->model);
         sy_backend_destroy(&a->be);
-        free(a->tokens), free(a->counts), free(a->owned);
-        a->tokens = NULL, a->counts = NULL, a->owned = NULL;
+        free(a->tokens), free(a->counts), free(a->owned), free(a->placement);
+        a->tokens = NULL, a->counts = NULL, a->owned = NULL, a->placement = NULL;
         /* a config too big for this machine is a clear error, not the OOM killer (memplan.h) */
         SY_CHECK(sy_memplan_check(&a->cfg, 1));
         const char *bk = a->opts->backend ? a->opts->backend : a->cfg.cluster.backend;
@@ -767,10 +783,17 @@ static sy_status setup(agent_t *a, const char *config_json) {
         a->tokens = malloc(sizeof(int32_t) * (size_t)d.B * (d.T + 1));
         a->counts = calloc((size_t)(sy_model_n_switch(a->model) + 1) * d.E, sizeof(int32_t));
         a->owned = calloc((size_t)d.E, sizeof(bool));
-        if (!a->tokens || !a->counts || !a->owned) return sy_err_set(SY_ENOMEM, "out of memory");
+        a->placement = calloc((size_t)d.E, sizeof(uint32_t));
+        if (!a->tokens || !a->counts || !a->owned || !a->placement) return sy_err_set(SY_ENOMEM, "out of memory");
     }
-    sy_adamw_destroy(&a->opt);
-    SY_CHECK(sy_adamw_new(a->model, &a->cfg, &a->opt));
+    /* The same model keeps its optimizer: its moments are part of the live state, which a
+     * recovery from replicas may restore from (replica.h). */
+    if (a->opt) sy_adamw_configure(a->opt, &a->cfg);
+    else SY_CHECK(sy_adamw_new(a->model, &a->cfg, &a->opt));
+    if (!a->rep) {
+        SY_CHECK(sy_replica_new(a->model, a->opt, &a->rep));
+        if (a->kill_at >= 0) sy_replica_set_piece_hook(a->rep, replica_kill_hook, a);
+    }
     sy_data_destroy(&a->data);
     sy_data_options dopts;
     sy_data_options_from_config(&a->cfg, &dopts);
@@ -858,6 +881,7 @@ static void snapshot_copy_param(agent_t *a, const snapshot *sn, const sy_param_t
  * has (dense + experts it owned when it wrote that checkpoint), the rest from the store. */
 static sy_status restore(agent_t *a, int64_t step) {
     const int E = a->dims.E;
+    sy_replica_set_live(a->rep, -1, NULL); /* the live state is being replaced */
     const snapshot *sn = a->snap[0].step == step && a->snap[0].p   ? &a->snap[0]
                          : a->snap[1].step == step && a->snap[1].p ? &a->snap[1]
                                                                    : NULL;
@@ -1070,6 +1094,56 @@ static void send_step_done(agent_t *a, int64_t step, const sy_step_result *r, do
     free(lc), free(lcp), free(vals);
 }
 
+/* Test hook (SY_TEST_REPLICA_KILL=ID@STEP, tests/py/test_replicas.py): this worker dies by
+ * SIGKILL once the first piece of step STEP's replicas went out, so that its buddy holds a
+ * half-received replica of that step. */
+static void replica_kill_hook(void *ctx, int64_t step, int round, int rounds) {
+    agent_t *a = ctx;
+    if (step != a->kill_at || round != 0) return;
+    sy_warn("SY_TEST_REPLICA_KILL: dying after piece 1 of %d of step %lld's replicas", rounds, (long long)step);
+    fflush(stdout);
+    fflush(stderr);
+    raise(SIGKILL);
+}
+
+/* After a step (or a restore): the live state's experts to the buddies (replica.h), then the
+ * copy of this step that lets this worker give it again after the next update. */
+static sy_status replicate(agent_t *a) {
+    if (a->replicas <= 0 || a->world < 2) return SY_OK;
+    SY_CHECK(sy_replica_exchange(a->rep, a->comm, a->placement, a->replicas));
+    return sy_replica_keep(a->rep);
+}
+
+/* Holdings: what this worker can give a recovery (sent when it leaves an aborted or failed
+ * generation, stamped with it). */
+static void send_holdings(agent_t *a) {
+    if (!a->rep) return;
+    sy_replica_held h[SY_REPLICA_MAX_HELD];
+    int n = sy_replica_holdings(a->rep, h);
+    const int E = a->dims.E;
+    Sy__StateHeld sh[SY_REPLICA_MAX_HELD], *shp[SY_REPLICA_MAX_HELD];
+    uint32_t *ex = calloc((size_t)(n ? n : 1) * (size_t)(E ? E : 1), sizeof(uint32_t));
+    if (!ex) return;
+    for (int i = 0; i < n; i++) {
+        sy__state_held__init(&sh[i]);
+        sh[i].step = h[i].step;
+        sh[i].dense = h[i].dense;
+        sh[i].experts = ex + (size_t)i * E;
+        for (int e = 0; e < E; e++)
+            if (h[i].experts[e]) sh[i].experts[sh[i].n_experts++] = (uint32_t)e;
+        shp[i] = &sh[i];
+    }
+    Sy__Envelope env;
+    Sy__Holdings ho = SY__HOLDINGS__INIT;
+    ho.n_held = (size_t)n;
+    ho.held = shp;
+    sy__envelope__init(&env);
+    env.body_case = SY__ENVELOPE__BODY_HOLDINGS;
+    env.holdings = &ho;
+    agent_send(a, &env);
+    free(ex);
+}
+
 /* Executes one Assign. */
 static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     const Sy__Assign *as = env->assign;
@@ -1082,6 +1156,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     a->world = (int)as->world;
     char detail[1024];
     sy_status st;
+    int64_t fault_step = 0;
     if (a->world < 1 || a->rank >= a->world || (int)as->n_peers != a->world) {
         snprintf(detail, sizeof detail, "Assign: rank %d of world %d with %zu peers", a->rank, a->world, as->n_peers);
         send_fault(a, "internal", detail, -1, 0);
@@ -1101,6 +1176,18 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         goto fail;
     }
     for (int e = 0; e < E; e++) a->owned[e] = (int)as->placement[e] == a->rank;
+    if (a->rep_inc != env->incarnation) { /* states of another coordinator's run are not this run's */
+        sy_replica_forget(a->rep);
+        a->rep_inc = env->incarnation;
+    }
+    memcpy(a->placement, as->placement, sizeof(uint32_t) * (size_t)E);
+    a->replicas = a->cfg.cluster.replicas < a->world - 1 ? a->cfg.cluster.replicas : a->world - 1;
+    bool from_replicas = as->restore_source && !strcmp(as->restore_source, "replicas");
+    if (from_replicas && ((int)as->n_expert_source != E || as->dense_source < 0 || as->dense_source >= a->world)) {
+        sy_err_set(SY_EINVAL, "Assign: a restore from replicas with %zu expert sources for %d experts and dense "
+                   "source %d", as->n_expert_source, E, as->dense_source);
+        goto fail;
+    }
     if (a->curve && as->n_peer_keys != (size_t)a->world) {
         /* a CURVE data plane admits only the members' keys: without them no peer could connect */
         sy_err_set(SY_EINVAL, "Assign: %zu data-plane keys for a world of %d (CURVE data plane)", as->n_peer_keys,
@@ -1124,17 +1211,36 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     }
     char owned_s[256];
     experts_string(owned_s, sizeof owned_s, a->owned, E);
-    if (as->restore_step >= 0) {
+    if (as->restore_step >= 0 && from_replicas) {
+        set_state(a, ST_RESTORING);
+        st = sy_replica_restore(a->rep, a->world > 1 ? a->comm : NULL, a->rank, a->world, as->restore_step,
+                                as->dense_source, as->expert_source, as->placement, a->restore_note,
+                                sizeof a->restore_note);
+        if (st == SY_EABORTED) goto aborted;
+        if (st == SY_EINVAL) goto fail; /* a plan this worker cannot follow: Fault(internal) */
+        if (st != SY_OK) goto step_failed; /* the data plane: a peer's fault */
+        sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s%s",
+                (unsigned long long)gen, a->rank, a->world, (long long)as->restore_step,
+                a->restore_note, owned_s, insecure_note(a));
+    } else if (as->restore_step >= 0) {
         if (restore(a, as->restore_step) != SY_OK) goto fail;
+        sy_replica_set_live(a->rep, as->restore_step, a->owned);
         sy_info("generation %llu: rank %d/%d, restored step %lld (%s), experts %s%s",
                 (unsigned long long)gen, a->rank, a->world, (long long)as->restore_step,
                 a->restore_note, owned_s, insecure_note(a));
     } else {
         sy_model_init(a->model, a->cfg.run.seed);
+        sy_adamw_reset(a->opt); /* the optimizer outlives generations (setup) */
+        sy_replica_set_live(a->rep, 0, a->owned);
         sy_info("generation %llu: rank %d/%d, fresh start, experts %s%s", (unsigned long long)gen,
                 a->rank, a->world, owned_s, insecure_note(a));
     }
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
+    /* The restored state goes to the buddies at once: under the new placement their replicas
+     * of it may not exist yet, and the next failure may come before the first step ends. */
+    st = replicate(a);
+    if (st == SY_EABORTED) goto aborted;
+    if (st != SY_OK) goto step_failed;
 
     sy_dist_ctx ctx = {.cfg = &a->cfg, .model = a->model, .opt = a->opt, .data = a->data,
                        .comm = a->comm, .owned = a->owned, .tokens = a->tokens};
@@ -1197,19 +1303,18 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         sy_step_result res = {.counts = a->counts};
         double t0 = (sy_mono_s() * 1e3);
         st = sy_dist_step(&ctx, step, &res);
+        /* The update of `step` is in the live state once the step returned SY_OK (it is the
+         * step's last act, after every collective); its replicas go out before StepDone, so a
+         * step the coordinator records has a whole replica of every expert. */
+        if (st == SY_OK) sy_replica_set_live(a->rep, step, a->owned);
+        if (st == SY_OK) st = replicate(a);
         if (st != SY_OK) {
             if (st == SY_EABORTED) {
                 sy_info("generation %llu aborted during step %lld", (unsigned long long)gen, (long long)step);
-                close_generation(a);
-                set_state(a, ST_IDLE);
-                return RUN_ABORTED;
+                goto aborted;
             }
-            sy_error("step %lld failed: %s", (long long)step, sy_err_msg());
-            send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(),
-                       st == SY_ETIMEOUT ? first_missing_rank(sy_err_msg()) : -1, step);
-            close_generation(a);
-            set_state(a, ST_IDLE);
-            return RUN_FAILED;
+            fault_step = step;
+            goto step_failed;
         }
         send_step_done(a, step, &res, (sy_mono_s() * 1e3) - t0);
         atomic_store(&a->step, step);
@@ -1223,6 +1328,17 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     }
     set_state(a, ST_IDLE);
     return RUN_DONE;
+aborted:
+    close_generation(a);
+    set_state(a, ST_IDLE);
+    return RUN_ABORTED;
+step_failed:
+    sy_error("step %lld failed: %s", (long long)fault_step, sy_err_msg());
+    send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(),
+               st == SY_ETIMEOUT ? first_missing_rank(sy_err_msg()) : -1, fault_step);
+    close_generation(a);
+    set_state(a, ST_IDLE);
+    return RUN_FAILED;
 fail:
     snprintf(detail, sizeof detail, "%s", sy_err_msg());
     sy_error("generation %llu: %s", (unsigned long long)gen, detail);
@@ -1237,6 +1353,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
     memset(&a, 0, sizeof a);
     a.opts = opts;
     a.snap[0].step = a.snap[1].step = -1;
+    a.kill_at = -1;
     int rc = 1;
     gethostname(a.host, sizeof a.host - 1);
     if (opts->id) snprintf(a.id, sizeof a.id, "%s", opts->id);
@@ -1244,6 +1361,9 @@ int sy_agent_run(const sy_agent_opts *opts) {
     char role[160];
     if (snprintf(role, sizeof role, "worker %s", a.id) >= (int)sizeof role) role[sizeof role - 1] = 0;
     sy_log_set_role(role);
+    const char *kill = getenv("SY_TEST_REPLICA_KILL"); /* "ID@STEP": replica_kill_hook */
+    const char *at = kill ? strrchr(kill, '@') : NULL;
+    if (at && (size_t)(at - kill) == strlen(a.id) && !strncmp(kill, a.id, strlen(a.id))) a.kill_at = atoll(at + 1);
     pthread_mutex_init(&a.mu, NULL);
     pthread_mutex_init(&a.up_mu, NULL);
     pthread_cond_init(&a.up_cv, NULL);
@@ -1310,7 +1430,10 @@ int sy_agent_run(const sy_agent_opts *opts) {
         if (!m) continue;
         run_end r = RUN_DONE;
         switch (m->body_case) {
-        case SY__ENVELOPE__BODY_ASSIGN: r = run_assign(&a, m); break;
+        case SY__ENVELOPE__BODY_ASSIGN:
+            r = run_assign(&a, m);
+            if (r == RUN_ABORTED || r == RUN_FAILED) send_holdings(&a);
+            break;
         case SY__ENVELOPE__BODY_STOP: r = RUN_STOP; break;
         default: break;
         }
@@ -1370,7 +1493,8 @@ out:; /* a label takes a statement, not a declaration (C11) */
     sy_data_destroy(&a.data);
     sy_store_destroy(&a.store);
     if (a.have_cfg) sy_config_free(&a.cfg);
-    free(a.tokens), free(a.counts), free(a.owned);
+    sy_replica_destroy(&a.rep);
+    free(a.tokens), free(a.counts), free(a.owned), free(a.placement);
     pthread_mutex_destroy(&a.mu);
     pthread_mutex_destroy(&a.up_mu);
     pthread_cond_destroy(&a.up_cv);

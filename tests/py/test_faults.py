@@ -33,7 +33,8 @@ CURRENT = []  # the clusters of the running scenario (their logs are printed if 
 
 
 def base_settings(tmp, name, extra=None):
-    e = {"cluster.heartbeat_ms": str(HB_MS), "cluster.failure_timeout_ms": str(FAIL_MS)}
+    # the checkpoint path: restores from peer replicas are tests/py/test_replicas.py's
+    e = {"cluster.heartbeat_ms": str(HB_MS), "cluster.failure_timeout_ms": str(FAIL_MS), "cluster.replicas": "0"}
     e.update(extra or {})
     return fu.settings(tmp, name, STEPS, EVERY, extra=e)
 

@@ -31,7 +31,8 @@ BUCKET = "sy-faults"
 def s3_settings(tmp, name):
     return fu.settings(tmp, name, STEPS, EVERY, store=f"s3://{BUCKET}/ck",
                        extra={"cluster.heartbeat_ms": str(HB_MS), "cluster.failure_timeout_ms": str(FAIL_MS),
-                              "checkpoint.s3_addressing": "path"})
+                              "checkpoint.s3_addressing": "path",
+                              "cluster.replicas": "0"})  # the checkpoint path (replicas: test_replicas.py)
 
 
 def kill_run(tmp, name, env, ref, moto, label, proxy=None):

@@ -94,7 +94,8 @@ class NetCluster(fu.Cluster):
 
 def base_settings(tmp, name, store=None, extra=None):
     e = {"cluster.heartbeat_ms": str(HB_MS), "cluster.failure_timeout_ms": str(FAIL_MS),
-         "cluster.data_timeout_ms": str(DATA_MS)}
+         "cluster.data_timeout_ms": str(DATA_MS),
+         "cluster.replicas": "0"}  # restores from committed checkpoints (replicas: test_replicas.py)
     e.update(extra or {})
     return fu.settings(tmp, name, STEPS, EVERY, store=store, extra=e)
 

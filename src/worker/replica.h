@@ -1,0 +1,98 @@
+/* Peer replicas of expert state (docs/fault-tolerance.md "Peer replicas", issue 18).
+ *
+ * A worker's state that a failure destroys is its experts: dense parameters and their moments
+ * are the same on every worker. After every optimizer step each worker sends the state of the
+ * experts it owns (fp32 weights, both AdamW moments) to its buddies: rank r's copy k is on rank
+ * (r + k) mod W, k = 1..min(replicas, W - 1), never on r itself. A recovery then restores the
+ * step that was running from the members' memory instead of the last checkpoint.
+ *
+ * What one worker holds (each an exact state after some optimizer step, or nothing):
+ *   live      the model and optimizer buffers: dense + the experts it owns, at `live step`
+ *             (-1 while a restore writes them);
+ *   prev      a host copy of dense + its experts, taken after the step's replicas went out
+ *             (sy_replica_keep): when a failure lands between step k's update and the end of
+ *             its replication, some ranks are at k and others at k - 1, and prev is what lets
+ *             every rank give k - 1 again;
+ *   2 slots   the complete replicas of other workers' experts, double buffered: a step's
+ *             replicas are received into the older slot, which is marked invalid first and named
+ *             by its step only once every piece of every buddy has arrived. A half-received
+ *             replica is never a source.
+ * sy_replica_holdings lists them for the coordinator (Holdings message); sy_replica_restore
+ * rebuilds the live state of step R over a new generation's data plane as the coordinator's
+ * plan says (dense from one rank by broadcast, each expert from one rank to its new owner by
+ * one all-to-all-v).
+ *
+ * The module reads and writes the model's parameters and the optimizer's moments in place; it
+ * keeps pointers to both (rebuild the module when either is replaced). Thread: the training
+ * thread (the one that drives the communicator). */
+#ifndef SY_REPLICA_H
+#define SY_REPLICA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/status.h"
+#include "comm/comm.h"
+#include "model/model.h"
+#include "model/optim.h"
+
+/* Bytes per piece of a replica exchange: a step's replicas go out in rounds of all-to-all-v of at
+ * most this many bytes per peer (bounds the buffers of the data plane). */
+#define SY_REPLICA_PIECE_BYTES ((size_t)4 << 20)
+/* Entries sy_replica_holdings fills at most: live, prev, 2 slots. */
+#define SY_REPLICA_MAX_HELD 4
+
+typedef struct sy_replica sy_replica_t;
+
+typedef struct {
+    int64_t step;
+    bool dense;
+    const bool *experts; /* [E], owned by the module; valid until its next call */
+} sy_replica_held;
+
+/* Counters (bytes this worker sent to buddies, time in exchanges) for benchmarks and logs. */
+typedef struct {
+    uint64_t exchanges, bytes_sent, bytes_received;
+    double exchange_ms, keep_ms;
+} sy_replica_stats;
+
+sy_status sy_replica_new(sy_model_t *m, sy_adamw_t *opt, sy_replica_t **out);
+void sy_replica_destroy(sy_replica_t **self_p);
+
+/* The live buffers now hold the state after step `step` (-1: no whole state) with these experts
+ * (copied). */
+void sy_replica_set_live(sy_replica_t *r, int64_t step, const bool *owned);
+int64_t sy_replica_live_step(const sy_replica_t *r);
+
+/* Drops every state held (a new coordinator incarnation: its run may differ, e.g. a run length
+ * changed on --resume changes the learning-rate schedule, so an old state of step s is not its
+ * step s). */
+void sy_replica_forget(sy_replica_t *r);
+
+/* prev <- live (dense + the live experts). */
+sy_status sy_replica_keep(sy_replica_t *r);
+
+/* Test hook: called after each round of an exchange (round 0 = the first piece went out). */
+typedef void (*sy_replica_piece_fn)(void *ctx, int64_t step, int round, int rounds);
+void sy_replica_set_piece_hook(sy_replica_t *r, sy_replica_piece_fn fn, void *ctx);
+
+/* Sends the live experts (placement[e] == this rank) to the `replicas` buddies and receives the
+ * buddies' into the older slot, which holds live step's replicas once this returns SY_OK.
+ * replicas is already min(cluster.replicas, W - 1); 0 or W == 1: nothing. */
+sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas);
+
+/* The whole states held now (at most SY_REPLICA_MAX_HELD). */
+int sy_replica_holdings(sy_replica_t *r, sy_replica_held *out);
+
+/* Rebuilds the live state after step `step` for a new generation (rank of world, comm NULL
+ * when world == 1): dense from rank dense_source, expert e from rank expert_source[e] to its
+ * owner placement[e]. This rank's part of the plan must be in its holdings (else SY_EINVAL,
+ * before any byte moves). On success the live state is `step` with the experts placement gives
+ * this rank. note: a line for the log ("N expert(s) received, ..."). */
+sy_status sy_replica_restore(sy_replica_t *r, sy_comm_t *comm, int rank, int world, int64_t step, int dense_source,
+                             const int32_t *expert_source, const uint32_t *placement, char *note, size_t note_cap);
+
+sy_replica_stats sy_replica_get_stats(const sy_replica_t *r);
+
+#endif

@@ -1,0 +1,181 @@
+"""Peer replicas of expert state (issue 18, "Proof"): real coordinator and worker processes, real
+kill -9, every step's loss compared with a single-process fault-free reference (exactly: fu.TOL).
+
+  A. kill -9 of one worker of 3 mid-run, checkpoint.every far beyond the kill step: the new
+     generation restores from replicas (restore_source "replicas") at a step no older than the
+     last step recorded before the kill, so at most one step is run twice (metrics.jsonl lines
+     per step), and the losses equal the reference.
+  B. two buddies (ranks 0 and 1) of 4 killed at once with cluster.replicas=1: rank 0's only
+     replica was on rank 1, so the recovery falls back to the latest committed checkpoint
+     (restore_source "checkpoint"), and the losses still equal.
+  C. the same kill with cluster.replicas=2: rank 0's second replica is on rank 2: no fallback.
+  D. a worker dies (SIGKILL, test hook SY_TEST_REPLICA_KILL=ID@STEP) after sending the first of
+     several pieces of step K's replicas: its buddy holds a half-received replica of K, which is
+     never used: the restore step is K - 1 (whole replicas), and the losses equal.
+
+usage: test_replicas.py [A B C D ...]"""
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import faultutil as fu  # noqa: E402
+import sytest  # noqa: E402
+from sytest import check  # noqa: E402
+
+STEPS = 12
+HB_MS, FAIL_MS = 250, 2000
+CURRENT = []
+
+
+def settings(tmp, name, every, replicas):
+    return fu.settings(tmp, name, STEPS, every, extra={
+        "cluster.heartbeat_ms": str(HB_MS), "cluster.failure_timeout_ms": str(FAIL_MS),
+        "cluster.replicas": str(replicas)})
+
+
+def start(tmp, name, n, every, replicas, env=None):
+    c = fu.Cluster(tmp, name, settings(tmp, name, every, replicas), env=env)
+    CURRENT.append(c)
+    c.start_coordinator(expect=n)
+    for k in range(n):
+        c.start_worker(f"w{k}")
+    return c
+
+
+def first_gen(c):
+    return c.wait_event("generation_opened", 60)
+
+
+def verify(c, ref, label):
+    """Exit 0, every step present, losses equal; returns (metric lines per step, events)."""
+    rc = c.finish(timeout=180)
+    check(rc == 0, f"{label}: the coordinator exits 0 (exit {rc})")
+    got = c.metrics()
+    missing, worst = fu.compare(ref, got)
+    check(not missing, f"{label}: all {STEPS} steps in metrics.jsonl (missing {missing[:8]})")
+    check(worst <= fu.TOL, f"{label}: every step's loss equals the fault-free run (max relative difference {worst:.2e})")
+    per = {}
+    for m in c.metric_lines():
+        per[m["step"]] = per.get(m["step"], 0) + 1
+    return per, c.events()
+
+
+def recovery_gens(ev, after_gen):
+    return [e for e in ev if e["event"] == "generation_opened" and e["generation"] > after_gen]
+
+
+def scenario_a(tmp, ref):
+    label = "A: kill one of 3"
+    c = start(tmp, "rep-a", 3, 1000, 1)
+    try:
+        g1 = first_gen(c)
+        c.wait_step(7, timeout=120)
+        recorded = c.max_step()
+        c.kill("w1")
+        c.wait_event("restore_done", 30)
+        per, ev = verify(c, ref, label)
+        g = recovery_gens(ev, g1["generation"])
+        check(bool(g) and g[0]["restore_source"] == "replicas" and g[0]["world"] == 2,
+              f"{label}: the new generation of 2 restores from replicas ({[(e['world'], e['restore_source'], e['restore_step']) for e in g]})")
+        check(bool(g) and g[0]["restore_step"] >= recorded,
+              f"{label}: restore step {g[0]['restore_step'] if g else None} >= {recorded}, the last step recorded before the kill")
+        rerun = sum(n - 1 for n in per.values())
+        print(f"   {label}: {rerun} step(s) run twice; restore step {g[0]['restore_step'] if g else None}")
+        check(rerun <= 1 and max(per.values()) <= 2, f"{label}: at most one step run twice ({per})")
+        done = [e for e in ev if e["event"] == "restore_done"]
+        check(bool(done) and done[0].get("restore_source") == "replicas", f"{label}: restore_done says replicas")
+    finally:
+        c.close()
+
+
+def scenario_two(tmp, ref, replicas):
+    label = f"{'B' if replicas == 1 else 'C'}: two buddies of 4 killed, replicas={replicas}"
+    c = start(tmp, f"rep-{replicas}", 4, 5, replicas)
+    try:
+        g1 = first_gen(c)
+        r0, r1 = g1["workers"][0], g1["workers"][1]  # rank r's first replica is on rank r + 1
+        c.wait_step(8, timeout=120)
+        c.wait(lambda: any(e["event"] == "checkpoint_committed" and e["step"] == 5 for e in c.events()), 30,
+               "checkpoint 5 committed")
+        recorded = c.max_step()
+        c.kill(r0, r1)
+        c.wait_event("restore_done", 40)
+        per, ev = verify(c, ref, label)
+        g = recovery_gens(ev, g1["generation"])
+        last = g[-1] if g else None
+        src = [(e["world"], e["restore_source"], e["restore_step"]) for e in g]
+        check(bool(last) and last["world"] == 2 and sorted(last["workers"]) == sorted(set(g1["workers"]) - {r0, r1}),
+              f"{label}: the last generation is the 2 survivors ({src})")
+        rerun = sum(n - 1 for n in per.values())
+        print(f"   {label}: generations after the kill {src}; {rerun} step(s) run twice")
+        if replicas == 1:
+            committed = [e["step"] for e in ev if e["event"] == "checkpoint_committed"]
+            check(bool(last) and last["restore_source"] == "checkpoint" and last["restore_step"] in committed,
+                  f"{label}: falls back to a committed checkpoint ({src})")
+        else:
+            check(bool(g) and all(e["restore_source"] == "replicas" for e in g) and last["restore_step"] >= recorded,
+                  f"{label}: restores from replicas, no fallback, at step >= {recorded} ({src})")
+            check(rerun <= 1, f"{label}: at most one step run twice ({per})")
+    finally:
+        c.close()
+
+
+def scenario_d(tmp, ref):
+    K = 6
+    label = "D: death in the middle of step K's replicas"
+    env = dict(os.environ)
+    env["SY_TEST_REPLICA_KILL"] = f"w1@{K}"
+    c = start(tmp, "rep-d", 3, 1000, 1, env=env)
+    try:
+        g1 = first_gen(c)
+        c.wait_event("restore_done", 120)
+        per, ev = verify(c, ref, label)
+        g = recovery_gens(ev, g1["generation"])
+        log = c.tail("w1.0.log", 100000)
+        check("SY_TEST_REPLICA_KILL: dying after piece 1 of" in log and "piece 1 of 1 " not in log,
+              f"{label}: w1 died after the first of several pieces of step {K}'s replicas")
+        src = [(e["world"], e["restore_source"], e["restore_step"]) for e in g]
+        check(bool(g) and g[0]["restore_source"] == "replicas" and g[0]["restore_step"] == K - 1,
+              f"{label}: restores step {K - 1} from replicas, never the half-received step {K} ({src})")
+        rerun = sum(n - 1 for n in per.values())
+        check(rerun <= 1, f"{label}: at most one step run twice ({per})")
+    finally:
+        c.close()
+
+
+SCENARIOS = {"A": scenario_a, "B": lambda t, r: scenario_two(t, r, 1), "C": lambda t, r: scenario_two(t, r, 2),
+             "D": scenario_d}
+
+
+def main():
+    which = sys.argv[1:] or sorted(SCENARIOS)
+    tmp = sytest.make_tmp("sy-replicas-")
+    t0 = time.time()
+    fu.prepare_data(tmp)
+    ref = fu.reference(tmp, STEPS, 1000)
+    for k in which:
+        t = time.time()
+        nfail = len(check.failures)
+        CURRENT.clear()
+        print(f"== scenario {k}", flush=True)
+        try:
+            SCENARIOS[k](tmp, ref)
+        except Exception as e:
+            traceback.print_exc()
+            check(False, f"scenario {k}: {str(e)[:3000]}")
+        if len(check.failures) > nfail:
+            for c in CURRENT:
+                c.dump()
+        print(f"   scenario {k}: {time.time() - t:.1f} s", flush=True)
+    print(f"total {time.time() - t0:.1f} s; {len(check.failures)} failed", flush=True)
+    for f in check.failures:
+        print("  FAILED:", f[:300])
+    if not check.failures:
+        sytest.remove_tmp(tmp)
+    sys.exit(1 if check.failures else 0)
+
+
+if __name__ == "__main__":
+    main()

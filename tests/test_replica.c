@@ -1,0 +1,201 @@
+/* Peer replicas of expert state (src/worker/replica.h), with three ranks as threads over the
+ * `threads` data plane. Every value of the state of step s is a known function of (s, buffer,
+ * index) — the same on every rank for dense, written only by the owner for an expert (other
+ * ranks hold rank-dependent junk there) — so a restored state is checked value by value:
+ *   - after step 5's exchange (replicas=1) and the copy of step 5, every rank applies "update 6"
+ *     and rank 2 dies before its replicas of 6 go out: the holdings are live 6 (dense + own),
+ *     prev 5 (dense + own), one slot of step 5 holding the experts of rank r - 1;
+ *   - a request for a state a rank does not hold (expert 2 of step 6 on rank 0) is SY_EINVAL
+ *     naming it, and leaves the live state as it was;
+ *   - the two survivors restore step 5 over a new communicator of 2 ranks with a new placement:
+ *     dense from rank 0's prev, dead rank 2's experts from rank 0's replica slot (one kept
+ *     locally, one sent to rank 1): every dense and owned-expert weight and moment equals its
+ *     step-5 value bit for bit, the optimizer step count is step 5's, the live step is 5. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "backend/cpu_setup.h"
+#include "base/config.h"
+#include "comm/comm.h"
+#include "model/model.h"
+#include "model/optim.h"
+#include "worker/replica.h"
+#include "sy_test.h"
+
+#define W 3
+#define E 6
+
+typedef struct {
+    pthread_barrier_t ready, died, done;
+    char eps[W][256];
+    int code[W];
+} world_t;
+
+static world_t g_w;
+
+/* The value of element i of buffer b (0 weights, 1 m, 2 v) of the state of step s. */
+static float val(int64_t s, int b, size_t i) {
+    uint64_t h = (uint64_t)s * 0x9E3779B97F4A7C15ull ^ ((uint64_t)b << 56) ^ (uint64_t)i * 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 31;
+    h *= 0x94D049BB133111EBull;
+    h ^= h >> 29;
+    return (float)((double)(h >> 11) / 9007199254740992.0) - 0.5f;
+}
+
+/* Writes the state of step s: dense, and the experts in `mine`; junk of `rank` elsewhere. */
+static void fill_state(sy_model_t *m, sy_adamw_t *o, int64_t s, const bool *mine, int rank) {
+    sy_backend_t *be = sy_model_backend(m);
+    size_t n = sy_model_numel(m);
+    float *h = malloc(sizeof(float) * n);
+    float *bufs[3] = {sy_model_params(m), sy_adamw_m(o), sy_adamw_v(o)};
+    for (int b = 0; b < 3; b++) {
+        for (int i = 0; i < sy_model_n_params(m); i++) {
+            const sy_param_t *p = sy_model_param(m, i);
+            bool real = p->expert < 0 || mine[p->expert];
+            for (size_t j = 0; j < p->numel; j++)
+                h[p->offset + j] = real ? val(s, b, p->offset + j) : (float)(1000 + rank);
+        }
+        be->upload(be, bufs[b], h, sizeof(float) * n);
+    }
+    sy_adamw_set_t_count(o, s * 10);
+    free(h);
+}
+
+/* Dense and the experts in `mine` hold step s's values exactly; the number of mismatches. */
+static size_t mismatches(sy_model_t *m, sy_adamw_t *o, int64_t s, const bool *mine) {
+    sy_backend_t *be = sy_model_backend(m);
+    size_t n = sy_model_numel(m), bad = 0;
+    float *h = malloc(sizeof(float) * n);
+    float *bufs[3] = {sy_model_params(m), sy_adamw_m(o), sy_adamw_v(o)};
+    for (int b = 0; b < 3; b++) {
+        be->download(be, h, bufs[b], sizeof(float) * n);
+        for (int i = 0; i < sy_model_n_params(m); i++) {
+            const sy_param_t *p = sy_model_param(m, i);
+            if (p->expert >= 0 && !mine[p->expert]) continue;
+            for (size_t j = 0; j < p->numel; j++) bad += h[p->offset + j] != val(s, b, p->offset + j);
+        }
+    }
+    free(h);
+    return bad;
+}
+
+#define CK(cond, ...)                                                                                   \
+    do {                                                                                                \
+        if (!(cond)) {                                                                                  \
+            fprintf(stderr, "rank %d: %s:%d: check failed: %s: ", rank, __FILE__, __LINE__, #cond);      \
+            fprintf(stderr, __VA_ARGS__);                                                               \
+            fprintf(stderr, " [%s]\n", sy_err_msg());                                                   \
+            code = 1;                                                                                   \
+            goto out;                                                                                   \
+        }                                                                                               \
+    } while (0)
+
+static void *rank_main(void *arg) {
+    const int rank = (int)(intptr_t)arg;
+    int code = 0;
+    sy_config_t cfg;
+    sy_config_defaults(&cfg);
+    cfg.model.d_model = 16, cfg.model.d_ff = 24, cfg.model.n_layers = 2, cfg.model.n_heads = 2;
+    cfg.model.n_experts = E, cfg.model.seq_len = 8, cfg.model.vocab_size = 32;
+    sy_model_dims d = sy_model_dims_from_config(&cfg);
+    sy_backend_t *be = NULL;
+    sy_model_t *m = NULL;
+    sy_adamw_t *o = NULL;
+    sy_replica_t *r = NULL;
+    sy_dataplane_t *dp = NULL;
+    sy_comm_t *c3 = NULL, *c2 = NULL;
+    bool dead = false, at_died = false;
+    sy_backend_cpu_new(1, false, &be);
+    sy_model_new(&d, be, &m);
+    sy_adamw_new(m, &cfg, &o);
+    sy_replica_new(m, o, &r);
+    sy_dataplane_new("threads", NULL, &dp);
+    snprintf(g_w.eps[rank], sizeof g_w.eps[rank], "%s", sy_dataplane_endpoint(dp));
+    pthread_barrier_wait(&g_w.ready);
+    const char *eps[W] = {g_w.eps[0], g_w.eps[1], g_w.eps[2]};
+    const uint32_t place3[E] = {0, 0, 1, 1, 2, 2};
+    bool own3[E];
+    for (int e = 0; e < E; e++) own3[e] = (int)place3[e] == rank;
+    CK(sy_comm_new(dp, 1, rank, W, eps, 5000, &c3) == SY_OK, "comm of 3");
+    fill_state(m, o, 5, own3, rank);
+    sy_replica_set_live(r, 5, own3);
+    CK(sy_replica_exchange(r, c3, place3, 1) == SY_OK, "exchange of step 5");
+    CK(sy_replica_keep(r) == SY_OK, "keep");
+    fill_state(m, o, 6, own3, rank); /* update 6; rank 2 dies before its replicas of 6 go out */
+    sy_replica_set_live(r, 6, own3);
+    sy_comm_destroy(&c3);
+    if (rank == 2) dead = true;
+    pthread_barrier_wait(&g_w.died);
+    at_died = true;
+    if (dead) goto out;
+
+    sy_replica_held h[SY_REPLICA_MAX_HELD];
+    int nh = sy_replica_holdings(r, h);
+    CK(nh == 3, "%d states held, want live, prev, one slot", nh);
+    CK(h[0].step == 6 && h[0].dense && h[0].experts[2 * rank] && h[0].experts[2 * rank + 1], "live 6");
+    CK(h[1].step == 5 && h[1].dense && h[1].experts[2 * rank] && !h[1].experts[(2 * rank + 2) % E], "prev 5");
+    int from = (rank + W - 1) % W;
+    CK(h[2].step == 5 && !h[2].dense && h[2].experts[2 * from] && h[2].experts[2 * from + 1] &&
+           !h[2].experts[2 * rank], "slot 5 holds the experts of rank %d", from);
+
+    if (rank == 0) { /* a state rank 0 does not hold: refused before anything changes */
+        const int32_t src[E] = {0, 0, 0, 0, 0, 0};
+        const uint32_t place1[E] = {0, 0, 0, 0, 0, 0};
+        char note[200];
+        CK(sy_replica_restore(r, NULL, 0, 1, 6, 0, src, place1, note, sizeof note) == SY_EINVAL, "not held");
+        CK(strstr(sy_err_msg(), "expert 2 of step 6") != NULL, "the error names it");
+        CK(sy_replica_live_step(r) == 6 && mismatches(m, o, 6, own3) == 0, "live state untouched");
+    }
+    /* survivors 0, 1: new world of 2; experts 4 (dead rank 2's) stay on 0, 5 go to 1 */
+    const uint32_t place2[E] = {0, 0, 1, 1, 0, 1};
+    const int32_t src2[E] = {0, 0, 1, 1, 0, 0};
+    bool own2[E];
+    for (int e = 0; e < E; e++) own2[e] = (int)place2[e] == rank;
+    CK(sy_comm_new(dp, 2, rank, 2, eps, 5000, &c2) == SY_OK, "comm of 2");
+    char note[200];
+    CK(sy_replica_restore(r, c2, rank, 2, 5, 0, src2, place2, note, sizeof note) == SY_OK, "restore");
+    size_t bad = mismatches(m, o, 5, own2);
+    CK(bad == 0, "%zu values differ from step 5 after the restore (%s)", bad, note);
+    CK(sy_adamw_t_count(o) == 50, "optimizer step count %lld", (long long)sy_adamw_t_count(o));
+    CK(sy_replica_live_step(r) == 5, "live step %lld", (long long)sy_replica_live_step(r));
+    printf("rank %d: %s\n", rank, note);
+out:
+    if (!at_died) pthread_barrier_wait(&g_w.died); /* a failure before it must not hang the others */
+    g_w.code[rank] = code;
+    pthread_barrier_wait(&g_w.done);
+    sy_comm_destroy(&c2);
+    sy_comm_destroy(&c3);
+    sy_dataplane_destroy(&dp);
+    sy_replica_destroy(&r);
+    sy_adamw_destroy(&o);
+    sy_model_destroy(&m);
+    sy_backend_destroy(&be);
+    sy_config_free(&cfg);
+    return NULL;
+}
+
+static void test_exchange_restore(void **s) {
+    (void)s;
+    pthread_barrier_init(&g_w.ready, NULL, W);
+    pthread_barrier_init(&g_w.died, NULL, W);
+    pthread_barrier_init(&g_w.done, NULL, W);
+    pthread_t th[W];
+    for (int k = 0; k < W; k++) assert_int_equal(pthread_create(&th[k], NULL, rank_main, (void *)(intptr_t)k), 0);
+    for (int k = 0; k < W; k++) pthread_join(th[k], NULL);
+    for (int k = 0; k < W; k++) assert_int_equal(g_w.code[k], 0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_exchange_restore)};
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
