@@ -541,9 +541,22 @@ static void on_request(sy_coord_t *c, const sy_http_cmd *cmd) {
 static void publish(sy_coord_t *c) {
     int64_t t = sy_mono_ms();
     json_t *j = sy_coord_status_json(c);
-    char *s = json_dumps(j, JSON_COMPACT);
+    /* the workers one string each, so that the status server can page them (http.h) */
+    json_t *ws = json_incref(json_object_get(j, "workers"));
+    json_object_del(j, "workers");
+    size_t nw = json_array_size(ws), k = 0;
+    char **wjs = nw ? calloc(nw, sizeof *wjs) : NULL;
+    for (; wjs && k < nw; k++)
+        if (!(wjs[k] = json_dumps(json_array_get(ws, k), JSON_COMPACT))) break;
+    json_decref(ws);
+    char *s = (nw == 0 || k == nw) ? json_dumps(j, JSON_COMPACT) : NULL;
     json_decref(j);
-    sy_http_publish(c->http, s, sy_coord_metrics_text(c));
+    if (!s) { /* out of memory: keep the last published status */
+        for (size_t i = 0; wjs && i < k; i++) free(wjs[i]);
+        free(wjs);
+        wjs = NULL, nw = 0;
+    }
+    sy_http_publish(c->http, s, wjs, s ? nw : 0, sy_coord_metrics_text(c));
     c->last_publish = sy_mono_ms();
     /* the history is the large document: rebuilt only when it changed, at most every
      * HISTORY_PUBLISH_MS (the periodic publish catches up with the last steps) */

@@ -28,6 +28,9 @@
 #define SY_HTTP_QUEUE 64
 /* Bodies of POST requests are ignored; larger ones are refused (413). */
 #define SY_HTTP_MAX_BODY 65536
+/* Workers per /v1/status page (default and largest workers_limit): about 220 bytes each, so a
+ * page stays near 0.25 MB whatever the cluster's size. */
+#define SY_HTTP_WORKERS_PAGE 1000
 /* Seconds an idle connection is kept. */
 #define SY_HTTP_CONN_TIMEOUT 10
 /* Connections served at once (more are accepted and closed at once by libmicrohttpd), and per
@@ -59,7 +62,9 @@ struct sy_http {
     char *cert_pem, *key_pem;    /* NUL-terminated file contents, kept while the daemon runs */
     size_t key_len;
     pthread_mutex_t mu;
-    char *status_json;
+    char *status_json;    /* the status object without its "workers" array ("{...}") */
+    char **workers_json;  /* that array's elements, each a compact JSON object */
+    size_t n_workers;
     char *metrics_text;
     char *history_json;
     sy_http_cmd q[SY_HTTP_QUEUE];
@@ -189,19 +194,61 @@ static int enqueue(sy_http_t *h, sy_http_cmd_kind kind, const char *arg, uint32_
 
 /* 1 if the last published status lists a worker with this id. */
 static int worker_known(sy_http_t *h, const char *id) {
-    char *s = published(h, 0);
-    if (!s) return 0;
-    json_t *j = json_loads(s, 0, NULL);
-    free(s);
     int found = 0;
-    json_t *ws = json_object_get(j, "workers"), *w;
-    size_t i;
-    json_array_foreach(ws, i, w) {
+    pthread_mutex_lock(&h->mu);
+    for (size_t i = 0; i < h->n_workers && !found; i++) {
+        json_t *w = json_loads(h->workers_json[i], 0, NULL);
         const char *wid = json_string_value(json_object_get(w, "id"));
-        if (wid && !strcmp(wid, id)) found = 1;
+        found = wid && !strcmp(wid, id);
+        json_decref(w);
     }
-    json_decref(j);
+    pthread_mutex_unlock(&h->mu);
     return found;
+}
+
+/* A non-negative integer query argument (default `dflt` when absent): -1 when malformed. */
+static long long query_count(struct MHD_Connection *conn, const char *name, long long dflt) {
+    const char *v = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, name);
+    if (!v) return dflt;
+    char *end = NULL;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (!v[0] || *end || errno || x < 0) return -1;
+    return x;
+}
+
+/* GET /v1/status: the published object with one page of its "workers" array (query
+ * workers_offset, default 0, and workers_limit, default and at most SY_HTTP_WORKERS_PAGE), plus
+ * "workers_total" and "workers_offset". NULL (out of memory) or *bad set for a malformed query. */
+static char *status_page(sy_http_t *h, struct MHD_Connection *conn, const char **bad) {
+    long long off = query_count(conn, "workers_offset", 0),
+              lim = query_count(conn, "workers_limit", SY_HTTP_WORKERS_PAGE);
+    if (off < 0 || lim < 0 || lim > SY_HTTP_WORKERS_PAGE) {
+        *bad = "workers_offset and workers_limit are integers >= 0, workers_limit at most 1000";
+        return NULL;
+    }
+    pthread_mutex_lock(&h->mu);
+    const char *head = h->status_json ? h->status_json : "{}";
+    size_t hn = strlen(head), n = h->n_workers;
+    size_t first = (size_t)off < n ? (size_t)off : n, last = first + (size_t)lim < n ? first + (size_t)lim : n;
+    size_t need = hn + 96;
+    for (size_t i = first; i < last; i++) need += strlen(h->workers_json[i]) + 1;
+    char *out = malloc(need);
+    if (out) {
+        /* head is "{...}": drop its '}', append the page and the counts */
+        size_t k = hn - 1;
+        memcpy(out, head, k);
+        k += (size_t)sprintf(out + k, "%s\"workers\":[", hn > 2 ? "," : "");
+        for (size_t i = first; i < last; i++) {
+            size_t e = strlen(h->workers_json[i]);
+            if (i > first) out[k++] = ',';
+            memcpy(out + k, h->workers_json[i], e);
+            k += e;
+        }
+        sprintf(out + k, "],\"workers_total\":%zu,\"workers_offset\":%zu}", n, first);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return out;
 }
 
 /* "/v1/workers/{id}/{verb}": 1 with the id copied out; -1 for a bad id; 0 if url is not of
@@ -297,7 +344,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             unsigned code = check_auth(h, conn, &why);
             if (code) return reply_json(conn, code, "error", why);
         }
-        char *s = published(h, doc);
+        const char *bad = NULL;
+        char *s = doc == 0 ? status_page(h, conn, &bad) : published(h, doc);
+        if (bad) return reply_json(conn, MHD_HTTP_BAD_REQUEST, "error", bad);
         if (!s) return MHD_NO;
         return reply(conn, MHD_HTTP_OK,
                      doc == 1 ? "text/plain; version=0.0.4; charset=utf-8" : "application/json", s);
@@ -443,6 +492,8 @@ out:
 
 static void free_http(sy_http_t *h) {
     free(h->status_json);
+    for (size_t i = 0; i < h->n_workers; i++) free(h->workers_json[i]);
+    free(h->workers_json);
     free(h->metrics_text);
     free(h->history_json);
     if (h->token) explicit_bzero(h->token, strlen(h->token));
@@ -561,11 +612,16 @@ int sy_http_port(const sy_http_t *self) { return self ? self->port : 0; }
 
 int sy_http_tls(const sy_http_t *self) { return self && self->tls; }
 
-void sy_http_publish(sy_http_t *self, char *status_json, char *metrics_text) {
+void sy_http_publish(sy_http_t *self, char *status_json, char **workers_json, size_t n_workers,
+                     char *metrics_text) {
     pthread_mutex_lock(&self->mu);
     if (status_json) {
         free(self->status_json);
         self->status_json = status_json;
+        for (size_t i = 0; i < self->n_workers; i++) free(self->workers_json[i]);
+        free(self->workers_json);
+        self->workers_json = workers_json;
+        self->n_workers = n_workers;
     }
     if (metrics_text) {
         free(self->metrics_text);

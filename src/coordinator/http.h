@@ -2,7 +2,9 @@
  *
  *   GET  /            self-refreshing HTML dashboard (src/coordinator/dashboard.html, built into
  *                     the binary with /dygraph.min.js and /dygraph.min.css: no external assets)
- *   GET  /v1/status   the status JSON the reactor last published
+ *   GET  /v1/status   the status JSON the reactor last published, its "workers" array one page
+ *                     at a time (?workers_offset=N&workers_limit=M: default 0 and 1000, at
+ *                     most 1000), with "workers_total" and "workers_offset" (400 for a bad query)
  *   GET  /v1/history  the run history the reactor last published (coordinator/history.h)
  *   GET  /metrics     the Prometheus text the reactor last published
  *   POST /v1/checkpoint, /v1/workers/{id}/drain, /v1/stop,
@@ -66,9 +68,12 @@ sy_status sy_http_start(const char *addr, const sy_http_opts *opts, sy_http_t **
 int sy_http_port(const sy_http_t *self);
 /* 1 when serving HTTPS. */
 int sy_http_tls(const sy_http_t *self);
-/* Replaces the published documents (takes ownership of both malloc'ed strings; NULL keeps the
- * current one). */
-void sy_http_publish(sy_http_t *self, char *status_json, char *metrics_text);
+/* Replaces the published documents, taking ownership of every malloc'ed string: status_json is
+ * the status object without its "workers" array, workers_json[n_workers] (a malloc'ed array)
+ * that array's elements, each a compact JSON object; NULL status_json or metrics_text keeps the
+ * current one (and then workers_json must be NULL). */
+void sy_http_publish(sy_http_t *self, char *status_json, char **workers_json, size_t n_workers,
+                     char *metrics_text);
 /* Replaces the published history document (takes ownership; NULL keeps the current one). */
 void sy_http_publish_history(sy_http_t *self, char *history_json);
 /* Dequeues the oldest pending request into *out: 1 if there was one, else 0. */

@@ -19,6 +19,7 @@ import os
 import select
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import sytest
@@ -64,6 +65,34 @@ def stop(coord, fields):
                                  headers={"Authorization": "Bearer t"})
     urllib.request.urlopen(req, timeout=10).read()
     check(coord.wait(timeout=30) == 3, "coordinator stopped (exit 3)")
+
+
+def status_pages(fields, st):
+    """/v1/status pages its workers array: 1,000 at most a page, workers_total and workers_offset
+    say where the page is; pages put together are the whole list; bad queries get 400."""
+    def get(q):
+        try:
+            with urllib.request.urlopen(fields["status"] + "/v1/status" + q, timeout=10) as resp:
+                body = resp.read()
+                return resp.status, json.loads(body), len(body)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}"), 0
+    total = st.get("workers_total")
+    code, full, size = get("")
+    check(code == 200 and full["workers_total"] == total and len(full["workers"]) == min(total, 1000)
+          and full["workers_offset"] == 0 and "generation" in full,
+          f"/v1/status: the first page of {total} workers, {len(full['workers'])} listed, {size} bytes")
+    code, a, _ = get("?workers_offset=0&workers_limit=400")
+    code2, b, _ = get(f"?workers_offset=400&workers_limit=1000")
+    ids = [w["id"] for w in a["workers"] + b["workers"]]
+    check(code == code2 == 200 and len(a["workers"]) == 400 and b["workers_offset"] == 400
+          and ids == [w["id"] for w in full["workers"]][:len(ids)] and len(ids) == min(total, 1400),
+          f"two pages (400 + the rest) are the whole list in order ({len(ids)} of {total})")
+    code, c, _ = get(f"?workers_offset={total + 5}")
+    check(code == 200 and c["workers"] == [] and c["workers_offset"] == total, "a page past the end is empty")
+    for q in ["?workers_limit=1001", "?workers_offset=-1", "?workers_offset=abc", "?workers_limit="]:
+        code, e, _ = get(q)
+        check(code == 400 and "workers_limit" in e.get("error", ""), f"/v1/status{q}: 400 naming the arguments")
 
 
 def table_full(tmp):
@@ -148,6 +177,7 @@ status:
     lost = [e for e in events if e["event"] == "worker_lost" and e.get("state") == "active"]
     check(len(lost) >= 1 and lost[0]["worker"] in rep["events"][0]["ids"],
           f"the killed worker was declared lost ({[e['worker'] for e in lost][:3]})")
+    status_pages(fields, st)
     req = urllib.request.Request(fields["status"] + "/v1/stop", method="POST", data=b"",
                                  headers={"Authorization": "Bearer t"})
     urllib.request.urlopen(req, timeout=10).read()
