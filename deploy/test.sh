@@ -34,7 +34,9 @@ fi
 if [ $# -eq 0 ] && [ "${SY_TEST_NO_SANITIZE:-0}" != 1 ]; then
   echo "== the C unit tests and fuzz replays again under ASan + UBSan (build-asan/)"
   cd ..
-  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSY_SANITIZE=ON >/dev/null
+  # without the CUDA module: nothing here can run it, and the sanitizer flags do not belong in
+  # nvcc's host compilation
+  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSY_SANITIZE=ON -DSY_CUDA=OFF >/dev/null
   cmake --build build-asan -j"$(nproc)" --target sy_unit_tests
   cd build-asan
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \

@@ -621,7 +621,7 @@ void group_bwd(cuda_be *c, bool bf16, float *const *dx, float *const *dW, double
                const float *const *dy, const float *const *x, const float *const *W, const int *N,
                int n, int in, int out) {
     const char *op = "matmul_bwd_group";
-    Prob p[kMaxSeg / 2];
+    Prob p[kMaxSeg / 2] = {}; /* zeroed: gcc's -Wmaybe-uninitialized (with -fsanitize) cannot see the fill loop's bound */
     int idx[kMaxSeg / 2], na = 0;
     size_t nrows = 0;
     for (int i = 0; i < n; i++)
