@@ -13,7 +13,8 @@
 3. model.router_precision=bf16 is refused with train.precision fp32 (exit 2, naming the field);
    with bf16 it trains, repeats itself exactly, differs from the selective-precision recipe,
    and is W-invariant too (--workers 2 equals train).
-4. A data.val that matches nothing is refused at start naming data.val."""
+4. A data.val that matches nothing is refused at start naming data.val (train, and run before
+   any process starts)."""
 import json
 import os
 import random
@@ -148,6 +149,10 @@ def main():
     r = sytest.run([SY, "train", CFG, "--quiet"] + sets(tmp, "noval", {"data.val": f"{tmp}/nothing_*.bin"}),
                    capture_output=True, text=True, timeout=120)
     check(r.returncode != 0 and "data.val" in r.stderr, f"an empty data.val glob is refused naming data.val ({r.stderr.strip()[-200:]})")
+    r = sytest.run([SY, "run", CFG, "--workers", "2", "--quiet"] + sets(tmp, "noval2", {"data.val": f"{tmp}/nothing_*.bin"}),
+                   capture_output=True, text=True, timeout=120)
+    check(r.returncode == 1 and "data.val" in r.stderr,
+          f"... by switchyard run too, before any worker starts (exit {r.returncode}: {r.stderr.strip()[-200:]})")
 
     if failures:
         print(f"{len(failures)} check(s) failed")
