@@ -12,10 +12,10 @@
 
 #include "comm_internal.h"
 
-static const sy_comm_ops *const KINDS[] = {&sy_comm_tcp_ops, &sy_comm_threads_ops};
+static const sy_comm_ops *const KINDS[] = {&sy_comm_tcp_ops, &sy_comm_threads_ops, &sy_comm_nccl_ops};
 #define N_KINDS (sizeof KINDS / sizeof KINDS[0])
 
-const char *const sy_comm_kinds[] = {"tcp", "threads", NULL};
+const char *const sy_comm_kinds[] = {"tcp", "threads", "nccl", NULL};
 
 /* ---------------------------------------------------------------- data plane */
 
@@ -36,7 +36,7 @@ static sy_status dp_open(const char *kind, const char *bind_addr, const char *pu
             return SY_OK;
         }
     }
-    return sy_err_set(SY_EINVAL, "data plane: unknown kind '%s' (known: tcp, threads)", kind ? kind : "(null)");
+    return sy_err_set(SY_EINVAL, "data plane: unknown kind '%s' (known: tcp, threads, nccl)", kind ? kind : "(null)");
 }
 
 void sy_dataplane_destroy(sy_dataplane_t **self_p) {
@@ -133,7 +133,18 @@ int sy_comm_rank(const sy_comm_t *c) { return c ? c->rank : -1; }
 int sy_comm_world(const sy_comm_t *c) { return c ? c->world : 0; }
 
 void sy_comm_abort(sy_comm_t *c) {
-    if (c) atomic_store(&c->aborted, 1);
+    if (!c) return;
+    atomic_store(&c->aborted, 1);
+    if (c->ops && c->ops->on_abort) c->ops->on_abort(c);
+}
+
+int sy_comm_device_buffers(const sy_comm_t *c) { return c && c->ops && c->ops->device_buffers; }
+
+int sy_comm_device_lost(const sy_comm_t *c) { return c && c->ops && c->ops->device_lost ? c->ops->device_lost(c) : 0; }
+
+/* A buffer the implementation cannot take (host memory for nccl): SY_EINVAL before it runs. */
+static sy_status check_buffer(const sy_comm_t *c, const void *p, size_t bytes, const char *what) {
+    return c->ops && c->ops->check_buffer && c->world > 1 ? c->ops->check_buffer(c, p, bytes, what) : SY_OK;
 }
 
 sy_comm_stats sy_comm_get_stats(const sy_comm_t *c) {
@@ -186,6 +197,8 @@ sy_status sy_comm_alltoallv(sy_comm_t *c, const void *send, const size_t *send_b
         if (s < r + recv_total && r < s + send_total)
             return sy_err_set(SY_EINVAL, "comm: alltoallv: send and recv buffers overlap");
     }
+    SY_CHECK(check_buffer(c, send, send_total, "alltoallv send"));
+    SY_CHECK(check_buffer(c, recv, recv_total, "alltoallv recv"));
     if (c->world == 1) {
         if (send_bytes[0]) memcpy(recv, send, send_bytes[0]);
         return comm_done(c, SY_OK);
@@ -196,6 +209,7 @@ sy_status sy_comm_alltoallv(sy_comm_t *c, const void *send, const size_t *send_b
 static sy_status allreduce(sy_comm_t *c, void *buf, size_t n, sy_comm_dtype dt) {
     SY_CHECK(comm_enter(c, "allreduce"));
     if (n && !buf) return sy_err_set(SY_EINVAL, "comm: allreduce: NULL buffer for %zu elements", n);
+    SY_CHECK(check_buffer(c, buf, n * (dt == SY_COMM_F64 ? sizeof(double) : sizeof(float)), "allreduce"));
     if (c->world == 1) return comm_done(c, SY_OK);
     return comm_done(c, c->ops->allreduce(c, buf, n, dt));
 }
@@ -208,6 +222,7 @@ sy_status sy_comm_broadcast(sy_comm_t *c, void *buf, size_t bytes, int root) {
     if (root < 0 || root >= c->world)
         return sy_err_set(SY_EINVAL, "comm: broadcast: root %d not in world %d", root, c->world);
     if (bytes && !buf) return sy_err_set(SY_EINVAL, "comm: broadcast: NULL buffer for %zu bytes", bytes);
+    SY_CHECK(check_buffer(c, buf, bytes, "broadcast"));
     if (c->world == 1) return comm_done(c, SY_OK);
     return comm_done(c, c->ops->broadcast(c, buf, bytes, root));
 }
