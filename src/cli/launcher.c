@@ -29,6 +29,7 @@
 #include "storage/ckpt_run.h"
 #include "base/config.h"
 #include "proto/curve.h"
+#include "comm/comm.h"
 #include "data/data.h"
 #include "data/data_s3.h"
 #include "base/fsutil.h"
@@ -755,6 +756,16 @@ static int run_configure(run_opts *o, sy_config_t *cfg) {
             return 2;
         }
     }
+    if (strcmp(sy_config_comm(cfg), "nccl") == 0 && o->n_workers > 1) {
+        char why[1024];
+        if (sy_comm_nccl_available(why, sizeof why) <= 0) {
+            fprintf(stderr,
+                    "switchyard run: cluster.comm is nccl (cluster.comm: auto with cluster.backend: cuda means "
+                    "nccl) but the nccl data plane cannot run here: %s; set cluster.comm: tcp "
+                    "(--set cluster.comm=tcp)\n", why);
+            return 1;
+        }
+    }
     if (sy_memplan_check(cfg, o->n_workers) != SY_OK) {
         fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
         return 1;
@@ -877,7 +888,7 @@ static bool run_prepare(lctx *L, run_opts *o, const sy_config_t *cfg, run_paths 
     L->quiet = o->quiet;
     L->tty = isatty(STDERR_FILENO);
     L->threads = o->threads;
-    L->comm = cfg->cluster.comm;
+    L->comm = sy_config_comm(cfg);
     L->cuda = strcmp(cfg->cluster.backend, "cuda") == 0;
     if (cfg->cluster.curve_server_key[0]) {
         L->curve_pub = cfg->cluster.curve_server_public;

@@ -29,10 +29,11 @@
  * fixed formula).
  *
  * Buffers. tcp and threads read and write the buffers given to collectives with the CPU: host
- * memory (a device backend stages through it). nccl takes device memory only
- * (sy_comm_device_buffers; host memory is refused with SY_EINVAL before NCCL sees it), and
- * orders nothing after the caller's own device work: the caller syncs its backend first. At
- * world 1 no implementation runs and buffers are host memory whatever the kind. The caller may
+ * memory (a device backend stages through it). nccl uses device memory in place
+ * (sy_comm_device_buffers) and stages host memory through a device buffer of its own (two
+ * copies: for small or rare collectives); it orders nothing after the caller's own device work:
+ * the caller syncs its backend first. At world 1 no implementation runs and buffers are host
+ * memory whatever the kind. The caller may
  * reuse or free its buffers as soon as a collective returns.
  *
  * Threads. One thread (the training thread) drives a sy_comm_t: every function here except
@@ -128,7 +129,8 @@ sy_status sy_comm_barrier(sy_comm_t *c);
  * idempotent; async-signal-safe. */
 void sy_comm_abort(sy_comm_t *c);
 
-/* 1 when c's collectives take device buffers (nccl at world > 1), 0 when host memory. */
+/* 1 when c's collectives take device buffers in place (nccl at world > 1: hand it backend
+ * buffers, no staging), 0 when they read host memory (tcp, threads, world 1). */
 int sy_comm_device_buffers(const sy_comm_t *c);
 /* 1 when a collective of c failed because the CUDA context is lost (a sticky CUDA error): the
  * process must report it (Fault) and exit, as the CUDA backend does. 0 for tcp and threads. */

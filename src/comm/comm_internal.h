@@ -48,13 +48,11 @@ typedef struct sy_comm_ops {
     sy_status (*broadcast)(sy_comm_t *c, void *buf, size_t bytes, int root);
     sy_status (*barrier)(sy_comm_t *c);
     /* Optional (NULL: none). on_abort: called by sy_comm_abort after the flag is set, from any
-     * thread: may only set flags (async-signal-safe). check_buffer: whether p (bytes long) is
-     * memory this implementation can take (nccl: device memory), SY_EINVAL naming what otherwise.
-     * device_lost: 1 when the device context is lost (comm.h sy_comm_device_lost). */
+     * thread: may only set flags (async-signal-safe). device_lost: 1 when the device context is
+     * lost (comm.h sy_comm_device_lost). */
     void (*on_abort)(sy_comm_t *c);
-    sy_status (*check_buffer)(const sy_comm_t *c, const void *p, size_t bytes, const char *what);
     int (*device_lost)(const sy_comm_t *c);
-    bool device_buffers;       /* collectives take device memory (comm.h sy_comm_device_buffers) */
+    bool device_buffers;       /* device memory in place (comm.h sy_comm_device_buffers) */
 } sy_comm_ops;
 
 struct sy_dataplane {

@@ -13,7 +13,8 @@
  * communicator stays open, idle, until the generation closes.
  *
  * Close: ncclCommAbort on every generation close (fail and destroy), then the tcp communicator.
- * Buffers: device memory (sy_comm_device_buffers). Threads: comm.h. */
+ * Buffers: device memory in place (sy_comm_device_buffers); host memory staged by the module.
+ * Threads: comm.h. */
 #include <dlfcn.h>
 #include <limits.h>
 #include <pthread.h>
@@ -248,16 +249,6 @@ static sy_status barrier(sy_comm_t *base) {
     return mod_status(m->barrier(c->m, err, sizeof err), err);
 }
 
-/* Host memory handed to a device data plane is a bug of the caller; caught before NCCL sees it. */
-static sy_status check_buffer(const sy_comm_t *c, const void *p, size_t bytes, const char *what) {
-    (void)c;
-    const sy_nccl_module_api *m = module(NULL, 0);
-    if (bytes && m && !m->is_device_ptr(p))
-        return sy_err_set(SY_EINVAL, "comm nccl: %s: the buffer %p is not device memory (the nccl data plane "
-                          "takes device buffers: sy_comm_device_buffers)", what, p);
-    return SY_OK;
-}
-
 static int device_lost(const sy_comm_t *c) {
     (void)c;
     const sy_nccl_module_api *m = module(NULL, 0);
@@ -280,7 +271,6 @@ const sy_comm_ops sy_comm_nccl_ops = {
     .broadcast = broadcast,
     .barrier = barrier,
     .on_abort = comm_on_abort,
-    .check_buffer = check_buffer,
     .device_lost = device_lost,
     .device_buffers = true,
 };

@@ -11,7 +11,9 @@
  * comm.h on device buffers, each enqueued on the module's own stream and then polled (stream
  * query, ncclCommGetAsyncError, the caller's abort test, the deadline) in slices of at most
  * SY_COMM_ABORT_MS / 2; abort, timeout or an NCCL error tear the communicator down
- * (ncclCommAbort) on the calling thread. What it does not do: exchange the unique id (the host
+ * (ncclCommAbort) on the calling thread. A host buffer handed to a collective is staged through a
+ * device buffer of the communicator (copied in and out); device buffers are used in place.
+ * What it does not do: exchange the unique id (the host
  * half does, over the generation's tcp mesh), check arguments (comm.c does), order after the
  * caller's own stream (the caller syncs its backend first).
  *

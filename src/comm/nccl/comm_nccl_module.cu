@@ -34,6 +34,8 @@ struct sy_nccl_mcomm {
     void *scratch;        // all-reduce: [2, world, chunk] elements
     size_t scratch_bytes;
     int *one;             // barrier: one device int
+    void *stage[2];       // device copies of host buffers handed to a collective: [0] send, [1] recv
+    size_t stage_bytes[2];
 };
 
 static int g_device_lost; // set once, read by the training thread only
@@ -159,6 +161,8 @@ static void m_comm_abort(sy_nccl_mcomm *c) {
     if (c->stream) cudaStreamDestroy(c->stream);
     if (c->scratch) cudaFree(c->scratch);
     if (c->one) cudaFree(c->one);
+    for (int i = 0; i < 2; i++)
+        if (c->stage[i]) cudaFree(c->stage[i]);
     free(c);
 }
 
@@ -198,11 +202,47 @@ static int m_comm_new(const unsigned char id[SY_NCCL_ID_BYTES], int rank, int wo
     return SY_OK;
 }
 
+static int m_is_device_ptr(const void *p);
+
+// The device address of the caller's buffer p: p itself when it is device memory, else the
+// stage slot (grown as needed), filled from p when copy_in. Host memory costs two copies; the
+// training step hands device buffers (sy_comm_device_buffers), the rest (norm scalars, replica
+// restore) is small or rare.
+static int to_device(sy_nccl_mcomm *c, int slot, const void *p, size_t bytes, bool copy_in, void **dev, char *err,
+                     size_t err_len) {
+    *dev = (void *)p;
+    if (!bytes || m_is_device_ptr(p)) return SY_OK;
+    if (bytes > c->stage_bytes[slot]) {
+        if (c->stage[slot]) cudaFree(c->stage[slot]);
+        c->stage[slot] = NULL, c->stage_bytes[slot] = 0;
+        CUDA(c, cudaMalloc(&c->stage[slot], bytes), "staging buffer");
+        c->stage_bytes[slot] = bytes;
+    }
+    *dev = c->stage[slot];
+    if (copy_in) CUDA(c, cudaMemcpyAsync(*dev, p, bytes, cudaMemcpyHostToDevice, c->stream), "staging in");
+    return SY_OK;
+}
+
+// Waits for the collective; then, when the result went to a stage slot, copies it to the
+// caller's host buffer (after the wait: a copy to pageable memory would block unpolled).
+static int finish(sy_nccl_mcomm *c, void *host, const void *dev, size_t bytes, const char *what, char *err,
+                  size_t err_len) {
+    int st = wait_ready(c, true, what, err, err_len);
+    if (st != SY_OK || host == dev || !bytes) return st;
+    CUDA(c, cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, c->stream), "staging out");
+    return wait_ready(c, true, what, err, err_len);
+}
+
 // The caller's chunks, back to back, to and from every rank: grouped send/recv per peer, our
 // own chunk by a device copy.
-static int m_alltoallv(sy_nccl_mcomm *c, const void *send, const size_t *send_bytes, void *recv,
+static int m_alltoallv(sy_nccl_mcomm *c, const void *send_p, const size_t *send_bytes, void *recv_p,
                        const size_t *recv_bytes, char *err, size_t err_len) {
-    size_t so = 0, ro = 0, own_s = 0, own_r = 0;
+    size_t so = 0, ro = 0, own_s = 0, own_r = 0, st_bytes = 0, rt_bytes = 0;
+    for (int q = 0; q < c->world; q++) st_bytes += send_bytes[q], rt_bytes += recv_bytes[q];
+    void *send, *recv;
+    int st = to_device(c, 0, send_p, st_bytes, true, &send, err, err_len);
+    if (st == SY_OK) st = to_device(c, 1, recv_p, rt_bytes, false, &recv, err, err_len);
+    if (st != SY_OK) return st;
     for (int q = 0; q < c->rank; q++) own_s += send_bytes[q], own_r += recv_bytes[q];
     if (send_bytes[c->rank])
         CUDA(c, cudaMemcpyAsync((char *)recv + own_r, (const char *)send + own_s, send_bytes[c->rank],
@@ -218,7 +258,7 @@ static int m_alltoallv(sy_nccl_mcomm *c, const void *send, const size_t *send_by
         so += send_bytes[q], ro += recv_bytes[q];
     }
     ISSUE(c, ncclGroupEnd(), "alltoallv: ncclGroupEnd");
-    return wait_ready(c, true, "alltoallv", err, err_len);
+    return finish(c, recv_p, recv, rt_bytes, "alltoallv", err, err_len);
 }
 
 // out[i] = in[0][i] + in[1][i] + ... in rank order, one fixed formula per element (comm.h):
@@ -235,8 +275,11 @@ __global__ void ordered_sum(T *out, const T *in, size_t chunk, int world, size_t
 // Reduce-scatter by an all-to-all of chunks, the ordered sum of our chunk on the device, then an
 // all-gather: no NCCL reduction (its order depends on the topology), so the result is the
 // rank-order sum on every rank, bit-identical to tcp's.
-static int m_allreduce(sy_nccl_mcomm *c, void *buf, size_t n, int f64, char *err, size_t err_len) {
+static int m_allreduce(sy_nccl_mcomm *c, void *buf_p, size_t n, int f64, char *err, size_t err_len) {
     const size_t es = f64 ? sizeof(double) : sizeof(float);
+    void *buf;
+    int st = to_device(c, 0, buf_p, n * es, true, &buf, err, err_len);
+    if (st != SY_OK) return st;
     const int W = c->world;
     const size_t chunk = (n + W - 1) / W;
     const size_t need = 2 * (size_t)W * chunk * es;
@@ -282,12 +325,15 @@ static int m_allreduce(sy_nccl_mcomm *c, void *buf, size_t n, int f64, char *err
     ISSUE(c, ncclAllGather(gath + (size_t)c->rank * chunk * es, gath, chunk * es, ncclInt8, c->comm, c->stream),
           "allreduce: ncclAllGather");
     if (n) CUDA(c, cudaMemcpyAsync(buf, gath, n * es, cudaMemcpyDeviceToDevice, c->stream), "allreduce: result");
-    return wait_ready(c, true, "allreduce", err, err_len);
+    return finish(c, buf_p, buf, n * es, "allreduce", err, err_len);
 }
 
-static int m_broadcast(sy_nccl_mcomm *c, void *buf, size_t bytes, int root, char *err, size_t err_len) {
+static int m_broadcast(sy_nccl_mcomm *c, void *buf_p, size_t bytes, int root, char *err, size_t err_len) {
+    void *buf;
+    int st = to_device(c, 0, buf_p, bytes, c->rank == root, &buf, err, err_len);
+    if (st != SY_OK) return st;
     if (bytes) ISSUE(c, ncclBroadcast(buf, buf, bytes, ncclInt8, root, c->comm, c->stream), "broadcast");
-    return wait_ready(c, true, "broadcast", err, err_len);
+    return finish(c, buf_p, buf, bytes, "broadcast", err, err_len);
 }
 
 static int m_barrier(sy_nccl_mcomm *c, char *err, size_t err_len) {
