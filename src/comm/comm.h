@@ -22,7 +22,8 @@
  * sy_comm_t over the peers' endpoints. Traffic is tagged with (generation, sequence number of
  * the collective, source rank); traffic of another generation is dropped, so stale data from an
  * aborted generation can never be mistaken for current data. One communicator per data plane at
- * a time. world == 1 needs no data plane (dp may be NULL) and no implementation.
+ * a time. world == 1 needs no data plane (dp may be NULL) and no implementation, except nccl,
+ * which runs a one-rank NCCL communicator (so its callers hand it device buffers at any world).
  *
  * Results are identical on every rank, do not depend on timing nor on the implementation:
  * all-reduce sums in rank order 0..W-1 (s = x_0; s += x_1; ...; elementwise, each element by one
@@ -32,8 +33,7 @@
  * memory (a device backend stages through it). nccl uses device memory in place
  * (sy_comm_device_buffers) and stages host memory through a device buffer of its own (two
  * copies: for small or rare collectives); it orders nothing after the caller's own device work:
- * the caller syncs its backend first. At world 1 no implementation runs and buffers are host
- * memory whatever the kind. The caller may
+ * the caller syncs its backend first. The caller may
  * reuse or free its buffers as soon as a collective returns.
  *
  * Threads. One thread (the training thread) drives a sy_comm_t: every function here except
@@ -129,8 +129,8 @@ sy_status sy_comm_barrier(sy_comm_t *c);
  * idempotent; async-signal-safe. */
 void sy_comm_abort(sy_comm_t *c);
 
-/* 1 when c's collectives take device buffers in place (nccl at world > 1: hand it backend
- * buffers, no staging), 0 when they read host memory (tcp, threads, world 1). */
+/* 1 when c's collectives take device buffers in place (nccl: hand it backend buffers, no
+ * staging), 0 when they read host memory (tcp, threads, and world 1 without a data plane). */
 int sy_comm_device_buffers(const sy_comm_t *c);
 /* 1 when a collective of c failed because the CUDA context is lost (a sticky CUDA error): the
  * process must report it (Fault) and exit, as the CUDA backend does. 0 for tcp and threads. */
