@@ -216,7 +216,7 @@ static sy_status ready(nccl_comm *c, const sy_nccl_module_api **mp) {
 static sy_status alltoallv(sy_comm_t *base, const void *send, const size_t *send_bytes, void *recv,
                            const size_t *recv_bytes) {
     nccl_comm *c = (nccl_comm *)base;
-    const sy_nccl_module_api *m;
+    const sy_nccl_module_api *m = NULL;
     SY_CHECK(ready(c, &m));
     char err[1024] = "";
     SY_CHECK(mod_status(m->alltoallv(c->m, send, send_bytes, recv, recv_bytes, err, sizeof err), err));
@@ -227,7 +227,7 @@ static sy_status alltoallv(sy_comm_t *base, const void *send, const size_t *send
 
 static sy_status allreduce(sy_comm_t *base, void *buf, size_t n, sy_comm_dtype dt) {
     nccl_comm *c = (nccl_comm *)base;
-    const sy_nccl_module_api *m;
+    const sy_nccl_module_api *m = NULL;
     SY_CHECK(ready(c, &m));
     char err[1024] = "";
     return mod_status(m->allreduce(c->m, buf, n, dt == SY_COMM_F64, err, sizeof err), err);
@@ -235,7 +235,7 @@ static sy_status allreduce(sy_comm_t *base, void *buf, size_t n, sy_comm_dtype d
 
 static sy_status broadcast(sy_comm_t *base, void *buf, size_t bytes, int root) {
     nccl_comm *c = (nccl_comm *)base;
-    const sy_nccl_module_api *m;
+    const sy_nccl_module_api *m = NULL;
     SY_CHECK(ready(c, &m));
     char err[1024] = "";
     return mod_status(m->broadcast(c->m, buf, bytes, root, err, sizeof err), err);
@@ -243,7 +243,7 @@ static sy_status broadcast(sy_comm_t *base, void *buf, size_t bytes, int root) {
 
 static sy_status barrier(sy_comm_t *base) {
     nccl_comm *c = (nccl_comm *)base;
-    const sy_nccl_module_api *m;
+    const sy_nccl_module_api *m = NULL;
     SY_CHECK(ready(c, &m));
     char err[1024] = "";
     return mod_status(m->barrier(c->m, err, sizeof err), err);
