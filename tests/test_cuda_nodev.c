@@ -6,7 +6,12 @@
  *     CUDA runtime's reason (cudaGetDeviceCount's error string);
  *   - CUDA built and a device present (a GPU machine): a device number past the last one and a
  *     negative one fail the same way ("not present", with the count), and device 0 succeeds.
- * The GPU tests themselves are test_backend_cuda (exit 77, skipped, without a device). */
+ * The nccl data plane likewise (test_nccl_dataplane_nodev): without a device (or built without
+ * NCCL) sy_dataplane_new("nccl") fails within a second, SY_EINVAL, naming nccl, the reason and
+ * the fix (cluster.comm: tcp); the generic comm argument checks run before any implementation;
+ * tcp and threads report host buffers (sy_comm_device_buffers 0) and never a lost device.
+ * The GPU tests themselves are test_backend_cuda and test_comm_nccl (exit 77, skipped, without a
+ * device). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,6 +24,7 @@
 #include <time.h>
 
 #include "backend/backend.h"
+#include "comm/comm.h"
 #include "base/status.h"
 #include "sy_test.h"
 
@@ -89,8 +95,46 @@ static void test_env_selection(void **state) {
     unsetenv("SY_CUDA_DEVICE");
 }
 
+static void test_nccl_dataplane_nodev(void **state) {
+    (void)state;
+    bool listed = false;
+    for (int i = 0; sy_comm_kinds[i]; i++) listed |= strcmp(sy_comm_kinds[i], "nccl") == 0;
+    assert_true(listed);
+    /* the generic checks come first, whatever the kind: no device needed to see them */
+    sy_comm_t *c = (sy_comm_t *)0x1;
+    assert_int_equal(sy_comm_new(NULL, 1, 2, 2, NULL, 1000, &c), SY_EINVAL);
+    assert_null(c);
+    /* tcp and threads: host buffers, no device to lose */
+    sy_dataplane_t *dp = NULL;
+    assert_int_equal(sy_dataplane_new("threads", NULL, &dp), SY_OK);
+    assert_int_equal(sy_comm_new(NULL, 1, 0, 1, NULL, 1000, &c), SY_OK);
+    assert_int_equal(sy_comm_device_buffers(c), 0);
+    assert_int_equal(sy_comm_device_lost(c), 0);
+    sy_comm_destroy(&c);
+    sy_dataplane_destroy(&dp);
+
+    char why[1024] = "";
+    int n = sy_comm_nccl_available(why, sizeof why);
+    fprintf(stderr, "nccl data plane: %d device(s): %s\n", n, why);
+    if (n > 0) skip(); /* a GPU machine: test_comm_nccl runs it */
+    dp = (sy_dataplane_t *)0x1;
+    double t0 = now_s();
+    sy_status st = sy_dataplane_new("nccl", "tcp://127.0.0.1:*", &dp);
+    double dt = now_s() - t0;
+    const char *msg = sy_err_msg();
+    fprintf(stderr, "nccl: %s (%.3f s): %s\n", sy_strerror(st), dt, msg);
+    assert_int_equal(st, SY_EINVAL);
+    assert_null(dp);
+    assert_true(dt < 1.0);
+    assert_non_null(strstr(msg, "nccl"));
+    assert_non_null(strstr(msg, "cluster.comm: tcp"));
+    assert_true(strstr(msg, "cudaGetDeviceCount") || strstr(msg, "built without NCCL") ||
+                strstr(msg, "NCCL module"));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_nccl_dataplane_nodev),
         cmocka_unit_test(test_cuda_new_fails_cleanly),
         cmocka_unit_test(test_env_selection),
     };

@@ -94,7 +94,7 @@ static const char *const S3_ADDRESSING_NAMES[] = {"auto", "path", "virtual", NUL
 static const char *const BACKEND_NAMES[] = {"cpu", "cuda", NULL};
 /* Data planes a worker process can use (comm.h has the implementations; "threads" runs ranks as
  * threads of one process, so it is for tests, not workers). */
-static const char *const COMM_NAMES[] = {"tcp", NULL};
+static const char *const COMM_NAMES[] = {"auto", "tcp", "nccl", NULL};
 
 /* Largest token id a shard can hold (uint16 tokens). */
 #define SY_MAX_VOCAB 65536
@@ -112,6 +112,7 @@ static bool chk_curve_auth(const sy_config_t *c, char *why, size_t n);
 static bool chk_token_file(const sy_config_t *c, char *why, size_t n);
 static bool chk_resume_allow(const sy_config_t *c, char *why, size_t n);
 static bool chk_tls_pair(const sy_config_t *c, char *why, size_t n);
+static bool chk_comm(const sy_config_t *c, char *why, size_t n);
 
 #define FLD(sec, fld, ty, dflt, ...)                                                       \
     {.section = #sec, .name = #fld, .type = (ty), .offset = offsetof(sy_config_t, sec.fld), \
@@ -269,9 +270,12 @@ static const field FIELDS[] = {
         MEANS("Compute backend of the workers: `cpu`, or `cuda` (one GPU per worker: `switchyard run` "
               "gives worker k device k; `switchyard train` uses `SY_CUDA_DEVICE`, default 0; compiled, "
               "never yet run on a GPU).")),
-    FLD(cluster, comm, FT_STRING, "tcp", .names = COMM_NAMES,
-        MEANS("Data plane between the workers (all-to-all, all-reduce): `tcp`, a ZeroMQ mesh "
-              "(`nccl` comes with the CUDA backend).")),
+    FLD(cluster, comm, FT_STRING, "auto", .names = COMM_NAMES,
+        MEANS("Data plane between the workers (all-to-all, all-reduce): `tcp`, a ZeroMQ mesh; `nccl`, "
+              "NCCL between GPU workers over device memory (bootstrapped over tcp; docs/protocol.md; "
+              "compiled, never yet run on a GPU); `auto`: `nccl` when `cluster.backend` is `cuda`, "
+              "else `tcp`."),
+        CHECK(chk_comm, "`nccl` only with `cluster.backend: cuda`")),
     FLD(cluster, curve_server_key, FT_STRING, "",
         CHECK(chk_curve_on, "set when another `cluster.curve_*` field is set"),
         MEANS("CurveZMQ on the control plane: the coordinator's key pair, a `.key` file of "
@@ -383,6 +387,18 @@ static bool chk_failure(const sy_config_t *c, char *why, size_t n) {
 
 /* A partial CURVE setup must not run in plaintext unnoticed. */
 static bool has_text(const char *s) { return s && *s; }
+
+static bool chk_comm(const sy_config_t *c, char *why, size_t n) {
+    if (strcmp(c->cluster.comm, "nccl") != 0 || strcmp(c->cluster.backend, "cuda") == 0) return true;
+    snprintf(why, n, "nccl moves device memory between GPU workers: it needs cluster.backend: cuda (with "
+                     "cluster.backend: %s use cluster.comm: tcp or auto)", c->cluster.backend);
+    return false;
+}
+
+const char *sy_config_comm(const sy_config_t *cfg) {
+    if (strcmp(cfg->cluster.comm, "auto") != 0) return cfg->cluster.comm;
+    return strcmp(cfg->cluster.backend, "cuda") == 0 ? "nccl" : "tcp";
+}
 
 static bool chk_curve_on(const sy_config_t *c, char *why, size_t n) {
     if (has_text(c->cluster.curve_server_key)) return true;

@@ -143,6 +143,9 @@ sy_status sy_config_validate(const sy_config_t *cfg);
  * argument that gave the field its value (the last one for that field), else the YAML file
  * `path` (may be NULL): "--set model.d_model=0: model.d_model = 0: must be >= 1". */
 sy_status sy_config_validate_from(const sy_config_t *cfg, const char *path, char *const *sets, int n_sets);
+/* The workers' data plane: cluster.comm with `auto` resolved (nccl for cluster.backend cuda,
+ * else tcp). The returned string lives as long as cfg. */
+const char *sy_config_comm(const sy_config_t *cfg);
 /* Resume check: every field that changes the math (all but those that may change on resume,
  * see docs/configuration.md, and those listed in run.resume_allow) must equal its value in
  * `saved` (a checkpoint's "config", as written by sy_config_to_json). SY_EINVAL naming the field

@@ -29,6 +29,7 @@
 #include "storage/ckpt_run.h"
 #include "base/config.h"
 #include "proto/curve.h"
+#include "comm/comm.h"
 #include "data/data.h"
 #include "data/data_s3.h"
 #include "base/fsutil.h"
@@ -40,6 +41,9 @@
 #include "storage/store.h"
 #include "storage/store_s3.h"
 #include "storage/curl_check.h"
+
+/* SY_CUDA_SHARE_GPU=1 (run_configure): the GPUs the workers share round-robin; 0: one each. */
+static int g_ngpu_shared;
 
 #define SY_LAUNCH_READY_TIMEOUT_MS 30000
 #define SY_LAUNCH_GRACE_MS 10000
@@ -463,7 +467,7 @@ static int add_worker(lctx *L) {
     w->pid = -1;
     w->log_index = L->next_index++;
     snprintf(w->id, sizeof w->id, "w%d", w->log_index);
-    w->device = L->nw; /* the initial workers: device k for worker k */
+    w->device = g_ngpu_shared > 0 ? L->nw % g_ngpu_shared : L->nw; /* device k for worker k */
     return L->nw++;
 }
 
@@ -747,12 +751,29 @@ static int run_configure(run_opts *o, sy_config_t *cfg) {
                     why);
             return 1;
         }
-        if (o->n_workers > ngpu) {
+        /* a test hook (tests/gpu/device_check.sh: W = 2 over tcp on one GPU): workers share the
+         * GPUs round-robin; never with nccl, which cannot hold two ranks on one device */
+        const char *share = getenv("SY_CUDA_SHARE_GPU");
+        if (o->n_workers > ngpu && share && !strcmp(share, "1") && strcmp(sy_config_comm(cfg), "nccl") != 0) {
+            fprintf(stderr, "switchyard run: SY_CUDA_SHARE_GPU=1: %d workers share %d GPU(s) (testing only)\n",
+                    o->n_workers, ngpu);
+            g_ngpu_shared = ngpu;
+        } else if (o->n_workers > ngpu) {
             fprintf(stderr,
                     "switchyard run: --workers %d but only %d CUDA device(s) are visible (each worker needs its "
                     "own GPU): use --workers %d or fewer\n",
                     o->n_workers, ngpu, ngpu);
             return 2;
+        }
+    }
+    if (strcmp(sy_config_comm(cfg), "nccl") == 0 && o->n_workers > 1) {
+        char why[1024];
+        if (sy_comm_nccl_available(why, sizeof why) <= 0) {
+            fprintf(stderr,
+                    "switchyard run: cluster.comm is nccl (cluster.comm: auto with cluster.backend: cuda means "
+                    "nccl) but the nccl data plane cannot run here: %s; set cluster.comm: tcp "
+                    "(--set cluster.comm=tcp)\n", why);
+            return 1;
         }
     }
     if (sy_memplan_check(cfg, o->n_workers) != SY_OK) {
@@ -885,7 +906,7 @@ static bool run_prepare(lctx *L, run_opts *o, const sy_config_t *cfg, run_paths 
     L->quiet = o->quiet;
     L->tty = isatty(STDERR_FILENO);
     L->threads = o->threads;
-    L->comm = cfg->cluster.comm;
+    L->comm = sy_config_comm(cfg);
     L->cuda = strcmp(cfg->cluster.backend, "cuda") == 0;
     if (cfg->cluster.curve_server_key[0]) {
         L->curve_pub = cfg->cluster.curve_server_public;

@@ -12,10 +12,10 @@
 
 #include "comm_internal.h"
 
-static const sy_comm_ops *const KINDS[] = {&sy_comm_tcp_ops, &sy_comm_threads_ops};
+static const sy_comm_ops *const KINDS[] = {&sy_comm_tcp_ops, &sy_comm_threads_ops, &sy_comm_nccl_ops};
 #define N_KINDS (sizeof KINDS / sizeof KINDS[0])
 
-const char *const sy_comm_kinds[] = {"tcp", "threads", NULL};
+const char *const sy_comm_kinds[] = {"tcp", "threads", "nccl", NULL};
 
 /* ---------------------------------------------------------------- data plane */
 
@@ -36,7 +36,7 @@ static sy_status dp_open(const char *kind, const char *bind_addr, const char *pu
             return SY_OK;
         }
     }
-    return sy_err_set(SY_EINVAL, "data plane: unknown kind '%s' (known: tcp, threads)", kind ? kind : "(null)");
+    return sy_err_set(SY_EINVAL, "data plane: unknown kind '%s' (known: tcp, threads, nccl)", kind ? kind : "(null)");
 }
 
 void sy_dataplane_destroy(sy_dataplane_t **self_p) {
@@ -87,7 +87,10 @@ sy_status sy_comm_new_curve(sy_dataplane_t *dp, uint64_t generation, int rank, i
         return sy_err_set(SY_EINVAL, "comm: rank %d of world %d is not valid", rank, world);
     if (timeout_ms <= 0) return sy_err_set(SY_EINVAL, "comm: timeout_ms %d must be > 0", timeout_ms);
     sy_comm_t *c = NULL;
-    if (world == 1) {
+    /* world 1 runs here, without an implementation, except for one that takes device buffers
+     * (nccl): it runs its own one-rank communicator, so that callers hand it the same buffers
+     * at any world size */
+    if (world == 1 && !(dp && dp->ops->device_buffers)) {
         /* no peers, but a CURVE data plane still admits only this generation's member (us) */
         if (dp && dp->curve && peer_keys && z85_ok(peer_keys[0]) && dp->ops->dp_authorize)
             SY_CHECK(dp->ops->dp_authorize(dp, peer_keys, 1, timeout_ms));
@@ -95,7 +98,7 @@ sy_status sy_comm_new_curve(sy_dataplane_t *dp, uint64_t generation, int rank, i
         if (!c) return sy_err_set(SY_ENOMEM, "comm: allocation");
     } else {
         if (!dp) return sy_err_set(SY_EINVAL, "comm: world %d needs a data plane", world);
-        if (!endpoints) return sy_err_set(SY_EINVAL, "comm: NULL endpoints");
+        if (!endpoints && world > 1) return sy_err_set(SY_EINVAL, "comm: NULL endpoints");
         for (int r = 0; r < world; r++)
             if (r != rank && (!endpoints[r] || !endpoints[r][0]))
                 return sy_err_set(SY_EINVAL, "comm: endpoint of rank %d is empty", r);
@@ -133,8 +136,14 @@ int sy_comm_rank(const sy_comm_t *c) { return c ? c->rank : -1; }
 int sy_comm_world(const sy_comm_t *c) { return c ? c->world : 0; }
 
 void sy_comm_abort(sy_comm_t *c) {
-    if (c) atomic_store(&c->aborted, 1);
+    if (!c) return;
+    atomic_store(&c->aborted, 1);
+    if (c->ops && c->ops->on_abort) c->ops->on_abort(c);
 }
+
+int sy_comm_device_buffers(const sy_comm_t *c) { return c && c->ops && c->ops->device_buffers; }
+
+int sy_comm_device_lost(const sy_comm_t *c) { return c && c->ops && c->ops->device_lost ? c->ops->device_lost(c) : 0; }
 
 sy_comm_stats sy_comm_get_stats(const sy_comm_t *c) {
     sy_comm_stats z = {0, 0, 0};
@@ -186,7 +195,7 @@ sy_status sy_comm_alltoallv(sy_comm_t *c, const void *send, const size_t *send_b
         if (s < r + recv_total && r < s + send_total)
             return sy_err_set(SY_EINVAL, "comm: alltoallv: send and recv buffers overlap");
     }
-    if (c->world == 1) {
+    if (!c->ops) { /* world 1 */
         if (send_bytes[0]) memcpy(recv, send, send_bytes[0]);
         return comm_done(c, SY_OK);
     }
@@ -196,7 +205,7 @@ sy_status sy_comm_alltoallv(sy_comm_t *c, const void *send, const size_t *send_b
 static sy_status allreduce(sy_comm_t *c, void *buf, size_t n, sy_comm_dtype dt) {
     SY_CHECK(comm_enter(c, "allreduce"));
     if (n && !buf) return sy_err_set(SY_EINVAL, "comm: allreduce: NULL buffer for %zu elements", n);
-    if (c->world == 1) return comm_done(c, SY_OK);
+    if (!c->ops) return comm_done(c, SY_OK); /* world 1 */
     return comm_done(c, c->ops->allreduce(c, buf, n, dt));
 }
 
@@ -208,12 +217,12 @@ sy_status sy_comm_broadcast(sy_comm_t *c, void *buf, size_t bytes, int root) {
     if (root < 0 || root >= c->world)
         return sy_err_set(SY_EINVAL, "comm: broadcast: root %d not in world %d", root, c->world);
     if (bytes && !buf) return sy_err_set(SY_EINVAL, "comm: broadcast: NULL buffer for %zu bytes", bytes);
-    if (c->world == 1) return comm_done(c, SY_OK);
+    if (!c->ops) return comm_done(c, SY_OK); /* world 1 */
     return comm_done(c, c->ops->broadcast(c, buf, bytes, root));
 }
 
 sy_status sy_comm_barrier(sy_comm_t *c) {
     SY_CHECK(comm_enter(c, "barrier"));
-    if (c->world == 1) return comm_done(c, SY_OK);
+    if (!c->ops) return comm_done(c, SY_OK); /* world 1 */
     return comm_done(c, c->ops->barrier(c));
 }

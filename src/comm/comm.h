@@ -8,7 +8,10 @@
  *              memory: tests and tools only (a worker is a process, so `switchyard run` cannot
  *              use it). Same semantics and the same rank-order reductions, so results are
  *              bit-identical to tcp.
- *   "nccl"     (next issue) GPU workers.
+ *   "nccl"     (comm_nccl.c) GPU workers: NCCL over device buffers, bootstrapped over a tcp
+ *              data plane it wraps (its endpoint is the tcp one). Needs a CUDA device and the
+ *              NCCL module (libsy_comm_nccl.so); without them sy_dataplane_new fails naming the
+ *              reason and the fix. Compiled; never yet run on a GPU (docs/protocol.md).
  * Collectives: all-to-all-v (the Switch dispatch and combine), all-reduce-sum (dense gradients,
  * norms), broadcast, barrier; plus abort. Every wait has a deadline: a missing or dead peer
  * becomes SY_ETIMEOUT (message names the peer rank and the operation) or SY_EABORTED, never a
@@ -19,17 +22,19 @@
  * sy_comm_t over the peers' endpoints. Traffic is tagged with (generation, sequence number of
  * the collective, source rank); traffic of another generation is dropped, so stale data from an
  * aborted generation can never be mistaken for current data. One communicator per data plane at
- * a time. world == 1 needs no data plane (dp may be NULL) and no implementation.
+ * a time. world == 1 needs no data plane (dp may be NULL) and no implementation, except nccl,
+ * which runs a one-rank NCCL communicator (so its callers hand it device buffers at any world).
  *
  * Results are identical on every rank, do not depend on timing nor on the implementation:
  * all-reduce sums in rank order 0..W-1 (s = x_0; s += x_1; ...; elementwise, each element by one
  * fixed formula).
  *
- * Buffers. The buffers given to collectives may be device memory for a device implementation
- * (nccl). The tcp and threads implementations read and write them with the CPU: they stage
- * through host memory, so a device backend must hand them host-visible buffers (pinned or
- * managed) until its nccl data plane exists. The caller may reuse or free its buffers as soon as
- * a collective returns.
+ * Buffers. tcp and threads read and write the buffers given to collectives with the CPU: host
+ * memory (a device backend stages through it). nccl uses device memory in place
+ * (sy_comm_device_buffers) and stages host memory through a device buffer of its own (two
+ * copies: for small or rare collectives); it orders nothing after the caller's own device work:
+ * the caller syncs its backend first. The caller may
+ * reuse or free its buffers as soon as a collective returns.
  *
  * Threads. One thread (the training thread) drives a sy_comm_t: every function here except
  * sy_comm_abort() is called from it only. sy_comm_abort() may be called from any thread at any
@@ -52,7 +57,8 @@
 typedef struct sy_dataplane sy_dataplane_t;
 typedef struct sy_comm sy_comm_t;
 
-/* The implementation names, NULL-terminated ("tcp", "threads"); `kind` of sy_dataplane_new. */
+/* The implementation names, NULL-terminated ("tcp", "threads", "nccl"); `kind` of
+ * sy_dataplane_new. */
 extern const char *const sy_comm_kinds[];
 
 /* Opens this process's (or, for "threads", this thread's) data plane of implementation `kind`.
@@ -122,6 +128,17 @@ sy_status sy_comm_barrier(sy_comm_t *c);
  * communicator returns SY_EABORTED, the pending one within SY_COMM_ABORT_MS. Any thread;
  * idempotent; async-signal-safe. */
 void sy_comm_abort(sy_comm_t *c);
+
+/* 1 when c's collectives take device buffers in place (nccl: hand it backend buffers, no
+ * staging), 0 when they read host memory (tcp, threads, and world 1 without a data plane). */
+int sy_comm_device_buffers(const sy_comm_t *c);
+/* 1 when a collective of c failed because the CUDA context is lost (a sticky CUDA error): the
+ * process must report it (Fault) and exit, as the CUDA backend does. 0 for tcp and threads. */
+int sy_comm_device_lost(const sy_comm_t *c);
+/* Whether the nccl data plane can run in this process: the number of CUDA devices (> 0) with
+ * the NCCL and CUDA runtime versions in why; 0 or -1 with the reason in why (built without NCCL,
+ * module not loadable, no device). Loads the NCCL module; for start-up checks. */
+int sy_comm_nccl_available(char *why, size_t why_len);
 
 /* Counters for benchmarks and status: payload bytes sent to / received from other ranks (our
  * own chunk of an all-to-all is not counted), collectives run. */

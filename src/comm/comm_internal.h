@@ -47,6 +47,12 @@ typedef struct sy_comm_ops {
     sy_status (*allreduce)(sy_comm_t *c, void *buf, size_t n, sy_comm_dtype dt);
     sy_status (*broadcast)(sy_comm_t *c, void *buf, size_t bytes, int root);
     sy_status (*barrier)(sy_comm_t *c);
+    /* Optional (NULL: none). on_abort: called by sy_comm_abort after the flag is set, from any
+     * thread: may only set flags (async-signal-safe). device_lost: 1 when the device context is
+     * lost (comm.h sy_comm_device_lost). */
+    void (*on_abort)(sy_comm_t *c);
+    int (*device_lost)(const sy_comm_t *c);
+    bool device_buffers;       /* device memory in place (comm.h sy_comm_device_buffers) */
 } sy_comm_ops;
 
 struct sy_dataplane {
@@ -70,5 +76,6 @@ static inline bool sy_comm_aborted(const sy_comm_t *c) {
 
 extern const sy_comm_ops sy_comm_tcp_ops;
 extern const sy_comm_ops sy_comm_threads_ops;
+extern const sy_comm_ops sy_comm_nccl_ops;
 
 #endif

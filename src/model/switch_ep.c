@@ -32,11 +32,14 @@ struct sy_ep {
     served_layer *layers;
     size_t es;            /* bytes per row element on the wire: 2 (bf16 mode) or 4 (fp32) */
     /* exchange scratch. The wire buffers are backend buffers (send_b, recv_b: backend ops pack
-     * and unpack rows there); the comm reads host memory, send and recv: the backend's host
-     * view of them, or host staging buffers (staged true) copied by download/upload. */
+     * and unpack rows there). A comm that reads host memory (tcp, threads) gets send and recv:
+     * the backend's host view of them, or host staging buffers (staged true) copied by
+     * download/upload. A comm that takes device buffers (nccl: dev_wire) gets send_b and recv_b
+     * themselves; send and recv are then host mirrors (staged true) for what the host writes
+     * (the counts) and reads (counts, token indices). */
     char *send_b, *recv_b;   /* backend, [cap] bytes each */
     char *send, *recv;       /* host, [cap] bytes each */
-    bool staged;
+    bool staged, dev_wire;
     size_t *send_bytes, *recv_bytes;
     int32_t *recv_row0;   /* [world] first row (in concatenated received order) per source */
     float *dye;           /* backend [R, D] received output gradients, local expert-major order */
@@ -111,8 +114,9 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
     size_t cap = sizeof(int32_t) * (size_t)W * E + (sizeof(int32_t) + sizeof(float) * (size_t)D) * ep->R;
     EP_BALLOC(ep->send_b, cap);
     EP_BALLOC(ep->recv_b, cap);
-    ep->send = be->host_view(be, ep->send_b);
-    ep->recv = be->host_view(be, ep->recv_b);
+    ep->dev_wire = sy_comm_device_buffers(comm) != 0;
+    ep->send = ep->dev_wire ? NULL : be->host_view(be, ep->send_b);
+    ep->recv = ep->dev_wire ? NULL : be->host_view(be, ep->recv_b);
     if (!ep->send || !ep->recv) {
         ep->staged = true;
         ep->send = ep->recv = NULL;
@@ -177,6 +181,15 @@ static sy_status exchange(sy_ep_t *ep, uint64_t *counter, bool packed) {
     sy_backend_t *be = ep->be;
     for (int q = 0; q < ep->world; q++)
         if (q != ep->rank) *counter += ep->send_bytes[q];
+    if (ep->dev_wire) {
+        /* the comm moves backend buffers: the host-written counts go up first, and everything
+         * received comes down to the host mirror (the host reads counts and token indices) */
+        if (!packed) be->upload(be, ep->send_b, ep->send, total_bytes(ep, ep->send_bytes));
+        be->sync(be);
+        SY_CHECK(sy_comm_alltoallv(ep->comm, ep->send_b, ep->send_bytes, ep->recv_b, ep->recv_bytes));
+        be->download(be, ep->recv, ep->recv_b, total_bytes(ep, ep->recv_bytes));
+        return SY_OK;
+    }
     if (ep->staged && packed)
         be->download(be, ep->send, ep->send_b, total_bytes(ep, ep->send_bytes));
     else

@@ -158,6 +158,7 @@ typedef struct {
     char up_err[512];
     json_t *up_files;
     bool fatal;                    /* a failure that a retry cannot fix (out of memory) */
+    int fatal_rc;                  /* the exit code of a fatal failure (0: 1) */
     char fatal_msg[512];
     void *pending;                 /* a frame received while training, handled next */
     size_t pending_len;
@@ -1348,6 +1349,17 @@ aborted:
     return RUN_ABORTED;
 step_failed:
     sy_error("step %lld failed: %s", (long long)fault_step, sy_err_msg());
+    if (sy_comm_device_lost(a->comm)) {
+        /* a sticky CUDA error in the data plane: report it, then exit so that the process is
+         * restarted with a fresh context (as the CUDA backend does) */
+        send_fault(a, "device", sy_err_msg(), -1, fault_step);
+        a->fatal = true;
+        a->fatal_rc = SY_AGENT_EXIT_DEVICE;
+        snprintf(a->fatal_msg, sizeof a->fatal_msg, "the CUDA context is lost: %s", sy_err_msg());
+        close_generation(a);
+        set_state(a, ST_IDLE);
+        return RUN_FAILED;
+    }
     send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(),
                st == SY_ETIMEOUT ? first_missing_rank(sy_err_msg()) : -1, fault_step);
     close_generation(a);
@@ -1460,7 +1472,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
         if (r == RUN_FAILED && a.fatal) {
             sy_error("cannot go on: %s; exiting", a.fatal_msg);
             sy_proto_free(m);
-            rc = 1;
+            rc = a.fatal_rc ? a.fatal_rc : 1;
             goto out;
         }
         sy_proto_free(m);

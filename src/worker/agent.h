@@ -32,13 +32,17 @@ typedef struct {
  * (SY_AGENT_HANDSHAKE_MAX_FAILS in a row: e.g. a wrong --curve-server-public). */
 #define SY_AGENT_EXIT_REFUSED 4
 #define SY_AGENT_HANDSHAKE_MAX_FAILS 5
+/* Exit code when the CUDA context is lost (a sticky CUDA error seen by the nccl data plane;
+ * the CUDA backend exits with the same code): the launcher or scheduler restarts the process. */
+#define SY_AGENT_EXIT_DEVICE 70
 
 /* Default of connect_timeout_s (--connect-timeout). */
 #define SY_AGENT_CONNECT_TIMEOUT_S 300
 
 /* Runs until Stop or SIGINT/SIGTERM (which end the process within about 1 s, whatever it is
  * doing). Returns a process exit code: 0 stopped, 1 error (or no coordinator within
- * connect_timeout_s), SY_AGENT_EXIT_REFUSED refused by the coordinator. */
+ * connect_timeout_s), SY_AGENT_EXIT_REFUSED refused by the coordinator, SY_AGENT_EXIT_DEVICE the
+ * device context lost (after a Fault of kind "device"). */
 int sy_agent_run(const sy_agent_opts *opts);
 
 #endif

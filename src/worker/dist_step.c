@@ -6,12 +6,17 @@
 
 #include "base/log.h"
 
-/* All-reduce of the first n values of the fp64 gradient accumulator, a backend buffer: the comm
- * reads host memory, so through the backend's host view when it has one (the CPU backend: no
- * copy), else staged through a host buffer (download, all-reduce, upload). */
+/* All-reduce of the first n values of the fp64 gradient accumulator, a backend buffer: a comm
+ * that takes device buffers (nccl) gets it in place once the backend's work is done; a comm
+ * that reads host memory gets the backend's host view when it has one (the CPU backend: no
+ * copy), else a host buffer staged by download, all-reduce, upload. */
 static sy_status allreduce_grad_acc(sy_model_t *m, sy_comm_t *comm, size_t n) {
     sy_backend_t *be = sy_model_backend(m);
     double *acc = sy_model_grad_acc(m);
+    if (sy_comm_device_buffers(comm)) {
+        be->sync(be);
+        return sy_comm_allreduce_f64(comm, acc, n);
+    }
     double *view = be->host_view(be, acc);
     if (view) {
         be->sync(be);

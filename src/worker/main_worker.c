@@ -9,6 +9,7 @@
 #include "backend/cpu_setup.h"
 #include "base/endpoint.h"
 #include "base/log.h"
+#include "comm/comm.h"
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -24,7 +25,9 @@ static void usage(FILE *f) {
             "  --backend NAME      compute backend: cpu or cuda (default: the run config's\n"
             "                      cluster.backend)\n"
             "  --device N          CUDA device of the cuda backend (default 0)\n"
-            "  --comm NAME         data plane: tcp (default; the run config's cluster.comm)\n"
+            "  --comm NAME         data plane: tcp, or nccl (GPU workers: needs --backend cuda)\n"
+            "                      (default: nccl with --backend cuda, else tcp; switchyard run\n"
+            "                      passes the run config's cluster.comm)\n"
             "  --data-bind ADDR    data-plane bind address (default tcp://127.0.0.1:*, * = any port)\n"
             "  --threads N         compute threads, 1 to the number of cores this process may\n"
             "                      use (nproc) (default: the run config's train.threads, capped\n"
@@ -151,15 +154,23 @@ int main(int argc, char **argv) {
         sy_warn("INSECURE: --insecure: the data plane on %s is reachable from other machines without CurveZMQ",
                 o.data_bind);
     }
-    if (o.comm && strcmp(o.comm, "tcp") != 0) {
+    if (o.comm && strcmp(o.comm, "tcp") != 0 && strcmp(o.comm, "nccl") != 0) {
         /* "threads" (comm.h) runs ranks as threads of one process: no use between workers */
-        fprintf(stderr, "switchyard-worker: --comm %s: only 'tcp' is built for worker processes in this version\n",
-                o.comm);
+        fprintf(stderr, "switchyard-worker: --comm %s: expected tcp or nccl\n", o.comm);
         return 2;
     }
     if (o.backend && strcmp(o.backend, "cpu") != 0 && strcmp(o.backend, "cuda") != 0) {
         fprintf(stderr, "switchyard-worker: --backend %s: expected cpu or cuda\n", o.backend);
         return 2;
+    }
+    if (!o.comm) o.comm = o.backend && strcmp(o.backend, "cuda") == 0 ? "nccl" : "tcp";
+    if (strcmp(o.comm, "nccl") == 0) {
+        /* fail now, clearly: nccl moves device memory, so it needs the cuda backend and a GPU */
+        if (o.backend && strcmp(o.backend, "cuda") != 0) {
+            fprintf(stderr, "switchyard-worker: --comm nccl needs --backend cuda (nccl moves device memory between "
+                            "GPU workers); with the cpu backend use --comm tcp\n");
+            return 2;
+        }
     }
     if (o.backend && strcmp(o.backend, "cuda") == 0) {
         /* fail now, clearly, rather than at the first generation */
@@ -168,6 +179,15 @@ int main(int argc, char **argv) {
         if (n <= 0 || o.device >= n) {
             fprintf(stderr, "switchyard-worker: --backend cuda --device %d: %s%s\n", o.device,
                     n <= 0 ? "no usable CUDA device: " : "no such device: ", why);
+            return 2;
+        }
+    }
+    if (strcmp(o.comm, "nccl") == 0) {
+        /* after the backend's check: a missing GPU is named as the backend's problem first */
+        char why[1024];
+        if (sy_comm_nccl_available(why, sizeof why) <= 0) {
+            fprintf(stderr, "switchyard-worker: --comm nccl: %s; use --comm tcp (cluster.comm: tcp) on a machine "
+                            "without a GPU or NCCL\n", why);
             return 2;
         }
     }

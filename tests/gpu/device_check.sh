@@ -14,6 +14,12 @@
 #   6. the benchmark: the dense bf16 cuBLAS GEMM rate, then the Switch layer forward+backward
 #      at d_model 768, d_ff 3072, 4096 tokens, E = 8 and 64, bf16, as TFLOP/s and as a
 #      fraction of that rate; fp32 at E = 8; a ~100 M-parameter model step (bench/gpu_step.yaml)
+#   7. the nccl data plane (docs/protocol.md "NCCL data plane"): test_comm_nccl (a one-rank NCCL
+#      communicator: every collective on device and host buffers), the abort latency of a
+#      communicator whose peer never joins (tools/sy_commabort nccl: rank 0 of 2, aborted after
+#      200 ms, 5 times; limit SY_COMM_ABORT_MS), and `switchyard run` W = 2 (two workers on the
+#      one GPU, SY_CUDA_SHARE_GPU=1, tcp: one GPU cannot hold two NCCL ranks) against W = 1
+#      (nccl, the default with cuda): every step's loss equal (W-invariance)
 # SY_CHECK_BACKEND=cpu runs part 5 with the CPU backend in the GPU's place (a dry run of the
 # script on a machine without a GPU). Every result goes into one file: $OUT/gpu_check.txt when OUT is set, else build/gpu_check.txt.
 # The summary at the end lists each part as PASS / FAIL / TIMEOUT. Exit status: 0 when every
@@ -132,6 +138,46 @@ sys.exit(0 if len(steps) >= 20 and worst <= 2e-2 else 1)
 EOF
 }
 
+# the nccl data plane at W = 1 and its abort latency
+nccl_w1() {
+    local fail=0
+    SY_CUDA_DEVICE=0 "$BUILD/tests/test_comm_nccl" || fail=1
+    "$BUILD/tests/sy_commabort" nccl 200 5 || fail=1
+    return $fail
+}
+
+# switchyard run on the GPU: W = 2 (tcp, the two workers share the GPU) against W = 1 (nccl)
+w2_vs_w1() {
+    local dir; dir=$(mktemp -d /tmp/sy-gpu-w2-XXXXXX)
+    mkdir -p "$dir/text"
+    python3 -c "
+import random; r = random.Random(5); w = 'the experts route every token to one feed forward network'.split()
+open('$dir/text/c.txt', 'w').write(''.join(' '.join(r.choice(w) for _ in range(r.randint(4, 14))) + '.\n' for _ in range(3000)))"
+    "$BUILD/switchyard" data prepare --input "$dir/text" --out "$dir/data" > /dev/null || return 1
+    local common=(--quiet --set "data.train=$dir/data/train_*.bin" --set data.val= --set run.steps=10
+                  --set checkpoint.every=0 --set "checkpoint.store=$dir/store" --set train.precision=bf16
+                  --set cluster.backend="${SY_CHECK_BACKEND:-cuda}")
+    "$BUILD/switchyard" run "$ROOT/configs/tiny.yaml" --workers 1 "${common[@]}" --set run.name=w1 \
+        --set cluster.comm=auto --set "run.state_dir=$dir/w1" > "$dir/w1.log" 2>&1
+    local rc1=$?
+    SY_CUDA_SHARE_GPU=1 "$BUILD/switchyard" run "$ROOT/configs/tiny.yaml" --workers 2 "${common[@]}" \
+        --set run.name=w2 --set cluster.comm=tcp --set "run.state_dir=$dir/w2" > "$dir/w2.log" 2>&1
+    local rc2=$?
+    tail -3 "$dir/w1.log" "$dir/w2.log"
+    [ $rc1 -eq 0 ] && [ $rc2 -eq 0 ] || { echo "run failed: W=1 rc=$rc1 W=2 rc=$rc2"; tail -20 "$dir"/w*/logs/* 2>/dev/null; return 1; }
+    python3 - "$dir/w1/metrics.jsonl" "$dir/w2/metrics.jsonl" <<'EOF'
+import json, sys
+def losses(p):
+    return {j["step"]: j["loss"] for j in map(json.loads, open(p)) if "loss" in j}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+same = [s for s in a if s in b and a[s] == b[s]]
+for s in sorted(a):
+    print(f"step {s:3d}  W=1 {a[s]!r}  W=2 {b.get(s)!r}")
+print(f"{len(same)} of {len(a)} steps equal bit for bit (want all 10)")
+sys.exit(0 if len(a) == 10 and len(same) == 10 else 1)
+EOF
+}
+
 # test_backend_cuda one test at a time (a CUDA error exits the process: one failure must not
 # hide the others); a test that dies of a CUDA error (exit 70) is rerun with SY_CUDA_SYNC=1 so
 # that the log names the op that failed
@@ -192,7 +238,9 @@ part "versions" 20 versions
 part "build" 240 build
 part "test_backend_cuda (ops, Switch layer, model, repeatability, GEMM vs fp64)" 180 gpu_tests
 part "tiny LM 20 steps: cluster.backend cuda vs cpu, bf16" 120 tiny_lm
+part "nccl data plane: test_comm_nccl (W = 1), abort latency of a peer that never joins" 40 nccl_w1
 part "bench: cuBLAS bf16 rate, Switch layer E=8/64, ~100M model step" 120 bench
+part "switchyard run W = 2 (tcp, one shared GPU) vs W = 1 (nccl), bf16, 10 steps" 60 w2_vs_w1
 part "test_backend_cuda ops, Switch layer: one GEMM per expert (SY_CUDA_GROUPED=0)" 60 \
     other_mode SY_CUDA_GROUPED=0
 part "test_backend_cuda ops, Switch layer: SY_CUDA_GEMM=fast16bf" 60 other_mode SY_CUDA_GEMM=fast16bf

@@ -11,6 +11,12 @@ message that names what was asked for, why it cannot be had, and the fix.
    reason; `--backend tpu` exits 2 naming the known backends; `--device -1` exits 2.
 4. The same binaries still run CPU work: `switchyard-worker --help` exits 0 (the CUDA module is
    loaded only when a CUDA backend is asked for).
+5. The nccl data plane (docs/protocol.md "NCCL data plane"): `switchyard-worker --comm nccl`
+   (no --backend) exits 2 at once naming --comm nccl, the reason (no usable CUDA device / built
+   without NCCL) and the fix (--comm tcp); `--backend cpu --comm nccl` exits 2 naming --backend
+   cuda; `--comm threads` exits 2 naming tcp or nccl; `switchyard run --set cluster.comm=nccl`
+   with the cpu backend exits 2 naming cluster.comm and cluster.backend: cuda, nothing started;
+   `switchyard run --set cluster.backend=cuda` (cluster.comm auto: nccl) still fails as in 1.
 On a machine with a usable GPU the premise does not hold: the test exits 77 (skipped)."""
 import os
 import shutil
@@ -65,6 +71,19 @@ def main():
     check(rc == 2 and "--backend tpu" in out and "cpu or cuda" in out, f"--backend tpu: exit 2 ({out.strip()})")
     rc, out, _ = run([WORKER, "--coordinator", "tcp://127.0.0.1:9", "--backend", "cuda", "--device", "-1"])
     check(rc == 2 and "--device -1" in out, f"--device -1: exit 2 ({out.strip()})")
+    rc, out, dt = run([WORKER, "--coordinator", "tcp://127.0.0.1:9", "--comm", "nccl"])
+    check(rc == 2 and "--comm nccl" in out and ("cudaGetDeviceCount" in out or "without NCCL" in out or
+                                                "NCCL module" in out) and "--comm tcp" in out and dt < 5,
+          f"switchyard-worker --comm nccl: exit 2 in {dt:.1f} s naming the reason and the fix ({out.strip()[-300:]})")
+    rc, out, _ = run([WORKER, "--coordinator", "tcp://127.0.0.1:9", "--backend", "cpu", "--comm", "nccl"])
+    check(rc == 2 and "--comm nccl needs --backend cuda" in out, f"--backend cpu --comm nccl: exit 2 ({out.strip()})")
+    rc, out, _ = run([WORKER, "--coordinator", "tcp://127.0.0.1:9", "--comm", "threads"])
+    check(rc == 2 and "--comm threads" in out and "tcp or nccl" in out, f"--comm threads: exit 2 ({out.strip()})")
+    rc, out, dt = run([SY, "run", CFG, "--workers", "2", "--set", "cluster.comm=nccl"], cwd=tmp)
+    check(rc == 2 and "cluster.comm" in out and "cluster.backend: cuda" in out and dt < 10,
+          f"switchyard run with cluster.comm=nccl on the cpu backend: exit 2 naming the fix ({out.strip()[-300:]})")
+    check(not os.path.exists(os.path.join(tmp, "runs")) or not os.listdir(os.path.join(tmp, "runs")),
+          "nothing was started (cluster.comm=nccl refused)")
     rc, out, _ = run([WORKER, "--help"])
     check(rc == 0 and "--device N" in out, "switchyard-worker --help documents --device and exits 0")
     sytest.remove_tmp(tmp)
