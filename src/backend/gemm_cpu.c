@@ -49,6 +49,12 @@ SY_CLONES static void gelu_bwd_row(float *dx, float *c, const float *mask, const
     for (int j = 0; j < n; j++) dx[j] = sy_k_act(c[j] * sy_k_gelu_grad(pre[j]), bf16);
 }
 
+/* One tile row of the fp64 accumulation: a[j] += c[j] */
+SY_CLONES static void acc_row(double *restrict a, const float *restrict c, int n) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) a[j] += c[j];
+}
+
 static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *epi, int i0,
                      int j0) {
     if (epi->round_bf16)
@@ -68,12 +74,8 @@ static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *ep
         }
     }
     if (epi->acc)
-        for (int i = 0; i < m; i++) {
-            double *a = epi->acc + (size_t)(i0 + i) * epi->ldacc + j0;
-            const float *ci = c + (size_t)i * ldc;
-#pragma omp simd
-            for (int j = 0; j < n; j++) a[j] += ci[j];
-        }
+        for (int i = 0; i < m; i++)
+            acc_row(epi->acc + (size_t)(i0 + i) * epi->ldacc + j0, c + (size_t)i * ldc, n);
 }
 
 /* This thread's tile buffer for c_scratch epilogues (at least n floats; NULL if it cannot be

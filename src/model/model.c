@@ -350,10 +350,12 @@ void sy_model_weights_changed(sy_model_t *m) {
     }
 }
 
+/* Only the fp64 accumulator is cleared: the fp32 grads are rounded from it on the next
+ * sy_model_grads (zeros if no micro-batch runs), and the backward clears the few fp32 grads it
+ * adds into (dense_grads_clear); one pass over 4 bytes a parameter fewer per step. */
 void sy_model_zero_grads(sy_model_t *m) {
-    m->be->zero(m->be, m->grads, m->numel * sizeof(float));
     m->be->zero(m->be, m->acc, m->numel * sizeof(double));
-    m->acc_dirty = false;
+    m->acc_dirty = true;
 }
 
 #define W(i) (m->work + m->params_tab[(i)].offset)
