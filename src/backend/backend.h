@@ -104,6 +104,20 @@ struct sy_backend {
                              double *const *dW64, const float *const *dy,
                              const float *const *x, const float *const *W, const int *N, int n,
                              int in, int out);
+    /* Optional (NULL: the caller runs the separate ops). The grouped GEMMs with GELU fused
+     * in, applied to each output tile while it is in cache; same numbers as the separate ops:
+     * matmul_gelu_fwd_group is matmul_fwd_group(y, x, W) then gelu_fwd(g[i], y[i]) (y keeps
+     * the pre-activation); matmul_gelu_bwd_group is matmul_bwd_group(dx, dW, dW64, dy, x, W),
+     * then mul_inplace(dx[i], mask[i]) when mask and mask[i] are set, then
+     * gelu_bwd(dpre[i], dx[i], pre[i]). */
+    void (*matmul_gelu_fwd_group)(sy_backend_t *be, float *const *y, float *const *g,
+                                  const float *const *x, const float *const *W, const int *N,
+                                  int n, int in, int out);
+    void (*matmul_gelu_bwd_group)(sy_backend_t *be, float *const *dx, float *const *dW,
+                                  double *const *dW64, const float *const *dy,
+                                  const float *const *x, const float *const *W,
+                                  const float *const *mask, const float *const *pre,
+                                  float *const *dpre, const int *N, int n, int in, int out);
 
     /* y = (x - mean) · rstd · w (no bias, eps 1e-5); saves mean[N], rstd[N] */
     void (*layernorm_fwd)(sy_backend_t *be, float *y, float *mean, float *rstd, const float *x,

@@ -158,16 +158,50 @@ static void cpu_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double 
 /* Groups larger than this run in slices (same results). */
 #define SY_GROUP_MAX 64
 
-static void cpu_matmul_fwd_group(sy_backend_t *be, float *const *y, const float *const *x,
-                                 const float *const *W, const int *N, int n, int in, int out) {
+/* matmul_fwd_group, with g NULL; else matmul_gelu_fwd_group (GELU in the tile epilogue) */
+static void cpu_matmul_gelu_fwd_group(sy_backend_t *be, float *const *y, float *const *g,
+                                      const float *const *x, const float *const *W,
+                                      const int *N, int n, int in, int out) {
     for (int g0 = 0; g0 < n; g0 += SY_GROUP_MAX) {
         sy_gemm_problem p[SY_GROUP_MAX];
         const int k = n - g0 < SY_GROUP_MAX ? n - g0 : SY_GROUP_MAX;
         for (int i = 0; i < k; i++)
             p[i] = (sy_gemm_problem){.tb = true, .M = N[g0 + i], .N = out, .K = in, .alpha = 1.0f,
                                      .A = x[g0 + i], .lda = in, .B = W[g0 + i], .ldb = in,
-                                     .C = y[g0 + i], .ldc = out, .epi.round_bf16 = be->bf16};
+                                     .C = y[g0 + i], .ldc = out,
+                                     .epi = {.round_bf16 = be->bf16,
+                                             .gelu_y = g ? g[g0 + i] : NULL, .ldg = out}};
         sy_sgemm_group(p, k);
+    }
+}
+
+static void cpu_matmul_fwd_group(sy_backend_t *be, float *const *y, const float *const *x,
+                                 const float *const *W, const int *N, int n, int in, int out) {
+    cpu_matmul_gelu_fwd_group(be, y, NULL, x, W, N, n, in, out);
+}
+
+/* matmul_bwd_group, with pre NULL; else matmul_gelu_bwd_group (mask and GELU backward in the
+ * epilogue of the dx tiles) */
+static void cpu_matmul_gelu_bwd_group(sy_backend_t *be, float *const *dx, float *const *dW,
+                                      double *const *dW64, const float *const *dy,
+                                      const float *const *x, const float *const *W,
+                                      const float *const *mask, const float *const *pre,
+                                      float *const *dpre, const int *N, int n, int in, int out) {
+    for (int g0 = 0; g0 < n; g0 += SY_GROUP_MAX) {
+        sy_gemm_problem p[2 * SY_GROUP_MAX];
+        const int k = n - g0 < SY_GROUP_MAX ? n - g0 : SY_GROUP_MAX;
+        int np = 0;
+        for (int i = g0; i < g0 + k; i++) {
+            if (N[i] == 0) continue;
+            sy_gemm_problem px = dx_problem(be, dx[i], dy[i], W[i], N[i], in, out, 0.0f);
+            if (pre) {
+                px.epi.gelu_pre = pre[i], px.epi.gelu_dx = dpre[i], px.epi.ldg = in;
+                px.epi.mask = mask ? mask[i] : NULL;
+            }
+            p[np++] = px;
+            p[np++] = dw_problem(dW[i], dW64 ? dW64[i] : NULL, dy[i], x[i], N[i], in, out);
+        }
+        sy_sgemm_group(p, np);
     }
 }
 
@@ -175,17 +209,7 @@ static void cpu_matmul_bwd_group(sy_backend_t *be, float *const *dx, float *cons
                                  double *const *dW64, const float *const *dy,
                                  const float *const *x, const float *const *W, const int *N,
                                  int n, int in, int out) {
-    for (int g0 = 0; g0 < n; g0 += SY_GROUP_MAX) {
-        sy_gemm_problem p[2 * SY_GROUP_MAX];
-        const int k = n - g0 < SY_GROUP_MAX ? n - g0 : SY_GROUP_MAX;
-        int np = 0;
-        for (int i = g0; i < g0 + k; i++) {
-            if (N[i] == 0) continue;
-            p[np++] = dx_problem(be, dx[i], dy[i], W[i], N[i], in, out, 0.0f);
-            p[np++] = dw_problem(dW[i], dW64 ? dW64[i] : NULL, dy[i], x[i], N[i], in, out);
-        }
-        sy_sgemm_group(p, np);
-    }
+    cpu_matmul_gelu_bwd_group(be, dx, dW, dW64, dy, x, W, NULL, NULL, NULL, N, n, in, out);
 }
 
 static void cpu_layernorm_fwd(sy_backend_t *be, float *y, float *mean, float *rstd,
@@ -474,6 +498,8 @@ sy_status sy_backend_cpu_new_plain(int threads, bool bf16, sy_backend_t **out) {
     b->matmul_bwd_acc64 = cpu_matmul_bwd_acc64;
     b->matmul_fwd_group = cpu_matmul_fwd_group;
     b->matmul_bwd_group = cpu_matmul_bwd_group;
+    b->matmul_gelu_fwd_group = cpu_matmul_gelu_fwd_group;
+    b->matmul_gelu_bwd_group = cpu_matmul_gelu_bwd_group;
     b->layernorm_fwd = cpu_layernorm_fwd;
     b->layernorm_bwd = cpu_layernorm_bwd;
     b->attention_fwd = cpu_attention_fwd;

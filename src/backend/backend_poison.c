@@ -128,6 +128,32 @@ static void p_matmul_bwd_group(sy_backend_t *be, float *const *dx, float *const 
                              (const float *const *)uW, N, n, in, out);
     free(udx), free(udW), free(udW64), free(udy), free(ux), free(uW);
 }
+static void p_matmul_gelu_fwd_group(sy_backend_t *be, float *const *y, float *const *g,
+                                    const float *const *x, const float *const *W, const int *N,
+                                    int n, int in, int out) {
+    void **uy = untag_all((const void *const *)y, n), **ug = untag_all((const void *const *)g, n),
+         **ux = untag_all((const void *const *)x, n), **uW = untag_all((const void *const *)W, n);
+    IN(be)->matmul_gelu_fwd_group(IN(be), (float *const *)uy, (float *const *)ug,
+                                  (const float *const *)ux, (const float *const *)uW, N, n, in, out);
+    free(uy), free(ug), free(ux), free(uW);
+}
+static void p_matmul_gelu_bwd_group(sy_backend_t *be, float *const *dx, float *const *dW,
+                                    double *const *dW64, const float *const *dy,
+                                    const float *const *x, const float *const *W,
+                                    const float *const *mask, const float *const *pre,
+                                    float *const *dpre, const int *N, int n, int in, int out) {
+    void **udx = untag_all((const void *const *)dx, n), **udW = untag_all((const void *const *)dW, n),
+         **udW64 = untag_all((const void *const *)dW64, n), **udy = untag_all((const void *const *)dy, n),
+         **ux = untag_all((const void *const *)x, n), **uW = untag_all((const void *const *)W, n),
+         **um = untag_all((const void *const *)mask, n), **upre = untag_all((const void *const *)pre, n),
+         **udpre = untag_all((const void *const *)dpre, n);
+    IN(be)->matmul_gelu_bwd_group(IN(be), (float *const *)udx, (float *const *)udW,
+                                  (double *const *)udW64, (const float *const *)udy,
+                                  (const float *const *)ux, (const float *const *)uW,
+                                  (const float *const *)um, (const float *const *)upre,
+                                  (float *const *)udpre, N, n, in, out);
+    free(udx), free(udW), free(udW64), free(udy), free(ux), free(uW), free(um), free(upre), free(udpre);
+}
 static void p_layernorm_fwd(sy_backend_t *be, float *y, float *mean, float *rstd, const float *x,
                             const float *w, int N, int D) {
     IN(be)->layernorm_fwd(IN(be), U(y), U(mean), U(rstd), U(x), U(w), N, D);
@@ -249,6 +275,8 @@ sy_status sy_backend_poison_wrap(sy_backend_t *inner, sy_backend_t **out) {
     b->embed_fwd = p_embed_fwd, b->embed_bwd = p_embed_bwd;
     b->matmul_fwd = p_matmul_fwd, b->matmul_bwd = p_matmul_bwd, b->matmul_bwd_acc64 = p_matmul_bwd_acc64;
     b->matmul_fwd_group = p_matmul_fwd_group, b->matmul_bwd_group = p_matmul_bwd_group;
+    b->matmul_gelu_fwd_group = p_matmul_gelu_fwd_group;
+    b->matmul_gelu_bwd_group = p_matmul_gelu_bwd_group;
     b->layernorm_fwd = p_layernorm_fwd, b->layernorm_bwd = p_layernorm_bwd;
     b->attention_fwd = p_attention_fwd, b->attention_bwd = p_attention_bwd;
     b->gelu_fwd = p_gelu_fwd, b->gelu_bwd = p_gelu_bwd, b->add_inplace = p_add_inplace;

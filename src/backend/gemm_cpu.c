@@ -3,6 +3,7 @@
 #include <cblas.h>
 #include <stdlib.h>
 
+#include "backend/kernels/k_elementwise.h"
 #include "base/bf16.h"
 
 /* Tiles along one dimension of C: a dimension under SY_GEMM_TILE_SPLIT is one tile; up to
@@ -27,19 +28,54 @@ sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K) {
     return (sy_gemm_tiles){.mt = tile_len(M), .nt = tile_len(N)};
 }
 
+/* Hot loops are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time
+ * (as in backend_cpu.c); every variant computes the same IEEE operations per element. */
+#define SY_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+/* One tile row of the GELU epilogues (gemm_cpu.h): the per-element bodies of gelu_fwd,
+ * mul_inplace and gelu_bwd (kernels/k_elementwise.h), in their order. */
+SY_CLONES static void gelu_fwd_row(float *y, const float *c, int n, bool bf16) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) y[j] = sy_k_act(sy_k_gelu(c[j]), bf16);
+}
+
+SY_CLONES static void gelu_bwd_row(float *dx, float *c, const float *mask, const float *pre, int n,
+                                   bool bf16) {
+    if (mask) {
+#pragma omp simd
+        for (int j = 0; j < n; j++) c[j] = sy_k_act(c[j] * mask[j], bf16);
+    }
+#pragma omp simd
+    for (int j = 0; j < n; j++) dx[j] = sy_k_act(c[j] * sy_k_gelu_grad(pre[j]), bf16);
+}
+
+/* One tile row of the fp64 accumulation: a[j] += c[j] */
+SY_CLONES static void acc_row(double *restrict a, const float *restrict c, int n) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) a[j] += c[j];
+}
+
 static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *epi, int i0,
                      int j0) {
     if (epi->round_bf16)
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++)
                 c[(size_t)i * ldc + j] = sy_round_bf16(c[(size_t)i * ldc + j]);
-    if (epi->acc)
+    if (epi->gelu_y)
+        for (int i = 0; i < m; i++)
+            gelu_fwd_row(epi->gelu_y + (size_t)(i0 + i) * epi->ldg + j0, c + (size_t)i * ldc, n,
+                         epi->round_bf16);
+    if (epi->gelu_pre) {
+        const size_t g0 = (size_t)i0 * epi->ldg + j0;
         for (int i = 0; i < m; i++) {
-            double *a = epi->acc + (size_t)(i0 + i) * epi->ldacc + j0;
-            const float *ci = c + (size_t)i * ldc;
-#pragma omp simd
-            for (int j = 0; j < n; j++) a[j] += ci[j];
+            const size_t gi = g0 + (size_t)i * epi->ldg;
+            gelu_bwd_row(epi->gelu_dx + gi, c + (size_t)i * ldc, epi->mask ? epi->mask + gi : NULL,
+                         epi->gelu_pre + gi, n, epi->round_bf16);
         }
+    }
+    if (epi->acc)
+        for (int i = 0; i < m; i++)
+            acc_row(epi->acc + (size_t)(i0 + i) * epi->ldacc + j0, c + (size_t)i * ldc, n);
 }
 
 /* This thread's tile buffer for c_scratch epilogues (at least n floats; NULL if it cannot be

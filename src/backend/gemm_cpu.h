@@ -34,6 +34,18 @@ typedef struct {
      * be computed in a per-thread buffer that stays in cache and only added into acc (same
      * numbers; C is then left unspecified) */
     bool c_scratch;
+    /* GELU on the tile while it is in cache (the Switch experts' and the dense FFN's fc GEMMs;
+     * each element as the backend's gelu_fwd / mul_inplace / gelu_bwd compute it, rounded to
+     * bf16 with round_bf16, so the same bits as those separate passes):
+     * forward, gelu_y set: gelu_y[i, j] = gelu(C[i, j]) (leading dim ldg), C keeps the
+     *   pre-activation;
+     * backward, gelu_pre set: C[i, j] *= mask[i, j] when mask is set (leading dim ldg, like
+     *   gelu_pre and gelu_dx), then gelu_dx[i, j] = C[i, j] · gelu'(gelu_pre[i, j]).
+     * Not with acc. */
+    float *gelu_y;
+    const float *gelu_pre, *mask;
+    float *gelu_dx;
+    int ldg;
 } sy_gemm_epilogue;
 
 /* The tiling used for an M×N output: a pure function of its arguments. */

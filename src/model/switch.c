@@ -188,11 +188,19 @@ void sy_experts_fwd(sy_backend_t *be, const sy_expert_rows *c, int nc, int D, in
         float *out[SY_EXPERT_GROUP];
         const float *in[SY_EXPERT_GROUP], *W[SY_EXPERT_GROUP];
         int N[SY_EXPERT_GROUP];
-        for (int i = 0; i < k; i++) out[i] = ck[i].he, in[i] = ck[i].xe, W[i] = ck[i].w->W1, N[i] = ck[i].n;
-        be->matmul_fwd_group(be, out, in, W, N, k, D, F); /* he[n,F] = xe·W1ᵀ */
+        float *act[SY_EXPERT_GROUP];
+        for (int i = 0; i < k; i++) {
+            out[i] = ck[i].he, act[i] = ck[i].ge, in[i] = ck[i].xe, W[i] = ck[i].w->W1;
+            N[i] = ck[i].n;
+        }
+        /* he[n,F] = xe·W1ᵀ, ge = gelu(he): fused into the GEMM where the backend can */
+        if (be->matmul_gelu_fwd_group)
+            be->matmul_gelu_fwd_group(be, out, act, in, W, N, k, D, F);
+        else
+            be->matmul_fwd_group(be, out, in, W, N, k, D, F);
         for (int i = 0; i < k; i++) {
             if (ck[i].n == 0) continue;
-            be->gelu_fwd(be, ck[i].ge, ck[i].he, (size_t)ck[i].n * F);
+            if (!be->matmul_gelu_fwd_group) be->gelu_fwd(be, ck[i].ge, ck[i].he, (size_t)ck[i].n * F);
             if (dropout > 0.0) {
                 float keep = 1.0f - (float)dropout, inv = 1.0f / keep;
                 be->dropout_mask(be, ck[i].mask, ck[i].tok, ck[i].micro, ck[i].n, F, keep, inv,
@@ -218,11 +226,19 @@ void sy_experts_bwd(sy_backend_t *be, const sy_expert_grad_rows *c, int nc, int 
             dx[i] = ck[i].dge, dW[i] = ck[i].w->dW2, dW64[i] = ck[i].w->acc2;
             dy[i] = ck[i].dye, x[i] = ck[i].ge, W[i] = ck[i].w->W2, N[i] = ck[i].n;
         }
-        be->matmul_bwd_group(be, dx, dW, dW64, dy, x, W, N, k, F, D);
-        for (int i = 0; i < k; i++) {
-            if (ck[i].n == 0) continue;
-            if (ck[i].mask) be->mul_inplace(be, ck[i].dge, ck[i].mask, (size_t)ck[i].n * F);
-            be->gelu_bwd(be, ck[i].dhe, ck[i].dge, ck[i].he, (size_t)ck[i].n * F);
+        /* then dge ⊙= mask, dhe = dge·gelu'(he): fused into the GEMM where the backend can */
+        if (be->matmul_gelu_bwd_group) {
+            const float *mask[SY_EXPERT_GROUP], *pre[SY_EXPERT_GROUP];
+            float *dpre[SY_EXPERT_GROUP];
+            for (int i = 0; i < k; i++) mask[i] = ck[i].mask, pre[i] = ck[i].he, dpre[i] = ck[i].dhe;
+            be->matmul_gelu_bwd_group(be, dx, dW, dW64, dy, x, W, mask, pre, dpre, N, k, F, D);
+        } else {
+            be->matmul_bwd_group(be, dx, dW, dW64, dy, x, W, N, k, F, D);
+            for (int i = 0; i < k; i++) {
+                if (ck[i].n == 0) continue;
+                if (ck[i].mask) be->mul_inplace(be, ck[i].dge, ck[i].mask, (size_t)ck[i].n * F);
+                be->gelu_bwd(be, ck[i].dhe, ck[i].dge, ck[i].he, (size_t)ck[i].n * F);
+            }
         }
         /* dxe = dhe·W1, dW1 += dheᵀ·xe */
         for (int i = 0; i < k; i++) {
