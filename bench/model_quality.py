@@ -20,7 +20,7 @@ micro-batches of data.val (train.eval_every / train.eval_batches), and the final
 evaluated over the whole of data.val with `switchyard eval`. Training time is the sum of the
 steps' step_ms (validation excluded). About 15 minutes on 2 idle cores.
 
-usage: python3 bench/model_quality.py [--build build] [--steps 600] [--only scaling,...]
+usage: /usr/bin/python3 bench/model_quality.py [--build build] [--steps 600] [--only scaling,...]
                                        [--work DIR] [--no-doc]
 """
 import argparse
@@ -420,6 +420,11 @@ def main():
     ap.add_argument("--work", default=None, help="folder for the runs (default: a fresh one under /tmp)")
     ap.add_argument("--no-doc", action="store_true", help="print the results, leave docs/ alone")
     a = ap.parse_args()
+    try:
+        import matplotlib  # noqa: F401  (the plots; checked before 15 minutes of training)
+    except ImportError:
+        sys.exit(f"{sys.executable} has no matplotlib: apt-get install python3-matplotlib "
+                 "(and run this with /usr/bin/python3)")
     if not os.path.exists(os.path.join(a.build, "switchyard")):
         sys.exit(f"no {a.build}/switchyard: build first (bash deploy/main-job.sh)")
     if not [p for p in os.listdir(os.path.join(ROOT, "data/fortunes")) if p.startswith("val_")] \
