@@ -100,6 +100,9 @@ typedef struct {
     size_t session_len;            /* on every message (docs/protocol.md "Identities") */
     sy_comm_t *comm;               /* under mu: the link thread may sy_comm_abort it (sets a
                                     * flag only; the main thread tears the collective down) */
+    sy_comm_t *rcomm;              /* under mu, as comm: the replicas' communicator (on rdp),
+                                    * driven by the replica module's thread between a post and
+                                    * its wait; NULL: replicas go over comm between steps */
     _Atomic uint64_t generation;
     _Atomic uint64_t gen_inc;      /* incarnation of the coordinator that assigned `generation`:
                                     * a generation is named by the pair (a restarted coordinator
@@ -118,6 +121,7 @@ typedef struct {
     char server_public[SY_CURVE_Z85_LEN + 1];
     /* main thread only */
     sy_dataplane_t *dp;
+    sy_dataplane_t *rdp;           /* the replicas' data plane (NULL: none, replicate on dp) */
     sy_config_t cfg;
     bool have_cfg;
     sy_backend_t *be;
@@ -333,6 +337,12 @@ typedef struct {
     unsigned last_seq;        /* a->state_seq last reported */
 } link_t;
 
+/* Ends the collectives in flight of this generation (both communicators). Caller holds mu. */
+static void abort_comms_locked(agent_t *a) {
+    if (a->comm) sy_comm_abort(a->comm);
+    if (a->rcomm) sy_comm_abort(a->rcomm);
+}
+
 static void link_from_coordinator(link_t *l);
 static bool link_on_reregister(link_t *l, const Sy__Envelope *env);
 static bool link_on_welcome(link_t *l, const Sy__Envelope *env);
@@ -411,7 +421,7 @@ static bool link_on_reregister(link_t *l, const Sy__Envelope *env) {
     snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
     /* a collective in flight would wait for peers that leave their generation
      * too: end it now (peers get their own Welcome within a heartbeat) */
-    if (a->comm) sy_comm_abort(a->comm);
+    abort_comms_locked(a);
     pthread_mutex_unlock(&a->mu);
     if (l->welcomed || fresh)
         sy_info("coordinator %s does not count us as registered: registering again", a->opts->coordinator);
@@ -437,7 +447,7 @@ static bool link_on_welcome(link_t *l, const Sy__Envelope *env) {
     }
     /* a new registration ends the generation we were in (below): a collective
      * in flight would wait for peers that leave it too, so end it now */
-    if ((fresh || (new_session && had_session)) && a->comm) sy_comm_abort(a->comm);
+    if (fresh || (new_session && had_session)) abort_comms_locked(a);
     pthread_mutex_unlock(&a->mu);
     if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
     /* a new registration (new incarnation, or the same coordinator took us back
@@ -468,12 +478,12 @@ static bool link_on_order(link_t *l, const Sy__Envelope *env) {
     bool ours = env->incarnation == a->incarnation && l->welcomed &&
                 (!env->run_id || !strcmp(env->run_id, a->run_id));
     if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT &&
-        env->generation == atomic_load(&a->generation) && a->comm)
-        sy_comm_abort(a->comm);
+        env->generation == atomic_load(&a->generation))
+        abort_comms_locked(a);
     /* Stop ends whatever is in flight too (a drained worker must not wait out a
      * collective its peers have left), and this process never registers again. */
     if (ours && env->body_case == SY__ENVELOPE__BODY_STOP) {
-        if (a->comm) sy_comm_abort(a->comm);
+        abort_comms_locked(a);
         l->stopped = true;
     }
     pthread_mutex_unlock(&a->mu);
@@ -579,6 +589,7 @@ static void link_hello(link_t *l, double t, int hb) {
      * with a shared token that every worker host would hold. */
     hello.auth_token = "";
     hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
+    hello.replica_endpoint = (char *)(a->rdp ? sy_dataplane_endpoint(a->rdp) : "");
     hello.last_generation = atomic_load(&a->generation); /* whatever incarnation assigned it */
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_HELLO;
@@ -689,6 +700,8 @@ static void stash(agent_t *a, const Sy__Envelope *env) {
 static void snapshot_drop(agent_t *a);
 
 static void close_generation(agent_t *a) {
+    /* the replica thread lets go of rcomm (an aborted one ends within SY_COMM_ABORT_MS) */
+    if (a->rep && sy_replica_wait(a->rep) != SY_OK) sy_info("%s", sy_err_msg());
     if (a->comm && a->world > 1) {
         sy_comm_stats cs = sy_comm_get_stats(a->comm);
         sy_ep_stats es = a->ep ? sy_ep_get_stats(a->ep) : (sy_ep_stats){0, 0};
@@ -701,14 +714,23 @@ static void close_generation(agent_t *a) {
     if (a->rep && a->comm && a->world > 1 && a->replicas > 0) {
         sy_replica_stats rs = sy_replica_get_stats(a->rep);
         sy_info("replicas (%d per worker): %llu exchanges, %llu bytes sent, %llu received, %.1f ms exchanging, "
-                "%.1f ms copying the previous step (totals of this process)", a->replicas,
-                (unsigned long long)rs.exchanges, (unsigned long long)rs.bytes_sent,
-                (unsigned long long)rs.bytes_received, rs.exchange_ms, rs.keep_ms);
+                "%.1f ms copying the live state, %.1f ms of training waiting for them%s (totals of this "
+                "process)", a->replicas, (unsigned long long)rs.exchanges, (unsigned long long)rs.bytes_sent,
+                (unsigned long long)rs.bytes_received, rs.exchange_ms, rs.keep_ms, rs.wait_ms,
+                a->rcomm ? " (overlapped: on their own data plane)" : "");
     }
     if (a->model) sy_model_set_ep(a->model, NULL, 0);
     sy_ep_destroy(&a->ep);
     pthread_mutex_lock(&a->mu);
     sy_comm_destroy(&a->comm);
+    sy_comm_destroy(&a->rcomm);
+    pthread_mutex_unlock(&a->mu);
+}
+
+/* Ends this generation's collectives at once (a failure, an abort, a stop): peers may be gone. */
+static void abort_generation(agent_t *a) {
+    pthread_mutex_lock(&a->mu);
+    abort_comms_locked(a);
     pthread_mutex_unlock(&a->mu);
 }
 
@@ -1106,13 +1128,22 @@ static void replica_kill_hook(void *ctx, int64_t step, int round, int rounds) {
     raise(SIGKILL);
 }
 
-/* After a step (or a restore): the live state's experts to the buddies (replica.h), then the
- * copy of this step that lets this worker give it again after the next update. */
-static sy_status replicate(agent_t *a) {
+/* After step L (docs/fault-tolerance.md "Overlapped exchange"): with a replica data plane, wait
+ * for step L - 1's exchange (every rank then holds its replicas of L - 1), then post L's, which
+ * the replica thread copies and sends while L + 1 computes; `wait` (a restore, a fresh start)
+ * waits for it too, so the restored state is replicated before the first step. Without one,
+ * the exchange of L runs here, over the training data plane. */
+static sy_status replicate(agent_t *a, bool wait) {
     if (a->replicas <= 0 || a->world < 2) return SY_OK;
-    SY_CHECK(sy_replica_exchange(a->rep, a->comm, a->placement, a->replicas));
-    return sy_replica_keep(a->rep);
+    if (!a->rcomm) return sy_replica_exchange(a->rep, a->comm, a->placement, a->replicas);
+    SY_CHECK(sy_replica_wait(a->rep));
+    SY_CHECK(sy_replica_post(a->rep, a->rcomm, a->placement, a->replicas));
+    return wait ? sy_replica_wait(a->rep) : SY_OK;
 }
+
+/* sy_dist_ctx.before_update: the update must not run before the replica thread copied the
+ * previous step's state. */
+static void replica_before_update(void *arg) { sy_replica_wait_copied(arg); }
 
 /* Holdings: what this worker can give a recovery (sent when it leaves an aborted or failed
  * generation, stamped with it). */
@@ -1201,6 +1232,15 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     else
         st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
                          a->cfg.cluster.data_timeout_ms, &a->comm);
+    /* The replicas' own communicator, when every member has a replica data plane. */
+    if (st == SY_OK && a->rdp && a->world > 1 && a->replicas > 0 && as->n_replica_peers == (size_t)a->world) {
+        if (a->curve)
+            st = sy_comm_new_curve(a->rdp, gen, a->rank, a->world, (const char *const *)as->replica_peers,
+                                   (const char *const *)as->peer_keys, a->cfg.cluster.data_timeout_ms, &a->rcomm);
+        else
+            st = sy_comm_new(a->rdp, gen, a->rank, a->world, (const char *const *)as->replica_peers,
+                             a->cfg.cluster.data_timeout_ms, &a->rcomm);
+    }
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) goto fail;
     if (a->world > 1 && sy_model_n_switch(a->model) > 0) {
@@ -1238,12 +1278,13 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
     /* The restored state goes to the buddies at once: under the new placement their replicas
      * of it may not exist yet, and the next failure may come before the first step ends. */
-    st = replicate(a);
+    st = replicate(a, true);
     if (st == SY_EABORTED) goto aborted;
     if (st != SY_OK) goto step_failed;
 
     sy_dist_ctx ctx = {.cfg = &a->cfg, .model = a->model, .opt = a->opt, .data = a->data,
-                       .comm = a->comm, .owned = a->owned, .tokens = a->tokens};
+                       .comm = a->comm, .owned = a->owned, .tokens = a->tokens,
+                       .before_update = replica_before_update, .before_arg = a->rep};
     int64_t ckpt_now = -1;
     for (int64_t step = (int64_t)as->start_step; step <= (int64_t)as->end_step; step++) {
         /* control messages between steps */
@@ -1270,6 +1311,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             }
             sy_proto_free(m);
             if (leave) {
+                abort_generation(a);
                 close_generation(a);
                 set_state(a, ST_IDLE);
                 return r;
@@ -1307,7 +1349,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
          * step's last act, after every collective); its replicas go out before StepDone, so a
          * step the coordinator records has a whole replica of every expert. */
         if (st == SY_OK) sy_replica_set_live(a->rep, step, a->owned);
-        if (st == SY_OK) st = replicate(a);
+        if (st == SY_OK) st = replicate(a, false);
         if (st != SY_OK) {
             if (st == SY_EABORTED) {
                 sy_info("generation %llu aborted during step %lld", (unsigned long long)gen, (long long)step);
@@ -1329,6 +1371,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     set_state(a, ST_IDLE);
     return RUN_DONE;
 aborted:
+    abort_generation(a);
     close_generation(a);
     set_state(a, ST_IDLE);
     return RUN_ABORTED;
@@ -1336,6 +1379,7 @@ step_failed:
     sy_error("step %lld failed: %s", (long long)fault_step, sy_err_msg());
     send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(),
                st == SY_ETIMEOUT ? first_missing_rank(sy_err_msg()) : -1, fault_step);
+    abort_generation(a);
     close_generation(a);
     set_state(a, ST_IDLE);
     return RUN_FAILED;
@@ -1343,6 +1387,7 @@ fail:
     snprintf(detail, sizeof detail, "%s", sy_err_msg());
     sy_error("generation %llu: %s", (unsigned long long)gen, detail);
     send_fault(a, "internal", detail, -1, 0);
+    abort_generation(a);
     close_generation(a);
     set_state(a, ST_IDLE);
     return RUN_FAILED;
@@ -1409,6 +1454,18 @@ int sy_agent_run(const sy_agent_opts *opts) {
                  : sy_dataplane_new(dp_kind, dp_bind, &a.dp)) != SY_OK) {
         sy_error("data plane: %s", sy_err_msg());
         goto out;
+    }
+    /* The replicas' data plane: same kind, host and keys, any free port (a worker without one
+     * replicates between steps on the data plane above). */
+    {
+        char rbind[300];
+        const char *colon = strrchr(dp_bind, ':');
+        snprintf(rbind, sizeof rbind, "%.*s:*", colon ? (int)(colon - dp_bind) : (int)strlen(dp_bind), dp_bind);
+        if ((a.curve ? sy_dataplane_new_curve(dp_kind, rbind, a.key.public_z85, a.key.secret_z85, &a.rdp)
+                     : sy_dataplane_new(dp_kind, rbind, &a.rdp)) != SY_OK) {
+            sy_warn("replica data plane at %s: %s (replicas are exchanged between steps)", rbind, sy_err_msg());
+            a.rdp = NULL;
+        }
     }
     a.zctx = zmq_ctx_new();
     a.pair_main = zmq_socket(a.zctx, ZMQ_PAIR);
@@ -1486,6 +1543,7 @@ out:; /* a label takes a statement, not a declaration (C11) */
     snapshot_drop(&a);
     if (a.pair_main) zmq_close(a.pair_main);
     if (a.zctx) zmq_ctx_term(a.zctx);
+    sy_dataplane_destroy(&a.rdp);
     sy_dataplane_destroy(&a.dp);
     sy_adamw_destroy(&a.opt);
     sy_model_destroy(&a.model);
