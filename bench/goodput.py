@@ -139,7 +139,8 @@ def run(sy, cfg, tmp, name, args, chaos=None):
 def replication(logdir, last):
     """The last 'replicas (...)' line of each worker log (process totals) → per-step averages."""
     pat = re.compile(r"replicas \((\d+) per worker\): (\d+) exchanges, (\d+) bytes sent, (\d+) received, "
-                     r"([0-9.]+) ms exchanging, ([0-9.]+) ms copying")
+                     r"([0-9.]+) ms exchanging, ([0-9.]+) ms copying[^,]*(?:, ([0-9.]+) ms of training waiting)?"
+                     r"(.*overlapped)?")
     per = []
     if os.path.isdir(logdir):
         for f in sorted(os.listdir(logdir)):
@@ -150,15 +151,21 @@ def replication(logdir, last):
                 m = pat.search(line) or m
             if m and int(m.group(2)) > 0:
                 n = int(m.group(2))
-                per.append({"bytes": int(m.group(3)) / n, "exchange_ms": float(m.group(5)) / n,
-                            "keep_ms": float(m.group(6)) / n, "exchanges": n})
+                ex, kp = float(m.group(5)) / n, float(m.group(6)) / n
+                wait = float(m.group(7)) / n if m.group(7) else None
+                # the training thread's share: the waits when overlapped, else the whole exchange + copy
+                train = wait if m.group(8) and wait is not None else ex + kp
+                per.append({"bytes": int(m.group(3)) / n, "exchange_ms": ex, "keep_ms": kp, "exchanges": n,
+                            "wait_ms": wait or 0.0, "train_ms": train, "overlapped": bool(m.group(8))})
     if not per or not last:
         return None
     step_ms = statistics.mean(m["step_ms"] for m in last.values())
     ex = statistics.mean(p["exchange_ms"] for p in per)
     kp = statistics.mean(p["keep_ms"] for p in per)
+    tr = statistics.mean(p["train_ms"] for p in per)
     return {"bytes": statistics.mean(p["bytes"] for p in per), "exchange_ms": ex, "keep_ms": kp,
-            "step_ms": step_ms, "ratio": (ex + kp) / step_ms, "workers": len(per)}
+            "wait_ms": statistics.mean(p["wait_ms"] for p in per), "train_ms": tr, "step_ms": step_ms,
+            "ratio": tr / step_ms, "overlapped": all(p["overlapped"] for p in per), "workers": len(per)}
 
 
 def main():

@@ -1346,8 +1346,12 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         double t0 = (sy_mono_s() * 1e3);
         st = sy_dist_step(&ctx, step, &res);
         /* The update of `step` is in the live state once the step returned SY_OK (it is the
-         * step's last act, after every collective); its replicas go out before StepDone, so a
-         * step the coordinator records has a whole replica of every expert. */
+         * step's last act, after every collective). Inline, its replicas go out before StepDone:
+         * a step the coordinator records has a whole replica of every expert. Overlapped, the
+         * exchange of step - 1 must be whole everywhere before this StepDone (point 3 of
+         * docs/fault-tolerance.md "Overlapped exchange"; its error is this step's), and this
+         * step's goes out while the next one computes. */
+        if (st == SY_OK && a->rcomm) st = sy_replica_wait(a->rep);
         if (st == SY_OK) sy_replica_set_live(a->rep, step, a->owned);
         if (st == SY_OK) st = replicate(a, false);
         if (st != SY_OK) {
@@ -1456,8 +1460,9 @@ int sy_agent_run(const sy_agent_opts *opts) {
         goto out;
     }
     /* The replicas' data plane: same kind, host and keys, any free port (a worker without one
-     * replicates between steps on the data plane above). */
-    {
+     * replicates between steps on the data plane above; so does one started with the benchmark
+     * hook SY_TEST_REPLICA_INLINE=1, bench/replica_cost.py's A/B). */
+    if (!getenv("SY_TEST_REPLICA_INLINE") || strcmp(getenv("SY_TEST_REPLICA_INLINE"), "1") != 0) {
         char rbind[300];
         const char *colon = strrchr(dp_bind, ':');
         snprintf(rbind, sizeof rbind, "%.*s:*", colon ? (int)(colon - dp_bind) : (int)strlen(dp_bind), dp_bind);
