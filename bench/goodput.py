@@ -138,8 +138,11 @@ def run(sy, cfg, tmp, name, args, chaos=None):
 
 def replication(logdir, last):
     """The last 'replicas (...)' line of each worker log (process totals) → per-step averages."""
+    # wait_ms: the training thread's waits inside the steps (overlapped); start waits: the exchange
+    # of a generation's restored or fresh state, once per generation (not a per-step cost)
     pat = re.compile(r"replicas \((\d+) per worker\): (\d+) exchanges, (\d+) bytes sent, (\d+) received, "
-                     r"([0-9.]+) ms exchanging, ([0-9.]+) ms copying[^,]*(?:, ([0-9.]+) ms of training waiting)?"
+                     r"([0-9.]+) ms exchanging, ([0-9.]+) ms copying[^,]*(?:, ([0-9.]+) ms of training waiting[^,]*)?"
+                     r"(?:, ([0-9.]+) ms waiting at generation starts)?"
                      r"(.*overlapped)?")
     per = []
     if os.path.isdir(logdir):
@@ -154,9 +157,10 @@ def replication(logdir, last):
                 ex, kp = float(m.group(5)) / n, float(m.group(6)) / n
                 wait = float(m.group(7)) / n if m.group(7) else None
                 # the training thread's share: the waits when overlapped, else the whole exchange + copy
-                train = wait if m.group(8) and wait is not None else ex + kp
+                train = wait if m.group(9) and wait is not None else ex + kp
                 per.append({"bytes": int(m.group(3)) / n, "exchange_ms": ex, "keep_ms": kp, "exchanges": n,
-                            "wait_ms": wait or 0.0, "train_ms": train, "overlapped": bool(m.group(8))})
+                            "wait_ms": wait or 0.0, "train_ms": train, "overlapped": bool(m.group(9)),
+                            "start_wait_ms": float(m.group(8) or 0) / n})
     if not per or not last:
         return None
     step_ms = statistics.mean(m["step_ms"] for m in last.values())

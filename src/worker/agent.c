@@ -136,6 +136,8 @@ typedef struct {
     int replicas;                  /* min(cluster.replicas, world - 1) */
     int64_t kill_at;               /* test hook SY_TEST_REPLICA_KILL: SIGKILL mid-exchange of this step */
     uint64_t rep_inc;              /* the coordinator incarnation whose run the replicas are of */
+    double rep_start_wait_ms;      /* of the replicas' wait_ms: the exchanges of restored (or
+                                    * fresh) states before a generation's first step */
     bool *owned;
     int32_t *tokens, *counts;
     int rank, world;
@@ -714,9 +716,10 @@ static void close_generation(agent_t *a) {
     if (a->rep && a->comm && a->world > 1 && a->replicas > 0) {
         sy_replica_stats rs = sy_replica_get_stats(a->rep);
         sy_info("replicas (%d per worker): %llu exchanges, %llu bytes sent, %llu received, %.1f ms exchanging, "
-                "%.1f ms copying the live state, %.1f ms of training waiting for them%s (totals of this "
-                "process)", a->replicas, (unsigned long long)rs.exchanges, (unsigned long long)rs.bytes_sent,
-                (unsigned long long)rs.bytes_received, rs.exchange_ms, rs.keep_ms, rs.wait_ms,
+                "%.1f ms copying the live state, %.1f ms of training waiting for them, %.1f ms waiting at "
+                "generation starts%s (totals of this process)", a->replicas, (unsigned long long)rs.exchanges,
+                (unsigned long long)rs.bytes_sent, (unsigned long long)rs.bytes_received, rs.exchange_ms,
+                rs.keep_ms, rs.wait_ms - a->rep_start_wait_ms, a->rep_start_wait_ms,
                 a->rcomm ? " (overlapped: on their own data plane)" : "");
     }
     if (a->model) sy_model_set_ep(a->model, NULL, 0);
@@ -1278,7 +1281,9 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
     /* The restored state goes to the buddies at once: under the new placement their replicas
      * of it may not exist yet, and the next failure may come before the first step ends. */
+    double w0 = sy_replica_get_stats(a->rep).wait_ms;
     st = replicate(a, true);
+    a->rep_start_wait_ms += sy_replica_get_stats(a->rep).wait_ms - w0;
     if (st == SY_EABORTED) goto aborted;
     if (st != SY_OK) goto step_failed;
 
