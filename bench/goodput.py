@@ -28,8 +28,10 @@ Per recovery (from chaos.jsonl and events.jsonl):
                    (0 when the restore step is past it)
   source           the restore's source (generation_opened restore_source: replicas | checkpoint)
 Per run, from the workers' logs (cluster.replicas > 0): the replica traffic and time per step
-(issue 18): bytes each worker sent, ms in the exchange and in the copy of the previous step, and
-their ratio to the mean step time of that run.Prints a Markdown summary (the rows of docs/performance.md "## Fault tolerance (goodput)")."""
+(issue 18): bytes each worker sent, ms in the exchange and in the copy of the live state (on the
+replica thread when overlapped), the training thread's share (inline: exchange + copy;
+overlapped: its waits inside steps), and that share's ratio to the mean step time of that run.
+Prints a Markdown summary (the rows of docs/performance.md "## Fault tolerance (goodput)")."""
 import argparse
 import json
 import os
@@ -234,8 +236,10 @@ def main():
         if rp:
             print(f"replication ({'no faults' if r is base else 'with faults'}, {rp['workers']} worker logs): "
                   f"{rp['bytes'] / 1e6:.2f} MB sent per worker per step, {rp['exchange_ms']:.1f} ms exchange + "
-                  f"{rp['keep_ms']:.1f} ms copy of the previous step per step = {rp['ratio'] * 100:.2f} % of the "
-                  f"mean step ({rp['step_ms']:.0f} ms)")
+                  f"{rp['keep_ms']:.1f} ms copy of the live state per step "
+                  f"({'overlapped' if rp['overlapped'] else 'inline'}); the training thread's share "
+                  f"{rp['train_ms']:.2f} ms per step = {rp['ratio'] * 100:.2f} % of the mean step "
+                  f"({rp['step_ms']:.0f} ms)")
     print(f"metrics lines: {hit['lines']} for {hit['steps']} steps with faults ({hit['lines'] - hit['steps']} run twice)")
     print(f"goodput with faults / without: {hit['goodput'] / base['goodput']:.3f}; "
           f"wall time with faults / without: {hit['wall'] / base['wall']:.3f}")
