@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/random.h>
 #include <sys/sysinfo.h>
 #include <time.h>
@@ -1464,10 +1465,18 @@ int sy_agent_run(const sy_agent_opts *opts) {
         sy_error("data plane: %s", sy_err_msg());
         goto out;
     }
-    /* The replicas' data plane: same kind, host and keys, any free port (a worker without one
-     * replicates between steps on the data plane above; so does one started with the benchmark
-     * hook SY_TEST_REPLICA_INLINE=1, bench/replica_cost.py's A/B). */
-    if (!getenv("SY_TEST_REPLICA_INLINE") || strcmp(getenv("SY_TEST_REPLICA_INLINE"), "1") != 0) {
+    /* The replicas' data plane: same kind, host and keys, any free port. A worker without one
+     * replicates between steps on the data plane above: so does one started with the benchmark
+     * hook SY_TEST_REPLICA_INLINE=1 (bench/replica_cost.py's A/B), and one whose address space
+     * is limited (ulimit -v): a data plane's threads (ZeroMQ's I/O and reaper threads, a CURVE
+     * ZAP handler) reserve tens of MB of address space each, and ZeroMQ aborts the process when
+     * it cannot start one, where the model's own memory check would have said what is missing. */
+    struct rlimit as_lim;
+    bool as_limited = getrlimit(RLIMIT_AS, &as_lim) == 0 && as_lim.rlim_cur != RLIM_INFINITY;
+    if (as_limited)
+        sy_info("address space limited (ulimit -v): no replica data plane, replicas (if any) are exchanged "
+                "between steps");
+    if (!as_limited && (!getenv("SY_TEST_REPLICA_INLINE") || strcmp(getenv("SY_TEST_REPLICA_INLINE"), "1") != 0)) {
         char rbind[300];
         const char *colon = strrchr(dp_bind, ':');
         snprintf(rbind, sizeof rbind, "%.*s:*", colon ? (int)(colon - dp_bind) : (int)strlen(dp_bind), dp_bind);
