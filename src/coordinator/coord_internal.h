@@ -39,8 +39,9 @@
 /* Bytes of a registration's session secret (random, from getrandom). */
 #define SY_SESSION_LEN 16
 
-/* States one worker's Holdings lists at most (its live state, its previous step, 2 replica slots). */
-#define SY_COORD_MAX_HELD 4
+/* States one worker's Holdings lists at most (its live state, its 2 copies of recent steps, 2
+ * replica slots: SY_REPLICA_MAX_HELD). */
+#define SY_COORD_MAX_HELD 5
 
 #define SY_COORD_GEN_MAX ((uint64_t)1 << 62) /* larger Hello.last_generation values are ignored */
 
@@ -58,6 +59,7 @@ typedef struct {
     char backend[16];
     char version[32];
     char data_ep[EP_MAX];
+    char rep_ep[EP_MAX];           /* Hello.replica_endpoint ("": none) */
     uint32_t pid;
     wstate state;
     int rank; /* in the open generation, else -1 */

@@ -44,7 +44,8 @@ static void send_abort(sy_coord_t *c, worker *w, const char *reason);
 void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy__Envelope *env) {
     const Sy__Hello *h = env->hello;
     const char *id = h->worker_id;
-    if (!id || !printable(id, ID_MAX) || (h->data_endpoint && strlen(h->data_endpoint) >= EP_MAX)) {
+    if (!id || !printable(id, ID_MAX) || (h->data_endpoint && strlen(h->data_endpoint) >= EP_MAX) ||
+        (h->replica_endpoint && strlen(h->replica_endpoint) >= EP_MAX)) {
         sy_coord_drop(c, SY_DROP_INVALID, "Hello with an invalid worker id or endpoint");
         return;
     }
@@ -134,6 +135,7 @@ void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     snprintf(w->backend, sizeof w->backend, "%s", h->backend ? h->backend : "");
     snprintf(w->version, sizeof w->version, "%s", h->version ? h->version : "");
     snprintf(w->data_ep, sizeof w->data_ep, "%s", h->data_endpoint ? h->data_endpoint : "");
+    snprintf(w->rep_ep, sizeof w->rep_ep, "%s", h->replica_endpoint ? h->replica_endpoint : "");
     snprintf(w->activity, sizeof w->activity, "idle");
     w->pid = h->pid;
     w->state = W_IDLE;
@@ -455,6 +457,11 @@ void sy_coord_open_generation(sy_coord_t *c) {
 
     char **peers = calloc((size_t)n, sizeof(char *));
     for (int r = 0; r < n && peers; r++) peers[r] = c->w[c->members[r]].data_ep;
+    /* The replicas' own data plane, only when every member has one (else all replicate inline). */
+    char **rpeers = calloc((size_t)n, sizeof(char *));
+    for (int r = 0; r < n && rpeers; r++) rpeers[r] = c->w[c->members[r]].rep_ep;
+    bool all_rep = rpeers != NULL;
+    for (int r = 0; r < n && all_rep; r++) all_rep = rpeers[r][0] != 0;
     /* With CURVE on the control plane every member proved a key: the data plane admits those. */
     char **keys = c->zap ? calloc((size_t)n, sizeof(char *)) : NULL;
     for (int r = 0; r < n && keys; r++) keys[r] = c->w[c->members[r]].key;
@@ -476,6 +483,8 @@ void sy_coord_open_generation(sy_coord_t *c) {
         as.end_step = (uint64_t)c->end_step;
         as.n_peer_keys = keys ? (size_t)n : 0;
         as.peer_keys = keys;
+        as.n_replica_peers = all_rep ? (size_t)n : 0;
+        as.replica_peers = all_rep ? rpeers : NULL;
         as.config_json = c->config_json;
         as.restore_source = (char *)(c->restore_step >= 0 ? (c->from_replicas ? "replicas" : "checkpoint") : "");
         if (c->from_replicas) {
@@ -489,6 +498,7 @@ void sy_coord_open_generation(sy_coord_t *c) {
         sy_coord_send(c, w, &env);
     }
     free(peers);
+    free(rpeers);
     free(keys);
     json_t *pl = json_array();
     for (int e = 0; e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
