@@ -23,6 +23,7 @@
 #include "base/log.h"
 #include "base/zmq_check.h"
 #include "coordinator/committer.h"
+#include "proto/peers.h"
 #include "coordinator/http.h"
 #include "coordinator/zap.h"
 #include "proto/curve.h"
@@ -234,6 +235,7 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     sy_store_destroy(&c->store);
     free(c->config_json);
     free(c->members);
+    sy_peers_free(c->tab_n, c->tab_ep, c->tab_key);
     free(c->placement);
     free(c->load);
     sy_history_destroy(&c->history);

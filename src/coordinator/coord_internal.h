@@ -85,6 +85,9 @@ typedef struct {
     int64_t held_step[SY_COORD_MAX_HELD];
     bool held_dense[SY_COORD_MAX_HELD];
     uint8_t *held_ex; /* [SY_COORD_MAX_HELD * E]: expert e whole in entry k */
+    /* Peer tables (docs/protocol.md "Peer tables"): the generation whose table its heartbeats
+     * say it holds, and the last generation whose Assign it was sent (0: none since it registered). */
+    uint64_t peers_held, assigned_gen;
 } worker;
 
 typedef struct {
@@ -124,6 +127,11 @@ struct sy_coord {
     int expect_workers;     /* first generation: wait for this many (0: no wait) */
     bool opened_once;       /* a generation was opened by this incarnation */
     int prev_world;         /* world of the last closed generation (its members stay in members[]) */
+    /* The peer table of the last generation opened (copies: entries may leave the worker
+     * table), the base of the next generation's Assign edits; tab_gen 0: none. */
+    uint64_t tab_gen;
+    int tab_n;
+    char **tab_ep, **tab_key;
     sy_store_t *store;
     sy_committer_t *committer; /* commits and retention, off the reactor thread */
     void *zctx, *sock;

@@ -5,7 +5,9 @@ Checks the protocol-level behaviour, never timings:
     each sender by id: no message is dropped as `unknown_worker`, which a broken worker-table
     index would cause);
   - one member killed (its socket closed) → generation 2 over the 49 survivors reaches all of
-    them, and the placement moved only the dead worker's experts (sy_placement_sticky);
+    them, and the placement moved only the dead worker's experts (sy_placement_sticky); its
+    Assigns are all peer-table edits of generation 1's (docs/protocol.md "Peer tables"), smaller
+    by the endpoints, and every simulated worker resolves them to the same table;
   - steps are recorded in generation 2 and checkpoints (tiny real objects written by the
     simulated workers) are committed;
   - the coordinator stops on POST /v1/stop (exit 3);
@@ -170,6 +172,16 @@ status:
               f"only the dead worker's experts moved ({g2['experts_moved']} moved, it held {g2['experts_of_departed']})")
         check(g2["experts_per_rank_max"] - g2["experts_per_rank_min"] <= 1,
               f"placement balanced after the loss (max {g2['experts_per_rank_max']}, min {g2['experts_per_rank_min']})")
+        # peer tables (docs/protocol.md "Peer tables"): generation 1 goes out whole; after the
+        # kill every survivor held generation 1's table, so each gets an edit of it (two runs,
+        # no endpoint or key sent again), which the simulated workers apply and cross-check
+        check(g1["assign_edited"] == 0 and g2["assign_edited"] == N - 1,
+              f"generation 1's Assigns whole, generation 2's all edits ({g1['assign_edited']}, {g2['assign_edited']})")
+        check(all(g["peers_unresolved"] == 0 and g["peers_mismatched"] == 0 for g in gens),
+              f"every peer table resolved and equal across members "
+              f"({[(g['peers_unresolved'], g['peers_mismatched']) for g in gens]})")
+        check(g2["assign_bytes_max"] + 20 * (N - 1) <= g1["assign_bytes_min"],
+              f"an edited Assign is smaller by the endpoints ({g2['assign_bytes_max']} vs {g1['assign_bytes_min']} bytes)")
         lines = [json.loads(x) for x in open(f"{tmp}/state/metrics.jsonl")]
         check(any(m["generation"] == g2["generation"] and m["world"] == N - 1 for m in lines),
               f"steps recorded in generation 2 over {N - 1} workers")
