@@ -27,7 +27,11 @@ import sytest
 from sytest import COORD, check, failures
 
 LOADGEN = sytest.tool("sy_loadgen")
-N, E = 50, 128
+# py_test_loadgen_1000 (tests/CMakeLists.txt) runs the same checks at the 1,000 workers
+# and 2,048 experts (the table-full case, which does not depend on N, only here)
+N = int(os.environ.get("SY_LOADGEN_WORKERS", "50"))
+E = int(os.environ.get("SY_LOADGEN_EXPERTS", "128"))
+FULL_TABLE = os.environ.get("SY_LOADGEN_TABLE_FULL", "1") == "1"
 
 
 def start(tmp, name, extra_yaml, expect):
@@ -199,7 +203,8 @@ status:
                                  headers={"Authorization": "Bearer t"})
     urllib.request.urlopen(req, timeout=10).read()
     check(coord.wait(timeout=30) == 3, "coordinator stopped (exit 3)")
-    table_full(tmp)
+    if FULL_TABLE:
+        table_full(tmp)
     if not failures:
         sytest.remove_tmp(tmp)
     else:

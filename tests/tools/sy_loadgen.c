@@ -16,7 +16,9 @@
  * --counts none); at checkpoint steps (checkpoint.every, the last step, a CheckpointNow step)
  * it writes tiny real files with sy_ckpt_write_part_tagged into the run's store (rank 0: dense +
  * dense.optim; every rank: its experts' two files) on a writer thread, then sends
- * CheckpointPart (a checkpoint step waits for the previous upload: checkpoint.on_busy wait). Abort stops the steps; Stop ends the simulated worker.
+ * CheckpointPart (a checkpoint step waits for the previous upload: checkpoint.on_busy wait). Abort stops the steps
+ * and is answered with an empty Holdings (a simulated worker holds no state: docs/fault-tolerance.md
+ * "Peer replicas"); Stop ends the simulated worker.
  * Peer tables (docs/protocol.md "Peer tables"): heartbeats report the table held, so Assigns after
  * the first may be edits, resolved against a table per generation shared by the simulated
  * workers and cross-checked; --peers whole reports none (every Assign whole: the old protocol).
@@ -147,8 +149,8 @@ static int ngens;
 static int lost_since_gen;
 
 /* bytes by message kind: count, total, max */
-enum { K_HELLO, K_HB, K_STEP, K_PART, K_WELCOME, K_ASSIGN, K_OTHER_IN, K__N };
-static const char *kname[K__N] = {"hello", "heartbeat", "step_done", "checkpoint_part", "welcome", "assign", "other_in"};
+enum { K_HELLO, K_HB, K_STEP, K_PART, K_WELCOME, K_ASSIGN, K_OTHER_IN, K_OTHER_OUT, K__N };
+static const char *kname[K__N] = {"hello", "heartbeat", "step_done", "checkpoint_part", "welcome", "assign", "other_in", "holdings"};
 static struct { uint64_t n; double total; size_t max; } bytes[K__N];
 
 static json_t *last_report; /* "gen:step" -> wall seconds of the last StepDone sent */
@@ -565,7 +567,17 @@ static void on_env(int i, Sy__Envelope *env, size_t len) {
         break;
     case SY__ENVELOPE__BODY_ABORT:
         count_bytes(K_OTHER_IN, len);
-        if (env->generation >= s->gen) s->active = false;
+        if (env->generation >= s->gen && s->active) {
+            s->active = false;
+            /* like a worker leaving an aborted generation: its Holdings (a simulated worker holds
+             * no state), so the coordinator need not wait for them before the next generation */
+            Sy__Envelope he;
+            Sy__Holdings ho = SY__HOLDINGS__INIT;
+            sy_proto_init(&he, run_id, s->inc, s->gen);
+            he.body_case = SY__ENVELOPE__BODY_HOLDINGS;
+            he.holdings = &ho;
+            send_env(i, &he, K_OTHER_OUT);
+        }
         break;
     case SY__ENVELOPE__BODY_CHECKPOINT_NOW:
         count_bytes(K_OTHER_IN, len);
