@@ -73,6 +73,10 @@ typedef struct {
     bool quarantined; /* excluded as unreachable on the data plane: back as a spare, but kept out of
                        * new generations until the run progresses (issue 13 (d)) */
     int fd;        /* socket its last message came from (ZMQ_SRCFD), -1 unknown */
+    /* Lost because that socket closed (a disconnect event): messages still queued from it are
+     * read after the event and must not bring it back as a spare (coord.c, on_message). */
+    bool fd_closed;
+    int closed_fd;
     /* Proof of identity (docs/protocol.md "Identities"): the secret this registration was given
      * in Welcome, which every later message must echo; with CURVE on, the public key (Z85) the
      * id was first registered with, which every message of the id must come from. */

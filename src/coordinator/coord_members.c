@@ -268,6 +268,7 @@ void sy_coord_heard_from(sy_coord_t *c, worker *w) {
     w->fd = c->src_fd;
     if (w->state == W_LOST) {
         /* Alive after all (it was only slow): back as a spare; it got an Abort when declared lost. */
+        w->fd_closed = false;
         w->state = W_IDLE;
         w->rank = -1;
         w->seq = ++c->next_seq;
