@@ -205,6 +205,10 @@ status:
         time.sleep(0.5)
     check(len(commits) >= 1 and rep["checkpoint"]["errors"] == 0,
           f"checkpoints committed ({len(commits)}), no write errors ({rep['checkpoint']['errors']})")
+    killed = rep["events"][0]["ids"]
+    back = [e for e in events if e["event"] == "worker_joined" and e.get("returned") and e["worker"] in killed]
+    check(not back, f"the killed worker never came back as a spare (its last messages, read after the "
+          f"disconnect, are not a return: {len(back)} returns)")
     lost = [e for e in events if e["event"] == "worker_lost" and e.get("state") == "active"]
     check(len(lost) >= 1 and lost[0]["worker"] in rep["events"][0]["ids"],
           f"the killed worker was declared lost ({[e['worker'] for e in lost][:3]})")
