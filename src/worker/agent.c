@@ -1197,7 +1197,12 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     char detail[1024];
     sy_status st;
     int64_t fault_step = 0;
-    if (a->world < 1 || a->rank >= a->world || take_peers(a, env) != SY_OK) {
+    if (a->world < 1 || a->rank >= a->world) {
+        snprintf(detail, sizeof detail, "Assign: rank %d of world %d", a->rank, a->world);
+        send_fault(a, "internal", detail, -1, 0);
+        return RUN_FAILED;
+    }
+    if (take_peers(a, env) != SY_OK) {
         snprintf(detail, sizeof detail, "rank %d of world %d: %s", a->rank, a->world, sy_err_msg());
         send_fault(a, "internal", detail, -1, 0);
         return RUN_FAILED;
