@@ -31,6 +31,7 @@
 #include "model/model.h"
 #include "model/model_ckpt.h"
 #include "model/optim.h"
+#include "proto/peers.h"
 #include "proto/protocol.h"
 #include "storage/store.h"
 #include "storage/store_s3.h"
@@ -117,6 +118,8 @@ typedef struct {
     _Atomic int link_stop;
     _Atomic int refused;           /* the link thread gave up: the coordinator refuses us */
     _Atomic int link_failed;       /* the link thread gave up: no coordinator (--connect-timeout) */
+    _Atomic uint64_t peers_gen;    /* generation of the peer table held (0 none), of peers_inc's */
+    _Atomic uint64_t peers_inc;    /* coordinator: what heartbeats report (Heartbeat.peers_held) */
     bool curve;                    /* CURVE keys given (immutable once the link thread runs) */
     sy_curve_key key;              /* this worker's key pair */
     char server_public[SY_CURVE_Z85_LEN + 1];
@@ -134,6 +137,9 @@ typedef struct {
     sy_ep_t *ep;
     sy_replica_t *rep;             /* peer replicas of expert state (replica.h) */
     uint32_t *placement;           /* [E] of the current generation */
+    int peers_n;                   /* the peer table of generation peers_gen (docs/protocol.md */
+    char **peers_ep, **peers_key;  /* "Peer tables"): the base of the next Assign's edit */
+    char **peers_rep;              /* its replica endpoints (NULL: the Assign carried none) */
     int replicas;                  /* min(cluster.replicas, world - 1) */
     int64_t kill_at;               /* test hook SY_TEST_REPLICA_KILL: SIGKILL mid-exchange of this step */
     uint64_t rep_inc;              /* the coordinator incarnation whose run the replicas are of */
@@ -615,6 +621,11 @@ static void link_heartbeat(link_t *l, double t, int hb) {
     h.state = (char *)state_names[atomic_load(&a->state)];
     h.dataplane_dropped = sy_dataplane_dropped(a->dp);
     h.dataplane_refused = sy_dataplane_refused(a->dp);
+    /* a table of another coordinator incarnation is no base for this one's edits */
+    pthread_mutex_lock(&a->mu);
+    uint64_t inc = a->incarnation;
+    pthread_mutex_unlock(&a->mu);
+    h.peers_held = atomic_load(&a->peers_inc) == inc ? atomic_load(&a->peers_gen) : 0;
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &h;
@@ -1180,6 +1191,55 @@ static void send_holdings(agent_t *a) {
     free(ex);
 }
 
+/* The Assign's peer table, whole or as an edit of the one held (docs/protocol.md "Peer tables"),
+ * becomes the table held. SY_EFORMAT when it edits a table this worker does not hold, or does not
+ * fit it: the table held is then forgotten (heartbeats say none), so the next Assign is whole. */
+static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
+    const Sy__Assign *as = env->assign;
+    char **ep = NULL, **key = NULL;
+    sy_status st;
+    if (!as->peers_base) {
+        if ((int)as->n_peers != (int)as->world)
+            return sy_err_set(SY_EFORMAT, "Assign: world %u with %zu peers", as->world, as->n_peers);
+        st = sy_peers_copy((int)as->n_peers, (const char *const *)as->peers,
+                           as->n_peer_keys ? (const char *const *)as->peer_keys : NULL, &ep, &key);
+    } else if (as->peers_base != atomic_load(&a->peers_gen) || env->incarnation != atomic_load(&a->peers_inc)) {
+        st = sy_err_set(SY_EFORMAT, "Assign: a peer table edit of generation %llu; this worker holds generation %llu's",
+                        (unsigned long long)as->peers_base, (unsigned long long)atomic_load(&a->peers_gen));
+    } else {
+        st = sy_peers_apply(a->peers_n, (const char *const *)a->peers_ep, (const char *const *)a->peers_key,
+                            as->peers_edit, as->n_peers_edit, (const char *const *)as->peers,
+                            as->n_peer_keys ? (const char *const *)as->peer_keys : NULL, as->n_peers, (int)as->world,
+                            &ep, &key);
+    }
+    /* the replica endpoints, whole or by the same edit (entries copied from the base are those
+     * whose data and replica endpoints both match: the coordinator compares them together) */
+    char **rep = NULL, **nokey = NULL;
+    if (st == SY_OK && as->n_replica_peers > 0) {
+        if (!as->peers_base && as->n_replica_peers != as->world)
+            st = sy_err_set(SY_EFORMAT, "Assign: world %u with %zu replica peers", as->world, as->n_replica_peers);
+        else if (!as->peers_base)
+            st = sy_peers_copy((int)as->world, (const char *const *)as->replica_peers, NULL, &rep, &nokey);
+        else
+            st = sy_peers_apply(a->peers_rep ? a->peers_n : 0, (const char *const *)a->peers_rep, NULL, as->peers_edit,
+                                as->n_peers_edit, (const char *const *)as->replica_peers, NULL, as->n_replica_peers,
+                                (int)as->world, &rep, &nokey);
+        if (st != SY_OK) {
+            sy_peers_free((int)as->world, ep, key);
+            ep = key = NULL;
+        }
+    }
+    sy_peers_free(a->peers_n, a->peers_ep, a->peers_key);
+    sy_peers_free(a->peers_n, a->peers_rep, NULL);
+    a->peers_ep = ep;
+    a->peers_key = key;
+    a->peers_rep = rep;
+    a->peers_n = st == SY_OK ? (int)as->world : 0;
+    atomic_store(&a->peers_inc, env->incarnation);
+    atomic_store(&a->peers_gen, st == SY_OK ? env->generation : 0);
+    return st;
+}
+
 /* Executes one Assign. */
 static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     const Sy__Assign *as = env->assign;
@@ -1193,8 +1253,13 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     char detail[1024];
     sy_status st;
     int64_t fault_step = 0;
-    if (a->world < 1 || a->rank >= a->world || (int)as->n_peers != a->world) {
-        snprintf(detail, sizeof detail, "Assign: rank %d of world %d with %zu peers", a->rank, a->world, as->n_peers);
+    if (a->world < 1 || a->rank >= a->world) {
+        snprintf(detail, sizeof detail, "Assign: rank %d of world %d", a->rank, a->world);
+        send_fault(a, "internal", detail, -1, 0);
+        return RUN_FAILED;
+    }
+    if (take_peers(a, env) != SY_OK) {
+        snprintf(detail, sizeof detail, "rank %d of world %d: %s", a->rank, a->world, sy_err_msg());
         send_fault(a, "internal", detail, -1, 0);
         return RUN_FAILED;
     }
@@ -1224,26 +1289,25 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                    "source %d", as->n_expert_source, E, as->dense_source);
         goto fail;
     }
-    if (a->curve && as->n_peer_keys != (size_t)a->world) {
+    if (a->curve && !a->peers_key) {
         /* a CURVE data plane admits only the members' keys: without them no peer could connect */
-        sy_err_set(SY_EINVAL, "Assign: %zu data-plane keys for a world of %d (CURVE data plane)", as->n_peer_keys,
-                   a->world);
+        sy_err_set(SY_EINVAL, "Assign: no data-plane keys for a world of %d (CURVE data plane)", a->world);
         goto fail;
     }
     pthread_mutex_lock(&a->mu);
     if (a->curve)
-        st = sy_comm_new_curve(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
-                               (const char *const *)as->peer_keys, a->cfg.cluster.data_timeout_ms, &a->comm);
+        st = sy_comm_new_curve(a->dp, gen, a->rank, a->world, (const char *const *)a->peers_ep,
+                               (const char *const *)a->peers_key, a->cfg.cluster.data_timeout_ms, &a->comm);
     else
-        st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+        st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)a->peers_ep,
                          a->cfg.cluster.data_timeout_ms, &a->comm);
     /* The replicas' own communicator, when every member has a replica data plane. */
-    if (st == SY_OK && a->rdp && a->world > 1 && a->replicas > 0 && as->n_replica_peers == (size_t)a->world) {
+    if (st == SY_OK && a->rdp && a->world > 1 && a->replicas > 0 && a->peers_rep) {
         if (a->curve)
-            st = sy_comm_new_curve(a->rdp, gen, a->rank, a->world, (const char *const *)as->replica_peers,
-                                   (const char *const *)as->peer_keys, a->cfg.cluster.data_timeout_ms, &a->rcomm);
+            st = sy_comm_new_curve(a->rdp, gen, a->rank, a->world, (const char *const *)a->peers_rep,
+                                   (const char *const *)a->peers_key, a->cfg.cluster.data_timeout_ms, &a->rcomm);
         else
-            st = sy_comm_new(a->rdp, gen, a->rank, a->world, (const char *const *)as->replica_peers,
+            st = sy_comm_new(a->rdp, gen, a->rank, a->world, (const char *const *)a->peers_rep,
                              a->cfg.cluster.data_timeout_ms, &a->rcomm);
     }
     pthread_mutex_unlock(&a->mu);
@@ -1576,6 +1640,8 @@ out:; /* a label takes a statement, not a declaration (C11) */
     if (a.zctx) zmq_ctx_term(a.zctx);
     sy_dataplane_destroy(&a.rdp);
     sy_dataplane_destroy(&a.dp);
+    sy_peers_free(a.peers_n, a.peers_ep, a.peers_key);
+    sy_peers_free(a.peers_n, a.peers_rep, NULL);
     sy_adamw_destroy(&a.opt);
     sy_model_destroy(&a.model);
     sy_backend_destroy(&a.be);
