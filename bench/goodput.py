@@ -28,8 +28,10 @@ Per recovery (from chaos.jsonl and events.jsonl):
                    (0 when the restore step is past it)
   source           the restore's source (generation_opened restore_source: replicas | checkpoint)
 Per run, from the workers' logs (cluster.replicas > 0): the replica traffic and time per step
-(issue 18): bytes each worker sent, ms in the exchange and in the copy of the previous step, and
-their ratio to the mean step time of that run.Prints a Markdown summary (the rows of docs/performance.md "## Fault tolerance (goodput)")."""
+(issue 18): bytes each worker sent, ms in the exchange and in the copy of the live state (on the
+replica thread when overlapped), the training thread's share (inline: exchange + copy;
+overlapped: its waits inside steps), and that share's ratio to the mean step time of that run.
+Prints a Markdown summary (the rows of docs/performance.md "## Fault tolerance (goodput)")."""
 import argparse
 import json
 import os
@@ -138,8 +140,12 @@ def run(sy, cfg, tmp, name, args, chaos=None):
 
 def replication(logdir, last):
     """The last 'replicas (...)' line of each worker log (process totals) → per-step averages."""
+    # wait_ms: the training thread's waits inside the steps (overlapped); start waits: the exchange
+    # of a generation's restored or fresh state, once per generation (not a per-step cost)
     pat = re.compile(r"replicas \((\d+) per worker\): (\d+) exchanges, (\d+) bytes sent, (\d+) received, "
-                     r"([0-9.]+) ms exchanging, ([0-9.]+) ms copying")
+                     r"([0-9.]+) ms exchanging, ([0-9.]+) ms copying[^,]*(?:, ([0-9.]+) ms of training waiting[^,]*)?"
+                     r"(?:, ([0-9.]+) ms waiting at generation starts)?"
+                     r"(.*overlapped)?")
     per = []
     if os.path.isdir(logdir):
         for f in sorted(os.listdir(logdir)):
@@ -150,15 +156,22 @@ def replication(logdir, last):
                 m = pat.search(line) or m
             if m and int(m.group(2)) > 0:
                 n = int(m.group(2))
-                per.append({"bytes": int(m.group(3)) / n, "exchange_ms": float(m.group(5)) / n,
-                            "keep_ms": float(m.group(6)) / n, "exchanges": n})
+                ex, kp = float(m.group(5)) / n, float(m.group(6)) / n
+                wait = float(m.group(7)) / n if m.group(7) else None
+                # the training thread's share: the waits when overlapped, else the whole exchange + copy
+                train = wait if m.group(9) and wait is not None else ex + kp
+                per.append({"bytes": int(m.group(3)) / n, "exchange_ms": ex, "keep_ms": kp, "exchanges": n,
+                            "wait_ms": wait or 0.0, "train_ms": train, "overlapped": bool(m.group(9)),
+                            "start_wait_ms": float(m.group(8) or 0) / n})
     if not per or not last:
         return None
     step_ms = statistics.mean(m["step_ms"] for m in last.values())
     ex = statistics.mean(p["exchange_ms"] for p in per)
     kp = statistics.mean(p["keep_ms"] for p in per)
+    tr = statistics.mean(p["train_ms"] for p in per)
     return {"bytes": statistics.mean(p["bytes"] for p in per), "exchange_ms": ex, "keep_ms": kp,
-            "step_ms": step_ms, "ratio": (ex + kp) / step_ms, "workers": len(per)}
+            "wait_ms": statistics.mean(p["wait_ms"] for p in per), "train_ms": tr, "step_ms": step_ms,
+            "ratio": tr / step_ms, "overlapped": all(p["overlapped"] for p in per), "workers": len(per)}
 
 
 def main():
@@ -223,8 +236,10 @@ def main():
         if rp:
             print(f"replication ({'no faults' if r is base else 'with faults'}, {rp['workers']} worker logs): "
                   f"{rp['bytes'] / 1e6:.2f} MB sent per worker per step, {rp['exchange_ms']:.1f} ms exchange + "
-                  f"{rp['keep_ms']:.1f} ms copy of the previous step per step = {rp['ratio'] * 100:.2f} % of the "
-                  f"mean step ({rp['step_ms']:.0f} ms)")
+                  f"{rp['keep_ms']:.1f} ms copy of the live state per step "
+                  f"({'overlapped' if rp['overlapped'] else 'inline'}); the training thread's share "
+                  f"{rp['train_ms']:.2f} ms per step = {rp['ratio'] * 100:.2f} % of the mean step "
+                  f"({rp['step_ms']:.0f} ms)")
     print(f"metrics lines: {hit['lines']} for {hit['steps']} steps with faults ({hit['lines'] - hit['steps']} run twice)")
     print(f"goodput with faults / without: {hit['goodput'] / base['goodput']:.3f}; "
           f"wall time with faults / without: {hit['wall'] / base['wall']:.3f}")

@@ -1,10 +1,19 @@
 #!/usr/bin/python3
-"""Cost of the peer replicas per step (issue 18): one fault-free `switchyard run` of configs/tiny.yaml
-(plus any --set), then, from the workers' logs and metrics.jsonl of that same run: the bytes each
-worker sent to its buddies per step, the time of the exchange and of the copy of the previous
-step, and their ratio to the mean step time (the step time includes both).
+"""Cost of the peer replicas per step (issue 18): fault-free `switchyard run`s of configs/tiny.yaml
+(plus any --set) in three modes, one after the other, --rounds times (A/B/C side by side, so the
+machine's load moves them alike):
+  off      cluster.replicas=0
+  inline   cluster.replicas=1, the exchange on the training thread between steps (the workers get
+           SY_TEST_REPLICA_INLINE=1: no replica data plane)
+  overlap  cluster.replicas=1, the exchange on the replica thread while the next step computes
+For each run, from its workers' logs and metrics.jsonl: the bytes each worker sent to its buddies
+per step, the exchange and copy times (on whichever thread runs them), the training thread's
+share (inline: exchange + copy; overlap: its waits for them), its ratio to the mean step time of
+that run, and the CPU seconds of the whole run (every process, getrusage of the children) per
+step.
 
 usage: /usr/bin/python3 bench/replica_cost.py [--build DIR] [--steps N] [--workers W] [--threads T]
+                                              [--rounds R] [--modes off,inline,overlap]
                                               [--set KEY=VALUE ...] [--keep]
 The "606 MB" state of docs/performance.md: --set model.d_model=512 --set model.d_ff=2048
 --set model.n_experts=10 --set model.n_heads=8."""
@@ -12,7 +21,9 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,12 +33,49 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from goodput import jsonl, replication  # noqa: E402
 
 
+def run_once(args, src, sy, tmp, mode, k):
+    state = f"{tmp}/state-{mode}-{k}"
+    replicas = "0" if mode == "off" else "1"
+    cmd = [sy, "run", os.path.join(src, "configs", "tiny.yaml"), "--workers", str(args.workers), "--quiet",
+           "--set", f"data.train={tmp}/data/train_*.bin", "--set", "data.val=", "--set", f"run.state_dir={state}",
+           "--set", f"checkpoint.store={tmp}/store-{mode}-{k}", "--set", f"run.steps={args.steps}",
+           "--set", "checkpoint.every=0", "--set", f"train.threads={args.threads}", "--set", "run.log_every=100000"]
+    for kv in args.set:
+        cmd += ["--set", kv]
+    cmd += ["--set", f"cluster.replicas={replicas}"]
+    env = dict(os.environ)
+    env.pop("SY_TEST_REPLICA_INLINE", None)
+    if mode == "inline":
+        env["SY_TEST_REPLICA_INLINE"] = "1"
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.time() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        sys.exit(f"replica_cost.py: the {mode} run failed (exit {r.returncode}); logs in {state}/logs")
+    last = {}
+    for m in jsonl(f"{state}/metrics.jsonl"):
+        last[m["step"]] = m
+    steady = [m["step_ms"] for st, m in last.items() if st > 1] or [m["step_ms"] for m in last.values()]
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    out = {"mode": mode, "round": k, "wall_s": round(wall, 1), "step_ms": statistics.mean(steady),
+           "step_median_ms": statistics.median(steady), "cpu_s_per_step": cpu / args.steps,
+           "replication": replication(f"{state}/logs", last) if mode != "off" else None}
+    if mode != "off" and out["replication"] and out["replication"]["overlapped"] != (mode == "overlap"):
+        sys.exit(f"replica_cost.py: the {mode} run's workers did not run that mode: {out['replication']}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", default="build")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--modes", default="off,inline,overlap")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -42,30 +90,23 @@ def main():
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 14))) + ".\n")
     subprocess.run([sy, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"], check=True,
                    capture_output=True)
-    state = f"{tmp}/state"
-    cmd = [sy, "run", os.path.join(src, "configs", "tiny.yaml"), "--workers", str(args.workers), "--quiet",
-           "--set", f"data.train={tmp}/data/train_*.bin", "--set", "data.val=", "--set", f"run.state_dir={state}",
-           "--set", f"checkpoint.store={tmp}/store", "--set", f"run.steps={args.steps}",
-           "--set", "checkpoint.every=0", "--set", f"train.threads={args.threads}", "--set", "run.log_every=100000"]
-    for kv in args.set:
-        cmd += ["--set", kv]
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        print(r.stderr[-3000:], file=sys.stderr)
-        sys.exit(f"replica_cost.py: the run failed (exit {r.returncode}); logs in {state}/logs")
-    last = {}
-    for m in jsonl(f"{state}/metrics.jsonl"):
-        last[m["step"]] = m
-    rp = replication(f"{state}/logs", last)
-    steady = [m["step_ms"] for k, m in last.items() if k > 1] or [m["step_ms"] for m in last.values()]
-    print(f"# {' '.join(args.set) or 'tiny'}: {args.steps} steps, {args.workers} workers x {args.threads} thread(s), "
-          f"{time.time() - t0:.0f} s; mean step (steps 2..) {sum(steady) / len(steady):.0f} ms, "
-          f"median {sorted(steady)[len(steady) // 2]:.0f} ms")
-    print(json.dumps(rp))
-    if rp:
-        print(f"{rp['bytes'] / 1e6:.2f} MB sent per worker per step; exchange {rp['exchange_ms']:.1f} ms + copy "
-              f"{rp['keep_ms']:.1f} ms per step = {rp['ratio'] * 100:.2f} % of the mean step {rp['step_ms']:.0f} ms")
+    print(f"# {' '.join(args.set) or 'tiny'}: {args.steps} steps, {args.workers} workers x {args.threads} "
+          f"thread(s), {args.rounds} round(s) of {args.modes}; load average {os.getloadavg()[0]:.1f}")
+    rows = []
+    for k in range(args.rounds):
+        for mode in args.modes.split(","):
+            o = run_once(args, src, sy, tmp, mode, k)
+            rows.append(o)
+            rp = o["replication"]
+            extra = ""
+            if rp:
+                extra = (f"; {rp['bytes'] / 1e6:.2f} MB sent/worker/step, exchange {rp['exchange_ms']:.1f} ms + copy "
+                         f"{rp['keep_ms']:.1f} ms, training thread {rp['train_ms']:.1f} ms/step = "
+                         f"{rp['ratio'] * 100:.2f} % of its mean step")
+            print(f"{mode:8s} round {k}: mean step {o['step_ms']:.0f} ms (median {o['step_median_ms']:.0f}), "
+                  f"CPU {o['cpu_s_per_step']:.3f} s/step, wall {o['wall_s']} s{extra}; "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(json.dumps(rows))
     if args.keep:
         print(f"kept {tmp}")
     else:

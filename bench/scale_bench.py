@@ -86,6 +86,8 @@ def merge(reps):
             m["last_assign_ms"] = max(m["last_assign_ms"], g["last_assign_ms"] + d)
             m["assign_bytes_max"] = max(m["assign_bytes_max"], g["assign_bytes_max"])
             m["assign_bytes_total"] += g["assign_bytes_total"]
+            m["assign_edited"] = m.get("assign_edited", 0) + g.get("assign_edited", 0)
+            m["peers_unresolved"] = m.get("peers_unresolved", 0) + g.get("peers_unresolved", 0) + g.get("peers_mismatched", 0)
             m["members"].update({rank: wid for rank, wid in g["members"]})
     out["generations"] = [gens[k] for k in sorted(gens)]
     prev = None
@@ -112,6 +114,8 @@ def main():
     ap.add_argument("--step-ms", type=int, default=1000)
     ap.add_argument("--steady-s", type=float, default=10)
     ap.add_argument("--counts", default="full")
+    ap.add_argument("--peers", default="edit", choices=["edit", "whole"],
+                    help="whole: the simulated workers report no peer table held (every Assign whole, as before issue 14's edits)")
     ap.add_argument("--store", default="file")
     ap.add_argument("--every", type=int, default=0, help="checkpoint.every (0: the end only)")
     ap.add_argument("--kill", action="store_true")
@@ -170,7 +174,7 @@ status:
     line = coord.stdout.readline()
     fields = dict(kv.split("=", 1) for kv in line.split()[2:])
     ep, base = fields["bind"], fields["status"]
-    res = {"coordinator": a.coord or "build", "workers": N, "experts": a.experts, "switch_layers": a.switch_layers, "step_ms": a.step_ms, "heartbeat_ms": a.heartbeat_ms, "failure_timeout_ms": a.failure_ms,
+    res = {"peers": a.peers, "coordinator": a.coord or "build", "workers": N, "experts": a.experts, "switch_layers": a.switch_layers, "step_ms": a.step_ms, "heartbeat_ms": a.heartbeat_ms, "failure_timeout_ms": a.failure_ms,
            "counts": a.counts, "store": a.store, "loadavg_before": loadavg()}
     cpu0 = cpu_s(coord.pid)
     res["coord_rss_idle_kib"] = mem_kib(coord.pid, "VmRSS")
@@ -182,7 +186,7 @@ status:
     for k in range(P):
         n = N // P + (1 if k < N % P else 0)
         lgs.append(subprocess.Popen([os.path.join(BUILD, "tests", "sy_loadgen"), "--coordinator", ep, "--workers", str(n),
-                                     "--step-ms", str(a.step_ms), "--counts", a.counts, "--duration", str(duration),
+                                     "--step-ms", str(a.step_ms), "--counts", a.counts, "--peers", a.peers, "--duration", str(duration),
                                      "--report", f"{tmp}/report{k}.json", "--io-threads", str(a.io_threads),
                                      "--prefix", f"lg{k}"] + (sum([["--event", e] for e in events], []) if k == 0 else []),
                                     stderr=open(f"{tmp}/loadgen{k}.log", "w"), env=env))
@@ -238,6 +242,11 @@ status:
         res["experts_moved_after_loss"] = g2.get("experts_moved")
         res["experts_of_dead"] = g2.get("experts_of_departed")
         res["placement_max_min_after_loss"] = g2["balance"]
+        # the next generation's Assigns: edits of generation 1's peer table (or whole with --peers whole)
+        res["assign2_bytes_max"] = g2["assign_bytes_max"]
+        res["assign2_bytes_generation_total"] = g2["assign_bytes_total"]
+        res["assign2_edited"] = g2.get("assign_edited", 0)
+        res["peers_unresolved"] = sum(g.get("peers_unresolved", 0) for g in gens)
     res["generations"] = [{k: g[k] for k in ("generation", "world", "received")} for g in gens]
     res["bytes"] = {k: {"max": v["max"], "per_msg": round(v["total"] / v["count"]) if v["count"] else 0}
                     for k, v in rep["bytes"].items()}

@@ -830,6 +830,18 @@ static void test_ckpt_tagged_parts(void **state) {
     json_object_del(json_array_get(mixed, 1), "object");
     assert_int_equal(sy_ckpt_commit(s, "tg", 4, mixed, ex3), SY_EINVAL);
     json_decref(mixed);
+    /* a file listed twice, and two names on one object, are refused (checked with sets: a
+     * commit of 2,048 experts lists 4,098 files) */
+    json_t *dup = json_deep_copy(files);
+    json_array_append_new(dup, json_deep_copy(json_array_get(files, 0)));
+    assert_int_equal(sy_ckpt_commit(s, "tg", 4, dup, ex3), SY_EINVAL);
+    assert_non_null(strstr(sy_err_msg(), "listed twice"));
+    assert_non_null(strstr(sy_err_msg(), "file '"));
+    json_object_set_new(json_array_get(dup, json_array_size(dup) - 1), "name", json_string("other.safetensors"));
+    assert_int_equal(sy_ckpt_commit(s, "tg", 4, dup, ex3), SY_EINVAL);
+    assert_non_null(strstr(sy_err_msg(), "object 'g3-r1."));
+    assert_non_null(strstr(sy_err_msg(), "listed twice"));
+    json_decref(dup);
     assert_int_equal(sy_ckpt_commit(s, "tg", 4, files, ex3), SY_OK);
     /* a stale writer of generation 2 finishes its part of the same step afterwards */
     assert_int_equal(sy_ckpt_part_tag(tag, sizeof tag, 2, 1), SY_OK);

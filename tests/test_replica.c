@@ -2,9 +2,13 @@
  * `threads` data plane. Every value of the state of step s is a known function of (s, buffer,
  * index) — the same on every rank for dense, written only by the owner for an expert (other
  * ranks hold rank-dependent junk there) — so a restored state is checked value by value:
- *   - after step 5's exchange (replicas=1) and the copy of step 5, every rank applies "update 6"
- *     and rank 2 dies before its replicas of 6 go out: the holdings are live 6 (dense + own),
- *     prev 5 (dense + own), one slot of step 5 holding the experts of rank r - 1;
+ *   - step 4 is exchanged on the caller's thread over the training communicator
+ *     (sy_replica_exchange), step 5 overlapped (sy_replica_post over a second communicator of a
+ *     second data plane): every rank writes "update 6" into the live buffers as soon as
+ *     sy_replica_wait_copied returns, while step 5's exchange may still be on the wire, then
+ *     waits; rank 2 dies before its replicas of 6 go out: the holdings are live 6 (dense + own),
+ *     the copies of steps 4 and 5 (dense + own), the slots of steps 4 and 5 holding the experts
+ *     of rank r - 1;
  *   - a request for a state a rank does not hold (expert 2 of step 6 on rank 0) is SY_EINVAL
  *     naming it, and leaves the live state as it was;
  *   - the two survivors restore step 5 over a new communicator of 2 ranks with a new placement:
@@ -37,7 +41,7 @@
 
 typedef struct {
     pthread_barrier_t ready, died, done;
-    char eps[W][256];
+    char eps[W][256], reps[W][256];
     int code[W];
 } world_t;
 
@@ -112,27 +116,36 @@ static void *rank_main(void *arg) {
     sy_model_t *m = NULL;
     sy_adamw_t *o = NULL;
     sy_replica_t *r = NULL;
-    sy_dataplane_t *dp = NULL;
-    sy_comm_t *c3 = NULL, *c2 = NULL;
+    sy_dataplane_t *dp = NULL, *rdp = NULL;
+    sy_comm_t *c3 = NULL, *c2 = NULL, *rc3 = NULL;
     bool dead = false, at_died = false;
     sy_backend_cpu_new(1, false, &be);
     sy_model_new(&d, be, &m);
     sy_adamw_new(m, &cfg, &o);
     sy_replica_new(m, o, &r);
     sy_dataplane_new("threads", NULL, &dp);
+    sy_dataplane_new("threads", NULL, &rdp);
     snprintf(g_w.eps[rank], sizeof g_w.eps[rank], "%s", sy_dataplane_endpoint(dp));
+    snprintf(g_w.reps[rank], sizeof g_w.reps[rank], "%s", sy_dataplane_endpoint(rdp));
     pthread_barrier_wait(&g_w.ready);
     const char *eps[W] = {g_w.eps[0], g_w.eps[1], g_w.eps[2]};
+    const char *reps[W] = {g_w.reps[0], g_w.reps[1], g_w.reps[2]};
     const uint32_t place3[E] = {0, 0, 1, 1, 2, 2};
     bool own3[E];
     for (int e = 0; e < E; e++) own3[e] = (int)place3[e] == rank;
     CK(sy_comm_new(dp, 1, rank, W, eps, 5000, &c3) == SY_OK, "comm of 3");
+    CK(sy_comm_new(rdp, 1, rank, W, reps, 5000, &rc3) == SY_OK, "replica comm of 3");
+    fill_state(m, o, 4, own3, rank);
+    sy_replica_set_live(r, 4, own3);
+    CK(sy_replica_exchange(r, c3, place3, 1) == SY_OK, "exchange of step 4");
     fill_state(m, o, 5, own3, rank);
     sy_replica_set_live(r, 5, own3);
-    CK(sy_replica_exchange(r, c3, place3, 1) == SY_OK, "exchange of step 5");
-    CK(sy_replica_keep(r) == SY_OK, "keep");
-    fill_state(m, o, 6, own3, rank); /* update 6; rank 2 dies before its replicas of 6 go out */
-    sy_replica_set_live(r, 6, own3);
+    CK(sy_replica_post(r, rc3, place3, 1) == SY_OK, "post of step 5");
+    sy_replica_wait_copied(r);
+    fill_state(m, o, 6, own3, rank); /* update 6, maybe while 5 is on the wire */
+    CK(sy_replica_wait(r) == SY_OK, "overlapped exchange of step 5");
+    sy_replica_set_live(r, 6, own3); /* rank 2 dies before its replicas of 6 go out */
+    sy_comm_destroy(&rc3);
     sy_comm_destroy(&c3);
     if (rank == 2) dead = true;
     pthread_barrier_wait(&g_w.died);
@@ -141,12 +154,19 @@ static void *rank_main(void *arg) {
 
     sy_replica_held h[SY_REPLICA_MAX_HELD];
     int nh = sy_replica_holdings(r, h);
-    CK(nh == 3, "%d states held, want live, prev, one slot", nh);
+    CK(nh == 5, "%d states held, want live, two copies, two slots", nh);
     CK(h[0].step == 6 && h[0].dense && h[0].experts[2 * rank] && h[0].experts[2 * rank + 1], "live 6");
-    CK(h[1].step == 5 && h[1].dense && h[1].experts[2 * rank] && !h[1].experts[(2 * rank + 2) % E], "prev 5");
     int from = (rank + W - 1) % W;
-    CK(h[2].step == 5 && !h[2].dense && h[2].experts[2 * from] && h[2].experts[2 * from + 1] &&
-           !h[2].experts[2 * rank], "slot 5 holds the experts of rank %d", from);
+    for (int64_t s = 4; s <= 5; s++) {
+        int copies = 0, slots = 0;
+        for (int k = 1; k < nh; k++) {
+            if (h[k].step != s) continue;
+            copies += h[k].dense && h[k].experts[2 * rank] && h[k].experts[2 * rank + 1] && !h[k].experts[2 * from];
+            slots += !h[k].dense && h[k].experts[2 * from] && h[k].experts[2 * from + 1] && !h[k].experts[2 * rank];
+        }
+        CK(copies == 1 && slots == 1, "step %lld: %d copies of dense + own, %d slots of rank %d's experts", (long long)s,
+           copies, slots, from);
+    }
 
     if (rank == 0) { /* a state rank 0 does not hold: refused before anything changes */
         const int32_t src[E] = {0, 0, 0, 0, 0, 0};
@@ -173,9 +193,12 @@ out:
     if (!at_died) pthread_barrier_wait(&g_w.died); /* a failure before it must not hang the others */
     g_w.code[rank] = code;
     pthread_barrier_wait(&g_w.done);
+    if (r) (void)sy_replica_wait(r); /* its thread lets go of rc3 */
+    sy_comm_destroy(&rc3);
     sy_comm_destroy(&c2);
     sy_comm_destroy(&c3);
     sy_dataplane_destroy(&dp);
+    sy_dataplane_destroy(&rdp);
     sy_replica_destroy(&r);
     sy_adamw_destroy(&o);
     sy_model_destroy(&m);

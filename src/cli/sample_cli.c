@@ -14,6 +14,7 @@
 #include "base/config.h"
 #include "base/log.h"
 #include "base/rng.h"
+#include "cli/cli_ckpt.h"
 #include "cli/train.h"
 #include "model/model.h"
 #include "model/model_ckpt.h"
@@ -118,12 +119,7 @@ int sy_sample_cli(int argc, char **argv) {
     unsigned long long seed = 1;
     char **sets = calloc((size_t)argc + 1, sizeof(char *));
     int n_sets = 0, c, rc = 2;
-    sy_config_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    sy_store_t *store = NULL;
-    sy_backend_t *be = NULL;
-    sy_model_t *model = NULL;
-    json_t *man = NULL;
+    sy_cli_ckpt ck = {0};
     int32_t *tokens = NULL;
     float *logits = NULL;
     unsigned char *text = NULL;
@@ -197,38 +193,18 @@ int sy_sample_cli(int argc, char **argv) {
     }
     sy_log_set_role("sample");
     rc = 1;
-    char store_url[4096], run[256];
-    int64_t step;
-    if (sy_cli_ckpt_dir_parse(ckdir, store_url, run, &step) != SY_OK) goto fail;
-    if (sy_store_open(store_url, &store) != SY_OK) goto fail;
-    if (step < 0 && sy_ckpt_latest(store, run, &step) != SY_OK) {
-        sy_err_prefix(SY_ENOTFOUND, "no committed checkpoint in %s", ckdir);
+    bool bad_set;
+    if (sy_cli_ckpt_open(&ck, ckdir, sets, n_sets, &bad_set) != SY_OK) {
+        if (bad_set) rc = 2; /* a bad --set is bad usage */
         goto fail;
     }
-    if (sy_ckpt_read_manifest(store, run, step, &man) != SY_OK) goto fail;
-    json_t *jc = json_object_get(man, "config");
-    if (!jc) {
-        sy_err_set(SY_ECORRUPT, "%s: manifest of step %lld has no config", ckdir, (long long)step);
-        goto fail;
-    }
-    if (sy_config_defaults(&cfg) != SY_OK || sy_config_from_json(&cfg, jc) != SY_OK) goto fail;
-    for (int i = 0; i < n_sets; i++)
-        if (sy_config_set(&cfg, sets[i]) != SY_OK) {
-            fprintf(stderr, "switchyard sample: %s\n", sy_err_msg());
-            rc = 2;
-            goto out;
-        }
-    if (sy_config_validate(&cfg) != SY_OK) goto fail;
-    if (cfg.model.vocab_size != SAMPLE_VOCAB) {
+    if (ck.cfg.model.vocab_size != SAMPLE_VOCAB) {
         sy_err_set(SY_EINVAL, "%s: model.vocab_size is %d; sample needs a byte-level model (vocab %d, the "
-                              "tokenizer of `switchyard data prepare`)", ckdir, cfg.model.vocab_size, SAMPLE_VOCAB);
+                              "tokenizer of `switchyard data prepare`)", ckdir, ck.cfg.model.vocab_size, SAMPLE_VOCAB);
         goto fail;
     }
-    if (sy_backend_cpu_new(cfg.train.threads, cfg.train.precision == SY_PREC_BF16, &be) != SY_OK) goto fail;
-    sy_model_dims dims = sy_model_dims_from_config(&cfg);
-    if (sy_model_new(&dims, be, &model) != SY_OK) goto fail;
-    if (sy_model_ckpt_load(store, run, step, model, NULL, NULL) != SY_OK) goto fail;
-    const int B = dims.B, T = dims.T, V = dims.V;
+    if (sy_cli_ckpt_load_model(&ck) != SY_OK) goto fail;
+    const int B = ck.dims.B, T = ck.dims.T, V = ck.dims.V;
     const size_t np = strlen(prompt), total = np + (size_t)length;
     tokens = calloc((size_t)B * (size_t)(T + 1), sizeof(int32_t));
     logits = malloc(sizeof(float) * (size_t)V);
@@ -252,8 +228,8 @@ int sy_sample_cli(int argc, char **argv) {
             for (size_t i = 0; i < (size_t)T + 1; i++) row[i] = i < ctx ? src[i] : 0;
         }
         sy_losses l;
-        if (sy_model_forward_eval(model, tokens, 1, &l) != SY_OK) goto fail;
-        if (sy_model_logits(model, (int)ctx - 1, 1, logits) != SY_OK) goto fail;
+        if (sy_model_forward_eval(ck.model, tokens, 1, &l) != SY_OK) goto fail;
+        if (sy_model_logits(ck.model, (int)ctx - 1, 1, logits) != SY_OK) goto fail;
         double u = (double)(sy_rng_next(&rng) >> 11) * 0x1p-53;
         text[n] = (unsigned char)pick(logits, V, temp, (int)top_k, u);
         fputc(text[n], stdout);
@@ -268,11 +244,7 @@ out:
     free(text);
     free(logits);
     free(tokens);
-    json_decref(man);
-    sy_model_destroy(&model);
-    sy_backend_destroy(&be);
-    sy_store_destroy(&store);
-    sy_config_free(&cfg);
+    sy_cli_ckpt_close(&ck);
     free(sets);
     return rc;
 }

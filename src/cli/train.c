@@ -1,5 +1,6 @@
 /* Single-process training and evaluation. */
 #include "cli/train.h"
+#include "cli/cli_ckpt.h"
 #include "base/clock.h"
 
 #include <errno.h>
@@ -510,14 +511,9 @@ int sy_eval_cli(int argc, char **argv) {
     int n_sets = 0, n_data = 0, n_bufs = 0, c, rc = 2;
     long long batches = 0;
     const char *ckdir = NULL;
-    sy_config_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    sy_store_t *store = NULL;
-    sy_backend_t *be = NULL;
-    sy_model_t *model = NULL;
+    sy_cli_ckpt ck = {0};
     sy_data_t *d = NULL;
     int32_t *tokens = NULL;
-    json_t *man = NULL;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         switch (c) {
@@ -550,33 +546,14 @@ int sy_eval_cli(int argc, char **argv) {
         goto out;
     }
     sy_log_set_role("eval");
-    char store_url[4096], run[256];
-    int64_t step;
     rc = 1;
-    if (sy_cli_ckpt_dir_parse(ckdir, store_url, run, &step) != SY_OK) goto fail;
-    if (sy_store_open(store_url, &store) != SY_OK) goto fail;
-    if (step < 0 && sy_ckpt_latest(store, run, &step) != SY_OK) {
-        sy_err_prefix(SY_ENOTFOUND, "no committed checkpoint in %s", ckdir);
+    bool bad_set;
+    if (sy_cli_ckpt_open(&ck, ckdir, sets, n_sets, &bad_set) != SY_OK) goto fail;
+    if (sy_cli_ckpt_load_model(&ck) != SY_OK) goto fail;
+    const sy_config_t *cfg = &ck.cfg;
+    if (sy_data_open((const char *const *)data, n_data, cfg->model.vocab_size, cfg->model.seq_len, &d) != SY_OK)
         goto fail;
-    }
-    if (sy_ckpt_read_manifest(store, run, step, &man) != SY_OK) goto fail;
-    if (sy_config_defaults(&cfg) != SY_OK) goto fail;
-    json_t *jc = json_object_get(man, "config");
-    if (!jc) {
-        sy_err_set(SY_ECORRUPT, "%s: manifest of step %lld has no config", ckdir, (long long)step);
-        goto fail;
-    }
-    if (sy_config_from_json(&cfg, jc) != SY_OK) goto fail;
-    for (int i = 0; i < n_sets; i++)
-        if (sy_config_set(&cfg, sets[i]) != SY_OK) goto fail;
-    if (sy_config_validate(&cfg) != SY_OK) goto fail;
-    if (sy_backend_cpu_new(cfg.train.threads, cfg.train.precision == SY_PREC_BF16, &be) != SY_OK) goto fail;
-    sy_model_dims dims = sy_model_dims_from_config(&cfg);
-    if (sy_model_new(&dims, be, &model) != SY_OK) goto fail;
-    if (sy_model_ckpt_load(store, run, step, model, NULL, NULL) != SY_OK) goto fail;
-    if (sy_data_open((const char *const *)data, n_data, cfg.model.vocab_size, cfg.model.seq_len, &d) != SY_OK)
-        goto fail;
-    const int b = cfg.train.micro_batch_seqs, T = cfg.model.seq_len;
+    const int b = cfg->train.micro_batch_seqs, T = cfg->model.seq_len;
     uint64_t nw = sy_data_windows(d);
     long long max_batches = (long long)(nw / (uint64_t)b);
     if (batches == 0) batches = max_batches;
@@ -592,26 +569,22 @@ int sy_eval_cli(int argc, char **argv) {
     for (long long i = 0; i < batches; i++) {
         if (sy_data_eval_batch(d, (uint64_t)i * b, b, tokens) != SY_OK) goto fail;
         sy_losses l;
-        if (sy_model_forward_eval(model, tokens, (int)batches, &l) != SY_OK) goto fail;
+        if (sy_model_forward_eval(ck.model, tokens, (int)batches, &l) != SY_OK) goto fail;
         ce += l.ce, aux += l.aux, z += l.z;
         ntok += l.tokens, routed += l.routed, dropped += l.dropped;
     }
     printf("{\"loss\": %.8f, \"ce\": %.8f, \"aux\": %.8f, \"z\": %.8f, \"tokens\": %lld, \"batches\": %lld, "
            "\"step\": %lld, \"dropped_frac\": %.6f}\n",
-           ce, ce, aux, z, (long long)ntok, batches, (long long)step,
+           ce, ce, aux, z, (long long)ntok, batches, (long long)ck.step,
            routed ? (double)dropped / routed : 0.0);
     rc = 0;
     goto out;
 fail:
     fprintf(stderr, "switchyard eval: %s\n", sy_err_msg());
 out:
-    json_decref(man);
     free(tokens);
     sy_data_destroy(&d);
-    sy_model_destroy(&model);
-    sy_backend_destroy(&be);
-    sy_store_destroy(&store);
-    sy_config_free(&cfg);
+    sy_cli_ckpt_close(&ck);
     for (int i = 0; i < n_bufs; i++) free(data_buf[i]);
     free(sets);
     free(data);

@@ -23,6 +23,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "base/module.h"
 #include "comm_internal.h"
 #include "comm_nccl_internal.h"
 
@@ -46,53 +47,31 @@ static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static const sy_nccl_module_api *g_mod;
 static char g_load_err[1024];
 
-static int try_load(const char *path) {
-    if (access(path, F_OK) != 0) return 0;
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-        snprintf(g_load_err, sizeof g_load_err, "cannot load the NCCL module %.400s: %.400s (are NCCL and the CUDA "
-                 "runtime installed and on the library path?)", path, dlerror());
-        return 0;
-    }
+/* sy_module_load's check: the module's table is this build's ABI */
+static bool accept_module(void *h, const char *path, void *ctx, char *err, size_t err_len) {
+    (void)ctx;
     sy_nccl_module_fn fn = (sy_nccl_module_fn)dlsym(h, SY_NCCL_MODULE_SYMBOL);
     const sy_nccl_module_api *m = fn ? fn() : NULL;
     if (!m || m->abi != SY_NCCL_MODULE_ABI) {
-        snprintf(g_load_err, sizeof g_load_err, "%.400s is not an NCCL module of this build (ABI %d, want %d)", path,
+        snprintf(err, err_len, "%.400s is not an NCCL module of this build (ABI %d, want %d)", path,
                  m ? m->abi : -1, SY_NCCL_MODULE_ABI);
-        dlclose(h);
-        return 0;
+        return false;
     }
-    g_mod = m; /* kept loaded for the process's life */
-    return 1;
+    g_mod = m;
+    return true;
 }
 
-/* Looked for as the CUDA backend module is (backend/cuda/cuda_loader.c): $SY_NCCL_MODULE, beside
- * the executable, one folder up, ../lib/switchyard/, the build folder. */
+/* Looked for as the CUDA backend module is (base/module.h): $SY_NCCL_MODULE, beside the
+ * executable, one folder up, ../lib/switchyard/, the build folder. */
 static void load_once(void) {
-    char cand[5][PATH_MAX + 64];
-    int nc = 0;
-    const char *env = getenv("SY_NCCL_MODULE");
-    if (env && env[0]) snprintf(cand[nc++], sizeof cand[0], "%s", env);
-    char exe[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (n > 0) {
-        exe[n] = 0;
-        char *slash = strrchr(exe, '/');
-        if (slash) {
-            *slash = 0;
-            snprintf(cand[nc++], sizeof cand[0], "%s/%s", exe, SY_NCCL_MODULE_FILE);
-            snprintf(cand[nc++], sizeof cand[0], "%s/../%s", exe, SY_NCCL_MODULE_FILE);
-            snprintf(cand[nc++], sizeof cand[0], "%s/../lib/switchyard/%s", exe, SY_NCCL_MODULE_FILE);
-        }
-    }
-    snprintf(cand[nc++], sizeof cand[0], "%s", SY_NCCL_MODULE_BUILD_PATH);
-    g_load_err[0] = 0;
-    for (int i = 0; i < nc; i++)
-        if (try_load(cand[i])) return;
-    if (!g_load_err[0])
-        snprintf(g_load_err, sizeof g_load_err, "the NCCL module %s was not found (looked beside the executable, in "
-                 "../lib/switchyard/, in %s; SY_NCCL_MODULE=PATH names it)", SY_NCCL_MODULE_FILE,
-                 SY_NCCL_MODULE_BUILD_PATH);
+    const sy_module_spec spec = {
+        .what = "the NCCL module",
+        .env_var = "SY_NCCL_MODULE",
+        .file = SY_NCCL_MODULE_FILE,
+        .build_path = SY_NCCL_MODULE_BUILD_PATH,
+        .dlopen_hint = "are NCCL and the CUDA runtime installed and on the library path?",
+    };
+    sy_module_load(&spec, accept_module, NULL, g_load_err, sizeof g_load_err);
 }
 
 static const sy_nccl_module_api *module(char *why, size_t why_len) {

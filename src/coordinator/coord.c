@@ -24,6 +24,7 @@
 #include "base/log.h"
 #include "base/zmq_check.h"
 #include "coordinator/committer.h"
+#include "proto/peers.h"
 #include "coordinator/http.h"
 #include "coordinator/zap.h"
 #include "proto/curve.h"
@@ -236,6 +237,7 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     sy_store_destroy(&c->store);
     free(c->config_json);
     free(c->members);
+    sy_peers_free(c->tab_n, c->tab_ep, c->tab_key);
     free(c->placement);
     free(c->load);
     sy_history_destroy(&c->history);
@@ -357,6 +359,15 @@ static void on_message(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
                       w->id);
         goto out;
     }
+    if (w->state == W_LOST && w->fd_closed && c->src_fd == w->closed_fd) {
+        /* Sent before its connection closed, read after the disconnect event (the monitor is
+         * another socket): a dead process's last words, not a return. Taken as one, it came
+         * back as a spare, joined the next generation and was lost again failure_timeout_ms
+         * later: a second recovery (issue 14: the 1,000-worker run's early generation 2). A
+         * worker that is alive speaks again from a new connection, or registers again. */
+        sy_debug("%s from %s on its closed connection: ignored", sy_proto_body_name(env->body_case), w->id);
+        goto out;
+    }
     sy_coord_heard_from(c, w);
     if (env->body_case == SY__ENVELOPE__BODY_HEARTBEAT) {
         sy_coord_on_heartbeat(c, w, env);
@@ -402,6 +413,8 @@ static void drain_monitor(sy_coord_t *c) {
             worker *w = &c->w[i];
             if (sy_coord_live(w) && w->fd == (int)value) {
                 w->fd = -1;
+                w->fd_closed = true;
+                w->closed_fd = (int)value;
                 sy_coord_worker_lost(c, i, "its connection closed (ZeroMQ disconnect)");
                 break;
             }

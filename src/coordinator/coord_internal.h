@@ -39,8 +39,9 @@
 /* Bytes of a registration's session secret (random, from getrandom). */
 #define SY_SESSION_LEN 16
 
-/* States one worker's Holdings lists at most (its live state, its previous step, 2 replica slots). */
-#define SY_COORD_MAX_HELD 4
+/* States one worker's Holdings lists at most (its live state, its 2 copies of recent steps, 2
+ * replica slots: SY_REPLICA_MAX_HELD). */
+#define SY_COORD_MAX_HELD 5
 
 #define SY_COORD_GEN_MAX ((uint64_t)1 << 62) /* larger Hello.last_generation values are ignored */
 
@@ -58,6 +59,7 @@ typedef struct {
     char backend[16];
     char version[32];
     char data_ep[EP_MAX];
+    char rep_ep[EP_MAX];           /* Hello.replica_endpoint ("": none) */
     uint32_t pid;
     wstate state;
     int rank; /* in the open generation, else -1 */
@@ -73,6 +75,10 @@ typedef struct {
     bool quarantined; /* excluded as unreachable on the data plane: back as a spare, but kept out of
                        * new generations until the run progresses (issue 13 (d)) */
     int fd;        /* socket its last message came from (ZMQ_SRCFD), -1 unknown */
+    /* Lost because that socket closed (a disconnect event): messages still queued from it are
+     * read after the event and must not bring it back as a spare (coord.c, on_message). */
+    bool fd_closed;
+    int closed_fd;
     /* Proof of identity (docs/protocol.md "Identities"): the secret this registration was given
      * in Welcome, which every later message must echo; with CURVE on, the public key (Z85) the
      * id was first registered with, which every message of the id must come from. */
@@ -85,6 +91,9 @@ typedef struct {
     int64_t held_step[SY_COORD_MAX_HELD];
     bool held_dense[SY_COORD_MAX_HELD];
     uint8_t *held_ex; /* [SY_COORD_MAX_HELD * E]: expert e whole in entry k */
+    /* Peer tables (docs/protocol.md "Peer tables"): the generation whose table its heartbeats
+     * say it holds, and the last generation whose Assign it was sent (0: none since it registered). */
+    uint64_t peers_held, assigned_gen;
 } worker;
 
 typedef struct {
@@ -127,6 +136,11 @@ struct sy_coord {
     int expect_workers;     /* first generation: wait for this many (0: no wait) */
     bool opened_once;       /* a generation was opened by this incarnation */
     int prev_world;         /* world of the last closed generation (its members stay in members[]) */
+    /* The peer table of the last generation opened (copies: entries may leave the worker
+     * table), the base of the next generation's Assign edits; tab_gen 0: none. */
+    uint64_t tab_gen;
+    int tab_n;
+    char **tab_ep, **tab_key;
     sy_store_t *store;
     sy_committer_t *committer; /* commits and retention, off the reactor thread */
     void *zctx, *sock;

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "base/log.h"
+#include "proto/peers.h"
 #include "proto/placement.h"
 #include "proto/protocol.h"
 #include "coord_internal.h"
@@ -44,7 +45,8 @@ static void send_abort(sy_coord_t *c, worker *w, const char *reason);
 void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const Sy__Envelope *env) {
     const Sy__Hello *h = env->hello;
     const char *id = h->worker_id;
-    if (!id || !printable(id, ID_MAX) || (h->data_endpoint && strlen(h->data_endpoint) >= EP_MAX)) {
+    if (!id || !printable(id, ID_MAX) || (h->data_endpoint && strlen(h->data_endpoint) >= EP_MAX) ||
+        (h->replica_endpoint && strlen(h->replica_endpoint) >= EP_MAX)) {
         sy_coord_drop(c, SY_DROP_INVALID, "Hello with an invalid worker id or endpoint");
         return;
     }
@@ -134,6 +136,7 @@ void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     snprintf(w->backend, sizeof w->backend, "%s", h->backend ? h->backend : "");
     snprintf(w->version, sizeof w->version, "%s", h->version ? h->version : "");
     snprintf(w->data_ep, sizeof w->data_ep, "%s", h->data_endpoint ? h->data_endpoint : "");
+    snprintf(w->rep_ep, sizeof w->rep_ep, "%s", h->replica_endpoint ? h->replica_endpoint : "");
     snprintf(w->activity, sizeof w->activity, "idle");
     w->pid = h->pid;
     w->state = W_IDLE;
@@ -267,6 +270,7 @@ void sy_coord_heard_from(sy_coord_t *c, worker *w) {
     w->fd = c->src_fd;
     if (w->state == W_LOST) {
         /* Alive after all (it was only slow): back as a spare; it got an Abort when declared lost. */
+        w->fd_closed = false;
         w->state = W_IDLE;
         w->rank = -1;
         w->seq = ++c->next_seq;
@@ -282,6 +286,7 @@ void sy_coord_on_heartbeat(sy_coord_t *c, worker *w, const Sy__Envelope *env) {
     snprintf(w->activity, sizeof w->activity, "%s", hb->state && printable(hb->state, 16) ? hb->state : "?");
     w->dp_dropped = hb->dataplane_dropped;
     w->dp_refused = hb->dataplane_refused;
+    w->peers_held = hb->peers_held;
     bool busy = !strcmp(w->activity, "training") || !strcmp(w->activity, "restoring");
     if (busy && env->generation != 0 && (w->rank < 0 || !c->gen_open || env->generation != c->gen)) {
         /* It works in a generation it is not (or no longer) a member of: it missed the Abort. */
@@ -453,11 +458,45 @@ void sy_coord_open_generation(sy_coord_t *c) {
     }
     if (c->step > c->restore_step) c->step = c->restore_step > 0 ? c->restore_step : 0;
 
+    /* The peer table, sent whole to a worker that holds no base, else as an edit of the last
+     * generation's (computed once: the same for every such member). */
     char **peers = calloc((size_t)n, sizeof(char *));
     for (int r = 0; r < n && peers; r++) peers[r] = c->w[c->members[r]].data_ep;
+    /* The replicas' own data plane, only when every member has one (else all replicate inline). */
+    char **rpeers = calloc((size_t)n, sizeof(char *));
+    for (int r = 0; r < n && rpeers; r++) rpeers[r] = c->w[c->members[r]].rep_ep;
+    bool all_rep = rpeers != NULL;
+    for (int r = 0; r < n && all_rep; r++) all_rep = rpeers[r][0] != 0;
     /* With CURVE on the control plane every member proved a key: the data plane admits those. */
     char **keys = c->zap ? calloc((size_t)n, sizeof(char *)) : NULL;
     for (int r = 0; r < n && keys; r++) keys[r] = c->w[c->members[r]].key;
+    /* The table compared and kept as the next base: each entry "data endpoint|replica endpoint",
+     * the replica part only when this Assign carries replica endpoints, so that an entry copied
+     * from the base brings the replica endpoint the worker holds too. */
+    char **cmp = calloc((size_t)n, sizeof(char *));
+    for (int r = 0; r < n && cmp && peers && rpeers; r++)
+        if (asprintf(&cmp[r], "%s|%s", peers[r], all_rep ? rpeers[r] : "") < 0) cmp[r] = NULL;
+    bool have_table = peers && cmp && (!c->zap || keys);
+    for (int r = 0; r < n && have_table; r++) have_table = cmp[r] != NULL;
+    uint32_t *edit = NULL;
+    int *fresh = NULL;
+    size_t n_edit = 0, n_fresh = 0;
+    char **fresh_ep = NULL, **fresh_key = NULL, **fresh_rep = NULL;
+    if (have_table && c->tab_gen &&
+        sy_peers_edit(c->tab_n, (const char *const *)c->tab_ep, (const char *const *)c->tab_key, n,
+                      (const char *const *)cmp, (const char *const *)keys, &edit, &n_edit, &fresh,
+                      &n_fresh) == SY_OK) {
+        fresh_ep = calloc(n_fresh ? n_fresh : 1, sizeof(char *));
+        fresh_key = calloc(n_fresh ? n_fresh : 1, sizeof(char *));
+        fresh_rep = calloc(n_fresh ? n_fresh : 1, sizeof(char *));
+        for (size_t f = 0; fresh_ep && fresh_key && fresh_rep && f < n_fresh; f++) {
+            fresh_ep[f] = peers[fresh[f]];
+            fresh_key[f] = keys ? keys[fresh[f]] : NULL;
+            fresh_rep[f] = rpeers[fresh[f]];
+        }
+    }
+    bool can_edit = fresh_ep && fresh_key && fresh_rep;
+    int n_edited = 0;
     for (int r = 0; r < n; r++) {
         worker *w = &c->w[c->members[r]];
         w->rank = r;
@@ -467,15 +506,31 @@ void sy_coord_open_generation(sy_coord_t *c) {
         sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
         as.rank = (uint32_t)r;
         as.world = (uint32_t)n;
-        as.n_peers = peers ? (size_t)n : 0;
-        as.peers = peers;
+        /* an edit only against the table it says it holds, and no later Assign in flight to it */
+        if (can_edit && w->peers_held == c->tab_gen && w->assigned_gen == c->tab_gen) {
+            as.peers_base = c->tab_gen;
+            as.n_peers_edit = n_edit;
+            as.peers_edit = edit;
+            as.n_peers = n_fresh;
+            as.peers = fresh_ep;
+            as.n_peer_keys = keys ? n_fresh : 0;
+            as.peer_keys = keys ? fresh_key : NULL;
+            as.n_replica_peers = all_rep ? n_fresh : 0;
+            as.replica_peers = all_rep ? fresh_rep : NULL;
+            n_edited++;
+        } else {
+            as.n_peers = peers ? (size_t)n : 0;
+            as.peers = peers;
+            as.n_peer_keys = keys ? (size_t)n : 0;
+            as.peer_keys = keys;
+            as.n_replica_peers = all_rep ? (size_t)n : 0;
+            as.replica_peers = all_rep ? rpeers : NULL;
+        }
         as.n_placement = (size_t)c->E;
         as.placement = c->placement;
         as.restore_step = c->restore_step;
         as.start_step = (uint64_t)c->start_step;
         as.end_step = (uint64_t)c->end_step;
-        as.n_peer_keys = keys ? (size_t)n : 0;
-        as.peer_keys = keys;
         as.config_json = c->config_json;
         as.restore_source = (char *)(c->restore_step >= 0 ? (c->from_replicas ? "replicas" : "checkpoint") : "");
         if (c->from_replicas) {
@@ -487,9 +542,28 @@ void sy_coord_open_generation(sy_coord_t *c) {
         env.body_case = SY__ENVELOPE__BODY_ASSIGN;
         env.assign = &as;
         sy_coord_send(c, w, &env);
+        w->assigned_gen = c->gen;
     }
+    /* this table is the next generation's base (none if it could not be kept) */
+    sy_peers_free(c->tab_n, c->tab_ep, c->tab_key);
+    c->tab_ep = c->tab_key = NULL;
+    c->tab_n = 0;
+    c->tab_gen = 0;
+    if (have_table && sy_peers_copy(n, (const char *const *)cmp, (const char *const *)keys, &c->tab_ep,
+                                    &c->tab_key) == SY_OK) {
+        c->tab_n = n;
+        c->tab_gen = c->gen;
+    }
+    for (int r = 0; r < n && cmp; r++) free(cmp[r]);
+    free(cmp);
     free(peers);
+    free(rpeers);
     free(keys);
+    free(edit);
+    free(fresh);
+    free(fresh_ep);
+    free(fresh_key);
+    free(fresh_rep);
     json_t *pl = json_array();
     for (int e = 0; e < c->E; e++) json_array_append_new(pl, json_integer(c->placement[e]));
     c->state = (c->nrec && c->rec[c->nrec - 1].duration_ms < 0) ? R_RECOVERING : R_RUNNING;
@@ -501,6 +575,10 @@ void sy_coord_open_generation(sy_coord_t *c) {
                            "world", n, "workers", ids_of_members(c), "restore_step", (json_int_t)c->restore_step,
                            "restore_source", source, "start_step", (json_int_t)c->start_step, "end_step",
                            (json_int_t)c->end_step, "placement", pl, "replicas", replicas);
+    if (ev) { /* how the peer table went out: whole, or as an edit of the previous generation's */
+        json_object_set_new(ev, "peers_edited", json_integer(n_edited));
+        json_object_set_new(ev, "peers_edit_runs", json_integer((json_int_t)(can_edit ? n_edit / 2 : 0)));
+    }
     if (c->cfg.cluster.insecure && ev) /* issue 12 #1: every line that starts a generation says so */
         json_object_set_new(ev, "warning",
                             json_string("INSECURE: cluster.insecure is true: listeners reachable from other "

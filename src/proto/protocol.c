@@ -78,12 +78,28 @@ sy_status sy_proto_pack(const Sy__Envelope *env, void **buf, size_t *len) {
 static bool body_valid(const Sy__Envelope *env) {
     if (env->body_case == SY__ENVELOPE__BODY_ASSIGN) {
         const Sy__Assign *as = env->assign;
-        if (as->world < 1 || as->world > INT32_MAX || as->rank >= as->world || as->n_peers != as->world) {
-            sy_err_set(SY_EFORMAT, "assign: rank %u of world %u with %zu peers", as->rank, as->world, as->n_peers);
+        /* a peer table edit (peers_base != 0) carries only the fresh entries: its runs are checked
+         * against the base by the receiver (proto/peers.h), their total here */
+        uint64_t fresh = as->world, total = as->world;
+        if (as->peers_base) {
+            if (as->n_peers_edit % 2) {
+                sy_err_set(SY_EFORMAT, "assign: peers_edit of %zu values, not (source, count) pairs", as->n_peers_edit);
+                return false;
+            }
+            fresh = total = 0;
+            for (size_t i = 0; i < as->n_peers_edit; i += 2) {
+                total += as->peers_edit[i + 1];
+                if (!as->peers_edit[i]) fresh += as->peers_edit[i + 1];
+            }
+        }
+        if (as->world < 1 || as->world > INT32_MAX || as->rank >= as->world || total != as->world ||
+            as->n_peers != fresh) {
+            sy_err_set(SY_EFORMAT, "assign: rank %u of world %u with %zu peers (%llu in the table, %llu fresh)",
+                       as->rank, as->world, as->n_peers, (unsigned long long)total, (unsigned long long)fresh);
             return false;
         }
-        if (as->n_peer_keys != 0 && as->n_peer_keys != as->world) {
-            sy_err_set(SY_EFORMAT, "assign: %zu peer keys for a world of %u", as->n_peer_keys, as->world);
+        if (as->n_peer_keys != 0 && as->n_peer_keys != as->n_peers) {
+            sy_err_set(SY_EFORMAT, "assign: %zu peer keys for %zu peers", as->n_peer_keys, as->n_peers);
             return false;
         }
         for (size_t r = 0; r < as->n_peer_keys; r++)

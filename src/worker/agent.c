@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/random.h>
 #include <sys/sysinfo.h>
 #include <time.h>
@@ -31,6 +32,7 @@
 #include "model/model.h"
 #include "model/model_ckpt.h"
 #include "model/optim.h"
+#include "proto/peers.h"
 #include "proto/protocol.h"
 #include "storage/store.h"
 #include "storage/store_s3.h"
@@ -101,6 +103,9 @@ typedef struct {
     size_t session_len;            /* on every message (docs/protocol.md "Identities") */
     sy_comm_t *comm;               /* under mu: the link thread may sy_comm_abort it (sets a
                                     * flag only; the main thread tears the collective down) */
+    sy_comm_t *rcomm;              /* under mu, as comm: the replicas' communicator (on rdp),
+                                    * driven by the replica module's thread between a post and
+                                    * its wait; NULL: replicas go over comm between steps */
     _Atomic uint64_t generation;
     _Atomic uint64_t gen_inc;      /* incarnation of the coordinator that assigned `generation`:
                                     * a generation is named by the pair (a restarted coordinator
@@ -114,11 +119,14 @@ typedef struct {
     _Atomic int link_stop;
     _Atomic int refused;           /* the link thread gave up: the coordinator refuses us */
     _Atomic int link_failed;       /* the link thread gave up: no coordinator (--connect-timeout) */
+    _Atomic uint64_t peers_gen;    /* generation of the peer table held (0 none), of peers_inc's */
+    _Atomic uint64_t peers_inc;    /* coordinator: what heartbeats report (Heartbeat.peers_held) */
     bool curve;                    /* CURVE keys given (immutable once the link thread runs) */
     sy_curve_key key;              /* this worker's key pair */
     char server_public[SY_CURVE_Z85_LEN + 1];
     /* main thread only */
     sy_dataplane_t *dp;
+    sy_dataplane_t *rdp;           /* the replicas' data plane (NULL: none, replicate on dp) */
     sy_config_t cfg;
     bool have_cfg;
     sy_backend_t *be;
@@ -133,9 +141,14 @@ typedef struct {
     sy_ep_t *ep;
     sy_replica_t *rep;             /* peer replicas of expert state (replica.h) */
     uint32_t *placement;           /* [E] of the current generation */
+    int peers_n;                   /* the peer table of generation peers_gen (docs/protocol.md */
+    char **peers_ep, **peers_key;  /* "Peer tables"): the base of the next Assign's edit */
+    char **peers_rep;              /* its replica endpoints (NULL: the Assign carried none) */
     int replicas;                  /* min(cluster.replicas, world - 1) */
     int64_t kill_at;               /* test hook SY_TEST_REPLICA_KILL: SIGKILL mid-exchange of this step */
     uint64_t rep_inc;              /* the coordinator incarnation whose run the replicas are of */
+    double rep_start_wait_ms;      /* of the replicas' wait_ms: the exchanges of restored (or
+                                    * fresh) states before a generation's first step */
     bool *owned;
     int32_t *tokens, *counts;
     int rank, world;
@@ -338,6 +351,12 @@ typedef struct {
     unsigned last_seq;        /* a->state_seq last reported */
 } link_t;
 
+/* Ends the collectives in flight of this generation (both communicators). Caller holds mu. */
+static void abort_comms_locked(agent_t *a) {
+    if (a->comm) sy_comm_abort(a->comm);
+    if (a->rcomm) sy_comm_abort(a->rcomm);
+}
+
 static void link_from_coordinator(link_t *l);
 static bool link_on_reregister(link_t *l, const Sy__Envelope *env);
 static bool link_on_welcome(link_t *l, const Sy__Envelope *env);
@@ -416,7 +435,7 @@ static bool link_on_reregister(link_t *l, const Sy__Envelope *env) {
     snprintf(a->run_id, sizeof a->run_id, "%s", env->run_id ? env->run_id : "");
     /* a collective in flight would wait for peers that leave their generation
      * too: end it now (peers get their own Welcome within a heartbeat) */
-    if (a->comm) sy_comm_abort(a->comm);
+    abort_comms_locked(a);
     pthread_mutex_unlock(&a->mu);
     if (l->welcomed || fresh)
         sy_info("coordinator %s does not count us as registered: registering again", a->opts->coordinator);
@@ -442,7 +461,7 @@ static bool link_on_welcome(link_t *l, const Sy__Envelope *env) {
     }
     /* a new registration ends the generation we were in (below): a collective
      * in flight would wait for peers that leave it too, so end it now */
-    if ((fresh || (new_session && had_session)) && a->comm) sy_comm_abort(a->comm);
+    if (fresh || (new_session && had_session)) abort_comms_locked(a);
     pthread_mutex_unlock(&a->mu);
     if (env->welcome->heartbeat_ms > 0) atomic_store(&a->hb_ms, (int)env->welcome->heartbeat_ms);
     /* a new registration (new incarnation, or the same coordinator took us back
@@ -473,12 +492,12 @@ static bool link_on_order(link_t *l, const Sy__Envelope *env) {
     bool ours = env->incarnation == a->incarnation && l->welcomed &&
                 (!env->run_id || !strcmp(env->run_id, a->run_id));
     if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT &&
-        env->generation == atomic_load(&a->generation) && a->comm)
-        sy_comm_abort(a->comm);
+        env->generation == atomic_load(&a->generation))
+        abort_comms_locked(a);
     /* Stop ends whatever is in flight too (a drained worker must not wait out a
      * collective its peers have left), and this process never registers again. */
     if (ours && env->body_case == SY__ENVELOPE__BODY_STOP) {
-        if (a->comm) sy_comm_abort(a->comm);
+        abort_comms_locked(a);
         l->stopped = true;
     }
     pthread_mutex_unlock(&a->mu);
@@ -584,6 +603,7 @@ static void link_hello(link_t *l, double t, int hb) {
      * with a shared token that every worker host would hold. */
     hello.auth_token = "";
     hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
+    hello.replica_endpoint = (char *)(a->rdp ? sy_dataplane_endpoint(a->rdp) : "");
     hello.last_generation = atomic_load(&a->generation); /* whatever incarnation assigned it */
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_HELLO;
@@ -605,6 +625,11 @@ static void link_heartbeat(link_t *l, double t, int hb) {
     h.state = (char *)state_names[atomic_load(&a->state)];
     h.dataplane_dropped = sy_dataplane_dropped(a->dp);
     h.dataplane_refused = sy_dataplane_refused(a->dp);
+    /* a table of another coordinator incarnation is no base for this one's edits */
+    pthread_mutex_lock(&a->mu);
+    uint64_t inc = a->incarnation;
+    pthread_mutex_unlock(&a->mu);
+    h.peers_held = atomic_load(&a->peers_inc) == inc ? atomic_load(&a->peers_gen) : 0;
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &h;
@@ -694,6 +719,8 @@ static void stash(agent_t *a, const Sy__Envelope *env) {
 static void snapshot_drop(agent_t *a);
 
 static void close_generation(agent_t *a) {
+    /* the replica thread lets go of rcomm (an aborted one ends within SY_COMM_ABORT_MS) */
+    if (a->rep && sy_replica_wait(a->rep) != SY_OK) sy_info("%s", sy_err_msg());
     if (a->comm && a->world > 1) {
         sy_comm_stats cs = sy_comm_get_stats(a->comm);
         sy_ep_stats es = a->ep ? sy_ep_get_stats(a->ep) : (sy_ep_stats){0, 0};
@@ -706,14 +733,24 @@ static void close_generation(agent_t *a) {
     if (a->rep && a->comm && a->world > 1 && a->replicas > 0) {
         sy_replica_stats rs = sy_replica_get_stats(a->rep);
         sy_info("replicas (%d per worker): %llu exchanges, %llu bytes sent, %llu received, %.1f ms exchanging, "
-                "%.1f ms copying the previous step (totals of this process)", a->replicas,
-                (unsigned long long)rs.exchanges, (unsigned long long)rs.bytes_sent,
-                (unsigned long long)rs.bytes_received, rs.exchange_ms, rs.keep_ms);
+                "%.1f ms copying the live state, %.1f ms of training waiting for them, %.1f ms waiting at "
+                "generation starts%s (totals of this process)", a->replicas, (unsigned long long)rs.exchanges,
+                (unsigned long long)rs.bytes_sent, (unsigned long long)rs.bytes_received, rs.exchange_ms,
+                rs.keep_ms, rs.wait_ms - a->rep_start_wait_ms, a->rep_start_wait_ms,
+                a->rcomm ? " (overlapped: on their own data plane)" : "");
     }
     if (a->model) sy_model_set_ep(a->model, NULL, 0);
     sy_ep_destroy(&a->ep);
     pthread_mutex_lock(&a->mu);
     sy_comm_destroy(&a->comm);
+    sy_comm_destroy(&a->rcomm);
+    pthread_mutex_unlock(&a->mu);
+}
+
+/* Ends this generation's collectives at once (a failure, an abort, a stop): peers may be gone. */
+static void abort_generation(agent_t *a) {
+    pthread_mutex_lock(&a->mu);
+    abort_comms_locked(a);
     pthread_mutex_unlock(&a->mu);
 }
 
@@ -1118,13 +1155,22 @@ static void replica_kill_hook(void *ctx, int64_t step, int round, int rounds) {
     raise(SIGKILL);
 }
 
-/* After a step (or a restore): the live state's experts to the buddies (replica.h), then the
- * copy of this step that lets this worker give it again after the next update. */
-static sy_status replicate(agent_t *a) {
+/* After step L (docs/fault-tolerance.md "Overlapped exchange"): with a replica data plane, wait
+ * for step L - 1's exchange (every rank then holds its replicas of L - 1), then post L's, which
+ * the replica thread copies and sends while L + 1 computes; `wait` (a restore, a fresh start)
+ * waits for it too, so the restored state is replicated before the first step. Without one,
+ * the exchange of L runs here, over the training data plane. */
+static sy_status replicate(agent_t *a, bool wait) {
     if (a->replicas <= 0 || a->world < 2) return SY_OK;
-    SY_CHECK(sy_replica_exchange(a->rep, a->comm, a->placement, a->replicas));
-    return sy_replica_keep(a->rep);
+    if (!a->rcomm) return sy_replica_exchange(a->rep, a->comm, a->placement, a->replicas);
+    SY_CHECK(sy_replica_wait(a->rep));
+    SY_CHECK(sy_replica_post(a->rep, a->rcomm, a->placement, a->replicas));
+    return wait ? sy_replica_wait(a->rep) : SY_OK;
 }
+
+/* sy_dist_ctx.before_update: the update must not run before the replica thread copied the
+ * previous step's state. */
+static void replica_before_update(void *arg) { sy_replica_wait_copied(arg); }
 
 /* Holdings: what this worker can give a recovery (sent when it leaves an aborted or failed
  * generation, stamped with it). */
@@ -1156,6 +1202,55 @@ static void send_holdings(agent_t *a) {
     free(ex);
 }
 
+/* The Assign's peer table, whole or as an edit of the one held (docs/protocol.md "Peer tables"),
+ * becomes the table held. SY_EFORMAT when it edits a table this worker does not hold, or does not
+ * fit it: the table held is then forgotten (heartbeats say none), so the next Assign is whole. */
+static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
+    const Sy__Assign *as = env->assign;
+    char **ep = NULL, **key = NULL;
+    sy_status st;
+    if (!as->peers_base) {
+        if ((int)as->n_peers != (int)as->world)
+            return sy_err_set(SY_EFORMAT, "Assign: world %u with %zu peers", as->world, as->n_peers);
+        st = sy_peers_copy((int)as->n_peers, (const char *const *)as->peers,
+                           as->n_peer_keys ? (const char *const *)as->peer_keys : NULL, &ep, &key);
+    } else if (as->peers_base != atomic_load(&a->peers_gen) || env->incarnation != atomic_load(&a->peers_inc)) {
+        st = sy_err_set(SY_EFORMAT, "Assign: a peer table edit of generation %llu; this worker holds generation %llu's",
+                        (unsigned long long)as->peers_base, (unsigned long long)atomic_load(&a->peers_gen));
+    } else {
+        st = sy_peers_apply(a->peers_n, (const char *const *)a->peers_ep, (const char *const *)a->peers_key,
+                            as->peers_edit, as->n_peers_edit, (const char *const *)as->peers,
+                            as->n_peer_keys ? (const char *const *)as->peer_keys : NULL, as->n_peers, (int)as->world,
+                            &ep, &key);
+    }
+    /* the replica endpoints, whole or by the same edit (entries copied from the base are those
+     * whose data and replica endpoints both match: the coordinator compares them together) */
+    char **rep = NULL, **nokey = NULL;
+    if (st == SY_OK && as->n_replica_peers > 0) {
+        if (!as->peers_base && as->n_replica_peers != as->world)
+            st = sy_err_set(SY_EFORMAT, "Assign: world %u with %zu replica peers", as->world, as->n_replica_peers);
+        else if (!as->peers_base)
+            st = sy_peers_copy((int)as->world, (const char *const *)as->replica_peers, NULL, &rep, &nokey);
+        else
+            st = sy_peers_apply(a->peers_rep ? a->peers_n : 0, (const char *const *)a->peers_rep, NULL, as->peers_edit,
+                                as->n_peers_edit, (const char *const *)as->replica_peers, NULL, as->n_replica_peers,
+                                (int)as->world, &rep, &nokey);
+        if (st != SY_OK) {
+            sy_peers_free((int)as->world, ep, key);
+            ep = key = NULL;
+        }
+    }
+    sy_peers_free(a->peers_n, a->peers_ep, a->peers_key);
+    sy_peers_free(a->peers_n, a->peers_rep, NULL);
+    a->peers_ep = ep;
+    a->peers_key = key;
+    a->peers_rep = rep;
+    a->peers_n = st == SY_OK ? (int)as->world : 0;
+    atomic_store(&a->peers_inc, env->incarnation);
+    atomic_store(&a->peers_gen, st == SY_OK ? env->generation : 0);
+    return st;
+}
+
 /* Executes one Assign. */
 static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     const Sy__Assign *as = env->assign;
@@ -1169,8 +1264,13 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     char detail[1024];
     sy_status st;
     int64_t fault_step = 0;
-    if (a->world < 1 || a->rank >= a->world || (int)as->n_peers != a->world) {
-        snprintf(detail, sizeof detail, "Assign: rank %d of world %d with %zu peers", a->rank, a->world, as->n_peers);
+    if (a->world < 1 || a->rank >= a->world) {
+        snprintf(detail, sizeof detail, "Assign: rank %d of world %d", a->rank, a->world);
+        send_fault(a, "internal", detail, -1, 0);
+        return RUN_FAILED;
+    }
+    if (take_peers(a, env) != SY_OK) {
+        snprintf(detail, sizeof detail, "rank %d of world %d: %s", a->rank, a->world, sy_err_msg());
         send_fault(a, "internal", detail, -1, 0);
         return RUN_FAILED;
     }
@@ -1200,19 +1300,27 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                    "source %d", as->n_expert_source, E, as->dense_source);
         goto fail;
     }
-    if (a->curve && as->n_peer_keys != (size_t)a->world) {
+    if (a->curve && !a->peers_key) {
         /* a CURVE data plane admits only the members' keys: without them no peer could connect */
-        sy_err_set(SY_EINVAL, "Assign: %zu data-plane keys for a world of %d (CURVE data plane)", as->n_peer_keys,
-                   a->world);
+        sy_err_set(SY_EINVAL, "Assign: no data-plane keys for a world of %d (CURVE data plane)", a->world);
         goto fail;
     }
     pthread_mutex_lock(&a->mu);
     if (a->curve)
-        st = sy_comm_new_curve(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
-                               (const char *const *)as->peer_keys, a->cfg.cluster.data_timeout_ms, &a->comm);
+        st = sy_comm_new_curve(a->dp, gen, a->rank, a->world, (const char *const *)a->peers_ep,
+                               (const char *const *)a->peers_key, a->cfg.cluster.data_timeout_ms, &a->comm);
     else
-        st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)as->peers,
+        st = sy_comm_new(a->dp, gen, a->rank, a->world, (const char *const *)a->peers_ep,
                          a->cfg.cluster.data_timeout_ms, &a->comm);
+    /* The replicas' own communicator, when every member has a replica data plane. */
+    if (st == SY_OK && a->rdp && a->world > 1 && a->replicas > 0 && a->peers_rep) {
+        if (a->curve)
+            st = sy_comm_new_curve(a->rdp, gen, a->rank, a->world, (const char *const *)a->peers_rep,
+                                   (const char *const *)a->peers_key, a->cfg.cluster.data_timeout_ms, &a->rcomm);
+        else
+            st = sy_comm_new(a->rdp, gen, a->rank, a->world, (const char *const *)a->peers_rep,
+                             a->cfg.cluster.data_timeout_ms, &a->rcomm);
+    }
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) goto fail;
     if (a->world > 1 && sy_model_n_switch(a->model) > 0) {
@@ -1250,12 +1358,15 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
     /* The restored state goes to the buddies at once: under the new placement their replicas
      * of it may not exist yet, and the next failure may come before the first step ends. */
-    st = replicate(a);
+    double w0 = sy_replica_get_stats(a->rep).wait_ms;
+    st = replicate(a, true);
+    a->rep_start_wait_ms += sy_replica_get_stats(a->rep).wait_ms - w0;
     if (st == SY_EABORTED) goto aborted;
     if (st != SY_OK) goto step_failed;
 
     sy_dist_ctx ctx = {.cfg = &a->cfg, .model = a->model, .opt = a->opt, .data = a->data,
-                       .comm = a->comm, .owned = a->owned, .tokens = a->tokens};
+                       .comm = a->comm, .owned = a->owned, .tokens = a->tokens,
+                       .before_update = replica_before_update, .before_arg = a->rep};
     int64_t ckpt_now = -1;
     for (int64_t step = (int64_t)as->start_step; step <= (int64_t)as->end_step; step++) {
         /* control messages between steps */
@@ -1282,6 +1393,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             }
             sy_proto_free(m);
             if (leave) {
+                abort_generation(a);
                 close_generation(a);
                 set_state(a, ST_IDLE);
                 return r;
@@ -1316,10 +1428,14 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         double t0 = (sy_mono_s() * 1e3);
         st = sy_dist_step(&ctx, step, &res);
         /* The update of `step` is in the live state once the step returned SY_OK (it is the
-         * step's last act, after every collective); its replicas go out before StepDone, so a
-         * step the coordinator records has a whole replica of every expert. */
+         * step's last act, after every collective). Inline, its replicas go out before StepDone:
+         * a step the coordinator records has a whole replica of every expert. Overlapped, the
+         * exchange of step - 1 must be whole everywhere before this StepDone (point 3 of
+         * docs/fault-tolerance.md "Overlapped exchange"; its error is this step's), and this
+         * step's goes out while the next one computes. */
+        if (st == SY_OK && a->rcomm) st = sy_replica_wait(a->rep);
         if (st == SY_OK) sy_replica_set_live(a->rep, step, a->owned);
-        if (st == SY_OK) st = replicate(a);
+        if (st == SY_OK) st = replicate(a, false);
         double val_loss = NAN, ms = (sy_mono_s() * 1e3) - t0; /* the step's time leaves validation out */
         if (st == SY_OK && a->val && sy_dist_eval_due(&a->cfg, step))
             st = sy_dist_eval(&ctx, a->val, a->val_batches, &val_loss);
@@ -1344,6 +1460,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     set_state(a, ST_IDLE);
     return RUN_DONE;
 aborted:
+    abort_generation(a);
     close_generation(a);
     set_state(a, ST_IDLE);
     return RUN_ABORTED;
@@ -1362,6 +1479,7 @@ step_failed:
     }
     send_fault(a, st == SY_ETIMEOUT ? "peer_timeout" : "peer_error", sy_err_msg(),
                st == SY_ETIMEOUT ? first_missing_rank(sy_err_msg()) : -1, fault_step);
+    abort_generation(a);
     close_generation(a);
     set_state(a, ST_IDLE);
     return RUN_FAILED;
@@ -1369,6 +1487,7 @@ fail:
     snprintf(detail, sizeof detail, "%s", sy_err_msg());
     sy_error("generation %llu: %s", (unsigned long long)gen, detail);
     send_fault(a, "internal", detail, -1, 0);
+    abort_generation(a);
     close_generation(a);
     set_state(a, ST_IDLE);
     return RUN_FAILED;
@@ -1435,6 +1554,27 @@ int sy_agent_run(const sy_agent_opts *opts) {
                  : sy_dataplane_new(dp_kind, dp_bind, &a.dp)) != SY_OK) {
         sy_error("data plane: %s", sy_err_msg());
         goto out;
+    }
+    /* The replicas' data plane: same kind, host and keys, any free port. A worker without one
+     * replicates between steps on the data plane above: so does one started with the benchmark
+     * hook SY_TEST_REPLICA_INLINE=1 (bench/replica_cost.py's A/B), and one whose address space
+     * is limited (ulimit -v): a data plane's threads (ZeroMQ's I/O and reaper threads, a CURVE
+     * ZAP handler) reserve tens of MB of address space each, and ZeroMQ aborts the process when
+     * it cannot start one, where the model's own memory check would have said what is missing. */
+    struct rlimit as_lim;
+    bool as_limited = getrlimit(RLIMIT_AS, &as_lim) == 0 && as_lim.rlim_cur != RLIM_INFINITY;
+    if (as_limited)
+        sy_info("address space limited (ulimit -v): no replica data plane, replicas (if any) are exchanged "
+                "between steps");
+    if (!as_limited && (!getenv("SY_TEST_REPLICA_INLINE") || strcmp(getenv("SY_TEST_REPLICA_INLINE"), "1") != 0)) {
+        char rbind[300];
+        const char *colon = strrchr(dp_bind, ':');
+        snprintf(rbind, sizeof rbind, "%.*s:*", colon ? (int)(colon - dp_bind) : (int)strlen(dp_bind), dp_bind);
+        if ((a.curve ? sy_dataplane_new_curve(dp_kind, rbind, a.key.public_z85, a.key.secret_z85, &a.rdp)
+                     : sy_dataplane_new(dp_kind, rbind, &a.rdp)) != SY_OK) {
+            sy_warn("replica data plane at %s: %s (replicas are exchanged between steps)", rbind, sy_err_msg());
+            a.rdp = NULL;
+        }
     }
     a.zctx = zmq_ctx_new();
     a.pair_main = zmq_socket(a.zctx, ZMQ_PAIR);
@@ -1512,7 +1652,10 @@ out:; /* a label takes a statement, not a declaration (C11) */
     snapshot_drop(&a);
     if (a.pair_main) zmq_close(a.pair_main);
     if (a.zctx) zmq_ctx_term(a.zctx);
+    sy_dataplane_destroy(&a.rdp);
     sy_dataplane_destroy(&a.dp);
+    sy_peers_free(a.peers_n, a.peers_ep, a.peers_key);
+    sy_peers_free(a.peers_n, a.peers_rep, NULL);
     sy_adamw_destroy(&a.opt);
     sy_model_destroy(&a.model);
     sy_backend_destroy(&a.be);

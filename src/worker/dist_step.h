@@ -35,6 +35,11 @@ typedef struct {
     sy_comm_t *comm;           /* NULL: single process */
     const bool *owned;         /* [E] experts this rank owns (NULL: all) */
     int32_t *tokens;           /* [b, T+1] scratch */
+    /* Called (when set) after the last collective and before the update writes the parameters
+     * and moments: until then the step only reads them (the overlapped replica exchange copies
+     * the previous step's state meanwhile and is waited for here). */
+    void (*before_update)(void *arg);
+    void *before_arg;
 } sy_dist_ctx;
 
 /* Runs step `step` (1-based). */

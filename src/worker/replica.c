@@ -1,6 +1,7 @@
 /* Peer replicas of expert state: see replica.h. */
 #include "worker/replica.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,21 @@ typedef struct {
     size_t cap;
 } slot;
 
+/* A host copy of dense + the owned experts of one step: [dense weights | m | v][owned experts,
+ * ascending, each as in a slot]. The expert part is also the send buffer of an exchange. */
+typedef struct {
+    int64_t step; /* -1: invalid */
+    int64_t t;    /* the optimizer step count */
+    bool *owned;  /* [E] */
+    size_t *off;  /* [E] byte offset of owned expert e in buf */
+    size_t n_own;
+    char *buf;
+    size_t cap;
+} stage;
+
+/* The overlapped exchange's job (guarded by mu). */
+typedef enum { JOB_NONE, JOB_COPY, JOB_EXCHANGE, JOB_DONE } job_phase;
+
 struct sy_replica {
     sy_model_t *model;
     sy_adamw_t *opt;
@@ -27,15 +43,22 @@ struct sy_replica {
     size_t expert_bytes;  /* one expert's state (all experts have the same shapes) */
     int64_t live_step;
     bool *live_owned;     /* [E] */
-    /* prev: host copy of dense + prev_owned experts after step prev_step */
-    int64_t prev_step;
-    int64_t prev_t;
-    bool *prev_owned;
-    float *prev_p, *prev_m, *prev_v; /* [numel] (only dense and prev_owned parts written) */
+    stage stages[2];
     slot slots[2];
     bool held_dense[SY_REPLICA_MAX_HELD];
-    char *send;           /* staging of an exchange or restore */
+    char *send;           /* staging of a restore */
     size_t send_cap;
+    /* the overlapped exchange: the thread, and the job it runs (mu guards everything below) */
+    pthread_t th;
+    bool th_started, th_quit;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    job_phase phase;
+    sy_comm_t *job_comm;
+    uint32_t *job_place; /* [E] */
+    int job_replicas, job_stage, job_slot;
+    sy_status job_st;
+    char job_err[512];
     sy_replica_piece_fn piece_fn;
     void *piece_ctx;
     sy_replica_stats stats;
@@ -63,15 +86,20 @@ sy_status sy_replica_new(sy_model_t *m, sy_adamw_t *opt, sy_replica_t **out) {
         if (sy_model_param(m, i)->expert == 0) r->expert_bytes += 3 * sizeof(float) * sy_model_param(m, i)->numel;
     int E = r->E > 0 ? r->E : 1;
     r->live_owned = calloc((size_t)E, sizeof(bool));
-    r->prev_owned = calloc((size_t)E, sizeof(bool));
-    bool ok = r->live_owned && r->prev_owned;
+    r->job_place = calloc((size_t)E, sizeof(uint32_t));
+    bool ok = r->live_owned && r->job_place;
     for (int k = 0; k < 2; k++) {
         r->slots[k].step = -1;
         r->slots[k].have = calloc((size_t)E, sizeof(bool));
         r->slots[k].off = calloc((size_t)E, sizeof(size_t));
-        ok = ok && r->slots[k].have && r->slots[k].off;
+        r->stages[k].step = -1;
+        r->stages[k].owned = calloc((size_t)E, sizeof(bool));
+        r->stages[k].off = calloc((size_t)E, sizeof(size_t));
+        ok = ok && r->slots[k].have && r->slots[k].off && r->stages[k].owned && r->stages[k].off;
     }
-    r->live_step = r->prev_step = -1;
+    r->live_step = -1;
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
     if (!ok) {
         sy_replica_destroy(&r);
         return sy_err_set(SY_ENOMEM, "replicas: out of memory");
@@ -80,18 +108,33 @@ sy_status sy_replica_new(sy_model_t *m, sy_adamw_t *opt, sy_replica_t **out) {
     return SY_OK;
 }
 
+static void settle(sy_replica_t *r);
+
 void sy_replica_destroy(sy_replica_t **self_p) {
     if (!self_p || !*self_p) return;
     sy_replica_t *r = *self_p;
-    free(r->live_owned), free(r->prev_owned);
-    free(r->prev_p), free(r->prev_m), free(r->prev_v);
-    for (int k = 0; k < 2; k++) free(r->slots[k].have), free(r->slots[k].off), free(r->slots[k].buf);
+    settle(r);
+    if (r->th_started) {
+        pthread_mutex_lock(&r->mu);
+        r->th_quit = true;
+        pthread_cond_broadcast(&r->cv);
+        pthread_mutex_unlock(&r->mu);
+        pthread_join(r->th, NULL);
+    }
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cv);
+    free(r->live_owned), free(r->job_place);
+    for (int k = 0; k < 2; k++) {
+        free(r->slots[k].have), free(r->slots[k].off), free(r->slots[k].buf);
+        free(r->stages[k].owned), free(r->stages[k].off), free(r->stages[k].buf);
+    }
     free(r->send);
     free(r);
     *self_p = NULL;
 }
 
 void sy_replica_set_live(sy_replica_t *r, int64_t step, const bool *owned) {
+    settle(r);
     r->live_step = step;
     if (owned) memcpy(r->live_owned, owned, sizeof(bool) * (size_t)r->E);
 }
@@ -99,8 +142,10 @@ void sy_replica_set_live(sy_replica_t *r, int64_t step, const bool *owned) {
 int64_t sy_replica_live_step(const sy_replica_t *r) { return r->live_step; }
 
 void sy_replica_forget(sy_replica_t *r) {
-    r->live_step = r->prev_step = -1;
+    settle(r);
+    r->live_step = -1;
     r->slots[0].step = r->slots[1].step = -1;
+    r->stages[0].step = r->stages[1].step = -1;
 }
 
 void sy_replica_set_piece_hook(sy_replica_t *r, sy_replica_piece_fn fn, void *ctx) {
@@ -125,17 +170,6 @@ static void pack_live(sy_replica_t *r, int e, char *dst) {
     }
 }
 
-/* prev (host) of expert e -> host dst. */
-static void pack_prev(sy_replica_t *r, int e, char *dst) {
-    for (int i = 0; i < sy_model_n_params(r->model); i++) {
-        const sy_param_t *p = sy_model_param(r->model, i);
-        if (p->expert != e) continue;
-        size_t b = sizeof(float) * p->numel;
-        memcpy(dst, r->prev_p + p->offset, b), dst += b;
-        memcpy(dst, r->prev_m + p->offset, b), dst += b;
-        memcpy(dst, r->prev_v + p->offset, b), dst += b;
-    }
-}
 
 /* host src (expert_bytes) -> live buffers of expert e. */
 static void unpack_live(sy_replica_t *r, int e, const char *src) {
@@ -150,38 +184,37 @@ static void unpack_live(sy_replica_t *r, int e, const char *src) {
     }
 }
 
-/* ---- prev ------------------------------------------------------------------------------- */
+/* ---- stages ----------------------------------------------------------------------------- */
 
-sy_status sy_replica_keep(sy_replica_t *r) {
+/* stage <- live (dense + the live experts). Any thread, while nothing writes the live buffers. */
+static sy_status stage_take(sy_replica_t *r, stage *sg) {
     double t0 = sy_mono_s();
-    if (!r->prev_p) {
-        /* full-size buffers; only dense and the owned experts' pages are ever touched */
-        r->prev_p = malloc(sizeof(float) * r->numel);
-        r->prev_m = malloc(sizeof(float) * r->numel);
-        r->prev_v = malloc(sizeof(float) * r->numel);
-        if (!r->prev_p || !r->prev_m || !r->prev_v) {
-            free(r->prev_p), free(r->prev_m), free(r->prev_v);
-            r->prev_p = r->prev_m = r->prev_v = NULL;
-            return sy_err_set(SY_ENOMEM, "replicas: no memory for the copy of the previous step");
-        }
+    const size_t db = sizeof(float) * r->dense;
+    size_t n_own = 0;
+    for (int e = 0; e < r->E; e++) n_own += r->live_owned[e];
+    sg->step = -1;
+    SY_CHECK(grow(&sg->buf, &sg->cap, 3 * db + n_own * r->expert_bytes + 1));
+    r->be->download(r->be, sg->buf, sy_model_params(r->model), db);
+    r->be->download(r->be, sg->buf + db, sy_adamw_m(r->opt), db);
+    r->be->download(r->be, sg->buf + 2 * db, sy_adamw_v(r->opt), db);
+    size_t o = 3 * db;
+    for (int e = 0; e < r->E; e++) {
+        sg->owned[e] = r->live_owned[e];
+        if (!sg->owned[e]) continue;
+        sg->off[e] = o;
+        if (r->expert_bytes) pack_live(r, e, sg->buf + o);
+        o += r->expert_bytes;
     }
-    r->prev_step = -1;
-    if (r->live_step < 0) return SY_OK;
-    float *P = sy_model_params(r->model), *M = sy_adamw_m(r->opt), *V = sy_adamw_v(r->opt);
-    for (int i = 0; i < sy_model_n_params(r->model); i++) {
-        const sy_param_t *p = sy_model_param(r->model, i);
-        if (p->expert >= 0 && !r->live_owned[p->expert]) continue;
-        size_t b = sizeof(float) * p->numel;
-        r->be->download(r->be, r->prev_p + p->offset, P + p->offset, b);
-        r->be->download(r->be, r->prev_m + p->offset, M + p->offset, b);
-        r->be->download(r->be, r->prev_v + p->offset, V + p->offset, b);
-    }
-    memcpy(r->prev_owned, r->live_owned, sizeof(bool) * (size_t)r->E);
-    r->prev_t = sy_adamw_t_count(r->opt);
-    r->prev_step = r->live_step;
+    sg->n_own = n_own;
+    sg->t = sy_adamw_t_count(r->opt);
+    sg->step = r->live_step;
     r->stats.keep_ms += (sy_mono_s() - t0) * 1e3;
     return SY_OK;
 }
+
+/* The older stage (the one a new copy replaces). */
+static int older_stage(const sy_replica_t *r) { return r->stages[0].step <= r->stages[1].step ? 0 : 1; }
+static int older_slot(const sy_replica_t *r) { return r->slots[0].step <= r->slots[1].step ? 0 : 1; }
 
 /* ---- the exchange after a step --------------------------------------------------------- */
 
@@ -191,10 +224,12 @@ static int owned_by(const uint32_t *placement, int E, int rank) {
     return n;
 }
 
-sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas) {
-    const int W = comm ? sy_comm_world(comm) : 1, rank = comm ? sy_comm_rank(comm) : 0, E = r->E;
-    if (replicas > W - 1) replicas = W - 1;
-    if (replicas <= 0 || r->expert_bytes == 0 || r->live_step < 0) return SY_OK;
+/* Sends stage sg's experts (placement[e] == rank, as the stage holds them) to the buddies and
+ * receives theirs into slot s, named sg's step once whole (and, when `barrier`, once every rank
+ * holds its own). */
+static sy_status exchange_from(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas,
+                               const stage *sg, slot *s, bool barrier) {
+    const int W = sy_comm_world(comm), rank = sy_comm_rank(comm), E = r->E;
     double t0 = sy_mono_s();
     /* rounds: the same on every rank (from the largest owner's share), so collectives pair up */
     size_t most = 0;
@@ -203,14 +238,10 @@ sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *
         if (b > most) most = b;
     }
     const int rounds = (int)((most + SY_REPLICA_PIECE_BYTES - 1) / SY_REPLICA_PIECE_BYTES);
-    /* what we send: our live experts, ascending */
-    const size_t mine = (size_t)owned_by(placement, E, rank) * r->expert_bytes;
-    SY_CHECK(grow(&r->send, &r->send_cap, mine ? mine : 1));
-    size_t o = 0;
-    for (int e = 0; e < E; e++)
-        if ((int)placement[e] == rank) pack_live(r, e, r->send + o), o += r->expert_bytes;
+    /* what we send: our experts, ascending, straight from the stage */
+    const size_t mine = sg->n_own * r->expert_bytes;
+    const char *send = sg->buf + 3 * sizeof(float) * r->dense;
     /* what we receive: buddy j's sender is rank - j; its experts ascending, senders by j */
-    slot *s = &r->slots[r->slots[0].step <= r->slots[1].step ? 0 : 1];
     s->step = -1; /* invalid until every piece is in */
     size_t need = 0;
     for (int j = 1; j <= replicas; j++) need += (size_t)owned_by(placement, E, (rank - j + W) % W) * r->expert_bytes;
@@ -228,8 +259,8 @@ sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *
             sb[to] = at < mine ? (mine - at < SY_REPLICA_PIECE_BYTES ? mine - at : SY_REPLICA_PIECE_BYTES) : 0;
             rb[from] = at < theirs ? (theirs - at < SY_REPLICA_PIECE_BYTES ? theirs - at : SY_REPLICA_PIECE_BYTES) : 0;
             /* send/recv point at the piece: the chunks of the other ranks are empty */
-            SY_CHECK(sy_comm_alltoallv(comm, r->send + (sb[to] ? at : 0), sb, s->buf + base + (rb[from] ? at : 0), rb));
-            if (r->piece_fn) r->piece_fn(r->piece_ctx, r->live_step, k, rounds);
+            SY_CHECK(sy_comm_alltoallv(comm, send + (sb[to] ? at : 0), sb, s->buf + base + (rb[from] ? at : 0), rb));
+            if (r->piece_fn) r->piece_fn(r->piece_ctx, sg->step, k, rounds);
         }
         size_t eo = base;
         for (int e = 0; e < E; e++)
@@ -238,27 +269,138 @@ sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *
         r->stats.bytes_sent += mine;
         r->stats.bytes_received += theirs;
     }
-    s->step = r->live_step;
+    if (barrier) SY_CHECK(sy_comm_barrier(comm));
+    s->step = sg->step;
     r->stats.exchanges++;
     r->stats.exchange_ms += (sy_mono_s() - t0) * 1e3;
     return SY_OK;
 }
 
+static bool nothing_to_send(const sy_replica_t *r, const sy_comm_t *comm, int replicas) {
+    const int W = comm ? sy_comm_world(comm) : 1;
+    if (replicas > W - 1) replicas = W - 1;
+    return replicas <= 0 || r->expert_bytes == 0 || r->live_step < 0;
+}
+
+sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas) {
+    settle(r);
+    if (nothing_to_send(r, comm, replicas)) return SY_OK;
+    if (replicas > sy_comm_world(comm) - 1) replicas = sy_comm_world(comm) - 1;
+    stage *sg = &r->stages[older_stage(r)];
+    SY_CHECK(stage_take(r, sg));
+    return exchange_from(r, comm, placement, replicas, sg, &r->slots[older_slot(r)], false);
+}
+
+/* ---- the overlapped exchange ------------------------------------------------------------- */
+
+static void *exchange_main(void *arg) {
+    sy_replica_t *r = arg;
+    pthread_mutex_lock(&r->mu);
+    for (;;) {
+        while (!r->th_quit && r->phase != JOB_COPY) pthread_cond_wait(&r->cv, &r->mu);
+        if (r->th_quit) break;
+        pthread_mutex_unlock(&r->mu);
+        stage *sg = &r->stages[r->job_stage];
+        sy_status st = stage_take(r, sg);
+        pthread_mutex_lock(&r->mu);
+        r->phase = JOB_EXCHANGE;
+        pthread_cond_broadcast(&r->cv);
+        pthread_mutex_unlock(&r->mu);
+        if (st == SY_OK)
+            st = exchange_from(r, r->job_comm, r->job_place, r->job_replicas, sg, &r->slots[r->job_slot], true);
+        pthread_mutex_lock(&r->mu);
+        r->job_st = st;
+        snprintf(r->job_err, sizeof r->job_err, "%s", st == SY_OK ? "" : sy_err_msg());
+        r->phase = JOB_DONE;
+        pthread_cond_broadcast(&r->cv);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas) {
+    SY_CHECK(sy_replica_wait(r));
+    if (nothing_to_send(r, comm, replicas)) return SY_OK;
+    if (replicas > sy_comm_world(comm) - 1) replicas = sy_comm_world(comm) - 1;
+    if (!r->th_started) {
+        if (pthread_create(&r->th, NULL, exchange_main, r) != 0)
+            return sy_err_set(SY_EINTERNAL, "replicas: cannot start the exchange thread");
+        r->th_started = true;
+    }
+    /* The older stage and slot are invalid from now on: neither is named in holdings until the
+     * thread has written it whole. */
+    const int sg = older_stage(r), sl = older_slot(r);
+    r->stages[sg].step = -1;
+    r->slots[sl].step = -1;
+    pthread_mutex_lock(&r->mu);
+    r->job_comm = comm;
+    memcpy(r->job_place, placement, sizeof(uint32_t) * (size_t)r->E);
+    r->job_replicas = replicas;
+    r->job_stage = sg;
+    r->job_slot = sl;
+    r->job_st = SY_OK;
+    r->phase = JOB_COPY;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    return SY_OK;
+}
+
+void sy_replica_wait_copied(sy_replica_t *r) {
+    double t0 = sy_mono_s();
+    pthread_mutex_lock(&r->mu);
+    while (r->phase == JOB_COPY) pthread_cond_wait(&r->cv, &r->mu);
+    pthread_mutex_unlock(&r->mu);
+    r->stats.wait_ms += (sy_mono_s() - t0) * 1e3;
+}
+
+sy_status sy_replica_wait(sy_replica_t *r) {
+    double t0 = sy_mono_s();
+    pthread_mutex_lock(&r->mu);
+    while (r->phase == JOB_COPY || r->phase == JOB_EXCHANGE) pthread_cond_wait(&r->cv, &r->mu);
+    sy_status st = r->phase == JOB_DONE ? r->job_st : SY_OK;
+    char err[sizeof r->job_err];
+    snprintf(err, sizeof err, "%s", r->job_err);
+    r->phase = JOB_NONE;
+    r->job_comm = NULL;
+    pthread_mutex_unlock(&r->mu);
+    r->stats.wait_ms += (sy_mono_s() - t0) * 1e3;
+    if (st != SY_OK) return sy_err_set(st, "replica exchange: %s", err);
+    return SY_OK;
+}
+
+/* Ends a pending post (its error, if any, is dropped: the caller is past caring). */
+static void settle(sy_replica_t *r) {
+    if (!r->th_started) return;
+    pthread_mutex_lock(&r->mu);
+    bool pending = r->phase != JOB_NONE;
+    pthread_mutex_unlock(&r->mu);
+    if (pending) (void)sy_replica_wait(r);
+}
+
 /* ---- what is held ----------------------------------------------------------------------- */
 
 int sy_replica_holdings(sy_replica_t *r, sy_replica_held *out) {
+    settle(r);
     int n = 0;
     if (r->live_step >= 0) out[n++] = (sy_replica_held){r->live_step, true, r->live_owned};
-    if (r->prev_step >= 0) out[n++] = (sy_replica_held){r->prev_step, true, r->prev_owned};
+    for (int k = 0; k < 2; k++) {
+        const stage *sg = &r->stages[k];
+        if (sg->step < 0) continue;
+        /* a copy of the live state adds nothing to it */
+        if (sg->step == r->live_step && !memcmp(sg->owned, r->live_owned, sizeof(bool) * (size_t)r->E)) continue;
+        out[n++] = (sy_replica_held){sg->step, true, sg->owned};
+    }
     for (int k = 0; k < 2; k++)
         if (r->slots[k].step >= 0) out[n++] = (sy_replica_held){r->slots[k].step, false, r->slots[k].have};
     return n;
 }
 
-/* Where this rank finds expert e of `step`: 'l' live, 'p' prev, '0'/'1' a slot, 0 nowhere. */
+/* Where this rank finds expert e of `step`: 'l' live, 'a'/'b' a stage, '0'/'1' a slot, 0
+ * nowhere. */
 static char find_expert(const sy_replica_t *r, int64_t step, int e) {
     if (r->live_step == step && r->live_owned[e]) return 'l';
-    if (r->prev_step == step && r->prev_owned[e]) return 'p';
+    for (int k = 0; k < 2; k++)
+        if (r->stages[k].step == step && r->stages[k].owned[e]) return (char)('a' + k);
     for (int k = 0; k < 2; k++)
         if (r->slots[k].step == step && r->slots[k].have[e]) return (char)('0' + k);
     return 0;
@@ -266,7 +408,8 @@ static char find_expert(const sy_replica_t *r, int64_t step, int e) {
 
 static void pack_from(sy_replica_t *r, char where, int e, char *dst) {
     if (where == 'l') pack_live(r, e, dst);
-    else if (where == 'p') pack_prev(r, e, dst);
+    else if (where == 'a' || where == 'b')
+        memcpy(dst, r->stages[where - 'a'].buf + r->stages[where - 'a'].off[e], r->expert_bytes);
     else memcpy(dst, r->slots[where - '0'].buf + r->slots[where - '0'].off[e], r->expert_bytes);
 }
 
@@ -274,17 +417,18 @@ static void pack_from(sy_replica_t *r, char where, int e, char *dst) {
 
 sy_status sy_replica_restore(sy_replica_t *r, sy_comm_t *comm, int rank, int world, int64_t step, int dense_source,
                              const int32_t *expert_source, const uint32_t *placement, char *note, size_t note_cap) {
+    settle(r);
     const int E = r->E;
     const size_t EB = r->expert_bytes, db = sizeof(float) * r->dense;
     if (world > 1 && !comm) return sy_err_set(SY_EINVAL, "replica restore: no data plane for world %d", world);
     /* 1. Check and stage everything this rank gives before anything is overwritten. */
     char dense_at = 0;
     if (rank == dense_source) {
-        dense_at = r->live_step == step ? 'l' : r->prev_step == step ? 'p' : 0;
+        dense_at = r->live_step == step ? 'l' : r->stages[0].step == step ? 'a' : r->stages[1].step == step ? 'b' : 0;
         if (!dense_at)
             return sy_err_set(SY_EINVAL, "replica restore: asked for dense of step %lld, which this worker does not "
-                              "hold (live %lld, previous %lld)", (long long)step, (long long)r->live_step,
-                              (long long)r->prev_step);
+                              "hold (live %lld, copies %lld and %lld)", (long long)step, (long long)r->live_step,
+                              (long long)r->stages[0].step, (long long)r->stages[1].step);
     }
     size_t sb[world > 0 ? world : 1], rb[world > 0 ? world : 1], soff[world > 0 ? world : 1];
     memset(sb, 0, sizeof sb);
@@ -321,15 +465,13 @@ sy_status sy_replica_restore(sy_replica_t *r, sy_comm_t *comm, int rank, int wor
     char *dense_buf = r->send, *sends = dense_buf + dense_bytes, *locals = sends + total_send,
          *recvs = locals + local_bytes;
     if (dense_at) {
-        int64_t t = dense_at == 'l' ? sy_adamw_t_count(r->opt) : r->prev_t;
+        int64_t t = dense_at == 'l' ? sy_adamw_t_count(r->opt) : r->stages[dense_at - 'a'].t;
         if (dense_at == 'l') {
             r->be->download(r->be, dense_buf, sy_model_params(r->model), db);
             r->be->download(r->be, dense_buf + db, sy_adamw_m(r->opt), db);
             r->be->download(r->be, dense_buf + 2 * db, sy_adamw_v(r->opt), db);
         } else {
-            memcpy(dense_buf, r->prev_p, db);
-            memcpy(dense_buf + db, r->prev_m, db);
-            memcpy(dense_buf + 2 * db, r->prev_v, db);
+            memcpy(dense_buf, r->stages[dense_at - 'a'].buf, 3 * db);
         }
         memcpy(dense_buf + 3 * db, &t, sizeof t);
     }

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "fuzz_util.h"
+#include "proto/peers.h"
 #include "proto/protocol.h"
 
 static volatile size_t sink;
@@ -38,9 +39,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     case SY__ENVELOPE__BODY_ASSIGN: {
         const Sy__Assign *as = env->assign;
         for (size_t i = 0; i < as->n_peers; i++) touch(as->peers[i]);
-        /* the worker's use: owner rank of each expert indexes its peers */
-        for (size_t e = 0; e < as->n_placement; e++) touch(as->peers[as->placement[e]]);
-        touch(as->peers[as->rank]);
+        /* the worker's use: the table, whole or an edit applied to a base (proto/peers.h; here
+         * a base of 3 entries), then the owner rank of each expert indexes it */
+        static const char *const base_ep[3] = {"tcp://a:1", "tcp://b:2", "tcp://c:3"};
+        char **ep = NULL, **key = NULL;
+        const char *const *pk = as->n_peer_keys ? (const char *const *)as->peer_keys : NULL;
+        if (as->peers_base ? sy_peers_apply(3, base_ep, NULL, as->peers_edit, as->n_peers_edit,
+                                            (const char *const *)as->peers, pk, as->n_peers, (int)as->world,
+                                            &ep, &key) == SY_OK
+                           : sy_peers_copy((int)as->n_peers, (const char *const *)as->peers, pk, &ep, &key) == SY_OK) {
+            for (size_t e = 0; e < as->n_placement; e++) touch(ep[as->placement[e]]);
+            touch(ep[as->rank]);
+            if (key) touch(key[as->rank]);
+            sy_peers_free((int)as->world, ep, key);
+        }
         touch(as->config_json);
         break;
     }

@@ -298,6 +298,12 @@ def scenario_grow_drain(tmp, ref):
         check(not any(e["event"] == "worker_lost" for e in ev), f"{label}: no worker_lost in the whole run")
         worlds = [e["world"] for e in ev if e["event"] == "generation_opened"]
         check(worlds == [2, 4, 3], f"{label}: generations of 2, 4, 3 workers ({worlds})")
+        # peer tables (docs/protocol.md "Peer tables"): w0, w1 got the generation of 4's table
+        # as an edit of the one they held, the newcomers whole; the 3 left after the drain all
+        # edits; the run still matches the reference (verify_run above), so the edits were right
+        check(g4.get("peers_edited") == 2 and g3.get("peers_edited") == 3,
+              f"{label}: peer tables sent as edits to the workers that held the previous one "
+              f"(generation of 4: {g4.get('peers_edited')} of 4, of 3: {g3.get('peers_edited')} of 3)")
         return ok
     finally:
         c.close()

@@ -19,16 +19,14 @@ reference AdamW's exp_avg / exp_avg_sq.
 Env: SY_BUILD (build dir), SY_SRC (source dir). Exit status non-zero on any failure.
 """
 import glob
-import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 
 import sytest
-from sytest import BUILD, SRC
+from sytest import SRC
 
 sys.path.insert(0, os.path.join(SRC, "tests"))
 
@@ -36,6 +34,8 @@ import torch  # noqa: E402
 
 from reference.model import RefConfig, SwitchLM, lr_at, make_optimizer, train_steps  # noqa: E402
 from reference import safetensors_io as st  # noqa: E402
+from refutil import (SUMMARY, fail, finish, load_dump, missing_tools, prepare_shards, rel,  # noqa: E402
+                     rel_scalar, run)
 
 REFDUMP = sytest.tool("sy_refdump")
 DATAPREP = sytest.tool("sy_dataprep")
@@ -49,32 +49,6 @@ TOL_GRAD = 1e-4      # relative per tensor, step-1 gradients
 TOL_FINAL = 1e-4     # relative per tensor, parameters after K AdamW steps
 TOL_MOMENT = 1e-4    # relative per tensor, AdamW m and v after K steps
 TOL_CKPT = 1e-6      # relative per tensor, checkpoint vs sy_refdump final (same code path)
-
-FAILURES = []
-SUMMARY = []
-
-
-def fail(msg):
-    FAILURES.append(msg)
-    print("FAIL: " + msg, flush=True)
-
-
-def rel(a, b):
-    a = a.detach().double()
-    b = b.detach().double()
-    return float((a - b).norm() / max(float(b.norm()), 1e-30))
-
-
-def rel_scalar(a, b, floor=1e-30):
-    return abs(a - b) / max(abs(b), floor)
-
-
-def run(cmd, **kw):
-    r = sytest.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, **kw)
-    if r.returncode != 0:
-        raise RuntimeError("command failed (exit %d): %s\n%s" % (r.returncode, " ".join(cmd), r.stdout))
-    return r.stdout
-
 
 def make_corpus(path):
     """A few KB of varied text (deterministic)."""
@@ -118,25 +92,6 @@ def sets_args(sets):
     return out
 
 
-def load_dump(out):
-    with open(os.path.join(out, "config.json")) as f:
-        cfgd = json.load(f)
-    with open(os.path.join(out, "losses.json")) as f:
-        losses = json.load(f)
-    cfg = RefConfig.from_dict(cfgd)
-    b, T, M = cfg.micro_batch_seqs, cfg.seq_len, cfg.n_micro
-    raw = open(os.path.join(out, "tokens.bin"), "rb").read()
-    expect = K * M * b * (T + 1) * 4
-    if len(raw) != expect:
-        raise RuntimeError("%s/tokens.bin: %d bytes, expected %d for int32 [K=%d, M=%d, b=%d, T+1=%d]"
-                           % (out, len(raw), expect, K, M, b, T + 1))
-    tokens = torch.frombuffer(bytearray(raw), dtype=torch.int32).reshape(K, M, b, T + 1).clone()
-    init, _ = st.load_file(os.path.join(out, "init.safetensors"))
-    grads1, _ = st.load_file(os.path.join(out, "grads1.safetensors"))
-    final, _ = st.load_file(os.path.join(out, "final.safetensors"))
-    return cfgd, cfg, losses, tokens, init, grads1, final
-
-
 def strict_load(model, tensors, what):
     """load_state_dict with every name present exactly once and every shape equal."""
     sd = model.state_dict()
@@ -178,7 +133,9 @@ def check_case(tmp, shards, name, extra, expect_drops):
     out = os.path.join(tmp, "dump-" + name)
     sets = common_sets(shards) + extra
     run([REFDUMP, CONFIG, "--out", out, "--steps", str(K)] + sets_args(sets))
-    cfgd, cfg, losses, tokens, init, grads1, final = load_dump(out)
+    d = load_dump(out, K)
+    cfgd, cfg, losses, tokens, init, grads1, final = (d[k] for k in ("cfgd", "cfg", "losses", "tokens", "init",
+                                                                     "grads1", "final"))
     print("case %s: E=%d S=%d L=%d G=%d C=%d M=%d" % (name, cfg.n_experts, cfg.switch_every, cfg.n_layers,
                                                       cfg.micro_batch_seqs * cfg.seq_len,
                                                       cfg.capacity(cfg.micro_batch_seqs * cfg.seq_len,
@@ -351,19 +308,13 @@ def check_safetensors_io():
 
 
 def main():
-    for exe in (REFDUMP, DATAPREP, SWITCHYARD):
-        if not os.access(exe, os.X_OK):
-            print("FAIL: %s not built (SY_BUILD=%s)" % (exe, BUILD))
-            return 1
+    if missing_tools((REFDUMP, DATAPREP, SWITCHYARD)):
+        return 1
     torch.set_num_threads(2)
     check_safetensors_io()
     with tempfile.TemporaryDirectory(prefix="sy_reftest_") as tmp:
-        corpus = os.path.join(tmp, "corpus.txt")
-        make_corpus(corpus)
-        shards = os.path.join(tmp, "shards")
-        run([DATAPREP, "prepare", "--input", corpus, "--out", shards])
-        if not glob.glob(os.path.join(shards, "train_*.bin")):
-            print("FAIL: sy_dataprep wrote no train shard in %s" % shards)
+        shards = prepare_shards(tmp, DATAPREP, make_corpus)
+        if shards is None:
             return 1
         cases = {}
         for name, extra, drops in CASES:
@@ -376,14 +327,7 @@ def main():
                 check_checkpoint(tmp, cases["switch"])
             except Exception as e:
                 fail("checkpoint: %s: %s" % (type(e).__name__, e))
-    print("\nsummary:")
-    for line in SUMMARY:
-        print("  " + line)
-    if FAILURES:
-        print("\n%d failure(s); first: %s" % (len(FAILURES), FAILURES[0]))
-        return 1
-    print("all reference checks passed")
-    return 0
+    return finish("all reference checks passed")
 
 
 if __name__ == "__main__":

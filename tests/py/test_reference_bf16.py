@@ -45,11 +45,8 @@ resolve (d), whether the router's dz·W_r is rounded before it joins the expert 
 
 Env: SY_BUILD (build dir), SY_SRC (source dir). Exit status non-zero on any failure.
 """
-import glob
-import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,9 +58,9 @@ sys.path.insert(0, os.path.join(SRC, "tests"))
 
 import torch  # noqa: E402
 
-from reference.model import RefConfig, SwitchLM, make_optimizer  # noqa: E402
+from reference.model import SwitchLM, make_optimizer  # noqa: E402
 from reference import bf16 as bf16ref  # noqa: E402
-from reference import safetensors_io as st  # noqa: E402
+from refutil import SUMMARY, fail, finish, load_dump, missing_tools, prepare_shards, rel, rel_scalar, run  # noqa: E402
 
 REFDUMP = os.path.join(BUILD, "tests", "sy_refdump")
 DATAPREP = os.path.join(BUILD, "tests", "sy_dataprep")
@@ -78,31 +75,6 @@ TOL_NORM = 5e-3      # relative: global gradient norm (before clipping), every s
 TOL_GRAD_LNF = 4e-4  # relative: step-1 gradient of ln_f.weight (first in the backward)
 TOL_GRAD = 2e-2      # relative per tensor: every step-1 gradient
 TOL_FINAL = 2e-2     # relative per tensor: every parameter after K AdamW steps
-
-FAILURES = []
-SUMMARY = []
-
-
-def fail(msg):
-    FAILURES.append(msg)
-    print("FAIL: " + msg, flush=True)
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / max(float(b.norm()), 1e-30))
-
-
-def rel_scalar(a, b, floor=1e-30):
-    return abs(a - b) / max(abs(b), floor)
-
-
-def run(cmd):
-    r = sytest.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
-    if r.returncode != 0:
-        raise RuntimeError("command failed (exit %d): %s\n%s" % (r.returncode, " ".join(cmd), r.stdout))
-    return r.stdout
-
 
 def make_corpus(path):
     rng = random.Random(20240521)
@@ -135,21 +107,7 @@ def refdump(out, sets):
     for s in sets:
         args += ["--set", s]
     run(args)
-    with open(os.path.join(out, "config.json")) as f:
-        cfgd = json.load(f)
-    with open(os.path.join(out, "losses.json")) as f:
-        losses = json.load(f)
-    cfg = RefConfig.from_dict(cfgd)
-    b, T, M = cfg.micro_batch_seqs, cfg.seq_len, cfg.n_micro
-    raw = open(os.path.join(out, "tokens.bin"), "rb").read()
-    if len(raw) != K * M * b * (T + 1) * 4:
-        raise RuntimeError("%s/tokens.bin: %d bytes, expected int32 [K=%d, M=%d, b=%d, T+1=%d]"
-                           % (out, len(raw), K, M, b, T + 1))
-    tokens = torch.frombuffer(bytearray(raw), dtype=torch.int32).reshape(K, M, b, T + 1).clone()
-    return {"cfgd": cfgd, "cfg": cfg, "losses": losses, "tokens": tokens,
-            "init": st.load_file(os.path.join(out, "init.safetensors"))[0],
-            "grads1": st.load_file(os.path.join(out, "grads1.safetensors"))[0],
-            "final": st.load_file(os.path.join(out, "final.safetensors"))[0]}
+    return load_dump(out, K)
 
 
 def reference(dump, disabled=()):
@@ -257,32 +215,19 @@ def check_case(tmp, shards, name, extra, expect_drops):
 
 
 def main():
-    for exe in (REFDUMP, DATAPREP):
-        if not os.access(exe, os.X_OK):
-            print("FAIL: %s not built (SY_BUILD=%s)" % (exe, BUILD))
-            return 1
+    if missing_tools((REFDUMP, DATAPREP)):
+        return 1
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="sy_bf16ref_") as tmp:
-        corpus = os.path.join(tmp, "corpus.txt")
-        make_corpus(corpus)
-        shards = os.path.join(tmp, "shards")
-        run([DATAPREP, "prepare", "--input", corpus, "--out", shards])
-        if not glob.glob(os.path.join(shards, "train_*.bin")):
-            print("FAIL: sy_dataprep wrote no train shard in %s" % shards)
+        shards = prepare_shards(tmp, DATAPREP, make_corpus)
+        if shards is None:
             return 1
         for name, extra, drops in CASES:
             try:
                 check_case(tmp, shards, name, extra, drops)
             except Exception as e:  # report and go on with the other cases
                 fail("%s: %s: %s" % (name, type(e).__name__, e))
-    print("\nsummary:")
-    for line in SUMMARY:
-        print("  " + line)
-    if FAILURES:
-        print("\n%d failure(s); first: %s" % (len(FAILURES), FAILURES[0]))
-        return 1
-    print("all bf16 reference checks passed")
-    return 0
+    return finish("all bf16 reference checks passed")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 /* sy_loadgen: many simulated workers in one process, speaking docs/protocol.md to the real
  * switchyard-coordinator (issue 14: the control plane measured at scale; docs/scale.md).
  *
- *   sy_loadgen --coordinator EP --workers N [--step-ms MS] [--tokens T] [--counts full|none]
+ *   sy_loadgen --coordinator EP --workers N [--step-ms MS] [--tokens T] [--counts full|none] [--peers edit|whole]
  *              [--event T:kill|stop|add:K ...] [--duration S] [--report FILE] [--io-threads K]
  *              [--ckpt-threads K] [--prefix ID]
  *   sy_loadgen --placement E W     (times sy_placement_sticky: first placement, then one loss)
@@ -16,7 +16,12 @@
  * --counts none); at checkpoint steps (checkpoint.every, the last step, a CheckpointNow step)
  * it writes tiny real files with sy_ckpt_write_part_tagged into the run's store (rank 0: dense +
  * dense.optim; every rank: its experts' two files) on a writer thread, then sends
- * CheckpointPart (a checkpoint step waits for the previous upload: checkpoint.on_busy wait). Abort stops the steps; Stop ends the simulated worker.
+ * CheckpointPart (a checkpoint step waits for the previous upload: checkpoint.on_busy wait). Abort stops the steps
+ * and is answered with an empty Holdings (a simulated worker holds no state: docs/fault-tolerance.md
+ * "Peer replicas"); Stop ends the simulated worker.
+ * Peer tables (docs/protocol.md "Peer tables"): heartbeats report the table held, so Assigns after
+ * the first may be edits, resolved against a table per generation shared by the simulated
+ * workers and cross-checked; --peers whole reports none (every Assign whole: the old protocol).
  *
  * Events (seconds after the first generation reached all its members): kill:K closes K member
  * sockets (a dead process: the coordinator sees the TCP close), stop:K makes K members silent
@@ -46,6 +51,7 @@
 #include <zmq.h>
 
 #include "base/config.h"
+#include "proto/peers.h"
 #include "proto/placement.h"
 #include "proto/protocol.h"
 #include "storage/ckpt.h"
@@ -71,6 +77,7 @@ typedef struct {
     uint64_t gen;
     int rank, world;
     int64_t cur, end, forced, next_step;
+    uint64_t peers_gen, peers_inc; /* the peer table it holds (genrec's), 0: none */
 } sim;
 
 typedef struct {
@@ -82,6 +89,16 @@ typedef struct {
     uint32_t *placement; /* [E], from the first Assign of the generation */
     int *member;         /* [world]: sim index by rank */
     int lost_before;     /* sims killed/stopped since the previous generation */
+    /* The generation's peer table (docs/protocol.md "Peer tables"), shared by this process's
+     * members: the first whole table or edit received builds it, every later Assign is checked
+     * against it. edited: Assigns that came as an edit; unresolved: edits of a table the
+     * simulated worker did not hold, or that did not fit; mismatched: Assigns whose table
+     * differs from the one built first. */
+    bool tab_ok;
+    char **ep, **key;
+    uint32_t *edit;
+    size_t n_edit;
+    int edited, unresolved, mismatched;
 } genrec;
 
 typedef struct {
@@ -107,6 +124,8 @@ typedef struct job {
 static const char *ep, *report_path, *prefix = "lg";
 static int n_initial = 10, step_ms = 500, tokens = 4096, io_threads = 1, ckpt_threads = 4, counts_full = 1;
 static double duration_s = 30;
+static int peers_edit = 1; /* 0 (--peers whole): heartbeats say no table held, as a worker that
+                            * predates peer table edits: every Assign comes whole */
 static event events[MAX_EVENTS];
 static int n_events;
 
@@ -130,8 +149,8 @@ static int ngens;
 static int lost_since_gen;
 
 /* bytes by message kind: count, total, max */
-enum { K_HELLO, K_HB, K_STEP, K_PART, K_WELCOME, K_ASSIGN, K_OTHER_IN, K__N };
-static const char *kname[K__N] = {"hello", "heartbeat", "step_done", "checkpoint_part", "welcome", "assign", "other_in"};
+enum { K_HELLO, K_HB, K_STEP, K_PART, K_WELCOME, K_ASSIGN, K_OTHER_IN, K_OTHER_OUT, K__N };
+static const char *kname[K__N] = {"hello", "heartbeat", "step_done", "checkpoint_part", "welcome", "assign", "other_in", "holdings"};
 static struct { uint64_t n; double total; size_t max; } bytes[K__N];
 
 static json_t *last_report; /* "gen:step" -> wall seconds of the last StepDone sent */
@@ -207,6 +226,7 @@ static void send_heartbeat(int i) {
     sy_proto_init(&env, run_id, s->inc, s->active ? s->gen : 0);
     hb.step = (uint64_t)(s->active && s->cur > 1 ? s->cur - 1 : 0);
     hb.state = s->active ? "training" : "idle";
+    hb.peers_held = peers_edit && s->peers_inc == s->inc ? s->peers_gen : 0;
     env.body_case = SY__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &hb;
     s->last_hb = now_ms();
@@ -416,6 +436,58 @@ static int take_config(const char *json) {
     return 0;
 }
 
+static bool same_table(int n, char **ep, char **key, char **ep2, char **key2) {
+    for (int r = 0; r < n; r++)
+        if (strcmp(ep[r], ep2[r]) || (!key) != (!key2) || (key && strcmp(key[r], key2[r]))) return false;
+    return true;
+}
+
+/* Resolves an Assign's peer table (whole, or an edit of the base the simulated worker holds)
+ * into g's shared table, or checks it against that table (docs/protocol.md "Peer tables"). */
+static void take_peers(sim *s, genrec *g, const Sy__Envelope *env) {
+    const Sy__Assign *as = env->assign;
+    char **ep = NULL, **key = NULL;
+    const char *const *pk = as->n_peer_keys ? (const char *const *)as->peer_keys : NULL;
+    uint64_t held = s->peers_inc == env->incarnation ? s->peers_gen : 0;
+    s->peers_gen = 0;
+    s->peers_inc = env->incarnation;
+    if (as->peers_base) {
+        g->edited++;
+        genrec *b = gen_find(as->peers_base);
+        if (held != as->peers_base || !b || !b->tab_ok) {
+            g->unresolved++;
+            return;
+        }
+        if (g->tab_ok && g->n_edit == as->n_peers_edit &&
+            !memcmp(g->edit, as->peers_edit, sizeof(uint32_t) * as->n_peers_edit)) {
+            s->peers_gen = env->generation; /* the same edit as the one that built the table */
+            return;
+        }
+        if (sy_peers_apply(b->world, (const char *const *)b->ep, (const char *const *)b->key, as->peers_edit,
+                           as->n_peers_edit, (const char *const *)as->peers, pk, as->n_peers, (int)as->world, &ep,
+                           &key) != SY_OK) {
+            g->unresolved++;
+            return;
+        }
+    } else if (sy_peers_copy((int)as->n_peers, (const char *const *)as->peers, pk, &ep, &key) != SY_OK) {
+        g->unresolved++;
+        return;
+    }
+    if (!g->tab_ok) {
+        g->ep = ep;
+        g->key = key;
+        g->tab_ok = true;
+        if (as->peers_base && (g->edit = malloc(sizeof(uint32_t) * (as->n_peers_edit + 1)))) {
+            memcpy(g->edit, as->peers_edit, sizeof(uint32_t) * as->n_peers_edit);
+            g->n_edit = as->n_peers_edit;
+        }
+    } else {
+        if (!same_table(g->world, g->ep, g->key, ep, key)) g->mismatched++;
+        sy_peers_free(g->world, ep, key);
+    }
+    s->peers_gen = env->generation;
+}
+
 static void take_assign(int i, const Sy__Envelope *env, size_t len) {
     sim *s = &sims[i];
     const Sy__Assign *as = env->assign;
@@ -446,6 +518,7 @@ static void take_assign(int i, const Sy__Envelope *env, size_t len) {
         if (len > g->assign_max) g->assign_max = len;
         g->assign_total += (double)len;
         if (g->member && as->rank < (uint32_t)g->world) g->member[as->rank] = i;
+        take_peers(s, g, env);
         /* complete: every member has it, or (the members are shared with other load generator
          * processes) every worker of this process that is up */
         int up = 0;
@@ -494,7 +567,17 @@ static void on_env(int i, Sy__Envelope *env, size_t len) {
         break;
     case SY__ENVELOPE__BODY_ABORT:
         count_bytes(K_OTHER_IN, len);
-        if (env->generation >= s->gen) s->active = false;
+        if (env->generation >= s->gen && s->active) {
+            s->active = false;
+            /* like a worker leaving an aborted generation: its Holdings (a simulated worker holds
+             * no state), so the coordinator need not wait for them before the next generation */
+            Sy__Envelope he;
+            Sy__Holdings ho = SY__HOLDINGS__INIT;
+            sy_proto_init(&he, run_id, s->inc, s->gen);
+            he.body_case = SY__ENVELOPE__BODY_HOLDINGS;
+            he.holdings = &ho;
+            send_env(i, &he, K_OTHER_OUT);
+        }
         break;
     case SY__ENVELOPE__BODY_CHECKPOINT_NOW:
         count_bytes(K_OTHER_IN, len);
@@ -657,6 +740,9 @@ static json_t *gen_json(int k) {
                           "assign_bytes_min", (json_int_t)(g->received ? g->assign_min : 0), "assign_bytes_max",
                           (json_int_t)g->assign_max, "assign_bytes_total", g->assign_total, "lost_before",
                           g->lost_before);
+    json_object_set_new(j, "assign_edited", json_integer(g->edited));
+    json_object_set_new(j, "peers_unresolved", json_integer(g->unresolved));
+    json_object_set_new(j, "peers_mismatched", json_integer(g->mismatched));
     json_t *mem = json_array(), *pl = json_array();
     for (int r = 0; g->member && r < g->world; r++)
         if (g->member[r] >= 0) json_array_append_new(mem, json_pack("[i, s]", r, sims[g->member[r]].id));
@@ -789,6 +875,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--step-ms")) step_ms = atoi(v);
         else if (!strcmp(a, "--tokens")) tokens = atoi(v);
         else if (!strcmp(a, "--counts")) counts_full = strcmp(v, "none") != 0;
+        else if (!strcmp(a, "--peers")) peers_edit = strcmp(v, "whole") != 0;
         else if (!strcmp(a, "--duration")) duration_s = atof(v);
         else if (!strcmp(a, "--report")) report_path = v;
         else if (!strcmp(a, "--io-threads")) io_threads = atoi(v);

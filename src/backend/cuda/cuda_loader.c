@@ -9,15 +9,14 @@
  * cannot be loaded names the file and the loader's reason (typically the CUDA runtime or cuBLAS
  * libraries missing). */
 #include <dlfcn.h>
-#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "backend/backend.h"
 #include "base/log.h"
+#include "base/module.h"
 #include "base/rng.h"
 #include "cuda_module_internal.h"
 
@@ -37,25 +36,17 @@ static void host_log(int level, const char *msg) {
     SY_LOG((sy_log_level)(level < 0 ? 0 : level > 3 ? 3 : level), "%s", msg);
 }
 
-/* dlopen one candidate; true when it loaded and its table is this host's ABI */
-static bool try_load(const char *path, char *tried, size_t tried_len) {
-    if (access(path, F_OK) != 0) return false;
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-        snprintf(g_load_err, sizeof g_load_err, "cannot load the CUDA backend module %.400s: %.400s (are the CUDA "
-                 "runtime and cuBLAS libraries installed and on the library path?)", path, dlerror());
-        return false;
-    }
+/* sy_module_load's check: the module's table is this host's ABI */
+static bool accept_module(void *h, const char *path, void *ctx, char *err, size_t err_len) {
+    (void)ctx;
     sy_cuda_module_fn fn = (sy_cuda_module_fn)dlsym(h, SY_CUDA_MODULE_SYMBOL);
     const sy_cuda_module_api *m = fn ? fn() : NULL;
     if (!m || m->abi != SY_CUDA_MODULE_ABI) {
-        snprintf(g_load_err, sizeof g_load_err, "%.400s is not a CUDA backend module of this build (ABI %d, want %d)",
+        snprintf(err, err_len, "%.400s is not a CUDA backend module of this build (ABI %d, want %d)",
                  path, m ? m->abi : -1, SY_CUDA_MODULE_ABI);
-        dlclose(h);
         return false;
     }
-    (void)tried, (void)tried_len;
-    g_mod = m; /* kept loaded for the process's life */
+    g_mod = m;
     return true;
 }
 
@@ -64,30 +55,14 @@ static void load_once(void) {
     g_host.log = host_log;
     g_host.tag_jitter = sy_fnv1a64("router.jitter");
     g_host.tag_dropout = sy_fnv1a64("expert.dropout");
-    char cand[5][PATH_MAX + 64];
-    int nc = 0;
-    const char *env = getenv("SY_CUDA_MODULE");
-    if (env && env[0]) snprintf(cand[nc++], sizeof cand[0], "%s", env);
-    char exe[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (n > 0) {
-        exe[n] = 0;
-        char *slash = strrchr(exe, '/');
-        if (slash) {
-            *slash = 0;
-            snprintf(cand[nc++], sizeof cand[0], "%s/%s", exe, SY_CUDA_MODULE_FILE);
-            snprintf(cand[nc++], sizeof cand[0], "%s/../%s", exe, SY_CUDA_MODULE_FILE);
-            snprintf(cand[nc++], sizeof cand[0], "%s/../lib/switchyard/%s", exe, SY_CUDA_MODULE_FILE);
-        }
-    }
-    snprintf(cand[nc++], sizeof cand[0], "%s", SY_CUDA_MODULE_BUILD_PATH);
-    g_load_err[0] = 0;
-    for (int i = 0; i < nc; i++)
-        if (try_load(cand[i], NULL, 0)) return;
-    if (!g_load_err[0])
-        snprintf(g_load_err, sizeof g_load_err, "the CUDA backend module %s was not found (looked beside the "
-                 "executable, in ../lib/switchyard/, in %s; SY_CUDA_MODULE=PATH names it)",
-                 SY_CUDA_MODULE_FILE, SY_CUDA_MODULE_BUILD_PATH);
+    const sy_module_spec spec = {
+        .what = "the CUDA backend module",
+        .env_var = "SY_CUDA_MODULE",
+        .file = SY_CUDA_MODULE_FILE,
+        .build_path = SY_CUDA_MODULE_BUILD_PATH,
+        .dlopen_hint = "are the CUDA runtime and cuBLAS libraries installed and on the library path?",
+    };
+    sy_module_load(&spec, accept_module, NULL, g_load_err, sizeof g_load_err);
 }
 
 static const sy_cuda_module_api *module(void) {
