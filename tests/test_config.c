@@ -60,7 +60,7 @@ static void expect_tiny_values(const sy_config_t *c) {
     assert_int_equal(c->train.micro_batch_seqs, 8);
     assert_true(c->train.lr == 3e-3);
     assert_true(c->train.lr_min == 3e-4);
-    assert_int_equal(c->train.warmup_steps, 20);
+    assert_int_equal(c->train.warmup_steps, 200);
     assert_true(c->train.weight_decay == 0.1);
     assert_true(c->train.beta1 == 0.9);
     assert_true(c->train.beta2 == 0.95);

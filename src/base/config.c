@@ -104,6 +104,7 @@ static bool chk_name(const sy_config_t *c, char *why, size_t n);
 static bool chk_heads(const sy_config_t *c, char *why, size_t n);
 static bool chk_micro(const sy_config_t *c, char *why, size_t n);
 static bool chk_lr_min(const sy_config_t *c, char *why, size_t n);
+static bool chk_router_precision(const sy_config_t *c, char *why, size_t n);
 static bool chk_workers(const sy_config_t *c, char *why, size_t n);
 static bool chk_failure(const sy_config_t *c, char *why, size_t n);
 static bool chk_curve_on(const sy_config_t *c, char *why, size_t n);
@@ -163,6 +164,11 @@ static const field FIELDS[] = {
         MEANS("Dropout on the expert hidden activation in training (0: off).")),
     FLD(model, init_scale, FT_DOUBLE, "0.1", GT(0),
         MEANS("Linear weights ~ normal(0, sqrt(init_scale / fan_in)), truncated at 2 sigma.")),
+    FLD(model, router_precision, FT_ENUM, "fp32", .names = PRECISION_NAMES,
+        CHECK(chk_router_precision, "fp32 unless `train.precision` is bf16"),
+        MEANS("The router's precision: fp32 as model spec §4 pins it (selective precision). bf16 is "
+              "for the ablation of the paper's Table 2 only: with `train.precision: bf16` the router "
+              "reads bf16-rounded weights and writes bf16 logits, probabilities and gates.")),
 
     FLD(train, global_batch_seqs, FT_INT, "16", GE(1),
         CHECK(chk_micro, "divisible by `train.micro_batch_seqs`"),
@@ -172,7 +178,8 @@ static const field FIELDS[] = {
     FLD(train, lr, FT_DOUBLE, "3e-3", GT(0), MEANS("Peak learning rate, reached after warm-up.")),
     FLD(train, lr_min, FT_DOUBLE, "3e-4", GE(0), CHECK(chk_lr_min, "<= `train.lr`"),
         MEANS("Learning rate at the end of the cosine decay.")),
-    FLD(train, warmup_steps, FT_INT64, "20", GE(0), MEANS("Steps of linear warm-up.")),
+    FLD(train, warmup_steps, FT_INT64, "200", GE(0),
+        MEANS("Steps of linear warm-up (200: the tiny model spiked after a 20-step warm-up; docs/model-quality.md).")),
     FLD(train, weight_decay, FT_DOUBLE, "0.1", GE(0),
         MEANS("AdamW decoupled weight decay (2-D tensors only).")),
     FLD(train, beta1, FT_DOUBLE, "0.9", RANGE_CO(0, 1), MEANS("AdamW beta1.")),
@@ -185,6 +192,13 @@ static const field FIELDS[] = {
     FLD(train, max_memory_gb, FT_DOUBLE, "0", .rule = R_MIN | R_RESUME, .lo = 0,
         MEANS("Memory (GiB) a run may need on this machine, estimated at start from the model, batch and "
               "optimizer; a bigger config is refused (0: the machine's available memory).")),
+    FLD(train, eval_every, FT_INT64, "100", .rule = R_MIN | R_RESUME, .lo = (0),
+        MEANS("Validation loss every N steps and at the last step, over `train.eval_batches` "
+              "micro-batches of `data.val` (0 or an empty `data.val`: none); `val_loss` in "
+              "metrics.jsonl, /v1/history, /metrics and the dashboard.")),
+    FLD(train, eval_batches, FT_INT, "16", .rule = R_MIN | R_RESUME, .lo = (0),
+        MEANS("Micro-batches of `data.val` each validation reads, its first windows in order with "
+              "the eval capacity factor (0: every full micro-batch).")),
     FLD(train, threads, FT_INT, "0", .rule = R_MIN | R_RESUME, .lo = (0), MEANS("CPU threads per worker (0: all cores).")),
 
     FLD(data, train, FT_STRLIST, "data/fortunes/train_*.bin", .rule = R_NONEMPTY,
@@ -345,6 +359,11 @@ static bool chk_micro(const sy_config_t *c, char *why, size_t n) {
     if (c->train.global_batch_seqs % c->train.micro_batch_seqs == 0) return true;
     snprintf(why, n, "must be divisible by train.micro_batch_seqs (%d)", c->train.micro_batch_seqs);
     return false;
+}
+
+static bool chk_router_precision(const sy_config_t *c, char *why, size_t n) {
+    (void)why, (void)n;
+    return c->model.router_precision == SY_PREC_FP32 || c->train.precision == SY_PREC_BF16;
 }
 
 static bool chk_lr_min(const sy_config_t *c, char *why, size_t n) {

@@ -50,6 +50,7 @@ typedef struct {
         double router_jitter;
         double expert_dropout;
         double init_scale;
+        sy_precision router_precision; /* fp32 (spec §4); bf16 only for the ablation */
     } model;
     struct {
         int global_batch_seqs;
@@ -63,6 +64,8 @@ typedef struct {
         double eps;
         double grad_clip;
         sy_precision precision;
+        int64_t eval_every;   /* validation every N steps and at the last; 0 = none */
+        int eval_batches;     /* micro-batches of data.val per validation; 0 = all */
         int threads;          /* 0 = all cores */
         double max_memory_gb; /* bound on the estimated memory of a run; 0 = available memory */
     } train;

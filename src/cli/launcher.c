@@ -784,6 +784,14 @@ static int run_configure(run_opts *o, sy_config_t *cfg) {
         fprintf(stderr, "switchyard run: data.train: %s\n", sy_err_msg());
         return 1;
     }
+    /* validation (train.eval_every) reads data.val in every worker: a pattern that matches
+     * nothing is the same kind of mistake */
+    if (cfg->train.eval_every > 0 && cfg->data.val.n > 0 &&
+        sy_data_check_patterns((const char *const *)cfg->data.val.items, cfg->data.val.n) != SY_OK) {
+        fprintf(stderr, "switchyard run: data.val (set data.val= or train.eval_every=0 for no validation): %s\n",
+                sy_err_msg());
+        return 1;
+    }
     if (check_curve(cfg) != SY_OK) {
         fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
         return 2;

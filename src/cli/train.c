@@ -67,6 +67,8 @@ typedef struct {
     sy_model_t *model;
     sy_adamw_t *opt;
     sy_data_t *data;
+    sy_data_t *val;         /* data.val for train.eval_every; NULL: no validation */
+    int val_batches;
     sy_store_t *store;
     sy_ckpt_saver_t *saver; /* checkpoint.async: the background saver; NULL: synchronous */
     int32_t *tokens;
@@ -80,6 +82,7 @@ static void trainer_free(trainer *t) {
     sy_model_destroy(&t->model);
     sy_backend_destroy(&t->be);
     sy_data_destroy(&t->data);
+    sy_data_destroy(&t->val);
     sy_store_destroy(&t->store);
     free(t->tokens);
 }
@@ -174,6 +177,7 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
             goto done;
         }
     }
+    SY_CHECK_GOTO(sy_dist_open_val(cfg, &t.val, &t.val_batches), s, done);
     SY_CHECK_GOTO(sy_store_open_config(cfg, &t.store), s, done);
     if (cfg->checkpoint.async)
         SY_CHECK_GOTO(sy_ckpt_saver_new(t.store, cfg->run.name, cfg->checkpoint.keep_last,
@@ -295,12 +299,20 @@ sy_status sy_train_run(const sy_config_t *cfg, const sy_train_opts *opts) {
         } else if (upload_ms >= 0) {
             upload_step = step;
         }
+        double val_loss = NAN;
+        if (t.val && sy_dist_eval_due(cfg, step)) {
+            SY_CHECK_GOTO(sy_dist_eval(&dctx, t.val, t.val_batches, &val_loss), s, done);
+            if (!opts->quiet)
+                sy_info("step %lld: validation loss %.4f (%d micro-batches of data.val)", (long long)step,
+                        val_loss, t.val_batches);
+        }
         double tps = (double)tokens / dt;
         json_t *j = json_pack("{s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:f, s:f}",
                               "step", (json_int_t)step, "loss", loss, "ce", ce, "aux", aux, "z", z,
                               "lr", lr, "grad_norm", norm, "tokens_per_s", tps, "dropped_frac",
                               routed ? (double)dropped / routed : 0.0, "world", 1, "generation", 0,
                               "step_ms", dt * 1e3, "time", (double)time(NULL));
+        if (!isnan(val_loss)) json_object_set_new(j, "val_loss", json_real(val_loss));
         json_object_set_new(j, "ckpt_stall_ms", json_real(step_ckpt_ms));
         if (upload_ms >= 0) { /* time of the save of step ckpt_step (async: in the background) */
             json_object_set_new(j, "ckpt_upload_ms", json_real(upload_ms));

@@ -7,6 +7,7 @@
  * coord_ckpt.c (checkpoint parts and commits) and coord_status.c (/v1/status, /metrics). */
 #include "coordinator/coord.h"
 
+#include <math.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -78,6 +79,7 @@ sy_status sy_coord_new(const sy_config_t *cfg, const sy_coord_opts *opts, sy_coo
     sy_coord_t *c = calloc(1, sizeof *c);
     if (!c) return sy_err_set(SY_ENOMEM, "out of memory");
     c->latest_ckpt = -1;
+    c->val_loss = NAN; /* no validation yet */
     c->src_key = "";
     c->expect_workers = opts ? opts->expect_workers : 0;
     c->t0_mono = sy_mono_ms();

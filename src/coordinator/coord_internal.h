@@ -104,6 +104,9 @@ typedef struct {
     uint64_t tokens, dropped, routed;
     uint64_t *counts; /* [n_switch * E] */
     bool counts_ok;
+    double *terms;    /* [3 * M]: ce, aux, z of micro-batch m (StepDone.micro_terms) */
+    int nterms;       /* micro-batches whose terms arrived; M: sum them in order */
+    double val_loss;  /* NaN: none reported */
 } agg;
 
 typedef struct {
@@ -197,6 +200,8 @@ struct sy_coord {
     int64_t latest_ckpt;   /* -1: none */
     double latest_ckpt_time, ckpt_seconds;
     double loss, ce, aux, z, tps, dropped_frac, lr, grad_norm;
+    double val_loss;       /* the last validation loss (NaN: none yet), at step val_step */
+    int64_t val_step;
     uint64_t *load; /* [n_switch * E] of the last step */
     bool load_valid;
     int64_t load_step;

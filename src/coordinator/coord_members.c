@@ -671,6 +671,7 @@ void sy_coord_clear_pending(sy_coord_t *c) {
     for (int i = 0; i < c->npend; i++) {
         free(c->pend[i].seen);
         free(c->pend[i].counts);
+        free(c->pend[i].terms);
     }
     c->npend = 0;
     for (int i = 0; i < c->nparts; i++) {

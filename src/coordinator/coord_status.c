@@ -1,5 +1,6 @@
 /* /v1/status and /metrics of the coordinator, built from its state (coord_internal.h); the
  * reactor publishes both through http.h. */
+#include <math.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -48,6 +49,8 @@ json_t *sy_coord_status_json(sy_coord_t *c) {
     json_object_set_new(j, "z", have ? jnum(c->z) : json_null());
     json_object_set_new(j, "lr", have ? jnum(c->lr) : json_null());
     json_object_set_new(j, "grad_norm", have ? jnum(c->grad_norm) : json_null());
+    json_object_set_new(j, "val_loss", !isnan(c->val_loss) ? jnum(c->val_loss) : json_null());
+    json_object_set_new(j, "val_step", !isnan(c->val_loss) ? json_integer((json_int_t)c->val_step) : json_null());
     json_t *rl = json_array();
     for (int i = 0; i < c->nhist; i++)
         json_array_append_new(rl, json_pack("{s:I, s:o}", "step", (json_int_t)c->hist[i].step, "loss", jnum(c->hist[i].loss)));
@@ -154,6 +157,7 @@ char *sy_coord_metrics_text(sy_coord_t *c) {
     prom_gauge(&b, "switchyard_learning_rate", "Learning rate of the last step.", have ? c->lr : NAN);
     prom_gauge(&b, "switchyard_grad_norm", "Global gradient norm (before clipping) of the last step.",
                have ? c->grad_norm : NAN);
+    prom_gauge(&b, "switchyard_val_loss", "Validation loss of the last validation (train.eval_every).", c->val_loss);
     prom_gauge(&b, "switchyard_tokens_per_second", "Training throughput of the last step.", c->tps);
     prom_gauge(&b, "switchyard_generation", "Current generation.", (double)c->gen);
     prom_gauge(&b, "switchyard_world", "Workers in the current generation.", (double)(c->gen_open ? c->world : 0));

@@ -20,6 +20,7 @@
 
 static void step_complete(sy_coord_t *c, agg *a);
 static void record_step_ms(sy_coord_t *c, int64_t step, double ms);
+static int step_micro_batches(const sy_coord_t *c);
 
 void sy_coord_on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd) {
     int64_t step = (int64_t)sd->step;
@@ -50,9 +51,11 @@ void sy_coord_on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd) {
         a->seen = calloc((size_t)c->world, 1);
         a->counts = calloc((size_t)(c->n_switch * c->E > 0 ? c->n_switch * c->E : 1), sizeof(uint64_t));
         a->counts_ok = c->n_switch > 0;
+        a->terms = calloc(3 * (size_t)step_micro_batches(c), sizeof(double));
+        a->val_loss = NAN;
     }
     agg *a = &c->pend[k];
-    if (!a->seen || !a->counts || a->seen[w->rank]) {
+    if (!a->seen || !a->counts || !a->terms || a->seen[w->rank]) {
         sy_coord_drop(c, SY_DROP_UNEXPECTED, "StepDone from %s: step %" PRId64 " reported twice", w->id, step);
         return;
     }
@@ -62,6 +65,17 @@ void sy_coord_on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd) {
     a->tokens += sd->tokens, a->dropped += sd->dropped, a->routed += sd->routed;
     if (sd->step_ms > a->step_ms) a->step_ms = sd->step_ms;
     a->grad_norm = sd->grad_norm, a->lr = sd->lr;
+    if (sd->val_batches > 0) a->val_loss = sd->val_loss; /* every rank computes the same value */
+    /* micro-batch m ran on rank m % W as its (m / W)-th */
+    const int M = step_micro_batches(c);
+    if (sd->n_micro_terms == 3 * (size_t)sd->micro_batches) {
+        for (uint32_t k = 0; k < sd->micro_batches; k++) {
+            int64_t m = (int64_t)k * c->world + w->rank;
+            if (m >= M) break;
+            memcpy(a->terms + 3 * m, sd->micro_terms + 3 * k, 3 * sizeof(double));
+            a->nterms++;
+        }
+    }
     if ((int)sd->n_expert_counts != c->n_switch) {
         a->counts_ok = false;
     } else {
@@ -75,11 +89,21 @@ void sy_coord_on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd) {
         }
     }
     if (a->got < c->world) return;
+    if (a->nterms == M) { /* the single process's order: micro-batch 0, 1, ... */
+        a->ce = a->aux = a->z = 0.0;
+        for (int m = 0; m < M; m++) a->ce += a->terms[3 * m], a->aux += a->terms[3 * m + 1], a->z += a->terms[3 * m + 2];
+    }
     agg done = *a;
     c->pend[k] = c->pend[--c->npend];
     step_complete(c, &done);
     free(done.seen);
     free(done.counts);
+    free(done.terms);
+}
+
+static int step_micro_batches(const sy_coord_t *c) {
+    int b = c->cfg.train.micro_batch_seqs;
+    return b > 0 ? c->cfg.train.global_batch_seqs / b : 0;
 }
 
 static void step_complete(sy_coord_t *c, agg *a) {
@@ -89,6 +113,7 @@ static void step_complete(sy_coord_t *c, agg *a) {
     c->step = a->step;
     c->loss = loss, c->ce = a->ce, c->aux = a->aux, c->z = a->z, c->tps = tps, c->dropped_frac = dfrac;
     c->lr = a->lr, c->grad_norm = a->grad_norm;
+    if (!isnan(a->val_loss)) c->val_loss = a->val_loss, c->val_step = a->step;
     if (a->counts_ok && c->load) {
         memcpy(c->load, a->counts, sizeof(uint64_t) * (size_t)(c->n_switch * c->E));
         c->load_valid = true;
@@ -107,13 +132,14 @@ static void step_complete(sy_coord_t *c, agg *a) {
                    &(sy_history_step){.step = a->step, .time = now_s, .loss = loss, .ce = a->ce, .aux = a->aux,
                                       .z = a->z, .lr = a->lr, .grad_norm = a->grad_norm, .tokens_per_s = tps,
                                       .dropped_frac = dfrac, .step_ms = a->step_ms, .world = c->world,
-                                      .generation = c->gen},
+                                      .generation = c->gen, .val_loss = a->val_loss},
                    a->counts_ok ? a->counts : NULL);
     json_t *j = json_pack("{s:I, s:o, s:o, s:o, s:o, s:o, s:o, s:f, s:f, s:i, s:I, s:f, s:f}", "step",
                           (json_int_t)a->step, "loss", jnum(loss), "ce", jnum(a->ce), "aux", jnum(a->aux), "z",
                           jnum(a->z), "lr", jnum(a->lr), "grad_norm", jnum(a->grad_norm), "tokens_per_s", tps,
                           "dropped_frac", dfrac, "world", c->world, "generation", (json_int_t)c->gen, "step_ms",
                           a->step_ms, "time", now_s);
+    if (j && !isnan(a->val_loss)) json_object_set_new(j, "val_loss", jnum(a->val_loss));
     char *line = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (line && c->metrics_f) {
         fprintf(c->metrics_f, "%s\n", line);
@@ -121,6 +147,8 @@ static void step_complete(sy_coord_t *c, agg *a) {
     }
     free(line);
     json_decref(j);
+    if (!isnan(a->val_loss))
+        sy_info("step %" PRId64 ": validation loss %.4f", a->step, a->val_loss);
     if (c->cfg.run.log_every > 0 && (a->step % c->cfg.run.log_every == 0 || a->step == c->cfg.run.steps))
         sy_info("step %" PRId64 "/%" PRId64 " | loss %.4f | %.0f tok/s | world %d | generation %" PRIu64, a->step,
                 (int64_t)c->cfg.run.steps, loss, tps, c->world, c->gen);
@@ -183,7 +211,8 @@ void sy_coord_history_reload(sy_coord_t *c, const char *path) {
                              .grad_norm = NUM("grad_norm"), .tokens_per_s = NUM("tokens_per_s"),
                              .dropped_frac = NUM("dropped_frac"), .step_ms = NUM("step_ms"),
                              .world = (int)json_integer_value(json_object_get(j, "world")),
-                             .generation = (uint64_t)json_integer_value(json_object_get(j, "generation"))};
+                             .generation = (uint64_t)json_integer_value(json_object_get(j, "generation")),
+                             .val_loss = NUM("val_loss")};
 #undef NUM
         sy_history_add(c->history, &h, NULL); /* expert counts are not in metrics.jsonl */
         n++;

@@ -25,6 +25,8 @@ struct sy_history {
     int layers, experts;
     dbuf steps; /* NCOL + layers */
     dbuf load;  /* 1 + layers * experts: the step, then each expert's share of its layer */
+    double val[SY_HISTORY_VAL][2]; /* (step, validation loss), steps increasing */
+    int nval;
     uint64_t version;
 };
 
@@ -85,6 +87,16 @@ void sy_history_destroy(sy_history_t **self_p) {
 void sy_history_add(sy_history_t *self, const sy_history_step *s, const uint64_t *load) {
     const int L = self->layers, E = self->experts;
     self->version++;
+    while (self->nval > 0 && self->val[self->nval - 1][0] >= (double)s->step) self->nval--; /* replayed */
+    if (!isnan(s->val_loss)) {
+        if (self->nval == SY_HISTORY_VAL) { /* keep every other one */
+            for (int i = 0; i < SY_HISTORY_VAL / 2; i++) memcpy(self->val[i], self->val[2 * i + 1], sizeof self->val[0]);
+            self->nval = SY_HISTORY_VAL / 2;
+        }
+        self->val[self->nval][0] = (double)s->step;
+        self->val[self->nval][1] = s->val_loss;
+        self->nval++;
+    }
     double *r = dbuf_slot(&self->steps, s->step);
     if (r) {
         const double cols[NCOL] = {(double)s->step, s->time, s->loss, s->ce, s->aux, s->z, s->lr, s->grad_norm,
@@ -171,6 +183,12 @@ char *sy_history_json(const sy_history_t *self) {
         sb_printf(&b, "%s[", i ? "," : "");
         sb_printf(&b, "%" PRId64 ",%.3f,", (int64_t)r[0], r[1]); /* step, Unix time */
         for (int k = 2; k < self->steps.width; k++) sb_num(&b, r[k], k + 1 == self->steps.width);
+        sb_printf(&b, "]");
+    }
+    sb_printf(&b, "],\"val\":[");
+    for (int i = 0; i < self->nval; i++) {
+        sb_printf(&b, "%s[%" PRId64 ",", i ? "," : "", (int64_t)self->val[i][0]);
+        sb_num(&b, self->val[i][1], 1);
         sb_printf(&b, "]");
     }
     sb_printf(&b, "],\"load\":{\"stride\":%" PRId64 ",\"steps\":[", self->load.stride);

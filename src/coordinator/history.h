@@ -10,8 +10,10 @@
  * a recovery) replaces the records from that step on: the series is the run's surviving
  * timeline, one record per step, steps increasing.
  *
- * What it does not do: read metrics.jsonl (the coordinator's memory is the source), or keep
- * validation losses (the status carries none yet).
+ * Validation losses (train.eval_every) are kept apart, up to SY_HISTORY_VAL of them (every other
+ * one dropped when full), so decimating the step series never loses one; they are replayed
+ * like the steps. What it does not do: read metrics.jsonl (the coordinator reloads it through
+ * sy_history_add on a restart).
  *
  * Thread: one owner (the coordinator's reactor); sy_history_json returns a malloc'ed string the
  * caller owns (the reactor hands it to sy_http_publish_history). */
@@ -25,6 +27,7 @@
 /* Records kept of each kind (see above); the per-step series and the load-share samples. */
 #define SY_HISTORY_STEPS 4096
 #define SY_HISTORY_LOAD_SAMPLES 128
+#define SY_HISTORY_VAL 1024
 
 typedef struct sy_history sy_history_t;
 
@@ -35,6 +38,7 @@ typedef struct {
     double loss, ce, aux, z, lr, grad_norm, tokens_per_s, dropped_frac, step_ms;
     int world;
     uint64_t generation;
+    double val_loss; /* NaN: the step validated nothing */
 } sy_history_step;
 
 /* layers, experts: the Switch layers and experts per layer (load: [layers * experts]). */

@@ -91,7 +91,8 @@ sy_model_dims sy_model_dims_from_config(const sy_config_t *c) {
         .eval_capacity_factor = c->model.eval_capacity_factor,
         .aux_coef = c->model.aux_loss_coef, .z_coef = c->model.z_loss_coef,
         .jitter = c->model.router_jitter, .expert_dropout = c->model.expert_dropout,
-        .init_scale = c->model.init_scale};
+        .init_scale = c->model.init_scale,
+        .router_bf16 = c->model.router_precision == SY_PREC_BF16};
 }
 
 bool sy_model_is_switch(const sy_model_t *m, int l) {
@@ -198,6 +199,7 @@ sy_status sy_model_new(const sy_model_dims *dims, sy_backend_t *be, sy_model_t *
         MALLOC_ACT(a->ln2_rstd, N);
         if (m->blk[l].sw_index >= 0) {
             if (sy_switch_new(be, (int)N, D, F, E, &a->sw) != SY_OK) goto oom;
+            if (sy_switch_set_router_bf16(a->sw, dims->router_bf16) != SY_OK) goto oom;
         } else {
             MALLOC_ACT(a->fc_pre, N * F);
             MALLOC_ACT(a->fc_act, N * F);
@@ -688,8 +690,9 @@ sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micr
     const sy_model_dims *d = &m->d;
     const int N = d->B * d->T;
     route_sums sums;
-    sy_draw_key key = {0, 0, 0};
-    if (m->ep) return sy_err_set(SY_EINVAL, "evaluation runs with every expert local");
+    /* no draws in evaluation (no jitter, no dropout); under expert parallelism micro = rank
+     * makes the round's first micro-batch 0 */
+    sy_draw_key key = {0, 0, m->ep ? m->ep_rank : 0};
     SY_CHECK(forward(m, tokens, false, key, &sums));
     double ce_sum = m->be->xent_fwd(m->be, m->logits, m->tgt, N, d->V);
     set_losses(out, d, N, n_micro, ce_sum, &sums);
@@ -707,6 +710,18 @@ sy_status sy_model_logits(sy_model_t *m, int row0, int n, float *out) {
 void sy_model_set_ep(sy_model_t *m, sy_ep_t *ep, int rank) {
     m->ep = ep;
     m->ep_rank = rank;
+}
+
+sy_status sy_model_serve_idle_eval(sy_model_t *m) {
+    if (!m->ep) return SY_OK;
+    for (int l = 0; l < m->d.L; l++) {
+        const block_ids *bi = &m->blk[l];
+        if (bi->sw_index < 0) continue;
+        set_experts(m, bi);
+        sy_switch_key k = {0, 0, 0, l};
+        SY_CHECK(sy_ep_forward(m->ep, NULL, bi->sw_index, m->ex, 0.0, k));
+    }
+    return SY_OK;
 }
 
 sy_status sy_model_serve_idle(sy_model_t *m, sy_draw_key key) {

@@ -54,6 +54,7 @@ typedef struct {
     int B;             /* sequences per micro-batch */
     double capacity_factor, eval_capacity_factor;
     double aux_coef, z_coef, jitter, expert_dropout, init_scale;
+    bool router_bf16;  /* the bf16-router ablation (model.router_precision: bf16; switch.h) */
 } sy_model_dims;
 
 /* Per-micro-batch results. ce, aux, z are this micro-batch's contributions to the global loss
@@ -120,7 +121,9 @@ typedef struct {
  * 0..T-1, targets 1..T). Accumulates gradients; fills *out. */
 sy_status sy_model_fwd_bwd(sy_model_t *m, const int32_t *tokens, int n_micro, sy_draw_key key,
                            sy_losses *out);
-/* Evaluation forward (eval capacity factor, no jitter, no dropout). n_micro scales as above. */
+/* Evaluation forward (eval capacity factor, no jitter, no dropout). n_micro scales as above.
+ * Under expert parallelism every rank of the generation calls it (or sy_model_serve_idle_eval)
+ * in the same rounds, as in training. */
 sy_status sy_model_forward_eval(sy_model_t *m, const int32_t *tokens, int n_micro,
                                 sy_losses *out);
 
@@ -139,6 +142,8 @@ void sy_model_set_ep(sy_model_t *m, struct sy_ep *ep, int rank);
  * (forward then backward), in the order the active ranks run them. key.micro = the round's
  * first micro-batch index (round·world). */
 sy_status sy_model_serve_idle(sy_model_t *m, sy_draw_key key);
+/* The same in an evaluation round (sy_model_forward_eval on the active ranks): forward only. */
+sy_status sy_model_serve_idle_eval(sy_model_t *m);
 
 /* Per-expert routed-token counts of the last forward (before capacity): [n_switch, E], host. */
 const int32_t *sy_model_expert_counts(const sy_model_t *m);

@@ -65,7 +65,7 @@ void sy_switch_destroy(sy_switch_t **self_p) {
     if (!self_p || !*self_p) return;
     sy_switch_t *sw = *self_p;
     sy_backend_t *be = sw->be;
-    void *bufs[] = {sw->logits, sw->probs, sw->dlogits, sw->gate, sw->lse, sw->gamma, sw->expert,
+    void *bufs[] = {sw->wr, sw->logits, sw->probs, sw->dlogits, sw->gate, sw->lse, sw->gamma, sw->expert,
                     sw->u, sw->xr, sw->dxr, sw->plan, sw->order, sw->slot, sw->gk, sw->f,
                     sw->xe, sw->ye, sw->dye, sw->dxe, sw->he, sw->ge, sw->mask, sw->dge, sw->dhe};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -84,21 +84,33 @@ int sy_switch_capacity(int G, int E, double capacity_factor) {
 
 /* ---- route: router logits, top-1, capacity, aux and z losses, dispatch plan ---- */
 
-/* The router GEMMs stay fp32 whatever the precision (spec §4): switch rounding off around them. */
-static void router_matmul_fwd(sy_backend_t *be, float *y, const float *x, const float *W, int N,
+/* The router GEMMs stay fp32 whatever the precision (spec §4): switch rounding off around them
+ * (on for the bf16-router ablation, whose weights are then sw->wr). */
+static void router_matmul_fwd(sy_switch_t *sw, float *y, const float *x, const float *W, int N,
                               int in, int out) {
+    sy_backend_t *be = sw->be;
     bool b = be->bf16;
-    be->bf16 = false;
-    be->matmul_fwd(be, y, x, W, N, in, out);
+    be->bf16 = sw->router_bf16 && b;
+    be->matmul_fwd(be, y, x, be->bf16 ? sw->wr : W, N, in, out);
     be->bf16 = b;
 }
 
-static void router_matmul_bwd(sy_backend_t *be, float *dx, float *dW, const float *dy,
+static void router_matmul_bwd(sy_switch_t *sw, float *dx, float *dW, const float *dy,
                               const float *x, const float *W, int N, int in, int out) {
+    sy_backend_t *be = sw->be;
     bool b = be->bf16;
-    be->bf16 = false;
-    be->matmul_bwd(be, dx, dW, dy, x, W, N, in, out, false);
+    be->bf16 = sw->router_bf16 && b;
+    be->matmul_bwd(be, dx, dW, dy, x, be->bf16 ? sw->wr : W, N, in, out, false);
     be->bf16 = b;
+}
+
+sy_status sy_switch_set_router_bf16(sy_switch_t *sw, bool on) {
+    if (on && !sw->wr) {
+        sw->wr = sw->be->alloc(sw->be, sizeof(float) * (size_t)sw->E * sw->D);
+        if (!sw->wr) return sy_err_set(SY_ENOMEM, "switch layer: out of memory (bf16 router)");
+    }
+    sw->router_bf16 = on;
+    return SY_OK;
 }
 
 void sy_switch_route(sy_switch_t *sw, const float *h, const float *Wr, double capacity_factor,
@@ -106,14 +118,23 @@ void sy_switch_route(sy_switch_t *sw, const float *h, const float *Wr, double ca
     sy_backend_t *be = sw->be;
     const int G = sw->G, D = sw->D, E = sw->E;
     const float *x = h;
+    const bool r16 = sw->router_bf16 && be->bf16;
     sw->jitter = jitter_eps > 0.0;
     if (sw->jitter) {
         be->jitter_fwd(be, sw->u, sw->xr, h, G, D, (float)jitter_eps, key.seed, key.step,
                        key.micro, key.layer);
         x = sw->xr;
     }
-    router_matmul_fwd(be, sw->logits, x, Wr, G, D, E);
+    if (r16) { /* the ablation's bf16 router weights */
+        be->copy(be, sw->wr, Wr, sizeof(float) * (size_t)E * D);
+        be->round_bf16(be, sw->wr, (size_t)E * D);
+    }
+    router_matmul_fwd(sw, sw->logits, x, Wr, G, D, E);
     be->router_fwd(be, sw->probs, sw->expert, sw->gate, sw->lse, sw->logits, G, E);
+    if (r16) {
+        be->round_bf16(be, sw->probs, (size_t)G * E);
+        be->round_bf16(be, sw->gate, (size_t)G);
+    }
 
     /* Capacity and in-order drops (earlier tokens of the group win a slot), the dispatch plan,
      * and the aux loss E·Σ f_i P_i (f counted before capacity) and z-loss mean lse², fp64. */
@@ -135,8 +156,9 @@ void sy_switch_route_bwd(sy_switch_t *sw, const float *h, const float *Wr, float
     const int G = sw->G, D = sw->D, E = sw->E;
     be->router_bwd(be, sw->dlogits, sw->probs, sw->expert, sw->gamma, sw->lse, sw->f, aux_scale,
                    z_scale, G, E);
+    if (sw->router_bf16 && be->bf16) be->round_bf16(be, sw->dlogits, (size_t)G * E);
     const float *x = sw->jitter ? sw->xr : h;
-    router_matmul_bwd(be, sw->dxr, dWr, sw->dlogits, x, Wr, G, D, E);
+    router_matmul_bwd(sw, sw->dxr, dWr, sw->dlogits, x, Wr, G, D, E);
     /* dh += u ⊙ dxr (fp32 router path; the sum lands in the activation-gradient precision) */
     be->jitter_bwd(be, dh, sw->dxr, sw->jitter ? sw->u : NULL, (size_t)G * D);
     be->round_bf16(be, dh, (size_t)G * D);

@@ -35,6 +35,12 @@ typedef struct sy_switch sy_switch_t;
 sy_status sy_switch_new(sy_backend_t *be, int G, int D, int F, int E, sy_switch_t **out);
 void sy_switch_destroy(sy_switch_t **self_p);
 
+/* The ablation of the paper's Table 2 (model.router_precision: bf16), not the pinned math: in a
+ * bf16 backend the router then reads bf16-rounded weights and writes bf16 logits,
+ * probabilities, gates and logit gradients; lse stays fp32. Off (the default): spec §4's fp32
+ * router. */
+sy_status sy_switch_set_router_bf16(sy_switch_t *sw, bool on);
+
 /* C = min(G, max(4, ceil(capacity_factor · G / E))) (spec §2 step 3, PINNED). */
 int sy_switch_capacity(int G, int E, double capacity_factor);
 

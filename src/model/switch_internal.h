@@ -14,6 +14,8 @@ struct sy_switch {
     int n_kept;
     double aux_group, z_group;
     bool jitter;
+    bool router_bf16; /* the bf16-router ablation (model.router_precision); wr [E, D] its weights */
+    float *wr;
     float dropout;
     /* routing, [G, E] and [G] */
     float *logits, *probs, *gate, *lse, *gamma, *dlogits;

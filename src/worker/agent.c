@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -133,6 +134,9 @@ typedef struct {
     sy_model_dims dims;
     sy_adamw_t *opt;
     sy_data_t *data;
+    sy_data_t *val;         /* data.val for train.eval_every (NULL: no validation) */
+    double *terms;          /* [3 * M] per-micro-batch loss terms of a step (StepDone.micro_terms) */
+    int val_batches;
     sy_store_t *store;
     sy_ep_t *ep;
     sy_replica_t *rep;             /* peer replicas of expert state (replica.h) */
@@ -837,6 +841,11 @@ static sy_status setup(agent_t *a, const char *config_json) {
     sy_data_options_from_config(&a->cfg, &dopts);
     SY_CHECK(sy_data_open_with((const char *const *)a->cfg.data.train.items, a->cfg.data.train.n,
                                a->cfg.model.vocab_size, a->cfg.model.seq_len, &dopts, &a->data));
+    sy_data_destroy(&a->val);
+    SY_CHECK(sy_dist_open_val(&a->cfg, &a->val, &a->val_batches));
+    free(a->terms);
+    a->terms = calloc(3 * (size_t)(a->cfg.train.global_batch_seqs / a->cfg.train.micro_batch_seqs), sizeof(double));
+    if (!a->terms) return sy_err_set(SY_ENOMEM, "out of memory");
     if (new_store) {
         sy_store_destroy(&a->store);
         SY_CHECK(sy_store_open_config(&a->cfg, &a->store));
@@ -1100,7 +1109,7 @@ static sy_status save_checkpoint(agent_t *a, int64_t step) {
     return SY_OK;
 }
 
-static void send_step_done(agent_t *a, int64_t step, const sy_step_result *r, double ms) {
+static void send_step_done(agent_t *a, int64_t step, const sy_step_result *r, double ms, double val_loss) {
     const int nsw = sy_model_n_switch(a->model), E = a->dims.E;
     Sy__LayerCounts *lc = calloc((size_t)(nsw ? nsw : 1), sizeof *lc);
     Sy__LayerCounts **lcp = calloc((size_t)(nsw ? nsw : 1), sizeof *lcp);
@@ -1125,6 +1134,8 @@ static void send_step_done(agent_t *a, int64_t step, const sy_step_result *r, do
     sd.grad_norm = r->grad_norm;
     sd.lr = r->lr;
     sd.micro_batches = (uint32_t)r->micro_batches;
+    if (r->terms) sd.n_micro_terms = 3 * (size_t)r->micro_batches, sd.micro_terms = r->terms;
+    if (!isnan(val_loss)) sd.val_batches = (uint32_t)a->val_batches, sd.val_loss = val_loss;
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_STEP_DONE;
     env.step_done = &sd;
@@ -1413,7 +1424,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         upload_collect(a, false);
         set_state(a, ST_TRAINING);
         a->counts[0] = 0;
-        sy_step_result res = {.counts = a->counts};
+        sy_step_result res = {.counts = a->counts, .terms = a->terms};
         double t0 = (sy_mono_s() * 1e3);
         st = sy_dist_step(&ctx, step, &res);
         /* The update of `step` is in the live state once the step returned SY_OK (it is the
@@ -1425,6 +1436,9 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         if (st == SY_OK && a->rcomm) st = sy_replica_wait(a->rep);
         if (st == SY_OK) sy_replica_set_live(a->rep, step, a->owned);
         if (st == SY_OK) st = replicate(a, false);
+        double val_loss = NAN, ms = (sy_mono_s() * 1e3) - t0; /* the step's time leaves validation out */
+        if (st == SY_OK && a->val && sy_dist_eval_due(&a->cfg, step))
+            st = sy_dist_eval(&ctx, a->val, a->val_batches, &val_loss);
         if (st != SY_OK) {
             if (st == SY_EABORTED) {
                 sy_info("generation %llu aborted during step %lld", (unsigned long long)gen, (long long)step);
@@ -1433,7 +1447,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             fault_step = step;
             goto step_failed;
         }
-        send_step_done(a, step, &res, (sy_mono_s() * 1e3) - t0);
+        send_step_done(a, step, &res, ms, val_loss);
         atomic_store(&a->step, step);
         bool due = (a->cfg.checkpoint.every > 0 && step % a->cfg.checkpoint.every == 0) ||
                    step == (int64_t)as->end_step || step == ckpt_now;
@@ -1646,6 +1660,8 @@ out:; /* a label takes a statement, not a declaration (C11) */
     sy_model_destroy(&a.model);
     sy_backend_destroy(&a.be);
     sy_data_destroy(&a.data);
+    sy_data_destroy(&a.val);
+    free(a.terms);
     sy_store_destroy(&a.store);
     if (a.have_cfg) sy_config_free(&a.cfg);
     sy_replica_destroy(&a.rep);

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/log.h"
+
 /* All-reduce of the first n values of the fp64 gradient accumulator, a backend buffer: a comm
  * that takes device buffers (nccl) gets it in place once the backend's work is done; a comm
  * that reads host memory gets the backend's host view when it has one (the CPU backend: no
@@ -56,6 +58,10 @@ sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
             sy_draw_key key = {cfg->run.seed, s0, mi};
             SY_CHECK(sy_model_fwd_bwd(m, c->tokens, M, key, &l));
             out->ce += l.ce, out->aux += l.aux, out->z += l.z;
+            if (out->terms) {
+                double *t = out->terms + 3 * (size_t)out->micro_batches;
+                t[0] = l.ce, t[1] = l.aux, t[2] = l.z;
+            }
             out->tokens += l.tokens, out->routed += l.routed, out->dropped += l.dropped;
             out->micro_batches++;
             if (counts) {
@@ -86,5 +92,61 @@ sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
     out->lr = sy_lr_at(cfg, s0);
     if (c->before_update) c->before_update(c->before_arg);
     sy_adamw_step_owned(c->opt, out->lr, c->owned);
+    return SY_OK;
+}
+
+int sy_dist_eval_batches(const sy_config_t *cfg, const sy_data_t *val) {
+    uint64_t full = sy_data_windows(val) / (uint64_t)cfg->train.micro_batch_seqs;
+    uint64_t want = cfg->train.eval_batches > 0 ? (uint64_t)cfg->train.eval_batches : full;
+    if (want > full) want = full;
+    return want > INT32_MAX ? INT32_MAX : (int)want;
+}
+
+bool sy_dist_eval_due(const sy_config_t *cfg, int64_t step) {
+    return cfg->train.eval_every > 0 && (step % cfg->train.eval_every == 0 || step == cfg->run.steps);
+}
+
+sy_status sy_dist_eval(sy_dist_ctx *c, sy_data_t *val, int n, double *val_loss) {
+    const int b = c->cfg->train.micro_batch_seqs;
+    const int W = c->comm ? sy_comm_world(c->comm) : 1;
+    const int rank = c->comm ? sy_comm_rank(c->comm) : 0;
+    double *terms = calloc((size_t)(n > 0 ? n : 1), sizeof(double));
+    if (!terms) return sy_err_set(SY_ENOMEM, "validation: out of memory (%d micro-batches)", n);
+    sy_status st = SY_OK;
+    const int rounds = (n + W - 1) / W;
+    for (int k = 0; k < rounds && st == SY_OK; k++) {
+        int i = k * W + rank;
+        if (i < n) {
+            st = sy_data_eval_batch(val, (uint64_t)i * (uint64_t)b, b, c->tokens);
+            sy_losses l;
+            if (st == SY_OK) st = sy_model_forward_eval(c->model, c->tokens, n, &l);
+            if (st == SY_OK) terms[i] = l.ce;
+        } else {
+            st = sy_model_serve_idle_eval(c->model);
+        }
+    }
+    if (st == SY_OK && c->comm && W > 1) st = sy_comm_allreduce_f64(c->comm, terms, (size_t)n);
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += terms[i];
+    *val_loss = sum;
+    free(terms);
+    return st;
+}
+
+sy_status sy_dist_open_val(const sy_config_t *cfg, sy_data_t **val, int *n) {
+    *val = NULL;
+    *n = 0;
+    if (cfg->train.eval_every <= 0 || cfg->data.val.n == 0) return SY_OK;
+    sy_data_options dopts;
+    sy_data_options_from_config(cfg, &dopts);
+    sy_status st = sy_data_open_with((const char *const *)cfg->data.val.items, cfg->data.val.n,
+                                     cfg->model.vocab_size, cfg->model.seq_len, &dopts, val);
+    if (st != SY_OK) return sy_err_prefix(st, "data.val (set data.val= or train.eval_every=0 for no validation)");
+    *n = sy_dist_eval_batches(cfg, *val);
+    if (*n == 0) {
+        sy_warn("data.val holds %llu windows of %d tokens, fewer than one micro-batch of %d: no validation",
+                (unsigned long long)sy_data_windows(*val), cfg->model.seq_len + 1, cfg->train.micro_batch_seqs);
+        sy_data_destroy(val);
+    }
     return SY_OK;
 }

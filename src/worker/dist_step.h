@@ -23,6 +23,8 @@ typedef struct {
     int64_t tokens, routed, dropped;
     int micro_batches;         /* run by this rank */
     int32_t *counts;           /* [n_switch, E] routed tokens of this rank's micro-batches (caller's buffer) */
+    double *terms;             /* [3 * M] or NULL (caller's buffer): ce, aux, z of each micro-batch this rank
+                                * ran, in order, so that the coordinator sums them in micro-batch order */
 } sy_step_result;
 
 typedef struct {
@@ -42,5 +44,22 @@ typedef struct {
 
 /* Runs step `step` (1-based). */
 sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out);
+
+/* Validation (train.eval_every): the number of micro-batches one validation reads from val,
+ * train.eval_batches capped at the full micro-batches val holds (0 = all of them); 0 when val
+ * holds less than one micro-batch. */
+int sy_dist_eval_batches(const sy_config_t *cfg, const sy_data_t *val);
+/* Opens data.val for validation: *val NULL and *n 0 when there is none to do
+ * (train.eval_every 0, data.val empty, or fewer windows than one micro-batch: warned). An
+ * unreadable data.val is an error naming it. */
+sy_status sy_dist_open_val(const sy_config_t *cfg, sy_data_t **val, int *n);
+/* Whether step is a validation step: every train.eval_every steps and the last (run.steps). */
+bool sy_dist_eval_due(const sy_config_t *cfg, int64_t step);
+/* The validation loss of the current weights: the mean cross-entropy of the first n
+ * micro-batches of val (windows in order, eval capacity factor, no jitter or dropout).
+ * Micro-batch i runs on rank i % W in rounds of W (idle ranks serve their experts); each
+ * micro-batch's term comes from one rank, the terms are all-reduced as a vector (every other
+ * entry 0, so the sum is exact) and summed in micro-batch order: the same value for every W. */
+sy_status sy_dist_eval(sy_dist_ctx *c, sy_data_t *val, int n, double *val_loss);
 
 #endif

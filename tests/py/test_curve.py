@@ -29,7 +29,7 @@ REFUSE_BOUND_S = 15  # a refused worker must exit within this
 
 
 def sets(tmp, name, extra=()):
-    s = {"data.train": f"{tmp}/data/train_*.bin", "run.name": name, "run.state_dir": f"{tmp}/state-{name}",
+    s = {"data.train": f"{tmp}/data/train_*.bin", "data.val": "", "run.name": name, "run.state_dir": f"{tmp}/state-{name}",
          "checkpoint.store": f"{tmp}/store", "run.steps": str(STEPS), "checkpoint.every": "0",
          "train.threads": "1", "model.n_layers": "2", "model.d_model": "64", "model.d_ff": "128",
          "model.seq_len": "64", "train.global_batch_seqs": "8", "train.micro_batch_seqs": "4",

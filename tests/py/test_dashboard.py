@@ -3,7 +3,8 @@ opened in headless Chromium, driven by chromedriver's WebDriver HTTP protocol wi
 Selenium). The checks read the RENDERED page, not the HTML source:
   - the loss chart (a dygraphs chart) holds one point per step of metrics.jsonl up to the step it
     shows (the steps replayed after a recovery replace the lost ones: metrics.jsonl's distinct
-    steps), and its steps are exactly those;
+    steps), and its steps are exactly those; with train.eval_every=3 its validation series holds
+    metrics.jsonl's val_loss at exactly the validation steps;
   - every chart (loss, tokens/s, drop rate, learning rate, gradient norm, imbalance) has points,
     and moving the mouse over the loss chart shows the step and its values in the legend;
   - the worker table lists both live workers, with their ranks and owned experts;
@@ -143,7 +144,9 @@ var c = window.sy && sy.charts.loss, h = window.sy && sy.history;
 if (!c || !h) return null;
 var xs = [];
 for (var i = 0; i < c.numRows(); i++) xs.push(c.getValue(i, 0));
-return {rows: c.numRows(), xs: xs,
+var vals = [];
+for (var i = 0; i < c.numRows(); i++) if (c.numColumns() == 4 && c.getValue(i, 3) !== null && !isNaN(c.getValue(i, 3))) vals.push([c.getValue(i, 0), c.getValue(i, 3)]);
+return {rows: c.numRows(), xs: xs, vals: vals, labels: c.getLabels(),
         workers: Array.from(document.querySelectorAll('#workers tr[data-worker]')).map(function(r) {
             return {id: r.dataset.worker, state: r.querySelector('td.state').textContent,
                     cells: Array.from(r.cells).map(function(td) { return td.textContent; })}; }),
@@ -173,7 +176,8 @@ def main():
     name = "dash"
     s = fu.settings(tmp, name, 100000, 10, extra={
         "cluster.heartbeat_ms": "250", "cluster.failure_timeout_ms": "3000", "status.token": TOKEN,
-        "status.auth_get": "true"})
+        "status.auth_get": "true", "data.val": f"{tmp}/data/val_*.bin", "train.eval_every": "3",
+        "train.eval_batches": "2"})
     log = open(f"{tmp}/run.log", "w")
     run = sytest.Popen([SY, "run", CFG, "--workers", "2"] + fu.set_args(s), stdout=log, stderr=log)
     # "switchyard run: coordinator at tcp://..., status http://127.0.0.1:PORT; 2 workers; ..."
@@ -207,6 +211,11 @@ def main():
         steps = [x for x in metric_steps(mpath) if x <= p["xs"][-1]]
         check(p["xs"] == steps and p["rows"] == len(steps),
               f"the loss chart holds {p['rows']} points, one per step of metrics.jsonl up to step {p['xs'][-1]} ({len(steps)})")
+        # validation every 3 steps: the loss chart's third series holds those points and no others
+        vm = {m["step"]: m["val_loss"] for m in fu.read_lines(mpath) if "val_loss" in m and m["step"] <= p["xs"][-1]}
+        check(p["labels"][-1] == "validation" and [x for x, _ in p["vals"]] == sorted(vm) and len(vm) >= 1 and
+              all(abs(v - vm[x]) <= 1e-6 * vm[x] for x, v in p["vals"]),
+              f"the loss chart's validation series holds the val_loss of metrics.jsonl at steps {sorted(vm)} ({p['vals']})")
         check(set(p["charts"]) >= {"loss", "tps", "drop", "lr", "gn", "imb"},
               f"every chart has points ({sorted(p['charts'])})")
         live = {w["id"]: w for w in p["workers"]}
