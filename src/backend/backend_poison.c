@@ -275,8 +275,10 @@ sy_status sy_backend_poison_wrap(sy_backend_t *inner, sy_backend_t **out) {
     b->embed_fwd = p_embed_fwd, b->embed_bwd = p_embed_bwd;
     b->matmul_fwd = p_matmul_fwd, b->matmul_bwd = p_matmul_bwd, b->matmul_bwd_acc64 = p_matmul_bwd_acc64;
     b->matmul_fwd_group = p_matmul_fwd_group, b->matmul_bwd_group = p_matmul_bwd_group;
-    b->matmul_gelu_fwd_group = p_matmul_gelu_fwd_group;
-    b->matmul_gelu_bwd_group = p_matmul_gelu_bwd_group;
+    /* optional ops (backend.h): wrapped only where the wrapped backend has them (emu has not:
+     * callers then run the separate ops) */
+    b->matmul_gelu_fwd_group = inner->matmul_gelu_fwd_group ? p_matmul_gelu_fwd_group : NULL;
+    b->matmul_gelu_bwd_group = inner->matmul_gelu_bwd_group ? p_matmul_gelu_bwd_group : NULL;
     b->layernorm_fwd = p_layernorm_fwd, b->layernorm_bwd = p_layernorm_bwd;
     b->attention_fwd = p_attention_fwd, b->attention_bwd = p_attention_bwd;
     b->gelu_fwd = p_gelu_fwd, b->gelu_bwd = p_gelu_bwd, b->add_inplace = p_add_inplace;
