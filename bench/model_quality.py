@@ -441,8 +441,8 @@ def main():
                  "(and run this with /usr/bin/python3)")
     if not os.path.exists(os.path.join(a.build, "switchyard")):
         sys.exit(f"no {a.build}/switchyard: build first (bash deploy/main-job.sh)")
-    if not [p for p in os.listdir(os.path.join(ROOT, "data/fortunes")) if p.startswith("val_")] \
-            if os.path.isdir(os.path.join(ROOT, "data/fortunes")) else True:
+    fortunes = os.path.join(ROOT, "data/fortunes")
+    if not os.path.isdir(fortunes) or not any(p.startswith("val_") for p in os.listdir(fortunes)):
         sys.exit("no data/fortunes: run bash deploy/main-job.sh first (it prepares the corpus)")
     only = set(a.only.split(","))
     bad = only - {"scaling", "precision", "init", "defaults"}
