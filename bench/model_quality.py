@@ -18,7 +18,7 @@ Every run: `switchyard train configs/tiny.yaml` (or tiny-dense.yaml) with --set 
 same data order and seed unless stated; validation every EVAL_EVERY steps over EVAL_BATCHES
 micro-batches of data.val (train.eval_every / train.eval_batches), and the final checkpoint
 evaluated over the whole of data.val with `switchyard eval`. Training time is the sum of the
-steps' step_ms (validation excluded). About 15 minutes on 2 idle cores.
+steps' step_ms (validation excluded). About 23 minutes on 2 idle cores.
 
 usage: /usr/bin/python3 bench/model_quality.py [--build build] [--steps 600] [--only scaling,...]
                                        [--work DIR] [--no-doc]
@@ -50,6 +50,7 @@ class Runner:
         self.work = work
         self.steps = steps
         self.results = {}
+        self.date = time.strftime('%Y-%m-%d', time.gmtime())
 
     def train(self, name, config="configs/tiny.yaml", sets=None):
         """One training run; returns its record (metrics lines, final full-validation loss)."""
@@ -238,9 +239,13 @@ def fmt(v, p=3):
     return "–" if v is None else f"{v:.{p}f}"
 
 
-def write_doc(path, R, S, P, I, D, made, elapsed):
+def commit_now():
     commit = sh(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT).stdout.strip()
     dirty = sh(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT).stdout.strip()
+    return commit + (" (with local changes)" if dirty else "")
+
+
+def write_doc(path, R, S, P, I, D, made, elapsed, commit):
     cpu = ""
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -251,7 +256,7 @@ def write_doc(path, R, S, P, I, D, made, elapsed):
     w("# Model quality: the Switch Transformer paper in miniature")
     w("")
     w("Written by `python3 bench/model_quality.py` (do not edit by hand: rerun it). "
-      f"Commit {commit}{' (with local changes)' if dirty else ''}, {time.strftime('%Y-%m-%d', time.gmtime())}, "
+      f"Commit {commit}, {R.date}, "
       f"{cpu or platform.machine()}, {os.cpu_count()} cores; {R.steps} steps per run, "
       f"{len(R.results)} runs, {elapsed / 60:.1f} minutes in all.")
     w("")
@@ -275,17 +280,19 @@ def write_doc(path, R, S, P, I, D, made, elapsed):
           "the Switch models cost the dense model's FLOPs per token (plus the router's, E x d_model per "
           "token) while holding E times the MLP parameters of their Switch layers. *Steps to dense* is the "
           "first step whose 25-step mean training cross-entropy is at or below the dense model's final "
-          "one; the speed-up is the dense model's steps over it, and the same in training time.")
+          "one (the mean wanders, so the dense model itself gets there before its last step); the "
+          "speed-up is the dense model's such step over the model's, and the same in training time.")
         w("")
         w("| model | parameters | final validation loss | ms/step (median) | steps to dense | speed-up (steps) | speed-up (time) | peak drop % (steps 1-50) | drop % (last 100) |")
         w("|---|---|---|---|---|---|---|---|---|")
+        reach_d = first_reach(st_d, ma_d, target) if target is not None else None
         for name, rec in S.items():
             st, ma = train_ma(rec)
             reach = first_reach(st, ma, target) if target is not None else None
             ct = cum_time(rec)
             params = parse_params(rec)
-            sp_steps = (st_d[-1] / reach) if reach else None
-            sp_time = (ct_d[st_d[-1]] / ct[reach]) if reach else None
+            sp_steps = (reach_d / reach) if reach and reach_d else None
+            sp_time = (ct_d[reach_d] / ct[reach]) if reach and reach_d else None
             w(f"| {name} | {params} | {fmt(rec['final_val'])} | {ms_per_step(rec):.0f} | "
               f"{reach if reach else 'not reached'} | {fmt(sp_steps, 2) + 'x' if sp_steps else '–'} | "
               f"{fmt(sp_time, 2) + 'x' if sp_time else '–'} | {100 * max_drop(rec, 1, 50):.1f} | {100 * mean_drop(rec, R.steps - 99, R.steps):.1f} |")
@@ -353,10 +360,12 @@ def write_doc(path, R, S, P, I, D, made, elapsed):
     w("## Reproduce")
     w("")
     w("```\nbash deploy/main-job.sh            # builds, prepares data/fortunes\n"
-      "python3 bench/model_quality.py    # about 15 minutes on 2 idle cores; rewrites this file\n```")
+      "/usr/bin/python3 bench/model_quality.py   # about 23 minutes on 2 idle cores; rewrites this file\n```")
     w("")
     w("`--only scaling,precision,init,defaults` runs a subset (the document then holds only those "
-      "sections); `--steps N` changes the run length.")
+      "sections); `--steps N` changes the run length; `--from-results FILE` rewrites the document and "
+      "plots from a results.json of an earlier run without training (each run keeps one in its "
+      "`--work` folder).")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
 
@@ -389,8 +398,9 @@ def scaling_words(S, dense_val):
             continue
         st, ma = train_ma(rec)
         reach = first_reach(st, ma, ma_d[-1]) if ma_d else None
+        reach_d = first_reach(st_d, ma_d, ma_d[-1]) if ma_d else None
         parts.append(f"{name} {rec['final_val'] - dense_val:+.3f}")
-        gains.append((name, st_d[-1] / reach if reach else None))
+        gains.append((name, reach_d / reach if reach and reach_d else None))
     words = "Final validation loss against the dense model's: " + ", ".join(parts) + "."
     sp = [g for _, g in gains]
     if all(g is not None for g in sp) and len(sp) > 1:
@@ -433,6 +443,8 @@ def main():
     ap.add_argument("--only", default="scaling,precision,init,defaults")
     ap.add_argument("--work", default=None, help="folder for the runs (default: a fresh one under /tmp)")
     ap.add_argument("--no-doc", action="store_true", help="print the results, leave docs/ alone")
+    ap.add_argument("--from-results", default=None,
+                    help="results.json of an earlier run: redo the document and plots without training")
     a = ap.parse_args()
     try:
         import matplotlib  # noqa: F401  (the plots; checked before 15 minutes of training)
@@ -452,18 +464,28 @@ def main():
     os.makedirs(work, exist_ok=True)
     R = Runner(a.build, work, a.steps)
     t0 = time.time()
+    prior_elapsed = None
+    commit = commit_now()
+    if a.from_results:
+        with open(a.from_results) as f:
+            saved = json.load(f)
+        R.results = saved.get("runs", saved)
+        prior_elapsed = saved.get("elapsed_s")
+        commit = saved.get("commit", "unknown")
+        R.date = saved.get("date", R.date)
+        R.steps = max((len(r["lines"]) for r in R.results.values()), default=a.steps)
     S = scaling(R) if "scaling" in only else {}
     P = precision(R) if "precision" in only else {}
     I = init(R) if "init" in only else {}
     D = defaults(R) if "defaults" in only else {}
-    elapsed = time.time() - t0
+    elapsed = prior_elapsed if prior_elapsed is not None else time.time() - t0
     with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump({k: {kk: vv for kk, vv in v.items()} for k, v in R.results.items()}, f)
+        json.dump({"elapsed_s": elapsed, "commit": commit, "date": R.date, "runs": R.results}, f)
     print(f"{len(R.results)} runs in {elapsed / 60:.1f} min; raw results in {work}/results.json")
     if a.no_doc:
         return
     made = plots(os.path.join(ROOT, "docs/model-quality"), S, P, I, D)
-    write_doc(os.path.join(ROOT, "docs/model-quality.md"), R, S, P, I, D, made, elapsed)
+    write_doc(os.path.join(ROOT, "docs/model-quality.md"), R, S, P, I, D, made, elapsed, commit)
     print("wrote docs/model-quality.md and", ", ".join(f"docs/model-quality/{m}" for m in made))
     if not all(r["ok"] for r in R.results.values() if not r["name"].startswith("bf16-router")):
         sys.exit(1)
