@@ -1,6 +1,7 @@
 #include "backend/gemm_cpu.h"
 
 #include <cblas.h>
+#include <pthread.h>
 #include <stdlib.h>
 
 #include "backend/kernels/k_elementwise.h"
@@ -79,16 +80,33 @@ static void epilogue(float *c, int ldc, int m, int n, const sy_gemm_epilogue *ep
 }
 
 /* This thread's tile buffer for c_scratch epilogues (at least n floats; NULL if it cannot be
- * had, and the tile is then computed in C). Kept for the thread's life: one tile, <= 1 MiB. */
+ * had, and the tile is then computed in C). Kept for the thread's life (one tile, <= 1 MiB) and
+ * freed when the thread exits (a pthread key's destructor: OpenMP pools of threads that end,
+ * such as the ranks of the threads data plane, would otherwise leak it). */
+typedef struct {
+    size_t cap;
+    float v[];
+} tile_buf;
+
+static pthread_key_t tile_key;
+static pthread_once_t tile_once = PTHREAD_ONCE_INIT;
+static void tile_key_make(void) { (void)pthread_key_create(&tile_key, free); }
+
 static float *thread_tile(size_t n) {
-    static _Thread_local float *buf;
-    static _Thread_local size_t cap;
-    if (cap < n) {
-        float *p = realloc(buf, sizeof(float) * n);
+    (void)pthread_once(&tile_once, tile_key_make);
+    tile_buf *b = pthread_getspecific(tile_key);
+    if (!b || b->cap < n) {
+        tile_buf *p = realloc(b, sizeof(tile_buf) + sizeof(float) * n);
         if (!p) return NULL;
-        buf = p, cap = n;
+        p->cap = n;
+        if (pthread_setspecific(tile_key, p) != 0) {
+            free(p);
+            (void)pthread_setspecific(tile_key, NULL);
+            return NULL;
+        }
+        b = p;
     }
-    return buf;
+    return b->v;
 }
 
 /* Tile t of a problem tiled tl (tn tiles per row of tiles). */
