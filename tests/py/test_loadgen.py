@@ -34,7 +34,7 @@ N = int(os.environ.get("SY_LOADGEN_WORKERS", "50"))
 E = int(os.environ.get("SY_LOADGEN_EXPERTS", "128"))
 FULL_TABLE = os.environ.get("SY_LOADGEN_TABLE_FULL", "1") == "1"
 # at 1,000 workers x 2,048 experts a checkpoint is 4,098 objects: leave time for commits after the kill
-DURATION = "8" if N <= 100 else "20"
+DURATION = "8" if N <= 100 else "12"
 CKPT_EVERY = 5 if N <= 100 else 10
 
 

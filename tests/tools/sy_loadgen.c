@@ -24,7 +24,7 @@
  * workers and cross-checked; --peers whole reports none (every Assign whole: the old protocol).
  *
  * Events (seconds after the first generation reached all its members): kill:K closes K member
- * sockets (a dead process: the coordinator sees the TCP close), stop:K makes K members silent
+ * sockets (from the middle rank on, expert owners first; a dead process: the coordinator sees the TCP close), stop:K makes K members silent
  * (a hung process: found by failure_timeout_ms), add:K starts K new workers.
  *
  * The report (JSON, to --report or stdout) holds what the coordinator's behaviour looks like
@@ -667,12 +667,22 @@ static void unwatch(int i) {
     if (sims[i].sock && zmq_getsockopt(sims[i].sock, ZMQ_FD, &fd, &fl) == 0) epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
 }
 
+/* K members to kill or stop, from the middle rank on, wrapping; members that hold experts first
+ * (with more workers than experts most hold none, and a loss should move something). */
 static int pick_members(int k, int *out) {
     int n = 0;
     genrec *g = ngens ? &gens[ngens - 1] : NULL;
-    for (int q = 0; g && g->member && n < k && q < g->world; q++) {
-        int i = g->member[(g->world / 2 + q) % g->world]; /* from the middle rank on, wrapping */
-        if (i >= 0 && sims[i].state == S_UP && sims[i].active && sims[i].gen == g->gen) out[n++] = i;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int q = 0; g && g->member && n < k && q < g->world; q++) {
+            int r = (g->world / 2 + q) % g->world;
+            int i = g->member[r];
+            if (i < 0 || sims[i].state != S_UP || !sims[i].active || sims[i].gen != g->gen) continue;
+            bool owner = false;
+            for (int e = 0; g->placement && e < E && !owner; e++) owner = (int)g->placement[e] == r;
+            bool taken = false;
+            for (int t = 0; t < n && !taken; t++) taken = out[t] == i;
+            if ((pass == 0) == owner && !taken) out[n++] = i;
+        }
     }
     return n;
 }
