@@ -3,7 +3,7 @@
 against N simulated workers of tests/tools/sy_loadgen, E experts per Switch layer.
 
     python3 bench/scale_bench.py --workers N --experts E [--switch-layers L] [--step-ms MS]
-        [--steady-s S] [--counts full|none] [--store file|s3] [--kill] [--out FILE]
+        [--steady-s S] [--counts owned|full|none] [--store file|s3] [--kill] [--out FILE]
 
 One run: writes a config, starts the coordinator (--expect-workers N), starts the load
 generator, waits until generation 1 reached every worker, measures the coordinator over
@@ -113,7 +113,7 @@ def main():
     ap.add_argument("--switch-layers", type=int, default=2)
     ap.add_argument("--step-ms", type=int, default=1000)
     ap.add_argument("--steady-s", type=float, default=10)
-    ap.add_argument("--counts", default="full")
+    ap.add_argument("--counts", default="owned", choices=["owned", "full", "none"])
     ap.add_argument("--peers", default="edit", choices=["edit", "whole"],
                     help="whole: the simulated workers report no peer table held (every Assign whole, as before issue 14's edits)")
     ap.add_argument("--store", default="file")

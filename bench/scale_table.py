@@ -16,7 +16,7 @@ def main():
     print("|" + "---|" * 15)
     for r in rows:
         b = r.get("bytes", {})
-        print(f"| {r['workers']} | {r['experts']} × {r['switch_layers']}{' (no counts)' if r.get('counts') == 'none' else ''} "
+        print(f"| {r['workers']} | {r['experts']} × {r['switch_layers']}{' (no counts)' if r.get('counts') == 'none' else ' (full counts)' if r.get('counts') == 'full' else ''} "
               f"| {r.get('heartbeat_ms', 500)} | {r['coord_cpu_share_steady']:.3f} "
               f"| {kib(r['coord_rss_steady_kib'])} / {kib(r['coord_rss_peak_kib'])} "
               f"| {r.get('first_generation_ms', '-')} ms | {r.get('death_to_assign_all_ms', '-')} ms "

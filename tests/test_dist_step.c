@@ -10,7 +10,12 @@
  * makes every step's global gradient norm and the dense parameters after the last step
  * bit-identical between the two, on both ranks. A fallback that dropped the upload, summed in
  * another order or staged the wrong length changes the ranks' dense gradients and fails the
- * comparison. */
+ * comparison.
+ *
+ * The same runs check the per-expert counts a StepDone carries: with W = 1 every expert's counts
+ * of the rank's micro-batches; with W = 2 (counts_owned) each owner's counts of the whole step
+ * for its experts, from the expert-parallel exchange. Put together by the placement (as the
+ * coordinator does) they must equal W = 1's at every step, and they are not all zero. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -43,6 +48,10 @@ typedef struct {
     sy_dataplane_t *dp;
     const char **eps;
     double norm[STEPS];
+    int32_t *counts[STEPS]; /* [n_switch, E] or, counts_owned, [n_switch, n_owned] */
+    bool counts_owned[STEPS];
+    int n_switch, E, n_owned;
+    int owned_list[64];
     float *dense; /* [dense numel] parameters after the last step (host copy) */
     size_t n_dense;
     sy_status st;
@@ -80,10 +89,15 @@ static void *rank_main(void *arg) {
     sy_model_init(m, cfg->run.seed);
     sy_dist_ctx c = {.cfg = cfg, .model = m, .opt = opt, .data = data, .comm = comm,
                      .owned = r->world > 1 ? owned : NULL, .tokens = tokens};
+    r->n_switch = sy_model_n_switch(m), r->E = d.E, r->n_owned = 0;
+    for (int e = 0; e < d.E; e++)
+        if (owned[e] || r->world == 1) r->owned_list[r->n_owned++] = e;
     for (int s = 1; s <= STEPS; s++) {
-        sy_step_result res = {0};
+        sy_step_result res = {.counts = calloc((size_t)r->n_switch * d.E, sizeof(int32_t))};
+        r->counts[s - 1] = res.counts;
         SY_CHECK_GOTO(sy_dist_step(&c, s, &res), st, done);
         r->norm[s - 1] = res.grad_norm;
+        r->counts_owned[s - 1] = res.counts_owned;
     }
     r->n_dense = sy_model_dense_numel(m);
     r->dense = malloc(sizeof(float) * r->n_dense);
@@ -149,6 +163,30 @@ static void test_dense_allreduce_staged(void **state) {
     }
     /* the step moved the parameters: the comparison is not of two untouched models */
     assert_true(one[0].norm[0] > 0);
+    /* per-expert counts: W = 2's owners' counts, placed by expert, equal W = 1's */
+    const int L = one[0].n_switch, E = one[0].E;
+    assert_true(L > 0 && E <= 64);
+    for (int s = 0; s < STEPS; s++) {
+        assert_false(one[0].counts_owned[s]);
+        int64_t sum = 0;
+        int32_t got[L * E];
+        memset(got, 0, sizeof got);
+        for (int q = 0; q < 2; q++) {
+            assert_true(two[q].counts_owned[s]);
+            for (int l = 0; l < L; l++)
+                for (int i = 0; i < two[q].n_owned; i++)
+                    got[l * E + two[q].owned_list[i]] += two[q].counts[s][l * two[q].n_owned + i];
+        }
+        for (int i = 0; i < L * E; i++) sum += one[0].counts[s][i];
+        fprintf(stderr, "step %d: %lld tokens routed in %d Switch layers; W=2 owners' counts %s W=1's\n", s + 1,
+                (long long)sum, L, memcmp(got, one[0].counts[s], sizeof got) ? "DIFFER from" : "equal");
+        assert_true(sum > 0);
+        assert_memory_equal(got, one[0].counts[s], sizeof got);
+    }
+    for (int s = 0; s < STEPS; s++) {
+        free(one[0].counts[s]);
+        for (int q = 0; q < 2; q++) free(two[q].counts[s]);
+    }
     for (int q = 0; q < 2; q++) free(two[q].dense);
     free(one[0].dense);
     unsetenv("SY_BACKEND_POISON");

@@ -320,6 +320,11 @@ static const field FIELDS[] = {
     FLD(status, tls_ca, FT_STRING, "",
         MEANS("CA certificate file that `switchyard run` verifies its coordinator's HTTPS server "
               "with (empty: `tls_cert` itself, a self-signed certificate).")),
+    FLD(status, metrics_expert_series, FT_INT, "1024", .rule = R_MIN, .lo = (0),
+        MEANS("`/metrics` exports one `switchyard_expert_tokens{layer,expert}` series per Switch layer "
+              "and expert when there are at most this many (layers × experts); above it, only the "
+              "per-layer summary (`switchyard_layer_tokens_max`, `_min`, `switchyard_layer_imbalance`), "
+              "which is always there. `/v1/status` keeps every expert's count either way.")),
 };
 #define N_FIELDS ((int)(sizeof FIELDS / sizeof FIELDS[0]))
 

@@ -119,6 +119,7 @@ typedef struct {
         char *tls_cert;       /* PEM certificate file: HTTPS with tls_key ("" = plain HTTP) */
         char *tls_key;        /* PEM private key file (0600) */
         char *tls_ca;         /* CA file the launcher verifies the server with ("" = tls_cert) */
+        int metrics_expert_series; /* /metrics: per-expert series up to this many (layers × experts) */
     } status;
 } sy_config_t;
 

@@ -239,6 +239,7 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     free(c->members);
     sy_peers_free(c->tab_n, c->tab_ep, c->tab_key);
     free(c->placement);
+    free(c->own_off), free(c->own_exp);
     free(c->load);
     sy_history_destroy(&c->history);
     free(c->ms_by_step);

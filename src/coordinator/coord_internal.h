@@ -178,6 +178,10 @@ struct sy_coord {
     int world;
     int *members;        /* worker index by rank */
     uint32_t *placement; /* [E] */
+    /* the placement by owner (built when a StepDone with owned counts first needs it in a
+     * generation): rank q's experts are own_exp[own_off[q] .. own_off[q+1]), ascending */
+    int32_t *own_off, *own_exp;
+    uint64_t own_gen;
     int64_t restore_step, start_step, end_step;
     bool from_replicas;     /* the open generation restores restore_step from the members' replicas */
     int32_t *expert_source; /* [E] its plan: the rank that sends expert e (Assign.expert_source) */

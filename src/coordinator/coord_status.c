@@ -165,8 +165,29 @@ char *sy_coord_metrics_text(sy_coord_t *c) {
     int cnt[W__COUNT] = {0};
     for (int i = 0; i < c->nw; i++) cnt[c->w[i].state]++;
     for (int s = 0; s < W__COUNT; s++) sb_printf(&b, "switchyard_workers{state=\"%s\"} %d\n", sy_coord_wstate[s], cnt[s]);
+    /* per layer: the most and fewest tokens an expert got, and max / mean (1 = balanced) */
+    const char *sum_name[3] = {"switchyard_layer_tokens_max", "switchyard_layer_tokens_min", "switchyard_layer_imbalance"};
+    const char *sum_help[3] = {"Most tokens routed to one expert of each Switch layer in the last step.",
+                               "Fewest tokens routed to one expert of each Switch layer in the last step.",
+                               "Expert load imbalance of each Switch layer in the last step: max / mean tokens per expert."};
+    for (int k = 0; k < 3; k++) {
+        prom_head(&b, sum_name[k], "gauge", sum_help[k]);
+        for (int l = 0; c->load_valid && l < c->n_switch && c->E > 0; l++) {
+            const uint64_t *ld = c->load + (size_t)l * c->E;
+            uint64_t mx = ld[0], mn = ld[0], sum = 0;
+            for (int e = 0; e < c->E; e++) mx = ld[e] > mx ? ld[e] : mx, mn = ld[e] < mn ? ld[e] : mn, sum += ld[e];
+            if (k < 2)
+                sb_printf(&b, "%s{layer=\"%d\"} %" PRIu64 "\n", sum_name[k], l, k == 0 ? mx : mn);
+            else if (sum)
+                sb_printf(&b, "%s{layer=\"%d\"} %.17g\n", sum_name[k], l, (double)mx * c->E / (double)sum);
+            else
+                sb_printf(&b, "%s{layer=\"%d\"} NaN\n", sum_name[k], l);
+        }
+    }
+    /* every expert, when that is few enough series for a scraper (status.metrics_expert_series) */
     prom_head(&b, "switchyard_expert_tokens", "gauge", "Tokens routed to each expert in the last step (all ranks).");
-    for (int l = 0; c->load_valid && l < c->n_switch; l++)
+    const bool per_expert = (int64_t)c->n_switch * c->E <= c->cfg.status.metrics_expert_series;
+    for (int l = 0; per_expert && c->load_valid && l < c->n_switch; l++)
         for (int e = 0; e < c->E; e++)
             sb_printf(&b, "switchyard_expert_tokens{layer=\"%d\",expert=\"%d\"} %" PRIu64 "\n", l, e, c->load[l * c->E + e]);
     prom_gauge(&b, "switchyard_dropped_fraction", "Fraction of routed tokens dropped by capacity in the last step.",
@@ -192,14 +213,17 @@ char *sy_coord_metrics_text(sy_coord_t *c) {
     char lab[2 * ID_MAX + 1];
     prom_head(&b, "switchyard_dataplane_dropped_total", "counter",
               "Data-plane messages a worker dropped (older generation, malformed, or from another rank's key).");
+    /* a worker's series appears once its count is not 0 (10,000 zeros would be 1.2 MB) */
     for (int i = 0; i < c->nw; i++)
-        sb_printf(&b, "switchyard_dataplane_dropped_total{worker=\"%s\"} %" PRIu64 "\n",
-                  prom_label(lab, sizeof lab, c->w[i].id), c->w[i].dp_dropped);
+        if (c->w[i].dp_dropped)
+            sb_printf(&b, "switchyard_dataplane_dropped_total{worker=\"%s\"} %" PRIu64 "\n",
+                      prom_label(lab, sizeof lab, c->w[i].id), c->w[i].dp_dropped);
     prom_head(&b, "switchyard_dataplane_refused_total", "counter",
               "CURVE handshakes a worker's data plane refused (a key not of the generation's members).");
     for (int i = 0; i < c->nw; i++)
-        sb_printf(&b, "switchyard_dataplane_refused_total{worker=\"%s\"} %" PRIu64 "\n",
-                  prom_label(lab, sizeof lab, c->w[i].id), c->w[i].dp_refused);
+        if (c->w[i].dp_refused)
+            sb_printf(&b, "switchyard_dataplane_refused_total{worker=\"%s\"} %" PRIu64 "\n",
+                      prom_label(lab, sizeof lab, c->w[i].id), c->w[i].dp_refused);
     double elapsed = c->first_open ? (double)(sy_mono_ms() - c->first_open) : 0;
     double gp = elapsed > 0 ? c->useful_ms / elapsed : 0;
     prom_gauge(&b, "switchyard_goodput", "Step time of kept steps / wall time since the first generation.",

@@ -21,6 +21,7 @@
 static void step_complete(sy_coord_t *c, agg *a);
 static void record_step_ms(sy_coord_t *c, int64_t step, double ms);
 static int step_micro_batches(const sy_coord_t *c);
+static bool owner_index(sy_coord_t *c);
 
 void sy_coord_on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd) {
     int64_t step = (int64_t)sd->step;
@@ -78,6 +79,21 @@ void sy_coord_on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd) {
     }
     if ((int)sd->n_expert_counts != c->n_switch) {
         a->counts_ok = false;
+    } else if (sd->counts_owned) { /* the whole step's counts of the sender's experts */
+        if (!owner_index(c)) {
+            a->counts_ok = false;
+        } else {
+            const int32_t *mine = c->own_exp + c->own_off[w->rank];
+            const int nm = c->own_off[w->rank + 1] - c->own_off[w->rank];
+            for (int l = 0; l < c->n_switch && a->counts_ok; l++) {
+                const Sy__LayerCounts *lc = sd->expert_counts[l];
+                if ((int)lc->n_counts != nm) {
+                    a->counts_ok = false;
+                    break;
+                }
+                for (int i = 0; i < nm; i++) a->counts[l * c->E + mine[i]] += lc->counts[i];
+            }
+        }
     } else {
         for (int l = 0; l < c->n_switch && a->counts_ok; l++) {
             const Sy__LayerCounts *lc = sd->expert_counts[l];
@@ -99,6 +115,26 @@ void sy_coord_on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd) {
     free(done.seen);
     free(done.counts);
     free(done.terms);
+}
+
+/* The open generation's placement grouped by owner (c->own_off, c->own_exp), built once a
+ * generation; false when out of memory. */
+static bool owner_index(sy_coord_t *c) {
+    if (c->own_gen == c->gen && c->own_off) return true;
+    int32_t *off = realloc(c->own_off, sizeof(int32_t) * (size_t)(c->world + 1));
+    if (!off) return false;
+    c->own_off = off;
+    if (!c->own_exp && !(c->own_exp = malloc(sizeof(int32_t) * (size_t)(c->E > 0 ? c->E : 1)))) return false;
+    memset(off, 0, sizeof(int32_t) * (size_t)(c->world + 1));
+    for (int e = 0; e < c->E; e++)
+        if (c->placement[e] < (uint32_t)c->world) off[c->placement[e] + 1]++;
+    for (int q = 0; q < c->world; q++) off[q + 1] += off[q];
+    int32_t fill[c->world > 0 ? c->world : 1];
+    memcpy(fill, off, sizeof(int32_t) * (size_t)c->world);
+    for (int e = 0; e < c->E; e++)
+        if (c->placement[e] < (uint32_t)c->world) c->own_exp[fill[c->placement[e]]++] = e;
+    c->own_gen = c->gen;
+    return true;
 }
 
 static int step_micro_batches(const sy_coord_t *c) {

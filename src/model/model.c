@@ -712,6 +712,8 @@ void sy_model_set_ep(sy_model_t *m, sy_ep_t *ep, int rank) {
     m->ep_rank = rank;
 }
 
+sy_ep_t *sy_model_ep(const sy_model_t *m) { return m->ep; }
+
 sy_status sy_model_serve_idle_eval(sy_model_t *m) {
     if (!m->ep) return SY_OK;
     for (int l = 0; l < m->d.L; l++) {

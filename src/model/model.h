@@ -138,6 +138,8 @@ sy_status sy_model_logits(sy_model_t *m, int row0, int n, float *out);
  * 0 here). rank = this rank in the ep's communicator. NULL: all experts local. */
 struct sy_ep;
 void sy_model_set_ep(sy_model_t *m, struct sy_ep *ep, int rank);
+/* The expert parallelism set by sy_model_set_ep (NULL: every expert local). */
+struct sy_ep *sy_model_ep(const sy_model_t *m);
 /* A rank without a micro-batch in a round: serves its experts in every Switch layer's exchange
  * (forward then backward), in the order the active ranks run them. key.micro = the round's
  * first micro-batch index (round·world). */

@@ -17,6 +17,8 @@ typedef struct {
     int32_t *off;         /* [n_mine+1] first local row of each of my experts */
     int32_t *tok, *micro; /* [R] host: token index and micro-batch of each local row */
     int32_t *tok_b, *micro_b;        /* [R] backend copies (the dropout mask's keys) */
+    int64_t *routed;      /* [n_mine] tokens routed to each of my experts, before capacity, by
+                           * every source since sy_ep_counts_reset (the step's per-expert counts) */
     float *xe, *he, *ge, *mask, *ye; /* backend [R, D] / [R, F] */
 } served_layer;
 
@@ -99,6 +101,7 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
         EP_ALLOC(s->recv_rows, W);
         EP_ALLOC(s->src_cnt, (size_t)(nm > 0 ? nm : 1) * W);
         EP_ALLOC(s->src_row, (size_t)(nm > 0 ? nm : 1) * W);
+        EP_ALLOC(s->routed, nm > 0 ? nm : 1);
         if (nm > 0) {
             EP_BALLOC(s->tok_b, ep->R);
             EP_BALLOC(s->micro_b, ep->R);
@@ -109,9 +112,9 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
             EP_BALLOC(s->mask, (size_t)ep->R * F);
         }
     }
-    /* Wire buffers: the largest exchange either way is the counts (E int32 per rank), or ≤ R
-     * rows with their tokens (an owner receives, and returns, at most R = W·G rows). */
-    size_t cap = sizeof(int32_t) * (size_t)W * E + (sizeof(int32_t) + sizeof(float) * (size_t)D) * ep->R;
+    /* Wire buffers: the largest exchange either way is the counts (2 int32 an expert per rank),
+     * or ≤ R rows with their tokens (an owner receives, and returns, at most R = W·G rows). */
+    size_t cap = 2 * sizeof(int32_t) * (size_t)W * E + (sizeof(int32_t) + sizeof(float) * (size_t)D) * ep->R;
     EP_BALLOC(ep->send_b, cap);
     EP_BALLOC(ep->recv_b, cap);
     ep->dev_wire = sy_comm_device_buffers(comm) != 0;
@@ -146,7 +149,7 @@ void sy_ep_destroy(sy_ep_t **self_p) {
         for (int l = 0; l < ep->n_layers; l++) {
             served_layer *s = &ep->layers[l];
             free(s->off), free(s->tok), free(s->micro), free(s->src_row), free(s->recv_rows),
-                free(s->src_cnt);
+                free(s->src_cnt), free(s->routed);
             void *b[] = {s->tok_b, s->micro_b, s->xe, s->ye, s->he, s->ge, s->mask};
             for (size_t i = 0; i < sizeof b / sizeof b[0]; i++)
                 if (b[i]) be->free(be, b[i]);
@@ -166,6 +169,15 @@ int sy_ep_n_owned(const sy_ep_t *ep) { return ep->nm; }
 const int *sy_ep_owned(const sy_ep_t *ep) { return ep->mine; }
 
 sy_ep_stats sy_ep_get_stats(const sy_ep_t *ep) { return ep->stats; }
+
+void sy_ep_counts_reset(sy_ep_t *ep) {
+    for (int l = 0; l < ep->n_layers; l++) memset(ep->layers[l].routed, 0, sizeof(int64_t) * (size_t)(ep->nm > 0 ? ep->nm : 1));
+}
+
+void sy_ep_counts(const sy_ep_t *ep, int32_t *out) {
+    for (int l = 0; l < ep->n_layers; l++)
+        for (int i = 0; i < ep->nm; i++) out[(size_t)l * ep->nm + i] = (int32_t)ep->layers[l].routed[i];
+}
 
 /* Bytes of one side of an exchange (the segments lie back to back from the buffer's start). */
 static size_t total_bytes(const sy_ep_t *ep, const size_t *bytes) {
@@ -291,28 +303,38 @@ sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_we
     served_layer *s = &ep->layers[sl];
     if (sw) sw->dropout = (float)dropout;
 
-    /* 1. Counts: to each owner, the rows for each of its experts (zeros without a micro-batch);
-     * from each source, one count per expert of mine. Fixed sizes. */
+    /* 1. Counts: to each owner, for each of its experts, the rows that come (kept after
+     * capacity) and the tokens routed to it before capacity (zeros without a micro-batch); from
+     * each source, two counts per expert of mine. Fixed sizes. The routed counts add up to the
+     * step's per-expert counts at their owner (sy_ep_counts). */
     {
         int32_t *p = (int32_t *)(void *)ep->send;
         for (int q = 0; q < W; q++) {
             int nq = ep->q_off[q + 1] - ep->q_off[q];
-            for (int k = 0; k < nq; k++) *p++ = sw ? sw->h_kept[ep->q_exp[ep->q_off[q] + k]] : 0;
-            ep->send_bytes[q] = sizeof(int32_t) * (size_t)nq;
-            ep->recv_bytes[q] = sizeof(int32_t) * (size_t)nm;
+            for (int k = 0; k < nq; k++) {
+                const int e = ep->q_exp[ep->q_off[q] + k];
+                *p++ = sw ? sw->h_kept[e] : 0;
+                *p++ = sw ? sw->h_counts[e] : 0;
+            }
+            ep->send_bytes[q] = 2 * sizeof(int32_t) * (size_t)nq;
+            ep->recv_bytes[q] = 2 * sizeof(int32_t) * (size_t)nm;
         }
     }
     SY_CHECK(exchange(ep, &ep->stats.meta_bytes, false));
     int32_t counts[W][nm > 0 ? nm : 1];
     int total = 0;
     for (int src = 0; src < W; src++) {
-        memcpy(counts[src], ep->recv + sizeof(int32_t) * (size_t)nm * src, sizeof(int32_t) * (size_t)nm);
+        const int32_t *p = (const int32_t *)(const void *)(ep->recv + 2 * sizeof(int32_t) * (size_t)nm * src);
         int n = 0;
         for (int i = 0; i < nm; i++) {
-            if (counts[src][i] < 0 || counts[src][i] > ep->G)
-                return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent a bad row count %d", src, counts[src][i]);
-            n += counts[src][i];
+            const int32_t kept = p[2 * i], routed = p[2 * i + 1];
+            if (routed < 0 || routed > ep->G || kept < 0 || kept > routed)
+                return sy_err_set(SY_EREMOTE, "expert exchange: rank %d sent bad counts for expert %d (%d rows of %d routed, at most %d)",
+                                  src, ep->mine[i], kept, routed, ep->G);
+            counts[src][i] = kept;
+            n += kept;
         }
+        for (int i = 0; i < nm; i++) s->routed[i] += p[2 * i + 1];
         s->recv_rows[src] = n;
         ep->recv_row0[src] = total;
         total += n;

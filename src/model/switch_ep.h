@@ -51,6 +51,13 @@ sy_ep_stats sy_ep_get_stats(const sy_ep_t *ep);
 int sy_ep_n_owned(const sy_ep_t *ep);
 const int *sy_ep_owned(const sy_ep_t *ep);
 
+/* The step's per-expert counts at their owner: for each Switch layer, the tokens routed to each
+ * expert this rank owns (sy_ep_owned order), before capacity, by every rank's micro-batches in
+ * the forwards since the last reset (evaluation forwards included: reset at the start of a step
+ * and read before validating). out: [n_layers, n_owned]. */
+void sy_ep_counts_reset(sy_ep_t *ep);
+void sy_ep_counts(const sy_ep_t *ep, int32_t *out);
+
 /* key.micro must be the round's first micro-batch index (round·W): the micro-batch of rank p
  * is key.micro + p, which keys expert dropout for p's tokens. sl = index among Switch layers. */
 sy_status sy_ep_forward(sy_ep_t *ep, sy_switch_t *sw, int sl, const sy_expert_weights *ex,

@@ -1110,10 +1110,13 @@ static sy_status save_checkpoint(agent_t *a, int64_t step) {
 }
 
 static void send_step_done(agent_t *a, int64_t step, const sy_step_result *r, double ms, double val_loss) {
-    const int nsw = sy_model_n_switch(a->model), E = a->dims.E;
+    const int nsw = sy_model_n_switch(a->model);
+    /* per layer: every expert's counts of this rank's micro-batches, or (expert parallelism) the
+     * whole step's counts of the experts this rank owns (StepDone.counts_owned) */
+    const int E = r->counts_owned ? sy_ep_n_owned(sy_model_ep(a->model)) : a->dims.E;
     Sy__LayerCounts *lc = calloc((size_t)(nsw ? nsw : 1), sizeof *lc);
     Sy__LayerCounts **lcp = calloc((size_t)(nsw ? nsw : 1), sizeof *lcp);
-    uint32_t *vals = calloc((size_t)(nsw ? nsw : 1) * E, sizeof *vals);
+    uint32_t *vals = calloc((size_t)(nsw ? nsw : 1) * (E ? E : 1), sizeof *vals);
     for (int l = 0; l < nsw; l++) {
         sy__layer_counts__init(&lc[l]);
         for (int e = 0; e < E; e++) vals[l * E + e] = (uint32_t)r->counts[l * E + e];
@@ -1128,6 +1131,7 @@ static void send_step_done(agent_t *a, int64_t step, const sy_step_result *r, do
     sd.tokens = (uint64_t)r->tokens;
     sd.n_expert_counts = (size_t)nsw;
     sd.expert_counts = lcp;
+    sd.counts_owned = r->counts_owned;
     sd.dropped = (uint64_t)r->dropped;
     sd.routed = (uint64_t)r->routed;
     sd.step_ms = ms;

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "base/log.h"
+#include "model/switch_ep.h"
 
 /* All-reduce of the first n values of the fp64 gradient accumulator, a backend buffer: a comm
  * that takes device buffers (nccl) gets it in place once the backend's work is done; a comm
@@ -45,6 +46,10 @@ sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
     out->tokens = out->routed = out->dropped = 0;
     out->micro_batches = 0;
     if (counts) memset(counts, 0, sizeof(int32_t) * (size_t)nsw * E);
+    /* with expert parallelism each owner counts the whole step's tokens for its experts */
+    sy_ep_t *ep = W > 1 ? sy_model_ep(m) : NULL;
+    out->counts_owned = ep != NULL;
+    if (ep) sy_ep_counts_reset(ep);
 
     /* this rank's micro-batches of this step and the next ones: the prefetcher reads ahead */
     SY_CHECK(sy_data_plan(c->data, cfg->run.seed, s0, cfg->run.steps, M, b, rank, W));
@@ -64,7 +69,7 @@ sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
             }
             out->tokens += l.tokens, out->routed += l.routed, out->dropped += l.dropped;
             out->micro_batches++;
-            if (counts) {
+            if (counts && !ep) {
                 const int32_t *mc = sy_model_expert_counts(m);
                 for (int i = 0; i < nsw * E; i++) counts[i] += mc[i];
             }
@@ -73,6 +78,8 @@ sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
             SY_CHECK(sy_model_serve_idle(m, key));
         }
     }
+
+    if (counts && ep) sy_ep_counts(ep, counts);
 
     /* Dense gradients: the fp64 partial sums of every rank, summed in rank order, then rounded
      * once; expert gradients stay with their owners. */

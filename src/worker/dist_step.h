@@ -22,7 +22,12 @@ typedef struct {
     double grad_norm, lr;      /* global */
     int64_t tokens, routed, dropped;
     int micro_batches;         /* run by this rank */
-    int32_t *counts;           /* [n_switch, E] routed tokens of this rank's micro-batches (caller's buffer) */
+    int32_t *counts;           /* [n_switch, E] (caller's buffer): per Switch layer, tokens routed to each
+                                * expert before capacity. counts_owned false (one process, or no expert
+                                * parallelism): all E experts, this rank's micro-batches; true: only the
+                                * experts this rank owns (ascending; [n_switch, n_owned]), the whole
+                                * step's tokens (every rank's micro-batches) */
+    bool counts_owned;
     double *terms;             /* [3 * M] or NULL (caller's buffer): ce, aux, z of each micro-batch this rank
                                 * ran, in order, so that the coordinator sums them in micro-batch order */
 } sy_step_result;

@@ -8,6 +8,11 @@ Checks the protocol-level behaviour, never timings:
     them, and the placement moved only the dead worker's experts (sy_placement_sticky); its
     Assigns are all peer-table edits of generation 1's (docs/protocol.md "Peer tables"), smaller
     by the endpoints, and every simulated worker resolves them to the same table;
+  - the simulated workers report per-expert counts as expert-parallel workers do (only the
+    experts each owns, StepDone.counts_owned): the coordinator's /v1/status expert_load equals
+    the load generator's pattern exactly, every expert counted once by its owner;
+  - /metrics has each layer's max, min and imbalance, equal to /v1/status's counts, and every
+    expert's series only up to status.metrics_expert_series (the 1,000-worker case has none);
   - steps are recorded in generation 2 and checkpoints (tiny real objects written by the
     simulated workers) are committed;
   - the coordinator stops on POST /v1/stop (exit 3);
@@ -193,6 +198,34 @@ status:
         lines = [json.loads(x) for x in open(f"{tmp}/state/metrics.jsonl")]
         check(any(m["generation"] == g2["generation"] and m["world"] == N - 1 for m in lines),
               f"steps recorded in generation 2 over {N - 1} workers")
+    # owned counts put together by the placement: the pattern itself (a wrong owner mapping, a
+    # count added twice or dropped, changes some expert's value)
+    load = st["expert_load"]
+    check(rep["counts"] == "owned" and load["step"] is not None and load["layers"] == rep["counts_pattern"],
+          f"expert_load at step {load['step']} is the simulated workers' pattern, each expert counted once by its owner "
+          f"(first layer's first 8: {load['layers'][0][:8] if load['layers'] else None} vs {rep['counts_pattern'][0][:8]})")
+    # /metrics: the per-layer summary always, every expert's series only up to
+    # status.metrics_expert_series (1,024) layers x experts; both agree with /v1/status
+    with urllib.request.urlopen(fields["status"] + "/metrics", timeout=10) as resp:
+        prom = resp.read().decode()
+    series = {}
+    for ln in prom.splitlines():
+        if ln and not ln.startswith("#"):
+            k, v = ln.rsplit(" ", 1)
+            series[k] = float(v)
+    layers = load["layers"] or []
+    summ = all(series.get(f'switchyard_layer_tokens_max{{layer="{l}"}}') == max(ly)
+               and series.get(f'switchyard_layer_tokens_min{{layer="{l}"}}') == min(ly)
+               and abs(series.get(f'switchyard_layer_imbalance{{layer="{l}"}}', 0) - max(ly) * len(ly) / sum(ly)) < 1e-9
+               for l, ly in enumerate(layers))
+    check(layers and summ, f"/metrics' per-layer max, min and imbalance are /v1/status's ({len(layers)} layers)")
+    per = {k: v for k, v in series.items() if k.startswith("switchyard_expert_tokens{")}
+    if len(layers) * E <= 1024:
+        check(len(per) == len(layers) * E and all(per[f'switchyard_expert_tokens{{layer="{l}",expert="{e}"}}'] == ly[e]
+                                                  for l, ly in enumerate(layers) for e in range(E)),
+              f"/metrics has every expert's series ({len(per)}), equal to /v1/status's")
+    else:
+        check(not per, f"{len(layers)} x {E} experts: /metrics has no per-expert series ({len(per)}), {len(prom)} bytes")
     check(st["dropped_messages"]["unknown_worker"] == 0,
           f"no message dropped as unknown_worker ({st['dropped_messages']['unknown_worker']})")
     # a commit (4,098 objects at 1,000 x 2,048) may still be in flight when the load generator ends

@@ -1,7 +1,7 @@
 /* sy_loadgen: many simulated workers in one process, speaking docs/protocol.md to the real
  * switchyard-coordinator (issue 14: the control plane measured at scale; docs/scale.md).
  *
- *   sy_loadgen --coordinator EP --workers N [--step-ms MS] [--tokens T] [--counts full|none] [--peers edit|whole]
+ *   sy_loadgen --coordinator EP --workers N [--step-ms MS] [--tokens T] [--counts owned|full|none] [--peers edit|whole]
  *              [--event T:kill|stop|add:K ...] [--duration S] [--report FILE] [--io-threads K]
  *              [--ckpt-threads K] [--prefix ID]
  *   sy_loadgen --placement E W     (times sy_placement_sticky: first placement, then one loss)
@@ -12,8 +12,10 @@
  * message), a Heartbeat every heartbeat_ms (from Welcome), re-Hello after 3 s without a word
  * from the coordinator; on Assign it "trains" start..end, one step every --step-ms, and sends
  * StepDone with plausible values (per-rank loss shares, --tokens tokens, per-layer per-expert
- * counts that sum to the tokens: the full n_switch x E array a real worker sends, or none with
- * --counts none); at checkpoint steps (checkpoint.every, the last step, a CheckpointNow step)
+ * counts that sum to the tokens: by default, as an expert-parallel worker, the counts of the
+ * experts its rank owns (StepDone.counts_owned; the coordinator's sum is then the pattern itself,
+ * written to the report as counts_pattern), or the full n_switch x E array a single process
+ * sends (--counts full; the sum is N times the pattern), or none (--counts none)); at checkpoint steps (checkpoint.every, the last step, a CheckpointNow step)
  * it writes tiny real files with sy_ckpt_write_part_tagged into the run's store (rank 0: dense +
  * dense.optim; every rank: its experts' two files) on a writer thread, then sends
  * CheckpointPart (a checkpoint step waits for the previous upload: checkpoint.on_busy wait). Abort stops the steps
@@ -122,7 +124,9 @@ typedef struct job {
 
 /* ---- options and global state ---------------------------------------------------------- */
 static const char *ep, *report_path, *prefix = "lg";
-static int n_initial = 10, step_ms = 500, tokens = 4096, io_threads = 1, ckpt_threads = 4, counts_full = 1;
+static int n_initial = 10, step_ms = 500, tokens = 4096, io_threads = 1, ckpt_threads = 4;
+enum { COUNTS_NONE, COUNTS_FULL, COUNTS_OWNED };
+static int counts_mode = COUNTS_OWNED;
 static double duration_s = 30;
 static int peers_edit = 1; /* 0 (--peers whole): heartbeats say no table held, as a worker that
                             * predates peer table edits: every Assign comes whole */
@@ -233,6 +237,8 @@ static void send_heartbeat(int i) {
     send_env(i, &env, K_HB);
 }
 
+static genrec *gen_find(uint64_t g);
+
 static void send_step_done(int i) {
     sim *s = &sims[i];
     double share = 2.0 * (s->rank + 1) / ((double)s->world * (s->world + 1));
@@ -251,7 +257,8 @@ static void send_step_done(int i) {
     sd.lr = 1e-3;
     sd.micro_batches = 1;
     Sy__LayerCounts lcs[n_switch > 0 ? n_switch : 1], *lp[n_switch > 0 ? n_switch : 1];
-    if (counts_full && counts_pattern) {
+    uint32_t *owned_vals = NULL;
+    if (counts_mode == COUNTS_FULL && counts_pattern) {
         for (int l = 0; l < n_switch; l++) {
             sy__layer_counts__init(&lcs[l]);
             lcs[l].n_counts = (size_t)E;
@@ -261,9 +268,31 @@ static void send_step_done(int i) {
         sd.n_expert_counts = (size_t)n_switch;
         sd.expert_counts = lp;
     }
+    const genrec *g = counts_mode == COUNTS_OWNED ? gen_find(s->gen) : NULL;
+    if (g && g->placement && counts_pattern && (owned_vals = malloc(sizeof(uint32_t) * (size_t)(n_switch * E + 1)))) {
+        /* as an expert-parallel worker: the whole step's counts of the experts this rank owns
+         * (ascending), the pattern's, so that the coordinator's sum is the pattern itself */
+        int nm = 0;
+        for (int e = 0; e < E; e++)
+            if ((int)g->placement[e] == s->rank) nm++;
+        for (int l = 0; l < n_switch; l++) {
+            uint32_t *v = owned_vals + (size_t)l * nm;
+            int k = 0;
+            for (int e = 0; e < E; e++)
+                if ((int)g->placement[e] == s->rank) v[k++] = counts_pattern[(size_t)l * E + e];
+            sy__layer_counts__init(&lcs[l]);
+            lcs[l].n_counts = (size_t)nm;
+            lcs[l].counts = v;
+            lp[l] = &lcs[l];
+        }
+        sd.n_expert_counts = (size_t)n_switch;
+        sd.expert_counts = lp;
+        sd.counts_owned = true;
+    }
     env.body_case = SY__ENVELOPE__BODY_STEP_DONE;
     env.step_done = &sd;
     send_env(i, &env, K_STEP);
+    free(owned_vals);
     char key[48];
     snprintf(key, sizeof key, "%" PRIu64 ":%" PRId64, s->gen, s->cur);
     json_t *prev = json_object_get(last_report, key);
@@ -800,6 +829,14 @@ static int write_report(void) {
     }
     json_object_set_new(r, "workers_started", json_integer(nsims));
     json_object_set_new(r, "workers_welcomed", json_integer(welcomed));
+    json_t *cp = json_array();
+    for (int l = 0; l < n_switch && counts_pattern; l++) {
+        json_t *row = json_array();
+        for (int e = 0; e < E; e++) json_array_append_new(row, json_integer(counts_pattern[(size_t)l * E + e]));
+        json_array_append_new(cp, row);
+    }
+    json_object_set_new(r, "counts_pattern", cp);
+    json_object_set_new(r, "counts", json_string(counts_mode == COUNTS_OWNED ? "owned" : counts_mode == COUNTS_FULL ? "full" : "none"));
     json_object_set_new(r, "workers_up_at_end", json_integer(up));
     json_object_set_new(r, "all_in_ms", json_integer(all_in_ms));
     json_object_set_new(r, "t0_mono_ms", json_integer(t0)); /* CLOCK_MONOTONIC: the origin of every *_ms */
@@ -867,7 +904,7 @@ static int placement_bench(int e, int w) {
 /* ---- main --------------------------------------------------------------------------------- */
 
 static int usage(void) {
-    fprintf(stderr, "usage: sy_loadgen --coordinator EP --workers N [--step-ms MS] [--tokens T] [--counts full|none]\n"
+    fprintf(stderr, "usage: sy_loadgen --coordinator EP --workers N [--step-ms MS] [--tokens T] [--counts owned|full|none]\n"
                     "                  [--event T:kill|stop|add:K ...] [--duration S] [--report FILE]\n"
                     "                  [--io-threads K] [--ckpt-threads K] [--prefix ID]\n"
                     "       sy_loadgen --placement E W\n");
@@ -884,7 +921,15 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--workers")) n_initial = atoi(v);
         else if (!strcmp(a, "--step-ms")) step_ms = atoi(v);
         else if (!strcmp(a, "--tokens")) tokens = atoi(v);
-        else if (!strcmp(a, "--counts")) counts_full = strcmp(v, "none") != 0;
+        else if (!strcmp(a, "--counts")) {
+            if (!strcmp(v, "owned")) counts_mode = COUNTS_OWNED;
+            else if (!strcmp(v, "full")) counts_mode = COUNTS_FULL;
+            else if (!strcmp(v, "none")) counts_mode = COUNTS_NONE;
+            else {
+                fprintf(stderr, "sy_loadgen: --counts '%s': expected owned, full or none\n", v);
+                return 2;
+            }
+        }
         else if (!strcmp(a, "--peers")) peers_edit = strcmp(v, "whole") != 0;
         else if (!strcmp(a, "--duration")) duration_s = atof(v);
         else if (!strcmp(a, "--report")) report_path = v;
