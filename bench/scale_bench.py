@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--counts", default="owned", choices=["owned", "full", "none"])
     ap.add_argument("--peers", default="edit", choices=["edit", "whole"],
                     help="whole: the simulated workers report no peer table held (every Assign whole, as before issue 14's edits)")
+    ap.add_argument("--table-frame", default="on", choices=["on", "off"],
+                    help="simulated workers take generation 1's peer table as a second frame (Assign.peers_follow)")
     ap.add_argument("--store", default="file")
     ap.add_argument("--every", type=int, default=0, help="checkpoint.every (0: the end only)")
     ap.add_argument("--kill", action="store_true")
@@ -175,7 +177,7 @@ status:
     fields = dict(kv.split("=", 1) for kv in line.split()[2:])
     ep, base = fields["bind"], fields["status"]
     res = {"peers": a.peers, "coordinator": a.coord or "build", "workers": N, "experts": a.experts, "switch_layers": a.switch_layers, "step_ms": a.step_ms, "heartbeat_ms": a.heartbeat_ms, "failure_timeout_ms": a.failure_ms,
-           "counts": a.counts, "store": a.store, "loadavg_before": loadavg()}
+           "counts": a.counts, "table_frame": a.table_frame, "store": a.store, "loadavg_before": loadavg()}
     cpu0 = cpu_s(coord.pid)
     res["coord_rss_idle_kib"] = mem_kib(coord.pid, "VmRSS")
     t_start = time.time()
@@ -186,7 +188,7 @@ status:
     for k in range(P):
         n = N // P + (1 if k < N % P else 0)
         lgs.append(subprocess.Popen([os.path.join(BUILD, "tests", "sy_loadgen"), "--coordinator", ep, "--workers", str(n),
-                                     "--step-ms", str(a.step_ms), "--counts", a.counts, "--peers", a.peers, "--duration", str(duration),
+                                     "--step-ms", str(a.step_ms), "--counts", a.counts, "--peers", a.peers, "--table-frame", a.table_frame, "--duration", str(duration),
                                      "--report", f"{tmp}/report{k}.json", "--io-threads", str(a.io_threads),
                                      "--prefix", f"lg{k}"] + (sum([["--event", e] for e in events], []) if k == 0 else []),
                                     stderr=open(f"{tmp}/loadgen{k}.log", "w"), env=env))

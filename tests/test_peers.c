@@ -1,7 +1,13 @@
 /* Peer tables as edits (src/proto/peers.h, issue 14): an edit of the previous generation's table
  * rebuilds the new one exactly, entry for entry, for random changes of membership (losses,
  * newcomers, a restarted worker's new key at an old endpoint); after one loss it is two runs and
- * no fresh entry; edits that do not fit their base are refused with SY_EFORMAT. */
+ * no fresh entry; edits that do not fit their base are refused with SY_EFORMAT.
+ *
+ * The table frame (Assign.peers_follow): an Assign sent with sy_proto_send_with_table over a real
+ * ROUTER/DEALER pair arrives as two frames, the second the very bytes of the one packed table,
+ * and sy_proto_recv puts back the Assign a single frame would have carried (same packed bytes);
+ * a table frame after anything but such an Assign, peers_follow without a table, a table frame
+ * holding other fields, and a message of three frames are dropped. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -14,6 +20,9 @@
 #include <string.h>
 
 #include "proto/peers.h"
+#include "proto/protocol.h"
+
+#include <zmq.h>
 
 static uint64_t rng = 88172645463325252ull;
 static uint32_t next_u32(void) {
@@ -146,11 +155,129 @@ static void test_bad_edits_refused(void **s) {
     sy_peers_free(4, oep, okey);
 }
 
+static void fill_assign(Sy__Assign *as, int n, char **ep, char **key, uint32_t *placement) {
+    as->rank = 1;
+    as->world = (uint32_t)n;
+    as->n_placement = 4;
+    as->placement = placement;
+    as->start_step = 1;
+    as->end_step = 10;
+    as->restore_step = -1;
+    as->config_json = "{}";
+    as->n_peers = (size_t)n, as->peers = ep;
+    as->n_peer_keys = (size_t)n, as->peer_keys = key;
+}
+
+static void test_table_frame(void **state) {
+    (void)state;
+    enum { N = 300 };
+    int ids[N];
+    for (int r = 0; r < N; r++) ids[r] = 1000 + r;
+    char *ep[N], *key[N];
+    make(N, ids, NULL, ep, key);
+    uint32_t placement[4] = {0, 1, 2, 3};
+    /* the reference: the whole table inside the Assign */
+    Sy__Envelope env;
+    Sy__Assign whole = SY__ASSIGN__INIT;
+    sy_proto_init(&env, "run", 7, 3);
+    fill_assign(&whole, N, ep, key, placement);
+    env.body_case = SY__ENVELOPE__BODY_ASSIGN;
+    env.assign = &whole;
+    void *ref;
+    size_t ref_len;
+    assert_int_equal(sy_proto_pack(&env, &ref, &ref_len), SY_OK);
+
+    void *ctx = zmq_ctx_new();
+    void *router = zmq_socket(ctx, ZMQ_ROUTER), *dealer = zmq_socket(ctx, ZMQ_DEALER);
+    assert_int_equal(zmq_setsockopt(dealer, ZMQ_ROUTING_ID, "w1", 2), 0);
+    assert_int_equal(zmq_bind(router, "inproc://table"), 0);
+    assert_int_equal(zmq_connect(dealer, "inproc://table"), 0);
+    assert_int_equal(zmq_send(dealer, "hi", 2, 0), 2); /* the router learns the peer */
+    char buf[8];
+    assert_int_equal(zmq_recv(router, buf, sizeof buf, 0), 2);
+    assert_int_equal(zmq_recv(router, buf, sizeof buf, 0), 2);
+
+    zmq_msg_t table;
+    assert_int_equal(sy_proto_pack_table(N, ep, key, N, NULL, 0, &table), SY_OK);
+    const size_t table_len = zmq_msg_size(&table);
+    Sy__Assign lean = SY__ASSIGN__INIT;
+    fill_assign(&lean, N, ep, key, placement);
+    lean.n_peers = lean.n_peer_keys = 0, lean.peers = lean.peer_keys = NULL;
+    lean.peers_follow = true;
+    env.assign = &lean;
+    for (int k = 0; k < 3; k++) /* three receivers of the one table */
+        assert_int_equal(sy_proto_send_with_table(router, "w1", 2, &env, &table), SY_OK);
+    zmq_msg_close(&table); /* the queued copies keep its bytes */
+    for (int k = 0; k < 3; k++) {
+        Sy__Envelope *got = NULL;
+        sy_proto_drop why;
+        size_t bytes = 0;
+        int frames = 0;
+        assert_true(sy_proto_recv(dealer, 0, &got, &why, &bytes, &frames));
+        assert_int_equal(why, SY_DROP_NONE);
+        assert_int_equal(frames, 2);
+        assert_true(bytes > table_len && table_len > 300 * 40);
+        assert_false(got->assign->peers_follow);
+        void *again;
+        size_t again_len;
+        assert_int_equal(sy_proto_pack(got, &again, &again_len), SY_OK);
+        assert_int_equal(again_len, ref_len);
+        assert_memory_equal(again, ref, ref_len); /* what one frame would have carried */
+        free(again);
+        sy_proto_free(got);
+    }
+
+    /* refusals */
+    void *lean_buf, *tab_buf, *other_buf;
+    size_t lean_len, tab_len, other_len;
+    assert_int_equal(sy_proto_pack(&env, &lean_buf, &lean_len), SY_OK);
+    Sy__Assign t = SY__ASSIGN__INIT;
+    t.n_peers = N, t.peers = ep, t.n_peer_keys = N, t.peer_keys = key;
+    tab_len = sy__assign__get_packed_size(&t);
+    tab_buf = malloc(tab_len);
+    sy__assign__pack(&t, tab_buf);
+    Sy__Envelope *out = NULL;
+    assert_int_equal(sy_proto_unpack_frames(lean_buf, lean_len, tab_buf, tab_len, &out), SY_DROP_NONE);
+    sy_proto_free(out);
+    /* peers_follow without its table */
+    assert_int_equal(sy_proto_unpack_frames(lean_buf, lean_len, NULL, 0, &out), SY_DROP_INVALID);
+    assert_null(out);
+    /* a table after a message that announces none (the whole Assign) */
+    assert_int_equal(sy_proto_unpack_frames(ref, ref_len, tab_buf, tab_len, &out), SY_DROP_INVALID);
+    /* a table frame that also sets the rank */
+    t.rank = 5;
+    other_len = sy__assign__get_packed_size(&t);
+    other_buf = malloc(other_len);
+    sy__assign__pack(&t, other_buf);
+    assert_int_equal(sy_proto_unpack_frames(lean_buf, lean_len, other_buf, other_len, &out), SY_DROP_INVALID);
+    /* a table frame that is not an Assign */
+    assert_int_equal(sy_proto_unpack_frames(lean_buf, lean_len, "\xff\xff\xff", 3, &out), SY_DROP_PARSE);
+    /* together over the size limit */
+    assert_int_equal(sy_proto_unpack_frames(lean_buf, lean_len, tab_buf, SY_PROTO_MAX_FRAME, &out), SY_DROP_OVERSIZE);
+    /* three frames */
+    zmq_send(router, "w1", 2, ZMQ_SNDMORE);
+    zmq_send(router, lean_buf, lean_len, ZMQ_SNDMORE);
+    zmq_send(router, tab_buf, tab_len, ZMQ_SNDMORE);
+    zmq_send(router, tab_buf, tab_len, 0);
+    sy_proto_drop why;
+    int frames = 0;
+    assert_true(sy_proto_recv(dealer, 0, &out, &why, NULL, &frames));
+    assert_int_equal(why, SY_DROP_INVALID);
+    assert_int_equal(frames, 3);
+    assert_null(out);
+    free(lean_buf), free(tab_buf), free(other_buf), free(ref);
+    zmq_close(router);
+    zmq_close(dealer);
+    zmq_ctx_term(ctx);
+    for (int r = 0; r < N; r++) free(ep[r]), free(key[r]);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_membership_changes),
         cmocka_unit_test(test_one_loss_is_two_runs),
         cmocka_unit_test(test_bad_edits_refused),
+        cmocka_unit_test(test_table_frame),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

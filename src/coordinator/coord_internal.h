@@ -60,6 +60,7 @@ typedef struct {
     char version[32];
     char data_ep[EP_MAX];
     char rep_ep[EP_MAX];           /* Hello.replica_endpoint ("": none) */
+    bool table_frame;              /* Hello.table_frame: takes an Assign's peer table as a second frame */
     uint32_t pid;
     wstate state;
     int rank; /* in the open generation, else -1 */

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zmq.h>
 #include <sys/random.h>
 #include <unistd.h>
 
@@ -137,6 +138,7 @@ void sy_coord_on_hello(sy_coord_t *c, const uint8_t *rid, size_t rid_len, const 
     snprintf(w->version, sizeof w->version, "%s", h->version ? h->version : "");
     snprintf(w->data_ep, sizeof w->data_ep, "%s", h->data_endpoint ? h->data_endpoint : "");
     snprintf(w->rep_ep, sizeof w->rep_ep, "%s", h->replica_endpoint ? h->replica_endpoint : "");
+    w->table_frame = h->table_frame;
     snprintf(w->activity, sizeof w->activity, "idle");
     w->pid = h->pid;
     w->state = W_IDLE;
@@ -496,7 +498,12 @@ void sy_coord_open_generation(sy_coord_t *c) {
         }
     }
     bool can_edit = fresh_ep && fresh_key && fresh_rep;
-    int n_edited = 0;
+    int n_edited = 0, n_framed = 0;
+    /* The whole table, packed once for the members that take it as a second frame and queued by
+     * reference (a generation of whole tables: O(N) bytes here instead of N²) */
+    zmq_msg_t table;
+    bool have_frame = peers && sy_proto_pack_table((size_t)n, peers, keys, keys ? (size_t)n : 0, rpeers,
+                                                   all_rep ? (size_t)n : 0, &table) == SY_OK;
     for (int r = 0; r < n; r++) {
         worker *w = &c->w[c->members[r]];
         w->rank = r;
@@ -518,6 +525,9 @@ void sy_coord_open_generation(sy_coord_t *c) {
             as.n_replica_peers = all_rep ? n_fresh : 0;
             as.replica_peers = all_rep ? fresh_rep : NULL;
             n_edited++;
+        } else if (have_frame && w->table_frame) {
+            as.peers_follow = true;
+            n_framed++;
         } else {
             as.n_peers = peers ? (size_t)n : 0;
             as.peers = peers;
@@ -541,9 +551,15 @@ void sy_coord_open_generation(sy_coord_t *c) {
         sy_coord_holdings_clear(w); /* its memory changes now */
         env.body_case = SY__ENVELOPE__BODY_ASSIGN;
         env.assign = &as;
-        sy_coord_send(c, w, &env);
+        if (as.peers_follow) {
+            if (sy_proto_send_with_table(c->sock, w->rid, w->rid_len, &env, &table) != SY_OK)
+                sy_debug("to %s: %s", w->id, sy_err_msg());
+        } else {
+            sy_coord_send(c, w, &env);
+        }
         w->assigned_gen = c->gen;
     }
+    if (have_frame) zmq_msg_close(&table); /* the queued copies keep its bytes until sent */
     /* this table is the next generation's base (none if it could not be kept) */
     sy_peers_free(c->tab_n, c->tab_ep, c->tab_key);
     c->tab_ep = c->tab_key = NULL;
@@ -578,6 +594,7 @@ void sy_coord_open_generation(sy_coord_t *c) {
     if (ev) { /* how the peer table went out: whole, or as an edit of the previous generation's */
         json_object_set_new(ev, "peers_edited", json_integer(n_edited));
         json_object_set_new(ev, "peers_edit_runs", json_integer((json_int_t)(can_edit ? n_edit / 2 : 0)));
+        json_object_set_new(ev, "peers_framed", json_integer(n_framed));
     }
     if (c->cfg.cluster.insecure && ev) /* issue 12 #1: every line that starts a generation says so */
         json_object_set_new(ev, "warning",

@@ -66,6 +66,24 @@ sy_status sy_proto_pack(const Sy__Envelope *env, void **buf, size_t *len);
  * not fit its world) with *out = NULL and a message in sy_err_msg(). Run id, incarnation,
  * generation and the rest of the body are the caller's to check: they depend on its state. */
 sy_proto_drop sy_proto_unpack(const void *buf, size_t len, Sy__Envelope **out);
+/* The same for a message of two frames (table NULL: one frame, as sy_proto_unpack): the second
+ * frame is the peer table of an Assign with peers_follow set, an Assign holding only `peers`,
+ * `peer_keys` and `replica_peers`, which are moved into it before it is checked. A second frame
+ * after anything else, a table frame with other fields, or peers_follow without a table frame
+ * is SY_DROP_INVALID; the two frames together are subject to the size limit. */
+sy_proto_drop sy_proto_unpack_frames(const void *buf, size_t len, const void *table, size_t table_len,
+                                     Sy__Envelope **out);
+/* Receives one message of one or two frames from a ZeroMQ socket (flags: 0 or ZMQ_DONTWAIT) and
+ * unpacks it with sy_proto_unpack_frames. Returns false when nothing was received (errno from
+ * zmq_msg_recv); otherwise true with *why the drop reason (SY_DROP_NONE: *out set). A message of
+ * more than two frames is read whole and dropped (SY_DROP_INVALID). *bytes (may be NULL): its size
+ * in all; *frames (may be NULL): how many frames it had. */
+bool sy_proto_recv(void *zsock, int flags, Sy__Envelope **out, sy_proto_drop *why, size_t *bytes, int *frames);
+/* Packs the peer table of an Assign (peers, peer_keys, replica_peers: n, n or 0, n or 0 entries)
+ * as the second frame of Assigns with peers_follow, into *table (a zmq_msg_t the caller closes):
+ * sy_proto_send_with_table sends it by reference (zmq_msg_copy), not copied per receiver. */
+sy_status sy_proto_pack_table(size_t n, char **peers, char **keys, size_t n_keys, char **replicas, size_t n_rep,
+                              void *table);
 void sy_proto_free(Sy__Envelope *env);
 
 /* Packs env and sends it on a ZeroMQ socket without blocking (ZMQ_DONTWAIT): when routing_id
@@ -74,6 +92,9 @@ void sy_proto_free(Sy__Envelope *env);
  * packed. */
 sy_status sy_proto_send(void *zsock, const void *routing_id, size_t routing_len,
                         const Sy__Envelope *env);
+/* The same, then `table` (a zmq_msg_t made by sy_proto_pack_table) as the message's last frame. */
+sy_status sy_proto_send_with_table(void *zsock, const void *routing_id, size_t routing_len,
+                                   const Sy__Envelope *env, void *table);
 
 /* Takes one event from a ZeroMQ socket monitor (zmq_socket_monitor's PAIR), without waiting:
  * true with *event / *value set, false when none is queued. The address frame is consumed. */

@@ -403,26 +403,26 @@ static void *link_main(void *arg) {
  * messages of our coordinator go to the main thread, and so does a Welcome that ends our
  * generation. */
 static void link_from_coordinator(link_t *l) {
-    zmq_msg_t msg;
-    zmq_msg_init(&msg);
-    if (zmq_msg_recv(&msg, l->dealer, ZMQ_DONTWAIT) >= 0) {
-        l->last_rx = (sy_mono_s() * 1e3);
-        atomic_store(&l->a->heard_ms, (int64_t)l->last_rx);
-        Sy__Envelope *env = NULL;
-        sy_proto_drop why = sy_proto_unpack(zmq_msg_data(&msg), zmq_msg_size(&msg), &env);
-        bool forward = false;
-        if (why != SY_DROP_NONE)
-            sy_warn("dropped a message from the coordinator (%s): %s", sy_proto_drop_name(why), sy_err_msg());
-        else if (env->body_case == SY__ENVELOPE__BODY_WELCOME && env->welcome->reregister)
-            forward = link_on_reregister(l, env);
-        else if (env->body_case == SY__ENVELOPE__BODY_WELCOME)
-            forward = link_on_welcome(l, env);
-        else
-            forward = link_on_order(l, env);
-        if (forward) zmq_send(l->pair, zmq_msg_data(&msg), zmq_msg_size(&msg), ZMQ_DONTWAIT);
-        sy_proto_free(env);
-    }
-    zmq_msg_close(&msg);
+    Sy__Envelope *env = NULL;
+    sy_proto_drop why;
+    /* one frame, or an Assign and its peer table (Assign.peers_follow), put together */
+    if (!sy_proto_recv(l->dealer, ZMQ_DONTWAIT, &env, &why, NULL, NULL)) return;
+    l->last_rx = (sy_mono_s() * 1e3);
+    atomic_store(&l->a->heard_ms, (int64_t)l->last_rx);
+    bool forward = false;
+    if (why != SY_DROP_NONE)
+        sy_warn("dropped a message from the coordinator (%s): %s", sy_proto_drop_name(why), sy_err_msg());
+    else if (env->body_case == SY__ENVELOPE__BODY_WELCOME && env->welcome->reregister)
+        forward = link_on_reregister(l, env);
+    else if (env->body_case == SY__ENVELOPE__BODY_WELCOME)
+        forward = link_on_welcome(l, env);
+    else
+        forward = link_on_order(l, env);
+    void *buf = NULL;
+    size_t len = 0;
+    if (forward && sy_proto_pack(env, &buf, &len) == SY_OK) zmq_send(l->pair, buf, len, ZMQ_DONTWAIT);
+    free(buf);
+    sy_proto_free(env);
 }
 
 /* The coordinator does not count us as registered (it forgot us, or was restarted): leave any
@@ -604,6 +604,7 @@ static void link_hello(link_t *l, double t, int hb) {
     hello.auth_token = "";
     hello.data_endpoint = (char *)sy_dataplane_endpoint(a->dp);
     hello.replica_endpoint = (char *)(a->rdp ? sy_dataplane_endpoint(a->rdp) : "");
+    hello.table_frame = true; /* an Assign's peer table may come in a second frame */
     hello.last_generation = atomic_load(&a->generation); /* whatever incarnation assigned it */
     sy__envelope__init(&env);
     env.body_case = SY__ENVELOPE__BODY_HELLO;

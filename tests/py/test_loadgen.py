@@ -7,7 +7,8 @@ Checks the protocol-level behaviour, never timings:
   - one member killed (its socket closed) → generation 2 over the 49 survivors reaches all of
     them, and the placement moved only the dead worker's experts (sy_placement_sticky); its
     Assigns are all peer-table edits of generation 1's (docs/protocol.md "Peer tables"), smaller
-    by the endpoints, and every simulated worker resolves them to the same table;
+    by the endpoints, and every simulated worker resolves them to the same table; generation 1's
+    whole tables came as the Assign's second frame (Assign.peers_follow);
   - the simulated workers report per-expert counts as expert-parallel workers do (only the
     experts each owns, StepDone.counts_owned): the coordinator's /v1/status expert_load equals
     the load generator's pattern exactly, every expert counted once by its owner;
@@ -190,6 +191,11 @@ status:
         # no endpoint or key sent again), which the simulated workers apply and cross-check
         check(g1["assign_edited"] == 0 and g2["assign_edited"] == N - 1,
               f"generation 1's Assigns whole, generation 2's all edits ({g1['assign_edited']}, {g2['assign_edited']})")
+        # generation 1's whole tables went as the second frame (Assign.peers_follow: one packed
+        # table queued by reference), which every simulated worker put back together
+        check(g1["assign_framed"] == N and g2["assign_framed"] == 0,
+              f"generation 1's tables came as a second frame to all {N} ({g1['assign_framed']}), none of the edits did "
+              f"({g2['assign_framed']})")
         check(all(g["peers_unresolved"] == 0 and g["peers_mismatched"] == 0 for g in gens),
               f"every peer table resolved and equal across members "
               f"({[(g['peers_unresolved'], g['peers_mismatched']) for g in gens]})")

@@ -1,7 +1,7 @@
 /* sy_loadgen: many simulated workers in one process, speaking docs/protocol.md to the real
  * switchyard-coordinator (issue 14: the control plane measured at scale; docs/scale.md).
  *
- *   sy_loadgen --coordinator EP --workers N [--step-ms MS] [--tokens T] [--counts owned|full|none] [--peers edit|whole]
+ *   sy_loadgen --coordinator EP --workers N [--step-ms MS] [--tokens T] [--counts owned|full|none] [--peers edit|whole] [--table-frame on|off]
  *              [--event T:kill|stop|add:K ...] [--duration S] [--report FILE] [--io-threads K]
  *              [--ckpt-threads K] [--prefix ID]
  *   sy_loadgen --placement E W     (times sy_placement_sticky: first placement, then one loss)
@@ -100,7 +100,7 @@ typedef struct {
     char **ep, **key;
     uint32_t *edit;
     size_t n_edit;
-    int edited, unresolved, mismatched;
+    int edited, unresolved, mismatched, framed; /* framed: Assigns whose table came as a second frame */
 } genrec;
 
 typedef struct {
@@ -128,6 +128,7 @@ static int n_initial = 10, step_ms = 500, tokens = 4096, io_threads = 1, ckpt_th
 enum { COUNTS_NONE, COUNTS_FULL, COUNTS_OWNED };
 static int counts_mode = COUNTS_OWNED;
 static double duration_s = 30;
+static int table_frame = 1; /* 0 (--table-frame off): whole peer tables inside the Assign, as older workers */
 static int peers_edit = 1; /* 0 (--peers whole): heartbeats say no table held, as a worker that
                             * predates peer table edits: every Assign comes whole */
 static event events[MAX_EVENTS];
@@ -217,6 +218,7 @@ static void send_hello(int i) {
     snprintf(dep, sizeof dep, "tcp://127.0.0.1:%d", 20000 + i % 40000);
     h.data_endpoint = dep;
     h.last_generation = s->gen;
+    h.table_frame = table_frame;
     env.body_case = SY__ENVELOPE__BODY_HELLO;
     env.hello = &h;
     s->last_hello = now_ms();
@@ -564,7 +566,7 @@ static void take_assign(int i, const Sy__Envelope *env, size_t len) {
     s->next_step = t + step_ms;
 }
 
-static void on_env(int i, Sy__Envelope *env, size_t len) {
+static void on_env(int i, Sy__Envelope *env, size_t len, int frames) {
     sim *s = &sims[i];
     if (env->body_case == SY__ENVELOPE__BODY_WELCOME) {
         count_bytes(K_WELCOME, len);
@@ -593,6 +595,10 @@ static void on_env(int i, Sy__Envelope *env, size_t len) {
     case SY__ENVELOPE__BODY_ASSIGN:
         count_bytes(K_ASSIGN, len);
         take_assign(i, env, len);
+        if (frames == 2) {
+            genrec *g = gen_find(env->generation);
+            if (g) g->framed++;
+        }
         break;
     case SY__ENVELOPE__BODY_ABORT:
         count_bytes(K_OTHER_IN, len);
@@ -629,18 +635,14 @@ static void on_env(int i, Sy__Envelope *env, size_t len) {
 static void drain(int i) {
     sim *s = &sims[i];
     while (s->state == S_UP) {
-        zmq_msg_t m;
-        zmq_msg_init(&m);
-        if (zmq_msg_recv(&m, s->sock, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&m);
-            return;
-        }
         Sy__Envelope *env = NULL;
-        size_t len = zmq_msg_size(&m);
-        if (sy_proto_unpack(zmq_msg_data(&m), len, &env) == SY_DROP_NONE) on_env(i, env, len);
+        sy_proto_drop why;
+        size_t len = 0;
+        int frames = 1;
+        if (!sy_proto_recv(s->sock, ZMQ_DONTWAIT, &env, &why, &len, &frames)) return;
+        if (why == SY_DROP_NONE) on_env(i, env, len, frames);
         else fprintf(stderr, "loadgen %s: undecodable message: %s\n", s->id, sy_err_msg());
         sy_proto_free(env);
-        zmq_msg_close(&m);
     }
 }
 
@@ -780,6 +782,7 @@ static json_t *gen_json(int k) {
                           (json_int_t)g->assign_max, "assign_bytes_total", g->assign_total, "lost_before",
                           g->lost_before);
     json_object_set_new(j, "assign_edited", json_integer(g->edited));
+    json_object_set_new(j, "assign_framed", json_integer(g->framed));
     json_object_set_new(j, "peers_unresolved", json_integer(g->unresolved));
     json_object_set_new(j, "peers_mismatched", json_integer(g->mismatched));
     json_t *mem = json_array(), *pl = json_array();
@@ -905,6 +908,7 @@ static int placement_bench(int e, int w) {
 
 static int usage(void) {
     fprintf(stderr, "usage: sy_loadgen --coordinator EP --workers N [--step-ms MS] [--tokens T] [--counts owned|full|none]\n"
+                    "                  [--peers edit|whole] [--table-frame on|off]\n"
                     "                  [--event T:kill|stop|add:K ...] [--duration S] [--report FILE]\n"
                     "                  [--io-threads K] [--ckpt-threads K] [--prefix ID]\n"
                     "       sy_loadgen --placement E W\n");
@@ -931,6 +935,7 @@ int main(int argc, char **argv) {
             }
         }
         else if (!strcmp(a, "--peers")) peers_edit = strcmp(v, "whole") != 0;
+        else if (!strcmp(a, "--table-frame")) table_frame = strcmp(v, "off") != 0;
         else if (!strcmp(a, "--duration")) duration_s = atof(v);
         else if (!strcmp(a, "--report")) report_path = v;
         else if (!strcmp(a, "--io-threads")) io_threads = atoi(v);
