@@ -1,5 +1,6 @@
 /* Fuzzes sy_proto_unpack (a control-plane frame off the network) and, for an accepted
- * envelope, walks every field the receivers read and packs it again. */
+ * envelope, walks every field the receivers read and packs it again; the same bytes also go to
+ * sy_proto_unpack_frames as two frames (an Assign and its peer table). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +18,14 @@ static void touch(const char *s) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     fz_tmpdir(); /* quiets the log */
     Sy__Envelope *env = NULL;
-    sy_proto_drop why = sy_proto_unpack(data, size, &env);
+    /* the same bytes as a message of two frames (an Assign and its table frame, peers_follow):
+     * split in the middle, whatever they hold */
+    sy_proto_drop why = sy_proto_unpack_frames(data, size / 2, data + size / 2, size - size / 2, &env);
+    sink += strlen(sy_proto_drop_name(why)) + strlen(sy_err_msg());
+    if (env && env->body_case == SY__ENVELOPE__BODY_ASSIGN) sink += env->assign->n_peers;
+    sy_proto_free(env);
+    env = NULL;
+    why = sy_proto_unpack(data, size, &env);
     sink += strlen(sy_proto_drop_name(why)) + strlen(sy_err_msg());
     if (why != SY_DROP_NONE) return 0;
     touch(env->run_id);
