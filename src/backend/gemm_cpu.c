@@ -25,14 +25,17 @@
  * tile, beyond it tiles of at most SY_GEMM_SKX_CAP. Only tiles of at least SY_GEMM_SKX_MIN_MNK
  * multiply-adds under the pinned rule grow: smaller calls may take OpenBLAS's direct or
  * small-matrix kernels, which sum in another order, and a grown tile must not leave or enter
- * them. Tiles computed in a scratch buffer (sy_gemm_epilogue.c_scratch) are held to
- * SY_GEMM_SCRATCH_FLOATS, so that the buffer stays in the core's L2 cache between the GEMM
- * writing it and the epilogue reading it. On every other kernel family the pinned tiles stay:
+ * them. A grown tile is at most SY_GEMM_SKX_MAX_MNK multiply-adds (or the pinned tile's, if
+ * larger), so that large GEMMs keep as many tiles, and threads, as before: growth is for the
+ * Switch experts' GEMMs of a few hundred rows. Tiles computed in a scratch buffer
+ * (sy_gemm_epilogue.c_scratch) are held to SY_GEMM_SCRATCH_FLOATS, so that the buffer stays in
+ * the core's L2 cache between the GEMM writing it and the epilogue reading it. On every other kernel family the pinned tiles stay:
  * on Haswell's an element's bits change with the tile shape (tests/test_gemm_cpu.c checks the
  * grown tiles against the pinned ones bit for bit on whichever family runs). */
 #define SY_GEMM_SKX_SPLIT 1024
 #define SY_GEMM_SKX_CAP 1024
 #define SY_GEMM_SKX_MIN_MNK (8.0 * 1024 * 1024)
+#define SY_GEMM_SKX_MAX_MNK (512.0 * 1024 * 1024)
 #define SY_GEMM_SCRATCH_FLOATS ((size_t)256 * 1024)
 
 static int tile_len(int n, int split, int cap) {
@@ -66,9 +69,12 @@ sy_gemm_tiles sy_sgemm_tiling_ex(int M, int N, int K, bool scratch) {
     if (!g_grow || (double)pin.mt * pin.nt * K < SY_GEMM_SKX_MIN_MNK) return pin;
     sy_gemm_tiles t = {.mt = tile_len(M, SY_GEMM_SKX_SPLIT, SY_GEMM_SKX_CAP),
                        .nt = tile_len(N, SY_GEMM_SKX_SPLIT, SY_GEMM_SKX_CAP)};
-    /* scratch tiles: halve the longer side (rounded up to the alignment), never below the
-     * pinned tile */
-    while (scratch && (size_t)t.mt * t.nt > SY_GEMM_SCRATCH_FLOATS) {
+    /* over the size bounds: halve the longer side (rounded up to the alignment), never below
+     * the pinned tile */
+    const double pin_mnk = (double)pin.mt * pin.nt * K;
+    const double max_mnk = pin_mnk > SY_GEMM_SKX_MAX_MNK ? pin_mnk : SY_GEMM_SKX_MAX_MNK;
+    while ((scratch && (size_t)t.mt * t.nt > SY_GEMM_SCRATCH_FLOATS) ||
+           (double)t.mt * t.nt * K > max_mnk) {
         int *side = t.mt >= t.nt ? &t.mt : &t.nt, *other = side == &t.mt ? &t.nt : &t.mt;
         const int floor_s = side == &t.mt ? pin.mt : pin.nt, floor_o = side == &t.mt ? pin.nt : pin.mt;
         int h = halve(*side);
