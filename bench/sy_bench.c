@@ -62,6 +62,21 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* CPU time of the whole process (all threads): on a shared machine it moves far less than the
+ * clock, since time spent descheduled does not count (spinning at OpenMP barriers does). */
+static double cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* FNV-1a over raw bytes: results compared bit for bit between builds. */
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -149,6 +164,7 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     double *tf = calloc((size_t)o->iters, sizeof(double));
     double *tb = calloc((size_t)o->iters, sizeof(double));
     double *tt = calloc((size_t)o->iters, sizeof(double));
+    double *tc = calloc((size_t)o->iters, sizeof(double));
     FILE *f = NULL;
 
     SY_CHECK_GOTO(sy_switch_new(be, G, D, F, E, &sw), s, done);
@@ -176,7 +192,7 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     acc2 = be->alloc(be, sizeof(double) * fd * E);
     ex = calloc((size_t)E, sizeof *ex);
     if (!h || !dout || !outh || !dhh || !Wr || !W1 || !W2 || !hb || !doutb || !out || !dh ||
-        !Wrb || !dWr || !W1b || !W2b || !dW1 || !dW2 || !acc1 || !acc2 || !ex || !tf || !tb ||
+        !Wrb || !dWr || !W1b || !W2b || !dW1 || !dW2 || !acc1 || !acc2 || !ex || !tf || !tb || !tc ||
         !tt) {
         s = sy_err_set(SY_ENOMEM, "switch bench: out of memory (G=%d D=%d F=%d E=%d)", G, D, F, E);
         goto done;
@@ -239,7 +255,7 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     const float aux_scale = aux_coef * E / (float)G, z_scale = z_coef * 2.0f / (float)G;
     sy_switch_key key = {o->seed, 0, 0, 0};
     for (int it = -o->warmup; it < o->iters; it++) {
-        double t0 = now_s();
+        double c0 = cpu_s(), t0 = now_s();
         sy_switch_route(sw, hb, Wrb, o->cf, 0.0, key);
         sy_switch_dispatch(sw, hb);
         sy_switch_experts(sw, ex, 0, E, 0.0, key);
@@ -251,8 +267,9 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
         sy_switch_dispatch_bwd(sw, dh);
         sy_switch_route_bwd(sw, hb, Wrb, dWr, dh, aux_scale, z_scale);
         be->sync(be);
-        double t2 = now_s();
+        double t2 = now_s(), c2 = cpu_s();
         if (it >= 0) {
+            tc[it] = c2 - c0;
             tf[it] = t1 - t0;
             tb[it] = t2 - t1;
             tt[it] = t2 - t0;
@@ -265,8 +282,26 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     be->download(be, dhh, dh, sizeof(float) * gd);
     double obj = 0.0, dh2 = 0.0;
     for (size_t i = 0; i < gd; i++) obj += (double)outh[i] * dout[i], dh2 += (double)dhh[i] * dhh[i];
+    /* and a hash of every result's bits (out, dh, dWr and the fp64 expert-gradient sums, which
+     * add up over all warmup + timed iterations), to check that a change keeps them exactly */
+    uint64_t bits = fnv1a(0xcbf29ce484222325ull, outh, sizeof(float) * gd);
+    bits = fnv1a(bits, dhh, sizeof(float) * gd);
+    {
+        double *a = malloc(sizeof(double) * fd * E);
+        if (!a) {
+            s = sy_err_set(SY_ENOMEM, "switch bench: out of memory");
+            goto done;
+        }
+        be->download(be, a, dWr, sizeof(float) * (size_t)E * D);
+        bits = fnv1a(bits, a, sizeof(float) * (size_t)E * D);
+        be->download(be, a, acc1, sizeof(double) * fd * E);
+        bits = fnv1a(bits, a, sizeof(double) * fd * E);
+        be->download(be, a, acc2, sizeof(double) * fd * E);
+        bits = fnv1a(bits, a, sizeof(double) * fd * E);
+        free(a);
+    }
     double fwd = median(tf, o->iters) * 1e3, bwd = median(tb, o->iters) * 1e3,
-           tot = median(tt, o->iters) * 1e3, min_ms = tt[0] * 1e3;
+           tot = median(tt, o->iters) * 1e3, min_ms = tt[0] * 1e3, cpu = median(tc, o->iters) * 1e3, cpu_min = tc[0] * 1e3;
     double flop_fwd = 2.0 * info.n_kept * D * F * 2 + 2.0 * G * D * E;
     double flop_bwd = 2.0 * (2.0 * info.n_kept * D * F * 2) + 2.0 * (2.0 * G * D * E);
     double gflops = (flop_fwd + flop_bwd) / (tot * 1e-3) / 1e9;
@@ -275,12 +310,13 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
            100.0 * info.n_kept / G, 100.0 * (G - info.n_kept) / G, info.aux_group, info.z_group);
     printf("  kept per expert:");
     for (int e = 0; e < E; e++) printf(" %d/%d", info.kept[e], info.counts[e]);
-    printf("\n  median over %d: fwd %.2f ms, bwd %.2f ms, fwd+bwd %.2f ms, %.1f GFLOP/s\n",
-           o->iters, fwd, bwd, tot, gflops);
+    printf("\n  median over %d: fwd %.2f ms, bwd %.2f ms, fwd+bwd %.2f ms, %.1f GFLOP/s; "
+           "CPU time %.2f ms; bits %016llx\n", o->iters, fwd, bwd, tot, gflops, cpu,
+           (unsigned long long)bits);
     printf("RESULT name=%s ms=%.4f min_ms=%.4f fwd_ms=%.4f bwd_ms=%.4f gflops=%.3f kept=%d G=%d "
-           "capacity=%d aux=%.6f z=%.6f obj=%.6e dh_norm=%.6e\n",
+           "capacity=%d aux=%.6f z=%.6f obj=%.6e dh_norm=%.6e cpu_ms=%.4f cpu_min_ms=%.4f bits=%016llx\n",
            o->skew > 0.0 ? "switch_skew" : "switch", tot, min_ms, fwd, bwd, gflops, info.n_kept, G, info.C, info.aux_group, info.z_group, obj,
-           sqrt(dh2));
+           sqrt(dh2), cpu, cpu_min, (unsigned long long)bits);
 done:
     if (f) fclose(f);
     sy_switch_destroy(&sw);
@@ -293,6 +329,7 @@ done:
     free(tf);
     free(tb);
     free(tt);
+    free(tc);
     return s;
 }
 

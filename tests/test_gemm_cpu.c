@@ -10,11 +10,13 @@
 #include <stdint.h>
 
 #include <cmocka.h>
+#include <cblas.h>
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "backend/backend.h"
 #include "backend/cpu_setup.h"
@@ -114,6 +116,62 @@ static void test_tiling_is_shape_only(void **state) {
     }
 }
 
+/* The tiles sy_sgemm uses (on SkylakeX kernels larger than the pinned ones, gemm_cpu.c) give
+ * the same bits as the pinned tiling, each pinned tile one single-threaded cblas_sgemm: on
+ * every kernel family, with and without the scratch-tile fp64 accumulation. The shapes are the
+ * Switch benchmark's expert GEMMs (forward, backward, weight gradients) and ragged ones. */
+static void test_tiles_match_pinned(void **state) {
+    (void)state;
+    typedef struct {
+        bool ta, tb;
+        int M, N, K;
+        bool acc;
+    } gcase;
+    static const gcase k_cases[] = {
+        {0, 1, 261, 2048, 512, 0}, {0, 1, 286, 512, 2048, 0}, {0, 0, 246, 2048, 512, 0},
+        {0, 0, 320, 512, 2048, 0}, {1, 0, 512, 2048, 261, 1}, {1, 0, 2048, 512, 286, 1},
+        {0, 1, 1000, 999, 300, 0}, {1, 1, 777, 555, 333, 1},  {0, 0, 3000, 70, 200, 0},
+        {1, 0, 1030, 1500, 97, 1},
+    };
+    int grown = 0;
+    for (size_t ci = 0; ci < sizeof k_cases / sizeof k_cases[0]; ci++) {
+        const gcase *g = &k_cases[ci];
+        const int M = g->M, N = g->N, K = g->K, lda = g->ta ? M : K, ldb = g->tb ? K : N;
+        const size_t nc = (size_t)M * N;
+        float *A = rnd((size_t)M * K), *B = rnd((size_t)K * N);
+        float *Cp = calloc(nc, sizeof(float)), *Cg = calloc(nc, sizeof(float));
+        double *acc = calloc(nc, sizeof(double));
+        assert_true(Cp && Cg && acc);
+        const sy_gemm_tiles pin = sy_sgemm_tiling_pinned(M, N, K);
+        const sy_gemm_tiles use = sy_sgemm_tiling_ex(M, N, K, g->acc);
+        grown += use.mt != pin.mt || use.nt != pin.nt;
+        omp_set_num_threads(1);
+        for (int i0 = 0; i0 < M; i0 += pin.mt)
+            for (int j0 = 0; j0 < N; j0 += pin.nt) {
+                const int m = M - i0 < pin.mt ? M - i0 : pin.mt, n = N - j0 < pin.nt ? N - j0 : pin.nt;
+                cblas_sgemm(CblasRowMajor, g->ta ? CblasTrans : CblasNoTrans,
+                            g->tb ? CblasTrans : CblasNoTrans, m, n, K, 1.0f,
+                            g->ta ? A + i0 : A + (size_t)i0 * lda, lda,
+                            g->tb ? B + (size_t)j0 * ldb : B + j0, ldb, 0.0f, Cp + (size_t)i0 * N + j0, N);
+            }
+        omp_set_num_threads(2);
+        const sy_gemm_epilogue epi = {.acc = acc, .ldacc = N, .c_scratch = true};
+        sy_sgemm_ex(g->ta, g->tb, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, Cg, N, g->acc ? &epi : NULL);
+        for (size_t i = 0; i < nc; i++) {
+            const bool same = g->acc ? acc[i] == (double)Cp[i] : memcmp(&Cg[i], &Cp[i], sizeof(float)) == 0;
+            if (!same)
+                fail_msg("sgemm %dx%dx%d ta=%d tb=%d acc=%d on %s kernels: tiles %dx%d differ from the "
+                         "pinned %dx%d at element %zu (%.9g vs %.9g)", M, N, K, g->ta, g->tb, g->acc,
+                         sy_cpu_blas_core(), use.mt, use.nt, pin.mt, pin.nt, i,
+                         g->acc ? acc[i] : (double)Cg[i], (double)Cp[i]);
+        }
+        free(A), free(B), free(Cp), free(Cg), free(acc);
+    }
+    /* not vacuous where the tiles grow: the Switch shapes do on SkylakeX */
+    if (strcasecmp(sy_cpu_blas_core(), "SkylakeX") == 0) assert_true(grown >= 6);
+    else assert_int_equal(grown, 0);
+}
+
 /* The backend ops training runs (matmul fwd/bwd with weight-gradient accumulation, in fp32 and
  * bf16 emulation; cross-entropy with its fp64 total) are thread-count invariant too. */
 static void test_backend_ops_threads(void **state) {
@@ -170,6 +228,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiling_is_shape_only),
         cmocka_unit_test(test_sgemm_threads),
+        cmocka_unit_test(test_tiles_match_pinned),
         cmocka_unit_test(test_backend_ops_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

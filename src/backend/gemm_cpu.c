@@ -3,6 +3,8 @@
 #include <cblas.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
+#include <strings.h>
 
 #include "backend/kernels/k_elementwise.h"
 #include "base/bf16.h"
@@ -17,17 +19,79 @@
 #define SY_GEMM_TILE_SPLIT 256
 #define SY_GEMM_TILE_ALIGN 32
 
-static int tile_len(int n) {
-    if (n < SY_GEMM_TILE_SPLIT) return n > 0 ? n : 1;
-    const int k = n <= 2 * SY_GEMM_TILE_CAP ? 2 : (n + SY_GEMM_TILE_CAP - 1) / SY_GEMM_TILE_CAP;
+/* On OpenBLAS's SkylakeX kernels an element's bits do not depend on where its tile starts or
+ * ends (the AVX-512 kernel accumulates every element the same way, and the K blocking depends
+ * on K alone), so there larger tiles repack less: a dimension under SY_GEMM_SKX_SPLIT is one
+ * tile, beyond it tiles of at most SY_GEMM_SKX_CAP. Only tiles of at least SY_GEMM_SKX_MIN_MNK
+ * multiply-adds under the pinned rule grow: smaller calls may take OpenBLAS's direct or
+ * small-matrix kernels, which sum in another order, and a grown tile must not leave or enter
+ * them. A grown tile is at most SY_GEMM_SKX_MAX_MNK multiply-adds (or the pinned tile's, if
+ * larger), so that large GEMMs keep as many tiles, and threads, as before: growth is for the
+ * Switch experts' GEMMs of a few hundred rows. Tiles computed in a scratch buffer
+ * (sy_gemm_epilogue.c_scratch) are held to SY_GEMM_SCRATCH_FLOATS, so that the buffer stays in
+ * the core's L2 cache between the GEMM writing it and the epilogue reading it. On every other kernel family the pinned tiles stay:
+ * on Haswell's an element's bits change with the tile shape (tests/test_gemm_cpu.c checks the
+ * grown tiles against the pinned ones bit for bit on whichever family runs). */
+#define SY_GEMM_SKX_SPLIT 1024
+#define SY_GEMM_SKX_CAP 1024
+#define SY_GEMM_SKX_MIN_MNK (8.0 * 1024 * 1024)
+#define SY_GEMM_SKX_MAX_MNK (512.0 * 1024 * 1024)
+#define SY_GEMM_SCRATCH_FLOATS ((size_t)256 * 1024)
+
+static int tile_len(int n, int split, int cap) {
+    if (n < split) return n > 0 ? n : 1;
+    const int k = n <= 2 * cap ? 2 : (n + cap - 1) / cap;
     const int t = (n + k - 1) / k;
     return (t + SY_GEMM_TILE_ALIGN - 1) / SY_GEMM_TILE_ALIGN * SY_GEMM_TILE_ALIGN;
 }
 
-sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K) {
+sy_gemm_tiles sy_sgemm_tiling_pinned(int M, int N, int K) {
     (void)K;
-    return (sy_gemm_tiles){.mt = tile_len(M), .nt = tile_len(N)};
+    return (sy_gemm_tiles){.mt = tile_len(M, SY_GEMM_TILE_SPLIT, SY_GEMM_TILE_CAP),
+                           .nt = tile_len(N, SY_GEMM_TILE_SPLIT, SY_GEMM_TILE_CAP)};
 }
+
+static bool g_grow; /* OpenBLAS runs its SkylakeX kernels: tiles may grow */
+static pthread_once_t grow_once = PTHREAD_ONCE_INIT;
+static void grow_init(void) {
+    const char *c = openblas_get_corename();
+    g_grow = c && strcasecmp(c, "SkylakeX") == 0;
+}
+
+static int halve(int n) {
+    const int h = (n + 1) / 2;
+    return (h + SY_GEMM_TILE_ALIGN - 1) / SY_GEMM_TILE_ALIGN * SY_GEMM_TILE_ALIGN;
+}
+
+sy_gemm_tiles sy_sgemm_tiling_ex(int M, int N, int K, bool scratch) {
+    const sy_gemm_tiles pin = sy_sgemm_tiling_pinned(M, N, K);
+    (void)pthread_once(&grow_once, grow_init);
+    if (!g_grow || (double)pin.mt * pin.nt * K < SY_GEMM_SKX_MIN_MNK) return pin;
+    sy_gemm_tiles t = {.mt = tile_len(M, SY_GEMM_SKX_SPLIT, SY_GEMM_SKX_CAP),
+                       .nt = tile_len(N, SY_GEMM_SKX_SPLIT, SY_GEMM_SKX_CAP)};
+    /* over the size bounds: halve the longer side (rounded up to the alignment), never below
+     * the pinned tile */
+    const double pin_mnk = (double)pin.mt * pin.nt * K;
+    const double max_mnk = pin_mnk > SY_GEMM_SKX_MAX_MNK ? pin_mnk : SY_GEMM_SKX_MAX_MNK;
+    while ((scratch && (size_t)t.mt * t.nt > SY_GEMM_SCRATCH_FLOATS) ||
+           (double)t.mt * t.nt * K > max_mnk) {
+        int *side = t.mt >= t.nt ? &t.mt : &t.nt, *other = side == &t.mt ? &t.nt : &t.mt;
+        const int floor_s = side == &t.mt ? pin.mt : pin.nt, floor_o = side == &t.mt ? pin.nt : pin.mt;
+        int h = halve(*side);
+        if (h < floor_s) h = floor_s;
+        if (h < *side) {
+            *side = h;
+            continue;
+        }
+        h = halve(*other); /* the longer side is at its floor: try the other one */
+        if (h < floor_o) h = floor_o;
+        if (h >= *other) break;
+        *other = h;
+    }
+    return t;
+}
+
+sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K) { return sy_sgemm_tiling_ex(M, N, K, false); }
 
 /* Hot loops are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time
  * (as in backend_cpu.c); every variant computes the same IEEE operations per element. */
@@ -109,6 +173,11 @@ static float *thread_tile(size_t n) {
     return b->v;
 }
 
+/* Whether run_tile computes the problem's tiles in the thread's scratch buffer. */
+static bool uses_scratch(const sy_gemm_problem *p) {
+    return p->epi.c_scratch && p->epi.acc && p->beta == 0.0f && !p->epi.round_bf16 && p->K > 0;
+}
+
 /* Tile t of a problem tiled tl (tn tiles per row of tiles). */
 static void run_tile(const sy_gemm_problem *p, sy_gemm_tiles tl, int tn, int t) {
     const int i0 = (t / tn) * tl.mt, j0 = (t % tn) * tl.nt;
@@ -118,7 +187,7 @@ static void run_tile(const sy_gemm_problem *p, sy_gemm_tiles tl, int tn, int t) 
     const float *b = p->tb ? p->B + (size_t)j0 * p->ldb : p->B + j0;
     float *c = p->C + (size_t)i0 * p->ldc + j0;
     int ldc = p->ldc;
-    if (p->epi.c_scratch && p->epi.acc && p->beta == 0.0f && !p->epi.round_bf16 && p->K > 0) {
+    if (uses_scratch(p)) {
         float *tile = thread_tile((size_t)m * n);
         if (tile) c = tile, ldc = n;
     }
@@ -136,7 +205,7 @@ static void run_tile(const sy_gemm_problem *p, sy_gemm_tiles tl, int tn, int t) 
 
 static int n_tiles(const sy_gemm_problem *p, sy_gemm_tiles *tl, int *tn) {
     if (p->M <= 0 || p->N <= 0) return 0;
-    *tl = sy_sgemm_tiling(p->M, p->N, p->K);
+    *tl = sy_sgemm_tiling_ex(p->M, p->N, p->K, uses_scratch(p));
     *tn = (p->N + tl->nt - 1) / tl->nt;
     return ((p->M + tl->mt - 1) / tl->mt) * *tn;
 }
@@ -165,15 +234,30 @@ void sy_sgemm_group(const sy_gemm_problem *p, int n) {
         return;
     }
     sy_gemm_tiles tl[MAX_GROUP];
-    int tn[MAX_GROUP], first[MAX_GROUP + 1];
+    int tn[MAX_GROUP], cnt[MAX_GROUP], ord[MAX_GROUP], first[MAX_GROUP + 1];
+    double work[MAX_GROUP];
+    for (int i = 0; i < n; i++) {
+        cnt[i] = n_tiles(&p[i], &tl[i], &tn[i]);
+        work[i] = (double)(p[i].M < tl[i].mt ? p[i].M : tl[i].mt) *
+                  (p[i].N < tl[i].nt ? p[i].N : tl[i].nt) * (p[i].K > 0 ? p[i].K : 1);
+    }
+    /* The loop hands out the largest tiles first (problems by decreasing tile size, stable),
+     * so that the last tiles to finish are small ones and the threads end together: the
+     * experts' row counts differ. Which thread runs a tile does not change its bits. */
+    for (int i = 0; i < n; i++) {
+        int j = i;
+        while (j > 0 && work[ord[j - 1]] < work[i]) ord[j] = ord[j - 1], j--;
+        ord[j] = i;
+    }
     first[0] = 0;
-    for (int i = 0; i < n; i++) first[i + 1] = first[i] + n_tiles(&p[i], &tl[i], &tn[i]);
+    for (int k = 0; k < n; k++) first[k + 1] = first[k] + cnt[ord[k]];
     const int total = first[n];
 #pragma omp parallel for schedule(dynamic, 1)
     for (int t = 0; t < total; t++) {
-        int i = 0;
-        while (first[i + 1] <= t) i++; /* n is small (experts x sources) */
-        run_tile(&p[i], tl[i], tn[i], t - first[i]);
+        int k = 0;
+        while (first[k + 1] <= t) k++; /* n is small (experts x sources) */
+        const int i = ord[k];
+        run_tile(&p[i], tl[i], tn[i], t - first[k]);
     }
 }
 

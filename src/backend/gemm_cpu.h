@@ -6,8 +6,8 @@
  * another. Results then depend on the thread count, and expert-parallel workers (which run with
  * fewer threads than a single process) drift from a single-process run.
  *
- * sy_sgemm computes C in fixed output tiles whose boundaries are a function of (M, N) alone
- * (sy_sgemm_tiling), each tile by one single-threaded OpenBLAS call over the whole K, the tiles
+ * sy_sgemm computes C in fixed output tiles whose boundaries are a function of (M, N) and the
+ * kernel family alone (sy_sgemm_tiling), each tile by one single-threaded OpenBLAS call over the whole K, the tiles
  * spread over this module's own OpenMP loop (which thread runs a tile does not matter). Every
  * output element therefore sees the same kernel, the same packing and the same K order whatever
  * the thread count: results are equal bit for bit for any number of threads, on any kernel
@@ -48,8 +48,15 @@ typedef struct {
     int ldg;
 } sy_gemm_epilogue;
 
-/* The tiling used for an M×N output: a pure function of its arguments. */
-sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K);
+/* The tiling used for an M×N output: a pure function of its arguments and of the OpenBLAS
+ * kernel family the process runs (fixed at start-up), never of the thread count. scratch: the
+ * tiles go through a per-thread buffer (epilogue c_scratch), which caps their area.
+ * On every family but SkylakeX it is the pinned tiling below; on SkylakeX, whose kernels give
+ * an element the same bits whatever the tile around it, large tiles grow (gemm_cpu.c). */
+sy_gemm_tiles sy_sgemm_tiling_ex(int M, int N, int K, bool scratch);
+sy_gemm_tiles sy_sgemm_tiling(int M, int N, int K); /* scratch false */
+/* The pinned tiling (a function of M and N alone): the one every family but SkylakeX uses. */
+sy_gemm_tiles sy_sgemm_tiling_pinned(int M, int N, int K);
 
 /* Row-major C[M,N] = alpha · op(A)[M,K] · op(B)[K,N] + beta · C, op = transpose when ta / tb
  * (A stored [K,M] with leading dimension lda when ta, else [M,K]; likewise B), then the
