@@ -188,7 +188,10 @@ status:
     for k in range(P):
         n = N // P + (1 if k < N % P else 0)
         lgs.append(subprocess.Popen([os.path.join(BUILD, "tests", "sy_loadgen"), "--coordinator", ep, "--workers", str(n),
-                                     "--step-ms", str(a.step_ms), "--counts", a.counts, "--peers", a.peers, "--table-frame", a.table_frame, "--duration", str(duration),
+                                     "--step-ms", str(a.step_ms), "--counts", a.counts, "--peers", a.peers, "--table-frame", a.table_frame,
+                                     # the generators without the events outlive the one with them: their
+                                     # workers leaving first would open a generation of their own
+                                     "--duration", str(duration if k == 0 else duration + 20),
                                      "--report", f"{tmp}/report{k}.json", "--io-threads", str(a.io_threads),
                                      "--prefix", f"lg{k}"] + (sum([["--event", e] for e in events], []) if k == 0 else []),
                                     stderr=open(f"{tmp}/loadgen{k}.log", "w"), env=env))

@@ -982,6 +982,9 @@ int main(int argc, char **argv) {
         int64_t t = now_ms();
         if (t - last_tick >= TICK_MS) {
             tick();
+            /* a tick reads every socket: with 10,000 workers and an Assign flood it takes seconds,
+             * and a stale t here put the end before the events (the kill that never fired) */
+            t = now_ms();
             last_tick = t;
         }
         if (all_in_ms < 0) {
@@ -993,7 +996,12 @@ int main(int argc, char **argv) {
             }
         }
         if (first_complete_ms >= 0) {
-            if (deadline < 0) deadline = t + (int64_t)(duration_s * 1000);
+            if (deadline < 0) {
+                deadline = t + (int64_t)(duration_s * 1000);
+                fprintf(stderr, "loadgen: t=%.1fs generation 1 at all %d of this process's workers (the last at %.1fs); "
+                        "events from now on, the end at t=%.1fs\n", (t - t0) / 1e3, nsims, first_complete_ms / 1e3,
+                        (deadline - t0) / 1e3);
+            }
             for (int k = 0; k < n_events; k++)
                 if (!events[k].done && t - t0 >= first_complete_ms + (int64_t)(events[k].t * 1000)) fire(&events[k]);
         }
