@@ -223,7 +223,12 @@ static void after_commit(sy_coord_t *c, int64_t step, uint64_t gen, bool committ
         char why[128];
         snprintf(why, sizeof why, "membership change at checkpoint %" PRId64, step);
         sy_coord_close_generation(c, why);
-        sy_coord_open_generation(c);
+        /* With replicas the members hold a newer whole state than the checkpoint (the steps run
+         * since it, up to the one the Abort cut): the next generation restores that, once their
+         * Holdings are in (the cron opens it; bounded like a recovery's wait), instead of
+         * re-running the steps since the checkpoint and loading the store. */
+        if (c->cfg.cluster.replicas > 0) c->regroup_since = sy_mono_ms();
+        else sy_coord_open_generation(c);
     }
 }
 

@@ -183,6 +183,10 @@ struct sy_coord {
     int32_t *expert_source; /* [E] its plan: the rank that sends expert e (Assign.expert_source) */
     int dense_source;
     bool replicas_failed;   /* a restore from replicas failed: the next generation uses the checkpoint */
+    int64_t regroup_since;  /* mono ms a membership change closed the generation at a checkpoint and
+                             * the next one waits for the members' Holdings (0: none; issue 18) */
+    bool cron_now;          /* run the cron at once, not at its next tick (a Holdings came in while
+                             * a new generation waits for them: it opens without the tick's delay) */
     int64_t max_reported; /* highest StepDone step seen in this generation */
     int64_t gen_opened_at;
     int64_t first_open;   /* mono ms of the first generation (goodput clock) */

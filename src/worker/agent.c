@@ -811,7 +811,7 @@ static sy_status setup(agent_t *a, const char *config_json) {
         free(a->tokens), free(a->counts), free(a->owned), free(a->placement);
         a->tokens = NULL, a->counts = NULL, a->owned = NULL, a->placement = NULL;
         /* a config too big for this machine is a clear error, not the OOM killer (memplan.h) */
-        SY_CHECK(sy_memplan_check(&a->cfg, 1));
+        SY_CHECK(sy_memplan_check_world(&a->cfg, 1, a->world));
         const char *bk = a->opts->backend ? a->opts->backend : a->cfg.cluster.backend;
         if (bk && strcmp(bk, "cuda") == 0) {
             sy_status st = sy_backend_cuda_new(a->opts->device, bf16, &a->be);
@@ -1226,7 +1226,18 @@ static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
     /* the replica endpoints, whole or by the same edit (entries copied from the base are those
      * whose data and replica endpoints both match: the coordinator compares them together) */
     char **rep = NULL, **nokey = NULL;
-    if (st == SY_OK && as->n_replica_peers > 0) {
+    /* An edit with no fresh entry (a loss: every member's entry comes from the base) carries no
+     * replica endpoint either, yet the table has them exactly when the base had them (the
+     * coordinator compares "data|replica" pairs, so a base entry matches only one of the same
+     * form): the base's replica table, edited by the same runs. Dropping it made this worker
+     * replicate on the training plane while its peers used their replica plane (a 10 s
+     * data_timeout_ms stall at the next generation start), and refuse the next edit with a fresh
+     * entry (issue 18: a respawned worker joining after a kill). */
+    bool rep_from_base = as->peers_base && as->n_peers == 0 && as->n_replica_peers == 0 && a->peers_rep;
+    if (st == SY_OK && rep_from_base)
+        st = sy_peers_apply(a->peers_n, (const char *const *)a->peers_rep, NULL, as->peers_edit, as->n_peers_edit,
+                            NULL, NULL, 0, (int)as->world, &rep, &nokey);
+    else if (st == SY_OK && as->n_replica_peers > 0) {
         if (!as->peers_base && as->n_replica_peers != as->world)
             st = sy_err_set(SY_EFORMAT, "Assign: world %u with %zu replica peers", as->world, as->n_replica_peers);
         else if (!as->peers_base)
@@ -1235,10 +1246,10 @@ static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
             st = sy_peers_apply(a->peers_rep ? a->peers_n : 0, (const char *const *)a->peers_rep, NULL, as->peers_edit,
                                 as->n_peers_edit, (const char *const *)as->replica_peers, NULL, as->n_replica_peers,
                                 (int)as->world, &rep, &nokey);
-        if (st != SY_OK) {
-            sy_peers_free((int)as->world, ep, key);
-            ep = key = NULL;
-        }
+    }
+    if (st != SY_OK) { /* ep/key are NULL when the first half failed */
+        sy_peers_free((int)as->world, ep, key);
+        ep = key = NULL;
     }
     sy_peers_free(a->peers_n, a->peers_ep, a->peers_key);
     sy_peers_free(a->peers_n, a->peers_rep, NULL);
@@ -1255,6 +1266,7 @@ static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
 static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     const Sy__Assign *as = env->assign;
     uint64_t gen = env->generation;
+    double t_assign = sy_mono_s() * 1e3, t_setup = t_assign, t_planes = t_assign, t_restored = t_assign;
     close_generation(a);
     atomic_store(&a->gen_inc, env->incarnation);
     atomic_store(&a->generation, gen);
@@ -1281,6 +1293,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         snprintf(a->fatal_msg, sizeof a->fatal_msg, "%s", sy_err_msg());
     }
     if (st != SY_OK) goto fail;
+    t_setup = sy_mono_s() * 1e3;
     atomic_store(&a->coord_timeout_ms, 2 * a->cfg.cluster.failure_timeout_ms);
     const int E = a->dims.E;
     if ((int)as->n_placement != E) {
@@ -1323,6 +1336,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     }
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) goto fail;
+    t_planes = sy_mono_s() * 1e3;
     if (a->world > 1 && sy_model_n_switch(a->model) > 0) {
         if (sy_ep_new(a->be, a->comm, as->placement, E, a->dims.D, a->dims.F, a->dims.B * a->dims.T,
                       sy_model_n_switch(a->model), &a->ep) != SY_OK)
@@ -1356,6 +1370,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                 a->rank, a->world, owned_s, insecure_note(a));
     }
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
+    t_restored = sy_mono_s() * 1e3;
     /* The restored state goes to the buddies at once: under the new placement their replicas
      * of it may not exist yet, and the next failure may come before the first step ends. */
     double w0 = sy_replica_get_stats(a->rep).wait_ms;
@@ -1363,6 +1378,11 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     a->rep_start_wait_ms += sy_replica_get_stats(a->rep).wait_ms - w0;
     if (st == SY_EABORTED) goto aborted;
     if (st != SY_OK) goto step_failed;
+    /* where a generation's start goes (issue 18: a recovery's cost, docs/fault-tolerance.md) */
+    double t_ready = sy_mono_s() * 1e3;
+    sy_info("generation %llu: ready %.0f ms after its Assign (setup %.0f, data planes %.0f, restore %.0f, "
+            "replicas of the restored step %.0f)", (unsigned long long)gen, t_ready - t_assign, t_setup - t_assign,
+            t_planes - t_setup, t_restored - t_planes, t_ready - t_restored);
 
     sy_dist_ctx ctx = {.cfg = &a->cfg, .model = a->model, .opt = a->opt, .data = a->data,
                        .comm = a->comm, .owned = a->owned, .tokens = a->tokens,
