@@ -617,6 +617,7 @@ void sy_coord_close_generation(sy_coord_t *c, const char *why) {
         }
     }
     c->gen_open = false;
+    c->end_after = 0;
     c->prev_world = c->world;
     c->world = 0;
     sy_coord_clear_pending(c);

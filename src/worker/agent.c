@@ -1387,7 +1387,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     sy_dist_ctx ctx = {.cfg = &a->cfg, .model = a->model, .opt = a->opt, .data = a->data,
                        .comm = a->comm, .owned = a->owned, .tokens = a->tokens,
                        .before_update = replica_before_update, .before_arg = a->rep};
-    int64_t ckpt_now = -1;
+    int64_t ckpt_now = -1, end_after = 0;
     for (int64_t step = (int64_t)as->start_step; step <= (int64_t)as->end_step; step++) {
         /* control messages between steps */
         Sy__Envelope *m;
@@ -1409,6 +1409,9 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             case SY__ENVELOPE__BODY_CHECKPOINT_NOW:
                 ckpt_now = (int64_t)m->checkpoint_now->step;
                 break;
+            case SY__ENVELOPE__BODY_END_AFTER:
+                if (m->generation == gen) end_after = (int64_t)m->end_after->step;
+                break;
             default: break;
             }
             sy_proto_free(m);
@@ -1420,6 +1423,18 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             }
         }
         if (g_stop || atomic_load(&a->link_failed)) return RUN_STOP;
+        if (end_after > 0 && step > end_after) {
+            /* EndAfter (a membership change at a step boundary): the replicas of the last step
+             * go out whole first (an Abort cuts them short), then leave as an Abort would; the
+             * Holdings (sent by the caller) name the live state of step - 1 */
+            st = a->rcomm ? sy_replica_wait(a->rep) : SY_OK;
+            sy_info("generation %llu ends after step %lld (membership change)%s", (unsigned long long)gen,
+                    (long long)(step - 1), st == SY_OK ? "" : ": its replicas' exchange was cut short");
+            abort_generation(a);
+            close_generation(a);
+            set_state(a, ST_IDLE);
+            return RUN_ABORTED;
+        }
         /* Issue 13 (c), the coordinator cut off: its keepalives stop, and after
          * failure_timeout_ms it declares us lost, so steps taken meanwhile are thrown away (their
          * StepDone queue up for a coordinator that moved on). Stop stepping after

@@ -20,8 +20,9 @@ kill -9, every step's loss compared with a single-process fault-free reference (
      overlapped: before the fix a survivor dropped its replica endpoints, replicated on the
      training plane while the others used theirs, and the next edit was refused); the membership
      change at the next checkpoint restores from replicas (the members' newest whole step, not
-     the checkpoint: restore step >= the checkpoint's), at most one step runs twice per
-     generation change, and the losses equal.
+     the checkpoint: restore step >= the checkpoint's); the old generation ends at a step
+     boundary (EndAfter: the restore step is the last step recorded before the new generation
+     opened), so at most one step runs twice in all (the kill's), and the losses equal.
 
 usage: test_replicas.py [A B C D ...]"""
 import os
@@ -178,9 +179,14 @@ def scenario_e(tmp, ref):
         check(grow["restore_source"] == "replicas" and committed and grow["restore_step"] >= max(committed),
               f"{label}: the generation of 3 restores from replicas at a step >= the checkpoint that triggered it "
               f"({grow['restore_source']} {grow['restore_step']}, committed {committed})")
-        # one generation change for the kill, one for the join: at most one step run twice each
-        check(sum(n - 1 for n in per.values()) <= 2 and max(per.values()) <= 2,
-              f"{label}: at most one step run twice per generation change ({per})")
+        # the join ends the generation at a step boundary (EndAfter) and restores that step
+        before = max([m["step"] for m in c.metric_lines() if m["time"] <= grow["time"]] or [0])
+        check(grow["restore_step"] == before and "ends after step" in c.tail("coordinator.log", 1000000),
+              f"{label}: the join restores the last step recorded before it ({grow['restore_step']} vs {before}): "
+              f"the generation ended at a step boundary (EndAfter), nothing was cut short")
+        # the kill: at most one step run twice; the join: none
+        check(sum(n - 1 for n in per.values()) <= 1 and max(per.values()) <= 2,
+              f"{label}: at most one step run twice in all ({per})")
         for w in ("w0.0.log", "w2.0.log"):  # the survivors (a log gets the line when a generation ends)
             lines = [ln for ln in c.tail(w, 1000000).splitlines() if "replicas (1 per worker)" in ln]
             check(bool(lines) and all("(overlapped: on their own data plane)" in ln for ln in lines),
