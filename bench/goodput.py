@@ -27,6 +27,9 @@ Per recovery (from chaos.jsonl and events.jsonl):
   lost steps       steps re-run: the furthest step reached before the kill minus the restore step
                    (0 when the restore step is past it)
   source           the restore's source (generation_opened restore_source: replicas | checkpoint)
+Per generation change that no kill caused (a respawned worker joining at a checkpoint): the gap
+between the last step recorded before the new generation and the first after it (against the
+median interval between steps), the steps run again, the restore's source.
 Per run, from the workers' logs (cluster.replicas > 0): the replica traffic and time per step
 (issue 18): bytes each worker sent, ms in the exchange and in the copy of the live state (on the
 replica thread when overlapped), the training thread's share (inline: exchange + copy;
@@ -133,6 +136,24 @@ def run(sy, cfg, tmp, name, args, chaos=None):
             rec["restore"] = ph["restore"] / 1e3
             rec["first_step"] = ph["first_step"] / 1e3
         out["recoveries"].append(rec)
+    # generation changes that no kill caused (a respawned worker's join at a checkpoint): the gap
+    # between the last step recorded before the new generation and the first one after it, against
+    # the median interval between steps (what the change cost), and the steps run again
+    ivals = sorted(b["time"] - a["time"] for a, b in zip(met, met[1:]))
+    out["step_interval"] = ivals[len(ivals) // 2] if ivals else 0.0
+    out["joins"] = []
+    for g in opened[1:]:
+        if any(0 <= g["time"] - e["time"] < 2 for e in ev if e["event"] == "worker_lost"):
+            continue
+        if any(e["event"] == "worker_fault" and 0 <= g["time"] - e["time"] < 0.5 for e in ev):
+            src = "after a fault"
+        else:
+            src = g.get("restore_source", "checkpoint")
+        b = [m for m in met if m["time"] <= g["time"]]
+        a = [m for m in met if m["time"] > g["time"]]
+        if b and a:
+            out["joins"].append({"gap": a[0]["time"] - b[-1]["time"], "rerun": max(0, b[-1]["step"] - g["restore_step"]),
+                                 "source": src, "world": g["world"]})
     out["lines"] = len(met)
     out["replication"] = replication(f"{state}/logs", last)
     return out
@@ -231,6 +252,14 @@ def main():
         print()
         print(f"median kill→lost {med('kill_lost'):.0f} ms, reconfigure {med('reconfigure'):.0f} ms, "
               f"generation opened→first step {med('to_first_step'):.0f} ms, kill→first step {med('total'):.0f} ms")
+    js = hit["joins"]
+    if js:
+        print()
+        print(f"generation changes without a kill (joins): {len(js)}; gap from the last step before to the first "
+              f"after: median {statistics.median(j['gap'] for j in js) * 1e3:.0f} ms, "
+              f"{min(j['gap'] for j in js) * 1e3:.0f}-{max(j['gap'] for j in js) * 1e3:.0f} ms (median interval "
+              f"between steps {hit['step_interval'] * 1e3:.0f} ms); steps re-run {sum(j['rerun'] for j in js)}; "
+              f"sources {sorted(set(j['source'] for j in js))}")
     for r in (base, hit):
         rp = r.get("replication")
         if rp:

@@ -11,6 +11,8 @@
 #include <cmocka.h>
 
 #include <jansson.h>
+#include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "base/config.h"
@@ -132,11 +134,42 @@ static void test_memory_bound(void **state) {
     sy_config_free(&c);
 }
 
+/* Peer replicas (issue 18) in the estimate of a cluster worker. Independent reference: with 2
+ * workers, an even expert count and one replica, each worker holds two copies of [dense + its
+ * half of the experts] and two of the other half: two whole copies of the model's weights and
+ * moments, 24 bytes a parameter. */
+static void test_memory_replicas(void **state) {
+    (void)state;
+    sy_config_t c;
+    assert_int_equal(sy_config_defaults(&c), SY_OK);
+    assert_int_equal(sy_config_set(&c, "model.n_experts=8"), SY_OK);
+    assert_int_equal(sy_config_set(&c, "cluster.replicas=1"), SY_OK);
+    sy_memplan one = sy_memplan_estimate(&c), w1 = sy_memplan_estimate_world(&c, 1);
+    assert_true(one.replica_bytes == 0 && w1.replica_bytes == 0 && w1.total_bytes == one.total_bytes);
+    assert_true(one.expert_params > 0);
+    sy_memplan w2 = sy_memplan_estimate_world(&c, 2), w3 = sy_memplan_estimate_world(&c, 3);
+    assert_true(fabs(w2.replica_bytes - 24.0 * w2.params) < 1e-6 * w2.replica_bytes);
+    assert_true(fabs(w2.total_bytes - one.total_bytes - w2.replica_bytes) < 1.0);
+    assert_true(w3.replica_bytes > 0 && w3.replica_bytes < w2.replica_bytes); /* 3 experts + 3 of a buddy's, not 8 */
+    assert_int_equal(sy_config_set(&c, "cluster.replicas=0"), SY_OK);
+    assert_true(sy_memplan_estimate_world(&c, 3).replica_bytes == 0);
+    /* a bound between the model alone and the model with replicas is refused, naming them */
+    assert_int_equal(sy_config_set(&c, "cluster.replicas=1"), SY_OK);
+    char b[64];
+    snprintf(b, sizeof b, "train.max_memory_gb=%.9f", (one.total_bytes + w2.replica_bytes / 2) / (1024.0 * 1024.0 * 1024.0));
+    assert_int_equal(sy_config_set(&c, b), SY_OK);
+    assert_int_equal(sy_memplan_check(&c, 1), SY_OK);
+    assert_int_equal(sy_memplan_check_world(&c, 1, 2), SY_EINVAL);
+    assert_non_null(strstr(sy_err_msg(), "of peer replicas (cluster.replicas)"));
+    sy_config_free(&c);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_resume_check),
         cmocka_unit_test(test_validate_names_the_source),
         cmocka_unit_test(test_memory_bound),
+        cmocka_unit_test(test_memory_replicas),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -776,7 +776,7 @@ static int run_configure(run_opts *o, sy_config_t *cfg) {
             return 1;
         }
     }
-    if (sy_memplan_check(cfg, o->n_workers) != SY_OK) {
+    if (sy_memplan_check_world(cfg, o->n_workers, o->n_workers) != SY_OK) {
         fprintf(stderr, "switchyard run: %s\n", sy_err_msg());
         return 1;
     }

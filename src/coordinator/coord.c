@@ -199,7 +199,8 @@ sy_status sy_coord_run(sy_coord_t *c, volatile sig_atomic_t *stop_flag, sy_coord
         if (rc > 0 && i_mon >= 0 && (it[i_mon].revents & ZMQ_POLLIN)) drain_monitor(c);
         if (stop_flag && *stop_flag && !c->done) sy_coord_finish(c, R_STOPPED, "signal");
         now = sy_mono_ms();
-        if (now >= next_cron && !c->done) {
+        if ((now >= next_cron || c->cron_now) && !c->done) {
+            c->cron_now = false;
             cron(c);
             next_cron = now + SY_COORD_CRON_MS;
         }
@@ -478,6 +479,8 @@ static void cron(sy_coord_t *c) {
                              now - c->settle_from < SY_COORD_EXPECT_TIMEOUT_MS;
             /* A recovery does not wait for newcomers: the survivors go on at once. */
             bool recovering = c->nrec > 0 && c->rec[c->nrec - 1].duration_ms < 0;
+            /* Nor does a membership change at a checkpoint (it waits for the Holdings only). */
+            recovering = recovering || c->regroup_since;
             /* A commit in flight decides the restore point: wait for its result. */
             bool committing = sy_committer_in_flight(c->committer) > 0;
             /* The survivors' Holdings decide whether it restores from replicas (bounded wait). */

@@ -221,8 +221,41 @@ static void after_commit(sy_coord_t *c, int64_t step, uint64_t gen, bool committ
     if (!c->done && current && committed && c->latest_ckpt == step && step < c->end_step &&
         sy_committer_in_flight(c->committer) == 0 && membership_change_due(c)) {
         char why[128];
-        snprintf(why, sizeof why, "membership change at checkpoint %" PRId64, step);
-        sy_coord_close_generation(c, why);
+        /* With replicas (W > 1) the members hold a newer whole state than the checkpoint: the
+         * generation ends at a step boundary two steps ahead of the furthest report (no rank can
+         * have finished it yet: EndAfter), and the next one restores that step from their
+         * memory, so nothing is cut short or run again. Too close to the end: at once. */
+        int64_t at = c->max_reported + 2;
+        if (c->cfg.cluster.replicas > 0 && c->world > 1 && c->end_after == 0 && at < c->end_step) {
+            c->end_after = at;
+            for (int r = 0; r < c->world; r++) {
+                Sy__Envelope env;
+                Sy__EndAfter ea = SY__END_AFTER__INIT;
+                sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
+                ea.step = (uint64_t)at;
+                env.body_case = SY__ENVELOPE__BODY_END_AFTER;
+                env.end_after = &ea;
+                sy_coord_send(c, &c->w[c->members[r]], &env);
+            }
+            sy_info("membership change at checkpoint %" PRId64 ": generation %" PRIu64 " ends after step %" PRId64,
+                    step, c->gen, at);
+        } else if (c->end_after == 0) {
+            snprintf(why, sizeof why, "membership change at checkpoint %" PRId64, step);
+            sy_coord_regroup(c, why);
+        }
+    }
+}
+
+void sy_coord_regroup(sy_coord_t *c, const char *why) {
+    sy_coord_close_generation(c, why);
+    /* With replicas the members hold a newer whole state than the checkpoint (the steps run
+     * since it): the next generation restores that, once their Holdings are in (the cron opens
+     * it; bounded like a recovery's wait), instead of re-running the steps since the checkpoint
+     * and loading the store. */
+    if (c->cfg.cluster.replicas > 0) {
+        c->regroup_since = sy_mono_ms();
+        c->cron_now = true; /* the Holdings may all be in already (EndAfter) */
+    } else {
         sy_coord_open_generation(c);
     }
 }

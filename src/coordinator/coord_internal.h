@@ -188,6 +188,11 @@ struct sy_coord {
     int32_t *expert_source; /* [E] its plan: the rank that sends expert e (Assign.expert_source) */
     int dense_source;
     bool replicas_failed;   /* a restore from replicas failed: the next generation uses the checkpoint */
+    int64_t regroup_since;  /* mono ms a membership change closed the generation at a checkpoint and
+                             * the next one waits for the members' Holdings (0: none; issue 18) */
+    int64_t end_after;      /* the open generation ends after this step (EndAfter sent; 0: none) */
+    bool cron_now;          /* run the cron at once, not at its next tick (a Holdings came in while
+                             * a new generation waits for them: it opens without the tick's delay) */
     int64_t max_reported; /* highest StepDone step seen in this generation */
     int64_t gen_opened_at;
     int64_t first_open;   /* mono ms of the first generation (goodput clock) */
@@ -284,6 +289,9 @@ void sy_coord_on_checkpoint_part(sy_coord_t *c, worker *w, const Sy__CheckpointP
 void sy_coord_drain_commits(sy_coord_t *c);
 /* Finishes the run once every step is done and the final checkpoint reads back as this run's. */
 void sy_coord_maybe_finish(sy_coord_t *c);
+/* A membership change: closes the open generation and opens the next (with replicas: once the
+ * members' Holdings are in, from the newest step they hold whole). */
+void sy_coord_regroup(sy_coord_t *c, const char *why);
 
 /* ---- coord_replicas.c: restores from the members' memory (docs/fault-tolerance.md) ---- */
 void sy_coord_on_holdings(sy_coord_t *c, worker *w, const Sy__Envelope *env);

@@ -394,12 +394,14 @@ void sy_coord_open_generation(sy_coord_t *c) {
     if (n > c->cfg.cluster.max_workers) n = c->cfg.cluster.max_workers;
     if (n < c->cfg.cluster.min_workers) { /* e.g. everyone drained: wait for workers */
         free(cand);
+        c->regroup_since = 0;
         c->state = R_WAITING;
         c->dirty = true;
         return;
     }
     if (c->latest_ckpt >= c->cfg.run.steps) {
         free(cand);
+        c->regroup_since = 0;
         sy_coord_finish(c, R_FINISHED, "already complete");
         return;
     }
@@ -430,7 +432,8 @@ void sy_coord_open_generation(sy_coord_t *c) {
     /* A recovery restores the newest step the members hold whole in memory when that is not
      * older than the latest checkpoint (coord_replicas.c); else the checkpoint, as always. */
     bool recovering = c->nrec && c->rec[c->nrec - 1].duration_ms < 0;
-    c->from_replicas = recovering && !c->replicas_failed && sy_coord_plan_from_replicas(c, n);
+    c->from_replicas = (recovering || c->regroup_since) && !c->replicas_failed && sy_coord_plan_from_replicas(c, n);
+    c->regroup_since = 0;
     c->replicas_failed = false;
     if (!c->from_replicas) c->restore_step = c->latest_ckpt;
     const char *source = c->from_replicas ? "replicas" : c->restore_step >= 0 ? "checkpoint" : "init";
@@ -631,6 +634,7 @@ void sy_coord_close_generation(sy_coord_t *c, const char *why) {
         }
     }
     c->gen_open = false;
+    c->end_after = 0;
     c->prev_world = c->world;
     c->world = 0;
     sy_coord_clear_pending(c);

@@ -64,12 +64,14 @@ void sy_coord_on_holdings(sy_coord_t *c, worker *w, const Sy__Envelope *env) {
     w->nheld = (int)h->n_held;
     w->held_gen = env->generation;
     sy_debug("holdings from %s: %d state(s)", w->id, w->nheld);
+    if (!c->gen_open) c->cron_now = true; /* the next generation may wait for these: open it now */
 }
 
 bool sy_coord_holdings_pending(sy_coord_t *c) {
-    if (c->cfg.cluster.replicas <= 0 || c->gen_open || !c->nrec || c->rec[c->nrec - 1].duration_ms >= 0) return false;
-    if (sy_mono_ms() - c->rec[c->nrec - 1].detected > (int64_t)HOLDINGS_WAIT_HEARTBEATS * c->cfg.cluster.heartbeat_ms)
-        return false;
+    bool recovering = c->nrec && c->rec[c->nrec - 1].duration_ms < 0;
+    if (c->cfg.cluster.replicas <= 0 || c->gen_open || (!recovering && !c->regroup_since)) return false;
+    int64_t since = recovering ? c->rec[c->nrec - 1].detected : c->regroup_since;
+    if (sy_mono_ms() - since > (int64_t)HOLDINGS_WAIT_HEARTBEATS * c->cfg.cluster.heartbeat_ms) return false;
     for (int r = 0; r < c->prev_world; r++) {
         int i = c->members[r];
         if (i < 0 || i >= c->nw) continue;

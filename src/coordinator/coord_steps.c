@@ -225,6 +225,11 @@ static void step_complete(sy_coord_t *c, agg *a) {
         return;
     }
     sy_coord_maybe_finish(c);
+    if (!c->done && c->gen_open && c->end_after > 0 && a->step >= c->end_after) { /* EndAfter: every member did it */
+        char why[128];
+        snprintf(why, sizeof why, "membership change after step %" PRId64, a->step);
+        sy_coord_regroup(c, why);
+    }
 }
 
 void sy_coord_history_reload(sy_coord_t *c, const char *path) {

@@ -1,6 +1,7 @@
 /* Memory estimate and bound of a run; see memplan.h. */
 #include "model/memplan.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -11,9 +12,10 @@ sy_memplan sy_memplan_estimate(const sy_config_t *cfg) {
                  F = cfg->model.d_ff, E = cfg->model.n_experts, H = cfg->model.n_heads,
                  B = cfg->train.micro_batch_seqs, N = B * T;
     const int L = cfg->model.n_layers, S = cfg->model.switch_every;
-    double P = V * D + T * D + D, act = 0.0;
+    double P = V * D + T * D + D, act = 0.0, expert = 0.0;
     for (int l = 0; l < L; l++) {
         bool sw = S > 0 && cfg->model.n_experts >= 1 && l % S == S - 1;
+        if (sw) expert += 2 * D * F;
         P += 2 * D + 4 * D * D + (sw ? E * D + E * 2 * D * F : 2 * D * F);
         /* x_in, ln1, qkv(3), atty, x_mid, ln2 (N·D each), attention B·H·T², the FFN or Switch
          * buffers (dispatch/combine copies of N·D, the expert hidden N·F twice, router N·E) */
@@ -22,6 +24,8 @@ sy_memplan sy_memplan_estimate(const sy_config_t *cfg) {
     act += N * V + N * D * 10 + N * F * 2; /* logits, head and backward scratch */
     sy_memplan m;
     m.params = P;
+    m.expert_params = expert;
+    m.replica_bytes = 0.0;
     /* params 4 + grads 4 + fp64 accumulator 8 + AdamW m, v 8 (+ bf16 work copy 4, + async
      * snapshot of params and moments 12) bytes per parameter */
     double per = 24.0 + (cfg->train.precision == SY_PREC_BF16 ? 4.0 : 0.0) + (cfg->checkpoint.async ? 12.0 : 0.0);
@@ -44,8 +48,23 @@ uint64_t sy_memplan_available(void) {
     return (uint64_t)(avail ? avail : total) * 1024u;
 }
 
-sy_status sy_memplan_check(const sy_config_t *cfg, int copies) {
+sy_memplan sy_memplan_estimate_world(const sy_config_t *cfg, int world) {
     sy_memplan m = sy_memplan_estimate(cfg);
+    int K = cfg->cluster.replicas < world - 1 ? cfg->cluster.replicas : world - 1;
+    if (world < 2 || K < 1) return m;
+    /* replica.h: two stages of [dense | its experts] and two slots of its K buddies' experts,
+     * each fp32 weights + 2 moments (12 bytes a parameter); a rank owns at most ceil(E/W) */
+    const double E = cfg->model.n_experts, own = ceil(E / world);
+    const double dense = m.params - E * m.expert_params;
+    m.replica_bytes = 12.0 * (2.0 * (dense + own * m.expert_params) + 2.0 * K * own * m.expert_params);
+    m.total_bytes += m.replica_bytes;
+    return m;
+}
+
+sy_status sy_memplan_check(const sy_config_t *cfg, int copies) { return sy_memplan_check_world(cfg, copies, 1); }
+
+sy_status sy_memplan_check_world(const sy_config_t *cfg, int copies, int world) {
+    sy_memplan m = sy_memplan_estimate_world(cfg, world);
     double need = m.total_bytes * (copies > 0 ? copies : 1);
     double bound = cfg->train.max_memory_gb * GIB;
     const char *source = "train.max_memory_gb";
@@ -55,10 +74,12 @@ sy_status sy_memplan_check(const sy_config_t *cfg, int copies) {
         if (bound <= 0) return SY_OK; /* unknown: no bound to check against */
     }
     if (need <= bound) return SY_OK;
-    char n[64] = "";
+    char n[64] = "", rep[96] = "";
     if (copies > 1) snprintf(n, sizeof n, " x %d workers", copies);
+    if (m.replica_bytes > 0)
+        snprintf(rep, sizeof rep, ", %.2f GiB of peer replicas (cluster.replicas)", m.replica_bytes / GIB);
     return sy_err_set(SY_EINVAL, "the model needs about %.2f GiB%s (%.3g parameters: %.2f GiB of weights, gradients "
-                      "and optimizer state, %.2f GiB of activations per process), more than %s (%.2f GiB); make "
+                      "and optimizer state, %.2f GiB of activations per process%s), more than %s (%.2f GiB); make "
                       "the model or micro-batch smaller, or raise the bound with --set train.max_memory_gb=N",
-                      need / GIB, n, m.params, m.state_bytes / GIB, m.act_bytes / GIB, source, bound / GIB);
+                      need / GIB, n, m.params, m.state_bytes / GIB, m.act_bytes / GIB, rep, source, bound / GIB);
 }

@@ -41,6 +41,7 @@ const char *sy_proto_body_name(Sy__Envelope__BodyCase body) {
     case SY__ENVELOPE__BODY_ABORT: return "abort";
     case SY__ENVELOPE__BODY_STOP: return "stop";
     case SY__ENVELOPE__BODY_CHECKPOINT_NOW: return "checkpoint_now";
+    case SY__ENVELOPE__BODY_END_AFTER: return "end_after";
     default: return "none";
     }
 }

@@ -812,7 +812,7 @@ static sy_status setup(agent_t *a, const char *config_json) {
         free(a->tokens), free(a->counts), free(a->owned), free(a->placement);
         a->tokens = NULL, a->counts = NULL, a->owned = NULL, a->placement = NULL;
         /* a config too big for this machine is a clear error, not the OOM killer (memplan.h) */
-        SY_CHECK(sy_memplan_check(&a->cfg, 1));
+        SY_CHECK(sy_memplan_check_world(&a->cfg, 1, a->world));
         const char *bk = a->opts->backend ? a->opts->backend : a->cfg.cluster.backend;
         if (bk && strcmp(bk, "cuda") == 0) {
             sy_status st = sy_backend_cuda_new(a->opts->device, bf16, &a->be);
@@ -1231,7 +1231,18 @@ static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
     /* the replica endpoints, whole or by the same edit (entries copied from the base are those
      * whose data and replica endpoints both match: the coordinator compares them together) */
     char **rep = NULL, **nokey = NULL;
-    if (st == SY_OK && as->n_replica_peers > 0) {
+    /* An edit with no fresh entry (a loss: every member's entry comes from the base) carries no
+     * replica endpoint either, yet the table has them exactly when the base had them (the
+     * coordinator compares "data|replica" pairs, so a base entry matches only one of the same
+     * form): the base's replica table, edited by the same runs. Dropping it made this worker
+     * replicate on the training plane while its peers used their replica plane (a 10 s
+     * data_timeout_ms stall at the next generation start), and refuse the next edit with a fresh
+     * entry (issue 18: a respawned worker joining after a kill). */
+    bool rep_from_base = as->peers_base && as->n_peers == 0 && as->n_replica_peers == 0 && a->peers_rep;
+    if (st == SY_OK && rep_from_base)
+        st = sy_peers_apply(a->peers_n, (const char *const *)a->peers_rep, NULL, as->peers_edit, as->n_peers_edit,
+                            NULL, NULL, 0, (int)as->world, &rep, &nokey);
+    else if (st == SY_OK && as->n_replica_peers > 0) {
         if (!as->peers_base && as->n_replica_peers != as->world)
             st = sy_err_set(SY_EFORMAT, "Assign: world %u with %zu replica peers", as->world, as->n_replica_peers);
         else if (!as->peers_base)
@@ -1240,10 +1251,10 @@ static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
             st = sy_peers_apply(a->peers_rep ? a->peers_n : 0, (const char *const *)a->peers_rep, NULL, as->peers_edit,
                                 as->n_peers_edit, (const char *const *)as->replica_peers, NULL, as->n_replica_peers,
                                 (int)as->world, &rep, &nokey);
-        if (st != SY_OK) {
-            sy_peers_free((int)as->world, ep, key);
-            ep = key = NULL;
-        }
+    }
+    if (st != SY_OK) { /* ep/key are NULL when the first half failed */
+        sy_peers_free((int)as->world, ep, key);
+        ep = key = NULL;
     }
     sy_peers_free(a->peers_n, a->peers_ep, a->peers_key);
     sy_peers_free(a->peers_n, a->peers_rep, NULL);
@@ -1260,6 +1271,7 @@ static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
 static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     const Sy__Assign *as = env->assign;
     uint64_t gen = env->generation;
+    double t_assign = sy_mono_s() * 1e3, t_setup = t_assign, t_planes = t_assign, t_restored = t_assign;
     close_generation(a);
     atomic_store(&a->gen_inc, env->incarnation);
     atomic_store(&a->generation, gen);
@@ -1286,6 +1298,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         snprintf(a->fatal_msg, sizeof a->fatal_msg, "%s", sy_err_msg());
     }
     if (st != SY_OK) goto fail;
+    t_setup = sy_mono_s() * 1e3;
     atomic_store(&a->coord_timeout_ms, 2 * a->cfg.cluster.failure_timeout_ms);
     const int E = a->dims.E;
     if ((int)as->n_placement != E) {
@@ -1328,6 +1341,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     }
     pthread_mutex_unlock(&a->mu);
     if (st != SY_OK) goto fail;
+    t_planes = sy_mono_s() * 1e3;
     if (a->world > 1 && sy_model_n_switch(a->model) > 0) {
         if (sy_ep_new(a->be, a->comm, as->placement, E, a->dims.D, a->dims.F, a->dims.B * a->dims.T,
                       sy_model_n_switch(a->model), &a->ep) != SY_OK)
@@ -1361,6 +1375,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                 a->rank, a->world, owned_s, insecure_note(a));
     }
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
+    t_restored = sy_mono_s() * 1e3;
     /* The restored state goes to the buddies at once: under the new placement their replicas
      * of it may not exist yet, and the next failure may come before the first step ends. */
     double w0 = sy_replica_get_stats(a->rep).wait_ms;
@@ -1368,11 +1383,16 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     a->rep_start_wait_ms += sy_replica_get_stats(a->rep).wait_ms - w0;
     if (st == SY_EABORTED) goto aborted;
     if (st != SY_OK) goto step_failed;
+    /* where a generation's start goes (issue 18: a recovery's cost, docs/fault-tolerance.md) */
+    double t_ready = sy_mono_s() * 1e3;
+    sy_info("generation %llu: ready %.0f ms after its Assign (setup %.0f, data planes %.0f, restore %.0f, "
+            "replicas of the restored step %.0f)", (unsigned long long)gen, t_ready - t_assign, t_setup - t_assign,
+            t_planes - t_setup, t_restored - t_planes, t_ready - t_restored);
 
     sy_dist_ctx ctx = {.cfg = &a->cfg, .model = a->model, .opt = a->opt, .data = a->data,
                        .comm = a->comm, .owned = a->owned, .tokens = a->tokens,
                        .before_update = replica_before_update, .before_arg = a->rep};
-    int64_t ckpt_now = -1;
+    int64_t ckpt_now = -1, end_after = 0;
     for (int64_t step = (int64_t)as->start_step; step <= (int64_t)as->end_step; step++) {
         /* control messages between steps */
         Sy__Envelope *m;
@@ -1394,6 +1414,9 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             case SY__ENVELOPE__BODY_CHECKPOINT_NOW:
                 ckpt_now = (int64_t)m->checkpoint_now->step;
                 break;
+            case SY__ENVELOPE__BODY_END_AFTER:
+                if (m->generation == gen) end_after = (int64_t)m->end_after->step;
+                break;
             default: break;
             }
             sy_proto_free(m);
@@ -1405,6 +1428,18 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             }
         }
         if (g_stop || atomic_load(&a->link_failed)) return RUN_STOP;
+        if (end_after > 0 && step > end_after) {
+            /* EndAfter (a membership change at a step boundary): the replicas of the last step
+             * go out whole first (an Abort cuts them short), then leave as an Abort would; the
+             * Holdings (sent by the caller) name the live state of step - 1 */
+            st = a->rcomm ? sy_replica_wait(a->rep) : SY_OK;
+            sy_info("generation %llu ends after step %lld (membership change)%s", (unsigned long long)gen,
+                    (long long)(step - 1), st == SY_OK ? "" : ": its replicas' exchange was cut short");
+            abort_generation(a);
+            close_generation(a);
+            set_state(a, ST_IDLE);
+            return RUN_ABORTED;
+        }
         /* Issue 13 (c), the coordinator cut off: its keepalives stop, and after
          * failure_timeout_ms it declares us lost, so steps taken meanwhile are thrown away (their
          * StepDone queue up for a coordinator that moved on). Stop stepping after

@@ -14,6 +14,15 @@ kill -9, every step's loss compared with a single-process fault-free reference (
   D. a worker dies (SIGKILL, test hook SY_TEST_REPLICA_KILL=ID@STEP) after sending the first of
      several pieces of step K's replicas: its buddy holds a half-received replica of K, which is
      never used: the restore step is K - 1 (whole replicas), and the losses equal.
+  E. kill -9 of one worker of 3, then a new worker joins (what `--chaos kill-worker@...,respawn=new`
+     does): the survivors' generation of 2 gets its peer table as an edit without a fresh entry,
+     and must keep the replica data plane (no Fault, every generation of 2 or more exchanges
+     overlapped: before the fix a survivor dropped its replica endpoints, replicated on the
+     training plane while the others used theirs, and the next edit was refused); the membership
+     change at the next checkpoint restores from replicas (the members' newest whole step, not
+     the checkpoint: restore step >= the checkpoint's); the old generation ends at a step
+     boundary (EndAfter: the restore step is the last step recorded before the new generation
+     opened), so at most one step runs twice in all (the kill's), and the losses equal.
 
 usage: test_replicas.py [A B C D ...]"""
 import os
@@ -150,8 +159,45 @@ def scenario_d(tmp, ref):
         c.close()
 
 
+def scenario_e(tmp, ref):
+    label = "E: kill one of 3, a new worker joins"
+    c = start(tmp, "rep-e", 3, 2, 1)
+    try:
+        g1 = first_gen(c)
+        c.wait_step(3, timeout=120)
+        c.kill("w1")
+        c.wait_event("restore_done", 30)
+        c.start_worker("w3")
+        grow = c.wait_event("generation_opened", 60, where=lambda e: e["world"] == 3 and "w3" in e["workers"])
+        per, ev = verify(c, ref, label)
+        gens = [(e["generation"], e["world"], e["restore_source"], e["restore_step"])
+                for e in ev if e["event"] == "generation_opened"]
+        print(f"   {label}: generations {gens}")
+        faults = [e.get("detail", "") for e in ev if e["event"] == "worker_fault"]
+        check(not faults, f"{label}: no worker reports a fault ({faults})")
+        committed = [e["step"] for e in ev if e["event"] == "checkpoint_committed" and e["time"] <= grow["time"]]
+        check(grow["restore_source"] == "replicas" and committed and grow["restore_step"] >= max(committed),
+              f"{label}: the generation of 3 restores from replicas at a step >= the checkpoint that triggered it "
+              f"({grow['restore_source']} {grow['restore_step']}, committed {committed})")
+        # the join ends the generation at a step boundary (EndAfter) and restores that step
+        before = max([m["step"] for m in c.metric_lines() if m["time"] <= grow["time"]] or [0])
+        check(grow["restore_step"] == before and "ends after step" in c.tail("coordinator.log", 1000000),
+              f"{label}: the join restores the last step recorded before it ({grow['restore_step']} vs {before}): "
+              f"the generation ended at a step boundary (EndAfter), nothing was cut short")
+        # the kill: at most one step run twice; the join: none
+        check(sum(n - 1 for n in per.values()) <= 1 and max(per.values()) <= 2,
+              f"{label}: at most one step run twice in all ({per})")
+        for w in ("w0.0.log", "w2.0.log"):  # the survivors (a log gets the line when a generation ends)
+            lines = [ln for ln in c.tail(w, 1000000).splitlines() if "replicas (1 per worker)" in ln]
+            check(bool(lines) and all("(overlapped: on their own data plane)" in ln for ln in lines),
+                  f"{label}: {w}: every generation exchanged its replicas overlapped, on the replica data plane "
+                  f"({[ln[:40] + ' ... ' + ln[-60:] for ln in lines]})")
+    finally:
+        c.close()
+
+
 SCENARIOS = {"A": scenario_a, "B": lambda t, r: scenario_two(t, r, 1), "C": lambda t, r: scenario_two(t, r, 2),
-             "D": scenario_d}
+             "D": scenario_d, "E": scenario_e}
 
 
 def main():
