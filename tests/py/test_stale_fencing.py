@@ -32,7 +32,9 @@ import sytest  # noqa: E402
 import faultutil as fu  # noqa: E402
 from sytest import SY, CFG, check, failures  # noqa: E402
 
-STEPS, EVERY = 40, 2
+# long enough that generation 2 still runs when the checks after the resume read /metrics (at
+# 40 steps a fast machine finished the run first: connection refused)
+STEPS, EVERY = 60, 2
 HB_MS, FAIL_MS = 200, 1500
 BUCKET = "sy-stale"
 
@@ -122,8 +124,13 @@ def stop_mid_write(keys, run, gen, rank, nparts, pid, timeout=30):
 
 
 def stale_drops(c):
-    with urllib.request.urlopen(c.status_url.rstrip("/") + "/metrics", timeout=5) as r:
-        text = r.read().decode()
+    """The coordinator's stale_generation drop counter; -1 when it cannot be read (the run over)."""
+    try:
+        with urllib.request.urlopen(c.status_url.rstrip("/") + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        print(f"   /metrics unreadable: {e}", flush=True)
+        return -1
     m = re.search(r'switchyard_dropped_messages_total\{reason="stale_generation"\} (\d+)', text)
     return int(m.group(1)) if m else -1
 
@@ -181,6 +188,7 @@ def one(tmp, label, store, env, ref, get, snap, keys, catch_s):
             time.sleep(0.1)
         time.sleep(max(0.0, 3 - (time.time() - t_resume)))
         print(f"   {label}: waited {time.time() - t_resume:.1f} s after the resume", flush=True)
+        drops1 = stale_drops(c)  # now, while generation 2 still runs
         after = snap()
         changed = [k for k in before if k in after and before[k] != after[k]]
         gone = [k for k in before if k not in after]
@@ -199,7 +207,6 @@ def one(tmp, label, store, env, ref, get, snap, keys, catch_s):
                   f"({len(mine)} objects), into names no manifest lists")
         print(f"   {label}: objects written by the stale worker after SIGCONT: {stale_new[:6]}"
               f"{' ...' if len(stale_new) > 6 else ''}", flush=True)
-        drops1 = stale_drops(c)
         print(f"   {label}: stale_generation drops: {drops0} before the resume, {drops1} after", flush=True)
         # caught mid-write, the stale worker reports its finished part (CheckpointPart of the old
         # generation) after the resume: dropped and counted
