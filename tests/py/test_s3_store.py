@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -379,13 +380,29 @@ def train(c):
     t = time.time()
     r = sytest.run([SY] + args("straight", f"{tmp}/local"), capture_output=True, text=True, timeout=300)
     check(r.returncode == 0, f"reference run, local store ({time.time() - t:.1f} s) {r.stderr[-200:]}")
-    # killed with SIGKILL while it runs, after the step-10 checkpoint committed
+    # killed with SIGKILL while it runs, after the step-10 checkpoint committed. The run takes
+    # a fraction of a second here, less than one look at the store, so: watch its metrics.jsonl
+    # (a local file) closely, freeze the process (SIGSTOP, its upload thread too) once it is past
+    # step 10, and only then ask the store; not committed yet: let it go on and look again.
     p = sytest.Popen([SY] + args("split", store), env=c.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
+    mpath = f"{tmp}/state-split/metrics.jsonl"
+
+    def last_step():
+        try:
+            with open(mpath) as f:
+                steps = [int(m.group(1)) for m in re.finditer(r'"step": ?(\d+)', f.read())]
+            return max(steps) if steps else 0
+        except OSError:
+            return 0
+
     while time.time() < deadline and p.poll() is None:
-        if cli(c, store, "ckpt-latest", "split").out.strip() == "10":
-            break
-        time.sleep(0.05)
+        if last_step() > 10:
+            p.send_signal(signal.SIGSTOP)
+            if cli(c, store, "ckpt-latest", "split").out.strip() == "10":
+                break
+            p.send_signal(signal.SIGCONT)
+        time.sleep(0.001)
     p.kill()
     p.wait()
     r = cli(c, store, "ckpt-latest", "split")
