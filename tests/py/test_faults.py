@@ -14,6 +14,7 @@ Scenarios (40 steps, checkpoint every 5, heartbeat 250 ms, failure timeout 2 s):
   4. kill -9 of a worker during a recovery (after the new generation opened, before restore_done)
   5. grow 2 → 4 mid-run (taken in at a checkpoint), then drain one (4 → 3)
   6. below cluster.min_workers: the run waits, resumes with a new worker id, and with an old one
+  7. drain 3 → 2 with cluster.replicas 1: ends at the EndAfter step, restores it from replicas
 Detection and recovery times are printed ("timing:" lines).
 Usage: test_faults.py [SCENARIO ...]   (default: all)"""
 import os
@@ -343,8 +344,61 @@ def scenario_min_workers(tmp, ref):
         c.close()
 
 
+def scenario_drain_replicas(tmp, ref):
+    """A drain with peer replicas on (issue 18): the drained worker leaves at a step boundary and
+    the next generation restores from the members' memory (restore_source "replicas"), not from a
+    checkpoint; at most one step is run twice (here, 3 runs: step 13 recorded, step 12 restored,
+    one step run again), every loss equals the reference, nobody is lost, all exit 0."""
+    label = "drain 3 → 2 with replicas"
+    c = start_cluster(tmp, "drainrep", 3, extra={"status.token": TOKEN, "cluster.replicas": "1"})
+    try:
+        c.wait_step(6, timeout=120)
+        n1 = len(c.events())
+        code, body = c.post("/v1/workers/w1/drain", TOKEN)
+        check(200 <= code < 300, f"{label}: POST /v1/workers/w1/drain accepted ({code} {body[:200].strip()})")
+        g2 = c.wait_event("generation_opened", timeout=60, after=n1, where=lambda e: e["world"] == 2)
+        ev = c.events()
+        i2 = ev.index(g2)
+        reached = max((m["step"] for m in c.metric_lines() if m["time"] <= g2["time"]), default=0)
+        print(f"   {label}: generation {g2['generation']} of 2 from step {g2['restore_step']} "
+              f"({g2.get('restore_source')}); steps reached before it: {reached}", flush=True)
+        check(sorted(g2["workers"]) == ["w0", "w2"], f"{label}: w1 left; generation of 2 ({g2['workers']})")
+        check(g2.get("restore_source") == "replicas" and g2["restore_step"] >= reached - 1,
+              f"{label}: restored from the members' memory at the last step or the one before "
+              f"(step {g2['restore_step']} from {g2.get('restore_source')}, {reached} reached)")
+        check(any(e["event"] == "worker_drained" and e["worker"] == "w1" for e in ev[:i2 + 1]),
+              f"{label}: worker_drained w1")
+        try:
+            wrc = c.workers["w1"].wait(timeout=30)
+        except Exception:
+            wrc = None
+        check(wrc == 0, f"{label}: the drained worker exits 0 (exit {wrc})")
+        rc = c.finish(timeout=240)
+        ok = check(rc == 0, f"{label}: the coordinator exits 0 (exit {rc})")
+        got = c.metrics()
+        missing, worst = fu.compare(ref, got)
+        ok &= check(not missing and worst <= fu.TOL,
+                    f"{label}: all {STEPS} steps, every loss equal to the fault-free run (missing {missing[:8]}, "
+                    f"max relative difference {worst:.2e})")
+        again = len(c.metric_lines()) - len(got)
+        ok &= check(again <= 1, f"{label}: at most one step run twice ({again})")
+        ev = c.events()
+        ok &= check(not any(e["event"] in ("worker_lost", "fault") for e in ev),
+                    f"{label}: no worker lost and no fault in the whole run")
+        for w in ("w0", "w2"):
+            try:
+                wrc = c.workers[w].wait(timeout=20)
+            except Exception:
+                wrc = None
+            ok &= check(wrc == 0, f"{label}: worker {w} exits 0 after the run (exit {wrc})")
+        return ok
+    finally:
+        c.close()
+
+
 SCENARIOS = {"1": scenario_kill_one, "2": scenario_kill_two, "3": scenario_kill_in_upload,
-             "4": scenario_kill_in_recovery, "5": scenario_grow_drain, "6": scenario_min_workers}
+             "4": scenario_kill_in_recovery, "5": scenario_grow_drain, "6": scenario_min_workers,
+             "7": scenario_drain_replicas}
 
 
 def main():
