@@ -9,6 +9,10 @@ SY_SRC in the environment; see tests/CMakeLists.txt).
   metrics.jsonl, by step (the last line of a step wins: re-runs after a restore append) or as
   the list of lines; jsonl(path) reads any such file.
 - make_tmp(prefix) / remove_tmp(tmp): a fresh folder under $TMPDIR, and its removal.
+- wait_exit(p, timeout, log=None): p's exit status, or None after timeout seconds; then it
+  prints what the process was doing (the tail of its log file, each thread's backtrace when
+  gdb is installed, else each thread's kernel wait channel) so that a hang seen only in CI
+  leaves its cause in the CI output.
 - Popen(...) and run(...): the protected spawn, the same arguments as subprocess.Popen and
   subprocess.run. Every process a test starts goes through them, so none outlives the test:
     * the child gets PR_SET_PDEATHSIG = SIGKILL (it dies when the test process dies, even by
@@ -178,6 +182,32 @@ def _kill_group(p):
                 os.kill(p.pid, sig)
             except ProcessLookupError:
                 pass
+
+
+def wait_exit(p, timeout, log=None):
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    print(f"pid {p.pid} ({os.path.basename(str(p.args[0]))}) still running after {timeout} s", flush=True)
+    if log and os.path.exists(log):
+        with open(log, errors="replace") as f:
+            tail = f.readlines()[-40:]
+        print(f"--- the last {len(tail)} lines of {log}:\n" + "".join(tail) + "---", flush=True)
+    gdb = shutil.which("gdb")
+    if gdb:
+        r = subprocess.run([gdb, "-batch", "-nx", "-p", str(p.pid), "-ex", "thread apply all bt"],
+                           capture_output=True, text=True, timeout=60)
+        print("--- its threads (gdb):\n" + "\n".join(l for l in r.stdout.splitlines()
+                                                    if l.startswith(("Thread", "#"))) + "\n---", flush=True)
+    else:
+        try:
+            for t in sorted(os.listdir(f"/proc/{p.pid}/task")):
+                with open(f"/proc/{p.pid}/task/{t}/wchan") as f, open(f"/proc/{p.pid}/task/{t}/comm") as g:
+                    print(f"thread {t} ({g.read().strip()}): waits in {f.read().strip() or '-'}", flush=True)
+        except OSError:
+            pass
+    return None
 
 
 def run(args, *, input=None, capture_output=False, timeout=None, check=False, **kw):

@@ -69,8 +69,16 @@ def main():
         ok = ld["steps"] and all(abs(sum(layer) - 1) < 1e-3 for sample in ld["shares"] for layer in sample)
         check(ok and len(ld["shares"][0]) == h["layers"] and len(ld["shares"][0][0]) == h["experts"],
               f"load shares: {len(ld['steps'])} samples of layers × experts, each layer summing to 1")
-        tc.http("POST", base + "/v1/stop", token=tc.TOKEN)
-        p.wait(timeout=30)
+        # a refused or timed-out request (None) is sent again: the run must stop, not run out its steps
+        code = None
+        for _ in range(3):
+            code = tc.http("POST", base + "/v1/stop", token=tc.TOKEN, timeout=10)[0]
+            if code is not None:
+                break
+        check(code == 202, f"POST /v1/stop accepted ({code})")
+        rc = sytest.wait_exit(p, 60, log=cfg + ".log")
+        if not check(rc == 3, f"the coordinator stops on /v1/stop with exit status 3 ({rc})"):
+            return 1
         for q in tc.procs:
             if q.poll() is None:
                 q.kill()
