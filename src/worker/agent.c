@@ -110,7 +110,9 @@ typedef struct {
     _Atomic uint64_t gen_inc;      /* incarnation of the coordinator that assigned `generation`:
                                     * a generation is named by the pair (a restarted coordinator
                                     * counts generations from 1 again) */
-    _Atomic int64_t step;
+    _Atomic int64_t step;          /* the last step done (stored before its StepDone goes out) */
+    int64_t ea_step;               /* under mu: EndAfter step of generation ea_gen (link thread) */
+    uint64_t ea_gen;
     _Atomic int state;
     _Atomic unsigned state_seq;    /* bumped on every state change: the link thread reports it */
     _Atomic int hb_ms;
@@ -491,13 +493,24 @@ static bool link_on_order(link_t *l, const Sy__Envelope *env) {
     pthread_mutex_lock(&a->mu);
     bool ours = env->incarnation == a->incarnation && l->welcomed &&
                 (!env->run_id || !strcmp(env->run_id, a->run_id));
-    if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT &&
-        env->generation == atomic_load(&a->generation))
-        abort_comms_locked(a);
+    const uint64_t gen = atomic_load(&a->generation);
+    if (ours && env->body_case == SY__ENVELOPE__BODY_END_AFTER && env->generation == gen)
+        a->ea_gen = gen, a->ea_step = (int64_t)env->end_after->step;
+    /* The Abort (or a drained member's Stop) that closes a generation at its EndAfter step
+     * comes once every member has reported that step: the exchange of its replicas, in flight
+     * on the replica plane, is left to finish (the main thread waits for it, bounded by the
+     * data timeout), or the Holdings would name the step before and one step would run twice. */
+    const bool boundary = ours && env->generation == gen && a->ea_gen == gen && gen != 0 && a->ea_step > 0 &&
+                          atomic_load(&a->step) >= a->ea_step;
+    if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT && env->generation == gen) {
+        if (boundary && a->comm) sy_comm_abort(a->comm);
+        else if (!boundary) abort_comms_locked(a);
+    }
     /* Stop ends whatever is in flight too (a drained worker must not wait out a
      * collective its peers have left), and this process never registers again. */
     if (ours && env->body_case == SY__ENVELOPE__BODY_STOP) {
-        abort_comms_locked(a);
+        if (boundary && a->comm) sy_comm_abort(a->comm);
+        else if (!boundary) abort_comms_locked(a);
         l->stopped = true;
     }
     pthread_mutex_unlock(&a->mu);
@@ -1375,6 +1388,9 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                 a->rank, a->world, owned_s, insecure_note(a));
     }
     atomic_store(&a->step, as->restore_step > 0 ? as->restore_step : 0);
+    pthread_mutex_lock(&a->mu);
+    a->ea_gen = 0, a->ea_step = 0; /* no EndAfter yet in this generation */
+    pthread_mutex_unlock(&a->mu);
     t_restored = sy_mono_s() * 1e3;
     /* The restored state goes to the buddies at once: under the new placement their replicas
      * of it may not exist yet, and the next failure may come before the first step ends. */
@@ -1420,6 +1436,16 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             default: break;
             }
             sy_proto_free(m);
+            if (leave && r != RUN_NEXT && end_after > 0 && step > end_after && a->rcomm) {
+                /* The Abort (or a drained member's Stop) that closes an EndAfter generation: the
+                 * coordinator sent it once every member had reported step end_after, so every
+                 * member is here too and the replicas of that step can go out whole (cutting
+                 * them short would leave the Holdings a step behind: one step run twice). */
+                sy_status ws = sy_replica_wait(a->rep);
+                sy_info("generation %llu ends after step %lld (membership change%s)%s", (unsigned long long)gen,
+                        (long long)(step - 1), r == RUN_STOP ? "; this worker leaves" : "",
+                        ws == SY_OK ? "" : ": its replicas' exchange was cut short");
+            }
             if (leave) {
                 abort_generation(a);
                 close_generation(a);
@@ -1487,8 +1513,8 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             fault_step = step;
             goto step_failed;
         }
+        atomic_store(&a->step, step); /* before StepDone: the link thread's EndAfter boundary */
         send_step_done(a, step, &res, ms, val_loss);
-        atomic_store(&a->step, step);
         bool due = (a->cfg.checkpoint.every > 0 && step % a->cfg.checkpoint.every == 0) ||
                    step == (int64_t)as->end_step || step == ckpt_now;
         if (due && save_checkpoint(a, step) != SY_OK) {

@@ -106,7 +106,8 @@ def make_tmp(prefix):
 
 
 def remove_tmp(tmp):
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.environ.get("SY_KEEP_TMP") != "1":  # SY_KEEP_TMP=1 keeps every folder for a look
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _excepthook(tp, value, tb, _prev=sys.excepthook):
