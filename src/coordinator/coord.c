@@ -221,12 +221,15 @@ void sy_coord_destroy(sy_coord_t **self_p) {
     if (!self_p || !*self_p) return;
     sy_coord_t *c = *self_p;
     sy_http_destroy(&c->http);
+    /* The monitor is stopped before its PAIR is closed: libzmq's I/O thread sends each event
+     * with a blocking send while it holds the socket's monitor lock, so an event (a worker
+     * disconnecting after its Stop) sent to a closed PAIR would block it for good, and
+     * zmq_socket_monitor(NULL) here would wait on that lock forever: a coordinator that never
+     * exits (tests/test_coord_exit.c). */
+    if (c->sock && c->mon) zmq_socket_monitor(c->sock, NULL, 0);
     if (c->mon) zmq_close(c->mon);
     sy_zap_destroy(&c->zap);
-    if (c->sock) {
-        zmq_socket_monitor(c->sock, NULL, 0);
-        zmq_close(c->sock);
-    }
+    if (c->sock) zmq_close(c->sock);
     if (c->zctx) zmq_ctx_term(c->zctx);
     if (c->metrics_f) fclose(c->metrics_f);
     if (c->events_f) fclose(c->events_f);
@@ -690,6 +693,12 @@ static sy_status bind_socket(sy_coord_t *c, const char *bind) {
     if (zmq_socket_monitor(c->sock, mon_ep, events) == 0) {
         c->mon = zmq_socket(c->zctx, ZMQ_PAIR);
         zmq_setsockopt(c->mon, ZMQ_LINGER, &linger, sizeof linger);
+        /* No high-water mark on the events' pipe: when the reactor is not reading them (it has
+         * ended, or it is busy) and thousands of workers disconnect at once (after their Stop),
+         * a full pipe would block libzmq's I/O thread in its event send, holding the lock that
+         * stopping the monitor needs. Each event is a few dozen bytes, one per connection. */
+        int unlimited = 0;
+        zmq_setsockopt(c->mon, ZMQ_RCVHWM, &unlimited, sizeof unlimited);
         if (zmq_connect(c->mon, mon_ep) != 0) {
             zmq_close(c->mon);
             c->mon = NULL;
