@@ -518,15 +518,13 @@ static void on_request(sy_coord_t *c, const sy_http_cmd *cmd) {
             sy_coord_event(c, "checkpoint_request_ignored", json_pack("{s:s}", "reason", why));
             return;
         }
-        for (int r = 0; r < c->world; r++) {
-            Sy__Envelope env;
-            Sy__CheckpointNow cn = SY__CHECKPOINT_NOW__INIT;
-            sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
-            cn.step = (uint64_t)target;
-            env.body_case = SY__ENVELOPE__BODY_CHECKPOINT_NOW;
-            env.checkpoint_now = &cn;
-            sy_coord_send(c, &c->w[c->members[r]], &env);
-        }
+        Sy__Envelope env;
+        Sy__CheckpointNow cn = SY__CHECKPOINT_NOW__INIT;
+        sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
+        cn.step = (uint64_t)target;
+        env.body_case = SY__ENVELOPE__BODY_CHECKPOINT_NOW;
+        env.checkpoint_now = &cn;
+        sy_coord_send_members(c, &env);
         sy_coord_event(c, "checkpoint_requested", json_pack("{s:I}", "step", (json_int_t)target));
         return;
     }

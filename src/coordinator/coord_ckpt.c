@@ -228,15 +228,13 @@ static void after_commit(sy_coord_t *c, int64_t step, uint64_t gen, bool committ
         int64_t at = c->max_reported + 2;
         if (c->cfg.cluster.replicas > 0 && c->world > 1 && c->end_after == 0 && at < c->end_step) {
             c->end_after = at;
-            for (int r = 0; r < c->world; r++) {
-                Sy__Envelope env;
-                Sy__EndAfter ea = SY__END_AFTER__INIT;
-                sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
-                ea.step = (uint64_t)at;
-                env.body_case = SY__ENVELOPE__BODY_END_AFTER;
-                env.end_after = &ea;
-                sy_coord_send(c, &c->w[c->members[r]], &env);
-            }
+            Sy__Envelope env;
+            Sy__EndAfter ea = SY__END_AFTER__INIT;
+            sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
+            ea.step = (uint64_t)at;
+            env.body_case = SY__ENVELOPE__BODY_END_AFTER;
+            env.end_after = &ea;
+            sy_coord_send_members(c, &env);
             sy_info("membership change at checkpoint %" PRId64 ": generation %" PRIu64 " ends after step %" PRId64,
                     step, c->gen, at);
         } else if (c->end_after == 0) {

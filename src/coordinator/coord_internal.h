@@ -277,6 +277,8 @@ void sy_coord_finish(sy_coord_t *c, rstate final, const char *why);
 /* Frees the steps and checkpoints in flight (a generation ends, or the coordinator). */
 void sy_coord_clear_pending(sy_coord_t *c);
 void sy_coord_send(sy_coord_t *c, worker *w, Sy__Envelope *env);
+/* Sends env to every member of the open generation (rank order). */
+void sy_coord_send_members(sy_coord_t *c, Sy__Envelope *env);
 void sy_coord_send_welcome(sy_coord_t *c, worker *w);
 void sy_coord_send_stop(sy_coord_t *c, worker *w, const char *reason);
 

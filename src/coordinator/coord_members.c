@@ -710,6 +710,10 @@ void sy_coord_send(sy_coord_t *c, worker *w, Sy__Envelope *env) {
         sy_debug("to %s: %s", w->id, sy_err_msg());
 }
 
+void sy_coord_send_members(sy_coord_t *c, Sy__Envelope *env) {
+    for (int r = 0; r < c->world; r++) sy_coord_send(c, &c->w[c->members[r]], env);
+}
+
 void sy_coord_send_welcome(sy_coord_t *c, worker *w) {
     Sy__Envelope env;
     Sy__Welcome wl = SY__WELCOME__INIT;
