@@ -3,7 +3,6 @@
 
 #include <inttypes.h>
 #include <openssl/evp.h>
-#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +11,7 @@
 
 #include "storage/ckpt_run.h"
 #include "base/log.h"
+#include "base/parallel.h"
 #include "base/safetensors.h"
 
 #define KEY_MAX 1024
@@ -118,10 +118,6 @@ typedef struct {
     const char *tag;   /* object names are "<tag>.<file>" (NULL: "<file>") */
     size_t *sizes;
     char (*shas)[SHA256_HEX + 1];
-    pthread_mutex_t mu;
-    int next;
-    sy_status rc;
-    char msg[1024];
 } writer_ctx;
 
 /* SHA-256 fed by the store's tap, i.e. over exactly the bytes handed to the store. */
@@ -132,7 +128,8 @@ static sy_status sha_tap(void *arg, const void *p, size_t n) {
 
 /* Puts group i as one F32 safetensors object without building the file in memory: the header,
  * then every tensor straight from its buffer (sy_st_header's contract), hashed as it is written. */
-static sy_status write_one(writer_ctx *c, int i) {
+static sy_status write_one(void *arg, size_t i) {
+    writer_ctx *c = arg;
     const sy_ckpt_group *g = &c->groups[i];
     char key[KEY_MAX];
     void *head = NULL;
@@ -183,26 +180,6 @@ out:
     return rc;
 }
 
-static void *writer_main(void *arg) {
-    writer_ctx *c = arg;
-    for (;;) {
-        pthread_mutex_lock(&c->mu);
-        int i = c->rc == SY_OK && c->next < c->n ? c->next++ : -1;
-        pthread_mutex_unlock(&c->mu);
-        if (i < 0) break;
-        sy_status rc = write_one(c, i);
-        if (rc != SY_OK) {
-            pthread_mutex_lock(&c->mu);
-            if (c->rc == SY_OK) { /* the first error wins; the others stop taking files */
-                c->rc = rc;
-                snprintf(c->msg, sizeof c->msg, "%s", sy_err_msg());
-            }
-            pthread_mutex_unlock(&c->mu);
-        }
-    }
-    return NULL;
-}
-
 sy_status sy_ckpt_write_part(sy_store_t *st, const char *run, int64_t step, const sy_ckpt_group *groups,
                              int n_groups, json_t **files_out) {
     return sy_ckpt_write_part_tagged(st, run, step, NULL, groups, n_groups, files_out);
@@ -236,9 +213,7 @@ sy_status sy_ckpt_write_part_tagged(sy_store_t *st, const char *run, int64_t ste
     /* A committed step is never rewritten: its data files would change under its manifest. */
     SY_CHECK(check_uncommitted(st, run, step));
 
-    writer_ctx c = {.st = st, .run = run, .step = step, .groups = groups, .n = n_groups, .tag = tag, .rc = SY_OK};
-    pthread_t th[WRITERS_MAX];
-    int n_th = 0;
+    writer_ctx c = {.st = st, .run = run, .step = step, .groups = groups, .n = n_groups, .tag = tag};
     c.sizes = calloc((size_t)n_groups + 1, sizeof *c.sizes);
     c.shas = calloc((size_t)n_groups + 1, sizeof *c.shas);
     files = json_array();
@@ -246,17 +221,8 @@ sy_status sy_ckpt_write_part_tagged(sy_store_t *st, const char *run, int64_t ste
         rc = sy_err_set(SY_ENOMEM, "checkpoint save: out of memory");
         goto out;
     }
-    pthread_mutex_init(&c.mu, NULL);
-    int want = n_groups < WRITERS_MAX ? n_groups : WRITERS_MAX;
-    for (int i = 1; i < want; i++)
-        if (pthread_create(&th[n_th], NULL, writer_main, &c) == 0) n_th++;
-    writer_main(&c); /* this thread writes too */
-    for (int i = 0; i < n_th; i++) pthread_join(th[i], NULL);
-    pthread_mutex_destroy(&c.mu);
-    if (c.rc != SY_OK) {
-        rc = sy_err_set(c.rc, "%s", c.msg);
-        goto out;
-    }
+    /* the first failure stops the others taking files */
+    SY_CHECK_GOTO(sy_parallel_for(WRITERS_MAX, (size_t)n_groups, true, write_one, &c), rc, out);
     for (int i = 0; i < n_groups; i++) {
         json_t *e = json_pack("{s:s,s:I,s:s}", "name", groups[i].file, "size", (json_int_t)c.sizes[i], "sha256",
                               c.shas[i]);
@@ -291,49 +257,36 @@ typedef struct {
     sy_store_t *st;
     char (*keys)[KEY_MAX];
     const uint64_t *want;
-    size_t n, next;
     sy_status *rc;
     char **msg; /* [n] the failure's message (malloc'ed), NULL when it passed */
-    pthread_mutex_t mu;
 } head_ctx;
 
-static void *head_main(void *arg) {
+/* Object i: its verdict kept in h->rc[i] / h->msg[i], so that every object is checked and the
+ * first failure in list order is the one reported. */
+static sy_status head_one(void *arg, size_t i) {
     head_ctx *h = arg;
-    for (;;) {
-        pthread_mutex_lock(&h->mu);
-        size_t i = h->next < h->n ? h->next++ : (size_t)-1;
-        pthread_mutex_unlock(&h->mu);
-        if (i == (size_t)-1) break;
-        uint64_t size = 0;
-        sy_status rc = sy_store_head(h->st, h->keys[i], &size);
-        if (rc == SY_OK && size != h->want[i])
-            rc = sy_err_set(SY_ECORRUPT, "object %s has %" PRIu64 " bytes, the part says %" PRIu64, h->keys[i], size,
-                            h->want[i]);
-        else if (rc != SY_OK)
-            sy_err_prefix(rc, "object %s", h->keys[i]);
-        h->rc[i] = rc;
-        if (rc != SY_OK) h->msg[i] = strdup(sy_err_msg());
-    }
-    return NULL;
+    uint64_t size = 0;
+    sy_status rc = sy_store_head(h->st, h->keys[i], &size);
+    if (rc == SY_OK && size != h->want[i])
+        rc = sy_err_set(SY_ECORRUPT, "object %s has %" PRIu64 " bytes, the part says %" PRIu64, h->keys[i], size,
+                        h->want[i]);
+    else if (rc != SY_OK)
+        sy_err_prefix(rc, "object %s", h->keys[i]);
+    h->rc[i] = rc;
+    if (rc != SY_OK) h->msg[i] = strdup(sy_err_msg());
+    return SY_OK;
 }
 
 static sy_status head_all(sy_store_t *st, const char *run, int64_t step, char (*keys)[KEY_MAX], const uint64_t *want,
                           size_t n) {
-    head_ctx h = {.st = st, .keys = keys, .want = want, .n = n};
+    head_ctx h = {.st = st, .keys = keys, .want = want};
     h.rc = calloc(n ? n : 1, sizeof *h.rc);
     h.msg = calloc(n ? n : 1, sizeof *h.msg);
     if (!h.rc || !h.msg) {
         free(h.rc), free(h.msg);
         return sy_err_set(SY_ENOMEM, "checkpoint commit: out of memory");
     }
-    pthread_mutex_init(&h.mu, NULL);
-    pthread_t th[HEADERS_MAX];
-    int n_th = 0;
-    for (size_t i = 1; i < n && i < HEADERS_MAX; i++)
-        if (pthread_create(&th[n_th], NULL, head_main, &h) == 0) n_th++;
-    head_main(&h); /* this thread checks too */
-    for (int i = 0; i < n_th; i++) pthread_join(th[i], NULL);
-    pthread_mutex_destroy(&h.mu);
+    (void)sy_parallel_for(HEADERS_MAX, n, false, head_one, &h); /* head_one never fails */
     sy_status rc = SY_OK;
     for (size_t i = 0; i < n; i++) {
         if (rc == SY_OK && h.rc[i] != SY_OK)

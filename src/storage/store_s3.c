@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "base/log.h"
+#include "base/parallel.h"
 
 #define MIB (1024ull * 1024ull)
 #define MIN_PART (5 * MIB)
@@ -711,52 +712,29 @@ static sy_status resolve_412(s3_store *s, const char *key, const void *buf, size
 
 typedef struct {
     s3_store *s;
-    const char *key, *upload_id;
+    const char *key, *enc_id; /* the object; its upload id, URL-encoded */
     const char *buf;
     uint64_t size, part;
     int nparts;
     char (*etags)[256];
-    int next;           /* atomic: next part index */
-    int failed;         /* atomic */
-    pthread_mutex_t lock;
-    sy_status st;
-    char msg[1024];
 } mp_job;
 
-static void *mp_worker(void *arg) {
+/* Part i + 1 of a multipart upload (sy_parallel_for's item i). */
+static sy_status mp_part(void *arg, size_t idx) {
     mp_job *j = arg;
-    char *enc = aws_encode(j->upload_id);
-    for (;;) {
-        int i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
-        if (i >= j->nparts || __atomic_load_n(&j->failed, __ATOMIC_RELAXED)) break;
-        sy_status st = SY_OK;
-        char q[1024];
-        if (!enc) {
-            st = sy_err_set(SY_ENOMEM, "s3 put %s: part %d", j->key, i + 1);
-        } else {
-            uint64_t off = (uint64_t)i * j->part;
-            uint64_t plen = off + j->part > j->size ? j->size - off : j->part;
-            snprintf(q, sizeof q, "partNumber=%d&uploadId=%s", i + 1, enc);
-            s3_req r = {.method = "PUT", .key = j->key, .query = q, .has_body = 1, .body = j->buf + off,
-                        .body_len = (size_t)plen};
-            st = s3_do(j->s, &r, "put (part)");
-            if (st == SY_OK && !r.etag[0])
-                st = sy_err_set(SY_EREMOTE, "s3 put %s: part %d: no ETag in the reply", j->key, i + 1);
-            if (st == SY_OK) memcpy(j->etags[i], r.etag, sizeof r.etag);
-        }
-        if (st != SY_OK) {
-            pthread_mutex_lock(&j->lock);
-            if (j->st == SY_OK) {
-                j->st = st;
-                snprintf(j->msg, sizeof j->msg, "part %d of %d: %s", i + 1, j->nparts, sy_err_msg());
-            }
-            pthread_mutex_unlock(&j->lock);
-            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
-            break;
-        }
-    }
-    free(enc);
-    return NULL;
+    const int i = (int)idx;
+    char q[1024];
+    uint64_t off = (uint64_t)i * j->part;
+    uint64_t plen = off + j->part > j->size ? j->size - off : j->part;
+    snprintf(q, sizeof q, "partNumber=%d&uploadId=%s", i + 1, j->enc_id);
+    s3_req r = {.method = "PUT", .key = j->key, .query = q, .has_body = 1, .body = j->buf + off,
+                .body_len = (size_t)plen};
+    sy_status st = s3_do(j->s, &r, "put (part)");
+    if (st == SY_OK && !r.etag[0])
+        st = sy_err_set(SY_EREMOTE, "s3 put %s: part %d: no ETag in the reply", j->key, i + 1);
+    if (st == SY_OK) memcpy(j->etags[i], r.etag, sizeof r.etag);
+    else sy_err_prefix(st, "part %d of %d", i + 1, j->nparts);
+    return st;
 }
 
 static void mp_abort(s3_store *s, const char *key, const char *enc_id) {
@@ -770,14 +748,11 @@ static sy_status s3_put_multipart(s3_store *s, const char *key, const void *buf,
     sy_status st = SY_OK;
     char *upload_id = NULL, *enc = NULL, *xml = NULL;
     char (*etags)[256] = NULL;
-    pthread_t th[64];
-    int nth = 0;
     uint64_t size = len, part = s->o.part_size;
     if (part < MIN_PART) part = MIN_PART;
     if (part < (size + MAX_PARTS - 1) / MAX_PARTS) part = (size + MAX_PARTS - 1) / MAX_PARTS;
     int nparts = (int)((size + part - 1) / part);
     mp_job j = {.s = s, .key = key, .buf = buf, .size = size, .part = part, .nparts = nparts};
-    pthread_mutex_init(&j.lock, NULL);
 
     s3_req ri = {.method = "POST", .key = key, .query = "uploads=", .has_body = 1, .ctype = "application/octet-stream",
                  .want_body = 1};
@@ -792,16 +767,12 @@ static sy_status s3_put_multipart(s3_store *s, const char *key, const void *buf,
         st = sy_err_set(SY_ENOMEM, "s3 put %s: %d parts", key, nparts);
         goto abort;
     }
-    j.upload_id = upload_id;
+    j.enc_id = enc;
     j.etags = etags;
+    /* s->o.parallel parts at once; the first failure stops the others taking parts */
     int want = s->o.parallel < nparts ? s->o.parallel : nparts;
-    if (want > 64) want = 64;
-    for (; nth < want; nth++)
-        if (pthread_create(&th[nth], NULL, mp_worker, &j) != 0) break;
-    if (nth == 0) mp_worker(&j);
-    for (int i = 0; i < nth; i++) pthread_join(th[i], NULL);
-    if (j.st != SY_OK) {
-        st = sy_err_set(j.st, "s3 put %s: multipart upload aborted: %s", key, j.msg);
+    if ((st = sy_parallel_for(want, (size_t)nparts, true, mp_part, &j)) != SY_OK) {
+        st = sy_err_prefix(st, "s3 put %s: multipart upload aborted", key);
         goto abort;
     }
 
@@ -860,7 +831,6 @@ abort:
         sy_err_set(st, "%s", msg);
     }
 out:
-    pthread_mutex_destroy(&j.lock);
     free(xml);
     free(etags);
     free(enc);
