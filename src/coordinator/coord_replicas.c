@@ -71,7 +71,13 @@ bool sy_coord_holdings_pending(sy_coord_t *c) {
     bool recovering = c->nrec && c->rec[c->nrec - 1].duration_ms < 0;
     if (c->cfg.cluster.replicas <= 0 || c->gen_open || (!recovering && !c->regroup_since)) return false;
     int64_t since = recovering ? c->rec[c->nrec - 1].detected : c->regroup_since;
-    if (sy_mono_ms() - since > (int64_t)HOLDINGS_WAIT_HEARTBEATS * c->cfg.cluster.heartbeat_ms) return false;
+    /* A membership change at an EndAfter step loses nobody: its members send their Holdings once
+     * the replicas of that step have crossed (a loaded machine may take longer than two
+     * heartbeats), so it waits up to failure_timeout_ms, by which time a member that died
+     * meanwhile is declared lost anyway; giving up earlier would restore a step less. */
+    int64_t bound = (int64_t)HOLDINGS_WAIT_HEARTBEATS * c->cfg.cluster.heartbeat_ms;
+    if (!recovering && bound < c->cfg.cluster.failure_timeout_ms) bound = c->cfg.cluster.failure_timeout_ms;
+    if (sy_mono_ms() - since > bound) return false;
     for (int r = 0; r < c->prev_world; r++) {
         int i = c->members[r];
         if (i < 0 || i >= c->nw) continue;
