@@ -41,7 +41,9 @@ struct sy_model {
     sy_param_t *params_tab;
     size_t numel, dense_numel;
     float *params, *grads;
-    float *work;        /* weights the ops read: params (fp32) or a bf16-rounded copy */
+    float *work;        /* fp32 mode: params; bf16 mode: the bf16-rounded copies of the GEMM
+                         * weights (model spec §4 1.) at their params offsets, only those ranges
+                         * ever written or read (the others read params: wt()) */
     block_ids *blk;
     block_acts *act;
     int wte, wpe, lnf;
@@ -345,10 +347,11 @@ void sy_model_init(sy_model_t *m, uint64_t seed) {
 
 void sy_model_weights_changed(sy_model_t *m) {
     if (m->work == m->params) return;
-    m->be->copy(m->be, m->work, m->params, m->numel * sizeof(float));
     for (int i = 0; i < m->n_params; i++) {
         const sy_param_t *p = &m->params_tab[i];
-        if (p->lowp) m->be->round_bf16(m->be, m->work + p->offset, p->numel);
+        if (!p->lowp) continue;
+        m->be->copy(m->be, m->work + p->offset, m->params + p->offset, p->numel * sizeof(float));
+        m->be->round_bf16(m->be, m->work + p->offset, p->numel);
     }
 }
 
@@ -360,7 +363,13 @@ void sy_model_zero_grads(sy_model_t *m) {
     m->acc_dirty = true;
 }
 
-#define W(i) (m->work + m->params_tab[(i)].offset)
+/* The weights an op reads: a GEMM weight's bf16 working copy in bf16 mode, else (fp32 mode; a
+ * 1-D weight or the router in bf16 mode) the fp32 master. */
+static float *wt(const sy_model_t *m, int i) {
+    const sy_param_t *p = &m->params_tab[i];
+    return (p->lowp ? m->work : m->params) + p->offset;
+}
+#define W(i) wt(m, (i))
 #define G(i) (m->grads + m->params_tab[(i)].offset)
 #define A(i) (m->acc + m->params_tab[(i)].offset)
 /* fp32 master weights: the router reads these in every precision (spec §4) */
