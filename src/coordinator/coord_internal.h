@@ -191,6 +191,8 @@ struct sy_coord {
     int64_t regroup_since;  /* mono ms a membership change closed the generation at a checkpoint and
                              * the next one waits for the members' Holdings (0: none; issue 18) */
     int64_t end_after;      /* the open generation ends after this step (EndAfter sent; 0: none) */
+    int64_t closing_end_after; /* set just before the close at the EndAfter step (every member
+                               * reported it): the Abort / Stop of that close carry it */
     bool cron_now;          /* run the cron at once, not at its next tick (a Holdings came in while
                              * a new generation waits for them: it opens without the tick's delay) */
     int64_t max_reported; /* highest StepDone step seen in this generation */

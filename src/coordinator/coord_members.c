@@ -39,6 +39,8 @@ static bool index_rebuild(sy_coord_t *c);
 static int cmp_seq(const void *a, const void *b, void *ctx);
 static json_t *ids_of_members(sy_coord_t *c);
 static void send_abort(sy_coord_t *c, worker *w, const char *reason);
+static void send_abort_ea(sy_coord_t *c, worker *w, const char *reason, int64_t end_after);
+static void send_stop_ea(sy_coord_t *c, worker *w, const char *reason, int64_t end_after);
 
 /* ---------------------------------------------------------------------------------------- */
 /* Registration                                                                             */
@@ -620,16 +622,18 @@ static json_t *ids_of_members(sy_coord_t *c) {
 
 /* Ends the open generation: members go back to idle (drained ones get Stop). */
 void sy_coord_close_generation(sy_coord_t *c, const char *why) {
+    const int64_t ea = c->closing_end_after; /* the close at the EndAfter step, or 0 */
+    c->closing_end_after = 0;
     if (!c->gen_open) return;
     for (int r = 0; r < c->world; r++) {
         worker *w = &c->w[c->members[r]];
         w->rank = -1;
         if (w->state == W_DRAINING) {
-            sy_coord_send_stop(c, w, "drained");
+            send_stop_ea(c, w, "drained", ea);
             w->state = W_STOPPED;
             sy_coord_event(c, "worker_drained", json_pack("{s:s}", "worker", w->id));
         } else if (w->state == W_ACTIVE) {
-            send_abort(c, w, why);
+            send_abort_ea(c, w, why, ea);
             w->state = W_IDLE;
         }
     }
@@ -728,21 +732,28 @@ void sy_coord_send_welcome(sy_coord_t *c, worker *w) {
     w->last_keepalive = sy_mono_ms();
 }
 
-void sy_coord_send_stop(sy_coord_t *c, worker *w, const char *reason) {
+void sy_coord_send_stop(sy_coord_t *c, worker *w, const char *reason) { send_stop_ea(c, w, reason, 0); }
+
+/* Stop / Abort with end_after: non-zero when they close the generation at its EndAfter step. */
+static void send_stop_ea(sy_coord_t *c, worker *w, const char *reason, int64_t end_after) {
     Sy__Envelope env;
     Sy__Stop st = SY__STOP__INIT;
     sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
     st.reason = (char *)reason;
+    st.end_after = (uint64_t)(end_after > 0 ? end_after : 0);
     env.body_case = SY__ENVELOPE__BODY_STOP;
     env.stop = &st;
     sy_coord_send(c, w, &env);
 }
 
-static void send_abort(sy_coord_t *c, worker *w, const char *reason) {
+static void send_abort(sy_coord_t *c, worker *w, const char *reason) { send_abort_ea(c, w, reason, 0); }
+
+static void send_abort_ea(sy_coord_t *c, worker *w, const char *reason, int64_t end_after) {
     Sy__Envelope env;
     Sy__Abort ab = SY__ABORT__INIT;
     sy_proto_init(&env, c->cfg.run.name, c->incarnation, c->gen);
     ab.reason = (char *)reason;
+    ab.end_after = (uint64_t)(end_after > 0 ? end_after : 0);
     env.body_case = SY__ENVELOPE__BODY_ABORT;
     env.abort = &ab;
     sy_coord_send(c, w, &env);

@@ -496,12 +496,17 @@ static bool link_on_order(link_t *l, const Sy__Envelope *env) {
     const uint64_t gen = atomic_load(&a->generation);
     if (ours && env->body_case == SY__ENVELOPE__BODY_END_AFTER && env->generation == gen)
         a->ea_gen = gen, a->ea_step = (int64_t)env->end_after->step;
-    /* The Abort (or a drained member's Stop) that closes a generation at its EndAfter step
-     * comes once every member has reported that step: the exchange of its replicas, in flight
-     * on the replica plane, is left to finish (the main thread waits for it, bounded by the
-     * data timeout), or the Holdings would name the step before and one step would run twice. */
-    const bool boundary = ours && env->generation == gen && a->ea_gen == gen && gen != 0 && a->ea_step > 0 &&
-                          atomic_load(&a->step) >= a->ea_step;
+    /* The Abort (or a drained member's Stop) that closes a generation at its EndAfter step says
+     * so (end_after): every member has reported that step and nobody was lost, so the exchange
+     * of its replicas, in flight on the replica plane, is left to finish (the main thread waits
+     * for it, bounded by the data timeout), or the Holdings would name the step before and one
+     * step would run twice. Any other Abort (a loss: a peer of that exchange may be dead) ends
+     * both planes at once. */
+    const uint64_t msg_ea = env->body_case == SY__ENVELOPE__BODY_ABORT  ? env->abort->end_after
+                            : env->body_case == SY__ENVELOPE__BODY_STOP ? env->stop->end_after
+                                                                        : 0;
+    const bool boundary = ours && msg_ea > 0 && env->generation == gen && a->ea_gen == gen && gen != 0 &&
+                          (uint64_t)a->ea_step == msg_ea && atomic_load(&a->step) >= a->ea_step;
     if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT && env->generation == gen) {
         if (boundary && a->comm) sy_comm_abort(a->comm);
         else if (!boundary) abort_comms_locked(a);
@@ -1417,11 +1422,15 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         while ((m = agent_recv(a, 0)) != NULL) {
             run_end r = RUN_DONE;
             bool leave = false;
+            uint64_t msg_ea = 0; /* Abort/Stop.end_after: the close at our EndAfter step */
             switch (m->body_case) {
             case SY__ENVELOPE__BODY_ABORT:
-                if (m->generation == gen) r = RUN_ABORTED, leave = true;
+                if (m->generation == gen) r = RUN_ABORTED, leave = true, msg_ea = m->abort->end_after;
                 break;
-            case SY__ENVELOPE__BODY_STOP: r = RUN_STOP, leave = true; break;
+            case SY__ENVELOPE__BODY_STOP:
+                r = RUN_STOP, leave = true;
+                if (m->generation == gen) msg_ea = m->stop->end_after;
+                break;
             case SY__ENVELOPE__BODY_ASSIGN:
             case SY__ENVELOPE__BODY_WELCOME:
                 stash(a, m);
@@ -1436,7 +1445,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             default: break;
             }
             sy_proto_free(m);
-            if (leave && r != RUN_NEXT && end_after > 0 && step > end_after && a->rcomm) {
+            if (leave && msg_ea > 0 && (int64_t)msg_ea == end_after && step > end_after && a->rcomm) {
                 /* The Abort (or a drained member's Stop) that closes an EndAfter generation: the
                  * coordinator sent it once every member had reported step end_after, so every
                  * member is here too and the replicas of that step can go out whole (cutting
