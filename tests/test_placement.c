@@ -9,6 +9,7 @@
 
 #include <string.h>
 
+#include "base/owners.h"
 #include "proto/placement.h"
 
 static void check_balanced(const uint32_t *owner, int E, int W) {
@@ -68,11 +69,41 @@ static void test_bad_input(void **s) {
     check_balanced(owner, 4, 2);
 }
 
+/* sy_owners_group: every expert once, under its owner, ascending; a rank outside the world named */
+static void test_owners_group(void **s) {
+    (void)s;
+    enum { E = 37, W = 5 };
+    uint32_t owner[E];
+    uint64_t x = 12345;
+    for (int e = 0; e < E; e++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        owner[e] = (uint32_t)((x >> 33) % W);
+    }
+    owner[3] = 4; /* rank 4 owns something; rank 2 owns nothing */
+    for (int e = 0; e < E; e++)
+        if (owner[e] == 2) owner[e] = 0;
+    int32_t off[W + 1], exp[E];
+    assert_int_equal(sy_owners_group(owner, E, W, off, exp), -1);
+    assert_int_equal(off[0], 0);
+    assert_int_equal(off[W], E);
+    assert_int_equal(off[2], off[3]);
+    for (int q = 0; q < W; q++)
+        for (int i = off[q]; i < off[q + 1]; i++) {
+            assert_int_equal(owner[exp[i]], q);
+            if (i > off[q]) assert_true(exp[i] > exp[i - 1]);
+        }
+    owner[20] = W;
+    assert_int_equal(sy_owners_group(owner, E, W, off, exp), 20);
+    assert_int_equal(sy_owners_group(owner, 0, W, off, exp), -1);
+    assert_int_equal(off[W], 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sticky_without_history_is_balanced),
         cmocka_unit_test(test_survivors_keep_their_experts),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_owners_group),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

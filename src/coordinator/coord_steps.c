@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "base/log.h"
+#include "base/owners.h"
 #include "proto/protocol.h"
 #include "coord_internal.h"
 
@@ -118,21 +119,14 @@ void sy_coord_on_step_done(sy_coord_t *c, worker *w, const Sy__StepDone *sd) {
 }
 
 /* The open generation's placement grouped by owner (c->own_off, c->own_exp), built once a
- * generation; false when out of memory. */
+ * generation; false when out of memory (or a placement naming a rank outside the world). */
 static bool owner_index(sy_coord_t *c) {
     if (c->own_gen == c->gen && c->own_off) return true;
     int32_t *off = realloc(c->own_off, sizeof(int32_t) * (size_t)(c->world + 1));
     if (!off) return false;
     c->own_off = off;
     if (!c->own_exp && !(c->own_exp = malloc(sizeof(int32_t) * (size_t)(c->E > 0 ? c->E : 1)))) return false;
-    memset(off, 0, sizeof(int32_t) * (size_t)(c->world + 1));
-    for (int e = 0; e < c->E; e++)
-        if (c->placement[e] < (uint32_t)c->world) off[c->placement[e] + 1]++;
-    for (int q = 0; q < c->world; q++) off[q + 1] += off[q];
-    int32_t fill[c->world > 0 ? c->world : 1];
-    memcpy(fill, off, sizeof(int32_t) * (size_t)c->world);
-    for (int e = 0; e < c->E; e++)
-        if (c->placement[e] < (uint32_t)c->world) c->own_exp[fill[c->placement[e]]++] = e;
+    if (sy_owners_group(c->placement, c->E, c->world, off, c->own_exp) >= 0) return false; /* not a placement of it */
     c->own_gen = c->gen;
     return true;
 }

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/owners.h"
 #include "switch_internal.h"
 
 /* Owner-side state of one Switch layer for the current round. Host bookkeeping, except the
@@ -74,19 +75,11 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
     const int W = ep->world;
     EP_ALLOC(ep->q_off, W + 1);
     EP_ALLOC(ep->q_exp, E);
-    for (int e = 0; e < E; e++) {
-        if (owner[e] >= (uint32_t)W) {
-            sy_ep_destroy(&ep);
-            return sy_err_set(SY_EINVAL, "expert placement: expert %d on rank %u of a world of %d", e,
-                              owner[e], W);
-        }
-        ep->q_off[owner[e] + 1]++;
-    }
-    for (int q = 0; q < W; q++) ep->q_off[q + 1] += ep->q_off[q];
-    {
-        int fill[W];
-        for (int q = 0; q < W; q++) fill[q] = ep->q_off[q];
-        for (int e = 0; e < E; e++) ep->q_exp[fill[owner[e]]++] = e;
+    const int bad = sy_owners_group(owner, E, W, ep->q_off, ep->q_exp);
+    if (bad >= 0) {
+        const uint32_t q = owner[bad];
+        sy_ep_destroy(&ep);
+        return sy_err_set(SY_EINVAL, "expert placement: expert %d on rank %u of a world of %d", bad, q, W);
     }
     ep->mine = ep->q_exp + ep->q_off[ep->rank];
     ep->nm = ep->q_off[ep->rank + 1] - ep->q_off[ep->rank];
