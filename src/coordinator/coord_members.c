@@ -298,6 +298,10 @@ void sy_coord_on_heartbeat(sy_coord_t *c, worker *w, const Sy__Envelope *env) {
         Sy__Abort ab = SY__ABORT__INIT;
         sy_proto_init(&ab_env, c->cfg.run.name, c->incarnation, env->generation);
         ab.reason = "not a member of this generation";
+        /* a member of a generation closed at its EndAfter step, still exchanging that step's
+         * replicas (its heartbeat says training): the same close, so the same end_after, which
+         * leaves that exchange to finish (a 0 here would cut it short after all) */
+        if (env->generation == c->closed_gen && c->closed_end_after > 0) ab.end_after = (uint64_t)c->closed_end_after;
         ab_env.body_case = SY__ENVELOPE__BODY_ABORT;
         ab_env.abort = &ab;
         sy_coord_send(c, w, &ab_env);
@@ -625,6 +629,7 @@ void sy_coord_close_generation(sy_coord_t *c, const char *why) {
     const int64_t ea = c->closing_end_after; /* the close at the EndAfter step, or 0 */
     c->closing_end_after = 0;
     if (!c->gen_open) return;
+    c->closed_gen = c->gen, c->closed_end_after = ea;
     for (int r = 0; r < c->world; r++) {
         worker *w = &c->w[c->members[r]];
         w->rank = -1;

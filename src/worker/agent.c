@@ -1451,9 +1451,9 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
                  * member is here too and the replicas of that step can go out whole (cutting
                  * them short would leave the Holdings a step behind: one step run twice). */
                 sy_status ws = sy_replica_wait(a->rep);
-                sy_info("generation %llu ends after step %lld (membership change%s)%s", (unsigned long long)gen,
+                sy_info("generation %llu ends after step %lld (membership change%s)%s%s", (unsigned long long)gen,
                         (long long)(step - 1), r == RUN_STOP ? "; this worker leaves" : "",
-                        ws == SY_OK ? "" : ": its replicas' exchange was cut short");
+                        ws == SY_OK ? "" : ": its replicas' exchange was cut short: ", ws == SY_OK ? "" : sy_err_msg());
             }
             if (leave) {
                 abort_generation(a);
@@ -1468,8 +1468,9 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
              * go out whole first (an Abort cuts them short), then leave as an Abort would; the
              * Holdings (sent by the caller) name the live state of step - 1 */
             st = a->rcomm ? sy_replica_wait(a->rep) : SY_OK;
-            sy_info("generation %llu ends after step %lld (membership change)%s", (unsigned long long)gen,
-                    (long long)(step - 1), st == SY_OK ? "" : ": its replicas' exchange was cut short");
+            sy_info("generation %llu ends after step %lld (membership change)%s%s", (unsigned long long)gen,
+                    (long long)(step - 1), st == SY_OK ? "" : ": its replicas' exchange was cut short: ",
+                    st == SY_OK ? "" : sy_err_msg());
             abort_generation(a);
             close_generation(a);
             set_state(a, ST_IDLE);

@@ -379,6 +379,9 @@ def scenario_drain_replicas(tmp, ref):
         ok = verify_run(c, ref, label, ["w0", "w2"], from_checkpoints=False)
         again = len(c.metric_lines()) - len(c.metrics())
         ok &= check(again == 0, f"{label}: no step run twice ({again})")
+        cut = [f"{f}: {l.strip()[:200]}" for f in sorted(os.listdir(c.logs)) if f.startswith("w")
+               for l in open(f"{c.logs}/{f}", errors="replace") if "exchange was cut short" in l]
+        ok &= check(not cut, f"{label}: no member's replica exchange of the EndAfter step cut short ({cut[:2]})")
         ok &= check(not any(e["event"] in ("worker_lost", "fault") for e in c.events()),
                     f"{label}: no worker lost and no fault in the whole run")
         return ok
