@@ -191,8 +191,6 @@ struct sy_coord {
     int64_t regroup_since;  /* mono ms a membership change closed the generation at a checkpoint and
                              * the next one waits for the members' Holdings (0: none; issue 18) */
     int64_t end_after;      /* the open generation ends after this step (EndAfter sent; 0: none) */
-    int64_t closing_end_after; /* set just before the close at the EndAfter step (every member
-                               * reported it): the Abort / Stop of that close carry it */
     uint64_t closed_gen;       /* the generation closed last, and the end_after its close carried: */
     int64_t closed_end_after;  /* an Abort re-sent for it (a heartbeat still says training) carries it too */
     bool cron_now;          /* run the cron at once, not at its next tick (a Holdings came in while

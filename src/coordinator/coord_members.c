@@ -626,9 +626,10 @@ static json_t *ids_of_members(sy_coord_t *c) {
 
 /* Ends the open generation: members go back to idle (drained ones get Stop). */
 void sy_coord_close_generation(sy_coord_t *c, const char *why) {
-    const int64_t ea = c->closing_end_after; /* the close at the EndAfter step, or 0 */
-    c->closing_end_after = 0;
     if (!c->gen_open) return;
+    /* The close at the EndAfter step: every member has recorded it (c->step restarts at the
+     * restore step of each generation); any other close (a loss, a fault) carries 0. */
+    const int64_t ea = c->end_after > 0 && c->step >= c->end_after ? c->end_after : 0;
     c->closed_gen = c->gen, c->closed_end_after = ea;
     for (int r = 0; r < c->world; r++) {
         worker *w = &c->w[c->members[r]];

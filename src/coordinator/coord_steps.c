@@ -222,7 +222,6 @@ static void step_complete(sy_coord_t *c, agg *a) {
     if (!c->done && c->gen_open && c->end_after > 0 && a->step >= c->end_after) { /* EndAfter: every member did it */
         char why[128];
         snprintf(why, sizeof why, "membership change after step %" PRId64, a->step);
-        c->closing_end_after = c->end_after;
         sy_coord_regroup(c, why);
     }
 }

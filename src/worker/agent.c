@@ -507,17 +507,14 @@ static bool link_on_order(link_t *l, const Sy__Envelope *env) {
                                                                         : 0;
     const bool boundary = ours && msg_ea > 0 && env->generation == gen && a->ea_gen == gen && gen != 0 &&
                           (uint64_t)a->ea_step == msg_ea && atomic_load(&a->step) >= a->ea_step;
-    if (ours && env->body_case == SY__ENVELOPE__BODY_ABORT && env->generation == gen) {
-        if (boundary && a->comm) sy_comm_abort(a->comm);
-        else if (!boundary) abort_comms_locked(a);
-    }
     /* Stop ends whatever is in flight too (a drained worker must not wait out a
      * collective its peers have left), and this process never registers again. */
-    if (ours && env->body_case == SY__ENVELOPE__BODY_STOP) {
-        if (boundary && a->comm) sy_comm_abort(a->comm);
-        else if (!boundary) abort_comms_locked(a);
-        l->stopped = true;
+    const bool stop = ours && env->body_case == SY__ENVELOPE__BODY_STOP;
+    if (stop || (ours && env->body_case == SY__ENVELOPE__BODY_ABORT && env->generation == gen)) {
+        if (!boundary) abort_comms_locked(a);
+        else if (a->comm) sy_comm_abort(a->comm);
     }
+    if (stop) l->stopped = true;
     pthread_mutex_unlock(&a->mu);
     if (!ours) sy_debug("dropped a %s of another coordinator incarnation", sy_proto_body_name(env->body_case));
     return ours;
@@ -1286,6 +1283,15 @@ static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
 }
 
 /* Executes one Assign. */
+/* A generation ending after its EndAfter step `last`: the replicas of that step go out whole
+ * (the exchange in flight on the replica plane is waited for), then the caller leaves. */
+static void end_after_wait(agent_t *a, uint64_t gen, int64_t last, bool leaving) {
+    sy_status st = a->rcomm ? sy_replica_wait(a->rep) : SY_OK;
+    sy_info("generation %llu ends after step %lld (membership change%s)%s%s", (unsigned long long)gen,
+            (long long)last, leaving ? "; this worker leaves" : "",
+            st == SY_OK ? "" : ": its replicas' exchange was cut short: ", st == SY_OK ? "" : sy_err_msg());
+}
+
 static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     const Sy__Assign *as = env->assign;
     uint64_t gen = env->generation;
@@ -1445,16 +1451,12 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             default: break;
             }
             sy_proto_free(m);
-            if (leave && msg_ea > 0 && (int64_t)msg_ea == end_after && step > end_after && a->rcomm) {
-                /* The Abort (or a drained member's Stop) that closes an EndAfter generation: the
-                 * coordinator sent it once every member had reported step end_after, so every
-                 * member is here too and the replicas of that step can go out whole (cutting
-                 * them short would leave the Holdings a step behind: one step run twice). */
-                sy_status ws = sy_replica_wait(a->rep);
-                sy_info("generation %llu ends after step %lld (membership change%s)%s%s", (unsigned long long)gen,
-                        (long long)(step - 1), r == RUN_STOP ? "; this worker leaves" : "",
-                        ws == SY_OK ? "" : ": its replicas' exchange was cut short: ", ws == SY_OK ? "" : sy_err_msg());
-            }
+            /* The Abort (or a drained member's Stop) that closes an EndAfter generation: the
+             * coordinator sent it once every member had reported step end_after, so every
+             * member is here too and the replicas of that step can go out whole (cutting them
+             * short would leave the Holdings a step behind: one step run twice). */
+            if (leave && msg_ea > 0 && (int64_t)msg_ea == end_after && step > end_after)
+                end_after_wait(a, gen, step - 1, r == RUN_STOP);
             if (leave) {
                 abort_generation(a);
                 close_generation(a);
@@ -1467,10 +1469,7 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
             /* EndAfter (a membership change at a step boundary): the replicas of the last step
              * go out whole first (an Abort cuts them short), then leave as an Abort would; the
              * Holdings (sent by the caller) name the live state of step - 1 */
-            st = a->rcomm ? sy_replica_wait(a->rep) : SY_OK;
-            sy_info("generation %llu ends after step %lld (membership change)%s%s", (unsigned long long)gen,
-                    (long long)(step - 1), st == SY_OK ? "" : ": its replicas' exchange was cut short: ",
-                    st == SY_OK ? "" : sy_err_msg());
+            end_after_wait(a, gen, step - 1, false);
             abort_generation(a);
             close_generation(a);
             set_state(a, ST_IDLE);

@@ -245,6 +245,17 @@ def scenario_kill_in_recovery(tmp, ref):
         c.close()
 
 
+def drain(c, label, wid, world):
+    """POST /v1/workers/<wid>/drain with the token (checked accepted), then the generation of
+    `world` it leads to: (its generation_opened event, the events then, its index in them)."""
+    n1 = len(c.events())
+    code, body = c.post(f"/v1/workers/{wid}/drain", TOKEN)
+    check(200 <= code < 300, f"{label}: POST /v1/workers/{wid}/drain accepted ({code} {body[:200].strip()})")
+    g = c.wait_event("generation_opened", timeout=60, after=n1, where=lambda e: e["world"] == world)
+    ev = c.events()
+    return g, ev, ev.index(g)
+
+
 def scenario_grow_drain(tmp, ref):
     label = "grow 2 → 4, drain 4 → 3"
     c = start_cluster(tmp, "grow", 2, extra={"status.token": TOKEN})
@@ -272,12 +283,7 @@ def scenario_grow_drain(tmp, ref):
                "a step of the generation of 4")
         code, body = c.post("/v1/workers/w1/drain")
         check(code in (401, 403), f"{label}: drain without the bearer token refused ({code})")
-        n1 = len(c.events())
-        code, body = c.post("/v1/workers/w1/drain", TOKEN)
-        check(200 <= code < 300, f"{label}: POST /v1/workers/w1/drain accepted ({code} {body[:200].strip()})")
-        g3 = c.wait_event("generation_opened", timeout=60, after=n1, where=lambda e: e["world"] == 3)
-        ev = c.events()
-        i3 = ev.index(g3)
+        g3, ev, i3 = drain(c, label, "w1", 3)
         check(sorted(g3["workers"]) == ["w0", "w2", "w3"], f"{label}: w1 left; generation of 3 ({g3['workers']})")
         check(g3["restore_step"] == max(committed_before(ev, i3)),
               f"{label}: drained at a committed checkpoint (restore step {g3['restore_step']})")
@@ -356,12 +362,7 @@ def scenario_drain_replicas(tmp, ref):
     c = start_cluster(tmp, "drainrep", 3, extra={"status.token": TOKEN, "cluster.replicas": "1"})
     try:
         c.wait_step(6, timeout=120)
-        n1 = len(c.events())
-        code, body = c.post("/v1/workers/w1/drain", TOKEN)
-        check(200 <= code < 300, f"{label}: POST /v1/workers/w1/drain accepted ({code} {body[:200].strip()})")
-        g2 = c.wait_event("generation_opened", timeout=60, after=n1, where=lambda e: e["world"] == 2)
-        ev = c.events()
-        i2 = ev.index(g2)
+        g2, ev, i2 = drain(c, label, "w1", 2)
         reached = max((m["step"] for m in c.metric_lines() if m["time"] <= g2["time"]), default=0)
         print(f"   {label}: generation {g2['generation']} of 2 from step {g2['restore_step']} "
               f"({g2.get('restore_source')}); steps reached before it: {reached}", flush=True)
