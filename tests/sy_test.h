@@ -90,6 +90,14 @@ static inline void *sy_test_upload_new(sy_backend_t *be, const void *host, size_
     if (host && bytes) be->upload(be, buf, host, bytes);
     return buf;
 }
+/* an activation buffer (alloc_act: bf16 storage in bf16 mode) of bytes / 4 floats, uploaded
+ * from `host` (host NULL: zeroed) */
+static inline float *sy_test_upload_act(sy_backend_t *be, const void *host, size_t bytes) {
+    float *buf = sy_alloc_act(be, bytes / sizeof(float));
+    assert_non_null(buf);
+    if (host && bytes) be->upload(be, buf, host, bytes);
+    return buf;
+}
 static inline void sy_test_download(sy_backend_t *be, void *host, const void *buf, size_t bytes) {
     be->download(be, host, buf, bytes);
 }

@@ -135,7 +135,7 @@ static int teardown(void **state) {
     return 0;
 }
 
-/* Op arguments: UP(be, a) uploads the host array a (its sizeof) into a new buffer of be, freed
+/* Op arguments: UP(be, a) (a plain buffer) and UPA(be, a) (an activation buffer) upload the host array a (its sizeof) into a new buffer of be, freed
  * at the end of the test by free_bufs(); DN(be, a, buf) downloads buf into the host array a. */
 enum { MAX_BUFS = 128 };
 static struct {
@@ -143,16 +143,19 @@ static struct {
     void *buf;
 } g_bufs[MAX_BUFS];
 static int g_nbufs;
-static void *up_(sy_backend_t *be, const void *host, size_t bytes) {
+static void *up_(sy_backend_t *be, const void *host, size_t bytes, bool act) {
     assert_true(g_nbufs < MAX_BUFS);
-    void *buf = sy_test_upload_new(be, host, bytes);
+    void *buf = act ? sy_test_upload_act(be, host, bytes) : sy_test_upload_new(be, host, bytes);
     g_bufs[g_nbufs].be = be, g_bufs[g_nbufs].buf = buf, g_nbufs++;
     return buf;
 }
 static void free_bufs(void) {
     while (g_nbufs > 0) g_nbufs--, g_bufs[g_nbufs].be->free(g_bufs[g_nbufs].be, g_bufs[g_nbufs].buf);
 }
-#define UP(be, a) up_((be), (a), sizeof(a))
+#define UP(be, a) up_((be), (a), sizeof(a), false)
+/* an activation buffer (model spec §4 keeps it in bf16): activations, activation gradients and
+ * GEMM weights' working copies */
+#define UPA(be, a) up_((be), (a), sizeof(a), true)
 #define DN(be, a, buf) sy_test_download((be), (a), (buf), sizeof(a))
 
 static void round_all(float *x, size_t n) {
@@ -195,21 +198,21 @@ static void test_ops_round(void **state) {
     round_all(x, N * D), round_all(w, D), round_all(W, F * D); /* bf16 inputs */
 
     float *b1, *b2, *b3, *b4, *b5, *b6;
-    g_fp->matmul_fwd(g_fp, b1 = UP(g_fp, y1), UP(g_fp, x), UP(g_fp, W), N, D, F);
-    g_bf->matmul_fwd(g_bf, b2 = UP(g_bf, y2), UP(g_bf, x), UP(g_bf, W), N, D, F);
+    g_fp->matmul_fwd(g_fp, b1 = UPA(g_fp, y1), UPA(g_fp, x), UPA(g_fp, W), N, D, F);
+    g_bf->matmul_fwd(g_bf, b2 = UPA(g_bf, y2), UPA(g_bf, x), UPA(g_bf, W), N, D, F);
     DN(g_fp, y1, b1), DN(g_bf, y2, b2);
     assert_rounded_of("matmul", y2, y1, N * F);
     assert_true(n_not_bf16(y1, N * F) > 0); /* there was something to round */
 
-    g_fp->gelu_fwd(g_fp, b1 = UP(g_fp, y1), UP(g_fp, y2), N * F);
+    g_fp->gelu_fwd(g_fp, b1 = UPA(g_fp, y1), UPA(g_fp, y2), N * F);
     float g2[N * F];
-    g_bf->gelu_fwd(g_bf, b2 = UP(g_bf, g2), UP(g_bf, y2), N * F);
+    g_bf->gelu_fwd(g_bf, b2 = UPA(g_bf, g2), UPA(g_bf, y2), N * F);
     DN(g_fp, y1, b1), DN(g_bf, g2, b2);
     assert_rounded_of("gelu", g2, y1, N * F);
 
-    g_fp->layernorm_fwd(g_fp, b1 = UP(g_fp, y1), b2 = UP(g_fp, m1), b3 = UP(g_fp, r1), UP(g_fp, x),
+    g_fp->layernorm_fwd(g_fp, b1 = UPA(g_fp, y1), b2 = UP(g_fp, m1), b3 = UP(g_fp, r1), UPA(g_fp, x),
                         UP(g_fp, w), N, D);
-    g_bf->layernorm_fwd(g_bf, b4 = UP(g_bf, y2), b5 = UP(g_bf, m2), b6 = UP(g_bf, r2), UP(g_bf, x),
+    g_bf->layernorm_fwd(g_bf, b4 = UPA(g_bf, y2), b5 = UP(g_bf, m2), b6 = UP(g_bf, r2), UPA(g_bf, x),
                         UP(g_bf, w), N, D);
     DN(g_fp, y1, b1), DN(g_fp, m1, b2), DN(g_fp, r1, b3);
     DN(g_bf, y2, b4), DN(g_bf, m2, b5), DN(g_bf, r2, b6);
@@ -222,8 +225,8 @@ static void test_ops_round(void **state) {
     float qkv[N * 3 * D], o1[N * D], o2[N * D], a1[B * H * T * T], a2[B * H * T * T];
     fill(qkv, N * 3 * D, -1.5, 1.5);
     round_all(qkv, N * 3 * D);
-    g_fp->attention_fwd(g_fp, b1 = UP(g_fp, o1), b2 = UP(g_fp, a1), UP(g_fp, qkv), B, T, D, H);
-    g_bf->attention_fwd(g_bf, b3 = UP(g_bf, o2), b4 = UP(g_bf, a2), UP(g_bf, qkv), B, T, D, H);
+    g_fp->attention_fwd(g_fp, b1 = UPA(g_fp, o1), b2 = UP(g_fp, a1), UPA(g_fp, qkv), B, T, D, H);
+    g_bf->attention_fwd(g_bf, b3 = UPA(g_bf, o2), b4 = UP(g_bf, a2), UPA(g_bf, qkv), B, T, D, H);
     DN(g_fp, o1, b1), DN(g_fp, a1, b2), DN(g_bf, o2, b3), DN(g_bf, a2, b4);
     assert_rounded_of("attention out", o2, o1, N * D);
     assert_memory_equal(a1, a2, sizeof a1);
@@ -235,21 +238,21 @@ static void test_ops_round(void **state) {
     float wte[V * D], wpe[T * D];
     fill(wte, V * D, -0.1, 0.1), fill(wpe, T * D, -0.1, 0.1);
     round_all(wte, V * D), round_all(wpe, T * D);
-    g_fp->embed_fwd(g_fp, b1 = UP(g_fp, o1), UP(g_fp, tok), UP(g_fp, wte), UP(g_fp, wpe), N, T, D);
-    g_bf->embed_fwd(g_bf, b2 = UP(g_bf, o2), UP(g_bf, tok), UP(g_bf, wte), UP(g_bf, wpe), N, T, D);
+    g_fp->embed_fwd(g_fp, b1 = UPA(g_fp, o1), UP(g_fp, tok), UPA(g_fp, wte), UPA(g_fp, wpe), N, T, D);
+    g_bf->embed_fwd(g_bf, b2 = UPA(g_bf, o2), UP(g_bf, tok), UPA(g_bf, wte), UPA(g_bf, wpe), N, T, D);
     DN(g_fp, o1, b1), DN(g_bf, o2, b2);
     assert_rounded_of("embed", o2, o1, N * D);
     memcpy(o1, x, sizeof o1), memcpy(o2, x, sizeof o2);
-    g_fp->add_inplace(g_fp, b1 = UP(g_fp, o1), UP(g_fp, qkv), N * D);
-    g_bf->add_inplace(g_bf, b2 = UP(g_bf, o2), UP(g_bf, qkv), N * D);
+    g_fp->add_inplace(g_fp, b1 = UPA(g_fp, o1), UPA(g_fp, qkv), N * D);
+    g_bf->add_inplace(g_bf, b2 = UPA(g_bf, o2), UPA(g_bf, qkv), N * D);
     DN(g_fp, o1, b1), DN(g_bf, o2, b2);
     assert_rounded_of("add", o2, o1, N * D);
     /* the dropout multiply (mask values 0 or 1/keep, not bf16 numbers): rounded */
     float mk[N * D];
     for (int i = 0; i < N * D; i++) mk[i] = i % 3 ? 1.0f / 0.6f : 0.0f;
     memcpy(o1, x, sizeof o1), memcpy(o2, x, sizeof o2);
-    g_fp->mul_inplace(g_fp, b1 = UP(g_fp, o1), UP(g_fp, mk), N * D);
-    g_bf->mul_inplace(g_bf, b2 = UP(g_bf, o2), UP(g_bf, mk), N * D);
+    g_fp->mul_inplace(g_fp, b1 = UPA(g_fp, o1), UP(g_fp, mk), N * D);
+    g_bf->mul_inplace(g_bf, b2 = UPA(g_bf, o2), UP(g_bf, mk), N * D);
     DN(g_fp, o1, b1), DN(g_bf, o2, b2);
     assert_rounded_of("mul (dropout)", o2, o1, N * D);
     assert_true(n_not_bf16(o1, N * D) > 0); /* there was something to round */
@@ -258,27 +261,27 @@ static void test_ops_round(void **state) {
     float dy[N * F], dx[N * D], dW[F * D] = {0}, dg[N * F];
     fill(dy, N * F, -1, 1);
     round_all(dy, N * F);
-    g_bf->matmul_bwd(g_bf, b1 = UP(g_bf, dx), b2 = UP(g_bf, dW), UP(g_bf, dy), UP(g_bf, x),
-                     UP(g_bf, W), N, D, F, false);
+    g_bf->matmul_bwd(g_bf, b1 = UPA(g_bf, dx), b2 = UP(g_bf, dW), UPA(g_bf, dy), UPA(g_bf, x),
+                     UPA(g_bf, W), N, D, F, false);
     DN(g_bf, dx, b1), DN(g_bf, dW, b2);
     assert_all_bf16("matmul dx", dx, N * D);
     assert_true(n_not_bf16(dW, F * D) > 0); /* weight gradients stay fp32 */
-    g_bf->matmul_bwd(g_bf, b1 = UP(g_bf, dx), b2 = UP(g_bf, dW), UP(g_bf, dy), UP(g_bf, x),
-                     UP(g_bf, W), N, D, F, true);
+    g_bf->matmul_bwd(g_bf, b1 = UPA(g_bf, dx), b2 = UP(g_bf, dW), UPA(g_bf, dy), UPA(g_bf, x),
+                     UPA(g_bf, W), N, D, F, true);
     DN(g_bf, dx, b1), DN(g_bf, dW, b2);
     assert_all_bf16("matmul dx (+=)", dx, N * D);
-    g_bf->gelu_bwd(g_bf, b1 = UP(g_bf, dg), UP(g_bf, dy), UP(g_bf, y2), N * F);
+    g_bf->gelu_bwd(g_bf, b1 = UPA(g_bf, dg), UPA(g_bf, dy), UPA(g_bf, y2), N * F);
     DN(g_bf, dg, b1);
     assert_all_bf16("gelu dx", dg, N * F);
     float dln[N * D] = {0}, dw[D] = {0}, dyd[N * D];
     fill(dyd, N * D, -1, 1);
     round_all(dyd, N * D);
-    g_bf->layernorm_bwd(g_bf, b1 = UP(g_bf, dln), b2 = UP(g_bf, dw), UP(g_bf, dyd), UP(g_bf, x),
+    g_bf->layernorm_bwd(g_bf, b1 = UPA(g_bf, dln), b2 = UP(g_bf, dw), UPA(g_bf, dyd), UPA(g_bf, x),
                         UP(g_bf, w), UP(g_bf, m2), UP(g_bf, r2), N, D);
     DN(g_bf, dln, b1), DN(g_bf, dw, b2);
     assert_all_bf16("layernorm dx", dln, N * D);
     float dqkv[N * 3 * D];
-    g_bf->attention_bwd(g_bf, b1 = UP(g_bf, dqkv), UP(g_bf, dyd), UP(g_bf, a2), UP(g_bf, qkv), B,
+    g_bf->attention_bwd(g_bf, b1 = UPA(g_bf, dqkv), UPA(g_bf, dyd), UP(g_bf, a2), UPA(g_bf, qkv), B,
                         T, D, H);
     DN(g_bf, dqkv, b1);
     assert_all_bf16("attention dqkv", dqkv, N * 3 * D);
@@ -316,9 +319,9 @@ static void test_switch_bf16(void **state) {
     assert_true(n_not_bf16(Wr, E * D) > E * D / 2);
     fill(W1, E * F * D, -0.5, 0.5), fill(W2, E * D * F, -0.5, 0.5);
     round_all(W1, E * F * D), round_all(W2, E * D * F); /* the bf16 working copy */
-    float *hb = UP(g_bf, h), *Wrb = UP(g_bf, Wr), *W1b = UP(g_bf, W1), *W2b = UP(g_bf, W2);
+    float *hb = UPA(g_bf, h), *Wrb = UP(g_bf, Wr), *W1b = UPA(g_bf, W1), *W2b = UPA(g_bf, W2);
     float *dW1b = UP(g_bf, dW1), *dW2b = UP(g_bf, dW2), *dWrb = UP(g_bf, dWr);
-    float *outb = UP(g_bf, out), *doutb = UP(g_bf, dout), *dhb = UP(g_bf, dh);
+    float *outb = UPA(g_bf, out), *doutb = UPA(g_bf, dout), *dhb = UPA(g_bf, dh);
     sy_expert_weights ex[E];
     for (int e = 0; e < E; e++)
         ex[e] = (sy_expert_weights){W1b + e * F * D, W2b + e * D * F, dW1b + e * F * D,

@@ -3,18 +3,26 @@
  * table, so a CUDA backend slots in by providing another table. The CPU backend (backend_cpu.c)
  * uses OpenBLAS for GEMMs and OpenMP for the rest.
  *
- * Buffers: every pointer an op takes is a BACKEND BUFFER (from alloc(), or an offset into one):
- * typed (float *, double *, int32_t *) so shapes and units read as before, but for a device
- * backend it points into device memory. Code outside a backend never reads or writes through
+ * Buffers: every pointer an op takes is a BACKEND BUFFER (from alloc() or alloc_act(), or an
+ * offset into one): typed (float *, double *, int32_t *) so shapes and units read as before, but
+ * for a device backend it points into device memory, and an activation buffer of a bf16-mode
+ * backend is a handle into bf16 storage. Code outside a backend never reads or writes through
  * it; host memory crosses only by upload/download (the "host <-> backend traffic" section).
- * Pointer arithmetic on a backend buffer (base + offset) is fine.
+ * Pointer arithmetic on a backend buffer (base + offset, in elements of its C type) is fine.
  *
  * Conventions: row-major; N = tokens in the call; shapes in comments. Weight gradients are
  * ACCUMULATED (+=) so micro-batches add up; activation gradients are overwritten unless the op
- * says "+=". All buffers come from alloc() and stay the caller's.
- * bf16 emulation: when the backend's `bf16` flag is set, ops round the activations they write
- * (and the activation gradients) to bf16 with round-to-nearest-even (model spec §4); the
- * router path and LayerNorm statistics, softmax and cross-entropy stay fp32.
+ * says "+=". All buffers come from alloc() / alloc_act() and stay the caller's.
+ * Precision (model spec §4): a tensor's element type is its buffer's. The caller keeps the
+ * tensors spec §4 stores in bf16 (activations, activation gradients, the GEMM weights' working
+ * copy) in activation buffers (alloc_act) and everything else (fp32 masters, gradients, AdamW
+ * moments, LayerNorm statistics, attention probabilities, logits, the router path) in plain
+ * buffers (alloc). In bf16 mode (the table's `bf16` set: backend_bf16.c over a backend with
+ * fp32 kernels) an op rounds, round-to-nearest-even, each activation it writes into an
+ * activation buffer, and nothing it writes into a plain one; in fp32 mode activation buffers
+ * are plain fp32 and nothing is rounded. A backend with fp32 kernels (CPU, emulation, CUDA)
+ * rounds by its `bf16` flag instead, over fp32 storage: backend_bf16.c sets that flag per op
+ * (on iff the op's activation output is an activation buffer); nothing else should set it.
  * Thread: one thread drives a backend; ops parallelise internally. */
 #ifndef SY_BACKEND_H
 #define SY_BACKEND_H
@@ -29,9 +37,14 @@ typedef struct sy_backend sy_backend_t;
 
 struct sy_backend {
     const char *name;
-    bool bf16; /* emulate bf16 activations (CPU) / use bf16 (GPU) */
+    bool bf16; /* bf16 mode (see "Precision" above); read-only for callers */
 
     void *(*alloc)(sy_backend_t *be, size_t bytes); /* zeroed; NULL on failure */
+    /* An ACTIVATION buffer of n elements (zeroed; NULL on failure), addressed as float (handle
+     * arithmetic in floats, bytes in traffic ops count 4 an element) whatever its storage: bf16
+     * storage (2 bytes an element) in bf16 mode (backend_bf16.c), fp32 otherwise. NULL slot:
+     * the backend stores activations as fp32, and sy_alloc_act uses alloc. Freed by free. */
+    void *(*alloc_act)(sy_backend_t *be, size_t n);
     void (*free)(sy_backend_t *be, void *p);
 
     /* ---- host <-> backend traffic: the only way host memory and backend buffers meet ----
@@ -232,6 +245,11 @@ struct sy_backend {
 
 /* The CPU backend. threads = 0: all cores. Also selects OpenBLAS kernels (see cpu_setup.h). */
 sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out);
+
+/* n activation elements (the backend's alloc_act, or n floats of alloc). */
+static inline float *sy_alloc_act(sy_backend_t *be, size_t n) {
+    return be->alloc_act ? (float *)be->alloc_act(be, n) : (float *)be->alloc(be, n * sizeof(float));
+}
 /* The CPU emulation backend (backend_emu.c): the shared host/device kernel bodies
  * (kernels/ headers) run in host loops over a CUDA grid's index space; GEMMs and attention are the
  * CPU backend's. For testing the device kernels' logic without a device; all cores. */

@@ -546,9 +546,10 @@ sy_status sy_backend_cpu_new(int threads, bool bf16, sy_backend_t **out) {
                 "for production runs");
         return sy_backend_emu_new_threads(threads, bf16, out);
     }
-    sy_backend_t *b = NULL;
+    sy_backend_t *b = NULL, *t = NULL;
     SY_CHECK(sy_backend_cpu_new_plain(threads, bf16, &b));
-    return sy_backend_poison_maybe(b, out);
+    SY_CHECK(sy_backend_bf16_maybe(b, bf16, &t));
+    return sy_backend_poison_maybe(t, out);
 }
 
 void sy_backend_destroy(sy_backend_t **self_p) {

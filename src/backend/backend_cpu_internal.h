@@ -26,4 +26,12 @@ sy_status sy_backend_cpu_new_plain(int threads, bool bf16, sy_backend_t **out);
  * its OpenMP loops and the wrapped CPU backend's GEMMs use that many). */
 sy_status sy_backend_emu_new_threads(int threads, bool bf16, sy_backend_t **out);
 
+/* backend_bf16.c: wraps `inner` (a backend with fp32 kernels; ownership passes, also on
+ * failure) in bf16 storage: activation buffers of storage_es bytes an element (2: bf16; 4: fp32
+ * holding bf16 values, for the test that both give the same bits). */
+sy_status sy_backend_bf16_wrap(sy_backend_t *inner, int storage_es, sy_backend_t **out);
+/* *out = inner when !bf16, else the bf16 wrap of inner with the storage SY_BF16_STORAGE names
+ * ("bf16", the default, or "f32"); ownership passes either way. */
+sy_status sy_backend_bf16_maybe(sy_backend_t *inner, bool bf16, sy_backend_t **out);
+
 #endif

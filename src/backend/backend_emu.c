@@ -359,7 +359,9 @@ sy_status sy_backend_emu_new_threads(int threads, bool bf16, sy_backend_t **out)
     b->route_gamma = emu_route_gamma, b->dropout_mask = emu_dropout_mask;
     b->wire_put = emu_wire_put, b->wire_get = emu_wire_get;
     b->destroy = emu_destroy;
-    return sy_backend_poison_maybe(b, out);
+    sy_backend_t *t = NULL;
+    SY_CHECK(sy_backend_bf16_maybe(b, bf16, &t));
+    return sy_backend_poison_maybe(t, out);
 }
 
 sy_status sy_backend_emu_new(bool bf16, sy_backend_t **out) {

@@ -46,6 +46,10 @@ static void *p_alloc(sy_backend_t *be, size_t bytes) {
     void *p = IN(be)->alloc(IN(be), bytes);
     return p ? (void *)((uintptr_t)p | SY_POISON_TAG) : NULL;
 }
+static void *p_alloc_act(sy_backend_t *be, size_t n) {
+    void *p = IN(be)->alloc_act(IN(be), n);
+    return p ? (void *)((uintptr_t)p | SY_POISON_TAG) : NULL;
+}
 static void p_free(sy_backend_t *be, void *p) { IN(be)->free(IN(be), U(p)); }
 static void p_upload(sy_backend_t *be, void *dst, const void *src_host, size_t bytes) {
     IN(be)->upload(IN(be), U(dst), src_host, bytes);
@@ -269,6 +273,7 @@ sy_status sy_backend_poison_wrap(sy_backend_t *inner, sy_backend_t **out) {
     b->name = "cpu-poison";
     b->bf16 = inner->bf16;
     b->alloc = p_alloc, b->free = p_free;
+    b->alloc_act = inner->alloc_act ? p_alloc_act : NULL;
     b->upload = p_upload, b->download = p_download, b->copy = p_copy, b->zero = p_zero, b->sync = p_sync;
     b->acc_add_f32 = p_acc_add_f32, b->acc_to_f32 = p_acc_to_f32, b->sumsq_add = p_sumsq_add;
     b->scale = p_scale, b->adamw = p_adamw, b->round_bf16 = p_round_bf16;

@@ -41,9 +41,9 @@ struct sy_model {
     sy_param_t *params_tab;
     size_t numel, dense_numel;
     float *params, *grads;
-    float *work;        /* fp32 mode: params; bf16 mode: the bf16-rounded copies of the GEMM
-                         * weights (model spec §4 1.) at their params offsets, only those ranges
-                         * ever written or read (the others read params: wt()) */
+    float **work;       /* [n_params] bf16 mode: each GEMM weight's bf16 working copy (model
+                         * spec §4 1.), an activation buffer of its own (NULL for the others,
+                         * which read params: wt()); NULL in fp32 mode */
     block_ids *blk;
     block_acts *act;
     int wte, wpe, lnf;
@@ -103,9 +103,16 @@ bool sy_model_is_switch(const sy_model_t *m, int l) {
 
 #define INIT_CHUNK ((size_t)1 << 16) /* floats generated on the host per upload in init */
 
-#define MALLOC_ACT(ptr, n)                                                   \
+/* a plain backend buffer of n elements */
+#define BE_ALLOC(ptr, n)                                                   \
     do {                                                                     \
         (ptr) = be->alloc(be, (size_t)(n) * sizeof(*(ptr)));                 \
+        if (!(ptr)) goto oom;                                                \
+    } while (0)
+/* an activation buffer of n elements: bf16 storage in bf16 mode (backend.h "Precision") */
+#define LP_ALLOC(ptr, n)                                                     \
+    do {                                                                     \
+        (ptr) = sy_alloc_act(be, (size_t)(n));                               \
         if (!(ptr)) goto oom;                                                \
     } while (0)
 
@@ -177,52 +184,53 @@ sy_status sy_model_new(const sy_model_dims *dims, sy_backend_t *be, sy_model_t *
         }
     }
 
-    MALLOC_ACT(m->params, m->numel);
-    MALLOC_ACT(m->grads, m->numel);
-    MALLOC_ACT(m->acc, m->numel);
+    BE_ALLOC(m->params, m->numel);
+    BE_ALLOC(m->grads, m->numel);
+    BE_ALLOC(m->acc, m->numel);
     if (be->bf16) {
-        MALLOC_ACT(m->work, m->numel);
-    } else {
-        m->work = m->params;
+        m->work = calloc((size_t)m->n_params, sizeof *m->work);
+        if (!m->work) goto oom;
+        for (int i = 0; i < m->n_params; i++)
+            if (m->params_tab[i].lowp) LP_ALLOC(m->work[i], m->params_tab[i].numel);
     }
 
     for (int l = 0; l < L; l++) {
         block_acts *a = &m->act[l];
-        MALLOC_ACT(a->x_in, N * D);
-        MALLOC_ACT(a->ln1, N * D);
-        MALLOC_ACT(a->ln1_mean, N);
-        MALLOC_ACT(a->ln1_rstd, N);
-        MALLOC_ACT(a->qkv, N * 3 * D);
-        MALLOC_ACT(a->att, (size_t)B * H * T * T);
-        MALLOC_ACT(a->atty, N * D);
-        MALLOC_ACT(a->x_mid, N * D);
-        MALLOC_ACT(a->ln2, N * D);
-        MALLOC_ACT(a->ln2_mean, N);
-        MALLOC_ACT(a->ln2_rstd, N);
+        LP_ALLOC(a->x_in, N * D);
+        LP_ALLOC(a->ln1, N * D);
+        BE_ALLOC(a->ln1_mean, N);
+        BE_ALLOC(a->ln1_rstd, N);
+        LP_ALLOC(a->qkv, N * 3 * D);
+        BE_ALLOC(a->att, (size_t)B * H * T * T);
+        LP_ALLOC(a->atty, N * D);
+        LP_ALLOC(a->x_mid, N * D);
+        LP_ALLOC(a->ln2, N * D);
+        BE_ALLOC(a->ln2_mean, N);
+        BE_ALLOC(a->ln2_rstd, N);
         if (m->blk[l].sw_index >= 0) {
             if (sy_switch_new(be, (int)N, D, F, E, &a->sw) != SY_OK) goto oom;
             if (sy_switch_set_router_bf16(a->sw, dims->router_bf16) != SY_OK) goto oom;
         } else {
-            MALLOC_ACT(a->fc_pre, N * F);
-            MALLOC_ACT(a->fc_act, N * F);
+            LP_ALLOC(a->fc_pre, N * F);
+            LP_ALLOC(a->fc_act, N * F);
         }
     }
-    MALLOC_ACT(m->inp, 2 * N);
+    BE_ALLOC(m->inp, 2 * N);
     m->tgt = m->inp + N;
-    MALLOC_ACT(m->x_out, N * D);
-    MALLOC_ACT(m->lnf_y, N * D);
-    MALLOC_ACT(m->lnf_mean, N);
-    MALLOC_ACT(m->lnf_rstd, N);
-    MALLOC_ACT(m->logits, N * V);
-    MALLOC_ACT(m->dx, N * D);
-    MALLOC_ACT(m->dtmp, N * D);
-    MALLOC_ACT(m->dln, N * D);
-    MALLOC_ACT(m->tmp, N * D);
-    MALLOC_ACT(m->dqkv, N * 3 * D);
-    MALLOC_ACT(m->datty, N * D);
-    MALLOC_ACT(m->dfc_act, N * F);
-    MALLOC_ACT(m->dfc_pre, N * F);
-    MALLOC_ACT(m->gstats, (size_t)E + 1);
+    LP_ALLOC(m->x_out, N * D);
+    LP_ALLOC(m->lnf_y, N * D);
+    BE_ALLOC(m->lnf_mean, N);
+    BE_ALLOC(m->lnf_rstd, N);
+    BE_ALLOC(m->logits, N * V);
+    LP_ALLOC(m->dx, N * D);
+    LP_ALLOC(m->dtmp, N * D);
+    LP_ALLOC(m->dln, N * D);
+    LP_ALLOC(m->tmp, N * D);
+    LP_ALLOC(m->dqkv, N * 3 * D);
+    LP_ALLOC(m->datty, N * D);
+    LP_ALLOC(m->dfc_act, N * F);
+    LP_ALLOC(m->dfc_pre, N * F);
+    BE_ALLOC(m->gstats, (size_t)E + 1);
     m->counts = calloc((size_t)(m->n_switch ? m->n_switch : 1) * E, sizeof(int32_t));
     m->tok_host = malloc(2 * N * sizeof(int32_t));
     m->init_host = malloc(INIT_CHUNK * sizeof(float));
@@ -253,7 +261,10 @@ void sy_model_destroy(sy_model_t **self_p) {
             free(m->blk[l].ex_fc);
             free(m->blk[l].ex_proj);
         }
-    if (m->work != m->params) FREE(m->work);
+    if (m->work) {
+        for (int i = 0; i < m->n_params; i++) FREE(m->work[i]);
+        free(m->work);
+    }
     FREE(m->params); FREE(m->grads); FREE(m->acc); FREE(m->inp); FREE(m->x_out); FREE(m->lnf_y);
     FREE(m->lnf_mean); FREE(m->lnf_rstd); FREE(m->logits); FREE(m->dx); FREE(m->dtmp);
     FREE(m->dln); FREE(m->tmp); FREE(m->dqkv); FREE(m->datty); FREE(m->dfc_act);
@@ -346,12 +357,12 @@ void sy_model_init(sy_model_t *m, uint64_t seed) {
 }
 
 void sy_model_weights_changed(sy_model_t *m) {
-    if (m->work == m->params) return;
+    if (!m->work) return;
     for (int i = 0; i < m->n_params; i++) {
         const sy_param_t *p = &m->params_tab[i];
         if (!p->lowp) continue;
-        m->be->copy(m->be, m->work + p->offset, m->params + p->offset, p->numel * sizeof(float));
-        m->be->round_bf16(m->be, m->work + p->offset, p->numel);
+        /* into bf16 storage: the copy rounds (RNE) */
+        m->be->copy(m->be, m->work[i], m->params + p->offset, p->numel * sizeof(float));
     }
 }
 
@@ -367,7 +378,7 @@ void sy_model_zero_grads(sy_model_t *m) {
  * 1-D weight or the router in bf16 mode) the fp32 master. */
 static float *wt(const sy_model_t *m, int i) {
     const sy_param_t *p = &m->params_tab[i];
-    return (p->lowp ? m->work : m->params) + p->offset;
+    return m->work && p->lowp ? m->work[i] : m->params + p->offset;
 }
 #define W(i) wt(m, (i))
 #define G(i) (m->grads + m->params_tab[(i)].offset)
@@ -584,10 +595,7 @@ static void head_forward(sy_model_t *m) {
     sy_backend_t *be = m->be;
     const int D = m->d.D, V = m->d.V, N = m->d.B * m->d.T;
     be->layernorm_fwd(be, m->lnf_y, m->lnf_mean, m->lnf_rstd, m->x_out, W(m->lnf), N, D);
-    bool bf = be->bf16;
-    be->bf16 = false;
-    be->matmul_fwd(be, m->logits, m->lnf_y, W(m->wte), N, D, V);
-    be->bf16 = bf;
+    be->matmul_fwd(be, m->logits, m->lnf_y, W(m->wte), N, D, V); /* logits: a plain buffer */
 }
 
 /* dlogits [N,V] (in m->logits, from the cross-entropy) → dx [N,D] = d x_out (overwritten);

@@ -13,6 +13,12 @@
         (ptr) = be->alloc(be, (size_t)(n) * sizeof(*(ptr)));                 \
         if (!(ptr)) goto oom;                                                \
     } while (0)
+/* an activation buffer: bf16 storage in bf16 mode (backend.h "Precision") */
+#define LP_ALLOC(ptr, n)                                                     \
+    do {                                                                     \
+        (ptr) = sy_alloc_act(be, (size_t)(n));                               \
+        if (!(ptr)) goto oom;                                                \
+    } while (0)
 
 sy_status sy_switch_new(sy_backend_t *be, int G, int D, int F, int E, sy_switch_t **out) {
     sy_switch_t *sw = calloc(1, sizeof *sw);
@@ -45,15 +51,15 @@ sy_status sy_switch_new(sy_backend_t *be, int G, int D, int F, int E, sy_switch_
     ALLOC(sw->slot, G);
     ALLOC(sw->gk, G);
     ALLOC(sw->f, E);
-    ALLOC(sw->xe, (size_t)G * D);
-    ALLOC(sw->ye, (size_t)G * D);
-    ALLOC(sw->dye, (size_t)G * D);
-    ALLOC(sw->dxe, (size_t)G * D);
-    ALLOC(sw->he, (size_t)G * F);
-    ALLOC(sw->ge, (size_t)G * F);
+    LP_ALLOC(sw->xe, (size_t)G * D);
+    LP_ALLOC(sw->ye, (size_t)G * D);
+    LP_ALLOC(sw->dye, (size_t)G * D);
+    LP_ALLOC(sw->dxe, (size_t)G * D);
+    LP_ALLOC(sw->he, (size_t)G * F);
+    LP_ALLOC(sw->ge, (size_t)G * F);
     ALLOC(sw->mask, (size_t)G * F);
-    ALLOC(sw->dge, (size_t)G * F);
-    ALLOC(sw->dhe, (size_t)G * F);
+    LP_ALLOC(sw->dge, (size_t)G * F);
+    LP_ALLOC(sw->dhe, (size_t)G * F);
     *out = sw;
     return SY_OK;
 oom:
@@ -84,24 +90,24 @@ int sy_switch_capacity(int G, int E, double capacity_factor) {
 
 /* ---- route: router logits, top-1, capacity, aux and z losses, dispatch plan ---- */
 
-/* The router GEMMs stay fp32 whatever the precision (spec §4): switch rounding off around them
- * (on for the bf16-router ablation, whose weights are then sw->wr). */
+/* The router GEMMs stay fp32 whatever the precision (spec §4): every operand but the bf16
+ * input h (widened exactly) is a plain fp32 buffer, so nothing is rounded. The bf16-router
+ * ablation reads the rounded weights sw->wr and rounds the GEMM's output (a plain buffer,
+ * rounded in place: round_bf16). */
 static void router_matmul_fwd(sy_switch_t *sw, float *y, const float *x, const float *W, int N,
                               int in, int out) {
     sy_backend_t *be = sw->be;
-    bool b = be->bf16;
-    be->bf16 = sw->router_bf16 && b;
-    be->matmul_fwd(be, y, x, be->bf16 ? sw->wr : W, N, in, out);
-    be->bf16 = b;
+    const bool r16 = sw->router_bf16 && be->bf16;
+    be->matmul_fwd(be, y, x, r16 ? sw->wr : W, N, in, out);
+    if (r16) be->round_bf16(be, y, (size_t)N * out);
 }
 
 static void router_matmul_bwd(sy_switch_t *sw, float *dx, float *dW, const float *dy,
                               const float *x, const float *W, int N, int in, int out) {
     sy_backend_t *be = sw->be;
-    bool b = be->bf16;
-    be->bf16 = sw->router_bf16 && b;
-    be->matmul_bwd(be, dx, dW, dy, x, be->bf16 ? sw->wr : W, N, in, out, false);
-    be->bf16 = b;
+    const bool r16 = sw->router_bf16 && be->bf16;
+    be->matmul_bwd(be, dx, dW, dy, x, r16 ? sw->wr : W, N, in, out, false);
+    if (r16) be->round_bf16(be, dx, (size_t)N * in);
 }
 
 sy_status sy_switch_set_router_bf16(sy_switch_t *sw, bool on) {

@@ -61,6 +61,12 @@ struct sy_ep {
         (ptr) = be->alloc(be, (size_t)(n) * sizeof(*(ptr)));                  \
         if (!(ptr)) goto oom;                                                 \
     } while (0)
+/* an activation buffer of n elements (bf16 storage in bf16 mode) */
+#define EP_LPALLOC(ptr, n)                                                    \
+    do {                                                                      \
+        (ptr) = sy_alloc_act(be, (size_t)(n));                                \
+        if (!(ptr)) goto oom;                                                 \
+    } while (0)
 
 sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, int E, int D,
                     int F, int G, int n_layers, sy_ep_t **out) {
@@ -98,10 +104,10 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
         if (nm > 0) {
             EP_BALLOC(s->tok_b, ep->R);
             EP_BALLOC(s->micro_b, ep->R);
-            EP_BALLOC(s->xe, (size_t)ep->R * D);
-            EP_BALLOC(s->ye, (size_t)ep->R * D);
-            EP_BALLOC(s->he, (size_t)ep->R * F);
-            EP_BALLOC(s->ge, (size_t)ep->R * F);
+            EP_LPALLOC(s->xe, (size_t)ep->R * D);
+            EP_LPALLOC(s->ye, (size_t)ep->R * D);
+            EP_LPALLOC(s->he, (size_t)ep->R * F);
+            EP_LPALLOC(s->ge, (size_t)ep->R * F);
             EP_BALLOC(s->mask, (size_t)ep->R * F);
         }
     }
@@ -122,10 +128,10 @@ sy_status sy_ep_new(sy_backend_t *be, sy_comm_t *comm, const uint32_t *owner, in
     EP_ALLOC(ep->send_bytes, W);
     EP_ALLOC(ep->recv_bytes, W);
     EP_ALLOC(ep->recv_row0, W);
-    EP_BALLOC(ep->dye, (size_t)ep->R * D);
+    EP_LPALLOC(ep->dye, (size_t)ep->R * D);
     if (nm > 0) {
-        EP_BALLOC(ep->dge, (size_t)ep->R * F);
-        EP_BALLOC(ep->dhe, (size_t)ep->R * F);
+        EP_LPALLOC(ep->dge, (size_t)ep->R * F);
+        EP_LPALLOC(ep->dhe, (size_t)ep->R * F);
     }
     *out = ep;
     return SY_OK;

@@ -19,6 +19,7 @@
 #include "base/module.h"
 #include "base/rng.h"
 #include "cuda_module_internal.h"
+#include "../backend_cpu_internal.h"
 
 #define SY_NO_CUDA_MSG                                                                     \
     "this switchyard was built without CUDA (no nvcc found when CMake configured it, or "  \
@@ -91,7 +92,10 @@ sy_status sy_backend_cuda_new(int device, bool bf16, sy_backend_t **out) {
         *out = NULL;
         return sy_err_set((sy_status)st, "%s", err[0] ? err : "cuda backend: creation failed");
     }
-    return SY_OK;
+    /* bf16 storage over the backend's kernels (backend_bf16.c) */
+    sy_backend_t *inner = *out;
+    *out = NULL;
+    return sy_backend_bf16_maybe(inner, bf16, out);
 }
 
 double sy_backend_cuda_gemm_tflops(int device, int M, int N, int K, int iters) {
