@@ -6,7 +6,8 @@
  *
  * results: named host copies of what one backend computed, in the order they were added
  *   (res_add downloads a backend buffer, res_add_host copies a host value; res_free frees them).
- * up(be, host, bytes): a backend buffer, uploaded from `host` (NULL: left as alloc gives it).
+ * up(be, host, bytes): a backend buffer, uploaded from `host` (NULL: left as alloc gives it);
+ *   upa(be, host, bytes) the same as an activation buffer (bf16 storage in bf16 mode).
  * inputs_make(in, bf16_values): the op inputs, drawn from the test file's stream; with
  *   bf16_values every float input is rounded to a bf16 value (no draws are added or skipped).
  * run_ops(be, in, r, all_gemms): every op of the backend table, one by one, each result into r;
@@ -60,6 +61,16 @@ static void res_add_host(results *r, const char *name, const void *h, size_t byt
 
 static void *up(sy_backend_t *be, const void *h, size_t bytes) {
     void *p = be->alloc(be, bytes);
+    assert_non_null(p);
+    if (h) be->upload(be, p, h, bytes);
+    return p;
+}
+
+/* an activation buffer (alloc_act: bf16 storage in bf16 mode), uploaded from `h` (NULL: zeroed):
+ * for the operands model spec §4 keeps in bf16 (activations, their gradients, GEMM weights'
+ * working copies); `up` gives the plain buffers of everything else */
+static float *upa(sy_backend_t *be, const void *h, size_t bytes) {
+    float *p = sy_alloc_act(be, bytes / sizeof(float));
     assert_non_null(p);
     if (h) be->upload(be, p, h, bytes);
     return p;
@@ -172,9 +183,9 @@ static void run_more_gemms(sy_backend_t *be, const op_inputs *in, results *r, co
 
     /* causal attention: B = 3 sequences of T2 = 40, D2 = 32 over H = 4 heads */
     enum { AB = 3, AT = 40, AD = 32, AH = 4 };
-    float *qkv = up(be, in->x, FB(AB * AT * 3 * AD)), *ao = up(be, NULL, FB(AB * AT * AD));
-    float *att = up(be, NULL, FB(AB * AH * AT * AT)), *dqkv = up(be, NULL, FB(AB * AT * 3 * AD));
-    float *dao = up(be, in->x2, FB(AB * AT * AD));
+    float *qkv = upa(be, in->x, FB(AB * AT * 3 * AD)), *ao = upa(be, NULL, FB(AB * AT * AD));
+    float *att = up(be, NULL, FB(AB * AH * AT * AT)), *dqkv = upa(be, NULL, FB(AB * AT * 3 * AD));
+    float *dao = upa(be, in->x2, FB(AB * AT * AD));
     be->attention_fwd(be, ao, att, qkv, AB, AT, AD, AH);
     res_add(r, be, "attention out", ao, FB(AB * AT * AD));
     res_add(r, be, "attention att", att, FB(AB * AH * AT * AT));
@@ -188,19 +199,21 @@ static void run_more_gemms(sy_backend_t *be, const op_inputs *in, results *r, co
  * GEMM forms past matmul_fwd / matmul_bwd(dx +=) and attention too (see the top of this file). */
 static void run_ops(sy_backend_t *be, const op_inputs *in, results *r, bool all_gemms) {
     const size_t ND = (size_t)N * D;
-    float *x = up(be, in->x, FB(ND)), *x2 = up(be, in->x2, FB(ND)), *w = up(be, in->w, FB(D));
+    float *x = upa(be, in->x, FB(ND)), *x2 = upa(be, in->x2, FB(ND)), *w = up(be, in->w, FB(D));
     int32_t *tok = up(be, in->tok, IB(N)), *tgt = up(be, in->tgt, IB(N));
     int32_t *perm = up(be, in->perm, IB(N)), *micro = up(be, in->micro, IB(N));
-    float *y = up(be, NULL, FB(ND)), *y2 = up(be, NULL, FB(ND)), *y3 = up(be, NULL, FB(ND));
+    float *y = upa(be, NULL, FB(ND)), *y2 = upa(be, NULL, FB(ND)), *y3 = upa(be, NULL, FB(ND));
     float *mean = up(be, NULL, FB(N)), *rstd = up(be, NULL, FB(N)), *sc = up(be, NULL, FB(N));
 
     /* embedding */
-    float *wte = up(be, in->wte, FB(V * D)), *wpe = up(be, in->wpe, FB(T * D));
+    float *wte = upa(be, in->wte, FB(V * D)), *wpe = upa(be, in->wpe, FB(T * D));
     be->embed_fwd(be, y, tok, wte, wpe, N, T, D);
     res_add(r, be, "embed_fwd", y, FB(ND));
-    be->embed_bwd(be, wte, wpe, x2, tok, N, T, D);
-    res_add(r, be, "embed_bwd dwte", wte, FB(V * D));
-    res_add(r, be, "embed_bwd dwpe", wpe, FB(T * D));
+    /* the weight gradients are plain fp32 buffers (+=: start from the weights' values) */
+    float *gwte = up(be, in->wte, FB(V * D)), *gwpe = up(be, in->wpe, FB(T * D));
+    be->embed_bwd(be, gwte, gwpe, x2, tok, N, T, D);
+    res_add(r, be, "embed_bwd dwte", gwte, FB(V * D));
+    res_add(r, be, "embed_bwd dwpe", gwpe, FB(T * D));
 
     /* LayerNorm */
     be->layernorm_fwd(be, y, mean, rstd, x, w, N, D);
@@ -332,7 +345,7 @@ static void run_ops(sy_backend_t *be, const op_inputs *in, results *r, bool all_
     res_add(r, be, "adamw v", v, FB(NS));
 
     /* GEMMs (all_gemms: every form the model and the Switch layer use) */
-    float *W = up(be, in->big, FB(F * D)), *hy = up(be, NULL, FB(N * F));
+    float *W = upa(be, in->big, FB(F * D)), *hy = upa(be, NULL, FB(N * F));
     float *dW = up(be, NULL, FB(F * D));
     be->matmul_fwd(be, hy, x, W, N, D, F);
     res_add(r, be, "matmul_fwd", hy, FB(N * F));
@@ -341,7 +354,7 @@ static void run_ops(sy_backend_t *be, const op_inputs *in, results *r, bool all_
     res_add(r, be, "matmul_bwd dW", dW, FB(F * D));
     if (all_gemms) run_more_gemms(be, in, r, x, x2, y, y2, y3, W, hy, dW);
 
-    void *bufs[] = {x, x2, w, tok, tgt, perm, micro, y, y2, y3, mean, rstd, sc, wte, wpe, dw, lg,
+    void *bufs[] = {x, x2, w, tok, tgt, perm, micro, y, y2, y3, mean, rstd, sc, wte, wpe, gwte, gwpe, dw, lg,
                     dl, dot, rl, probs, expert, gate, lse, fe, drl, counts, kept, offs, order,
                     slot, gk, stats, f, gamma, u, mask, wire, acc, sq, g, p, m, v, W, hy, dW};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(be, bufs[i]);
@@ -360,10 +373,10 @@ static void switch_run(sy_backend_t *be, uint64_t seed, results *r) {
     for (size_t i = 0; i < (size_t)SG * SD; i++) h[i] = sy_round_bf16(h[i]);
     sy_switch_t *sw = NULL;
     assert_int_equal(sy_switch_new(be, SG, SD, SF, SE, &sw), SY_OK);
-    float *bh = up(be, h, FB(SG * SD)), *bWr = up(be, Wr, FB(SE * SD));
-    float *bW1 = up(be, W1, FB(SE * SF * SD));
-    float *bW2 = up(be, W2, FB(SE * SD * SF)), *bdout = up(be, dout, FB(SG * SD));
-    float *out = up(be, NULL, FB(SG * SD)), *dh = up(be, NULL, FB(SG * SD));
+    float *bh = upa(be, h, FB(SG * SD)), *bWr = up(be, Wr, FB(SE * SD));
+    float *bW1 = upa(be, W1, FB(SE * SF * SD));
+    float *bW2 = upa(be, W2, FB(SE * SD * SF)), *bdout = upa(be, dout, FB(SG * SD));
+    float *out = upa(be, NULL, FB(SG * SD)), *dh = upa(be, NULL, FB(SG * SD));
     float *dWr = up(be, NULL, FB(SE * SD));
     float *dW1 = up(be, NULL, FB(SE * SF * SD)), *dW2 = up(be, NULL, FB(SE * SD * SF));
     double *acc1 = up(be, NULL, DB(SE * SF * SD)), *acc2 = up(be, NULL, DB(SE * SD * SF));

@@ -331,7 +331,10 @@ static void b_scale(sy_backend_t *be, float *x, size_t n, float c) {
 static void b_adamw(sy_backend_t *be, float *p, const float *g, float *m, float *v, size_t n, float decay,
                     float b1, float b2, float step_size, float inv_sqrt_bc2, float eps) {
     lp_be *w = LP(be);
-    IN(w, NULL)->adamw(w->in, p, g, m, v, n, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
+    const float *G = arg_in(w, g, n);
+    float *P = arg_out(w, p, n, true), *M = arg_out(w, m, n, true), *V = arg_out(w, v, n, true);
+    IN(w, p)->adamw(w->in, P, G, M, V, n, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
+    finish(w);
 }
 /* An activation buffer holds bf16 values already; a plain one is rounded in place (the
  * bf16-router ablation's weights and outputs). */
@@ -355,7 +358,8 @@ static void b_embed_bwd(sy_backend_t *be, float *dwte, float *dwpe, const float 
                         const int32_t *tok, int N, int T, int D) {
     lp_be *w = LP(be);
     const float *DX = arg_in(w, dx, (size_t)N * D);
-    IN(w, NULL)->embed_bwd(w->in, dwte, dwpe, DX, tok, N, T, D);
+    float *GE = arg_out(w, dwte, 0, true), *GP = arg_out(w, dwpe, (size_t)T * D, true);
+    IN(w, NULL)->embed_bwd(w->in, GE, GP, DX, tok, N, T, D);
     finish(w);
 }
 static void b_matmul_fwd(sy_backend_t *be, float *y, const float *x, const float *W, int N, int in,
@@ -371,8 +375,8 @@ static void b_matmul_bwd(sy_backend_t *be, float *dx, float *dW, const float *dy
     lp_be *w = LP(be);
     const float *DY = arg_in(w, dy, (size_t)N * out), *X = arg_in(w, x, (size_t)N * in),
                 *Wt = arg_in(w, W, (size_t)out * in);
-    float *DX = arg_out(w, dx, (size_t)N * in, accumulate_dx);
-    IN(w, dx)->matmul_bwd(w->in, DX, dW, DY, X, Wt, N, in, out, accumulate_dx);
+    float *DX = arg_out(w, dx, (size_t)N * in, accumulate_dx), *DW = arg_out(w, dW, (size_t)out * in, true);
+    IN(w, dx)->matmul_bwd(w->in, DX, DW, DY, X, Wt, N, in, out, accumulate_dx);
     finish(w);
 }
 static void b_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double *dW64, const float *dy,
@@ -380,8 +384,8 @@ static void b_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double *d
     lp_be *w = LP(be);
     const float *DY = arg_in(w, dy, (size_t)N * out), *X = arg_in(w, x, (size_t)N * in),
                 *Wt = arg_in(w, W, (size_t)out * in);
-    float *DX = arg_out(w, dx, (size_t)N * in, false);
-    IN(w, dx)->matmul_bwd_acc64(w->in, DX, dW, dW64, DY, X, Wt, N, in, out);
+    float *DX = arg_out(w, dx, (size_t)N * in, false), *DW = arg_out(w, dW, (size_t)out * in, false);
+    IN(w, dx)->matmul_bwd_acc64(w->in, DX, DW, dW64, DY, X, Wt, N, in, out);
     finish(w);
 }
 
@@ -399,11 +403,16 @@ static const float **arr_in(lp_be *w, const float *const *h, const int *N, int n
     for (int i = 0; i < n; i++) a[i] = arg_in(w, h[i], N ? (size_t)N[i] * per_row : fixed);
     return a;
 }
-static float **arr_out(lp_be *w, float *const *h, const int *N, int n, size_t per_row, bool keep) {
+/* N NULL: every problem's operand is `fixed` elements */
+static float **arr_out(lp_be *w, float *const *h, const int *N, int n, size_t per_row, size_t fixed,
+                       bool keep) {
     if (!h) return NULL;
     float **a = malloc(sizeof *a * (size_t)(n > 0 ? n : 1));
     if (!a) oom("pointer array");
-    for (int i = 0; i < n; i++) a[i] = (N[i] > 0) ? arg_out(w, h[i], (size_t)N[i] * per_row, keep) : h[i];
+    for (int i = 0; i < n; i++) {
+        const size_t k = N ? (size_t)N[i] * per_row : fixed;
+        a[i] = k ? arg_out(w, h[i], k, keep) : h[i];
+    }
     return a;
 }
 /* the op's activation output: the first problem's (problems of one call share kinds) */
@@ -413,7 +422,7 @@ static void b_matmul_fwd_group(sy_backend_t *be, float *const *y, const float *c
                                const float *const *W, const int *N, int n, int in, int out) {
     lp_be *w = LP(be);
     const float **X = arr_in(w, x, N, n, (size_t)in, 0), **Wt = arr_in(w, W, NULL, n, 0, (size_t)out * in);
-    float **Y = arr_out(w, y, N, n, (size_t)out, false);
+    float **Y = arr_out(w, y, N, n, (size_t)out, 0, false);
     IN(w, first(y, n))->matmul_fwd_group(w->in, Y, X, Wt, N, n, in, out);
     finish(w);
     free(X), free(Wt), free(Y);
@@ -424,17 +433,18 @@ static void b_matmul_bwd_group(sy_backend_t *be, float *const *dx, float *const 
     lp_be *w = LP(be);
     const float **DY = arr_in(w, dy, N, n, (size_t)out, 0), **X = arr_in(w, x, N, n, (size_t)in, 0),
                 **Wt = arr_in(w, W, NULL, n, 0, (size_t)out * in);
-    float **DX = arr_out(w, dx, N, n, (size_t)in, false);
-    IN(w, first(dx, n))->matmul_bwd_group(w->in, DX, dW, dW64, DY, X, Wt, N, n, in, out);
+    float **DX = arr_out(w, dx, N, n, (size_t)in, 0, false);
+    float **DW = arr_out(w, dW, NULL, n, 0, (size_t)out * in, true);
+    IN(w, first(dx, n))->matmul_bwd_group(w->in, DX, DW, dW64, DY, X, Wt, N, n, in, out);
     finish(w);
-    free(DY), free(X), free(Wt), free(DX);
+    free(DY), free(X), free(Wt), free(DX), free(DW);
 }
 static void b_matmul_gelu_fwd_group(sy_backend_t *be, float *const *y, float *const *g,
                                     const float *const *x, const float *const *W, const int *N, int n,
                                     int in, int out) {
     lp_be *w = LP(be);
     const float **X = arr_in(w, x, N, n, (size_t)in, 0), **Wt = arr_in(w, W, NULL, n, 0, (size_t)out * in);
-    float **Y = arr_out(w, y, N, n, (size_t)out, false), **Gg = arr_out(w, g, N, n, (size_t)out, false);
+    float **Y = arr_out(w, y, N, n, (size_t)out, 0, false), **Gg = arr_out(w, g, N, n, (size_t)out, 0, false);
     IN(w, first(y, n))->matmul_gelu_fwd_group(w->in, Y, Gg, X, Wt, N, n, in, out);
     finish(w);
     free(X), free(Wt), free(Y), free(Gg);
@@ -448,17 +458,19 @@ static void b_matmul_gelu_bwd_group(sy_backend_t *be, float *const *dx, float *c
     const float **DY = arr_in(w, dy, N, n, (size_t)out, 0), **X = arr_in(w, x, N, n, (size_t)in, 0),
                 **Wt = arr_in(w, W, NULL, n, 0, (size_t)out * in), **M = arr_in(w, mask, N, n, (size_t)in, 0),
                 **PRE = arr_in(w, pre, N, n, (size_t)in, 0);
-    float **DX = arr_out(w, dx, N, n, (size_t)in, false), **DPRE = arr_out(w, dpre, N, n, (size_t)in, false);
-    IN(w, first(dx, n))->matmul_gelu_bwd_group(w->in, DX, dW, dW64, DY, X, Wt, M, PRE, DPRE, N, n, in, out);
+    float **DX = arr_out(w, dx, N, n, (size_t)in, 0, false), **DPRE = arr_out(w, dpre, N, n, (size_t)in, 0, false);
+    float **DW = arr_out(w, dW, NULL, n, 0, (size_t)out * in, true);
+    IN(w, first(dx, n))->matmul_gelu_bwd_group(w->in, DX, DW, dW64, DY, X, Wt, M, PRE, DPRE, N, n, in, out);
     finish(w);
-    free(DY), free(X), free(Wt), free(M), free(PRE), free(DX), free(DPRE);
+    free(DY), free(X), free(Wt), free(M), free(PRE), free(DX), free(DPRE), free(DW);
 }
 static void b_layernorm_fwd(sy_backend_t *be, float *y, float *mean, float *rstd, const float *x,
                             const float *wt, int N, int D) {
     lp_be *w = LP(be);
     const float *X = arg_in(w, x, (size_t)N * D), *Wt = arg_in(w, wt, (size_t)D);
-    float *Y = arg_out(w, y, (size_t)N * D, false);
-    IN(w, y)->layernorm_fwd(w->in, Y, mean, rstd, X, Wt, N, D);
+    float *Y = arg_out(w, y, (size_t)N * D, false), *MU = arg_out(w, mean, (size_t)N, false),
+          *RS = arg_out(w, rstd, (size_t)N, false);
+    IN(w, y)->layernorm_fwd(w->in, Y, MU, RS, X, Wt, N, D);
     finish(w);
 }
 static void b_layernorm_bwd(sy_backend_t *be, float *dx, float *dw, const float *dy, const float *x,
@@ -466,8 +478,9 @@ static void b_layernorm_bwd(sy_backend_t *be, float *dx, float *dw, const float 
     lp_be *w = LP(be);
     const float *DY = arg_in(w, dy, (size_t)N * D), *X = arg_in(w, x, (size_t)N * D),
                 *Wt = arg_in(w, wt, (size_t)D);
-    float *DX = arg_out(w, dx, (size_t)N * D, true);
-    IN(w, dx)->layernorm_bwd(w->in, DX, dw, DY, X, Wt, mean, rstd, N, D);
+    const float *MU = arg_in(w, mean, (size_t)N), *RS = arg_in(w, rstd, (size_t)N);
+    float *DX = arg_out(w, dx, (size_t)N * D, true), *DW = arg_out(w, dw, (size_t)D, true);
+    IN(w, dx)->layernorm_bwd(w->in, DX, DW, DY, X, Wt, MU, RS, N, D);
     finish(w);
 }
 static void b_attention_fwd(sy_backend_t *be, float *out, float *att, const float *qkv, int B, int T,
@@ -475,17 +488,18 @@ static void b_attention_fwd(sy_backend_t *be, float *out, float *att, const floa
     lp_be *w = LP(be);
     const size_t n = (size_t)B * T;
     const float *QKV = arg_in(w, qkv, n * 3 * D);
-    float *O = arg_out(w, out, n * D, false);
-    IN(w, out)->attention_fwd(w->in, O, att, QKV, B, T, D, H);
+    float *O = arg_out(w, out, n * D, false), *ATT = arg_out(w, att, n * H * T, false);
+    IN(w, out)->attention_fwd(w->in, O, ATT, QKV, B, T, D, H);
     finish(w);
 }
 static void b_attention_bwd(sy_backend_t *be, float *dqkv, const float *dout, const float *att,
                             const float *qkv, int B, int T, int D, int H) {
     lp_be *w = LP(be);
     const size_t n = (size_t)B * T;
-    const float *DO = arg_in(w, dout, n * D), *QKV = arg_in(w, qkv, n * 3 * D);
+    const float *DO = arg_in(w, dout, n * D), *QKV = arg_in(w, qkv, n * 3 * D),
+                *ATT = arg_in(w, att, n * H * T);
     float *DQKV = arg_out(w, dqkv, n * 3 * D, false);
-    IN(w, dqkv)->attention_bwd(w->in, DQKV, DO, att, QKV, B, T, D, H);
+    IN(w, dqkv)->attention_bwd(w->in, DQKV, DO, ATT, QKV, B, T, D, H);
     finish(w);
 }
 static void b_gelu_fwd(sy_backend_t *be, float *y, const float *x, size_t n) {
@@ -561,14 +575,20 @@ static void b_router_fwd(sy_backend_t *be, float *probs, int32_t *expert, float 
                          const float *logits, int N, int E) {
     lp_be *w = LP(be);
     const float *L = arg_in(w, logits, (size_t)N * E);
-    IN(w, probs)->router_fwd(w->in, probs, expert, gate, lse, L, N, E);
+    float *P = arg_out(w, probs, (size_t)N * E, false), *Gt = arg_out(w, gate, (size_t)N, false),
+          *LSE = arg_out(w, lse, (size_t)N, false);
+    IN(w, probs)->router_fwd(w->in, P, expert, Gt, LSE, L, N, E);
     finish(w);
 }
 static void b_router_bwd(sy_backend_t *be, float *dlogits, const float *probs, const int32_t *expert,
                          const float *gamma, const float *lse, const float *f, float aux_scale, float z_scale,
                          int N, int E) {
     lp_be *w = LP(be);
-    IN(w, dlogits)->router_bwd(w->in, dlogits, probs, expert, gamma, lse, f, aux_scale, z_scale, N, E);
+    const float *P = arg_in(w, probs, (size_t)N * E), *GA = arg_in(w, gamma, (size_t)N),
+                *LSE = arg_in(w, lse, (size_t)N), *Fe = arg_in(w, f, (size_t)E);
+    float *DL = arg_out(w, dlogits, (size_t)N * E, false);
+    IN(w, dlogits)->router_bwd(w->in, DL, P, expert, GA, LSE, Fe, aux_scale, z_scale, N, E);
+    finish(w);
 }
 static void b_mul_inplace(sy_backend_t *be, float *x, const float *mask, size_t n) {
     lp_be *w = LP(be);
@@ -584,34 +604,47 @@ static void b_jitter_fwd(sy_backend_t *be, float *u, float *xr, const float *h, 
                          uint64_t seed, int64_t step, int micro, int layer) {
     lp_be *w = LP(be);
     const float *H = arg_in(w, h, (size_t)G * D);
-    IN(w, xr)->jitter_fwd(w->in, u, xr, H, G, D, eps, seed, step, micro, layer);
+    float *U = arg_out(w, u, (size_t)G * D, false), *XR = arg_out(w, xr, (size_t)G * D, false);
+    IN(w, xr)->jitter_fwd(w->in, U, XR, H, G, D, eps, seed, step, micro, layer);
     finish(w);
 }
 static void b_jitter_bwd(sy_backend_t *be, float *dh, const float *g, const float *u, size_t n) {
     lp_be *w = LP(be);
+    const float *Gr = arg_in(w, g, n), *U = arg_in(w, u, n);
     float *DH = arg_out(w, dh, n, true);
-    IN(w, dh)->jitter_bwd(w->in, DH, g, u, n);
+    IN(w, dh)->jitter_bwd(w->in, DH, Gr, U, n);
     finish(w);
 }
 static void b_route_plan(sy_backend_t *be, int32_t *counts, int32_t *kept, int32_t *offsets, int32_t *order,
                          int32_t *slot, float *gk, const int32_t *expert, const float *gate, int G, int E,
                          int C) {
     lp_be *w = LP(be);
-    IN(w, gk)->route_plan(w->in, counts, kept, offsets, order, slot, gk, expert, gate, G, E, C);
+    const float *GT = arg_in(w, gate, (size_t)G);
+    float *GK = arg_out(w, gk, (size_t)G, false);
+    IN(w, gk)->route_plan(w->in, counts, kept, offsets, order, slot, GK, expert, GT, G, E, C);
+    finish(w);
 }
 static void b_route_stats(sy_backend_t *be, double *stats, float *f, const float *probs, const float *lse,
                           const int32_t *counts, int G, int E) {
     lp_be *w = LP(be);
-    IN(w, f)->route_stats(w->in, stats, f, probs, lse, counts, G, E);
+    const float *P = arg_in(w, probs, (size_t)G * E), *LSE = arg_in(w, lse, (size_t)G);
+    float *Fe = arg_out(w, f, (size_t)E, false);
+    IN(w, f)->route_stats(w->in, stats, Fe, P, LSE, counts, G, E);
+    finish(w);
 }
 static void b_route_gamma(sy_backend_t *be, float *gamma, const float *dot, const int32_t *slot, int G) {
     lp_be *w = LP(be);
-    IN(w, gamma)->route_gamma(w->in, gamma, dot, slot, G);
+    const float *DOT = arg_in(w, dot, 0);
+    float *GA = arg_out(w, gamma, (size_t)G, false);
+    IN(w, gamma)->route_gamma(w->in, GA, DOT, slot, G);
+    finish(w);
 }
 static void b_dropout_mask(sy_backend_t *be, float *mask, const int32_t *tok, const int32_t *micro, int n,
                            int F, float keep, float inv, uint64_t seed, int64_t step, int micro0, int layer) {
     lp_be *w = LP(be);
-    IN(w, mask)->dropout_mask(w->in, mask, tok, micro, n, F, keep, inv, seed, step, micro0, layer);
+    float *M = arg_out(w, mask, (size_t)n * F, false);
+    IN(w, mask)->dropout_mask(w->in, M, tok, micro, n, F, keep, inv, seed, step, micro0, layer);
+    finish(w);
 }
 /* bf16 rows of bf16 storage: a copy of the stored bytes */
 static void b_wire_put(sy_backend_t *be, void *dst, const float *src, size_t n, int es) {
@@ -684,6 +717,15 @@ sy_status sy_backend_bf16_wrap(sy_backend_t *inner, int storage_es, sy_backend_t
     b->destroy = b_destroy;
     *out = b;
     return SY_OK;
+}
+
+size_t sy_backend_bf16_storage_bytes(sy_backend_t *be) {
+    if (!be || be->destroy != b_destroy) return 0;
+    const lp_be *w = LP(be);
+    size_t total = 0;
+    for (size_t i = 0; i < w->nbuf; i++)
+        if (w->buf[i].phys) total += w->buf[i].n * (size_t)w->es;
+    return total;
 }
 
 sy_status sy_backend_bf16_maybe(sy_backend_t *inner, bool bf16, sy_backend_t **out) {

@@ -33,5 +33,7 @@ sy_status sy_backend_bf16_wrap(sy_backend_t *inner, int storage_es, sy_backend_t
 /* *out = inner when !bf16, else the bf16 wrap of inner with the storage SY_BF16_STORAGE names
  * ("bf16", the default, or "f32"); ownership passes either way. */
 sy_status sy_backend_bf16_maybe(sy_backend_t *inner, bool bf16, sy_backend_t **out);
+/* The storage bytes of the live activation buffers of a bf16 wrap (0 for any other backend). */
+size_t sy_backend_bf16_storage_bytes(sy_backend_t *be);
 
 #endif

@@ -12,25 +12,36 @@ sy_memplan sy_memplan_estimate(const sy_config_t *cfg) {
                  F = cfg->model.d_ff, E = cfg->model.n_experts, H = cfg->model.n_heads,
                  B = cfg->train.micro_batch_seqs, N = B * T;
     const int L = cfg->model.n_layers, S = cfg->model.switch_every;
-    double P = V * D + T * D + D, act = 0.0, expert = 0.0;
+    const bool bf16 = cfg->train.precision == SY_PREC_BF16;
+    /* lp: activation buffers (bf16 storage in bf16 mode); fp: plain fp32 ones */
+    double P = V * D + T * D + D, lp = 0.0, fp = 0.0, expert = 0.0;
     for (int l = 0; l < L; l++) {
         bool sw = S > 0 && cfg->model.n_experts >= 1 && l % S == S - 1;
         if (sw) expert += 2 * D * F;
         P += 2 * D + 4 * D * D + (sw ? E * D + E * 2 * D * F : 2 * D * F);
         /* x_in, ln1, qkv(3), atty, x_mid, ln2 (N·D each), attention B·H·T², the FFN or Switch
          * buffers (dispatch/combine copies of N·D, the expert hidden N·F twice, router N·E) */
-        act += N * D * 8 + B * H * T * T + 4 * N + (sw ? N * D * 4 + N * F * 2 + N * E * 3 : N * F * 2);
+        lp += N * D * 8 + (sw ? N * D * 4 + N * F * 2 : N * F * 2);
+        fp += B * H * T * T + 4 * N + (sw ? N * E * 3 : 0);
     }
-    act += N * V + N * D * 10 + N * F * 2; /* logits, head and backward scratch */
+    lp += N * D * 10 + N * F * 2; /* head and backward scratch */
+    fp += N * V;                  /* logits */
+    double act = lp * 4.0 + fp * 4.0;
+    if (bf16) {
+        /* bf16 storage, plus the fp32 scratch an op widens its bf16 operands into
+         * (backend_bf16.c): at most about its largest op's, the expert GEMMs or the LM head */
+        const double wmax = V * D > E * D * F ? V * D : E * D * F;
+        act = lp * 2.0 + fp * 4.0 + 4.0 * (3 * N * F + 3 * N * D + wmax);
+    }
     sy_memplan m;
     m.params = P;
     m.expert_params = expert;
     m.replica_bytes = 0.0;
-    /* params 4 + grads 4 + fp64 accumulator 8 + AdamW m, v 8 (+ bf16 work copy 4, + async
+    /* params 4 + grads 4 + fp64 accumulator 8 + AdamW m, v 8 (+ bf16 work copy 2, + async
      * snapshot of params and moments 12) bytes per parameter */
-    double per = 24.0 + (cfg->train.precision == SY_PREC_BF16 ? 4.0 : 0.0) + (cfg->checkpoint.async ? 12.0 : 0.0);
+    double per = 24.0 + (bf16 ? 2.0 : 0.0) + (cfg->checkpoint.async ? 12.0 : 0.0);
     m.state_bytes = P * per;
-    m.act_bytes = act * 4.0;
+    m.act_bytes = act;
     m.total_bytes = m.state_bytes + m.act_bytes;
     return m;
 }

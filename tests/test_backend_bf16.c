@@ -1,0 +1,261 @@
+/* bf16 storage (src/backend/backend_bf16.c; issue 10, model spec §4): activation buffers of a
+ * bf16-mode backend hold 2 bytes an element, and give the same bits as fp32 storage of bf16
+ * values (the layout before typed storage, kept as SY_BF16_STORAGE=f32).
+ *   - storage: alloc_act of n elements takes 2n bytes (4n with fp32 storage), freed to 0; a
+ *     bf16-mode model's activations and working weights take exactly half of fp32 storage's;
+ *   - traffic: upload into an activation buffer rounds (RNE) each value, download widens
+ *     exactly, copy converts both ways and copies between activation buffers, zero and handle
+ *     offsets address elements, host_view is NULL; bf16 wire rows are the stored bytes;
+ *   - same bits: a Switch model's losses, gradients and logits over micro-batches with router
+ *     jitter and expert dropout (and the bf16-router ablation) are bit-identical between bf16
+ *     and fp32 storage, on the CPU and the emulation backend, and differ from fp32 mode (so
+ *     rounding happened). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "backend/backend_cpu_internal.h"
+#include "base/bf16.h"
+#include "base/config.h"
+#include "base/rng.h"
+#include "model/model.h"
+
+#define SY_TEST_SEED 0xbf16570aULL
+#include "sy_test.h"
+
+static uint32_t bits_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* inner: "cpu" or "emu"; es: 2 (bf16 storage) or 4 (fp32 storage) */
+static sy_backend_t *new_bf16(const char *inner, int es) {
+    sy_backend_t *in = NULL, *be = NULL;
+    if (!strcmp(inner, "cpu"))
+        assert_int_equal(sy_backend_cpu_new_plain(2, false, &in), SY_OK);
+    else
+        assert_int_equal(sy_backend_emu_new_threads(2, false, &in), SY_OK);
+    assert_int_equal(sy_backend_bf16_wrap(in, es, &be), SY_OK);
+    assert_true(be->bf16);
+    return be;
+}
+
+static int setup(void **state) {
+    (void)state;
+    /* the suite may run with these set: this file picks its backends itself */
+    unsetenv("SY_BACKEND_POISON");
+    unsetenv("SY_BACKEND");
+    unsetenv("SY_BF16_STORAGE");
+    return 0;
+}
+
+/* ---------------------------------------------------------------- storage */
+
+static void test_storage_bytes(void **state) {
+    (void)state;
+    for (int es = 2; es <= 4; es += 2) {
+        sy_backend_t *be = new_bf16("cpu", es);
+        assert_int_equal(sy_backend_bf16_storage_bytes(be), 0);
+        float *a = sy_alloc_act(be, 1000), *b = sy_alloc_act(be, 24);
+        assert_non_null(a), assert_non_null(b);
+        assert_int_equal(sy_backend_bf16_storage_bytes(be), (size_t)es * 1024);
+        float *p = be->alloc(be, 4096); /* a plain buffer is not activation storage */
+        assert_int_equal(sy_backend_bf16_storage_bytes(be), (size_t)es * 1024);
+        be->free(be, a);
+        assert_int_equal(sy_backend_bf16_storage_bytes(be), (size_t)es * 24);
+        be->free(be, b), be->free(be, p);
+        assert_int_equal(sy_backend_bf16_storage_bytes(be), 0);
+        sy_backend_destroy(&be);
+    }
+    /* the environment picks the storage of a bf16-mode CPU backend; a bad value is refused */
+    sy_backend_t *be = NULL;
+    assert_int_equal(sy_backend_cpu_new(1, true, &be), SY_OK);
+    float *a = sy_alloc_act(be, 10);
+    assert_int_equal(sy_backend_bf16_storage_bytes(be), 20);
+    be->free(be, a);
+    sy_backend_destroy(&be);
+    setenv("SY_BF16_STORAGE", "f32", 1);
+    assert_int_equal(sy_backend_cpu_new(1, true, &be), SY_OK);
+    a = sy_alloc_act(be, 10);
+    assert_int_equal(sy_backend_bf16_storage_bytes(be), 40);
+    be->free(be, a);
+    sy_backend_destroy(&be);
+    setenv("SY_BF16_STORAGE", "fp8", 1);
+    assert_int_equal(sy_backend_cpu_new(1, true, &be), SY_EINVAL);
+    assert_non_null(strstr(sy_err_msg(), "SY_BF16_STORAGE=fp8"));
+    unsetenv("SY_BF16_STORAGE");
+    /* fp32 mode: no wrap, alloc_act is plain fp32 */
+    assert_int_equal(sy_backend_cpu_new(1, false, &be), SY_OK);
+    assert_null(be->alloc_act);
+    assert_false(be->bf16);
+    sy_backend_destroy(&be);
+}
+
+/* ---------------------------------------------------------------- traffic */
+
+static void check_traffic(sy_backend_t *be) {
+    enum { N = 300 };
+    static float x[N], y[N], z[N];
+    for (int i = 0; i < N; i++) x[i] = (float)((urand() - 0.5) * pow(2.0, (int)(urand() * 40) - 20));
+    int unrounded = 0;
+    for (int i = 0; i < N; i++) unrounded += bits_of(x[i]) != bits_of(sy_round_bf16(x[i]));
+    assert_true(unrounded > N / 2);
+
+    float *a = sy_alloc_act(be, N), *b = sy_alloc_act(be, N), *p = be->alloc(be, N * sizeof(float));
+    assert_null(be->host_view(be, a));
+    assert_non_null(be->host_view(be, p)); /* the CPU's plain buffers are host memory */
+    /* upload rounds, download widens */
+    be->upload(be, a, x, sizeof x);
+    be->download(be, y, a, sizeof y);
+    for (int i = 0; i < N; i++) assert_int_equal(bits_of(y[i]), bits_of(sy_round_bf16(x[i])));
+    /* plain -> activation rounds; activation -> plain is exact; activation -> activation */
+    be->upload(be, p, x, sizeof x);
+    be->copy(be, b, p, sizeof x);
+    be->download(be, z, b, sizeof z);
+    assert_memory_equal(z, y, sizeof z);
+    be->zero(be, p, sizeof x);
+    be->copy(be, p, a, sizeof x);
+    be->download(be, z, p, sizeof z);
+    assert_memory_equal(z, y, sizeof z);
+    be->zero(be, b, sizeof x);
+    be->copy(be, b + 10, a + 20, 50 * sizeof(float)); /* handle offsets are in elements */
+    be->download(be, z, b, sizeof z);
+    for (int i = 0; i < N; i++)
+        assert_int_equal(bits_of(z[i]), i >= 10 && i < 60 ? bits_of(y[i + 10]) : 0u);
+    /* zero of a sub-range; upload into a sub-range */
+    be->copy(be, b, a, sizeof x);
+    be->zero(be, b + 100, 7 * sizeof(float));
+    be->upload(be, b + 200, x, 3 * sizeof(float));
+    be->download(be, z, b, sizeof z);
+    for (int i = 0; i < N; i++) {
+        float want = i >= 100 && i < 107 ? 0.0f : i >= 200 && i < 203 ? sy_round_bf16(x[i - 200]) : y[i];
+        assert_int_equal(bits_of(z[i]), bits_of(want));
+    }
+    /* wire: bf16 rows are the stored elements (RNE of the values), fp32 rows the widened ones */
+    char *wire = be->alloc(be, N * sizeof(float));
+    uint16_t h16[N];
+    be->wire_put(be, wire + 2, a + 5, 100, 2);
+    be->download(be, h16, wire + 2, 100 * sizeof(uint16_t));
+    for (int i = 0; i < 100; i++) assert_int_equal(h16[i], sy_f32_to_bf16(x[i + 5]));
+    be->zero(be, b, sizeof x);
+    be->wire_get(be, b + 1, wire + 2, 100, 2);
+    be->download(be, z, b, sizeof z);
+    for (int i = 0; i < N; i++) assert_int_equal(bits_of(z[i]), i >= 1 && i < 101 ? bits_of(y[i + 4]) : 0u);
+    be->wire_put(be, wire, a, 50, 4);
+    be->download(be, z, wire, 50 * sizeof(float));
+    assert_memory_equal(z, y, 50 * sizeof(float));
+    be->free(be, wire);
+    be->free(be, a), be->free(be, b), be->free(be, p);
+}
+
+static void test_traffic(void **state) {
+    (void)state;
+    const char *inner[] = {"cpu", "emu"};
+    for (int k = 0; k < 2; k++)
+        for (int es = 2; es <= 4; es += 2) {
+            sy_backend_t *be = new_bf16(inner[k], es);
+            check_traffic(be);
+            sy_backend_destroy(&be);
+        }
+}
+
+/* ---------------------------------------------------------------- same bits */
+
+typedef struct {
+    double loss[3];
+    float *grads, *logits;
+    size_t act_bytes, P, L; /* activation storage; parameters; logits */
+} model_run;
+
+enum { M_B = 4, M_T = 8 };
+
+static model_run run_model(sy_backend_t *be, bool router_bf16) {
+    sy_config_t cfg;
+    assert_int_equal(sy_config_defaults(&cfg), SY_OK);
+    cfg.model.vocab_size = 61;
+    cfg.model.seq_len = M_T;
+    cfg.model.d_model = 32;
+    cfg.model.n_heads = 4;
+    cfg.model.d_ff = 48;
+    cfg.model.n_experts = 4;
+    cfg.model.n_layers = 2;
+    cfg.model.switch_every = 2;
+    cfg.model.router_jitter = 0.05;
+    cfg.model.expert_dropout = 0.2;
+    cfg.model.capacity_factor = 1.0; /* drops some tokens */
+    cfg.model.router_precision = router_bf16 ? SY_PREC_BF16 : SY_PREC_FP32;
+    cfg.train.micro_batch_seqs = M_B;
+    sy_model_dims d = sy_model_dims_from_config(&cfg);
+    sy_config_free(&cfg);
+    sy_model_t *m = NULL;
+    assert_int_equal(sy_model_new(&d, be, &m), SY_OK);
+    model_run r = {.act_bytes = sy_backend_bf16_storage_bytes(be)};
+    sy_model_init(m, 7);
+    sy_rng_t g = sy_rng_key(11, "bf16 storage test tokens", 0, 0, 0);
+    int32_t tok[M_B * (M_T + 1)];
+    sy_model_zero_grads(m);
+    for (int micro = 0; micro < 3; micro++) {
+        for (int i = 0; i < M_B * (M_T + 1); i++) tok[i] = (int32_t)sy_rng_below(&g, (uint64_t)d.V);
+        sy_losses l;
+        assert_int_equal(sy_model_fwd_bwd(m, tok, 3, (sy_draw_key){5, 2, micro}, &l), SY_OK);
+        r.loss[micro] = l.ce + l.aux + l.z;
+    }
+    const size_t P = sy_model_numel(m);
+    r.P = P, r.L = (size_t)M_B * M_T * d.V;
+    r.grads = sy_test_download_new(be, sy_model_grads(m), P * sizeof(float));
+    sy_losses l;
+    assert_int_equal(sy_model_forward_eval(m, tok, 1, &l), SY_OK);
+    r.logits = malloc(sizeof(float) * M_B * M_T * d.V);
+    assert_int_equal(sy_model_logits(m, 0, M_B * M_T, r.logits), SY_OK);
+    sy_model_destroy(&m);
+    return r;
+}
+
+static void same_run(const model_run *a, const model_run *b, size_t P, size_t L) {
+    for (int i = 0; i < 3; i++) assert_int_equal(bits_of((float)a->loss[i]), bits_of((float)b->loss[i]));
+    assert_memory_equal(a->loss, b->loss, sizeof a->loss);
+    assert_memory_equal(a->grads, b->grads, P * sizeof(float));
+    assert_memory_equal(a->logits, b->logits, L * sizeof(float));
+}
+
+static void test_same_bits(void **state) {
+    (void)state;
+    for (int r16 = 0; r16 <= 1; r16++) {
+        sy_backend_t *b2 = new_bf16("cpu", 2), *b4 = new_bf16("cpu", 4), *e2 = new_bf16("emu", 2);
+        sy_backend_t *fp = NULL;
+        assert_int_equal(sy_backend_cpu_new_plain(2, false, &fp), SY_OK);
+        model_run x2 = run_model(b2, r16), x4 = run_model(b4, r16), y2 = run_model(e2, r16),
+                  f = run_model(fp, r16);
+        const size_t P = f.P, L = f.L;
+        fprintf(stderr, "router %s: losses bf16 %.9f %.9f %.9f, fp32 %.9f; activation storage %zu / %zu bytes\n",
+                r16 ? "bf16" : "fp32", x2.loss[0], x2.loss[1], x2.loss[2], f.loss[0], x2.act_bytes,
+                x4.act_bytes);
+        same_run(&x2, &x4, P, L); /* bf16 storage == fp32 storage of bf16 values */
+        same_run(&x2, &y2, P, L); /* == the emulation backend's kernel bodies */
+        for (int i = 0; i < 3; i++) assert_true(x2.loss[i] != f.loss[i]); /* rounding happened */
+        assert_true(fabs(x2.loss[0] - f.loss[0]) < 5e-2);
+        assert_true(x2.act_bytes > 0 && x4.act_bytes == 2 * x2.act_bytes);
+        assert_int_equal(f.act_bytes, 0);
+        free(x2.grads), free(x4.grads), free(y2.grads), free(f.grads);
+        free(x2.logits), free(x4.logits), free(y2.logits), free(f.logits);
+        sy_backend_destroy(&b2), sy_backend_destroy(&b4), sy_backend_destroy(&e2), sy_backend_destroy(&fp);
+    }
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_storage_bytes),
+        cmocka_unit_test(test_traffic),
+        cmocka_unit_test(test_same_bits),
+    };
+    return cmocka_run_group_tests(tests, setup, NULL);
+}
