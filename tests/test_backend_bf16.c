@@ -9,7 +9,9 @@
  *   - same bits: a Switch model's losses, gradients and logits over micro-batches with router
  *     jitter and expert dropout (and the bf16-router ablation) are bit-identical between bf16
  *     and fp32 storage, on the CPU and the emulation backend, and differ from fp32 mode (so
- *     rounding happened). */
+ *     rounding happened);
+ *   - traffic of plain buffers from another thread while ops run (the peer-replica thread
+ *     downloads the masters and moments so) leaves the results unchanged. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -17,6 +19,8 @@
 
 #include <cmocka.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,11 +255,55 @@ static void test_same_bits(void **state) {
     }
 }
 
+/* ---------------------------------------------------------------- another thread's traffic */
+
+typedef struct {
+    sy_backend_t *be;
+    atomic_int stop;
+    long rounds;
+} downloader;
+
+static void *download_loop(void *arg) {
+    downloader *d = arg;
+    enum { K = 1 << 16 };
+    float *p = d->be->alloc(d->be, K * sizeof(float)), *q = d->be->alloc(d->be, K * sizeof(float));
+    float *h = malloc(K * sizeof(float));
+    assert_non_null(p), assert_non_null(q), assert_non_null(h);
+    while (!atomic_load(&d->stop)) {
+        d->be->download(d->be, h, p, K * sizeof(float));
+        d->be->upload(d->be, q, h, K * sizeof(float));
+        d->be->copy(d->be, p, q, K * sizeof(float));
+        d->be->zero(d->be, q, K * sizeof(float));
+        d->rounds++;
+    }
+    d->be->free(d->be, p), d->be->free(d->be, q);
+    free(h);
+    return NULL;
+}
+
+static void test_plain_traffic_from_another_thread(void **state) {
+    (void)state;
+    sy_backend_t *b1 = new_bf16("cpu", 2), *b2 = new_bf16("cpu", 2);
+    model_run alone = run_model(b1, false);
+    downloader d = {.be = b2};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, download_loop, &d), 0);
+    model_run busy = run_model(b2, false);
+    atomic_store(&d.stop, 1);
+    pthread_join(th, NULL);
+    fprintf(stderr, "plain traffic on another thread: %ld rounds during the run\n", d.rounds);
+    assert_true(d.rounds > 0);
+    same_run(&alone, &busy, alone.P, alone.L);
+    free(alone.grads), free(alone.logits), free(busy.grads), free(busy.logits);
+    sy_backend_destroy(&b1), sy_backend_destroy(&b2);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_storage_bytes),
         cmocka_unit_test(test_traffic),
         cmocka_unit_test(test_same_bits),
+        cmocka_unit_test(test_plain_traffic_from_another_thread),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

@@ -28,7 +28,12 @@
  * storage_es 4 keeps the same handles over fp32 storage of bf16 values (today's layout before
  * this file; SY_BF16_STORAGE=f32): the test that typed storage gives the same bits compares the
  * two (tests/test_backend_bf16.c).
- * Thread: one thread drives it, as any backend (the scratch and the table are unlocked). */
+ * Thread: one thread drives it, as any backend (the scratch, the pending outputs and the buffer
+ * table are unlocked). Traffic that involves no activation buffer (upload, download, copy, zero
+ * of plain buffers; alloc and free of plain buffers) touches none of that state and goes
+ * straight to the wrapped backend, so it keeps that backend's thread rules: the peer-replica
+ * thread downloads the fp32 masters and moments while the training thread runs ops
+ * (worker/replica.c "Any thread"). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -265,6 +270,10 @@ static void b_upload(sy_backend_t *be, void *dst, const void *src_host, size_t b
 
 static void b_download(sy_backend_t *be, void *dst_host, const void *src, size_t bytes) {
     lp_be *w = LP(be);
+    if (!is_lp(src)) { /* plain: no state of ours touched (any thread, as the wrapped backend) */
+        w->in->download(w->in, dst_host, src, bytes);
+        return;
+    }
     const float *s = arg_in(w, src, bytes / sizeof(float));
     w->in->download(w->in, dst_host, s, bytes);
     finish(w);
