@@ -176,14 +176,15 @@ static sy_status bench_switch(const opts_t *o, sy_backend_t *be) {
     Wr = malloc(sizeof(float) * (size_t)E * D);
     W1 = malloc(sizeof(float) * fd * E);
     W2 = malloc(sizeof(float) * fd * E);
-    hb = be->alloc(be, sizeof(float) * gd);
-    doutb = be->alloc(be, sizeof(float) * gd);
-    out = be->alloc(be, sizeof(float) * gd);
-    dh = be->alloc(be, sizeof(float) * gd);
+    hb = sy_alloc_act(be, gd); /* activations, activation gradients and the experts' working
+                                * weights: bf16 storage in bf16 mode */
+    doutb = sy_alloc_act(be, gd);
+    out = sy_alloc_act(be, gd);
+    dh = sy_alloc_act(be, gd);
     Wrb = be->alloc(be, sizeof(float) * (size_t)E * D);
     dWr = be->alloc(be, sizeof(float) * (size_t)E * D);
-    W1b = be->alloc(be, sizeof(float) * fd * E);
-    W2b = be->alloc(be, sizeof(float) * fd * E);
+    W1b = sy_alloc_act(be, fd * E);
+    W2b = sy_alloc_act(be, fd * E);
     dW1 = be->alloc(be, sizeof(float) * fd * E);
     dW2 = be->alloc(be, sizeof(float) * fd * E);
     /* fp64 gradient accumulators: training always sums expert weight gradients across

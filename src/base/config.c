@@ -188,7 +188,9 @@ static const field FIELDS[] = {
     FLD(train, grad_clip, FT_DOUBLE, "1.0", GE(0),
         MEANS("Clip the global gradient norm to this (0: no clipping).")),
     FLD(train, precision, FT_ENUM, "fp32", .names = PRECISION_NAMES,
-        MEANS("fp32, or bf16 GEMMs with fp32 master weights and an fp32 router.")),
+        MEANS("fp32, or bf16 (model spec §4): activations, activation gradients and the GEMM weights' "
+              "working copy stored in bf16 (2 bytes an element), fp32 master weights, optimizer state "
+              "and router; docs/architecture.md \"bf16 storage\".")),
     FLD(train, max_memory_gb, FT_DOUBLE, "0", .rule = R_MIN | R_RESUME, .lo = 0,
         MEANS("Memory (GiB) a run may need on this machine, estimated at start from the model, batch and "
               "optimizer; a bigger config is refused (0: the machine's available memory).")),

@@ -19,7 +19,10 @@
 #include "base/module.h"
 #include "base/rng.h"
 #include "cuda_module_internal.h"
-#include "../backend_cpu_internal.h"
+
+/* backend_bf16.c (declared in backend_cpu_internal.h, private to the folder above): the bf16
+ * storage wrap of a backend with fp32 kernels */
+sy_status sy_backend_bf16_maybe(sy_backend_t *inner, bool bf16, sy_backend_t **out);
 
 #define SY_NO_CUDA_MSG                                                                     \
     "this switchyard was built without CUDA (no nvcc found when CMake configured it, or "  \
