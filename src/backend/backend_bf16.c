@@ -157,26 +157,30 @@ static void finish(lp_be *w) {
     }
 }
 
-/* An input operand of n elements (0: to the end of its buffer): plain buffers as they are,
+/* n of an operand whose extent the op's shape does not give (a gathered source, a scatter
+ * target): to the end of its buffer */
+#define REST SIZE_MAX
+
+/* An input operand of n elements (REST: to the end of its buffer): plain buffers as they are,
  * activation buffers widened into scratch (fp32 storage: as they are). */
 static const float *arg_in(lp_be *w, const float *h, size_t n) {
     if (!h || !is_lp(h)) return h;
     size_t rest;
     void *p = phys_of(w, h, &rest);
-    if (!n || n > rest) n = rest;
+    if (n > rest) n = rest;
     if (w->es == 4) return p;
     float *s = scratch(w, n);
     w->in->wire_get(w->in, s, p, n, 2);
     return s;
 }
 
-/* An output operand of n elements (0: to the end of its buffer); keep: the op reads it too
+/* An output operand of n elements (REST: to the end of its buffer); keep: the op reads it too
  * (+=, or rows it leaves alone), so it is widened first. */
 static float *arg_out(lp_be *w, float *h, size_t n, bool keep) {
     if (!h || !is_lp(h)) return h;
     size_t rest;
     void *p = phys_of(w, h, &rest);
-    if (!n || n > rest) n = rest;
+    if (n > rest) n = rest;
     float *s = p;
     if (w->es == 2) {
         s = scratch(w, n);
@@ -358,7 +362,7 @@ static void b_round_bf16(sy_backend_t *be, float *x, size_t n) {
 static void b_embed_fwd(sy_backend_t *be, float *x, const int32_t *tok, const float *wte,
                         const float *wpe, int N, int T, int D) {
     lp_be *w = LP(be);
-    const float *E = arg_in(w, wte, 0), *P = arg_in(w, wpe, (size_t)T * D);
+    const float *E = arg_in(w, wte, REST), *P = arg_in(w, wpe, (size_t)T * D);
     float *X = arg_out(w, x, (size_t)N * D, false);
     IN(w, x)->embed_fwd(w->in, X, tok, E, P, N, T, D);
     finish(w);
@@ -367,7 +371,7 @@ static void b_embed_bwd(sy_backend_t *be, float *dwte, float *dwpe, const float 
                         const int32_t *tok, int N, int T, int D) {
     lp_be *w = LP(be);
     const float *DX = arg_in(w, dx, (size_t)N * D);
-    float *GE = arg_out(w, dwte, 0, true), *GP = arg_out(w, dwpe, (size_t)T * D, true);
+    float *GE = arg_out(w, dwte, REST, true), *GP = arg_out(w, dwpe, (size_t)T * D, true);
     IN(w, NULL)->embed_bwd(w->in, GE, GP, DX, tok, N, T, D);
     finish(w);
 }
@@ -398,12 +402,8 @@ static void b_matmul_bwd_acc64(sy_backend_t *be, float *dx, float *dW, double *d
     finish(w);
 }
 
-/* Pointer arrays of the grouped ops: host arrays of n translated pointers. */
-typedef struct {
-    const float **in;
-    float **out;
-} lp_arrays;
-
+/* Pointer arrays of the grouped ops: operand i of N[i]·per_row elements (N NULL: `fixed`); an
+ * empty problem's operand is an empty piece of scratch (a valid pointer the op never reads). */
 static const float **arr_in(lp_be *w, const float *const *h, const int *N, int n, size_t per_row,
                             size_t fixed) {
     if (!h) return NULL;
@@ -412,16 +412,12 @@ static const float **arr_in(lp_be *w, const float *const *h, const int *N, int n
     for (int i = 0; i < n; i++) a[i] = arg_in(w, h[i], N ? (size_t)N[i] * per_row : fixed);
     return a;
 }
-/* N NULL: every problem's operand is `fixed` elements */
 static float **arr_out(lp_be *w, float *const *h, const int *N, int n, size_t per_row, size_t fixed,
                        bool keep) {
     if (!h) return NULL;
     float **a = malloc(sizeof *a * (size_t)(n > 0 ? n : 1));
     if (!a) oom("pointer array");
-    for (int i = 0; i < n; i++) {
-        const size_t k = N ? (size_t)N[i] * per_row : fixed;
-        a[i] = k ? arg_out(w, h[i], k, keep) : h[i];
-    }
+    for (int i = 0; i < n; i++) a[i] = arg_out(w, h[i], N ? (size_t)N[i] * per_row : fixed, keep);
     return a;
 }
 /* the op's activation output: the first problem's (problems of one call share kinds) */
@@ -551,7 +547,7 @@ static double b_xent_fwd(sy_backend_t *be, const float *logits, const int32_t *t
 }
 static void b_gather_rows(sy_backend_t *be, float *dst, const float *src, const int32_t *idx, int n, int D) {
     lp_be *w = LP(be);
-    const float *S = arg_in(w, src, 0);
+    const float *S = arg_in(w, src, REST);
     float *Dst = arg_out(w, dst, (size_t)n * D, false);
     IN(w, dst)->gather_rows(w->in, Dst, S, idx, n, D);
     finish(w);
@@ -560,7 +556,7 @@ static void b_scatter_rows_scaled(sy_backend_t *be, float *dst, const float *src
                                   const float *scale, int n, int D) {
     lp_be *w = LP(be);
     const float *S = arg_in(w, src, (size_t)n * D), *SC = arg_in(w, scale, (size_t)n);
-    float *Dst = arg_out(w, dst, 0, true);
+    float *Dst = arg_out(w, dst, REST, true);
     IN(w, dst)->scatter_rows_scaled(w->in, Dst, S, idx, SC, n, D);
     finish(w);
 }
@@ -568,14 +564,14 @@ static void b_scatter_add_rows(sy_backend_t *be, float *dst, const float *src, c
                                int D) {
     lp_be *w = LP(be);
     const float *S = arg_in(w, src, (size_t)n * D);
-    float *Dst = arg_out(w, dst, 0, true);
+    float *Dst = arg_out(w, dst, REST, true);
     IN(w, dst)->scatter_add_rows(w->in, Dst, S, idx, n, D);
     finish(w);
 }
 static void b_gather_dot_scale(sy_backend_t *be, float *dot, float *out, const float *a, const float *b,
                                const int32_t *idx, const float *scale, int n, int D) {
     lp_be *w = LP(be);
-    const float *A = arg_in(w, a, 0), *B = arg_in(w, b, (size_t)n * D), *SC = arg_in(w, scale, (size_t)n);
+    const float *A = arg_in(w, a, REST), *B = arg_in(w, b, (size_t)n * D), *SC = arg_in(w, scale, (size_t)n);
     float *DOT = arg_out(w, dot, (size_t)n, false), *O = arg_out(w, out, (size_t)n * D, false);
     IN(w, out)->gather_dot_scale(w->in, DOT, O, A, B, idx, SC, n, D);
     finish(w);
@@ -643,7 +639,7 @@ static void b_route_stats(sy_backend_t *be, double *stats, float *f, const float
 }
 static void b_route_gamma(sy_backend_t *be, float *gamma, const float *dot, const int32_t *slot, int G) {
     lp_be *w = LP(be);
-    const float *DOT = arg_in(w, dot, 0);
+    const float *DOT = arg_in(w, dot, REST);
     float *GA = arg_out(w, gamma, (size_t)G, false);
     IN(w, gamma)->route_gamma(w->in, GA, DOT, slot, G);
     finish(w);
