@@ -47,7 +47,7 @@ typedef struct {
 
 static emu_backend_t *EMU(sy_backend_t *be) { return (emu_backend_t *)be; }
 
-/* The wrapped CPU backend, with the caller's bf16 flag (tests flip it between calls). */
+/* The wrapped CPU backend, with this backend's bf16 flag (the bf16 wrap sets it per op). */
 static sy_backend_t *CPU(sy_backend_t *be) {
     sy_backend_t *c = EMU(be)->cpu;
     c->bf16 = be->bf16;

@@ -33,7 +33,7 @@ typedef struct {
 static inline void *untag(const void *p) { return (void *)((uintptr_t)p & ~SY_POISON_TAG); }
 #define U(p) ((__typeof__(p))untag((const void *)(p)))
 
-/* The wrapped backend, with the caller's bf16 flag (tests may flip it between calls). */
+/* The wrapped backend, with this backend's bf16 flag (the bf16 wrap sets it per op). */
 static inline sy_backend_t *IN(sy_backend_t *be) {
     sy_backend_t *in = ((poison_be *)be)->in;
     in->bf16 = be->bf16;
