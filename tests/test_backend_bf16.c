@@ -3,6 +3,8 @@
  * values (the layout before typed storage, kept as SY_BF16_STORAGE=f32).
  *   - storage: alloc_act of n elements takes 2n bytes (4n with fp32 storage), freed to 0; a
  *     bf16-mode model's activations and working weights take exactly half of fp32 storage's;
+ *   - conversions: the CPU's vectorised narrowing, widening and rounding equal base/bf16.h's
+ *     scalar ones for every sign, exponent and top fraction, NaNs included;
  *   - traffic: upload into an activation buffer rounds (RNE) each value, download widens
  *     exactly, copy converts both ways and copies between activation buffers, zero and handle
  *     offsets address elements, host_view is NULL; bf16 wire rows are the stored bytes;
@@ -173,6 +175,48 @@ static void test_traffic(void **state) {
         }
 }
 
+/* ---------------------------------------------------------------- conversions, every pattern */
+
+/* The CPU backend's vectorised conversions (wire_put / wire_get with es 2, round_bf16: what the
+ * wrap narrows, widens and rounds with) against base/bf16.h's scalar ones: every sign, exponent
+ * and top fraction (all 65,536 upper halves) with lower halves at and around the rounding ties,
+ * NaN payloads included; threaded (more than one chunk). */
+static void test_conversions_all_patterns(void **state) {
+    (void)state;
+    static const uint16_t lows[] = {0x0000, 0x0001, 0x3fff, 0x7fff, 0x8000, 0x8001, 0xc000, 0xffff};
+    enum { NL = sizeof lows / sizeof lows[0], NP = 65536 * NL };
+    sy_backend_t *be = NULL;
+    assert_int_equal(sy_backend_cpu_new_plain(2, true, &be), SY_OK); /* bf16 set: round_bf16 rounds */
+    float *x = malloc(sizeof(float) * NP), *y = malloc(sizeof(float) * NP);
+    uint16_t *h = malloc(sizeof(uint16_t) * NP);
+    assert_non_null(x), assert_non_null(y), assert_non_null(h);
+    for (uint32_t hi = 0; hi < 65536; hi++)
+        for (int k = 0; k < NL; k++) {
+            const uint32_t u = hi << 16 | lows[k];
+            memcpy(&x[hi * NL + (uint32_t)k], &u, sizeof u);
+        }
+    float *bx = sy_test_upload_new(be, x, sizeof(float) * NP);
+    uint16_t *bh = sy_test_upload_new(be, NULL, sizeof(uint16_t) * NP);
+    be->wire_put(be, bh, bx, NP, 2);
+    be->download(be, h, bh, sizeof(uint16_t) * NP);
+    int bad = 0;
+    for (size_t i = 0; i < NP; i++) bad += h[i] != sy_f32_to_bf16(x[i]);
+    assert_int_equal(bad, 0);
+    be->round_bf16(be, bx, NP);
+    be->download(be, y, bx, sizeof(float) * NP);
+    for (size_t i = 0; i < NP; i++) bad += bits_of(y[i]) != bits_of(sy_round_bf16(x[i]));
+    assert_int_equal(bad, 0);
+    for (uint32_t i = 0; i < NP; i++) h[i] = (uint16_t)(i % 65536u); /* every bf16 pattern */
+    be->upload(be, bh, h, sizeof(uint16_t) * NP);
+    be->wire_get(be, bx, bh, NP, 2);
+    be->download(be, y, bx, sizeof(float) * NP);
+    for (size_t i = 0; i < NP; i++) bad += bits_of(y[i]) != bits_of(sy_bf16_to_f32(h[i]));
+    assert_int_equal(bad, 0);
+    be->free(be, bx), be->free(be, bh);
+    free(x), free(y), free(h);
+    sy_backend_destroy(&be);
+}
+
 /* ---------------------------------------------------------------- same bits */
 
 typedef struct {
@@ -313,6 +357,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_storage_bytes),
         cmocka_unit_test(test_traffic),
+        cmocka_unit_test(test_conversions_all_patterns),
         cmocka_unit_test(test_same_bits),
         cmocka_unit_test(test_plain_traffic_from_another_thread),
     };

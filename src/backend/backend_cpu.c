@@ -30,8 +30,6 @@ typedef struct {
     int scratch_threads;
 } cpu_backend_t;
 
-/* Hot kernels are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time. */
-#define SY_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 /* Per-thread scratch of n floats each, grown (never per step once sized). NULL on failure. */
 static float *cpu_scratch(cpu_backend_t *c, size_t n) {
@@ -68,8 +66,10 @@ static void cpu_free(sy_backend_t *be, void *p) {
 
 static void cpu_round_bf16(sy_backend_t *be, float *x, size_t n) {
     if (!be->bf16) return;
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) sy_k_round(i, x);
+    const size_t nc = (n + SY_CPU_CONV_CHUNK - 1) / SY_CPU_CONV_CHUNK;
+#pragma omp parallel for schedule(static) if (nc > 1)
+    for (size_t c = 0; c < nc; c++)
+        sy_cpu_round_range(x, c * SY_CPU_CONV_CHUNK, (c + 1) * SY_CPU_CONV_CHUNK < n ? (c + 1) * SY_CPU_CONV_CHUNK : n);
 }
 
 static void cpu_embed_fwd(sy_backend_t *be, float *x, const int32_t *tok, const float *wte,

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "backend/cpu_math.h"
 #include "backend/kernels/k_elementwise.h"
 #include "backend/kernels/k_route.h"
 #include "backend_cpu_internal.h"
@@ -89,22 +90,30 @@ static void cpu_dropout_mask(sy_backend_t *be, float *mask, const int32_t *tok,
     }
 }
 
+/* The bf16 conversions are per element (the same bits on any thread count); the bf16 storage
+ * wrap runs one for every bf16 operand of every op, so large ones are spread over threads. */
 static void cpu_wire_put(sy_backend_t *be, void *dst, const float *src, size_t n, int es) {
     (void)be;
     if (es == (int)sizeof(float)) {
         if (n) memcpy(dst, src, sizeof(float) * n);
-    } else {
-        for (size_t i = 0; i < n; i++) sy_k_wire_put(i, dst, src, 2);
+        return;
     }
+    const size_t nc = (n + SY_CPU_CONV_CHUNK - 1) / SY_CPU_CONV_CHUNK;
+#pragma omp parallel for schedule(static) if (nc > 1)
+    for (size_t c = 0; c < nc; c++)
+        sy_cpu_narrow_range(dst, src, c * SY_CPU_CONV_CHUNK, (c + 1) * SY_CPU_CONV_CHUNK < n ? (c + 1) * SY_CPU_CONV_CHUNK : n);
 }
 
 static void cpu_wire_get(sy_backend_t *be, float *dst, const void *src, size_t n, int es) {
     (void)be;
     if (es == (int)sizeof(float)) {
         if (n) memcpy(dst, src, sizeof(float) * n);
-    } else {
-        for (size_t i = 0; i < n; i++) sy_k_wire_get(i, dst, src, 2);
+        return;
     }
+    const size_t nc = (n + SY_CPU_CONV_CHUNK - 1) / SY_CPU_CONV_CHUNK;
+#pragma omp parallel for schedule(static) if (nc > 1)
+    for (size_t c = 0; c < nc; c++)
+        sy_cpu_widen_range(dst, src, c * SY_CPU_CONV_CHUNK, (c + 1) * SY_CPU_CONV_CHUNK < n ? (c + 1) * SY_CPU_CONV_CHUNK : n);
 }
 
 void sy_cpu_route_install(sy_backend_t *b) {

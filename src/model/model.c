@@ -52,7 +52,7 @@ struct sy_model {
     int32_t *tok_host;     /* [2N] host staging of inp, tgt (one upload per micro-batch) */
     float *init_host;      /* [INIT_CHUNK] host staging of sy_model_init */
     float *x_out, *lnf_y, *lnf_mean, *lnf_rstd, *logits; /* x_out [N,D], logits [N,V] */
-    float *dx, *dtmp, *dln, *dqkv, *datty, *dfc_act, *dfc_pre, *tmp; /* backward scratch */
+    float *dx, *dln, *dqkv, *datty, *dfc_act, *dfc_pre, *tmp; /* backward scratch */
     int32_t *counts;       /* [n_switch, E] host: downloaded from each Switch layer's route */
     double *gstats;        /* [1+E] backend: dense Σg², then each expert's (sy_model_grad_sqnorms) */
     double *acc;           /* fp64 gradient accumulator (micro-batch contributions are added) */
@@ -223,7 +223,6 @@ sy_status sy_model_new(const sy_model_dims *dims, sy_backend_t *be, sy_model_t *
     BE_ALLOC(m->lnf_rstd, N);
     BE_ALLOC(m->logits, N * V);
     LP_ALLOC(m->dx, N * D);
-    LP_ALLOC(m->dtmp, N * D);
     LP_ALLOC(m->dln, N * D);
     LP_ALLOC(m->tmp, N * D);
     LP_ALLOC(m->dqkv, N * 3 * D);
@@ -266,7 +265,7 @@ void sy_model_destroy(sy_model_t **self_p) {
         free(m->work);
     }
     FREE(m->params); FREE(m->grads); FREE(m->acc); FREE(m->inp); FREE(m->x_out); FREE(m->lnf_y);
-    FREE(m->lnf_mean); FREE(m->lnf_rstd); FREE(m->logits); FREE(m->dx); FREE(m->dtmp);
+    FREE(m->lnf_mean); FREE(m->lnf_rstd); FREE(m->logits); FREE(m->dx);
     FREE(m->dln); FREE(m->tmp); FREE(m->dqkv); FREE(m->datty); FREE(m->dfc_act);
     FREE(m->dfc_pre); FREE(m->gstats);
 #undef FREE
