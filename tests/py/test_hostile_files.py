@@ -71,6 +71,19 @@ def wait_for(path, timeout):
     return False
 
 
+def take_over(tmp, name, stop_after, who):
+    """`train --resume` of run `name` while another process commits a step every 2: when the
+    trainer's listing meets a commit in flight it refuses with "the store answers
+    inconsistently; try again" (by design: it cannot tell which step is the newest), and a user
+    tries again. Returns the last attempt's result."""
+    for attempt in range(10):
+        r = run(["train", CFG] + small(tmp, name, steps=100000, every=2) + ["--resume", "--stop-after", stop_after])
+        if not (r.returncode == 1 and "try again" in r.stderr):
+            return r
+        print(f"   {who}, attempt {attempt + 1}: the store moved under it (a commit in flight); again", flush=True)
+    return r
+
+
 def main():
     tmp = sytest.make_tmp("sy-hostile-")
     os.makedirs(f"{tmp}/text")
@@ -113,13 +126,7 @@ def main():
     check(ok, "trainer A committed its first checkpoint")
     r = run(["train", CFG] + small(tmp, "two", steps=100000, every=2))
     check(r.returncode == 1 and "--resume" in r.stderr, "a second fresh trainer B of the run is refused")
-    # B reads the store while A commits a step every 2: when its listing meets a commit in flight
-    # it refuses with "the store answers inconsistently; try again", and a user tries again
-    for attempt in range(10):
-        r = run(["train", CFG] + small(tmp, "two", steps=100000, every=2) + ["--resume", "--stop-after", "8"])
-        if not (r.returncode == 1 and "try again" in r.stderr):
-            break
-        print(f"   trainer B, attempt {attempt + 1}: the store moved under it (A committing); again", flush=True)
+    r = take_over(tmp, "two", "8", "trainer B")
     check(r.returncode == 0 and "resumed from checkpoint" in r.stderr,
           f"trainer B resumes the run (takes it over) ({r.stderr[-300:]})")
     try:
@@ -135,7 +142,7 @@ def main():
                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ok = wait_for(f"{tmp}/store/cfence/ckpt/step-*/MANIFEST.json", 120)
     check(ok, "the cluster run committed its first checkpoint")
-    r = run(["train", CFG] + small(tmp, "cfence", steps=100000, every=2) + ["--resume", "--stop-after", "4"])
+    r = take_over(tmp, "cfence", "4", "the trainer")
     check(r.returncode == 0 and "resumed from checkpoint" in r.stderr, f"a trainer takes the cluster's run over ({r.stderr[-200:]})")
     try:
         _, err = c.communicate(timeout=120)
