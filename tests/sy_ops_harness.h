@@ -69,12 +69,7 @@ static void *up(sy_backend_t *be, const void *h, size_t bytes) {
 /* an activation buffer (alloc_act: bf16 storage in bf16 mode), uploaded from `h` (NULL: zeroed):
  * for the operands model spec §4 keeps in bf16 (activations, their gradients, GEMM weights'
  * working copies); `up` gives the plain buffers of everything else */
-static float *upa(sy_backend_t *be, const void *h, size_t bytes) {
-    float *p = sy_alloc_act(be, bytes / sizeof(float));
-    assert_non_null(p);
-    if (h) be->upload(be, p, h, bytes);
-    return p;
-}
+static float *upa(sy_backend_t *be, const void *h, size_t bytes) { return sy_test_upload_act(be, h, bytes); }
 
 static float *frand_host(size_t n, double lo, double hi) {
     float *x = malloc(n * sizeof(float));

@@ -89,12 +89,13 @@ static void oom(const char *what) {
 }
 
 static bool is_lp(const void *h) { return ((uintptr_t)h & LP_TAG) != 0; }
+/* a handle's buffer id and byte offset (the poisoned variant's tag, if any, ignored) */
+static size_t lp_id(const void *h) { return (size_t)(((uintptr_t)h & ~(LP_POISON | LP_TAG)) >> LP_ID_SHIFT); }
+static size_t lp_off(const void *h) { return (size_t)((uintptr_t)h & LP_OFF_MASK); }
 
 /* The storage element at handle h, and the elements from there to the end of its buffer. */
 static void *phys_of(lp_be *w, const void *h, size_t *rest) {
-    const uintptr_t u = (uintptr_t)h & ~LP_POISON;
-    const size_t id = (size_t)((u & ~LP_TAG) >> LP_ID_SHIFT);
-    const size_t off = (size_t)(u & LP_OFF_MASK);
+    const size_t id = lp_id(h), off = lp_off(h);
     if (id >= w->nbuf || !w->buf[id].phys || off % sizeof(float) || off / sizeof(float) > w->buf[id].n) {
         sy_error("bf16 backend: %p is not a handle of a live activation buffer", h);
         abort();
@@ -243,8 +244,8 @@ static void b_free(sy_backend_t *be, void *p) {
         w->in->free(w->in, p);
         return;
     }
-    const size_t id = (size_t)((((uintptr_t)p & ~LP_POISON) & ~LP_TAG) >> LP_ID_SHIFT);
-    if (id >= w->nbuf || !w->buf[id].phys || ((uintptr_t)p & LP_OFF_MASK)) {
+    const size_t id = lp_id(p);
+    if (id >= w->nbuf || !w->buf[id].phys || lp_off(p)) {
         sy_error("bf16 backend: free of %p, not an activation buffer", p);
         abort();
     }

@@ -66,10 +66,7 @@ static void cpu_free(sy_backend_t *be, void *p) {
 
 static void cpu_round_bf16(sy_backend_t *be, float *x, size_t n) {
     if (!be->bf16) return;
-    const size_t nc = (n + SY_CPU_CONV_CHUNK - 1) / SY_CPU_CONV_CHUNK;
-#pragma omp parallel for schedule(static) if (nc > 1)
-    for (size_t c = 0; c < nc; c++)
-        sy_cpu_round_range(x, c * SY_CPU_CONV_CHUNK, (c + 1) * SY_CPU_CONV_CHUNK < n ? (c + 1) * SY_CPU_CONV_CHUNK : n);
+    SY_CPU_CHUNKED(n, lo, hi, sy_cpu_round_range(x, lo, hi));
 }
 
 static void cpu_embed_fwd(sy_backend_t *be, float *x, const int32_t *tok, const float *wte,

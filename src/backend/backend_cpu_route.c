@@ -98,10 +98,7 @@ static void cpu_wire_put(sy_backend_t *be, void *dst, const float *src, size_t n
         if (n) memcpy(dst, src, sizeof(float) * n);
         return;
     }
-    const size_t nc = (n + SY_CPU_CONV_CHUNK - 1) / SY_CPU_CONV_CHUNK;
-#pragma omp parallel for schedule(static) if (nc > 1)
-    for (size_t c = 0; c < nc; c++)
-        sy_cpu_narrow_range(dst, src, c * SY_CPU_CONV_CHUNK, (c + 1) * SY_CPU_CONV_CHUNK < n ? (c + 1) * SY_CPU_CONV_CHUNK : n);
+    SY_CPU_CHUNKED(n, lo, hi, sy_cpu_narrow_range(dst, src, lo, hi));
 }
 
 static void cpu_wire_get(sy_backend_t *be, float *dst, const void *src, size_t n, int es) {
@@ -110,10 +107,7 @@ static void cpu_wire_get(sy_backend_t *be, float *dst, const void *src, size_t n
         if (n) memcpy(dst, src, sizeof(float) * n);
         return;
     }
-    const size_t nc = (n + SY_CPU_CONV_CHUNK - 1) / SY_CPU_CONV_CHUNK;
-#pragma omp parallel for schedule(static) if (nc > 1)
-    for (size_t c = 0; c < nc; c++)
-        sy_cpu_widen_range(dst, src, c * SY_CPU_CONV_CHUNK, (c + 1) * SY_CPU_CONV_CHUNK < n ? (c + 1) * SY_CPU_CONV_CHUNK : n);
+    SY_CPU_CHUNKED(n, lo, hi, sy_cpu_widen_range(dst, src, lo, hi));
 }
 
 void sy_cpu_route_install(sy_backend_t *b) {

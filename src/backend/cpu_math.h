@@ -60,7 +60,18 @@ SY_CLONES __attribute__((unused)) static void sy_cpu_round_range(float *x, size_
     }
 }
 
-/* Chunks of a conversion spread over OpenMP threads (a single chunk stays on the caller) */
+/* Runs the statements (using lo, hi) for the chunks [lo, hi) of [0, n), SY_CPU_CONV_CHUNK
+ * elements each, spread over OpenMP threads (a single chunk stays on the caller). */
 #define SY_CPU_CONV_CHUNK ((size_t)1 << 15)
+#define SY_CPU_CHUNKED(n, lo, hi, ...)                                                        \
+    do {                                                                                      \
+        const size_t sy_n_ = (n), sy_nc_ = (sy_n_ + SY_CPU_CONV_CHUNK - 1) / SY_CPU_CONV_CHUNK; \
+        _Pragma("omp parallel for schedule(static) if (sy_nc_ > 1)")                          \
+        for (size_t sy_c_ = 0; sy_c_ < sy_nc_; sy_c_++) {                                     \
+            const size_t lo = sy_c_ * SY_CPU_CONV_CHUNK;                                      \
+            const size_t hi = lo + SY_CPU_CONV_CHUNK < sy_n_ ? lo + SY_CPU_CONV_CHUNK : sy_n_; \
+            __VA_ARGS__;                                                                      \
+        }                                                                                     \
+    } while (0)
 
 #endif

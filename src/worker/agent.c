@@ -1282,7 +1282,6 @@ static sy_status take_peers(agent_t *a, const Sy__Envelope *env) {
     return st;
 }
 
-/* Executes one Assign. */
 /* A generation ending after its EndAfter step `last`: the replicas of that step go out whole
  * (the exchange in flight on the replica plane is waited for), then the caller leaves. */
 static void end_after_wait(agent_t *a, uint64_t gen, int64_t last, bool leaving) {
@@ -1292,6 +1291,7 @@ static void end_after_wait(agent_t *a, uint64_t gen, int64_t last, bool leaving)
             st == SY_OK ? "" : ": its replicas' exchange was cut short: ", st == SY_OK ? "" : sy_err_msg());
 }
 
+/* Executes one Assign. */
 static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
     const Sy__Assign *as = env->assign;
     uint64_t gen = env->generation;
