@@ -207,6 +207,135 @@ out:
     return NULL;
 }
 
+/* Delta exchanges: step 4's state goes out whole, then three real AdamW steps (5, 6, 7: random
+ * clipped gradients, learning rates and weight decay) go out as gradients, which each buddy
+ * applies to its replicas. Rank 2 then dies; the survivors restore step 7 with rank 2's experts
+ * from rank 0's replica slot: every dense and expert weight and moment equals, bit for bit, what
+ * its owner's own update computed (g_delta.want, each owner's live state after step 7). */
+static struct {
+    pthread_barrier_t ready, stepped, died, done;
+    char eps[W][256], reps[W][256];
+    float *want[W][3]; /* [rank][weights, m, v] the live state after step 7 (dense + own) */
+    int code[W];
+} g_delta;
+
+static void *rank_delta_main(void *arg) {
+    const int rank = (int)(intptr_t)arg;
+    int code = 0;
+    sy_config_t cfg;
+    sy_config_defaults(&cfg);
+    cfg.model.d_model = 16, cfg.model.d_ff = 24, cfg.model.n_layers = 2, cfg.model.n_heads = 2;
+    cfg.model.n_experts = E, cfg.model.seq_len = 8, cfg.model.vocab_size = 32;
+    cfg.train.weight_decay = 0.1;
+    sy_model_dims d = sy_model_dims_from_config(&cfg);
+    sy_backend_t *be = NULL;
+    sy_model_t *m = NULL;
+    sy_adamw_t *o = NULL;
+    sy_replica_t *r = NULL;
+    sy_dataplane_t *dp = NULL, *rdp = NULL;
+    sy_comm_t *c2 = NULL, *rc3 = NULL;
+    float *h = NULL;
+    bool dead = false, at_died = false;
+    sy_backend_cpu_new(1, false, &be);
+    sy_model_new(&d, be, &m);
+    sy_adamw_new(m, &cfg, &o);
+    sy_replica_new(m, o, &r);
+    sy_replica_set_piece_bytes(r, 200); /* several pieces a step, whole or gradients */
+    sy_dataplane_new("threads", NULL, &dp);
+    sy_dataplane_new("threads", NULL, &rdp);
+    snprintf(g_delta.eps[rank], sizeof g_delta.eps[rank], "%s", sy_dataplane_endpoint(dp));
+    snprintf(g_delta.reps[rank], sizeof g_delta.reps[rank], "%s", sy_dataplane_endpoint(rdp));
+    pthread_barrier_wait(&g_delta.ready);
+    const char *eps[W] = {g_delta.eps[0], g_delta.eps[1], g_delta.eps[2]};
+    const char *reps[W] = {g_delta.reps[0], g_delta.reps[1], g_delta.reps[2]};
+    const uint32_t place3[E] = {0, 0, 1, 1, 2, 2};
+    bool own3[E];
+    for (int e = 0; e < E; e++) own3[e] = (int)place3[e] == rank;
+    const size_t n = sy_model_numel(m);
+    h = malloc(sizeof(float) * n);
+    CK(h != NULL, "memory");
+    CK(sy_comm_new(rdp, 1, rank, W, reps, 5000, &rc3) == SY_OK, "replica comm of 3");
+    fill_state(m, o, 4, own3, rank);
+    sy_replica_set_live(r, 4, own3);
+    CK(sy_replica_post(r, rc3, place3, 1) == SY_OK && sy_replica_wait(r) == SY_OK, "exchange of step 4");
+    CK(sy_replica_get_stats(r).deltas == 0, "step 4 went out whole");
+    for (int64_t s = 5; s <= 7; s++) {
+        for (size_t i = 0; i < n; i++) h[i] = 0.05f * val(100 + s, 0, i);
+        be->upload(be, sy_model_grads(m), h, sizeof(float) * n);
+        sy_adamw_step_owned(o, 1e-3 * (double)s, own3);
+        sy_replica_stepped(r, s);
+        CK(sy_replica_post(r, rc3, place3, 1) == SY_OK, "post of step %lld", (long long)s);
+        sy_replica_wait_copied(r);
+        CK(sy_replica_wait(r) == SY_OK, "exchange of step %lld", (long long)s);
+    }
+    sy_replica_stats st = sy_replica_get_stats(r);
+    CK(st.deltas == 3 && st.exchanges == 4, "%llu of %llu exchanges sent gradients, want 3 of 4",
+       (unsigned long long)st.deltas, (unsigned long long)st.exchanges);
+    float *bufs[3] = {sy_model_params(m), sy_adamw_m(o), sy_adamw_v(o)};
+    for (int b = 0; b < 3; b++) {
+        g_delta.want[rank][b] = malloc(sizeof(float) * n);
+        CK(g_delta.want[rank][b] != NULL, "memory");
+        be->download(be, g_delta.want[rank][b], bufs[b], sizeof(float) * n);
+    }
+    sy_comm_destroy(&rc3);
+    if (rank == 2) dead = true;
+    pthread_barrier_wait(&g_delta.died);
+    at_died = true;
+    if (dead) goto out;
+    /* survivors 0, 1: experts 4 (dead rank 2's) stay on 0, 5 go to 1, both from rank 0's slot */
+    const uint32_t place2[E] = {0, 0, 1, 1, 0, 1};
+    const int32_t src2[E] = {0, 0, 1, 1, 0, 0};
+    CK(sy_comm_new(dp, 2, rank, 2, eps, 5000, &c2) == SY_OK, "comm of 2");
+    char note[200];
+    CK(sy_replica_restore(r, c2, rank, 2, 7, 0, src2, place2, note, sizeof note) == SY_OK, "restore");
+    CK(strstr(note, rank == 0 ? "1 from this worker's copies, 0 received" : "1 received") != NULL, "%s", note);
+    size_t bad = 0, checked = 0;
+    for (int b = 0; b < 3; b++) {
+        be->download(be, h, bufs[b], sizeof(float) * n);
+        for (int i = 0; i < sy_model_n_params(m); i++) {
+            const sy_param_t *p = sy_model_param(m, i);
+            if (p->expert >= 0 && (int)place2[p->expert] != rank) continue;
+            const float *want = g_delta.want[p->expert < 0 ? 0 : (int)place3[p->expert]][b];
+            for (size_t j = 0; j < p->numel; j++, checked++)
+                bad += memcmp(&h[p->offset + j], &want[p->offset + j], sizeof(float)) != 0;
+        }
+    }
+    CK(checked > 0 && bad == 0, "%zu of %zu values differ from their owners' step 7 (%s)", bad, checked, note);
+    /* not vacuous: step 7 differs from step 4 */
+    CK(mismatches(m, o, 4, (const bool[E]){0}) > 0, "the restored state is not step 4's");
+    CK(sy_adamw_t_count(o) == 43, "optimizer step count %lld", (long long)sy_adamw_t_count(o));
+    printf("rank %d: %s\n", rank, note);
+out:
+    if (!at_died) pthread_barrier_wait(&g_delta.died);
+    g_delta.code[rank] = code;
+    pthread_barrier_wait(&g_delta.done);
+    if (r) (void)sy_replica_wait(r);
+    sy_comm_destroy(&rc3);
+    sy_comm_destroy(&c2);
+    sy_dataplane_destroy(&dp);
+    sy_dataplane_destroy(&rdp);
+    sy_replica_destroy(&r);
+    sy_adamw_destroy(&o);
+    sy_model_destroy(&m);
+    sy_backend_destroy(&be);
+    sy_config_free(&cfg);
+    free(h);
+    return NULL;
+}
+
+static void test_delta_exact(void **s) {
+    (void)s;
+    pthread_barrier_init(&g_delta.ready, NULL, W);
+    pthread_barrier_init(&g_delta.died, NULL, W);
+    pthread_barrier_init(&g_delta.done, NULL, W);
+    pthread_t th[W];
+    for (int k = 0; k < W; k++) assert_int_equal(pthread_create(&th[k], NULL, rank_delta_main, (void *)(intptr_t)k), 0);
+    for (int k = 0; k < W; k++) pthread_join(th[k], NULL);
+    for (int k = 0; k < W; k++)
+        for (int b = 0; b < 3; b++) free(g_delta.want[k][b]);
+    for (int k = 0; k < W; k++) assert_int_equal(g_delta.code[k], 0);
+}
+
 static void test_exchange_restore(void **s) {
     (void)s;
     pthread_barrier_init(&g_w.ready, NULL, W);
@@ -219,6 +348,7 @@ static void test_exchange_restore(void **s) {
 }
 
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_exchange_restore)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_exchange_restore),
+                                       cmocka_unit_test(test_delta_exact)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

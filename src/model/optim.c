@@ -4,12 +4,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/kernels/k_elementwise.h"
+
 struct sy_adamw {
     sy_model_t *model;
     sy_backend_t *be;
     float *m, *v; /* backend buffers */
     double beta1, beta2, eps, wd;
     int64_t t;
+    double last_lr; /* the learning rate of the last step (sy_adamw_last_lr) */
 };
 
 sy_status sy_adamw_new(sy_model_t *model, const sy_config_t *cfg, sy_adamw_t **out) {
@@ -94,21 +97,40 @@ double sy_clip_grads(sy_backend_t *be, float *g, size_t n, double norm, double m
 
 void sy_adamw_step(sy_adamw_t *o, double lr) { sy_adamw_step_owned(o, lr, NULL); }
 
+/* The scalars of the update of step count t at learning rate lr (one place: the backend op and
+ * sy_adamw_apply_host take the same values). */
+typedef struct {
+    float b1, b2, eps, step_size, inv_sqrt_bc2, decay;
+} coefs;
+static coefs coefs_at(const sy_adamw_t *o, double lr, int64_t t) {
+    const double bc1 = 1.0 - pow(o->beta1, (double)t);
+    const double bc2 = 1.0 - pow(o->beta2, (double)t);
+    return (coefs){.b1 = (float)o->beta1, .b2 = (float)o->beta2, .eps = (float)o->eps,
+                   .step_size = (float)(lr / bc1), .inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2)),
+                   .decay = (float)(1.0 - lr * o->wd)};
+}
+
 void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts) {
     sy_model_t *model = o->model;
     float *p = sy_model_params(model), *g = sy_model_grads(model);
     o->t++;
-    const double bc1 = 1.0 - pow(o->beta1, (double)o->t);
-    const double bc2 = 1.0 - pow(o->beta2, (double)o->t);
-    const float step_size = (float)(lr / bc1);
-    const float inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
-    const float b1 = (float)o->beta1, b2 = (float)o->beta2, eps = (float)o->eps;
+    o->last_lr = lr;
+    const coefs c = coefs_at(o, lr, o->t);
     for (int i = 0; i < sy_model_n_params(model); i++) {
         const sy_param_t *pi = sy_model_param(model, i);
         if (experts && pi->expert >= 0 && !experts[pi->expert]) continue;
-        const float decay = pi->decay ? (float)(1.0 - lr * o->wd) : 1.0f;
-        o->be->adamw(o->be, p + pi->offset, g + pi->offset, o->m + pi->offset,
-                     o->v + pi->offset, pi->numel, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
+        o->be->adamw(o->be, p + pi->offset, g + pi->offset, o->m + pi->offset, o->v + pi->offset, pi->numel,
+                     pi->decay ? c.decay : 1.0f, c.b1, c.b2, c.step_size, c.inv_sqrt_bc2, c.eps);
     }
     sy_model_weights_changed(model);
+}
+
+double sy_adamw_last_lr(const sy_adamw_t *o) { return o->last_lr; }
+
+void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, const float *g, float *m,
+                         float *v, size_t n) {
+    const coefs c = coefs_at(o, lr, t);
+    const float dc = decay ? c.decay : 1.0f;
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) sy_k_adamw(i, p, g, m, v, dc, c.b1, c.b2, c.step_size, c.inv_sqrt_bc2, c.eps);
 }

@@ -55,5 +55,13 @@ void sy_adamw_step(sy_adamw_t *o, double lr);
 /* The same over the dense parameters and the experts e with experts[e] (NULL: all): a rank
  * updates only the experts it owns. The step count advances once per call. */
 void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts);
+/* The learning rate of the last sy_adamw_step_owned (0 before the first). */
+double sy_adamw_last_lr(const sy_adamw_t *o);
+/* The update of one tensor of step count t at learning rate lr on host arrays: the same
+ * per-element operations as the backend's adamw op (backend/kernels/k_elementwise.h, no FMA
+ * contraction), so the same bits. `decay`: the tensor's sy_param_t.decay. For a peer replica
+ * that applies its owner's gradients (worker/replica.h). Any thread. */
+void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, const float *g, float *m,
+                         float *v, size_t n);
 
 #endif

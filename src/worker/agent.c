@@ -750,10 +750,11 @@ static void close_generation(agent_t *a) {
         sy_replica_stats rs = sy_replica_get_stats(a->rep);
         sy_info("replicas (%d per worker): %llu exchanges, %llu bytes sent, %llu received, %.1f ms exchanging, "
                 "%.1f ms copying the live state, %.1f ms of training waiting for them, %.1f ms waiting at "
-                "generation starts%s (totals of this process)", a->replicas, (unsigned long long)rs.exchanges,
-                (unsigned long long)rs.bytes_sent, (unsigned long long)rs.bytes_received, rs.exchange_ms,
-                rs.keep_ms, rs.wait_ms - a->rep_start_wait_ms, a->rep_start_wait_ms,
-                a->rcomm ? " (overlapped: on their own data plane)" : "");
+                "generation starts%s (totals of this process); %llu of the exchanges sent gradients", a->replicas,
+                (unsigned long long)rs.exchanges, (unsigned long long)rs.bytes_sent,
+                (unsigned long long)rs.bytes_received, rs.exchange_ms, rs.keep_ms, rs.wait_ms - a->rep_start_wait_ms,
+                a->rep_start_wait_ms, a->rcomm ? " (overlapped: on their own data plane)" : "",
+                (unsigned long long)rs.deltas);
     }
     if (a->model) sy_model_set_ep(a->model, NULL, 0);
     sy_ep_destroy(&a->ep);
@@ -851,6 +852,10 @@ static sy_status setup(agent_t *a, const char *config_json) {
     if (!a->rep) {
         SY_CHECK(sy_replica_new(a->model, a->opt, &a->rep));
         if (a->kill_at >= 0) sy_replica_set_piece_hook(a->rep, replica_kill_hook, a);
+        /* test hook (tests/py/test_replicas.py D): smaller pieces, so that an exchange of
+         * gradients has several; every worker of the run gets the same value */
+        const char *pb = getenv("SY_TEST_REPLICA_PIECE_BYTES");
+        if (pb) sy_replica_set_piece_bytes(a->rep, (size_t)strtoull(pb, NULL, 10));
     }
     sy_data_destroy(&a->data);
     sy_data_options dopts;
@@ -1508,8 +1513,11 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
          * exchange of step - 1 must be whole everywhere before this StepDone (point 3 of
          * docs/fault-tolerance.md "Overlapped exchange"; its error is this step's), and this
          * step's goes out while the next one computes. */
-        if (st == SY_OK && a->rcomm) st = sy_replica_wait(a->rep);
-        if (st == SY_OK) sy_replica_set_live(a->rep, step, a->owned);
+        sy_status wst = st == SY_OK && a->rcomm ? sy_replica_wait(a->rep) : SY_OK;
+        /* the update is in the live buffers even when the exchange of step - 1 failed: the
+         * replicas must not offer those buffers as step - 1 (holdings, a restore) */
+        if (st == SY_OK) sy_replica_stepped(a->rep, step);
+        if (st == SY_OK) st = wst;
         if (st == SY_OK) st = replicate(a, false);
         double val_loss = NAN, ms = (sy_mono_s() * 1e3) - t0; /* the step's time leaves validation out */
         if (st == SY_OK && a->val && sy_dist_eval_due(&a->cfg, step))

@@ -10,7 +10,9 @@
 #include "base/log.h"
 
 /* One expert's state in a replica, a piece or a restore message: for each of its tensors in
- * parameter-table order, weights then first moment then second moment (fp32). */
+ * parameter-table order, weights then first moment then second moment (fp32). One expert's
+ * gradients in a delta exchange: for each of its tensors in the same order, the clipped fp32
+ * gradient its owner's update consumed. */
 typedef struct {
     int64_t step; /* -1: invalid (empty, or being received) */
     bool *have;   /* [E] */
@@ -24,6 +26,7 @@ typedef struct {
 typedef struct {
     int64_t step; /* -1: invalid */
     int64_t t;    /* the optimizer step count */
+    double lr;    /* the learning rate of step's update (a delta exchange's receivers apply it) */
     bool *owned;  /* [E] */
     size_t *off;  /* [E] byte offset of owned expert e in buf */
     size_t n_own;
@@ -41,8 +44,24 @@ struct sy_replica {
     int E;
     size_t numel, dense;
     size_t expert_bytes;  /* one expert's state (all experts have the same shapes) */
+    size_t expert_gbytes; /* one expert's gradients (a third of its state) */
     int64_t live_step;
     bool *live_owned;     /* [E] */
+    /* the live state is the update of live_step - 1 by the gradients in the model's buffer, at
+     * this learning rate and step count (sy_replica_stepped) */
+    bool live_stepped;
+    double live_lr;
+    /* the last exchange, if it succeeded and nothing replaced a state since: its step, placement
+     * and replicas (every rank holds whole replicas of chain_step from it). A delta exchange of
+     * step chain_step + 1 under the same placement builds on it. */
+    bool chain_ok;
+    int chain_slot; /* the slot it filled: a delta exchange's base (the other one is its target) */
+    int64_t chain_step;
+    uint32_t *chain_place; /* [E] */
+    int chain_replicas;
+    char *gsend, *grecv;   /* a delta exchange's gradients: this worker's experts, the buddies' */
+    size_t gsend_cap, grecv_cap;
+    size_t piece_bytes;
     stage stages[2];
     slot slots[2];
     bool held_dense[SY_REPLICA_MAX_HELD];
@@ -57,6 +76,7 @@ struct sy_replica {
     sy_comm_t *job_comm;
     uint32_t *job_place; /* [E] */
     int job_replicas, job_stage, job_slot;
+    bool job_delta;
     sy_status job_st;
     char job_err[512];
     sy_replica_piece_fn piece_fn;
@@ -84,10 +104,13 @@ sy_status sy_replica_new(sy_model_t *m, sy_adamw_t *opt, sy_replica_t **out) {
     r->dense = sy_model_dense_numel(m);
     for (int i = 0; i < sy_model_n_params(m); i++)
         if (sy_model_param(m, i)->expert == 0) r->expert_bytes += 3 * sizeof(float) * sy_model_param(m, i)->numel;
+    r->expert_gbytes = r->expert_bytes / 3;
+    r->piece_bytes = SY_REPLICA_PIECE_BYTES;
     int E = r->E > 0 ? r->E : 1;
     r->live_owned = calloc((size_t)E, sizeof(bool));
     r->job_place = calloc((size_t)E, sizeof(uint32_t));
-    bool ok = r->live_owned && r->job_place;
+    r->chain_place = calloc((size_t)E, sizeof(uint32_t));
+    bool ok = r->live_owned && r->job_place && r->chain_place;
     for (int k = 0; k < 2; k++) {
         r->slots[k].step = -1;
         r->slots[k].have = calloc((size_t)E, sizeof(bool));
@@ -123,7 +146,8 @@ void sy_replica_destroy(sy_replica_t **self_p) {
     }
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cv);
-    free(r->live_owned), free(r->job_place);
+    free(r->live_owned), free(r->job_place), free(r->chain_place);
+    free(r->gsend), free(r->grecv);
     for (int k = 0; k < 2; k++) {
         free(r->slots[k].have), free(r->slots[k].off), free(r->slots[k].buf);
         free(r->stages[k].owned), free(r->stages[k].off), free(r->stages[k].buf);
@@ -136,7 +160,20 @@ void sy_replica_destroy(sy_replica_t **self_p) {
 void sy_replica_set_live(sy_replica_t *r, int64_t step, const bool *owned) {
     settle(r);
     r->live_step = step;
+    r->live_stepped = false;
+    r->chain_ok = false; /* the next exchange sends whole states */
     if (owned) memcpy(r->live_owned, owned, sizeof(bool) * (size_t)r->E);
+}
+
+void sy_replica_stepped(sy_replica_t *r, int64_t step) {
+    settle(r);
+    r->live_stepped = r->live_step >= 0 && step == r->live_step + 1;
+    r->live_step = step;
+    r->live_lr = sy_adamw_last_lr(r->opt);
+}
+
+void sy_replica_set_piece_bytes(sy_replica_t *r, size_t bytes) {
+    r->piece_bytes = bytes ? bytes : SY_REPLICA_PIECE_BYTES;
 }
 
 int64_t sy_replica_live_step(const sy_replica_t *r) { return r->live_step; }
@@ -144,6 +181,7 @@ int64_t sy_replica_live_step(const sy_replica_t *r) { return r->live_step; }
 void sy_replica_forget(sy_replica_t *r) {
     settle(r);
     r->live_step = -1;
+    r->live_stepped = r->chain_ok = false;
     r->slots[0].step = r->slots[1].step = -1;
     r->stages[0].step = r->stages[1].step = -1;
 }
@@ -207,6 +245,7 @@ static sy_status stage_take(sy_replica_t *r, stage *sg) {
     }
     sg->n_own = n_own;
     sg->t = sy_adamw_t_count(r->opt);
+    sg->lr = r->live_lr;
     sg->step = r->live_step;
     r->stats.keep_ms += (sy_mono_s() - t0) * 1e3;
     return SY_OK;
@@ -224,55 +263,137 @@ static int owned_by(const uint32_t *placement, int E, int rank) {
     return n;
 }
 
+/* The gradients of the live experts (ascending) -> r->gsend: what the update of the live step
+ * consumed. The caller's thread, between that step and the next. */
+static sy_status take_grads(sy_replica_t *r) {
+    size_t n_own = 0;
+    for (int e = 0; e < r->E; e++) n_own += r->live_owned[e];
+    SY_CHECK(grow(&r->gsend, &r->gsend_cap, n_own * r->expert_gbytes + 1));
+    const float *G = sy_model_grads(r->model);
+    char *dst = r->gsend;
+    for (int e = 0; e < r->E; e++) {
+        if (!r->live_owned[e]) continue;
+        for (int i = 0; i < sy_model_n_params(r->model); i++) {
+            const sy_param_t *p = sy_model_param(r->model, i);
+            if (p->expert != e) continue;
+            const size_t b = sizeof(float) * p->numel;
+            r->be->download(r->be, dst, G + p->offset, b), dst += b;
+        }
+    }
+    return SY_OK;
+}
+
+/* A delta exchange is possible when every rank holds whole replicas of the live step's
+ * predecessor under the same placement (the last exchange succeeded, nothing replaced a state
+ * since) and the live state is that predecessor's update. Every rank of a communicator decides
+ * alike: each went through the same generation start, steps and exchanges (a failure of any ends
+ * the generation, and a new one starts with set_live or a restore, which break the chain). */
+static bool can_delta(const sy_replica_t *r, const uint32_t *placement, int replicas) {
+    return r->live_stepped && r->chain_ok && r->chain_step == r->live_step - 1 && r->chain_replicas == replicas &&
+           !memcmp(r->chain_place, placement, sizeof(uint32_t) * (size_t)r->E);
+}
+
+/* The end of a delta exchange of step `step`: slot s <- the other slot's replicas of step - 1,
+ * each updated by its owner's gradients (r->grecv, senders by j, their experts ascending) with
+ * the same AdamW operations the owner ran, in the layout of a whole exchange. */
+static sy_status apply_grads(sy_replica_t *r, const uint32_t *placement, int replicas, int rank, int W,
+                             const stage *sg, slot *s) {
+    const slot *b = &r->slots[r->chain_slot];
+    const size_t EB = r->expert_bytes;
+    if (s == b || b->step != sg->step - 1)
+        return sy_err_set(SY_EINTERNAL, "replicas: the gradients of step %lld have no base (the replicas held are of "
+                          "step %lld)", (long long)sg->step, (long long)b->step);
+    size_t need = 0;
+    for (int j = 1; j <= replicas; j++) need += (size_t)owned_by(placement, r->E, (rank - j + W) % W) * EB;
+    SY_CHECK(grow(&s->buf, &s->cap, need ? need : 1));
+    memset(s->have, 0, sizeof(bool) * (size_t)r->E);
+    size_t eo = 0;
+    const char *g = r->grecv;
+    for (int j = 1; j <= replicas; j++) {
+        const int from = (rank - j + W) % W;
+        for (int e = 0; e < r->E; e++) {
+            if ((int)placement[e] != from) continue;
+            if (!b->have[e])
+                return sy_err_set(SY_EINTERNAL, "replicas: the gradients of expert %d of step %lld have no base",
+                                  e, (long long)sg->step);
+            char *st = s->buf + eo;
+            memcpy(st, b->buf + b->off[e], EB);
+            for (int i = 0; i < sy_model_n_params(r->model); i++) {
+                const sy_param_t *p = sy_model_param(r->model, i);
+                if (p->expert != e) continue;
+                const size_t n = p->numel, nb = sizeof(float) * n;
+                sy_adamw_apply_host(r->opt, sg->lr, sg->t, p->decay, (float *)st, (const float *)g,
+                                    (float *)(st + nb), (float *)(st + 2 * nb), n);
+                st += 3 * nb, g += nb;
+            }
+            s->have[e] = true, s->off[e] = eo, eo += EB;
+        }
+    }
+    return SY_OK;
+}
+
 /* Sends stage sg's experts (placement[e] == rank, as the stage holds them) to the buddies and
  * receives theirs into slot s, named sg's step once whole (and, when `barrier`, once every rank
- * holds its own). */
+ * holds its own). delta: each sends the gradients of its experts (r->gsend, take_grads) instead,
+ * and each buddy applies them to its replicas of the step before (apply_grads): a third of the
+ * bytes, the same state. */
 static sy_status exchange_from(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas,
-                               const stage *sg, slot *s, bool barrier) {
+                               const stage *sg, slot *s, bool barrier, bool delta) {
     const int W = sy_comm_world(comm), rank = sy_comm_rank(comm), E = r->E;
+    const size_t unit = delta ? r->expert_gbytes : r->expert_bytes, PB = r->piece_bytes;
     double t0 = sy_mono_s();
+    r->chain_ok = false;
     /* rounds: the same on every rank (from the largest owner's share), so collectives pair up */
     size_t most = 0;
     for (int q = 0; q < W; q++) {
-        size_t b = (size_t)owned_by(placement, E, q) * r->expert_bytes;
+        size_t b = (size_t)owned_by(placement, E, q) * unit;
         if (b > most) most = b;
     }
-    const int rounds = (int)((most + SY_REPLICA_PIECE_BYTES - 1) / SY_REPLICA_PIECE_BYTES);
-    /* what we send: our experts, ascending, straight from the stage */
-    const size_t mine = sg->n_own * r->expert_bytes;
-    const char *send = sg->buf + 3 * sizeof(float) * r->dense;
+    const int rounds = (int)((most + PB - 1) / PB);
+    /* what we send: our experts, ascending, straight from the stage (or their gradients) */
+    const size_t mine = sg->n_own * unit;
+    const char *send = delta ? r->gsend : sg->buf + 3 * sizeof(float) * r->dense;
     /* what we receive: buddy j's sender is rank - j; its experts ascending, senders by j */
     s->step = -1; /* invalid until every piece is in */
     size_t need = 0;
-    for (int j = 1; j <= replicas; j++) need += (size_t)owned_by(placement, E, (rank - j + W) % W) * r->expert_bytes;
-    SY_CHECK(grow(&s->buf, &s->cap, need ? need : 1));
+    for (int j = 1; j <= replicas; j++) need += (size_t)owned_by(placement, E, (rank - j + W) % W) * unit;
+    if (delta) SY_CHECK(grow(&r->grecv, &r->grecv_cap, need ? need : 1));
+    else SY_CHECK(grow(&s->buf, &s->cap, need ? need : 1));
+    char *recv = delta ? r->grecv : s->buf;
     memset(s->have, 0, sizeof(bool) * (size_t)E);
     size_t base = 0;
     size_t sb[W], rb[W];
     for (int j = 1; j <= replicas; j++) {
         const int to = (rank + j) % W, from = (rank - j + W) % W;
-        const size_t theirs = (size_t)owned_by(placement, E, from) * r->expert_bytes;
+        const size_t theirs = (size_t)owned_by(placement, E, from) * unit;
         for (int k = 0; k < rounds; k++) {
-            size_t at = (size_t)k * SY_REPLICA_PIECE_BYTES;
+            size_t at = (size_t)k * PB;
             memset(sb, 0, sizeof sb);
             memset(rb, 0, sizeof rb);
-            sb[to] = at < mine ? (mine - at < SY_REPLICA_PIECE_BYTES ? mine - at : SY_REPLICA_PIECE_BYTES) : 0;
-            rb[from] = at < theirs ? (theirs - at < SY_REPLICA_PIECE_BYTES ? theirs - at : SY_REPLICA_PIECE_BYTES) : 0;
+            sb[to] = at < mine ? (mine - at < PB ? mine - at : PB) : 0;
+            rb[from] = at < theirs ? (theirs - at < PB ? theirs - at : PB) : 0;
             /* send/recv point at the piece: the chunks of the other ranks are empty */
-            SY_CHECK(sy_comm_alltoallv(comm, send + (sb[to] ? at : 0), sb, s->buf + base + (rb[from] ? at : 0), rb));
+            SY_CHECK(sy_comm_alltoallv(comm, send + (sb[to] ? at : 0), sb, recv + base + (rb[from] ? at : 0), rb));
             if (r->piece_fn) r->piece_fn(r->piece_ctx, sg->step, k, rounds);
         }
         size_t eo = base;
-        for (int e = 0; e < E; e++)
+        for (int e = 0; e < E && !delta; e++)
             if ((int)placement[e] == from) s->have[e] = true, s->off[e] = eo, eo += r->expert_bytes;
         base += theirs;
         r->stats.bytes_sent += mine;
         r->stats.bytes_received += theirs;
     }
+    if (delta) SY_CHECK(apply_grads(r, placement, replicas, rank, W, sg, s));
     if (barrier) SY_CHECK(sy_comm_barrier(comm));
     s->step = sg->step;
     r->stats.exchanges++;
+    r->stats.deltas += delta;
     r->stats.exchange_ms += (sy_mono_s() - t0) * 1e3;
+    r->chain_ok = true;
+    r->chain_slot = (int)(s - r->slots);
+    r->chain_step = sg->step;
+    r->chain_replicas = replicas;
+    memcpy(r->chain_place, placement, sizeof(uint32_t) * (size_t)E);
     return SY_OK;
 }
 
@@ -286,9 +407,12 @@ sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *
     settle(r);
     if (nothing_to_send(r, comm, replicas)) return SY_OK;
     if (replicas > sy_comm_world(comm) - 1) replicas = sy_comm_world(comm) - 1;
+    const bool delta = can_delta(r, placement, replicas);
+    if (delta) SY_CHECK(take_grads(r));
     stage *sg = &r->stages[older_stage(r)];
     SY_CHECK(stage_take(r, sg));
-    return exchange_from(r, comm, placement, replicas, sg, &r->slots[older_slot(r)], false);
+    slot *s = &r->slots[delta ? 1 - r->chain_slot : older_slot(r)];
+    return exchange_from(r, comm, placement, replicas, sg, s, false, delta);
 }
 
 /* ---- the overlapped exchange ------------------------------------------------------------- */
@@ -307,7 +431,8 @@ static void *exchange_main(void *arg) {
         pthread_cond_broadcast(&r->cv);
         pthread_mutex_unlock(&r->mu);
         if (st == SY_OK)
-            st = exchange_from(r, r->job_comm, r->job_place, r->job_replicas, sg, &r->slots[r->job_slot], true);
+            st = exchange_from(r, r->job_comm, r->job_place, r->job_replicas, sg, &r->slots[r->job_slot], true,
+                               r->job_delta);
         pthread_mutex_lock(&r->mu);
         r->job_st = st;
         snprintf(r->job_err, sizeof r->job_err, "%s", st == SY_OK ? "" : sy_err_msg());
@@ -322,6 +447,9 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
     SY_CHECK(sy_replica_wait(r));
     if (nothing_to_send(r, comm, replicas)) return SY_OK;
     if (replicas > sy_comm_world(comm) - 1) replicas = sy_comm_world(comm) - 1;
+    const bool delta = can_delta(r, placement, replicas);
+    r->chain_ok = false;
+    if (delta) SY_CHECK(take_grads(r));
     if (!r->th_started) {
         if (pthread_create(&r->th, NULL, exchange_main, r) != 0)
             return sy_err_set(SY_EINTERNAL, "replicas: cannot start the exchange thread");
@@ -329,7 +457,9 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
     }
     /* The older stage and slot are invalid from now on: neither is named in holdings until the
      * thread has written it whole. */
-    const int sg = older_stage(r), sl = older_slot(r);
+    /* a delta exchange's target is the slot its base is not in (two slots may name one step:
+     * after a restore, an older generation's and the new one's) */
+    const int sg = older_stage(r), sl = delta ? 1 - r->chain_slot : older_slot(r);
     r->stages[sg].step = -1;
     r->slots[sl].step = -1;
     pthread_mutex_lock(&r->mu);
@@ -338,6 +468,7 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
     r->job_replicas = replicas;
     r->job_stage = sg;
     r->job_slot = sl;
+    r->job_delta = delta;
     r->job_st = SY_OK;
     r->phase = JOB_COPY;
     pthread_cond_broadcast(&r->cv);

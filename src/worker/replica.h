@@ -66,6 +66,7 @@ typedef struct {
 /* Counters (bytes this worker sent to buddies, time in exchanges) for benchmarks and logs. */
 typedef struct {
     uint64_t exchanges, bytes_sent, bytes_received;
+    uint64_t deltas; /* exchanges that sent gradients, not whole states */
     double exchange_ms; /* on the thread that exchanges (overlapped: not the training thread's) */
     double keep_ms;     /* copying the live state into a stage */
     double wait_ms;     /* the training thread blocked in sy_replica_wait / wait_copied */
@@ -75,8 +76,15 @@ sy_status sy_replica_new(sy_model_t *m, sy_adamw_t *opt, sy_replica_t **out);
 void sy_replica_destroy(sy_replica_t **self_p);
 
 /* The live buffers now hold the state after step `step` (-1: no whole state) with these experts
- * (copied). */
+ * (copied). The next exchange sends whole states. */
 void sy_replica_set_live(sy_replica_t *r, int64_t step, const bool *owned);
+/* The live state advanced by one optimizer step to `step` (= live step + 1; same experts): the
+ * model's gradient buffer holds the clipped gradients that update consumed, and the optimizer
+ * its learning rate and step count. The next exchange may then send those gradients instead of
+ * whole states (a delta exchange: see sy_replica_exchange). */
+void sy_replica_stepped(sy_replica_t *r, int64_t step);
+/* Test hook: bytes per piece of an exchange (0: SY_REPLICA_PIECE_BYTES); the same on every rank. */
+void sy_replica_set_piece_bytes(sy_replica_t *r, size_t bytes);
 int64_t sy_replica_live_step(const sy_replica_t *r);
 
 /* Drops every state held (a new coordinator incarnation: its run may differ, e.g. a run length
@@ -91,7 +99,11 @@ void sy_replica_set_piece_hook(sy_replica_t *r, sy_replica_piece_fn fn, void *ct
 /* Copies the live state into the older stage, sends its experts (placement[e] == this rank) to
  * the `replicas` buddies and receives the buddies' into the older slot, which holds live step's
  * replicas once this returns SY_OK. replicas is already min(cluster.replicas, W - 1); 0 or
- * W == 1: nothing. */
+ * W == 1: nothing. A delta exchange (the live state is one step past the last successful
+ * exchange, sy_replica_stepped, same placement and replicas) sends each expert's clipped
+ * gradients instead (4 bytes a parameter, not 12), and each buddy runs its owner's AdamW update
+ * on its replicas of the step before (sy_adamw_apply_host: the same bits) into the older slot.
+ * Every rank decides alike (the same history); a mismatch would fail the exchange on its sizes. */
 sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas);
 
 /* The same, overlapped: returns at once; the module's thread copies the live state, exchanges it

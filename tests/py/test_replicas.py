@@ -6,7 +6,9 @@ kill -9, every step's loss compared with a single-process fault-free reference (
      last step recorded before the kill minus one (the replicas of step L travel while L + 1
      computes: docs/fault-tolerance.md "Overlapped exchange"), so at most one step is run twice
      (metrics.jsonl lines per step), and the losses equal the reference; w0's log says its
-     exchanges were overlapped, on the replica data plane.
+     exchanges were overlapped, on the replica data plane, and that after each generation's
+     first exchange (whole states) its exchanges sent gradients (sy_replica_stepped: the
+     replicas restored were built by the buddies' own AdamW updates).
   B. two buddies (ranks 0 and 1) of 4 killed at once with cluster.replicas=1: rank 0's only
      replica was on rank 1, so the recovery falls back to the latest committed checkpoint
      (restore_source "checkpoint"), and the losses still equal.
@@ -26,6 +28,7 @@ kill -9, every step's loss compared with a single-process fault-free reference (
 
 usage: test_replicas.py [A B C D ...]"""
 import os
+import re
 import sys
 import time
 import traceback
@@ -100,6 +103,11 @@ def scenario_a(tmp, ref):
         check(bool(done) and done[0].get("restore_source") == "replicas", f"{label}: restore_done says replicas")
         check("(overlapped: on their own data plane)" in c.tail("w0.0.log", 100000),
               f"{label}: the replicas went over the replica data plane, overlapped (w0's log)")
+        # after each generation's first exchange (whole states), the steps' exchanges send
+        # gradients (a third of the bytes): the replicas restored above were built from them
+        deltas = [int(x) for x in re.findall(r"; (\d+) of the exchanges sent gradients", c.tail("w0.0.log", 100000))]
+        check(bool(deltas) and deltas[0] >= 4,
+              f"{label}: w0's first generation sent gradients in its step exchanges ({deltas} delta exchanges)")
     finally:
         c.close()
 
@@ -141,6 +149,8 @@ def scenario_d(tmp, ref):
     label = "D: death in the middle of step K's replicas"
     env = dict(os.environ)
     env["SY_TEST_REPLICA_KILL"] = f"w1@{K}"
+    # the gradients of step K (a delta exchange, 1 MiB an expert here) in pieces of 256 KiB
+    env["SY_TEST_REPLICA_PIECE_BYTES"] = str(256 << 10)
     c = start(tmp, "rep-d", 3, 1000, 1, env=env)
     try:
         g1 = first_gen(c)
