@@ -29,6 +29,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <dirent.h>
+#include <sched.h>
+
+#include "base/bgsched.h"
 #include "comm/comm.h"
 #include "sy_test.h"
 
@@ -556,6 +560,94 @@ static void test_bad_args(void **s) {
     assert_null(dp);
 }
 
+/* The ZeroMQ threads of this process whose name starts with prefix ("<serial>/ZMQbg": one data
+ * plane's): how many, and how many of them run in the idle class. */
+static int zmq_threads(const char *prefix, int *idle) {
+    int n = 0;
+    *idle = 0;
+    DIR *d = opendir("/proc/self/task");
+    assert_non_null(d);
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char path[300], comm[32] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+        fclose(f);
+        if (strncmp(comm, prefix, strlen(prefix))) continue;
+        n++;
+        *idle += sched_getscheduler(atoi(de->d_name)) == SCHED_IDLE;
+    }
+    closedir(d);
+    return n;
+}
+
+/* sy_dataplane_set_background moves exactly that data plane's ZeroMQ threads (its I/O thread,
+ * where sealing and socket work happen, and its reaper) to the idle class and back; another data
+ * plane's threads and the caller's stay in the normal class. */
+static void test_background_threads(void **state) {
+    (void)state;
+    if (!sy_bg_available()) {
+        printf("skipped: this process may not leave the idle scheduling class (no CAP_SYS_NICE, ulimit -e < 20)\n");
+        skip();
+    }
+    sy_dataplane_t *a = NULL, *b = NULL;
+    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &a), SY_OK);
+    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &b), SY_OK);
+    /* ZeroMQ's threads name themselves once they run: wait until all four have */
+    for (int k = 0, idle; k < 200; k++) {
+        int named = 0;
+        for (int serial = 1; serial <= 1000; serial++) {
+            char p[32];
+            snprintf(p, sizeof p, "%d/ZMQbg", serial);
+            named += zmq_threads(p, &idle);
+        }
+        if (named >= 4) break;
+        usleep(5000);
+    }
+    /* which serial is a's: the threads that went idle */
+    assert_int_equal(sy_dataplane_set_background(a, 1), SY_OK);
+    char pa[32] = "";
+    int found = 0;
+    for (int serial = 1; serial <= 1000 && !found; serial++) {
+        char p[32];
+        snprintf(p, sizeof p, "%d/ZMQbg", serial);
+        int idle, n = zmq_threads(p, &idle);
+        if (n > 0 && idle > 0) {
+            assert_int_equal(idle, n); /* all of a's threads */
+            assert_true(n >= 2);       /* I/O thread and reaper */
+            snprintf(pa, sizeof pa, "%s", p);
+            found = 1;
+        }
+    }
+    assert_true(found);
+    int idle_now;
+    /* nothing else went idle: b's threads, the caller */
+    int idle_total = 0;
+    DIR *d = opendir("/proc/self/task");
+    assert_non_null(d);
+    struct dirent *de;
+    while ((de = readdir(d)))
+        if (de->d_name[0] != '.') idle_total += sched_getscheduler(atoi(de->d_name)) == SCHED_IDLE;
+    closedir(d);
+    int n_a = zmq_threads(pa, &idle_now);
+    assert_int_equal(idle_total, n_a);
+    assert_int_equal(sched_getscheduler(0), SCHED_OTHER);
+    /* and back */
+    assert_int_equal(sy_dataplane_set_background(a, 0), SY_OK);
+    assert_int_equal(zmq_threads(pa, &idle_now), n_a);
+    assert_int_equal(idle_now, 0);
+    /* the kind without threads of its own: nothing to do */
+    sy_dataplane_t *t = NULL;
+    assert_int_equal(sy_dataplane_new("threads", NULL, &t), SY_OK);
+    assert_int_equal(sy_dataplane_set_background(t, 1), SY_OK);
+    sy_dataplane_destroy(&t);
+    sy_dataplane_destroy(&a);
+    sy_dataplane_destroy(&b);
+}
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
@@ -565,6 +657,7 @@ int main(void) {
         cmocka_unit_test(test_sequence_w4),   cmocka_unit_test(test_dead_exit),
         cmocka_unit_test(test_dead_sigkill),  cmocka_unit_test(test_dead_sigstop),
         cmocka_unit_test(test_abort),         cmocka_unit_test(test_stale_generation),
+        cmocka_unit_test(test_background_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -269,6 +269,14 @@ static const field FIELDS[] = {
               "(r + k) mod W, never the owner, so a world of W keeps min(replicas, W - 1); a "
               "recovery restores the step that was running from them instead of the last "
               "checkpoint (docs/fault-tolerance.md). 0: off.")),
+    FLD(cluster, replica_background, FT_BOOL, "true",
+        MEANS("Run each step's replica exchange (its copying, sealing and socket work) in Linux's "
+              "idle scheduling class while the next step computes, moving it back to the normal "
+              "class whenever training has to wait for it: replication then takes only CPU time "
+              "training leaves idle (docs/fault-tolerance.md \"Replication in the background\"). "
+              "Needs a process that may leave the idle class again (CAP_SYS_NICE, or "
+              "`ulimit -e` of 20 or more); elsewhere the exchange runs in the normal class, as "
+              "with `false`.")),
     FLD(cluster, backend, FT_STRING, "cpu", .names = BACKEND_NAMES,
         MEANS("Compute backend of the workers: `cpu`, or `cuda` (one GPU per worker: `switchyard run` "
               "gives worker k device k; `switchyard train` uses `SY_CUDA_DEVICE`, default 0; compiled, "

@@ -102,6 +102,7 @@ typedef struct {
         int failure_timeout_ms;
         int data_timeout_ms;
         int replicas;         /* copies of each worker's expert state kept by other workers (0: off) */
+        bool replica_background; /* the overlapped exchange in the idle scheduling class */
         char *backend;        /* "cpu" */
         char *comm;           /* data plane: "tcp" (src/comm/comm.h) */
         /* CurveZMQ on the control plane (src/proto/curve.h); "" = off */

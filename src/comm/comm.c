@@ -3,6 +3,7 @@
  * implementation's ops (comm_internal.h) for the rest. */
 #include "comm/comm.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,14 @@ sy_status sy_dataplane_new_curve(const char *kind, const char *bind_addr, const 
 int sy_dataplane_is_curve(const sy_dataplane_t *dp) { return dp ? dp->curve : 0; }
 uint64_t sy_dataplane_refused(const sy_dataplane_t *dp) {
     return dp && dp->ops->dp_refused ? dp->ops->dp_refused(dp) : 0;
+}
+
+sy_status sy_dataplane_set_background(sy_dataplane_t *dp, int on) {
+    if (!dp || !dp->ops->dp_background) return SY_OK;
+    int e = dp->ops->dp_background(dp, on);
+    return e ? sy_err_set(SY_EIO, "data plane: threads to the %s scheduling class: %s", on ? "idle" : "normal",
+                          strerror(e))
+             : SY_OK;
 }
 
 const char *sy_dataplane_kind(const sy_dataplane_t *dp) { return dp ? dp->ops->name : ""; }

@@ -84,6 +84,11 @@ sy_status sy_dataplane_new_curve(const char *kind, const char *bind_addr, const 
 int sy_dataplane_is_curve(const sy_dataplane_t *dp);
 /* CURVE handshakes the data plane refused (0 without CURVE). */
 uint64_t sy_dataplane_refused(const sy_dataplane_t *dp);
+/* Runs the data plane's own threads (tcp: ZeroMQ's I/O and reaper threads, where the CURVE
+ * encryption and the socket work happen) in the background scheduling class (on) or the normal
+ * one (base/bgsched.h; check sy_bg_available first). SY_OK, or SY_EIO naming the errno; a kind
+ * without threads of its own: SY_OK. */
+sy_status sy_dataplane_set_background(sy_dataplane_t *dp, int on);
 
 /* Opens the communicator of one generation: this process is `rank` of `world`; endpoints[r] is
  * rank r's data-plane endpoint (endpoints[rank] is ours). timeout_ms bounds every wait.

@@ -33,6 +33,9 @@ typedef struct sy_comm_ops {
     const char *(*dp_endpoint)(const sy_dataplane_t *dp);
     uint64_t (*dp_dropped)(const sy_dataplane_t *dp);
     uint64_t (*dp_refused)(const sy_dataplane_t *dp); /* NULL: never refuses */
+    /* Moves the data plane's own threads to SCHED_IDLE or back (base/bgsched.h): 0 or an errno;
+     * NULL: it has none. */
+    int (*dp_background)(sy_dataplane_t *dp, int on);
     /* CURVE: admit exactly these n keys (Z85) from now on; NULL without CURVE */
     sy_status (*dp_authorize)(sy_dataplane_t *dp, const char *const *keys, int n, int hold_ms);
     /* world > 1, arguments checked; the base fields are filled in by comm.c afterwards. */

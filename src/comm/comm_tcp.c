@@ -85,6 +85,7 @@
 #include "comm_internal.h"
 #include "base/clock.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -96,6 +97,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "base/bgsched.h"
 #include "base/log.h"
 #include "base/zmq_check.h"
 #include "comm_zap_internal.h"
@@ -158,6 +160,11 @@ typedef struct {
     bool curve;
     char pub[41], sec[41];
     sy_dp_zap *zap;
+    /* ZeroMQ names this context's threads "<serial>/ZMQbg/..." (ZMQ_THREAD_NAME_PREFIX), which is
+     * how tcp_dp_background finds them; their ids once found */
+    int serial;
+    pid_t bg_tids[8];
+    int n_bg_tids;
 } tcp_dp;
 
 /* zmq's free function needs both the per-peer counter and the eventfd; the hint points at a
@@ -244,6 +251,9 @@ static sy_status tcp_dp_new(const char *bind_addr, const char *public_z85, const
         st = zmq_fail("zmq_ctx_new");
         goto fail;
     }
+    static atomic_int serials;
+    dp->serial = atomic_fetch_add(&serials, 1) % 1000 + 1;
+    (void)zmq_ctx_set(dp->ctx, ZMQ_THREAD_NAME_PREFIX, dp->serial);
     dp->pull = zmq_socket(dp->ctx, ZMQ_PULL);
     if (!dp->pull) {
         st = zmq_fail("PULL socket");
@@ -289,6 +299,39 @@ fail:
 }
 
 static void comm_close_sockets(tcp_comm *c, int linger_ms);
+
+/* The context's threads: ZeroMQ starts them with its first socket (the PULL socket, made in
+ * tcp_dp_new), one I/O thread and the reaper, named "<serial>/ZMQbg/IO/0" and
+ * "<serial>/ZMQbg/Reaper" (each by itself, once it runs). */
+static int tcp_dp_background(sy_dataplane_t *base, int on) {
+    tcp_dp *dp = (tcp_dp *)base;
+    /* each thread names itself once it runs: until both have, look again at every call */
+    if (dp->n_bg_tids < 2) {
+        dp->n_bg_tids = 0;
+        char want[24];
+        const int wl = snprintf(want, sizeof want, "%d/ZMQbg", dp->serial);
+        DIR *d = opendir("/proc/self/task");
+        if (!d) return errno;
+        struct dirent *de;
+        while ((de = readdir(d)) && dp->n_bg_tids < (int)(sizeof dp->bg_tids / sizeof dp->bg_tids[0])) {
+            if (de->d_name[0] == '.') continue;
+            char path[300], comm[32] = "";
+            snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
+            FILE *f = fopen(path, "r");
+            if (!f) continue;
+            if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+            fclose(f);
+            if (!strncmp(comm, want, (size_t)wl)) dp->bg_tids[dp->n_bg_tids++] = (pid_t)atoi(de->d_name);
+        }
+        closedir(d);
+        if (dp->n_bg_tids == 0) return ESRCH;
+    }
+    for (int i = 0; i < dp->n_bg_tids; i++) {
+        int e = sy_bg_set(dp->bg_tids[i], on);
+        if (e) return e;
+    }
+    return 0;
+}
 
 static void tcp_dp_destroy(sy_dataplane_t *base) {
     tcp_dp *dp = (tcp_dp *)base;
@@ -1021,6 +1064,7 @@ const sy_comm_ops sy_comm_tcp_ops = {
     .dp_endpoint = tcp_dp_endpoint,
     .dp_dropped = tcp_dp_dropped,
     .dp_refused = tcp_dp_refused,
+    .dp_background = tcp_dp_background,
     .dp_authorize = tcp_dp_authorize,
     .comm_new = tcp_comm_new,
     .comm_destroy = tcp_comm_destroy,

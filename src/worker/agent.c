@@ -148,6 +148,7 @@ typedef struct {
     char **peers_rep;              /* its replica endpoints (NULL: the Assign carried none) */
     int replicas;                  /* min(cluster.replicas, world - 1) */
     int64_t kill_at;               /* test hook SY_TEST_REPLICA_KILL: SIGKILL mid-exchange of this step */
+    bool bg_said;                  /* the log said why replicas cannot run in the background */
     uint64_t rep_inc;              /* the coordinator incarnation whose run the replicas are of */
     double rep_start_wait_ms;      /* of the replicas' wait_ms: the exchanges of restored (or
                                     * fresh) states before a generation's first step */
@@ -856,6 +857,14 @@ static sy_status setup(agent_t *a, const char *config_json) {
          * gradients has several; every worker of the run gets the same value */
         const char *pb = getenv("SY_TEST_REPLICA_PIECE_BYTES");
         if (pb) sy_replica_set_piece_bytes(a->rep, (size_t)strtoull(pb, NULL, 10));
+    }
+    if (a->rdp && a->cfg.cluster.replicas > 0) {
+        const bool bg = sy_replica_set_background(a->rep, a->cfg.cluster.replica_background ? a->rdp : NULL);
+        if (a->cfg.cluster.replica_background && !bg && !a->bg_said) {
+            sy_info("replicas: the exchange runs in the normal scheduling class (this process may not leave "
+                    "the idle class again: it needs CAP_SYS_NICE or ulimit -e of 20 or more)");
+            a->bg_said = true;
+        }
     }
     sy_data_destroy(&a->data);
     sy_data_options dopts;

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/bgsched.h"
 #include "base/clock.h"
 #include "base/log.h"
 
@@ -81,6 +82,11 @@ struct sy_replica {
     char job_err[512];
     sy_replica_piece_fn piece_fn;
     void *piece_ctx;
+    /* background scheduling (sy_replica_set_background): on, the replica data plane, whether the
+     * thread and the plane's threads are in the idle class now, the thread's id */
+    bool bg_on, bg_low;
+    sy_dataplane_t *bg_dp;
+    pid_t th_tid;
     sy_replica_stats stats;
 };
 
@@ -132,6 +138,7 @@ sy_status sy_replica_new(sy_model_t *m, sy_adamw_t *opt, sy_replica_t **out) {
 }
 
 static void settle(sy_replica_t *r);
+static void bg_boost(sy_replica_t *r);
 
 void sy_replica_destroy(sy_replica_t **self_p) {
     if (!self_p || !*self_p) return;
@@ -192,6 +199,16 @@ void sy_replica_set_piece_hook(sy_replica_t *r, sy_replica_piece_fn fn, void *ct
 }
 
 sy_replica_stats sy_replica_get_stats(const sy_replica_t *r) { return r->stats; }
+
+bool sy_replica_set_background(sy_replica_t *r, sy_dataplane_t *dp) {
+    settle(r);
+    pthread_mutex_lock(&r->mu);
+    if (r->bg_on && r->bg_low) bg_boost(r);
+    r->bg_dp = dp;
+    r->bg_on = dp && sy_bg_available();
+    pthread_mutex_unlock(&r->mu);
+    return r->bg_on;
+}
 
 /* ---- moving one expert's state ---------------------------------------------------------- */
 
@@ -417,12 +434,39 @@ sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *
 
 /* ---- the overlapped exchange ------------------------------------------------------------- */
 
+/* Background scheduling off for good after an error (mu held). */
+static void bg_fail(sy_replica_t *r, const char *what, int e) {
+    sy_warn("replicas: %s: %s; the exchanges run in the normal scheduling class from now on", what,
+            e ? strerror(e) : sy_err_msg());
+    r->bg_on = false;
+    if (r->bg_low) {
+        (void)sy_dataplane_set_background(r->bg_dp, 0);
+        if (r->th_tid) (void)sy_bg_set(r->th_tid, false);
+        r->bg_low = false;
+    }
+}
+
+/* The caller is about to wait for the pending job: its threads back to the normal class, so that
+ * no other load can starve them while training waits (mu held). */
+static void bg_boost(sy_replica_t *r) {
+    if (!r->bg_on || !r->bg_low) return;
+    r->bg_low = false;
+    if (sy_dataplane_set_background(r->bg_dp, 0) != SY_OK) return bg_fail(r, "data plane threads", 0);
+    int e = r->th_tid ? sy_bg_set(r->th_tid, false) : 0;
+    if (e) bg_fail(r, "the exchange thread to the normal class", e);
+}
+
 static void *exchange_main(void *arg) {
     sy_replica_t *r = arg;
     pthread_mutex_lock(&r->mu);
+    r->th_tid = sy_bg_self();
     for (;;) {
         while (!r->th_quit && r->phase != JOB_COPY) pthread_cond_wait(&r->cv, &r->mu);
         if (r->th_quit) break;
+        if (r->bg_on) {
+            int e = sy_bg_set(r->th_tid, r->bg_low);
+            if (e) bg_fail(r, "the exchange thread's scheduling class", e);
+        }
         pthread_mutex_unlock(&r->mu);
         stage *sg = &r->stages[r->job_stage];
         sy_status st = stage_take(r, sg);
@@ -471,6 +515,10 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
     r->job_delta = delta;
     r->job_st = SY_OK;
     r->phase = JOB_COPY;
+    if (r->bg_on && !r->bg_low) {
+        r->bg_low = true;
+        if (sy_dataplane_set_background(r->bg_dp, 1) != SY_OK) bg_fail(r, "data plane threads to the idle class", 0);
+    }
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
     return SY_OK;
@@ -479,6 +527,7 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
 void sy_replica_wait_copied(sy_replica_t *r) {
     double t0 = sy_mono_s();
     pthread_mutex_lock(&r->mu);
+    if (r->phase == JOB_COPY) bg_boost(r);
     while (r->phase == JOB_COPY) pthread_cond_wait(&r->cv, &r->mu);
     pthread_mutex_unlock(&r->mu);
     r->stats.wait_ms += (sy_mono_s() - t0) * 1e3;
@@ -487,6 +536,7 @@ void sy_replica_wait_copied(sy_replica_t *r) {
 sy_status sy_replica_wait(sy_replica_t *r) {
     double t0 = sy_mono_s();
     pthread_mutex_lock(&r->mu);
+    if (r->phase == JOB_COPY || r->phase == JOB_EXCHANGE) bg_boost(r);
     while (r->phase == JOB_COPY || r->phase == JOB_EXCHANGE) pthread_cond_wait(&r->cv, &r->mu);
     sy_status st = r->phase == JOB_DONE ? r->job_st : SY_OK;
     char err[sizeof r->job_err];

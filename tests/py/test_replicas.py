@@ -80,11 +80,48 @@ def recovery_gens(ev, after_gen):
     return [e for e in ev if e["event"] == "generation_opened" and e["generation"] > after_gen]
 
 
+def background_threads(pid, seconds=5.0):
+    """Samples the worker's threads until its replica data plane's ZeroMQ threads are seen in the
+    idle scheduling class (cluster.replica_background): (seen, the training data plane's ZeroMQ
+    threads ever idle, the main thread's policy)."""
+    end = time.time() + seconds
+    seen, other_idle, main = False, False, None
+    while time.time() < end and not seen:
+        idle_by_serial, names = {}, {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                comm = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+                pol = os.sched_getscheduler(int(tid))
+            except (OSError, ProcessLookupError):
+                continue
+            if int(tid) == pid:
+                main = pol
+            if "/ZMQbg" in comm:
+                serial = comm.split("/")[0]
+                names.setdefault(serial, []).append(comm)
+                idle_by_serial[serial] = idle_by_serial.get(serial, False) or pol == os.SCHED_IDLE
+        idle = [k for k, v in idle_by_serial.items() if v]
+        # the training data plane is made first: the lower serial; the replica one the next
+        if len(names) >= 2:
+            lo = min(names, key=int)
+            other_idle = other_idle or lo in idle
+            seen = any(k != lo for k in idle)
+        time.sleep(0.01)
+    return seen, other_idle, main
+
+
 def scenario_a(tmp, ref):
     label = "A: kill one of 3"
     c = start(tmp, "rep-a", 3, 1000, 1)
     try:
         g1 = first_gen(c)
+        c.wait_step(2, timeout=120)
+        if os.geteuid() == 0:  # may leave the idle class again (CAP_SYS_NICE): background on
+            seen, other_idle, main = background_threads(c.workers["w0"].pid)
+            check(seen and not other_idle and main == os.SCHED_OTHER,
+                  f"{label}: w0's replica data plane threads run in the idle class between steps, its training "
+                  f"data plane's and its main thread in the normal one (seen {seen}, training plane idle "
+                  f"{other_idle}, main thread policy {main})")
         c.wait_step(7, timeout=120)
         recorded = c.max_step()
         c.kill("w1")
