@@ -1,11 +1,13 @@
 #!/usr/bin/python3
 """Cost of the peer replicas per step (issue 18): fault-free `switchyard run`s of configs/tiny.yaml
-(plus any --set) in three modes, one after the other, --rounds times (A/B/C side by side, so the
+(plus any --set) in up to four modes, one after the other, --rounds times (side by side, so the
 machine's load moves them alike):
   off      cluster.replicas=0
   inline   cluster.replicas=1, the exchange on the training thread between steps (the workers get
            SY_TEST_REPLICA_INLINE=1: no replica data plane)
-  overlap  cluster.replicas=1, the exchange on the replica thread while the next step computes
+  overlap  cluster.replicas=1, the exchange on the replica thread while the next step computes, in
+           the idle scheduling class (cluster.replica_background=true, the default)
+  foreground  the same in the normal scheduling class (cluster.replica_background=false)
 For each run, from its workers' logs and metrics.jsonl: the bytes each worker sent to its buddies
 per step, the exchange and copy times (on whichever thread runs them), the training thread's
 share (inline: exchange + copy; overlap: its waits for them), its ratio to the mean step time of
@@ -13,7 +15,7 @@ that run, and the CPU seconds of the whole run (every process, getrusage of the 
 step.
 
 usage: /usr/bin/python3 bench/replica_cost.py [--build DIR] [--steps N] [--workers W] [--threads T]
-                                              [--rounds R] [--modes off,inline,overlap]
+                                              [--rounds R] [--modes off,inline,overlap,foreground]
                                               [--set KEY=VALUE ...] [--keep]
 The "606 MB" state of docs/performance.md: --set model.d_model=512 --set model.d_ff=2048
 --set model.n_experts=10 --set model.n_heads=8."""
@@ -43,6 +45,8 @@ def run_once(args, src, sy, tmp, mode, k):
     for kv in args.set:
         cmd += ["--set", kv]
     cmd += ["--set", f"cluster.replicas={replicas}"]
+    if mode == "foreground":
+        cmd += ["--set", "cluster.replica_background=false"]
     env = dict(os.environ)
     env.pop("SY_TEST_REPLICA_INLINE", None)
     if mode == "inline":
@@ -63,7 +67,7 @@ def run_once(args, src, sy, tmp, mode, k):
     out = {"mode": mode, "round": k, "wall_s": round(wall, 1), "step_ms": statistics.mean(steady),
            "step_median_ms": statistics.median(steady), "cpu_s_per_step": cpu / args.steps,
            "replication": replication(f"{state}/logs", last) if mode != "off" else None}
-    if mode != "off" and out["replication"] and out["replication"]["overlapped"] != (mode == "overlap"):
+    if mode != "off" and out["replication"] and out["replication"]["overlapped"] != (mode in ("overlap", "foreground")):
         sys.exit(f"replica_cost.py: the {mode} run's workers did not run that mode: {out['replication']}")
     return out
 
