@@ -463,15 +463,17 @@ static void *exchange_main(void *arg) {
     for (;;) {
         while (!r->th_quit && r->phase != JOB_COPY) pthread_cond_wait(&r->cv, &r->mu);
         if (r->th_quit) break;
-        if (r->bg_on) {
-            int e = sy_bg_set(r->th_tid, r->bg_low);
-            if (e) bg_fail(r, "the exchange thread's scheduling class", e);
-        }
+        /* the copy runs in the normal class (the thread is in it between exchanges): the next
+         * update waits for it, and it is short */
         pthread_mutex_unlock(&r->mu);
         stage *sg = &r->stages[r->job_stage];
         sy_status st = stage_take(r, sg);
         pthread_mutex_lock(&r->mu);
         r->phase = JOB_EXCHANGE;
+        if (r->bg_on && r->bg_low) { /* the exchange in the idle class, until training waits for it */
+            int e = sy_bg_set(r->th_tid, true);
+            if (e) bg_fail(r, "the exchange thread to the idle class", e);
+        }
         pthread_cond_broadcast(&r->cv);
         pthread_mutex_unlock(&r->mu);
         if (st == SY_OK)
@@ -481,6 +483,11 @@ static void *exchange_main(void *arg) {
         r->job_st = st;
         snprintf(r->job_err, sizeof r->job_err, "%s", st == SY_OK ? "" : sy_err_msg());
         r->phase = JOB_DONE;
+        /* back to the normal class until the next exchange: the next post's copy starts at once */
+        if (r->bg_on && r->bg_low) {
+            int e = sy_bg_set(r->th_tid, false);
+            if (e) bg_fail(r, "the exchange thread to the normal class", e);
+        }
         pthread_cond_broadcast(&r->cv);
     }
     pthread_mutex_unlock(&r->mu);
@@ -526,8 +533,7 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
 
 void sy_replica_wait_copied(sy_replica_t *r) {
     double t0 = sy_mono_s();
-    pthread_mutex_lock(&r->mu);
-    if (r->phase == JOB_COPY) bg_boost(r);
+    pthread_mutex_lock(&r->mu); /* the copy runs in the normal class: nothing to boost */
     while (r->phase == JOB_COPY) pthread_cond_wait(&r->cv, &r->mu);
     pthread_mutex_unlock(&r->mu);
     r->stats.wait_ms += (sy_mono_s() - t0) * 1e3;
