@@ -87,6 +87,10 @@ struct sy_replica {
     bool bg_on, bg_low;
     sy_dataplane_t *bg_dp;
     pid_t th_tid;
+    /* an exchange in the idle class that training had to wait for long (the machine has no idle
+     * time to give it): the next SY_REPLICA_BG_BACKOFF exchanges run in the normal class */
+    int bg_skip;
+    double last_post_s, post_interval_s;
     sy_replica_stats stats;
 };
 
@@ -434,6 +438,11 @@ sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *
 
 /* ---- the overlapped exchange ------------------------------------------------------------- */
 
+/* After an exchange in the idle class that training waited for longer than this share of the
+ * interval between posts, this many exchanges run in the normal class before the next try. */
+#define SY_REPLICA_BG_LATE 0.05
+#define SY_REPLICA_BG_BACKOFF 8
+
 /* Background scheduling off for good after an error (mu held). */
 static void bg_fail(sy_replica_t *r, const char *what, int e) {
     sy_warn("replicas: %s: %s; the exchanges run in the normal scheduling class from now on", what,
@@ -522,7 +531,12 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
     r->job_delta = delta;
     r->job_st = SY_OK;
     r->phase = JOB_COPY;
-    if (r->bg_on && !r->bg_low) {
+    const double now = sy_mono_s();
+    if (r->last_post_s > 0) r->post_interval_s = now - r->last_post_s;
+    r->last_post_s = now;
+    if (r->bg_on && r->bg_skip > 0) {
+        r->bg_skip--;
+    } else if (r->bg_on && !r->bg_low) {
         r->bg_low = true;
         if (sy_dataplane_set_background(r->bg_dp, 1) != SY_OK) bg_fail(r, "data plane threads to the idle class", 0);
     }
@@ -542,8 +556,11 @@ void sy_replica_wait_copied(sy_replica_t *r) {
 sy_status sy_replica_wait(sy_replica_t *r) {
     double t0 = sy_mono_s();
     pthread_mutex_lock(&r->mu);
-    if (r->phase == JOB_COPY || r->phase == JOB_EXCHANGE) bg_boost(r);
+    const bool boosted = r->bg_low && (r->phase == JOB_COPY || r->phase == JOB_EXCHANGE);
+    if (boosted) bg_boost(r);
     while (r->phase == JOB_COPY || r->phase == JOB_EXCHANGE) pthread_cond_wait(&r->cv, &r->mu);
+    if (boosted && r->post_interval_s > 0 && sy_mono_s() - t0 > SY_REPLICA_BG_LATE * r->post_interval_s)
+        r->bg_skip = SY_REPLICA_BG_BACKOFF;
     sy_status st = r->phase == JOB_DONE ? r->job_st : SY_OK;
     char err[sizeof r->job_err];
     snprintf(err, sizeof err, "%s", r->job_err);

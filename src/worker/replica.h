@@ -133,10 +133,11 @@ sy_status sy_replica_restore(sy_replica_t *r, sy_comm_t *comm, int rank, int wor
 sy_replica_stats sy_replica_get_stats(const sy_replica_t *r);
 
 /* Background scheduling of the overlapped exchange (docs/fault-tolerance.md "Replication in the
- * background"): from each post until the training thread has to wait for it, the module's thread
- * and dp's own threads (the replica data plane's, where the sealing and socket work happen) run
- * in the idle class (base/bgsched.h), so the replication takes only CPU time the training does
- * not use; a wait moves them back to the normal class first. dp NULL: off. True when on (the
+ * background"): from each post until the training thread has to wait for it, dp's own threads
+ * (the replica data plane's, where the sealing and socket work happen) and, once it has taken
+ * its copy of the live state, the module's thread run in the idle class (base/bgsched.h), so the
+ * replication takes only CPU time the training does not use; a wait moves them back to the
+ * normal class first, and the module's thread returns to it when the exchange ends. dp NULL: off. True when on (the
  * process can move threads to the idle class and back: sy_bg_available). */
 bool sy_replica_set_background(sy_replica_t *r, sy_dataplane_t *dp);
 
