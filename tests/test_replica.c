@@ -104,29 +104,57 @@ static size_t mismatches(sy_model_t *m, sy_adamw_t *o, int64_t s, const bool *mi
         }                                                                                               \
     } while (0)
 
+/* One rank's model, optimizer, replica module and two `threads` data planes (training,
+ * replicas), its endpoints published in eps[rank] and reps[rank]. wd: weight decay (< 0: the
+ * default). */
+typedef struct {
+    sy_config_t cfg;
+    sy_backend_t *be;
+    sy_model_t *m;
+    sy_adamw_t *o;
+    sy_replica_t *r;
+    sy_dataplane_t *dp, *rdp;
+} rank_state;
+
+static void rank_open(rank_state *k, int rank, double wd, char eps[][256], char reps[][256]) {
+    memset(k, 0, sizeof *k);
+    sy_config_defaults(&k->cfg);
+    k->cfg.model.d_model = 16, k->cfg.model.d_ff = 24, k->cfg.model.n_layers = 2, k->cfg.model.n_heads = 2;
+    k->cfg.model.n_experts = E, k->cfg.model.seq_len = 8, k->cfg.model.vocab_size = 32;
+    if (wd >= 0) k->cfg.train.weight_decay = wd;
+    sy_model_dims d = sy_model_dims_from_config(&k->cfg);
+    sy_backend_cpu_new(1, false, &k->be);
+    sy_model_new(&d, k->be, &k->m);
+    sy_adamw_new(k->m, &k->cfg, &k->o);
+    sy_replica_new(k->m, k->o, &k->r);
+    sy_dataplane_new("threads", NULL, &k->dp);
+    sy_dataplane_new("threads", NULL, &k->rdp);
+    snprintf(eps[rank], 256, "%s", sy_dataplane_endpoint(k->dp));
+    snprintf(reps[rank], 256, "%s", sy_dataplane_endpoint(k->rdp));
+}
+
+/* After the rank's communicators are gone (and its replica thread let go of them). */
+static void rank_close(rank_state *k) {
+    sy_dataplane_destroy(&k->dp);
+    sy_dataplane_destroy(&k->rdp);
+    sy_replica_destroy(&k->r);
+    sy_adamw_destroy(&k->o);
+    sy_model_destroy(&k->m);
+    sy_backend_destroy(&k->be);
+    sy_config_free(&k->cfg);
+}
+
 static void *rank_main(void *arg) {
     const int rank = (int)(intptr_t)arg;
     int code = 0;
-    sy_config_t cfg;
-    sy_config_defaults(&cfg);
-    cfg.model.d_model = 16, cfg.model.d_ff = 24, cfg.model.n_layers = 2, cfg.model.n_heads = 2;
-    cfg.model.n_experts = E, cfg.model.seq_len = 8, cfg.model.vocab_size = 32;
-    sy_model_dims d = sy_model_dims_from_config(&cfg);
-    sy_backend_t *be = NULL;
-    sy_model_t *m = NULL;
-    sy_adamw_t *o = NULL;
-    sy_replica_t *r = NULL;
-    sy_dataplane_t *dp = NULL, *rdp = NULL;
+    rank_state k;
+    rank_open(&k, rank, -1, g_w.eps, g_w.reps);
+    sy_model_t *m = k.m;
+    sy_adamw_t *o = k.o;
+    sy_replica_t *r = k.r;
+    sy_dataplane_t *dp = k.dp, *rdp = k.rdp;
     sy_comm_t *c3 = NULL, *c2 = NULL, *rc3 = NULL;
     bool dead = false, at_died = false;
-    sy_backend_cpu_new(1, false, &be);
-    sy_model_new(&d, be, &m);
-    sy_adamw_new(m, &cfg, &o);
-    sy_replica_new(m, o, &r);
-    sy_dataplane_new("threads", NULL, &dp);
-    sy_dataplane_new("threads", NULL, &rdp);
-    snprintf(g_w.eps[rank], sizeof g_w.eps[rank], "%s", sy_dataplane_endpoint(dp));
-    snprintf(g_w.reps[rank], sizeof g_w.reps[rank], "%s", sy_dataplane_endpoint(rdp));
     pthread_barrier_wait(&g_w.ready);
     const char *eps[W] = {g_w.eps[0], g_w.eps[1], g_w.eps[2]};
     const char *reps[W] = {g_w.reps[0], g_w.reps[1], g_w.reps[2]};
@@ -197,13 +225,7 @@ out:
     sy_comm_destroy(&rc3);
     sy_comm_destroy(&c2);
     sy_comm_destroy(&c3);
-    sy_dataplane_destroy(&dp);
-    sy_dataplane_destroy(&rdp);
-    sy_replica_destroy(&r);
-    sy_adamw_destroy(&o);
-    sy_model_destroy(&m);
-    sy_backend_destroy(&be);
-    sy_config_free(&cfg);
+    rank_close(&k);
     return NULL;
 }
 
@@ -222,29 +244,17 @@ static struct {
 static void *rank_delta_main(void *arg) {
     const int rank = (int)(intptr_t)arg;
     int code = 0;
-    sy_config_t cfg;
-    sy_config_defaults(&cfg);
-    cfg.model.d_model = 16, cfg.model.d_ff = 24, cfg.model.n_layers = 2, cfg.model.n_heads = 2;
-    cfg.model.n_experts = E, cfg.model.seq_len = 8, cfg.model.vocab_size = 32;
-    cfg.train.weight_decay = 0.1;
-    sy_model_dims d = sy_model_dims_from_config(&cfg);
-    sy_backend_t *be = NULL;
-    sy_model_t *m = NULL;
-    sy_adamw_t *o = NULL;
-    sy_replica_t *r = NULL;
-    sy_dataplane_t *dp = NULL, *rdp = NULL;
+    rank_state k;
+    rank_open(&k, rank, 0.1, g_delta.eps, g_delta.reps);
+    sy_backend_t *be = k.be;
+    sy_model_t *m = k.m;
+    sy_adamw_t *o = k.o;
+    sy_replica_t *r = k.r;
+    sy_dataplane_t *dp = k.dp, *rdp = k.rdp;
     sy_comm_t *c2 = NULL, *rc3 = NULL;
     float *h = NULL;
     bool dead = false, at_died = false;
-    sy_backend_cpu_new(1, false, &be);
-    sy_model_new(&d, be, &m);
-    sy_adamw_new(m, &cfg, &o);
-    sy_replica_new(m, o, &r);
     sy_replica_set_piece_bytes(r, 200); /* several pieces a step, whole or gradients */
-    sy_dataplane_new("threads", NULL, &dp);
-    sy_dataplane_new("threads", NULL, &rdp);
-    snprintf(g_delta.eps[rank], sizeof g_delta.eps[rank], "%s", sy_dataplane_endpoint(dp));
-    snprintf(g_delta.reps[rank], sizeof g_delta.reps[rank], "%s", sy_dataplane_endpoint(rdp));
     pthread_barrier_wait(&g_delta.ready);
     const char *eps[W] = {g_delta.eps[0], g_delta.eps[1], g_delta.eps[2]};
     const char *reps[W] = {g_delta.reps[0], g_delta.reps[1], g_delta.reps[2]};
@@ -312,13 +322,7 @@ out:
     if (r) (void)sy_replica_wait(r);
     sy_comm_destroy(&rc3);
     sy_comm_destroy(&c2);
-    sy_dataplane_destroy(&dp);
-    sy_dataplane_destroy(&rdp);
-    sy_replica_destroy(&r);
-    sy_adamw_destroy(&o);
-    sy_model_destroy(&m);
-    sy_backend_destroy(&be);
-    sy_config_free(&cfg);
+    rank_close(&k);
     free(h);
     return NULL;
 }
