@@ -8,7 +8,7 @@ usage: /usr/bin/python3 bench/goodput.py [--build DIR] [--steps N] [--workers W]
 defaults: build/, 1200 steps, 3 workers, 60s, checkpoint.every 50, chaos seed 1.
 
 Data: a synthetic corpus (the generator of tests/py/test_cluster.py), prepared with
-`switchyard data prepare`. Config: configs/tiny.yaml with run.steps, checkpoint.every,
+`switchyard data prepare` (its train and validation shards: nothing else needs preparing). Config: configs/tiny.yaml with run.steps, checkpoint.every,
 train.threads=1 and a local checkpoint store.
 
 Reported per run:
@@ -85,7 +85,8 @@ def poll_goodput(state_dir, stop, box):
 def run(sy, cfg, tmp, name, args, chaos=None):
     state = f"{tmp}/state-{name}"
     cmd = [sy, "run", cfg, "--workers", str(args.workers), "--quiet",
-           "--set", f"data.train={tmp}/data/train_*.bin", "--set", f"run.name={name}",
+           "--set", f"data.train={tmp}/data/train_*.bin", "--set", f"data.val={tmp}/data/val_*.bin",
+           "--set", f"run.name={name}",
            "--set", f"run.state_dir={state}", "--set", f"checkpoint.store={tmp}/store",
            "--set", f"run.steps={args.steps}", "--set", f"checkpoint.every={args.ckpt_every}",
            "--set", "train.threads=1", "--set", "run.log_every=100000"]
