@@ -49,9 +49,8 @@ struct sy_replica {
     int64_t live_step;
     bool *live_owned;     /* [E] */
     /* the live state is the update of live_step - 1 by the gradients in the model's buffer, at
-     * this learning rate and step count (sy_replica_stepped) */
+     * the optimizer's last learning rate and step count (sy_replica_stepped) */
     bool live_stepped;
-    double live_lr;
     /* the last exchange, if it succeeded and nothing replaced a state since: its step, placement
      * and replicas (every rank holds whole replicas of chain_step from it). A delta exchange of
      * step chain_step + 1 under the same placement builds on it. */
@@ -180,7 +179,6 @@ void sy_replica_stepped(sy_replica_t *r, int64_t step) {
     settle(r);
     r->live_stepped = r->live_step >= 0 && step == r->live_step + 1;
     r->live_step = step;
-    r->live_lr = sy_adamw_last_lr(r->opt);
 }
 
 void sy_replica_set_piece_bytes(sy_replica_t *r, size_t bytes) {
@@ -216,19 +214,24 @@ bool sy_replica_set_background(sy_replica_t *r, sy_dataplane_t *dp) {
 
 /* ---- moving one expert's state ---------------------------------------------------------- */
 
-/* Live buffers (backend) of expert e -> host dst (expert_bytes). */
-static void pack_live(sy_replica_t *r, int e, char *dst) {
-    float *P = sy_model_params(r->model), *M = sy_adamw_m(r->opt), *V = sy_adamw_v(r->opt);
+/* Buffers bufs[0..nb) (backend, the parameters' layout) of expert e -> host dst, tensor by tensor
+ * in parameter-table order, the nb buffers of each tensor in turn; returns the end of what it
+ * wrote. */
+static char *download_expert(sy_replica_t *r, int e, float *const *bufs, int nb, char *dst) {
     for (int i = 0; i < sy_model_n_params(r->model); i++) {
         const sy_param_t *p = sy_model_param(r->model, i);
         if (p->expert != e) continue;
-        size_t b = sizeof(float) * p->numel;
-        r->be->download(r->be, dst, P + p->offset, b), dst += b;
-        r->be->download(r->be, dst, M + p->offset, b), dst += b;
-        r->be->download(r->be, dst, V + p->offset, b), dst += b;
+        const size_t b = sizeof(float) * p->numel;
+        for (int k = 0; k < nb; k++) r->be->download(r->be, dst, bufs[k] + p->offset, b), dst += b;
     }
+    return dst;
 }
 
+/* Live buffers (backend) of expert e -> host dst (expert_bytes). */
+static void pack_live(sy_replica_t *r, int e, char *dst) {
+    float *const bufs[3] = {sy_model_params(r->model), sy_adamw_m(r->opt), sy_adamw_v(r->opt)};
+    (void)download_expert(r, e, bufs, 3, dst);
+}
 
 /* host src (expert_bytes) -> live buffers of expert e. */
 static void unpack_live(sy_replica_t *r, int e, const char *src) {
@@ -266,7 +269,7 @@ static sy_status stage_take(sy_replica_t *r, stage *sg) {
     }
     sg->n_own = n_own;
     sg->t = sy_adamw_t_count(r->opt);
-    sg->lr = r->live_lr;
+    sg->lr = sy_adamw_last_lr(r->opt);
     sg->step = r->live_step;
     r->stats.keep_ms += (sy_mono_s() - t0) * 1e3;
     return SY_OK;
@@ -290,17 +293,10 @@ static sy_status take_grads(sy_replica_t *r) {
     size_t n_own = 0;
     for (int e = 0; e < r->E; e++) n_own += r->live_owned[e];
     SY_CHECK(grow(&r->gsend, &r->gsend_cap, n_own * r->expert_gbytes + 1));
-    const float *G = sy_model_grads(r->model);
+    float *const G[1] = {sy_model_grads(r->model)};
     char *dst = r->gsend;
-    for (int e = 0; e < r->E; e++) {
-        if (!r->live_owned[e]) continue;
-        for (int i = 0; i < sy_model_n_params(r->model); i++) {
-            const sy_param_t *p = sy_model_param(r->model, i);
-            if (p->expert != e) continue;
-            const size_t b = sizeof(float) * p->numel;
-            r->be->download(r->be, dst, G + p->offset, b), dst += b;
-        }
-    }
+    for (int e = 0; e < r->E; e++)
+        if (r->live_owned[e]) dst = download_expert(r, e, G, 1, dst);
     return SY_OK;
 }
 
@@ -508,7 +504,6 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
     if (nothing_to_send(r, comm, replicas)) return SY_OK;
     if (replicas > sy_comm_world(comm) - 1) replicas = sy_comm_world(comm) - 1;
     const bool delta = can_delta(r, placement, replicas);
-    r->chain_ok = false;
     if (delta) SY_CHECK(take_grads(r));
     if (!r->th_started) {
         if (pthread_create(&r->th, NULL, exchange_main, r) != 0)
