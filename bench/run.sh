@@ -2,6 +2,7 @@
 # switchyard vs PyTorch on this CPU, in one command (see docs/performance.md).
 #
 #   bench/run.sh [--quick] [--threads N] [--build DIR] [--family NAME ...] [--pypi-torch]
+#                [--rounds N]
 #
 # Builds bench/sy_bench if needed (in DIR, default ./build, the project's default build type),
 # then, for each OpenBLAS kernel family this CPU can execute (SkylakeX with AVX-512, Haswell
@@ -18,6 +19,9 @@
 # table it is held to AVX2 too: MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2,
 # ATEN_CPU_CAPABILITY=avx2). One table per family. The C side
 # writes its inputs and the PyTorch side loads them, so both do the same routing load.
+# --rounds N (default 1) repeats the whole sequence N times, the families alternating within
+# each round, and ends with one summary per family: each ratio paired within its round (both
+# sides measured minutes apart), its median, range and how many rounds meet issue 8's target.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +29,7 @@ BUILD=$ROOT/build
 THREADS=2
 QUICK=0
 PYPI=0
+ROUNDS=1
 FAMILIES=()
 PY=/usr/bin/python3
 while [ $# -gt 0 ]; do
@@ -34,11 +39,14 @@ while [ $# -gt 0 ]; do
     --build) BUILD=$2; shift ;;
     --family) FAMILIES+=("$2"); shift ;;
     --pypi-torch) PYPI=1 ;;
-    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --rounds) ROUNDS=$2; shift ;;
+    -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench/run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
 done
+
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "bench/run.sh: --rounds needs a positive integer, not '$ROUNDS'" >&2; exit 2; }
 
 if [ "$QUICK" = 1 ]; then
     SGEMM_IT=3; SW_IT=5; SW_WU=1; ST_IT=3; ST_WU=1
@@ -111,8 +119,9 @@ torch_run() {
     fi
 }
 
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
 for FAM in "${FAMILIES[@]}"; do
-    RES=$TMP/results-$FAM
+    RES=$TMP/results-${FAM:-default}-$ROUND
     : > "$RES"
     if [ -n "$FAM" ]; then export OPENBLAS_CORETYPE=$FAM; else unset OPENBLAS_CORETYPE; fi
     PYPI_ENV=(SY_NOTHING=)
@@ -120,7 +129,7 @@ for FAM in "${FAMILIES[@]}"; do
     Haswell | Zen) PYPI_ENV=(MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2) ;;
     esac
     echo
-    echo "######## OpenBLAS kernel family: ${FAM:-(default)}"
+    echo "######## OpenBLAS kernel family: ${FAM:-(default)}$([ "$ROUNDS" = 1 ] || echo ", round $ROUND of $ROUNDS")"
     echo "== torch (Debian): $($PY "$ROOT/bench/torch_bench.py" info --threads "$THREADS")"
     [ -z "$PYPI_PY" ] || echo "== torch (PyPI): $(env -u OPENBLAS_CORETYPE "${PYPI_ENV[@]}" "$PYPI_PY" "$ROOT/bench/torch_bench.py" info --threads "$THREADS" 2>&1 | tail -1) ${PYPI_ENV[*]}"
 
@@ -197,5 +206,56 @@ print(f"Step: tokens/s switchyard {float(st['sy']['tokens_per_s']):.0f}, torch "
       f"{float(st['torch']['tokens_per_s']):.0f}; loss {float(st['sy']['loss0']):.4f}->"
       f"{float(st['sy']['loss_last']):.4f} vs {float(st['torch']['loss0']):.4f}->"
       f"{float(st['torch']['loss_last']):.4f}")
+EOF
+done
+done
+
+[ "$ROUNDS" -gt 1 ] || exit 0
+for FAM in "${FAMILIES[@]}"; do
+    echo
+    echo "## ${FAM:-default} kernels over $ROUNDS rounds ($(lscpu | sed -n 's/^Model name: *//p'), $THREADS threads, commit $COMMIT)"
+    $PY - "$TMP/results-${FAM:-default}" "$ROUNDS" <<'EOF'
+import statistics, sys
+base, rounds = sys.argv[1], int(sys.argv[2])
+def load(path):
+    rows = {}
+    for line in open(path):
+        side, *kv = line.split()
+        d = dict(x.split("=", 1) for x in kv)
+        rows.setdefault(d["name"], {})[side] = d
+    for r in rows.values():  # Debian torch: the faster of its two OpenMP wait policies
+        tor = [k for k in ("torch", "torchP") if k in r]
+        r["torch"] = min((r[k] for k in tor), key=lambda d: float(d["ms"]))
+    return rows
+R = [load(f"{base}-{i}") for i in range(1, rounds + 1)]
+pypi = all("pypi" in r for rows in R for r in rows.values())
+# (label, case, field, reference, target): issue 8's targets
+checks = [("Switch fwd+bwd / Debian torch", "switch", "ms", "torch", 1.5),
+          ("...forward alone / Debian torch", "switch", "fwd_ms", "torch", 1.3),
+          ("Switch skewed / Debian torch", "switch_skew", "ms", "torch", 1.5),
+          ("...forward alone / Debian torch", "switch_skew", "fwd_ms", "torch", 1.3),
+          ("tiny train step / Debian torch", "step", "ms", "torch", 1.5)]
+if pypi:
+    checks += [("Switch fwd+bwd / PyPI torch", "switch", "ms", "pypi", 1.0),
+               ("Switch skewed / PyPI torch", "switch_skew", "ms", "pypi", 1.0),
+               ("tiny train step / PyPI torch", "step", "ms", "pypi", 1.0)]
+hdr = f"| {'case':<34} | {'target':>6} | {'median':>6} | {'range':>11} | {'rounds meeting':>14} |"
+print(hdr)
+print("|" + "|".join("-" * len(c) for c in hdr.split("|")[1:-1]) + "|")
+def row(label, vals, target, pct=False):
+    med = statistics.median(vals)
+    meet = sum(v >= target for v in vals)
+    f = (lambda v: f"{v:.1f}") if pct else (lambda v: f"{v:.2f}")
+    rng = f"{f(min(vals))}-{f(max(vals))}"
+    print(f"| {label:<34} | {f(target):>6} | {f(med):>6} | {rng:>11} | {meet:>7} of {len(vals):<3} |")
+for label, case, field, ref, target in checks:
+    row(label, [float(r[case][ref][field]) / float(r[case]["sy"][field]) for r in R], target)
+row("Switch fwd+bwd, % of sgemm", [100 * float(r["switch"]["sy"]["gflops"]) / float(r["sgemm"]["sy"]["gflops"]) for r in R], 75.0, True)
+row("Switch skewed, % of sgemm", [100 * float(r["switch_skew"]["sy"]["gflops"]) / float(r["sgemm"]["sy"]["gflops"]) for r in R], 75.0, True)
+print()
+print("ratio = torch ms / switchyard ms, both sides of one round (measured minutes apart, one\n"
+      "process at a time); switchyard Switch fwd+bwd ms by round: " +
+      ", ".join(f"{float(r['switch']['sy']['ms']):.1f}" for r in R) +
+      "; Debian torch: " + ", ".join(f"{float(r['switch']['torch']['ms']):.1f}" for r in R))
 EOF
 done
