@@ -205,7 +205,7 @@ sy_replica_stats sy_replica_get_stats(const sy_replica_t *r) { return r->stats; 
 bool sy_replica_set_background(sy_replica_t *r, sy_dataplane_t *dp) {
     settle(r);
     pthread_mutex_lock(&r->mu);
-    if (r->bg_on && r->bg_low) bg_boost(r);
+    bg_boost(r);
     r->bg_dp = dp;
     r->bg_on = dp && sy_bg_available();
     pthread_mutex_unlock(&r->mu);
@@ -439,16 +439,23 @@ sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *
 #define SY_REPLICA_BG_LATE 0.05
 #define SY_REPLICA_BG_BACKOFF 8
 
-/* Background scheduling off for good after an error (mu held). */
+/* Background scheduling off for good after an error (mu held): every thread it may have moved
+ * back to the normal class, as far as that still works. */
 static void bg_fail(sy_replica_t *r, const char *what, int e) {
     sy_warn("replicas: %s: %s; the exchanges run in the normal scheduling class from now on", what,
             e ? strerror(e) : sy_err_msg());
     r->bg_on = false;
-    if (r->bg_low) {
-        (void)sy_dataplane_set_background(r->bg_dp, 0);
-        if (r->th_tid) (void)sy_bg_set(r->th_tid, false);
-        r->bg_low = false;
-    }
+    r->bg_low = false;
+    (void)sy_dataplane_set_background(r->bg_dp, 0);
+    if (r->th_tid) (void)sy_bg_set(r->th_tid, false);
+}
+
+/* The module's thread to the idle class or back, while the exchange is in the background (mu
+ * held). */
+static void bg_thread(sy_replica_t *r, bool idle) {
+    if (!r->bg_on || !r->bg_low) return;
+    int e = sy_bg_set(r->th_tid, idle);
+    if (e) bg_fail(r, idle ? "the exchange thread to the idle class" : "the exchange thread to the normal class", e);
 }
 
 /* The caller is about to wait for the pending job: its threads back to the normal class, so that
@@ -475,10 +482,7 @@ static void *exchange_main(void *arg) {
         sy_status st = stage_take(r, sg);
         pthread_mutex_lock(&r->mu);
         r->phase = JOB_EXCHANGE;
-        if (r->bg_on && r->bg_low) { /* the exchange in the idle class, until training waits for it */
-            int e = sy_bg_set(r->th_tid, true);
-            if (e) bg_fail(r, "the exchange thread to the idle class", e);
-        }
+        bg_thread(r, true); /* the exchange in the idle class, until training waits for it */
         pthread_cond_broadcast(&r->cv);
         pthread_mutex_unlock(&r->mu);
         if (st == SY_OK)
@@ -489,10 +493,7 @@ static void *exchange_main(void *arg) {
         snprintf(r->job_err, sizeof r->job_err, "%s", st == SY_OK ? "" : sy_err_msg());
         r->phase = JOB_DONE;
         /* back to the normal class until the next exchange: the next post's copy starts at once */
-        if (r->bg_on && r->bg_low) {
-            int e = sy_bg_set(r->th_tid, false);
-            if (e) bg_fail(r, "the exchange thread to the normal class", e);
-        }
+        bg_thread(r, false);
         pthread_cond_broadcast(&r->cv);
     }
     pthread_mutex_unlock(&r->mu);
