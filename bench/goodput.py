@@ -165,7 +165,7 @@ def replication(logdir, last):
     # wait_ms: the training thread's waits inside the steps (overlapped); start waits: the exchange
     # of a generation's restored or fresh state, once per generation (not a per-step cost)
     pat = re.compile(r"replicas \((\d+) per worker\): (\d+) exchanges, (\d+) bytes sent, (\d+) received, "
-                     r"([0-9.]+) ms exchanging, ([0-9.]+) ms (?:copying|packing)[^,]*(?:, ([0-9.]+) ms of training waiting[^,]*)?"
+                     r"([0-9.]+) ms exchanging, ([0-9.]+) ms copying[^,]*(?:, ([0-9.]+) ms of training waiting[^,]*)?"
                      r"(?:, ([0-9.]+) ms waiting at generation starts)?"
                      r"(.*overlapped)?")
     per = []
@@ -180,7 +180,7 @@ def replication(logdir, last):
                 n = int(m.group(2))
                 ex, kp = float(m.group(5)) / n, float(m.group(6)) / n
                 wait = float(m.group(7)) / n if m.group(7) else None
-                # the training thread's share: the waits when overlapped, else the whole exchange + packing
+                # the training thread's share: the waits when overlapped, else the whole exchange + copy
                 train = wait if m.group(9) and wait is not None else ex + kp
                 per.append({"bytes": int(m.group(3)) / n, "exchange_ms": ex, "keep_ms": kp, "exchanges": n,
                             "wait_ms": wait or 0.0, "train_ms": train, "overlapped": bool(m.group(9)),
@@ -266,7 +266,7 @@ def main():
         if rp:
             print(f"replication ({'no faults' if r is base else 'with faults'}, {rp['workers']} worker logs): "
                   f"{rp['bytes'] / 1e6:.2f} MB sent per worker per step, {rp['exchange_ms']:.1f} ms exchange + "
-                  f"{rp['keep_ms']:.1f} ms packing whole states per step "
+                  f"{rp['keep_ms']:.1f} ms copy of the live state per step "
                   f"({'overlapped' if rp['overlapped'] else 'inline'}); the training thread's share "
                   f"{rp['train_ms']:.2f} ms per step = {rp['ratio'] * 100:.2f} % of the mean step "
                   f"({rp['step_ms']:.0f} ms)")

@@ -9,9 +9,8 @@ machine's load moves them alike):
            the idle scheduling class (cluster.replica_background=true, the default)
   foreground  the same in the normal scheduling class (cluster.replica_background=false)
 For each run, from its workers' logs and metrics.jsonl: the bytes each worker sent to its buddies
-per step, the exchange and packing times (on whichever thread runs them; packing: the live
-experts of whole exchanges), the training thread's share (inline: exchange + packing; overlap:
-its waits for them), its ratio to the mean step time of
+per step, the exchange and copy times (on whichever thread runs them), the training thread's
+share (inline: exchange + copy; overlap: its waits for them), its ratio to the mean step time of
 that run, and the CPU seconds of the whole run (every process, getrusage of the children) per
 step.
 
@@ -105,7 +104,7 @@ def main():
             rp = o["replication"]
             extra = ""
             if rp:
-                extra = (f"; {rp['bytes'] / 1e6:.2f} MB sent/worker/step, exchange {rp['exchange_ms']:.1f} ms + packing "
+                extra = (f"; {rp['bytes'] / 1e6:.2f} MB sent/worker/step, exchange {rp['exchange_ms']:.1f} ms + copy "
                          f"{rp['keep_ms']:.1f} ms, training thread {rp['train_ms']:.1f} ms/step = "
                          f"{rp['ratio'] * 100:.2f} % of its mean step")
             print(f"{mode:8s} round {k}: mean step {o['step_ms']:.0f} ms (median {o['step_median_ms']:.0f}), "

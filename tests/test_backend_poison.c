@@ -145,7 +145,7 @@ static void run_ops(sy_backend_t *be, const inputs *in, outputs *o) {
     const float *gx[G] = {x, x + 8 * IN, x + 16 * IN}, *gW[G] = {W, W + OUT * IN, W + 2 * OUT * IN};
     const int gN[G] = {8, 5, 8};
     be->matmul_fwd_group(be, gy, gx, gW, gN, G, IN, OUT);
-    be->adamw(be, p, m, v, p, m, v, g, N * IN, 0.999f, 0.9f, 0.95f, 1e-3f, 1.05f, 1e-8f);
+    be->adamw(be, p, g, m, v, N * IN, 0.999f, 0.9f, 0.95f, 1e-3f, 1.05f, 1e-8f);
     be->sumsq_add(be, sumsq, p, N * IN);
     be->copy(be, cp, p, sizeof o->cp);
     be->zero(be, cp + 5, 7 * sizeof(float));

@@ -149,8 +149,7 @@ static void test_memory_replicas(void **state) {
     assert_true(one.replica_bytes == 0 && w1.replica_bytes == 0 && w1.total_bytes == one.total_bytes);
     assert_true(one.expert_params > 0);
     sy_memplan w2 = sy_memplan_estimate_world(&c, 2), w3 = sy_memplan_estimate_world(&c, 3);
-    /* 12 bytes × (every parameter + 4 experts sent whole + 2 slots of 4) + 4 × (4 + 4) experts */
-    assert_true(fabs(w2.replica_bytes - 12.0 * w2.params - 176.0 * w2.expert_params) < 1e-6 * w2.replica_bytes);
+    assert_true(fabs(w2.replica_bytes - 24.0 * w2.params - 4.0 * 8 * w2.expert_params) < 1e-6 * w2.replica_bytes);
     assert_true(fabs(w2.total_bytes - one.total_bytes - w2.replica_bytes) < 1.0);
     assert_true(w3.replica_bytes > 0 && w3.replica_bytes < w2.replica_bytes); /* 3 experts + 3 of a buddy's, not 8 */
     assert_int_equal(sy_config_set(&c, "cluster.replicas=0"), SY_OK);

@@ -15,12 +15,7 @@
  * The same runs check the per-expert counts a StepDone carries: with W = 1 every expert's counts
  * of the rank's micro-batches; with W = 2 (counts_owned) each owner's counts of the whole step
  * for its experts, from the expert-parallel exchange. Put together by the placement (as the
- * coordinator does) they must equal W = 1's at every step, and they are not all zero.
- *
- * Rank 0 of W = 2 keeps the optimizer's second set (sy_adamw_keep_previous, what peer replicas
- * turn on): its updates go out of place and the sets trade places, with the model's parameter
- * buffer. Its dense parameters must still equal W = 1's (in place) bit for bit, and its previous
- * set must hold its dense parameters of the step before the last, bit for bit. */
+ * coordinator does) they must equal W = 1's at every step, and they are not all zero. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -59,8 +54,6 @@ typedef struct {
     int owned_list[64];
     float *dense; /* [dense numel] parameters after the last step (host copy) */
     size_t n_dense;
-    bool keep;         /* sy_adamw_keep_previous */
-    size_t prev_diff;  /* keep: dense values of the previous set that differ from the step before */
     sy_status st;
     char err[256];
 } rank_run;
@@ -75,7 +68,6 @@ static void *rank_main(void *arg) {
     sy_comm_t *comm = NULL;
     sy_ep_t *ep = NULL;
     int32_t *tokens = NULL;
-    float *before = NULL; /* dense after step STEPS - 1 */
     sy_status st;
     sy_model_dims d = sy_model_dims_from_config(cfg);
     bool owned[64];
@@ -83,7 +75,6 @@ static void *rank_main(void *arg) {
     SY_CHECK_GOTO(sy_backend_cpu_new(1, false, &be), st, done);
     SY_CHECK_GOTO(sy_model_new(&d, be, &m), st, done);
     SY_CHECK_GOTO(sy_adamw_new(m, cfg, &opt), st, done);
-    if (r->keep) SY_CHECK_GOTO(sy_adamw_keep_previous(opt, true), st, done);
     sy_data_options dopts;
     sy_data_options_from_config(cfg, &dopts);
     SY_CHECK_GOTO(sy_data_open_with((const char *const *)cfg->data.train.items, cfg->data.train.n,
@@ -101,30 +92,16 @@ static void *rank_main(void *arg) {
     r->n_switch = sy_model_n_switch(m), r->E = d.E, r->n_owned = 0;
     for (int e = 0; e < d.E; e++)
         if (owned[e] || r->world == 1) r->owned_list[r->n_owned++] = e;
-    r->n_dense = sy_model_dense_numel(m);
-    before = malloc(sizeof(float) * r->n_dense);
     for (int s = 1; s <= STEPS; s++) {
-        if (s == STEPS) be->download(be, before, sy_model_params(m), sizeof(float) * r->n_dense);
         sy_step_result res = {.counts = calloc((size_t)r->n_switch * d.E, sizeof(int32_t))};
         r->counts[s - 1] = res.counts;
         SY_CHECK_GOTO(sy_dist_step(&c, s, &res), st, done);
         r->norm[s - 1] = res.grad_norm;
         r->counts_owned[s - 1] = res.counts_owned;
     }
+    r->n_dense = sy_model_dense_numel(m);
     r->dense = malloc(sizeof(float) * r->n_dense);
     be->download(be, r->dense, sy_model_params(m), sizeof(float) * r->n_dense);
-    const float *pp, *pm, *pv;
-    if (r->keep) {
-        if (!sy_adamw_previous(opt, &pp, &pm, &pv)) {
-            st = sy_err_set(SY_EINTERNAL, "no previous set after %d steps", STEPS);
-            goto done;
-        }
-        float *h = malloc(sizeof(float) * r->n_dense);
-        be->download(be, h, pp, sizeof(float) * r->n_dense);
-        for (size_t i = 0; i < r->n_dense; i++) r->prev_diff += memcmp(&h[i], &before[i], sizeof(float)) != 0;
-        r->prev_diff += !memcmp(h, r->dense, sizeof(float) * r->n_dense); /* not the live state */
-        free(h);
-    }
     st = SY_OK;
 done:
     if (st != SY_OK) snprintf(r->err, sizeof r->err, "%s", sy_err_msg());
@@ -137,7 +114,6 @@ done:
     sy_model_destroy(&m);
     sy_backend_destroy(&be);
     free(tokens);
-    free(before);
     return NULL;
 }
 
@@ -150,7 +126,7 @@ static void run_world(int W, rank_run *runs) {
     }
     pthread_t th[WMAX];
     for (int q = 0; q < W; q++) {
-        runs[q] = (rank_run){.rank = q, .world = W, .dp = dps[q], .eps = eps, .keep = W == 2 && q == 0};
+        runs[q] = (rank_run){.rank = q, .world = W, .dp = dps[q], .eps = eps};
         assert_int_equal(pthread_create(&th[q], NULL, rank_main, &runs[q]), 0);
     }
     for (int q = 0; q < W; q++) pthread_join(th[q], NULL);
@@ -182,13 +158,9 @@ static void test_dense_allreduce_staged(void **state) {
         assert_int_equal(two[q].n_dense, one[0].n_dense);
         size_t diff = 0;
         for (size_t i = 0; i < one[0].n_dense; i++) diff += memcmp(&two[q].dense[i], &one[0].dense[i], sizeof(float)) != 0;
-        fprintf(stderr, "rank %d%s: %zu of %zu dense parameters differ from W=1\n", q,
-                two[q].keep ? " (second set)" : "", diff, one[0].n_dense);
+        fprintf(stderr, "rank %d: %zu of %zu dense parameters differ from W=1\n", q, diff, one[0].n_dense);
         assert_int_equal(diff, 0);
     }
-    fprintf(stderr, "rank 0's previous set: %zu differences from its step %d\n", two[0].prev_diff, STEPS - 1);
-    assert_true(two[0].keep);
-    assert_int_equal(two[0].prev_diff, 0);
     /* the step moved the parameters: the comparison is not of two untouched models */
     assert_true(one[0].norm[0] > 0);
     /* per-expert counts: W = 2's owners' counts, placed by expert, equal W = 1's */

@@ -2,20 +2,19 @@
  * `threads` data plane. Every value of the state of step s is a known function of (s, buffer,
  * index) — the same on every rank for dense, written only by the owner for an expert (other
  * ranks hold rank-dependent junk there) — so a restored state is checked value by value:
- *   - step 4 (written by the test) is exchanged on the caller's thread over the training
- *     communicator (sy_replica_exchange); steps 5 and 6 are real AdamW updates, 5's exchange
- *     overlapped (sy_replica_post over a second communicator of a second data plane, as
- *     gradients); update 6 runs once that exchange is whole, as the worker's step does, and
- *     rank 2 dies before its replicas of 6 go out: the holdings are live 6 (dense + own), 5 in
- *     the optimizer's other set (dense + own, sy_adamw_keep_previous: no copy), the slots of
- *     steps 4 and 5 holding the experts of rank r - 1;
+ *   - step 4 is exchanged on the caller's thread over the training communicator
+ *     (sy_replica_exchange), step 5 overlapped (sy_replica_post over a second communicator of a
+ *     second data plane): every rank writes "update 6" into the live buffers as soon as
+ *     sy_replica_wait_copied returns, while step 5's exchange may still be on the wire, then
+ *     waits; rank 2 dies before its replicas of 6 go out: the holdings are live 6 (dense + own),
+ *     the copies of steps 4 and 5 (dense + own), the slots of steps 4 and 5 holding the experts
+ *     of rank r - 1;
  *   - a request for a state a rank does not hold (expert 2 of step 6 on rank 0) is SY_EINVAL
  *     naming it, and leaves the live state as it was;
  *   - the two survivors restore step 5 over a new communicator of 2 ranks with a new placement:
- *     dense from rank 0's other set, dead rank 2's experts from rank 0's replica slot (one kept
+ *     dense from rank 0's prev, dead rank 2's experts from rank 0's replica slot (one kept
  *     locally, one sent to rank 1): every dense and owned-expert weight and moment equals its
- *     owner's step-5 state bit for bit, the optimizer step count is step 5's, the live step is
- *     5. */
+ *     step-5 value bit for bit, the optimizer step count is step 5's, the live step is 5. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -43,7 +42,6 @@
 typedef struct {
     pthread_barrier_t ready, died, done;
     char eps[W][256], reps[W][256];
-    float *want[W][3]; /* [rank][weights, m, v] the live state after step 5 (dense + own) */
     int code[W];
 } world_t;
 
@@ -146,73 +144,35 @@ static void rank_close(rank_state *k) {
     sy_config_free(&k->cfg);
 }
 
-/* One real AdamW update of step s (random clipped gradients of s) of dense and the experts in
- * `own`, as a worker's step ends. */
-static void update(sy_model_t *m, sy_adamw_t *o, float *h, int64_t s, const bool *own) {
-    sy_backend_t *be = sy_model_backend(m);
-    const size_t n = sy_model_numel(m);
-    for (size_t i = 0; i < n; i++) h[i] = 0.05f * val(100 + s, 0, i);
-    be->upload(be, sy_model_grads(m), h, sizeof(float) * n);
-    sy_adamw_step_owned(o, 1e-3 * (double)s, own);
-}
-
-/* Bit mismatches of dense and the experts `place` gives `rank` against their owners' states in
- * want[owner][b] (place_then: the placement those states were written under); *checked counts. */
-static size_t mismatches_want(sy_model_t *m, sy_adamw_t *o, float *h, float *want[W][3], const uint32_t *place,
-                              const uint32_t *place_then, int rank, size_t *checked) {
-    sy_backend_t *be = sy_model_backend(m);
-    float *bufs[3] = {sy_model_params(m), sy_adamw_m(o), sy_adamw_v(o)};
-    size_t bad = 0;
-    for (int b = 0; b < 3; b++) {
-        be->download(be, h, bufs[b], sizeof(float) * sy_model_numel(m));
-        for (int i = 0; i < sy_model_n_params(m); i++) {
-            const sy_param_t *p = sy_model_param(m, i);
-            if (p->expert >= 0 && (int)place[p->expert] != rank) continue;
-            const float *w = want[p->expert < 0 ? 0 : (int)place_then[p->expert]][b];
-            for (size_t j = 0; j < p->numel; j++, (*checked)++)
-                bad += memcmp(&h[p->offset + j], &w[p->offset + j], sizeof(float)) != 0;
-        }
-    }
-    return bad;
-}
-
 static void *rank_main(void *arg) {
     const int rank = (int)(intptr_t)arg;
     int code = 0;
     rank_state k;
-    rank_open(&k, rank, 0.1, g_w.eps, g_w.reps);
+    rank_open(&k, rank, -1, g_w.eps, g_w.reps);
     sy_model_t *m = k.m;
     sy_adamw_t *o = k.o;
     sy_replica_t *r = k.r;
     sy_dataplane_t *dp = k.dp, *rdp = k.rdp;
     sy_comm_t *c3 = NULL, *c2 = NULL, *rc3 = NULL;
     bool dead = false, at_died = false;
-    const size_t n = sy_model_numel(m);
-    float *h = malloc(sizeof(float) * n);
     pthread_barrier_wait(&g_w.ready);
     const char *eps[W] = {g_w.eps[0], g_w.eps[1], g_w.eps[2]};
     const char *reps[W] = {g_w.reps[0], g_w.reps[1], g_w.reps[2]};
     const uint32_t place3[E] = {0, 0, 1, 1, 2, 2};
     bool own3[E];
     for (int e = 0; e < E; e++) own3[e] = (int)place3[e] == rank;
-    CK(h != NULL, "memory");
     CK(sy_comm_new(dp, 1, rank, W, eps, 5000, &c3) == SY_OK, "comm of 3");
     CK(sy_comm_new(rdp, 1, rank, W, reps, 5000, &rc3) == SY_OK, "replica comm of 3");
     fill_state(m, o, 4, own3, rank);
     sy_replica_set_live(r, 4, own3);
     CK(sy_replica_exchange(r, c3, place3, 1) == SY_OK, "exchange of step 4");
-    update(m, o, h, 5, own3);
-    sy_replica_stepped(r, 5);
-    float *bufs[3] = {sy_model_params(m), sy_adamw_m(o), sy_adamw_v(o)};
-    for (int b = 0; b < 3; b++) {
-        g_w.want[rank][b] = malloc(sizeof(float) * n);
-        CK(g_w.want[rank][b] != NULL, "memory");
-        sy_model_backend(m)->download(sy_model_backend(m), g_w.want[rank][b], bufs[b], sizeof(float) * n);
-    }
+    fill_state(m, o, 5, own3, rank);
+    sy_replica_set_live(r, 5, own3);
     CK(sy_replica_post(r, rc3, place3, 1) == SY_OK, "post of step 5");
-    CK(sy_replica_wait(r) == SY_OK, "overlapped exchange of step 5"); /* before the update of 6 */
-    update(m, o, h, 6, own3);
-    sy_replica_stepped(r, 6); /* rank 2 dies before its replicas of 6 go out */
+    sy_replica_wait_copied(r);
+    fill_state(m, o, 6, own3, rank); /* update 6, maybe while 5 is on the wire */
+    CK(sy_replica_wait(r) == SY_OK, "overlapped exchange of step 5");
+    sy_replica_set_live(r, 6, own3); /* rank 2 dies before its replicas of 6 go out */
     sy_comm_destroy(&rc3);
     sy_comm_destroy(&c3);
     if (rank == 2) dead = true;
@@ -220,42 +180,41 @@ static void *rank_main(void *arg) {
     at_died = true;
     if (dead) goto out;
 
-    sy_replica_held hd[SY_REPLICA_MAX_HELD];
-    int nh = sy_replica_holdings(r, hd);
-    CK(nh == 4, "%d states held, want live, the previous set, two slots", nh);
-    CK(hd[0].step == 6 && hd[0].dense && hd[0].experts[2 * rank] && hd[0].experts[2 * rank + 1], "live 6");
+    sy_replica_held h[SY_REPLICA_MAX_HELD];
+    int nh = sy_replica_holdings(r, h);
+    CK(nh == 5, "%d states held, want live, two copies, two slots", nh);
+    CK(h[0].step == 6 && h[0].dense && h[0].experts[2 * rank] && h[0].experts[2 * rank + 1], "live 6");
     int from = (rank + W - 1) % W;
     for (int64_t s = 4; s <= 5; s++) {
         int copies = 0, slots = 0;
-        for (int j = 1; j < nh; j++) {
-            if (hd[j].step != s) continue;
-            copies += hd[j].dense && hd[j].experts[2 * rank] && hd[j].experts[2 * rank + 1] && !hd[j].experts[2 * from];
-            slots += !hd[j].dense && hd[j].experts[2 * from] && hd[j].experts[2 * from + 1] && !hd[j].experts[2 * rank];
+        for (int k = 1; k < nh; k++) {
+            if (h[k].step != s) continue;
+            copies += h[k].dense && h[k].experts[2 * rank] && h[k].experts[2 * rank + 1] && !h[k].experts[2 * from];
+            slots += !h[k].dense && h[k].experts[2 * from] && h[k].experts[2 * from + 1] && !h[k].experts[2 * rank];
         }
-        CK(copies == (s == 5) && slots == 1, "step %lld: %d copies of dense + own, %d slots of rank %d's experts",
-           (long long)s, copies, slots, from);
+        CK(copies == 1 && slots == 1, "step %lld: %d copies of dense + own, %d slots of rank %d's experts", (long long)s,
+           copies, slots, from);
     }
 
-    size_t checked = 0;
     if (rank == 0) { /* a state rank 0 does not hold: refused before anything changes */
         const int32_t src[E] = {0, 0, 0, 0, 0, 0};
         const uint32_t place1[E] = {0, 0, 0, 0, 0, 0};
         char note[200];
         CK(sy_replica_restore(r, NULL, 0, 1, 6, 0, src, place1, note, sizeof note) == SY_EINVAL, "not held");
         CK(strstr(sy_err_msg(), "expert 2 of step 6") != NULL, "the error names it");
-        CK(sy_replica_live_step(r) == 6, "live step untouched");
-        CK(mismatches_want(m, o, h, g_w.want, place3, place3, rank, &checked) > 0, "live state is 6, not 5");
+        CK(sy_replica_live_step(r) == 6 && mismatches(m, o, 6, own3) == 0, "live state untouched");
     }
     /* survivors 0, 1: new world of 2; experts 4 (dead rank 2's) stay on 0, 5 go to 1 */
     const uint32_t place2[E] = {0, 0, 1, 1, 0, 1};
     const int32_t src2[E] = {0, 0, 1, 1, 0, 0};
+    bool own2[E];
+    for (int e = 0; e < E; e++) own2[e] = (int)place2[e] == rank;
     CK(sy_comm_new(dp, 2, rank, 2, eps, 5000, &c2) == SY_OK, "comm of 2");
     char note[200];
     CK(sy_replica_restore(r, c2, rank, 2, 5, 0, src2, place2, note, sizeof note) == SY_OK, "restore");
-    checked = 0;
-    size_t bad = mismatches_want(m, o, h, g_w.want, place2, place3, rank, &checked);
-    CK(checked > 0 && bad == 0, "%zu of %zu values differ from their owners' step 5 (%s)", bad, checked, note);
-    CK(sy_adamw_t_count(o) == 41, "optimizer step count %lld", (long long)sy_adamw_t_count(o));
+    size_t bad = mismatches(m, o, 5, own2);
+    CK(bad == 0, "%zu values differ from step 5 after the restore (%s)", bad, note);
+    CK(sy_adamw_t_count(o) == 50, "optimizer step count %lld", (long long)sy_adamw_t_count(o));
     CK(sy_replica_live_step(r) == 5, "live step %lld", (long long)sy_replica_live_step(r));
     printf("rank %d: %s\n", rank, note);
 out:
@@ -267,7 +226,6 @@ out:
     sy_comm_destroy(&c2);
     sy_comm_destroy(&c3);
     rank_close(&k);
-    free(h);
     return NULL;
 }
 
@@ -312,9 +270,12 @@ static void *rank_delta_main(void *arg) {
     CK(sy_replica_post(r, rc3, place3, 1) == SY_OK && sy_replica_wait(r) == SY_OK, "exchange of step 4");
     CK(sy_replica_get_stats(r).deltas == 0, "step 4 went out whole");
     for (int64_t s = 5; s <= 7; s++) {
-        update(m, o, h, s, own3);
+        for (size_t i = 0; i < n; i++) h[i] = 0.05f * val(100 + s, 0, i);
+        be->upload(be, sy_model_grads(m), h, sizeof(float) * n);
+        sy_adamw_step_owned(o, 1e-3 * (double)s, own3);
         sy_replica_stepped(r, s);
         CK(sy_replica_post(r, rc3, place3, 1) == SY_OK, "post of step %lld", (long long)s);
+        sy_replica_wait_copied(r);
         CK(sy_replica_wait(r) == SY_OK, "exchange of step %lld", (long long)s);
     }
     sy_replica_stats st = sy_replica_get_stats(r);
@@ -338,7 +299,17 @@ static void *rank_delta_main(void *arg) {
     char note[200];
     CK(sy_replica_restore(r, c2, rank, 2, 7, 0, src2, place2, note, sizeof note) == SY_OK, "restore");
     CK(strstr(note, rank == 0 ? "1 from this worker's copies, 0 received" : "1 received") != NULL, "%s", note);
-    size_t checked = 0, bad = mismatches_want(m, o, h, g_delta.want, place2, place3, rank, &checked);
+    size_t bad = 0, checked = 0;
+    for (int b = 0; b < 3; b++) {
+        be->download(be, h, bufs[b], sizeof(float) * n);
+        for (int i = 0; i < sy_model_n_params(m); i++) {
+            const sy_param_t *p = sy_model_param(m, i);
+            if (p->expert >= 0 && (int)place2[p->expert] != rank) continue;
+            const float *want = g_delta.want[p->expert < 0 ? 0 : (int)place3[p->expert]][b];
+            for (size_t j = 0; j < p->numel; j++, checked++)
+                bad += memcmp(&h[p->offset + j], &want[p->offset + j], sizeof(float)) != 0;
+        }
+    }
     CK(checked > 0 && bad == 0, "%zu of %zu values differ from their owners' step 7 (%s)", bad, checked, note);
     /* not vacuous: step 7 differs from step 4 */
     CK(mismatches(m, o, 4, (const bool[E]){0}) > 0, "the restored state is not step 4's");
@@ -377,8 +348,6 @@ static void test_exchange_restore(void **s) {
     pthread_t th[W];
     for (int k = 0; k < W; k++) assert_int_equal(pthread_create(&th[k], NULL, rank_main, (void *)(intptr_t)k), 0);
     for (int k = 0; k < W; k++) pthread_join(th[k], NULL);
-    for (int k = 0; k < W; k++)
-        for (int b = 0; b < 3; b++) free(g_w.want[k][b]);
     for (int k = 0; k < W; k++) assert_int_equal(g_w.code[k], 0);
 }
 

@@ -75,16 +75,13 @@ struct sy_backend {
     void (*sumsq_add)(sy_backend_t *be, double *out, const float *x, size_t n);
     /* x[n] *= c (gradient clipping) */
     void (*scale)(sy_backend_t *be, float *x, size_t n, float c);
-    /* One AdamW update (optim.h, PINNED to torch.optim.AdamW) of n elements, all fp32, from
-     * p0, m0, v0 into p, m, v:
-     *   p = p0·decay; m = b1·m0 + (1−b1)·g; v = b2·v0 + (1−b2)·g·g;
+    /* One AdamW update (optim.h, PINNED to torch.optim.AdamW) of n elements, all fp32:
+     *   p *= decay; m = b1·m + (1−b1)·g; v = b2·v + (1−b2)·g·g;
      *   p −= step_size · m / (sqrt(v) · inv_sqrt_bc2 + eps)
-     * evaluated in exactly this order, in fp32, without contraction into FMAs. Each output is
-     * either its input (in place) or a buffer that overlaps no operand (the optimizer's second
-     * set, optim.h sy_adamw_keep_previous). */
-    void (*adamw)(sy_backend_t *be, float *p, float *m, float *v, const float *p0,
-                  const float *m0, const float *v0, const float *g, size_t n, float decay,
-                  float b1, float b2, float step_size, float inv_sqrt_bc2, float eps);
+     * evaluated in exactly this order, in fp32, without contraction into FMAs. */
+    void (*adamw)(sy_backend_t *be, float *p, const float *g, float *m, float *v, size_t n,
+                  float decay, float b1, float b2, float step_size, float inv_sqrt_bc2,
+                  float eps);
     /* x[n] rounded to bf16 (RNE) in place, if be->bf16 (working weights after a step; ops that
      * write activations round by themselves) */
     void (*round_bf16)(sy_backend_t *be, float *x, size_t n);

@@ -342,16 +342,12 @@ static void b_scale(sy_backend_t *be, float *x, size_t n, float c) {
     IN(w, x)->scale(w->in, X, n, c);
     finish(w);
 }
-static void b_adamw(sy_backend_t *be, float *p, float *m, float *v, const float *p0, const float *m0,
-                    const float *v0, const float *g, size_t n, float decay, float b1, float b2, float step_size,
-                    float inv_sqrt_bc2, float eps) {
+static void b_adamw(sy_backend_t *be, float *p, const float *g, float *m, float *v, size_t n, float decay,
+                    float b1, float b2, float step_size, float inv_sqrt_bc2, float eps) {
     lp_be *w = LP(be);
     const float *G = arg_in(w, g, n);
-    /* an output that is its own input is widened first (keep) and read from there */
-    float *P = arg_out(w, p, n, p == p0), *M = arg_out(w, m, n, m == m0), *V = arg_out(w, v, n, v == v0);
-    const float *P0 = p == p0 ? P : arg_in(w, p0, n), *M0 = m == m0 ? M : arg_in(w, m0, n),
-                *V0 = v == v0 ? V : arg_in(w, v0, n);
-    IN(w, p)->adamw(w->in, P, M, V, P0, M0, V0, G, n, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
+    float *P = arg_out(w, p, n, true), *M = arg_out(w, m, n, true), *V = arg_out(w, v, n, true);
+    IN(w, p)->adamw(w->in, P, G, M, V, n, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
     finish(w);
 }
 /* An activation buffer holds bf16 values already; a plain one is rounded in place (the

@@ -127,25 +127,24 @@ static void cpu_scale(sy_backend_t *be, float *g, size_t n, float c) {
     for (size_t k = 0; k < nc; k++) scale_range(g, c, k * SY_STEP_CHUNK, SY_STEP_END(k, n));
 }
 
-/* in place or out of place (backend.h): no restrict, elementwise (omp simd) */
-SY_STEP_CLONES static void adamw_range(float *p, float *m, float *v, const float *p0,
-                                       const float *m0, const float *v0, const float *g,
-                                       size_t lo, size_t hi, float decay, float b1, float b2,
-                                       float step_size, float inv_sqrt_bc2, float eps) {
+SY_STEP_CLONES static void adamw_range(float *restrict p, const float *restrict g,
+                                       float *restrict m, float *restrict v, size_t lo, size_t hi,
+                                       float decay, float b1, float b2, float step_size,
+                                       float inv_sqrt_bc2, float eps) {
 #pragma omp simd
     for (size_t k = lo; k < hi; k++)
-        sy_k_adamw(k, p, m, v, p0, m0, v0, g, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
+        sy_k_adamw(k, p, g, m, v, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
 }
 
-static void cpu_adamw(sy_backend_t *be, float *p, float *m, float *v, const float *p0,
-                      const float *m0, const float *v0, const float *g, size_t n, float decay,
-                      float b1, float b2, float step_size, float inv_sqrt_bc2, float eps) {
+static void cpu_adamw(sy_backend_t *be, float *pp, const float *gg, float *mm, float *vv, size_t n,
+                      float decay, float b1, float b2, float step_size, float inv_sqrt_bc2,
+                      float eps) {
     (void)be;
     const size_t nc = SY_STEP_CHUNKS(n);
 #pragma omp parallel for schedule(static) if (nc > 1)
     for (size_t c = 0; c < nc; c++)
-        adamw_range(p, m, v, p0, m0, v0, g, c * SY_STEP_CHUNK, SY_STEP_END(c, n), decay, b1, b2,
-                    step_size, inv_sqrt_bc2, eps);
+        adamw_range(pp, gg, mm, vv, c * SY_STEP_CHUNK, SY_STEP_END(c, n), decay, b1, b2, step_size,
+                    inv_sqrt_bc2, eps);
 }
 
 void sy_cpu_step_install(sy_backend_t *b) {

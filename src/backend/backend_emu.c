@@ -140,13 +140,12 @@ static void emu_scale(sy_backend_t *be, float *x, size_t n, float c) {
     SY_EMU_LAUNCH(n, i, sy_k_scale((size_t)i, x, c));
 }
 
-static void emu_adamw(sy_backend_t *be, float *p, float *m, float *v, const float *p0,
-                      const float *m0, const float *v0, const float *g, size_t n, float decay,
-                      float b1, float b2, float step_size, float inv_sqrt_bc2, float eps) {
+static void emu_adamw(sy_backend_t *be, float *p, const float *g, float *m, float *v, size_t n,
+                      float decay, float b1, float b2, float step_size, float inv_sqrt_bc2,
+                      float eps) {
     (void)be;
     SY_EMU_LAUNCH(n, i,
-                  sy_k_adamw((size_t)i, p, m, v, p0, m0, v0, g, decay, b1, b2, step_size,
-                             inv_sqrt_bc2, eps));
+                  sy_k_adamw((size_t)i, p, g, m, v, decay, b1, b2, step_size, inv_sqrt_bc2, eps));
 }
 
 static void emu_round_bf16(sy_backend_t *be, float *x, size_t n) {

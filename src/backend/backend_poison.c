@@ -75,11 +75,9 @@ static void p_sumsq_add(sy_backend_t *be, double *out, const float *x, size_t n)
     IN(be)->sumsq_add(IN(be), U(out), U(x), n);
 }
 static void p_scale(sy_backend_t *be, float *x, size_t n, float c) { IN(be)->scale(IN(be), U(x), n, c); }
-static void p_adamw(sy_backend_t *be, float *p, float *m, float *v, const float *p0, const float *m0,
-                    const float *v0, const float *g, size_t n, float decay, float b1, float b2, float step_size,
-                    float inv_sqrt_bc2, float eps) {
-    IN(be)->adamw(IN(be), U(p), U(m), U(v), U(p0), U(m0), U(v0), U(g), n, decay, b1, b2, step_size,
-                  inv_sqrt_bc2, eps);
+static void p_adamw(sy_backend_t *be, float *p, const float *g, float *m, float *v, size_t n, float decay,
+                    float b1, float b2, float step_size, float inv_sqrt_bc2, float eps) {
+    IN(be)->adamw(IN(be), U(p), U(g), U(m), U(v), n, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
 }
 static void p_round_bf16(sy_backend_t *be, float *x, size_t n) { IN(be)->round_bf16(IN(be), U(x), n); }
 

@@ -63,13 +63,13 @@ sy_memplan sy_memplan_estimate_world(const sy_config_t *cfg, int world) {
     sy_memplan m = sy_memplan_estimate(cfg);
     int K = cfg->cluster.replicas < world - 1 ? cfg->cluster.replicas : world - 1;
     if (world < 2 || K < 1) return m;
-    /* replica.h: the optimizer's second set of every parameter (sy_adamw_keep_previous), a whole
-     * exchange's send buffer of its experts and two slots of its K buddies' experts, each fp32
-     * weights + 2 moments (12 bytes a parameter), and the gradients of a delta exchange, its
-     * experts' sent and its buddies' received (4 bytes a parameter); a rank owns at most
-     * ceil(E/W) */
+    /* replica.h: two stages of [dense | its experts] and two slots of its K buddies' experts,
+     * each fp32 weights + 2 moments (12 bytes a parameter), and the gradients of a delta
+     * exchange, its experts' sent and its buddies' received (4 bytes a parameter); a rank owns
+     * at most ceil(E/W) */
     const double E = cfg->model.n_experts, own = ceil(E / world);
-    m.replica_bytes = 12.0 * (m.params + (1.0 + 2.0 * K) * own * m.expert_params) +
+    const double dense = m.params - E * m.expert_params;
+    m.replica_bytes = 12.0 * (2.0 * (dense + own * m.expert_params) + 2.0 * K * own * m.expert_params) +
                       4.0 * (own + K * own) * m.expert_params;
     m.total_bytes += m.replica_bytes;
     return m;

@@ -287,11 +287,6 @@ const sy_param_t *sy_model_param(const sy_model_t *m, int i) { return &m->params
 size_t sy_model_numel(const sy_model_t *m) { return m->numel; }
 size_t sy_model_dense_numel(const sy_model_t *m) { return m->dense_numel; }
 float *sy_model_params(sy_model_t *m) { return m->params; }
-float *sy_model_swap_params(sy_model_t *m, float *p) {
-    float *old = m->params;
-    m->params = p;
-    return old;
-}
 sy_backend_t *sy_model_backend(const sy_model_t *m) { return m->be; }
 float *sy_model_grads(sy_model_t *m) {
     if (m->acc_dirty) {

@@ -83,11 +83,6 @@ size_t sy_model_dense_numel(const sy_model_t *m);
 sy_backend_t *sy_model_backend(const sy_model_t *m);
 /* The fp32 master weights (backend buffer). */
 float *sy_model_params(sy_model_t *m);
-/* Makes p (a backend buffer of sy_model_numel floats, from the model's backend) the master
- * weights and returns the buffer it replaces, which the caller now owns; the model frees the
- * one it holds. For the optimizer's second set (optim.h sy_adamw_keep_previous); the caller
- * calls sy_model_weights_changed. */
-float *sy_model_swap_params(sy_model_t *m, float *p);
 /* The accumulated gradients (fp32, backend buffer). Micro-batch contributions are summed in an fp64
  * accumulator (sy_model_grad_acc) and rounded into this buffer on the first call after they
  * change; the caller may then modify it (clipping) until the next fwd_bwd. */

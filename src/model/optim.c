@@ -10,10 +10,6 @@ struct sy_adamw {
     sy_model_t *model;
     sy_backend_t *be;
     float *m, *v; /* backend buffers */
-    /* sy_adamw_keep_previous: the second set (backend buffers) each update writes into before
-     * the sets trade places; prev: it holds the state before the last update */
-    float *p2, *m2, *v2;
-    bool prev;
     double beta1, beta2, eps, wd;
     int64_t t;
     double last_lr; /* the learning rate of the last step (sy_adamw_last_lr) */
@@ -41,34 +37,6 @@ void sy_adamw_reset(sy_adamw_t *o) {
     o->be->zero(o->be, o->m, n * sizeof(float));
     o->be->zero(o->be, o->v, n * sizeof(float));
     o->t = 0;
-    o->prev = false;
-}
-
-sy_status sy_adamw_keep_previous(sy_adamw_t *o, bool on) {
-    if (on && o->p2) return SY_OK;
-    o->prev = false;
-    if (!on) {
-        if (o->p2) o->be->free(o->be, o->p2);
-        if (o->m2) o->be->free(o->be, o->m2);
-        if (o->v2) o->be->free(o->be, o->v2);
-        o->p2 = o->m2 = o->v2 = NULL;
-        return SY_OK;
-    }
-    const size_t n = sy_model_numel(o->model);
-    o->p2 = o->be->alloc(o->be, n * sizeof(float));
-    o->m2 = o->be->alloc(o->be, n * sizeof(float));
-    o->v2 = o->be->alloc(o->be, n * sizeof(float));
-    if (!o->p2 || !o->m2 || !o->v2) {
-        (void)sy_adamw_keep_previous(o, false);
-        return sy_err_set(SY_ENOMEM, "optimizer: out of memory for a second set of %zu parameters and moments", n);
-    }
-    return SY_OK;
-}
-
-bool sy_adamw_previous(sy_adamw_t *o, const float **p, const float **m, const float **v) {
-    if (!o->p2 || !o->prev) return false;
-    *p = o->p2, *m = o->m2, *v = o->v2;
-    return true;
 }
 
 void sy_adamw_configure(sy_adamw_t *o, const sy_config_t *cfg) {
@@ -83,7 +51,6 @@ void sy_adamw_destroy(sy_adamw_t **self_p) {
     sy_adamw_t *o = *self_p;
     if (o->m) o->be->free(o->be, o->m);
     if (o->v) o->be->free(o->be, o->v);
-    (void)sy_adamw_keep_previous(o, false);
     free(o);
     *self_p = NULL;
 }
@@ -146,34 +113,24 @@ static coefs coefs_at(const sy_adamw_t *o, double lr, int64_t t) {
 void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts) {
     sy_model_t *model = o->model;
     float *p = sy_model_params(model), *g = sy_model_grads(model);
-    /* with a second set, the update goes there and the sets trade places */
-    float *po = o->p2 ? o->p2 : p, *mo = o->p2 ? o->m2 : o->m, *vo = o->p2 ? o->v2 : o->v;
     o->t++;
     o->last_lr = lr;
     const coefs c = coefs_at(o, lr, o->t);
     for (int i = 0; i < sy_model_n_params(model); i++) {
         const sy_param_t *pi = sy_model_param(model, i);
         if (experts && pi->expert >= 0 && !experts[pi->expert]) continue;
-        const size_t k = pi->offset;
-        o->be->adamw(o->be, po + k, mo + k, vo + k, p + k, o->m + k, o->v + k, g + k, pi->numel,
+        o->be->adamw(o->be, p + pi->offset, g + pi->offset, o->m + pi->offset, o->v + pi->offset, pi->numel,
                      pi->decay ? c.decay : 1.0f, c.b1, c.b2, c.step_size, c.inv_sqrt_bc2, c.eps);
-    }
-    if (o->p2) {
-        o->p2 = sy_model_swap_params(model, po);
-        o->m2 = o->m, o->v2 = o->v;
-        o->m = mo, o->v = vo;
-        o->prev = true;
     }
     sy_model_weights_changed(model);
 }
 
 double sy_adamw_last_lr(const sy_adamw_t *o) { return o->last_lr; }
 
-void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, float *m, float *v,
-                         const float *p0, const float *m0, const float *v0, const float *g, size_t n) {
+void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, const float *g, float *m,
+                         float *v, size_t n) {
     const coefs c = coefs_at(o, lr, t);
     const float dc = decay ? c.decay : 1.0f;
 #pragma omp simd
-    for (size_t i = 0; i < n; i++)
-        sy_k_adamw(i, p, m, v, p0, m0, v0, g, dc, c.b1, c.b2, c.step_size, c.inv_sqrt_bc2, c.eps);
+    for (size_t i = 0; i < n; i++) sy_k_adamw(i, p, g, m, v, dc, c.b1, c.b2, c.step_size, c.inv_sqrt_bc2, c.eps);
 }

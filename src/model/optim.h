@@ -34,19 +34,6 @@ void sy_adamw_configure(sy_adamw_t *o, const sy_config_t *cfg);
 /* Zero moments, step count 0: the state of a fresh initialisation. */
 void sy_adamw_reset(sy_adamw_t *o);
 
-/* on: a second set of parameters and moments (backend buffers, the model's size). Each update
- * then reads the live set and writes the other one, and the two trade places (the model's
- * parameter buffer with them, sy_model_swap_params): the state before the last update stays
- * whole in the other set, with no copy, until the next update (sy_adamw_previous). The same
- * bits as an update in place. Peer replicas use it (worker/replica.h). off: frees the second
- * set. SY_ENOMEM when the backend has no room for it (the optimizer works as before). */
-sy_status sy_adamw_keep_previous(sy_adamw_t *o, bool on);
-/* The state before the last update (its step count is the live one − 1): the dense parameters
- * and the experts that update wrote; other experts' regions hold older bytes. false when there
- * is none (no second set, no update since it was made or since a reset). Valid until the next
- * update; whoever writes the live buffers otherwise (a restore) must stop reading it. */
-bool sy_adamw_previous(sy_adamw_t *o, const float **p, const float **m, const float **v);
-
 /* First / second moments, same layout as the parameters: backend buffers of the model's backend
  * (host copies by its upload/download). */
 float *sy_adamw_m(sy_adamw_t *o);
@@ -70,12 +57,11 @@ void sy_adamw_step(sy_adamw_t *o, double lr);
 void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts);
 /* The learning rate of the last sy_adamw_step_owned (0 before the first). */
 double sy_adamw_last_lr(const sy_adamw_t *o);
-/* The update of one tensor of step count t at learning rate lr on host arrays, from p0, m0, v0
- * into p, m, v (each output its input, or disjoint from every operand): the same per-element
- * operations as the backend's adamw op (backend/kernels/k_elementwise.h, no FMA contraction),
- * so the same bits. `decay`: the tensor's sy_param_t.decay. For a peer replica that applies its
- * owner's gradients (worker/replica.h). Any thread. */
-void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, float *m, float *v,
-                         const float *p0, const float *m0, const float *v0, const float *g, size_t n);
+/* The update of one tensor of step count t at learning rate lr on host arrays: the same
+ * per-element operations as the backend's adamw op (backend/kernels/k_elementwise.h, no FMA
+ * contraction), so the same bits. `decay`: the tensor's sy_param_t.decay. For a peer replica
+ * that applies its owner's gradients (worker/replica.h). Any thread. */
+void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, const float *g, float *m,
+                         float *v, size_t n);
 
 #endif

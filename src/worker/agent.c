@@ -750,7 +750,7 @@ static void close_generation(agent_t *a) {
     if (a->rep && a->comm && a->world > 1 && a->replicas > 0) {
         sy_replica_stats rs = sy_replica_get_stats(a->rep);
         sy_info("replicas (%d per worker): %llu exchanges, %llu bytes sent, %llu received, %.1f ms exchanging, "
-                "%.1f ms packing whole states, %.1f ms of training waiting for them, %.1f ms waiting at "
+                "%.1f ms copying the live state, %.1f ms of training waiting for them, %.1f ms waiting at "
                 "generation starts%s (totals of this process); %llu of the exchanges sent gradients", a->replicas,
                 (unsigned long long)rs.exchanges, (unsigned long long)rs.bytes_sent,
                 (unsigned long long)rs.bytes_received, rs.exchange_ms, rs.keep_ms, rs.wait_ms - a->rep_start_wait_ms,
@@ -1190,9 +1190,8 @@ static void replica_kill_hook(void *ctx, int64_t step, int round, int rounds) {
 }
 
 /* After step L (docs/fault-tolerance.md "Overlapped exchange"): with a replica data plane, wait
- * for step L - 1's exchange (every rank then holds its replicas of L - 1; after a step, the
- * update already waited for it), then post L's, which the replica thread sends while L + 1
- * computes; `wait` (a restore, a fresh start)
+ * for step L - 1's exchange (every rank then holds its replicas of L - 1), then post L's, which
+ * the replica thread copies and sends while L + 1 computes; `wait` (a restore, a fresh start)
  * waits for it too, so the restored state is replicated before the first step. Without one,
  * the exchange of L runs here, over the training data plane. */
 static sy_status replicate(agent_t *a, bool wait) {
@@ -1203,11 +1202,9 @@ static sy_status replicate(agent_t *a, bool wait) {
     return wait ? sy_replica_wait(a->rep) : SY_OK;
 }
 
-/* sy_dist_ctx.before_update: the update of step L writes the optimizer's other set, which holds
- * L - 2 (sy_adamw_keep_previous); so it waits until step L - 1's exchange is whole on every rank
- * (docs/fault-tolerance.md "Overlapped exchange"). A failed exchange fails step L before its
- * update: the live state stays L - 1, the other set L - 2, which the replicas still cover. */
-static sy_status replica_before_update(void *arg) { return sy_replica_wait(arg); }
+/* sy_dist_ctx.before_update: the update must not run before the replica thread copied the
+ * previous step's state. */
+static void replica_before_update(void *arg) { sy_replica_wait_copied(arg); }
 
 /* Holdings: what this worker can give a recovery (sent when it leaves an aborted or failed
  * generation, stamped with it). */
@@ -1522,10 +1519,14 @@ static run_end run_assign(agent_t *a, const Sy__Envelope *env) {
         /* The update of `step` is in the live state once the step returned SY_OK (it is the
          * step's last act, after every collective). Inline, its replicas go out before StepDone:
          * a step the coordinator records has a whole replica of every expert. Overlapped, the
-         * exchange of step - 1 was whole everywhere before the update (point 2 of
-         * docs/fault-tolerance.md "Overlapped exchange", replica_before_update; its error failed
-         * this step before the update), and this step's goes out while the next one computes. */
+         * exchange of step - 1 must be whole everywhere before this StepDone (point 3 of
+         * docs/fault-tolerance.md "Overlapped exchange"; its error is this step's), and this
+         * step's goes out while the next one computes. */
+        sy_status wst = st == SY_OK && a->rcomm ? sy_replica_wait(a->rep) : SY_OK;
+        /* the update is in the live buffers even when the exchange of step - 1 failed: the
+         * replicas must not offer those buffers as step - 1 (holdings, a restore) */
         if (st == SY_OK) sy_replica_stepped(a->rep, step);
+        if (st == SY_OK) st = wst;
         if (st == SY_OK) st = replicate(a, false);
         double val_loss = NAN, ms = (sy_mono_s() * 1e3) - t0; /* the step's time leaves validation out */
         if (st == SY_OK && a->val && sy_dist_eval_due(&a->cfg, step))

@@ -97,7 +97,7 @@ sy_status sy_dist_step(sy_dist_ctx *c, int64_t step, sy_step_result *out) {
     sy_clip_grads(sy_model_backend(m), sy_model_grads(m), sy_model_numel(m), out->grad_norm,
                   cfg->train.grad_clip);
     out->lr = sy_lr_at(cfg, s0);
-    if (c->before_update) SY_CHECK(c->before_update(c->before_arg));
+    if (c->before_update) c->before_update(c->before_arg);
     sy_adamw_step_owned(c->opt, out->lr, c->owned);
     return SY_OK;
 }

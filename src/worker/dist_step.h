@@ -41,9 +41,9 @@ typedef struct {
     const bool *owned;         /* [E] experts this rank owns (NULL: all) */
     int32_t *tokens;           /* [b, T+1] scratch */
     /* Called (when set) after the last collective and before the update writes the parameters
-     * and moments: until then the step only reads them (the overlapped replica exchange of the
-     * previous step is waited for here). An error fails the step before the update. */
-    sy_status (*before_update)(void *arg);
+     * and moments: until then the step only reads them (the overlapped replica exchange copies
+     * the previous step's state meanwhile and is waited for here). */
+    void (*before_update)(void *arg);
     void *before_arg;
 } sy_dist_ctx;
 

@@ -22,16 +22,21 @@ typedef struct {
     size_t cap;
 } slot;
 
-/* What an exchange sends: the live state of `step` (taken when it is posted). */
+/* A host copy of dense + the owned experts of one step: [dense weights | m | v][owned experts,
+ * ascending, each as in a slot]. The expert part is also the send buffer of an exchange. */
 typedef struct {
-    int64_t step;
-    int64_t t;   /* the optimizer step count */
-    double lr;   /* the learning rate of step's update (a delta exchange's receivers apply it) */
+    int64_t step; /* -1: invalid */
+    int64_t t;    /* the optimizer step count */
+    double lr;    /* the learning rate of step's update (a delta exchange's receivers apply it) */
+    bool *owned;  /* [E] */
+    size_t *off;  /* [E] byte offset of owned expert e in buf */
     size_t n_own;
-} sent;
+    char *buf;
+    size_t cap;
+} stage;
 
 /* The overlapped exchange's job (guarded by mu). */
-typedef enum { JOB_NONE, JOB_EXCHANGE, JOB_DONE } job_phase;
+typedef enum { JOB_NONE, JOB_COPY, JOB_EXCHANGE, JOB_DONE } job_phase;
 
 struct sy_replica {
     sy_model_t *model;
@@ -42,12 +47,9 @@ struct sy_replica {
     size_t expert_bytes;  /* one expert's state (all experts have the same shapes) */
     size_t expert_gbytes; /* one expert's gradients (a third of its state) */
     int64_t live_step;
-    bool keep_tried;      /* sy_adamw_keep_previous asked (nothing_to_send) */
     bool *live_owned;     /* [E] */
     /* the live state is the update of live_step - 1 by the gradients in the model's buffer, at
-     * the optimizer's last learning rate and step count (sy_replica_stepped); then the
-     * optimizer's other set holds live_step - 1 (dense + the same experts) when it keeps one
-     * (sy_adamw_previous) */
+     * the optimizer's last learning rate and step count (sy_replica_stepped) */
     bool live_stepped;
     /* the last exchange, if it succeeded and nothing replaced a state since: its step, placement
      * and replicas (every rank holds whole replicas of chain_step from it). A delta exchange of
@@ -60,9 +62,9 @@ struct sy_replica {
     char *gsend, *grecv;   /* a delta exchange's gradients: this worker's experts, the buddies' */
     size_t gsend_cap, grecv_cap;
     size_t piece_bytes;
+    stage stages[2];
     slot slots[2];
-    char *wsend;          /* a whole exchange's send buffer: the live experts, ascending */
-    size_t wsend_cap;
+    bool held_dense[SY_REPLICA_MAX_HELD];
     char *send;           /* staging of a restore */
     size_t send_cap;
     /* the overlapped exchange: the thread, and the job it runs (mu guards everything below) */
@@ -73,8 +75,7 @@ struct sy_replica {
     job_phase phase;
     sy_comm_t *job_comm;
     uint32_t *job_place; /* [E] */
-    int job_replicas, job_slot;
-    sent job_sent;
+    int job_replicas, job_stage, job_slot;
     bool job_delta;
     sy_status job_st;
     char job_err[512];
@@ -123,7 +124,10 @@ sy_status sy_replica_new(sy_model_t *m, sy_adamw_t *opt, sy_replica_t **out) {
         r->slots[k].step = -1;
         r->slots[k].have = calloc((size_t)E, sizeof(bool));
         r->slots[k].off = calloc((size_t)E, sizeof(size_t));
-        ok = ok && r->slots[k].have && r->slots[k].off;
+        r->stages[k].step = -1;
+        r->stages[k].owned = calloc((size_t)E, sizeof(bool));
+        r->stages[k].off = calloc((size_t)E, sizeof(size_t));
+        ok = ok && r->slots[k].have && r->slots[k].off && r->stages[k].owned && r->stages[k].off;
     }
     r->live_step = -1;
     pthread_mutex_init(&r->mu, NULL);
@@ -153,8 +157,11 @@ void sy_replica_destroy(sy_replica_t **self_p) {
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cv);
     free(r->live_owned), free(r->job_place), free(r->chain_place);
-    free(r->gsend), free(r->grecv), free(r->wsend);
-    for (int k = 0; k < 2; k++) free(r->slots[k].have), free(r->slots[k].off), free(r->slots[k].buf);
+    free(r->gsend), free(r->grecv);
+    for (int k = 0; k < 2; k++) {
+        free(r->slots[k].have), free(r->slots[k].off), free(r->slots[k].buf);
+        free(r->stages[k].owned), free(r->stages[k].off), free(r->stages[k].buf);
+    }
     free(r->send);
     free(r);
     *self_p = NULL;
@@ -185,6 +192,7 @@ void sy_replica_forget(sy_replica_t *r) {
     r->live_step = -1;
     r->live_stepped = r->chain_ok = false;
     r->slots[0].step = r->slots[1].step = -1;
+    r->stages[0].step = r->stages[1].step = -1;
 }
 
 void sy_replica_set_piece_hook(sy_replica_t *r, sy_replica_piece_fn fn, void *ctx) {
@@ -225,22 +233,6 @@ static void pack_live(sy_replica_t *r, int e, char *dst) {
     (void)download_expert(r, e, bufs, 3, dst);
 }
 
-/* The state of live_step - 1 in the optimizer's other set (dense + the live experts), if held:
- * the update that made the live state read it and wrote nothing there since. */
-static bool prev_held(sy_replica_t *r, float **p, float **m, float **v) {
-    const float *cp, *cm, *cv;
-    if (r->live_step < 1 || !r->live_stepped || !sy_adamw_previous(r->opt, &cp, &cm, &cv)) return false;
-    *p = (float *)cp, *m = (float *)cm, *v = (float *)cv; /* read only: download takes non-const */
-    return true;
-}
-
-/* The previous set's expert e -> host dst (expert_bytes); prev_held must be true. */
-static void pack_prev(sy_replica_t *r, int e, char *dst) {
-    float *bufs[3];
-    (void)prev_held(r, &bufs[0], &bufs[1], &bufs[2]);
-    (void)download_expert(r, e, bufs, 3, dst);
-}
-
 /* host src (expert_bytes) -> live buffers of expert e. */
 static void unpack_live(sy_replica_t *r, int e, const char *src) {
     float *P = sy_model_params(r->model), *M = sy_adamw_m(r->opt), *V = sy_adamw_v(r->opt);
@@ -254,28 +246,37 @@ static void unpack_live(sy_replica_t *r, int e, const char *src) {
     }
 }
 
-/* ---- what an exchange sends ------------------------------------------------------------- */
+/* ---- stages ----------------------------------------------------------------------------- */
 
-/* The live state's step, count and learning rate (sent: an exchange's header). The caller's
- * thread, between that step and the next. */
-static sent sent_now(const sy_replica_t *r) {
+/* stage <- live (dense + the live experts). Any thread, while nothing writes the live buffers. */
+static sy_status stage_take(sy_replica_t *r, stage *sg) {
+    double t0 = sy_mono_s();
+    const size_t db = sizeof(float) * r->dense;
     size_t n_own = 0;
     for (int e = 0; e < r->E; e++) n_own += r->live_owned[e];
-    return (sent){r->live_step, sy_adamw_t_count(r->opt), sy_adamw_last_lr(r->opt), n_own};
-}
-
-/* The live experts (ascending) -> r->wsend: a whole exchange's send buffer. Any thread, while
- * nothing writes the live buffers (the next update waits for the exchange). */
-static sy_status pack_sent(sy_replica_t *r, const sent *sn) {
-    double t0 = sy_mono_s();
-    SY_CHECK(grow(&r->wsend, &r->wsend_cap, sn->n_own * r->expert_bytes + 1));
-    char *dst = r->wsend;
-    for (int e = 0; e < r->E && r->expert_bytes; e++)
-        if (r->live_owned[e]) pack_live(r, e, dst), dst += r->expert_bytes;
+    sg->step = -1;
+    SY_CHECK(grow(&sg->buf, &sg->cap, 3 * db + n_own * r->expert_bytes + 1));
+    r->be->download(r->be, sg->buf, sy_model_params(r->model), db);
+    r->be->download(r->be, sg->buf + db, sy_adamw_m(r->opt), db);
+    r->be->download(r->be, sg->buf + 2 * db, sy_adamw_v(r->opt), db);
+    size_t o = 3 * db;
+    for (int e = 0; e < r->E; e++) {
+        sg->owned[e] = r->live_owned[e];
+        if (!sg->owned[e]) continue;
+        sg->off[e] = o;
+        if (r->expert_bytes) pack_live(r, e, sg->buf + o);
+        o += r->expert_bytes;
+    }
+    sg->n_own = n_own;
+    sg->t = sy_adamw_t_count(r->opt);
+    sg->lr = sy_adamw_last_lr(r->opt);
+    sg->step = r->live_step;
     r->stats.keep_ms += (sy_mono_s() - t0) * 1e3;
     return SY_OK;
 }
 
+/* The older stage (the one a new copy replaces). */
+static int older_stage(const sy_replica_t *r) { return r->stages[0].step <= r->stages[1].step ? 0 : 1; }
 static int older_slot(const sy_replica_t *r) { return r->slots[0].step <= r->slots[1].step ? 0 : 1; }
 
 /* ---- the exchange after a step --------------------------------------------------------- */
@@ -311,10 +312,9 @@ static bool can_delta(const sy_replica_t *r, const uint32_t *placement, int repl
 
 /* The end of a delta exchange of step `step`: slot s <- the other slot's replicas of step - 1,
  * each updated by its owner's gradients (r->grecv, senders by j, their experts ascending) with
- * the same AdamW operations the owner ran (from the base slot into s: no copy), in the layout of
- * a whole exchange. */
+ * the same AdamW operations the owner ran, in the layout of a whole exchange. */
 static sy_status apply_grads(sy_replica_t *r, const uint32_t *placement, int replicas, int rank, int W,
-                             const sent *sg, slot *s) {
+                             const stage *sg, slot *s) {
     const slot *b = &r->slots[r->chain_slot];
     const size_t EB = r->expert_bytes;
     if (s == b || b->step != sg->step - 1)
@@ -334,15 +334,14 @@ static sy_status apply_grads(sy_replica_t *r, const uint32_t *placement, int rep
                 return sy_err_set(SY_EINTERNAL, "replicas: the gradients of expert %d of step %lld have no base",
                                   e, (long long)sg->step);
             char *st = s->buf + eo;
-            const char *st0 = b->buf + b->off[e];
+            memcpy(st, b->buf + b->off[e], EB);
             for (int i = 0; i < sy_model_n_params(r->model); i++) {
                 const sy_param_t *p = sy_model_param(r->model, i);
                 if (p->expert != e) continue;
                 const size_t n = p->numel, nb = sizeof(float) * n;
-                sy_adamw_apply_host(r->opt, sg->lr, sg->t, p->decay, (float *)st, (float *)(st + nb),
-                                    (float *)(st + 2 * nb), (const float *)st0, (const float *)(st0 + nb),
-                                    (const float *)(st0 + 2 * nb), (const float *)g, n);
-                st += 3 * nb, st0 += 3 * nb, g += nb;
+                sy_adamw_apply_host(r->opt, sg->lr, sg->t, p->decay, (float *)st, (const float *)g,
+                                    (float *)(st + nb), (float *)(st + 2 * nb), n);
+                st += 3 * nb, g += nb;
             }
             s->have[e] = true, s->off[e] = eo, eo += EB;
         }
@@ -350,14 +349,13 @@ static sy_status apply_grads(sy_replica_t *r, const uint32_t *placement, int rep
     return SY_OK;
 }
 
-/* Sends this rank's experts (placement[e] == rank) of the live state sg to the buddies and
+/* Sends stage sg's experts (placement[e] == rank, as the stage holds them) to the buddies and
  * receives theirs into slot s, named sg's step once whole (and, when `barrier`, once every rank
- * holds its own). Whole: the experts' state, packed from the live buffers (pack_sent). delta:
- * each sends the gradients of its experts (r->gsend, take_grads) instead, and each buddy
- * applies them to its replicas of the step before (apply_grads): a third of the bytes, the same
- * state. */
+ * holds its own). delta: each sends the gradients of its experts (r->gsend, take_grads) instead,
+ * and each buddy applies them to its replicas of the step before (apply_grads): a third of the
+ * bytes, the same state. */
 static sy_status exchange_from(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas,
-                               const sent *sg, slot *s, bool barrier, bool delta) {
+                               const stage *sg, slot *s, bool barrier, bool delta) {
     const int W = sy_comm_world(comm), rank = sy_comm_rank(comm), E = r->E;
     const size_t unit = delta ? r->expert_gbytes : r->expert_bytes, PB = r->piece_bytes;
     double t0 = sy_mono_s();
@@ -369,10 +367,9 @@ static sy_status exchange_from(sy_replica_t *r, sy_comm_t *comm, const uint32_t 
         if (b > most) most = b;
     }
     const int rounds = (int)((most + PB - 1) / PB);
-    /* what we send: our experts, ascending (or their gradients) */
+    /* what we send: our experts, ascending, straight from the stage (or their gradients) */
     const size_t mine = sg->n_own * unit;
-    if (!delta) SY_CHECK(pack_sent(r, sg));
-    const char *send = delta ? r->gsend : r->wsend;
+    const char *send = delta ? r->gsend : sg->buf + 3 * sizeof(float) * r->dense;
     /* what we receive: buddy j's sender is rank - j; its experts ascending, senders by j */
     s->step = -1; /* invalid until every piece is in */
     size_t need = 0;
@@ -417,21 +414,10 @@ static sy_status exchange_from(sy_replica_t *r, sy_comm_t *comm, const uint32_t 
     return SY_OK;
 }
 
-/* Whether there is nothing to exchange. When there is, the optimizer keeps the state before
- * each update in its other set from now on (what a recovery of the step before needs once the
- * live state has moved on; sy_adamw_keep_previous): made at the first exchange, so that a run
- * without replicas has no second set. Without the memory for it, replication goes on, and a
- * failure between an update and the end of its step's exchange falls back to the checkpoint. */
-static bool nothing_to_send(sy_replica_t *r, const sy_comm_t *comm, int replicas) {
+static bool nothing_to_send(const sy_replica_t *r, const sy_comm_t *comm, int replicas) {
     const int W = comm ? sy_comm_world(comm) : 1;
     if (replicas > W - 1) replicas = W - 1;
-    if (replicas <= 0 || r->expert_bytes == 0 || r->live_step < 0) return true;
-    if (!r->keep_tried) {
-        r->keep_tried = true;
-        if (sy_adamw_keep_previous(r->opt, true) != SY_OK)
-            sy_warn("replicas: %s; a failure during a step's exchange falls back to the checkpoint", sy_err_msg());
-    }
-    return false;
+    return replicas <= 0 || r->expert_bytes == 0 || r->live_step < 0;
 }
 
 sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas) {
@@ -440,9 +426,10 @@ sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *
     if (replicas > sy_comm_world(comm) - 1) replicas = sy_comm_world(comm) - 1;
     const bool delta = can_delta(r, placement, replicas);
     if (delta) SY_CHECK(take_grads(r));
-    const sent sg = sent_now(r);
+    stage *sg = &r->stages[older_stage(r)];
+    SY_CHECK(stage_take(r, sg));
     slot *s = &r->slots[delta ? 1 - r->chain_slot : older_slot(r)];
-    return exchange_from(r, comm, placement, replicas, &sg, s, false, delta);
+    return exchange_from(r, comm, placement, replicas, sg, s, false, delta);
 }
 
 /* ---- the overlapped exchange ------------------------------------------------------------- */
@@ -486,17 +473,27 @@ static void *exchange_main(void *arg) {
     pthread_mutex_lock(&r->mu);
     r->th_tid = sy_bg_self();
     for (;;) {
-        while (!r->th_quit && r->phase != JOB_EXCHANGE) pthread_cond_wait(&r->cv, &r->mu);
+        while (!r->th_quit && r->phase != JOB_COPY) pthread_cond_wait(&r->cv, &r->mu);
         if (r->th_quit) break;
-        bg_thread(r, true); /* the exchange in the idle class, until training waits for it */
+        /* the copy runs in the normal class (the thread is in it between exchanges): the next
+         * update waits for it, and it is short */
         pthread_mutex_unlock(&r->mu);
-        sy_status st = exchange_from(r, r->job_comm, r->job_place, r->job_replicas, &r->job_sent,
-                                     &r->slots[r->job_slot], true, r->job_delta);
+        stage *sg = &r->stages[r->job_stage];
+        sy_status st = stage_take(r, sg);
+        pthread_mutex_lock(&r->mu);
+        r->phase = JOB_EXCHANGE;
+        bg_thread(r, true); /* the exchange in the idle class, until training waits for it */
+        pthread_cond_broadcast(&r->cv);
+        pthread_mutex_unlock(&r->mu);
+        if (st == SY_OK)
+            st = exchange_from(r, r->job_comm, r->job_place, r->job_replicas, sg, &r->slots[r->job_slot], true,
+                               r->job_delta);
         pthread_mutex_lock(&r->mu);
         r->job_st = st;
         snprintf(r->job_err, sizeof r->job_err, "%s", st == SY_OK ? "" : sy_err_msg());
         r->phase = JOB_DONE;
-        bg_thread(r, false); /* back to the normal class until the next exchange */
+        /* back to the normal class until the next exchange: the next post's copy starts at once */
+        bg_thread(r, false);
         pthread_cond_broadcast(&r->cv);
     }
     pthread_mutex_unlock(&r->mu);
@@ -514,20 +511,22 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
             return sy_err_set(SY_EINTERNAL, "replicas: cannot start the exchange thread");
         r->th_started = true;
     }
-    /* The target slot is invalid from now on: it is not named in holdings until the thread has
-     * written it whole. A delta exchange's target is the slot its base is not in (two slots may
-     * name one step: after a restore, an older generation's and the new one's). */
-    const int sl = delta ? 1 - r->chain_slot : older_slot(r);
+    /* The older stage and slot are invalid from now on: neither is named in holdings until the
+     * thread has written it whole. */
+    /* a delta exchange's target is the slot its base is not in (two slots may name one step:
+     * after a restore, an older generation's and the new one's) */
+    const int sg = older_stage(r), sl = delta ? 1 - r->chain_slot : older_slot(r);
+    r->stages[sg].step = -1;
     r->slots[sl].step = -1;
     pthread_mutex_lock(&r->mu);
     r->job_comm = comm;
     memcpy(r->job_place, placement, sizeof(uint32_t) * (size_t)r->E);
     r->job_replicas = replicas;
-    r->job_sent = sent_now(r);
+    r->job_stage = sg;
     r->job_slot = sl;
     r->job_delta = delta;
     r->job_st = SY_OK;
-    r->phase = JOB_EXCHANGE;
+    r->phase = JOB_COPY;
     const double now = sy_mono_s();
     if (r->last_post_s > 0) r->post_interval_s = now - r->last_post_s;
     r->last_post_s = now;
@@ -542,12 +541,20 @@ sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *plac
     return SY_OK;
 }
 
+void sy_replica_wait_copied(sy_replica_t *r) {
+    double t0 = sy_mono_s();
+    pthread_mutex_lock(&r->mu); /* the copy runs in the normal class: nothing to boost */
+    while (r->phase == JOB_COPY) pthread_cond_wait(&r->cv, &r->mu);
+    pthread_mutex_unlock(&r->mu);
+    r->stats.wait_ms += (sy_mono_s() - t0) * 1e3;
+}
+
 sy_status sy_replica_wait(sy_replica_t *r) {
     double t0 = sy_mono_s();
     pthread_mutex_lock(&r->mu);
-    const bool boosted = r->bg_low && r->phase == JOB_EXCHANGE;
+    const bool boosted = r->bg_low && (r->phase == JOB_COPY || r->phase == JOB_EXCHANGE);
     if (boosted) bg_boost(r);
-    while (r->phase == JOB_EXCHANGE) pthread_cond_wait(&r->cv, &r->mu);
+    while (r->phase == JOB_COPY || r->phase == JOB_EXCHANGE) pthread_cond_wait(&r->cv, &r->mu);
     if (boosted && r->post_interval_s > 0 && sy_mono_s() - t0 > SY_REPLICA_BG_LATE * r->post_interval_s)
         r->bg_skip = SY_REPLICA_BG_BACKOFF;
     sy_status st = r->phase == JOB_DONE ? r->job_st : SY_OK;
@@ -576,19 +583,24 @@ int sy_replica_holdings(sy_replica_t *r, sy_replica_held *out) {
     settle(r);
     int n = 0;
     if (r->live_step >= 0) out[n++] = (sy_replica_held){r->live_step, true, r->live_owned};
-    float *p, *m, *v;
-    if (prev_held(r, &p, &m, &v)) out[n++] = (sy_replica_held){r->live_step - 1, true, r->live_owned};
+    for (int k = 0; k < 2; k++) {
+        const stage *sg = &r->stages[k];
+        if (sg->step < 0) continue;
+        /* a copy of the live state adds nothing to it */
+        if (sg->step == r->live_step && !memcmp(sg->owned, r->live_owned, sizeof(bool) * (size_t)r->E)) continue;
+        out[n++] = (sy_replica_held){sg->step, true, sg->owned};
+    }
     for (int k = 0; k < 2; k++)
         if (r->slots[k].step >= 0) out[n++] = (sy_replica_held){r->slots[k].step, false, r->slots[k].have};
     return n;
 }
 
-/* Where this rank finds expert e of `step`: 'l' live, 'p' the previous set, '0'/'1' a slot, 0
+/* Where this rank finds expert e of `step`: 'l' live, 'a'/'b' a stage, '0'/'1' a slot, 0
  * nowhere. */
-static char find_expert(sy_replica_t *r, int64_t step, int e) {
-    float *p, *m, *v;
+static char find_expert(const sy_replica_t *r, int64_t step, int e) {
     if (r->live_step == step && r->live_owned[e]) return 'l';
-    if (r->live_step - 1 == step && r->live_owned[e] && prev_held(r, &p, &m, &v)) return 'p';
+    for (int k = 0; k < 2; k++)
+        if (r->stages[k].step == step && r->stages[k].owned[e]) return (char)('a' + k);
     for (int k = 0; k < 2; k++)
         if (r->slots[k].step == step && r->slots[k].have[e]) return (char)('0' + k);
     return 0;
@@ -596,7 +608,8 @@ static char find_expert(sy_replica_t *r, int64_t step, int e) {
 
 static void pack_from(sy_replica_t *r, char where, int e, char *dst) {
     if (where == 'l') pack_live(r, e, dst);
-    else if (where == 'p') pack_prev(r, e, dst);
+    else if (where == 'a' || where == 'b')
+        memcpy(dst, r->stages[where - 'a'].buf + r->stages[where - 'a'].off[e], r->expert_bytes);
     else memcpy(dst, r->slots[where - '0'].buf + r->slots[where - '0'].off[e], r->expert_bytes);
 }
 
@@ -610,14 +623,12 @@ sy_status sy_replica_restore(sy_replica_t *r, sy_comm_t *comm, int rank, int wor
     if (world > 1 && !comm) return sy_err_set(SY_EINVAL, "replica restore: no data plane for world %d", world);
     /* 1. Check and stage everything this rank gives before anything is overwritten. */
     char dense_at = 0;
-    float *pp = NULL, *pm = NULL, *pv = NULL; /* the previous set, if held */
-    const bool have_prev = prev_held(r, &pp, &pm, &pv);
     if (rank == dense_source) {
-        dense_at = r->live_step == step ? 'l' : have_prev && r->live_step - 1 == step ? 'p' : 0;
+        dense_at = r->live_step == step ? 'l' : r->stages[0].step == step ? 'a' : r->stages[1].step == step ? 'b' : 0;
         if (!dense_at)
             return sy_err_set(SY_EINVAL, "replica restore: asked for dense of step %lld, which this worker does not "
-                              "hold (live %lld%s)", (long long)step, (long long)r->live_step,
-                              have_prev ? ", and the step before it" : "");
+                              "hold (live %lld, copies %lld and %lld)", (long long)step, (long long)r->live_step,
+                              (long long)r->stages[0].step, (long long)r->stages[1].step);
     }
     size_t sb[world > 0 ? world : 1], rb[world > 0 ? world : 1], soff[world > 0 ? world : 1];
     memset(sb, 0, sizeof sb);
@@ -654,11 +665,14 @@ sy_status sy_replica_restore(sy_replica_t *r, sy_comm_t *comm, int rank, int wor
     char *dense_buf = r->send, *sends = dense_buf + dense_bytes, *locals = sends + total_send,
          *recvs = locals + local_bytes;
     if (dense_at) {
-        /* the previous set is the state one update before the live one */
-        const int64_t t = sy_adamw_t_count(r->opt) - (dense_at == 'p');
-        float *const src[3] = {dense_at == 'l' ? sy_model_params(r->model) : pp,
-                               dense_at == 'l' ? sy_adamw_m(r->opt) : pm, dense_at == 'l' ? sy_adamw_v(r->opt) : pv};
-        for (int k = 0; k < 3; k++) r->be->download(r->be, dense_buf + (size_t)k * db, src[k], db);
+        int64_t t = dense_at == 'l' ? sy_adamw_t_count(r->opt) : r->stages[dense_at - 'a'].t;
+        if (dense_at == 'l') {
+            r->be->download(r->be, dense_buf, sy_model_params(r->model), db);
+            r->be->download(r->be, dense_buf + db, sy_adamw_m(r->opt), db);
+            r->be->download(r->be, dense_buf + 2 * db, sy_adamw_v(r->opt), db);
+        } else {
+            memcpy(dense_buf, r->stages[dense_at - 'a'].buf, 3 * db);
+        }
         memcpy(dense_buf + 3 * db, &t, sizeof t);
     }
     size_t fill[world > 0 ? world : 1];

@@ -9,12 +9,11 @@
  * What one worker holds (each an exact state after some optimizer step, or nothing):
  *   live      the model and optimizer buffers: dense + the experts it owns, at `live step`
  *             (-1 while a restore writes them);
- *   previous  the optimizer's other set (optim.h sy_adamw_keep_previous, turned on at the first
- *             exchange): dense + its experts of live step - 1, when the live state is that
- *             step's update (sy_replica_stepped). It is what lets every rank give step k - 1
- *             again while step k's replicas are on their way (a failure may land before some
- *             ranks hold them), with no copy: the update of k reads the live set and writes
- *             the other one;
+ *   2 stages  host copies of dense + its own experts of the two newest steps it replicated
+ *             ([dense weights | m | v][its experts, ascending, each weights m v]): the newer is
+ *             what goes to the buddies (the send buffer: no second copy), the older is what
+ *             lets every rank give step k - 1 again while step k's replicas are on their way
+ *             (a failure may land before some ranks hold them);
  *   2 slots   the complete replicas of other workers' experts, double buffered: a step's
  *             replicas are received into the older slot, which is marked invalid first and named
  *             by its step only once every piece of every buddy has arrived. A half-received
@@ -26,18 +25,16 @@
  *
  * Two ways to exchange. sy_replica_exchange: on the caller's thread, over the training
  * communicator, before the caller goes on. sy_replica_post / sy_replica_wait (overlapped,
- * docs/fault-tolerance.md "Overlapped exchange"): the module's own thread exchanges step L over
- * a second communicator (of the replica data plane) while the caller runs step L + 1, reading
- * the live buffers (a whole exchange) or the gradients copied at the post (a delta); the caller
- * must call sy_replica_wait before anything writes the live buffers (the update of L + 1: it
- * overwrites the other set, which holds L - 1 until L's replicas are whole), and the wait of
- * holdings, restore, forget or set_live is their own (abort the communicator first to make
- * that wait short). The exchange ends with a barrier, so a successful wait means every rank
- * holds its buddies' replicas of L.
+ * docs/fault-tolerance.md "Overlapped exchange"): the module's own thread copies the live state
+ * of step L into a stage and exchanges it over a second communicator (of the replica data
+ * plane) while the caller runs step L + 1; the caller must call sy_replica_wait_copied before
+ * anything writes the live buffers (the update of L + 1), and sy_replica_wait before the next
+ * post and before holdings, restore, forget or set_live (which wait themselves when needed: abort
+ * the communicator first to make that wait short). The exchange ends with a barrier, so a
+ * successful wait means every rank holds its buddies' replicas of L.
  *
- * The module reads and writes the model's parameters and the optimizer's moments (both sets);
- * it keeps pointers to the model and the optimizer (rebuild the module when either is
- * replaced). Thread: the training
+ * The module reads and writes the model's parameters and the optimizer's moments in place; it
+ * keeps pointers to both (rebuild the module when either is replaced). Thread: the training
  * thread calls every function; the communicator given to sy_replica_post is driven by the
  * module's thread from the post until sy_replica_wait returns (comm.h: one driving thread). */
 #ifndef SY_REPLICA_H
@@ -55,8 +52,8 @@
 /* Bytes per piece of a replica exchange: a step's replicas go out in rounds of all-to-all-v of at
  * most this many bytes per peer (bounds the buffers of the data plane). */
 #define SY_REPLICA_PIECE_BYTES ((size_t)4 << 20)
-/* Entries sy_replica_holdings fills at most: live, the previous set, 2 slots. */
-#define SY_REPLICA_MAX_HELD 4
+/* Entries sy_replica_holdings fills at most: live, 2 stages, 2 slots. */
+#define SY_REPLICA_MAX_HELD 5
 
 typedef struct sy_replica sy_replica_t;
 
@@ -71,8 +68,8 @@ typedef struct {
     uint64_t exchanges, bytes_sent, bytes_received;
     uint64_t deltas; /* exchanges that sent gradients, not whole states */
     double exchange_ms; /* on the thread that exchanges (overlapped: not the training thread's) */
-    double keep_ms;     /* packing the live experts for a whole exchange (a delta packs nothing) */
-    double wait_ms;     /* the training thread blocked in sy_replica_wait */
+    double keep_ms;     /* copying the live state into a stage */
+    double wait_ms;     /* the training thread blocked in sy_replica_wait / wait_copied */
 } sy_replica_stats;
 
 sy_status sy_replica_new(sy_model_t *m, sy_adamw_t *opt, sy_replica_t **out);
@@ -99,8 +96,8 @@ void sy_replica_forget(sy_replica_t *r);
 typedef void (*sy_replica_piece_fn)(void *ctx, int64_t step, int round, int rounds);
 void sy_replica_set_piece_hook(sy_replica_t *r, sy_replica_piece_fn fn, void *ctx);
 
-/* Sends the live state's experts (placement[e] == this rank) to the `replicas` buddies and
- * receives the buddies' into the older slot, which holds live step's
+/* Copies the live state into the older stage, sends its experts (placement[e] == this rank) to
+ * the `replicas` buddies and receives the buddies' into the older slot, which holds live step's
  * replicas once this returns SY_OK. replicas is already min(cluster.replicas, W - 1); 0 or
  * W == 1: nothing. A delta exchange (the live state is one step past the last successful
  * exchange, sy_replica_stepped, same placement and replicas) sends each expert's clipped
@@ -109,11 +106,14 @@ void sy_replica_set_piece_hook(sy_replica_t *r, sy_replica_piece_fn fn, void *ct
  * Every rank decides alike (the same history); a mismatch would fail the exchange on its sizes. */
 sy_status sy_replica_exchange(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas);
 
-/* The same, overlapped: returns at once; the module's thread exchanges the live state over comm
- * (which it drives until sy_replica_wait returns) and ends with a barrier. A post
+/* The same, overlapped: returns at once; the module's thread copies the live state, exchanges it
+ * over comm (which it drives until sy_replica_wait returns) and ends with a barrier. A post
  * while one is pending waits for that one first (and returns its error, posting nothing).
  * Nothing to do (replicas 0, W == 1, no live state): SY_OK, nothing pending. */
 sy_status sy_replica_post(sy_replica_t *r, sy_comm_t *comm, const uint32_t *placement, int replicas);
+/* Waits until the pending post's copy of the live state is taken (the live buffers may then
+ * change); returns at once when none is pending. */
+void sy_replica_wait_copied(sy_replica_t *r);
 /* Waits for the pending post to end: SY_OK when every rank holds its replicas of that step (the
  * slot is named by it), else the exchange's error (the slot stays invalid). SY_OK when none is
  * pending. */
@@ -134,8 +134,8 @@ sy_replica_stats sy_replica_get_stats(const sy_replica_t *r);
 
 /* Background scheduling of the overlapped exchange (docs/fault-tolerance.md "Replication in the
  * background"): from each post until the training thread has to wait for it, dp's own threads
- * (the replica data plane's, where the sealing and socket work happen) and the module's thread
- * run in the idle class (base/bgsched.h), so the
+ * (the replica data plane's, where the sealing and socket work happen) and, once it has taken
+ * its copy of the live state, the module's thread run in the idle class (base/bgsched.h), so the
  * replication takes only CPU time the training does not use; a wait moves them back to the
  * normal class first, and the module's thread returns to it when the exchange ends. dp NULL: off. True when on (the
  * process can move threads to the idle class and back: sy_bg_available). */

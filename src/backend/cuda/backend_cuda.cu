@@ -358,12 +358,10 @@ void cu_scale(sy_backend_t *be, float *x, size_t n, float k) {
     done(c, "scale");
 }
 
-void cu_adamw(sy_backend_t *be, float *p, float *m, float *v, const float *p0, const float *m0,
-              const float *v0, const float *g, size_t n, float decay, float b1, float b2,
-              float step_size, float inv_sqrt_bc2, float eps) {
+void cu_adamw(sy_backend_t *be, float *p, const float *g, float *m, float *v, size_t n,
+              float decay, float b1, float b2, float step_size, float inv_sqrt_bc2, float eps) {
     cuda_be *c = CB(be);
-    LAUNCH(c, n, sy_g_adamw, n, p, m, v, p0, m0, v0, g, decay, b1, b2, step_size, inv_sqrt_bc2,
-           eps);
+    LAUNCH(c, n, sy_g_adamw, n, p, g, m, v, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
     done(c, "adamw");
 }
 

@@ -43,11 +43,9 @@ __global__ void sy_g_acc_add_f32(size_t n, double *acc, const float *g) {
 __global__ void sy_g_acc_to_f32(size_t n, float *g, const double *acc) {
     SY_GRID_1D(n, sy_k_acc_to_f32(i, g, acc));
 }
-__global__ void sy_g_adamw(size_t n, float *p, float *m, float *v, const float *p0,
-                           const float *m0, const float *v0, const float *g, float decay, float b1,
-                           float b2, float step_size, float inv_sqrt_bc2, float eps) {
-    SY_GRID_1D(n, sy_k_adamw(i, p, m, v, p0, m0, v0, g, decay, b1, b2, step_size, inv_sqrt_bc2,
-                             eps));
+__global__ void sy_g_adamw(size_t n, float *p, const float *g, float *m, float *v, float decay,
+                           float b1, float b2, float step_size, float inv_sqrt_bc2, float eps) {
+    SY_GRID_1D(n, sy_k_adamw(i, p, g, m, v, decay, b1, b2, step_size, inv_sqrt_bc2, eps));
 }
 __global__ void sy_g_jitter_bwd(size_t n, float *dh, const float *g, const float *u) {
     SY_GRID_1D(n, sy_k_jitter_bwd(i, dh, g, u));
