@@ -8,6 +8,8 @@ machine's load moves them alike):
   overlap  cluster.replicas=1, the exchange on the replica thread while the next step computes, in
            the idle scheduling class (cluster.replica_background=true, the default)
   foreground  the same in the normal scheduling class (cluster.replica_background=false)
+A mode may name another build: MODE@DIR runs MODE with DIR/switchyard (a reference build of
+another commit, side by side in the same rounds), e.g. --modes off,overlap,overlap@../old/build.
 For each run, from its workers' logs and metrics.jsonl: the bytes each worker sent to its buddies
 per step, the exchange and copy times (on whichever thread runs them), the training thread's
 share (inline: exchange + copy; overlap: its waits for them), its ratio to the mean step time of
@@ -15,7 +17,7 @@ that run, and the CPU seconds of the whole run (every process, getrusage of the 
 step.
 
 usage: /usr/bin/python3 bench/replica_cost.py [--build DIR] [--steps N] [--workers W] [--threads T]
-                                              [--rounds R] [--modes off,inline,overlap,foreground]
+                                              [--rounds R] [--modes off,inline,overlap,foreground[@DIR]]
                                               [--set KEY=VALUE ...] [--keep]
 The "606 MB" state of docs/performance.md: --set model.d_model=512 --set model.d_ff=2048
 --set model.n_experts=10 --set model.n_heads=8."""
@@ -35,16 +37,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from goodput import jsonl, replication  # noqa: E402
 
 
-def run_once(args, src, sy, tmp, mode, k):
-    state = f"{tmp}/state-{mode}-{k}"
+def run_once(args, src, sy, tmp, label, k, j):
+    mode, _, other = label.partition("@")
+    if other:
+        sy = os.path.join(other, "switchyard")
+    state = f"{tmp}/state-{mode}-{j}-{k}"
     replicas = "0" if mode == "off" else "1"
     cmd = [sy, "run", os.path.join(src, "configs", "tiny.yaml"), "--workers", str(args.workers), "--quiet",
            "--set", f"data.train={tmp}/data/train_*.bin", "--set", "data.val=", "--set", f"run.state_dir={state}",
-           "--set", f"checkpoint.store={tmp}/store-{mode}-{k}", "--set", f"run.steps={args.steps}",
+           "--set", f"checkpoint.store={tmp}/store-{mode}-{j}-{k}", "--set", f"run.steps={args.steps}",
            "--set", "checkpoint.every=0", "--set", f"train.threads={args.threads}", "--set", "run.log_every=100000"]
     for kv in args.set:
         cmd += ["--set", kv]
     cmd += ["--set", f"cluster.replicas={replicas}"]
+    if mode not in ("off", "inline", "overlap", "foreground"):
+        sys.exit(f"replica_cost.py: unknown mode {mode!r}")
     if mode == "foreground":
         cmd += ["--set", "cluster.replica_background=false"]
     env = dict(os.environ)
@@ -64,7 +71,7 @@ def run_once(args, src, sy, tmp, mode, k):
         last[m["step"]] = m
     steady = [m["step_ms"] for st, m in last.items() if st > 1] or [m["step_ms"] for m in last.values()]
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    out = {"mode": mode, "round": k, "wall_s": round(wall, 1), "step_ms": statistics.mean(steady),
+    out = {"mode": label, "round": k, "wall_s": round(wall, 1), "step_ms": statistics.mean(steady),
            "step_median_ms": statistics.median(steady), "cpu_s_per_step": cpu / args.steps,
            "replication": replication(f"{state}/logs", last) if mode != "off" else None}
     if mode != "off" and out["replication"] and out["replication"]["overlapped"] != (mode in ("overlap", "foreground")):
@@ -98,8 +105,8 @@ def main():
           f"thread(s), {args.rounds} round(s) of {args.modes}; load average {os.getloadavg()[0]:.1f}")
     rows = []
     for k in range(args.rounds):
-        for mode in args.modes.split(","):
-            o = run_once(args, src, sy, tmp, mode, k)
+        for j, mode in enumerate(args.modes.split(",")):
+            o = run_once(args, src, sy, tmp, mode, k, j)
             rows.append(o)
             rp = o["replication"]
             extra = ""
@@ -110,6 +117,13 @@ def main():
             print(f"{mode:8s} round {k}: mean step {o['step_ms']:.0f} ms (median {o['step_median_ms']:.0f}), "
                   f"CPU {o['cpu_s_per_step']:.3f} s/step, wall {o['wall_s']} s{extra}; "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
+    # each mode's mean step over the `off` run of the same round, by round, and the median
+    offs = {o["round"]: o["step_ms"] for o in rows if o["mode"] == "off"}
+    for mode in args.modes.split(","):
+        rs = [o["step_ms"] / offs[o["round"]] for o in rows if o["mode"] == mode and o["round"] in offs]
+        if mode != "off" and rs:
+            print(f"ratio {mode} / off (mean step), by round: {', '.join(f'{x:.3f}' for x in rs)}; "
+                  f"median {statistics.median(rs):.3f}")
     print(json.dumps(rows))
     if args.keep:
         print(f"kept {tmp}")

@@ -127,10 +127,11 @@ void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts) {
 
 double sy_adamw_last_lr(const sy_adamw_t *o) { return o->last_lr; }
 
-void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, const float *g, float *m,
-                         float *v, size_t n) {
+void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, float *m, float *v,
+                         const float *p0, const float *m0, const float *v0, const float *g, size_t n) {
     const coefs c = coefs_at(o, lr, t);
     const float dc = decay ? c.decay : 1.0f;
 #pragma omp simd
-    for (size_t i = 0; i < n; i++) sy_k_adamw(i, p, g, m, v, dc, c.b1, c.b2, c.step_size, c.inv_sqrt_bc2, c.eps);
+    for (size_t i = 0; i < n; i++)
+        sy_k_adamw_to(i, p, m, v, p0, m0, v0, g, dc, c.b1, c.b2, c.step_size, c.inv_sqrt_bc2, c.eps);
 }

@@ -57,11 +57,13 @@ void sy_adamw_step(sy_adamw_t *o, double lr);
 void sy_adamw_step_owned(sy_adamw_t *o, double lr, const bool *experts);
 /* The learning rate of the last sy_adamw_step_owned (0 before the first). */
 double sy_adamw_last_lr(const sy_adamw_t *o);
-/* The update of one tensor of step count t at learning rate lr on host arrays: the same
- * per-element operations as the backend's adamw op (backend/kernels/k_elementwise.h, no FMA
- * contraction), so the same bits. `decay`: the tensor's sy_param_t.decay. For a peer replica
- * that applies its owner's gradients (worker/replica.h). Any thread. */
-void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, const float *g, float *m,
-                         float *v, size_t n);
+/* The update of one tensor of step count t at learning rate lr on host arrays, from p0, m0, v0
+ * into p, m, v (each output its own input, or overlapping no operand): the same per-element
+ * operations as the backend's adamw op (backend/kernels/k_elementwise.h, no FMA contraction),
+ * so the same bits. `decay`: the tensor's sy_param_t.decay. For a peer replica that applies its
+ * owner's gradients to its replica of the step before, from one slot into the other
+ * (worker/replica.h). Any thread. */
+void sy_adamw_apply_host(const sy_adamw_t *o, double lr, int64_t t, bool decay, float *p, float *m, float *v,
+                         const float *p0, const float *m0, const float *v0, const float *g, size_t n);
 
 #endif

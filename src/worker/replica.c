@@ -312,7 +312,8 @@ static bool can_delta(const sy_replica_t *r, const uint32_t *placement, int repl
 
 /* The end of a delta exchange of step `step`: slot s <- the other slot's replicas of step - 1,
  * each updated by its owner's gradients (r->grecv, senders by j, their experts ascending) with
- * the same AdamW operations the owner ran, in the layout of a whole exchange. */
+ * the same AdamW operations the owner ran (read from the base slot, written into s: no copy
+ * first), in the layout of a whole exchange. */
 static sy_status apply_grads(sy_replica_t *r, const uint32_t *placement, int replicas, int rank, int W,
                              const stage *sg, slot *s) {
     const slot *b = &r->slots[r->chain_slot];
@@ -334,14 +335,15 @@ static sy_status apply_grads(sy_replica_t *r, const uint32_t *placement, int rep
                 return sy_err_set(SY_EINTERNAL, "replicas: the gradients of expert %d of step %lld have no base",
                                   e, (long long)sg->step);
             char *st = s->buf + eo;
-            memcpy(st, b->buf + b->off[e], EB);
+            const char *st0 = b->buf + b->off[e];
             for (int i = 0; i < sy_model_n_params(r->model); i++) {
                 const sy_param_t *p = sy_model_param(r->model, i);
                 if (p->expert != e) continue;
                 const size_t n = p->numel, nb = sizeof(float) * n;
-                sy_adamw_apply_host(r->opt, sg->lr, sg->t, p->decay, (float *)st, (const float *)g,
-                                    (float *)(st + nb), (float *)(st + 2 * nb), n);
-                st += 3 * nb, g += nb;
+                sy_adamw_apply_host(r->opt, sg->lr, sg->t, p->decay, (float *)st, (float *)(st + nb),
+                                    (float *)(st + 2 * nb), (const float *)st0, (const float *)(st0 + nb),
+                                    (const float *)(st0 + 2 * nb), (const float *)g, n);
+                st += 3 * nb, st0 += 3 * nb, g += nb;
             }
             s->have[e] = true, s->off[e] = eo, eo += EB;
         }

@@ -59,14 +59,26 @@ SY_HD void sy_k_acc_add_f32(size_t i, double *acc, const float *g) { acc[i] += g
 /* g[i] = (float)acc[i] */
 SY_HD void sy_k_acc_to_f32(size_t i, float *g, const double *acc) { g[i] = (float)acc[i]; }
 
-/* One AdamW element, in the order backend.h pins (torch.optim.AdamW) */
+/* One AdamW element, in the order backend.h pins (torch.optim.AdamW): p, m, v <- the update
+ * of p0, m0, v0 by g. In place (the backend op: p == p0, m == m0, v == v0) or out of place (a
+ * peer replica's update from one slot into another, sy_adamw_apply_host): each element is read
+ * before it is written, so the bits are the same. */
+SY_HD void sy_k_adamw_to(size_t i, float *p, float *m, float *v, const float *p0,
+                         const float *m0, const float *v0, const float *g, float decay, float b1,
+                         float b2, float step_size, float inv_sqrt_bc2, float eps) {
+    const float gk = g[i];
+    const float pk = p0[i] * decay;
+    const float mk = b1 * m0[i] + (1.0f - b1) * gk;
+    const float vk = b2 * v0[i] + (1.0f - b2) * gk * gk;
+    m[i] = mk;
+    v[i] = vk;
+    p[i] = pk - step_size * mk / (sqrtf(vk) * inv_sqrt_bc2 + eps);
+}
+
+/* The same in place (the backend op) */
 SY_HD void sy_k_adamw(size_t i, float *p, const float *g, float *m, float *v, float decay,
                       float b1, float b2, float step_size, float inv_sqrt_bc2, float eps) {
-    float gk = g[i];
-    p[i] *= decay;
-    m[i] = b1 * m[i] + (1.0f - b1) * gk;
-    v[i] = b2 * v[i] + (1.0f - b2) * gk * gk;
-    p[i] -= step_size * m[i] / (sqrtf(v[i]) * inv_sqrt_bc2 + eps);
+    sy_k_adamw_to(i, p, m, v, p, m, v, g, decay, b1, b2, step_size, inv_sqrt_bc2, eps);
 }
 
 /* dh[i] += u[i]·g[i], or dh[i] += g[i] when u is NULL (router input gradient, fp32) */
