@@ -50,8 +50,6 @@ def run_once(args, src, sy, tmp, label, k, j):
     for kv in args.set:
         cmd += ["--set", kv]
     cmd += ["--set", f"cluster.replicas={replicas}"]
-    if mode not in ("off", "inline", "overlap", "foreground"):
-        sys.exit(f"replica_cost.py: unknown mode {mode!r}")
     if mode == "foreground":
         cmd += ["--set", "cluster.replica_background=false"]
     env = dict(os.environ)
@@ -90,6 +88,12 @@ def main():
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
+    for label in args.modes.split(","):  # before any run: a typo must not cost the runs before it
+        mode, _, other = label.partition("@")
+        if mode not in ("off", "inline", "overlap", "foreground"):
+            sys.exit(f"replica_cost.py: unknown mode {mode!r} in --modes {args.modes}")
+        if other and not os.access(os.path.join(other, "switchyard"), os.X_OK):
+            sys.exit(f"replica_cost.py: {label}: no executable {os.path.join(other, 'switchyard')}")
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sy = os.path.join(args.build, "switchyard")
     tmp = tempfile.mkdtemp(prefix="sy-repcost-")
