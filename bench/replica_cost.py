@@ -16,9 +16,16 @@ share (inline: exchange + copy; overlap: its waits for them), its ratio to the m
 that run, and the CPU seconds of the whole run (every process, getrusage of the children) per
 step.
 
+--replica-cpus LIST keeps those CPUs for the replication (docs/fault-tolerance.md "A core for the
+replication"): every run, of every mode, starts under `taskset -c` of this process's other CPUs,
+and the modes with replicas get cluster.replica_cpus=LIST, which moves the replica thread and its
+data plane's threads there. Training has the same CPUs in every mode, and the ratios then show
+what the replicas cost a step when they have CPUs of their own (a GPU worker's host, a CPU host
+with a core to spare), not the CPU time they take from the training on shared cores.
+
 usage: /usr/bin/python3 bench/replica_cost.py [--build DIR] [--steps N] [--workers W] [--threads T]
                                               [--rounds R] [--modes off,inline,overlap,foreground[@DIR]]
-                                              [--set KEY=VALUE ...] [--keep]
+                                              [--replica-cpus LIST] [--set KEY=VALUE ...] [--keep]
 The "606 MB" state of docs/performance.md: --set model.d_model=512 --set model.d_ff=2048
 --set model.n_experts=10 --set model.n_heads=8."""
 import argparse
@@ -50,6 +57,10 @@ def run_once(args, src, sy, tmp, label, k, j):
     for kv in args.set:
         cmd += ["--set", kv]
     cmd += ["--set", f"cluster.replicas={replicas}"]
+    if args.replica_cpus:
+        cmd = ["taskset", "-c", args.train_cpus] + cmd
+        if mode != "off":
+            cmd += ["--set", f"cluster.replica_cpus={args.replica_cpus}"]
     if mode == "foreground":
         cmd += ["--set", "cluster.replica_background=false"]
     env = dict(os.environ)
@@ -85,9 +96,24 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--modes", default="off,inline,overlap")
+    ap.add_argument("--replica-cpus", default="")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
+    if args.replica_cpus:
+        rep = set()
+        try:
+            for part in args.replica_cpus.split(","):
+                lo, _, hi = part.partition("-")
+                rep.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            sys.exit(f"replica_cost.py: --replica-cpus {args.replica_cpus!r} is not a CPU list (1, 2-3, 0,4-7)")
+        mine = os.sched_getaffinity(0)
+        train = sorted(mine - rep)
+        if not rep <= mine or not train:
+            sys.exit(f"replica_cost.py: --replica-cpus {args.replica_cpus}: this process runs on CPUs "
+                     f"{sorted(mine)}; the list must name some of them and leave others to train on")
+        args.train_cpus = ",".join(map(str, train))
     for label in args.modes.split(","):  # before any run: a typo must not cost the runs before it
         mode, _, other = label.partition("@")
         if mode not in ("off", "inline", "overlap", "foreground"):
@@ -105,8 +131,10 @@ def main():
             f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 14))) + ".\n")
     subprocess.run([sy, "data", "prepare", "--input", f"{tmp}/text", "--out", f"{tmp}/data"], check=True,
                    capture_output=True)
+    cpus = (f"; training on CPUs {args.train_cpus}, the replication on CPUs {args.replica_cpus}"
+            if args.replica_cpus else "")
     print(f"# {' '.join(args.set) or 'tiny'}: {args.steps} steps, {args.workers} workers x {args.threads} "
-          f"thread(s), {args.rounds} round(s) of {args.modes}; load average {os.getloadavg()[0]:.1f}")
+          f"thread(s), {args.rounds} round(s) of {args.modes}{cpus}; load average {os.getloadavg()[0]:.1f}")
     rows = []
     for k in range(args.rounds):
         for j, mode in enumerate(args.modes.split(",")):

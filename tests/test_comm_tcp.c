@@ -648,6 +648,102 @@ static void test_background_threads(void **state) {
     sy_dataplane_destroy(&b);
 }
 
+/* The CPUs of this process's threads whose names start with prefix: how many, and how many of
+ * them may run on exactly `set`. */
+static int threads_on(const char *prefix, const cpu_set_t *set, int *on) {
+    int n = 0;
+    *on = 0;
+    DIR *d = opendir("/proc/self/task");
+    assert_non_null(d);
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char path[300], comm[32] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+        fclose(f);
+        if (strncmp(comm, prefix, strlen(prefix))) continue;
+        n++;
+        cpu_set_t got;
+        assert_int_equal(sched_getaffinity(atoi(de->d_name), sizeof got, &got), 0);
+        *on += CPU_EQUAL(&got, set);
+    }
+    closedir(d);
+    return n;
+}
+
+/* sy_dataplane_pin (cluster.replica_cpus) restricts exactly that data plane's ZeroMQ threads to
+ * the CPUs given; another data plane's threads and the caller keep theirs; a CPU the process
+ * cannot use is an error that names the CPUs. */
+static void test_pin_threads(void **state) {
+    (void)state;
+    cpu_set_t all, one;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    if (CPU_COUNT(&all) < 2) {
+        printf("skipped: this process may run on one CPU only: pinning would change nothing to see\n");
+        skip();
+    }
+    CPU_ZERO(&one);
+    for (int c = CPU_SETSIZE - 1; c >= 0; c--)
+        if (CPU_ISSET(c, &all)) {
+            CPU_SET(c, &one); /* the last CPU this process may use */
+            break;
+        }
+    sy_dataplane_t *a = NULL, *b = NULL;
+    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &a), SY_OK);
+    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &b), SY_OK);
+    for (int k = 0, idle; k < 200; k++) { /* ZeroMQ's threads name themselves once they run */
+        int named = 0;
+        for (int serial = 1; serial <= 1000; serial++) {
+            char p[32];
+            snprintf(p, sizeof p, "%d/ZMQbg", serial);
+            named += zmq_threads(p, &idle);
+        }
+        if (named >= 4) break;
+        usleep(5000);
+    }
+    assert_int_equal(sy_dataplane_pin(a, &one), SY_OK);
+    int pinned = 0, others = 0, others_all = 0;
+    for (int serial = 1; serial <= 1000; serial++) {
+        char p[32];
+        snprintf(p, sizeof p, "%d/ZMQbg", serial);
+        int on_one, on_all, n = threads_on(p, &one, &on_one);
+        (void)threads_on(p, &all, &on_all);
+        if (n == 0) continue;
+        if (on_one) {
+            assert_int_equal(on_one, n); /* all of a's threads: I/O thread and reaper */
+            assert_true(n >= 2);
+            pinned++;
+        } else {
+            others += n;
+            others_all += on_all;
+        }
+    }
+    assert_int_equal(pinned, 1);        /* one data plane's threads */
+    assert_true(others >= 2);            /* b's */
+    assert_int_equal(others_all, others); /* untouched */
+    cpu_set_t mine;
+    assert_int_equal(sched_getaffinity(0, sizeof mine, &mine), 0);
+    assert_true(CPU_EQUAL(&mine, &all));
+    /* no CPU the process may use: an error naming them */
+    cpu_set_t none;
+    CPU_ZERO(&none);
+    CPU_SET(CPU_SETSIZE - 1, &none);
+    if (!CPU_ISSET(CPU_SETSIZE - 1, &all)) {
+        assert_int_equal(sy_dataplane_pin(b, &none), SY_EIO);
+        assert_non_null(strstr(sy_err_msg(), "CPUs 1023"));
+    }
+    /* the kind without threads of its own: nothing to do */
+    sy_dataplane_t *t = NULL;
+    assert_int_equal(sy_dataplane_new("threads", NULL, &t), SY_OK);
+    assert_int_equal(sy_dataplane_pin(t, &one), SY_OK);
+    sy_dataplane_destroy(&t);
+    sy_dataplane_destroy(&a);
+    sy_dataplane_destroy(&b);
+}
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
@@ -657,7 +753,7 @@ int main(void) {
         cmocka_unit_test(test_sequence_w4),   cmocka_unit_test(test_dead_exit),
         cmocka_unit_test(test_dead_sigkill),  cmocka_unit_test(test_dead_sigstop),
         cmocka_unit_test(test_abort),         cmocka_unit_test(test_stale_generation),
-        cmocka_unit_test(test_background_threads),
+        cmocka_unit_test(test_background_threads), cmocka_unit_test(test_pin_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

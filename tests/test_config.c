@@ -14,6 +14,7 @@
 #include <jansson.h>
 
 #include "base/config.h"
+#include "base/bgsched.h"
 
 #define SY_TESTDIR_PREFIX "/tmp/sy_test_config_"
 #include "sy_test.h" /* setup_dir / teardown_dir around the group; tmpdir */
@@ -83,6 +84,7 @@ static void expect_tiny_values(const sy_config_t *c) {
     assert_int_equal(c->cluster.heartbeat_ms, 500);
     assert_int_equal(c->cluster.failure_timeout_ms, 3000);
     assert_int_equal(c->cluster.data_timeout_ms, 10000);
+    assert_string_equal(c->cluster.replica_cpus, "");
     assert_string_equal(c->cluster.backend, "cpu");
     assert_string_equal(c->cluster.curve_server_key, ""); /* CURVE off by default */
     assert_string_equal(c->cluster.curve_server_public, "");
@@ -179,6 +181,38 @@ static void make_modified(sy_config_t *c) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
+
+/* sy_cpulist_parse and sy_cpulist_str agree with Linux's CPU list form both ways. */
+static void test_cpulist(void **state) {
+    (void)state;
+    static const struct {
+        const char *in, *out;
+        int count;
+    } ok[] = {{"", "", 0},          {"1", "1", 1},           {"0,1", "0-1", 2},       {"2-3", "2-3", 2},
+              {"0,4-7", "0,4-7", 5}, {"7,5,6", "5-7", 3},     {"3-3", "3", 1},         {"1023", "1023", 1},
+              {"0-1023", "0-1023", 1024}};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        cpu_set_t s;
+        char why[300] = "";
+        assert_true(sy_cpulist_parse(ok[i].in, &s, why, sizeof why));
+        assert_int_equal(CPU_COUNT(&s), ok[i].count);
+        assert_string_equal(sy_cpulist_str(&s).s, ok[i].out);
+    }
+    static const char *bad[] = {"-", "1-", "-1", "3-1", ",1", "1,,2", "1024", "99999999999", "x", "1 ", "0-1024"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cpu_set_t s;
+        char why[300] = "";
+        assert_false(sy_cpulist_parse(bad[i], &s, why, sizeof why));
+        assert_non_null(strstr(why, "not a CPU list"));
+    }
+    /* every other CPU: too long to print whole, and says so */
+    cpu_set_t s;
+    CPU_ZERO(&s);
+    for (int c = 0; c < CPU_SETSIZE; c += 2) CPU_SET(c, &s);
+    const sy_cpulist_buf b = sy_cpulist_str(&s);
+    assert_true(strlen(b.s) < sizeof b.s);
+    assert_string_equal(b.s + strlen(b.s) - 4, ",...");
+}
 
 static void test_defaults(void **state) {
     (void)state;
@@ -498,6 +532,13 @@ static void test_validate_rules(void **state) {
     INVALID("train.eps", NULL, "train.eps=0");
     INVALID("train.eps", NULL, "train.eps=-1e-8");
     INVALID("train.grad_clip", NULL, "train.grad_clip=-1");
+    /* CPU lists (base/bgsched.h): the message names where the list went wrong */
+    INVALID("cluster.replica_cpus", "at \"-\"", "cluster.replica_cpus=1,-");
+    INVALID("cluster.replica_cpus", "at \"3-1\"", "cluster.replica_cpus=3-1");
+    INVALID("cluster.replica_cpus", "0-1023", "cluster.replica_cpus=1024");
+    INVALID("cluster.replica_cpus", NULL, "cluster.replica_cpus=1,");
+    INVALID("cluster.replica_cpus", NULL, "cluster.replica_cpus=a");
+    INVALID("cluster.replica_cpus", NULL, "cluster.replica_cpus=1 2");
     INVALID("train.weight_decay", NULL, "train.weight_decay=-0.1");
     INVALID("train.warmup_steps", NULL, "train.warmup_steps=-1");
     INVALID("run.steps", NULL, "run.steps=0");
@@ -720,6 +761,7 @@ static void test_doc_markdown(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_cpulist),
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_load_tiny_yaml),
         cmocka_unit_test(test_load_tiny_dense_yaml),

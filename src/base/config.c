@@ -11,6 +11,7 @@
  * parsed by the same per-type parser as --set. That keeps "absent = keep the current value"
  * trivial and gives one set of type errors ("model.d_model = abc: expected an integer"). */
 #include "base/config.h"
+#include "base/bgsched.h"
 
 #include <cyaml/cyaml.h>
 #include <ctype.h>
@@ -113,6 +114,7 @@ static bool chk_token_file(const sy_config_t *c, char *why, size_t n);
 static bool chk_resume_allow(const sy_config_t *c, char *why, size_t n);
 static bool chk_tls_pair(const sy_config_t *c, char *why, size_t n);
 static bool chk_comm(const sy_config_t *c, char *why, size_t n);
+static bool chk_cpulist(const sy_config_t *c, char *why, size_t n);
 
 #define FLD(sec, fld, ty, dflt, ...)                                                       \
     {.section = #sec, .name = #fld, .type = (ty), .offset = offsetof(sy_config_t, sec.fld), \
@@ -277,6 +279,14 @@ static const field FIELDS[] = {
               "Needs a process that may leave the idle class again (CAP_SYS_NICE, or "
               "`ulimit -e` of 20 or more); elsewhere the exchange runs in the normal class, as "
               "with `false`.")),
+    FLD(cluster, replica_cpus, FT_STRING, "", CHECK(chk_cpulist, "a CPU list: `1`, `2-3`, `0,4-7`, or empty"),
+        MEANS("CPUs kept for the replication on each worker's host (Linux's CPU list form, as "
+              "`taskset -c`): the replica thread and its data plane's ZeroMQ threads run only "
+              "there, and the worker's other threads only on its other CPUs, so the replicas "
+              "never take CPU time from a step (docs/fault-tolerance.md \"A core for the "
+              "replication\"). Empty: no pinning. A worker whose host lacks these CPUs, or has "
+              "no other CPU left for training, says so in its log and runs unpinned. Only with "
+              "`cluster.replicas` > 0.")),
     FLD(cluster, backend, FT_STRING, "cpu", .names = BACKEND_NAMES,
         MEANS("Compute backend of the workers: `cpu`, or `cuda` (one GPU per worker: `switchyard run` "
               "gives worker k device k; `switchyard train` uses `SY_CUDA_DEVICE`, default 0; compiled, "
@@ -409,6 +419,11 @@ static bool chk_comm(const sy_config_t *c, char *why, size_t n) {
     snprintf(why, n, "nccl moves device memory between GPU workers: it needs cluster.backend: cuda (with "
                      "cluster.backend: %s use cluster.comm: tcp or auto)", c->cluster.backend);
     return false;
+}
+
+static bool chk_cpulist(const sy_config_t *c, char *why, size_t n) {
+    cpu_set_t set;
+    return sy_cpulist_parse(c->cluster.replica_cpus, &set, why, n);
 }
 
 const char *sy_config_comm(const sy_config_t *cfg) {

@@ -103,6 +103,7 @@ typedef struct {
         int data_timeout_ms;
         int replicas;         /* copies of each worker's expert state kept by other workers (0: off) */
         bool replica_background; /* the overlapped exchange in the idle scheduling class */
+        char *replica_cpus;   /* CPU list kept for the replication ("": no pinning; base/bgsched.h) */
         char *backend;        /* "cpu" */
         char *comm;           /* data plane: "tcp" (src/comm/comm.h) */
         /* CurveZMQ on the control plane (src/proto/curve.h); "" = off */

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <zmq.h>
 
+#include "base/bgsched.h"
 #include "comm_internal.h"
 
 static const sy_comm_ops *const KINDS[] = {&sy_comm_tcp_ops, &sy_comm_threads_ops, &sy_comm_nccl_ops};
@@ -70,6 +71,12 @@ sy_status sy_dataplane_set_background(sy_dataplane_t *dp, int on) {
     return e ? sy_err_set(SY_EIO, "data plane: threads to the %s scheduling class: %s", on ? "idle" : "normal",
                           strerror(e))
              : SY_OK;
+}
+
+sy_status sy_dataplane_pin(sy_dataplane_t *dp, const cpu_set_t *cpus) {
+    if (!dp || !dp->ops->dp_pin) return SY_OK;
+    int e = dp->ops->dp_pin(dp, cpus);
+    return e ? sy_err_set(SY_EIO, "data plane: threads to CPUs %s: %s", sy_cpulist_str(cpus).s, strerror(e)) : SY_OK;
 }
 
 const char *sy_dataplane_kind(const sy_dataplane_t *dp) { return dp ? dp->ops->name : ""; }

@@ -46,6 +46,7 @@
 #ifndef SY_COMM_H
 #define SY_COMM_H
 
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -89,6 +90,10 @@ uint64_t sy_dataplane_refused(const sy_dataplane_t *dp);
  * one (base/bgsched.h; check sy_bg_available first). SY_OK, or SY_EIO naming the errno; a kind
  * without threads of its own: SY_OK. */
 sy_status sy_dataplane_set_background(sy_dataplane_t *dp, int on);
+/* Restricts the data plane's own threads to these CPUs (cluster.replica_cpus; base/bgsched.h).
+ * SY_OK, or SY_EIO naming the errno (EINVAL: none of them is a CPU this process may use); a kind
+ * without threads of its own: SY_OK. */
+sy_status sy_dataplane_pin(sy_dataplane_t *dp, const cpu_set_t *cpus);
 
 /* Opens the communicator of one generation: this process is `rank` of `world`; endpoints[r] is
  * rank r's data-plane endpoint (endpoints[rank] is ours). timeout_ms bounds every wait.

@@ -36,6 +36,9 @@ typedef struct sy_comm_ops {
     /* Moves the data plane's own threads to SCHED_IDLE or back (base/bgsched.h): 0 or an errno;
      * NULL: it has none. */
     int (*dp_background)(sy_dataplane_t *dp, int on);
+    /* Restricts those threads to these CPUs (base/bgsched.h sy_affinity_set): 0 or an errno;
+     * NULL: it has none. */
+    int (*dp_pin)(sy_dataplane_t *dp, const cpu_set_t *cpus);
     /* CURVE: admit exactly these n keys (Z85) from now on; NULL without CURVE */
     sy_status (*dp_authorize)(sy_dataplane_t *dp, const char *const *keys, int n, int hold_ms);
     /* world > 1, arguments checked; the base fields are filled in by comm.c afterwards. */

@@ -302,9 +302,8 @@ static void comm_close_sockets(tcp_comm *c, int linger_ms);
 
 /* The context's threads: ZeroMQ starts them with its first socket (the PULL socket, made in
  * tcp_dp_new), one I/O thread and the reaper, named "<serial>/ZMQbg/IO/0" and
- * "<serial>/ZMQbg/Reaper" (each by itself, once it runs). */
-static int tcp_dp_background(sy_dataplane_t *base, int on) {
-    tcp_dp *dp = (tcp_dp *)base;
+ * "<serial>/ZMQbg/Reaper" (each by itself, once it runs): 0 once found, else an errno. */
+static int tcp_dp_find_threads(tcp_dp *dp) {
     /* each thread names itself once it runs: until both have, look again at every call */
     if (dp->n_bg_tids < 2) {
         dp->n_bg_tids = 0;
@@ -326,11 +325,21 @@ static int tcp_dp_background(sy_dataplane_t *base, int on) {
         closedir(d);
         if (dp->n_bg_tids == 0) return ESRCH;
     }
-    for (int i = 0; i < dp->n_bg_tids; i++) {
-        int e = sy_bg_set(dp->bg_tids[i], on);
-        if (e) return e;
-    }
     return 0;
+}
+
+static int tcp_dp_background(sy_dataplane_t *base, int on) {
+    tcp_dp *dp = (tcp_dp *)base;
+    int e = tcp_dp_find_threads(dp);
+    for (int i = 0; !e && i < dp->n_bg_tids; i++) e = sy_bg_set(dp->bg_tids[i], on);
+    return e;
+}
+
+static int tcp_dp_pin(sy_dataplane_t *base, const cpu_set_t *cpus) {
+    tcp_dp *dp = (tcp_dp *)base;
+    int e = tcp_dp_find_threads(dp);
+    for (int i = 0; !e && i < dp->n_bg_tids; i++) e = sy_affinity_set(dp->bg_tids[i], cpus);
+    return e;
 }
 
 static void tcp_dp_destroy(sy_dataplane_t *base) {
@@ -1065,6 +1074,7 @@ const sy_comm_ops sy_comm_tcp_ops = {
     .dp_dropped = tcp_dp_dropped,
     .dp_refused = tcp_dp_refused,
     .dp_background = tcp_dp_background,
+    .dp_pin = tcp_dp_pin,
     .dp_authorize = tcp_dp_authorize,
     .comm_new = tcp_comm_new,
     .comm_destroy = tcp_comm_destroy,

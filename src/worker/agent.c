@@ -1,10 +1,12 @@
 #include "worker/agent.h"
 #include "base/clock.h"
+#include "base/bgsched.h"
 
 #include <errno.h>
 #include <jansson.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -149,6 +151,12 @@ typedef struct {
     int replicas;                  /* min(cluster.replicas, world - 1) */
     int64_t kill_at;               /* test hook SY_TEST_REPLICA_KILL: SIGKILL mid-exchange of this step */
     bool bg_said;                  /* the log said why replicas cannot run in the background */
+    /* cluster.replica_cpus (apply_replica_cpus): the process's CPUs at start; whether its threads
+     * are pinned now, and to which CPUs the replication; the last thing the log said of it */
+    cpu_set_t cpus_start;
+    bool cpus_pinned;
+    cpu_set_t cpus_rep;
+    char cpus_said[96];
     uint64_t rep_inc;              /* the coordinator incarnation whose run the replicas are of */
     double rep_start_wait_ms;      /* of the replicas' wait_ms: the exchanges of restored (or
                                     * fresh) states before a generation's first step */
@@ -784,6 +792,85 @@ static bool dims_equal(const sy_model_dims *x, const sy_model_dims *y) {
 /* Builds (or keeps) the model, optimizer, data and store for the Assign's config. */
 static void upload_collect(agent_t *a, bool block);
 
+/* Says a line of cluster.replica_cpus's state once, not at every Assign (what: a word for the
+ * state, with the list it is of). */
+static void cpus_say(agent_t *a, const char *what, bool warn, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void cpus_say(agent_t *a, const char *what, bool warn, const char *fmt, ...) {
+    char key[sizeof a->cpus_said];
+    snprintf(key, sizeof key, "%s %s", what, a->cfg.cluster.replica_cpus ? a->cfg.cluster.replica_cpus : "");
+    if (!strcmp(a->cpus_said, key)) return;
+    snprintf(a->cpus_said, sizeof a->cpus_said, "%s", key);
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (warn) sy_warn("%s", line);
+    else sy_info("%s", line);
+}
+
+/* Back to the CPUs the process started with (every thread). */
+static void cpus_unpin(agent_t *a) {
+    if (!a->cpus_pinned) return;
+    (void)sy_replica_set_cpus(a->rep, NULL);
+    int e = sy_affinity_set_all(&a->cpus_start);
+    if (e) sy_warn("cluster.replica_cpus: cannot give the threads their CPUs (%s) back: %s",
+                   sy_cpulist_str(&a->cpus_start).s, strerror(e));
+    a->cpus_pinned = false;
+}
+
+/* cluster.replica_cpus (docs/fault-tolerance.md "A core for the replication"), at every Assign:
+ * the replica thread and the replica data plane's threads on those CPUs, every other thread of
+ * this process on the CPUs it started with less those (threads started later inherit it from
+ * their creator). A set this host cannot give (no such CPU, none left to train on) is said in the
+ * log and the threads stay unpinned: it is a speed setting, and the Assign came from a config
+ * checked on another machine. */
+static void apply_replica_cpus(agent_t *a) {
+    const char *list = a->cfg.cluster.replica_cpus ? a->cfg.cluster.replica_cpus : "";
+    if (!*list || a->cfg.cluster.replicas <= 0 || !a->rdp) {
+        if (*list)
+            cpus_say(a, "norep", false, "cluster.replica_cpus %s: not applied (%s)", list,
+                     a->rdp ? "cluster.replicas is 0" : "no replica data plane: replicas are exchanged between steps");
+        cpus_unpin(a);
+        return;
+    }
+    cpu_set_t rep, train;
+    char why[300];
+    if (!sy_cpulist_parse(list, &rep, why, sizeof why)) { /* the coordinator checked it; the Assign is input */
+        cpus_say(a, "bad", true, "cluster.replica_cpus: %s: not applied", why);
+        cpus_unpin(a);
+        return;
+    }
+    if (a->cpus_pinned && CPU_EQUAL(&rep, &a->cpus_rep)) {
+        (void)sy_replica_set_cpus(a->rep, &rep); /* a new replica module: its thread too */
+        return;
+    }
+    cpus_unpin(a);
+    CPU_ZERO(&train);
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        if (CPU_ISSET(c, &a->cpus_start) && !CPU_ISSET(c, &rep)) CPU_SET(c, &train);
+    if (CPU_COUNT(&train) == 0) {
+        cpus_say(a, "none left", true, "cluster.replica_cpus %s: leaves this worker no CPU to train on (it may use %s): "
+                 "not applied", list, sy_cpulist_str(&a->cpus_start).s);
+        return;
+    }
+    int e = sy_affinity_set_all(&train);
+    sy_status st = e ? sy_err_set(SY_EIO, "the training threads to CPUs %s: %s", sy_cpulist_str(&train).s, strerror(e))
+                     : sy_dataplane_pin(a->rdp, &rep);
+    if (st == SY_OK && (e = sy_replica_set_cpus(a->rep, &rep)) != 0)
+        st = sy_err_set(SY_EIO, "the replica thread to CPUs %s: %s", list, strerror(e));
+    a->cpus_pinned = true;
+    a->cpus_rep = rep;
+    if (st != SY_OK) {
+        cpus_say(a, "failed", true, "cluster.replica_cpus %s: %s; not applied (this host's CPUs for the worker: %s)",
+                 list, sy_err_msg(), sy_cpulist_str(&a->cpus_start).s);
+        cpus_unpin(a);
+        return;
+    }
+    cpus_say(a, "on", false, "cluster.replica_cpus: the replication runs on CPUs %s, training on CPUs %s",
+             sy_cpulist_str(&rep).s, sy_cpulist_str(&train).s);
+}
+
 static void replica_kill_hook(void *ctx, int64_t step, int round, int rounds);
 
 static sy_status setup(agent_t *a, const char *config_json) {
@@ -866,6 +953,7 @@ static sy_status setup(agent_t *a, const char *config_json) {
             a->bg_said = true;
         }
     }
+    apply_replica_cpus(a);
     sy_data_destroy(&a->data);
     sy_data_options dopts;
     sy_data_options_from_config(&a->cfg, &dopts);
@@ -1593,6 +1681,7 @@ int sy_agent_run(const sy_agent_opts *opts) {
     a.kill_at = -1;
     int rc = 1;
     gethostname(a.host, sizeof a.host - 1);
+    if (sched_getaffinity(0, sizeof a.cpus_start, &a.cpus_start) != 0) CPU_ZERO(&a.cpus_start); /* then never pinned */
     if (opts->id) snprintf(a.id, sizeof a.id, "%s", opts->id);
     else if (snprintf(a.id, sizeof a.id, "%.100s-%d", a.host, (int)getpid()) < 0) a.id[0] = 0;
     char role[160];

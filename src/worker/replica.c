@@ -86,6 +86,9 @@ struct sy_replica {
     bool bg_on, bg_low;
     sy_dataplane_t *bg_dp;
     pid_t th_tid;
+    /* cluster.replica_cpus (sy_replica_set_cpus): the thread's CPUs, or none */
+    bool pin_on;
+    cpu_set_t pin_cpus;
     /* an exchange in the idle class that training had to wait for long (the machine has no idle
      * time to give it): the next SY_REPLICA_BG_BACKOFF exchanges run in the normal class */
     int bg_skip;
@@ -210,6 +213,15 @@ bool sy_replica_set_background(sy_replica_t *r, sy_dataplane_t *dp) {
     r->bg_on = dp && sy_bg_available();
     pthread_mutex_unlock(&r->mu);
     return r->bg_on;
+}
+
+int sy_replica_set_cpus(sy_replica_t *r, const cpu_set_t *cpus) {
+    pthread_mutex_lock(&r->mu);
+    r->pin_on = cpus != NULL;
+    if (cpus) r->pin_cpus = *cpus;
+    const int e = cpus && r->th_tid ? sy_affinity_set(r->th_tid, cpus) : 0;
+    pthread_mutex_unlock(&r->mu);
+    return e;
 }
 
 /* ---- moving one expert's state ---------------------------------------------------------- */
@@ -472,8 +484,10 @@ static void bg_boost(sy_replica_t *r) {
 
 static void *exchange_main(void *arg) {
     sy_replica_t *r = arg;
+    pthread_setname_np(pthread_self(), "sy-replica"); /* named for profilers and cluster.replica_cpus */
     pthread_mutex_lock(&r->mu);
     r->th_tid = sy_bg_self();
+    if (r->pin_on) (void)sy_affinity_set(0, &r->pin_cpus); /* checked by the caller: see sy_replica_set_cpus */
     for (;;) {
         while (!r->th_quit && r->phase != JOB_COPY) pthread_cond_wait(&r->cv, &r->mu);
         if (r->th_quit) break;

@@ -83,6 +83,11 @@ void sy_replica_set_live(sy_replica_t *r, int64_t step, const bool *owned);
  * its learning rate and step count. The next exchange may then send those gradients instead of
  * whole states (a delta exchange: see sy_replica_exchange). */
 void sy_replica_stepped(sy_replica_t *r, int64_t step);
+/* cluster.replica_cpus: the exchange thread runs only on these CPUs from now on (NULL: leaves its
+ * CPUs as they are; the caller restores them). 0, or the errno of restricting the running thread
+ * (a thread started later restricts itself, unchecked: the caller checks the set on the replica
+ * data plane's threads first, sy_dataplane_pin). */
+int sy_replica_set_cpus(sy_replica_t *r, const cpu_set_t *cpus);
 /* Test hook: bytes per piece of an exchange (0: SY_REPLICA_PIECE_BYTES); the same on every rank. */
 void sy_replica_set_piece_bytes(sy_replica_t *r, size_t bytes);
 int64_t sy_replica_live_step(const sy_replica_t *r);
