@@ -10,7 +10,9 @@ machine's load moves them alike):
   foreground  the same in the normal scheduling class (cluster.replica_background=false)
 A mode may name another build: MODE@DIR runs MODE with DIR/switchyard (a reference build of
 another commit, side by side in the same rounds), e.g. --modes off,overlap,overlap@../old/build.
-For each run, from its workers' logs and metrics.jsonl: the bytes each worker sent to its buddies
+Step times are of steps 3 on; steps 1 and 2 are printed apart (the model's buffers and then the
+replicas' are first used there, once a process). For each run, from its workers' logs and
+metrics.jsonl: the bytes each worker sent to its buddies
 per step, the exchange and copy times (on whichever thread runs them), the training thread's
 share (inline: exchange + copy; overlap: its waits for them), its ratio to the mean step time of
 that run, and the CPU seconds of the whole run (every process, getrusage of the children) per
@@ -78,9 +80,12 @@ def run_once(args, src, sy, tmp, label, k, j):
     last = {}
     for m in jsonl(f"{state}/metrics.jsonl"):
         last[m["step"]] = m
-    steady = [m["step_ms"] for st, m in last.items() if st > 1] or [m["step_ms"] for m in last.values()]
+    # steps 1 and 2 apart: the model's buffers and then the replicas' (the second stage and slot,
+    # the gradients' buffers: the first delta exchange) are first used there, once a process
+    steady = [m["step_ms"] for st, m in last.items() if st > 2] or [m["step_ms"] for m in last.values()]
+    first = sum(m["step_ms"] for st, m in last.items() if st <= 2)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    out = {"mode": label, "round": k, "wall_s": round(wall, 1), "step_ms": statistics.mean(steady),
+    out = {"mode": label, "round": k, "wall_s": round(wall, 1), "step_ms": statistics.mean(steady), "first_ms": first,
            "step_median_ms": statistics.median(steady), "cpu_s_per_step": cpu / args.steps,
            "replication": replication(f"{state}/logs", last) if mode != "off" else None}
     if mode != "off" and out["replication"] and out["replication"]["overlapped"] != (mode in ("overlap", "foreground")):
@@ -146,7 +151,8 @@ def main():
                 extra = (f"; {rp['bytes'] / 1e6:.2f} MB sent/worker/step, exchange {rp['exchange_ms']:.1f} ms + copy "
                          f"{rp['keep_ms']:.1f} ms, training thread {rp['train_ms']:.1f} ms/step = "
                          f"{rp['ratio'] * 100:.2f} % of its mean step")
-            print(f"{mode:8s} round {k}: mean step {o['step_ms']:.0f} ms (median {o['step_median_ms']:.0f}), "
+            print(f"{mode:8s} round {k}: mean step {o['step_ms']:.0f} ms (median {o['step_median_ms']:.0f}; "
+                  f"steps 1-2 apart: {o['first_ms']:.0f} ms), "
                   f"CPU {o['cpu_s_per_step']:.3f} s/step, wall {o['wall_s']} s{extra}; "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
     # each mode's mean step over the `off` run of the same round, by round, and the median
