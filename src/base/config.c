@@ -387,8 +387,10 @@ static bool chk_micro(const sy_config_t *c, char *why, size_t n) {
 }
 
 static bool chk_router_precision(const sy_config_t *c, char *why, size_t n) {
-    (void)why, (void)n;
-    return c->model.router_precision == SY_PREC_FP32 || c->train.precision == SY_PREC_BF16;
+    if (c->model.router_precision == SY_PREC_FP32 || c->train.precision == SY_PREC_BF16) return true;
+    snprintf(why, n, "a bf16 router is the ablation of bf16 training: it needs train.precision: bf16 (the router "
+                     "is fp32 otherwise, model spec §4)");
+    return false;
 }
 
 static bool chk_lr_min(const sy_config_t *c, char *why, size_t n) {
@@ -999,9 +1001,12 @@ sy_status sy_config_validate(const sy_config_t *cfg) {
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < N_FIELDS; i++) {
             const field *f = &FIELDS[i];
+            why[0] = 0;
             bool ok = pass == 0 ? check_field(cfg, f, why, sizeof why)
                                 : (!f->check || f->check(cfg, why, sizeof why));
             if (!ok) {
+                /* a check that says nothing itself: the rule the documentation gives */
+                if (!why[0]) snprintf(why, sizeof why, "must be: %s", f->check_rule ? f->check_rule : "valid");
                 fmt_value(cfg, f, val, sizeof val);
                 return sy_err_set(SY_EINVAL, "%s.%s = %s: %s", f->section, f->name, val, why);
             }
