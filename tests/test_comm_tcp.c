@@ -560,11 +560,13 @@ static void test_bad_args(void **s) {
     assert_null(dp);
 }
 
-/* The ZeroMQ threads of this process whose name starts with prefix ("<serial>/ZMQbg": one data
- * plane's): how many, and how many of them run in the idle class. */
-static int zmq_threads(const char *prefix, int *idle) {
+/* The threads of this process whose name starts with prefix ("<serial>/ZMQbg": one data plane's):
+ * how many; how many of them run in the idle class; and, with a set, how many may run on exactly
+ * those CPUs (*on). */
+static int threads_named(const char *prefix, int *idle, const cpu_set_t *set, int *on) {
     int n = 0;
     *idle = 0;
+    if (on) *on = 0;
     DIR *d = opendir("/proc/self/task");
     assert_non_null(d);
     struct dirent *de;
@@ -578,10 +580,34 @@ static int zmq_threads(const char *prefix, int *idle) {
         fclose(f);
         if (strncmp(comm, prefix, strlen(prefix))) continue;
         n++;
-        *idle += sched_getscheduler(atoi(de->d_name)) == SCHED_IDLE;
+        const pid_t tid = atoi(de->d_name);
+        *idle += sched_getscheduler(tid) == SCHED_IDLE;
+        if (set) {
+            cpu_set_t got;
+            assert_int_equal(sched_getaffinity(tid, sizeof got, &got), 0);
+            *on += CPU_EQUAL(&got, set);
+        }
     }
     closedir(d);
     return n;
+}
+static int zmq_threads(const char *prefix, int *idle) { return threads_named(prefix, idle, NULL, NULL); }
+
+/* Two tcp data planes, once the four ZeroMQ threads they start (I/O and reaper each) have named
+ * themselves, which each does once it runs. */
+static void two_data_planes(sy_dataplane_t **a, sy_dataplane_t **b) {
+    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", a), SY_OK);
+    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", b), SY_OK);
+    for (int k = 0, idle; k < 200; k++) {
+        int named = 0;
+        for (int serial = 1; serial <= 1000; serial++) {
+            char p[32];
+            snprintf(p, sizeof p, "%d/ZMQbg", serial);
+            named += zmq_threads(p, &idle);
+        }
+        if (named >= 4) break;
+        usleep(5000);
+    }
 }
 
 /* sy_dataplane_set_background moves exactly that data plane's ZeroMQ threads (its I/O thread,
@@ -594,19 +620,7 @@ static void test_background_threads(void **state) {
         skip();
     }
     sy_dataplane_t *a = NULL, *b = NULL;
-    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &a), SY_OK);
-    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &b), SY_OK);
-    /* ZeroMQ's threads name themselves once they run: wait until all four have */
-    for (int k = 0, idle; k < 200; k++) {
-        int named = 0;
-        for (int serial = 1; serial <= 1000; serial++) {
-            char p[32];
-            snprintf(p, sizeof p, "%d/ZMQbg", serial);
-            named += zmq_threads(p, &idle);
-        }
-        if (named >= 4) break;
-        usleep(5000);
-    }
+    two_data_planes(&a, &b);
     /* which serial is a's: the threads that went idle */
     assert_int_equal(sy_dataplane_set_background(a, 1), SY_OK);
     char pa[32] = "";
@@ -648,32 +662,6 @@ static void test_background_threads(void **state) {
     sy_dataplane_destroy(&b);
 }
 
-/* The CPUs of this process's threads whose names start with prefix: how many, and how many of
- * them may run on exactly `set`. */
-static int threads_on(const char *prefix, const cpu_set_t *set, int *on) {
-    int n = 0;
-    *on = 0;
-    DIR *d = opendir("/proc/self/task");
-    assert_non_null(d);
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (de->d_name[0] == '.') continue;
-        char path[300], comm[32] = "";
-        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f) continue;
-        if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
-        fclose(f);
-        if (strncmp(comm, prefix, strlen(prefix))) continue;
-        n++;
-        cpu_set_t got;
-        assert_int_equal(sched_getaffinity(atoi(de->d_name), sizeof got, &got), 0);
-        *on += CPU_EQUAL(&got, set);
-    }
-    closedir(d);
-    return n;
-}
-
 /* sy_dataplane_pin (cluster.replica_cpus) restricts exactly that data plane's ZeroMQ threads to
  * the CPUs given; another data plane's threads and the caller keep theirs; a CPU the process
  * cannot use is an error that names the CPUs. */
@@ -692,25 +680,14 @@ static void test_pin_threads(void **state) {
             break;
         }
     sy_dataplane_t *a = NULL, *b = NULL;
-    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &a), SY_OK);
-    assert_int_equal(sy_dataplane_new("tcp", "tcp://127.0.0.1:*", &b), SY_OK);
-    for (int k = 0, idle; k < 200; k++) { /* ZeroMQ's threads name themselves once they run */
-        int named = 0;
-        for (int serial = 1; serial <= 1000; serial++) {
-            char p[32];
-            snprintf(p, sizeof p, "%d/ZMQbg", serial);
-            named += zmq_threads(p, &idle);
-        }
-        if (named >= 4) break;
-        usleep(5000);
-    }
+    two_data_planes(&a, &b);
     assert_int_equal(sy_dataplane_pin(a, &one), SY_OK);
     int pinned = 0, others = 0, others_all = 0;
     for (int serial = 1; serial <= 1000; serial++) {
         char p[32];
         snprintf(p, sizeof p, "%d/ZMQbg", serial);
-        int on_one, on_all, n = threads_on(p, &one, &on_one);
-        (void)threads_on(p, &all, &on_all);
+        int idle, on_one, on_all, n = threads_named(p, &idle, &one, &on_one);
+        (void)threads_named(p, &idle, &all, &on_all);
         if (n == 0) continue;
         if (on_one) {
             assert_int_equal(on_one, n); /* all of a's threads: I/O thread and reaper */
