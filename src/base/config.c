@@ -282,8 +282,9 @@ static const field FIELDS[] = {
     FLD(cluster, replica_cpus, FT_STRING, "", CHECK(chk_cpulist, "a CPU list: `1`, `2-3`, `0,4-7`, or empty"),
         MEANS("CPUs kept for the replication on each worker's host (Linux's CPU list form, as "
               "`taskset -c`): the replica thread and its data plane's ZeroMQ threads run only "
-              "there, and the worker's other threads only on its other CPUs, so the replicas "
-              "never take CPU time from a step (docs/fault-tolerance.md \"A core for the "
+              "there, and the worker's other threads only on its other CPUs, so the replication "
+              "never runs on the cores that compute a step; those CPUs no longer compute it "
+              "either (docs/fault-tolerance.md \"A core for the "
               "replication\"). Empty: no pinning. A worker whose host lacks these CPUs, or has "
               "no other CPU left for training, says so in its log and runs unpinned. Only with "
               "`cluster.replicas` > 0.")),
