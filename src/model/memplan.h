@@ -10,7 +10,8 @@
  * matrix and the B·T·V logits); for a worker of a cluster of W >= 2 with cluster.replicas K >= 1,
  * also its peer replicas (issue 18, src/worker/replica.h): two host copies of dense + the experts
  * it owns (at most ceil(E/W)) and two slots of its K' = min(K, W-1) buddies' experts, 12 bytes a
- * parameter (fp32 weights + 2 moments). It ignores small tables and the OpenBLAS / OpenMP buffers, so it
+ * parameter (fp32 weights + 2 moments), and the gradients of delta exchanges (4 bytes a parameter
+ * of its and its buddies' experts). It ignores small tables and the OpenBLAS / OpenMP buffers, so it
  * is a lower bound within a few percent for real sizes.
  *
  * Thread: any. */

@@ -64,7 +64,6 @@ struct sy_replica {
     size_t piece_bytes;
     stage stages[2];
     slot slots[2];
-    bool held_dense[SY_REPLICA_MAX_HELD];
     char *send;           /* staging of a restore */
     size_t send_cap;
     /* the overlapped exchange: the thread, and the job it runs (mu guards everything below) */
@@ -245,6 +244,14 @@ static void pack_live(sy_replica_t *r, int e, char *dst) {
     (void)download_expert(r, e, bufs, 3, dst);
 }
 
+/* The live dense state -> host dst: [dense weights | m | v], fp32 (3 x dense floats). */
+static void download_dense(sy_replica_t *r, char *dst) {
+    const size_t db = sizeof(float) * r->dense;
+    r->be->download(r->be, dst, sy_model_params(r->model), db);
+    r->be->download(r->be, dst + db, sy_adamw_m(r->opt), db);
+    r->be->download(r->be, dst + 2 * db, sy_adamw_v(r->opt), db);
+}
+
 /* host src (expert_bytes) -> live buffers of expert e. */
 static void unpack_live(sy_replica_t *r, int e, const char *src) {
     float *P = sy_model_params(r->model), *M = sy_adamw_m(r->opt), *V = sy_adamw_v(r->opt);
@@ -268,9 +275,7 @@ static sy_status stage_take(sy_replica_t *r, stage *sg) {
     for (int e = 0; e < r->E; e++) n_own += r->live_owned[e];
     sg->step = -1;
     SY_CHECK(grow(&sg->buf, &sg->cap, 3 * db + n_own * r->expert_bytes + 1));
-    r->be->download(r->be, sg->buf, sy_model_params(r->model), db);
-    r->be->download(r->be, sg->buf + db, sy_adamw_m(r->opt), db);
-    r->be->download(r->be, sg->buf + 2 * db, sy_adamw_v(r->opt), db);
+    download_dense(r, sg->buf);
     size_t o = 3 * db;
     for (int e = 0; e < r->E; e++) {
         sg->owned[e] = r->live_owned[e];
@@ -682,13 +687,8 @@ sy_status sy_replica_restore(sy_replica_t *r, sy_comm_t *comm, int rank, int wor
          *recvs = locals + local_bytes;
     if (dense_at) {
         int64_t t = dense_at == 'l' ? sy_adamw_t_count(r->opt) : r->stages[dense_at - 'a'].t;
-        if (dense_at == 'l') {
-            r->be->download(r->be, dense_buf, sy_model_params(r->model), db);
-            r->be->download(r->be, dense_buf + db, sy_adamw_m(r->opt), db);
-            r->be->download(r->be, dense_buf + 2 * db, sy_adamw_v(r->opt), db);
-        } else {
-            memcpy(dense_buf, r->stages[dense_at - 'a'].buf, 3 * db);
-        }
+        if (dense_at == 'l') download_dense(r, dense_buf);
+        else memcpy(dense_buf, r->stages[dense_at - 'a'].buf, 3 * db);
         memcpy(dense_buf + 3 * db, &t, sizeof t);
     }
     size_t fill[world > 0 ? world : 1];
